@@ -1,0 +1,417 @@
+"""Site configuration: `config.toml` (read with tomllib, written with tomli-w), or the built-in lab.
+
+Every problem is reported as one line naming the file, line, key, what is wrong and a hint.
+Unknown keys are reported, not ignored.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import tomli_w
+
+from .errors import ConfigError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+TRANSPORTS = ("ssh", "local")
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    file: str
+    line: int | None
+    key: str
+    message: str
+    hint: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        text = f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+        return f"{text} (hint: {self.hint})" if self.hint else text
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    name: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    name: str
+    cluster: str
+    transport: str                 # "ssh" or "local"
+    address: str | None = None     # ssh: address or ~/.ssh/config alias
+    port: int | None = None
+    user: str | None = None
+    identity: str | None = None    # path to a private key file (never its contents)
+    runtime: str = ""              # folder on the host for sockets, pid files, logs
+
+    @property
+    def target(self) -> str:
+        """How the operator names the host's endpoint, e.g. root@10.0.0.11:22 or local."""
+        if self.transport == "local":
+            return "local"
+        s = self.address or self.name
+        if self.user:
+            s = f"{self.user}@{s}"
+        if self.port:
+            s = f"{s}:{self.port}"
+        return s
+
+
+@dataclass(frozen=True)
+class DatastoreSpec:
+    name: str
+    path: str
+    hosts: tuple[str, ...]
+
+    @property
+    def shared(self) -> bool:
+        return len(self.hosts) > 1
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_tasks: int = 4
+    max_tasks_per_host: int = 2
+    retries: int = 5
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str
+    clusters: dict[str, ClusterSpec]
+    hosts: dict[str, HostSpec]
+    datastores: dict[str, DatastoreSpec] = field(default_factory=dict)
+    limits: EngineLimits = EngineLimits()
+    production: bool = False
+    theme: str | None = None
+    source: str | None = None      # the config file, or None for the built-in lab
+
+    @property
+    def is_lab(self) -> bool:
+        return self.source is None
+
+    def host(self, name: str) -> HostSpec:
+        from .errors import PermanentError
+        try:
+            return self.hosts[name]
+        except KeyError:
+            known = ", ".join(sorted(self.hosts)) or "none"
+            raise PermanentError(f"unknown host {name!r}", f"hosts in this site: {known}") from None
+
+    def hosts_in(self, cluster: str) -> list[HostSpec]:
+        return [h for h in self.hosts.values() if h.cluster == cluster]
+
+    def datastores_of(self, host: str) -> list[DatastoreSpec]:
+        return [d for d in self.datastores.values() if host in d.hosts]
+
+
+# ---------------------------------------------------------------- locating keys
+
+_HEADER_RE = re.compile(r"^\s*\[\s*([^\[\]]+?)\s*\]\s*(#.*)?$")
+_KEY_RE = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_-]+)\s*=""")
+
+
+def _split_dotted(s: str) -> tuple[str, ...]:
+    parts, cur, quote = [], "", None
+    for ch in s:
+        if quote:
+            if ch == quote:
+                quote = None
+            else:
+                cur += ch
+        elif ch in "\"'":
+            quote = ch
+        elif ch == ".":
+            parts.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur.strip())
+    return tuple(parts)
+
+
+class _Locator:
+    """Finds the line of a table or key in TOML text (tomllib does not report positions)."""
+
+    def __init__(self, text: str) -> None:
+        self.tables: dict[tuple[str, ...], int] = {}
+        self.keys: dict[tuple[str, ...], int] = {}
+        table: tuple[str, ...] = ()
+        for lineno, line in enumerate(text.splitlines(), 1):
+            m = _HEADER_RE.match(line)
+            if m and not line.lstrip().startswith("[["):
+                table = _split_dotted(m.group(1))
+                self.tables.setdefault(table, lineno)
+                continue
+            m = _KEY_RE.match(line)
+            if m:
+                key = m.group(1).strip("\"'")
+                self.keys.setdefault(table + (key,), lineno)
+
+    def line(self, path: tuple[str, ...]) -> int | None:
+        while path:
+            if path in self.keys:
+                return self.keys[path]
+            if path in self.tables:
+                return self.tables[path]
+            path = path[:-1]
+        return None
+
+
+# ---------------------------------------------------------------- validation
+
+
+class _Checker:
+    def __init__(self, file: str, text: str) -> None:
+        self.file = file
+        self.loc = _Locator(text)
+        self.problems: list[ConfigProblem] = []
+
+    def problem(self, path: tuple[str, ...], message: str, hint: str = "") -> None:
+        self.problems.append(ConfigProblem(self.file, self.loc.line(path), ".".join(path), message, hint))
+
+    def table(self, data: dict, path: tuple[str, ...], allowed: dict[str, str], required: tuple[str, ...] = ()) -> None:
+        """Report unknown and missing keys of one table. `allowed` maps key -> short description."""
+        for key in data:
+            if key not in allowed:
+                self.problem(path + (key,), "unknown key",
+                             f"allowed keys here: {', '.join(allowed)}")
+        for key in required:
+            if key not in data:
+                self.problem(path, f"missing required key {key!r}", f"add: {key} = {allowed[key]}")
+
+    def get(self, data: dict, path: tuple[str, ...], key: str, kind: type | tuple, default: Any = None,
+            check: Callable[[Any], str | None] | None = None, example: str = "") -> Any:
+        if key not in data:
+            return default
+        value = data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if not ok:
+            names = " or ".join({int: "an integer", str: "a string", bool: "true or false",
+                                  list: "a list", dict: "a table"}[k] for k in kinds)
+            self.problem(path + (key,), f"must be {names}, got {value!r}", f"for example: {key} = {example}" if example else "")
+            return default
+        if check:
+            msg = check(value)
+            if msg:
+                self.problem(path + (key,), msg, f"for example: {key} = {example}" if example else "")
+                return default
+        return value
+
+    def name(self, path: tuple[str, ...], name: str, what: str) -> bool:
+        if NAME_RE.match(name):
+            return True
+        self.problem(path, f"{what} name {name!r} is not valid",
+                     "use letters, digits, '.', '_' or '-' (up to 63), starting with a letter or digit")
+        return False
+
+
+def _positive(v: int) -> str | None:
+    return None if v >= 1 else f"must be at least 1, got {v}"
+
+
+def _port(v: int) -> str | None:
+    return None if 1 <= v <= 65535 else f"must be a port number from 1 to 65535, got {v}"
+
+
+def _nonempty(v: str) -> str | None:
+    return None if v.strip() else "must not be empty"
+
+
+def _abs_path(v: str) -> str | None:
+    return None if v.startswith("/") or v.startswith("~") else f"must be an absolute path, got {v!r}"
+
+
+TOP_KEYS = {"site": "{ name = \"dc1\" }", "engine": "{ max_tasks = 4 }", "clusters": "{ prod = {} }",
+            "hosts": "{ cna01 = { ... } }", "datastores": "{ ds1 = { ... } }"}
+SITE_KEYS = {"name": '"dc1"', "production": "true", "theme": '"dark"'}
+ENGINE_KEYS = {"max_tasks": "4", "max_tasks_per_host": "2", "retries": "5"}
+CLUSTER_KEYS = {"description": '"production cluster"'}
+HOST_KEYS = {"cluster": '"prod"', "transport": '"ssh"', "address": '"10.0.0.11"', "port": "22",
+             "user": '"root"', "identity": '"~/.ssh/id_ed25519"', "runtime": '"/var/lib/ferry/run"'}
+DATASTORE_KEYS = {"path": '"/var/lib/ferry/datastore"', "hosts": '["cna01"]'}
+
+DEFAULT_SSH_RUNTIME = "/var/lib/ferry/run"
+
+
+def parse_config(data: dict, *, file: str, text: str = "", check_files: bool = True) -> SiteConfig:
+    """Validate a parsed TOML document and build the site; raises ConfigError with every problem."""
+    c = _Checker(file, text)
+    c.table(data, (), TOP_KEYS, required=("site",))
+
+    site = data.get("site", {})
+    if not isinstance(site, dict):
+        c.problem(("site",), "must be a table", "write [site] with name = \"dc1\"")
+        site = {}
+    c.table(site, ("site",), SITE_KEYS, required=("name",) if "site" in data else ())
+    site_name = c.get(site, ("site",), "name", str, "", _nonempty, '"dc1"')
+    production = c.get(site, ("site",), "production", bool, False, example="true")
+    theme = c.get(site, ("site",), "theme", str, None, _nonempty, '"dark"')
+
+    eng = data.get("engine", {})
+    limits = EngineLimits()
+    if isinstance(eng, dict):
+        c.table(eng, ("engine",), ENGINE_KEYS)
+        limits = EngineLimits(
+            max_tasks=c.get(eng, ("engine",), "max_tasks", int, limits.max_tasks, _positive, "4"),
+            max_tasks_per_host=c.get(eng, ("engine",), "max_tasks_per_host", int, limits.max_tasks_per_host, _positive, "2"),
+            retries=c.get(eng, ("engine",), "retries", int, limits.retries,
+                          lambda v: None if v >= 0 else f"must be 0 or more, got {v}", "5"),
+        )
+    else:
+        c.problem(("engine",), "must be a table", "write [engine] with max_tasks = 4")
+
+    clusters: dict[str, ClusterSpec] = {}
+    raw_clusters = data.get("clusters", {})
+    if not isinstance(raw_clusters, dict):
+        c.problem(("clusters",), "must be a table of clusters", "write [clusters.prod]")
+        raw_clusters = {}
+    for cname, cdata in raw_clusters.items():
+        path = ("clusters", cname)
+        if not c.name(path, cname, "cluster"):
+            continue
+        if not isinstance(cdata, dict):
+            c.problem(path, "must be a table", f"write [clusters.{cname}]")
+            continue
+        c.table(cdata, path, CLUSTER_KEYS)
+        clusters[cname] = ClusterSpec(cname, c.get(cdata, path, "description", str, "", example='"prod"'))
+
+    hosts: dict[str, HostSpec] = {}
+    raw_hosts = data.get("hosts", {})
+    if not isinstance(raw_hosts, dict):
+        c.problem(("hosts",), "must be a table of hosts", "write [hosts.cna01]")
+        raw_hosts = {}
+    for hname, hdata in raw_hosts.items():
+        path = ("hosts", hname)
+        if not c.name(path, hname, "host") or hname == "local":
+            if hname == "local":
+                c.problem(path, "host name 'local' is reserved for this machine", "choose another name, e.g. lab1")
+            continue
+        if not isinstance(hdata, dict):
+            c.problem(path, "must be a table", f"write [hosts.{hname}]")
+            continue
+        c.table(hdata, path, HOST_KEYS, required=("cluster", "transport"))
+        cluster = c.get(hdata, path, "cluster", str, None, example='"prod"')
+        if cluster is not None and cluster not in raw_clusters:
+            known = ", ".join(raw_clusters) or "none defined"
+            c.problem(path + ("cluster",), f"cluster {cluster!r} is not defined",
+                      f"add [clusters.{cluster}] or use one of: {known}")
+        transport = c.get(hdata, path, "transport", str, None,
+                          lambda v: None if v in TRANSPORTS else f"must be \"ssh\" or \"local\", got {v!r}", '"ssh"')
+        address = c.get(hdata, path, "address", str, None, _nonempty, '"10.0.0.11"')
+        port = c.get(hdata, path, "port", int, None, _port, "22")
+        user = c.get(hdata, path, "user", str, None, _nonempty, '"root"')
+        identity = c.get(hdata, path, "identity", str, None, _abs_path, '"~/.ssh/id_ed25519"')
+        runtime = c.get(hdata, path, "runtime", str, None, _abs_path, '"/var/lib/ferry/run"')
+        if transport == "ssh" and address is None and "address" not in hdata:
+            c.problem(path, "missing required key 'address' for transport \"ssh\"",
+                      'add: address = "10.0.0.11" (an address, a DNS name or a ~/.ssh/config alias)')
+        if transport == "local":
+            for key in ("address", "port", "user", "identity"):
+                if key in hdata:
+                    c.problem(path + (key,), f"not used with transport \"local\"", "remove it, or set transport = \"ssh\"")
+        if identity and check_files:
+            p = Path(identity).expanduser()
+            if not p.is_file():
+                c.problem(path + ("identity",), f"key file {identity} does not exist",
+                          "point it at a private key file, or remove it to use ssh-agent and ~/.ssh/config")
+        if cluster and transport:
+            hosts[hname] = HostSpec(hname, cluster, transport, address, port, user, identity,
+                                    runtime or DEFAULT_SSH_RUNTIME)
+
+    datastores: dict[str, DatastoreSpec] = {}
+    raw_ds = data.get("datastores", {})
+    if not isinstance(raw_ds, dict):
+        c.problem(("datastores",), "must be a table of datastores", "write [datastores.ds1]")
+        raw_ds = {}
+    for dname, ddata in raw_ds.items():
+        path = ("datastores", dname)
+        if not c.name(path, dname, "datastore"):
+            continue
+        if not isinstance(ddata, dict):
+            c.problem(path, "must be a table", f"write [datastores.{dname}]")
+            continue
+        c.table(ddata, path, DATASTORE_KEYS, required=("path", "hosts"))
+        dpath = c.get(ddata, path, "path", str, None, _abs_path, '"/var/lib/ferry/datastore"')
+        dhosts = c.get(ddata, path, "hosts", list, None,
+                       lambda v: None if v and all(isinstance(x, str) for x in v) else "must be a non-empty list of host names",
+                       '["cna01"]')
+        if dhosts:
+            for h in dhosts:
+                if h not in raw_hosts:
+                    c.problem(path + ("hosts",), f"host {h!r} is not defined",
+                              f"add [hosts.{h}] or use one of: {', '.join(raw_hosts) or 'none defined'}")
+        if dpath and dhosts:
+            datastores[dname] = DatastoreSpec(dname, dpath, tuple(dhosts))
+
+    if c.problems:
+        raise ConfigError(c.problems)
+    return SiteConfig(site_name, clusters, hosts, datastores, limits, production, theme, file)
+
+
+def load_config(path: Path, *, check_files: bool = True) -> SiteConfig:
+    """Read and validate config.toml; raises ConfigError."""
+    file = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError([ConfigProblem(file, None, "", f"cannot read: {e.strerror}",
+                                         "check the path and its permissions")]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError([ConfigProblem(file, line, "", "is not valid UTF-8", "save the file as UTF-8")]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        m = re.search(r"\(at line (\d+), column \d+\)", msg)
+        line = int(m.group(1)) if m else None
+        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg)
+        m2 = re.search(r"\(at end of document\)", msg)
+        if m2:
+            line = text.count("\n") + 1
+            msg = msg.replace(" (at end of document)", "")
+        raise ConfigError([ConfigProblem(file, line, "", f"TOML syntax error: {msg}",
+                                         "see https://toml.io for the syntax; strings need quotes")]) from None
+    return parse_config(data, file=file, text=text, check_files=check_files)
+
+
+def dump_config(data: dict) -> str:
+    return tomli_w.dumps(data)
+
+
+# ---------------------------------------------------------------- the lab
+
+LAB_HOSTS = (("lab1", "lab"), ("lab2", "lab"), ("lab3", "lab-b"))
+
+
+def lab_document(root: Path) -> dict:
+    """The built-in lab site on this machine, as a config document (what `ferry init` writes)."""
+    lab = root / "lab"
+    doc: dict[str, Any] = {
+        "site": {"name": "lab"},
+        "clusters": {"lab": {"description": "lab cluster on this machine"},
+                     "lab-b": {"description": "second lab cluster on this machine"}},
+        "hosts": {},
+        "datastores": {},
+    }
+    for name, cluster in LAB_HOSTS:
+        doc["hosts"][name] = {"cluster": cluster, "transport": "local", "runtime": str(lab / name / "run")}
+        doc["datastores"][f"{name}-local"] = {"path": str(lab / name / "datastore"), "hosts": [name]}
+    doc["datastores"]["shared"] = {"path": str(lab / "shared"), "hosts": [h for h, _ in LAB_HOSTS]}
+    return doc
+
+
+def lab_config(root: Path) -> SiteConfig:
+    cfg = parse_config(lab_document(root), file="<built-in lab>")
+    return SiteConfig(cfg.name, cfg.clusters, cfg.hosts, cfg.datastores, cfg.limits, cfg.production, cfg.theme, None)

@@ -1,0 +1,68 @@
+"""Human-readable figures shared by the CLI and the console."""
+
+from __future__ import annotations
+
+import time
+
+from .taskmodel import Progress
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in _UNITS:
+        if abs(n) < 1024 or unit == _UNITS[-1]:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def rate(bps: float | None, *, bytes_: bool = True) -> str:
+    if bps is None:
+        return "-"
+    return f"{size(bps)}/s" if bytes_ else f"{bps:.1f}/s"
+
+
+def duration(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def bar(fraction: float | None, width: int = 20) -> str:
+    """A text progress bar; an unknown fraction shows as dots."""
+    if fraction is None:
+        return "·" * width
+    filled = int(round(max(0.0, min(1.0, fraction)) * width))
+    return "█" * filled + "░" * (width - filled)
+
+
+def percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction * 100:5.1f}%"
+
+
+def progress_line(p: Progress, width: int = 20) -> str:
+    bytes_mode = bool(p.bytes_total)
+    done = f"{size(p.bytes_done)}/{size(p.bytes_total)}" if bytes_mode else (
+        f"{p.units_done}/{p.units_total}" if p.units_total else str(p.units_done))
+    parts = [bar(p.fraction, width), percent(p.fraction), done, rate(p.rate, bytes_=bytes_mode),
+             f"ETA {duration(p.eta)}"]
+    if p.item:
+        parts.append(p.item)
+    return "  ".join(parts)
+
+
+def clock(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%H:%M:%S", time.localtime(ts))
+
+
+def stamp(ts: float | None) -> str:
+    return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))

@@ -1,0 +1,641 @@
+"""The durable task runner: queue, limits, checkpoints, resume, pause, cancel, retry, confirmations.
+
+A task kind is a class registered by name. A task saves checkpoints in state.db; a
+checkpoint must only describe work that is already durable. When an engine starts with
+`adopt=True`, tasks whose owning engine died continue from their last checkpoint.
+
+Several Ferry processes may share one state.db (the console, a CLI command). Each task
+is owned by one engine at a time; other processes leave control requests in the task's
+row, which the owner applies within a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import secrets
+import socket
+import time
+from collections import Counter, deque
+from typing import Any, ClassVar
+
+from .config import SiteConfig
+from .errors import FerryError, PermanentError, TaskCancelled, TransientError
+from .events import Event, EventBus, Subscription
+from .store import Store
+from .taskmodel import FINAL_STATES, Progress, TaskInfo, TaskState
+
+log = logging.getLogger("ferry.tasks")
+
+HEARTBEAT_S = 2.0
+STALE_AFTER_S = 30.0
+CONTROL_POLL_S = 0.5
+PROGRESS_PUBLISH_S = 0.1
+PROGRESS_PERSIST_S = 1.0
+BACKOFF_BASE_S = 1.0
+BACKOFF_MAX_S = 60.0
+
+# Engines alive in this process, so a same-pid owner can be told apart from a stopped one.
+_LIVE_OWNERS: set[str] = set()
+
+
+class TaskKind:
+    """Base for task kinds. Subclasses set `name` and implement `run`."""
+
+    name: ClassVar[str] = ""
+    max_retries: ClassVar[int | None] = None   # None: the site's [engine] retries
+
+    def validate(self, params: dict[str, Any]) -> None:
+        """Raise PermanentError for bad parameters, before the task is created."""
+
+    def hosts(self, params: dict[str, Any]) -> list[str]:
+        """Hosts the task uses (for per-host limits)."""
+        return []
+
+    def title(self, params: dict[str, Any]) -> str:
+        return self.name
+
+    def dedup_key(self, params: dict[str, Any]) -> str | None:
+        """Same key = same job: re-running it resumes the unfinished task."""
+        return None
+
+    async def run(self, ctx: "TaskContext") -> dict[str, Any] | None:
+        raise NotImplementedError
+
+
+KINDS: dict[str, type[TaskKind]] = {}
+
+
+def register(cls: type[TaskKind]) -> type[TaskKind]:
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    KINDS[cls.name] = cls
+    return cls
+
+
+def kind_of(name: str) -> TaskKind:
+    try:
+        return KINDS[name]()
+    except KeyError:
+        raise PermanentError(f"unknown task kind {name!r}", f"known kinds: {', '.join(sorted(KINDS))}") from None
+
+
+class _RateMeter:
+    """Rate over a sliding window of a few seconds, so ETA follows the current speed."""
+
+    WINDOW_S = 5.0
+
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, int]] = deque()
+
+    def update(self, value: int) -> float | None:
+        now = time.monotonic()
+        if self.samples and value < self.samples[-1][1]:
+            self.samples.clear()  # counter went back (new round): start over
+        self.samples.append((now, value))
+        while len(self.samples) > 2 and now - self.samples[0][0] > self.WINDOW_S:
+            self.samples.popleft()
+        t0, v0 = self.samples[0]
+        if now - t0 < 0.2:
+            return None
+        return (value - v0) / (now - t0)
+
+
+class TaskContext:
+    """What a running task sees: its parameters, checkpoint, progress, log, transports, confirmation."""
+
+    def __init__(self, engine: "Engine", info: TaskInfo, checkpoint: dict | None, attempt: int) -> None:
+        self.engine = engine
+        self.id = info.id
+        self.kind = info.kind
+        self.params = info.params
+        self.checkpoint = checkpoint
+        self.resumed = checkpoint is not None
+        self.attempt = attempt
+        self._progress = info.progress
+        self._meter = _RateMeter()
+        self._last_pub = 0.0
+        self._flush: asyncio.TimerHandle | None = None
+
+    # -------------------------------------------------------------- data
+
+    def transport(self, host: str):
+        return self.engine.transport(host)
+
+    @property
+    def site(self) -> SiteConfig:
+        return self.engine.site
+
+    @property
+    def current_progress(self) -> Progress:
+        return self._progress
+
+    def progress(self, **fields: Any) -> None:
+        """Update progress (units_done/total, bytes_done/total, item, detail); rate and ETA are derived."""
+        p = self._progress
+        detail = fields.pop("detail", None)
+        merged = {**p.to_dict(), **fields}
+        if detail is not None:
+            merged["detail"] = {**p.detail, **detail}
+        counter, total = ((merged["bytes_done"], merged["bytes_total"]) if merged["bytes_total"]
+                          else (merged["units_done"], merged["units_total"]))
+        if "rate" not in fields:
+            rate = self._meter.update(counter)
+            if rate is not None:
+                merged["rate"] = rate
+        rate = merged.get("rate")
+        if "eta" not in fields:
+            merged["eta"] = (max(0, total - counter) / rate) if (total and rate and rate > 0) else None
+        self._progress = Progress.from_dict(merged)
+        self._publish_progress()
+
+    def _publish_progress(self) -> None:
+        now = time.monotonic()
+        if now - self._last_pub >= PROGRESS_PUBLISH_S:
+            self._do_publish()
+        elif self._flush is None:
+            loop = asyncio.get_running_loop()
+            self._flush = loop.call_later(PROGRESS_PUBLISH_S - (now - self._last_pub), self._do_publish)
+
+    def _do_publish(self) -> None:
+        self._flush = None
+        self._last_pub = time.monotonic()
+        self.engine._on_progress(self.id, self._progress)
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.engine._on_log(self.id, level, message)
+
+    # -------------------------------------------------------------- durability and confirmation
+
+    async def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Commit `state` transactionally. Call only once the work it describes is durable."""
+        await self.engine.store.call(self.engine.store.save_checkpoint, self.id, self.engine.owner,
+                                     state, self._progress.to_dict())
+        self.checkpoint = state
+
+    async def confirm(self, prompt: str, expected: str) -> None:
+        """Wait (state `waiting`) until an operator confirms by typing `expected`."""
+        await self.engine._wait_confirmation(self, prompt, expected)
+
+    def flush(self) -> None:
+        """Publish progress held back by the rate limit, now."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._do_publish()
+
+    def close(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+
+
+class Engine:
+    """Runs tasks of this process; shares state.db with other Ferry processes."""
+
+    def __init__(self, store: Store, site: SiteConfig, *, transports: Any = None, adopt: bool = False) -> None:
+        self.store = store
+        self.site = site
+        self.transports = transports
+        self.adopt = adopt
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.bus = EventBus()
+        self.state = "stopped"
+        self._running: dict[int, asyncio.Task] = {}
+        self._hosts_of: dict[int, list[str]] = {}
+        self._queue: dict[int, list[str]] = {}   # queued here, in order -> hosts
+        self._stop_reason: dict[int, str] = {}
+        self._confirms: dict[int, tuple[asyncio.Future, str]] = {}
+        self._host_load: Counter[str] = Counter()
+        self._last_persist: dict[int, float] = {}
+        self._persisting: set[int] = set()
+        self._bg: set[asyncio.Task] = set()
+        self._loop_task: asyncio.Task | None = None
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        if self.state == "running":
+            return
+        _LIVE_OWNERS.add(self.owner)
+        self.state = "running"
+        if self.adopt:
+            await self.adopt_orphans()
+        self._loop_task = asyncio.create_task(self._control_loop(), name="ferry-engine-control")
+        self.bus.publish(Event("engine", data="running"))
+
+    async def stop(self) -> None:
+        """Stop running tasks; they stay resumable (queued, unowned) from their last checkpoint."""
+        if self.state != "running":
+            return
+        self.state = "stopping"
+        if self._loop_task:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for tid, t in list(self._running.items()):
+            self._stop_reason.setdefault(tid, "stop")
+            t.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+        for tid in self._queue:
+            await self.store.call(self.store.update_task, tid, owner=None, owner_is=self.owner)
+        self._queue.clear()
+        await asyncio.gather(*self._bg, return_exceptions=True)
+        _LIVE_OWNERS.discard(self.owner)
+        self.state = "stopped"
+        self.bus.publish(Event("engine", data="stopped"))
+
+    def subscribe(self) -> Subscription:
+        return self.bus.subscribe()
+
+    def transport(self, host: str):
+        if self.transports is None:
+            raise PermanentError("this engine has no transports", "internal: create the engine with a TransportPool")
+        return self.transports.get(host)
+
+    # -------------------------------------------------------------- queries
+
+    async def get(self, task_id: int) -> TaskInfo:
+        row = await self.store.call(self.store.task_row, task_id)
+        if row is None:
+            raise PermanentError(f"no task {task_id}", "list tasks with `ferry tasks`")
+        return TaskInfo.from_row(row)
+
+    async def list(self, *, states: tuple[str, ...] | None = None, limit: int = 500) -> list[TaskInfo]:
+        rows = await self.store.call(self.store.task_rows, states=states, limit=limit)
+        return [TaskInfo.from_row(r) for r in rows]
+
+    def is_local(self, info: TaskInfo) -> bool:
+        return info.owner == self.owner
+
+    # -------------------------------------------------------------- operator actions
+
+    async def submit(self, kind: str, params: dict[str, Any], *, title: str | None = None) -> int:
+        """Create a task and queue it on this engine."""
+        k = kind_of(kind)
+        k.validate(params)
+        hosts = k.hosts(params)
+        for h in hosts:
+            if h != "local":
+                self.site.host(h)
+        tid = await self.store.call(self.store.insert_task, kind=kind, title=title or k.title(params),
+                                    params=params, hosts=hosts, state=TaskState.QUEUED,
+                                    dedup_key=k.dedup_key(params), owner=self.owner)
+        await self._audit("task.create", f"task {tid} ({kind})", params, "ok")
+        info = await self.get(tid)
+        self.bus.publish(Event("created", tid, info))
+        self._enqueue(tid, hosts)
+        return tid
+
+    async def submit_or_resume(self, kind: str, params: dict[str, Any], *, restart: bool = False) -> tuple[int, bool]:
+        """Resume the unfinished task for the same job (same dedup key), or create one. Returns (id, resumed)."""
+        k = kind_of(kind)
+        key = k.dedup_key(params)
+        if key is not None:
+            row = await self.store.call(self.store.find_unfinished, kind, key)
+            if row is not None:
+                if restart:
+                    await self.cancel(row["id"], reason="restart requested")
+                else:
+                    await self._claim_or_raise(row["id"])
+                    await self.store.call(self.store.update_task, row["id"], params=params)
+                    await self._audit("task.resume", f"task {row['id']} ({kind})", params, "ok")
+                    await self._requeue(row["id"])
+                    return row["id"], True
+        return await self.submit(kind, params), False
+
+    async def pause(self, task_id: int) -> TaskInfo:
+        return await self._control(task_id, "pause")
+
+    async def resume(self, task_id: int) -> TaskInfo:
+        return await self._control(task_id, "resume")
+
+    async def cancel(self, task_id: int, *, reason: str = "") -> TaskInfo:
+        return await self._control(task_id, "cancel", reason=reason)
+
+    async def confirm(self, task_id: int, typed: str) -> TaskInfo:
+        return await self._control(task_id, "confirm", typed=typed)
+
+    async def wait(self, task_id: int, *, timeout: float | None = None,
+                   until: frozenset[TaskState] = FINAL_STATES) -> TaskInfo:
+        """Wait until the task reaches one of `until` (final states by default)."""
+        sub = self.subscribe()
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                info = await self.get(task_id)
+                if info.state in until:
+                    return info
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"task {task_id} still {info.state} after {timeout}s")
+                # Other processes change rows without events here: poll the store as well.
+                await sub.wait(timeout=min(1.0, left) if left is not None else 1.0)
+        finally:
+            sub.close()
+
+    # -------------------------------------------------------------- control plumbing
+
+    async def _control(self, task_id: int, action: str, **kw: Any) -> TaskInfo:
+        info = await self.get(task_id)
+        target = f"task {task_id} ({info.kind})"
+        try:
+            if info.owner == self.owner or not await self._owner_alive(info):
+                await self._apply(info, action, **kw)
+            else:
+                # Another live Ferry process runs it: leave a request it applies within a second.
+                await self.store.call(self.store.update_task, task_id, requested={"action": action, **kw})
+        except FerryError as e:
+            await self._audit(f"task.{action}", target, kw, f"refused: {e.message}")
+            raise
+        await self._audit(f"task.{action}", target, kw, "ok")
+        return await self.get(task_id)
+
+    async def _apply(self, info: TaskInfo, action: str, **kw: Any) -> None:
+        tid, state = info.id, info.state
+        if action == "confirm":
+            entry = self._confirms.get(tid)
+            if entry is None or state != TaskState.WAITING:
+                raise PermanentError(f"task {tid} is not waiting for a confirmation (it is {state})")
+            fut, expected = entry
+            if kw.get("typed", "").strip() != expected:
+                raise PermanentError(f"confirmation for task {tid} does not match", f"type {expected!r} exactly")
+            if not fut.done():
+                fut.set_result(True)
+            return
+        if state in FINAL_STATES and not (action == "resume" and state == TaskState.FAILED):
+            raise PermanentError(f"task {tid} is already {state}", "only unfinished (or failed, to retry) tasks can be controlled")
+        if action == "pause":
+            if state == TaskState.PAUSED:
+                return
+            if tid in self._running:
+                self._stop_reason[tid] = "pause"
+                self._running[tid].cancel()
+                return
+            self._queue.pop(tid, None)
+            await self._set_state(tid, TaskState.PAUSED)
+        elif action == "resume":
+            if state not in (TaskState.PAUSED, TaskState.FAILED, TaskState.QUEUED):
+                raise PermanentError(f"task {tid} is {state}, not paused", "only paused or failed tasks can be resumed")
+            await self._claim_or_raise(tid)
+            if state == TaskState.FAILED:
+                await self.store.call(self.store.update_task, tid, attempts=0, error=None, hint=None, finished=None)
+            await self._requeue(tid)
+        elif action == "cancel":
+            if tid in self._running:
+                self._stop_reason[tid] = "cancel"
+                self._running[tid].cancel()
+                return
+            self._queue.pop(tid, None)
+            await self._finish(tid, TaskState.CANCELLED, error=kw.get("reason") or None)
+
+    async def _claim_or_raise(self, tid: int) -> None:
+        ok = await self.store.call(self.store.claim, tid, self.owner, self._can_take)
+        if not ok:
+            info = await self.get(tid)
+            raise PermanentError(f"task {tid} is run by another Ferry process ({info.owner})",
+                                 f"control it with `ferry task pause|resume|cancel {tid}`, or wait for it")
+
+    async def _requeue(self, tid: int) -> None:
+        await self._set_state(tid, TaskState.QUEUED)
+        info = await self.get(tid)
+        self._enqueue(tid, info.hosts)
+
+    async def _owner_alive(self, info: TaskInfo) -> bool:
+        row = await self.store.call(self.store.task_row, info.id)
+        return bool(row and row["owner"]) and not self._can_take(row["owner"], row["heartbeat"])
+
+    def _can_take(self, owner: str | None, heartbeat: float | None) -> bool:
+        """May this engine take a task held by `owner`? Yes if unowned, ours, or its engine is gone."""
+        if not owner or owner == self.owner:
+            return True
+        if (heartbeat or 0) < time.time() - STALE_AFTER_S:
+            return True
+        return not _owner_pid_alive(owner)
+
+    # -------------------------------------------------------------- scheduling
+
+    def _enqueue(self, tid: int, hosts: list[str]) -> None:
+        if tid not in self._queue and tid not in self._running:
+            self._queue[tid] = list(hosts)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Start queued tasks in order while there is room globally and on their hosts."""
+        if self.state != "running":
+            return
+        per_host = self.site.limits.max_tasks_per_host
+        for tid, hosts in list(self._queue.items()):
+            if len(self._running) >= self.site.limits.max_tasks:
+                return
+            if any(self._host_load[h] >= per_host for h in hosts):
+                continue
+            del self._queue[tid]
+            self._hosts_of[tid] = hosts
+            for h in hosts:
+                self._host_load[h] += 1
+            self._running[tid] = asyncio.create_task(self._run_task(tid), name=f"ferry-task-{tid}")
+
+    async def _control_loop(self) -> None:
+        last_beat = last_adopt = 0.0
+        while True:
+            try:
+                for tid, req in await self.store.call(self.store.take_requests, self.owner):
+                    action = req.pop("action", "")
+                    try:
+                        info = await self.get(tid)
+                        await self._apply(info, action, **req)
+                    except FerryError as e:
+                        self._on_log(tid, "warning", f"{action} request refused: {e}")
+                now = time.monotonic()
+                if now - last_beat >= HEARTBEAT_S:
+                    await self.store.call(self.store.heartbeat, self.owner)
+                    last_beat = now
+                if self.adopt and now - last_adopt >= HEARTBEAT_S:
+                    await self.adopt_orphans()
+                    last_adopt = now
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the control loop must survive a transient database hiccup
+                log.exception("engine control loop")
+            await asyncio.sleep(CONTROL_POLL_S)
+
+    async def adopt_orphans(self) -> list[int]:
+        """Take over unfinished tasks whose engine died; they continue from their checkpoint."""
+        rows = await self.store.call(self.store.task_rows, states=("queued", "running", "waiting"))
+        taken = []
+        for r in sorted(rows, key=lambda r: r["id"]):
+            if r["owner"] == self.owner or r["kind"] not in KINDS or not self._can_take(r["owner"], r["heartbeat"]):
+                continue
+            if await self.store.call(self.store.claim, r["id"], self.owner, self._can_take):
+                self._on_log(r["id"], "info", "resumed from its last checkpoint after its engine stopped")
+                await self._requeue(r["id"])
+                taken.append(r["id"])
+        return taken
+
+    # -------------------------------------------------------------- running one task
+
+    async def _run_task(self, tid: int) -> None:
+        ctx: TaskContext | None = None
+        try:
+            row = await self.store.call(self.store.task_row, tid)
+            info = TaskInfo.from_row(row)
+            kind = kind_of(info.kind)
+            retries = kind.max_retries if kind.max_retries is not None else self.site.limits.retries
+            attempt = 0
+            while True:
+                attempt += 1
+                row = await self.store.call(self.store.task_row, tid)
+                info = TaskInfo.from_row(row)
+                await self.store.call(self.store.update_task, tid, state=TaskState.RUNNING,
+                                      started=info.started or time.time(), attempts=info.attempts + 1,
+                                      error=None, hint=None)
+                await self._publish_state(tid)
+                ctx = TaskContext(self, info, row["checkpoint"], attempt)
+                try:
+                    try:
+                        result = await kind.run(ctx)
+                    finally:
+                        ctx.flush()  # the newest progress goes out before the state change
+                except TransientError as e:
+                    if attempt > retries:
+                        await self._finish(tid, TaskState.FAILED, error=f"{e.message} (gave up after {attempt} attempts)",
+                                           hint=e.hint, progress=ctx.current_progress)
+                        return
+                    delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1)) * random.uniform(1.0, 1.2)
+                    self._on_log(tid, "warning", f"attempt {attempt} failed: {e}; retrying in {delay:.0f}s "
+                                                 f"({attempt}/{retries})")
+                    ctx.progress(detail={"retry": f"retry {attempt}/{retries} in {delay:.0f}s: {e.message}"})
+                    ctx.close()
+                    await asyncio.sleep(delay)
+                    continue
+                except TaskCancelled as e:
+                    await self._finish(tid, TaskState.CANCELLED, error=e.message, progress=ctx.current_progress)
+                    return
+                except FerryError as e:
+                    await self._finish(tid, TaskState.FAILED, error=e.message, hint=e.hint,
+                                       progress=ctx.current_progress)
+                    return
+                except Exception as e:
+                    log.exception("task %s (%s) crashed", tid, info.kind)
+                    await self._finish(tid, TaskState.FAILED, error=f"internal error: {type(e).__name__}: {e}",
+                                       hint="see logs/ferry.log in the workspace; please report it",
+                                       progress=ctx.current_progress)
+                    return
+                if ctx.current_progress.detail.get("retry"):
+                    ctx.progress(detail={"retry": None})
+                await self._finish(tid, TaskState.SUCCEEDED, result=result or {}, progress=ctx.current_progress)
+                return
+        except asyncio.CancelledError:
+            reason = self._stop_reason.pop(tid, "stop")
+            progress = ctx.current_progress if ctx else None
+            if reason == "pause":
+                await self._set_state(tid, TaskState.PAUSED, progress=progress)
+            elif reason == "cancel":
+                await self._finish(tid, TaskState.CANCELLED, progress=progress)
+            else:
+                # The engine is stopping: leave the task resumable by the next engine.
+                await self.store.call(self.store.update_task, tid, state=TaskState.QUEUED, owner=None,
+                                      progress=progress.to_dict() if progress else None, owner_is=self.owner)
+                await self._publish_state(tid)
+        finally:
+            if ctx:
+                ctx.close()
+            self._running.pop(tid, None)
+            for h in self._hosts_of.pop(tid, []):
+                self._host_load[h] -= 1
+            self._confirms.pop(tid, None)
+            self._last_persist.pop(tid, None)
+            self._schedule()
+
+    async def _wait_confirmation(self, ctx: TaskContext, prompt: str, expected: str) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._confirms[ctx.id] = (fut, expected)
+        await self.store.call(self.store.update_task, ctx.id, state=TaskState.WAITING,
+                              waiting={"prompt": prompt, "expected": expected})
+        await self._publish_state(ctx.id)
+        self._on_log(ctx.id, "info", f"waiting for confirmation: {prompt}")
+        try:
+            await fut
+        finally:
+            self._confirms.pop(ctx.id, None)
+        await self.store.call(self.store.update_task, ctx.id, state=TaskState.RUNNING, waiting=None)
+        await self._publish_state(ctx.id)
+        self._on_log(ctx.id, "info", "confirmed by operator")
+
+    async def _set_state(self, tid: int, state: TaskState, *, progress: Progress | None = None) -> None:
+        fields: dict[str, Any] = {"state": state}
+        if progress is not None:
+            fields["progress"] = progress.to_dict()
+        if state != TaskState.WAITING:
+            fields["waiting"] = None
+        await self.store.call(self.store.update_task, tid, **fields)
+        await self._publish_state(tid)
+
+    async def _finish(self, tid: int, state: TaskState, *, result: dict | None = None, error: str | None = None,
+                      hint: str | None = None, progress: Progress | None = None) -> None:
+        fields: dict[str, Any] = {"state": state, "finished": time.time(), "waiting": None, "requested": None}
+        if result is not None:
+            fields["result"] = result
+        if error is not None:
+            fields["error"] = error
+        if hint is not None:
+            fields["hint"] = hint
+        if progress is not None:
+            fields["progress"] = progress.to_dict()
+        await self.store.call(self.store.update_task, tid, **fields)
+        level = {"succeeded": "info", "cancelled": "warning"}.get(state, "error")
+        self._on_log(tid, level, f"{state}" + (f": {error}" if error else "") + (f" (hint: {hint})" if hint else ""))
+        await self._publish_state(tid)
+
+    async def _publish_state(self, tid: int) -> None:
+        self.bus.publish(Event("state", tid, await self.get(tid)))
+
+    # -------------------------------------------------------------- progress, logs, audit
+
+    def _on_progress(self, tid: int, progress: Progress) -> None:
+        self.bus.publish(Event("progress", tid, progress))
+        now = time.monotonic()
+        if tid not in self._persisting and now - self._last_persist.get(tid, 0.0) >= PROGRESS_PERSIST_S:
+            self._last_persist[tid] = now
+            self._persisting.add(tid)
+
+            async def persist() -> None:
+                try:
+                    await self.store.call(self.store.update_task, tid, progress=progress.to_dict())
+                finally:
+                    self._persisting.discard(tid)
+            t = asyncio.create_task(persist())
+            self._bg.add(t)
+            t.add_done_callback(self._bg.discard)
+
+    def _on_log(self, tid: int, level: str, message: str) -> None:
+        self.bus.publish(Event("log", tid, (level, message)))
+        getattr(log, "warning" if level == "warning" else "error" if level == "error" else "info")(
+            "task %s: %s", tid, message)
+        t = asyncio.create_task(self.store.call(self.store.append_log, tid, level, message))
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
+
+    async def _audit(self, action: str, target: str, params: dict | None, result: str) -> None:
+        await self.store.call(self.store.audit, action, target, params, result)
+
+
+def _owner_pid_alive(owner: str) -> bool:
+    """Is the engine named `owner` (host:pid:token) still alive? Owners on other machines count as alive."""
+    try:
+        host, pid_s, _token = owner.split(":")
+        pid = int(pid_s)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return True
+    if pid == os.getpid():
+        return owner in _LIVE_OWNERS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

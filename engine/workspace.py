@@ -1,0 +1,75 @@
+"""Where Ferry keeps things: config.toml, state.db, known_hosts, logs, caches."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import SiteConfig, dump_config, lab_config, lab_document, load_config
+from .errors import PermanentError
+
+
+def default_root() -> Path:
+    env = os.environ.get("FERRY_WORKSPACE")
+    if env:
+        return Path(env).expanduser()
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state).expanduser() / "ferry"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def resolve(cls, arg: str | os.PathLike | None = None) -> "Workspace":
+        """--workspace DIR, else $FERRY_WORKSPACE, else $XDG_STATE_HOME/ferry."""
+        root = Path(arg).expanduser() if arg else default_root()
+        return cls(root.absolute())
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.toml"
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.db"
+
+    @property
+    def known_hosts_path(self) -> Path:
+        return self.root / "known_hosts"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    def ensure(self) -> "Workspace":
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.logs_dir.mkdir(exist_ok=True)
+            self.cache_dir.mkdir(exist_ok=True)
+        except OSError as e:
+            raise PermanentError(f"cannot create workspace {self.root}: {e.strerror}",
+                                 "pass --workspace DIR or set FERRY_WORKSPACE to a writable folder") from None
+        return self
+
+    def load_config(self, *, check_files: bool = True) -> SiteConfig:
+        """The site: config.toml when present, else the built-in lab. Raises ConfigError."""
+        if self.config_path.exists():
+            return load_config(self.config_path, check_files=check_files)
+        return lab_config(self.root)
+
+    def write_lab_config(self, *, force: bool = False) -> Path:
+        if self.config_path.exists() and not force:
+            raise PermanentError(f"{self.config_path} already exists", "pass --force to overwrite it")
+        self.ensure()
+        tmp = self.config_path.with_suffix(".toml.tmp")
+        tmp.write_text("# Ferry site configuration (written by `ferry init`; edit freely)\n"
+                       + dump_config(lab_document(self.root)))
+        os.replace(tmp, self.config_path)
+        return self.config_path

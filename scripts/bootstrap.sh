@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Ferry bootstrap: installs what Ferry needs on a Debian machine, then runs one action.
+#   scripts/bootstrap.sh console   install, then open the console on the lab
+#   scripts/bootstrap.sh test      install, then run the whole test suite
+#   scripts/bootstrap.sh install   install only
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+action=${1:-install}
+shift || true
+
+# System packages Ferry needs on the machine it runs on (and the lab/test hosts).
+PKGS=(openssh-server openssh-client qemu-system-x86 qemu-utils rsync tmux python3-venv
+      ca-certificates xz-utils cpio)
+# Map each package to a file that proves it is installed.
+declare -A PROOF=(
+  [openssh-server]=/usr/sbin/sshd [openssh-client]=/usr/bin/ssh
+  [qemu-system-x86]=/usr/bin/qemu-system-x86_64 [qemu-utils]=/usr/bin/qemu-img
+  [rsync]=/usr/bin/rsync [tmux]=/usr/bin/tmux [python3-venv]=
+  [ca-certificates]=/etc/ssl/certs [xz-utils]=/usr/bin/xz [cpio]=/usr/bin/cpio
+ 
+)
+missing=()
+for p in "${PKGS[@]}"; do
+  proof=${PROOF[$p]}
+  if [ -n "$proof" ]; then
+    [ -e "$proof" ] || missing+=("$p")
+  else
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  fi
+done
+# A Python interpreter that already carries venv (pyenv, etc.) does not need python3-venv.
+if [[ " ${missing[*]} " == *" python3-venv "* ]] && python3 -c 'import venv, ensurepip' 2>/dev/null; then
+  missing=("${missing[@]/python3-venv}")
+fi
+missing=($(printf '%s\n' "${missing[@]}" | grep -v '^$' || true))
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "ferry bootstrap: installing system packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  else
+    echo "ferry bootstrap: missing system packages: ${missing[*]}" >&2
+    echo "hint: run as root:  apt-get install -y ${missing[*]}" >&2
+    exit 1
+  fi
+fi
+# Debian's openssh-server package starts the machine's own sshd; Ferry never needs it.
+# Tests start their own sshd on loopback with throw-away keys.
+
+py=${FERRY_PYTHON:-python3}
+"$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || {
+  echo "ferry bootstrap: Python 3.11 or newer is needed ($py is $("$py" --version 2>&1))" >&2; exit 1; }
+venv="$here/.venv"
+stamp="$venv/.ferry-installed"
+if [ ! -x "$venv/bin/python" ]; then
+  "$py" -m venv "$venv"
+fi
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$venv/bin/python" -m pip install -q -e ".[test]"
+  touch "$stamp"
+fi
+
+case "$action" in
+  install) echo "ferry bootstrap: ready ($venv/bin/ferry)";;
+  console) exec "$venv/bin/ferry" "$@";;
+  test)    exec "$venv/bin/python" -m pytest "$@";;
+  *) echo "usage: scripts/bootstrap.sh [install|console|test] [args...]" >&2; exit 2;;
+esac

@@ -1,0 +1,1 @@
+"""Shared fixtures. The sshd harness is a plugin in harness/sshd.py."""

@@ -1,0 +1,115 @@
+"""Task kinds used only by tests. Importing this module registers them."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from typing import Any
+
+from engine.errors import PermanentError, TransientError
+from engine.tasks import TaskContext, TaskKind, register
+
+
+def chunk_bytes(i: int, size: int) -> bytes:
+    """Deterministic content of chunk i."""
+    seed = hashlib.sha256(str(i).encode()).digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+def expected_sha256(chunks: int, size: int) -> str:
+    h = hashlib.sha256()
+    for i in range(chunks):
+        h.update(chunk_bytes(i, size))
+    return h.hexdigest()
+
+
+@register
+class WriteChunks(TaskKind):
+    """Appends chunks to a file, fsyncs, then checkpoints: resumable at any instant."""
+
+    name = "test.write"
+
+    def hosts(self, params: dict[str, Any]) -> list[str]:
+        return params.get("hosts", [])
+
+    def title(self, params: dict[str, Any]) -> str:
+        return f"write {params['chunks']} chunks to {os.path.basename(params['path'])}"
+
+    def dedup_key(self, params: dict[str, Any]) -> str:
+        return params["path"]
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        path, n, size = ctx.params["path"], ctx.params["chunks"], ctx.params["chunk_size"]
+        delay = ctx.params.get("delay", 0.0)
+        done = (ctx.checkpoint or {}).get("done", 0)
+        with open(path, "ab" if done else "wb") as f:
+            f.truncate(done * size)   # anything past the checkpoint was never promised: drop it
+            f.seek(done * size)
+            for i in range(done, n):
+                f.write(chunk_bytes(i, size))
+                f.flush()
+                os.fsync(f.fileno())
+                await ctx.save_checkpoint({"done": i + 1})
+                ctx.progress(units_done=i + 1, units_total=n, bytes_done=(i + 1) * size, bytes_total=n * size,
+                             item=f"chunk {i}")
+                if delay:
+                    await asyncio.sleep(delay)
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        return {"sha256": digest, "resumed_from": done}
+
+
+@register
+class Hold(TaskKind):
+    """Reports fixed progress and then waits until cancelled or paused (for console tests)."""
+
+    name = "test.hold"
+
+    def hosts(self, params: dict[str, Any]) -> list[str]:
+        return params.get("hosts", [])
+
+    def title(self, params: dict[str, Any]) -> str:
+        return params.get("title", "hold")
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        p = ctx.params
+        ctx.progress(bytes_done=p.get("done", 0), bytes_total=p.get("total"), rate=p.get("rate"),
+                     eta=p.get("eta"), item=p.get("item", ""))
+        if p.get("finish_after") is not None:
+            await asyncio.sleep(p["finish_after"])
+            return {"held": True}
+        await asyncio.Event().wait()
+        return {}
+
+
+@register
+class Flaky(TaskKind):
+    """Fails with a transient error `failures` times, then succeeds (or fails permanently)."""
+
+    name = "test.flaky"
+    max_retries = 3
+
+    def title(self, params: dict[str, Any]) -> str:
+        return "flaky"
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        if ctx.params.get("permanent"):
+            raise PermanentError("the disk is full on target:/data", "free space and resume the task")
+        if ctx.attempt <= ctx.params.get("failures", 0):
+            raise TransientError(f"connection lost (attempt {ctx.attempt})", "the engine retries")
+        return {"attempts": ctx.attempt}
+
+
+@register
+class Confirm(TaskKind):
+    """Waits for the operator to type a name, then finishes."""
+
+    name = "test.confirm"
+
+    def title(self, params: dict[str, Any]) -> str:
+        return f"confirm {params['name']}"
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        await ctx.confirm(f"type {ctx.params['name']} to go on", ctx.params["name"])
+        return {"confirmed": True}
