@@ -1,1 +1,3 @@
 """Shared fixtures. The sshd harness is a plugin in harness/sshd.py."""
+
+pytest_plugins = ["harness.sshd"]

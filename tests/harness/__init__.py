@@ -1,0 +1,1 @@
+"""Test harness: real parts (sshd) started by the test suite itself."""

@@ -1,0 +1,496 @@
+"""Transports against real parts: local subprocesses and OpenSSH sshd on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.config import HostSpec
+from engine.errors import CommandError, HostKeyError, PermanentError, TransportError
+from engine.transport import (KeyStatus, LocalTransport, SshTransport, TransportPool, fetch_host_key,
+                              record_host_key)
+from harness.sshd import free_port, keygen
+
+GIB = 1 << 30
+
+# Writes each argument as the bytes the process received, NUL-separated.
+ECHO_ARGV = "import os, sys; sys.stdout.buffer.write(b'\\0'.join(map(os.fsencode, sys.argv[1:])))"
+
+# Emits n pseudo-random bytes (a random 1 MiB block with a counter per block, so order and
+# loss show in the hash) and reports their sha256 on stderr.
+GENERATE = r"""
+import hashlib, os, sys
+n = int(sys.argv[1]); block = bytearray(os.urandom(1 << 20)); h = hashlib.sha256(); out = sys.stdout.buffer
+for i in range(n >> 20):
+    block[:8] = i.to_bytes(8, "big"); h.update(block); out.write(block)
+out.flush(); sys.stderr.write(h.hexdigest() + "\n")
+"""
+
+# Hashes stdin; python's sha256 is ~4x faster here than coreutils' sha256sum.
+CONSUME = r"""
+import hashlib, sys
+h = hashlib.sha256(); n = 0; inp = sys.stdin.buffer
+while chunk := inp.read1(1 << 20):
+    h.update(chunk); n += len(chunk)
+print(n, h.hexdigest())
+"""
+
+
+@pytest.fixture(params=["local", "ssh"])
+async def transport(request, sshd_factory, tmp_path):
+    if request.param == "local":
+        t = LocalTransport("lab1")
+        yield t
+        await t.close()
+        return
+    site = sshd_factory.site(tmp_path / "site", 1)
+    pool = site.pool()
+    yield pool.get("ssh1")
+    await pool.close()
+
+
+@pytest.fixture
+async def ssh_pool(ssh_site):
+    pool = ssh_site.pool()
+    yield pool
+    await pool.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:   # gone, possibly between open() and read()
+        return False
+
+
+def _reset_peak_rss() -> int:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")   # resets VmHWM to the current RSS
+    return _status("VmHWM")
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(field)
+
+
+# ---------------------------------------------------------------- commands
+
+
+async def test_arguments_arrive_byte_for_byte(transport):
+    args = ["two words", "it's", 'say "hi"', "$HOME", "`id`", "$(id)", "back\\slash", "line\nbreak",
+            "tab\there", "", "*", "; rm -rf /", "a|b&&c", "-n", "grüße ☃", "日本語",
+            "bad \udcff\udcfe utf-8"]   # non-UTF-8 bytes 0xff 0xfe, carried via surrogateescape
+    r = await transport.run(["python3", "-c", ECHO_ARGV, *args], check=True)
+    assert r.stdout.split(b"\0") == [os.fsencode(a) for a in args]
+    r = await transport.run(["printf", "%s|", *args[:6]], check=True)
+    assert r.stdout == "|".join(args[:6]).encode() + b"|"
+
+
+async def test_exit_status_stdout_and_stderr(transport):
+    r = await transport.run(["sh", "-c", "echo out; echo first >&2; echo 'last line' >&2; exit 3"])
+    assert (r.exit_status, r.stdout, r.stderr) == (3, b"out\n", b"first\nlast line\n")
+    assert not r.ok
+    with pytest.raises(CommandError) as e:
+        await transport.run(["sh", "-c", "echo first >&2; echo 'last line' >&2; exit 3"], check=True)
+    assert e.value.exit_status == 3
+    assert "last line" in e.value.message and transport.host in e.value.message
+    r = await transport.run(["no-such-command-ferry"])
+    assert r.exit_status == 127
+
+
+async def test_input_is_fed_to_stdin(transport):
+    data = os.urandom(5 << 20)
+    r = await transport.run(["cat"], input=data)
+    assert r.stdout == data
+
+
+async def test_timeout_is_a_clear_error_and_kills_the_command(transport, tmp_path):
+    pidfile = tmp_path / "pid"
+    t0 = time.monotonic()
+    with pytest.raises(TransportError) as e:
+        await transport.run(["sh", "-c", f"echo $$ > {pidfile}; sleep 30 | cat"], timeout=0.5)
+    assert time.monotonic() - t0 < 5
+    assert "timed out after 0.5 s" in e.value.message and transport.host in e.value.message
+    assert "killed" in e.value.hint
+    pid = int(pidfile.read_text())
+    for _ in range(200):
+        if not _alive(pid):
+            break
+        await asyncio.sleep(0.01)
+    assert not _alive(pid), "the timed-out command was killed, pipeline and all"
+    assert (await transport.run(["true"])).ok   # and the transport still works
+
+
+async def test_cancelled_run_kills_the_command(transport, tmp_path):
+    pidfile = tmp_path / "pid"
+    task = asyncio.create_task(transport.run(["sh", "-c", f"echo $$ > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; sleep 30"]))
+    for _ in range(500):
+        if pidfile.exists():
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    pid = int(pidfile.read_text())
+    for _ in range(300):
+        if not os.path.exists(f"/proc/{pid}"):   # killed and reaped, not even a zombie left
+            break
+        await asyncio.sleep(0.01)
+    assert not os.path.exists(f"/proc/{pid}")
+
+
+async def test_download_1gib_stream_with_bounded_memory(transport):
+    base = _reset_peak_rss()
+    proc = await transport.start(["python3", "-c", GENERATE, str(GIB)])
+    h, n = hashlib.sha256(), 0
+    while chunk := await proc.stdout.read(1 << 20):
+        h.update(chunk)
+        n += len(chunk)
+    reported = (await proc.stderr.readall()).decode().strip()
+    assert await proc.wait(30) == 0
+    assert n == GIB and h.hexdigest() == reported
+    assert _status("VmHWM") - base < 150 << 20
+
+
+async def test_upload_1gib_stream_with_bounded_memory(transport):
+    base = _reset_peak_rss()
+    proc = await transport.start(["python3", "-c", CONSUME])
+    block, h = bytearray(os.urandom(1 << 20)), hashlib.sha256()
+    for i in range(GIB >> 20):
+        block[:8] = i.to_bytes(8, "big")
+        chunk = bytes(block)
+        h.update(chunk)
+        proc.stdin.write(chunk)
+        await proc.stdin.drain()   # backpressure: never more than a window in flight
+    await proc.stdin.close()
+    out = (await proc.stdout.readall()).decode().split()
+    assert await proc.wait(30) == 0
+    assert out == [str(GIB), h.hexdigest()]
+    assert _status("VmHWM") - base < 150 << 20
+
+
+async def test_killed_process_reports_signal(transport):
+    proc = await transport.start(["sh", "-c", "echo ready; exec sleep 30"])
+    assert await proc.stdout.read(6) == b"ready\n"
+    await proc.kill()
+    assert await proc.wait(5) == -9
+
+
+# ---------------------------------------------------------------- files
+
+
+async def test_file_operations(transport, tmp_path):
+    root = tmp_path / "files"
+    await transport.mkdir(str(root / "a" / "b"))
+    await transport.mkdir(str(root / "a" / "b"))   # exists: fine
+    assert (await transport.stat(str(root / "a"))).is_dir
+    path = str(root / "a" / "b" / "data.bin")
+    data = os.urandom(3 << 20) + "ü\n".encode()
+    await transport.write_file(path, data, mode=0o640)
+    assert await transport.read_file(path) == data
+    st = await transport.stat(path)
+    assert st.size == len(data) and not st.is_dir and st.mode & 0o777 == 0o640
+    assert abs(st.mtime_ns - os.stat(path).st_mtime_ns) < 2_000_000_000
+    assert await transport.listdir(str(root / "a" / "b")) == ["data.bin"]
+
+    # Atomic overwrite: a new inode is renamed over the old one, no temp file is left behind.
+    inode = os.stat(path).st_ino
+    await transport.write_file(path, b"second")
+    assert Path(path).read_bytes() == b"second" and os.stat(path).st_ino != inode
+    assert await transport.listdir(str(root / "a" / "b")) == ["data.bin"]
+
+    assert await transport.stat(str(root / "missing")) is None
+    with pytest.raises(PermanentError) as e:
+        await transport.read_file(str(root / "missing"))
+    assert "missing" in e.value.message and transport.host in e.value.message
+    with pytest.raises(PermanentError):
+        await transport.remove(str(root / "a"))   # a directory
+    await transport.remove(path)
+    await transport.remove(path)   # already gone: fine
+    assert await transport.listdir(str(root / "a" / "b")) == []
+    with pytest.raises(PermanentError):
+        await transport.mkdir(str(root / "x" / "y"), parents=False)
+
+
+async def test_open_unix_reaches_a_socket_on_the_host(transport, tmp_path):
+    sock = str(tmp_path / "echo.sock")
+
+    async def echo(reader, writer):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_unix_server(echo, sock)
+    try:
+        reader, writer = await transport.open_unix(sock)
+        payload = os.urandom(1 << 20)
+        writer.write(payload)
+        await writer.drain()
+        await writer.close()
+        assert await reader.readall() == payload
+        with pytest.raises(PermanentError) as e:
+            await transport.open_unix(str(tmp_path / "nobody.sock"))
+        assert "nobody.sock" in e.value.message
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+# ---------------------------------------------------------------- ssh: host keys
+
+
+async def test_unknown_host_key_is_refused_and_nothing_runs(sshd_factory, tmp_path):
+    site = sshd_factory.site(tmp_path, 1, trusted=False)
+    server = site.servers["ssh1"]
+    pool = site.pool()
+    marker = tmp_path / "ran"
+    with pytest.raises(HostKeyError) as e:
+        await pool.get("ssh1").run(["touch", str(marker)])
+    await pool.close()
+    err = e.value
+    assert not err.changed and err.fingerprint == server.fingerprint and err.host == "ssh1"
+    assert "unknown" in err.message and server.fingerprint in err.message and "ssh1" in err.message
+    assert "ferry hosts trust ssh1" in err.hint
+    assert not marker.exists()
+    assert "Accepted publickey" not in server.log
+
+
+async def test_changed_host_key_is_refused(ssh_site):
+    server = ssh_site.servers["ssh1"]
+    old = server.fingerprint
+    pool = ssh_site.pool()
+    assert (await pool.get("ssh1").run(["true"])).ok
+    await pool.close()
+    new = server.regenerate_host_key()
+    pool = ssh_site.pool()
+    with pytest.raises(HostKeyError) as e:
+        await pool.get("ssh1").run(["true"])
+    await pool.close()
+    err = e.value
+    assert err.changed and err.fingerprint == new
+    assert "CHANGED" in err.message and new in err.message and old in err.message
+    assert "WARNING" in err.message and "ferry hosts trust ssh1" in err.hint
+
+
+async def test_trust_records_the_key_then_connects(sshd_factory, tmp_path):
+    site = sshd_factory.site(tmp_path, 1, trusted=False)
+    server = site.servers["ssh1"]
+    pool = site.pool()
+    info = await fetch_host_key(pool.ssh("ssh1"))
+    assert info.status == KeyStatus.UNKNOWN and info.fingerprint == server.fingerprint
+    assert info.endpoint == f"[127.0.0.1]:{server.port}"
+    await record_host_key(site.workspace.known_hosts_path, info)
+    assert (await pool.get("ssh1").run(["echo", "ok"])).stdout == b"ok\n"
+    assert (await fetch_host_key(pool.ssh("ssh1"))).status == KeyStatus.TRUSTED
+    await pool.close()
+
+    # The key changes: trusting again replaces the old entry rather than adding to it.
+    old = server.fingerprint
+    server.regenerate_host_key()
+    pool = site.pool()
+    info = await fetch_host_key(pool.ssh("ssh1"))
+    assert info.status == KeyStatus.CHANGED and info.old_fingerprints == (old,)
+    await record_host_key(site.workspace.known_hosts_path, info)
+    assert (await pool.get("ssh1").run(["true"])).ok
+    await pool.close()
+    lines = site.workspace.known_hosts_path.read_text().splitlines()
+    assert lines == [server.known_hosts_line]
+
+
+async def test_user_known_hosts_is_trusted_too(sshd_factory, tmp_path):
+    site = sshd_factory.site(tmp_path, 1, trusted=False)
+    site.servers["ssh1"].trust(site.user_known_hosts)
+    pool = site.pool()
+    assert (await pool.get("ssh1").run(["true"])).ok
+    await pool.close()
+
+
+# ---------------------------------------------------------------- ssh: connection
+
+
+async def test_concurrent_first_uses_share_one_connection(ssh_pool):
+    t = ssh_pool.get("ssh1")
+    results = await asyncio.gather(*(t.run(["echo", str(i)]) for i in range(20)))
+    assert [r.stdout for r in results] == [f"{i}\n".encode() for i in range(20)]
+    assert t.connects == 1
+
+
+async def test_reconnects_after_server_side_is_killed(ssh_site, ssh_pool):
+    server, t = ssh_site.servers["ssh1"], ssh_pool.get("ssh1")
+    assert (await t.run(["true"])).ok
+    assert server.kill_connections() > 0
+    # The dead link is found before the command is sent: one transparent reconnect.
+    assert (await t.run(["echo", "again"])).stdout == b"again\n"
+    assert t.connects == 2
+    server.kill_connections()
+    assert await t.read_file(str(ssh_site.workspace.config_path))   # SFTP reconnects too
+    assert t.connects == 3
+
+
+async def test_command_in_flight_when_link_dies_is_not_rerun(ssh_site, ssh_pool, tmp_path):
+    server, t = ssh_site.servers["ssh1"], ssh_pool.get("ssh1")
+    counter = tmp_path / "counter"
+    task = asyncio.create_task(t.run(["sh", "-c", f"echo x >> {counter}; sleep 30"], timeout=60))
+    for _ in range(500):
+        if counter.exists():
+            break
+        await asyncio.sleep(0.01)
+    t0 = time.monotonic()
+    server.kill_connections()
+    with pytest.raises(TransportError) as e:
+        await task
+    assert time.monotonic() - t0 < 5
+    assert "lost" in e.value.message and "ssh1" in e.value.message
+    assert (await t.run(["true"])).ok
+    assert counter.read_text() == "x\n"   # ran once, never silently re-run
+
+
+async def test_connection_refused_names_the_host(tmp_path):
+    port = free_port()   # nothing listens there
+    keygen(tmp_path / "key", "test")   # an explicit key, so nothing looks into ~/.ssh
+    spec = HostSpec("dead1", "lab", "ssh", "127.0.0.1", port, "root", str(tmp_path / "key"))
+    t = SshTransport(spec, known_hosts=[tmp_path / "kh"], ssh_config_paths=[], use_agent=False)
+    t0 = time.monotonic()
+    with pytest.raises(TransportError) as e:
+        await t.run(["true"])
+    assert time.monotonic() - t0 < 3
+    assert "dead1" in e.value.message and f"127.0.0.1:{port}" in e.value.message
+    assert "refused" in e.value.message and "sshd running" in e.value.hint
+
+
+async def test_unresolvable_address_is_a_transport_error(tmp_path):
+    keygen(tmp_path / "key", "test")
+    spec = HostSpec("ghost", "lab", "ssh", "no-such-host.invalid", None, "root", str(tmp_path / "key"))
+    t = SshTransport(spec, known_hosts=[tmp_path / "kh"], ssh_config_paths=[], use_agent=False,
+                     connect_timeout=5)
+    with pytest.raises(TransportError) as e:
+        await t.run(["true"])
+    assert "ghost" in e.value.message and "no-such-host.invalid" in e.value.message
+
+
+async def test_wrong_key_is_a_permanent_login_error(ssh_site, tmp_path):
+    server = ssh_site.servers["ssh1"]
+    other = tmp_path / "other_key"
+    keygen(other, "not-authorized")
+    spec = HostSpec("ssh1", "lab", "ssh", "127.0.0.1", server.port, server.user, str(other))
+    t = SshTransport(spec, known_hosts=[ssh_site.workspace.known_hosts_path], ssh_config_paths=[],
+                     use_agent=False)
+    with pytest.raises(PermanentError) as e:
+        await t.run(["true"])
+    assert not isinstance(e.value, TransportError)
+    assert "ssh1" in e.value.message and "refused" in e.value.message and "identity" in e.value.hint
+
+
+async def test_ssh_config_alias_supplies_hostname_port_user_identity(ssh_site, tmp_path):
+    server = ssh_site.servers["ssh1"]
+    config = tmp_path / "alias_config"
+    config.write_text(f"Host cna-alias\n  HostName 127.0.0.1\n  Port {server.port}\n"
+                      f"  User {server.user}\n  IdentityFile {server.user_key}\n")
+    spec = HostSpec("cna01", "lab", "ssh", "cna-alias", None, None, None)
+    t = SshTransport(spec, known_hosts=[ssh_site.workspace.known_hosts_path], ssh_config_paths=[config],
+                     use_agent=False)
+    try:
+        r = await t.run(["sh", "-c", 'echo "$USER $SSH_CONNECTION"'], check=True)
+    finally:
+        await t.close()
+    user, _, _, _, port = r.stdout.decode().split()
+    assert user == server.user and int(port) == server.port
+
+
+async def test_proxyjump_through_a_second_server(sshd_factory, tmp_path):
+    site = sshd_factory.site(tmp_path, 2)
+    jump, target = site.servers["ssh1"], site.servers["ssh2"]
+    site.ssh_config.write_text(
+        f"Host jumpbox\n  HostName 127.0.0.1\n  Port {jump.port}\n  User {jump.user}\n"
+        f"  IdentityFile {jump.user_key}\n"
+        f"Host inner\n  HostName 127.0.0.1\n  Port {target.port}\n  ProxyJump jumpbox\n")
+    spec = HostSpec("inner1", "lab", "ssh", "inner", None, target.user, str(target.user_key))
+    kh = site.workspace.known_hosts_path
+    t = SshTransport(spec, known_hosts=[kh], ssh_config_paths=[site.ssh_config], use_agent=False)
+    try:
+        r = await t.run(["sh", "-c", 'echo "$SSH_CONNECTION"'], check=True)
+        assert int(r.stdout.split()[3]) == target.port
+        assert jump.connection_pids(), "the jump server carries the connection"
+        jump.kill_connections()   # the tunnel dies with the jump host's side
+        assert (await t.run(["true"])).ok and t.connects == 4   # jump + target, twice
+    finally:
+        await t.close()
+
+    # An unknown jump host is refused by name, and `fetch_host_key` reports it first.
+    kh.write_text(target.known_hosts_line + "\n")
+    t = SshTransport(spec, known_hosts=[kh], ssh_config_paths=[site.ssh_config], use_agent=False)
+    with pytest.raises(HostKeyError) as e:
+        await t.run(["true"])
+    assert "jump host jumpbox" in e.value.message and e.value.fingerprint == jump.fingerprint
+    info = await fetch_host_key(t)
+    assert info.jump == "jumpbox" and info.status == KeyStatus.UNKNOWN
+    await record_host_key(kh, info)
+    assert (await fetch_host_key(t)).status == KeyStatus.TRUSTED
+    assert (await t.run(["true"])).ok
+    await t.close()
+
+
+# ---------------------------------------------------------------- the pool
+
+
+async def test_pool_hands_out_one_transport_per_host(ssh_site):
+    cfg = ssh_site.config()
+    pool = TransportPool(cfg, ssh_site.workspace, ssh_config_paths=[], user_known_hosts=ssh_site.user_known_hosts,
+                         use_agent=False)
+    assert isinstance(pool.get("local"), LocalTransport)
+    assert isinstance(pool.get("ssh1"), SshTransport) and pool.get("ssh1") is pool.get("ssh1")
+    assert pool.get("ssh2") is not pool.get("ssh1")
+    with pytest.raises(PermanentError):
+        pool.get("nope")
+    with pytest.raises(PermanentError):
+        pool.ssh("local")
+    rs = await asyncio.gather(pool.get("ssh1").run(["echo", "1"]), pool.get("ssh2").run(["echo", "2"]))
+    assert [r.stdout for r in rs] == [b"1\n", b"2\n"]
+    await pool.close()
+
+
+async def test_prefers_aes_gcm(ssh_pool):
+    t = ssh_pool.get("ssh1")
+    await t.connect()
+    conn = t._conn
+    assert conn.get_extra_info("send_cipher") == conn.get_extra_info("recv_cipher") == "aes128-gcm@openssh.com"
+
+
+async def test_ssh_agent_is_used_when_enabled(ssh_site, tmp_path, monkeypatch):
+    server = ssh_site.servers["ssh1"]
+    # A throw-away agent, and a HOME without keys: nothing comes from the machine's ~/.ssh or agent.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.01)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(server.user_key)], env=env, check=True, capture_output=True)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        spec = HostSpec("ssh1", "lab", "ssh", "127.0.0.1", server.port, server.user, None)
+        kh = [ssh_site.workspace.known_hosts_path]
+        t = SshTransport(spec, known_hosts=kh, ssh_config_paths=[], use_agent=True)
+        assert (await t.run(["true"])).ok
+        await t.close()
+        t = SshTransport(spec, known_hosts=kh, ssh_config_paths=[], use_agent=False)
+        with pytest.raises(PermanentError) as e:
+            await t.run(["true"])
+        assert "refused" in e.value.message
+    finally:
+        agent.terminate()
+        agent.wait(5)
