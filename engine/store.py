@@ -74,6 +74,15 @@ MIGRATIONS: list[str] = [
         value TEXT NOT NULL
     );
     """,
+    # v2: chunk maps of block-level replication, committed with the checkpoint they belong to.
+    """
+    CREATE TABLE chunks (
+        task_id INTEGER NOT NULL REFERENCES tasks(id) ON DELETE CASCADE,
+        idx     INTEGER NOT NULL,
+        hash    BLOB NOT NULL,
+        PRIMARY KEY (task_id, idx)
+    ) WITHOUT ROWID;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -218,9 +227,14 @@ class Store:
         return [_row(r) for r in self._q(sql, tuple(args))]
 
     def find_unfinished(self, kind: str, dedup_key: str) -> dict | None:
+        """The newest task for the same job that has not succeeded (failed ones can be resumed)."""
         rows = self._q("SELECT * FROM tasks WHERE kind=? AND dedup_key=? AND state NOT IN"
-                       " ('succeeded','failed','cancelled') ORDER BY id DESC LIMIT 1", (kind, dedup_key))
+                       " ('succeeded','cancelled') ORDER BY id DESC LIMIT 1", (kind, dedup_key))
         return _row(rows[0]) if rows else None
+
+    def count_succeeded(self, kind: str, dedup_key: str) -> int:
+        return self._q("SELECT COUNT(*) FROM tasks WHERE kind=? AND dedup_key=? AND state='succeeded'",
+                       (kind, dedup_key))[0][0]
 
     def update_task(self, task_id: int, **fields: Any) -> None:
         """Update columns; JSON columns are encoded. `owner_is` guards the update."""
@@ -241,19 +255,30 @@ class Store:
         with self._lock:
             self._db.execute(sql, tuple(args))
 
-    def save_checkpoint(self, task_id: int, owner: str, checkpoint: dict, progress: dict | None) -> int:
-        """Commit a checkpoint transactionally; refuses if this engine no longer owns the task."""
+    def save_checkpoint(self, task_id: int, owner: str, checkpoint: dict, progress: dict | None,
+                        chunks: list[tuple[int, bytes]] | None = None, reset_chunks: bool = False) -> int:
+        """Commit a checkpoint (and chunk-map entries) in one transaction; refuses if this engine
+        no longer owns the task."""
         def tx(db: sqlite3.Connection) -> int:
             row = db.execute("SELECT owner, checkpoint_seq FROM tasks WHERE id=?", (task_id,)).fetchone()
             if row is None or row["owner"] != owner:
                 raise PermanentError(f"task {task_id} is no longer owned by this engine",
                                      "another Ferry process took it over; see `ferry tasks`")
             seq = row["checkpoint_seq"] + 1
+            if reset_chunks:
+                db.execute("DELETE FROM chunks WHERE task_id=?", (task_id,))
+            if chunks:
+                db.executemany("INSERT OR REPLACE INTO chunks(task_id, idx, hash) VALUES(?,?,?)",
+                               [(task_id, i, h) for i, h in chunks])
             db.execute("UPDATE tasks SET checkpoint=?, checkpoint_seq=?, progress=COALESCE(?, progress),"
                        " heartbeat=?, updated=? WHERE id=?",
                        (_dumps(checkpoint), seq, _dumps(progress), time.time(), time.time(), task_id))
             return seq
         return self._tx(tx)
+
+    def load_chunks(self, task_id: int) -> dict[int, bytes]:
+        return {r["idx"]: bytes(r["hash"]) for r in self._q("SELECT idx, hash FROM chunks WHERE task_id=?",
+                                                           (task_id,))}
 
     def claim(self, task_id: int, owner: str, can_take: Callable[[str | None, float | None], bool]) -> bool:
         """Atomically take ownership of an unfinished task when `can_take(current_owner, heartbeat)`."""

@@ -169,11 +169,16 @@ class TaskContext:
 
     # -------------------------------------------------------------- durability and confirmation
 
-    async def save_checkpoint(self, state: dict[str, Any]) -> None:
-        """Commit `state` transactionally. Call only once the work it describes is durable."""
+    async def save_checkpoint(self, state: dict[str, Any], *, chunks: list[tuple[int, bytes]] | None = None,
+                              reset_chunks: bool = False) -> None:
+        """Commit `state` (and chunk-map entries) transactionally. Call only once the work it
+        describes is durable."""
         await self.engine.store.call(self.engine.store.save_checkpoint, self.id, self.engine.owner,
-                                     state, self._progress.to_dict())
+                                     state, self._progress.to_dict(), chunks, reset_chunks)
         self.checkpoint = state
+
+    async def load_chunks(self) -> dict[int, bytes]:
+        return await self.engine.store.call(self.engine.store.load_chunks, self.id)
 
     async def confirm(self, prompt: str, expected: str) -> None:
         """Wait (state `waiting`) until an operator confirms by typing `expected`."""
@@ -288,20 +293,27 @@ class Engine:
         return tid
 
     async def submit_or_resume(self, kind: str, params: dict[str, Any], *, restart: bool = False) -> tuple[int, bool]:
-        """Resume the unfinished task for the same job (same dedup key), or create one. Returns (id, resumed)."""
+        """Resume the unfinished (or failed) task for the same job (same dedup key), or create one.
+        Returns (id, resumed). A new task's `round` parameter counts the job's earlier successes."""
         k = kind_of(kind)
         key = k.dedup_key(params)
         if key is not None:
             row = await self.store.call(self.store.find_unfinished, kind, key)
             if row is not None:
                 if restart:
-                    await self.cancel(row["id"], reason="restart requested")
+                    if row["state"] != TaskState.FAILED:
+                        await self.cancel(row["id"], reason="restart requested")
                 else:
                     await self._claim_or_raise(row["id"])
-                    await self.store.call(self.store.update_task, row["id"], params=params)
+                    fields: dict[str, Any] = {"params": {**row["params"], **params}}
+                    if row["state"] == TaskState.FAILED:
+                        fields.update(attempts=0, error=None, hint=None, finished=None)
+                    await self.store.call(self.store.update_task, row["id"], **fields)
                     await self._audit("task.resume", f"task {row['id']} ({kind})", params, "ok")
                     await self._requeue(row["id"])
                     return row["id"], True
+            done = await self.store.call(self.store.count_succeeded, kind, key)
+            params = {**params, "round": done + 1}
         return await self.submit(kind, params), False
 
     async def pause(self, task_id: int) -> TaskInfo:
@@ -375,8 +387,9 @@ class Engine:
             self._queue.pop(tid, None)
             await self._set_state(tid, TaskState.PAUSED)
         elif action == "resume":
-            if state not in (TaskState.PAUSED, TaskState.FAILED, TaskState.QUEUED):
-                raise PermanentError(f"task {tid} is {state}, not paused", "only paused or failed tasks can be resumed")
+            if tid in self._running or tid in self._queue:
+                return  # already going on here
+            # Paused, failed, or interrupted (its engine died while it was queued/running/waiting).
             await self._claim_or_raise(tid)
             if state == TaskState.FAILED:
                 await self.store.call(self.store.update_task, tid, attempts=0, error=None, hint=None, finished=None)

@@ -1,0 +1,485 @@
+"""`ferry`: with no subcommand opens the console; subcommands are headless, for scripts.
+
+Expected failures print one line (what, and a hint) and exit non-zero; never a traceback.
+Exit codes: 0 done, 1 failed, 2 bad configuration or usage, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any, Awaitable, Callable
+
+from engine import fmt
+from engine.errors import ConfigError, FerryError, PermanentError
+from engine.taskmodel import FINAL_STATES, TaskInfo, TaskState
+from engine.workspace import Workspace
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)] if rows else [len(h) for h in headers]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    for r in rows:
+        lines.append("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- client plumbing
+
+async def _with_client(ws: Workspace, fn: Callable[[Any], Awaitable[int]], *, adopt: bool = False) -> int:
+    from engine.client import EngineClient
+    from engine.logs import setup_logging
+
+    client = EngineClient.open(ws, adopt=adopt)
+    setup_logging(ws)
+    await client.start()
+    try:
+        return await fn(client)
+    finally:
+        await client.close()
+
+
+class _Progress:
+    """One live progress line on stderr when it is a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.width = 0
+
+    def show(self, text: str) -> None:
+        if not self.enabled:
+            return
+        text = text[:118]
+        sys.stderr.write("\r" + text.ljust(self.width))
+        sys.stderr.flush()
+        self.width = len(text)
+
+    def done(self) -> None:
+        if self.enabled and self.width:
+            sys.stderr.write("\r" + " " * self.width + "\r")
+            sys.stderr.flush()
+            self.width = 0
+
+
+async def run_foreground(client, task_id: int, *, as_json: bool, describe: Callable[[TaskInfo], str] | None = None) -> int:
+    """Follow a task of this process until it ends, with a live progress line; print its result."""
+    line = _Progress(sys.stderr.isatty() and not as_json)
+    sub = client.subscribe()
+    told = None
+    try:
+        while True:
+            info = await client.get_task(task_id)
+            if info.state in FINAL_STATES:
+                break
+            if info.state in (TaskState.WAITING, TaskState.PAUSED) and told != info.state:
+                line.done()
+                if info.state == TaskState.WAITING:
+                    print(f"task {task_id} waits for confirmation: "
+                          f"{info.waiting.get('prompt') if info.waiting else ''} (confirm in the console)",
+                          file=sys.stderr)
+                else:
+                    print(f"task {task_id} is paused; it goes on here when resumed (ctrl-c leaves it paused)",
+                          file=sys.stderr)
+            told = info.state
+            for ev in await sub.wait(timeout=0.5):
+                if ev.type == "progress" and ev.task_id == task_id:
+                    line.show(f"[{task_id}] " + fmt.progress_line(ev.data))
+                elif ev.type == "log" and ev.task_id == task_id and ev.data[0] in ("warning", "error"):
+                    line.done()
+                    print(f"{ev.data[0]}: {ev.data[1]}", file=sys.stderr)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        line.done()
+        print(f"ferry: interrupted; task {task_id} keeps its checkpoint (hint: resume it with "
+              f"`ferry task resume {task_id}`)", file=sys.stderr)
+        raise
+    finally:
+        sub.close()
+        line.done()
+    info = await client.get_task(task_id)
+    if as_json:
+        _print_json({"task": info.id, "state": str(info.state), **(info.result or {}),
+                     **({"error": info.error, "hint": info.hint} if info.error else {})})
+    elif info.state == TaskState.SUCCEEDED:
+        print(describe(info) if describe else f"task {task_id} succeeded")
+    if info.state == TaskState.SUCCEEDED:
+        return EXIT_OK
+    if not as_json:
+        msg = f"ferry: task {task_id} {info.state}" + (f": {info.error}" if info.error else "")
+        print(msg + (f" (hint: {info.hint})" if info.hint else ""), file=sys.stderr)
+    return EXIT_FAIL
+
+
+# --------------------------------------------------------------------------- commands
+
+def cmd_console(args, ws: Workspace) -> int:
+    site = ws.load_config()  # an invalid config stops here with the one-line errors
+    from console.app import run_console   # imported only here: headless commands never load textual
+    return run_console(ws, site, theme=args.theme)
+
+
+def cmd_init(args, ws: Workspace) -> int:
+    path = ws.write_lab_config(force=args.force)
+    from engine.store import Store
+    store = Store(ws.state_path)
+    store.audit("config.init", str(path), {"force": args.force}, "ok")
+    store.close()
+    print(f"wrote the lab configuration to {path}")
+    return EXIT_OK
+
+
+def cmd_config_check(args, ws: Workspace) -> int:
+    try:
+        site = ws.load_config()
+    except ConfigError as e:
+        if args.json:
+            _print_json({"ok": False, "problems": [p.__dict__ for p in e.problems]})
+        else:
+            print(str(e), file=sys.stderr)
+        return EXIT_CONFIG
+    summary = {"ok": True, "file": site.source or "<built-in lab>", "site": site.name,
+               "clusters": len(site.clusters), "hosts": len(site.hosts), "datastores": len(site.datastores)}
+    if args.json:
+        _print_json(summary)
+    else:
+        print(f"{summary['file']}: ok — site {site.name}, {len(site.clusters)} clusters, "
+              f"{len(site.hosts)} hosts, {len(site.datastores)} datastores")
+    return EXIT_OK
+
+
+def cmd_hosts(args, ws: Workspace) -> int:
+    from engine.hostfacts import gather_all
+
+    async def go(client) -> int:
+        facts = await gather_all(client.transports, client.site, timeout=args.timeout)
+        if args.json:
+            _print_json([{**f.to_dict(), "cluster": client.site.hosts[n].cluster} for n, f in facts.items()])
+            return EXIT_OK
+        rows = []
+        for name, f in facts.items():
+            spec = client.site.hosts[name]
+            if not f.reachable:
+                rows.append([name, spec.cluster, spec.transport, "✖ no", f.error or "", "", "", "", "", "", ""])
+                continue
+            ds = ", ".join(f"{d.name} {fmt.size(d.free)} free" if d.total else f"{d.name} ?" for d in f.datastores)
+            rows.append([name, spec.cluster, spec.transport, "✔ yes", f.os_name or "?", f.kernel or "?",
+                         str(f.cpus or "?"), f"{fmt.size(f.mem_available)}/{fmt.size(f.mem_total)}",
+                         f"{f.load1:.2f}" if f.load1 is not None else "?", ds or "-", f.qemu_version or "none"])
+        print(_table(rows, ["HOST", "CLUSTER", "VIA", "REACH", "OS", "KERNEL", "CPUS", "MEM FREE/TOTAL",
+                            "LOAD", "DATASTORES", "QEMU"]))
+        for name, f in facts.items():
+            if not f.reachable and f.hint:
+                print(f"{name}: {f.error} (hint: {f.hint})", file=sys.stderr)
+        return EXIT_OK if all(f.reachable for f in facts.values()) else EXIT_FAIL
+    return asyncio.run(_with_client(ws, go))
+
+
+def cmd_hosts_trust(args, ws: Workspace) -> int:
+    from engine.store import Store
+    from engine.transport import KeyStatus, TransportPool, fetch_host_key, record_host_key
+
+    site = ws.load_config()
+    site.host(args.host)
+
+    async def go() -> int:
+        pool = TransportPool(site, ws)
+        try:
+            info = await fetch_host_key(pool.ssh(args.host))
+        finally:
+            await pool.close()
+        who = f"{args.host} ({info.endpoint})" + (f" via jump host {info.jump}" if info.jump else "")
+        print(f"{who} presents {info.key_type} key {info.fingerprint}")
+        if info.status == KeyStatus.TRUSTED:
+            print("already trusted")
+            return EXIT_OK
+        if info.status == KeyStatus.CHANGED:
+            print(f"WARNING: this key differs from the one recorded ({', '.join(info.old_fingerprints)}).\n"
+                  "It may be a reinstalled host, or someone intercepting the connection.")
+        if args.fingerprint and args.fingerprint != info.fingerprint:
+            raise PermanentError(f"{args.host} presents {info.fingerprint}, not {args.fingerprint}",
+                                 "check the fingerprint on the host: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
+        if not (args.yes or args.fingerprint):
+            if not sys.stdin.isatty():
+                raise PermanentError("refusing to trust a key without confirmation",
+                                     f"pass --fingerprint {info.fingerprint} (checked on the host) or --yes")
+            if input("Trust this key? Type yes: ").strip() != "yes":
+                print("not trusted")
+                return EXIT_FAIL
+        await record_host_key(ws.known_hosts_path, info)
+        store = Store(ws.state_path)
+        store.audit("host.trust", args.host, {"fingerprint": info.fingerprint, "was": str(info.status),
+                                              "endpoint": info.endpoint}, "ok")
+        store.close()
+        print(f"trusted: recorded in {ws.known_hosts_path}")
+        if info.jump:
+            print(f"this was the key of jump host {info.jump}; run `ferry hosts trust {args.host}` again "
+                  "for the host itself")
+        return EXIT_OK
+    return asyncio.run(go())
+
+
+def _task_row(t: TaskInfo) -> list[str]:
+    p = t.progress
+    bytes_mode = bool(p.bytes_total)
+    return [str(t.id), t.kind, f"{t.state.symbol} {t.state}", f"{fmt.bar(p.fraction, 10)} {fmt.percent(p.fraction)}",
+            fmt.rate(p.rate, bytes_=bytes_mode) if t.state == TaskState.RUNNING else "-",
+            fmt.duration(p.eta) if t.state == TaskState.RUNNING else "-", t.title]
+
+
+def cmd_tasks(args, ws: Workspace) -> int:
+    from engine.store import Store
+
+    store = Store(ws.state_path)
+    try:
+        rows = store.task_rows(limit=args.limit)
+    finally:
+        store.close()
+    tasks = [TaskInfo.from_row(r) for r in rows]
+    if not args.all:
+        tasks = [t for t in tasks if t.state not in FINAL_STATES] + [t for t in tasks if t.state in FINAL_STATES][:20]
+        tasks.sort(key=lambda t: -t.id)
+    if args.json:
+        _print_json([t.to_dict() for t in tasks])
+    elif not tasks:
+        print("no tasks")
+    else:
+        print(_table([_task_row(t) for t in tasks], ["ID", "KIND", "STATE", "PROGRESS", "RATE", "ETA", "TITLE"]))
+    return EXIT_OK
+
+
+def cmd_task_show(args, ws: Workspace) -> int:
+    from engine.store import Store
+
+    store = Store(ws.state_path)
+    try:
+        row = store.task_row(args.id)
+        if row is None:
+            raise PermanentError(f"no task {args.id}", "list tasks with `ferry tasks`")
+        logs = store.task_log(args.id)
+    finally:
+        store.close()
+    t = TaskInfo.from_row(row)
+    if args.json:
+        _print_json({**t.to_dict(), "log": logs})
+        return EXIT_OK
+    print(f"task {t.id}: {t.title}\n  kind      {t.kind}\n  state     {t.state.symbol} {t.state}"
+          f"\n  progress  {fmt.progress_line(t.progress)}\n  created   {fmt.stamp(t.created)} by {t.created_by}"
+          f"\n  started   {fmt.stamp(t.started)}\n  finished  {fmt.stamp(t.finished)}\n  attempts  {t.attempts}")
+    if t.error:
+        print(f"  error     {t.error}" + (f"\n  hint      {t.hint}" if t.hint else ""))
+    if t.result:
+        print("  result    " + json.dumps(t.result, sort_keys=True, default=str))
+    for entry in logs[-20:]:
+        print(f"  {fmt.clock(entry['ts'])} {entry['level']:7} {entry['message']}")
+    return EXIT_OK
+
+
+def cmd_task_control(args, ws: Workspace) -> int:
+    action = args.action
+
+    async def go(client) -> int:
+        if action == "resume" and await client.is_orphan(args.id):
+            # Nobody runs it: resume it here, in the foreground, until it ends.
+            await client.resume(args.id)
+            return await run_foreground(client, args.id, as_json=args.json)
+        info = await getattr(client, action)(args.id)
+        if args.json:
+            _print_json(info.to_dict())
+        else:
+            where = "" if info.owner in (None, client.engine.owner) else " (request sent to the Ferry process running it)"
+            print(f"task {info.id}: {action} -> {info.state}{where}")
+        return EXIT_OK
+    return asyncio.run(_with_client(ws, go))
+
+
+def cmd_probe(args, ws: Workspace) -> int:
+    def describe(info: TaskInfo) -> str:
+        r = info.result or {}
+        lat = r.get("latency", {})
+        text = (f"{r.get('host')}: latency min {lat.get('min_ms', 0):.2f} / avg {lat.get('avg_ms', 0):.2f} / "
+                f"max {lat.get('max_ms', 0):.2f} ms, jitter {lat.get('jitter_ms', 0):.2f} ms "
+                f"({lat.get('samples')} samples)")
+        if r.get("upload_Bps"):
+            text += (f"\n{r.get('host')}: throughput up {fmt.rate(r['upload_Bps'])} ({r['upload_mbit']:.0f} Mbit/s),"
+                     f" down {fmt.rate(r['download_Bps'])} ({r['download_mbit']:.0f} Mbit/s) over {fmt.size(r['bytes'])}")
+        return text
+
+    async def go(client) -> int:
+        tid = await client.start_probe(args.host, pings=args.pings, size_mib=args.size)
+        return await run_foreground(client, tid, as_json=args.json, describe=describe)
+    return asyncio.run(_with_client(ws, go))
+
+
+def _size_arg(text: str) -> int:
+    from engine.replicate.ratelimit import parse_rate
+    try:
+        return int(parse_rate(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _describe_replication(info: TaskInfo) -> str:
+    r = info.result or {}
+    verb = "resumed and finished" if r.get("resumed") else "finished"
+    text = (f"round {r.get('round')} {verb}: {r.get('src')} → {r.get('dst')}: {r.get('items_changed')} of "
+            f"{r.get('items_total')} {'chunks' if 'zero_chunks' in r else 'entries'} changed, "
+            f"{fmt.size(r.get('bytes_sent'))} sent of {fmt.size(r.get('bytes_total'))} in "
+            f"{fmt.duration(r.get('duration_s'))}; verified: {'yes' if r.get('verified') else 'NO'}")
+    for note in r.get("notes", []):
+        text += f"\nnote: {note}"
+    return text
+
+
+def cmd_replicate(args, ws: Workspace) -> int:
+    params: dict[str, Any] = {"src": args.src, "dst": args.dst, "streams": args.streams}
+    if args.bwlimit:
+        params["bwlimit"] = args.bwlimit
+    if args.level == "files":
+        params.update(excludes=args.exclude or [], system_excludes=args.system_excludes,
+                      checksum=args.checksum, delete=args.delete, one_file_system=args.one_file_system)
+    else:
+        params.update(chunk_size=args.chunk_size, compress=args.compress, restart=args.restart)
+
+    async def go(client) -> int:
+        tid, resumed = await client.replicate(args.level, params, restart=args.restart)
+        if resumed and not args.json:
+            print(f"resuming task {tid} from its checkpoint", file=sys.stderr)
+        return await run_foreground(client, tid, as_json=args.json, describe=_describe_replication)
+    return asyncio.run(_with_client(ws, go))
+
+
+def cmd_audit(args, ws: Workspace) -> int:
+    from engine.store import Store
+
+    store = Store(ws.state_path)
+    try:
+        rows = store.audit_rows(limit=args.limit)
+    finally:
+        store.close()
+    if args.json:
+        _print_json(rows)
+    else:
+        print(_table([[fmt.stamp(r["ts"]), r["actor"], r["action"], r["target"], r["result"]] for r in rows],
+                     ["WHEN", "WHO", "ACTION", "TARGET", "RESULT"]))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ferry", description="Operator console for a KVM/QEMU platform and for "
+                                "moving servers onto it. With no command, opens the console.")
+    p.add_argument("--workspace", metavar="DIR", help="workspace folder (default: $FERRY_WORKSPACE, "
+                   "else $XDG_STATE_HOME/ferry)")
+    p.add_argument("--theme", help="console theme by name (dark, light, high-contrast, production, ...)")
+    p.set_defaults(func=cmd_console)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("init", help="write the lab configuration to the workspace so it can be edited")
+    s.add_argument("--force", action="store_true", help="overwrite an existing config.toml")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("config", help="configuration commands")
+    cs = s.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    c = cs.add_parser("check", help="validate config.toml; one line per problem, exit 2 when invalid")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_config_check)
+
+    s = sub.add_parser("hosts", help="facts of every host, gathered in parallel")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--timeout", type=float, default=10.0, help="seconds per host (default 10)")
+    s.set_defaults(func=cmd_hosts)
+    hs = s.add_subparsers(dest="hosts_command", metavar="SUBCOMMAND")
+    t = hs.add_parser("trust", help="accept and record a host's SSH host key")
+    t.add_argument("host")
+    t.add_argument("--fingerprint", help="accept only this SHA256 fingerprint (checked on the host)")
+    t.add_argument("--yes", action="store_true", help="accept without asking")
+    t.set_defaults(func=cmd_hosts_trust)
+
+    s = sub.add_parser("tasks", help="list tasks")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--all", action="store_true", help="include every finished task")
+    s.add_argument("--limit", type=int, default=500)
+    s.set_defaults(func=cmd_tasks)
+
+    s = sub.add_parser("task", help="show or control one task")
+    ts = s.add_subparsers(dest="task_command", metavar="ACTION", required=True)
+    t = ts.add_parser("show", help="a task's details and log")
+    t.add_argument("id", type=int)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_task_show)
+    for action, text in (("pause", "pause a task (it keeps its checkpoint)"),
+                         ("resume", "resume a paused, interrupted or failed task from its checkpoint"),
+                         ("cancel", "cancel a task")):
+        t = ts.add_parser(action, help=text)
+        t.add_argument("id", type=int)
+        t.add_argument("--json", action="store_true")
+        t.set_defaults(func=cmd_task_control, action=action)
+
+    s = sub.add_parser("probe", help="measure latency and throughput to a host")
+    s.add_argument("host")
+    s.add_argument("--pings", type=int, default=20, help="round trips to time (default 20)")
+    s.add_argument("--size", type=int, default=64, metavar="MiB", help="MiB streamed each way (default 64)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_probe)
+
+    s = sub.add_parser("replicate", help="copy a tree (files) or a disk (blocks) between hosts, resumable")
+    rs = s.add_subparsers(dest="level", metavar="LEVEL", required=True)
+    for level, text in (("files", "file-level copy of a directory tree (tar/rsync-like), incremental"),
+                        ("blocks", "block-level copy of a device or image (dd-like), incremental")):
+        r = rs.add_parser(level, help=text, description=text + ". SRC and DST are HOST:PATH, HOST a host of "
+                          "the configuration or `local`. Running the same command again after an "
+                          "interruption resumes from the checkpoint; after a success it runs an "
+                          "incremental round.")
+        r.add_argument("src", metavar="SRC")
+        r.add_argument("dst", metavar="DST")
+        r.add_argument("--streams", type=int, default=4, help="parallel streams (default 4)")
+        r.add_argument("--bwlimit", type=_size_arg, metavar="RATE", help="bandwidth limit, e.g. 50M (MiB/s)")
+        r.add_argument("--restart", action="store_true", help="start over instead of resuming")
+        r.add_argument("--json", action="store_true", help="print one JSON object with the round's figures")
+        if level == "files":
+            r.add_argument("--exclude", action="append", metavar="PATTERN",
+                           help="skip matching paths ('/x' anchored at the root, 'x' any name, 'x/' dirs only)")
+            r.add_argument("--system-excludes", action="store_true",
+                           help="skip /proc /sys /dev /run /tmp /mnt /media lost+found and swap files (a live root)")
+            r.add_argument("--checksum", action="store_true", help="compare contents, not size and mtime")
+            r.add_argument("--delete", action=argparse.BooleanOptionalAction, default=True,
+                           help="delete target entries the source does not have (default: yes)")
+            r.add_argument("--one-file-system", action="store_true", help="do not cross filesystem boundaries")
+        else:
+            r.add_argument("--chunk-size", type=_size_arg, default=4 << 20, metavar="SIZE",
+                           help="chunk size, e.g. 4M (default)")
+            r.add_argument("--compress", action="store_true", help="compress chunks (for slow links)")
+        r.set_defaults(func=cmd_replicate)
+
+    s = sub.add_parser("audit", help="the audit log: who did what, when, with what result")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--limit", type=int, default=50)
+    s.set_defaults(func=cmd_audit)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ws = Workspace.resolve(args.workspace)
+    try:
+        return args.func(args, ws)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_CONFIG
+    except FerryError as e:
+        print(f"ferry: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

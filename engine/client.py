@@ -1,0 +1,107 @@
+"""The one narrow interface through which the console (and the CLI) reach the engine.
+
+Method calls plus an event stream, so the same console could later attach to an engine
+running as a separate daemon without change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import probe as _probe  # noqa: F401  (registers the probe task kind)
+from .replicate import task as _replicate  # noqa: F401  (registers replicate.files / replicate.blocks)
+from .config import SiteConfig
+from .events import Subscription
+from .hostfacts import HostFacts, gather_facts
+from .store import Store
+from .taskmodel import TaskInfo
+from .tasks import Engine
+from .transport import TransportPool
+from .workspace import Workspace
+
+
+class EngineClient:
+    def __init__(self, workspace: Workspace, site: SiteConfig, *, adopt: bool = True,
+                 transports: TransportPool | None = None) -> None:
+        self.workspace = workspace.ensure()
+        self.site = site
+        self.store = Store(workspace.state_path)
+        self.transports = transports or TransportPool(site, workspace)
+        self.engine = Engine(self.store, site, transports=self.transports, adopt=adopt)
+
+    @classmethod
+    def open(cls, workspace: Workspace, **kw: Any) -> "EngineClient":
+        """Load the workspace's site (raises ConfigError) and build a client for it."""
+        return cls(workspace, workspace.load_config(), **kw)
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def close(self) -> None:
+        await self.engine.stop()
+        await self.transports.close()
+        self.store.close()
+
+    @property
+    def engine_state(self) -> str:
+        return self.engine.state
+
+    def subscribe(self) -> Subscription:
+        return self.engine.subscribe()
+
+    # ------------------------------------------------------------------ tasks
+
+    async def list_tasks(self, limit: int = 500) -> list[TaskInfo]:
+        return await self.engine.list(limit=limit)
+
+    async def get_task(self, task_id: int) -> TaskInfo:
+        return await self.engine.get(task_id)
+
+    async def task_log(self, task_id: int, limit: int = 200) -> list[dict]:
+        return await self.store.call(self.store.task_log, task_id, limit)
+
+    async def submit(self, kind: str, params: dict[str, Any]) -> int:
+        return await self.engine.submit(kind, params)
+
+    async def pause(self, task_id: int) -> TaskInfo:
+        return await self.engine.pause(task_id)
+
+    async def resume(self, task_id: int) -> TaskInfo:
+        return await self.engine.resume(task_id)
+
+    async def cancel(self, task_id: int) -> TaskInfo:
+        return await self.engine.cancel(task_id)
+
+    async def confirm(self, task_id: int, typed: str) -> TaskInfo:
+        return await self.engine.confirm(task_id, typed)
+
+    async def replicate(self, level: str, params: dict[str, Any], *, restart: bool = False) -> tuple[int, bool]:
+        """Start a files/blocks replication round, or resume the unfinished one for the same SRC and DST."""
+        _replicate.parse_endpoint(params["src"], self.site, what="source")
+        _replicate.parse_endpoint(params["dst"], self.site, what="target")
+        return await self.engine.submit_or_resume(f"replicate.{level}", params, restart=restart)
+
+    async def is_orphan(self, task_id: int) -> bool:
+        """True when no live Ferry process runs the task (so this one may take it over)."""
+        return not await self.engine._owner_alive(await self.engine.get(task_id))
+
+    async def start_probe(self, host: str, *, pings: int = 20, size_mib: int = 64) -> int:
+        return await self.submit("probe", {"host": host, "pings": pings, "size_mib": size_mib})
+
+    # ------------------------------------------------------------------ hosts
+
+    async def host_facts(self, host: str, timeout: float = 10.0) -> HostFacts:
+        spec = self.site.host(host)
+        return await gather_facts(self.transports.get(host), spec, self.site.datastores_of(host), timeout)
+
+    # ------------------------------------------------------------------ settings and audit
+
+    async def get_setting(self, key: str, default: Any = None) -> Any:
+        return await self.store.call(self.store.get_setting, key, default)
+
+    async def set_setting(self, key: str, value: Any) -> None:
+        await self.store.call(self.store.set_setting, key, value)
+        await self.audit("setting.set", key, {"value": value}, "ok")
+
+    async def audit(self, action: str, target: str, params: dict | None, result: str) -> None:
+        await self.store.call(self.store.audit, action, target, params, result)

@@ -1,0 +1,52 @@
+"""Run the `ferry` command line as a user would: in this process, or as a child process."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def json(self):
+        return json.loads(self.out)
+
+
+def ferry(workspace: Path, *args: str) -> Result:
+    """`ferry --workspace W ARGS...` in this process (the command runs its own event loop)."""
+    from console.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["--workspace", str(workspace), *args])
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+def ferry_process(workspace: Path, *args: str, env: dict | None = None, prefix: list[str] | None = None,
+                  **kw) -> subprocess.Popen:
+    """`ferry --workspace W ARGS...` as a child process (to kill it, or to run it with fewer privileges)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.Popen([*(prefix or []), sys.executable, "-m", "console.cli", "--workspace", str(workspace),
+                             *args], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+
+
+def isolate_ssh(monkeypatch, home: Path) -> None:
+    """Make ~ a throw-away folder and forget any ssh-agent, so tests never read the machine's keys."""
+    home.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)

@@ -1,0 +1,175 @@
+"""The headless command line as a script would use it: hosts, trust, probe, tasks, task control, audit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from engine.config import dump_config
+from harness.cli import ferry, ferry_process, isolate_ssh
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    isolate_ssh(monkeypatch, tmp_path / "home")
+
+
+def test_hosts_on_the_lab_reports_facts_of_this_machine(tmp_path):
+    r = ferry(tmp_path / "ws", "hosts", "--json")
+    assert r.code == 0, r.err
+    facts = {f["host"]: f for f in r.json}
+    assert set(facts) == {"lab1", "lab2", "lab3"}
+    for f in facts.values():
+        assert f["reachable"] is True
+        assert f["kernel"] == os.uname().release
+        assert f["cpus"] == os.cpu_count()
+        assert f["mem_total"] > 0
+    table = ferry(tmp_path / "ws", "hosts")
+    assert "lab1" in table.out and os.uname().release in table.out
+
+
+def test_unreachable_host_is_reported_without_delaying_the_others(sshd_factory, tmp_path, home):
+    dead_port = 1  # nothing listens on port 1 of loopback
+    site = sshd_factory.site(tmp_path, 1, extra_hosts={"gone": {"cluster": "lab", "transport": "ssh",
+                                                                 "address": "127.0.0.1", "port": dead_port}})
+    t0 = time.monotonic()
+    r = ferry(site.workspace.root, "hosts", "--json", "--timeout", "3")
+    assert time.monotonic() - t0 < 8
+    assert r.code == 0
+    facts = {f["host"]: f for f in r.json}
+    assert facts["ssh1"]["reachable"] is True
+    assert facts["gone"]["reachable"] is False and "gone" in facts["gone"]["error"]
+    plain = ferry(site.workspace.root, "hosts", "--timeout", "3")
+    assert plain.code == 1
+    assert "gone:" in plain.err and "hint:" in plain.err
+
+
+def test_unknown_host_key_refused_then_trusted_with_fingerprint(sshd_factory, tmp_path, home):
+    site = sshd_factory.site(tmp_path, 1, trusted=False)
+    server = site.servers["ssh1"]
+    ws = site.workspace.root
+    r = ferry(ws, "hosts", "--json")
+    f = r.json[0]
+    assert f["reachable"] is False
+    assert server.fingerprint in f["error"]
+    assert "ferry hosts trust ssh1" in f["hint"]
+
+    wrong = ferry(ws, "hosts", "trust", "ssh1", "--fingerprint", "SHA256:not-the-one")
+    assert wrong.code == 1 and "not SHA256:not-the-one" in wrong.err
+    ok = ferry(ws, "hosts", "trust", "ssh1", "--fingerprint", server.fingerprint)
+    assert ok.code == 0, ok.err
+    assert server.fingerprint in ok.out and "trusted" in ok.out
+    assert ferry(ws, "hosts", "--json").json[0]["reachable"] is True
+    audit = ferry(ws, "audit", "--json").json
+    assert audit[0]["action"] == "host.trust" and audit[0]["params"]["fingerprint"] == server.fingerprint
+
+    server.regenerate_host_key()
+    changed = ferry(ws, "hosts", "--json").json[0]
+    assert changed["reachable"] is False and "CHANGED" in changed["error"].upper()
+
+
+@pytest.mark.parametrize("host", ["lab1", "ssh1"])
+def test_probe_measures_latency_and_throughput(sshd_factory, tmp_path, home, host):
+    ws = sshd_factory.site(tmp_path, 1).workspace.root if host == "ssh1" else tmp_path / "ws"
+    r = ferry(ws, "probe", host, "--pings", "10", "--size", "16", "--json")
+    assert r.code == 0, r.err
+    out = r.json
+    assert out["state"] == "succeeded" and out["host"] == host
+    lat = out["latency"]
+    assert lat["samples"] == 10 and 0 < lat["min_ms"] <= lat["avg_ms"] <= lat["max_ms"]
+    assert lat["jitter_ms"] >= 0
+    assert out["upload_Bps"] > 1e6 and out["download_Bps"] > 1e6
+    text = ferry(ws, "probe", host, "--pings", "3", "--size", "1")
+    assert "latency min" in text.out and "throughput up" in text.out
+
+
+def test_task_control_from_another_process(tmp_path):
+    """A long task runs in one `ferry` process; another pauses, resumes and cancels it."""
+    ws = tmp_path / "ws"
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    with open(src, "wb") as f:
+        f.write(os.urandom(64 << 20))
+    proc = ferry_process(ws, "replicate", "blocks", f"local:{src}", f"lab1:{dst}", "--bwlimit", "4M",
+                         "--chunk-size", "1M")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            tasks = ferry(ws, "tasks", "--json").json if (ws / "state.db").exists() else []
+            if tasks and tasks[0]["state"] == "running":
+                break
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        tid = str(tasks[0]["id"])
+        listing = ferry(ws, "tasks")
+        assert "replicate.blocks" in listing.out and "running" in listing.out
+        r = ferry(ws, "task", "pause", tid)
+        assert r.code == 0 and "request sent" in r.out
+        _wait_state(ws, tid, "paused")
+        ferry(ws, "task", "resume", tid)
+        _wait_state(ws, tid, "running")
+        ferry(ws, "task", "cancel", tid)
+        _wait_state(ws, tid, "cancelled")
+        show = ferry(ws, "task", "show", tid)
+        assert "cancelled" in show.out
+        actions = [a["action"] for a in ferry(ws, "audit", "--json").json]
+        assert {"task.pause", "task.resume", "task.cancel"} <= set(actions)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+
+
+def _wait_state(ws, tid: str, state: str) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        r = ferry(ws, "task", "show", tid, "--json")
+        assert r.code == 0, r.err
+        if r.json["state"] == state:
+            return
+        assert time.monotonic() < deadline, f"task {tid} never became {state}"
+        time.sleep(0.1)
+
+
+def test_resume_of_an_interrupted_task_runs_it_in_the_foreground(tmp_path):
+    ws = tmp_path / "ws"
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    with open(src, "wb") as f:
+        f.write(os.urandom(32 << 20))
+    proc = ferry_process(ws, "replicate", "blocks", f"local:{src}", f"lab1:{dst}", "--bwlimit", "8M",
+                         "--chunk-size", "1M")
+    deadline = time.monotonic() + 30
+    while not (ws / "state.db").exists() or not ferry(ws, "tasks", "--json").json:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    tid = str(ferry(ws, "tasks", "--json").json[0]["id"])
+    r = ferry(ws, "task", "resume", tid, "--json")
+    assert r.code == 0, r.err
+    assert r.json["state"] == "succeeded" and r.json["resumed"] is True and r.json["verified"] is True
+    assert open(src, "rb").read() == open(dst, "rb").read()
+
+
+def test_bad_endpoint_and_unknown_host_are_one_line_errors(tmp_path):
+    ws = tmp_path / "ws"
+    for args, text in ((["replicate", "files", "nocolon", "local:/tmp"], "is not HOST:PATH"),
+                       (["replicate", "files", "local:relative", "local:/tmp/x"], "must be absolute"),
+                       (["replicate", "blocks", "mars:/x", "local:/tmp/y"], "unknown host 'mars'"),
+                       (["probe", "mars"], "unknown host 'mars'"),
+                       (["task", "pause", "999"], "no task 999")):
+        r = ferry(ws, *args)
+        assert r.code == 1, (args, r.out, r.err)
+        lines = r.err.strip().splitlines()
+        assert len(lines) == 1 and text in lines[0] and "hint:" in lines[0], (args, r.err)
+
+
+def test_config_for_ssh_host_shows_in_hosts(tmp_path, sshd_factory, home):
+    site = sshd_factory.site(tmp_path, 2)
+    r = ferry(site.workspace.root, "hosts", "--json")
+    assert [f["reachable"] for f in r.json] == [True, True]
+    doc = dump_config({"site": {"name": "x"}})
+    assert "[site]" in doc
