@@ -1,0 +1,435 @@
+"""The Ferry console: a Textual app that reaches the engine only through EngineClient.
+
+Views (inventory, tasks) sit in a content switcher under a one-line header; `:` jumps to a
+view by name, `?` shows the keys of the view, `esc` goes back, ctrl+p holds every action.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+from functools import partial
+from typing import Any, Callable
+
+from textual import on
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.css.query import NoMatches
+from textual.screen import Screen
+from textual.suggester import SuggestFromList
+from textual.theme import Theme
+from textual.widgets import ContentSwitcher, Footer, Input
+from textual.worker import Worker, WorkerState
+
+from engine.errors import FerryError
+from engine.taskmodel import TaskState
+
+from .commands import FerryCommands
+from .feed import TaskFeed
+from .header import FerryHeader
+from .inventory import InventoryView
+from .messages import CrumbsChanged, TasksChanged
+from .modals import ConfirmScreen, HelpScreen, esc
+from .styles import CSS as FERRY_CSS
+from .tasksview import ALLOWED, TasksView
+from .theming import DEFAULT_THEME, PRODUCTION_THEME, load_themes, theme_dirs
+
+log = logging.getLogger("ferry.console")
+
+VIEWS = ("inventory", "tasks")
+VIEW_NAMES = {
+    "inventory": "inventory", "inv": "inventory", "in": "inventory", "i": "inventory",
+    "hosts": "inventory", "host": "inventory", "ho": "inventory", "clusters": "inventory",
+    "tasks": "tasks", "task": "tasks", "tk": "tasks", "t": "tasks", "jobs": "tasks",
+}
+LINE_COMMANDS = ("inventory", "inv", "hosts", "tasks", "theme ", "help", "refresh", "quit")
+DEFAULT_PROBE = {"pings": 20, "size_mib": 64}
+
+
+class CommandLine(Input):
+    """The `:` line at the bottom (k9s style). Enter runs it, tab completes, esc closes it."""
+
+    BINDINGS = [Binding("tab", "cursor_right", "Complete", show=False, id="ferry.command.complete")]
+
+    def on_blur(self) -> None:
+        self.remove_class("-open")
+
+
+class MainScreen(Screen):
+    """The screen under every modal; views skip drawing while covered and catch up when it returns."""
+
+    def on_screen_resume(self) -> None:
+        app = self.app
+        if isinstance(app, FerryApp):
+            try:
+                app.view_widget().catch_up()
+            except NoMatches:   # not composed yet
+                pass
+
+
+class FerryApp(App[int]):
+    CSS = FERRY_CSS
+    TITLE = "Ferry"
+    COMMANDS = {FerryCommands}
+    COMMAND_PALETTE_DISPLAY = "^p"
+    NOTIFICATION_TIMEOUT = 6
+    BINDINGS = [
+        Binding("colon", "command_line", "Cmd", id="ferry.command", tooltip="Jump to a view by name (:tasks, :inv)"),
+        Binding("question_mark", "help", "Keys", id="ferry.help", tooltip="The keys of this view"),
+        Binding("escape", "back", "Back", show=False, id="ferry.back", tooltip="Close the command line / previous view"),
+        Binding("1", "view('inventory')", "Inventory", show=False, id="ferry.view.inventory",
+                tooltip="Inventory: site, clusters, hosts and their facts"),
+        Binding("2", "view('tasks')", "Tasks", show=False, id="ferry.view.tasks",
+                tooltip="Tasks: live progress, pause, resume, cancel"),
+        Binding("ctrl+r", "refresh", "Refresh", show=False, id="ferry.refresh",
+                tooltip="Ask every host again and re-read the task list"),
+        Binding("q", "quit", "Quit", id="ferry.quit", tooltip="Quit the console (asks first if tasks run here)"),
+        Binding("ctrl+q", "quit", "Quit", show=False, priority=True, id="ferry.quit.ctrl"),
+    ]
+
+    def __init__(self, client: Any, *, clock: Callable[[], float] = time.time, theme: str | None = None,
+                 own_client: bool = False, probe: dict | None = None, poll: dict | None = None) -> None:
+        super().__init__()
+        self.client = client
+        self.site = client.site
+        self.clock = clock
+        self.own_client = own_client
+        self.probe_params = {**DEFAULT_PROBE, **(probe or {})}
+        self.poll = poll
+        self.feed = TaskFeed(client, self._feed_changed)
+        self.current_view = "inventory"
+        self.history: list[str] = []
+        self.crumbs: dict[str, tuple[str, ...]] = {}
+        self.start_error: FerryError | None = None
+        self._started_client = False
+
+        root = getattr(getattr(client, "workspace", None), "root", None)
+        self.theme_files, self.theme_problems = load_themes(theme_dirs(root))
+        for tf in self.theme_files.values():
+            self.register_theme(tf.theme)
+        self.explicit_theme = theme or self.site.theme
+        self.default_theme = PRODUCTION_THEME if self.site.production else DEFAULT_THEME
+        first = self.explicit_theme if self.explicit_theme in self.theme_files else self.default_theme
+        if first in self.theme_files:
+            self.theme = first
+
+    # ------------------------------------------------------------------ layout and lifecycle
+
+    def get_default_screen(self) -> Screen:
+        return MainScreen(id="main")
+
+    def compose(self) -> ComposeResult:
+        yield FerryHeader(self.site.name, self.site.production, clock=self.clock,
+                          engine_state=lambda: self.client.engine_state)
+        with ContentSwitcher(initial="inventory", id="views"):
+            yield InventoryView(self.client, clock=self.clock, poll=self.poll)
+            yield TasksView(self.client, self.feed)
+        yield CommandLine(placeholder="inventory · tasks · theme NAME · help · quit   (esc closes)",
+                          suggester=SuggestFromList(LINE_COMMANDS, case_sensitive=False), id="cmdline")
+        yield Footer(compact=True)
+
+    async def on_mount(self) -> None:
+        if self.own_client and self.client.engine_state != "running":
+            try:
+                await self.client.start()
+                self._started_client = True
+            except FerryError as e:
+                self.start_error = e
+                self.exit(1, return_code=1)
+                return
+        self.query_one(FerryHeader).tick()
+        self.theme_changed_signal.subscribe(self, self._theme_changed)
+        for problem in self.theme_problems:
+            self.notify(esc(problem), title="Theme file skipped", severity="warning")
+        if self.explicit_theme and self.explicit_theme not in self.theme_files:
+            self._unknown_theme(self.explicit_theme)
+        self.run_worker(partial(self.feed.run_events), name="task events", group="feed-events", exit_on_error=False)
+        self.run_worker(partial(self.feed.run_poll), name="task poll", group="feed-poll", exit_on_error=False)
+        self.run_worker(partial(self._load_settings), name="settings", group="settings", exit_on_error=False)
+        self.switch_view("inventory", remember=False)
+
+    async def _load_settings(self) -> None:
+        keymap = await self.client.get_setting("keymap", None)
+        if isinstance(keymap, dict) and keymap:
+            self.set_keymap({str(k): str(v) for k, v in keymap.items()})
+        if not self.explicit_theme:
+            saved = await self.client.get_setting("theme", None)
+            if saved:
+                if saved in self.theme_files:
+                    self.theme = saved
+                else:
+                    self._unknown_theme(saved)
+
+    async def on_unmount(self) -> None:
+        if self._started_client:
+            self._started_client = False
+            await self.client.close()
+
+    # ------------------------------------------------------------------ views and navigation
+
+    @property
+    def inventory(self) -> InventoryView:
+        return self.query_one(InventoryView)
+
+    @property
+    def tasks_view(self) -> TasksView:
+        return self.query_one(TasksView)
+
+    def view_widget(self, name: str | None = None) -> InventoryView | TasksView:
+        return self.inventory if (name or self.current_view) == "inventory" else self.tasks_view
+
+    def action_view(self, name: str) -> None:
+        self.switch_view(name)
+
+    def switch_view(self, name: str, *, remember: bool = True) -> None:
+        if name not in VIEWS:
+            raise ValueError(name)
+        if remember and name != self.current_view:
+            self.history = (self.history + [self.current_view])[-20:]
+        self.current_view = name
+        self.query_one("#views", ContentSwitcher).current = name
+        view = self.view_widget(name)
+        view.activate()
+        self._show_crumbs()
+        self.refresh_bindings()
+
+    def action_back(self) -> None:
+        line = self.query_one(CommandLine)
+        if line.has_class("-open"):
+            self._close_command_line()
+        elif self.history:
+            self.switch_view(self.history.pop(), remember=False)
+
+    def on_crumbs_changed(self, message: CrumbsChanged) -> None:
+        self.crumbs[message.view] = message.crumbs
+        if message.view == self.current_view:
+            self._show_crumbs()
+
+    def _show_crumbs(self) -> None:
+        self.query_one(FerryHeader).crumbs = self.crumbs.get(self.current_view, (self.current_view,))
+
+    def _feed_changed(self) -> None:
+        self.tasks_view.post_message(TasksChanged())
+        self.query_one(FerryHeader).engine_state = self.feed.engine_state
+
+    # ------------------------------------------------------------------ the command line
+
+    def action_command_line(self) -> None:
+        line = self.query_one(CommandLine)
+        line.value = ""
+        line.add_class("-open")
+        line.focus()
+
+    def _close_command_line(self) -> None:
+        line = self.query_one(CommandLine)
+        line.remove_class("-open")
+        line.value = ""
+        self.view_widget().activate()
+
+    @on(Input.Submitted, "#cmdline")
+    def _command_submitted(self, event: Input.Submitted) -> None:
+        event.stop()
+        text = event.value.strip().lstrip(":").strip()
+        self._close_command_line()
+        if text:
+            self.run_command(text)
+
+    def run_command(self, text: str) -> None:
+        """One `:` command: a view name (or alias), `theme NAME`, `help`, `refresh`, `quit`."""
+        word, _, rest = text.partition(" ")
+        word = word.lower()
+        if word in VIEW_NAMES:
+            self.switch_view(VIEW_NAMES[word])
+        elif word in ("theme", "themes", "skin"):
+            if rest.strip():
+                self.choose_theme(rest.strip())
+            else:
+                self.notify("themes: " + ", ".join(self.theme_names()) + f" (now: {self.theme})", title="Themes")
+        elif word in ("help", "h", "keys"):
+            self.action_help()
+        elif word in ("refresh", "r"):
+            self.action_refresh()
+        elif word in ("q", "quit", "q!", "exit"):
+            self.run_worker(partial(self.action_quit), group="quit")
+        else:
+            self.notify(f"unknown command {esc(text)!r}", title="Command", severity="error")
+            self.notify("views: :inventory (:inv, :hosts), :tasks; also :theme NAME, :help, :refresh, :quit",
+                        title="Hint", severity="information")
+
+    # ------------------------------------------------------------------ help, refresh, quit
+
+    def action_help(self) -> None:
+        if isinstance(self.screen, HelpScreen):
+            return
+        view = self.view_widget()
+        keymap = getattr(self, "_keymap", {}) or {}
+
+        def rows(bindings) -> list[tuple[str, str]]:
+            """One row per action: its keys (after any remapping) and what it does."""
+            keys: dict[str, list[str]] = {}
+            desc: dict[str, str] = {}
+            for b in bindings:
+                key = keymap.get(b.id, b.key) if b.id else b.key
+                keys.setdefault(b.action, []).extend(
+                    self.get_key_display(Binding(k.strip(), "")) for k in key.split(","))
+                desc.setdefault(b.action, b.tooltip or b.description)
+            return [(", ".join(k), desc[a]) for a, k in keys.items()]
+        own = rows(view.BINDINGS)
+        if view is self.inventory:
+            own = [("↑ ↓", "Move in the tree"), ("enter", "Open or close a cluster")] + own
+        else:
+            own = [("↑ ↓", "Move between tasks")] + own
+        sections = [
+            (f"{view.TITLE} view", own),
+            ("Everywhere", rows(self.BINDINGS) + [(self.get_key_display(Binding("ctrl+p", "")),
+                                                   "Command palette: every action, by name")]),
+            ("Command line (:)", [(":inventory :inv :hosts", "Inventory"), (":tasks :tk", "Tasks"),
+                                  (":theme NAME", "Switch theme: " + ", ".join(self.theme_names())),
+                                  (":help :refresh :quit", "")]),
+        ]
+        self.push_screen(HelpScreen(f"Keys · {view.TITLE}", sections))
+
+    def action_refresh(self) -> None:
+        self.inventory.refresh_all()
+        self.run_worker(partial(self.feed.refresh), group="feed-refresh", exclusive=True, exit_on_error=False)
+        self.notify("asking every host again and re-reading tasks", title="Refresh", timeout=2)
+
+    def tasks_running_here(self) -> list:
+        me = f"{socket.gethostname()}:{os.getpid()}:"
+        return [t for t in self.feed.tasks.values()
+                if t.state in (TaskState.RUNNING, TaskState.WAITING) and (t.owner or "").startswith(me)]
+
+    async def action_quit(self) -> None:
+        if isinstance(self.screen, ConfirmScreen):
+            return      # already asking something
+        running = self.tasks_running_here()
+        if running:
+            n = len(running)
+            body = (f"{n} task{'s' if n > 1 else ''} run{'' if n > 1 else 's'} in this console "
+                    f"({', '.join('#' + str(t.id) for t in running[:5])}{'…' if n > 5 else ''}).\n"
+                    "Quitting stops them at their last checkpoint; they continue the next time Ferry starts.")
+
+            def done(ok: bool | None) -> None:
+                if ok:
+                    self.exit(0)
+            self.push_screen(ConfirmScreen("Quit Ferry?", body, confirm="Quit", cancel="Stay", danger=True), done)
+            return
+        self.exit(0)
+
+    # ------------------------------------------------------------------ themes
+
+    def theme_names(self) -> list[str]:
+        return sorted(self.theme_files)
+
+    def choose_theme(self, name: str, *, persist: bool = True) -> None:
+        if name not in self.theme_files:
+            self._unknown_theme(name)
+            return
+        self.theme = name
+        if persist:
+            self.run_worker(partial(self.client.set_setting, "theme", name), group="settings-save", exit_on_error=False)
+        self.notify(f"theme {name}" + (" (remembered)" if persist else ""), title="Theme", timeout=2)
+
+    def _unknown_theme(self, name: str) -> None:
+        root = getattr(getattr(self.client, "workspace", None), "root", None)
+        where = f"{root}/themes/{name}.toml" if root else f"themes/{name}.toml"
+        self.notify(f"no theme named {esc(name)!r}; using {self.theme}. Themes: {', '.join(self.theme_names())}. "
+                    f"To add one, copy themes/dark.toml to {esc(where)}", title="Theme", severity="warning")
+
+    def _theme_changed(self, theme: Theme) -> None:
+        try:
+            self.inventory.relabel()
+            self.tasks_view.restyle()
+        except Exception:   # the views may be gone while the app closes
+            pass
+
+    # ------------------------------------------------------------------ operator actions
+
+    def start_probe(self, host: str) -> None:
+        self.run_worker(partial(self._probe, host), name=f"probe {host}", group="actions", exit_on_error=False)
+
+    async def _probe(self, host: str) -> None:
+        tid = await self.client.start_probe(host, **self.probe_params)
+        self.notify(f"probe of {esc(host)} started as task {tid}", title="Probe", timeout=3)
+        await self.feed.refresh()
+        self.switch_view("tasks")
+        self.tasks_view.select_task(tid)
+
+    def control_task(self, action: str, task_id: int | None) -> None:
+        """Pause, resume or cancel a task, after a confirmation whose default is to do nothing."""
+        info = self.feed.tasks.get(task_id) if task_id is not None else None
+        if info is None:
+            self.notify("select a task first", title=action.capitalize(), severity="warning")
+            return
+        if info.state not in ALLOWED[action]:
+            self.notify(f"task {info.id} is {info.state}; it cannot be {action}d", title=action.capitalize(),
+                        severity="warning")
+            return
+        verb, button, effect = {
+            "pause": ("Pause", "Pause", "It stops at its last checkpoint and can be resumed later."),
+            "resume": ("Resume", "Resume", "It continues from its last checkpoint."),
+            "cancel": ("Cancel", "Cancel task", "It stops for good; work done so far is not undone."),
+        }[action]
+        title = f"{verb} task {info.id}?"
+        body = f"#{info.id} {info.title}  ({info.state.symbol} {info.state})\n{effect}"
+
+        def done(ok: bool | None) -> None:
+            if ok:
+                self.run_worker(partial(self._control, action, info.id), name=f"{action} {info.id}", group="actions",
+                                exit_on_error=False)
+        self.push_screen(ConfirmScreen(title, body, confirm=button, cancel="Back", danger=action == "cancel"), done)
+
+    async def _control(self, action: str, task_id: int) -> None:
+        info = await getattr(self.client, action)(task_id)
+        reached = {"pause": {TaskState.PAUSED}, "resume": {TaskState.QUEUED, TaskState.RUNNING},
+                   "cancel": {TaskState.CANCELLED}}[action]
+        if info.state in reached:
+            text = f"task {task_id}: {info.state.symbol} {info.state}"
+        else:
+            # Running elsewhere (another Ferry process) or still stopping: the owner applies it shortly.
+            text = f"task {task_id}: {action} requested (now {info.state.symbol} {info.state})"
+        self.notify(text, title=action.capitalize(), timeout=3)
+        await self.feed.refresh()
+
+    # ------------------------------------------------------------------ errors from workers
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state != WorkerState.ERROR:
+            return
+        err = event.worker.error
+        if isinstance(err, FerryError):
+            text = esc(err.message) + (f"\nhint: {esc(err.hint)}" if err.hint else "")
+            self.notify(text, title="Error", severity="error", timeout=10)
+        else:
+            log.error("console worker %s failed: %r", event.worker.name, err, exc_info=err)
+            self.notify(f"internal error in {esc(event.worker.name)}: {esc(type(err).__name__)}: {esc(str(err))}\n"
+                        "hint: see logs/ferry.log in the workspace", title="Error", severity="error", timeout=10)
+
+
+def run_console(ws: Any, site: Any, theme: str | None = None) -> int:
+    """Open the console on `site`; returns an exit code. Never ends with a traceback for expected failures."""
+    from engine.client import EngineClient
+    try:
+        from engine.logs import setup_logging
+        setup_logging(ws)
+    except Exception:   # logging is a help, not a precondition
+        pass
+    try:
+        client = EngineClient(ws, site, adopt=True)
+    except FerryError as e:
+        print(f"ferry: {e}", file=sys.stderr)
+        return 1
+    app = FerryApp(client, theme=theme, own_client=True)
+    try:
+        code = app.run()
+    except KeyboardInterrupt:
+        code = 130
+    if app.start_error is not None:
+        print(f"ferry: {app.start_error}", file=sys.stderr)
+        return 1
+    if app.return_code not in (None, 0):
+        return app.return_code
+    return code if isinstance(code, int) else 0

@@ -1,0 +1,146 @@
+"""The console's picture of the tasks: engine events plus a slow poll of state.db.
+
+Events give live progress of the tasks this process runs (already coalesced per task by the
+engine); the poll picks up tasks changed by other Ferry processes. Changes are collected
+as a set of dirty task ids and announced at most `max_hz` times a second. No textual here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import replace
+from typing import Any, Callable
+
+from engine.events import Event
+from engine.taskmodel import TaskInfo, TaskState
+
+MAX_HZ = 10.0
+POLL_S = 2.0
+LIMIT = 500
+EVENT_PROGRESS_WINS_S = 5.0   # progress from events beats the (throttled) progress stored in state.db
+
+
+class TaskFeed:
+    def __init__(self, client: Any, on_change: Callable[[], None], *, max_hz: float = MAX_HZ,
+                 poll_s: float = POLL_S, limit: int = LIMIT) -> None:
+        self.client = client
+        self.on_change = on_change
+        self.min_gap = 1.0 / max_hz
+        self.poll_s = poll_s
+        self.limit = limit
+        self.tasks: dict[int, TaskInfo] = {}
+        self.engine_state: str = client.engine_state
+        self.log_events: dict[int, int] = {}         # task id -> log events seen (to know when to re-read the log)
+        self.recent_logs: deque[tuple[int, str, str]] = deque(maxlen=50)
+        self._dirty: set[int] = set()
+        self._removed: set[int] = set()
+        self._progress_ts: dict[int, float] = {}
+        self._last_flush = 0.0
+        self._announced = False
+        self.loaded = asyncio.Event()
+        self.error: str | None = None           # the last failed poll of state.db
+        self.stale_since: float | None = None
+
+    # ------------------------------------------------------------------ what the view takes
+
+    def take_changes(self) -> tuple[set[int], set[int]]:
+        """Task ids changed and removed since the last call."""
+        dirty, removed = self._dirty, self._removed
+        self._dirty, self._removed = set(), set()
+        self._announced = False
+        return dirty - removed - {0}, removed
+
+    # ------------------------------------------------------------------ loops (run in workers)
+
+    async def run_events(self) -> None:
+        sub = self.client.subscribe()
+        try:
+            while True:
+                events = await sub.wait(timeout=1.0)
+                if not events:
+                    continue
+                self.apply_events(events)
+                gap = self.min_gap - (time.monotonic() - self._last_flush)
+                if gap > 0:
+                    # Batch: whatever arrives in the rest of this frame goes out with it.
+                    await asyncio.sleep(gap)
+                    self.apply_events(sub.drain())
+                self._flush()
+        finally:
+            sub.close()
+
+    async def run_poll(self) -> None:
+        delay = self.poll_s
+        while True:
+            try:
+                await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:   # keep polling: show the task list as stale instead of stopping
+                self.error = str(e)
+                self.stale_since = self.stale_since or time.time()
+                delay = min(30.0, delay * 2)
+                self._dirty.add(0)
+                self._flush()
+            else:
+                if self.error:
+                    self._dirty.add(0)
+                self.error, self.stale_since, delay = None, None, self.poll_s
+            await asyncio.sleep(delay)
+
+    async def refresh(self) -> None:
+        """Read the task list from state.db and merge it (non-overlapping: the poll loop awaits it)."""
+        infos = await self.client.list_tasks(limit=self.limit)
+        self.merge(infos)
+        self.loaded.set()
+        self._flush()
+
+    # ------------------------------------------------------------------ merging
+
+    def apply_events(self, events: list[Event]) -> None:
+        for ev in events:
+            if ev.type in ("created", "state") and isinstance(ev.data, TaskInfo):
+                self._put(ev.data)
+            elif ev.type == "progress" and ev.task_id in self.tasks:
+                self.tasks[ev.task_id] = replace(self.tasks[ev.task_id], progress=ev.data)
+                self._progress_ts[ev.task_id] = time.monotonic()
+                self._dirty.add(ev.task_id)
+            elif ev.type == "log" and ev.task_id is not None:
+                level, text = ev.data
+                self.log_events[ev.task_id] = self.log_events.get(ev.task_id, 0) + 1
+                self.recent_logs.append((ev.task_id, level, text))
+                self._dirty.add(ev.task_id)
+            elif ev.type == "engine":
+                self.engine_state = str(ev.data)
+
+    def _put(self, info: TaskInfo) -> None:
+        old = self.tasks.get(info.id)
+        if old is not None and info.updated < old.updated:
+            return       # an older picture of the task than the one we have
+        if (old is not None and info.state == TaskState.RUNNING and old.state == TaskState.RUNNING
+                and time.monotonic() - self._progress_ts.get(info.id, -1e9) < EVENT_PROGRESS_WINS_S):
+            info = replace(info, progress=old.progress)
+        if info != old:
+            self.tasks[info.id] = info
+            self._dirty.add(info.id)
+        self._removed.discard(info.id)
+
+    def merge(self, infos: list[TaskInfo]) -> None:
+        seen = set()
+        for info in infos:
+            seen.add(info.id)
+            self._put(info)
+        for tid in list(self.tasks):
+            if tid not in seen:
+                del self.tasks[tid]
+                self._progress_ts.pop(tid, None)
+                self._removed.add(tid)
+        self.engine_state = self.client.engine_state
+
+    def _flush(self) -> None:
+        if (self._dirty or self._removed) and not self._announced:
+            self._announced = True
+            self._last_flush = time.monotonic()
+            self.on_change()

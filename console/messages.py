@@ -1,0 +1,34 @@
+"""Messages posted by workers and views. Workers only post messages; views and the app handle them."""
+
+from __future__ import annotations
+
+from textual.message import Message
+
+from .poller import HostStatus
+
+
+class HostUpdated(Message):
+    """New facts (or a failure) for one host. A newer one for the same host replaces a pending one."""
+
+    def __init__(self, status: HostStatus) -> None:
+        super().__init__()
+        self.status = status
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, HostUpdated) and message.status.host == self.status.host
+
+
+class TasksChanged(Message):
+    """The task feed has changes; the handler takes them from the feed. Pending ones collapse into one."""
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, TasksChanged)
+
+
+class CrumbsChanged(Message):
+    """A view's position changed (the selected node or task), for the breadcrumb."""
+
+    def __init__(self, view: str, crumbs: tuple[str, ...]) -> None:
+        super().__init__()
+        self.view = view
+        self.crumbs = crumbs

@@ -1,0 +1,81 @@
+"""Modal screens: confirmation (default focus on the safe choice) and the keys of a view."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
+from textual.screen import ModalScreen
+from textual.widgets import Button, Static
+
+
+def esc(text: str) -> str:
+    """Make text safe inside content markup."""
+    return str(text).replace("[", "\\[")
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    """Asks before an action; `enter` on the default button never does the dangerous thing."""
+
+    AUTO_FOCUS = "#cancel"
+    BINDINGS = [
+        Binding("escape", "back", "Back", id="ferry.modal.back"),
+        Binding("left", "app.focus_previous", "Previous", show=False, id="ferry.modal.left"),
+        Binding("right", "app.focus_next", "Next", show=False, id="ferry.modal.right"),
+    ]
+
+    def __init__(self, title: str, body: str, *, confirm: str, cancel: str = "Back", danger: bool = True) -> None:
+        super().__init__()
+        self.title_text = title
+        self.body_text = body
+        self.confirm_label = confirm
+        self.cancel_label = cancel
+        self.danger = danger
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog", classes="danger" if self.danger else ""):
+            yield Static(Content(self.title_text), id="dialog-title")
+            yield Static(Content(self.body_text), id="dialog-body")
+            with Horizontal(id="dialog-buttons"):
+                yield Button(self.cancel_label, id="cancel")
+                yield Button(self.confirm_label, id="confirm", variant="error" if self.danger else "primary")
+            yield Static("enter: the focused button · tab/←→: move · esc: back", id="dialog-help")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        self.dismiss(event.button.id == "confirm")
+
+    def action_back(self) -> None:
+        self.dismiss(False)
+
+
+class HelpScreen(ModalScreen[None]):
+    """The keys of the view that was shown, then the keys that work everywhere."""
+
+    BINDINGS = [
+        Binding("escape", "close", "Back", id="ferry.help.back"),
+        Binding("question_mark", "close", "Close", show=False, id="ferry.help.close"),
+        Binding("q", "close", "Close", show=False, id="ferry.help.quit"),
+    ]
+
+    def __init__(self, title: str, sections: list[tuple[str, list[tuple[str, str]]]]) -> None:
+        super().__init__()
+        self.title_text = title
+        self.sections = sections
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="help"):
+            yield Static(Content(self.title_text), id="help-title")
+            with VerticalScroll(id="help-body"):
+                for heading, rows in self.sections:
+                    if not rows:
+                        continue
+                    width = max(len(k) for k, _ in rows)
+                    lines = [f"[b]{esc(heading)}[/b]"]
+                    lines += [f"  [$accent]{esc(k.ljust(width))}[/]  {esc(d)}" for k, d in rows]
+                    yield Static(Content.from_markup("\n".join(lines)), classes="help-section")
+            yield Static("esc or ? to close", id="help-foot")
+
+    def action_close(self) -> None:
+        self.dismiss(None)

@@ -1,0 +1,160 @@
+"""The console's styles. Theme variables only: colours live in themes/*.toml.
+
+Kept in Python rather than a .tcss file so that it always ships with the package.
+"""
+
+CSS = """
+Screen {
+    layout: vertical;
+    border: $frame-style $frame;
+    background: $background;
+}
+
+/* ---------------------------------------------------------------- header */
+
+#header {
+    height: 1;
+    background: $panel;
+}
+#crumbs {
+    width: 1fr;
+    height: 1;
+    padding: 0 1;
+    text-wrap: nowrap;
+    text-overflow: ellipsis;
+}
+#badge {
+    width: auto;
+    height: 1;
+    padding: 0 1;
+    background: $badge;
+    color: $background;
+    text-style: bold;
+}
+#engine, #clock {
+    width: auto;
+    height: 1;
+    padding: 0 1;
+}
+#clock {
+    color: $text-muted;
+}
+
+/* ---------------------------------------------------------------- views */
+
+#views {
+    height: 1fr;
+}
+
+#inventory {
+    height: 1fr;
+}
+#tree {
+    width: 24;
+    height: 1fr;
+    background: $surface;
+    border-right: vkey $panel;
+    scrollbar-size-vertical: 1;
+}
+#tree:focus {
+    border-right: vkey $primary;
+}
+#detail {
+    width: 1fr;
+    height: 1fr;
+    padding: 0 1;
+    scrollbar-size-vertical: 1;
+}
+
+#tasks {
+    height: 1fr;
+}
+#task-table {
+    height: 1fr;
+    scrollbar-size-vertical: 1;
+    background: $background;
+}
+#task-detail {
+    height: auto;
+    max-height: 8;
+    min-height: 3;
+    padding: 0 1;
+    border-top: hkey $panel;
+    background: $surface;
+}
+
+/* ---------------------------------------------------------------- command line */
+
+CommandLine {
+    display: none;
+    height: 1;
+    border: none;
+    padding: 0 1;
+    background: $panel;
+}
+CommandLine.-open {
+    display: block;
+}
+CommandLine:focus {
+    border: none;
+}
+
+/* ---------------------------------------------------------------- modals */
+
+ConfirmScreen, HelpScreen {
+    align: center middle;
+    background: $background 60%;
+}
+#dialog {
+    width: 64;
+    max-width: 95%;
+    height: auto;
+    padding: 1 2;
+    border: thick $primary;
+    background: $surface;
+}
+#dialog.danger {
+    border: thick $error;
+}
+#dialog-title {
+    text-style: bold;
+    margin-bottom: 1;
+}
+#dialog-body {
+    margin-bottom: 1;
+}
+#dialog-buttons {
+    height: auto;
+    align-horizontal: right;
+}
+#dialog-buttons Button {
+    margin-left: 2;
+}
+#dialog-help {
+    margin-top: 1;
+    color: $text-muted;
+}
+
+#help {
+    width: 76;
+    max-width: 98%;
+    height: 90%;
+    border: round $primary;
+    background: $surface;
+    padding: 0 1;
+}
+#help-title {
+    text-style: bold;
+    color: $primary;
+    margin-bottom: 1;
+}
+#help-body {
+    height: 1fr;
+}
+.help-section {
+    margin-bottom: 1;
+}
+#help-foot {
+    color: $text-muted;
+}
+"""
