@@ -58,8 +58,13 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$venv/bin/python" -m pip install -q -e ".[test]"
+  echo "ferry bootstrap: installing Python packages into .venv (log: .venv/pip.log)"
+  if ! { "$venv/bin/python" -m pip install --upgrade pip &&
+         "$venv/bin/python" -m pip install -e ".[test]"; } >"$venv/pip.log" 2>&1; then
+    tail -n 20 "$venv/pip.log" >&2
+    echo "ferry bootstrap: pip install failed (full log: $venv/pip.log)" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
 

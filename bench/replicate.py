@@ -1,0 +1,286 @@
+"""Replication benchmark: Ferry against rsync and dd|ssh, same data, same loopback sshd, one run.
+
+    .venv/bin/python bench/replicate.py [--data DIR] [--keep]
+
+Data (built once, kept in --data, default /var/tmp/ferry-bench): a tree of 20,000 files of mixed
+sizes (>= 2 GB) and a 2 GiB image with random data and large zero regions. Each scenario is timed
+for Ferry's command line and for the reference tool; the ratio and the target are printed.
+
+Ferry makes every copy durable (fsync/syncfs) before it reports success; rsync and dd do not.
+So each reference is timed twice: as the issue states it, and followed by `sync` (until its
+data is on disk too). The ratio is against the plain reference, the stricter of the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from harness.sshd import SshdFactory  # noqa: E402
+
+MiB = 1 << 20
+FILES = 20_000
+IMAGE = 2 << 30
+
+
+def build_tree(root: Path) -> int:
+    """20,000 files, mostly small, some medium, a few large: ~2.4 GB. Deterministic."""
+    marker = root / ".complete"
+    if marker.exists():
+        return int(marker.read_text())
+    if root.exists():
+        shutil.rmtree(root)
+    rng = random.Random(1)
+    block = rng.randbytes(4 * MiB)
+    total = 0
+    for i in range(FILES):
+        r = rng.random()
+        if r < 0.80:
+            size = rng.randint(0, 16 * 1024)
+        elif r < 0.975:
+            size = rng.randint(16 * 1024, 256 * 1024)
+        elif r < 0.9995:
+            size = rng.randint(1 * MiB, 3 * MiB)
+        else:
+            size = rng.randint(30 * MiB, 90 * MiB)
+        d = root / f"d{i % 50:02d}" / f"s{(i // 50) % 20:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        off = (i * 7919) % MiB
+        with open(d / f"f{i:05d}.dat", "wb") as f:
+            left = size
+            while left > 0:
+                n = min(left, len(block) - off)
+                f.write(block[off:off + n])
+                left -= n
+                off = 0
+        total += size
+    marker.write_text(str(total))
+    return total
+
+
+def build_image(path: Path) -> None:
+    """2 GiB: 64 MiB of random data, then 64 MiB of zeros (alternately written and holes), repeated."""
+    if path.exists() and path.stat().st_size == IMAGE:
+        return
+    rng = random.Random(2)
+    with open(path, "wb") as f:
+        f.truncate(IMAGE)
+        for region in range(IMAGE // (64 * MiB)):
+            f.seek(region * 64 * MiB)
+            if region % 2 == 0:
+                for _ in range(16):
+                    f.write(rng.randbytes(4 * MiB))
+            elif region % 4 == 1:
+                f.write(bytes(64 * MiB))
+
+
+def sh(cmd: list[str] | str, **kw) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, shell=isinstance(cmd, str), stdout=subprocess.DEVNULL, **kw)
+    return time.perf_counter() - t0
+
+
+def settle() -> None:
+    """Flush dirty data so one run's writeback does not slow the next."""
+    os.sync()
+    time.sleep(0.5)
+
+
+class Bench:
+    def __init__(self, data: Path, work: Path) -> None:
+        self.data = data
+        self.work = work
+        self.rows: list[tuple[str, str, str, str, str, bool]] = []
+        factory = SshdFactory(work / "sshd")
+        self.factory = factory
+        self.site = factory.site(work, 1, names=["bench"])
+        self.server = self.site.servers["bench"]
+        self.ws = self.site.workspace.root
+        self.home = work / "home"
+        self.home.mkdir()
+        self.env = {**os.environ, "HOME": str(self.home), "PYTHONPATH": str(ROOT)}
+        self.env.pop("SSH_AUTH_SOCK", None)
+        kh = work / "ssh_known_hosts"
+        self.server.trust(kh)
+        self.ssh = (f"ssh -p {self.server.port} -i {self.server.user_key} -o UserKnownHostsFile={kh} "
+                    f"-o StrictHostKeyChecking=yes -o BatchMode=yes")
+        self.remote = f"{self.server.user}@127.0.0.1"
+
+    def ferry(self, *args: str) -> tuple[float, dict]:
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "console.cli", "--workspace", str(self.ws), *args, "--json"],
+                           env=self.env, capture_output=True, text=True)
+        elapsed = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise SystemExit(f"ferry {' '.join(args)} failed: {r.stdout} {r.stderr}")
+        return elapsed, json.loads(r.stdout)
+
+    def row(self, name: str, ferry: str, ref: str, ratio: float | None, target: str, ok: bool) -> None:
+        self.rows.append((name, ferry, ref, f"{ratio:.2f}" if ratio is not None else "-", target, ok))
+        print(f"  {name}: ferry {ferry}, reference {ref}, ratio {ratio if ratio is None else round(ratio, 2)} "
+              f"(target {target}) {'PASS' if ok else 'FAIL'}", flush=True)
+
+    # ------------------------------------------------------------------ file level
+
+    def files(self, tree: Path, total: int) -> None:
+        print(f"file level: {FILES} files, {total / 1e9:.2f} GB", flush=True)
+        dst_r, dst_f = self.work / "rsync-dst", self.work / "ferry-dst"
+        rsync = ["rsync", "-aHAX", "--numeric-ids", "-e", self.ssh, f"{tree}/", f"{self.remote}:{dst_r}/"]
+        settle()
+        t_rsync = sh(rsync)
+        t_rsync_sync = t_rsync + sh(["sync"])
+        settle()
+        t_ferry, out = self.ferry("replicate", "files", f"local:{tree}", f"bench:{dst_f}")
+        assert out["verified"]
+        ratio = t_ferry / t_rsync
+        self.row("full file copy", f"{t_ferry:.2f}s", f"{t_rsync:.2f}s (+sync {t_rsync_sync:.2f}s)", ratio,
+                 "<= 0.80", ratio <= 0.80)
+
+        settle()
+        t_rsync = sh(rsync)
+        t_ferry, out = self.ferry("replicate", "files", f"local:{tree}", f"bench:{dst_f}")
+        assert out["items_changed"] == 0
+        ratio = t_ferry / t_rsync
+        self.row("no-change incremental", f"{t_ferry:.2f}s", f"{t_rsync:.2f}s", ratio, "<= 1.00", ratio <= 1.0)
+
+        rng = random.Random(3)
+        files = sorted(p for p in tree.rglob("*.dat"))
+        for p in rng.sample(files, len(files) // 100):
+            with open(p, "r+b") as f:
+                f.seek(0)
+                f.write(rng.randbytes(64))
+        settle()
+        t_rsync = sh(rsync)
+        settle()
+        t_ferry, out = self.ferry("replicate", "files", f"local:{tree}", f"bench:{dst_f}")
+        ratio = t_ferry / t_rsync
+        self.row("1% of files changed", f"{t_ferry:.2f}s ({out['items_changed']} changed)", f"{t_rsync:.2f}s",
+                 ratio, "<= 1.50", ratio <= 1.5)
+        shutil.rmtree(dst_r, ignore_errors=True)
+
+        shutil.rmtree(dst_f, ignore_errors=True)
+        self.kill_half("files", f"local:{tree}", f"bench:{dst_f}", total)
+        shutil.rmtree(dst_f, ignore_errors=True)
+
+    # ------------------------------------------------------------------ block level
+
+    def blocks(self, image: Path) -> None:
+        print(f"block level: {IMAGE >> 30} GiB image", flush=True)
+        dst_d, dst_f = self.work / "dd.img", self.work / "ferry.img"
+        dd = f"dd if={image} bs=4M status=none | {self.ssh} {self.remote} 'dd of={dst_d} bs=4M status=none'"
+        settle()
+        t_dd = sh(dd)
+        t_dd_sync = t_dd + sh(["sync"])
+        dst_d.unlink()
+        settle()
+        t_ferry, out = self.ferry("replicate", "blocks", f"local:{image}", f"bench:{dst_f}")
+        assert out["verified"]
+        ratio = t_ferry / t_dd
+        self.row("full block copy", f"{t_ferry:.2f}s", f"{t_dd:.2f}s (+sync {t_dd_sync:.2f}s)", ratio,
+                 "<= 0.70", ratio <= 0.70)
+
+        rng = random.Random(4)
+        chunks = IMAGE // (4 * MiB)
+        changed = rng.sample(range(chunks), chunks // 100)
+        with open(image, "r+b") as f:
+            for c in changed:
+                f.seek(c * 4 * MiB + rng.randrange(0, 4 * MiB - 65536))
+                f.write(rng.randbytes(65536))
+        settle()
+        t_ferry, out = self.ferry("replicate", "blocks", f"local:{image}", f"bench:{dst_f}")
+        share = out["bytes_sent"] / IMAGE
+        wire = out["wire_bytes"] / IMAGE
+        self.row("1% of blocks changed", f"{out['bytes_sent'] / MiB:.1f} MiB sent in {t_ferry:.2f}s "
+                 f"({wire:.2%} on the wire)", "-", None, "bytes sent <= 2%", share <= 0.02)
+        dst_f.unlink()
+        self.kill_half("blocks", f"local:{image}", f"bench:{dst_f}", None)
+        dst_f.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ kill -9 at about half
+
+    def kill_half(self, level: str, src: str, dst: str, total: int | None) -> None:
+        """Kill -9 Ferry when about half is durable; the re-run must re-send < 1% beyond the checkpoint."""
+        kind = f"replicate.{level}"
+        data_total = total if level == "files" else IMAGE // 2   # the image's non-zero data
+        zero_hash = hashlib.sha256(bytes(4 * MiB)).digest()
+        con = sqlite3.connect(self.ws / "state.db")
+
+        def durable_now() -> int:
+            row = con.execute("SELECT id, checkpoint FROM tasks WHERE kind=? ORDER BY id DESC LIMIT 1",
+                              (kind,)).fetchone()
+            if not row or not row[1]:
+                return 0
+            if level == "files":
+                return json.loads(row[1]).get("bytes_durable", 0)
+            data_chunks = con.execute("SELECT COUNT(*) FROM chunks WHERE task_id=? AND hash!=?",
+                                      (row[0], zero_hash)).fetchone()[0]
+            return data_chunks * 4 * MiB
+
+        proc = subprocess.Popen([sys.executable, "-m", "console.cli", "--workspace", str(self.ws), "replicate",
+                                 level, src, dst], env=self.env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and durable_now() < data_total // 2:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        durable = durable_now()
+        con.close()
+        t, out = self.ferry("replicate", level, src, dst)
+        assert out["resumed"] and out["verified"], out
+        resent = out["bytes_sent"] - (data_total - durable)
+        self.row(f"kill -9 at {durable / data_total:.0%} ({level})",
+                 f"re-sent {max(0, resent) / MiB:.1f} MiB beyond the checkpoint ({resent / data_total:.2%})",
+                 "-", None, "< 1%", resent < 0.01 * data_total)
+
+    def report(self) -> int:
+        print("\nscenario                          ferry                                   reference"
+              "                          ratio  target              result")
+        for name, f, r, ratio, target, ok in self.rows:
+            print(f"{name:<34}{f:<40}{r:<35}{ratio:<7}{target:<20}{'PASS' if ok else 'FAIL'}")
+        return 0 if all(r[-1] for r in self.rows) else 1
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=Path("/var/tmp/ferry-bench"))
+    p.add_argument("--only", choices=["files", "blocks"])
+    args = p.parse_args()
+    args.data.mkdir(parents=True, exist_ok=True)
+    print("preparing data (kept for later runs) ...", flush=True)
+    tree = args.data / "tree"
+    total = build_tree(tree)
+    image = args.data / "image.raw"
+    build_image(image)
+    work = Path(tempfile.mkdtemp(prefix="ferry-bench-", dir=args.data))
+    bench = Bench(args.data, work)
+    try:
+        if args.only in (None, "files"):
+            bench.files(tree, total)
+        if args.only in (None, "blocks"):
+            bench.blocks(image)
+    finally:
+        bench.factory.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+        # The tree and image were modified by the incremental scenarios: rebuild next time.
+        (tree / ".complete").unlink(missing_ok=True)
+        image.unlink(missing_ok=True)
+    return bench.report()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1314 @@
+"""Ferry's replication agent: the code that runs on a host, sent over the channel each session.
+
+Python 3 standard library only, one file, nothing installed on the host. The engine starts
+`python3 -c BOOT`, writes the length of this file's source and the source itself to stdin,
+and from then on stdin/stdout carry frames: a 1-byte type, a 4-byte big-endian length and a
+payload. The first frame is a JSON command naming the role:
+
+  walk   list a tree (manifest records), optionally with content hashes
+  send   read files or chunks the engine asks for and emit them as frames
+  recv   write the frames it is given under its root, never outside it; acknowledge
+         what is durable (after syncfs/fsync)
+  blk    block-level source/target work: hash, read and write chunks
+
+The engine imports this module too, so the codec below is shared, not duplicated.
+"""
+
+import errno
+import hashlib
+import json
+import os
+import stat
+import struct
+import sys
+import time
+import zlib
+
+AGENT_VERSION = 1
+# Reads the source with unbuffered os.read, so no frame that follows it is swallowed by a buffer.
+BOOT = """import os
+def r(n):
+    b = b''
+    while len(b) < n:
+        c = os.read(0, n - len(b))
+        if not c:
+            raise SystemExit(2)
+        b += c
+    return b
+h = b''
+while not h.endswith(b'\\n'):
+    h += r(1)
+exec(compile(r(int(h)), 'ferry-agent', 'exec'), {'__name__': '__ferry_agent__'})
+"""
+
+HDR = struct.Struct(">cI")
+MAX_FRAME = 8 << 20
+IO_CHUNK = 1 << 20
+ZERO = bytes(IO_CHUNK)
+
+# Frame types.
+F_JSON = b"J"      # control, JSON
+F_MANIFEST = b"M"  # a batch of manifest records
+F_REQ = b"Q"       # engine -> source: files to send
+F_FILE = b"F"      # a whole small file: meta + data
+F_BEGIN = b"B"     # begin a large file: meta
+F_DATA = b"D"      # u64 offset + data of the current large file
+F_END = b"E"       # end of the current large file: hash, flags
+F_ENTRY = b"N"     # a non-regular entry or a metadata-only update (dir, symlink, hard link, node, meta)
+F_DELETE = b"X"    # delete a path (recursively)
+F_DIRMETA = b"T"   # set a directory's metadata (after its contents)
+F_SYNC = b"S"      # engine -> target: make everything durable and acknowledge
+F_ACK = b"A"       # target -> engine: durable acknowledgements
+F_ERR = b"R"       # a per-entry error (the rest continues)
+F_CHUNK = b"C"     # block level: u64 index + data (possibly compressed)
+F_EOF = b"Z"       # end of a stream of frames
+
+# Entry types in manifests.
+T_FILE, T_DIR, T_LINK, T_CHR, T_BLK, T_FIFO, T_SOCK = "f", "d", "l", "c", "b", "p", "s"
+_TYPE_OF = {stat.S_IFREG: T_FILE, stat.S_IFDIR: T_DIR, stat.S_IFLNK: T_LINK, stat.S_IFCHR: T_CHR,
+            stat.S_IFBLK: T_BLK, stat.S_IFIFO: T_FIFO, stat.S_IFSOCK: T_SOCK}
+
+# type, mode, uid, gid, size, mtime_ns, rdev, dev, ino, nlink, xattr-crc, flags, len(path), len(link)
+REC = struct.Struct("<cIIIQqQQQIIBHH")
+FLAG_HASH = 1
+
+
+def encode_record(path, typ, mode, uid, gid, size, mtime_ns, rdev=0, dev=0, ino=0, nlink=1, xcrc=0,
+                  link=b"", digest=None):
+    flags = FLAG_HASH if digest else 0
+    out = REC.pack(typ.encode(), mode, uid, gid, size, mtime_ns, rdev, dev, ino, nlink, xcrc, flags,
+                   len(path), len(link)) + path + link
+    return out + digest if digest else out
+
+
+def decode_records(buf):
+    """Yield (path, typ, mode, uid, gid, size, mtime_ns, rdev, dev, ino, nlink, xcrc, link, digest)."""
+    off, n = 0, len(buf)
+    size = REC.size
+    while off < n:
+        (typ, mode, uid, gid, fsize, mtime, rdev, dev, ino, nlink, xcrc, flags, lp,
+         ll) = REC.unpack_from(buf, off)
+        off += size
+        path = bytes(buf[off:off + lp])
+        off += lp
+        link = bytes(buf[off:off + ll])
+        off += ll
+        digest = None
+        if flags & FLAG_HASH:
+            digest = bytes(buf[off:off + 32])
+            off += 32
+        yield (path, typ.decode(), mode, uid, gid, fsize, mtime, rdev, dev, ino, nlink, xcrc, link, digest)
+
+
+# Values for file metadata frames: a tiny tagged encoding (no pickle: the peer may be hostile).
+
+def pack_values(values):
+    out = bytearray()
+    for v in values:
+        if isinstance(v, bool) or v is None:
+            out += b"n" if v is None else (b"t" if v else b"f")
+        elif isinstance(v, int):
+            out += b"i" + struct.pack("<q", v)
+        elif isinstance(v, (bytes, bytearray, memoryview)):
+            out += b"b" + struct.pack("<I", len(v)) + bytes(v)
+        elif isinstance(v, str):
+            raw = v.encode("utf-8", "surrogateescape")
+            out += b"s" + struct.pack("<I", len(raw)) + raw
+        elif isinstance(v, (list, tuple)):
+            inner = pack_values(v)
+            out += b"l" + struct.pack("<I", len(inner)) + inner
+        else:
+            raise TypeError("cannot pack %r" % type(v))
+    return bytes(out)
+
+
+def unpack_values(buf):
+    out, off, n = [], 0, len(buf)
+    while off < n:
+        tag = buf[off:off + 1]
+        off += 1
+        if tag == b"n":
+            out.append(None)
+        elif tag == b"t":
+            out.append(True)
+        elif tag == b"f":
+            out.append(False)
+        elif tag == b"i":
+            out.append(struct.unpack_from("<q", buf, off)[0])
+            off += 8
+        elif tag in (b"b", b"s", b"l"):
+            ln = struct.unpack_from("<I", buf, off)[0]
+            off += 4
+            if off + ln > n:
+                raise ValueError("truncated value")
+            raw = bytes(buf[off:off + ln])
+            off += ln
+            out.append(raw if tag == b"b" else raw.decode("utf-8", "surrogateescape") if tag == b"s"
+                       else unpack_values(raw))
+        else:
+            raise ValueError("bad tag %r" % tag)
+    return out
+
+
+# ----------------------------------------------------------------------------- framed stdio
+
+
+class Wire:
+    """Blocking framed I/O on stdin/stdout (the agent is a simple sequential program)."""
+
+    def __init__(self, rfd=0, wfd=1):
+        self.rfd, self.wfd = rfd, wfd
+        self.rbuf = bytearray()
+        self.wbuf = bytearray()
+
+    def _fill(self, n):
+        while len(self.rbuf) < n:
+            chunk = os.read(self.rfd, max(IO_CHUNK, n - len(self.rbuf)))
+            if not chunk:
+                raise EOFError("peer closed the channel")
+            self.rbuf += chunk
+
+    def read_frame(self):
+        self.flush()
+        self._fill(HDR.size)
+        typ, ln = HDR.unpack_from(self.rbuf, 0)
+        if ln > MAX_FRAME:
+            raise ValueError("frame too large: %d" % ln)
+        self._fill(HDR.size + ln)
+        payload = bytes(self.rbuf[HDR.size:HDR.size + ln])
+        del self.rbuf[:HDR.size + ln]
+        return typ, payload
+
+    def has_input(self):
+        """Is a frame (or part of one) waiting, without blocking?"""
+        if self.rbuf:
+            return True
+        import select
+        r, _, _ = select.select([self.rfd], [], [], 0)
+        return bool(r)
+
+    def write(self, typ, payload=b""):
+        self.wbuf += HDR.pack(typ, len(payload))
+        self.wbuf += payload
+        if len(self.wbuf) >= IO_CHUNK:
+            self.flush()
+
+    def write_json(self, obj):
+        self.write(F_JSON, json.dumps(obj).encode())
+
+    def flush(self):
+        if not self.wbuf:
+            return
+        done = 0
+        with memoryview(self.wbuf) as view:
+            while done < len(view):
+                done += os.write(self.wfd, view[done:])
+        self.wbuf.clear()
+
+
+def describe_oserror(e, what):
+    return "%s: %s" % (what, os.strerror(e.errno) if e.errno else str(e))
+
+
+# ----------------------------------------------------------------------------- paths and excludes
+
+SYSTEM_EXCLUDES = ("/proc/*", "/sys/*", "/dev/*", "/run/*", "/tmp/*", "/mnt/*", "/media/*", "lost+found")
+
+
+def check_relpath(rel):
+    """Refuse anything that could name a place outside the root. Returns the components."""
+    if not rel or rel.startswith(b"/") or b"\0" in rel:
+        raise ValueError("unsafe path %r" % rel)
+    parts = rel.split(b"/")
+    for p in parts:
+        if p in (b"", b".", b".."):
+            raise ValueError("unsafe path %r" % rel)
+    return parts
+
+
+class Excluder:
+    """rsync-like patterns: '/x' anchored at the root, 'a/b' matches a path suffix, 'x' any basename;
+    a trailing '/' matches directories only."""
+
+    def __init__(self, patterns):
+        import fnmatch
+        self._fn = fnmatch.fnmatchcase
+        self.rules = []
+        for p in patterns:
+            pb = p.encode("utf-8", "surrogateescape") if isinstance(p, str) else p
+            dir_only = pb.endswith(b"/")
+            pb = pb.rstrip(b"/")
+            if not pb:
+                continue
+            anchored = pb.startswith(b"/")
+            self.rules.append((pb.lstrip(b"/"), anchored, b"/" in pb.lstrip(b"/"), dir_only))
+
+    def excluded(self, rel, is_dir):
+        if not self.rules:
+            return False
+        base = rel.rsplit(b"/", 1)[-1]
+        for pat, anchored, has_slash, dir_only in self.rules:
+            if dir_only and not is_dir:
+                continue
+            if anchored:
+                if self._fn(rel, pat):
+                    return True
+            elif has_slash:
+                if self._fn(rel, pat) or self._fn(rel, b"*/" + pat):
+                    return True
+            elif self._fn(base, pat):
+                return True
+        return False
+
+
+def swap_files(root):
+    """Active swap files under root (from /proc/swaps), as paths relative to root."""
+    out = []
+    try:
+        with open("/proc/swaps", "rb") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return out
+    rootb = os.fsencode(os.path.abspath(root)).rstrip(b"/") + b"/"
+    for line in lines:
+        parts = line.split()
+        if len(parts) > 1 and parts[1] == b"file" and parts[0].startswith(rootb):
+            out.append(parts[0][len(rootb):])
+    return out
+
+
+def xattr_items(path_or_fd, follow=False):
+    """Sorted (name, value) pairs; [] where the filesystem has none or no support."""
+    try:
+        names = os.listxattr(path_or_fd, follow_symlinks=follow) if not isinstance(path_or_fd, int) \
+            else os.listxattr(path_or_fd)
+    except OSError:
+        return []
+    items = []
+    for name in sorted(names):
+        try:
+            value = os.getxattr(path_or_fd, name, follow_symlinks=follow) if not isinstance(path_or_fd, int) \
+                else os.getxattr(path_or_fd, name)
+        except OSError:
+            continue
+        items.append((name.encode("utf-8", "surrogateescape"), value))
+    return items
+
+
+def xattr_crc(items):
+    if not items:
+        return 0
+    c = 0
+    for name, value in items:
+        c = zlib.crc32(value, zlib.crc32(name + b"\0", c))
+    return c or 1
+
+
+def hash_file(fd, size):
+    """sha256 of a file's content (holes read as zeros)."""
+    h = hashlib.sha256()
+    off = 0
+    while off < size:
+        data = os.pread(fd, min(IO_CHUNK * 4, size - off), off)
+        if not data:
+            break
+        h.update(data)
+        off += len(data)
+    return h.digest()
+
+
+def hash_prefix(fd, length):
+    h = hashlib.sha256()
+    off = 0
+    while off < length:
+        data = os.pread(fd, min(IO_CHUNK * 4, length - off), off)
+        if not data:
+            raise EOFError("file shorter than %d" % length)
+        h.update(data)
+        off += len(data)
+    return h
+
+
+# ----------------------------------------------------------------------------- walk
+
+
+def role_walk(wire, cmd):
+    """Stream the manifest of a tree: records in batches, then a JSON summary."""
+    root = os.fsencode(cmd["root"])
+    want_hash = cmd.get("checksum", False)
+    hash_paths = set(os.fsencode(p) for p in cmd.get("hash_paths", ()))
+    # Files changed on this side after this instant (ctime) get hashed, to verify what a checkpoint
+    # did not cover: ctime cannot be set by a source, so it tells what was written when.
+    ctime_after = cmd.get("hash_ctime_after")
+    patterns = list(cmd.get("excludes", ()))
+    if cmd.get("system_excludes"):
+        patterns += list(SYSTEM_EXCLUDES) + ["/" + p.decode("utf-8", "surrogateescape") for p in swap_files(root)]
+    excl = Excluder(patterns)
+    errors = []
+    try:
+        st = os.lstat(root)
+    except OSError as e:
+        if e.errno == errno.ENOENT and cmd.get("missing_ok"):
+            wire.write_json({"done": True, "exists": False, "entries": 0, "bytes": 0, "errors": []})
+            wire.flush()
+            return
+        wire.write_json({"fatal": describe_oserror(e, cmd["root"]), "errno": e.errno})
+        wire.flush()
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        wire.write_json({"fatal": "%s: not a directory" % cmd["root"], "errno": errno.ENOTDIR})
+        wire.flush()
+        return
+    root_dev = st.st_dev
+    batch = bytearray()
+    count = total = 0
+    # The root itself, so its metadata is replicated too.
+    batch += encode_record(b".", T_DIR, st.st_mode, st.st_uid, st.st_gid, 0, st.st_mtime_ns,
+                           xcrc=xattr_crc(xattr_items(root)))
+    stack = [b""]
+    one_fs = cmd.get("one_file_system", False)
+    while stack:
+        rel_dir = stack.pop()
+        dpath = root + b"/" + rel_dir if rel_dir else root
+        try:
+            it = os.scandir(dpath)
+        except OSError as e:
+            errors.append(describe_oserror(e, os.fsdecode(dpath)))
+            continue
+        with it:
+            for ent in it:
+                rel = rel_dir + b"/" + ent.name if rel_dir else ent.name
+                try:
+                    est = ent.stat(follow_symlinks=False)
+                except OSError as e:
+                    if e.errno != errno.ENOENT:  # vanished while walking: simply not there
+                        errors.append(describe_oserror(e, os.fsdecode(ent.path)))
+                    continue
+                typ = _TYPE_OF.get(stat.S_IFMT(est.st_mode))
+                if typ is None:
+                    continue
+                is_dir = typ == T_DIR
+                if excl.excluded(rel, is_dir):
+                    continue
+                link = b""
+                if typ == T_LINK:
+                    try:
+                        link = os.readlink(ent.path)
+                    except OSError as e:
+                        errors.append(describe_oserror(e, os.fsdecode(ent.path)))
+                        continue
+                xitems = xattr_items(ent.path) if typ != T_LINK else []
+                digest = None
+                if typ == T_FILE and (want_hash or rel in hash_paths
+                                      or (ctime_after is not None and est.st_ctime_ns > ctime_after)):
+                    try:
+                        fd = os.open(ent.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0))
+                    except PermissionError:
+                        fd = os.open(ent.path, os.O_RDONLY | os.O_NOFOLLOW)
+                    except OSError as e:
+                        errors.append(describe_oserror(e, os.fsdecode(ent.path)))
+                        fd = None
+                    if fd is not None:
+                        try:
+                            digest = hash_file(fd, est.st_size)
+                        finally:
+                            os.close(fd)
+                batch += encode_record(rel, typ, est.st_mode, est.st_uid, est.st_gid,
+                                       est.st_size if typ == T_FILE else 0, est.st_mtime_ns,
+                                       est.st_rdev if typ in (T_CHR, T_BLK) else 0,
+                                       est.st_dev, est.st_ino, est.st_nlink, xattr_crc(xitems), link, digest)
+                count += 1
+                if typ == T_FILE:
+                    total += est.st_size
+                if is_dir and not (one_fs and est.st_dev != root_dev):
+                    stack.append(rel)
+                if len(batch) >= 256 * 1024:
+                    wire.write(F_MANIFEST, bytes(batch))
+                    batch.clear()
+    if batch:
+        wire.write(F_MANIFEST, bytes(batch))
+    wire.write_json({"done": True, "exists": True, "entries": count, "bytes": total, "errors": errors[:100],
+                     "error_count": len(errors), "uid": os.geteuid()})
+    wire.flush()
+
+
+# ----------------------------------------------------------------------------- send (source side)
+
+
+def data_extents(fd, size, sparse_hint):
+    """(offset, length) of the data regions; holes are skipped when the file looks sparse."""
+    if not sparse_hint or size == 0:
+        return [(0, size)] if size else []
+    out = []
+    off = 0
+    try:
+        while off < size:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            end = min(end, size)
+            if end > start:
+                out.append((start, end - start))
+            off = end
+    except OSError as e:
+        if e.errno == errno.ENXIO:  # no data past `off`: the rest is a hole
+            return out
+        return [(0, size)]
+    return out
+
+
+def file_meta(rel, st, xitems):
+    return pack_values([rel, st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                        [list(x) for x in xitems]])
+
+
+SMALL_FILE = 256 * 1024
+
+
+def role_send(wire, cmd):
+    """Read the files the engine asks for, in order, and emit them as frames."""
+    root = os.fsencode(cmd["root"])
+    noatime = getattr(os, "O_NOATIME", 0)
+    while True:
+        typ, payload = wire.read_frame()
+        if typ == F_EOF:
+            wire.write(F_EOF)
+            wire.flush()
+            return
+        if typ != F_REQ:
+            raise ValueError("send: unexpected frame %r" % typ)
+        for op, rel, arg in unpack_values(payload):
+            if op == "file":
+                send_one(wire, root, rel, arg, noatime)
+            elif op == "hash":
+                send_hash(wire, root, rel, arg)
+            else:
+                send_entry(wire, root, op, rel)
+
+
+def send_one(wire, root, rel, resume_at, noatime):
+    path = root + b"/" + rel
+    try:
+        check_relpath(rel)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | noatime)
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # O_NOATIME needs ownership
+    except (OSError, ValueError) as e:
+        code = getattr(e, "errno", None)
+        wire.write(F_ERR, pack_values([rel, code or 0, "vanished" if code == errno.ENOENT else
+                                       describe_oserror(e, os.fsdecode(path)) if isinstance(e, OSError)
+                                       else str(e)]))
+        return
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            wire.write(F_ERR, pack_values([rel, 0, "%s: no longer a regular file" % os.fsdecode(path)]))
+            return
+        xitems = xattr_items(fd)
+        size = st.st_size
+        sparse = st.st_blocks * 512 < size
+        if size <= SMALL_FILE and not sparse and not resume_at:
+            data = os.pread(fd, size, 0) if size else b""
+            st2 = os.fstat(fd)
+            changed = (len(data) != size or st2.st_mtime_ns != st.st_mtime_ns or st2.st_size != size
+                       or st2.st_ctime_ns != st.st_ctime_ns)
+            digest = hashlib.sha256(data).digest()
+            meta = file_meta(rel, st, xitems)
+            wire.write(F_FILE, struct.pack("<II", len(meta), 33) + meta + digest + (b"\1" if changed else b"\0")
+                       + data)
+            return
+        h = hash_prefix(fd, resume_at) if resume_at else hashlib.sha256()
+        wire.write(F_BEGIN, pack_values([rel, st.st_mode, st.st_uid, st.st_gid, size, st.st_mtime_ns,
+                                         [list(x) for x in xitems], resume_at]))
+        pos = resume_at
+        for off, ln in data_extents(fd, size, sparse):
+            end = off + ln
+            if end <= pos:
+                continue
+            off = max(off, pos)
+            while pos < off:  # a hole: hash it as zeros
+                n = min(IO_CHUNK, off - pos)
+                h.update(ZERO[:n])
+                pos += n
+            while off < end:
+                data = os.pread(fd, min(IO_CHUNK, end - off), off)
+                if not data:
+                    break
+                h.update(data)
+                wire.write(F_DATA, struct.pack("<Q", off) + data)
+                off += len(data)
+                pos = off
+            if off < end:
+                break
+        while pos < size:
+            n = min(IO_CHUNK, size - pos)
+            h.update(ZERO[:n])
+            pos += n
+        st2 = os.fstat(fd)
+        changed = (st2.st_mtime_ns != st.st_mtime_ns or st2.st_size != size or st2.st_ctime_ns != st.st_ctime_ns)
+        wire.write(F_END, pack_values([rel, h.digest(), changed]))
+    except OSError as e:
+        wire.write(F_ERR, pack_values([rel, e.errno or 0, describe_oserror(e, os.fsdecode(path))]))
+    finally:
+        os.close(fd)
+
+
+def send_hash(wire, root, rel, length):
+    """sha256 of a file's first `length` bytes (None: all of it), as a JSON reply."""
+    try:
+        check_relpath(rel)
+        fd = os.open(root + b"/" + rel, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            size = os.fstat(fd).st_size
+            n = size if length is None else min(length, size)
+            digest = hash_prefix(fd, n).hexdigest() if n == length or length is None else None
+        finally:
+            os.close(fd)
+    except (OSError, ValueError, EOFError):
+        digest, n = None, 0
+    wire.write_json({"path": os.fsdecode(rel), "length": n, "sha256": digest})
+
+
+def send_entry(wire, root, op, rel):
+    """The source's current truth for a non-regular entry or a metadata update, as one frame."""
+    path = root + b"/" + rel if rel != b"." else root
+    try:
+        if rel != b".":
+            check_relpath(rel)
+        st = os.lstat(path)
+        if op == "dirmeta":
+            if not stat.S_ISDIR(st.st_mode):
+                return
+            wire.write(F_DIRMETA, pack_values([rel, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
+                                               [list(x) for x in xattr_items(path)]]))
+        elif op == "symlink":
+            if not stat.S_ISLNK(st.st_mode):
+                raise OSError(errno.EINVAL, "no longer a symlink")
+            wire.write(F_ENTRY, pack_values(["symlink", rel, os.readlink(path), st.st_uid, st.st_gid,
+                                             st.st_mtime_ns]))
+        elif op == "node":
+            wire.write(F_ENTRY, pack_values(["node", rel, st.st_mode, st.st_rdev, st.st_uid, st.st_gid,
+                                             st.st_mtime_ns]))
+        elif op == "meta":
+            wire.write(F_ENTRY, pack_values(["meta", rel, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
+                                             [list(x) for x in xattr_items(path)]]))
+        else:
+            raise ValueError("unknown request %r" % op)
+    except (OSError, ValueError) as e:
+        code = getattr(e, "errno", 0) or 0
+        wire.write(F_ERR, pack_values([rel, code, "vanished" if code == errno.ENOENT else
+                                       describe_oserror(e, os.fsdecode(path)) if isinstance(e, OSError)
+                                       else str(e)]))
+
+
+# ----------------------------------------------------------------------------- recv (target side)
+
+
+PART_PREFIX = b".ferry-part."
+
+
+def part_name(name):
+    """Where a file is written before it is renamed into place (and kept to resume it)."""
+    return PART_PREFIX + name if len(name) < 200 else PART_PREFIX + hashlib.sha256(name).hexdigest().encode()
+
+
+class Refused(Exception):
+    """An entry that would escape the root or cannot be placed safely."""
+
+
+class SafeRoot:
+    """Opens parents component by component with O_NOFOLLOW: a symlink anywhere in a path is refused."""
+
+    DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+    def __init__(self, root):
+        self.root = root
+        os.makedirs(root, exist_ok=True)
+        self.rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        self.cache = {}
+
+    def parent(self, rel):
+        """(dirfd, name) for rel; raises Refused for unsafe paths or symlinked parents."""
+        try:
+            parts = check_relpath(rel)
+        except ValueError as e:
+            raise Refused(str(e))
+        dir_rel = b"/".join(parts[:-1])
+        fd = self.cache.get(dir_rel)
+        if fd is None:
+            fd = self._open_dir(parts[:-1])
+        return fd, parts[-1]
+
+    def _open_dir(self, parts):
+        fd = self.rootfd
+        prefix = b""
+        for comp in parts:
+            prefix = prefix + b"/" + comp if prefix else comp
+            cached = self.cache.get(prefix)
+            if cached is not None:
+                fd = cached
+                continue
+            try:
+                nfd = os.open(comp, self.DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise Refused("%s: a parent is a symlink or not a directory on the target"
+                                  % os.fsdecode(prefix))
+                raise
+            if len(self.cache) > 512:
+                self.drop()
+            self.cache[prefix] = nfd
+            fd = nfd
+        return fd
+
+    def drop(self):
+        for fd in self.cache.values():
+            os.close(fd)
+        self.cache.clear()
+
+
+def _syncfs(fd):
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) == 0:
+            return
+    except Exception:
+        pass
+    os.sync()
+
+
+class Receiver:
+    def __init__(self, wire, cmd):
+        self.wire = wire
+        self.root = SafeRoot(os.fsencode(cmd["root"]))
+        self.is_root = os.geteuid() == 0
+        self.acked = []        # (rel, digest, size) written since the last acknowledgement
+        self.partial = None    # the large file being written: dict
+        self.bytes_since_sync = 0
+        self.last_sync = time.monotonic()
+        self.sync_bytes = int(cmd.get("sync_bytes", 256 << 20))
+        self.sync_seconds = float(cmd.get("sync_seconds", 2.0))
+        self.notes = set()
+        self.dirty = False     # anything changed since the last sync?
+
+    # -- helpers
+
+    tmp_name = staticmethod(lambda name: part_name(name))
+
+    def set_meta_fd(self, fd, mode, uid, gid, mtime_ns, xitems):
+        if self.is_root:
+            try:
+                os.fchown(fd, uid, gid)
+            except OSError as e:
+                self.notes.add("owners not preserved: %s" % os.strerror(e.errno))
+        os.fchmod(fd, stat.S_IMODE(mode))  # after chown: chown clears setuid bits
+        self.set_xattrs(fd, xitems)
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+
+    def set_xattrs(self, fd, xitems):
+        """Make fd's xattrs (ACLs included) exactly the source's: set, and remove extra ones."""
+        try:
+            have = set(os.listxattr(fd))
+        except OSError:
+            have = set()
+        want = {}
+        for name, value in xitems:
+            want[name.decode("utf-8", "surrogateescape")] = value
+        for name in have - set(want):
+            try:
+                os.removexattr(fd, name)
+            except OSError:
+                pass
+        for name, value in want.items():
+            try:
+                os.setxattr(fd, name, value)
+            except OSError as e:
+                if e.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EACCES):
+                    self.notes.add("xattr %s not preserved: %s" % (name, os.strerror(e.errno)))
+                else:
+                    raise
+
+    def replace_with(self, dfd, tmp, name):
+        """Move tmp over name; a directory in the way (type change) is removed first."""
+        try:
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except OSError as e:
+            if e.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            remove_tree_at(dfd, name)
+            self.root.drop()
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+
+    def error(self, rel, e):
+        code = getattr(e, "errno", 0) or 0
+        if isinstance(e, Refused):
+            msg = "refused: %s" % e
+        elif isinstance(e, OSError):
+            msg = describe_oserror(e, os.fsdecode(rel))
+        else:
+            msg = "%s: %s" % (os.fsdecode(rel), e)
+        self.wire.write(F_ERR, pack_values([rel, code, msg]))
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise FatalTarget(code, msg)
+
+    # -- entries
+
+    def write_small(self, payload):
+        mlen, tlen = struct.unpack_from("<II", payload, 0)
+        meta = unpack_values(payload[8:8 + mlen])
+        trailer = payload[8 + mlen:8 + mlen + tlen]
+        data = memoryview(payload)[8 + mlen + tlen:]
+        rel, mode, uid, gid, size, mtime_ns, xitems = meta
+        digest, changed = trailer[:32], trailer[32:33] == b"\1"
+        try:
+            dfd, name = self.root.parent(rel)
+            tmp = self.tmp_name(name)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+            try:
+                view = data
+                while view:
+                    n = os.write(fd, view)
+                    view = view[n:]
+                self.set_meta_fd(fd, mode, uid, gid, mtime_ns, xitems)
+            finally:
+                os.close(fd)
+            self.replace_with(dfd, tmp, name)
+        except (OSError, Refused) as e:
+            self.error(rel, e)
+            return
+        got = hashlib.sha256(data).digest()
+        self.acked.append([rel, got, size, changed or got != digest])
+        self.bytes_since_sync += size
+
+    def begin_large(self, payload):
+        rel, mode, uid, gid, size, mtime_ns, xitems, resume_at = unpack_values(payload)
+        self.partial = None
+        try:
+            dfd, name = self.root.parent(rel)
+            tmp = self.tmp_name(name)
+            if resume_at:
+                fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW, dir_fd=dfd)
+                h = hash_prefix(fd, resume_at)
+                os.ftruncate(fd, resume_at)
+            else:
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+                h = hashlib.sha256()
+        except (OSError, Refused, EOFError) as e:
+            self.error(rel, e if not isinstance(e, EOFError) else OSError(errno.EIO, str(e)))
+            self.partial = {"skip": True, "rel": rel}
+            return
+        self.partial = {"rel": rel, "fd": fd, "dfd": dfd, "name": name, "tmp": tmp, "hash": h, "pos": resume_at,
+                        "mode": mode, "uid": uid, "gid": gid, "size": size, "mtime": mtime_ns, "x": xitems,
+                        "synced": resume_at, "synced_hash": h.copy().digest() if resume_at else None}
+
+    def write_data(self, payload):
+        p = self.partial
+        if p is None or p.get("skip"):
+            return
+        off = struct.unpack_from("<Q", payload, 0)[0]
+        data = memoryview(payload)[8:]
+        try:
+            h = p["hash"]
+            while p["pos"] < off:  # a hole the source skipped
+                n = min(IO_CHUNK, off - p["pos"])
+                h.update(ZERO[:n])
+                p["pos"] += n
+            view = data
+            o = off
+            while view:
+                n = os.pwrite(p["fd"], view, o)
+                view = view[n:]
+                o += n
+            h.update(data)
+            p["pos"] = off + len(data)
+            self.bytes_since_sync += len(data)
+        except OSError as e:
+            self.abandon_partial()
+            self.error(p["rel"], e)
+
+    def abandon_partial(self):
+        p = self.partial
+        if p and not p.get("skip"):
+            try:
+                os.close(p["fd"])
+            except OSError:
+                pass
+            p["skip"] = True
+
+    def end_large(self, payload):
+        rel, digest, changed = unpack_values(payload)
+        p = self.partial
+        self.partial = None
+        if p is None or p.get("skip"):
+            return
+        try:
+            h = p["hash"]
+            while p["pos"] < p["size"]:
+                n = min(IO_CHUNK, p["size"] - p["pos"])
+                h.update(ZERO[:n])
+                p["pos"] += n
+            os.ftruncate(p["fd"], p["size"])  # trailing hole
+            self.set_meta_fd(p["fd"], p["mode"], p["uid"], p["gid"], p["mtime"], p["x"])
+            os.close(p["fd"])
+            self.replace_with(p["dfd"], p["tmp"], p["name"])
+        except (OSError, Refused) as e:
+            self.error(rel, e)
+            return
+        got = h.digest()
+        self.acked.append([rel, got, p["size"], changed or got != digest])
+
+    def entry(self, payload):
+        """dir, symlink, hard link, device/fifo, or metadata-only update."""
+        vals = unpack_values(payload)
+        kind, rel = vals[0], vals[1]
+        try:
+            dfd, name = self.root.parent(rel) if rel != b"." else (None, None)
+            if kind == "dir":
+                mode = vals[2]
+                if rel == b".":
+                    return
+                try:
+                    os.mkdir(name, 0o700, dir_fd=dfd)
+                except FileExistsError:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    if not stat.S_ISDIR(st.st_mode):
+                        os.unlink(name, dir_fd=dfd)
+                        os.mkdir(name, 0o700, dir_fd=dfd)
+                return
+            if kind == "symlink":
+                target, uid, gid, mtime_ns = vals[2], vals[3], vals[4], vals[5]
+                tmp = self.tmp_name(name)
+                try:
+                    os.unlink(tmp, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass
+                os.symlink(target, tmp, dir_fd=dfd)
+                if self.is_root:
+                    os.chown(tmp, uid, gid, dir_fd=dfd, follow_symlinks=False)
+                os.utime(tmp, ns=(mtime_ns, mtime_ns), dir_fd=dfd, follow_symlinks=False)
+                self.replace_with(dfd, tmp, name)
+                self.acked.append([rel, b"", 0, False])
+            elif kind == "hardlink":
+                src_rel = vals[2]
+                sdfd, sname = self.root.parent(src_rel)
+                tmp = self.tmp_name(name)
+                try:
+                    os.unlink(tmp, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass
+                os.link(sname, tmp, src_dir_fd=sdfd, dst_dir_fd=dfd, follow_symlinks=False)
+                self.replace_with(dfd, tmp, name)
+                self.acked.append([rel, b"", 0, False])
+            elif kind == "node":
+                mode, rdev, uid, gid, mtime_ns = vals[2], vals[3], vals[4], vals[5], vals[6]
+                if stat.S_ISFIFO(mode):
+                    make = lambda n: os.mkfifo(n, stat.S_IMODE(mode), dir_fd=dfd)  # noqa: E731
+                elif not self.is_root:
+                    self.notes.add("device nodes not created: not root on the target")
+                    return
+                else:
+                    make = lambda n: os.mknod(n, mode, rdev, dir_fd=dfd)  # noqa: E731
+                tmp = self.tmp_name(name)
+                try:
+                    os.unlink(tmp, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass
+                make(tmp)
+                if self.is_root:
+                    os.chown(tmp, uid, gid, dir_fd=dfd, follow_symlinks=False)
+                os.chmod(tmp, stat.S_IMODE(mode), dir_fd=dfd)
+                os.utime(tmp, ns=(mtime_ns, mtime_ns), dir_fd=dfd, follow_symlinks=False)
+                self.replace_with(dfd, tmp, name)
+                self.acked.append([rel, b"", 0, False])
+            elif kind == "meta":
+                mode, uid, gid, mtime_ns, xitems = vals[2], vals[3], vals[4], vals[5], vals[6]
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+                try:
+                    self.set_meta_fd(fd, mode, uid, gid, mtime_ns, xitems)
+                finally:
+                    os.close(fd)
+                self.acked.append([rel, b"", 0, False])
+            else:
+                raise Refused("unknown entry kind %r" % kind)
+        except (OSError, Refused) as e:
+            self.error(rel, e)
+
+    def dirmeta(self, payload):
+        rel, mode, uid, gid, mtime_ns, xitems = unpack_values(payload)
+        try:
+            if rel == b".":
+                fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.root.rootfd)
+            else:
+                dfd, name = self.root.parent(rel)
+                fd = os.open(name, SafeRoot.DIR_FLAGS, dir_fd=dfd)
+            try:
+                self.set_meta_fd(fd, mode, uid, gid, mtime_ns, xitems)
+            finally:
+                os.close(fd)
+        except (OSError, Refused) as e:
+            self.error(rel, e)
+
+    def delete(self, payload):
+        (rel,) = unpack_values(payload)
+        try:
+            dfd, name = self.root.parent(rel)
+            remove_tree_at(dfd, name)
+        except FileNotFoundError:
+            pass
+        except (OSError, Refused) as e:
+            self.error(rel, e)
+        self.root.drop()
+
+    def verify_partial(self, cmd):
+        """Is the kept partial file's prefix what the engine expects? Answer with its hash."""
+        rel = os.fsencode(cmd["path"])
+        try:
+            dfd, name = self.root.parent(rel)
+            fd = os.open(self.tmp_name(name), os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+        except (OSError, Refused):
+            self.wire.write_json({"partial": cmd["path"], "length": 0, "sha256": None})
+            return
+        try:
+            length = min(os.fstat(fd).st_size, int(cmd.get("max", 1 << 62)))
+            length -= length % IO_CHUNK
+            digest = hash_prefix(fd, length).hexdigest() if length else None
+        finally:
+            os.close(fd)
+        self.wire.write_json({"partial": cmd["path"], "length": length, "sha256": digest})
+
+    def sync(self, seq):
+        """Make everything written durable, then acknowledge it."""
+        p = self.partial
+        if p and not p.get("skip"):
+            os.fsync(p["fd"])
+            p["synced"] = p["pos"]
+        if self.dirty or p:
+            _syncfs(self.root.rootfd)
+        self.dirty = False
+        partial = None
+        if p and not p.get("skip"):
+            partial = [p["rel"], p["pos"], p["hash"].copy().hexdigest()]
+        self.wire.write(F_ACK, pack_values([seq, self.acked, partial, sorted(self.notes), time.time_ns()]))
+        self.acked = []
+        self.bytes_since_sync = 0
+        self.last_sync = time.monotonic()
+        self.wire.flush()
+
+    def maybe_sync(self):
+        if self.bytes_since_sync >= self.sync_bytes or (
+                self.bytes_since_sync and time.monotonic() - self.last_sync >= self.sync_seconds):
+            self.sync(-1)
+
+
+class FatalTarget(Exception):
+    def __init__(self, code, msg):
+        super().__init__(msg)
+        self.code = code
+
+
+def remove_tree_at(dfd, name):
+    """Remove name (file, link, or directory tree) under dfd without following symlinks."""
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dfd)
+        return
+    fd = os.open(name, SafeRoot.DIR_FLAGS, dir_fd=dfd)
+    try:
+        for entry in os.listdir(fd):
+            remove_tree_at(fd, os.fsencode(entry))
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dfd)
+
+
+def role_recv(wire, cmd):
+    rc = Receiver(wire, cmd)
+    handlers = {F_FILE: rc.write_small, F_BEGIN: rc.begin_large, F_DATA: rc.write_data, F_END: rc.end_large,
+                F_ENTRY: rc.entry, F_DIRMETA: rc.dirmeta, F_DELETE: rc.delete}
+    try:
+        while True:
+            if rc.bytes_since_sync and not wire.has_input():
+                rc.maybe_sync()
+            typ, payload = wire.read_frame()
+            if typ == F_EOF:
+                rc.sync(-2)
+                wire.write(F_EOF)
+                wire.flush()
+                return
+            if typ == F_SYNC:
+                rc.sync(struct.unpack("<q", payload)[0])
+                continue
+            if typ == F_JSON:
+                rc.verify_partial(json.loads(payload))
+                wire.flush()
+                continue
+            handler = handlers.get(typ)
+            if handler is None:
+                raise ValueError("recv: unexpected frame %r" % typ)
+            handler(payload)
+            rc.dirty = True
+            if typ in (F_FILE, F_END, F_DATA):
+                rc.maybe_sync()
+    except FatalTarget as e:
+        # Keep what is already written durable (a partial large file resumes from it).
+        try:
+            rc.abandon_partial()
+            _syncfs(rc.root.rootfd)
+        except OSError:
+            pass
+        wire.write_json({"fatal": str(e), "errno": e.code})
+        wire.flush()
+
+
+# ----------------------------------------------------------------------------- block level
+
+F_HASHES = b"H"    # block level: packed (u64 index, 32-byte hash, u8 zero) records
+CHUNK_REC = struct.Struct("<Q32sB")
+CH_ZERO, CH_DATA, CH_ZLIB = 0, 1, 2
+BLKZEROOUT = 0x127F
+
+
+def dev_size(fd):
+    """Size of a regular file or a block device."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
+
+
+def open_block(path, write, create_size=None):
+    flags = os.O_RDWR if write else os.O_RDONLY
+    if create_size is not None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        os.ftruncate(fd, create_size)  # sparse: untouched chunks stay holes
+        return fd
+    return os.open(path, flags | os.O_NOFOLLOW)
+
+
+def read_chunk(fd, idx, chunk, size):
+    off = idx * chunk
+    n = min(chunk, size - off)
+    data = os.pread(fd, n, off)
+    while len(data) < n:  # short reads happen on devices; keep going
+        more = os.pread(fd, n - len(data), off + len(data))
+        if not more:
+            raise OSError(errno.EIO, "short read at offset %d" % (off + len(data)))
+        data += more
+    return data
+
+
+ZERO_HASHES = {}
+_ZERO_BUFS = {}
+
+
+def is_zero(data):
+    """All zero bytes? (memcmp against a cached zero buffer of the same length: no copies)."""
+    z = _ZERO_BUFS.get(len(data))
+    if z is None:
+        if len(_ZERO_BUFS) > 8:
+            _ZERO_BUFS.clear()
+        z = _ZERO_BUFS[len(data)] = bytes(len(data))
+    return data == z
+
+
+def zero_hash(n):
+    h = ZERO_HASHES.get(n)
+    if h is None:
+        h = ZERO_HASHES[n] = hashlib.sha256(bytes(n)).digest()
+    return h
+
+
+def role_blk(wire, cmd):
+    """Block source or target: answers "info", "hash" and "send" requests; as target takes chunks."""
+    path = os.fsencode(cmd["path"])
+    chunk = int(cmd["chunk"])
+    target = cmd.get("target", False)
+    compress = cmd.get("compress", False)
+    fd = None
+    size = None
+    written = []   # (idx, hash) written since the last acknowledgement
+    since_sync = 0
+    last_sync = time.monotonic()
+    sync_bytes = int(cmd.get("sync_bytes", 512 << 20))
+    sync_seconds = float(cmd.get("sync_seconds", 2.0))
+    is_dev = False
+    fresh = bool(cmd.get("fresh"))   # a new sparse target: all-zero chunks need no writing
+
+    def sync():
+        nonlocal written, since_sync, last_sync
+        if fd is not None and since_sync:
+            os.fsync(fd)
+        wire.write(F_ACK, pack_values([[[i, h] for i, h in written], time.time_ns()]))
+        written = []
+        since_sync = 0
+        last_sync = time.monotonic()
+        wire.flush()
+
+    while True:
+        typ, payload = wire.read_frame()
+        if typ == F_EOF:
+            if target:
+                sync()
+            wire.write(F_EOF)
+            wire.flush()
+            return
+        if typ == F_JSON:
+            req = json.loads(payload)
+            op = req["op"]
+            if op == "info":
+                try:
+                    if target and req.get("create_size") is not None:
+                        fd = open_block(path, True, req["create_size"])
+                        fresh = True
+                    elif fd is None:
+                        fd = open_block(path, target)
+                    size = dev_size(fd)
+                    st = os.fstat(fd)
+                    is_dev = stat.S_ISBLK(st.st_mode)
+                    wire.write_json({"size": size, "exists": True, "device": is_dev, "fresh": fresh})
+                except OSError as e:
+                    if e.errno == errno.ENOENT:
+                        wire.write_json({"size": 0, "exists": False, "device": False,
+                                         "error": describe_oserror(e, cmd["path"])})
+                    else:
+                        wire.write_json({"fatal": describe_oserror(e, cmd["path"]), "errno": e.errno})
+                wire.flush()
+                continue
+            if op == "hash":
+                first, count = req["first"], req["count"]
+                limit = req.get("size", size)
+                out = bytearray()
+                for idx in range(first, first + count):
+                    if idx * chunk >= limit:
+                        break
+                    data = read_chunk(fd, idx, chunk, limit)
+                    zero = is_zero(data)
+                    out += CHUNK_REC.pack(idx, zero_hash(len(data)) if zero else hashlib.sha256(data).digest(),
+                                          1 if zero else 0)
+                    if len(out) >= 64 * 1024:
+                        wire.write(F_HASHES, bytes(out))
+                        out.clear()
+                wire.write(F_HASHES, bytes(out))
+                wire.write_json({"hashed": [first, count]})
+                wire.flush()
+                continue
+            if op == "send":
+                # Source: read chunks in order; all-zero chunks travel as a flag only.
+                limit = req.get("size", size)
+                skip_zero = req.get("skip_zero", True)
+                for idx in req["chunks"]:
+                    data = read_chunk(fd, idx, chunk, limit)
+                    if skip_zero and is_zero(data):
+                        wire.write(F_CHUNK, struct.pack("<QB", idx, CH_ZERO) + struct.pack("<I", len(data)))
+                        continue
+                    digest = hashlib.sha256(data).digest()
+                    if compress:
+                        z = zlib.compress(data, 1)
+                        if len(z) < len(data):
+                            wire.write(F_CHUNK, struct.pack("<QB", idx, CH_ZLIB) + digest + z)
+                            continue
+                    wire.write(F_CHUNK, struct.pack("<QB", idx, CH_DATA) + digest + data)
+                wire.write_json({"sent": len(req["chunks"])})
+                wire.flush()
+                continue
+            if op == "sync":
+                sync()
+                continue
+            raise ValueError("blk: unknown op %r" % op)
+        if typ == F_CHUNK and target:
+            idx, kind = struct.unpack_from("<QB", payload, 0)
+            off = idx * chunk
+            try:
+                if kind == CH_ZERO:
+                    (n,) = struct.unpack_from("<I", payload, 9)
+                    if not fresh:
+                        zero_range(fd, off, n, is_dev)
+                    digest = zero_hash(n)
+                else:
+                    want = payload[9:41]
+                    data = payload[41:]
+                    if kind == CH_ZLIB:
+                        data = zlib.decompress(data)
+                    view = memoryview(data)
+                    o = off
+                    while view:
+                        k = os.pwrite(fd, view, o)
+                        view = view[k:]
+                        o += k
+                    digest = hashlib.sha256(data).digest()
+                    if digest != want:
+                        raise OSError(errno.EIO, "chunk %d arrived damaged" % idx)
+                    n = len(data)
+                written.append((idx, digest))
+                since_sync += n
+            except OSError as e:
+                wire.write_json({"fatal": describe_oserror(e, "%s at offset %d" % (cmd["path"], off)),
+                                 "errno": e.errno})
+                wire.flush()
+                return
+            if since_sync >= sync_bytes or time.monotonic() - last_sync >= sync_seconds:
+                sync()
+            continue
+        raise ValueError("blk: unexpected frame %r" % typ)
+
+
+def zero_range(fd, off, n, is_dev):
+    """Make [off, off+n) read as zeros: discard on devices, punch a hole in files, else write zeros."""
+    if is_dev:
+        try:
+            import fcntl
+            fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", off, n))
+            return
+        except OSError:
+            pass
+    else:
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+            if libc.fallocate(fd, 0x01 | 0x02, off, n) == 0:  # KEEP_SIZE | PUNCH_HOLE
+                return
+        except Exception:
+            pass
+    pos = off
+    while pos < off + n:
+        k = os.pwrite(fd, ZERO[:min(IO_CHUNK, off + n - pos)], pos)
+        pos += k
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def main():
+    wire = Wire()
+    try:
+        typ, payload = wire.read_frame()
+        cmd = json.loads(payload)
+        wire.write_json({"hello": AGENT_VERSION, "pid": os.getpid(), "uid": os.geteuid(),
+                         "python": sys.version.split()[0], "time_ns": time.time_ns()})
+        role = cmd.get("role")
+        fn = ROLES.get(role)
+        if fn is None:
+            raise ValueError("unknown role %r" % role)
+        fn(wire, cmd)
+    except EOFError:
+        pass
+    except BrokenPipeError:
+        pass
+    except Exception as e:  # report, then exit non-zero: the engine turns it into a task error
+        try:
+            wire.write_json({"fatal": "%s: %s" % (type(e).__name__, e)})
+            wire.flush()
+        except OSError:
+            pass
+        sys.exit(3)
+
+
+ROLES = {"walk": role_walk, "send": role_send, "recv": role_recv, "blk": role_blk}
+
+if __name__ == "__ferry_agent__":
+    main()

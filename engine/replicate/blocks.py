@@ -1,0 +1,307 @@
+"""Block-level replication rounds (dd-like) of a block device or image file, through the engine.
+
+Fixed-size chunks. A new target is created sparse and all-zero chunks are never sent; an
+existing target (incremental round, or a resumed one) is compared chunk by chunk with hashes
+computed on both sides in parallel, and only chunks that differ are sent. The target
+acknowledges chunks after fsync; only then do they enter the checkpoint's chunk map.
+Verification: the list of per-chunk hashes of both sides must be equal, and the digest of
+that list is the round's content hash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Awaitable, Callable
+
+from ..errors import FerryError, PermanentError
+from ..transport.base import Transport
+from . import agent as W
+from .channel import AgentChannel
+from .ratelimit import RateLimiter
+
+DEFAULT_CHUNK = 4 << 20
+SEND_BATCH = 32
+
+
+@dataclass(frozen=True)
+class BlockOptions:
+    chunk_size: int = DEFAULT_CHUNK
+    streams: int = 4
+    bwlimit: float | None = None
+    compress: bool = False
+
+
+@dataclass
+class BlockStats:
+    round: int = 0
+    bytes_total: int = 0       # source size
+    bytes_sent: int = 0        # chunk data that crossed to the target (compressed size when --compress)
+    bytes_changed: int = 0     # uncompressed size of the chunks sent
+    wire_bytes: int = 0        # everything through the agents' channels, hashes and framing included
+    items_total: int = 0       # chunks
+    items_changed: int = 0     # chunks sent (zero chunks to an existing target included)
+    zero_chunks: int = 0
+    hashed_chunks: int = 0     # chunks compared by hash on both sides
+    resumed_chunks: int = 0    # chunks the checkpoint already held
+    duration_s: float = 0.0
+    verified: bool = False
+    content_sha256: str = ""
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def _info(ch: AgentChannel, **req: Any) -> dict:
+    ch.send_json({"op": "info", **req})
+    await ch.drain()
+    return await ch.recv_json()
+
+
+class BlockRound:
+    def __init__(self, src_t: Transport, src_path: str, dst_t: Transport, dst_path: str, opts: BlockOptions, *,
+                 round_no: int, chunkmap: dict[int, bytes], progress: Callable[..., None],
+                 save_checkpoint: Callable[[dict, list[tuple[int, bytes]]], Awaitable[None]],
+                 log: Callable[[str, str], None], restart: bool = False) -> None:
+        self.src_t, self.src_path, self.dst_t, self.dst_path = src_t, src_path, dst_t, dst_path
+        self.opts = opts
+        self.stats = BlockStats(round=round_no)
+        self.chunkmap = dict(chunkmap)   # idx -> hash, durable on the target, from the checkpoint
+        self.progress = progress
+        self.save_checkpoint = save_checkpoint
+        self.log = log
+        self.restart = restart
+        self.limiter = RateLimiter(opts.bwlimit)
+        self.src_hash: dict[int, bytes] = {}
+        self.dst_hash: dict[int, bytes] = {}
+        self.pending: list[tuple[int, bytes]] = []   # acknowledged, not yet in a checkpoint
+        self._last_ckpt = 0.0
+        self._last_progress = 0.0
+        self.channels: list[AgentChannel] = []
+
+    def where(self, side: str) -> str:
+        return f"{self.src_t.host}:{self.src_path}" if side == "src" else f"{self.dst_t.host}:{self.dst_path}"
+
+    async def _agent(self, side: str, **cmd: Any) -> AgentChannel:
+        t, path = (self.src_t, self.src_path) if side == "src" else (self.dst_t, self.dst_path)
+        ch = await AgentChannel.start(t, "blk", path=path, chunk=self.opts.chunk_size, target=side == "dst",
+                                      compress=self.opts.compress, **cmd)
+        self.channels.append(ch)
+        return ch
+
+    async def run(self) -> BlockStats:
+        try:
+            return await self._run()
+        finally:
+            for ch in self.channels:
+                self.stats.wire_bytes += ch.bytes_in + ch.bytes_out
+                await ch.kill()
+
+    async def _run(self) -> BlockStats:
+        t0 = time.monotonic()
+        st = self.stats
+        chunk = self.opts.chunk_size
+        src_ctl, dst_ctl = await asyncio.gather(self._agent("src"), self._agent("dst"))
+        src_info, dst_info = await asyncio.gather(_info(src_ctl), _info(dst_ctl))
+        if not src_info["exists"]:
+            raise PermanentError(f"{self.where('src')}: no such file or device", "check the source path")
+        size = src_info["size"]
+        st.bytes_total = size
+        n_chunks = (size + chunk - 1) // chunk
+        st.items_total = n_chunks
+        fresh = False
+        if dst_info["exists"] and not dst_info["device"] and self.restart:
+            dst_info = await _info(dst_ctl, create_size=size)
+            fresh = True
+            self.chunkmap.clear()
+        elif dst_info["exists"]:
+            if dst_info["size"] < size:
+                raise PermanentError(
+                    f"{self.where('dst')} is {dst_info['size']} bytes, smaller than the source ({size} bytes)",
+                    "use a target at least as large as the source; nothing was written")
+        else:
+            dst_info = await _info(dst_ctl, create_size=size)
+            fresh = True
+            self.chunkmap.clear()
+        st.resumed_chunks = len(self.chunkmap)
+        for idx, h in self.chunkmap.items():
+            self.src_hash[idx] = self.dst_hash[idx] = h
+
+        todo = [i for i in range(n_chunks) if i not in self.chunkmap]
+        if not fresh and todo:
+            self.progress(units_done=0, units_total=len(todo), bytes_done=0, bytes_total=len(todo) * chunk,
+                          item="comparing chunks on both sides", detail={"phase": "compare", "round": st.round})
+            todo = await self._compare(todo, size)
+        zero_send = not fresh
+        await self._checkpoint(force=True)
+
+        self.progress(units_done=0, units_total=max(1, len(todo)), bytes_done=0,
+                      bytes_total=min(size, len(todo) * chunk) or None, item="copying chunks",
+                      detail={"phase": "copy", "round": st.round})
+        if todo:
+            n = max(1, min(self.opts.streams, len(todo)))
+            per = (len(todo) + n - 1) // n
+            parts = [todo[i * per:(i + 1) * per] for i in range(n)]  # contiguous: sequential I/O
+            await asyncio.gather(*(self._stream(i, p, size, fresh, zero_send) for i, p in enumerate(parts) if p))
+        await self._checkpoint(force=True)
+
+        missing = [i for i in range(n_chunks) if i not in self.src_hash or i not in self.dst_hash]
+        differ = [i for i in range(n_chunks) if i not in missing and self.src_hash[i] != self.dst_hash[i]]
+        for i in (missing + differ)[:10]:
+            st.errors.append(f"{self.where('dst')}: chunk {i} (offset {i * chunk}) does not match the source")
+        src_digest = hashlib.sha256(b"".join(self.src_hash.get(i, b"") for i in range(n_chunks))).hexdigest()
+        dst_digest = hashlib.sha256(b"".join(self.dst_hash.get(i, b"") for i in range(n_chunks))).hexdigest()
+        st.verified = not missing and not differ and src_digest == dst_digest
+        st.content_sha256 = src_digest
+        st.duration_s = time.monotonic() - t0
+        self.progress(item="done", detail={"phase": "done"})
+        return st
+
+    async def _compare(self, todo: list[int], size: int) -> list[int]:
+        """Hash the given chunks on both sides in parallel; return those that differ."""
+        n = max(1, min(self.opts.streams, len(todo)))
+        per = (len(todo) + n - 1) // n
+        work = [_ranges(todo[i * per:(i + 1) * per]) for i in range(n)]
+        done = [0]
+
+        async def side(which: str, items: list[tuple[int, int]], sink: dict[int, bytes]) -> None:
+            ch = await self._agent(which)
+            await _info(ch)
+            for first, count in items:
+                ch.send_json({"op": "hash", "first": first, "count": count, "size": size})
+                await ch.drain()
+                while True:
+                    typ, payload = await ch.recv()
+                    if typ == W.F_HASHES:
+                        for off in range(0, len(payload), W.CHUNK_REC.size):
+                            idx, h, _zero = W.CHUNK_REC.unpack_from(payload, off)
+                            sink[idx] = h
+                            if which == "src":
+                                done[0] += 1
+                        if which == "src":
+                            self.progress(units_done=done[0], bytes_done=done[0] * self.opts.chunk_size)
+                    elif typ == W.F_JSON:
+                        break
+            await ch.finish()
+
+        src_h: dict[int, bytes] = {}
+        dst_h: dict[int, bytes] = {}
+        await asyncio.gather(*(side(w, items, sink) for items in work if items
+                               for w, sink in (("src", src_h), ("dst", dst_h))))
+        self.stats.hashed_chunks = len(todo)
+        differ = []
+        for i in todo:
+            if src_h.get(i) is not None and src_h.get(i) == dst_h.get(i):
+                self.src_hash[i] = self.dst_hash[i] = src_h[i]
+            else:
+                differ.append(i)
+        return differ
+
+    async def _stream(self, idx: int, chunks: list[int], size: int, fresh: bool, zero_send: bool) -> None:
+        src, dst = await asyncio.gather(self._agent("src"), self._agent("dst", fresh=fresh))
+        await asyncio.gather(_info(src), _info(dst))
+        st = self.stats
+        src_digest: dict[int, bytes] = {}
+
+        async def acks() -> None:
+            while True:
+                typ, payload = await dst.recv()
+                if typ == W.F_ACK:
+                    written, _t_ns = W.unpack_values(payload)
+                    for i, h in written:
+                        self.dst_hash[i] = h
+                        want = src_digest.pop(i, None)
+                        if want is not None:
+                            self.src_hash[i] = want
+                            if want == h:
+                                self.pending.append((i, h))
+                    await self._checkpoint()
+                elif typ == W.F_EOF:
+                    return
+
+        async def ask() -> None:
+            for i in range(0, len(chunks), SEND_BATCH):
+                src.send_json({"op": "send", "chunks": chunks[i:i + SEND_BATCH], "size": size,
+                               "skip_zero": True})
+                await src.drain()
+
+        ack_task = asyncio.create_task(acks())
+        ask_task = asyncio.create_task(ask())
+        try:
+            replies = 0
+            batches = (len(chunks) + SEND_BATCH - 1) // SEND_BATCH
+            while replies < batches:
+                typ, payload = await src.recv()
+                if typ == W.F_JSON:
+                    replies += 1
+                    continue
+                if typ != W.F_CHUNK:
+                    continue
+                i, kind = struct.unpack_from("<QB", payload, 0)
+                if kind == W.CH_ZERO:
+                    (n,) = struct.unpack_from("<I", payload, 9)
+                    src_digest[i] = W.zero_hash(n)
+                    st.zero_chunks += 1
+                    if fresh:
+                        # A new sparse target already reads zeros here: nothing to send.
+                        self.src_hash[i] = self.dst_hash[i] = src_digest.pop(i)
+                        self.pending.append((i, self.src_hash[i]))
+                        continue
+                    st.items_changed += 1
+                else:
+                    src_digest[i] = payload[9:41]
+                    n = len(payload) - 41
+                    st.bytes_sent += n
+                    st.bytes_changed += min(self.opts.chunk_size, size - i * self.opts.chunk_size)
+                    st.items_changed += 1
+                    await self.limiter.take(n)
+                try:
+                    dst.send(W.F_CHUNK, payload)
+                    await dst.drain()
+                except FerryError:
+                    # A target that failed (disk full, say) closes its channel: report its own reason.
+                    try:
+                        await asyncio.wait_for(asyncio.shield(ack_task), 3)
+                    except asyncio.TimeoutError:
+                        pass
+                    raise
+                if ack_task.done():
+                    ack_task.result()
+                now = time.monotonic()
+                if now - self._last_progress >= 0.05:
+                    self._last_progress = now
+                    self.progress(bytes_done=st.bytes_changed, units_done=st.items_changed + st.zero_chunks)
+            await ask_task
+            dst.send(W.F_EOF)
+            await dst.drain()
+            await ack_task
+        finally:
+            for t in (ack_task, ask_task):
+                if not t.done():
+                    t.cancel()
+        await src.finish()
+        await dst.finish()
+
+    async def _checkpoint(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_ckpt < 0.5:
+            return
+        self._last_ckpt = now
+        new, self.pending = self.pending, []
+        await self.save_checkpoint({"round": self.stats.round, "chunk": self.opts.chunk_size,
+                                    "size": self.stats.bytes_total}, new)
+
+
+def _ranges(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted chunk indices as (first, count) runs."""
+    out: list[tuple[int, int]] = []
+    for i in indices:
+        if out and out[-1][0] + out[-1][1] == i:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((i, 1))
+    return out

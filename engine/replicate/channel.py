@@ -1,0 +1,154 @@
+"""Starting the replication agent on a host and talking frames to it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import FerryError, PermanentError, TransportError
+from ..transport.base import Process, Transport
+from . import agent as wire
+
+AGENT_SOURCE = Path(wire.__file__).read_bytes()
+HDR = wire.HDR
+
+
+class AgentError(PermanentError):
+    """The agent on a host reported a failure it cannot recover from."""
+
+    def __init__(self, message: str, hint: str = "", *, errno: int | None = None) -> None:
+        super().__init__(message, hint)
+        self.errno = errno
+
+
+class AgentChannel:
+    """One agent process on one host, speaking frames over its stdin/stdout."""
+
+    def __init__(self, transport: Transport, proc: Process, role: str) -> None:
+        self.transport = transport
+        self.proc = proc
+        self.role = role
+        self.host = transport.host
+        self.hello: dict[str, Any] = {}
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+    @classmethod
+    async def start(cls, transport: Transport, role: str, **cmd: Any) -> "AgentChannel":
+        proc = await transport.start(["python3", "-c", wire.BOOT])
+        ch = cls(transport, proc, role)
+        proc.stdin.write(b"%d\n" % len(AGENT_SOURCE) + AGENT_SOURCE)
+        ch.send_json({"role": role, **cmd})
+        await ch.drain()
+        typ, payload = await ch.recv()
+        if typ != wire.F_JSON or "hello" not in (msg := json.loads(payload)):
+            raise AgentError(f"{ch.host}: the replication agent did not start ({payload[:200]!r})",
+                             "check that python3 runs on the host")
+        ch.hello = msg
+        return ch
+
+    # -------------------------------------------------------------- frames
+
+    def send(self, typ: bytes, payload: bytes = b"") -> None:
+        try:
+            self.proc.stdin.write(HDR.pack(typ, len(payload)))
+            if payload:
+                self.proc.stdin.write(payload)
+        except TransportError:
+            raise self._lost() from None
+        self.bytes_out += HDR.size + len(payload)
+
+    def _lost(self) -> TransportError:
+        return TransportError(f"{self.host}: the channel to the replication agent ({self.role}) was lost",
+                              "the link dropped or the agent ended; Ferry retries")
+
+    def send_json(self, obj: Any) -> None:
+        self.send(wire.F_JSON, json.dumps(obj).encode())
+
+    async def drain(self) -> None:
+        try:
+            await self.proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise await self._ended(e) from None
+        except TransportError:
+            raise self._lost() from None
+
+    async def recv(self) -> tuple[bytes, bytes]:
+        """The next frame; a JSON frame carrying "fatal" is raised as AgentError."""
+        try:
+            head = await self.proc.stdout.readexactly(HDR.size)
+            typ, ln = HDR.unpack(head)
+            payload = await self.proc.stdout.readexactly(ln) if ln else b""
+        except EOFError as e:
+            raise await self._ended(e) from None
+        except TransportError:
+            raise self._lost() from None
+        self.bytes_in += HDR.size + ln
+        if typ == wire.F_JSON:
+            msg = json.loads(payload)
+            if isinstance(msg, dict) and "fatal" in msg:
+                raise self._fatal(msg)
+        return typ, payload
+
+    async def recv_json(self) -> dict:
+        typ, payload = await self.recv()
+        if typ != wire.F_JSON:
+            raise AgentError(f"{self.host}: agent sent frame {typ!r} where a reply was expected")
+        return json.loads(payload)
+
+    def _fatal(self, msg: dict) -> AgentError:
+        import errno as E
+        code = msg.get("errno")
+        text = f"{self.host}: {msg['fatal']}"
+        hint = {E.ENOSPC: "free space on the target, then run the same command again to resume",
+                E.EDQUOT: "raise the quota on the target, then run the same command again to resume",
+                E.EROFS: "the target filesystem is read-only; remount it read-write",
+                E.ENOENT: "check the path", E.ENOTDIR: "the path must be a directory",
+                E.EACCES: "check permissions (Ferry runs as the ssh user on the host)"}.get(code, "")
+        return AgentError(text, hint, errno=code)
+
+    async def _ended(self, e: BaseException) -> FerryError:
+        """The channel closed early: report why (python3 missing, agent crash, or a dropped link)."""
+        if isinstance(e, FerryError):
+            return e
+        try:
+            status = await asyncio.wait_for(self.proc.wait(), 5)
+        except (asyncio.TimeoutError, FerryError):
+            status = None
+        err = b""
+        try:
+            err = await asyncio.wait_for(self.proc.stderr.read(4096), 2)
+        except Exception:
+            pass
+        text = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
+        if status == 127:
+            return PermanentError(f"{self.host}: python3 is not installed", "Ferry needs python3 (standard "
+                                  "library only) on the host: apt-get install python3-minimal")
+        if status not in (None, 0) and text[0]:
+            return AgentError(f"{self.host}: replication agent failed: {text[0]}")
+        return TransportError(f"{self.host}: the channel to the replication agent closed unexpectedly",
+                              "the link dropped or the host killed the process; Ferry retries")
+
+    async def finish(self, timeout: float = 30) -> None:
+        try:
+            await self.proc.stdin.close()
+        except Exception:
+            pass
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+            # Read the streams to their end so their pipes close with the process.
+            for stream in (self.proc.stdout, self.proc.stderr):
+                while await asyncio.wait_for(stream.read(65536), 5):
+                    pass
+        except (asyncio.TimeoutError, FerryError):
+            await self.kill()
+
+    async def kill(self) -> None:
+        """Stop the agent now, and reap it (so no process or pipe outlives the round)."""
+        try:
+            await self.proc.kill()
+            await asyncio.wait_for(self.proc.wait(), 5)
+        except Exception:
+            pass

@@ -1,0 +1,683 @@
+"""File-level replication rounds (tar/rsync-like) between two hosts, through the engine.
+
+A round: walk both trees in parallel, plan the difference, then
+  A. deletions and new directories (control stream),
+  B. regular files over N parallel streams (source agent -> engine -> target agent),
+  C. hard links, symlinks, device nodes, metadata updates, then directory metadata deepest first.
+The target acknowledges data only after it is durable (syncfs/fsync); only then is a checkpoint
+committed. Resuming verifies, rather than trusts, anything the last checkpoint did not cover:
+files the target changed after it (by ctime) are compared by hash, and a partly written large
+file continues from the longest prefix whose hash matches on both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import errno as E
+import stat
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Awaitable, Callable
+
+from ..errors import FerryError, PermanentError
+from ..transport.base import Transport
+from . import agent as W
+from .channel import AgentChannel, AgentError
+from .ratelimit import RateLimiter
+
+PART_PREFIX = W.PART_PREFIX
+REQ_BATCH = 256
+CHANGED_PASSES = 2
+
+
+@dataclass(frozen=True)
+class FileOptions:
+    excludes: tuple[str, ...] = ()
+    system_excludes: bool = False
+    streams: int = 4
+    bwlimit: float | None = None      # bytes per second, all streams together
+    checksum: bool = False
+    delete: bool = True
+    one_file_system: bool = False
+
+
+@dataclass
+class RoundStats:
+    round: int = 0
+    bytes_total: int = 0        # size of the source tree's regular files
+    bytes_to_send: int = 0
+    bytes_sent: int = 0         # file data sent this round (resumed prefixes excluded)
+    items_total: int = 0        # entries in the source tree
+    items_changed: int = 0      # entries created, updated or deleted on the target
+    files_sent: int = 0
+    deleted: int = 0
+    duration_s: float = 0.0
+    verified: bool = False
+    resumed_bytes: int = 0      # partial-file bytes kept on the target after hash verification
+    rechecked: int = 0          # files written after the last checkpoint, verified by hash
+    changed_during_copy: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Manifest:
+    """A tree listing: path -> (typ, mode, uid, gid, size, mtime, rdev, dev, ino, nlink, xcrc, link, digest)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[bytes, tuple] = {}
+        self.summary: dict[str, Any] = {}
+
+    @property
+    def exists(self) -> bool:
+        return self.summary.get("exists", True)
+
+
+async def walk(t: Transport, root: str, opts: FileOptions, *, missing_ok: bool = False,
+               hash_ctime_after: int | None = None) -> Manifest:
+    ch = await AgentChannel.start(t, "walk", root=root, excludes=list(opts.excludes),
+                                  system_excludes=opts.system_excludes, checksum=opts.checksum,
+                                  missing_ok=missing_ok, hash_ctime_after=hash_ctime_after,
+                                  one_file_system=opts.one_file_system)
+    m = Manifest()
+    try:
+        while True:
+            typ, payload = await ch.recv()
+            if typ == W.F_MANIFEST:
+                for rec in W.decode_records(payload):
+                    m.entries[rec[0]] = rec[1:]
+            elif typ == W.F_JSON:
+                import json
+                m.summary = json.loads(payload)
+                break
+    except AgentError as e:
+        raise PermanentError(f"{t.host}:{root}: {e.message.split(': ', 1)[-1]}", e.hint or "check the path") from None
+    finally:
+        await ch.finish()
+    return m
+
+
+def b64(p: bytes) -> str:
+    return base64.b64encode(p).decode()
+
+
+def unb64(s: str) -> bytes:
+    return base64.b64decode(s)
+
+
+def show(p: bytes) -> str:
+    """A path for messages: exact where it is UTF-8, escaped where it is not."""
+    return p.decode("utf-8", "backslashreplace")
+
+
+def parent_of(rel: bytes) -> bytes:
+    return rel.rsplit(b"/", 1)[0] if b"/" in rel else b"."
+
+
+def depth(rel: bytes) -> int:
+    return 0 if rel == b"." else rel.count(b"/") + 1
+
+
+# Record field positions (after the path).
+TYP, MODE, UID, GID, SIZE, MTIME, RDEV, DEV, INO, NLINK, XCRC, LINK, DIGEST = range(13)
+
+
+@dataclass
+class Plan:
+    deletes: list[bytes] = field(default_factory=list)
+    mkdirs: list[bytes] = field(default_factory=list)
+    files: list[tuple[bytes, int]] = field(default_factory=list)
+    hardlinks: list[tuple[bytes, bytes]] = field(default_factory=list)
+    entries: list[tuple[str, bytes]] = field(default_factory=list)   # (op, rel) for the source to describe
+    dirmeta: list[bytes] = field(default_factory=list)
+    keep_partials: set[bytes] = field(default_factory=set)
+
+    @property
+    def changed(self) -> int:
+        return (len(self.deletes) + len(self.mkdirs) + len(self.files) + len(self.hardlinks)
+                + len(self.entries))
+
+
+def _meta_differs(s: tuple, t: tuple, is_root: bool) -> bool:
+    if stat.S_IMODE(s[MODE]) != stat.S_IMODE(t[MODE]) or s[XCRC] != t[XCRC]:
+        return True
+    return is_root and (s[UID] != t[UID] or s[GID] != t[GID])
+
+
+def plan_round(src: Manifest, dst: Manifest, opts: FileOptions, *, target_is_root: bool,
+               partials: set[bytes] = frozenset(), suspect: set[bytes] = frozenset()) -> Plan:
+    """What must change on the target so that it equals the source. `suspect` files are re-sent."""
+    plan = Plan()
+    s_ent, d_ent = src.entries, dst.entries
+    touched_dirs: set[bytes] = set()
+
+    # Deletions: target entries the source does not have (or has with another type).
+    for rel, t in d_ent.items():
+        base = rel.rsplit(b"/", 1)[-1]
+        if base.startswith(PART_PREFIX):
+            if rel in partials:
+                plan.keep_partials.add(rel)
+            else:
+                plan.deletes.append(rel)   # leftovers of an abandoned transfer
+            continue
+        s = s_ent.get(rel)
+        if s is None and not opts.delete:
+            continue
+        if s is None or s[TYP] != t[TYP]:
+            plan.deletes.append(rel)
+    # Only the topmost of deleted trees needs a delete frame.
+    deleted: set[bytes] = set()
+    for rel in sorted(plan.deletes):
+        if not _ancestors_in(rel, deleted):
+            deleted.add(rel)
+    plan.deletes = sorted(deleted, key=lambda r: (-depth(r), r))
+    for rel in plan.deletes:
+        touched_dirs.add(parent_of(rel))
+
+    # Hard-link groups: the first path (sorted) is sent, the others are linked to it.
+    leaders: dict[tuple[int, int], bytes] = {}
+    for rel in sorted(s_ent):
+        s = s_ent[rel]
+        if s[TYP] == W.T_FILE and s[NLINK] > 1:
+            leaders.setdefault((s[DEV], s[INO]), rel)
+
+    sent: set[bytes] = set()
+    for rel in sorted(s_ent):
+        s = s_ent[rel]
+        t = d_ent.get(rel)
+        if t is not None and (t[TYP] != s[TYP] or rel in deleted):
+            t = None
+        typ = s[TYP]
+        if typ == W.T_DIR:
+            if rel != b"." and t is None:
+                plan.mkdirs.append(rel)
+                touched_dirs.add(parent_of(rel))
+                touched_dirs.add(rel)
+            elif t is not None and (_meta_differs(s, t, target_is_root) or s[MTIME] != t[MTIME]):
+                touched_dirs.add(rel)
+            continue
+        if typ == W.T_FILE:
+            key = (s[DEV], s[INO])
+            leader = leaders.get(key) if s[NLINK] > 1 else None
+            if leader is not None and leader != rel:
+                lt = d_ent.get(leader)
+                linked = (t is not None and lt is not None and t[INO] == lt[INO] and t[DEV] == lt[DEV]
+                          and leader not in sent and leader not in deleted)
+                if not linked:
+                    plan.hardlinks.append((rel, leader))
+                    touched_dirs.add(parent_of(rel))
+                continue
+            same = (t is not None and t[SIZE] == s[SIZE] and t[MTIME] == s[MTIME]
+                    and rel not in suspect)
+            if same and opts.checksum:
+                same = s[DIGEST] is not None and s[DIGEST] == t[DIGEST]
+            if not same:
+                plan.files.append((rel, s[SIZE]))
+                sent.add(rel)
+                touched_dirs.add(parent_of(rel))
+            elif _meta_differs(s, t, target_is_root):
+                plan.entries.append(("meta", rel))
+            continue
+        if typ == W.T_LINK:
+            if t is None or t[LINK] != s[LINK] or t[MTIME] != s[MTIME] or (
+                    target_is_root and (t[UID], t[GID]) != (s[UID], s[GID])):
+                plan.entries.append(("symlink", rel))
+                touched_dirs.add(parent_of(rel))
+            continue
+        if typ == W.T_SOCK:
+            continue  # sockets belong to running programs; they are not copied
+        # Device nodes and FIFOs.
+        if t is None or t[RDEV] != s[RDEV] or _meta_differs(s, t, target_is_root) or t[MTIME] != s[MTIME]:
+            plan.entries.append(("node", rel))
+            touched_dirs.add(parent_of(rel))
+
+    # Directory metadata, deepest first, after everything inside them.
+    plan.dirmeta = sorted({d for d in touched_dirs if d in s_ent}, key=lambda r: (-depth(r), r))
+    return plan
+
+
+def _ancestors_in(rel: bytes, roots: set[bytes]) -> list[bytes]:
+    out = []
+    parts = rel.split(b"/")
+    for i in range(1, len(parts)):
+        p = b"/".join(parts[:i])
+        if p in roots:
+            out.append(p)
+    return out
+
+
+# --------------------------------------------------------------------------- the target side
+
+
+class TargetStream:
+    """A target agent plus the task reading its acknowledgements."""
+
+    def __init__(self, ch: AgentChannel, rnd: "FileRound", name: str) -> None:
+        self.ch = ch
+        self.rnd = rnd
+        self.name = name
+        self.last_ack_ns = int(ch.hello.get("time_ns", 0))
+        self.wrote = False
+        self.partial: list | None = None
+        self.seq = 0
+        self._waiters: dict[int, asyncio.Future] = {}
+        self._eof = asyncio.get_running_loop().create_future()
+        self.task = asyncio.create_task(self._read(), name=f"ferry-acks-{name}")
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                typ, payload = await self.ch.recv()
+                if typ == W.F_ACK:
+                    seq, acked, partial, notes, t_ns = W.unpack_values(payload)
+                    self.last_ack_ns = t_ns
+                    self.partial = partial
+                    self.rnd.on_ack(self, acked, notes)
+                    fut = self._waiters.pop(seq, None)
+                    if fut and not fut.done():
+                        fut.set_result(None)
+                    await self.rnd.durable()
+                elif typ == W.F_ERR:
+                    rel, code, msg = W.unpack_values(payload)
+                    self.rnd.on_target_error(self, rel, code, msg)
+                elif typ == W.F_EOF:
+                    self._eof.set_result(None)
+                    return
+                elif typ == W.F_JSON:
+                    self.rnd.on_reply(payload)
+        except BaseException as e:
+            for fut in [*self._waiters.values(), self._eof]:
+                if not fut.done():
+                    fut.set_exception(e)
+                    fut.exception()  # mark it seen: the error surfaces through the task itself
+            self._waiters.clear()
+            if not isinstance(e, asyncio.CancelledError):
+                raise
+
+    async def sync(self) -> None:
+        """Barrier: everything sent so far is durable and acknowledged."""
+        self.seq += 1
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters[self.seq] = fut
+        self.ch.send(W.F_SYNC, struct.pack("<q", self.seq))
+        await self.ch.drain()
+        await fut
+
+    async def failure(self, timeout: float = 3.0) -> BaseException | None:
+        """The target's own error, if it ended with one (it may arrive just after a broken pipe)."""
+        try:
+            await asyncio.wait_for(asyncio.shield(self.task), timeout)
+        except asyncio.TimeoutError:
+            return None
+        except BaseException as e:   # noqa: BLE001 - this is the error being looked for
+            return e
+        return None
+
+    async def end(self) -> None:
+        self.ch.send(W.F_EOF)
+        await self.ch.drain()
+        await self._eof
+        await self.task
+        await self.ch.finish()
+
+
+# --------------------------------------------------------------------------- a round
+
+
+ProgressFn = Callable[..., None]
+CheckpointFn = Callable[[dict], Awaitable[None]]
+
+
+class FileRound:
+    """One round of file-level replication from src_t:src_root to dst_t:dst_root."""
+
+    def __init__(self, src_t: Transport, src_root: str, dst_t: Transport, dst_root: str, opts: FileOptions, *,
+                 round_no: int, checkpoint: dict | None, progress: ProgressFn, save_checkpoint: CheckpointFn,
+                 log: Callable[[str, str], None]) -> None:
+        self.src_t, self.src_root, self.dst_t, self.dst_root = src_t, src_root, dst_t, dst_root
+        self.opts = opts
+        self.stats = RoundStats(round=round_no)
+        self.checkpoint = checkpoint or {}
+        self.progress = progress
+        self.save_checkpoint = save_checkpoint
+        self.log = log
+        self.limiter = RateLimiter(opts.bwlimit)
+        self.src_digests: dict[bytes, tuple[bytes, bool]] = {}
+        self.targets: list[TargetStream] = []
+        self.replies: asyncio.Queue = asyncio.Queue()
+        self.retry: set[bytes] = set()
+        self.mismatch: list[bytes] = []
+        self.fatal: FerryError | None = None
+        self._last_ckpt = 0.0
+        self._last_progress = 0.0
+        self.bytes_durable = 0     # file data the targets acknowledged as on disk, this run
+        self._partials: dict[bytes, list] = {}
+        self.current = ""
+        self.stream_bytes: dict[str, int] = {}
+
+    # -- callbacks from target streams
+
+    def on_ack(self, ts: TargetStream, acked: list, notes: list) -> None:
+        for rel, digest, size, changed in acked:
+            src = self.src_digests.pop(rel, None)
+            if src is None:
+                continue   # a symlink, node, link or metadata update: nothing to hash
+            src_digest, src_changed = src
+            self.bytes_durable += size
+            if changed or src_changed:
+                self.retry.add(rel)
+            elif digest != src_digest:
+                self.mismatch.append(rel)
+        for n in notes:
+            if n not in self.stats.notes:
+                self.stats.notes.append(n)
+                self.log(f"{self.dst_t.host}: {n}", "warning")
+
+    def on_target_error(self, ts: TargetStream, rel: bytes, code: int, msg: str) -> None:
+        self.src_digests.pop(rel, None)
+        text = f"{self.dst_t.host}:{self.dst_root}: {msg}"
+        if msg.startswith("refused"):
+            self.stats.refused.append(text)
+        else:
+            self.stats.errors.append(text)
+        self.log(text, "error")
+
+    def on_reply(self, payload: bytes) -> None:
+        import json
+        self.replies.put_nowait(json.loads(payload))
+
+    async def durable(self) -> None:
+        """Commit a checkpoint describing what the targets have acknowledged as durable."""
+        now = time.monotonic()
+        if now - self._last_ckpt < 0.5:
+            return
+        self._last_ckpt = now
+        await self._commit()
+
+    async def _commit(self) -> None:
+        partials = {}
+        for ts in self.targets:
+            if ts.partial:
+                rel, offset, _h = ts.partial
+                partials[b64(rel)] = offset
+        durable = self.bytes_durable + sum(partials.values())
+        boundary = min((ts.last_ack_ns for ts in self.targets), default=0)
+        prev = self.checkpoint.get("verified_before_ns")
+        if prev and self.checkpoint.get("round") == self.stats.round and boundary < prev:
+            boundary = prev
+        self.checkpoint = {"round": self.stats.round, "partials": partials, "verified_before_ns": boundary,
+                           "bytes_sent": self.stats.bytes_sent, "bytes_durable": durable}
+        await self.save_checkpoint(self.checkpoint)
+
+    # -- the round
+
+    async def run(self) -> RoundStats:
+        t0 = time.monotonic()
+        opts = self.opts
+        resumed_round = self.checkpoint.get("round") == self.stats.round
+        ctime_after = self.checkpoint.get("verified_before_ns") if resumed_round else None
+        self.progress(item="walking both trees", detail={"phase": "walk", "round": self.stats.round})
+        src_m, dst_m, ctl_src, ctl_dst = await asyncio.gather(
+            walk(self.src_t, self.src_root, opts),
+            walk(self.dst_t, self.dst_root, opts, missing_ok=True, hash_ctime_after=ctime_after),
+            AgentChannel.start(self.src_t, "send", root=self.src_root),
+            AgentChannel.start(self.dst_t, "recv", root=self.dst_root))
+        ctl = TargetStream(ctl_dst, self, "control")
+        self.targets.append(ctl)
+        try:
+            return await self._run(src_m, dst_m, ctl_src, ctl, resumed_round, t0)
+        except BaseException:
+            for ts in self.targets:
+                ts.task.cancel()
+                await ts.ch.kill()
+            await ctl_src.kill()
+            raise
+
+    async def _run(self, src_m: Manifest, dst_m: Manifest, ctl_src: AgentChannel, ctl: TargetStream,
+                   resumed_round: bool, t0: float) -> RoundStats:
+        st = self.stats
+        for path, rec in src_m.entries.items():
+            if rec[TYP] == W.T_FILE:
+                st.bytes_total += rec[SIZE]
+        st.items_total = len(src_m.entries)
+        for err in src_m.summary.get("errors", []):
+            st.errors.append(f"{self.src_t.host}: {err}")
+            self.log(f"{self.src_t.host}: {err}", "error")
+
+        partials = {unb64(k): v for k, v in (self.checkpoint.get("partials") or {}).items()} if resumed_round else {}
+        part_names = {self._part_name(rel): rel for rel in partials}
+
+        # Files the target wrote after the last checkpoint: compare hashes before trusting them.
+        suspect: set[bytes] = set()
+        hashed = [rel for rel, rec in dst_m.entries.items() if rec[DIGEST] is not None and rec[TYP] == W.T_FILE]
+        if hashed and not self.opts.checksum:
+            src_hashes = await self._source_hashes(ctl_src, [r for r in hashed if r in src_m.entries])
+            for rel in hashed:
+                s = src_m.entries.get(rel)
+                if s is None:
+                    continue
+                st.rechecked += 1
+                if src_hashes.get(rel) != dst_m.entries[rel][DIGEST].hex():
+                    suspect.add(rel)
+
+        plan = plan_round(src_m, dst_m, self.opts, target_is_root=ctl.ch.hello.get("uid") == 0,
+                          partials=set(part_names), suspect=suspect)
+        st.items_changed = plan.changed
+        st.bytes_to_send = sum(size for _, size in plan.files)
+
+        resume_at = await self._verify_partials(ctl_src, ctl, plan, part_names)
+        st.resumed_bytes = sum(resume_at.values())
+        if not resumed_round:
+            await self._commit()   # the round has begun: a re-run from here on resumes it
+
+        self.progress(units_done=0, units_total=max(1, plan.changed), bytes_done=0,
+                      bytes_total=max(0, st.bytes_to_send - st.resumed_bytes) or None,
+                      item="deleting and creating directories", detail={"phase": "prepare"})
+        # A. deletions, then new directories (parents first: the list is sorted).
+        for rel in plan.deletes:
+            ctl.ch.send(W.F_DELETE, W.pack_values([rel]))
+        for rel in plan.mkdirs:
+            ctl.ch.send(W.F_ENTRY, W.pack_values(["dir", rel, 0o700]))
+        st.deleted = len(plan.deletes)
+        if plan.deletes or plan.mkdirs:
+            await ctl.ch.drain()
+            await ctl.sync()
+            self._check_fatal()
+
+        # B. regular files over parallel streams; files that changed while read go again.
+        files = plan.files
+        for attempt in range(1 + CHANGED_PASSES):
+            if not files:
+                break
+            self.retry.clear()
+            await self._send_files(files, resume_at)
+            resume_at = {}
+            if not self.retry:
+                break
+            sizes = {rel: size for rel, size in plan.files}
+            files = [(rel, sizes.get(rel, 0)) for rel in sorted(self.retry)]
+            if attempt < CHANGED_PASSES:
+                self.log(f"{len(files)} file(s) changed while being read; copying them again", "warning")
+        st.changed_during_copy = [show(r) for r in sorted(self.retry)]
+        for rel in self.retry:
+            self.log(f"{self.src_t.host}:{self.src_root}: {show(rel)} changed while being copied; "
+                     "the next round copies it again", "warning")
+
+        # C. links, symlinks, nodes, metadata, then directory metadata deepest first.
+        self.progress(item="links, metadata and directories", detail={"phase": "finish"})
+        for rel, leader in plan.hardlinks:
+            ctl.ch.send(W.F_ENTRY, W.pack_values(["hardlink", rel, leader]))
+        requests = [[op, rel, None] for op, rel in plan.entries] + [["dirmeta", rel, None] for rel in plan.dirmeta]
+        await self._relay_requests(ctl_src, ctl, requests)
+        await ctl.end()
+        await ctl_src.finish()
+        self._check_fatal()
+        await self._commit()
+
+        for rel in self.mismatch:
+            st.errors.append(f"{self.dst_t.host}:{self.dst_root}: {show(rel)}: content hash differs from the source")
+        st.duration_s = time.monotonic() - t0
+        st.verified = not (st.errors or st.refused or st.changed_during_copy or self.mismatch)
+        self.progress(units_done=max(1, plan.changed), item="done", detail={"phase": "done"})
+        return st
+
+    @staticmethod
+    def _part_name(rel: bytes) -> bytes:
+        parent, _, name = rel.rpartition(b"/")
+        part = W.part_name(name)
+        return parent + b"/" + part if parent else part
+
+    def _check_fatal(self) -> None:
+        if self.fatal:
+            raise self.fatal
+
+    async def _source_hashes(self, ctl_src: AgentChannel, rels: list[bytes]) -> dict[bytes, str | None]:
+        out: dict[bytes, str | None] = {}
+        for i in range(0, len(rels), REQ_BATCH):
+            batch = rels[i:i + REQ_BATCH]
+            ctl_src.send(W.F_REQ, W.pack_values([["hash", rel, None] for rel in batch]))
+            await ctl_src.drain()
+            for _ in batch:
+                reply = await ctl_src.recv_json()
+                out[reply["path"].encode("utf-8", "surrogateescape")] = reply["sha256"]
+        return out
+
+    async def _verify_partials(self, ctl_src: AgentChannel, ctl: TargetStream, plan: Plan,
+                               part_names: dict[bytes, bytes]) -> dict[bytes, int]:
+        """For each kept partial file, the longest prefix whose hash is the same on both sides."""
+        resume: dict[bytes, int] = {}
+        wanted = {rel for rel, _ in plan.files}
+        for part, rel in part_names.items():
+            if part not in plan.keep_partials or rel not in wanted:
+                continue
+            ctl.ch.send_json({"path": rel.decode("utf-8", "surrogateescape")})
+            await ctl.ch.drain()
+            reply = await asyncio.wait_for(self.replies.get(), 600)
+            length, digest = reply["length"], reply["sha256"]
+            if not length or not digest:
+                continue
+            ctl_src.send(W.F_REQ, W.pack_values([["hash", rel, length]]))
+            await ctl_src.drain()
+            src = await ctl_src.recv_json()
+            if src["sha256"] == digest:
+                resume[rel] = length
+                self.log(f"{show(rel)}: resuming after {length} bytes verified on both sides", "info")
+            else:
+                self.log(f"{show(rel)}: the kept partial copy differs from the source; sending it whole", "warning")
+        return resume
+
+    async def _send_files(self, files: list[tuple[bytes, int]], resume_at: dict[bytes, int]) -> None:
+        n = max(1, min(self.opts.streams, len(files)))
+        # Balance by bytes plus a per-file cost, largest first.
+        buckets: list[list[tuple[bytes, int]]] = [[] for _ in range(n)]
+        loads = [0] * n
+        for rel, size in sorted(files, key=lambda f: -f[1]):
+            i = loads.index(min(loads))
+            buckets[i].append((rel, size))
+            loads[i] += size + 32768
+        for b in buckets:
+            b.sort()  # directory order: kinder to both filesystems
+        await asyncio.gather(*(self._stream(i, b, resume_at) for i, b in enumerate(buckets) if b))
+
+    async def _stream(self, idx: int, files: list[tuple[bytes, int]], resume_at: dict[bytes, int]) -> None:
+        sync_bytes = 512 << 20
+        src, dst = await asyncio.gather(
+            AgentChannel.start(self.src_t, "send", root=self.src_root),
+            AgentChannel.start(self.dst_t, "recv", root=self.dst_root, sync_bytes=sync_bytes))
+        ts = TargetStream(dst, self, f"stream{idx}")
+        self.targets.append(ts)
+        try:
+            requests = [["file", rel, resume_at.get(rel, 0)] for rel, _ in files]
+            await self._relay_requests(src, ts, requests, name=f"stream{idx}")
+            await ts.end()
+            await src.finish()
+        except BaseException:
+            ts.task.cancel()
+            await dst.kill()
+            await src.kill()
+            raise
+        finally:
+            self.targets.remove(ts)
+        self._check_fatal()
+
+    async def _relay_requests(self, src: AgentChannel, ts: TargetStream, requests: list,
+                              name: str = "control") -> None:
+        """Ask the source for `requests` and relay what it sends to the target, with accounting."""
+        async def ask() -> None:
+            for i in range(0, len(requests), REQ_BATCH):
+                src.send(W.F_REQ, W.pack_values(requests[i:i + REQ_BATCH]))
+                await src.drain()
+            src.send(W.F_EOF)
+            await src.drain()
+
+        asker = asyncio.create_task(ask())
+        dst = ts.ch
+        st = self.stats
+        try:
+            while True:
+                typ, payload = await src.recv()
+                if typ == W.F_EOF:
+                    break
+                if typ == W.F_ERR:
+                    rel, code, msg = W.unpack_values(payload)
+                    self._source_error(rel, code, msg)
+                    continue
+                n = 0
+                if typ == W.F_FILE:
+                    mlen, tlen = struct.unpack_from("<II", payload, 0)
+                    meta = W.unpack_values(payload[8:8 + mlen])
+                    trailer = payload[8 + mlen:8 + mlen + tlen]
+                    rel = meta[0]
+                    self.src_digests[rel] = (trailer[:32], trailer[32:33] == b"\1")
+                    n = len(payload) - 8 - mlen - tlen
+                    st.files_sent += 1
+                    self.current = show(rel)
+                elif typ == W.F_DATA:
+                    n = len(payload) - 8
+                elif typ == W.F_BEGIN:
+                    self.current = show(W.unpack_values(payload)[0])
+                elif typ == W.F_END:
+                    rel, digest, changed = W.unpack_values(payload)
+                    self.src_digests[rel] = (digest, changed)
+                    st.files_sent += 1
+                try:
+                    dst.send(typ, payload)
+                    await dst.drain()
+                except FerryError:
+                    # A target that failed (disk full, say) closes its channel: report its own reason.
+                    raise (await ts.failure()) or dst._lost()
+                if n:
+                    st.bytes_sent += n
+                    self.stream_bytes[name] = self.stream_bytes.get(name, 0) + n
+                    await self.limiter.take(n)
+                now = time.monotonic()
+                if now - self._last_progress >= 0.05:
+                    self._last_progress = now
+                    self.progress(bytes_done=st.bytes_sent, units_done=st.files_sent, item=self.current,
+                                  detail={"phase": "copy", "streams": dict(self.stream_bytes)})
+                if ts.task.done():
+                    ts.task.result()   # a target failure surfaces here, not after the source is drained
+            await asker
+        except AgentError as e:
+            self.fatal = e
+            raise
+        finally:
+            if not asker.done():
+                asker.cancel()
+
+    def _source_error(self, rel: bytes, code: int, msg: str) -> None:
+        where = f"{self.src_t.host}:{self.src_root}"
+        if msg == "vanished":
+            text = f"{where}: {show(rel)} vanished during the copy"
+            hint = "it was deleted on the source; the next round reflects that"
+        elif code == E.EACCES or code == E.EPERM:
+            text, hint = f"{where}: {msg}", "Ferry could not read it: check its permissions or run as root"
+        else:
+            text, hint = f"{where}: {msg}", ""
+        self.stats.errors.append(text + (f" (hint: {hint})" if hint else ""))
+        self.log(text, "error")

@@ -1,0 +1,152 @@
+"""Replication as engine tasks: `replicate.files` and `replicate.blocks`, one round per run."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import SiteConfig
+from ..errors import PermanentError
+from ..tasks import TaskContext, TaskKind, register
+from .blocks import DEFAULT_CHUNK, BlockOptions, BlockRound
+from .files import FileOptions, FileRound
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.path}"
+
+
+def parse_endpoint(text: str, site: SiteConfig | None = None, *, what: str = "endpoint") -> Endpoint:
+    """HOST:PATH, HOST a host of the site or `local`, PATH absolute."""
+    host, sep, path = text.partition(":")
+    known = sorted(site.hosts) + ["local"] if site else ["local"]
+    if not sep or not host or not path:
+        raise PermanentError(f"{what} {text!r} is not HOST:PATH",
+                             f"for example local:/srv/data or {known[0]}:/srv/data")
+    if not path.startswith("/"):
+        raise PermanentError(f"{what} {text!r}: the path must be absolute", f"for example {host}:/{path}")
+    if site is not None and host != "local":
+        site.host(host)   # raises with the list of known hosts
+    norm = posixpath.normpath(path)
+    return Endpoint(host, norm if norm != "//" else "/")
+
+
+def _endpoints(ctx_or_site, params: dict[str, Any]) -> tuple[Endpoint, Endpoint]:
+    site = ctx_or_site if isinstance(ctx_or_site, SiteConfig) or ctx_or_site is None else ctx_or_site.site
+    return (parse_endpoint(params["src"], site, what="source"),
+            parse_endpoint(params["dst"], site, what="target"))
+
+
+class _ReplicateKind(TaskKind):
+    max_retries = 5
+
+    def hosts(self, params: dict[str, Any]) -> list[str]:
+        src, dst = _endpoints(None, params)
+        return sorted({src.host, dst.host})
+
+    def dedup_key(self, params: dict[str, Any]) -> str:
+        return f"{params['src']} -> {params['dst']}"
+
+    def validate(self, params: dict[str, Any]) -> None:
+        src, dst = _endpoints(None, params)
+        if src == dst:
+            raise PermanentError("source and target are the same", "pick another target")
+        streams = int(params.get("streams", 4))
+        if not 1 <= streams <= 64:
+            raise PermanentError(f"--streams must be 1 to 64, got {streams}", "for example --streams 4")
+
+    @staticmethod
+    def _log(ctx: TaskContext):
+        return lambda message, level="info": ctx.log(message, level)
+
+
+@register
+class ReplicateFiles(_ReplicateKind):
+    name = "replicate.files"
+
+    def title(self, params: dict[str, Any]) -> str:
+        return f"files {params['src']} → {params['dst']}"
+
+    def validate(self, params: dict[str, Any]) -> None:
+        super().validate(params)
+        src, dst = _endpoints(None, params)
+        if src.host == dst.host and (dst.path + "/").startswith(src.path.rstrip("/") + "/"):
+            raise PermanentError(f"the target {dst} is inside the source {src}",
+                                 "copying a tree into itself never ends; pick a target outside it")
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        p = ctx.params
+        src, dst = _endpoints(ctx, p)
+        opts = FileOptions(excludes=tuple(p.get("excludes", ())), system_excludes=bool(p.get("system_excludes")),
+                           streams=int(p.get("streams", 4)), bwlimit=p.get("bwlimit"),
+                           checksum=bool(p.get("checksum")), delete=bool(p.get("delete", True)),
+                           one_file_system=bool(p.get("one_file_system")))
+        round_no = (ctx.checkpoint or {}).get("round") or int(p.get("round", 1))
+
+        async def save(state: dict) -> None:
+            await ctx.save_checkpoint(state)
+
+        rnd = FileRound(ctx.transport(src.host), src.path, ctx.transport(dst.host), dst.path, opts,
+                        round_no=round_no, checkpoint=ctx.checkpoint, progress=ctx.progress,
+                        save_checkpoint=save, log=self._log(ctx))
+        stats = await rnd.run()
+        result = {**stats.to_dict(), "resumed": ctx.resumed, "src": str(src), "dst": str(dst)}
+        if not stats.verified:
+            problems = stats.refused + stats.errors
+            if problems:
+                more = f" (and {len(problems) - 1} more; see `ferry task show {ctx.id}`)" if len(problems) > 1 else ""
+                raise PermanentError(problems[0] + more, "fix the cause and run the same command again to resume")
+            if stats.changed_during_copy:
+                n = len(stats.changed_during_copy)
+                raise PermanentError(f"{n} file(s) kept changing while being copied, e.g. "
+                                     f"{src}/{stats.changed_during_copy[0]}",
+                                     "run another round (the same command), or stop what writes to them first")
+            raise PermanentError("the target could not be verified equal to the source",
+                                 "run the same command again")
+        return result
+
+
+@register
+class ReplicateBlocks(_ReplicateKind):
+    name = "replicate.blocks"
+
+    def title(self, params: dict[str, Any]) -> str:
+        return f"blocks {params['src']} → {params['dst']}"
+
+    def validate(self, params: dict[str, Any]) -> None:
+        super().validate(params)
+        chunk = int(params.get("chunk_size", DEFAULT_CHUNK))
+        if chunk < 64 * 1024 or chunk > 64 << 20 or chunk % 4096:
+            raise PermanentError(f"chunk size must be a multiple of 4 KiB between 64 KiB and 64 MiB, got {chunk}",
+                                 "for example --chunk-size 4M")
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        p = ctx.params
+        src, dst = _endpoints(ctx, p)
+        opts = BlockOptions(chunk_size=int(p.get("chunk_size", DEFAULT_CHUNK)), streams=int(p.get("streams", 4)),
+                            bwlimit=p.get("bwlimit"), compress=bool(p.get("compress")))
+        ckpt = ctx.checkpoint or {}
+        round_no = ckpt.get("round") or int(p.get("round", 1))
+        chunkmap = await ctx.load_chunks() if ckpt.get("chunk") == opts.chunk_size else {}
+        first = [True]
+
+        async def save(state: dict, chunks: list[tuple[int, bytes]]) -> None:
+            reset = first[0] and not chunkmap
+            first[0] = False
+            await ctx.save_checkpoint(state, chunks=chunks, reset_chunks=reset)
+
+        rnd = BlockRound(ctx.transport(src.host), src.path, ctx.transport(dst.host), dst.path, opts,
+                         round_no=round_no, chunkmap=chunkmap, progress=ctx.progress, save_checkpoint=save,
+                         log=self._log(ctx), restart=bool(p.get("restart")) and not ctx.resumed)
+        stats = await rnd.run()
+        result = {**stats.to_dict(), "resumed": ctx.resumed, "src": str(src), "dst": str(dst)}
+        if not stats.verified:
+            raise PermanentError(stats.errors[0] if stats.errors else "the target could not be verified",
+                                 "run the same command again to resume and re-compare")
+        return result
