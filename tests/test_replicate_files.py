@@ -17,7 +17,7 @@ import pytest
 
 from engine.replicate import agent as W
 from engine.replicate.channel import AgentChannel
-from engine.transport.local import LocalTransport
+from engine.replicate.hosts import AgentHost
 from harness.cli import ferry, ferry_process, isolate_ssh
 from harness.trees import describe, diff, rich_tree, write
 
@@ -28,13 +28,14 @@ def site(sshd_factory, tmp_path, monkeypatch):
     return sshd_factory.site(tmp_path, 2)
 
 
+
 def replicate(ws, src: str, dst: str, *extra: str) -> dict:
     r = ferry(ws, "replicate", "files", src, dst, "--json", *extra)
     assert r.out, r.err
     return {**r.json, "_code": r.code, "_err": r.err}
 
 
-def test_full_round_preserves_every_type_and_attribute(site, tmp_path):
+def test_full_round_preserves_every_type_and_attribute(site, tmp_path, via):
     src, dst = tmp_path / "src", tmp_path / "dst"
     rich_tree(src)
     out = replicate(site.workspace.root, f"local:{src}", f"ssh1:{dst}")
@@ -48,7 +49,7 @@ def test_full_round_preserves_every_type_and_attribute(site, tmp_path):
     assert os.stat(dst / "sparse.img").st_blocks * 512 < (2 << 20)
 
 
-def test_incremental_round_changes_deletes_and_type_changes(site, tmp_path):
+def test_incremental_round_changes_deletes_and_type_changes(site, tmp_path, via):
     src, dst = tmp_path / "src", tmp_path / "dst"
     rich_tree(src, specials=False)
     ws = site.workspace.root
@@ -150,7 +151,7 @@ def test_file_changing_during_copy_is_reported_then_caught(site, tmp_path):
 # --------------------------------------------------------------------------- hostile sources
 
 async def _recv_agent(root: Path) -> AgentChannel:
-    return await AgentChannel.start(LocalTransport("local"), "recv", root=str(root))
+    return await AgentChannel.start(AgentHost.local(), "recv", root=str(root))
 
 
 def _small_file(rel: bytes, data: bytes = b"evil") -> bytes:
@@ -208,10 +209,9 @@ async def test_target_refuses_entries_that_would_escape_its_root(tmp_path):
             break
     await ch.finish()
 
-    refused = [e for e in errors if e[2].startswith("refused")]
+    assert all(side == "target" for side, *_ in errors)
+    refused = [e for e in errors if e[3].startswith("refused")]
     assert len(refused) == len(HOSTILE) - 2, errors   # DATA/END of a refused file produce no extra error
-    for rel, _code, msg in refused:
-        assert msg.startswith("refused:")
     assert {b"good", b"new\nline-\xff"} <= set(acked)
     assert (root / "good").read_bytes() == b"the rest continues"
     assert (root / os.fsdecode(b"new\nline-\xff")).read_bytes() == b"odd name"
@@ -253,7 +253,7 @@ def test_kill_9_mid_round_then_rerun_resumes_with_little_resent(site, tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     total = _tree_for_interruptions(src)
     ws = site.workspace.root
-    proc = ferry_process(ws, "replicate", "files", f"local:{src}", f"ssh1:{dst}", "--bwlimit", "40M",
+    proc = ferry_process(ws, "replicate", "files", f"local:{src}", f"ssh1:{dst}", "--bwlimit", "16M",
                          "--streams", "2", env={"HOME": os.environ["HOME"]})
     try:
         deadline = time.monotonic() + 60
@@ -279,7 +279,7 @@ def test_kill_9_mid_round_then_rerun_resumes_with_little_resent(site, tmp_path):
     assert diff(describe(src), describe(dst)) == []
 
 
-def test_killed_connection_mid_round_is_retried_automatically(site, tmp_path):
+def test_killed_connection_mid_round_is_retried_automatically(site, tmp_path, via):
     src, dst = tmp_path / "src", tmp_path / "dst"
     total = _tree_for_interruptions(src)
     ws = site.workspace.root
@@ -305,6 +305,20 @@ def test_killed_connection_mid_round_is_retried_automatically(site, tmp_path):
     assert result["verified"] is True
     assert "retrying" in ferry(ws, "task", "show", str(result["task"])).out
     assert diff(describe(src), describe(dst)) == []
+
+
+def test_changed_host_key_is_refused_by_the_bulk_path_too(site, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "f", b"data")
+    server = site.servers["ssh1"]
+    old = server.fingerprint
+    server.regenerate_host_key()
+    out = replicate(site.workspace.root, f"local:{src}", f"ssh1:{tmp_path / 'dst'}")
+    assert out["_code"] == 1
+    assert server.fingerprint in out["error"] and old in out["error"], out
+    assert "ferry hosts trust ssh1" in out["hint"]
+    assert not (tmp_path / "dst").exists()
 
 
 # --------------------------------------------------------------------------- causes an operator fixes

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import struct
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable
 
 from ..errors import FerryError, PermanentError
-from ..transport.base import Transport
+from .hosts import AgentHost
 from . import agent as W
 from .channel import AgentChannel
-from .ratelimit import RateLimiter
+from .pipeline import Stream
 
 DEFAULT_CHUNK = 4 << 20
 SEND_BATCH = 32
@@ -63,7 +63,7 @@ async def _info(ch: AgentChannel, **req: Any) -> dict:
 
 
 class BlockRound:
-    def __init__(self, src_t: Transport, src_path: str, dst_t: Transport, dst_path: str, opts: BlockOptions, *,
+    def __init__(self, src_t: AgentHost, src_path: str, dst_t: AgentHost, dst_path: str, opts: BlockOptions, *,
                  round_no: int, chunkmap: dict[int, bytes], progress: Callable[..., None],
                  save_checkpoint: Callable[[dict, list[tuple[int, bytes]]], Awaitable[None]],
                  log: Callable[[str, str], None], restart: bool = False) -> None:
@@ -75,13 +75,13 @@ class BlockRound:
         self.save_checkpoint = save_checkpoint
         self.log = log
         self.restart = restart
-        self.limiter = RateLimiter(opts.bwlimit)
         self.src_hash: dict[int, bytes] = {}
         self.dst_hash: dict[int, bytes] = {}
         self.pending: list[tuple[int, bytes]] = []   # acknowledged, not yet in a checkpoint
         self._last_ckpt = 0.0
         self._last_progress = 0.0
         self.channels: list[AgentChannel] = []
+        self.stream_bytes: dict[str, tuple[int, int]] = {}   # per stream: (bytes written, bytes on the wire)
 
     def where(self, side: str) -> str:
         return f"{self.src_t.host}:{self.src_path}" if side == "src" else f"{self.dst_t.host}:{self.dst_path}"
@@ -136,7 +136,6 @@ class BlockRound:
             self.progress(units_done=0, units_total=len(todo), bytes_done=0, bytes_total=len(todo) * chunk,
                           item="comparing chunks on both sides", detail={"phase": "compare", "round": st.round})
             todo = await self._compare(todo, size)
-        zero_send = not fresh
         await self._checkpoint(force=True)
 
         self.progress(units_done=0, units_total=max(1, len(todo)), bytes_done=0,
@@ -146,7 +145,7 @@ class BlockRound:
             n = max(1, min(self.opts.streams, len(todo)))
             per = (len(todo) + n - 1) // n
             parts = [todo[i * per:(i + 1) * per] for i in range(n)]  # contiguous: sequential I/O
-            await asyncio.gather(*(self._stream(i, p, size, fresh, zero_send) for i, p in enumerate(parts) if p))
+            await asyncio.gather(*(self._stream(i, p, size, fresh) for i, p in enumerate(parts) if p))
         await self._checkpoint(force=True)
 
         missing = [i for i in range(n_chunks) if i not in self.src_hash or i not in self.dst_hash]
@@ -201,90 +200,74 @@ class BlockRound:
                 differ.append(i)
         return differ
 
-    async def _stream(self, idx: int, chunks: list[int], size: int, fresh: bool, zero_send: bool) -> None:
-        src, dst = await asyncio.gather(self._agent("src"), self._agent("dst", fresh=fresh))
-        await asyncio.gather(_info(src), _info(dst))
+    async def _stream(self, idx: int, chunks: list[int], size: int, fresh: bool) -> None:
+        """One bulk stream: the source agent reads chunks, the target agent writes them (see pipeline)."""
+        chunk = self.opts.chunk_size
+        share = self.opts.bwlimit / max(1, self.opts.streams) if self.opts.bwlimit else None
+        common = {"chunk": chunk, "compress": self.opts.compress}
+        stream = await Stream.open(self.src_t, {**common, "path": self.src_path},
+                                   self.dst_t, {**common, "path": self.dst_path, "target": True, "fresh": fresh,
+                                                "open": True},
+                                   role_src="blk", role_dst="blk", bwlimit=share)
         st = self.stats
-        src_digest: dict[int, bytes] = {}
+        name = f"stream{idx}"
+        self.stream_bytes[name] = (0, 0)
 
-        async def acks() -> None:
+        async def target() -> None:
             while True:
-                typ, payload = await dst.recv()
+                typ, payload = await stream.recv()
                 if typ == W.F_ACK:
                     written, _t_ns = W.unpack_values(payload)
                     for i, h in written:
-                        self.dst_hash[i] = h
-                        want = src_digest.pop(i, None)
-                        if want is not None:
-                            self.src_hash[i] = want
-                            if want == h:
-                                self.pending.append((i, h))
+                        # The target checked each chunk against the source's digest before acknowledging.
+                        self.src_hash[i] = self.dst_hash[i] = h
+                        self.pending.append((i, h))
+                        n = min(chunk, size - i * chunk)
+                        if h == W.zero_hash(n):
+                            st.zero_chunks += 1
+                            if not fresh:
+                                st.items_changed += 1
+                        else:
+                            st.items_changed += 1
+                            st.bytes_changed += n
                     await self._checkpoint()
+                elif typ == W.F_PROGRESS:
+                    self.stream_bytes[name] = tuple(W.unpack_values(payload)[:2])
+                    now = time.monotonic()
+                    if now - self._last_progress >= 0.1:
+                        self._last_progress = now
+                        self.progress(bytes_done=sum(b for b, _ in self.stream_bytes.values()))
                 elif typ == W.F_EOF:
                     return
 
-        async def ask() -> None:
-            for i in range(0, len(chunks), SEND_BATCH):
-                src.send_json({"op": "send", "chunks": chunks[i:i + SEND_BATCH], "size": size,
-                               "skip_zero": True})
-                await src.drain()
-
-        ack_task = asyncio.create_task(acks())
-        ask_task = asyncio.create_task(ask())
+        reader = asyncio.create_task(target(), name=f"ferry-blk-{name}")
         try:
-            replies = 0
-            batches = (len(chunks) + SEND_BATCH - 1) // SEND_BATCH
-            while replies < batches:
-                typ, payload = await src.recv()
-                if typ == W.F_JSON:
-                    replies += 1
-                    continue
-                if typ != W.F_CHUNK:
-                    continue
-                i, kind = struct.unpack_from("<QB", payload, 0)
-                if kind == W.CH_ZERO:
-                    (n,) = struct.unpack_from("<I", payload, 9)
-                    src_digest[i] = W.zero_hash(n)
-                    st.zero_chunks += 1
-                    if fresh:
-                        # A new sparse target already reads zeros here: nothing to send.
-                        self.src_hash[i] = self.dst_hash[i] = src_digest.pop(i)
-                        self.pending.append((i, self.src_hash[i]))
-                        continue
-                    st.items_changed += 1
-                else:
-                    src_digest[i] = payload[9:41]
-                    n = len(payload) - 41
-                    st.bytes_sent += n
-                    st.bytes_changed += min(self.opts.chunk_size, size - i * self.opts.chunk_size)
-                    st.items_changed += 1
-                    await self.limiter.take(n)
+            for i in range(0, len(chunks), SEND_BATCH):
+                stream.request(W.F_JSON, json.dumps({"op": "send", "chunks": chunks[i:i + SEND_BATCH],
+                                                     "size": size, "skip_zero": True}).encode())
+                await stream.drain()
+                if reader.done():
+                    reader.result()
+            stream.request(W.F_EOF)
+            await stream.drain()
+            await reader
+            await stream.finish()
+        except BaseException as e:
+            reader.cancel()
+            failure = None
+            if not isinstance(e, asyncio.CancelledError):
                 try:
-                    dst.send(W.F_CHUNK, payload)
-                    await dst.drain()
-                except FerryError:
-                    # A target that failed (disk full, say) closes its channel: report its own reason.
-                    try:
-                        await asyncio.wait_for(asyncio.shield(ack_task), 3)
-                    except asyncio.TimeoutError:
-                        pass
-                    raise
-                if ack_task.done():
-                    ack_task.result()
-                now = time.monotonic()
-                if now - self._last_progress >= 0.05:
-                    self._last_progress = now
-                    self.progress(bytes_done=st.bytes_changed, units_done=st.items_changed + st.zero_chunks)
-            await ask_task
-            dst.send(W.F_EOF)
-            await dst.drain()
-            await ack_task
+                    await asyncio.wait_for(asyncio.shield(reader), 3)
+                except BaseException as r:   # noqa: BLE001 - the target's own reason is wanted
+                    failure = r if isinstance(r, FerryError) else None
+            await stream.kill()
+            if failure is not None:
+                raise failure from None
+            raise
         finally:
-            for t in (ack_task, ask_task):
-                if not t.done():
-                    t.cancel()
-        await src.finish()
-        await dst.finish()
+            wire = self.stream_bytes.get(name, (0, 0))[1]
+            st.bytes_sent += wire
+            st.wire_bytes += wire
 
     async def _checkpoint(self, force: bool = False) -> None:
         now = time.monotonic()

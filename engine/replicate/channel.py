@@ -5,14 +5,23 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FerryError, PermanentError, TransportError
-from ..transport.base import Process, Transport
+from ..transport.base import Process
 from . import agent as wire
+
+if TYPE_CHECKING:
+    from .hosts import AgentHost
 
 AGENT_SOURCE = Path(wire.__file__).read_bytes()
 HDR = wire.HDR
+
+
+def bootstrap(role: str, cmd: dict[str, Any]) -> bytes:
+    """What an agent reads first: its source, then the command frame."""
+    frame = json.dumps({"role": role, **cmd}).encode()
+    return b"%d\n" % len(AGENT_SOURCE) + AGENT_SOURCE + HDR.pack(wire.F_JSON, len(frame)) + frame
 
 
 class AgentError(PermanentError):
@@ -26,21 +35,20 @@ class AgentError(PermanentError):
 class AgentChannel:
     """One agent process on one host, speaking frames over its stdin/stdout."""
 
-    def __init__(self, transport: Transport, proc: Process, role: str) -> None:
-        self.transport = transport
+    def __init__(self, where: "AgentHost | None", proc: Process, role: str, host: str) -> None:
+        self.where = where
         self.proc = proc
         self.role = role
-        self.host = transport.host
+        self.host = host
         self.hello: dict[str, Any] = {}
         self.bytes_out = 0
         self.bytes_in = 0
 
     @classmethod
-    async def start(cls, transport: Transport, role: str, **cmd: Any) -> "AgentChannel":
-        proc = await transport.start(["python3", "-c", wire.BOOT])
-        ch = cls(transport, proc, role)
-        proc.stdin.write(b"%d\n" % len(AGENT_SOURCE) + AGENT_SOURCE)
-        ch.send_json({"role": role, **cmd})
+    async def start(cls, where: "AgentHost", role: str, **cmd: Any) -> "AgentChannel":
+        proc = await where.start()
+        ch = cls(where, proc, role, where.host)
+        proc.stdin.write(bootstrap(role, cmd))
         await ch.drain()
         typ, payload = await ch.recv()
         if typ != wire.F_JSON or "hello" not in (msg := json.loads(payload)):
@@ -122,6 +130,10 @@ class AgentChannel:
             err = await asyncio.wait_for(self.proc.stderr.read(4096), 2)
         except Exception:
             pass
+        if self.where is not None:
+            diagnosed = await self.where.diagnose(status, err.decode("utf-8", "replace"))
+            if diagnosed is not None:
+                return diagnosed
         text = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
         if status == 127:
             return PermanentError(f"{self.host}: python3 is not installed", "Ferry needs python3 (standard "

@@ -22,10 +22,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Awaitable, Callable
 
 from ..errors import FerryError, PermanentError
-from ..transport.base import Transport
 from . import agent as W
 from .channel import AgentChannel, AgentError
-from .ratelimit import RateLimiter
+from .hosts import AgentHost
+from .pipeline import Stream
 
 PART_PREFIX = W.PART_PREFIX
 REQ_BATCH = 256
@@ -78,7 +78,7 @@ class Manifest:
         return self.summary.get("exists", True)
 
 
-async def walk(t: Transport, root: str, opts: FileOptions, *, missing_ok: bool = False,
+async def walk(t: AgentHost, root: str, opts: FileOptions, *, missing_ok: bool = False,
                hash_ctime_after: int | None = None) -> Manifest:
     ch = await AgentChannel.start(t, "walk", root=root, excludes=list(opts.excludes),
                                   system_excludes=opts.system_excludes, checksum=opts.checksum,
@@ -136,6 +136,10 @@ class Plan:
     entries: list[tuple[str, bytes]] = field(default_factory=list)   # (op, rel) for the source to describe
     dirmeta: list[bytes] = field(default_factory=list)
     keep_partials: set[bytes] = field(default_factory=set)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.changed or self.dirmeta or self.keep_partials)
 
     @property
     def changed(self) -> int:
@@ -251,6 +255,35 @@ def _ancestors_in(rel: bytes, roots: set[bytes]) -> list[bytes]:
     return out
 
 
+BIG_FILE = 8 << 20
+SMALL_ROUND = 64 << 20   # less to send than this: no separate streams
+FILE_COST = 32768   # what creating one file costs, in bytes of transfer
+
+
+def split_streams(files: list[tuple[bytes, int]], streams: int) -> list[list[tuple[bytes, int]]]:
+    """Share files among streams by bytes plus a per-file cost. Small files go by whole
+    directories, so that two streams never create files in the same directory at once (they
+    would wait on its lock); big files are shared one by one."""
+    n = max(1, min(streams, len(files)))
+    groups: dict[bytes, list[tuple[bytes, int]]] = {}
+    units: list[tuple[int, list[tuple[bytes, int]]]] = []
+    for rel, size in files:
+        if size >= BIG_FILE:
+            units.append((size, [(rel, size)]))
+        else:
+            groups.setdefault(parent_of(rel), []).append((rel, size))
+    units += [(sum(s for _, s in g) + FILE_COST * len(g), g) for g in groups.values()]
+    buckets: list[list[tuple[bytes, int]]] = [[] for _ in range(n)]
+    loads = [0] * n
+    for cost, unit in sorted(units, key=lambda u: -u[0]):
+        i = loads.index(min(loads))
+        buckets[i].extend(unit)
+        loads[i] += cost
+    for b in buckets:
+        b.sort()   # directory order: kinder to both filesystems
+    return [b for b in buckets if b]
+
+
 # --------------------------------------------------------------------------- the target side
 
 
@@ -261,6 +294,7 @@ class TargetStream:
         self.ch = ch
         self.rnd = rnd
         self.name = name
+        self.received = 0     # file data the target has taken in (its progress reports)
         self.last_ack_ns = int(ch.hello.get("time_ns", 0))
         self.wrote = False
         self.partial: list | None = None
@@ -283,8 +317,11 @@ class TargetStream:
                         fut.set_result(None)
                     await self.rnd.durable()
                 elif typ == W.F_ERR:
-                    rel, code, msg = W.unpack_values(payload)
-                    self.rnd.on_target_error(self, rel, code, msg)
+                    side, rel, code, msg = W.unpack_values(payload)
+                    self.rnd.on_error(side, rel, code, msg)
+                elif typ == W.F_PROGRESS:
+                    self.received = W.unpack_values(payload)[0]
+                    self.rnd.on_progress()
                 elif typ == W.F_EOF:
                     self._eof.set_result(None)
                     return
@@ -321,9 +358,13 @@ class TargetStream:
     async def end(self) -> None:
         self.ch.send(W.F_EOF)
         await self.ch.drain()
+        await self.finished()
+        await self.ch.finish()
+
+    async def finished(self) -> None:
+        """Until the target has said end-of-stream (after its final sync)."""
         await self._eof
         await self.task
-        await self.ch.finish()
 
 
 # --------------------------------------------------------------------------- a round
@@ -336,7 +377,7 @@ CheckpointFn = Callable[[dict], Awaitable[None]]
 class FileRound:
     """One round of file-level replication from src_t:src_root to dst_t:dst_root."""
 
-    def __init__(self, src_t: Transport, src_root: str, dst_t: Transport, dst_root: str, opts: FileOptions, *,
+    def __init__(self, src_t: AgentHost, src_root: str, dst_t: AgentHost, dst_root: str, opts: FileOptions, *,
                  round_no: int, checkpoint: dict | None, progress: ProgressFn, save_checkpoint: CheckpointFn,
                  log: Callable[[str, str], None]) -> None:
         self.src_t, self.src_root, self.dst_t, self.dst_root = src_t, src_root, dst_t, dst_root
@@ -346,40 +387,53 @@ class FileRound:
         self.progress = progress
         self.save_checkpoint = save_checkpoint
         self.log = log
-        self.limiter = RateLimiter(opts.bwlimit)
-        self.src_digests: dict[bytes, tuple[bytes, bool]] = {}
+        self.unacked: set[bytes] = set()   # files sent and neither acknowledged nor reported failed
+        self.sent_before = 0                # file data of streams already finished
         self.targets: list[TargetStream] = []
         self.replies: asyncio.Queue = asyncio.Queue()
         self.retry: set[bytes] = set()
         self.mismatch: list[bytes] = []
         self.fatal: FerryError | None = None
         self._last_ckpt = 0.0
+        self.walked_ns = 0   # the target's clock when its walk began: nothing of ours is newer yet
         self._last_progress = 0.0
         self.bytes_durable = 0     # file data the targets acknowledged as on disk, this run
         self._partials: dict[bytes, list] = {}
-        self.current = ""
-        self.stream_bytes: dict[str, int] = {}
 
     # -- callbacks from target streams
 
     def on_ack(self, ts: TargetStream, acked: list, notes: list) -> None:
-        for rel, digest, size, changed in acked:
-            src = self.src_digests.pop(rel, None)
-            if src is None:
+        for rel, digest, size, changed, mismatch in acked:
+            self.unacked.discard(rel)
+            if not digest:
                 continue   # a symlink, node, link or metadata update: nothing to hash
-            src_digest, src_changed = src
             self.bytes_durable += size
-            if changed or src_changed:
+            self.stats.files_sent += 1
+            if changed:
                 self.retry.add(rel)
-            elif digest != src_digest:
+            elif mismatch:
                 self.mismatch.append(rel)
         for n in notes:
             if n not in self.stats.notes:
                 self.stats.notes.append(n)
                 self.log(f"{self.dst_t.host}: {n}", "warning")
 
-    def on_target_error(self, ts: TargetStream, rel: bytes, code: int, msg: str) -> None:
-        self.src_digests.pop(rel, None)
+    def on_progress(self) -> None:
+        now = time.monotonic()
+        if now - self._last_progress < 0.1:
+            return
+        self._last_progress = now
+        sent = self.sent_before + sum(ts.received for ts in self.targets)
+        self.progress(bytes_done=sent, detail={"phase": "copy",
+                                               "streams": {ts.name: ts.received for ts in self.targets
+                                                           if ts.name != "control"}})
+
+    def on_error(self, side: str, rel: bytes, code: int, msg: str) -> None:
+        """A per-entry error from the source (passed on by the target) or from the target."""
+        self.unacked.discard(rel)
+        if side == "source":
+            self._source_error(rel, code, msg)
+            return
         text = f"{self.dst_t.host}:{self.dst_root}: {msg}"
         if msg.startswith("refused"):
             self.stats.refused.append(text)
@@ -406,12 +460,13 @@ class FileRound:
                 rel, offset, _h = ts.partial
                 partials[b64(rel)] = offset
         durable = self.bytes_durable + sum(partials.values())
-        boundary = min((ts.last_ack_ns for ts in self.targets), default=0)
+        boundary = min((ts.last_ack_ns for ts in self.targets), default=self.walked_ns)
         prev = self.checkpoint.get("verified_before_ns")
         if prev and self.checkpoint.get("round") == self.stats.round and boundary < prev:
             boundary = prev
         self.checkpoint = {"round": self.stats.round, "partials": partials, "verified_before_ns": boundary,
-                           "bytes_sent": self.stats.bytes_sent, "bytes_durable": durable}
+                           "bytes_sent": self.sent_before + sum(ts.received for ts in self.targets),
+                           "bytes_durable": durable}
         await self.save_checkpoint(self.checkpoint)
 
     # -- the round
@@ -419,29 +474,15 @@ class FileRound:
     async def run(self) -> RoundStats:
         t0 = time.monotonic()
         opts = self.opts
-        resumed_round = self.checkpoint.get("round") == self.stats.round
-        ctime_after = self.checkpoint.get("verified_before_ns") if resumed_round else None
-        self.progress(item="walking both trees", detail={"phase": "walk", "round": self.stats.round})
-        src_m, dst_m, ctl_src, ctl_dst = await asyncio.gather(
-            walk(self.src_t, self.src_root, opts),
-            walk(self.dst_t, self.dst_root, opts, missing_ok=True, hash_ctime_after=ctime_after),
-            AgentChannel.start(self.src_t, "send", root=self.src_root),
-            AgentChannel.start(self.dst_t, "recv", root=self.dst_root))
-        ctl = TargetStream(ctl_dst, self, "control")
-        self.targets.append(ctl)
-        try:
-            return await self._run(src_m, dst_m, ctl_src, ctl, resumed_round, t0)
-        except BaseException:
-            for ts in self.targets:
-                ts.task.cancel()
-                await ts.ch.kill()
-            await ctl_src.kill()
-            raise
-
-    async def _run(self, src_m: Manifest, dst_m: Manifest, ctl_src: AgentChannel, ctl: TargetStream,
-                   resumed_round: bool, t0: float) -> RoundStats:
         st = self.stats
-        for path, rec in src_m.entries.items():
+        resumed_round = self.checkpoint.get("round") == st.round
+        ctime_after = self.checkpoint.get("verified_before_ns") if resumed_round else None
+        self.progress(item="walking both trees", detail={"phase": "walk", "round": st.round})
+        src_m, dst_m = await asyncio.gather(
+            walk(self.src_t, self.src_root, opts),
+            walk(self.dst_t, self.dst_root, opts, missing_ok=True, hash_ctime_after=ctime_after))
+        self.walked_ns = dst_m.summary.get("time_ns", 0)
+        for rec in src_m.entries.values():
             if rec[TYP] == W.T_FILE:
                 st.bytes_total += rec[SIZE]
         st.items_total = len(src_m.entries)
@@ -451,22 +492,49 @@ class FileRound:
 
         partials = {unb64(k): v for k, v in (self.checkpoint.get("partials") or {}).items()} if resumed_round else {}
         part_names = {self._part_name(rel): rel for rel in partials}
+        target_is_root = dst_m.summary.get("uid") == 0
+        # Files the target wrote after the last checkpoint: their hashes are compared before they are trusted.
+        hashed = [rel for rel, rec in dst_m.entries.items()
+                  if rec[DIGEST] is not None and rec[TYP] == W.T_FILE and rel in src_m.entries]
+        plan = plan_round(src_m, dst_m, opts, target_is_root=target_is_root, partials=set(part_names))
+        if plan.empty and dst_m.exists and not (hashed and not opts.checksum):
+            # Nothing to do: no agents beyond the two walks.
+            if not resumed_round:
+                await self._commit()
+            return self._finish(plan, t0)
 
-        # Files the target wrote after the last checkpoint: compare hashes before trusting them.
-        suspect: set[bytes] = set()
-        hashed = [rel for rel, rec in dst_m.entries.items() if rec[DIGEST] is not None and rec[TYP] == W.T_FILE]
-        if hashed and not self.opts.checksum:
-            src_hashes = await self._source_hashes(ctl_src, [r for r in hashed if r in src_m.entries])
-            for rel in hashed:
-                s = src_m.entries.get(rel)
-                if s is None:
-                    continue
-                st.rechecked += 1
-                if src_hashes.get(rel) != dst_m.entries[rel][DIGEST].hex():
-                    suspect.add(rel)
+        ctl_src, ctl_dst = await asyncio.gather(AgentChannel.start(self.src_t, "send", root=self.src_root),
+                                                AgentChannel.start(self.dst_t, "recv", root=self.dst_root))
+        ctl = TargetStream(ctl_dst, self, "control")
+        self.targets.append(ctl)
+        try:
+            if hashed and not opts.checksum:
+                src_hashes = await self._source_hashes(ctl_src, hashed)
+                suspect = {rel for rel in hashed if src_hashes.get(rel) != dst_m.entries[rel][DIGEST].hex()}
+                st.rechecked = len(hashed)
+                if suspect:
+                    plan = plan_round(src_m, dst_m, opts, target_is_root=target_is_root,
+                                      partials=set(part_names), suspect=suspect)
+            return await self._run(plan, part_names, ctl_src, ctl, resumed_round, t0)
+        except BaseException:
+            for ts in self.targets:
+                ts.task.cancel()
+                await ts.ch.kill()
+            await ctl_src.kill()
+            raise
 
-        plan = plan_round(src_m, dst_m, self.opts, target_is_root=ctl.ch.hello.get("uid") == 0,
-                          partials=set(part_names), suspect=suspect)
+    def _finish(self, plan: Plan, t0: float) -> RoundStats:
+        st = self.stats
+        for rel in self.mismatch:
+            st.errors.append(f"{self.dst_t.host}:{self.dst_root}: {show(rel)}: content hash differs from the source")
+        st.duration_s = time.monotonic() - t0
+        st.verified = not (st.errors or st.refused or st.changed_during_copy or self.mismatch)
+        self.progress(units_done=max(1, plan.changed), item="done", detail={"phase": "done"})
+        return st
+
+    async def _run(self, plan: Plan, part_names: dict[bytes, bytes], ctl_src: AgentChannel, ctl: TargetStream,
+                   resumed_round: bool, t0: float) -> RoundStats:
+        st = self.stats
         st.items_changed = plan.changed
         st.bytes_to_send = sum(size for _, size in plan.files)
 
@@ -495,7 +563,7 @@ class FileRound:
             if not files:
                 break
             self.retry.clear()
-            await self._send_files(files, resume_at)
+            await self._send_files(files, resume_at, ctl_src, ctl)
             resume_at = {}
             if not self.retry:
                 break
@@ -518,13 +586,7 @@ class FileRound:
         await ctl_src.finish()
         self._check_fatal()
         await self._commit()
-
-        for rel in self.mismatch:
-            st.errors.append(f"{self.dst_t.host}:{self.dst_root}: {show(rel)}: content hash differs from the source")
-        st.duration_s = time.monotonic() - t0
-        st.verified = not (st.errors or st.refused or st.changed_during_copy or self.mismatch)
-        self.progress(units_done=max(1, plan.changed), item="done", detail={"phase": "done"})
-        return st
+        return self._finish(plan, t0)
 
     @staticmethod
     def _part_name(rel: bytes) -> bytes:
@@ -571,101 +633,88 @@ class FileRound:
                 self.log(f"{show(rel)}: the kept partial copy differs from the source; sending it whole", "warning")
         return resume
 
-    async def _send_files(self, files: list[tuple[bytes, int]], resume_at: dict[bytes, int]) -> None:
-        n = max(1, min(self.opts.streams, len(files)))
-        # Balance by bytes plus a per-file cost, largest first.
-        buckets: list[list[tuple[bytes, int]]] = [[] for _ in range(n)]
-        loads = [0] * n
-        for rel, size in sorted(files, key=lambda f: -f[1]):
-            i = loads.index(min(loads))
-            buckets[i].append((rel, size))
-            loads[i] += size + 32768
-        for b in buckets:
-            b.sort()  # directory order: kinder to both filesystems
-        await asyncio.gather(*(self._stream(i, b, resume_at) for i, b in enumerate(buckets) if b))
+    async def _send_files(self, files: list[tuple[bytes, int]], resume_at: dict[bytes, int],
+                          ctl_src: AgentChannel, ctl: TargetStream) -> None:
+        todo = sum(size for _, size in files) - sum(resume_at.values())
+        if todo < SMALL_ROUND and len(files) < 5000:
+            # Little to send: the control agents carry it; starting streams would cost more.
+            self.unacked.update(rel for rel, _ in files)
+            await self._relay_requests(ctl_src, ctl, [["file", rel, resume_at.get(rel, 0)] for rel, _ in files],
+                                       last=False)
+            await ctl.sync()
+        else:
+            buckets = split_streams(files, self.opts.streams)
+            await asyncio.gather(*(self._stream(i, b, resume_at) for i, b in enumerate(buckets) if b))
+        self.stats.bytes_sent = self.sent_before + sum(ts.received for ts in self.targets)
+        for rel in sorted(self.unacked)[:10]:
+            self.stats.errors.append(f"{self.dst_t.host}:{self.dst_root}: {show(rel)}: the target never "
+                                     "acknowledged it")
+        self.unacked.clear()
 
     async def _stream(self, idx: int, files: list[tuple[bytes, int]], resume_at: dict[bytes, int]) -> None:
-        sync_bytes = 512 << 20
-        src, dst = await asyncio.gather(
-            AgentChannel.start(self.src_t, "send", root=self.src_root),
-            AgentChannel.start(self.dst_t, "recv", root=self.dst_root, sync_bytes=sync_bytes))
-        ts = TargetStream(dst, self, f"stream{idx}")
+        """One bulk stream: the source agent's output goes to the target agent (see pipeline)."""
+        share = self.opts.bwlimit / max(1, self.opts.streams) if self.opts.bwlimit else None
+        stream = await Stream.open(self.src_t, {"root": self.src_root}, self.dst_t,
+                                   {"root": self.dst_root, "sync_bytes": 512 << 20},
+                                   role_src="send", role_dst="recv", bwlimit=share)
+        ts = TargetStream(stream.target, self, f"stream{idx}")
         self.targets.append(ts)
+        self.unacked.update(rel for rel, _ in files)
         try:
             requests = [["file", rel, resume_at.get(rel, 0)] for rel, _ in files]
-            await self._relay_requests(src, ts, requests, name=f"stream{idx}")
-            await ts.end()
-            await src.finish()
-        except BaseException:
+            for i in range(0, len(requests), REQ_BATCH):
+                stream.request(W.F_REQ, W.pack_values(requests[i:i + REQ_BATCH]))
+                await stream.drain()
+                if ts.task.done():
+                    ts.task.result()
+            stream.request(W.F_EOF)
+            await stream.drain()
+            await ts.finished()
+            await stream.finish()
+        except BaseException as e:
             ts.task.cancel()
-            await dst.kill()
-            await src.kill()
+            failure = await ts.failure(0) if not isinstance(e, asyncio.CancelledError) else None
+            await stream.kill()
+            if isinstance(failure, FerryError):
+                raise failure from None   # the target's own reason (disk full, say) beats a broken pipe
             raise
         finally:
             self.targets.remove(ts)
-        self._check_fatal()
+            self.sent_before += ts.received
 
-    async def _relay_requests(self, src: AgentChannel, ts: TargetStream, requests: list,
-                              name: str = "control") -> None:
-        """Ask the source for `requests` and relay what it sends to the target, with accounting."""
+    async def _relay_requests(self, src: AgentChannel, ts: TargetStream, requests: list, *,
+                              last: bool = True) -> None:
+        """Control stream: ask the source for entries and hand its frames to the target.
+        last=False keeps the source for more requests afterwards."""
         async def ask() -> None:
             for i in range(0, len(requests), REQ_BATCH):
                 src.send(W.F_REQ, W.pack_values(requests[i:i + REQ_BATCH]))
                 await src.drain()
-            src.send(W.F_EOF)
+            if last:
+                src.send(W.F_EOF)
+            else:
+                src.send(W.F_REQ, W.pack_values([["mark", b"", 0]]))
             await src.drain()
 
         asker = asyncio.create_task(ask())
         dst = ts.ch
-        st = self.stats
         try:
             while True:
                 typ, payload = await src.recv()
-                if typ == W.F_EOF:
+                if typ == W.F_EOF or (typ == W.F_JSON and b'"mark"' in payload):
                     break
                 if typ == W.F_ERR:
-                    rel, code, msg = W.unpack_values(payload)
+                    _side, rel, code, msg = W.unpack_values(payload)
                     self._source_error(rel, code, msg)
                     continue
-                n = 0
-                if typ == W.F_FILE:
-                    mlen, tlen = struct.unpack_from("<II", payload, 0)
-                    meta = W.unpack_values(payload[8:8 + mlen])
-                    trailer = payload[8 + mlen:8 + mlen + tlen]
-                    rel = meta[0]
-                    self.src_digests[rel] = (trailer[:32], trailer[32:33] == b"\1")
-                    n = len(payload) - 8 - mlen - tlen
-                    st.files_sent += 1
-                    self.current = show(rel)
-                elif typ == W.F_DATA:
-                    n = len(payload) - 8
-                elif typ == W.F_BEGIN:
-                    self.current = show(W.unpack_values(payload)[0])
-                elif typ == W.F_END:
-                    rel, digest, changed = W.unpack_values(payload)
-                    self.src_digests[rel] = (digest, changed)
-                    st.files_sent += 1
                 try:
                     dst.send(typ, payload)
                     await dst.drain()
                 except FerryError:
-                    # A target that failed (disk full, say) closes its channel: report its own reason.
                     raise (await ts.failure()) or dst._lost()
-                if n:
-                    st.bytes_sent += n
-                    self.stream_bytes[name] = self.stream_bytes.get(name, 0) + n
-                    await self.limiter.take(n)
-                now = time.monotonic()
-                if now - self._last_progress >= 0.05:
-                    self._last_progress = now
-                    self.progress(bytes_done=st.bytes_sent, units_done=st.files_sent, item=self.current,
-                                  detail={"phase": "copy", "streams": dict(self.stream_bytes)})
                 if ts.task.done():
                     ts.task.result()   # a target failure surfaces here, not after the source is drained
             await asker
-        except AgentError as e:
-            self.fatal = e
-            raise
         finally:
             if not asker.done():
                 asker.cancel()

@@ -11,6 +11,7 @@ from ..errors import PermanentError
 from ..tasks import TaskContext, TaskKind, register
 from .blocks import DEFAULT_CHUNK, BlockOptions, BlockRound
 from .files import FileOptions, FileRound
+from .hosts import agent_host
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ class ReplicateFiles(_ReplicateKind):
         async def save(state: dict) -> None:
             await ctx.save_checkpoint(state)
 
-        rnd = FileRound(ctx.transport(src.host), src.path, ctx.transport(dst.host), dst.path, opts,
+        rnd = FileRound(agent_host(ctx.engine.transports, src.host), src.path,
+                        agent_host(ctx.engine.transports, dst.host), dst.path, opts,
                         round_no=round_no, checkpoint=ctx.checkpoint, progress=ctx.progress,
                         save_checkpoint=save, log=self._log(ctx))
         stats = await rnd.run()
@@ -141,7 +143,8 @@ class ReplicateBlocks(_ReplicateKind):
             first[0] = False
             await ctx.save_checkpoint(state, chunks=chunks, reset_chunks=reset)
 
-        rnd = BlockRound(ctx.transport(src.host), src.path, ctx.transport(dst.host), dst.path, opts,
+        rnd = BlockRound(agent_host(ctx.engine.transports, src.host), src.path,
+                         agent_host(ctx.engine.transports, dst.host), dst.path, opts,
                          round_no=round_no, chunkmap=chunkmap, progress=ctx.progress, save_checkpoint=save,
                          log=self._log(ctx), restart=bool(p.get("restart")) and not ctx.resumed)
         stats = await rnd.run()

@@ -8,9 +8,20 @@ from typing import Sequence
 from ..config import SiteConfig
 from ..workspace import Workspace
 from .base import ByteReader, ByteWriter, FileStat, Process, RunResult, Transport
-from .knownhosts import HostKeyInfo, KeyStatus, fetch_host_key, record_host_key
 from .local import LocalTransport
-from .ssh import SshTransport, default_user_known_hosts
+from .openssh import openssh_argv
+from .paths import default_ssh_config_paths, default_user_known_hosts
+
+# asyncssh takes ~90 ms to import: the ssh transport and key tools load on first use.
+_LAZY = {"SshTransport": "ssh", "HostKeyInfo": "knownhosts", "KeyStatus": "knownhosts",
+         "fetch_host_key": "knownhosts", "record_host_key": "knownhosts"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(name)
 
 __all__ = ["ByteReader", "ByteWriter", "FileStat", "HostKeyInfo", "KeyStatus", "LocalTransport", "Process",
            "RunResult", "SshTransport", "Transport", "TransportPool", "fetch_host_key", "record_host_key"]
@@ -52,12 +63,14 @@ class TransportPool:
         spec = self.site.host(host_name)
         if spec.transport == "local":
             return LocalTransport(spec.name)
+        from .ssh import SshTransport
         return SshTransport(spec, known_hosts=self.known_hosts, ssh_config_paths=self.ssh_config_paths,
                             use_agent=self.use_agent, connect_timeout=self.connect_timeout)
 
     def ssh(self, host_name: str) -> SshTransport:
         """The ssh transport of a host, for host-key commands; PermanentError for a local host."""
         from ..errors import PermanentError
+        from .ssh import SshTransport
         t = self.get(host_name)
         if not isinstance(t, SshTransport):
             raise PermanentError(f"host {host_name} uses the local transport: it has no SSH host key",

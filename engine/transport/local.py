@@ -36,6 +36,12 @@ class StreamReaderAdapter(ByteReader):
     async def read(self, n: int = 65536) -> bytes:
         return await self._r.read(n)
 
+    async def readexactly(self, n: int) -> bytes:
+        try:
+            return await self._r.readexactly(n)   # one copy out of the stream's buffer
+        except asyncio.IncompleteReadError as e:
+            raise EOFError(f"stream ended after {len(e.partial)} of {n} bytes") from None
+
 
 class StreamWriterAdapter(ByteWriter):
     def __init__(self, writer) -> None:

@@ -29,6 +29,8 @@ from ..config import HostSpec
 from ..errors import FerryError, PermanentError, TransportError
 from .base import ByteReader, ByteWriter, FileStat, Process, RunResult, Transport
 from .local import command_error, describe_argv as _describe
+from .openssh import openssh_argv, remote_command
+from .paths import default_ssh_config_paths, default_user_known_hosts
 from .knownhosts import (HostKeyInfo, KeyStatus, TrustStore, endpoint_name, fingerprint,
                          host_key_error, public_line, status_of)
 
@@ -39,21 +41,6 @@ DEFAULT_PORT = 22
 MAX_JUMP_DEPTH = 8
 # asyncssh's default 2 MiB channel window is kept: 4 and 8 MiB measured no faster on loopback
 # (~600 MB/s down either way), and the window bounds the memory a stream can pin.
-
-
-def default_ssh_config_paths() -> list[Path]:
-    p = Path("~/.ssh/config").expanduser()
-    return [p] if os.access(p, os.R_OK) else []
-
-
-def default_user_known_hosts() -> Path:
-    return Path("~/.ssh/known_hosts").expanduser()
-
-
-def remote_command(argv: Sequence[str | bytes | os.PathLike]) -> bytes:
-    """argv as one line for the remote POSIX shell; arbitrary bytes survive via surrogateescape."""
-    words = [a if isinstance(a, str) else os.fsdecode(a) for a in argv]
-    return " ".join(shlex.quote(w) for w in words).encode("utf-8", "surrogateescape")
 
 
 @dataclass(frozen=True)
@@ -138,6 +125,16 @@ class _Reader(ByteReader):
                 raise self._owner._lost(self._what, e) from None
             raise
 
+    async def readexactly(self, n: int) -> bytes:
+        try:
+            return await self._r.readexactly(n)
+        except asyncio.IncompleteReadError as e:
+            raise EOFError(f"stream ended after {len(e.partial)} of {n} bytes") from None
+        except Exception as e:
+            if _is_link_error(e):
+                raise self._owner._lost(self._what, e) from None
+            raise
+
 
 class _Writer(ByteWriter):
     def __init__(self, writer: asyncssh.SSHWriter, owner: "SshTransport", what: str) -> None:
@@ -169,6 +166,8 @@ class _Writer(ByteWriter):
 
 class _Stderr(_Reader):
     """stderr without the process-group line the command wrapper writes first (see PGID_MARK)."""
+
+    readexactly = ByteReader.readexactly   # through read(), which strips the mark
 
     def __init__(self, reader: asyncssh.SSHReader, owner: "SshTransport", what: str) -> None:
         super().__init__(reader, owner, what)
@@ -310,6 +309,12 @@ class SshTransport(Transport):
                          key_host=str(cfg.get("HostKeyAlias") or host), jump=str(jump) if jump else None,
                          client_keys=keys, config_ciphers=bool(cfg.get("Ciphers")),
                          config_hostkey_algs=bool(cfg.get("HostKeyAlgorithms")), jump_label=jump_label)
+
+    def openssh_argv(self, argv: Sequence[str]) -> list[str] | None:
+        """argv through the OpenSSH client binary, with this host's trust and keys (or None)."""
+        return openssh_argv(self.spec, argv, known_hosts=self.known_hosts, ssh_config_paths=self.ssh_config_paths,
+                            use_agent=self.use_agent, keepalive_interval=self.keepalive_interval,
+                            keepalive_count_max=self.keepalive_count_max)
 
     async def _final_endpoint(self) -> _Endpoint:
         s = self.spec

@@ -1,0 +1,127 @@
+"""Where replication agents start: this machine, or an ssh host through the OpenSSH client
+(a child process of the engine), or, failing that, through the host's asyncssh transport."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Callable
+
+from ..errors import FerryError, PermanentError, TransportError
+from ..transport.base import Process, Transport
+from ..transport.local import LocalTransport, StreamReaderAdapter, StreamWriterAdapter, _killpg
+from ..transport.openssh import classify_failure
+from . import agent as W
+
+PIPE_LIMIT = 1 << 20
+
+# On a host, the system's python3 when there is one (predictable and quick to start: a
+# version-manager shim on PATH can cost 100 ms per start), else whatever PATH offers.
+_REMOTE_PYTHON = ('p=/usr/bin/python3; [ -x "$p" ] || p=$(command -v python3) || exit 127; '
+                  'exec "$p" -S -c "$1"')
+REMOTE_AGENT = ["sh", "-c", _REMOTE_PYTHON, "ferry-agent", W.BOOT]
+LOCAL_AGENT = [sys.executable, "-S", "-c", W.BOOT]
+
+
+class Child(Process):
+    """A local child process (an agent, or the OpenSSH client carrying one) with chosen fds."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self._p = proc
+        self.stdin = StreamWriterAdapter(proc.stdin) if proc.stdin else None
+        self.stdout = StreamReaderAdapter(proc.stdout) if proc.stdout else None
+        self.stderr = StreamReaderAdapter(proc.stderr)
+
+    async def wait(self, timeout: float | None = None) -> int:
+        return await asyncio.wait_for(self._p.wait(), timeout)
+
+    async def kill(self) -> None:
+        if self._p.returncode is None:
+            _killpg(self._p.pid)
+        # asyncio's wait() also waits for the output pipes: close them, nobody will read them now.
+        transport = getattr(self._p, "_transport", None)
+        if transport is not None:
+            for fd in (1, 2):
+                pipe = transport.get_pipe_transport(fd)
+                if pipe is not None:
+                    pipe.close()
+
+
+async def spawn(argv: list[str], *, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE) -> Child:
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=stdin, stdout=stdout, stderr=asyncio.subprocess.PIPE,
+                                                start_new_session=True, limit=PIPE_LIMIT)
+    return Child(proc)
+
+
+class AgentHost:
+    """One end of a replication: a host name, how to start an agent there, and its transport."""
+
+    def __init__(self, host: str, *, kind: str, child_argv: list[str] | None,
+                 transport: Callable[[], Transport], shared_argv: list[str] | None = None) -> None:
+        self.host = host
+        self.kind = kind                 # "local" or "ssh"
+        self.child_argv = child_argv     # starts an agent as a child of this process (own connection)
+        self.shared_argv = shared_argv or child_argv   # same, over a shared connection (short work)
+        self._transport = transport
+
+    @classmethod
+    def local(cls, host: str = "local") -> "AgentHost":
+        t = LocalTransport(host)
+        return cls(host, kind="local", child_argv=LOCAL_AGENT, transport=lambda: t)
+
+    @classmethod
+    def over(cls, transport: Transport) -> "AgentHost":
+        """Agents through an existing transport only (no OpenSSH client)."""
+        if isinstance(transport, LocalTransport):
+            return cls(transport.host, kind="local", child_argv=LOCAL_AGENT, transport=lambda: transport)
+        return cls(transport.host, kind="ssh", child_argv=None, transport=lambda: transport)
+
+    def transport(self) -> Transport:
+        return self._transport()
+
+    async def start(self) -> Process:
+        """Start an agent for short work: walks, control, hashing (it then reads its bootstrap)."""
+        if self.shared_argv is not None:
+            return await spawn(self.shared_argv)
+        return await self.transport().start(REMOTE_AGENT)
+
+    async def diagnose(self, status: int | None, stderr: str) -> FerryError | None:
+        """Why an agent started through the OpenSSH client never spoke (exit status 255)."""
+        if self.kind != "ssh" or self.child_argv is None or status != 255:
+            return None
+        line = (stderr.strip().splitlines() or ["ssh failed"])[-1]
+        what = classify_failure(stderr)
+        if what == "hostkey":
+            # The asyncssh transport says it properly: fingerprint, unknown or changed, and the fix.
+            try:
+                await self.transport().connect()
+            except FerryError as e:
+                return e
+            return PermanentError(f"{self.host}: the OpenSSH client refused the host key: {line}",
+                                  f"check ~/.ssh/config for {self.host}; `ferry hosts trust {self.host}`")
+        if what == "auth":
+            return PermanentError(f"{self.host}: authentication failed: {line}",
+                                  "check user and identity for the host in config.toml, or ssh-agent")
+        return TransportError(f"{self.host}: {line}", "is the host up and sshd running? Ferry retries")
+
+
+def agent_host(pool, name: str) -> AgentHost:
+    """How to reach host `name` of the pool's site for replication. ssh hosts go through the
+    OpenSSH client when it can be set up with the same trust; else through the pool's
+    asyncssh transport (which is only created, and asyncssh only imported, when needed)."""
+    from ..transport.openssh import openssh_argv
+    from ..transport.paths import default_ssh_config_paths
+
+    if name == "local":
+        return AgentHost.local()
+    spec = pool.site.host(name)
+    if spec.transport == "local":
+        return AgentHost.local(name)
+    config = [Path(p) for p in pool.ssh_config_paths] if pool.ssh_config_paths is not None \
+        else default_ssh_config_paths()
+    def argv(shared: bool) -> list[str] | None:
+        return openssh_argv(spec, REMOTE_AGENT, known_hosts=pool.known_hosts, ssh_config_paths=config,
+                            use_agent=pool.use_agent, shared=shared)
+    return AgentHost(name, kind="ssh", child_argv=argv(False), shared_argv=argv(True),
+                     transport=lambda: pool.get(name))
