@@ -338,7 +338,9 @@ def _describe_replication(info: TaskInfo) -> str:
 
 
 def cmd_replicate(args, ws: Workspace) -> int:
-    params: dict[str, Any] = {"src": args.src, "dst": args.dst, "streams": args.streams}
+    params: dict[str, Any] = {"src": args.src, "dst": args.dst}
+    if args.streams:
+        params["streams"] = args.streams
     if args.bwlimit:
         params["bwlimit"] = args.bwlimit
     if args.level == "files":
@@ -440,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "incremental round.")
         r.add_argument("src", metavar="SRC")
         r.add_argument("dst", metavar="DST")
-        r.add_argument("--streams", type=int, default=4, help="parallel streams (default 4)")
+        r.add_argument("--streams", type=int, help="parallel streams (default: this machine's cores, 2 to 4)")
         r.add_argument("--bwlimit", type=_size_arg, metavar="RATE", help="bandwidth limit, e.g. 50M (MiB/s)")
         r.add_argument("--restart", action="store_true", help="start over instead of resuming")
         r.add_argument("--json", action="store_true", help="print one JSON object with the round's figures")

@@ -155,10 +155,10 @@ async def _recv_agent(root: Path) -> AgentChannel:
 
 
 def _small_file(rel: bytes, data: bytes = b"evil") -> bytes:
-    import hashlib
     import struct
+    import zlib
     meta = W.pack_values([rel, 0o100644, 0, 0, len(data), 0, []])
-    return struct.pack("<II", len(meta), 33) + meta + hashlib.sha256(data).digest() + b"\0" + data
+    return struct.pack("<II", len(meta), 5) + meta + zlib.crc32(data).to_bytes(4, "big") + b"\0" + data
 
 
 HOSTILE = [
@@ -218,6 +218,25 @@ async def test_target_refuses_entries_that_would_escape_its_root(tmp_path):
     assert describe(tmp_path / "outside") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outside", "root"]
     assert os.readlink(root / "evil-link") == str(outside)
+
+
+async def test_target_flags_data_that_does_not_match_its_check(tmp_path):
+    """A piece lost or garbled on the way is caught: the target's check of what it received
+    differs from the source's check of what it read, and the acknowledgement says so."""
+    ch = await _recv_agent(tmp_path / "root")
+    good = _small_file(b"good", b"as read")
+    bad = bytearray(_small_file(b"bad", b"as read"))
+    bad[-1] ^= 0xFF   # one byte changed after the source computed its check
+    ch.send(W.F_FILE, good)
+    ch.send(W.F_FILE, bytes(bad))
+    ch.send(W.F_EOF)
+    await ch.drain()
+    flags = {}
+    while (frame := await ch.recv())[0] != W.F_EOF:
+        if frame[0] == W.F_ACK:
+            flags.update({rel: mismatch for rel, _d, _s, _c, mismatch in W.unpack_values(frame[1])[1]})
+    await ch.finish()
+    assert flags == {b"good": False, b"bad": True}
 
 
 # --------------------------------------------------------------------------- interruptions

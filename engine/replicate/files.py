@@ -396,6 +396,8 @@ class FileRound:
         self.fatal: FerryError | None = None
         self._last_ckpt = 0.0
         self.walked_ns = 0   # the target's clock when its walk began: nothing of ours is newer yet
+        self.early: asyncio.Task | None = None   # agents being started during the walk (new target)
+        self.ready: list[Stream] = []             # bulk streams started early, not yet used
         self._last_progress = 0.0
         self.bytes_durable = 0     # file data the targets acknowledged as on disk, this run
         self._partials: dict[bytes, list] = {}
@@ -478,9 +480,17 @@ class FileRound:
         resumed_round = self.checkpoint.get("round") == st.round
         ctime_after = self.checkpoint.get("verified_before_ns") if resumed_round else None
         self.progress(item="walking both trees", detail={"phase": "walk", "round": st.round})
-        src_m, dst_m = await asyncio.gather(
-            walk(self.src_t, self.src_root, opts),
-            walk(self.dst_t, self.dst_root, opts, missing_ok=True, hash_ctime_after=ctime_after))
+        src_walk = asyncio.create_task(walk(self.src_t, self.src_root, opts))
+        try:
+            dst_m = await walk(self.dst_t, self.dst_root, opts, missing_ok=True, hash_ctime_after=ctime_after)
+            if len(dst_m.entries) <= 1:
+                # A new target: everything will be sent. Start the agents while the source is walked.
+                self.early = asyncio.create_task(self._agents_for_full_copy())
+            src_m = await src_walk
+        except BaseException:
+            src_walk.cancel()
+            await self._drop_early()
+            raise
         self.walked_ns = dst_m.summary.get("time_ns", 0)
         for rec in src_m.entries.values():
             if rec[TYP] == W.T_FILE:
@@ -499,12 +509,18 @@ class FileRound:
         plan = plan_round(src_m, dst_m, opts, target_is_root=target_is_root, partials=set(part_names))
         if plan.empty and dst_m.exists and not (hashed and not opts.checksum):
             # Nothing to do: no agents beyond the two walks.
+            await self._drop_early()
             if not resumed_round:
                 await self._commit()
             return self._finish(plan, t0)
 
-        ctl_src, ctl_dst = await asyncio.gather(AgentChannel.start(self.src_t, "send", root=self.src_root),
-                                                AgentChannel.start(self.dst_t, "recv", root=self.dst_root))
+        if self.early is not None:
+            try:
+                ctl_src, ctl_dst, self.ready = await self.early
+            finally:
+                self.early = None
+        else:
+            ctl_src, ctl_dst = await self._control_agents()
         ctl = TargetStream(ctl_dst, self, "control")
         self.targets.append(ctl)
         try:
@@ -522,6 +538,39 @@ class FileRound:
                 await ts.ch.kill()
             await ctl_src.kill()
             raise
+        finally:
+            await self._drop_early()
+
+    async def _control_agents(self) -> tuple[AgentChannel, AgentChannel]:
+        return await asyncio.gather(AgentChannel.start(self.src_t, "send", root=self.src_root),
+                                    AgentChannel.start(self.dst_t, "recv", root=self.dst_root))
+
+    async def _agents_for_full_copy(self) -> tuple[AgentChannel, AgentChannel, list[Stream]]:
+        """Control agents and bulk streams, started in parallel (and early, for a new target)."""
+        (ctl_src, ctl_dst), *streams = await asyncio.gather(
+            self._control_agents(), *(self._open_stream() for _ in range(max(1, self.opts.streams))))
+        return ctl_src, ctl_dst, list(streams)
+
+    async def _drop_early(self) -> None:
+        """Stop agents started early that the round turned out not to need."""
+        early, self.early = self.early, None
+        if early is not None:
+            early.cancel()
+            try:
+                ctl_src, ctl_dst, self.ready = await early
+                await ctl_src.kill()
+                await ctl_dst.kill()
+            except BaseException:   # noqa: BLE001 - whatever it was, it is not needed any more
+                pass
+        ready, self.ready = self.ready, []
+        for stream in ready:
+            await stream.kill()
+
+    async def _open_stream(self) -> Stream:
+        share = self.opts.bwlimit / max(1, self.opts.streams) if self.opts.bwlimit else None
+        return await Stream.open(self.src_t, {"root": self.src_root}, self.dst_t,
+                                 {"root": self.dst_root, "sync_bytes": 512 << 20},
+                                 role_src="send", role_dst="recv", bwlimit=share)
 
     def _finish(self, plan: Plan, t0: float) -> RoundStats:
         st = self.stats
@@ -653,10 +702,7 @@ class FileRound:
 
     async def _stream(self, idx: int, files: list[tuple[bytes, int]], resume_at: dict[bytes, int]) -> None:
         """One bulk stream: the source agent's output goes to the target agent (see pipeline)."""
-        share = self.opts.bwlimit / max(1, self.opts.streams) if self.opts.bwlimit else None
-        stream = await Stream.open(self.src_t, {"root": self.src_root}, self.dst_t,
-                                   {"root": self.dst_root, "sync_bytes": 512 << 20},
-                                   role_src="send", role_dst="recv", bwlimit=share)
+        stream = self.ready.pop() if self.ready else await self._open_stream()
         ts = TargetStream(stream.target, self, f"stream{idx}")
         self.targets.append(ts)
         self.unacked.update(rel for rel, _ in files)
