@@ -413,20 +413,9 @@ class Crc32:
         return Crc32(self.v)
 
 
-def crc_prefix(fd, length):
-    c = Crc32()
-    off = 0
-    while off < length:
-        data = os.pread(fd, min(IO_CHUNK * 4, length - off), off)
-        if not data:
-            raise EOFError("file shorter than %d" % length)
-        c.update(data)
-        off += len(data)
-    return c
-
-
-def hash_prefix(fd, length):
-    h = hashlib.sha256()
+def hash_prefix(fd, length, h=None):
+    """The hasher (SHA-256 unless given) fed with a file's first `length` bytes."""
+    h = h if h is not None else hashlib.sha256()
     off = 0
     while off < length:
         data = os.pread(fd, min(IO_CHUNK * 4, length - off), off)
@@ -632,7 +621,7 @@ def send_one(wire, root, rel, resume_at, noatime, pacer=None):
             wire.write_parts(F_FILE, (struct.pack("<II", len(meta), len(digest) + 1), meta, digest,
                                       b"\1" if changed else b"\0", data))
             return
-        h = crc_prefix(fd, resume_at) if resume_at else Crc32()
+        h = hash_prefix(fd, resume_at, Crc32()) if resume_at else Crc32()
         wire.write(F_BEGIN, pack_values([rel, st.st_mode, st.st_uid, st.st_gid, size, st.st_mtime_ns,
                                          [list(x) for x in xitems], resume_at]))
         pos = resume_at
@@ -918,7 +907,7 @@ class Receiver:
             tmp = self.tmp_name(name)
             if resume_at:
                 fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW, dir_fd=dfd)
-                h = crc_prefix(fd, resume_at)
+                h = hash_prefix(fd, resume_at, Crc32())
                 os.ftruncate(fd, resume_at)
             else:
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=dfd)

@@ -10,7 +10,7 @@ from typing import Callable
 
 from ..errors import FerryError, PermanentError, TransportError
 from ..transport.base import Process, Transport
-from ..transport.local import LocalTransport, StreamReaderAdapter, StreamWriterAdapter, _killpg
+from ..transport.local import LocalProcess, LocalTransport
 from ..transport.openssh import classify_failure
 from . import agent as W
 
@@ -24,34 +24,12 @@ REMOTE_AGENT = ["sh", "-c", _REMOTE_PYTHON, "ferry-agent", W.BOOT]
 LOCAL_AGENT = [sys.executable, "-S", "-c", W.BOOT]
 
 
-class Child(Process):
-    """A local child process (an agent, or the OpenSSH client carrying one) with chosen fds."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self._p = proc
-        self.stdin = StreamWriterAdapter(proc.stdin) if proc.stdin else None
-        self.stdout = StreamReaderAdapter(proc.stdout) if proc.stdout else None
-        self.stderr = StreamReaderAdapter(proc.stderr)
-
-    async def wait(self, timeout: float | None = None) -> int:
-        return await asyncio.wait_for(self._p.wait(), timeout)
-
-    async def kill(self) -> None:
-        if self._p.returncode is None:
-            _killpg(self._p.pid)
-        # asyncio's wait() also waits for the output pipes: close them, nobody will read them now.
-        transport = getattr(self._p, "_transport", None)
-        if transport is not None:
-            for fd in (1, 2):
-                pipe = transport.get_pipe_transport(fd)
-                if pipe is not None:
-                    pipe.close()
-
-
-async def spawn(argv: list[str], *, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE) -> Child:
+async def spawn(argv: list[str], *, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE) -> LocalProcess:
+    """An agent (or the OpenSSH client carrying one) as a child of this process; stdin or stdout
+    may be an fd (one end of a pipe to another agent)."""
     proc = await asyncio.create_subprocess_exec(*argv, stdin=stdin, stdout=stdout, stderr=asyncio.subprocess.PIPE,
                                                 start_new_session=True, limit=PIPE_LIMIT)
-    return Child(proc)
+    return LocalProcess(proc, "local", "replication agent")
 
 
 class AgentHost:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 import asyncssh
 
 from ..errors import HostKeyError
+from .local import write_atomic
 
 if TYPE_CHECKING:
     from .ssh import SshTransport
@@ -185,25 +186,7 @@ def record_host_key_sync(path: Path, endpoint: str, public_key: str) -> None:
     lines.append(f"{endpoint} {public_key}")
     path.parent.mkdir(parents=True, exist_ok=True)
     # Atomic and durable: a crash leaves the old file or the new one, never half of it.
-    fd, tmp = tempfile.mkstemp(prefix=".known_hosts.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(str(path), ("\n".join(lines) + "\n").encode("utf-8"), mode=0o600)
 
 
 async def record_host_key(path: Path, info: HostKeyInfo) -> None:

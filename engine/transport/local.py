@@ -115,12 +115,14 @@ def _killpg(pid: int) -> None:
         pass
 
 
-class _LocalProcess(Process):
+class LocalProcess(Process):
+    """A child process of this one; a stream given to another process (an fd) is None here."""
+
     def __init__(self, proc: asyncio.subprocess.Process, host: str, what: str) -> None:
         self._p, self._host, self._what = proc, host, what
-        self.stdin = StreamWriterAdapter(proc.stdin)
-        self.stdout = StreamReaderAdapter(proc.stdout)
-        self.stderr = StreamReaderAdapter(proc.stderr)
+        self.stdin = StreamWriterAdapter(proc.stdin) if proc.stdin else None
+        self.stdout = StreamReaderAdapter(proc.stdout) if proc.stdout else None
+        self.stderr = StreamReaderAdapter(proc.stderr) if proc.stderr else None
 
     async def wait(self, timeout: float | None = None) -> int:
         try:
@@ -195,7 +197,7 @@ class LocalTransport(Transport):
 
     async def start(self, argv: Sequence[str]) -> Process:
         proc = await self._spawn(argv, asyncio.subprocess.PIPE)
-        return _LocalProcess(proc, self.host, describe_argv(argv))
+        return LocalProcess(proc, self.host, describe_argv(argv))
 
     # ------------------------------------------------------------ files
 
