@@ -85,6 +85,19 @@ def test_full_copy_skips_zeros_and_keeps_holes_then_incremental_sends_only_chang
     assert sha256(src) == sha256(dst)
 
 
+@pytest.mark.parametrize("chunk", ["4M", "3M", "64K"])
+def test_sizes_that_are_not_whole_chunks_or_parts(site, tmp_path, chunk):
+    """Chunks travel in 1 MiB parts; the last chunk and the last part are short."""
+    src, dst = tmp_path / "odd.raw", tmp_path / "odd-copy.raw"
+    with open(src, "wb") as f:
+        f.write(os.urandom(10 * MiB + 300 * 1024 + 17))
+    r = ferry(site.workspace.root, "replicate", "blocks", f"local:{src}", f"ssh1:{dst}", "--json",
+              "--chunk-size", chunk)
+    assert r.code == 0, r.err
+    assert r.json["verified"] and r.json["bytes_sent"] == src.stat().st_size
+    assert sha256(src) == sha256(dst)
+
+
 def test_target_smaller_than_source_is_refused_before_writing(site, tmp_path):
     src, dst = tmp_path / "disk.raw", tmp_path / "small.raw"
     make_image(src, 16)

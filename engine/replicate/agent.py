@@ -42,7 +42,7 @@ exec(compile(r(int(h)), 'ferry-agent', 'exec'), {'__name__': '__ferry_agent__'})
 """
 
 HDR = struct.Struct(">cI")
-MAX_FRAME = 8 << 20
+MAX_FRAME = (64 << 20) + (64 << 10)   # the largest chunk (64 MiB) and its header
 IO_CHUNK = 1 << 20
 ZERO = bytes(IO_CHUNK)
 
@@ -1224,7 +1224,8 @@ def role_recv(wire, cmd):
 
 F_HASHES = b"H"    # block level: packed (u64 index, 32-byte hash, u8 zero) records
 CHUNK_REC = struct.Struct("<Q32sB")
-CH_ZERO, CH_DATA, CH_ZLIB = 0, 1, 2
+CH_ZERO, CH_DATA, CH_ZLIB, CH_PART = 0, 1, 2, 3
+PART = 1 << 20   # uncompressed chunks travel in 1 MiB parts: the target writes while more arrives
 BLKZEROOUT = 0x127F
 
 
@@ -1305,6 +1306,7 @@ def role_blk(wire, cmd):
     sparse = False                   # a regular file: holes can be found without reading them
     fresh = bool(cmd.get("fresh"))   # a new sparse target: all-zero chunks need no writing
     pacer = Pacer(cmd.get("bwlimit"))
+    chunk_hash = None
     received = 0      # bytes written (zero chunks to a fresh target excluded)
     wire_bytes = 0    # chunk payload that arrived (compressed size)
     last_progress = 0.0
@@ -1431,7 +1433,12 @@ def role_blk(wire, cmd):
                         if len(z) < len(data):
                             wire.write_parts(F_CHUNK, (struct.pack("<QB", idx, CH_ZLIB), digest, z))
                             continue
-                    wire.write_parts(F_CHUNK, (struct.pack("<QB", idx, CH_DATA), digest, data))
+                    view = memoryview(data)
+                    last = (len(data) - 1) // PART * PART if data else 0   # where the last part starts
+                    for part in range(0, last, PART):
+                        wire.write_parts(F_CHUNK, (struct.pack("<QBI", idx, CH_PART, part), view[part:part + PART]))
+                    wire.write_parts(F_CHUNK, (struct.pack("<QB", idx, CH_DATA), digest,
+                                               struct.pack("<I", last), view[last:]))
                 wire.flush()
                 continue
             if op == "sync":
@@ -1442,6 +1449,17 @@ def role_blk(wire, cmd):
             idx, kind = struct.unpack_from("<QB", payload, 0)
             off = idx * chunk
             try:
+                if kind == CH_PART:
+                    # Part of a chunk: written now, hashed on the way; the chunk's last part checks it.
+                    (part,) = struct.unpack_from("<I", payload, 9)
+                    data = memoryview(payload)[13:]
+                    if part == 0:
+                        chunk_hash = hashlib.sha256()
+                    write_at(fd, data, off + part)
+                    chunk_hash.update(data)
+                    received += len(data)
+                    wire_bytes += len(data)
+                    continue
                 if kind == CH_ZERO:
                     (n,) = struct.unpack_from("<I", payload, 9)
                     if not fresh:
@@ -1449,24 +1467,24 @@ def role_blk(wire, cmd):
                     digest = zero_hash(n)
                 else:
                     want = bytes(payload[9:41])
-                    data = memoryview(payload)[41:]
                     if kind == CH_ZLIB:
-                        data = zlib.decompress(data)
-                    view = memoryview(data)
-                    o = off
-                    while view:
-                        k = os.pwrite(fd, view, o)
-                        view = view[k:]
-                        o += k
-                    digest = hashlib.sha256(data).digest()
+                        data = zlib.decompress(memoryview(payload)[41:])
+                        part = 0
+                    else:
+                        (part,) = struct.unpack_from("<I", payload, 41)
+                        data = memoryview(payload)[45:]
+                    write_at(fd, data, off + part)
+                    h = chunk_hash if part else hashlib.sha256()
+                    h.update(data)
+                    digest = h.digest()
                     if digest != want:
                         raise OSError(errno.EIO, "chunk %d arrived damaged" % idx)
-                    n = len(data)
+                    n = part + len(data)
+                    received += len(data)
+                    wire_bytes += len(payload) - (41 if kind == CH_ZLIB else 45)
                     start_writeback(fd, off, n)
                 written.append((idx, digest))
                 since_sync += n
-                received += n if kind != CH_ZERO else 0
-                wire_bytes += len(payload) - 41 if kind != CH_ZERO else 0
             except OSError as e:
                 try:
                     sync()   # what was written before is durable: acknowledge it, then fail
@@ -1488,6 +1506,14 @@ def role_blk(wire, cmd):
 
 
 WRITEBACK_STEP = 8 << 20
+
+
+def write_at(fd, data, off):
+    view = memoryview(data)
+    while view:
+        k = os.pwrite(fd, view, off)
+        view = view[k:]
+        off += k
 
 
 def start_writeback(fd, off, n):
