@@ -237,8 +237,11 @@ class Store:
                        (kind, dedup_key))[0][0]
 
     def update_task(self, task_id: int, **fields: Any) -> None:
-        """Update columns; JSON columns are encoded. `owner_is` guards the update."""
+        """Update columns; JSON columns are encoded. `owner_is` guards the update; soft=True for
+        progress only (see _soft)."""
         owner_is = fields.pop("owner_is", None)
+        if fields.pop("soft", False):
+            return self._soft(self.update_task, task_id, owner_is=owner_is, **fields)
         sets, args = [], []
         for k, v in fields.items():
             if k in ("params", "hosts", "progress", "checkpoint", "result", "waiting", "requested"):
@@ -258,7 +261,11 @@ class Store:
     def save_checkpoint(self, task_id: int, owner: str, checkpoint: dict, progress: dict | None,
                         chunks: list[tuple[int, bytes]] | None = None, reset_chunks: bool = False) -> int:
         """Commit a checkpoint (and chunk-map entries) in one transaction; refuses if this engine
-        no longer owns the task."""
+        no longer owns the task.
+
+        Without an fsync of its own (synchronous=NORMAL for this commit): it survives a killed
+        process, and on power loss it can only be lost, never claim too much, so the work is
+        redone. An fsync here would wait behind the copy's own writeback, several times a second."""
         def tx(db: sqlite3.Connection) -> int:
             row = db.execute("SELECT owner, checkpoint_seq FROM tasks WHERE id=?", (task_id,)).fetchone()
             if row is None or row["owner"] != owner:
@@ -274,7 +281,18 @@ class Store:
                        " heartbeat=?, updated=? WHERE id=?",
                        (_dumps(checkpoint), seq, _dumps(progress), time.time(), time.time(), task_id))
             return seq
-        return self._tx(tx)
+        return self._soft(self._tx, tx)
+
+    def _soft(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run fn with commits that do not fsync (synchronous=NORMAL): for state that may be lost
+        on power loss without harm (checkpoints, progress, heartbeats, task log lines), so that
+        a busy copy's writeback does not stall the engine several times a second."""
+        with self._lock:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                return fn(*args, **kw)
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
 
     def load_chunks(self, task_id: int) -> dict[int, bytes]:
         return {r["idx"]: bytes(r["hash"]) for r in self._q("SELECT idx, hash FROM chunks WHERE task_id=?",
@@ -294,9 +312,8 @@ class Store:
         return self._tx(tx)
 
     def heartbeat(self, owner: str) -> None:
-        with self._lock:
-            self._db.execute("UPDATE tasks SET heartbeat=? WHERE owner=? AND state NOT IN"
-                             " ('succeeded','failed','cancelled')", (time.time(), owner))
+        self._soft(self._db.execute, "UPDATE tasks SET heartbeat=? WHERE owner=? AND state NOT IN"
+                   " ('succeeded','failed','cancelled')", (time.time(), owner))
 
     def take_requests(self, owner: str) -> list[tuple[int, dict]]:
         """Control requests (pause/resume/cancel/confirm) other processes left for this engine's tasks."""
@@ -309,9 +326,8 @@ class Store:
         return self._tx(tx)
 
     def append_log(self, task_id: int, level: str, message: str) -> None:
-        with self._lock:
-            self._db.execute("INSERT INTO task_log(task_id, ts, level, message) VALUES(?,?,?,?)",
-                             (task_id, time.time(), level, message))
+        self._soft(self._db.execute, "INSERT INTO task_log(task_id, ts, level, message) VALUES(?,?,?,?)",
+                   (task_id, time.time(), level, message))
 
     def task_log(self, task_id: int, limit: int = 200) -> list[dict]:
         rows = self._q("SELECT ts, level, message FROM task_log WHERE task_id=? ORDER BY id DESC LIMIT ?",

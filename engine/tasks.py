@@ -615,7 +615,9 @@ class Engine:
 
             async def persist() -> None:
                 try:
-                    await self.store.call(self.store.update_task, tid, progress=progress.to_dict())
+                    await self.store.call(self.store.update_task, tid, progress=progress.to_dict(), soft=True)
+                except Exception:   # progress is advisory: never let it break the task
+                    log.exception("saving progress of task %s", tid)
                 finally:
                     self._persisting.discard(tid)
             t = asyncio.create_task(persist())
@@ -626,7 +628,12 @@ class Engine:
         self.bus.publish(Event("log", tid, (level, message)))
         getattr(log, "warning" if level == "warning" else "error" if level == "error" else "info")(
             "task %s: %s", tid, message)
-        t = asyncio.create_task(self.store.call(self.store.append_log, tid, level, message))
+        async def append() -> None:
+            try:
+                await self.store.call(self.store.append_log, tid, level, message)
+            except Exception:
+                log.exception("saving a log line of task %s", tid)
+        t = asyncio.create_task(append())
         self._bg.add(t)
         t.add_done_callback(self._bg.discard)
 
