@@ -166,12 +166,23 @@ class Bench:
 
     def ferry(self, *args: str) -> tuple[float, dict]:
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "console.cli", "--workspace", str(self.ws), *args, "--json"],
-                           env=self.env, capture_output=True, text=True)
+        proc = subprocess.Popen([sys.executable, "-m", "console.cli", "--workspace", str(self.ws), *args, "--json"],
+                                env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate()
         elapsed = time.perf_counter() - t0
-        if r.returncode != 0:
-            raise SystemExit(f"ferry {' '.join(args)} failed: {r.stdout} {r.stderr}")
-        return elapsed, json.loads(r.stdout)
+        if proc.returncode != 0:
+            raise SystemExit(f"ferry {' '.join(args)} failed: {out} {err}")
+        return elapsed, json.loads(out)
+
+    def peak_memory(self, *args: str) -> int:
+        """Peak resident memory (bytes) of a `ferry` run: the largest of it and its local agents."""
+        pid = os.posix_spawn(sys.executable, [sys.executable, "-m", "console.cli", "--workspace", str(self.ws),
+                                              *args], self.env, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0), (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)])
+        _, status, usage = os.wait4(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"ferry {' '.join(args)} failed")
+        return usage.ru_maxrss * 1024
 
     def row(self, name: str, ferry: str, ref: str, ratio: float | None, target: str, ok: bool) -> None:
         self.rows.append((name, ferry, ref, f"{ratio:.2f}" if ratio is not None else "-", target, ok))
@@ -227,6 +238,17 @@ class Bench:
         ratio = min(t_ferry) / min(t_rsync)
         self.row("1% of files changed", f"{min(t_ferry):.2f}s ({changed} changed)", f"{min(t_rsync):.2f}s",
                  ratio, "<= 1.50", ratio <= 1.5)
+
+        # Memory per file: the peak of a full copy of the tree, less the peak of copying one file.
+        one = self.work / "one-file"
+        one.mkdir()
+        (one / "f").write_bytes(b"x")
+        base = self.peak_memory("replicate", "files", f"local:{one}", f"bench:{self.work / 'one-copy'}")
+        settle()
+        peak = self.peak_memory("replicate", "files", f"local:{tree}", f"bench:{self.work / 'ferry-memory'}")
+        per_file = max(0, peak - base) / FILES
+        self.row("memory per file", f"{per_file:.0f} B/file (peak {peak / MiB:.0f} MiB, one file {base / MiB:.0f} MiB)",
+                 "-", None, "<= ~1 KB per file", per_file <= 1024)
 
         # A fresh target for the interruption: ext4 avoids reusing just-freed inodes for a while,
         # so deleting a copy now would slow the next one down. Everything is deleted at the end.

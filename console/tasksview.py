@@ -285,7 +285,13 @@ class TasksView(Vertical):
                  esc(fmt.progress_line(info.progress, width=16))]
         if info.state == TaskState.WAITING and info.waiting:
             lines.append(f"[b $warning]? waiting for you:[/] {esc(str(info.waiting.get('prompt', '')))}")
-        retry = info.progress.detail.get("retry") if isinstance(info.progress.detail, dict) else None
+        extra = info.progress.detail if isinstance(info.progress.detail, dict) else {}
+        streams = extra.get("streams")
+        if isinstance(streams, dict) and streams and info.state not in FINAL_STATES:
+            phase = f"{esc(str(extra.get('phase')))} · " if extra.get("phase") else ""
+            lines.append(f"[$text-muted]{phase}" + " · ".join(
+                f"{esc(str(name))} {fmt.size(n)}" for name, n in sorted(streams.items())) + "[/]")
+        retry = extra.get("retry")
         if retry and info.state not in FINAL_STATES:
             lines.append(f"[$warning]◆ {esc(str(retry))}[/]")
         if info.error:

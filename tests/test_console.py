@@ -207,6 +207,25 @@ async def test_probe_a_host_and_watch_it_in_tasks(client):
         assert "probe lab1" in text_of(app, "#crumbs")
 
 
+async def test_a_replication_shows_its_streams(client, tmp_path):
+    src = tmp_path / "tree"
+    for d in range(4):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(3):
+            (src / f"d{d}" / f"f{i}").write_bytes(os.urandom(6 << 20))
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(100, 32)) as pilot:
+        tid, _ = await client.replicate("files", {"src": f"local:{src}", "dst": f"lab2:{tmp_path / 'copy'}",
+                                                  "streams": 2, "bwlimit": 12 << 20})
+        await pilot.press("2")
+        await until(pilot, lambda: tid in app.feed.tasks, what="replication listed")
+        app.tasks_view.select_task(tid)
+        detail = await until(pilot, lambda: "stream1" in text_of(app, "#task-detail") and text_of(app, "#task-detail"),
+                             timeout=30, what="per-stream progress")
+        assert "stream0" in detail and "copy" in detail
+        await client.cancel(tid)
+
+
 async def test_cancel_a_task_through_the_modal(client):
     tid = await client.submit("test.hold", {"title": "hold for cancel", "done": 1 * MiB, "total": 4 * MiB})
     app = FerryApp(client, clock=lambda: FIXED_CLOCK)

@@ -394,3 +394,64 @@ def test_unreadable_source_file_fails_clearly_then_resumes(site, tmp_path):
     again = replicate(ws, f"local:{src}", f"ssh1:{dst}")
     assert again["_code"] == 0 and again["verified"]
     assert (dst / "locked").read_bytes() == b"secret"
+
+
+# --------------------------------------------------------------------------- the round API directly
+
+async def _round(src: Path, dst: Path, *, checkpoint: dict | None = None, round_no: int = 1):
+    from engine.replicate.files import FileOptions, FileRound
+    saved: list[dict] = []
+
+    async def save(c: dict) -> None:
+        saved.append(dict(c))
+
+    rnd = FileRound(AgentHost.local(), str(src), AgentHost.local(), str(dst), FileOptions(streams=2),
+                    round_no=round_no, checkpoint=checkpoint, progress=lambda **k: None, save_checkpoint=save,
+                    log=lambda m, l: None)
+    return await rnd.run(), saved
+
+
+async def test_partial_large_file_resumes_after_a_prefix_verified_on_both_sides(tmp_path):
+    import base64
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    big, other = os.urandom(20 << 20), os.urandom(20 << 20)
+    write(src / "big.bin", big)
+    write(src / "other.bin", other)
+    # What an interrupted round left: big.bin's first 8 MiB are right but its last 3 MiB are torn;
+    # other.bin's kept copy is wrong from the start.
+    write(dst / ".ferry-part.big.bin", big[: 8 << 20] + os.urandom(3 << 20))
+    write(dst / ".ferry-part.other.bin", os.urandom(6 << 20))
+    ckpt = {"round": 1, "verified_before_ns": time.time_ns(),
+            "partials": {base64.b64encode(b"big.bin").decode(): 8 << 20,
+                         base64.b64encode(b"other.bin").decode(): 4 << 20}}
+    stats, _ = await _round(src, dst, checkpoint=ckpt)
+    assert stats.verified, stats
+    assert stats.resumed_bytes == 8 << 20            # the torn end was not trusted; the rest was
+    assert stats.bytes_sent == (40 << 20) - (8 << 20)
+    assert (dst / "big.bin").read_bytes() == big and (dst / "other.bin").read_bytes() == other
+    assert sorted(p.name for p in dst.iterdir()) == ["big.bin", "other.bin"]
+
+
+async def test_source_file_vanishing_mid_round_is_reported_then_the_next_round_finishes(tmp_path, monkeypatch):
+    import engine.replicate.files as files
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for i in range(5):
+        write(src / f"f{i}", os.urandom(100_000))
+    real_walk = files.walk
+
+    async def walk_then_delete(where, root, opts, **kw):
+        m = await real_walk(where, root, opts, **kw)
+        if root == str(src) and (src / "f3").exists():
+            (src / "f3").unlink()   # deleted by someone between the listing and the copy (for real)
+        return m
+
+    monkeypatch.setattr(files, "walk", walk_then_delete)
+    stats, _ = await _round(src, dst)
+    assert not stats.verified
+    assert any("f3 vanished during the copy" in e and f"local:{src}" in e for e in stats.errors), stats.errors
+    assert sorted(p.name for p in dst.iterdir()) == ["f0", "f1", "f2", "f4"]
+    again, _ = await _round(src, dst, round_no=2)
+    assert again.verified and again.items_changed == 0

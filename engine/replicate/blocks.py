@@ -236,7 +236,9 @@ class BlockRound:
                     now = time.monotonic()
                     if now - self._last_progress >= 0.1:
                         self._last_progress = now
-                        self.progress(bytes_done=sum(b for b, _ in self.stream_bytes.values()))
+                        self.progress(bytes_done=sum(b for b, _ in self.stream_bytes.values()),
+                                      detail={"phase": "copy",
+                                              "streams": {k: b for k, (b, _w) in self.stream_bytes.items()}})
                 elif typ == W.F_EOF:
                     return
 

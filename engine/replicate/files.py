@@ -500,8 +500,7 @@ class FileRound:
             st.errors.append(f"{self.src_t.host}: {err}")
             self.log(f"{self.src_t.host}: {err}", "error")
 
-        partials = {unb64(k): v for k, v in (self.checkpoint.get("partials") or {}).items()} if resumed_round else {}
-        part_names = {self._part_name(rel): rel for rel in partials}
+        part_names = {self._part_name(rel): rel for rel in self._partial_offsets(resumed_round)}
         target_is_root = dst_m.summary.get("uid") == 0
         # Files the target wrote after the last checkpoint: their hashes are compared before they are trusted.
         hashed = [rel for rel, rec in dst_m.entries.items()
@@ -587,7 +586,7 @@ class FileRound:
         st.items_changed = plan.changed
         st.bytes_to_send = sum(size for _, size in plan.files)
 
-        resume_at = await self._verify_partials(ctl_src, ctl, plan, part_names)
+        resume_at = await self._verify_partials(ctl_src, ctl, plan, part_names, self._partial_offsets(resumed_round))
         st.resumed_bytes = sum(resume_at.values())
         if not resumed_round:
             await self._commit()   # the round has begun: a re-run from here on resumes it
@@ -637,6 +636,11 @@ class FileRound:
         await self._commit()
         return self._finish(plan, t0)
 
+    def _partial_offsets(self, resumed_round: bool) -> dict[bytes, int]:
+        if not resumed_round:
+            return {}
+        return {unb64(k): v for k, v in (self.checkpoint.get("partials") or {}).items()}
+
     @staticmethod
     def _part_name(rel: bytes) -> bytes:
         parent, _, name = rel.rpartition(b"/")
@@ -659,28 +663,42 @@ class FileRound:
         return out
 
     async def _verify_partials(self, ctl_src: AgentChannel, ctl: TargetStream, plan: Plan,
-                               part_names: dict[bytes, bytes]) -> dict[bytes, int]:
-        """For each kept partial file, the longest prefix whose hash is the same on both sides."""
+                               part_names: dict[bytes, bytes], offsets: dict[bytes, int]) -> dict[bytes, int]:
+        """For each kept partial file, a prefix whose hash is the same on both sides: all of what
+        the target kept, else what the checkpoint recorded as durable, else nothing."""
         resume: dict[bytes, int] = {}
         wanted = {rel for rel, _ in plan.files}
         for part, rel in part_names.items():
             if part not in plan.keep_partials or rel not in wanted:
                 continue
-            ctl.ch.send_json({"path": rel.decode("utf-8", "surrogateescape")})
-            await ctl.ch.drain()
-            reply = await asyncio.wait_for(self.replies.get(), 600)
-            length, digest = reply["length"], reply["sha256"]
-            if not length or not digest:
-                continue
-            ctl_src.send(W.F_REQ, W.pack_values([["hash", rel, length]]))
-            await ctl_src.drain()
-            src = await ctl_src.recv_json()
-            if src["sha256"] == digest:
-                resume[rel] = length
-                self.log(f"{show(rel)}: resuming after {length} bytes verified on both sides", "info")
-            else:
+            limit = None
+            for _ in range(2):
+                target = await self._target_prefix(ctl, rel, limit)
+                length, digest = target["length"], target["sha256"]
+                if not length or not digest:
+                    break
+                if await self._source_prefix(ctl_src, rel, length) == digest:
+                    resume[rel] = length
+                    self.log(f"{show(rel)}: resuming after {length} bytes verified on both sides", "info")
+                    break
+                durable = offsets.get(rel, 0)
+                if limit is not None or durable >= length:
+                    break
+                limit = durable   # the end differs (a torn write?): try what the checkpoint vouched for
+            if rel not in resume:
                 self.log(f"{show(rel)}: the kept partial copy differs from the source; sending it whole", "warning")
         return resume
+
+    async def _target_prefix(self, ctl: TargetStream, rel: bytes, limit: int | None) -> dict:
+        ctl.ch.send_json({"path": rel.decode("utf-8", "surrogateescape"),
+                          **({"max": limit} if limit is not None else {})})
+        await ctl.ch.drain()
+        return await asyncio.wait_for(self.replies.get(), 600)
+
+    async def _source_prefix(self, ctl_src: AgentChannel, rel: bytes, length: int) -> str | None:
+        ctl_src.send(W.F_REQ, W.pack_values([["hash", rel, length]]))
+        await ctl_src.drain()
+        return (await ctl_src.recv_json())["sha256"]
 
     async def _send_files(self, files: list[tuple[bytes, int]], resume_at: dict[bytes, int],
                           ctl_src: AgentChannel, ctl: TargetStream) -> None:
