@@ -175,14 +175,22 @@ class Bench:
         return elapsed, json.loads(out)
 
     def peak_memory(self, *args: str) -> int:
-        """Peak resident memory (bytes) of a `ferry` run: the largest of it and its local agents."""
-        pid = os.posix_spawn(sys.executable, [sys.executable, "-m", "console.cli", "--workspace", str(self.ws),
-                                              *args], self.env, file_actions=[
-            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0), (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)])
-        _, status, usage = os.wait4(pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
+        """Peak resident memory (bytes) of the `ferry` process (the engine) during a run."""
+        proc = subprocess.Popen([sys.executable, "-m", "console.cli", "--workspace", str(self.ws), *args],
+                                env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        peak = 0
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]) * 1024)
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.02)
+        if proc.returncode != 0:
             raise SystemExit(f"ferry {' '.join(args)} failed")
-        return usage.ru_maxrss * 1024
+        return peak
 
     def row(self, name: str, ferry: str, ref: str, ratio: float | None, target: str, ok: bool) -> None:
         self.rows.append((name, ferry, ref, f"{ratio:.2f}" if ratio is not None else "-", target, ok))
@@ -296,8 +304,8 @@ class Bench:
         con = sqlite3.connect(self.ws / "state.db")
 
         def durable_now() -> int:
-            row = con.execute("SELECT id, checkpoint FROM tasks WHERE kind=? ORDER BY id DESC LIMIT 1",
-                              (kind,)).fetchone()
+            row = con.execute("SELECT id, checkpoint FROM tasks WHERE kind=? AND dedup_key=? ORDER BY id DESC LIMIT 1",
+                              (kind, f"{src} -> {dst}")).fetchone()
             if not row or not row[1]:
                 return 0
             if level == "files":
