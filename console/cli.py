@@ -465,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--limit", type=int, default=50)
     s.set_defaults(func=cmd_audit)
+
+    from .cli_vm import add_parsers
+    add_parsers(sub)
     return p
 
 

@@ -10,6 +10,8 @@ from typing import Any
 
 from . import probe as _probe  # noqa: F401  (registers the probe task kind)
 from .replicate import task as _replicate  # noqa: F401  (registers replicate.files / replicate.blocks)
+from .vm import kinds as _vm_kinds  # noqa: F401  (registers vm.*)
+from .vm.service import VMService
 from .config import SiteConfig
 from .events import Subscription
 from .hostfacts import HostFacts, gather_facts
@@ -87,6 +89,55 @@ class EngineClient:
 
     async def start_probe(self, host: str, *, pings: int = 20, size_mib: int = 64) -> int:
         return await self.submit("probe", {"host": host, "pings": pings, "size_mib": size_mib})
+
+    # ------------------------------------------------------------------ VMs and templates
+
+    @property
+    def _vms(self) -> VMService:
+        return VMService.of(self.engine)
+
+    async def vm_list(self, *, recycled: bool = False) -> list[dict[str, Any]]:
+        """Every VM and template with its live state (recycled=True: the recycle bin)."""
+        return [v.to_dict() for v in await self._vms.views(recycled=recycled)]
+
+    async def vm_get(self, name: str) -> dict[str, Any]:
+        return (await self._vms.view(name)).to_dict()
+
+    async def vm_agent(self, name: str) -> dict[str, Any]:
+        """What the guest agent reports (or why it cannot)."""
+        return await self._vms.agent_info(name)
+
+    async def vm_reconcile(self) -> dict[str, Any]:
+        """Orphan QEMU processes and missing VMs, compared with the records."""
+        return await self._vms.reconcile()
+
+    async def vm_task(self, kind: str, params: dict[str, Any]) -> int:
+        """Start a VM task (vm.create/start/shutdown/hibernate/clone/convert/delete/restore/purge/
+        export/import); params name the VM as "vm" (or "src"), the host is filled in here."""
+        params = dict(params)
+        if "host" not in params:
+            ref = params.get("vm") or params.get("src")
+            if ref and ref != "*expired*":
+                row = await self._vms.find(ref, recycled=kind in ("vm.restore", "vm.purge"))
+                params["host"] = row["host"]
+        return await self.submit(kind, params)
+
+    async def vm_timesync(self, name: str) -> dict[str, Any]:
+        out = await self._vms.timesync(name)
+        await self.audit("vm.timesync", name, {}, "ok")
+        return out
+
+    async def vm_cpu_hotadd(self, name: str, cpus: int) -> dict[str, Any]:
+        try:
+            out = await self._vms.cpu_hotadd(name, cpus)
+        except Exception as e:
+            await self.audit("vm.cpu_hotadd", name, {"cpus": cpus}, f"failed: {e}")
+            raise
+        await self.audit("vm.cpu_hotadd", name, {"cpus": cpus}, "ok")
+        return out
+
+    async def wait_task(self, task_id: int, timeout: float | None = None) -> TaskInfo:
+        return await self.engine.wait(task_id, timeout=timeout)
 
     # ------------------------------------------------------------------ hosts
 

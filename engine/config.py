@@ -50,6 +50,9 @@ class HostSpec:
     user: str | None = None
     identity: str | None = None    # path to a private key file (never its contents)
     runtime: str = ""              # folder on the host for sockets, pid files, logs
+    accel: str = "auto"            # auto (KVM if a guest really boots, else TCG), kvm or tcg
+    cpu_model: str = "qemu64"      # QEMU -cpu for the host's VMs (the same on a cluster keeps migration possible)
+    networks: tuple[str, ...] = ("default",)
 
     @property
     def target(self) -> str:
@@ -236,7 +239,8 @@ SITE_KEYS = {"name": '"dc1"', "production": "true", "theme": '"dark"'}
 ENGINE_KEYS = {"max_tasks": "4", "max_tasks_per_host": "2", "retries": "5"}
 CLUSTER_KEYS = {"description": '"production cluster"'}
 HOST_KEYS = {"cluster": '"prod"', "transport": '"ssh"', "address": '"10.0.0.11"', "port": "22",
-             "user": '"root"', "identity": '"~/.ssh/id_ed25519"', "runtime": '"/var/lib/ferry/run"'}
+             "user": '"root"', "identity": '"~/.ssh/id_ed25519"', "runtime": '"/var/lib/ferry/run"',
+             "accel": '"auto"', "cpu_model": '"qemu64"', "networks": '["default"]'}
 DATASTORE_KEYS = {"path": '"/var/lib/ferry/datastore"', "hosts": '["cna01"]'}
 
 DEFAULT_SSH_RUNTIME = "/var/lib/ferry/run"
@@ -311,6 +315,15 @@ def parse_config(data: dict, *, file: str, text: str = "", check_files: bool = T
         user = c.get(hdata, path, "user", str, None, _nonempty, '"root"')
         identity = c.get(hdata, path, "identity", str, None, _abs_path, '"~/.ssh/id_ed25519"')
         runtime = c.get(hdata, path, "runtime", str, None, _abs_path, '"/var/lib/ferry/run"')
+        accel = c.get(hdata, path, "accel", str, "auto",
+                      lambda v: None if v in ("auto", "kvm", "tcg") else f"must be \"auto\", \"kvm\" or \"tcg\", got {v!r}",
+                      '"auto"')
+        cpu_model = c.get(hdata, path, "cpu_model", str, "qemu64",
+                          lambda v: None if re.fullmatch(r"[A-Za-z0-9._-]+", v) else f"is not a QEMU CPU model name: {v!r}",
+                          '"qemu64"')
+        networks = c.get(hdata, path, "networks", list, ["default"],
+                         lambda v: None if v and all(isinstance(x, str) and NAME_RE.match(x) for x in v)
+                         else "must be a non-empty list of network names", '["default"]')
         if transport == "ssh" and address is None and "address" not in hdata:
             c.problem(path, "missing required key 'address' for transport \"ssh\"",
                       'add: address = "10.0.0.11" (an address, a DNS name or a ~/.ssh/config alias)')
@@ -325,7 +338,8 @@ def parse_config(data: dict, *, file: str, text: str = "", check_files: bool = T
                           "point it at a private key file, or remove it to use ssh-agent and ~/.ssh/config")
         if cluster and transport:
             hosts[hname] = HostSpec(hname, cluster, transport, address, port, user, identity,
-                                    runtime or DEFAULT_SSH_RUNTIME)
+                                    runtime or DEFAULT_SSH_RUNTIME, accel or "auto", cpu_model or "qemu64",
+                                    tuple(networks or ("default",)))
 
     datastores: dict[str, DatastoreSpec] = {}
     raw_ds = data.get("datastores", {})
@@ -406,7 +420,8 @@ def lab_document(root: Path) -> dict:
         "datastores": {},
     }
     for name, cluster in LAB_HOSTS:
-        doc["hosts"][name] = {"cluster": cluster, "transport": "local", "runtime": str(lab / name / "run")}
+        doc["hosts"][name] = {"cluster": cluster, "transport": "local", "runtime": str(lab / name / "run"),
+                              "accel": "auto", "networks": ["default"]}
         doc["datastores"][f"{name}-local"] = {"path": str(lab / name / "datastore"), "hosts": [name]}
     doc["datastores"]["shared"] = {"path": str(lab / "shared"), "hosts": [h for h, _ in LAB_HOSTS]}
     return doc

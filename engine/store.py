@@ -83,6 +83,24 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (task_id, idx)
     ) WITHOUT ROWID;
     """,
+    # v3: the VMs and templates Ferry manages. A recycled (delayed-deleted) VM keeps its row
+    # with recycled set, and its name is free again for new VMs until it is restored.
+    """
+    CREATE TABLE vms (
+        id        TEXT PRIMARY KEY,
+        name      TEXT NOT NULL,
+        kind      TEXT NOT NULL,
+        host      TEXT NOT NULL,
+        state     TEXT NOT NULL,
+        spec      TEXT NOT NULL,
+        busy      INTEGER,
+        recycled  REAL,
+        purge_at  REAL,
+        created   REAL NOT NULL,
+        updated   REAL NOT NULL
+    );
+    CREATE UNIQUE INDEX vms_name ON vms(name) WHERE recycled IS NULL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -354,6 +372,51 @@ class Store:
         with self._lock:
             self._db.execute("INSERT INTO settings(key, value) VALUES(?, ?)"
                              " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, json.dumps(value)))
+
+
+    # ---------------------------------------------------------- VMs and templates
+
+    def vm_insert(self, *, id: str, name: str, kind: str, host: str, state: str, spec: dict,
+                  busy: int | None = None) -> None:
+        now = time.time()
+        try:
+            with self._lock:
+                self._db.execute("INSERT INTO vms(id, name, kind, host, state, spec, busy, created, updated)"
+                                 " VALUES(?,?,?,?,?,?,?,?,?)",
+                                 (id, name, kind, host, state, _dumps(spec), busy, now, now))
+        except sqlite3.IntegrityError:
+            raise PermanentError(f"a VM or template named {name!r} already exists",
+                                 "choose another name (ferry vm list shows the names in use)") from None
+
+    def vm_update(self, vm_id: str, **fields: Any) -> None:
+        if "spec" in fields:
+            fields["spec"] = _dumps(fields["spec"])
+        fields["updated"] = time.time()
+        cols = ", ".join(f"{k}=?" for k in fields)
+        try:
+            with self._lock:
+                self._db.execute(f"UPDATE vms SET {cols} WHERE id=?", (*fields.values(), vm_id))
+        except sqlite3.IntegrityError:
+            raise PermanentError(f"a VM or template named {fields.get('name')!r} already exists",
+                                 "rename or delete the other one first") from None
+
+    def vm_delete(self, vm_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM vms WHERE id=?", (vm_id,))
+
+    def vm_rows(self, *, recycled: bool = False) -> list[dict]:
+        where = "recycled IS NOT NULL" if recycled else "recycled IS NULL"
+        return [_vm_row(r) for r in self._q(f"SELECT * FROM vms WHERE {where} ORDER BY name")]
+
+    def vm_row(self, vm_id: str) -> dict | None:
+        rows = self._q("SELECT * FROM vms WHERE id=?", (vm_id,))
+        return _vm_row(rows[0]) if rows else None
+
+
+def _vm_row(r: sqlite3.Row) -> dict:
+    d = dict(r)
+    d["spec"] = _loads(d["spec"])
+    return d
 
 
 def _row(r: sqlite3.Row) -> dict:

@@ -68,9 +68,23 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
+# The live image the lab's VMs boot (cached and versioned in the workspace; rebuilt only
+# when its recipe changes). The test suite builds its own copy in its cache.
+build_image() {
+  local ws_args=()
+  if [ -n "${FERRY_WORKSPACE:-}" ]; then ws_args=(--workspace "$FERRY_WORKSPACE"); fi
+  if ! "$venv/bin/ferry" "${ws_args[@]}" lab image build 2>"$venv/image.log"; then
+    if grep -q "apt-get update" "$venv/image.log" && [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && "$venv/bin/ferry" "${ws_args[@]}" lab image build 2>"$venv/image.log" && return 0
+    fi
+    tail -n 3 "$venv/image.log" >&2
+    echo "ferry bootstrap: the live image was not built; VMs cannot start until \`ferry lab image build\` works" >&2
+  fi
+}
+
 case "$action" in
-  install) echo "ferry bootstrap: ready ($venv/bin/ferry)";;
-  console) exec "$venv/bin/ferry" "$@";;
+  install) build_image; echo "ferry bootstrap: ready ($venv/bin/ferry)";;
+  console) build_image; exec "$venv/bin/ferry" "$@";;
   test)    exec "$venv/bin/python" -m pytest "$@";;
   *) echo "usage: scripts/bootstrap.sh [install|console|test] [args...]" >&2; exit 2;;
 esac

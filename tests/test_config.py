@@ -61,6 +61,10 @@ BAD = [
     ('[site]\nname = "dc1"\n[clusters.prod]\n[hosts.a]\ncluster = "prod"\ntransport = "local"\n'
      '[datastores.ds]\npath = "relative/dir"\nhosts = ["a"]\n', ":8: datastores.ds.path: must be an absolute path"),
     ('[site]\nname = "dc1"\nproduction = "yes"\n', ":3: site.production: must be true or false, got 'yes'"),
+    ('[site]\nname = "dc1"\n[clusters.prod]\n[hosts.a]\ncluster = "prod"\ntransport = "local"\naccel = "xen"\n',
+     ':7: hosts.a.accel: must be "auto", "kvm" or "tcg", got \'xen\''),
+    ('[site]\nname = "dc1"\n[clusters.prod]\n[hosts.a]\ncluster = "prod"\ntransport = "local"\nnetworks = []\n',
+     ":7: hosts.a.networks: must be a non-empty list of network names"),
 ]
 
 
@@ -147,7 +151,7 @@ def test_cli_config_check(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         f"{ws}/config.toml:8: hosts.cna01.prot: unknown key (hint: allowed keys here: cluster, transport, address, "
-        "port, user, identity, runtime)"]
+        "port, user, identity, runtime, accel, cpu_model, networks)"]
     # The console refuses to start on it with the same message, and no traceback.
     console = run_cli("--workspace", str(ws))
     assert console.returncode == 2

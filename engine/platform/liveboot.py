@@ -113,7 +113,8 @@ def live_boot_argv(image: LiveImage, *, paths: LivePaths, role: LiveRole | str =
                    accel: str = "tcg", memory_mb: int = 256, cpus: int = 1,
                    params: Mapping[str, object] | None = None, disks: Sequence[LiveDisk] = (),
                    nics: Sequence[LiveNic] = (), extra_append: str = "", machine: str = "pc",
-                   cpu: str | None = None, daemonize: bool = True, qemu: str = QEMU) -> list[str]:
+                   cpu: str | None = None, daemonize: bool = True, qemu: str = QEMU,
+                   maxcpus: int | None = None, incoming: str | None = None) -> list[str]:
     """The QEMU argv that boots the live image as a daemon with QMP, guest-agent and serial on files."""
     for sock in (paths.qmp, paths.qga):
         if len(sock.encode()) > _MAX_SOCKET_PATH:
@@ -153,6 +154,8 @@ def live_boot_argv(image: LiveImage, *, paths: LivePaths, role: LiveRole | str =
             netdev += f",hostfwd=tcp:127.0.0.1:{int(host_port)}-:{int(guest_port)}"
         argv += ["-netdev", netdev,
                  "-device", f"virtio-net-pci,netdev=net{i}" + (f",mac={nic.mac}" if nic.mac else "")]
+    if incoming:
+        argv += ["-incoming", incoming]
     if daemonize:
         argv += ["-daemonize", "-pidfile", paths.pidfile]
     return argv

@@ -1,0 +1,409 @@
+"""`ferry vm ...`, `ferry template ...` and `ferry lab image build`: headless VM commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from typing import Any
+
+from engine import fmt
+from engine.errors import PermanentError
+from engine.taskmodel import TaskInfo
+from engine.workspace import Workspace
+
+from .cli import EXIT_FAIL, EXIT_OK, _print_json, _table, _with_client, run_foreground
+
+
+def _typed_confirmation(args, name: str, action: str) -> str:
+    """The name typed by the operator (or given with --confirm); refuses when neither is possible."""
+    if args.confirm is not None:
+        return args.confirm
+    if not sys.stdin.isatty():
+        raise PermanentError(f"{action} {name} needs its name typed to confirm, and there is no terminal to ask on",
+                             f"pass --confirm {name}")
+    typed = input(f"{action} {name}: type its name to confirm: ").strip()
+    if typed != name:
+        raise PermanentError(f"the typed name {typed!r} is not {name!r}; nothing was done", "type the name exactly")
+    return typed
+
+
+def _vm_row(v: dict) -> list[str]:
+    agent = v.get("agent") or {}
+    return [v["name"], v["kind"], v["host"], f"{_state_symbol(v['state'])} {v['state']}", str(v["cpus"]),
+            f"{v['memory_mb']}M", str(len(v["disks"])), fmt.size(sum(d["size"] for d in v["disks"])),
+            agent.get("agent", "-") if agent else "-", v.get("origin") or ""]
+
+
+def _state_symbol(state: str) -> str:
+    from engine.vm.model import VMState
+    return VMState(state).symbol
+
+
+def cmd_vm_list(args, ws: Workspace) -> int:
+    async def go(client) -> int:
+        vms = await client.vm_list(recycled=args.recycled)
+        if args.templates:
+            vms = [v for v in vms if v["kind"] == "template"]
+        if args.json:
+            _print_json(vms)
+            return EXIT_OK
+        if not vms:
+            print("the recycle bin is empty" if args.recycled else "no VMs yet (ferry vm create NAME --host HOST)")
+            return EXIT_OK
+        if args.recycled:
+            rows = [[v["name"], v["kind"], v["host"], time.strftime("%Y-%m-%d %H:%M", time.localtime(v["recycled"])),
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(v["purge_at"]))] for v in vms]
+            print(_table(rows, ["NAME", "KIND", "HOST", "DELETED", "PURGED AFTER"]))
+        else:
+            print(_table([_vm_row(v) for v in vms],
+                         ["NAME", "KIND", "HOST", "STATE", "CPUS", "MEM", "DISKS", "SIZE", "AGENT", "ORIGIN"]))
+        return EXIT_OK
+    return asyncio.run(_with_client(ws, go))
+
+
+def cmd_vm_show(args, ws: Workspace) -> int:
+    async def go(client) -> int:
+        v = await client.vm_get(args.name)
+        if v["state"] == "running":
+            v["agent"] = await client.vm_agent(args.name)
+        if args.json:
+            _print_json(v)
+            return EXIT_OK
+        print(f"{v['name']}  ({v['kind']}, id {v['id'][:8]})  {_state_symbol(v['state'])} {v['state']} on {v['host']}"
+              + (f", pid {v['pid']}" if v.get("pid") else ""))
+        print(f"  cpus {v['cpus']} (up to {v['max_cpus']}), memory {v['memory_mb']} MiB, boot {','.join(v['boot'])}")
+        for d in v["disks"]:
+            print(f"  {d['name']}: {fmt.size(d['size'])} {d['bus']} on {d['datastore']} {d['path']}"
+                  + (f" (linked to {d['backing']})" if d.get("backing") else ""))
+        for i, n in enumerate(v["nics"]):
+            print(f"  nic{i}: network {n['network']}" + (f" mac {n['mac']}" if n.get("mac") else ""))
+        for pt in v.get("passthrough", []):
+            print(f"  passthrough {pt['kind']} {pt['address']}")
+        a = v.get("agent") or {}
+        if a:
+            if a.get("agent") == "running":
+                print(f"  agent {a.get('version')}: {a.get('os')} kernel {a.get('kernel')}, "
+                      f"IPs {', '.join(a.get('ips') or []) or '-'}")
+                if a.get("mem_total"):
+                    print(f"  cpu {a.get('cpu_percent', 0):.0f}%, memory {fmt.size(a['mem_used'])} of "
+                          f"{fmt.size(a['mem_total'])}")
+            else:
+                print(f"  agent: {a.get('agent')} ({a.get('reason', '')})")
+        return EXIT_OK
+    return asyncio.run(_with_client(ws, go))
+
+
+def _run_task(ws: Workspace, kind: str, params: dict[str, Any], as_json: bool, describe=None) -> int:
+    async def go(client) -> int:
+        tid = await client.vm_task(kind, params)
+        return await run_foreground(client, tid, as_json=as_json, describe=describe)
+    return asyncio.run(_with_client(ws, go))
+
+
+def _done(text: str):
+    def describe(info: TaskInfo) -> str:
+        return text.format(**(info.result or {}), task=info.id)
+    return describe
+
+
+def _disk_args(args) -> list[dict]:
+    out = []
+    for text in args.disk or []:
+        parts = text.split(":")
+        d: dict[str, Any] = {"size": parts[0]}
+        for extra in parts[1:]:
+            if extra in ("virtio", "scsi", "ide"):
+                d["bus"] = extra
+            elif extra:
+                d["datastore"] = extra
+        out.append(d)
+    return out
+
+
+def cmd_vm_create(args, ws: Workspace) -> int:
+    params: dict[str, Any] = {"name": args.name, "host": args.host, "cpus": args.cpus, "memory_mb": args.memory,
+                              "disks": _disk_args(args), "nics": [{"network": n} for n in (args.network or ["default"])],
+                              "boot": args.boot.split(",")}
+    if args.max_cpus:
+        params["max_cpus"] = args.max_cpus
+    if args.passthrough:
+        params["passthrough"] = [dict(zip(("kind", "address"), p.split(":", 1))) for p in args.passthrough]
+    return _run_task(ws, "vm.create", params, args.json, _done("created {vm} on {host}"))
+
+
+def cmd_vm_simple(args, ws: Workspace) -> int:
+    kind, params, text = {
+        "start": ("vm.start", {"discard_state": getattr(args, "discard_state", False)}, "{vm} runs on {host}"),
+        "stop": ("vm.shutdown", {"mode": "force" if getattr(args, "force", False) else "powerdown",
+                                 "timeout": getattr(args, "timeout", 120)}, "{vm} is stopped"),
+        "reboot": ("vm.shutdown", {"mode": "reboot"}, "{vm} rebooted"),
+        "hibernate": ("vm.hibernate", {}, "{vm} hibernated ({state_file})"),
+        "restore": ("vm.restore", {}, "{vm} restored from the recycle bin"),
+    }[args.vm_command]
+    return _run_task(ws, kind, {"vm": args.name, **params}, args.json, _done(text))
+
+
+def cmd_vm_clone(args, ws: Workspace) -> int:
+    params = {"src": args.src, "names": [args.name], "as_template": bool(getattr(args, "as_template", False)),
+              "datastore": args.datastore, "overrides": _overrides(args)}
+    return _run_task(ws, "vm.clone", params, args.json, _describe_made)
+
+
+def _overrides(args) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    for key, attr in (("cpus", "cpus"), ("memory_mb", "memory"), ("disk_size", "disk_size"), ("network", "network")):
+        value = getattr(args, attr, None)
+        if value is not None:
+            o[key] = value
+    return o
+
+
+def _describe_made(info: TaskInfo) -> str:
+    r = info.result or {}
+    names = ", ".join(m["vm"] for m in r.get("made", []))
+    return f"made {names} from {r.get('src')}" + (" (linked clones)" if r.get("linked") else "") + \
+        (" while it was running" if r.get("from_running") else "")
+
+
+def cmd_template_deploy(args, ws: Workspace) -> int:
+    from engine.vm.model import expand_pattern
+    names = expand_pattern(args.name, args.count) if args.count > 1 or "#" in args.name or "{n" in args.name \
+        else [args.name]
+    params = {"src": args.template, "names": names, "linked": args.linked, "deploy": True,
+              "datastore": args.datastore, "overrides": _overrides(args)}
+    return _run_task(ws, "vm.clone", params, args.json, _describe_made)
+
+
+def cmd_template_clone(args, ws: Workspace) -> int:
+    params = {"src": args.src, "names": [args.name], "as_template": True, "datastore": args.datastore,
+              "overrides": _overrides(args)}
+    return _run_task(ws, "vm.clone", params, args.json, _describe_made)
+
+
+def cmd_convert(args, ws: Workspace) -> int:
+    return _run_task(ws, "vm.convert", {"vm": args.name, "to": args.to}, args.json,
+                     _done("{vm} is now a {kind}"))
+
+
+def cmd_vm_delete(args, ws: Workspace) -> int:
+    mode = "secure" if args.secure else "delayed" if args.delayed else "normal"
+    typed = _typed_confirmation(args, args.name, "delete" + ("" if mode == "normal" else f" ({mode})"))
+    params: dict[str, Any] = {"vm": args.name, "mode": mode, "confirm": typed}
+    if args.keep_days is not None:
+        params["keep_days"] = args.keep_days
+    text = "{vm} moved to the recycle bin" if mode == "delayed" else "{vm} deleted (" + mode + ")"
+    return _run_task(ws, "vm.delete", params, args.json, _done(text))
+
+
+def cmd_vm_purge(args, ws: Workspace) -> int:
+    if args.expired:
+        params = {"vm": "*expired*"}
+    else:
+        if not args.name:
+            raise PermanentError("purge needs a name or --expired", "ferry vm purge NAME, or ferry vm purge --expired")
+        params = {"vm": args.name, "confirm": _typed_confirmation(args, args.name, "purge")}
+    return _run_task(ws, "vm.purge", params, args.json,
+                     lambda info: f"purged: {', '.join((info.result or {}).get('purged', [])) or 'nothing'}")
+
+
+def cmd_vm_export(args, ws: Workspace) -> int:
+    out = args.out
+    ova = args.format == "ova" if args.format else out.endswith(".ova")
+    return _run_task(ws, "vm.export", {"vm": args.name, "out": out, "ova": ova}, args.json,
+                     _done("{vm} exported to {path}"))
+
+
+def cmd_vm_import(args, ws: Workspace) -> int:
+    params = {"path": args.path, "host": args.host, "name": args.name, "datastore": args.datastore,
+              "as_template": args.as_template}
+    return _run_task(ws, "vm.import", params, args.json, _done("imported {vm} on {host}"))
+
+
+def cmd_vm_agent(args, ws: Workspace) -> int:
+    async def go(client) -> int:
+        if args.agent_command == "timesync":
+            out = await client.vm_timesync(args.name)
+        elif args.agent_command == "cpus":
+            out = await client.vm_cpu_hotadd(args.name, args.cpus)
+        else:
+            out = await client.vm_agent(args.name)
+        if args.json:
+            _print_json(out)
+        else:
+            for k, v in out.items():
+                print(f"{k}: {v}")
+        return EXIT_OK if out.get("agent", "running") == "running" else EXIT_FAIL
+    return asyncio.run(_with_client(ws, go))
+
+
+def cmd_vm_reconcile(args, ws: Workspace) -> int:
+    async def go(client) -> int:
+        r = await client.vm_reconcile()
+        if args.json:
+            _print_json(r)
+            return EXIT_OK
+        print(f"{r['running']} recorded VM(s) running")
+        for o in r["orphans"]:
+            print(f"orphan: {o['process']} (pid {o['pid']}) on {o['host']} runs without a record")
+        for m in r["missing"]:
+            print(f"missing: {m['vm']} on {m['host']} was running and its QEMU is gone")
+        for u in r["unreachable"]:
+            print(f"unreachable: {u['host']}: {u['error']}")
+        return EXIT_OK
+    return asyncio.run(_with_client(ws, go))
+
+
+def cmd_lab_image_build(args, ws: Workspace) -> int:
+    from engine.platform.liveimage import build_live_image
+    from engine.vm.hostops import image_cache_dir
+
+    def report(step: str, fraction: float) -> None:
+        if not args.json and sys.stderr.isatty():
+            sys.stderr.write(f"\r{fraction * 100:5.1f}% {step[:70]:<70}")
+            sys.stderr.flush()
+
+    started = time.monotonic()
+    image = asyncio.run(build_live_image(image_cache_dir(ws.ensure().cache_dir), force=args.force, progress=report))
+    if not args.json and sys.stderr.isatty():
+        sys.stderr.write("\r" + " " * 80 + "\r")
+    info = {"version": image.version, "kernel": str(image.kernel), "initrd": str(image.initrd),
+            "kernel_release": image.kernel_release, "size": image.size, "seconds": round(time.monotonic() - started, 1)}
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"live image {image.version[:12]} ({image.kernel_release}, {fmt.size(image.size)}) in {image.directory}")
+    return EXIT_OK
+
+
+def add_parsers(sub) -> None:
+    def common(p, *, name: bool = True) -> None:
+        if name:
+            p.add_argument("name")
+        p.add_argument("--json", action="store_true")
+
+    def hardware(p, default: bool) -> None:
+        p.add_argument("--cpus", type=int, default=1 if default else None)
+        p.add_argument("--memory", type=int, default=256 if default else None, metavar="MiB")
+        p.add_argument("--network", action="append" if default else "store", metavar="NET")
+
+    s = sub.add_parser("vm", help="VMs: list, create, start, stop, clone, export, import, delete, ...")
+    vs = s.add_subparsers(dest="vm_command", metavar="ACTION", required=True)
+    v = vs.add_parser("list", help="VMs and templates with their state")
+    v.add_argument("--templates", action="store_true", help="templates only")
+    v.add_argument("--recycled", action="store_true", help="the recycle bin")
+    common(v, name=False)
+    v.set_defaults(func=cmd_vm_list)
+    v = vs.add_parser("show", help="one VM: hardware, disks, agent")
+    common(v)
+    v.set_defaults(func=cmd_vm_show)
+    v = vs.add_parser("create", help="create an empty VM")
+    common(v)
+    v.add_argument("--host", required=True)
+    hardware(v, True)
+    v.add_argument("--max-cpus", type=int, help="vCPUs it can grow to while running (default max(4, cpus))")
+    v.add_argument("--disk", action="append", metavar="SIZE[:BUS][:DATASTORE]", help="e.g. 1G or 10G:scsi:shared")
+    v.add_argument("--boot", default="disk,live", help="boot order from disk, cdrom, live (default disk,live)")
+    v.add_argument("--passthrough", action="append", metavar="KIND:ADDRESS", help="usb:1d6b:0002, gpu:0000:01:00.0, disk:/dev/sdb")
+    v.set_defaults(func=cmd_vm_create)
+    for action, text in (("start", "start (or resume a hibernated VM)"),
+                         ("stop", "safe shutdown through the guest agent (--force: power off at once)"),
+                         ("reboot", "safe reboot through the guest agent"),
+                         ("hibernate", "save memory to a file and stop; start resumes it"),
+                         ("restore", "bring a VM back from the recycle bin")):
+        v = vs.add_parser(action, help=text)
+        common(v)
+        if action == "start":
+            v.add_argument("--discard-state", action="store_true", help="boot fresh, dropping a hibernated state")
+        if action == "stop":
+            v.add_argument("--force", action="store_true", help="power off at once (no agent needed)")
+            v.add_argument("--timeout", type=float, default=120, help="seconds to wait for the guest (default 120)")
+        v.set_defaults(func=cmd_vm_simple)
+    v = vs.add_parser("clone", help="full copy of a VM (also while it runs: a point-in-time copy)")
+    v.add_argument("src")
+    common(v)
+    v.add_argument("--datastore")
+    v.add_argument("--as-template", action="store_true", help="the copy is a template (hardware may change)")
+    hardware(v, False)
+    v.add_argument("--disk-size", help="grow the first disk to this size")
+    v.set_defaults(func=cmd_vm_clone)
+    v = vs.add_parser("to-template", help="turn a stopped VM into a template")
+    common(v)
+    v.set_defaults(func=cmd_convert, to="template")
+    v = vs.add_parser("delete", help="delete a VM (asks for its name); --secure overwrites, --delayed keeps it in the recycle bin")
+    common(v)
+    g = v.add_mutually_exclusive_group()
+    g.add_argument("--secure", action="store_true", help="overwrite and verify the disks before removing them")
+    g.add_argument("--delayed", action="store_true", help="keep it in the recycle bin (restorable)")
+    v.add_argument("--keep-days", type=float, help="days in the recycle bin before it is purged (default 7)")
+    v.add_argument("--confirm", metavar="NAME", help="the VM's name, typed to confirm (for scripts)")
+    v.set_defaults(func=cmd_vm_delete)
+    v = vs.add_parser("purge", help="remove from the recycle bin for good")
+    v.add_argument("name", nargs="?")
+    v.add_argument("--expired", action="store_true", help="every VM whose time in the bin is over")
+    v.add_argument("--confirm", metavar="NAME")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_vm_purge)
+    v = vs.add_parser("export", help="export as OVF (a folder) or OVA (one file) on the VM's host")
+    common(v)
+    v.add_argument("--out", required=True, help="absolute path on the VM's host: a folder, or a file ending .ova")
+    v.add_argument("--format", choices=("ovf", "ova"))
+    v.set_defaults(func=cmd_vm_export)
+    v = vs.add_parser("import", help="import an OVF or OVA (the manifest is verified first)")
+    v.add_argument("path")
+    v.add_argument("--host", required=True)
+    v.add_argument("--name")
+    v.add_argument("--datastore")
+    v.add_argument("--as-template", action="store_true")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_vm_import)
+    v = vs.add_parser("agent", help="guest agent: status and info, time sync, CPU hot-add")
+    v.add_argument("agent_command", choices=("info", "timesync", "cpus"))
+    common(v)
+    v.add_argument("--cpus", type=int, help="with `cpus`: the vCPU count to grow to")
+    v.set_defaults(func=cmd_vm_agent)
+    v = vs.add_parser("reconcile", help="compare running QEMU processes with the records")
+    common(v, name=False)
+    v.set_defaults(func=cmd_vm_reconcile)
+
+    s = sub.add_parser("template", help="templates: convert, clone, deploy, delete")
+    ts = s.add_subparsers(dest="template_command", metavar="ACTION", required=True)
+    t = ts.add_parser("list", help="templates")
+    common(t, name=False)
+    t.set_defaults(func=cmd_vm_list, templates=True, recycled=False)
+    t = ts.add_parser("convert", help="turn a stopped VM into a template")
+    common(t)
+    t.set_defaults(func=cmd_convert, to="template")
+    t = ts.add_parser("to-vm", help="turn a template back into a VM (not while it has linked clones)")
+    common(t)
+    t.set_defaults(func=cmd_convert, to="vm")
+    t = ts.add_parser("clone", help="copy a VM or template into a new template (hardware may change)")
+    t.add_argument("src")
+    common(t)
+    t.add_argument("--datastore")
+    hardware(t, False)
+    t.add_argument("--disk-size")
+    t.set_defaults(func=cmd_template_clone)
+    t = ts.add_parser("deploy", help="make VMs from a template: linked (default) or full clones, N at once")
+    t.add_argument("template")
+    common(t)
+    t.add_argument("--count", type=int, default=1, help="how many; NAME is a pattern like web-## or web-{n:02}")
+    t.add_argument("--full", dest="linked", action="store_false", help="full copies instead of linked clones")
+    t.add_argument("--datastore")
+    hardware(t, False)
+    t.add_argument("--disk-size", help="grow the first disk (full clones and linked ones alike)")
+    t.set_defaults(func=cmd_template_deploy, linked=True)
+    t = ts.add_parser("delete", help="delete a template (refused while it has linked clones)")
+    common(t)
+    t.add_argument("--confirm", metavar="NAME")
+    t.set_defaults(func=cmd_vm_delete, secure=False, delayed=False, keep_days=None)
+
+    s = sub.add_parser("lab", help="the lab on this machine")
+    ls = s.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
+    i = ls.add_parser("image", help="the Ferry live image")
+    iss = i.add_subparsers(dest="image_command", metavar="ACTION", required=True)
+    b = iss.add_parser("build", help="build (or find cached) the live image for the current recipe")
+    b.add_argument("--force", action="store_true", help="build again even if cached")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_lab_image_build)

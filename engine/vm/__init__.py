@@ -1,0 +1,1 @@
+"""VMs and templates on the QEMU hosts of a site."""

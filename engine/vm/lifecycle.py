@@ -1,0 +1,392 @@
+"""VM lifecycle task kinds: create, start, safe shutdown/reboot, force stop, hibernate (resume = start)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shlex
+import time
+from pathlib import PurePosixPath
+from typing import Any, AsyncIterator
+
+from ..errors import FerryError, PermanentError, TransientError
+from ..platform.liveboot import launch, stop as stop_process
+from ..platform.qmp import QMPClient
+from ..tasks import TaskContext, TaskKind, register
+from .hostops import HostOps, disk_path, vm_dir
+from .model import (DiskSpec, NicSpec, Passthrough, VMKind, VMSpec, VMState, check_boot, check_bus,
+                    check_hardware, check_name, new_id, parse_size)
+from .service import VMService
+
+BOOT_TIMEOUT = 90.0
+
+
+@contextlib.asynccontextmanager
+async def working_on(ctx: TaskContext, row: dict) -> AsyncIterator[None]:
+    """Marks the VM busy with this task; refuses when another live task works on it."""
+    svc = VMService.of(ctx.engine)
+    fresh = await svc._db(svc.store.vm_row, row["id"])
+    if fresh is None:
+        raise PermanentError(f"VM {row['name']} no longer exists", "ferry vm list shows what exists")
+    other = fresh["busy"]
+    if other and other != ctx.id:
+        info = await ctx.engine.get(other)
+        if not info.state.final:
+            raise PermanentError(f"{row['name']} is busy with task {other} ({info.title}, {info.state})",
+                                 f"wait for it, or cancel it: ferry task cancel {other}")
+    await svc.update(row["id"], busy=ctx.id)
+    try:
+        yield
+    finally:
+        if await svc._db(svc.store.vm_row, row["id"]) is not None:
+            await svc.update(row["id"], busy=None)
+
+
+class VMTask(TaskKind):
+    """A task on one existing VM or template, named by params["vm"]; the client fills params["host"]."""
+
+    max_retries = 0
+    verb = ""
+
+    def validate(self, params: dict[str, Any]) -> None:
+        if not params.get("vm"):
+            raise PermanentError(f"{self.name} needs a VM name", f"ferry vm {self.verb} NAME")
+
+    def hosts(self, params: dict[str, Any]) -> list[str]:
+        return [params["host"]] if params.get("host") else []
+
+    def title(self, params: dict[str, Any]) -> str:
+        return f"{self.verb} {params['vm']}"
+
+    async def target(self, ctx: TaskContext, **find: Any) -> tuple[VMService, dict, VMSpec, HostOps]:
+        """The service, the VM's record and spec, and its host."""
+        svc = VMService.of(ctx.engine)
+        row = await svc.find(ctx.params["vm"], **find)
+        vm = VMSpec.from_dict(row["spec"])
+        return svc, row, vm, svc.host(vm.host)
+
+
+async def wait_exit(h: HostOps, vm: VMSpec, timeout: float, ctx: TaskContext | None = None) -> bool:
+    deadline = time.monotonic() + timeout
+    while await h.pid(vm) is not None:
+        if time.monotonic() > deadline:
+            return False
+        if ctx:
+            ctx.progress(item=f"waiting for {vm.name} to power off "
+                         f"({int(deadline - time.monotonic())} s left)")
+        await asyncio.sleep(0.2)
+    return True
+
+
+async def boot(ctx: TaskContext, vm: VMSpec, *, incoming: str | None = None, wait_agent: bool = True) -> dict:
+    """Starts the VM's QEMU as a daemon of the host and waits for the guest agent (or the incoming state)."""
+    svc = VMService.of(ctx.engine)
+    h = svc.host(vm.host)
+    ctx.progress(item="live image", units_done=0, units_total=3)
+    image = await h.live_image(await svc.image(lambda step, f: ctx.progress(item=f"building live image: {step}")))
+    accel, reason = await svc.accel(h, image)
+    if reason:
+        ctx.log(reason)
+    for d in vm.disks:
+        if not await h.exists(d.path):
+            raise PermanentError(f"disk {d.name} of {vm.name} is missing: {d.path} on {h.name}",
+                                 "restore the file, or delete the VM")
+    argv = h.argv(vm, image, accel, incoming=incoming)
+    ctx.progress(item=f"starting QEMU on {h.name} ({accel})", units_done=1)
+    pid = await launch(h.t, argv, h.paths(vm))
+    ctx.log(f"QEMU of {vm.name} runs on {h.name} as pid {pid} ({accel})")
+    out: dict[str, Any] = {"vm": vm.name, "host": h.name, "pid": pid, "accel": accel}
+    if incoming:
+        await _wait_incoming(ctx, svc, vm)
+    if wait_agent:
+        ctx.progress(item="waiting for the guest agent", units_done=2)
+        out["agent"] = await _wait_agent(svc, vm, BOOT_TIMEOUT)
+        if not out["agent"]:
+            ctx.log(f"the guest agent of {vm.name} did not answer within {BOOT_TIMEOUT:g} s; the VM runs",
+                    "warning")
+    ctx.progress(units_done=3, item="running")
+    return out
+
+
+async def _wait_agent(svc: VMService, vm: VMSpec, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            async with await svc.agent(vm, timeout=2.0) as ga:
+                await ga.ping(timeout=2.0)
+                return True
+        except FerryError:
+            if await svc.host(vm.host).pid(vm) is None:
+                raise PermanentError(f"QEMU of {vm.name} exited during boot",
+                                     f"see the serial log {svc.host(vm.host).paths(vm).serial}") from None
+            await asyncio.sleep(0.3)
+    return False
+
+
+async def _wait_incoming(ctx: TaskContext, svc: VMService, vm: VMSpec) -> None:
+    """Waits for QEMU to load a hibernated state and run it."""
+    deadline = time.monotonic() + 300
+    async with await svc.qmp(vm) as q:
+        while True:
+            status = (await q.execute("query-status"))["status"]
+            if status == "running":
+                return
+            mig = await q.execute("query-migrate")
+            if mig.get("status") == "failed":
+                raise PermanentError(f"{vm.name}: restoring the hibernated state failed: "
+                                     f"{mig.get('error-desc', 'unknown error')}",
+                                     "the state file may be damaged; start the VM fresh with --discard-state")
+            if status == "postmigrate" or status == "paused" and mig.get("status") == "completed":
+                await q.execute("cont")
+            if time.monotonic() > deadline:
+                raise TransientError(f"{vm.name}: the hibernated state did not load within 300 s", "retry")
+            ctx.progress(item="restoring memory")
+            await asyncio.sleep(0.2)
+
+
+# ------------------------------------------------------------------ create
+
+@register
+class CreateVM(TaskKind):
+    name = "vm.create"
+    max_retries = 0
+
+    def validate(self, params: dict[str, Any]) -> None:
+        check_name(params.get("name", ""))
+        check_hardware(cpus=int(params.get("cpus", 1)), memory_mb=int(params.get("memory_mb", 256)),
+                       max_cpus=int(params.get("max_cpus", max(4, int(params.get("cpus", 1))))))
+        check_boot(tuple(params.get("boot", ("disk", "live"))))
+        for d in params.get("disks", []):
+            check_bus(d.get("bus", "virtio"))
+            if parse_size(d.get("size", "1G"), "disk size") < 1 << 20:
+                raise PermanentError(f"disk size {d.get('size')} is below 1 MiB", "for example --disk 1G")
+        for p in params.get("passthrough", []):
+            if p.get("kind") not in ("usb", "gpu", "disk") or not p.get("address"):
+                raise PermanentError(f"passthrough {p} is not valid",
+                                     "write usb:VENDOR:PRODUCT, gpu:PCI-ADDRESS or disk:/dev/PATH")
+        if not params.get("host"):
+            raise PermanentError("vm create needs a host", "--host lab1")
+
+    def hosts(self, params: dict[str, Any]) -> list[str]:
+        return [params["host"]]
+
+    def title(self, params: dict[str, Any]) -> str:
+        return f"create {params['name']}"
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        p = ctx.params
+        svc = VMService.of(ctx.engine)
+        h = svc.host(p["host"])
+        for n in p.get("nics", [{"network": "default"}]):
+            if n.get("network", "default") not in h.spec.networks:
+                raise PermanentError(f"network {n.get('network')!r} is not on host {h.name}",
+                                     f"use one of: {', '.join(h.spec.networks)}")
+        vm = VMSpec(id=new_id(), name=p["name"], host=h.name, cpus=int(p.get("cpus", 1)),
+                    max_cpus=int(p.get("max_cpus", max(4, int(p.get("cpus", 1))))),
+                    memory_mb=int(p.get("memory_mb", 256)),
+                    nics=tuple(NicSpec(n.get("network", "default"), n.get("mac", ""))
+                               for n in p.get("nics", [{"network": "default"}])),
+                    boot=tuple(p.get("boot", ("disk", "live"))),
+                    passthrough=tuple(Passthrough(x["kind"], x["address"]) for x in p.get("passthrough", [])))
+        disks = []
+        need: dict[str, int] = {}
+        for i, d in enumerate(p.get("disks", [])):
+            ds = h.datastore(d.get("datastore"))
+            size = parse_size(d.get("size", "1G"), "disk size")
+            need[ds.name] = need.get(ds.name, 0) + size
+            disks.append(DiskSpec(f"disk{i}", ds.name, disk_path(ds, vm.name, f"disk{i}"), size,
+                                  d.get("bus", "virtio"), ds.shared))
+        for ds_name, size in need.items():
+            await h.ensure_space(h.datastore(ds_name), size, f"{vm.name} ({size >> 20} MiB of disks)")
+        vm = vm.with_(disks=tuple(disks))
+        return await make_vm(ctx, h, vm, self._create_disks)
+
+    @staticmethod
+    async def _create_disks(ctx: TaskContext, h: HostOps, vm: VMSpec) -> None:
+        for i, d in enumerate(vm.disks):
+            ctx.progress(units_done=i, units_total=len(vm.disks), item=f"creating {d.name} ({d.size >> 20} MiB)")
+            await h.qemu_img("create", "-q", "-f", "qcow2", d.path, str(d.size))
+
+
+async def make_vm(ctx: TaskContext, h: HostOps, vm: VMSpec, fill, *, state: VMState = VMState.STOPPED
+                  ) -> dict[str, Any]:
+    """Records the VM (claiming its name), lets fill() make its files, and removes both on failure."""
+    svc = VMService.of(ctx.engine)
+    for d in vm.disks:
+        if await h.exists(str(d.path)):
+            raise PermanentError(f"{d.path} already exists on {h.name}",
+                                 "a leftover of an earlier VM? move it away or choose another name")
+    await svc._db(svc.store.vm_insert, id=vm.id, name=vm.name, kind=str(vm.kind), host=vm.host,
+                  state=str(state), spec=vm.to_dict(), busy=ctx.id)
+    made_dirs = []
+    try:
+        for d in {str(PurePosixPath(x.path).parent) for x in vm.disks}:
+            if not await h.exists(d):
+                made_dirs.append(d)
+            await h.t.mkdir(d)
+        await fill(ctx, h, vm)
+    except BaseException as e:
+        ctx.log(f"{vm.name} was not made ({getattr(e, 'message', None) or type(e).__name__}); "
+                "removing what was created", "warning")
+        with contextlib.suppress(Exception):
+            await asyncio.shield(_undo(svc, h, vm, made_dirs))
+        raise
+    await svc.update(vm.id, busy=None)
+    ctx.log(f"{vm.kind} {vm.name} created on {h.name} with {len(vm.disks)} disk(s)")
+    return {"vm": vm.name, "id": vm.id, "host": h.name, "disks": [d.path for d in vm.disks]}
+
+
+async def _undo(svc: VMService, h: HostOps, vm: VMSpec, made_dirs: list[str]) -> None:
+    for d in vm.disks:
+        with contextlib.suppress(FerryError):
+            await h.t.remove(d.path)
+    for d in made_dirs:
+        with contextlib.suppress(FerryError):
+            await h.remove_tree(d)
+    await svc._db(svc.store.vm_delete, vm.id)
+
+
+# ------------------------------------------------------------------ start / stop
+
+@register
+class StartVM(VMTask):
+    name = "vm.start"
+    verb = "start"
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        svc = VMService.of(ctx.engine)
+        row = await svc.find(ctx.params["vm"])
+        vm = VMSpec.from_dict(row["spec"])
+        if vm.is_template:
+            raise PermanentError(f"{vm.name} is a template, and a template never starts",
+                                 f"deploy a VM from it: ferry template deploy {vm.name} NEW-NAME")
+        h = svc.host(vm.host)
+        if await h.pid(vm) is not None:
+            raise PermanentError(f"{vm.name} is already running on {h.name}", "nothing to do")
+        async with working_on(ctx, row):
+            if vm.hibernate_file and not ctx.params.get("discard_state"):
+                if not await h.exists(vm.hibernate_file):
+                    raise PermanentError(f"the hibernated state of {vm.name} is missing: {vm.hibernate_file}",
+                                         f"start it fresh: ferry vm start {vm.name} --discard-state")
+                ctx.log(f"resuming {vm.name} from {vm.hibernate_file}")
+                out = await boot(ctx, vm, incoming="exec:cat " + shlex.quote(vm.hibernate_file), wait_agent=False)
+                await h.t.remove(vm.hibernate_file)
+                vm = vm.with_(hibernate_file="")
+                out["resumed"] = True
+            else:
+                if vm.hibernate_file:
+                    ctx.log(f"discarding the hibernated state of {vm.name}", "warning")
+                    await h.t.remove(vm.hibernate_file)
+                    vm = vm.with_(hibernate_file="")
+                out = await boot(ctx, vm, wait_agent=not ctx.params.get("no_wait"))
+            await svc.update(vm.id, state=VMState.RUNNING, spec=vm)
+        return out
+
+
+@register
+class ShutdownVM(VMTask):
+    """Safe shutdown or reboot through the guest agent; force stop powers off at once."""
+    name = "vm.shutdown"
+    verb = "shutdown"
+
+    def title(self, params: dict[str, Any]) -> str:
+        mode = params.get("mode", "powerdown")
+        return f"{'force stop' if mode == 'force' else 'reboot' if mode == 'reboot' else 'shut down'} {params['vm']}"
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        svc = VMService.of(ctx.engine)
+        mode = ctx.params.get("mode", "powerdown")
+        timeout = float(ctx.params.get("timeout", 120))
+        row = await svc.find(ctx.params["vm"])
+        vm = VMSpec.from_dict(row["spec"])
+        h = svc.host(vm.host)
+        if await h.pid(vm) is None:
+            if row["state"] in ("running", "paused", "missing"):
+                await svc.update(vm.id, state=VMState.STOPPED)
+            raise PermanentError(f"{vm.name} is not running", f"start it: ferry vm start {vm.name}")
+        async with working_on(ctx, row):
+            if mode == "force":
+                ctx.progress(item="powering off")
+                await stop_process(h.t, h.paths(vm).pidfile)
+                ctx.log(f"{vm.name} was powered off (forced)", "warning")
+                await svc.update(vm.id, state=VMState.STOPPED)
+                return {"vm": vm.name, "mode": mode}
+            try:
+                ga = await svc.agent(vm)
+            except PermanentError as e:
+                raise PermanentError(f"cannot {'reboot' if mode == 'reboot' else 'shut down'} {vm.name} safely: "
+                                     f"{e.message}", f"force it off instead: ferry vm stop {vm.name} --force") from None
+            if mode == "reboot":
+                async with await svc.qmp(vm) as q:
+                    with q.subscribe("RESET") as sub:
+                        async with ga:
+                            await ga.shutdown("reboot")
+                        ctx.progress(item="waiting for the guest to reboot")
+                        await sub.wait_for("RESET", timeout=timeout)
+                ctx.progress(item="waiting for the guest agent")
+                agent = await _wait_agent(svc, vm, BOOT_TIMEOUT)
+                return {"vm": vm.name, "mode": mode, "agent": agent}
+            async with ga:
+                await ga.shutdown("powerdown")
+            if not await wait_exit(h, vm, timeout, ctx):
+                raise PermanentError(f"{vm.name} did not power off within {timeout:g} s after the agent's shutdown",
+                                     f"look at its console, or force it: ferry vm stop {vm.name} --force")
+            await svc.update(vm.id, state=VMState.STOPPED)
+            ctx.log(f"{vm.name} shut down through its guest agent")
+            return {"vm": vm.name, "mode": mode}
+
+
+@register
+class HibernateVM(VMTask):
+    """Saves memory and device state to a file next to the disks and stops QEMU; start resumes it."""
+    name = "vm.hibernate"
+    verb = "hibernate"
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        svc, row, vm, h = await self.target(ctx)
+        if await h.pid(vm) is None:
+            raise PermanentError(f"{vm.name} is not running, so there is nothing to hibernate",
+                                 f"start it: ferry vm start {vm.name}")
+        ds = h.datastore(vm.disks[0].datastore if vm.disks else None)
+        folder = str(PurePosixPath(vm.disks[0].path).parent) if vm.disks else vm_dir(ds, vm.name)
+        state_file = f"{folder}/{vm.name}.state"
+        await h.ensure_space(ds, vm.memory_mb << 20, f"the memory of {vm.name}")
+        async with working_on(ctx, row):
+            await h.t.mkdir(folder)
+            tmp = state_file + ".part"
+            async with await svc.qmp(vm) as q:
+                await q.execute("stop")
+                try:
+                    await q.execute("migrate", {"uri": "exec:cat > " + shlex.quote(tmp)})
+                    await _follow_migration(ctx, q, vm)
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await q.execute("migrate_cancel")
+                        await q.execute("cont")
+                    with contextlib.suppress(Exception):
+                        await h.t.remove(tmp)
+                    raise
+                await h.run(["sync", tmp], what="sync")
+                await h.move(tmp, state_file)
+                await svc.update(vm.id, state=VMState.HIBERNATED, spec=vm.with_(hibernate_file=state_file))
+                with contextlib.suppress(FerryError):
+                    await q.execute("quit")
+            await wait_exit(h, vm, 30)
+            size = (await h.t.stat(state_file)).size
+        ctx.log(f"{vm.name} hibernated: {size >> 20} MiB of state in {state_file}")
+        return {"vm": vm.name, "state_file": state_file, "bytes": size}
+
+
+async def _follow_migration(ctx: TaskContext, q: QMPClient, vm: VMSpec) -> None:
+    while True:
+        mig = await q.execute("query-migrate")
+        status = mig.get("status")
+        ram = mig.get("ram", {})
+        if ram.get("total"):
+            ctx.progress(bytes_done=ram.get("transferred", 0), bytes_total=ram["total"], item="saving memory")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise PermanentError(f"{vm.name}: saving the memory state failed: {mig.get('error-desc', status)}",
+                                 "check the free space of the VM's datastore")
+        await asyncio.sleep(0.1)

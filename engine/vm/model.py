@@ -1,0 +1,194 @@
+"""VM and template records: what Ferry knows about a virtual machine, independent of its process."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from ..errors import PermanentError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+BOOT_DEVICES = ("disk", "cdrom", "live")
+BUSES = ("virtio", "scsi", "ide")
+PASSTHROUGH_KINDS = ("usb", "gpu", "disk")
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+class VMKind(StrEnum):
+    VM = "vm"
+    TEMPLATE = "template"
+
+
+class VMState(StrEnum):
+    STOPPED = "stopped"
+    RUNNING = "running"
+    PAUSED = "paused"
+    HIBERNATED = "hibernated"     # memory saved to a state file; resume restores it
+    TEMPLATE = "template"         # a template never runs
+    RECYCLED = "recycled"         # delayed delete: in the recycle bin until restored or purged
+    MISSING = "missing"           # recorded as running, but its QEMU process is gone
+
+    @property
+    def symbol(self) -> str:
+        return {"stopped": "■", "running": "▶", "paused": "⏸", "hibernated": "☾", "template": "◇",
+                "recycled": "♻", "missing": "✖"}[self.value]
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    name: str                     # disk0, disk1, ...
+    datastore: str
+    path: str                     # the qcow2 image on the host
+    size: int                     # virtual size in bytes
+    bus: str = "virtio"
+    shared: bool = False          # on a shared datastore and attachable by several VMs
+    backing: str | None = None    # linked clone: the template's image this one is based on
+
+
+@dataclass(frozen=True)
+class NicSpec:
+    network: str = "default"
+    mac: str = ""
+
+
+@dataclass(frozen=True)
+class Passthrough:
+    """A host device given to the VM (recorded; attached only on hosts that have it)."""
+    kind: str                     # usb | gpu | disk
+    address: str                  # usb vendor:product, PCI address, or a block device path
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    id: str
+    name: str
+    host: str
+    cpus: int = 1
+    max_cpus: int = 4             # hot-add up to this many
+    memory_mb: int = 256
+    disks: tuple[DiskSpec, ...] = ()
+    nics: tuple[NicSpec, ...] = ()
+    boot: tuple[str, ...] = ("disk", "live")
+    passthrough: tuple[Passthrough, ...] = ()
+    kind: VMKind = VMKind.VM
+    origin: str = ""              # the template or VM it was made from, for the operator
+    hibernate_file: str = ""      # set while hibernated
+
+    @property
+    def is_template(self) -> bool:
+        return self.kind is VMKind.TEMPLATE
+
+    @property
+    def short_id(self) -> str:
+        return self.id[:8]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["kind"] = str(self.kind)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VMSpec":
+        return cls(
+            id=d["id"], name=d["name"], host=d["host"], cpus=int(d.get("cpus", 1)),
+            max_cpus=int(d.get("max_cpus", max(4, int(d.get("cpus", 1))))),
+            memory_mb=int(d.get("memory_mb", 256)),
+            disks=tuple(DiskSpec(**x) for x in d.get("disks", ())),
+            nics=tuple(NicSpec(**x) for x in d.get("nics", ())),
+            boot=tuple(d.get("boot", ("disk", "live"))),
+            passthrough=tuple(Passthrough(**x) for x in d.get("passthrough", ())),
+            kind=VMKind(d.get("kind", "vm")), origin=d.get("origin", ""),
+            hibernate_file=d.get("hibernate_file", ""),
+        )
+
+    def with_(self, **kw: Any) -> "VMSpec":
+        return replace(self, **kw)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def check_name(name: str, what: str = "VM") -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise PermanentError(f"{what} name {name!r} is not valid",
+                             "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+def check_hardware(*, cpus: int, memory_mb: int, max_cpus: int | None = None) -> None:
+    if not 1 <= cpus <= 64:
+        raise PermanentError(f"cpus must be between 1 and 64, got {cpus}", "for example --cpus 1")
+    if max_cpus is not None and not cpus <= max_cpus <= 64:
+        raise PermanentError(f"max cpus must be between cpus ({cpus}) and 64, got {max_cpus}",
+                             "for example --max-cpus 4")
+    if not 64 <= memory_mb <= 1 << 20:
+        raise PermanentError(f"memory must be between 64 and 1048576 MiB, got {memory_mb}",
+                             "for example --memory 256")
+
+
+def check_boot(boot: tuple[str, ...]) -> tuple[str, ...]:
+    if not boot or any(b not in BOOT_DEVICES for b in boot) or len(set(boot)) != len(boot):
+        raise PermanentError(f"boot order {','.join(boot) or '(empty)'} is not valid",
+                             f"list some of {', '.join(BOOT_DEVICES)} once each, e.g. --boot disk,live")
+    return tuple(boot)
+
+
+def check_bus(bus: str) -> str:
+    if bus not in BUSES:
+        raise PermanentError(f"disk bus {bus!r} is not supported", f"use one of {', '.join(BUSES)}")
+    return bus
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """'10G', '512M', '1073741824' -> bytes (binary units)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B)?\s*", str(text), re.I)
+    if not m:
+        raise PermanentError(f"{what} {text!r} is not a size", "write e.g. 512M, 10G or a number of bytes")
+    n = float(m.group(1)) * (1 << (10 * " KMGT".index(m.group(2).upper() or " ")))
+    return int(n)
+
+
+def expand_pattern(pattern: str, count: int, start: int = 1) -> list[str]:
+    """Names for a batch: 'web-{n:02}' or 'web-##' -> web-01, web-02, ...; a plain name gets -N appended."""
+    if count < 1 or count > 100:
+        raise PermanentError(f"a batch must have 1 to 100 VMs, got {count}", "for example --count 3")
+    names = []
+    for i in range(start, start + count):
+        if "{n" in pattern:
+            try:
+                name = pattern.format(n=i)
+            except (ValueError, KeyError, IndexError):
+                raise PermanentError(f"naming pattern {pattern!r} is not valid",
+                                     "use {n} or {n:02} for the number, or ## for a zero-padded one") from None
+        elif "#" in pattern:
+            m = re.search(r"#+", pattern)
+            name = pattern[:m.start()] + str(i).zfill(m.end() - m.start()) + pattern[m.end():]
+        else:
+            name = pattern if count == 1 else f"{pattern}-{i}"
+        names.append(check_name(name))
+    if len(set(names)) != len(names):
+        raise PermanentError(f"naming pattern {pattern!r} gives the same name twice", "put {n} or ## in it")
+    return names
+
+
+@dataclass(frozen=True)
+class VMView:
+    """What the operator sees for a VM: its record plus what the host says right now."""
+    spec: VMSpec
+    state: VMState
+    recycled: float | None = None
+    purge_at: float | None = None
+    pid: int | None = None
+    busy: int | None = None        # task id working on it
+    agent: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.spec.to_dict(), "state": str(self.state), "recycled": self.recycled,
+                "purge_at": self.purge_at, "pid": self.pid, "busy": self.busy, "agent": self.agent}

@@ -1,0 +1,298 @@
+"""The VM inventory: records in state.db reconciled with the QEMU processes the hosts run."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import FerryError, PermanentError
+from ..platform.accel import detect_acceleration
+from ..platform.liveimage import LiveImage, build_live_image
+from ..platform.qga import AgentNotAnswering, GuestAgent
+from ..platform.qmp import QMPClient
+from .hostops import HostOps, image_cache_dir
+from .model import VMKind, VMSpec, VMState, VMView
+
+AGENT_TIMEOUT = 3.0
+
+
+class VMService:
+    """Shared by the VM task kinds and the client. One per engine."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.store = engine.store
+        self.site = engine.site
+        self.pool = engine.transports
+        self._image: LiveImage | None = None
+        self._image_lock = asyncio.Lock()
+        self._accel: dict[str, str] = {}
+
+    @classmethod
+    def of(cls, engine: Any) -> "VMService":
+        svc = getattr(engine, "_vm_service", None)
+        if svc is None:
+            svc = engine._vm_service = cls(engine)
+        return svc
+
+    async def _db(self, fn: Callable, *args: Any, **kw: Any) -> Any:
+        return await self.store.call(fn, *args, **kw)
+
+    # -------------------------------------------------------------- records
+
+    def host(self, name: str) -> HostOps:
+        return HostOps(self.site.host(name), self.pool.get(name), self.site)
+
+    async def rows(self, *, recycled: bool = False) -> list[dict]:
+        return await self._db(self.store.vm_rows, recycled=recycled)
+
+    async def find(self, name: str, *, kind: VMKind | None = None, recycled: bool = False) -> dict:
+        """The record of a VM or template by name (or id); a clear error naming what exists."""
+        rows = await self.rows(recycled=recycled)
+        for r in rows:
+            if (r["name"] == name or r["id"] == name) and (kind is None or r["kind"] == kind):
+                return r
+        what = {None: "VM or template", VMKind.VM: "VM", VMKind.TEMPLATE: "template"}[kind]
+        where = " in the recycle bin" if recycled else ""
+        names = [r["name"] for r in rows if kind is None or r["kind"] == kind]
+        hint = ("known: " + ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")) if names else \
+            ("the recycle bin is empty" if recycled else "ferry vm create NAME makes one")
+        if not recycled and any(r["name"] == name for r in await self.rows(recycled=True)):
+            hint = f"{name} is in the recycle bin: ferry vm restore {name}"
+        raise PermanentError(f"no {what} named {name!r}{where}", hint)
+
+    async def spec(self, name: str, **kw: Any) -> VMSpec:
+        return VMSpec.from_dict((await self.find(name, **kw))["spec"])
+
+    async def names_in_use(self) -> set[str]:
+        return {r["name"] for r in await self.rows()}
+
+    async def update(self, vm_id: str, **fields: Any) -> None:
+        if isinstance(fields.get("spec"), VMSpec):
+            fields["spec"] = fields["spec"].to_dict()
+        for k in ("state", "kind"):
+            if k in fields and fields[k] is not None:
+                fields[k] = str(fields[k])
+        await self._db(self.store.vm_update, vm_id, **fields)
+
+    async def linked_clones(self, template: VMSpec) -> list[str]:
+        """Names of the VMs (and templates) whose disks are based on the template's images."""
+        paths = {d.path for d in template.disks}
+        out = []
+        for r in await self.rows() + await self.rows(recycled=True):
+            spec = VMSpec.from_dict(r["spec"])
+            if spec.id != template.id and any(d.backing in paths for d in spec.disks if d.backing):
+                out.append(spec.name + (" (in the recycle bin)" if r["recycled"] else ""))
+        return sorted(out)
+
+    # -------------------------------------------------------------- live state
+
+    async def views(self, *, recycled: bool = False) -> list[VMView]:
+        """Every VM with its state as the hosts report it now (a host that does not answer keeps the record's)."""
+        rows = await self.rows(recycled=recycled)
+        running: dict[str, dict[str, int] | None] = {}
+
+        async def scan(host: str) -> None:
+            try:
+                running[host] = await asyncio.wait_for(self.host(host).running_pidfiles(), 10)
+            except (FerryError, asyncio.TimeoutError, OSError):
+                running[host] = None
+
+        if not recycled:
+            await asyncio.gather(*(scan(h) for h in {r["host"] for r in rows} if h in self.site.hosts))
+        return [self._view(r, running.get(r["host"])) for r in rows]
+
+    def _view(self, row: dict, running: dict[str, int] | None) -> VMView:
+        spec = VMSpec.from_dict(row["spec"])
+        state = VMState(row["state"])
+        pid = None
+        if running is not None and not row["recycled"]:
+            pid = running.get(f"vm-{spec.short_id}")
+            if pid and state not in (VMState.RUNNING, VMState.PAUSED):
+                state = VMState.RUNNING
+            elif not pid and state in (VMState.RUNNING, VMState.PAUSED):
+                state = VMState.MISSING
+        return VMView(spec, state, row["recycled"], row["purge_at"], pid, row["busy"])
+
+    async def view(self, name: str) -> VMView:
+        row = await self.find(name)
+        try:
+            running = await asyncio.wait_for(self.host(row["host"]).running_pidfiles(), 10)
+        except (FerryError, asyncio.TimeoutError):
+            running = None
+        return self._view(row, running)
+
+    async def reconcile(self) -> dict[str, Any]:
+        """Compare what runs on the hosts with the records: orphans (QEMU without a record) and
+        missing VMs (recorded running, process gone). Missing ones are marked so."""
+        rows = await self.rows()
+        by_host: dict[str, dict[str, dict]] = {}
+        for r in rows:
+            by_host.setdefault(r["host"], {})[f"vm-{r['id'][:8]}"] = r
+        report: dict[str, Any] = {"orphans": [], "missing": [], "unreachable": [], "running": 0}
+        for host in self.site.hosts:
+            try:
+                running = await asyncio.wait_for(self.host(host).running_pidfiles(), 10)
+            except (FerryError, asyncio.TimeoutError) as e:
+                report["unreachable"].append({"host": host, "error": str(e) or "timed out"})
+                continue
+            known = by_host.get(host, {})
+            for key, pid in running.items():
+                r = known.get(key)
+                if r is None:
+                    report["orphans"].append({"host": host, "process": key, "pid": pid})
+                else:
+                    report["running"] += 1
+                    if r["state"] not in ("running", "paused"):
+                        await self.update(r["id"], state=VMState.RUNNING)
+            for key, r in known.items():
+                if r["state"] in ("running", "paused") and key not in running and not r["busy"]:
+                    report["missing"].append({"host": host, "vm": r["name"]})
+                    await self.update(r["id"], state=VMState.MISSING)
+        return report
+
+    # -------------------------------------------------------------- image and acceleration
+
+    async def image(self, progress: Callable[[str, float], None] | None = None) -> LiveImage:
+        async with self._image_lock:
+            if self._image is None:
+                cache = image_cache_dir(self.pool.workspace.cache_dir)
+                self._image = await build_live_image(cache, progress=progress)
+            return self._image
+
+    async def accel(self, host: HostOps, image: LiveImage) -> tuple[str, str]:
+        """kvm or tcg for the host, and the reason (auto checks once and caches the verdict)."""
+        if host.name in self._accel:
+            return self._accel[host.name], ""
+        cache = image_cache_dir(self.pool.workspace.cache_dir)
+        key = "local" if host.spec.transport == "local" else host.name
+        choice = await detect_acceleration(host.t, image, runtime_dir=host.spec.runtime,
+                                           cache_file=cache / f"accel-{key}.json", requested=host.spec.accel)
+        self._accel[host.name] = str(choice.accel)
+        return str(choice.accel), "" if choice.cached else choice.reason
+
+    # -------------------------------------------------------------- QMP and agent
+
+    async def qmp(self, vm: VMSpec, timeout: float = 10.0) -> QMPClient:
+        h = self.host(vm.host)
+        return await QMPClient.open(h.t, h.paths(vm).qmp, name=vm.name, timeout=timeout)
+
+    async def agent(self, vm: VMSpec, *, timeout: float = AGENT_TIMEOUT) -> GuestAgent:
+        """The guest agent of a running VM; PermanentError with the reason when it does not answer."""
+        h = self.host(vm.host)
+        if await h.pid(vm) is None:
+            raise PermanentError(f"VM {vm.name} is not running, so its guest agent cannot answer",
+                                 f"start it first: ferry vm start {vm.name}")
+        try:
+            ga = await GuestAgent.open(h.t, h.paths(vm).qga, name=vm.name, timeout=timeout)
+        except AgentNotAnswering:
+            raise PermanentError(f"the guest agent of {vm.name} does not answer (not installed, not running, "
+                                 "or the guest is still booting)",
+                                 "install and start qemu-guest-agent in the guest, or wait for the boot to finish") from None
+        return ga
+
+    async def agent_info(self, name: str) -> dict[str, Any]:
+        """Agent state and what it reports: version, OS, kernel, IPs, CPU/memory/disk use."""
+        vm = await self.spec(name)
+        out: dict[str, Any] = {"vm": vm.name, "agent": "not running", "checked_at": time.time()}
+        try:
+            ga = await self.agent(vm)
+        except PermanentError as e:
+            out["reason"] = e.message
+            return out
+        async with ga:
+            info = await ga.info()
+            os_info = await ga.osinfo()
+            out.update(agent="running", version=info.version,
+                       os=os_info.pretty_name or os_info.name, kernel=os_info.kernel_release)
+            try:
+                ifaces = await ga.network_interfaces()
+                out["ips"] = [a for i in ifaces if i.name != "lo" for a in i.addresses]
+            except FerryError:
+                out["ips"] = []
+            out.update(await _usage(ga))
+        return out
+
+    async def timesync(self, name: str) -> dict[str, Any]:
+        vm = await self.spec(name)
+        ga = await self.agent(vm)
+        async with ga:
+            before = await _guest_time(ga)
+            now = time.time_ns()
+            await ga.set_time(now)
+            after = await _guest_time(ga)
+        return {"vm": vm.name, "offset_before_s": (before - now / 1e9) if before else None,
+                "offset_after_s": (after - time.time()) if after else None}
+
+    async def cpu_hotadd(self, name: str, cpus: int) -> dict[str, Any]:
+        """Brings the VM to `cpus` vCPUs while it runs: QMP device_add, then online through the agent."""
+        vm = await self.spec(name)
+        if cpus <= vm.cpus:
+            raise PermanentError(f"{vm.name} has {vm.cpus} vCPUs; hot-add only adds (asked for {cpus})",
+                                 "removing vCPUs needs a restart: change it while stopped")
+        if cpus > vm.max_cpus:
+            raise PermanentError(f"{vm.name} can grow to {vm.max_cpus} vCPUs while running, not {cpus}",
+                                 "stop it and raise its max cpus")
+        ga = await self.agent(vm)   # refuse before touching anything when the agent is absent
+        async with await self.qmp(vm) as q:
+            slots = await q.execute("query-hotpluggable-cpus")
+            free = [s for s in slots if "qom-path" not in s]
+            free.sort(key=lambda s: tuple(s["props"].get(k, 0) for k in ("socket-id", "core-id", "thread-id")))
+            for i, slot in enumerate(free[: cpus - vm.cpus]):
+                await q.execute("device_add", {"driver": slot["type"], "id": f"cpu-hot{vm.cpus + i}",
+                                               **slot["props"]})
+        async with ga:
+            deadline = time.monotonic() + 10
+            while True:
+                vcpus = await ga.vcpus()
+                offline = {v.logical_id: True for v in vcpus if not v.online and v.can_offline}
+                if len(vcpus) >= cpus or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.2)
+            if offline:
+                await ga.set_vcpus(offline)
+            online = sum(1 for v in await ga.vcpus() if v.online or v.logical_id in offline)
+        await self.update(vm.id, spec=vm.with_(cpus=cpus))
+        return {"vm": vm.name, "cpus": cpus, "online_in_guest": online}
+
+    # -------------------------------------------------------------- recycle bin
+
+    async def expired(self) -> list[dict]:
+        now = time.time()
+        return [r for r in await self.rows(recycled=True) if r["purge_at"] and r["purge_at"] <= now]
+
+
+async def _guest_time(ga: GuestAgent) -> float | None:
+    try:
+        return int(await ga.execute("guest-get-time")) / 1e9
+    except FerryError:
+        return None
+
+
+async def _usage(ga: GuestAgent) -> dict[str, Any]:
+    """CPU (two samples of /proc/stat), memory (/proc/meminfo) and disk use (guest-get-fsinfo)."""
+    out: dict[str, Any] = {}
+    try:
+        def cpu_times(text: bytes) -> tuple[int, int]:
+            fields = [int(x) for x in text.split(b"\n", 1)[0].split()[1:]]
+            return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)
+        t1, i1 = cpu_times(await ga.read_file("/proc/stat"))
+        await asyncio.sleep(0.5)
+        t2, i2 = cpu_times(await ga.read_file("/proc/stat"))
+        out["cpu_percent"] = round(100.0 * (1 - (i2 - i1) / (t2 - t1)), 1) if t2 > t1 else 0.0
+        mem = {}
+        for line in (await ga.read_file("/proc/meminfo")).decode().splitlines():
+            k, _, v = line.partition(":")
+            mem[k] = int(v.split()[0]) * 1024 if v.split() else 0
+        total, avail = mem.get("MemTotal", 0), mem.get("MemAvailable", mem.get("MemFree", 0))
+        out.update(mem_total=total, mem_used=total - avail)
+    except (FerryError, ValueError, IndexError):
+        pass
+    try:
+        fs = await ga.filesystems()
+        out["disks"] = [{"mount": f.mountpoint, "used": f.used_bytes, "total": f.total_bytes} for f in fs]
+    except FerryError:
+        out["disks"] = []
+    return out
