@@ -343,3 +343,59 @@ hosts = ["h1"]
     finally:
         subprocess.run(["umount", "-l", str(tiny)])
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_reboot_cpu_hotadd_and_reconcile(ws):
+    ok(ws, "vm", "create", "grow", "--host", "lab3", "--disk", "16M", "--cpus", "1", "--max-cpus", "3")
+    pid = ok(ws, "vm", "start", "grow")["pid"]
+    _guest(ws, "grow", "echo before-reboot > /tmp/flag")
+    assert ok(ws, "vm", "reboot", "grow")["agent"] is True
+    assert vms(ws)["grow"]["pid"] == pid, "a reboot keeps the QEMU process"
+    assert _guest(ws, "grow", "cat /tmp/flag 2>/dev/null || echo fresh").strip() == "fresh"
+
+    out = ok(ws, "vm", "agent", "cpus", "grow", "--cpus", "3")
+    assert out["online_in_guest"] == 3
+    assert _guest(ws, "grow", "cat /sys/devices/system/cpu/online").strip() == "0-2"
+    err = fails(ws, "vm", "agent", "cpus", "grow", "--cpus", "4")
+    assert "can grow to 3 vCPUs" in err
+    assert vms(ws)["grow"]["cpus"] == 3
+
+    # Its QEMU dies behind Ferry's back: reconcile reports it missing; a stray QEMU is an orphan.
+    os.kill(pid, signal.SIGKILL)
+    stray = ws / "lab" / "lab3" / "run" / "vm-deadbeef.pid"
+    subprocess.run(["qemu-system-x86_64", "-S", "-nodefaults", "-display", "none", "-machine", "pc,accel=tcg",
+                    "-daemonize", "-pidfile", str(stray)], check=True)
+    try:
+        r = ok(ws, "vm", "reconcile")
+        assert {"host": "lab3", "vm": "grow"} in r["missing"]
+        assert [o["process"] for o in r["orphans"]] == ["vm-deadbeef"]
+        assert vms(ws)["grow"]["state"] == "missing"
+    finally:
+        os.kill(int(stray.read_text()), signal.SIGKILL)
+        stray.unlink(missing_ok=True)
+    assert ok(ws, "vm", "start", "grow")["agent"] is True
+    ok(ws, "vm", "stop", "grow", "--force")
+
+
+def test_vm_on_an_ssh_host(sshd_factory, tmp_path, monkeypatch):
+    """A host reached over real SSH: the live image is copied to it, QEMU runs there as a daemon,
+    QMP and the guest agent are reached through stream-local forwarding; nothing listens on TCP."""
+    from harness.cli import isolate_ssh
+    isolate_ssh(monkeypatch, tmp_path / "home")
+    monkeypatch.setenv("FERRY_IMAGE_CACHE", str(_image_cache()))
+    site = sshd_factory.site(Path(tempfile.mkdtemp(prefix="fssh-", dir="/tmp")), 1, names=["remote"])
+    ws = site.workspace.root
+    try:
+        ok(ws, "vm", "create", "far", "--host", "remote", "--disk", "16M")
+        out = ok(ws, "vm", "start", "far")
+        assert out["agent"] is True
+        info = ok(ws, "vm", "agent", "info", "far")
+        assert info["agent"] == "running" and info["kernel"]
+        listening = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True).stdout
+        assert f"pid={out['pid']}," not in listening
+        runtime = site.servers["remote"].root / "run"
+        assert any(p.name.startswith("live-") for p in runtime.iterdir()), "the live image was copied to the host"
+        ok(ws, "vm", "stop", "far")
+        assert vms(ws)["far"]["state"] == "stopped"
+    finally:
+        _kill_all(site.servers["remote"].root)

@@ -123,7 +123,7 @@ def live_boot_argv(image: LiveImage, *, paths: LivePaths, role: LiveRole | str =
     argv = [qemu, "-name", _opt(paths.name), "-machine", f"{_opt(machine)},accel={accel}",
             # No default NIC, VGA, floppy or monitor: the guest gets exactly what is listed here.
             "-nodefaults", "-no-user-config", "-display", "none",
-            "-m", str(memory_mb), "-smp", str(cpus)]
+            "-m", str(memory_mb), "-smp", f"{cpus},maxcpus={maxcpus}" if maxcpus else str(cpus)]
     if cpu:
         argv += ["-cpu", cpu]
     argv += ["-kernel", str(image.kernel), "-initrd", str(image.initrd),

@@ -671,8 +671,12 @@ class SshTransport(Transport):
 
     async def read_file(self, path: str) -> bytes:
         async def op(sftp: asyncssh.SFTPClient) -> bytes:
+            # Read to EOF in pieces: /proc and /sys files stat as empty, so "read it all" returns nothing.
+            parts = []
             async with sftp.open(path, "rb") as f:
-                return await f.read()
+                while chunk := await f.read(1 << 20):
+                    parts.append(chunk)
+            return b"".join(parts)
         return await self._files("read", path, op)
 
     async def write_file(self, path: str, data: bytes, *, mode: int | None = None) -> None:
