@@ -333,10 +333,13 @@ class Bench:
                  "-", None, "< 1%", resent < 0.01 * data_total)
 
     def report(self) -> int:
-        print("\nscenario                          ferry                                   reference"
-              "                          ratio  target              result")
-        for name, f, r, ratio, target, ok in self.rows:
-            print(f"{name:<34}{f:<40}{r:<35}{ratio:<7}{target:<20}{'PASS' if ok else 'FAIL'}")
+        head = ("scenario", "ferry", "reference", "ratio", "target", "result")
+        cells = [head] + [(n, f, r, "-" if q is None else str(q), t, "PASS" if ok else "FAIL")
+                          for n, f, r, q, t, ok in self.rows]
+        widths = [max(len(c[i]) for c in cells) + 2 for i in range(len(head))]
+        print()
+        for c in cells:
+            print("".join(x.ljust(w) for x, w in zip(c, widths)).rstrip())
         return 0 if all(r[-1] for r in self.rows) else 1
 
 
