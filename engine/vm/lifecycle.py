@@ -31,7 +31,8 @@ async def working_on(ctx: TaskContext, row: dict) -> AsyncIterator[None]:
     other = fresh["busy"]
     if other and other != ctx.id:
         info = await ctx.engine.get(other)
-        if not info.state.final:
+        # A task whose Ferry process died (kill -9, power loss) no longer holds the VM.
+        if not info.state.final and await ctx.engine._owner_alive(info):
             raise PermanentError(f"{row['name']} is busy with task {other} ({info.title}, {info.state})",
                                  f"wait for it, or cancel it: ferry task cancel {other}")
     await svc.update(row["id"], busy=ctx.id)
