@@ -17,6 +17,7 @@ from typing import Any, Callable
 from textual import on
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual import events
 from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.suggester import SuggestFromList
@@ -43,6 +44,7 @@ VIEWS = ("inventory", "tasks")
 VIEW_NAMES = {
     "inventory": "inventory", "inv": "inventory", "in": "inventory", "i": "inventory",
     "hosts": "inventory", "host": "inventory", "ho": "inventory", "clusters": "inventory",
+    "vms": "inventory", "vm": "inventory", "templates": "inventory",
     "tasks": "tasks", "task": "tasks", "tk": "tasks", "t": "tasks", "jobs": "tasks",
 }
 LINE_COMMANDS = ("inventory", "inv", "hosts", "tasks", "theme ", "help", "refresh", "quit")
@@ -81,7 +83,7 @@ class FerryApp(App[int]):
         Binding("question_mark", "help", "Keys", id="ferry.help", tooltip="The keys of this view"),
         Binding("escape", "back", "Back", show=False, id="ferry.back", tooltip="Close the command line / previous view"),
         Binding("1", "view('inventory')", "Inventory", show=False, id="ferry.view.inventory",
-                tooltip="Inventory: site, clusters, hosts and their facts"),
+                tooltip="Inventory: site, clusters, hosts, VMs and templates"),
         Binding("2", "view('tasks')", "Tasks", show=False, id="ferry.view.tasks",
                 tooltip="Tasks: live progress, pause, resume, cancel"),
         Binding("ctrl+r", "refresh", "Refresh", show=False, id="ferry.refresh",
@@ -149,7 +151,26 @@ class FerryApp(App[int]):
         self.run_worker(partial(self.feed.run_events), name="task events", group="feed-events", exit_on_error=False)
         self.run_worker(partial(self.feed.run_poll), name="task poll", group="feed-poll", exit_on_error=False)
         self.run_worker(partial(self._load_settings), name="settings", group="settings", exit_on_error=False)
+        self.run_worker(partial(self._reconcile), name="VM reconcile", group="reconcile", exit_on_error=False)
         self.switch_view("inventory", remember=False)
+
+    async def _reconcile(self) -> None:
+        """Once at start: QEMU processes without a record (orphans) and VMs whose process is gone (missing)."""
+        report = await self.client.vm_reconcile()
+        orphans, missing = report.get("orphans") or [], report.get("missing") or []
+        if not orphans and not missing:
+            return
+        lines = []
+        if missing:
+            names = ", ".join(f"{m['vm']} on {m['host']}" for m in missing[:4]) + (" …" if len(missing) > 4 else "")
+            lines.append(f"{len(missing)} VM{'s' if len(missing) > 1 else ''} recorded as running but gone: {names}")
+        if orphans:
+            procs = ", ".join(f"{o['process']} pid {o['pid']} on {o['host']}" for o in orphans[:3]) + \
+                (" …" if len(orphans) > 3 else "")
+            lines.append(f"{len(orphans)} QEMU process{'es' if len(orphans) > 1 else ''} without a record: {procs}")
+        lines.append("hint: start a missing VM again with s; `ferry vm reconcile` lists everything")
+        self.notify(esc("\n".join(lines)), title="Reconcile", severity="warning", timeout=15)
+        self.inventory.refresh_vms()
 
     async def _load_settings(self) -> None:
         keymap = await self.client.get_setting("keymap", None)
@@ -209,11 +230,31 @@ class FerryApp(App[int]):
             self._show_crumbs()
 
     def _show_crumbs(self) -> None:
-        self.query_one(FerryHeader).crumbs = self.crumbs.get(self.current_view, (self.current_view,))
+        try:
+            self.query_one(FerryHeader).crumbs = self.crumbs.get(self.current_view, (self.current_view,))
+        except NoMatches:   # the app is closing: its widgets are gone before the last messages
+            pass
 
     def _feed_changed(self) -> None:
-        self.tasks_view.post_message(TasksChanged())
-        self.query_one(FerryHeader).engine_state = self.feed.engine_state
+        try:
+            self.tasks_view.post_message(TasksChanged())
+            self.query_one(FerryHeader).engine_state = self.feed.engine_state
+            self.inventory.tasks_changed(self.feed.tasks)
+        except NoMatches:   # the app is closing
+            pass
+
+    def on_key(self, event: events.Key) -> None:
+        """A view's key that was refused (dimmed) says why, instead of doing nothing."""
+        if not isinstance(self.screen, MainScreen) or self.focused is None:
+            return
+        view = self.view_widget()
+        if view not in self.focused.ancestors_with_self:
+            return
+        refusal = getattr(view, "refusal_for_key", None)
+        found = refusal(event.key) if refusal else None
+        if found:
+            title, why = found
+            self.notify(esc(why), title=esc(title), severity="warning", timeout=4)
 
     # ------------------------------------------------------------------ the command line
 
@@ -279,14 +320,15 @@ class FerryApp(App[int]):
             return [(", ".join(k), desc[a]) for a, k in keys.items()]
         own = rows(view.BINDINGS)
         if view is self.inventory:
-            own = [("↑ ↓", "Move in the tree"), ("enter", "Open or close a cluster")] + own
+            own = [("↑ ↓", "Move in the tree"),
+                   ("enter", "Open or close a cluster, a host's VMs or the recycle bin")] + own
         else:
             own = [("↑ ↓", "Move between tasks")] + own
         sections = [
             (f"{view.TITLE} view", own),
             ("Everywhere", rows(self.BINDINGS) + [(self.get_key_display(Binding("ctrl+p", "")),
                                                    "Command palette: every action, by name")]),
-            ("Command line (:)", [(":inventory :inv :hosts", "Inventory"), (":tasks :tk", "Tasks"),
+            ("Command line (:)", [(":inventory :inv :hosts :vms", "Inventory"), (":tasks :tk", "Tasks"),
                                   (":theme NAME", "Switch theme: " + ", ".join(self.theme_names())),
                                   (":help :refresh :quit", "")]),
         ]

@@ -19,7 +19,7 @@ class Command(NamedTuple):
 def console_commands(app) -> list[Command]:
     """Every action of the console, in the order the palette shows them before anything is typed."""
     cmds = [
-        Command("View: Inventory", "site, clusters and hosts with their facts  (1, :inventory)", partial(app.action_view, "inventory")),
+        Command("View: Inventory", "site, clusters, hosts, VMs and templates  (1, :inventory)", partial(app.action_view, "inventory")),
         Command("View: Tasks", "tasks with live progress  (2, :tasks)", partial(app.action_view, "tasks")),
         Command("Keys of this view", "what each key does here  (?)", app.action_help),
         Command("Command line", "jump to a view by name, k9s style  (:)", app.action_command_line),
@@ -30,6 +30,8 @@ def console_commands(app) -> list[Command]:
     for host in sorted(app.client.site.hosts):
         cmds.append(Command(f"Probe host {host}", "measure latency and throughput to the host",
                             partial(app.start_probe, host)))
+    for name, text, run in app.inventory.vm_commands():
+        cmds.append(Command(name, text, run))
     for info in sorted(app.feed.tasks.values(), key=lambda t: -t.id):
         label = f"task {info.id} ({info.title})"
         for action, verb, text in (("pause", "Pause", "stop it at its checkpoint; resume later"),

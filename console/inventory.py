@@ -1,4 +1,6 @@
-"""Inventory view: site -> clusters -> hosts, and the facts of what is selected."""
+"""Inventory view: site -> clusters -> hosts -> VMs and templates (plus the recycle bin), and the
+facts of what is selected. Host facts and the VM list come from pollers running in workers; the
+tree is diffed node by node against each new VM list, never rebuilt, so the cursor stays put."""
 
 from __future__ import annotations
 
@@ -13,24 +15,32 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.content import Content
 from textual.widgets import Static, Tree
+from textual.timer import Timer
 from textual.widgets.tree import TreeNode
 
 from engine import fmt
+from engine.errors import FerryError
 
-from .messages import CrumbsChanged, HostUpdated
+from . import vms as vmlook
+from .messages import AgentUpdated, CrumbsChanged, HostUpdated, VMsUpdated
 from .modals import esc
-from .poller import FACTS_TIMEOUT_S, HostPoller, HostStatus
+from .poller import FACTS_TIMEOUT_S, HostPoller, HostStatus, VMList, VMPoller
 from .severity import Severity, load_severity, usage_severity
 from .theming import rich_style
+from .vmactions import VM_BINDINGS, VMActions
 
 LABEL_W = 11
 DETAIL_DELAY_S = 0.1
+AGENT_DEBOUNCE_S = 0.4     # the cursor rests this long on a running VM before its agent is asked
+AGENT_REFRESH_S = 10.0     # then asked again this often while it stays selected and shown
+BIN = "recycle bin"
 
 
 @dataclass(frozen=True)
 class NodeRef:
-    kind: str      # "site" | "cluster" | "host"
+    kind: str      # "site" | "cluster" | "host" | "vm" | "bin" | "recycled"
     name: str
+    id: str = ""   # VMs: the record id (names can repeat in the recycle bin)
 
 
 def host_severity(st: HostStatus | None) -> Severity:
@@ -43,14 +53,15 @@ def _clock(ts: float | None) -> str:
     return fmt.clock(ts)
 
 
-class InventoryView(Horizontal):
-    """Tree on the left, details on the right. Facts come from a HostPoller running in a worker."""
+class InventoryView(VMActions, Horizontal):
+    """Tree on the left, details on the right. Facts come from a HostPoller, VMs from a VMPoller."""
 
     BINDINGS = [
         Binding("p", "probe", "Probe", id="ferry.inventory.probe",
                 tooltip="Probe the selected host: latency and throughput (a task)"),
         Binding("f", "refresh_facts", "Facts now", id="ferry.inventory.facts",
-                tooltip="Facts now: ask the selected host(s) again without waiting"),
+                tooltip="Facts now: ask the selected host(s) again without waiting (VMs: the list and the agent)"),
+        *VM_BINDINGS,
     ]
     VIEW = "inventory"
     TITLE = "Inventory"
@@ -68,6 +79,21 @@ class InventoryView(Horizontal):
         self._cluster_nodes: dict[str, TreeNode] = {}
         self._dirty = False
         self._detail_pending = False
+        # VMs: what the last poll said, and the tree nodes showing it (keyed by record id)
+        self.vm_list = VMList()
+        self.vms: dict[str, dict] = {}
+        self.recycled: dict[str, dict] = {}
+        self.vm_poller: VMPoller | None = None
+        self._vm_nodes: dict[str, TreeNode] = {}
+        self._bin_node: TreeNode | None = None
+        self._bin_vm_nodes: dict[str, TreeNode] = {}
+        self._labels: dict[str, tuple] = {}          # node key -> what its label shows
+        self.agent: dict[str, dict] = {}              # VM name -> what its guest agent said last
+        self._agent_timer: Timer | None = None
+        self._agent_inflight: str | None = None
+        self._agent_again = False
+        self._vm_task_states: dict[int, str] = {}
+        self.mine: dict[int, str] = {}                # tasks submitted from here -> what they do
 
     # ------------------------------------------------------------------ layout
 
@@ -86,11 +112,24 @@ class InventoryView(Horizontal):
             yield Static(id="detail-body")
 
     def on_mount(self) -> None:
+        host_knobs = {k: v for k, v in self.poll.items() if k != "vm_interval"}
         self.poller = HostPoller(sorted(self.site.hosts), self._fetch,
-                                 lambda st: self.post_message(HostUpdated(st)), clock=self.clock, **self.poll)
+                                 lambda st: self.post_message(HostUpdated(st)), clock=self.clock, **host_knobs)
         self.run_worker(partial(self.poller.run), name="host facts", group="facts", exclusive=True, exit_on_error=False)
+        self.vm_poller = VMPoller(self._fetch_vms, lambda vl: self.post_message(VMsUpdated(vl)),
+                                  active=lambda: self.shown, clock=self.clock,
+                                  **({"interval": self.poll["vm_interval"]} if "vm_interval" in self.poll else {}))
+        self.run_worker(partial(self.vm_poller.run), name="VM list", group="vms", exclusive=True, exit_on_error=False)
         self.relabel()
         self.render_detail()
+
+    async def _fetch_vms(self) -> tuple[list[dict], list[dict]]:
+        return await self.client.vm_list(), await self.client.vm_list(recycled=True)
+
+    def refresh_vms(self) -> None:
+        """Ask for the VM list again now (after the running poll, if one runs)."""
+        if self.vm_poller:
+            self.vm_poller.poke()
 
     async def _fetch(self, host: str) -> Any:
         return await self.client.host_facts(host, timeout=FACTS_TIMEOUT_S)
@@ -106,11 +145,13 @@ class InventoryView(Horizontal):
         self.query_one("#tree", Tree).focus()
 
     def catch_up(self) -> None:
-        """Draw what changed while the view was hidden or covered by a modal."""
+        """Draw what changed while the view was hidden or covered by a modal; ask for the VMs again."""
         if self._dirty:
             self._dirty = False
             self.relabel()
             self.render_detail()
+        self.refresh_vms()
+        self.schedule_agent()
 
     def crumbs(self) -> tuple[str, ...]:
         ref = self.selected
@@ -118,7 +159,16 @@ class InventoryView(Horizontal):
             return ("inventory",)
         if ref.kind == "cluster":
             return ("inventory", ref.name)
-        return ("inventory", self.site.hosts[ref.name].cluster, ref.name)
+        if ref.kind == "host":
+            return ("inventory", self.site.hosts[ref.name].cluster, ref.name)
+        if ref.kind == "vm":
+            vm = self.vms.get(ref.id) or {}
+            host = vm.get("host", "?")
+            spec = self.site.hosts.get(host)
+            return ("inventory",) + ((spec.cluster,) if spec else ()) + (host, ref.name)
+        if ref.kind == "bin":
+            return ("inventory", BIN)
+        return ("inventory", BIN, ref.name)
 
     def post_crumbs(self) -> None:
         self.post_message(CrumbsChanged(self.VIEW, self.crumbs()))
@@ -154,7 +204,7 @@ class InventoryView(Horizontal):
             return True
         if ref.kind == "cluster":
             return self.site.hosts[host].cluster == ref.name
-        return ref.name == host
+        return ref.kind == "host" and ref.name == host
 
     def on_tree_node_highlighted(self, event: Tree.NodeHighlighted) -> None:
         event.stop()
@@ -166,6 +216,7 @@ class InventoryView(Horizontal):
             self.refresh_bindings()
             if ref.kind == "host" and self.status[ref.name].ok is None and self.poller:
                 self.poller.poke(ref.name)
+            self.schedule_agent()
 
     def on_tree_node_selected(self, event: Tree.NodeSelected) -> None:
         event.stop()
@@ -176,6 +227,9 @@ class InventoryView(Horizontal):
             return [ref.name]
         if ref.kind == "cluster":
             return sorted(h.name for h in self.site.hosts_in(ref.name))
+        if ref.kind == "vm":
+            host = (self.vms.get(ref.id) or {}).get("host")
+            return [host] if host in self.site.hosts else []
         return sorted(self.site.hosts)
 
     # ------------------------------------------------------------------ actions
@@ -188,7 +242,29 @@ class InventoryView(Horizontal):
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "probe" and self.cursor_ref().kind != "host":
             return None     # shown dimmed: select a host first
+        if action.startswith("vm_"):
+            return self.vm_check(action)
         return True
+
+    def action_refusal(self, action: str) -> str | None:
+        """Why the key of `action` does nothing here (None: it works)."""
+        if action == "probe":
+            return None if self.cursor_ref().kind == "host" else "select a host in the tree first, then press p"
+        if action.startswith("vm_"):
+            return self.vm_refusal(action)
+        return None
+
+    def refusal_for_key(self, key: str) -> tuple[str, str] | None:
+        """(title, reason) when `key` is one of this view's keys and it was refused just now."""
+        keymap = getattr(self.app, "_keymap", {}) or {}
+        for b in self.BINDINGS:
+            keys = keymap.get(b.id, b.key) if b.id else b.key
+            if key in [k.strip() for k in keys.split(",")]:
+                if self.check_action(b.action, ()) is True:
+                    return None
+                why = self.action_refusal(b.action)
+                return (b.description, why) if why else None
+        return None
 
     def action_probe(self) -> None:
         ref = self.cursor_ref()
@@ -201,11 +277,219 @@ class InventoryView(Horizontal):
         if self.poller:
             for h in self.selected_hosts():
                 self.poller.poke(h)
+        self.refresh_vms()
+        self.schedule_agent(0.0)
 
     def refresh_all(self) -> None:
         if self.poller:
             for h in self.site.hosts:
                 self.poller.poke(h)
+        self.refresh_vms()
+
+    # ------------------------------------------------------------------ VMs in the tree
+
+    def on_vms_updated(self, message: VMsUpdated) -> None:
+        message.stop()
+        self.apply_vms(message.vms)
+
+    def apply_vms(self, vl: VMList) -> None:
+        """Diff the tree against a new VM list: add, move, remove and relabel nodes; keep the cursor."""
+        tree: Tree[NodeRef] = self.query_one("#tree", Tree)
+        before = self.selected
+        old_sel_vm = (self.vms if before.kind == "vm" else self.recycled).get(before.id)
+        stale_before = self.vm_list.ok
+        self.vm_list = vl
+        live = {v["id"]: v for v in vl.vms}
+        binned = {v["id"]: v for v in vl.recycled}
+        cursor = tree.cursor_node
+        fallback: TreeNode | None = None
+        structural = changed = False
+        variables = self.app.theme_variables
+
+        # live VMs under their hosts; one that moved (another host, or became a template) is re-added
+        follow: str | None = None
+        for vid in [i for i, node in self._vm_nodes.items()
+                    if i not in live or node.parent is not self._host_nodes.get(live[i].get("host"))
+                    or vmlook.sort_key(live[i]) != vmlook.sort_key(self.vms.get(i, live[i]))]:
+            node = self._vm_nodes.pop(vid)
+            self._labels.pop(f"vm:{vid}", None)
+            if node is cursor:
+                if vid in live:
+                    follow = vid          # the cursor goes with it
+                else:
+                    fallback = node.parent
+            parent = node.parent
+            node.remove()
+            if parent is not None and not parent.children:
+                parent.allow_expand = False
+            structural = True
+        for vid, vm in sorted(live.items(), key=lambda kv: vmlook.sort_key(kv[1])):
+            node = self._vm_nodes.get(vid)
+            if node is None:
+                host_node = self._host_nodes.get(vm.get("host"))
+                if host_node is None:
+                    continue      # its host is no longer in the configuration
+                node = self._add_sorted(host_node, vm, live, NodeRef("vm", vm["name"], vid))
+                self._vm_nodes[vid] = node
+                if not host_node.allow_expand:
+                    host_node.allow_expand = True
+                    host_node.expand()
+                structural = True
+            changed |= self._label_vm(node, f"vm:{vid}", vm, variables)
+
+        # the recycle bin, under the site, shown while it holds something
+        for vid in [i for i in self._bin_vm_nodes if i not in binned]:
+            node = self._bin_vm_nodes.pop(vid)
+            self._labels.pop(f"bin:{vid}", None)
+            if node is cursor:
+                fallback = node.parent
+            node.remove()
+            structural = True
+        if binned and self._bin_node is None:
+            self._bin_node = tree.root.add(BIN, data=NodeRef("bin", BIN), expand=False)
+            structural = True
+        if self._bin_node is not None:
+            for vid, vm in sorted(binned.items(), key=lambda kv: (kv[1].get("name", ""), kv[0])):
+                node = self._bin_vm_nodes.get(vid)
+                if node is None:
+                    node = self._add_sorted(self._bin_node, vm, binned, NodeRef("recycled", vm["name"], vid))
+                    self._bin_vm_nodes[vid] = node
+                    structural = True
+                changed |= self._label_vm(node, f"bin:{vid}", vm, variables)
+            if not binned:
+                if cursor is self._bin_node or fallback is self._bin_node:
+                    fallback = tree.root
+                self._bin_node.remove()
+                self._bin_node = None
+                self._labels.pop("bin", None)
+                structural = True
+            else:
+                self._label_bin(variables)
+
+        self.vms, self.recycled = live, binned
+        if follow is not None and follow in self._vm_nodes:
+            fallback = self._vm_nodes[follow]
+        elif follow is not None:
+            fallback = tree.root
+        if structural and cursor is not None:
+            target = fallback or cursor
+            tree.last_line          # lay the tree out again, so every node knows its line
+            if tree.cursor_node is not target or tree.cursor_line != target.line:
+                tree.move_cursor(target)
+        # what the detail pane shows may have changed
+        ref = self.selected
+        now_vm = (self.vms if ref.kind == "vm" else self.recycled).get(ref.id)
+        if not (structural or changed or now_vm != old_sel_vm or vl.ok != stale_before or vl.ok is False):
+            return
+        if not self.shown:
+            self._dirty = True
+            return
+        self.schedule_detail()
+        if ref.kind == "vm" and (now_vm or {}).get("state") != (old_sel_vm or {}).get("state"):
+            self.schedule_agent()
+        self.refresh_bindings()
+
+    def _add_sorted(self, parent: TreeNode, vm: dict, known: dict[str, dict], ref: NodeRef) -> TreeNode:
+        key = vmlook.sort_key(vm) + (ref.id,)
+
+        def key_of(child: TreeNode) -> tuple:
+            other = known.get(child.data.id) if isinstance(child.data, NodeRef) else None
+            return vmlook.sort_key(other) + (child.data.id,) if other is not None else ()
+        children = parent.children
+        # new VMs come in sorted order, so most go at the end (the first load of a big host)
+        if not children or key_of(children[-1]) < key:
+            return parent.add_leaf(vm.get("name", "?"), data=ref)
+        lo, hi = 0, len(children)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if key_of(children[mid]) < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        return parent.add_leaf(vm.get("name", "?"), data=ref, before=lo)
+
+    def _label_vm(self, node: TreeNode, key: str, vm: dict, variables: dict[str, str], *, force: bool = False) -> bool:
+        """Set the label when what it shows changed; True if it did."""
+        busy = bool(self.busy_task(vm))
+        shown = (vm.get("name"), vm.get("state"), vm.get("kind"), busy)
+        if force or self._labels.get(key) != shown:
+            self._labels[key] = shown
+            node.set_label(vmlook.label(vm, variables, busy=busy))
+            return True
+        return False
+
+    def _label_bin(self, variables: dict[str, str]) -> None:
+        if self._bin_node is None:
+            return
+        n = len(self.recycled) if self.recycled else len(self._bin_vm_nodes)
+        if self._labels.get("bin") != n:
+            self._labels["bin"] = n
+            self._bin_node.set_label(Text.assemble(("♻", rich_style(variables, "sev-unknown")), f" {BIN} ",
+                                                   (f"({n})", rich_style(variables, "sev-unknown"))))
+
+    def tasks_changed(self, tasks: dict) -> None:
+        """The task feed changed: a VM task that changed state means the VM list changed too."""
+        poke = False
+        for tid, info in tasks.items():
+            if not info.kind.startswith("vm."):
+                continue
+            state = str(info.state)
+            old = self._vm_task_states.get(tid)
+            if old != state:
+                self._vm_task_states[tid] = state
+                poke = True
+                if info.state.final and tid in self.mine:
+                    self.task_ended(info)
+        if len(self._vm_task_states) > 2 * len(tasks) + 100:      # forget tasks the feed no longer holds
+            self._vm_task_states = {t: st for t, st in self._vm_task_states.items() if t in tasks}
+        if poke:
+            self.refresh_vms()
+
+    # ------------------------------------------------------------------ the guest agent of the selected VM
+
+    def schedule_agent(self, delay: float = AGENT_DEBOUNCE_S) -> None:
+        """Ask the selected VM's agent after `delay` (a cursor moving over many VMs asks none of them)."""
+        if self._agent_timer is not None:
+            self._agent_timer.stop()
+            self._agent_timer = None
+        vm = self.vms.get(self.selected.id) if self.selected.kind == "vm" else None
+        if vm is None or vmlook.is_template(vm) or vm.get("state") not in vmlook.RUNNING:
+            return
+        self._agent_timer = self.set_timer(delay, self._agent_due)
+
+    def _agent_due(self) -> None:
+        self._agent_timer = None
+        vm = self.vms.get(self.selected.id) if self.selected.kind == "vm" else None
+        if vm is None or vm.get("state") not in vmlook.RUNNING or not self.shown:
+            return
+        if self._agent_inflight is not None:
+            self._agent_again = True       # never two at once: ask again when this one is back
+            return
+        self._agent_inflight = vm["name"]
+        self.run_worker(partial(self._fetch_agent, vm["name"]), name=f"agent {vm['name']}", group="vm-agent",
+                        exit_on_error=False)
+        self.render_detail()
+
+    async def _fetch_agent(self, name: str) -> None:
+        try:
+            info = await self.client.vm_agent(name)
+        except FerryError as e:
+            info = {"agent": "not running", "reason": e.message, "checked_at": time.time()}
+        except Exception as e:  # shown, not raised: the next refresh tries again
+            info = {"agent": "not running", "reason": f"internal error: {type(e).__name__}: {e}",
+                    "checked_at": time.time()}
+        self.post_message(AgentUpdated(name, info))
+
+    def on_agent_updated(self, message: AgentUpdated) -> None:
+        message.stop()
+        self._agent_inflight = None
+        self.agent[message.name] = message.info
+        for name in [n for n in self.agent if n not in {v.get("name") for v in self.vms.values()}]:
+            del self.agent[name]
+        again, self._agent_again = self._agent_again, False
+        if self.selected.kind == "vm" and self.selected.name == message.name and self.shown:
+            self.render_detail()
+        self.schedule_agent(AGENT_DEBOUNCE_S if again else AGENT_REFRESH_S)
 
     # ------------------------------------------------------------------ rendering
 
@@ -215,6 +499,15 @@ class InventoryView(Horizontal):
             self._label_host(name)
         for cname in self._cluster_nodes:
             self._label_cluster(cname)
+        variables = self.app.theme_variables
+        for vid, node in self._vm_nodes.items():
+            if vid in self.vms:
+                self._label_vm(node, f"vm:{vid}", self.vms[vid], variables, force=True)
+        for vid, node in self._bin_vm_nodes.items():
+            if vid in self.recycled:
+                self._label_vm(node, f"bin:{vid}", self.recycled[vid], variables, force=True)
+        self._labels.pop("bin", None)
+        self._label_bin(variables)
 
     def relabel_host(self, name: str) -> None:
         """One host's label and its cluster's."""
@@ -246,9 +539,34 @@ class InventoryView(Horizontal):
             text = self._site_text()
         elif ref.kind == "cluster":
             text = self._cluster_text(ref.name)
-        else:
+        elif ref.kind == "host":
             text = self._host_text(ref.name)
+        elif ref.kind == "bin":
+            text = vmlook.bin_text(list(self.recycled.values()))
+        else:
+            text = self._vm_text(ref)
         self.query_one("#detail-body", Static).update(Content.from_markup(text))
+
+    def _vm_text(self, ref: NodeRef) -> str:
+        vm = (self.vms if ref.kind == "vm" else self.recycled).get(ref.id)
+        if vm is None:
+            return f"[b]{esc(ref.name)}[/b]  [$text-muted]gone[/]"
+        spec = self.site.hosts.get(vm.get("host"))
+        text = vmlook.detail_text(vm, cluster=spec.cluster if spec else None, agent=self.agent.get(vm["name"]),
+                                  agent_pending=self._agent_inflight == vm["name"], busy_task=self.busy_task(vm),
+                                  keys=self.vm_keys(vm))
+        return self._vm_stale_line() + text
+
+    def _vm_stale_line(self) -> str:
+        vl = self.vm_list
+        if vl.ok is False:
+            return (f"[b $error]✖ VM list stale since {_clock(vl.stale_since)}[/]  [$error]{esc(vl.error or '')}[/]\n"
+                    + (f"  [$text-muted]hint: {esc(vl.hint)}[/]\n" if vl.hint else ""))
+        return ""
+
+    def vms_on(self, hosts: list[str]) -> list[dict]:
+        hs = set(hosts)
+        return [v for v in self.vms.values() if v.get("host") in hs]
 
     def _counts(self, hosts: list[str]) -> str:
         sevs = [host_severity(self.status.get(h)) for h in hosts]
@@ -272,6 +590,14 @@ class InventoryView(Horizontal):
             self._row("Hosts", str(len(site.hosts))),
             self._row("", self._counts(sorted(site.hosts))),
             self._row("Datastores", f"{len(site.datastores)} ({sum(1 for d in site.datastores.values() if d.shared)} shared)"),
+        ]
+        if self.vms:
+            lines.append(self._row("VMs", vmlook.counts_text(list(self.vms.values()))))
+        if self.recycled:
+            lines.append(self._row("Recycled", f"{len(self.recycled)} in the recycle bin"))
+        if self.vm_list.ok is False:
+            lines.append(self._vm_stale_line().rstrip("\n"))
+        lines += [
             "",
             "[b]Clusters[/b]",
         ]
@@ -291,8 +617,11 @@ class InventoryView(Horizontal):
         lines = [f"[b]Cluster {esc(cname)}[/b]" + (f"  [$text-muted]{esc(spec.description)}[/]" if spec.description else ""),
                  "",
                  self._row("Hosts", str(len(hosts))),
-                 self._row("", self._counts([h.name for h in hosts])),
-                 "", "[b]Hosts[/b]"]
+                 self._row("", self._counts([h.name for h in hosts]))]
+        cvms = self.vms_on([h.name for h in hosts])
+        if cvms:
+            lines.append(self._row("VMs", vmlook.counts_text(cvms)))
+        lines += ["", "[b]Hosts[/b]"]
         width = max((len(h.name) for h in hosts), default=0) + 2
         for h in hosts:
             sev = host_severity(self.status.get(h.name))
@@ -311,6 +640,9 @@ class InventoryView(Horizontal):
         lines = [f"[b]{esc(name)}[/b]  {sev.markup(state)}",
                  f"[$text-muted]cluster {esc(spec.cluster)} · {esc(spec.transport)} transport"
                  + (f" · {esc(spec.target)}" if spec.transport != "local" else "") + "[/]"]
+        hvms = self.vms_on([name])
+        if hvms:
+            lines.append(self._row("VMs", vmlook.counts_text(hvms)))
         if st.ok is False:
             since = f"stale since {_clock(st.stale_since)}" if f is not None and getattr(f, "reachable", False) \
                 else f"failing since {_clock(st.stale_since)}"

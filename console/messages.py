@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textual.message import Message
 
-from .poller import HostStatus
+from .poller import HostStatus, VMList
 
 
 class HostUpdated(Message):
@@ -32,3 +32,23 @@ class CrumbsChanged(Message):
         super().__init__()
         self.view = view
         self.crumbs = crumbs
+
+
+class VMsUpdated(Message):
+    """A new VM list (or a failed poll). A newer one replaces a pending one."""
+
+    def __init__(self, vms: VMList) -> None:
+        super().__init__()
+        self.vms = vms
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, VMsUpdated)
+
+
+class AgentUpdated(Message):
+    """What the guest agent of one VM said (or why it could not)."""
+
+    def __init__(self, name: str, info: dict) -> None:
+        super().__init__()
+        self.name = name
+        self.info = info

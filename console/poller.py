@@ -148,3 +148,90 @@ class HostPoller:
             self.on_update(st)
         finally:
             self._inflight.pop(host, None)
+
+
+# ---------------------------------------------------------------------------------- VMs
+
+VM_INTERVAL_S = 3.0      # between two VM list polls while the inventory is shown
+VM_BACKOFF_MAX_S = 30.0
+
+
+@dataclass(frozen=True)
+class VMList:
+    """The last VM list the console got: live VMs and templates, and the recycle bin."""
+
+    vms: tuple[dict, ...] = ()
+    recycled: tuple[dict, ...] = ()
+    ok: bool | None = None            # None: not asked yet
+    error: str | None = None
+    hint: str | None = None
+    stale_since: float | None = None
+    last_ok: float | None = None
+
+
+class VMPoller:
+    """Polls the VM list: one poll at a time, the next one `interval` after the last one ended,
+    and only while `active()` says the list is shown (a poke asks again as soon as it is)."""
+
+    def __init__(self, fetch: Callable[[], Awaitable[tuple[list[dict], list[dict]]]],
+                 on_update: Callable[[VMList], None], *, interval: float = VM_INTERVAL_S,
+                 backoff_max: float = VM_BACKOFF_MAX_S, active: Callable[[], bool] = lambda: True,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.fetch = fetch
+        self.on_update = on_update
+        self.interval = interval
+        self.backoff_max = backoff_max
+        self.active = active
+        self.clock = clock
+        self.last = VMList()
+        self.polls = 0
+        self._wake = asyncio.Event()
+        self._failures = 0
+
+    def poke(self) -> None:
+        """Ask again now (after the running poll, if one runs; never two at once)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        first = True
+        while True:
+            delay = self.interval
+            self._wake.clear()          # a poke from now on means "again after this one"
+            if first or self.active():
+                first = False
+                delay = await self.poll_once()
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except (asyncio.TimeoutError, TimeoutError):
+                pass
+
+    async def poll_once(self) -> float:
+        """One poll; returns the delay before the next one."""
+        error = hint = None
+        vms: list[dict] = []
+        recycled: list[dict] = []
+        try:
+            vms, recycled = await self.fetch()
+        except FerryError as e:
+            error, hint = e.message, e.hint or None
+        except (asyncio.TimeoutError, TimeoutError):
+            error, hint = "the VM list did not come in time", "check that the hosts answer"
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug must not stop the polling
+            log.exception("VM list")
+            error, hint = f"internal error: {type(e).__name__}: {e}", "see logs/ferry.log in the workspace"
+        self.polls += 1
+        now = self.clock()
+        if error is None:
+            self._failures = 0
+            self.last = VMList(tuple(vms), tuple(recycled), True, last_ok=now)
+            delay = self.interval
+        else:
+            self._failures += 1
+            # keep the last good list, marked stale
+            self.last = replace(self.last, ok=False, error=error, hint=hint,
+                                stale_since=self.last.stale_since or now)
+            delay = min(self.backoff_max, self.interval * 2 ** self._failures)
+        self.on_update(self.last)
+        return delay

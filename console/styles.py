@@ -101,7 +101,7 @@ CommandLine:focus {
 
 /* ---------------------------------------------------------------- modals */
 
-ConfirmScreen, HelpScreen {
+ConfirmScreen, HelpScreen, FormScreen, TypedNameScreen {
     align: center middle;
     background: $background 60%;
 }
@@ -133,6 +133,34 @@ ConfirmScreen, HelpScreen {
 #dialog-help {
     margin-top: 1;
     color: $text-muted;
+}
+
+/* forms: one line per field, compact widgets, so a dialog fits in 80x24 */
+#dialog.form {
+    width: 68;
+}
+.form-row {
+    height: 1;
+    margin-bottom: 1;
+}
+.form-label {
+    width: 14;
+    height: 1;
+    color: $text-muted;
+}
+.form-row Input, .form-row Select {
+    width: 1fr;
+}
+.form-row Checkbox {
+    width: auto;
+}
+#form-error {
+    height: auto;
+    color: $error;
+}
+#mode-help {
+    color: $text-muted;
+    margin-bottom: 1;
 }
 
 #help {

@@ -6,6 +6,7 @@ running as a separate daemon without change.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from . import probe as _probe  # noqa: F401  (registers the probe task kind)
@@ -37,6 +38,10 @@ class EngineClient:
         return cls(workspace, workspace.load_config(), **kw)
 
     async def start(self) -> None:
+        if self.site.is_lab:
+            # The lab's hosts are folders on this machine: give them their runtime and datastores.
+            for path in [h.runtime for h in self.site.hosts.values()] + [d.path for d in self.site.datastores.values()]:
+                Path(path).mkdir(parents=True, exist_ok=True)
         await self.engine.start()
 
     async def close(self) -> None:

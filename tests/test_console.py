@@ -28,6 +28,7 @@ from engine.config import lab_config
 from engine.errors import PermanentError
 from engine.taskmodel import TaskState
 from engine.workspace import Workspace
+from harness.pilot import text_of, until
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXED_CLOCK = time.mktime((2024, 5, 17, 9, 30, 0, 0, 0, -1))
@@ -51,25 +52,6 @@ async def client(tmp_path):
         yield c
     finally:
         await c.close()
-
-
-async def until(pilot, cond: Callable[[], Any], timeout: float = 15.0, what: str = "") -> Any:
-    """Let the app run until `cond()` is true (async conditions allowed)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or cond}")
-        await pilot.pause(0.05)
-
-
-def text_of(app: FerryApp, selector: str) -> str:
-    visual = app.query_one(selector, Static).render()
-    return getattr(visual, "plain", str(visual))
 
 
 def cell(app: FerryApp, tid: int, column: str) -> str:

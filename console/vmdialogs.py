@@ -1,0 +1,185 @@
+"""Dialogs for VM actions: a small form (create, clone, deploy, export, import) and the delete
+dialog that asks for the VM's name to be typed before its button does anything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.content import Content
+from textual.screen import ModalScreen
+from textual.widgets import Button, Checkbox, Input, Select, Static
+
+from .modals import esc
+
+DELETE_MODES = (
+    ("normal", "remove the record and the disk files"),
+    ("secure", "overwrite the disks, verify, then remove them (slow)"),
+    ("delayed", "move it to the recycle bin; purged after the days below"),
+)
+
+
+@dataclass(frozen=True)
+class Field:
+    key: str
+    label: str
+    value: str | bool = ""
+    kind: str = "text"                                  # text | select | check
+    options: tuple[tuple[str, str], ...] = ()           # select: (shown, value)
+    placeholder: str = ""                               # text: shown while empty; check: its label
+    restrict: str | None = None                         # text: allowed characters (a regex)
+
+
+class FormScreen(ModalScreen[dict | None]):
+    """A few fields and OK/Back. `check(values)` returns a problem to show, or None to close with the values."""
+
+    AUTO_FOCUS = ".form-field"
+    BINDINGS = [Binding("escape", "back", "Back", id="ferry.form.back")]
+
+    def __init__(self, title: str, fields: list[Field], *, confirm: str = "OK", intro: str = "",
+                 check: Callable[[dict], str | None] | None = None) -> None:
+        super().__init__()
+        self.title_text = title
+        self.fields = fields
+        self.confirm_label = confirm
+        self.intro = intro
+        self.check = check
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog", classes="form"):
+            yield Static(Content(self.title_text), id="dialog-title")
+            if self.intro:
+                yield Static(Content(self.intro), id="dialog-body")
+            for f in self.fields:
+                with Horizontal(classes="form-row"):
+                    yield Static(Content(f.label), classes="form-label")
+                    if f.kind == "select":
+                        yield Select(f.options, value=f.value, allow_blank=False, compact=True, id=f"f-{f.key}",
+                                     classes="form-field")
+                    elif f.kind == "check":
+                        yield Checkbox(f.placeholder, bool(f.value), compact=True, id=f"f-{f.key}",
+                                       classes="form-field")
+                    else:
+                        yield Input(str(f.value), placeholder=f.placeholder, restrict=f.restrict, compact=True,
+                                    id=f"f-{f.key}", classes="form-field")
+            yield Static("", id="form-error")
+            with Horizontal(id="dialog-buttons"):
+                yield Button("Back", id="cancel", compact=True)
+                yield Button(self.confirm_label, id="confirm", variant="primary", compact=True)
+            yield Static("enter: OK · tab: next field · esc: back", id="dialog-help")
+
+    def values(self) -> dict:
+        out: dict = {}
+        for f in self.fields:
+            w = self.query_one(f"#f-{f.key}")
+            out[f.key] = w.value.strip() if isinstance(w, Input) else w.value
+        return out
+
+    def submit(self) -> None:
+        vals = self.values()
+        problem = self.check(vals) if self.check else None
+        if problem:
+            self.query_one("#form-error", Static).update(Content(problem))
+            return
+        self.dismiss(vals)
+
+    @on(Input.Submitted)
+    def _enter(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.submit()
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        if event.button.id == "confirm":
+            self.submit()
+        else:
+            self.dismiss(None)
+
+    def action_back(self) -> None:
+        self.dismiss(None)
+
+
+class TypedNameScreen(ModalScreen[dict | None]):
+    """Delete (or purge): the action button stays disabled until the typed text equals the name."""
+
+    AUTO_FOCUS = "#typed"
+    BINDINGS = [Binding("escape", "back", "Back", id="ferry.typed.back")]
+
+    def __init__(self, name: str, *, title: str, body: str, confirm: str = "Delete", modes: bool = True,
+                 keep_days: int = 7) -> None:
+        super().__init__()
+        self.vm_name = name
+        self.title_text = title
+        self.body_text = body
+        self.confirm_label = confirm
+        self.modes = modes
+        self.keep_days = keep_days
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog", classes="form danger"):
+            yield Static(Content(self.title_text), id="dialog-title")
+            yield Static(Content(self.body_text), id="dialog-body")
+            with Horizontal(classes="form-row"):
+                yield Static(Content.from_markup(f"Type [b]{esc(self.vm_name)}[/b]"), classes="form-label")
+                yield Input(placeholder="the name, to confirm", compact=True, id="typed", classes="form-field")
+            if self.modes:
+                with Horizontal(classes="form-row"):
+                    yield Static("Mode", classes="form-label")
+                    yield Select([(m, m) for m, _ in DELETE_MODES], value="normal", allow_blank=False, compact=True,
+                                 id="mode", classes="form-field")
+                with Horizontal(classes="form-row"):
+                    yield Static("Keep days", classes="form-label")
+                    yield Input(str(self.keep_days), restrict=r"[0-9]*", compact=True, id="keep", disabled=True,
+                                classes="form-field")
+                yield Static(Content(DELETE_MODES[0][1]), id="mode-help")
+            yield Static("", id="form-error")
+            with Horizontal(id="dialog-buttons"):
+                yield Button("Back", id="cancel", compact=True)
+                yield Button(self.confirm_label, id="confirm", variant="error", compact=True, disabled=True)
+            yield Static("the button works once the name is typed · esc: back", id="dialog-help")
+
+    @property
+    def matches(self) -> bool:
+        return self.query_one("#typed", Input).value == self.vm_name
+
+    @on(Input.Changed, "#typed")
+    def _typed(self, event: Input.Changed) -> None:
+        self.query_one("#confirm", Button).disabled = not self.matches
+        self.query_one("#form-error", Static).update("")
+
+    @on(Select.Changed, "#mode")
+    def _mode(self, event: Select.Changed) -> None:
+        mode = str(event.value)
+        self.query_one("#keep", Input).disabled = mode != "delayed"
+        self.query_one("#mode-help", Static).update(Content(dict(DELETE_MODES).get(mode, "")))
+
+    @on(Input.Submitted)
+    def _enter(self, event: Input.Submitted) -> None:
+        event.stop()
+        self.submit()
+
+    def submit(self) -> None:
+        if not self.matches:
+            self.query_one("#form-error", Static).update(Content(f"type the name exactly: {self.vm_name}"))
+            return
+        out: dict = {"confirm": self.vm_name}
+        if self.modes:
+            out["mode"] = str(self.query_one("#mode", Select).value)
+            if out["mode"] == "delayed":
+                days = self.query_one("#keep", Input).value.strip()
+                out["keep_days"] = int(days) if days else self.keep_days
+        self.dismiss(out)
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        event.stop()
+        if event.button.id == "confirm":
+            self.submit()
+        else:
+            self.dismiss(None)
+
+    def action_back(self) -> None:
+        self.dismiss(None)

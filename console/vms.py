@@ -1,0 +1,277 @@
+"""VMs in the console: how a VM looks (tree label, detail pane) and which actions apply to it.
+
+Pure functions over the dicts of `EngineClient.vm_list()`; the inventory view draws them and the
+actions (console/vmactions.py) ask `refusal()` before doing anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from rich.text import Text
+
+from engine import fmt
+from engine.vm.model import VMState
+
+from .modals import esc
+from .severity import Severity, usage_severity
+from .theming import rich_style
+
+LABEL_W = 11
+
+# Theme variable of each VM state; the state's symbol and word always come with the colour.
+STATE_VARIABLE = {
+    VMState.RUNNING: "sev-ok",
+    VMState.STOPPED: "sev-unknown",
+    VMState.PAUSED: "sev-warn",
+    VMState.HIBERNATED: "state-paused",
+    VMState.TEMPLATE: "secondary",
+    VMState.RECYCLED: "sev-unknown",
+    VMState.MISSING: "sev-crit",
+}
+RUNNING = ("running", "paused")
+
+
+def vm_state(vm: dict) -> VMState:
+    try:
+        return VMState(vm.get("state", "stopped"))
+    except ValueError:
+        return VMState.MISSING
+
+
+def is_template(vm: dict) -> bool:
+    return vm.get("kind") == "template"
+
+
+def sort_key(vm: dict) -> tuple:
+    """VMs first, then templates; by name."""
+    return (is_template(vm), vm.get("name", ""))
+
+
+def state_markup(vm: dict) -> str:
+    st = vm_state(vm)
+    return f"[${STATE_VARIABLE[st]}]{st.symbol} {st.value}[/]"
+
+
+def label(vm: dict, variables: dict[str, str], *, busy: bool = False) -> Text:
+    """Tree label: the state's symbol (◇ for a template) in the state's colour, the name, … while a task works on it."""
+    st = vm_state(vm)
+    text = Text.assemble((st.symbol, rich_style(variables, STATE_VARIABLE[st])), " ", vm.get("name", "?"))
+    if busy:
+        text.append(" …", style=rich_style(variables, "sev-unknown"))
+    return text
+
+
+def linked_clones(template: dict, vms: list[dict]) -> list[str]:
+    """Names of the VMs whose disks are based on the template's disks."""
+    paths = {d.get("path") for d in template.get("disks", ())}
+    return sorted(v["name"] for v in vms
+                  if v.get("id") != template.get("id") and any(d.get("backing") in paths
+                                                               for d in v.get("disks", ()) if d.get("backing")))
+
+
+# ---------------------------------------------------------------------------------- preconditions
+
+VM_ACTIONS = ("vm_start", "vm_stop", "vm_force_stop", "vm_reboot", "vm_hibernate", "vm_clone", "vm_convert",
+              "vm_deploy", "vm_export", "vm_delete", "vm_restore")
+BUSY_MATTERS = frozenset(VM_ACTIONS) - {"vm_restore"}
+
+
+def refusal(action: str, vm: dict | None, *, busy_task: str | None = None,
+            clones: list[str] | None = None) -> str | None:
+    """Why `action` cannot apply to `vm` now (None: it can). `busy_task` describes a live task working on it."""
+    if action in ("vm_create", "vm_import"):
+        return None
+    if vm is None:
+        return "select a VM or template in the tree first"
+    name = vm.get("name", "?")
+    st = vm_state(vm)
+    tpl = is_template(vm)
+    if vm.get("recycled"):
+        if action in ("vm_restore", "vm_delete"):
+            return None
+        return f"{name} is in the recycle bin: restore it first (u)"
+    if action == "vm_restore":
+        return f"{name} is not in the recycle bin"
+    if busy_task and action in BUSY_MATTERS:
+        return f"{name} is busy with {busy_task}: wait for it, or cancel it in Tasks"
+    running = st.value in RUNNING
+    if action == "vm_start":
+        if tpl:
+            return "a template never starts: deploy a VM from it (d)"
+        if running:
+            return f"{name} is already running"
+        return None
+    if action in ("vm_stop", "vm_force_stop", "vm_reboot", "vm_hibernate"):
+        if tpl:
+            return "a template never runs, so it cannot be stopped, rebooted or hibernated"
+        if not running:
+            return f"{name} is not running ({st.value})"
+        return None
+    if action == "vm_clone":
+        if st is VMState.HIBERNATED:
+            return f"{name} is hibernated; its disks belong to the saved memory: resume it (s) or shut it down first"
+        return None
+    if action == "vm_convert":
+        if tpl:
+            if clones:
+                return f"template {name} has linked clones ({_few(clones)}): delete them first"
+            return None
+        if running or st is VMState.HIBERNATED:
+            return f"{name} must be stopped to become a template (x stops it)"
+        return None
+    if action == "vm_deploy":
+        if not tpl:
+            return f"deploy works from a template; {name} is a VM: convert it first (t) or clone it (c)"
+        return None
+    if action == "vm_export":
+        if running or st is VMState.HIBERNATED:
+            return f"{name} must be stopped to be exported (its disks change while it runs)"
+        return None
+    if action == "vm_delete":
+        if running:
+            return f"{name} is running; a running VM is never deleted (x stops it)"
+        if tpl and clones:
+            return f"template {name} has linked clones ({_few(clones)}): delete them first"
+        return None
+    return None
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (" …" if len(names) > n else "")
+
+
+# ---------------------------------------------------------------------------------- detail pane
+
+def _row(label: str, value: str) -> str:
+    return f"[$text-muted]{label.ljust(LABEL_W)}[/]{value}"
+
+
+def _backing(path: str) -> str:
+    p = PurePosixPath(path)
+    return f"{p.parent.name}/{p.name}"
+
+
+def detail_text(vm: dict, *, cluster: str | None, agent: dict | None, agent_pending: bool,
+                busy_task: str | None, keys: list[tuple[str, str, str | None]]) -> str:
+    """The detail pane of a VM or template. `keys`: (key, what, reason it is refused or None)."""
+    st = vm_state(vm)
+    tpl = is_template(vm)
+    name = vm.get("name", "?")
+    lines = [f"[b]{esc(name)}[/b]  {state_markup(vm)}" + ("" if tpl else "  [$text-muted]VM[/]")]
+    where = f"host {esc(vm.get('host', '?'))}" + (f" · cluster {esc(cluster)}" if cluster else "")
+    lines.append(f"[$text-muted]{where}[/]")
+    if vm.get("recycled"):
+        lines.append(f"{Severity.WARN.markup('in the recycle bin')} since {fmt.stamp(vm['recycled'])}")
+        if vm.get("purge_at"):
+            lines.append(f"  [$text-muted]purged for good at {fmt.stamp(vm['purge_at'])}[/]")
+    if st is VMState.MISSING:
+        lines.append(f"{Severity.CRIT.markup('recorded as running, but its QEMU process is gone')}")
+    if busy_task:
+        lines.append(f"{Severity.MIN.markup('busy:')} {esc(busy_task)}")
+    lines.append("")
+    cpus = f"{vm.get('cpus', '?')}" + (f" (up to {vm['max_cpus']} while running)"
+                                      if vm.get("max_cpus") and vm.get("max_cpus") != vm.get("cpus") else "")
+    lines.append(_row("CPUs", cpus))
+    lines.append(_row("Memory", f"{vm.get('memory_mb', '?')} MiB"))
+    disks = vm.get("disks") or []
+    if not disks:
+        lines.append(_row("Disks", "none"))
+    for i, d in enumerate(disks):
+        text = (f"{esc(d.get('name', '?'))} {fmt.size(d.get('size'))} {esc(d.get('bus', '?'))} "
+                f"[$text-muted]on[/] {esc(d.get('datastore', '?'))}" + (" (shared)" if d.get("shared") else ""))
+        lines.append(_row("Disks" if i == 0 else "", text))
+        if d.get("backing"):
+            lines.append(_row("", f"[$text-muted]linked to {esc(_backing(d['backing']))}[/]"))
+    nics = vm.get("nics") or []
+    if not nics:
+        lines.append(_row("NICs", "none"))
+    for i, n in enumerate(nics):
+        lines.append(_row("NICs" if i == 0 else "", f"{esc(n.get('network', '?'))}"
+                          + (f"  [$text-muted]{esc(n['mac'])}[/]" if n.get("mac") else "")))
+    lines.append(_row("Boot", esc(", ".join(vm.get("boot") or ()) or "-")))
+    if vm.get("passthrough"):
+        lines.append(_row("Devices", esc(", ".join(f"{p.get('kind')}:{p.get('address')}" for p in vm["passthrough"]))))
+    lines.append(_row("Origin", esc(vm.get("origin") or "made here")))
+    if vm.get("pid"):
+        lines.append(_row("PID", str(vm["pid"])))
+    if not tpl and not vm.get("recycled"):
+        lines.append("")
+        lines += _agent_lines(vm, agent, agent_pending)
+    if keys:
+        lines.append("")
+        ok = [f"[$accent]{esc(k)}[/] {esc(w)}" for k, w, why in keys if why is None]
+        if ok:
+            lines.append("[$text-muted]keys:[/] " + " · ".join(ok))
+        refused: dict[str, list[str]] = {}
+        for k, _w, why in keys:
+            if why is not None:
+                refused.setdefault(why, []).append(k)
+        for why, ks in refused.items():
+            lines.append(f"[$text-muted]{esc(' '.join(ks))}: {esc(why)}[/]")
+    return "\n".join(lines)
+
+
+def _agent_lines(vm: dict, agent: dict | None, pending: bool) -> list[str]:
+    st = vm_state(vm)
+    if st.value not in RUNNING:
+        return [_row("Agent", "[$text-muted]- (the VM is not running)[/]")]
+    if agent is None:
+        return [_row("Agent", "[$text-muted]asking…[/]" if pending else "[$text-muted]not asked yet[/]")]
+    if agent.get("agent") != "running":
+        out = [_row("Agent", Severity.WARN.markup("not running"))]
+        if agent.get("reason"):
+            out.append(_row("", f"[$text-muted]{esc(agent['reason'])}[/]"))
+        return out
+    out = [_row("Agent", Severity.OK.markup("running") + (f" [$text-muted]{esc(agent['version'])}[/]"
+                                                          if agent.get("version") else ""))]
+    if agent.get("os"):
+        out.append(_row("Guest OS", esc(agent["os"]) + (f" [$text-muted]{esc(agent['kernel'])}[/]"
+                                                        if agent.get("kernel") else "")))
+    ips = agent.get("ips") or []
+    out.append(_row("IPs", esc(", ".join(ips)) if ips else "[$text-muted]none reported[/]"))
+    cpu = agent.get("cpu_percent")
+    if cpu is not None:
+        out.append(_row("CPU use", f"{fmt.bar(cpu / 100, 10)} {cpu:.0f}%"))
+    total, used = agent.get("mem_total"), agent.get("mem_used")
+    if total:
+        frac = used / total if used is not None else None
+        out.append(_row("Mem use", f"{fmt.size(used)} of {fmt.size(total)}  "
+                        f"{usage_severity(frac).markup(fmt.percent(frac).strip())}"))
+    for i, d in enumerate(agent.get("disks") or []):
+        dt, du = d.get("total"), d.get("used")
+        frac = du / dt if dt and du is not None else None
+        out.append(_row("Guest disk" if i == 0 else "", f"{esc(d.get('mount', '?'))} {fmt.size(du)} of "
+                        f"{fmt.size(dt)} {usage_severity(frac).markup(fmt.percent(frac).strip())}"))
+    if agent.get("checked_at"):
+        again = " · asking again…" if pending else ""
+        out.append(f"[$text-muted]agent asked {fmt.clock(agent['checked_at'])}{again}[/]")
+    return out
+
+
+def bin_text(recycled: list[dict]) -> str:
+    lines = ["[b]Recycle bin[/b]  [$text-muted]VMs deleted with the delayed mode[/]", ""]
+    if not recycled:
+        lines.append("[$text-muted]empty[/]")
+        return "\n".join(lines)
+    width = max(len(v.get("name", "")) for v in recycled) + 2
+    for v in sorted(recycled, key=lambda v: v.get("purge_at") or 0):
+        lines.append(f"  {esc(v.get('name', '?').ljust(width))}{esc(v.get('host', '?'))}  "
+                     f"[$text-muted]purged {fmt.stamp(v.get('purge_at'))}[/]")
+    lines += ["", "[$text-muted]select one: u restores it, del purges it for good[/]"]
+    return "\n".join(lines)
+
+
+def counts_text(vms: list[dict]) -> str:
+    """'3 VMs (1 running) · 1 template' for a host, cluster or site."""
+    n_vm = sum(1 for v in vms if not is_template(v))
+    n_tpl = len(vms) - n_vm
+    running = sum(1 for v in vms if vm_state(v).value in RUNNING)
+    missing = sum(1 for v in vms if vm_state(v) is VMState.MISSING)
+    text = f"{n_vm} VM{'' if n_vm == 1 else 's'}"
+    if n_vm:
+        text += f" ({Severity.OK.markup(f'{running} running')}"
+        text += f", {Severity.CRIT.markup(f'{missing} missing')})" if missing else ")"
+    if n_tpl:
+        text += f" · {n_tpl} template{'' if n_tpl == 1 else 's'}"
+    return text
+

@@ -1,0 +1,418 @@
+"""VMs in the console: the tree shows them under their host, the detail pane their hardware,
+and the keys act on them through real engine tasks.
+
+A real EngineClient on a throw-away workspace (the built-in lab, local transport). The VMs are
+made by the engine's own vm.create with 16 MiB disks and never booted (booting is tested in
+test_vm.py): records and real qcow2 files, stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from textual.widgets import Button, Input, Select, Static, Tree
+
+from console.app import FerryApp
+from console.commands import console_commands
+from console.modals import ConfirmScreen, HelpScreen
+from console.vmdialogs import FormScreen, TypedNameScreen
+from engine.client import EngineClient
+from engine.config import lab_config
+from engine.taskmodel import TaskState
+from engine.workspace import Workspace
+from harness.pilot import text_of, until
+
+FIXED_CLOCK = time.mktime((2024, 5, 17, 9, 30, 0, 0, 0, -1))
+
+
+def new_client(root: Path) -> EngineClient:
+    ws = Workspace(root)
+    return EngineClient(ws, lab_config(ws.root), adopt=False)
+
+
+def short_dir() -> Path:
+    """A short path: QEMU's UNIX sockets live under the workspace and their paths are limited."""
+    return Path(tempfile.mkdtemp(prefix="fv", dir="/tmp"))
+
+
+@pytest.fixture
+async def client():
+    root = short_dir()
+    c = new_client(root)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def make_vm(client: EngineClient, name: str, host: str = "lab1", *, template: bool = False) -> dict:
+    tid = await client.vm_task("vm.create", {"name": name, "host": host, "cpus": 2, "memory_mb": 128,
+                                             "disks": [{"size": "16M"}], "nics": [{"network": "default"}]})
+    info = await client.wait_task(tid, timeout=30)
+    assert info.state == TaskState.SUCCEEDED, info.error
+    if template:
+        info = await client.wait_task(await client.vm_task("vm.convert", {"vm": name, "to": "template"}), timeout=30)
+        assert info.state == TaskState.SUCCEEDED, info.error
+    return await client.vm_get(name)
+
+
+def modal_text(app: FerryApp, selector: str) -> str:
+    visual = app.screen.query_one(selector, Static).render()
+    return getattr(visual, "plain", str(visual))
+
+
+def labels_under(app: FerryApp, host: str) -> list[str]:
+    return [str(n.label) for n in app.inventory._host_nodes[host].children]
+
+
+def notes(app: FerryApp) -> list[str]:
+    return [str(n.message) for n in app._notifications]
+
+
+async def names_are(client: EngineClient, expected: set[str], **kw) -> bool:
+    return {v["name"] for v in await client.vm_list(**kw)} == expected
+
+
+async def go_to(pilot, app: FerryApp, name: str) -> None:
+    """Move the tree cursor with the arrow keys until it rests on `name` (the way an operator does)."""
+    tree = app.query_one("#tree", Tree)
+    for _ in range(40):
+        if app.inventory.selected.name == name:
+            return
+        lines = [tree.get_node_at_line(i) for i in range(tree.last_line + 1)]
+        target = next((n.line for n in lines if n is not None and isinstance(n.data, type(app.inventory.selected))
+                       and n.data.name == name), None)
+        assert target is not None, f"{name} is not shown in the tree"
+        await pilot.press("down" if target > tree.cursor_line else "up")
+        await pilot.pause()
+    raise AssertionError(f"{name} not reached in the tree; cursor on {tree.cursor_node}")
+
+
+# ---------------------------------------------------------------------------------- tree and detail
+
+
+async def test_vms_show_under_their_host_with_their_hardware(client):
+    web = await make_vm(client, "web1", "lab1")
+    await make_vm(client, "tpl1", "lab2", template=True)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: labels_under(app, "lab1") == ["■ web1"], what="web1 under lab1")
+        assert labels_under(app, "lab2") == ["◇ tpl1"]           # a template: ◇, not a colour alone
+        await go_to(pilot, app, "lab1")
+        assert "1 VM" in text_of(app, "#detail-body")
+
+        await go_to(pilot, app, "web1")
+        assert text_of(app, "#crumbs").endswith("lab1 › web1")
+        detail = text_of(app, "#detail-body")
+        assert "web1  ■ stopped  VM" in detail
+        assert "CPUs       2" in detail and "Memory     128 MiB" in detail
+        assert "disk0 16.0 MiB virtio on lab1-local" in detail
+        assert "NICs       default" in detail and "Boot       disk, live" in detail
+        assert "the VM is not running" in detail                   # no agent asked for a stopped VM
+        assert "s start" in detail and "x X r h: web1 is not running (stopped)" in detail
+        assert os.path.getsize(web["disks"][0]["path"]) > 0       # the qcow2 the engine made is real
+
+        # a VM appearing above the cursor (sorted before it) does not move the cursor off web1
+        await make_vm(client, "a0", "lab1")
+        app.inventory.refresh_vms()
+        await until(pilot, lambda: labels_under(app, "lab1") == ["■ a0", "■ web1"], what="a0 added")
+        tree = app.query_one("#tree", Tree)
+        assert tree.cursor_node.data.name == "web1" and app.inventory.selected.name == "web1"
+
+        # keys and palette
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        shown = "\n".join(getattr(s.render(), "plain", "") for s in app.screen.query(".help-section"))
+        for text in ("Start the selected VM", "Power the selected VM off", "Delete the selected VM",
+                     "Make VMs from the selected template", "Export", "Import", "recycle bin"):
+            assert text in shown, text
+        await pilot.press("escape")
+        palette = [c.name for c in console_commands(app)]
+        assert "VM: Start web1" in palette and "VM: Delete web1…" in palette and "VM: create…" in palette
+        assert not any(n.startswith("VM: Deploy") for n in palette)   # web1 is no template
+        assert not any("Shut down web1" in n for n in palette)        # nor running
+
+
+async def test_start_on_a_template_is_refused_with_the_reason(client):
+    await make_vm(client, "tpl1", "lab2", template=True)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: labels_under(app, "lab2") == ["◇ tpl1"], what="tpl1 under lab2")
+        await go_to(pilot, app, "tpl1")
+        inv = app.inventory
+        assert inv.check_action("vm_start", ()) is None             # dimmed in the footer
+        assert inv.check_action("vm_deploy", ()) is True
+        await pilot.press("s")
+        await until(pilot, lambda: any("a template never starts" in n for n in notes(app)), what="refusal")
+        assert "a template never starts" in text_of(app, "#detail-body")
+        await pilot.pause(0.2)
+        assert not [t for t in await client.list_tasks() if t.kind == "vm.start"]   # nothing was submitted
+        # a VM-only key on a host says what to select
+        await pilot.press("up")
+        await pilot.press("x")
+        await until(pilot, lambda: any("select a VM or template" in n for n in notes(app)), what="select a VM")
+
+
+# ---------------------------------------------------------------------------------- actions
+
+
+async def test_delete_needs_the_name_typed(client):
+    web = await make_vm(client, "web1", "lab1")
+    disk = web["disks"][0]["path"]
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: labels_under(app, "lab1") == ["■ web1"], what="web1 under lab1")
+        await go_to(pilot, app, "web1")
+        await pilot.press("delete")
+        await until(pilot, lambda: isinstance(app.screen, TypedNameScreen), what="delete dialog")
+        confirm = app.screen.query_one("#confirm", Button)
+        assert app.focused is app.screen.query_one("#typed", Input)
+        assert confirm.disabled
+        await pilot.press(*"web")
+        await pilot.press("enter")                       # not the name yet: enter does nothing but say so
+        await pilot.pause()
+        assert isinstance(app.screen, TypedNameScreen) and confirm.disabled
+        assert "type the name exactly" in modal_text(app, "#form-error")
+        await pilot.press("2")
+        assert confirm.disabled                           # web2 is not web1
+        await pilot.press("backspace", "1")
+        assert not confirm.disabled
+        await pilot.click("#confirm")
+        await until(pilot, lambda: not isinstance(app.screen, TypedNameScreen), what="dialog closed")
+        await until(pilot, lambda: any("delete web1" in n for n in notes(app)), what="task notification")
+        await until(pilot, lambda: names_are(client, set()), what="web1 gone from the engine")
+        assert not os.path.exists(disk)
+        await until(pilot, lambda: labels_under(app, "lab1") == [], what="web1 gone from the tree")
+        await until(pilot, lambda: app.inventory.selected.name == "lab1", what="cursor back on the host")
+        assert any(t.kind == "vm.delete" and t.state == TaskState.SUCCEEDED for t in app.feed.tasks.values())
+
+
+async def test_create_through_the_dialog_on_the_selected_host(client):
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await go_to(pilot, app, "lab2")
+        await pilot.press("n")
+        await until(pilot, lambda: isinstance(app.screen, FormScreen), what="create dialog")
+        form = app.screen
+        assert form.query_one("#f-host", Select).value == "lab2"     # preset to the selected host
+        form.query_one("#f-name", Input).value = "bad name"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert isinstance(app.screen, FormScreen) and "not valid" in modal_text(app, "#form-error")
+        form.query_one("#f-name", Input).value = "new1"
+        form.query_one("#f-disk", Input).value = "16M"
+        await pilot.press("enter")
+        await until(pilot, lambda: not isinstance(app.screen, FormScreen), what="dialog closed")
+        await until(pilot, lambda: names_are(client, {"new1"}), what="new1 made", timeout=20)
+        vm = await client.vm_get("new1")
+        assert vm["host"] == "lab2" and vm["cpus"] == 1 and vm["disks"][0]["size"] == 16 << 20
+        assert os.path.exists(vm["disks"][0]["path"])
+        await until(pilot, lambda: labels_under(app, "lab2") == ["■ new1"], what="new1 in the tree")
+        await until(pilot, lambda: any("create new1 done" in n for n in notes(app)), what="done notification")
+
+
+async def test_recycle_bin_and_restore(client):
+    await make_vm(client, "web1", "lab1")
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: labels_under(app, "lab1") == ["■ web1"], what="web1 under lab1")
+        await go_to(pilot, app, "web1")
+        await pilot.press("delete")
+        await until(pilot, lambda: isinstance(app.screen, TypedNameScreen), what="delete dialog")
+        app.screen.query_one("#mode", Select).value = "delayed"
+        await pilot.pause()
+        assert not app.screen.query_one("#keep", Input).disabled
+        await pilot.press(*"web1", "enter")
+        await until(pilot, lambda: names_are(client, {"web1"}, recycled=True), what="web1 in the bin")
+        await until(pilot, lambda: app.inventory._bin_node is not None, what="recycle bin node")
+        assert "recycle bin (1)" in str(app.inventory._bin_node.label)
+        await go_to(pilot, app, "recycle bin")
+        await pilot.press("enter")                        # open it
+        await go_to(pilot, app, "web1")
+        assert app.inventory.selected.kind == "recycled"
+        assert "in the recycle bin" in text_of(app, "#detail-body")
+        await pilot.press("s")                            # nothing but restore and purge applies
+        await until(pilot, lambda: any("restore it first" in n for n in notes(app)), what="refusal")
+        await pilot.press("u")
+        await until(pilot, lambda: names_are(client, {"web1"}), what="web1 restored")
+        await until(pilot, lambda: labels_under(app, "lab1") == ["■ web1"] and app.inventory._bin_node is None,
+                    what="back under lab1, bin gone")
+        await until(pilot, lambda: app.inventory.selected.kind == "site", what="cursor on the site")  # the bin went
+
+
+async def test_force_stop_asks_first_and_defaults_to_back(client):
+    await make_vm(client, "web1", "lab1")
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: labels_under(app, "lab1") == ["■ web1"], what="web1 under lab1")
+        await go_to(pilot, app, "web1")
+        await pilot.press("X")
+        await until(pilot, lambda: any("web1 is not running" in n for n in notes(app)), what="refusal")
+        assert not isinstance(app.screen, ConfirmScreen)
+
+        # A fake, named as such: the engine's list says web1 runs (booting a real VM is test_vm.py's job).
+        real = app.inventory.vm_poller.fetch
+
+        async def says_running():
+            vms, binned = await real()
+            return [dict(v, state="running", pid=4242) for v in vms], binned
+        app.inventory.vm_poller.fetch = says_running
+        app.inventory.refresh_vms()
+        await until(pilot, lambda: labels_under(app, "lab1") == ["▶ web1"], what="label follows the state")
+        assert app.inventory.check_action("vm_force_stop", ()) is True
+        assert app.inventory.check_action("vm_start", ()) is None
+        # the selected running VM's agent is asked (for real: the engine finds no process, and says so)
+        await until(pilot, lambda: "its guest agent cannot answer" in text_of(app, "#detail-body"),
+                    what="agent answer in the detail")
+        assert "Agent      ◆ not running" in text_of(app, "#detail-body")
+        await pilot.press("X")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="force stop confirmation")
+        assert app.focused.id == "cancel"                 # the safe choice is the default
+        await pilot.press("enter")
+        await until(pilot, lambda: not isinstance(app.screen, ConfirmScreen), what="closed")
+        await pilot.pause(0.2)
+        assert not [t for t in await client.list_tasks() if t.kind == "vm.shutdown"]
+
+
+async def test_deploy_convert_export_and_import_through_dialogs(client):
+    await make_vm(client, "tpl1", "lab2", template=True)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: labels_under(app, "lab2") == ["◇ tpl1"], what="tpl1 under lab2")
+        await go_to(pilot, app, "tpl1")
+        await pilot.press("d")                             # deploy: two linked clones
+        await until(pilot, lambda: isinstance(app.screen, FormScreen), what="deploy dialog")
+        app.screen.query_one("#f-pattern", Input).value = "w-##"
+        app.screen.query_one("#f-count", Input).value = "2"
+        await pilot.press("enter")
+        await until(pilot, lambda: names_are(client, {"tpl1", "w-01", "w-02"}), what="deployed")
+        await until(pilot, lambda: labels_under(app, "lab2") == ["■ w-01", "■ w-02", "◇ tpl1"], what="in the tree")
+        tpl_disk = (await client.vm_get("tpl1"))["disks"][0]["path"]
+        assert (await client.vm_get("w-01"))["disks"][0]["backing"] == tpl_disk
+        await go_to(pilot, app, "w-01")
+        assert "linked to tpl1/disk0.qcow2" in text_of(app, "#detail-body")
+        assert "Origin     tpl1" in text_of(app, "#detail-body")
+
+        await pilot.press("up")
+        assert app.inventory.selected.name == "lab2"
+        await go_to(pilot, app, "tpl1")
+        assert "linked clones" in (app.inventory.vm_refusal("vm_convert") or "")   # while w-01/w-02 hang on it
+
+        await go_to(pilot, app, "w-02")
+        await pilot.press("t")                             # convert the VM to a template, after a confirmation
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="convert confirmation")
+        await pilot.click("#confirm")
+        await until(pilot, lambda: labels_under(app, "lab2") == ["■ w-01", "◇ tpl1", "◇ w-02"], what="w-02 a template")
+        await until(pilot, lambda: app.query_one("#tree", Tree).cursor_node.data.name == "w-02",
+                    what="the cursor moved with it")
+
+        await pilot.press("e")                             # export w-02 (the cursor stayed on it) as an OVA
+        await until(pilot, lambda: isinstance(app.screen, FormScreen), what="export dialog")
+        assert app.screen.query_one("#f-out", Input).value == "/var/tmp/w-02.ova"
+        app.screen.query_one("#f-out", Input).value = "/nonexistent-ferry-dir/w-02.ova"
+        await pilot.press("enter")                         # the engine refuses it in the task: the console says why
+        await until(pilot, lambda: any("failed: folder /nonexistent-ferry-dir does not exist" in n and "hint:" in n
+                                       for n in notes(app)), what="failure notification")
+        out = str(Path(client.workspace.root) / "w-02.ova")
+        await pilot.press("e")
+        await until(pilot, lambda: isinstance(app.screen, FormScreen), what="export dialog again")
+        app.screen.query_one("#f-out", Input).value = out
+        await pilot.press("enter")
+        await until(pilot, lambda: os.path.exists(out) and any("export w-02" in n and "done" in n for n in notes(app)),
+                    what="package written", timeout=30)
+
+        await pilot.press("i")                             # and import it on lab3 under another name
+        await until(pilot, lambda: isinstance(app.screen, FormScreen), what="import dialog")
+        app.screen.query_one("#f-path", Input).value = out
+        app.screen.query_one("#f-host", Select).value = "lab3"
+        app.screen.query_one("#f-name", Input).value = "imp1"
+        await pilot.press("enter")
+        await until(pilot, lambda: labels_under(app, "lab3") == ["◇ imp1"], what="imported template on lab3",
+                    timeout=30)
+
+
+async def test_reconcile_on_start_reports_missing_vms(client):
+    from engine.vm.model import VMState
+    from engine.vm.service import VMService
+    vm = await make_vm(client, "web1", "lab1")
+    # recorded as running, but no QEMU process: what a host reboot leaves behind
+    await VMService.of(client.engine).update(vm["id"], state=VMState.RUNNING)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: any("recorded as running but gone: web1 on lab1" in n for n in notes(app)),
+                    what="reconcile notification")
+        await until(pilot, lambda: labels_under(app, "lab1") == ["✖ web1"], what="web1 shown missing")
+        await go_to(pilot, app, "web1")
+        assert "its QEMU process is gone" in text_of(app, "#detail-body")
+        assert app.inventory.check_action("vm_start", ()) is True      # starting it again is the way out
+
+
+async def test_vm_polls_never_overlap_and_stop_while_hidden(client):
+    from console.poller import VMPoller
+    inflight = most = 0
+    shown = True
+
+    async def fetch():
+        nonlocal inflight, most
+        inflight += 1
+        most = max(most, inflight)
+        try:
+            return await client.vm_list(), await client.vm_list(recycled=True)
+        finally:
+            inflight -= 1
+
+    updates = []
+    poller = VMPoller(fetch, updates.append, interval=0.05, active=lambda: shown)
+    runner = asyncio.create_task(poller.run())
+    try:
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            poller.poke()
+            await asyncio.sleep(0.002)
+        assert most == 1 and poller.polls >= 3 and all(u.ok for u in updates)
+        shown = False
+        await asyncio.sleep(0.1)
+        before = poller.polls
+        for _ in range(20):
+            poller.poke()
+            await asyncio.sleep(0.01)
+        assert poller.polls == before                    # hidden: no polls, however often poked
+        shown = True
+        poller.poke()
+        await asyncio.sleep(0.1)
+        assert poller.polls > before
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+# ---------------------------------------------------------------------------------- snapshot
+
+
+def test_snapshot_inventory_with_a_vm_80x24(snap_compare):
+    root = short_dir()
+    app = FerryApp(new_client(root), clock=lambda: FIXED_CLOCK, own_client=True)
+
+    async def ready(pilot):
+        await until(pilot, lambda: app.client.engine_state == "running", what="engine")
+        await make_vm(app.client, "web1", "lab1")
+        await make_vm(app.client, "db1", "lab1")
+        await make_vm(app.client, "tpl1", "lab2", template=True)
+        app.inventory.refresh_vms()
+        await until(pilot, lambda: all(s.ok for s in app.inventory.status.values()), what="all hosts answered")
+        await until(pilot, lambda: len(app.inventory._vm_nodes) == 3, what="VMs in the tree")
+        await go_to(pilot, app, "web1")
+        await pilot.pause(0.3)
+    try:
+        assert snap_compare(app, terminal_size=(80, 24), run_before=ready)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
