@@ -101,6 +101,12 @@ def test_create_start_agent_shutdown(ws):
     assert info["agent"] == "running" and info["version"]
     assert info["kernel"] and "ferry" in (info["os"] or "").lower() or info["kernel"]
     assert 0 < info["mem_used"] < info["mem_total"] <= 192 * MiB
+    # Its NIC got an address from the (user-mode) network, and the agent reports it.
+    deadline = time.monotonic() + 20
+    while not any(ip.startswith("10.0.2.") for ip in info["ips"]) and time.monotonic() < deadline:
+        time.sleep(1)
+        info = ok(ws, "vm", "agent", "info", "alpha")
+    assert any(ip.startswith("10.0.2.15/") for ip in info["ips"]), info["ips"]
     sync = ok(ws, "vm", "agent", "timesync", "alpha")
     assert abs(sync["offset_after_s"]) < 5
 
