@@ -12,6 +12,7 @@ row, which the owner applies within a second.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 import logging
 import os
 import random
@@ -595,6 +596,10 @@ class Engine:
         if hint is not None:
             fields["hint"] = hint
         if progress is not None:
+            if state == TaskState.SUCCEEDED:
+                # A task that succeeded did all its work, whatever its last progress report said.
+                progress = replace(progress, units_done=progress.units_total or progress.units_done,
+                                   bytes_done=progress.bytes_total or progress.bytes_done, eta=None)
             fields["progress"] = progress.to_dict()
         await self.store.call(self.store.update_task, tid, **fields)
         level = {"succeeded": "info", "cancelled": "warning"}.get(state, "error")
