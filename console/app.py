@@ -1,6 +1,6 @@
 """The Ferry console: a Textual app that reaches the engine only through EngineClient.
 
-Views (inventory, tasks) sit in a content switcher under a one-line header; `:` jumps to a
+Views (inventory, VMs, tasks) sit in a content switcher under a one-line header; `:` jumps to a
 view by name, `?` shows the keys of the view, `esc` goes back, ctrl+p holds every action.
 """
 
@@ -37,17 +37,18 @@ from .modals import ConfirmScreen, HelpScreen, esc
 from .styles import CSS as FERRY_CSS
 from .tasksview import ALLOWED, TasksView
 from .theming import DEFAULT_THEME, PRODUCTION_THEME, load_themes, theme_dirs
+from .vmsview import VMsView
 
 log = logging.getLogger("ferry.console")
 
-VIEWS = ("inventory", "tasks")
+VIEWS = ("inventory", "tasks", "vms")
 VIEW_NAMES = {
     "inventory": "inventory", "inv": "inventory", "in": "inventory", "i": "inventory",
     "hosts": "inventory", "host": "inventory", "ho": "inventory", "clusters": "inventory",
-    "vms": "inventory", "vm": "inventory", "templates": "inventory",
+    "vms": "vms", "vm": "vms", "v": "vms", "templates": "vms", "template": "vms",
     "tasks": "tasks", "task": "tasks", "tk": "tasks", "t": "tasks", "jobs": "tasks",
 }
-LINE_COMMANDS = ("inventory", "inv", "hosts", "tasks", "theme ", "help", "refresh", "quit")
+LINE_COMMANDS = ("inventory", "inv", "hosts", "vms", "tasks", "theme ", "help", "refresh", "quit")
 DEFAULT_PROBE = {"pings": 20, "size_mib": 64}
 
 
@@ -86,6 +87,8 @@ class FerryApp(App[int]):
                 tooltip="Inventory: site, clusters, hosts, VMs and templates"),
         Binding("2", "view('tasks')", "Tasks", show=False, id="ferry.view.tasks",
                 tooltip="Tasks: live progress, pause, resume, cancel"),
+        Binding("3", "view('vms')", "VMs", show=False, id="ferry.view.vms",
+                tooltip="VMs: every VM and template in a table, with what its guest agent says"),
         Binding("ctrl+r", "refresh", "Refresh", show=False, id="ferry.refresh",
                 tooltip="Ask every host again and re-read the task list"),
         Binding("q", "quit", "Quit", id="ferry.quit", tooltip="Quit the console (asks first if tasks run here)"),
@@ -129,7 +132,8 @@ class FerryApp(App[int]):
         with ContentSwitcher(initial="inventory", id="views"):
             yield InventoryView(self.client, clock=self.clock, poll=self.poll)
             yield TasksView(self.client, self.feed)
-        yield CommandLine(placeholder="inventory · tasks · theme NAME · help · quit   (esc closes)",
+            yield VMsView(self.client, clock=self.clock, poll=self.poll)
+        yield CommandLine(placeholder="inventory · vms · tasks · theme NAME · help · quit   (esc closes)",
                           suggester=SuggestFromList(LINE_COMMANDS, case_sensitive=False), id="cmdline")
         yield Footer(compact=True)
 
@@ -171,6 +175,7 @@ class FerryApp(App[int]):
         lines.append("hint: start a missing VM again with s; `ferry vm reconcile` lists everything")
         self.notify(esc("\n".join(lines)), title="Reconcile", severity="warning", timeout=15)
         self.inventory.refresh_vms()
+        self.vms_view.refresh_vms()
 
     async def _load_settings(self) -> None:
         keymap = await self.client.get_setting("keymap", None)
@@ -199,8 +204,13 @@ class FerryApp(App[int]):
     def tasks_view(self) -> TasksView:
         return self.query_one(TasksView)
 
-    def view_widget(self, name: str | None = None) -> InventoryView | TasksView:
-        return self.inventory if (name or self.current_view) == "inventory" else self.tasks_view
+    @property
+    def vms_view(self) -> VMsView:
+        return self.query_one(VMsView)
+
+    def view_widget(self, name: str | None = None) -> InventoryView | TasksView | VMsView:
+        name = name or self.current_view
+        return self.inventory if name == "inventory" else self.vms_view if name == "vms" else self.tasks_view
 
     def action_view(self, name: str) -> None:
         self.switch_view(name)
@@ -221,6 +231,8 @@ class FerryApp(App[int]):
         line = self.query_one(CommandLine)
         if line.has_class("-open"):
             self._close_command_line()
+        elif self.current_view == "vms" and self.vms_view.clear_filter():
+            pass        # esc clears the filter first (k9s)
         elif self.history:
             self.switch_view(self.history.pop(), remember=False)
 
@@ -240,6 +252,7 @@ class FerryApp(App[int]):
             self.tasks_view.post_message(TasksChanged())
             self.query_one(FerryHeader).engine_state = self.feed.engine_state
             self.inventory.tasks_changed(self.feed.tasks)
+            self.vms_view.tasks_changed(self.feed.tasks)
         except NoMatches:   # the app is closing
             pass
 
@@ -297,7 +310,7 @@ class FerryApp(App[int]):
             self.run_worker(partial(self.action_quit), group="quit")
         else:
             self.notify(f"unknown command {esc(text)!r}", title="Command", severity="error")
-            self.notify("views: :inventory (:inv, :hosts), :tasks; also :theme NAME, :help, :refresh, :quit",
+            self.notify("views: :inventory (:inv, :hosts), :vms, :tasks; also :theme NAME, :help, :refresh, :quit",
                         title="Hint", severity="information")
 
     # ------------------------------------------------------------------ help, refresh, quit
@@ -322,13 +335,17 @@ class FerryApp(App[int]):
         if view is self.inventory:
             own = [("↑ ↓", "Move in the tree"),
                    ("enter", "Open or close a cluster, a host's VMs or the recycle bin")] + own
+        elif view is self.vms_view:
+            own = [("↑ ↓", "Move between VMs (the agents of those on screen are asked every 15 s)"),
+                   ("enter", "Show the VM in the inventory, with its details")] + own
         else:
             own = [("↑ ↓", "Move between tasks")] + own
         sections = [
             (f"{view.TITLE} view", own),
             ("Everywhere", rows(self.BINDINGS) + [(self.get_key_display(Binding("ctrl+p", "")),
                                                    "Command palette: every action, by name")]),
-            ("Command line (:)", [(":inventory :inv :hosts :vms", "Inventory"), (":tasks :tk", "Tasks"),
+            ("Command line (:)", [(":inventory :inv :hosts", "Inventory"), (":vms :vm :templates", "VMs"),
+                                  (":tasks :tk", "Tasks"),
                                   (":theme NAME", "Switch theme: " + ", ".join(self.theme_names())),
                                   (":help :refresh :quit", "")]),
         ]
@@ -336,6 +353,7 @@ class FerryApp(App[int]):
 
     def action_refresh(self) -> None:
         self.inventory.refresh_all()
+        self.vms_view.refresh_vms()
         self.run_worker(partial(self.feed.refresh), group="feed-refresh", exclusive=True, exit_on_error=False)
         self.notify("asking every host again and re-reading tasks", title="Refresh", timeout=2)
 
@@ -385,6 +403,7 @@ class FerryApp(App[int]):
         try:
             self.inventory.relabel()
             self.tasks_view.restyle()
+            self.vms_view.restyle()
         except Exception:   # the views may be gone while the app closes
             pass
 

@@ -21,6 +21,7 @@ def console_commands(app) -> list[Command]:
     cmds = [
         Command("View: Inventory", "site, clusters, hosts, VMs and templates  (1, :inventory)", partial(app.action_view, "inventory")),
         Command("View: Tasks", "tasks with live progress  (2, :tasks)", partial(app.action_view, "tasks")),
+        Command("View: VMs", "every VM and template with its agent's facts  (3, :vms)", partial(app.action_view, "vms")),
         Command("Keys of this view", "what each key does here  (?)", app.action_help),
         Command("Command line", "jump to a view by name, k9s style  (:)", app.action_command_line),
         Command("Refresh", "ask every host again and re-read the task list  (ctrl+r)", app.action_refresh),
@@ -30,7 +31,8 @@ def console_commands(app) -> list[Command]:
     for host in sorted(app.client.site.hosts):
         cmds.append(Command(f"Probe host {host}", "measure latency and throughput to the host",
                             partial(app.start_probe, host)))
-    for name, text, run in app.inventory.vm_commands():
+    view = app.view_widget()
+    for name, text, run in (view if hasattr(view, "vm_commands") else app.inventory).vm_commands():
         cmds.append(Command(name, text, run))
     for info in sorted(app.feed.tasks.values(), key=lambda t: -t.id):
         label = f"task {info.id} ({info.title})"

@@ -24,7 +24,7 @@ from engine.errors import FerryError
 from . import vms as vmlook
 from .messages import AgentUpdated, CrumbsChanged, HostUpdated, VMsUpdated
 from .modals import esc
-from .poller import FACTS_TIMEOUT_S, HostPoller, HostStatus, VMList, VMPoller
+from .poller import FACTS_TIMEOUT_S, HostPoller, HostStatus, VMList
 from .severity import Severity, load_severity, usage_severity
 from .theming import rich_style
 from .vmactions import VM_BINDINGS, VMActions
@@ -67,10 +67,7 @@ class InventoryView(VMActions, Horizontal):
     TITLE = "Inventory"
 
     def __init__(self, client: Any, *, clock: Callable[[], float] = time.time, poll: dict | None = None) -> None:
-        super().__init__(id="inventory")
-        self.client = client
-        self.site = client.site
-        self.clock = clock
+        super().__init__(client, clock=clock, id="inventory")
         self.poll = dict(poll or {})     # HostPoller knobs: interval, backoff_base, backoff_max, concurrency
         self.status: dict[str, HostStatus] = {h: HostStatus(h) for h in self.site.hosts}
         self.selected = NodeRef("site", self.site.name)
@@ -83,7 +80,6 @@ class InventoryView(VMActions, Horizontal):
         self.vm_list = VMList()
         self.vms: dict[str, dict] = {}
         self.recycled: dict[str, dict] = {}
-        self.vm_poller: VMPoller | None = None
         self._vm_nodes: dict[str, TreeNode] = {}
         self._bin_node: TreeNode | None = None
         self._bin_vm_nodes: dict[str, TreeNode] = {}
@@ -92,8 +88,6 @@ class InventoryView(VMActions, Horizontal):
         self._agent_timer: Timer | None = None
         self._agent_inflight: str | None = None
         self._agent_again = False
-        self._vm_task_states: dict[int, str] = {}
-        self.mine: dict[int, str] = {}                # tasks submitted from here -> what they do
 
     # ------------------------------------------------------------------ layout
 
@@ -116,20 +110,10 @@ class InventoryView(VMActions, Horizontal):
         self.poller = HostPoller(sorted(self.site.hosts), self._fetch,
                                  lambda st: self.post_message(HostUpdated(st)), clock=self.clock, **host_knobs)
         self.run_worker(partial(self.poller.run), name="host facts", group="facts", exclusive=True, exit_on_error=False)
-        self.vm_poller = VMPoller(self._fetch_vms, lambda vl: self.post_message(VMsUpdated(vl)),
-                                  active=lambda: self.shown, clock=self.clock,
-                                  **({"interval": self.poll["vm_interval"]} if "vm_interval" in self.poll else {}))
-        self.run_worker(partial(self.vm_poller.run), name="VM list", group="vms", exclusive=True, exit_on_error=False)
+        vm_poller = self.make_vm_poller(self.poll.get("vm_interval"))
+        self.run_worker(partial(vm_poller.run), name="VM list", group="vms", exclusive=True, exit_on_error=False)
         self.relabel()
         self.render_detail()
-
-    async def _fetch_vms(self) -> tuple[list[dict], list[dict]]:
-        return await self.client.vm_list(), await self.client.vm_list(recycled=True)
-
-    def refresh_vms(self) -> None:
-        """Ask for the VM list again now (after the running poll, if one runs)."""
-        if self.vm_poller:
-            self.vm_poller.poke()
 
     async def _fetch(self, host: str) -> Any:
         return await self.client.host_facts(host, timeout=FACTS_TIMEOUT_S)
@@ -239,6 +223,25 @@ class InventoryView(VMActions, Horizontal):
         node = self.query_one("#tree", Tree).cursor_node
         return node.data if node is not None and isinstance(node.data, NodeRef) else self.selected
 
+    def cursor_vm(self) -> dict | None:
+        ref = self.cursor_ref()
+        if ref.kind == "vm":
+            return self.vms.get(ref.id)
+        if ref.kind == "recycled":
+            return self.recycled.get(ref.id)
+        return None
+
+    def cursor_host(self) -> str:
+        """The selected host, the first of the selected cluster, else the selected VM's."""
+        ref = self.cursor_ref()
+        if ref.kind == "host":
+            return ref.name
+        if ref.kind == "cluster":
+            hosts = sorted(h.name for h in self.site.hosts_in(ref.name))
+            if hosts:
+                return hosts[0]
+        return super().cursor_host()
+
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action == "probe" and self.cursor_ref().kind != "host":
             return None     # shown dimmed: select a host first
@@ -252,18 +255,6 @@ class InventoryView(VMActions, Horizontal):
             return None if self.cursor_ref().kind == "host" else "select a host in the tree first, then press p"
         if action.startswith("vm_"):
             return self.vm_refusal(action)
-        return None
-
-    def refusal_for_key(self, key: str) -> tuple[str, str] | None:
-        """(title, reason) when `key` is one of this view's keys and it was refused just now."""
-        keymap = getattr(self.app, "_keymap", {}) or {}
-        for b in self.BINDINGS:
-            keys = keymap.get(b.id, b.key) if b.id else b.key
-            if key in [k.strip() for k in keys.split(",")]:
-                if self.check_action(b.action, ()) is True:
-                    return None
-                why = self.action_refusal(b.action)
-                return (b.description, why) if why else None
         return None
 
     def action_probe(self) -> None:
@@ -389,6 +380,29 @@ class InventoryView(VMActions, Horizontal):
             self.schedule_agent()
         self.refresh_bindings()
 
+    def show_vm(self, vid: str, vl: VMList | None = None) -> bool:
+        """Put the tree cursor on the VM or template with record id `vid`, opening its host (or the
+        recycle bin), so the detail pane shows it. `vl`: a list that may be newer than this view's."""
+        if vl is not None and vl.ok and vid not in self._vm_nodes and vid not in self._bin_vm_nodes:
+            self.apply_vms(vl)
+        node = self._vm_nodes.get(vid) or self._bin_vm_nodes.get(vid)
+        if node is None:
+            return False
+        parent = node.parent
+        while parent is not None:
+            parent.expand()
+            parent = parent.parent
+        tree: Tree[NodeRef] = self.query_one("#tree", Tree)
+        tree.last_line          # lay the tree out again, so the node knows its line
+        tree.move_cursor(node)
+        if isinstance(node.data, NodeRef) and node.data != self.selected:
+            self.selected = node.data
+            self.render_detail()
+            self.post_crumbs()
+            self.refresh_bindings()
+            self.schedule_agent()
+        return True
+
     def _add_sorted(self, parent: TreeNode, vm: dict, known: dict[str, dict], ref: NodeRef) -> TreeNode:
         key = vmlook.sort_key(vm) + (ref.id,)
 
@@ -426,24 +440,6 @@ class InventoryView(VMActions, Horizontal):
             self._labels["bin"] = n
             self._bin_node.set_label(Text.assemble(("♻", rich_style(variables, "sev-unknown")), f" {BIN} ",
                                                    (f"({n})", rich_style(variables, "sev-unknown"))))
-
-    def tasks_changed(self, tasks: dict) -> None:
-        """The task feed changed: a VM task that changed state means the VM list changed too."""
-        poke = False
-        for tid, info in tasks.items():
-            if not info.kind.startswith("vm."):
-                continue
-            state = str(info.state)
-            old = self._vm_task_states.get(tid)
-            if old != state:
-                self._vm_task_states[tid] = state
-                poke = True
-                if info.state.final and tid in self.mine:
-                    self.task_ended(info)
-        if len(self._vm_task_states) > 2 * len(tasks) + 100:      # forget tasks the feed no longer holds
-            self._vm_task_states = {t: st for t, st in self._vm_task_states.items() if t in tasks}
-        if poke:
-            self.refresh_vms()
 
     # ------------------------------------------------------------------ the guest agent of the selected VM
 

@@ -52,3 +52,13 @@ class AgentUpdated(Message):
         super().__init__()
         self.name = name
         self.info = info
+
+
+class AgentSampled(Message):
+    """One guest agent answer for the VMs view (info), or why asking failed (error)."""
+
+    def __init__(self, vm_id: str, info: dict | None, error: str | None = None) -> None:
+        super().__init__()
+        self.vm_id = vm_id
+        self.info = info
+        self.error = error

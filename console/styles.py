@@ -83,6 +83,34 @@ Screen {
     background: $surface;
 }
 
+#vms {
+    height: 1fr;
+}
+#vm-table {
+    height: 1fr;
+    scrollbar-size-vertical: 1;
+    background: $background;
+}
+#vms-status {
+    height: auto;
+    max-height: 2;
+    padding: 0 1;
+    background: $surface;
+}
+VMFilter {
+    display: none;
+    height: 1;
+    border: none;
+    padding: 0 1;
+    background: $panel;
+}
+VMFilter.-open {
+    display: block;
+}
+VMFilter:focus {
+    border: none;
+}
+
 /* ---------------------------------------------------------------- command line */
 
 CommandLine {

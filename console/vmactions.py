@@ -1,6 +1,7 @@
-"""What the operator can do to the VM or template under the tree cursor.
+"""What the operator can do to the VM or template under the cursor, in every view that lists VMs.
 
-Mixed into the inventory view, so the keys are the view's bindings. Every action first asks
+Mixed into the inventory view (a tree) and the VMs view (a table), so the keys are the view's
+bindings; each view says what is under its cursor (`cursor_vm`). Every action first asks
 `refusal()` (console/vms.py); a refused key is dimmed and says why when pressed. Accepted ones
 open a dialog when they need input or a confirmation, then submit a task through
 `client.vm_task` in a worker; the task shows in the Tasks view like any other.
@@ -8,6 +9,7 @@ open a dialog when they need input or a confirmation, then submit a task through
 
 from __future__ import annotations
 
+import time
 from functools import partial
 from pathlib import PurePosixPath
 from typing import Any, Callable
@@ -18,7 +20,9 @@ from engine.errors import FerryError
 from engine.taskmodel import TaskState
 from engine.vm.model import check_hardware, check_name, expand_pattern, parse_size
 
+from .messages import VMsUpdated
 from .modals import ConfirmScreen, esc
+from .poller import VMPoller
 from .vmdialogs import Field, FormScreen, TypedNameScreen
 from .vms import is_template, linked_clones, refusal
 
@@ -53,39 +57,56 @@ DEFAULT_DISK = "1G"
 
 
 class VMActions:
-    """The VM half of the inventory view (it provides client, site, vms, recycled, cursor_ref, ...)."""
+    """The VM keys of a view, and the polled VM list they act on. The view provides vms and recycled
+    (dicts by record id, from the VMsUpdated messages), BINDINGS, check_action, action_refusal,
+    cursor_vm and `shown`."""
 
     app: Any
-    client: Any
-    site: Any
     vms: dict[str, dict]
     recycled: dict[str, dict]
-    mine: dict[int, str]                    # tasks submitted from here -> what they do
-    cursor_ref: Callable[[], Any]
-    refresh_vms: Callable[[], None]
+    BINDINGS: list
+    shown: bool
+    check_action: Callable[[str, tuple], bool | None]
+    action_refusal: Callable[[str], str | None]
+    post_message: Callable[[Any], bool]
+
+    def __init__(self, client: Any, *args: Any, clock: Callable[[], float] = time.time, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.client = client
+        self.site = client.site
+        self.clock = clock
+        self.vm_poller: VMPoller | None = None
+        self.mine: dict[int, str] = {}                # tasks submitted from this view -> what they do
+        self._vm_task_states: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ the VM list
+
+    def make_vm_poller(self, interval: float | None = None) -> VMPoller:
+        """Polls the VM list while the view is shown; each result comes back as a VMsUpdated message."""
+        self.vm_poller = VMPoller(self._fetch_vms, lambda vl: self.post_message(VMsUpdated(vl)),
+                                  active=lambda: self.shown, clock=self.clock,
+                                  **({"interval": interval} if interval is not None else {}))
+        return self.vm_poller
+
+    async def _fetch_vms(self) -> tuple[list[dict], list[dict]]:
+        return await self.client.vm_list(), await self.client.vm_list(recycled=True)
+
+    def refresh_vms(self) -> None:
+        """Ask for the VM list again now (after the running poll, if one runs)."""
+        if self.vm_poller:
+            self.vm_poller.poke()
 
     # ------------------------------------------------------------------ what is selected
 
     def cursor_vm(self) -> dict | None:
-        ref = self.cursor_ref()
-        if ref.kind == "vm":
-            return self.vms.get(ref.id)
-        if ref.kind == "recycled":
-            return self.recycled.get(ref.id)
-        return None
+        """The VM or template under the view's cursor (None: something else, or nothing)."""
+        raise NotImplementedError
 
     def cursor_host(self) -> str:
-        """The host a new VM goes to: the selected host, the selected VM's, or the first of the cluster/site."""
-        ref = self.cursor_ref()
-        if ref.kind == "host":
-            return ref.name
+        """The host a new VM goes to: the selected VM's, else the first host."""
         vm = self.cursor_vm()
         if vm and vm.get("host") in self.site.hosts:
             return vm["host"]
-        if ref.kind == "cluster":
-            hosts = sorted(h.name for h in self.site.hosts_in(ref.name))
-            if hosts:
-                return hosts[0]
         return sorted(self.site.hosts)[0]
 
     def busy_task(self, vm: dict | None) -> str | None:
@@ -145,6 +166,18 @@ class VMActions:
             return None
         return self.cursor_vm()
 
+    def refusal_for_key(self, key: str) -> tuple[str, str] | None:
+        """(title, reason) when `key` is one of this view's keys and it was refused just now."""
+        keymap = getattr(self.app, "_keymap", {}) or {}
+        for b in self.BINDINGS:
+            keys = keymap.get(b.id, b.key) if b.id else b.key
+            if key in [k.strip() for k in keys.split(",")]:
+                if self.check_action(b.action, ()) is True:
+                    return None
+                why = self.action_refusal(b.action)
+                return (b.description, why) if why else None
+        return None
+
     # ------------------------------------------------------------------ submitting
 
     def submit_vm_task(self, kind: str, params: dict, what: str) -> None:
@@ -178,6 +211,24 @@ class VMActions:
             self.app.notify(text, title=esc(what), severity="error", timeout=10)
         else:
             self.app.notify(f"task {info.id}: {esc(what)} {info.state}", title=esc(what), timeout=4)
+
+    def tasks_changed(self, tasks: dict) -> None:
+        """The task feed changed: a VM task that changed state means the VM list changed too."""
+        poke = False
+        for tid, info in tasks.items():
+            if not info.kind.startswith("vm."):
+                continue
+            state = str(info.state)
+            old = self._vm_task_states.get(tid)
+            if old != state:
+                self._vm_task_states[tid] = state
+                poke = True
+                if info.state.final and tid in self.mine:
+                    self.task_ended(info)
+        if len(self._vm_task_states) > 2 * len(tasks) + 100:      # forget tasks the feed no longer holds
+            self._vm_task_states = {t: st for t, st in self._vm_task_states.items() if t in tasks}
+        if poke:
+            self.refresh_vms()
 
     def _confirm(self, title: str, body: str, button: str, then: Callable[[], None], *, danger: bool = True) -> None:
         def done(ok: bool | None) -> None:

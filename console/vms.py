@@ -1,11 +1,13 @@
-"""VMs in the console: how a VM looks (tree label, detail pane) and which actions apply to it.
+"""VMs in the console: how a VM looks (tree label, detail pane, table row) and which actions apply to it.
 
-Pure functions over the dicts of `EngineClient.vm_list()`; the inventory view draws them and the
+Pure functions over the dicts of `EngineClient.vm_list()`; the inventory and VMs views draw them and the
 actions (console/vmactions.py) ask `refusal()` before doing anything.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from rich.text import Text
 
@@ -82,7 +84,7 @@ def refusal(action: str, vm: dict | None, *, busy_task: str | None = None,
     if action in ("vm_create", "vm_import"):
         return None
     if vm is None:
-        return "select a VM or template in the tree first"
+        return "select a VM or template first"
     name = vm.get("name", "?")
     st = vm_state(vm)
     tpl = is_template(vm)
@@ -275,3 +277,98 @@ def counts_text(vms: list[dict]) -> str:
         text += f" · {n_tpl} template{'' if n_tpl == 1 else 's'}"
     return text
 
+
+
+# ---------------------------------------------------------------------------------- VMs table
+
+AGENT_STALE_S = 30.0     # an agent answer older than this is shown dimmed (the walk did not reach it again)
+
+
+@dataclass(frozen=True)
+class AgentFact:
+    """What the VMs view knows of one VM's guest agent: the last answer and the last attempt."""
+
+    info: dict | None = None       # the last answer (the agent running or not), None: none yet
+    taken: float | None = None     # monotonic time of that answer
+    tried: float = 0.0             # monotonic time of the last attempt, answered or failed
+    error: str | None = None       # the last attempt failed: why (the answer before it is kept)
+
+    def stale(self, now: float) -> bool:
+        return self.error is not None or self.taken is None or now - self.taken > AGENT_STALE_S
+
+
+def first_ipv4(ips: list[str] | tuple[str, ...] | None) -> str | None:
+    """The first IPv4 address that is not loopback, without its prefix ("10.0.2.15/24" -> "10.0.2.15")."""
+    for a in ips or ():
+        try:
+            ip = ipaddress.ip_interface(a).ip
+        except ValueError:
+            continue
+        if ip.version == 4 and not ip.is_loopback:
+            return str(ip)
+    return None
+
+
+def short_size(n: float | None) -> str:
+    """Sizes for narrow columns: 512K, 42M, 1.9G (binary units)."""
+    if n is None:
+        return "?"
+    n = float(n)
+    for unit in "BKMGTP":
+        if n < 1000 or unit == "P":
+            text = f"{n:.1f}" if n < 9.95 and unit != "B" else f"{n:.0f}"
+            return text.removesuffix(".0") + ("" if unit == "B" else unit)
+        n /= 1024
+    return "?"
+
+
+def disk_total(vm: dict) -> int:
+    """The virtual size of all the VM's disks."""
+    return sum(int(d.get("size") or 0) for d in vm.get("disks") or ())
+
+
+def row_order(vm: dict) -> tuple:
+    """VMs by name, then templates, then what is in the recycle bin."""
+    return (2 if vm.get("recycled") else 1 if is_template(vm) else 0, vm.get("name", ""), vm.get("id", ""))
+
+
+# A cell: (text, theme variable or None, dimmed: a stale value, or a placeholder). The columns of the VMs view, in order.
+Cell = tuple[str, str | None, bool]
+TABLE_COLUMNS = (("name", "NAME"), ("host", "HOST"), ("state", "STATE"), ("agent", "AGENT"), ("ip", "IP"),
+                 ("cpu", "CPU%"), ("mem", "MEM"), ("vcpu", "vCPU"), ("disk", "DISK"))
+
+
+def table_cells(vm: dict, fact: AgentFact | None, now: float, *, busy: bool = False) -> tuple[Cell, ...]:
+    """One row of the VMs view. Agent columns: blank for templates and the recycle bin, - when not
+    running, ? before the first answer or after a failure with none before; a stale answer is dimmed."""
+    st = vm_state(vm)
+    name = vm.get("name", "?") + (" …" if busy else "")
+    common: tuple[Cell, ...] = ((name, None, False), (vm.get("host", "?"), None, False),
+                                (f"{st.symbol} {st.value}", STATE_VARIABLE[st], False))
+    tail: tuple[Cell, ...] = ((str(vm.get("cpus", "?")), None, False), (short_size(disk_total(vm)), None, False))
+    if is_template(vm) or vm.get("recycled"):
+        return common + (("", None, False),) * 4 + tail
+    info = fact.info if fact is not None else None
+    if st.value not in RUNNING or (info is None and st.value != "running"):
+        return common + (("-", None, True),) * 4 + tail
+    if info is None:
+        return common + (("?", None, True),) * 4 + tail
+    dim = fact is not None and fact.stale(now)
+    if info.get("agent") != "running":
+        agent: tuple[Cell, ...] = ((f"{Severity.CRIT.symbol} not running", Severity.CRIT.variable, dim),) + \
+            (("-", None, True),) * 3
+        return common + agent + tail
+    cpu = info.get("cpu_percent")
+    total, used = info.get("mem_total"), info.get("mem_used")
+    return common + (
+        (f"{Severity.OK.symbol} running", Severity.OK.variable, dim),
+        (first_ipv4(info.get("ips")) or "-", None, dim),
+        (f"{cpu:.0f}%" if cpu is not None else "-", None, dim),
+        (f"{short_size(used)}/{short_size(total)}" if total else "-", None, dim),
+    ) + tail
+
+
+def matches(vm: dict, text: str) -> bool:
+    """The `/` filter: a substring of the name or the host, any case."""
+    t = text.strip().lower()
+    return not t or t in vm.get("name", "").lower() or t in vm.get("host", "").lower()

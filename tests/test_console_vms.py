@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from textual.widgets import Button, Input, Select, Static, Tree
+from textual.widgets import Button, DataTable, Input, Select, Static, Tree
 
 from console.app import FerryApp
 from console.commands import console_commands
@@ -395,10 +395,156 @@ async def test_vm_polls_never_overlap_and_stop_while_hidden(client):
         await asyncio.gather(runner, return_exceptions=True)
 
 
+# ---------------------------------------------------------------------------------- the VMs view
+
+
+def rows_of(app: FerryApp) -> list[str]:
+    """The NAME column of the VMs view, top to bottom."""
+    table = app.query_one("#vm-table", DataTable)
+    return [table.get_row_at(i)[0].plain.strip() for i in range(table.row_count)]
+
+
+def vm_cell(app: FerryApp, name: str, column: str) -> str:
+    table = app.query_one("#vm-table", DataTable)
+    vid = next(v["id"] for v in {**app.vms_view.vms, **app.vms_view.recycled}.values() if v["name"] == name)
+    return table.get_cell(vid, column).plain.strip()
+
+
+def vm_cell_dim(app: FerryApp, name: str, column: str) -> bool:
+    table = app.query_one("#vm-table", DataTable)
+    vid = next(v["id"] for v in app.vms_view.vms.values() if v["name"] == name)
+    return bool(table.get_cell(vid, column).style.dim)
+
+
+async def test_vms_view_rows_filter_and_enter_to_the_inventory(client):
+    await make_vm(client, "web1", "lab1")
+    await make_vm(client, "tpl1", "lab2", template=True)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("colon", *"vms", "enter")
+        assert app.current_view == "vms" and app.focused is app.query_one("#vm-table")
+        await until(pilot, lambda: rows_of(app) == ["web1", "tpl1"], what="rows")
+        assert (vm_cell(app, "web1", "host"), vm_cell(app, "web1", "state"), vm_cell(app, "web1", "vcpu"),
+                vm_cell(app, "web1", "disk")) == ("lab1", "■ stopped", "2", "16M")
+        assert vm_cell(app, "web1", "agent") == "-" and vm_cell(app, "web1", "ip") == "-"   # stopped: no agent
+        assert vm_cell(app, "tpl1", "state") == "◇ template" and vm_cell(app, "tpl1", "agent") == ""
+        assert text_of(app, "#crumbs").endswith("vms › web1")
+
+        # a VM made elsewhere (the CLI, another console) shows up; the cursor stays on web1
+        await make_vm(client, "app1", "lab3")
+        app.vms_view.refresh_vms()
+        await until(pilot, lambda: rows_of(app) == ["app1", "web1", "tpl1"], what="app1 added")
+        assert vm_cell(app, "app1", "host") == "lab3" and app.vms_view.cursor_vm()["name"] == "web1"
+
+        await pilot.press("slash", *"lab2")                  # filter by host, as you type
+        await until(pilot, lambda: rows_of(app) == ["tpl1"], what="filtered by host")
+        await pilot.press("enter")                           # keeps it; back in the table
+        assert app.focused is app.query_one("#vm-table") and "/lab2" in text_of(app, "#vms-status")
+        await pilot.press("slash", "ctrl+u", *"WEB")
+        await until(pilot, lambda: rows_of(app) == ["web1"], what="filtered by name, any case")
+        await pilot.press("escape")                          # esc clears the filter, stays in the view
+        await until(pilot, lambda: rows_of(app) == ["app1", "web1", "tpl1"], what="filter cleared")
+        assert app.current_view == "vms"
+
+        await pilot.press("question_mark")
+        shown = "\n".join(getattr(s.render(), "plain", "") for s in app.screen.query(".help-section"))
+        assert "VMs view" in shown and "Filter the rows" in shown and "Delete the selected VM" in shown
+        await pilot.press("escape")
+        assert "View: VMs" in [c.name for c in console_commands(app)]
+        assert "VM: Start web1" in [c.name for c in console_commands(app)]     # the VM under this cursor
+
+        await pilot.press("enter")                           # the VM in the inventory, with its details
+        await until(pilot, lambda: app.current_view == "inventory" and app.inventory.selected.name == "web1",
+                    what="web1 selected in the inventory")
+        assert "web1  ■ stopped  VM" in text_of(app, "#detail-body")
+        await pilot.press("escape")                          # and back
+        assert app.current_view == "vms"
+
+
+async def test_delete_from_the_vms_view(client):
+    await make_vm(client, "db1", "lab2")
+    web = await make_vm(client, "web1", "lab1")
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("3")
+        await until(pilot, lambda: rows_of(app) == ["db1", "web1"], what="rows")
+        await pilot.press("down")
+        await pilot.press("delete")
+        await until(pilot, lambda: isinstance(app.screen, TypedNameScreen), what="delete dialog")
+        assert "web1" in modal_text(app, "#dialog-title")
+        await pilot.press(*"web1", "enter")
+        await until(pilot, lambda: rows_of(app) == ["db1"], what="web1's row gone")
+        assert await names_are(client, {"db1"}) and not os.path.exists(web["disks"][0]["path"])
+        await until(pilot, lambda: any("delete web1 done" in n for n in notes(app)), what="done notification")
+        assert app.vms_view.cursor_vm()["name"] == "db1"
+
+
+async def test_vms_view_agent_columns_walk_one_at_a_time(client, monkeypatch):
+    import console.vmsview
+    from engine.errors import PermanentError
+    await make_vm(client, "db1", "lab1")
+    await make_vm(client, "web1", "lab1")
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    calls: list[str] = []
+    inflight = most = 0
+    broken: set[str] = {"db1"}
+
+    async def fake_vm_agent(name: str) -> dict:
+        """Test double for client.vm_agent: these VMs never booted, the facts are made up."""
+        nonlocal inflight, most
+        calls.append(name)
+        inflight += 1
+        most = max(most, inflight)
+        try:
+            await asyncio.sleep(0.05)
+            if name in broken:
+                raise PermanentError("no answer from the guest agent")
+            return {"agent": "running", "ips": ["127.0.0.1/8", "fe80::1/64", "10.0.2.15/24"], "cpu_percent": 12.3,
+                    "mem_total": 218 << 20, "mem_used": 42 << 20}
+        finally:
+            inflight -= 1
+    monkeypatch.setattr(client, "vm_agent", fake_vm_agent)
+    monkeypatch.setattr(console.vmsview, "AGENT_REFRESH_S", 0.3)
+    async with app.run_test(size=(80, 24)) as pilot:
+        # A fake, named as such: the engine's list says both run (booting a real VM is test_vm.py's job).
+        real = app.vms_view.vm_poller.fetch
+
+        async def says_running():
+            vms, binned = await real()
+            return [dict(v, state="running", pid=4242) for v in vms], binned
+        app.vms_view.vm_poller.fetch = says_running
+        await pilot.press("3")
+        await until(pilot, lambda: rows_of(app) == ["db1", "web1"] and vm_cell(app, "web1", "agent") == "✔ running",
+                    what="web1's agent facts")
+        assert calls[0] == "db1"                              # the cursor's row first
+        assert (vm_cell(app, "web1", "ip"), vm_cell(app, "web1", "cpu"), vm_cell(app, "web1", "mem")) == \
+            ("10.0.2.15", "12%", "42M/218M")
+        assert vm_cell(app, "db1", "agent") == "?" and vm_cell(app, "db1", "ip") == "?"   # failed, nothing before
+        await until(pilot, lambda: len(calls) >= 6, what="asked again")
+        broken.add("web1")                                    # now web1's agent stops answering: last value, dimmed
+        await until(pilot, lambda: vm_cell_dim(app, "web1", "agent"), what="web1 dimmed")
+        assert vm_cell(app, "web1", "agent") == "✔ running" and vm_cell(app, "web1", "ip") == "10.0.2.15"
+        assert most == 1                                      # never two at once
+
+        await pilot.press("question_mark")                    # a modal is up: the walk stops
+        await pilot.pause(0.2)
+        before = len(calls)
+        await pilot.pause(0.8)
+        assert len(calls) == before
+        await pilot.press("escape")
+        await until(pilot, lambda: len(calls) > before, what="walk resumed")
+        await pilot.press("1")                                # hidden: it stops too
+        await pilot.pause(0.2)
+        before = len(calls)
+        await pilot.pause(0.8)
+        assert len(calls) == before
+
+
 # ---------------------------------------------------------------------------------- snapshot
 
 
-def test_snapshot_inventory_with_a_vm_80x24(snap_compare):
+def snapshot_with_three_vms(snap_compare, then: Callable[[Any, FerryApp], Any]) -> bool:
+    """web1 and db1 on lab1, the template tpl1 on lab2; `then(pilot, app)` moves to what is shown at 80x24."""
     root = short_dir()
     app = FerryApp(new_client(root), clock=lambda: FIXED_CLOCK, own_client=True)
 
@@ -407,12 +553,26 @@ def test_snapshot_inventory_with_a_vm_80x24(snap_compare):
         await make_vm(app.client, "web1", "lab1")
         await make_vm(app.client, "db1", "lab1")
         await make_vm(app.client, "tpl1", "lab2", template=True)
+        await then(pilot, app)
+        await pilot.pause(0.3)
+    try:
+        return snap_compare(app, terminal_size=(80, 24), run_before=ready)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_snapshot_inventory_with_a_vm_80x24(snap_compare):
+    async def on_web1(pilot, app: FerryApp) -> None:
         app.inventory.refresh_vms()
         await until(pilot, lambda: all(s.ok for s in app.inventory.status.values()), what="all hosts answered")
         await until(pilot, lambda: len(app.inventory._vm_nodes) == 3, what="VMs in the tree")
         await go_to(pilot, app, "web1")
-        await pilot.pause(0.3)
-    try:
-        assert snap_compare(app, terminal_size=(80, 24), run_before=ready)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    assert snapshot_with_three_vms(snap_compare, on_web1)
+
+
+def test_snapshot_vms_view_80x24(snap_compare):
+    async def vms_view_on_web1(pilot, app: FerryApp) -> None:
+        await pilot.press("3")
+        await until(pilot, lambda: rows_of(app) == ["db1", "web1", "tpl1"], what="rows")
+        await pilot.press("down")
+    assert snapshot_with_three_vms(snap_compare, vms_view_on_web1)
