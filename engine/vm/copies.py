@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from pathlib import PurePosixPath
 from typing import Any
 
 from ..errors import FerryError, PermanentError
@@ -77,10 +76,8 @@ class CloneVM(TaskKind):
             raise PermanentError(f"a VM or template named {clash[0]!r} already exists",
                                  "choose other names (ferry vm list shows the names in use)")
         ds = h.datastore(p.get("datastore") or (src.disks[0].datastore if src.disks else None))
-        network = overrides.get("network")
-        if network and network not in h.spec.networks:
-            raise PermanentError(f"network {network!r} is not on host {h.name}",
-                                 f"use one of: {', '.join(h.spec.networks)}")
+        if overrides.get("network"):
+            h.check_network(overrides["network"])
         grow = parse_size(overrides["disk_size"], "disk size") if overrides.get("disk_size") else None
         if grow is not None and src.disks and grow < src.disks[0].size:
             raise PermanentError(f"disk size {overrides['disk_size']} is smaller than {src.name}'s first disk "
@@ -138,8 +135,7 @@ async def _allocated(h: HostOps, vm: VMSpec) -> int:
     total = 0
     for d in vm.disks:
         info = await h.image_info(d.path)
-        chain = info
-        total += int(chain.get("actual-size", 0))
+        total += int(info.get("actual-size", 0))
         if info.get("backing-filename"):
             total += int((await h.image_info(info.get("full-backing-filename") or info["backing-filename"]))
                          .get("actual-size", 0))

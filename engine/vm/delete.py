@@ -9,7 +9,8 @@ from typing import Any
 
 from ..errors import FerryError, PermanentError
 from ..tasks import TaskContext, register
-from .hostops import HostOps, recycle_path
+from .hostcmd import Tail, last_line, watch
+from .hostops import RECYCLE_DIR, HostOps, recycle_path
 from .lifecycle import VMTask, working_on
 from .model import VMSpec, VMState
 from .service import VMService
@@ -112,79 +113,73 @@ class DeleteVM(VMTask):
         return {"vm": vm.name, "mode": mode}
 
 
+def _files(vm: VMSpec) -> list[str]:
+    """The files that make up a VM on its host: its disks and a hibernated state."""
+    return [d.path for d in vm.disks] + ([vm.hibernate_file] if vm.hibernate_file else [])
+
+
 async def secure_wipe(ctx: TaskContext, h: HostOps, vm: VMSpec) -> None:
     """Overwrites the disks' allocated blocks with zeros and reads them back before anything is removed."""
-    files = [d.path for d in vm.disks if await h.exists(d.path)]
-    if vm.hibernate_file and await h.exists(vm.hibernate_file):
-        files.append(vm.hibernate_file)
+    files = [f for f in _files(vm) if await h.exists(f)]
     if not files:
         return
-    proc = await h.t.start(["python3", "-c", WIPE_SCRIPT, *files])
-    verdict = ""
-    async for line in _lines(proc.stdout):
-        parts = line.split()
-        if parts and parts[0] == "P":
-            done, total = int(parts[1]), int(parts[2])
-            ctx.progress(bytes_done=done, bytes_total=total,
-                         item="overwriting" if done <= total // 2 else "verifying")
-        elif parts:
-            verdict = line
-    err = (await proc.stderr.readall()).decode("utf-8", "replace").strip()
-    status = await proc.wait(timeout=60)
-    if status != 0 or verdict != "OK":
-        raise PermanentError(f"secure delete of {vm.name} on {h.name} failed: "
-                             f"{verdict or (err.splitlines()[-1] if err else f'exit status {status}')}",
+    total = 0
+
+    def on_total(value: float) -> None:
+        nonlocal total
+        total = int(value)
+
+    def on_done(value: float) -> None:
+        ctx.progress(bytes_done=int(value), bytes_total=total or None,
+                     item="overwriting" if value <= total // 2 else "verifying")
+
+    tails = (Tail(r"P \d+ (\d+)\n", on_total), Tail(r"P (\d+) \d+\n", on_done))
+    r = await watch(h.t, ["python3", "-c", WIPE_SCRIPT, *files], on_out=lambda text: [t(text) for t in tails])
+    out = r.stdout.decode("utf-8", "replace").split("\n")
+    verdict = next((line.strip() for line in reversed(out) if line.strip() and not line.startswith("P ")), "")
+    if not r.ok or verdict != "OK":
+        raise PermanentError(f"secure delete of {vm.name} on {h.name} failed: {verdict or last_line(r)}",
                              "the disks were kept; check the datastore and retry")
     ctx.log(f"{len(files)} file(s) of {vm.name} overwritten with zeros and verified")
 
 
-async def _lines(reader):
-    """Lines of a host process's output as they come."""
-    buf = b""
-    while True:
-        chunk = await reader.read(65536)
-        if not chunk:
-            if buf.strip():
-                yield buf.decode("utf-8", "replace").strip()
-            return
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            yield line.decode("utf-8", "replace").strip()
-
-
-async def remove_files(h: HostOps, vm: VMSpec) -> None:
-    for d in vm.disks:
-        with contextlib.suppress(FerryError):
-            await h.t.remove(d.path)
-    if vm.hibernate_file:
-        with contextlib.suppress(FerryError):
-            await h.t.remove(vm.hibernate_file)
-    for folder in {str(PurePosixPath(d.path).parent) for d in vm.disks}:
-        with contextlib.suppress(FerryError):
-            if not await h.t.listdir(folder):
-                await h.run(["rmdir", "--", folder], what="rmdir")
-
-
-async def _to_recycle_bin(ctx: TaskContext, svc: VMService, h: HostOps, vm: VMSpec, days: float) -> None:
-    moved: list[tuple[str, str]] = []
+async def _move_all(h: HostOps, moves: list[tuple[str, str]]) -> None:
+    """Moves each (src, dst); when one fails, the ones already moved go back."""
+    done: list[tuple[str, str]] = []
     try:
-        for path in [d.path for d in vm.disks] + ([vm.hibernate_file] if vm.hibernate_file else []):
-            ds = h.datastore_of_path(path)
-            if ds is None or not await h.exists(path):
-                continue
-            dst = recycle_path(ds, vm.id, path)
-            await h.move(path, dst)
-            moved.append((path, dst))
+        for src, dst in moves:
+            await h.move(src, dst)
+            done.append((src, dst))
     except BaseException:
-        for src, dst in reversed(moved):
+        for src, dst in reversed(done):
             with contextlib.suppress(Exception):
                 await h.move(dst, src)
         raise
+
+
+async def _drop_empty_dirs(h: HostOps, vm: VMSpec) -> None:
+    """The VM's folders on its datastores, once nothing is left in them."""
     for folder in {str(PurePosixPath(d.path).parent) for d in vm.disks}:
         with contextlib.suppress(FerryError):
             if not await h.t.listdir(folder):
                 await h.run(["rmdir", "--", folder], what="rmdir")
+
+
+async def remove_files(h: HostOps, vm: VMSpec) -> None:
+    for path in _files(vm):
+        with contextlib.suppress(FerryError):
+            await h.t.remove(path)
+    await _drop_empty_dirs(h, vm)
+
+
+async def _to_recycle_bin(ctx: TaskContext, svc: VMService, h: HostOps, vm: VMSpec, days: float) -> None:
+    moves = []
+    for path in _files(vm):
+        ds = h.datastore_of_path(path)
+        if ds is not None and await h.exists(path):
+            moves.append((path, recycle_path(ds, vm.id, path)))
+    await _move_all(h, moves)
+    await _drop_empty_dirs(h, vm)
     now = time.time()
     await svc.update(vm.id, recycled=now, purge_at=now + days * 86400, state=VMState.RECYCLED)
     ctx.log(f"{vm.name} moved to the recycle bin for {days:g} day(s)")
@@ -201,24 +196,18 @@ class RestoreVM(VMTask):
         if vm.name in await svc.names_in_use():
             raise PermanentError(f"another VM is now named {vm.name}, so this one cannot come back under that name",
                                  "rename or delete the other one first")
-        moved: list[tuple[str, str]] = []
-        try:
-            for path in [d.path for d in vm.disks] + ([vm.hibernate_file] if vm.hibernate_file else []):
-                ds = h.datastore_of_path(path)
-                src = recycle_path(ds, vm.id, path) if ds else ""
-                if not src or not await h.exists(src):
-                    raise PermanentError(f"{path} of {vm.name} is no longer in the recycle bin on {h.name}",
-                                         "it may have been purged by hand; the VM cannot be restored")
-                if await h.exists(path):
-                    raise PermanentError(f"{path} exists again on {h.name}; restoring would overwrite it",
-                                         "move that file away first")
-                await h.move(src, path)
-                moved.append((src, path))
-        except BaseException:
-            for src, dst in reversed(moved):
-                with contextlib.suppress(Exception):
-                    await h.move(dst, src)
-            raise
+        moves = []
+        for path in _files(vm):
+            ds = h.datastore_of_path(path)
+            src = recycle_path(ds, vm.id, path) if ds else ""
+            if not src or not await h.exists(src):
+                raise PermanentError(f"{path} of {vm.name} is no longer in the recycle bin on {h.name}",
+                                     "it may have been purged by hand; the VM cannot be restored")
+            if await h.exists(path):
+                raise PermanentError(f"{path} exists again on {h.name}; restoring would overwrite it",
+                                     "move that file away first")
+            moves.append((src, path))
+        await _move_all(h, moves)
         state = VMState.TEMPLATE if vm.is_template else (VMState.HIBERNATED if vm.hibernate_file else VMState.STOPPED)
         await svc.update(vm.id, recycled=None, purge_at=None, state=state)
         await _drop_recycle_dirs(h, vm)
@@ -246,11 +235,6 @@ class PurgeVM(VMTask):
         for row in rows:
             vm = VMSpec.from_dict(row["spec"])
             h = svc.host(vm.host)
-            for d in vm.disks:
-                ds = h.datastore_of_path(d.path)
-                if ds:
-                    with contextlib.suppress(FerryError):
-                        await h.t.remove(recycle_path(ds, vm.id, d.path))
             await _drop_recycle_dirs(h, vm)
             await svc._db(svc.store.vm_delete, vm.id)
             purged.append(vm.name)
@@ -259,8 +243,7 @@ class PurgeVM(VMTask):
 
 
 async def _drop_recycle_dirs(h: HostOps, vm: VMSpec) -> None:
-    for d in vm.disks:
-        ds = h.datastore_of_path(d.path)
-        if ds:
-            with contextlib.suppress(FerryError):
-                await h.remove_tree(str(PurePosixPath(recycle_path(ds, vm.id, ds.path + "/x")).parent))
+    """The VM's folder in the recycle bin of each datastore it used, with whatever is still in it."""
+    for ds in {h.datastore_of_path(path) for path in _files(vm)} - {None}:
+        with contextlib.suppress(FerryError):
+            await h.remove_tree(str(PurePosixPath(ds.path) / RECYCLE_DIR / vm.id))

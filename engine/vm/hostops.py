@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shlex
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
@@ -15,10 +13,10 @@ from ..errors import CommandError, FerryError, PermanentError
 from ..platform.liveboot import LiveDisk, LiveNic, LivePaths, LiveRole, is_running, live_boot_argv, read_pid
 from ..platform.liveimage import LiveImage
 from ..transport.base import Transport
-from .model import DiskSpec, VMSpec
+from .hostcmd import Tail, last_line, watch
+from .model import VMSpec
 
 RECYCLE_DIR = ".recycle"
-_PROGRESS_RE = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
 def image_cache_dir(workspace_cache: Path) -> Path:
@@ -69,9 +67,7 @@ class HostOps:
     async def run(self, argv: list[str], *, timeout: float | None = 120.0, what: str = "") -> str:
         r = await self.t.run(argv, timeout=timeout)
         if not r.ok:
-            lines = [l.strip() for l in r.stderr.decode("utf-8", "replace").splitlines() if l.strip()]
-            msg = lines[-1] if lines else f"exit status {r.exit_status}"
-            raise CommandError(f"{what or argv[0]} failed on {self.name}: {msg}",
+            raise CommandError(f"{what or argv[0]} failed on {self.name}: {last_line(r)}",
                                "the message above is the host's; fix its cause and retry",
                                exit_status=r.exit_status, stderr=r.stderr.decode("utf-8", "replace"))
         return r.text()
@@ -81,23 +77,16 @@ class HostOps:
 
     async def qemu_img_progress(self, args: list[str], report: Callable[[float], None]) -> None:
         """Runs qemu-img with -p, calling report(fraction) as it goes."""
-        proc = await self.t.start(["qemu-img", args[0], "-p", *args[1:]])
-        buf = b""
-        while True:
-            chunk = await proc.stdout.read(4096)
-            if not chunk:
-                break
-            buf = (buf + chunk)[-256:]
-            found = _PROGRESS_RE.findall(buf)
-            if found:
-                report(float(found[-1]) / 100)
-        err = await proc.stderr.readall()
-        status = await proc.wait(timeout=60)
-        if status != 0:
-            lines = [l for l in err.decode("utf-8", "replace").splitlines() if l.strip()]
-            raise CommandError(f"qemu-img {args[0]} failed on {self.name}: "
-                               f"{lines[-1].strip() if lines else f'exit status {status}'}",
-                               "the message above is the host's; fix its cause and retry", exit_status=status)
+        r = await watch(self.t, ["qemu-img", args[0], "-p", *args[1:]],
+                        on_out=Tail(r"\((\d+(?:\.\d+)?)/100%\)", lambda pct: report(pct / 100)))
+        if not r.ok:
+            raise CommandError(f"qemu-img {args[0]} failed on {self.name}: {last_line(r)}",
+                               "the message above is the host's; fix its cause and retry", exit_status=r.exit_status)
+
+    def check_network(self, network: str) -> None:
+        if network not in self.spec.networks:
+            raise PermanentError(f"network {network!r} is not on host {self.name}",
+                                 f"use one of: {', '.join(self.spec.networks)}")
 
     async def image_info(self, path: str) -> dict:
         return json.loads(await self.qemu_img("info", "--output=json", "-U", path, timeout=60))
@@ -196,14 +185,5 @@ def recycle_path(ds: DatastoreSpec, vm_id: str, path: str) -> str:
     return str(PurePosixPath(ds.path) / RECYCLE_DIR / vm_id / rel)
 
 
-def vm_dirs(vm: VMSpec) -> list[str]:
-    """The folders holding the VM's disks (one per datastore used)."""
-    return sorted({str(PurePosixPath(d.path).parent) for d in vm.disks})
-
-
 def _gib(n: int) -> str:
     return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
-
-
-def quote_path(path: str) -> str:
-    return shlex.quote(path)

@@ -14,7 +14,7 @@ from ..platform.liveboot import launch, stop as stop_process
 from ..platform.qmp import QMPClient
 from ..tasks import TaskContext, TaskKind, register
 from .hostops import HostOps, disk_path, vm_dir
-from .model import (DiskSpec, NicSpec, Passthrough, VMKind, VMSpec, VMState, check_boot, check_bus,
+from .model import (DiskSpec, NicSpec, Passthrough, VMSpec, VMState, check_boot, check_bus,
                     check_hardware, check_name, new_id, parse_size)
 from .service import VMService
 
@@ -179,9 +179,7 @@ class CreateVM(TaskKind):
         svc = VMService.of(ctx.engine)
         h = svc.host(p["host"])
         for n in p.get("nics", [{"network": "default"}]):
-            if n.get("network", "default") not in h.spec.networks:
-                raise PermanentError(f"network {n.get('network')!r} is not on host {h.name}",
-                                     f"use one of: {', '.join(h.spec.networks)}")
+            h.check_network(n.get("network", "default"))
         vm = VMSpec(id=new_id(), name=p["name"], host=h.name, cpus=int(p.get("cpus", 1)),
                     max_cpus=int(p.get("max_cpus", max(4, int(p.get("cpus", 1))))),
                     memory_mb=int(p.get("memory_mb", 256)),
@@ -255,9 +253,7 @@ class StartVM(VMTask):
     verb = "start"
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
-        svc = VMService.of(ctx.engine)
-        row = await svc.find(ctx.params["vm"])
-        vm = VMSpec.from_dict(row["spec"])
+        svc, row, vm, h = await self.target(ctx)
         if vm.is_template:
             raise PermanentError(f"{vm.name} is a template, and a template never starts",
                                  f"deploy a VM from it: ferry template deploy {vm.name} NEW-NAME")
@@ -295,12 +291,9 @@ class ShutdownVM(VMTask):
         return f"{'force stop' if mode == 'force' else 'reboot' if mode == 'reboot' else 'shut down'} {params['vm']}"
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
-        svc = VMService.of(ctx.engine)
         mode = ctx.params.get("mode", "powerdown")
         timeout = float(ctx.params.get("timeout", 120))
-        row = await svc.find(ctx.params["vm"])
-        vm = VMSpec.from_dict(row["spec"])
-        h = svc.host(vm.host)
+        svc, row, vm, h = await self.target(ctx)
         if await h.pid(vm) is None:
             if row["state"] in ("running", "paused", "missing"):
                 await svc.update(vm.id, state=VMState.STOPPED)

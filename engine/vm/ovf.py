@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 from ..errors import FerryError, PermanentError
 from ..transport.base import RunResult, Transport
+from .hostcmd import Tail, last_line, watch
 
 OVF_NS = "http://schemas.dmtf.org/ovf/envelope/1"
 RASD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
@@ -51,7 +52,6 @@ FILE_RE = re.compile(r"^[A-Za-z0-9_(][ -.0-\[\]-~]{0,250}$")
 MANIFEST_RE = re.compile(r"^(SHA1|SHA256|SHA512)\s*\((.+)\)\s*=\s*([0-9A-Fa-f]+)\s*$")
 MAX_DESCRIPTOR = 16 << 20     # an .ovf is a few KiB; refuse to pull a huge "descriptor" into memory
 MAX_MANIFEST = 1 << 20
-POLL = 0.5
 VHD_MAX = 2040 << 30
 
 ProgressFn = Callable[[int, int, str], None]   # (bytes_done, bytes_total, current item label)
@@ -457,64 +457,11 @@ class _Meter:
         self.show(0, label)
 
 
-def _last_line(r: RunResult) -> str:
-    lines = [ln.strip() for ln in re.split(r"[\r\n]", r.stderr.decode("utf-8", "replace"))
-             if ln.strip() and not ln.startswith("ferry-")]
-    return lines[-1] if lines else f"exit status {r.exit_status}"
-
-
 async def _run(t: Transport, argv: Sequence[str], message: str, hint: str, *, timeout: float = 600) -> RunResult:
     r = await t.run(argv, timeout=timeout)
     if not r.ok:
-        raise PermanentError(f"{message} on {t.host}: {_last_line(r)}", hint)
+        raise PermanentError(f"{message} on {t.host}: {last_line(r)}", hint)
     return r
-
-
-async def _watch(t: Transport, argv: Sequence[str], *, on_out: Callable[[str], None] | None = None,
-                 on_err: Callable[[str], None] | None = None, poll=None) -> RunResult:
-    """Run a long command, feeding its output to callbacks as it comes and calling `poll` twice a second."""
-    proc = await t.start(argv)
-    out, err = bytearray(), bytearray()
-
-    async def pump(stream, buf: bytearray, cb) -> None:
-        while chunk := await stream.read(65536):
-            buf += chunk
-            del buf[:-65536]          # only the tail matters (digests, the last error line)
-            if cb:
-                cb(chunk.decode("utf-8", "replace"))
-
-    try:
-        if proc.stdin is not None:
-            await proc.stdin.close()
-        pumps = asyncio.ensure_future(asyncio.gather(pump(proc.stdout, out, on_out), pump(proc.stderr, err, on_err)))
-        pumps.add_done_callback(lambda f: None if f.cancelled() else f.exception())   # retrieved, even if abandoned
-        try:
-            while not pumps.done():
-                await asyncio.wait({pumps}, timeout=POLL)
-                if poll is not None and not pumps.done():
-                    await poll()
-            await pumps
-        finally:
-            pumps.cancel()
-        status = await proc.wait()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await asyncio.shield(proc.kill())
-        raise
-    return RunResult(status, bytes(out), bytes(err))
-
-
-class _Tail:
-    """The last match of a pattern in a stream that arrives in arbitrary pieces."""
-
-    def __init__(self, pattern: str, on_value: Callable[[float], None]) -> None:
-        self.re, self.on_value, self.buf = re.compile(pattern), on_value, ""
-
-    def __call__(self, text: str) -> None:
-        self.buf = (self.buf + text)[-512:]
-        found = self.re.findall(self.buf)
-        if found:
-            self.on_value(float(found[-1]))
 
 
 async def _hash_file(t: Transport, path: str, algo: str, on_bytes: Callable[[int], None]) -> str:
@@ -522,11 +469,11 @@ async def _hash_file(t: Transport, path: str, algo: str, on_bytes: Callable[[int
     tool, length = HASH_TOOLS[algo]
     script = ('export LC_ALL=C; { dd if="$1" bs=4M status=progress; echo "ferry-dd-status $?" >&2; } | '
               + tool)
-    r = await _watch(t, ["sh", "-c", script, "sh", path],
-                     on_err=_Tail(r"(\d+) bytes", lambda n: on_bytes(int(n))))
+    r = await watch(t, ["sh", "-c", script, "sh", path],
+                     on_err=Tail(r"(\d+) bytes", lambda n: on_bytes(int(n))))
     digest = r.stdout.split()[0].decode("ascii", "replace").lower() if r.stdout.split() else ""
     if not r.ok or b"ferry-dd-status 0" not in r.stderr or len(digest) != length:
-        raise PermanentError(f"cannot compute the {algo} of {path} on {t.host}: {_last_line(r)}",
+        raise PermanentError(f"cannot compute the {algo} of {path} on {t.host}: {last_line(r)}",
                              "check that the file is readable and that the host has dd and " + tool)
     return digest
 
@@ -550,11 +497,11 @@ def _shown(image: str) -> str:
 
 
 async def _convert(t: Transport, argv: list[str], capacity: int, meter: _Meter, label: str, message: str) -> None:
-    r = await _watch(t, ["qemu-img", "convert", "-p", *argv],
-                     on_out=_Tail(r"\((\d+(?:\.\d+)?)/100%\)", lambda pct: meter.show(int(capacity * pct / 100),
+    r = await watch(t, ["qemu-img", "convert", "-p", *argv],
+                     on_out=Tail(r"\((\d+(?:\.\d+)?)/100%\)", lambda pct: meter.show(int(capacity * pct / 100),
                                                                                      label)))
     if not r.ok:
-        raise PermanentError(f"{message} on {t.host}: {_last_line(r)}",
+        raise PermanentError(f"{message} on {t.host}: {last_line(r)}",
                              "check the free space and that the image is not in use")
 
 
@@ -650,11 +597,11 @@ async def export_package(t: Transport, spec: OvfSpec, disk_paths: dict[str, str]
             members = [ovf_name, mf_name, *(d.file for d in spec.disks)]
             # pax (not plain ustar) so that disks over 8 GiB fit; without per-file time records, a package of
             # small files is byte-for-byte ustar
-            r = await _watch(t, ["tar", "--format=posix", "--pax-option=delete=atime,delete=ctime,delete=mtime",
+            r = await watch(t, ["tar", "--format=posix", "--pax-option=delete=atime,delete=ctime,delete=mtime",
                                  "--owner=0", "--group=0", "--numeric-owner", "--no-recursion",
                                  "-C", stage, "-cf", part, "--", *members], poll=tar_size)
             if not r.ok:
-                raise PermanentError(f"cannot write {out} on {t.host}: {_last_line(r)}", "check the free space")
+                raise PermanentError(f"cannot write {out} on {t.host}: {last_line(r)}", "check the free space")
             pst = await t.stat(part)
             total_bytes = pst.size if pst else total_bytes
             await _run(t, ["mv", "-n", "-T", "--", part, out], f"cannot move the finished package to {out}",
@@ -695,7 +642,7 @@ async def _list_ova(t: Transport, path: str) -> list[_Member]:
     r = await t.run(["env", "LC_ALL=C", "tar", "--numeric-owner", "--quoting-style=escape", "-tvf", path],
                     timeout=600)
     if not r.ok:
-        raise PermanentError(f"{path} on {t.host} is not a readable OVA (tar) archive: {_last_line(r)}",
+        raise PermanentError(f"{path} on {t.host} is not a readable OVA (tar) archive: {last_line(r)}",
                              "the package is damaged or not an OVA")
     members = []
     for line in r.text().splitlines():
@@ -884,11 +831,11 @@ async def import_package(t: Transport, path: str, dest_dir: str, *, name: str | 
                         done += st.size if st else 0
                     meter.show(done, f"extracting {posixpath.basename(path)}")
 
-                r = await _watch(t, ["tar", "-xf", path, "-C", tmp, "--no-same-owner", "--no-same-permissions",
+                r = await watch(t, ["tar", "-xf", path, "-C", tmp, "--no-same-owner", "--no-same-permissions",
                                      "--occurrence=1", "--no-wildcards", "--",
                                      *(pkg.members[n].raw for n in to_check)], poll=extracted)
                 if not r.ok:
-                    raise PermanentError(f"cannot extract {path} on {t.host}: {_last_line(r)}",
+                    raise PermanentError(f"cannot extract {path} on {t.host}: {last_line(r)}",
                                          "check the free space; the package may be damaged")
                 meter.advance(sum(sizes.values()), "extracted")
         else:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import FerryError, PermanentError
+from ..errors import FerryError, PermanentError, TransportError
 from ..platform.accel import detect_acceleration
 from ..platform.liveimage import LiveImage, build_live_image
 from ..platform.qga import AgentNotAnswering, GuestAgent
@@ -16,6 +15,7 @@ from .hostops import HostOps, image_cache_dir
 from .model import VMKind, VMSpec, VMState, VMView
 
 AGENT_TIMEOUT = 3.0
+RUNNING_TIMEOUT = 10.0
 
 
 class VMService:
@@ -89,19 +89,28 @@ class VMService:
 
     # -------------------------------------------------------------- live state
 
+    async def running_on(self, host: str) -> dict[str, int]:
+        """vm-<short id> -> pid of each QEMU running on the host; TransportError when it does not answer."""
+        try:
+            return await asyncio.wait_for(self.host(host).running_pidfiles(), RUNNING_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise TransportError(f"host {host} did not list its VMs within {RUNNING_TIMEOUT:g} s",
+                                 "the host may be overloaded or unreachable") from None
+
+    async def _running_or_none(self, host: str) -> dict[str, int] | None:
+        """As running_on, or None (the records' states stand) when the host does not answer."""
+        try:
+            return await self.running_on(host)
+        except (FerryError, OSError):
+            return None
+
     async def views(self, *, recycled: bool = False) -> list[VMView]:
         """Every VM with its state as the hosts report it now (a host that does not answer keeps the record's)."""
         rows = await self.rows(recycled=recycled)
         running: dict[str, dict[str, int] | None] = {}
-
-        async def scan(host: str) -> None:
-            try:
-                running[host] = await asyncio.wait_for(self.host(host).running_pidfiles(), 10)
-            except (FerryError, asyncio.TimeoutError, OSError):
-                running[host] = None
-
         if not recycled:
-            await asyncio.gather(*(scan(h) for h in {r["host"] for r in rows} if h in self.site.hosts))
+            hosts = [h for h in {r["host"] for r in rows} if h in self.site.hosts]
+            running = dict(zip(hosts, await asyncio.gather(*(self._running_or_none(h) for h in hosts))))
         return [self._view(r, running.get(r["host"])) for r in rows]
 
     def _view(self, row: dict, running: dict[str, int] | None) -> VMView:
@@ -118,11 +127,7 @@ class VMService:
 
     async def view(self, name: str) -> VMView:
         row = await self.find(name)
-        try:
-            running = await asyncio.wait_for(self.host(row["host"]).running_pidfiles(), 10)
-        except (FerryError, asyncio.TimeoutError):
-            running = None
-        return self._view(row, running)
+        return self._view(row, await self._running_or_none(row["host"]))
 
     async def reconcile(self) -> dict[str, Any]:
         """Compare what runs on the hosts with the records: orphans (QEMU without a record) and
@@ -134,9 +139,9 @@ class VMService:
         report: dict[str, Any] = {"orphans": [], "missing": [], "unreachable": [], "running": 0}
         for host in self.site.hosts:
             try:
-                running = await asyncio.wait_for(self.host(host).running_pidfiles(), 10)
-            except (FerryError, asyncio.TimeoutError) as e:
-                report["unreachable"].append({"host": host, "error": str(e) or "timed out"})
+                running = await self.running_on(host)
+            except FerryError as e:
+                report["unreachable"].append({"host": host, "error": str(e)})
                 continue
             known = by_host.get(host, {})
             for key, pid in running.items():
