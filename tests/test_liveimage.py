@@ -9,7 +9,6 @@ import io
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tarfile
@@ -30,39 +29,24 @@ from engine.platform.liveimage import RECIPE_DIR, LiveImage, build_live_image, r
 from engine.platform.qga import AgentNotAnswering, GuestAgent
 from engine.platform.qmp import QMPClient
 from engine.transport.local import LocalTransport
+from harness.qemu import image_cache, kill_pidfile
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
-
-
-def _cache_dir() -> Path:
-    """Persistent across runs, so the image (and its ~36 MB of packages) is built once per machine."""
-    env = os.environ.get("FERRY_TEST_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "ferry-tests"
 
 
 @pytest.fixture(scope="session")
 def live_image() -> LiveImage:
     started = time.monotonic()
     try:
-        image = asyncio.run(build_live_image(_cache_dir()))
+        image = asyncio.run(build_live_image(image_cache()))
     except PermanentError as e:
         # A fresh machine may have no package lists yet; as root the suite can fetch them once.
         if "apt-get update" not in e.hint or os.geteuid() != 0:
             raise
         subprocess.run(["apt-get", "update", "-qq"], check=True)
-        image = asyncio.run(build_live_image(_cache_dir()))
+        image = asyncio.run(build_live_image(image_cache()))
     print(f"\nlive image {image.version}: {image.size / 1e6:.1f} MB, ready in {time.monotonic() - started:.1f} s")
     return image
-
-
-def _kill_pidfile(pidfile: str) -> None:
-    """Synchronous last-resort cleanup: works even when the test's event loop is gone."""
-    try:
-        pid = int(Path(pidfile).read_text().strip())
-        if pidfile.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
-            os.kill(pid, signal.SIGKILL)
-    except (OSError, ValueError):
-        pass
 
 
 @pytest.fixture
@@ -71,7 +55,7 @@ def runtime_dir():
     d = tempfile.mkdtemp(prefix="ferry-t-", dir="/tmp")
     yield d
     for pidfile in Path(d).glob("*.pid"):
-        _kill_pidfile(str(pidfile))
+        kill_pidfile(str(pidfile))
     shutil.rmtree(d, ignore_errors=True)
 
 
@@ -120,10 +104,10 @@ def test_image_is_built_cached_and_versioned(live_image: LiveImage):
         assert any(p.startswith(pkg + "=") for p in live_image.packages), pkg
     # A second call finds it in the cache instead of building.
     started = time.monotonic()
-    again = asyncio.run(build_live_image(_cache_dir()))
+    again = asyncio.run(build_live_image(image_cache()))
     assert again == live_image and time.monotonic() - started < 2
     # Builds are moved into place whole: nothing half-built is left next to the image.
-    assert not [p for p in (_cache_dir() / "liveimage").iterdir() if p.name.startswith(".build-")]
+    assert not [p for p in (image_cache() / "liveimage").iterdir() if p.name.startswith(".build-")]
 
 
 def test_recipe_change_gives_a_new_version(tmp_path: Path):
@@ -292,7 +276,7 @@ async def test_boot_disk_switches_into_the_disk_root(live_image, transport, runt
     root = tmp_path / "root"
     for d in ("bin", "sbin", "dev", "proc", "etc"):
         (root / d).mkdir(parents=True)
-    deb = next((_cache_dir() / "liveimage" / "debs").glob("busybox-static_*.deb"))
+    deb = next((image_cache() / "liveimage" / "debs").glob("busybox-static_*.deb"))
     unpacked = tmp_path / "bb"
     subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
     shutil.copy(unpacked / "bin" / "busybox", root / "bin" / "busybox")

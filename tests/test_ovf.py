@@ -18,19 +18,12 @@ from engine.errors import PermanentError
 from engine.transport.local import LocalTransport
 from engine.vm.ovf import (OvfDisk, OvfSpec, build_ovf, export_package, import_package, manifest_text,
                            parse_manifest, parse_ovf, read_package)
+from harness.qemu import raw_sha256, sha256
 
 MiB = 1 << 20
 # not a whole number of CHS cylinders: a VHD read by its geometry would lose the last sectors
 SIZE0 = 33 * MiB + 7 * 512
 SIZE1 = 8 * MiB
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_qcow2(path: Path, size: int) -> str:
@@ -46,15 +39,6 @@ def make_qcow2(path: Path, size: int) -> str:
     digest = sha256(raw)
     raw.unlink()
     return digest
-
-
-def raw_sha256(image: Path, tmp_path: Path) -> str:
-    raw = tmp_path / f"{image.name}.check.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
-    try:
-        return sha256(raw)
-    finally:
-        raw.unlink()
 
 
 def virtual_size(image: Path) -> int:
@@ -103,7 +87,7 @@ def check_disks(made: dict[str, str], vm, tmp_path: Path) -> None:
         image = Path(path)
         assert image.name == f"{name}.qcow2"
         assert virtual_size(image) == virtual_size(Path(paths[name]))
-        assert raw_sha256(image, tmp_path) == digests[name]
+        assert raw_sha256(image) == digests[name]
         subprocess.run(["qemu-img", "compare", "-q", paths[name], path], check=True)
 
 
@@ -494,7 +478,7 @@ async def test_imports_a_vmware_ova(t, tmp_path):
     assert spec.name == "web" and spec.memory_mb == 4096 and spec.nics == ("VM Network",)
     assert [(d.name, d.capacity, d.bus, d.format) for d in spec.disks] == [("vmdisk1", SIZE1, "scsi", "vmdk")]
     assert made == {"vmdisk1": str(dest / "vmdisk1.qcow2")}
-    assert raw_sha256(dest / "vmdisk1.qcow2", tmp_path) == digest
+    assert raw_sha256(dest / "vmdisk1.qcow2") == digest
     assert sorted(p.name for p in dest.iterdir()) == ["vmdisk1.qcow2"]
 
 

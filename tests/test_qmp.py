@@ -16,18 +16,9 @@ from engine.platform.liveboot import LivePaths, launch, stop
 from engine.platform.qga import AgentNotAnswering, AgentUnavailable, GuestAgent
 from engine.platform.qmp import QMPClient, QMPDisconnected, QMPError, QMPTimeout
 from engine.transport.local import LocalTransport
+from harness.qemu import kill_pidfile
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
-
-
-def _kill_pidfile(pidfile: Path) -> None:
-    try:
-        pid = int(pidfile.read_text().strip())
-        if str(pidfile).encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
-            os.kill(pid, signal.SIGCONT)
-            os.kill(pid, signal.SIGKILL)
-    except (OSError, ValueError):
-        pass
 
 
 @pytest.fixture
@@ -35,7 +26,7 @@ def runtime_dir():
     d = tempfile.mkdtemp(prefix="ferry-q-", dir="/tmp")   # short: UNIX socket paths are limited
     yield d
     for pidfile in Path(d).glob("*.pid"):
-        _kill_pidfile(pidfile)
+        kill_pidfile(pidfile)
     shutil.rmtree(d, ignore_errors=True)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import ferry, ferry_process, isolate_ssh
+from harness.qemu import sha256
 
 MiB = 1 << 20
 CHUNK = 1 * MiB
@@ -25,14 +26,6 @@ def site(sshd_factory, tmp_path, monkeypatch):
     isolate_ssh(monkeypatch, tmp_path / "home")
     return sshd_factory.site(tmp_path, 2)
 
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_image(path: Path, size_mib: int, *, data_every: int = 2) -> int:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -15,31 +13,17 @@ from pathlib import Path
 import pytest
 
 from harness.cli import ferry
+from harness.qemu import image_cache, kill_all, raw_bytes, raw_sha256
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
 MiB = 1 << 20
-
-
-def _image_cache() -> Path:
-    env = os.environ.get("FERRY_TEST_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "ferry-tests"
-
-
-def _kill_all(root: Path) -> None:
-    for pidfile in root.rglob("*.pid"):
-        try:
-            pid = int(pidfile.read_text().strip())
-            if str(pidfile).encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
-                os.kill(pid, signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
 
 
 @pytest.fixture(scope="module")
 def ws():
     """One lab workspace for the module (short path: UNIX sockets live in it), the shared image cache."""
     old = os.environ.get("FERRY_IMAGE_CACHE")
-    os.environ["FERRY_IMAGE_CACHE"] = str(_image_cache())
+    os.environ["FERRY_IMAGE_CACHE"] = str(image_cache())
     root = Path(tempfile.mkdtemp(prefix="fvm-", dir="/tmp"))
     r = ferry(root, "lab", "image", "build", "--json")
     if r.code != 0 and "apt-get update" in r.err and os.geteuid() == 0:
@@ -48,7 +32,7 @@ def ws():
     assert r.code == 0, r.err
     assert Path(r.json["kernel"]).is_file() and r.json["kernel_release"]
     yield root
-    _kill_all(root)
+    kill_all(root)
     shutil.rmtree(root, ignore_errors=True)
     if old is None:
         os.environ.pop("FERRY_IMAGE_CACHE", None)
@@ -71,17 +55,6 @@ def fails(ws: Path, *args: str) -> str:
 
 def vms(ws: Path, *extra: str) -> dict[str, dict]:
     return {v["name"]: v for v in ok(ws, "vm", "list", *extra)}
-
-
-def raw_bytes(path: str) -> bytes:
-    """A disk's guest-visible contents."""
-    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
-        subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", path, f"{d}/raw"], capture_output=True, check=True)
-        return Path(f"{d}/raw").read_bytes()
-
-
-def raw_sha(path: str) -> str:
-    return hashlib.sha256(raw_bytes(path)).hexdigest()
 
 
 def qemu_io(path: str, cmd: str) -> None:
@@ -222,7 +195,7 @@ def test_templates_linked_deploy_and_refusals(ws):
         assert d["backing"] == base_disk
         info = subprocess.run(["qemu-img", "info", "-U", d["path"]], capture_output=True, text=True).stdout
         assert base_disk in info
-        assert raw_sha(d["path"]) == raw_sha(base_disk)
+        assert raw_sha256(d["path"]) == raw_sha256(base_disk)
     err = fails(ws, "template", "delete", "base", "--confirm", "base")
     assert "linked clones" in err and "web-01, web-02, web-03" in err
     err = fails(ws, "template", "to-vm", "base")
@@ -253,7 +226,7 @@ def test_export_import_round_trip(ws, tmp_path):
            "--host", "lab2", "--name", name)
         v = vms(ws)[name]
         assert v["cpus"] == 2 and v["host"] == "lab2"
-        assert raw_sha(v["disks"][0]["path"]) == raw_sha(src_disk)
+        assert raw_sha256(v["disks"][0]["path"]) == raw_sha256(src_disk)
     assert ok(ws, "vm", "start", "pkg-ova")["agent"] is True
     ok(ws, "vm", "stop", "pkg-ova", "--force")
 
@@ -284,7 +257,7 @@ def test_secure_delete_overwrites_blocks(ws, tmp_path):
     ok(ws, "vm", "create", "secret", "--host", "lab1", "--disk", "16M")
     disk = vms(ws)["secret"]["disks"][0]["path"]
     secret = b"TOP-SECRET-" + os.urandom(8).hex().encode()
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x53 0 64k", disk], check=True, capture_output=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x53 0 64k", disk], check=True, capture_output=True)
     raw = tmp_path / "secret.bin"
     raw.write_bytes(secret * 100)
     subprocess.run(["qemu-img", "dd", "-f", "raw", "-O", "qcow2", f"if={raw}", f"of={disk}", "bs=1100"],
@@ -304,13 +277,13 @@ def test_delayed_delete_restore_and_purge(ws):
     ok(ws, "vm", "create", "bin", "--host", "lab2", "--disk", "16M")
     disk = vms(ws)["bin"]["disks"][0]["path"]
     qemu_io(disk, "write -P 0x33 0 1M")
-    before = raw_sha(disk)
+    before = raw_sha256(disk)
     ok(ws, "vm", "delete", "bin", "--delayed", "--keep-days", "3", "--confirm", "bin")
     assert "bin" not in vms(ws) and not Path(disk).exists()
     rec = vms(ws, "--recycled")["bin"]
     assert rec["state"] == "recycled" and 2.9 * 86400 < rec["purge_at"] - rec["recycled"] < 3.1 * 86400
     ok(ws, "vm", "restore", "bin")
-    assert vms(ws)["bin"]["state"] == "stopped" and raw_sha(disk) == before
+    assert vms(ws)["bin"]["state"] == "stopped" and raw_sha256(disk) == before
     ok(ws, "vm", "delete", "bin", "--delayed", "--keep-days", "0", "--confirm", "bin")
     purged = ok(ws, "vm", "purge", "--expired")
     assert "bin" in purged["purged"] and "bin" not in vms(ws, "--recycled")
@@ -388,7 +361,7 @@ def test_vm_on_an_ssh_host(sshd_factory, tmp_path, monkeypatch):
     QMP and the guest agent are reached through stream-local forwarding; nothing listens on TCP."""
     from harness.cli import isolate_ssh
     isolate_ssh(monkeypatch, tmp_path / "home")
-    monkeypatch.setenv("FERRY_IMAGE_CACHE", str(_image_cache()))
+    monkeypatch.setenv("FERRY_IMAGE_CACHE", str(image_cache()))
     site = sshd_factory.site(Path(tempfile.mkdtemp(prefix="fssh-", dir="/tmp")), 1, names=["remote"])
     ws = site.workspace.root
     try:
@@ -404,4 +377,4 @@ def test_vm_on_an_ssh_host(sshd_factory, tmp_path, monkeypatch):
         ok(ws, "vm", "stop", "far")
         assert vms(ws)["far"]["state"] == "stopped"
     finally:
-        _kill_all(site.servers["remote"].root)
+        kill_all(site.servers["remote"].root)
