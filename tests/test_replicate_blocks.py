@@ -45,6 +45,13 @@ def make_image(path: Path, size_mib: int, *, data_every: int = 2) -> int:
     return data
 
 
+def resident(path: Path) -> int:
+    """Bytes of the file held in the page cache (util-linux fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
+
+
 def blocks(ws, src: str, dst: str, *extra: str) -> dict:
     r = ferry(ws, "replicate", "blocks", src, dst, "--json", "--chunk-size", "1M", *extra)
     assert r.out, r.err
@@ -58,6 +65,7 @@ def test_full_copy_skips_zeros_and_keeps_holes_then_incremental_sends_only_chang
     out = blocks(ws, f"local:{src}", f"ssh1:{dst}")
     assert out["_code"] == 0, out
     assert out["verified"] is True and out["resumed"] is False
+    assert resident(dst) <= data // 8, "the copy went to disk past the target host's page cache (O_DIRECT)"
     assert sha256(src) == sha256(dst)
     assert out["bytes_sent"] == data, "all-zero chunks are never sent"
     assert os.stat(dst).st_blocks * 512 <= data + 4 * MiB, "zero regions stay holes on the target"
