@@ -935,7 +935,8 @@ class Receiver:
             self.partial = {"skip": True, "rel": rel}
             return
         self.partial = {"rel": rel, "fd": fd, "dfd": dfd, "name": name, "tmp": tmp, "hash": h, "pos": resume_at,
-                        "mode": mode, "uid": uid, "gid": gid, "size": size, "mtime": mtime_ns, "x": xitems}
+                        "mode": mode, "uid": uid, "gid": gid, "size": size, "mtime": mtime_ns, "x": xitems,
+                        "out": Direct(fd)}
 
     def write_data(self, payload):
         p = self.partial
@@ -949,19 +950,11 @@ class Receiver:
                 n = min(IO_CHUNK, off - p["pos"])
                 h.update(ZERO[:n])
                 p["pos"] += n
-            view = data
-            o = off
-            while view:
-                n = os.pwrite(p["fd"], view, o)
-                view = view[n:]
-                o += n
+            p["out"].write(data, off, self.wire.landed)
             h.update(data)
             p["pos"] = off + len(data)
             self.bytes_since_sync += len(data)
             self.received += len(data)
-            if p["pos"] - p.get("flushed", 0) >= WRITEBACK_STEP:
-                start_writeback(p["fd"], p.get("flushed", 0), p["pos"] - p.get("flushed", 0))
-                p["flushed"] = p["pos"]
         except OSError as e:
             self.abandon_partial()
             self.error(p["rel"], e)
@@ -970,6 +963,7 @@ class Receiver:
         p = self.partial
         if p and not p.get("skip"):
             try:
+                p["out"].close()
                 os.close(p["fd"])
             except OSError:
                 pass
@@ -987,6 +981,7 @@ class Receiver:
                 n = min(IO_CHUNK, p["size"] - p["pos"])
                 h.update(ZERO[:n])
                 p["pos"] += n
+            p["out"].close()
             os.ftruncate(p["fd"], p["size"])  # trailing hole
             self.set_meta_fd(p["fd"], p["mode"], p["uid"], p["gid"], p["mtime"], p["x"])
             os.close(p["fd"])
@@ -1193,6 +1188,7 @@ def remove_tree_at(dfd, name):
 
 def role_recv(wire, cmd):
     rc = Receiver(wire, cmd)
+    wire.land_at(IO_CHUNK + ALIGN, 8)   # F_DATA: a u64 offset, then the data
     handlers = {F_FILE: rc.write_small, F_BEGIN: rc.begin_large, F_DATA: rc.write_data, F_END: rc.end_large,
                 F_ENTRY: rc.entry, F_DIRMETA: rc.dirmeta, F_DELETE: rc.delete}
     try:
@@ -1267,17 +1263,6 @@ def open_block(path, write, create_size=None):
     return os.open(path, flags | os.O_NOFOLLOW)
 
 
-def open_direct(fd):
-    """The open file `fd` opened a second time for direct I/O, or None where that is not possible
-    (no O_DIRECT, no /proc, a filesystem without it). The same inode, whatever its path does."""
-    if not hasattr(os, "O_DIRECT"):
-        return None
-    try:
-        return os.open("/proc/self/fd/%d" % fd, os.O_WRONLY | os.O_DIRECT)
-    except OSError:
-        return None
-
-
 def is_hole(fd, off, n):
     """Is [off, off+n) a hole of a sparse file? (then it reads as zeros without being read)"""
     try:
@@ -1342,32 +1327,14 @@ def role_blk(wire, cmd):
     received = 0      # bytes written (zero chunks to a fresh target excluded)
     wire_bytes = 0    # chunk payload that arrived (compressed size)
     last_progress = 0.0
-    dio = None   # the target opened again with O_DIRECT (see put)
+    sink = None   # the target's writer (see Direct)
     if target:
         wire.land_at(PART + ALIGN, DATA_HDR.size)
     if target and cmd.get("open"):
         fd = open_block(path, True)
         size = dev_size(fd)
         is_dev = stat.S_ISBLK(os.fstat(fd).st_mode)
-        dio = open_direct(fd)
-
-    def put(data, at):
-        """Write data at `at`. Aligned data that arrived in the landing buffer goes straight to
-        the disk (O_DIRECT): no copy into the page cache (which costs more CPU here than the
-        rest of the copy together) and no evicting of the target host's cached data; fsync
-        still follows. Anything else, or a filesystem that refuses direct I/O, is buffered."""
-        nonlocal dio
-        if dio is not None and wire.landed and at % ALIGN == 0 and len(data) % ALIGN == 0:
-            try:
-                write_at(dio, data, at)
-                return
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                os.close(dio)
-                dio = None
-        write_at(fd, data, at)
-        start_writeback(fd, at, len(data))
+        sink = Direct(fd)
 
     bg = []   # a background fsync: [thread, written-before-it, time]
 
@@ -1429,9 +1396,9 @@ def role_blk(wire, cmd):
                     elif fd is None:
                         fd = open_block(path, target)
                     if target:
-                        if dio is not None:
-                            os.close(dio)
-                        dio = open_direct(fd)
+                        if sink is not None:
+                            sink.close()
+                        sink = Direct(fd)
                     size = dev_size(fd)
                     st = os.fstat(fd)
                     is_dev = stat.S_ISBLK(st.st_mode)
@@ -1512,7 +1479,7 @@ def role_blk(wire, cmd):
                     data = memoryview(payload)[DATA_HDR.size:]
                     if part == 0:
                         chunk_hash = hashlib.sha256()
-                    put(data, off + part)
+                    sink.write(data, off + part, wire.landed)
                     chunk_hash.update(data)
                     received += len(data)
                     wire_bytes += len(data)
@@ -1530,7 +1497,7 @@ def role_blk(wire, cmd):
                     else:
                         _i, _k, want, part = DATA_HDR.unpack_from(payload)
                         data = memoryview(payload)[DATA_HDR.size:]
-                    put(data, off + part)
+                    sink.write(data, off + part, wire.landed)
                     h = chunk_hash if part else hashlib.sha256()
                     h.update(data)
                     digest = h.digest()
@@ -1561,7 +1528,41 @@ def role_blk(wire, cmd):
         raise ValueError("blk: unexpected frame %r" % typ)
 
 
-WRITEBACK_STEP = 8 << 20
+
+class Direct:
+    """Writes to a target file (or device) open as `fd`. Aligned data read into the wire's landing
+    buffer goes straight to the disk through a second, O_DIRECT descriptor of the same inode: no
+    copy into the page cache (which cost the target more CPU than the rest of a copy together,
+    measured here) and no evicting of the target host's cached data. The caller's fsync/syncfs
+    still makes it durable. Anything else, or a filesystem refusing direct I/O, is buffered, and
+    its writeback started at once."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.dio = None
+        if hasattr(os, "O_DIRECT"):
+            try:   # the same inode, whatever its path does meanwhile
+                self.dio = os.open("/proc/self/fd/%d" % fd, os.O_WRONLY | os.O_DIRECT)
+            except OSError:
+                pass
+
+    def write(self, data, at, landed):
+        if self.dio is not None and landed and at % ALIGN == 0 and len(data) % ALIGN == 0:
+            try:
+                write_at(self.dio, data, at)
+                return
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.close()
+        write_at(self.fd, data, at)
+        start_writeback(self.fd, at, len(data))
+
+    def close(self):
+        """Close the direct descriptor (the caller owns `fd`)."""
+        if self.dio is not None:
+            os.close(self.dio)
+            self.dio = None
 
 
 def write_at(fd, data, off):
