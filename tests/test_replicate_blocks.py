@@ -16,6 +16,7 @@ import pytest
 
 from harness.cli import ferry, ferry_process, isolate_ssh
 from harness.qemu import sha256
+from harness.trees import resident
 
 MiB = 1 << 20
 CHUNK = 1 * MiB
@@ -43,13 +44,6 @@ def make_image(path: Path, size_mib: int, *, data_every: int = 2) -> int:
                 f.seek(i * MiB)
                 f.write(bytes(MiB))
     return data
-
-
-def resident(path: Path) -> int:
-    """Bytes of the file held in the page cache (util-linux fincore)."""
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES", str(path)],
-                         capture_output=True, text=True, check=True).stdout
-    return int(out.strip())
 
 
 def blocks(ws, src: str, dst: str, *extra: str) -> dict:

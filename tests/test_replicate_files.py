@@ -19,7 +19,7 @@ from engine.replicate import agent as W
 from engine.replicate.channel import AgentChannel
 from engine.replicate.hosts import AgentHost
 from harness.cli import ferry, ferry_process, isolate_ssh
-from harness.trees import describe, diff, rich_tree, write
+from harness.trees import describe, diff, resident, rich_tree, write
 
 
 @pytest.fixture
@@ -44,6 +44,7 @@ def test_full_round_preserves_every_type_and_attribute(site, tmp_path, via):
     for key in ("bytes_total", "bytes_sent", "items_total", "items_changed", "duration_s"):
         assert key in out
     assert out["items_changed"] == out["items_total"] - 1   # everything but the root itself
+    assert resident(dst / "dir" / "sub" / "big.bin") < (1 << 20), "large files bypass the target's page cache"
     assert diff(describe(src), describe(dst)) == []
     # The holes of the sparse file stayed holes: far fewer blocks than its size.
     assert os.stat(dst / "sparse.img").st_blocks * 512 < (2 << 20)

@@ -6,6 +6,7 @@ import hashlib
 import os
 import stat
 import struct
+import subprocess
 from pathlib import Path
 
 NS = 1_000_000_000
@@ -158,3 +159,10 @@ def diff(a: dict, b: dict) -> list[str]:
         elif a[rel] != b[rel]:
             out.append(f"differs: {rel!r}: {a[rel]} != {b[rel]}")
     return out
+
+
+def resident(path: Path) -> int:
+    """Bytes of the file held in the page cache (util-linux fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
