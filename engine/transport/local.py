@@ -126,10 +126,16 @@ class LocalProcess(Process):
 
     async def wait(self, timeout: float | None = None) -> int:
         try:
-            return await asyncio.wait_for(self._p.wait(), timeout)
+            status = await asyncio.wait_for(self._p.wait(), timeout)
         except (TimeoutError, asyncio.TimeoutError):
             raise TransportError(f"{self._what} on {self._host} did not finish within {timeout:g} s",
                                  "the machine may be overloaded; kill it or wait longer") from None
+        # The process and its output pipes are done (what it wrote stays readable): close the
+        # transport now, while the loop runs, not in a garbage collection after it has closed.
+        transport = getattr(self._p, "_transport", None)
+        if transport is not None:
+            transport.close()
+        return status
 
     async def kill(self) -> None:
         if self._p.returncode is None:
