@@ -224,3 +224,24 @@ def test_block_device_source(site, tmp_path):
         assert sha256(img) == sha256(dst)
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_block_device_target_gets_data_and_zeros(site, tmp_path):
+    """A loop device over a file full of garbage as the target: data chunks are written (direct
+    I/O to the device), zero chunks are zeroed out on it, and the device then equals the source."""
+    src = tmp_path / "disk.raw"
+    make_image(src, 24)
+    backing = tmp_path / "device-backing.raw"
+    backing.write_bytes(os.urandom(32 * MiB))
+    r = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"no loop devices here: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    try:
+        out = blocks(site.workspace.root, f"local:{src}", f"ssh1:{dev}")
+        assert out["_code"] == 0 and out["verified"], out
+        assert out["items_changed"] == 24, "every chunk differed from the garbage, zeros included"
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+    with open(backing, "rb") as f:
+        assert hashlib.sha256(f.read(24 * MiB)).hexdigest() == sha256(src)
