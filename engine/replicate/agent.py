@@ -159,7 +159,8 @@ class Wire:
     """Blocking framed I/O on stdin/stdout (the agent is a simple sequential program).
 
     Bulk data is copied as little as possible: a large frame is read straight into its own
-    buffer, and a large payload is written with writev next to its header."""
+    buffer (or a reused, aligned one: see land_at), and a large payload is written with writev
+    next to its header."""
 
     BIG = 64 * 1024
 
@@ -1526,7 +1527,6 @@ def role_blk(wire, cmd):
                 sync_in_background()
             continue
         raise ValueError("blk: unexpected frame %r" % typ)
-
 
 
 class Direct:
