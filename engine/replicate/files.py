@@ -267,11 +267,12 @@ def split_streams(files: list[tuple[bytes, int]], streams: int) -> list[list[tup
     n = max(1, min(streams, len(files)))
     groups: dict[bytes, list[tuple[bytes, int]]] = {}
     units: list[tuple[int, list[tuple[bytes, int]]]] = []
-    for rel, size in files:
+    for item in files:   # the plan's own tuples, not copies of them
+        rel, size = item
         if size >= BIG_FILE:
-            units.append((size, [(rel, size)]))
+            units.append((size, [item]))
         else:
-            groups.setdefault(parent_of(rel), []).append((rel, size))
+            groups.setdefault(parent_of(rel), []).append(item)
     units += [(sum(s for _, s in g) + FILE_COST * len(g), g) for g in groups.values()]
     buckets: list[list[tuple[bytes, int]]] = [[] for _ in range(n)]
     loads = [0] * n
@@ -725,9 +726,9 @@ class FileRound:
         self.targets.append(ts)
         self.unacked.update(rel for rel, _ in files)
         try:
-            requests = [["file", rel, resume_at.get(rel, 0)] for rel, _ in files]
-            for i in range(0, len(requests), REQ_BATCH):
-                stream.request(W.F_REQ, W.pack_values(requests[i:i + REQ_BATCH]))
+            for i in range(0, len(files), REQ_BATCH):   # built a batch at a time: ~90 B a file less
+                stream.request(W.F_REQ, W.pack_values([["file", rel, resume_at.get(rel, 0)]
+                                                       for rel, _ in files[i:i + REQ_BATCH]]))
                 await stream.drain()
                 if ts.task.done():
                     ts.task.result()
