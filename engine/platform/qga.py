@@ -186,18 +186,22 @@ class GuestAgent:
             raise AgentNotAnswering(f"cannot write to the guest-agent channel of {self.name}: {e}",
                                     "the VM may have stopped; reconnect when it runs") from None
 
+    async def _issue(self, command: str, arguments: dict[str, Any] | None, sync_timeout: float) -> None:
+        """Send one command on a synchronised stream (under the lock). Until its reply is read
+        the stream is out of step; a timeout or cancel leaves it so, and the next command syncs."""
+        if not self._synced:
+            await self._sync(sync_timeout)
+        message: dict[str, Any] = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        self._synced = False
+        await self._send(encode(message))
+
     async def execute(self, command: str, arguments: dict[str, Any] | None = None, *,
                       timeout: float = 30.0, sync_timeout: float = 5.0) -> Any:
         """Runs an agent command and returns its "return" value (AgentError on an error reply)."""
         async with self._lock:
-            if not self._synced:
-                await self._sync(sync_timeout)
-            message: dict[str, Any] = {"execute": command}
-            if arguments:
-                message["arguments"] = arguments
-            # Until the reply is read the stream is out of step; a timeout or cancel leaves it so.
-            self._synced = False
-            await self._send(encode(message))
+            await self._issue(command, arguments, sync_timeout)
             try:
                 async with asyncio.timeout(timeout):
                     while True:
@@ -220,13 +224,7 @@ class GuestAgent:
                                grace: float = 1.0, sync_timeout: float = 5.0) -> None:
         """For commands that answer only on failure (guest-shutdown, guest-suspend-*)."""
         async with self._lock:
-            if not self._synced:
-                await self._sync(sync_timeout)
-            message: dict[str, Any] = {"execute": command}
-            if arguments:
-                message["arguments"] = arguments
-            self._synced = False
-            await self._send(encode(message))
+            await self._issue(command, arguments, sync_timeout)
             try:
                 async with asyncio.timeout(grace):
                     line = await self._lines.readline()
