@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 import time
@@ -10,6 +11,7 @@ from typing import Any
 from engine import fmt
 from engine.errors import PermanentError
 from engine.taskmodel import TaskInfo
+from engine.vm.model import parse_memory_mib
 from engine.workspace import Workspace
 
 from .cli import EXIT_FAIL, EXIT_OK, _print_json, _table, _with_client, run_foreground
@@ -105,6 +107,13 @@ def _done(text: str):
     def describe(info: TaskInfo) -> str:
         return text.format(**(info.result or {}), task=info.id)
     return describe
+
+
+def _memory(text: str) -> int:
+    try:
+        return parse_memory_mib(text)
+    except PermanentError as e:
+        raise argparse.ArgumentTypeError(f"{e.message} ({e.hint})") from None
 
 
 def _disk_args(args) -> list[dict]:
@@ -230,11 +239,36 @@ def cmd_vm_agent(args, ws: Workspace) -> int:
             out = await client.vm_agent(args.name)
         if args.json:
             _print_json(out)
+        elif args.agent_command == "info":
+            print(_agent_text(out))
+        elif args.agent_command == "timesync":
+            before, after = out.get("offset_before_s"), out.get("offset_after_s")
+            print(f"{out['vm']}: guest clock set from the host"
+                  + (f"; it was {before:+.3f} s off" if before is not None else "")
+                  + (f", now {after:+.3f} s" if after is not None else ""))
         else:
-            for k, v in out.items():
-                print(f"{k}: {v}")
+            print(f"{out['vm']}: {out['cpus']} vCPUs" + (f", {out['online_in_guest']} online in the guest"
+                                                        if out.get("online_in_guest") is not None else ""))
         return EXIT_OK if out.get("agent", "running") == "running" else EXIT_FAIL
     return asyncio.run(_with_client(ws, go))
+
+
+def _agent_text(a: dict) -> str:
+    """What `ferry vm agent info` prints: the agent's state, then what it reports, labelled."""
+    head = f"{a['vm']}: guest agent {a['agent']}" + (f" (version {a['version']})" if a.get("version") else "")
+    head += f", asked at {fmt.clock(a.get('checked_at'))}"
+    if a["agent"] != "running":
+        return head + (f"\n  {a['reason']}" if a.get("reason") else "")
+    rows = [("OS", a.get("os") or "-"), ("kernel", a.get("kernel") or "-"),
+            ("IPs", ", ".join(a.get("ips") or []) or "none reported")]
+    if "cpu_percent" in a:
+        rows.append(("CPU", f"{a['cpu_percent']:.1f} % busy"))
+    if a.get("mem_total"):
+        rows.append(("memory", f"{fmt.size(a['mem_used'])} used of {fmt.size(a['mem_total'])} "
+                               f"({100 * a['mem_used'] / a['mem_total']:.0f} %)"))
+    disks = [f"{d['mount']} {fmt.size(d['used'])} of {fmt.size(d['total'])}" for d in a.get("disks") or []]
+    rows.append(("disks", "; ".join(disks) or "no filesystems reported"))
+    return "\n".join([head] + [f"  {k:<7} {v}" for k, v in rows])
 
 
 def cmd_vm_reconcile(args, ws: Workspace) -> int:
@@ -284,7 +318,8 @@ def add_parsers(sub) -> None:
 
     def hardware(p, default: bool) -> None:
         p.add_argument("--cpus", type=int, default=1 if default else None)
-        p.add_argument("--memory", type=int, default=256 if default else None, metavar="MiB")
+        p.add_argument("--memory", type=_memory, default=256 if default else None, metavar="SIZE",
+                       help="MiB, or with a unit: 512M, 2G")
         p.add_argument("--network", action="append" if default else "store", metavar="NET")
 
     s = sub.add_parser("vm", help="VMs: list, create, start, stop, clone, export, import, delete, ...")

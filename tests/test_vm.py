@@ -62,7 +62,7 @@ def qemu_io(path: str, cmd: str) -> None:
 
 
 def test_create_start_agent_shutdown(ws):
-    made = ok(ws, "vm", "create", "alpha", "--host", "lab1", "--disk", "64M", "--memory", "192")
+    made = ok(ws, "vm", "create", "alpha", "--host", "lab1", "--disk", "64M", "--memory", "192M")
     disk = made["disks"][0]
     assert Path(disk).is_file() and disk.startswith(str(ws / "lab" / "lab1" / "datastore"))
     assert vms(ws)["alpha"]["state"] == "stopped"
@@ -80,6 +80,9 @@ def test_create_start_agent_shutdown(ws):
         time.sleep(1)
         info = ok(ws, "vm", "agent", "info", "alpha")
     assert any(ip.startswith("10.0.2.15/") for ip in info["ips"]), info["ips"]
+    text = ferry(ws, "vm", "agent", "info", "alpha").out
+    assert text.startswith(f"alpha: guest agent running (version {info['version']})"), text
+    assert "10.0.2.15/24" in text and "MiB used of" in text and "% busy" in text
     sync = ok(ws, "vm", "agent", "timesync", "alpha")
     assert abs(sync["offset_after_s"]) < 5
 
@@ -95,6 +98,8 @@ def test_duplicate_name_and_bad_input_refused(ws):
     err = fails(ws, "vm", "create", "alpha", "--host", "lab1", "--disk", "16M")
     assert "already exists" in err and "alpha" in err
     assert "bad name" not in err
+    err = fails(ws, "vm", "create", "beta", "--host", "lab1", "--memory", "1.5M")
+    assert "memory '1.5M' is not a whole number of MiB" in err
     err = fails(ws, "vm", "create", "bad/name", "--host", "lab1")
     assert "not valid" in err and "hint" in err
     err = fails(ws, "vm", "create", "beta", "--host", "lab1", "--disk", "16M:shared:nope")

@@ -155,6 +155,16 @@ def parse_size(text: str | int, what: str = "size") -> int:
     return int(n)
 
 
+def parse_memory_mib(text: str | int) -> int:
+    """Memory as MiB: '512' (MiB), '512M', '2G', '1.5G'."""
+    if isinstance(text, int) or str(text).strip().isdigit():
+        return int(text)
+    n = parse_size(text, "memory")
+    if n % (1 << 20):
+        raise PermanentError(f"memory {text!r} is not a whole number of MiB", "write e.g. 512, 512M or 2G")
+    return n >> 20
+
+
 def expand_pattern(pattern: str, count: int, start: int = 1) -> list[str]:
     """Names for a batch: 'web-{n:02}' or 'web-##' -> web-01, web-02, ...; a plain name gets -N appended."""
     if count < 1 or count > 100:

@@ -31,7 +31,10 @@ def ferry(workspace: Path, *args: str) -> Result:
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["--workspace", str(workspace), *args])
+        try:
+            code = main(["--workspace", str(workspace), *args])
+        except SystemExit as e:   # argparse refusing an argument: usage line, exit status 2
+            code = e.code
     return Result(code, out.getvalue(), err.getvalue())
 
 
