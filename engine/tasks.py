@@ -598,7 +598,9 @@ class Engine:
         if progress is not None:
             if state == TaskState.SUCCEEDED:
                 # A task that succeeded did all its work, whatever its last progress report said.
-                progress = replace(progress, units_done=progress.units_total or progress.units_done,
+                # One without any measure of its work (a shutdown, say) counts as one unit, done.
+                units = progress.units_total or (None if progress.bytes_total else max(1, progress.units_done))
+                progress = replace(progress, units_done=units or progress.units_done, units_total=units,
                                    bytes_done=progress.bytes_total or progress.bytes_done, eta=None)
             fields["progress"] = progress.to_dict()
         await self.store.call(self.store.update_task, tid, **fields)

@@ -141,6 +141,7 @@ async def test_transient_errors_retry_with_backoff_then_succeed(engine):
     tid = await engine.submit("test.flaky", {"failures": 2})
     info = await engine.wait(tid, timeout=10)
     assert info.state == TaskState.SUCCEEDED and info.result == {"attempts": 3}
+    assert info.progress.fraction == 1.0, "a task that reported no progress still shows complete when done"
     log = await engine.store.call(engine.store.task_log, tid)
     retries = [e["message"] for e in log if "retrying" in e["message"]]
     assert len(retries) == 2 and "connection lost" in retries[0]
