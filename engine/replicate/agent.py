@@ -1336,6 +1336,7 @@ def role_blk(wire, cmd):
     chunk_hash = None
     received = 0      # bytes written (zero chunks to a fresh target excluded)
     wire_bytes = 0    # chunk payload that arrived (compressed size)
+    covered = 0       # bytes of the image dealt with: data written and zero chunks alike
     last_progress = 0.0
     sink = None   # the target's writer (see Direct)
     if target:
@@ -1386,7 +1387,7 @@ def role_blk(wire, cmd):
         typ, payload = wire.read_frame()
         if typ == F_EOF:
             if target:
-                wire.write(F_PROGRESS, pack_values([received, wire_bytes]))
+                wire.write(F_PROGRESS, pack_values([received, wire_bytes, covered]))
                 sync()
             wire.write(F_EOF)
             wire.flush()
@@ -1492,6 +1493,7 @@ def role_blk(wire, cmd):
                     sink.write(data, off + part, wire.landed)
                     chunk_hash.update(data)
                     received += len(data)
+                    covered += len(data)
                     wire_bytes += len(data)
                     continue
                 if kind == CH_ZERO:
@@ -1499,6 +1501,7 @@ def role_blk(wire, cmd):
                     if not fresh:
                         zero_range(fd, off, n, is_dev)
                     digest = zero_hash(n)
+                    covered += n
                 else:
                     if kind == CH_ZLIB:
                         want = bytes(payload[9:41])
@@ -1515,6 +1518,7 @@ def role_blk(wire, cmd):
                         raise OSError(errno.EIO, "chunk %d arrived damaged" % idx)
                     n = part + len(data)
                     received += len(data)
+                    covered += len(data)
                     wire_bytes += len(payload) - (41 if kind == CH_ZLIB else DATA_HDR.size)
                 written.append((idx, digest))
                 since_sync += n
@@ -1530,7 +1534,7 @@ def role_blk(wire, cmd):
             now = time.monotonic()
             if now - last_progress >= 0.1:
                 last_progress = now
-                wire.write(F_PROGRESS, pack_values([received, wire_bytes]))
+                wire.write(F_PROGRESS, pack_values([received, wire_bytes, covered]))
             poll()
             if not bg and (since_sync >= sync_bytes or now - last_sync >= sync_seconds):
                 sync_in_background()

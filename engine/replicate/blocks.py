@@ -81,7 +81,8 @@ class BlockRound:
         self._last_ckpt = 0.0
         self._last_progress = 0.0
         self.channels: list[AgentChannel] = []
-        self.stream_bytes: dict[str, tuple[int, int]] = {}   # per stream: (bytes written, bytes on the wire)
+        # per stream: (bytes written, bytes on the wire, bytes of the image dealt with, zeros included)
+        self.stream_bytes: dict[str, tuple[int, int, int]] = {}
 
     def where(self, side: str) -> str:
         return f"{self.src_t.host}:{self.src_path}" if side == "src" else f"{self.dst_t.host}:{self.dst_path}"
@@ -211,7 +212,7 @@ class BlockRound:
                                    role_src="blk", role_dst="blk", bwlimit=share)
         st = self.stats
         name = f"stream{idx}"
-        self.stream_bytes[name] = (0, 0)
+        self.stream_bytes[name] = (0, 0, 0)
 
         async def target() -> None:
             while True:
@@ -232,13 +233,15 @@ class BlockRound:
                             st.bytes_changed += n
                     await self._checkpoint()
                 elif typ == W.F_PROGRESS:
-                    self.stream_bytes[name] = tuple(W.unpack_values(payload)[:2])
+                    self.stream_bytes[name] = tuple(W.unpack_values(payload)[:3])
                     now = time.monotonic()
                     if now - self._last_progress >= 0.1:
                         self._last_progress = now
-                        self.progress(bytes_done=sum(b for b, _ in self.stream_bytes.values()),
+                        # Progress counts zero chunks as done too: the bar and the ETA follow the
+                        # image, not only the data that has to travel.
+                        self.progress(bytes_done=sum(c for _b, _w, c in self.stream_bytes.values()),
                                       detail={"phase": "copy",
-                                              "streams": {k: b for k, (b, _w) in self.stream_bytes.items()}})
+                                              "streams": {k: b for k, (b, _w, _c) in self.stream_bytes.items()}})
                 elif typ == W.F_EOF:
                     return
 
@@ -267,7 +270,7 @@ class BlockRound:
                 raise failure from None
             raise
         finally:
-            wire = self.stream_bytes.get(name, (0, 0))[1]
+            wire = self.stream_bytes.get(name, (0, 0, 0))[1]
             st.bytes_sent += wire
             st.wire_bytes += wire
 
