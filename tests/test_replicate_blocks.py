@@ -171,15 +171,21 @@ def test_kill_9_mid_copy_then_rerun_resumes_with_little_resent(site, tmp_path):
     assert sha256(src) == sha256(dst)
 
 
+def _in_background(ws: Path, src: Path, dst: Path, bwlimit: str) -> tuple[threading.Thread, dict]:
+    """A paced copy local:src -> ssh1:dst in a thread; its result fills the dict when done."""
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(blocks(ws, f"local:{src}", f"ssh1:{dst}", "--bwlimit", bwlimit)))
+    t.start()
+    return t, result
+
+
 def test_progress_counts_zero_chunks_so_the_bar_follows_the_image(site, tmp_path):
     """Half the image is zeros that never travel: the bar (and so the ETA) still moves through
     them, while the per-stream figures show the data actually written."""
     src, dst = tmp_path / "disk.raw", tmp_path / "copy.raw"
     make_image(src, 64, data_every=2)
     ws = site.workspace.root
-    result: dict = {}
-    t = threading.Thread(target=lambda: result.update(blocks(ws, f"local:{src}", f"ssh1:{dst}", "--bwlimit", "8M")))
-    t.start()
+    t, result = _in_background(ws, src, dst, "8M")
     samples = []
     while t.is_alive():
         p = _task(ws)[2] or {}
@@ -197,9 +203,7 @@ def test_killed_connection_mid_copy_is_retried(site, tmp_path, via):
     src, dst = tmp_path / "disk.raw", tmp_path / "copy.raw"
     make_image(src, 96, data_every=1)
     ws = site.workspace.root
-    result: dict = {}
-    t = threading.Thread(target=lambda: result.update(blocks(ws, f"local:{src}", f"ssh1:{dst}", "--bwlimit", "12M")))
-    t.start()
+    t, result = _in_background(ws, src, dst, "12M")
     deadline = time.monotonic() + 60
     while ((_task(ws)[2] or {}).get("bytes_done") or 0) < 24 * MiB:
         assert t.is_alive() and time.monotonic() < deadline
