@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from engine import fmt
-from engine.errors import PermanentError
+from engine.errors import FerryError, PermanentError
 from engine.taskmodel import TaskInfo
 from engine.vm.model import parse_memory_mib
 from engine.workspace import Workspace
@@ -30,11 +30,29 @@ def _typed_confirmation(args, name: str, action: str) -> str:
     return typed
 
 
-def _vm_row(v: dict) -> list[str]:
-    agent = v.get("agent") or {}
-    return [v["name"], v["kind"], v["host"], f"{_state_symbol(v['state'])} {v['state']}", str(v["cpus"]),
-            f"{v['memory_mb']}M", str(len(v["disks"])), fmt.size(sum(d["size"] for d in v["disks"])),
-            agent.get("agent", "-") if agent else "-", v.get("origin") or ""]
+VM_COLUMNS = ["NAME", "KIND", "HOST", "STATE", "CPUS", "MEM", "DISKS", "SIZE", "ORIGIN"]
+
+
+def _vm_row(v: dict, agents: bool = False) -> list[str]:
+    row = [v["name"], v["kind"], v["host"], f"{_state_symbol(v['state'])} {v['state']}", str(v["cpus"]),
+           f"{v['memory_mb']}M", str(len(v["disks"])), fmt.size(sum(d["size"] for d in v["disks"])),
+           v.get("origin") or ""]
+    if agents:
+        a = v.get("agent") or {}
+        row += [a.get("agent", "-"), ", ".join(ip.split("/")[0] for ip in a.get("ips") or []) or "-"]
+    return row
+
+
+async def _with_agents(client, vms: list[dict]) -> None:
+    """Ask the agents of the running VMs, all at once; each answer (or why not) goes into its row."""
+    running = [v for v in vms if v["state"] == "running"]
+
+    async def ask(v: dict) -> None:
+        try:
+            v["agent"] = await client.vm_agent(v["name"])
+        except FerryError as e:
+            v["agent"] = {"agent": "unknown", "reason": e.message}
+    await asyncio.gather(*(ask(v) for v in running))
 
 
 def _state_symbol(state: str) -> str:
@@ -47,6 +65,8 @@ def cmd_vm_list(args, ws: Workspace) -> int:
         vms = await client.vm_list(recycled=args.recycled)
         if args.templates:
             vms = [v for v in vms if v["kind"] == "template"]
+        if args.agents and not args.recycled:
+            await _with_agents(client, vms)
         if args.json:
             _print_json(vms)
             return EXIT_OK
@@ -58,8 +78,8 @@ def cmd_vm_list(args, ws: Workspace) -> int:
                      time.strftime("%Y-%m-%d %H:%M", time.localtime(v["purge_at"]))] for v in vms]
             print(_table(rows, ["NAME", "KIND", "HOST", "DELETED", "PURGED AFTER"]))
         else:
-            print(_table([_vm_row(v) for v in vms],
-                         ["NAME", "KIND", "HOST", "STATE", "CPUS", "MEM", "DISKS", "SIZE", "AGENT", "ORIGIN"]))
+            agents = args.agents
+            print(_table([_vm_row(v, agents) for v in vms], VM_COLUMNS + (["AGENT", "IPS"] if agents else [])))
         return EXIT_OK
     return asyncio.run(_with_client(ws, go))
 
@@ -327,6 +347,7 @@ def add_parsers(sub) -> None:
     v = vs.add_parser("list", help="VMs and templates with their state")
     v.add_argument("--templates", action="store_true", help="templates only")
     v.add_argument("--recycled", action="store_true", help="the recycle bin")
+    v.add_argument("--agents", action="store_true", help="ask the running VMs' guest agents: state and IPs")
     common(v, name=False)
     v.set_defaults(func=cmd_vm_list)
     v = vs.add_parser("show", help="one VM: hardware, disks, agent")

@@ -83,6 +83,10 @@ def test_create_start_agent_shutdown(ws):
     text = ferry(ws, "vm", "agent", "info", "alpha").out
     assert text.startswith(f"alpha: guest agent running (version {info['version']})"), text
     assert "10.0.2.15/24" in text and "MiB used of" in text and "% busy" in text
+    listed = ferry(ws, "vm", "list", "--agents").out.splitlines()
+    assert listed[0].split()[-2:] == ["AGENT", "IPS"]
+    row = next(line for line in listed if line.startswith("alpha "))
+    assert row.split()[-2:] == ["running", "10.0.2.15"], listed
     sync = ok(ws, "vm", "agent", "timesync", "alpha")
     assert abs(sync["offset_after_s"]) < 5
 
