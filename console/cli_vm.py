@@ -105,7 +105,8 @@ def cmd_vm_show(args, ws: Workspace) -> int:
         a = v.get("agent") or {}
         if a:
             if a.get("agent") == "running":
-                print(f"  agent {a.get('version')}: {a.get('os')} kernel {a.get('kernel')}, "
+                kernel = fmt.guest_kernel(a.get("os"), a.get("kernel"))
+                print(f"  agent {a.get('version')}: {a.get('os')}" + (f" kernel {kernel}" if kernel else "") + ", "
                       f"IPs {', '.join(a.get('ips') or []) or '-'}")
                 if a.get("mem_total"):
                     print(f"  cpu {a.get('cpu_percent', 0):.0f}%, memory {fmt.size(a['mem_used'])} of "

@@ -227,8 +227,8 @@ def _agent_lines(vm: dict, agent: dict | None, pending: bool) -> list[str]:
     out = [_row("Agent", Severity.OK.markup("running") + (f" [$text-muted]{esc(agent['version'])}[/]"
                                                           if agent.get("version") else ""))]
     if agent.get("os"):
-        out.append(_row("Guest OS", esc(agent["os"]) + (f" [$text-muted]{esc(agent['kernel'])}[/]"
-                                                        if agent.get("kernel") else "")))
+        kernel = fmt.guest_kernel(agent["os"], agent.get("kernel"))
+        out.append(_row("Guest OS", esc(agent["os"]) + (f" [$text-muted]{esc(kernel)}[/]" if kernel else "")))
     ips = agent.get("ips") or []
     out.append(_row("IPs", esc(", ".join(ips)) if ips else "[$text-muted]none reported[/]"))
     cpu = agent.get("cpu_percent")

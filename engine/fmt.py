@@ -66,3 +66,8 @@ def clock(ts: float | None) -> str:
 
 def stamp(ts: float | None) -> str:
     return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def guest_kernel(os_name: str | None, kernel: str | None) -> str:
+    """The kernel to show beside a guest's OS name: nothing when the name already says it."""
+    return kernel if kernel and kernel not in (os_name or "") else ""

@@ -83,6 +83,8 @@ def test_create_start_agent_shutdown(ws):
     text = ferry(ws, "vm", "agent", "info", "alpha").out
     assert text.startswith(f"alpha: guest agent running (version {info['version']})"), text
     assert "10.0.2.15/24" in text and "MiB used of" in text and "% busy" in text
+    shown = ferry(ws, "vm", "show", "alpha").out
+    assert shown.count(info["kernel"]) == 1, "the kernel is named once (the live image's OS name has it)"
     listed = ferry(ws, "vm", "list", "--agents").out.splitlines()
     assert listed[0].split()[-2:] == ["AGENT", "IPS"]
     row = next(line for line in listed if line.startswith("alpha "))
