@@ -330,7 +330,7 @@ def parse_config(data: dict, *, file: str, text: str = "", check_files: bool = T
         if transport == "local":
             for key in ("address", "port", "user", "identity"):
                 if key in hdata:
-                    c.problem(path + (key,), f"not used with transport \"local\"", "remove it, or set transport = \"ssh\"")
+                    c.problem(path + (key,), "not used with transport \"local\"", "remove it, or set transport = \"ssh\"")
         if identity and check_files:
             p = Path(identity).expanduser()
             if not p.is_file():

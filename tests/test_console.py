@@ -12,10 +12,10 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-from textual.widgets import DataTable, Static, Tree
+from textual.widgets import DataTable, Tree
 
 import harness.kinds  # noqa: F401  (registers the test task kinds)
 from console.app import FerryApp

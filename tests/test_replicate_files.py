@@ -3,7 +3,6 @@ hostile sources, interruptions (kill -9, a killed connection), a full disk and a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..config import SiteConfig
 from ..workspace import Workspace
 from .base import ByteReader, ByteWriter, FileStat, Process, RunResult, Transport
 from .local import LocalTransport
-from .openssh import openssh_argv
-from .paths import default_ssh_config_paths, default_user_known_hosts
+from .paths import default_user_known_hosts
+
+if TYPE_CHECKING:
+    from .ssh import SshTransport
 
 # asyncssh takes ~90 ms to import: the ssh transport and key tools load on first use.
 _LAZY = {"SshTransport": "ssh", "HostKeyInfo": "knownhosts", "KeyStatus": "knownhosts",

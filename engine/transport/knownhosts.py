@@ -12,8 +12,6 @@ import base64
 import enum
 import hashlib
 import hmac
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import getpass
 import os
-import shlex
 import socket
 import stat as stat_mod
 import uuid
@@ -30,7 +29,7 @@ from ..errors import FerryError, PermanentError, TransportError
 from .base import ByteReader, ByteWriter, FileStat, Process, RunResult, Transport
 from .local import command_error, describe_argv as _describe
 from .openssh import openssh_argv, remote_command
-from .paths import default_ssh_config_paths, default_user_known_hosts
+from .paths import default_ssh_config_paths
 from .knownhosts import (HostKeyInfo, KeyStatus, TrustStore, endpoint_name, fingerprint,
                          host_key_error, public_line, status_of)
 
