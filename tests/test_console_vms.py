@@ -9,6 +9,7 @@ test_vm.py): records and real qcow2 files, stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -80,6 +81,17 @@ def notes(app: FerryApp) -> list[str]:
 
 async def names_are(client: EngineClient, expected: set[str], **kw) -> bool:
     return {v["name"] for v in await client.vm_list(**kw)} == expected
+
+
+@contextlib.asynccontextmanager
+async def on_new_vm(client: EngineClient, name: str = "web1", host: str = "lab1"):
+    """The console at 80x24, the cursor on a stopped VM just made; yields (app, pilot)."""
+    await make_vm(client, name, host)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: labels_under(app, host) == [f"■ {name}"], what=f"{name} under {host}")
+        await go_to(pilot, app, name)
+        yield app, pilot
 
 
 async def go_to(pilot, app: FerryApp, name: str) -> None:
@@ -221,11 +233,7 @@ async def test_create_through_the_dialog_on_the_selected_host(client):
 
 
 async def test_recycle_bin_and_restore(client):
-    await make_vm(client, "web1", "lab1")
-    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
-    async with app.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: labels_under(app, "lab1") == ["■ web1"], what="web1 under lab1")
-        await go_to(pilot, app, "web1")
+    async with on_new_vm(client) as (app, pilot):
         await pilot.press("delete")
         await until(pilot, lambda: isinstance(app.screen, TypedNameScreen), what="delete dialog")
         app.screen.query_one("#mode", Select).value = "delayed"
@@ -250,11 +258,7 @@ async def test_recycle_bin_and_restore(client):
 
 
 async def test_force_stop_asks_first_and_defaults_to_back(client):
-    await make_vm(client, "web1", "lab1")
-    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
-    async with app.run_test(size=(80, 24)) as pilot:
-        await until(pilot, lambda: labels_under(app, "lab1") == ["■ web1"], what="web1 under lab1")
-        await go_to(pilot, app, "web1")
+    async with on_new_vm(client) as (app, pilot):
         await pilot.press("X")
         await until(pilot, lambda: any("web1 is not running" in n for n in notes(app)), what="refusal")
         assert not isinstance(app.screen, ConfirmScreen)
