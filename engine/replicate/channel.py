@@ -48,12 +48,16 @@ class AgentChannel:
     async def start(cls, where: "AgentHost", role: str, **cmd: Any) -> "AgentChannel":
         proc = await where.start()
         ch = cls(where, proc, role, where.host)
-        proc.stdin.write(bootstrap(role, cmd))
-        await ch.drain()
-        typ, payload = await ch.recv()
-        if typ != wire.F_JSON or "hello" not in (msg := json.loads(payload)):
-            raise AgentError(f"{ch.host}: the replication agent did not start ({payload[:200]!r})",
-                             "check that python3 runs on the host")
+        try:
+            proc.stdin.write(bootstrap(role, cmd))
+            await ch.drain()
+            typ, payload = await ch.recv()
+            if typ != wire.F_JSON or "hello" not in (msg := json.loads(payload)):
+                raise AgentError(f"{ch.host}: the replication agent did not start ({payload[:200]!r})",
+                                 "check that python3 runs on the host")
+        except BaseException:
+            await ch.kill()   # nobody else holds it: stop and reap it here (a refused host key, say)
+            raise
         ch.hello = msg
         return ch
 

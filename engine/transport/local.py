@@ -142,12 +142,11 @@ class LocalProcess(Process):
             _killpg(self._p.pid)
         # asyncio's wait() returns only once the output pipes are closed too; a killed process
         # whose output nobody reads (the reader paused on a full buffer) would never get there.
+        # Closing the whole transport (stdin too) does that, now, while the loop runs; wait()
+        # still reaps the process.
         transport = getattr(self._p, "_transport", None)
         if transport is not None:
-            for fd in (1, 2):
-                pipe = transport.get_pipe_transport(fd)
-                if pipe is not None:
-                    pipe.close()
+            transport.close()
 
 
 class LocalTransport(Transport):
