@@ -155,6 +155,7 @@ async def _backup_running(ctx: TaskContext, svc: VMService, src: VMSpec, vm: VMS
     with the guest's filesystems frozen for the instant the jobs start (when its agent answers)."""
     frozen = False
     ga = None
+    job_ids = [f"clone-{vm.short_id}-{j}" for j in range(len(vm.disks))]
     with contextlib.suppress(FerryError):
         ga = await svc.agent(src, timeout=2.0)
     async with await svc.qmp(src) as q:
@@ -165,7 +166,7 @@ async def _backup_running(ctx: TaskContext, svc: VMService, src: VMSpec, vm: VMS
                         await ga.fsfreeze_freeze(timeout=30)
                         frozen = True
                 actions = [{"type": "drive-backup",
-                            "data": {"device": f"drive{j}", "job-id": f"clone-{vm.short_id}-{j}",
+                            "data": {"device": f"drive{j}", "job-id": job_ids[j],
                                      "target": d.path, "format": "qcow2", "sync": "full",
                                      "mode": "absolute-paths"}}
                            for j, d in enumerate(vm.disks)]
@@ -178,7 +179,7 @@ async def _backup_running(ctx: TaskContext, svc: VMService, src: VMSpec, vm: VMS
                 if ga:
                     await ga.close()
             ctx.log(f"point-in-time copy of {src.name} started" + (" (filesystems frozen)" if frozen else ""))
-            pending = {f"clone-{vm.short_id}-{j}" for j in range(len(vm.disks))}
+            pending = set(job_ids)
             try:
                 while pending:
                     jobs = {j["device"]: j for j in await q.execute("query-block-jobs")}
@@ -225,10 +226,7 @@ class ConvertVM(VMTask):
         else:
             if not vm.is_template:
                 raise PermanentError(f"{vm.name} is already a VM", "nothing to do")
-            clones = await svc.linked_clones(vm)
-            if clones:
-                raise PermanentError(f"template {vm.name} has linked clones, whose disks depend on it: "
-                                     + ", ".join(clones), "delete them, or deploy a full VM from the template")
+            await svc.refuse_if_linked(vm, "delete them, or deploy a full VM from the template")
             new, state = vm.with_(kind=VMKind.VM), VMState.STOPPED
         async with working_on(ctx, row):
             await svc.update(vm.id, kind=new.kind, state=state, spec=new)

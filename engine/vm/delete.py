@@ -96,10 +96,7 @@ class DeleteVM(VMTask):
             raise PermanentError(f"{vm.name} is running; a running VM is never deleted",
                                  f"stop it first: ferry vm stop {vm.name}")
         if vm.is_template:
-            clones = await svc.linked_clones(vm)
-            if clones:
-                raise PermanentError(f"template {vm.name} has linked clones, whose disks depend on it: "
-                                     + ", ".join(clones), "delete those first (or purge them from the recycle bin)")
+            await svc.refuse_if_linked(vm, "delete those first (or purge them from the recycle bin)")
         async with working_on(ctx, row):
             if mode == "delayed":
                 days = float(ctx.params.get("keep_days", DEFAULT_KEEP_DAYS))

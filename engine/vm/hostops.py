@@ -12,7 +12,7 @@ from ..config import DatastoreSpec, HostSpec, SiteConfig
 from ..errors import CommandError, FerryError, PermanentError
 from ..platform.liveboot import LiveDisk, LiveNic, LivePaths, LiveRole, is_running, live_boot_argv, read_pid
 from ..platform.liveimage import LiveImage
-from ..transport.base import Transport
+from ..transport.base import RunResult, Transport
 from .hostcmd import Tail, last_line, watch
 from .model import VMSpec
 
@@ -38,8 +38,7 @@ class HostOps:
         return self.spec.name
 
     def paths(self, vm: VMSpec) -> LivePaths:
-        # Short names: QMP/agent socket paths must fit in 107 bytes.
-        return LivePaths(self.spec.runtime, f"vm-{vm.short_id}")
+        return LivePaths(self.spec.runtime, vm.process_name)
 
     def datastore(self, name: str | None) -> DatastoreSpec:
         """The named datastore (it must be attached to this host), or the host's first local one."""
@@ -67,10 +66,13 @@ class HostOps:
     async def run(self, argv: list[str], *, timeout: float | None = 120.0, what: str = "") -> str:
         r = await self.t.run(argv, timeout=timeout)
         if not r.ok:
-            raise CommandError(f"{what or argv[0]} failed on {self.name}: {last_line(r)}",
-                               "the message above is the host's; fix its cause and retry",
-                               exit_status=r.exit_status, stderr=r.stderr.decode("utf-8", "replace"))
+            raise self._failed(what or argv[0], r)
         return r.text()
+
+    def _failed(self, what: str, r: RunResult) -> CommandError:
+        return CommandError(f"{what} failed on {self.name}: {last_line(r)}",
+                            "the message above is the host's; fix its cause and retry",
+                            exit_status=r.exit_status, stderr=r.stderr.decode("utf-8", "replace"))
 
     async def qemu_img(self, *args: str, timeout: float | None = 600.0) -> str:
         return await self.run(["qemu-img", *args], timeout=timeout, what=f"qemu-img {args[0]}")
@@ -80,8 +82,7 @@ class HostOps:
         r = await watch(self.t, ["qemu-img", args[0], "-p", *args[1:]],
                         on_out=Tail(r"\((\d+(?:\.\d+)?)/100%\)", lambda pct: report(pct / 100)))
         if not r.ok:
-            raise CommandError(f"qemu-img {args[0]} failed on {self.name}: {last_line(r)}",
-                               "the message above is the host's; fix its cause and retry", exit_status=r.exit_status)
+            raise self._failed(f"qemu-img {args[0]}", r)
 
     def check_network(self, network: str) -> None:
         if network not in self.spec.networks:

@@ -15,7 +15,7 @@ from ..platform.qmp import QMPClient
 from ..tasks import TaskContext, TaskKind, register
 from .hostops import HostOps, disk_path, vm_dir
 from .model import (DiskSpec, NicSpec, Passthrough, VMSpec, VMState, check_boot, check_bus,
-                    check_hardware, check_name, new_id, parse_size)
+                    check_hardware, check_name, default_max_cpus, new_id, parse_size)
 from .service import VMService
 
 BOOT_TIMEOUT = 90.0
@@ -155,7 +155,7 @@ class CreateVM(TaskKind):
     def validate(self, params: dict[str, Any]) -> None:
         check_name(params.get("name", ""))
         check_hardware(cpus=int(params.get("cpus", 1)), memory_mb=int(params.get("memory_mb", 256)),
-                       max_cpus=int(params.get("max_cpus", max(4, int(params.get("cpus", 1))))))
+                       max_cpus=int(params.get("max_cpus", default_max_cpus(int(params.get("cpus", 1))))))
         check_boot(tuple(params.get("boot", ("disk", "live"))))
         for d in params.get("disks", []):
             check_bus(d.get("bus", "virtio"))
@@ -178,13 +178,14 @@ class CreateVM(TaskKind):
         p = ctx.params
         svc = VMService.of(ctx.engine)
         h = svc.host(p["host"])
-        for n in p.get("nics", [{"network": "default"}]):
-            h.check_network(n.get("network", "default"))
-        vm = VMSpec(id=new_id(), name=p["name"], host=h.name, cpus=int(p.get("cpus", 1)),
-                    max_cpus=int(p.get("max_cpus", max(4, int(p.get("cpus", 1))))),
-                    memory_mb=int(p.get("memory_mb", 256)),
-                    nics=tuple(NicSpec(n.get("network", "default"), n.get("mac", ""))
-                               for n in p.get("nics", [{"network": "default"}])),
+        nics = tuple(NicSpec(n.get("network", "default"), n.get("mac", ""))
+                     for n in p.get("nics", [{"network": "default"}]))
+        for n in nics:
+            h.check_network(n.network)
+        cpus = int(p.get("cpus", 1))
+        vm = VMSpec(id=new_id(), name=p["name"], host=h.name, cpus=cpus,
+                    max_cpus=int(p.get("max_cpus", default_max_cpus(cpus))),
+                    memory_mb=int(p.get("memory_mb", 256)), nics=nics,
                     boot=tuple(p.get("boot", ("disk", "live"))),
                     passthrough=tuple(Passthrough(x["kind"], x["address"]) for x in p.get("passthrough", [])))
         disks = []
@@ -257,7 +258,6 @@ class StartVM(VMTask):
         if vm.is_template:
             raise PermanentError(f"{vm.name} is a template, and a template never starts",
                                  f"deploy a VM from it: ferry template deploy {vm.name} NEW-NAME")
-        h = svc.host(vm.host)
         if await h.pid(vm) is not None:
             raise PermanentError(f"{vm.name} is already running on {h.name}", "nothing to do")
         async with working_on(ctx, row):

@@ -86,6 +86,11 @@ class VMSpec:
     def short_id(self) -> str:
         return self.id[:8]
 
+    @property
+    def process_name(self) -> str:
+        """The name of its QEMU on the host (pid file, sockets): see process_name()."""
+        return process_name(self.id)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["kind"] = str(self.kind)
@@ -95,7 +100,7 @@ class VMSpec:
     def from_dict(cls, d: dict[str, Any]) -> "VMSpec":
         return cls(
             id=d["id"], name=d["name"], host=d["host"], cpus=int(d.get("cpus", 1)),
-            max_cpus=int(d.get("max_cpus", max(4, int(d.get("cpus", 1))))),
+            max_cpus=int(d.get("max_cpus", default_max_cpus(int(d.get("cpus", 1))))),
             memory_mb=int(d.get("memory_mb", 256)),
             disks=tuple(DiskSpec(**x) for x in d.get("disks", ())),
             nics=tuple(NicSpec(**x) for x in d.get("nics", ())),
@@ -111,6 +116,16 @@ class VMSpec:
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def process_name(vm_id: str) -> str:
+    """vm-<first 8 hex digits of the id>: short, since QMP/agent socket paths must fit in 107 bytes."""
+    return f"vm-{vm_id[:8]}"
+
+
+def default_max_cpus(cpus: int) -> int:
+    """How many vCPUs a VM may grow to by hot-add when nobody says: 4, or its count if higher."""
+    return max(4, cpus)
 
 
 def check_name(name: str, what: str = "VM") -> str:

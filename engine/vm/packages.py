@@ -9,7 +9,7 @@ from ..errors import PermanentError
 from ..tasks import TaskContext, TaskKind, register
 from .hostops import HostOps, disk_path
 from .lifecycle import VMTask, make_vm, working_on
-from .model import DiskSpec, NicSpec, VMKind, VMSpec, VMState, check_name, new_id
+from .model import DiskSpec, NicSpec, VMKind, VMSpec, VMState, check_name, default_max_cpus, new_id
 from .service import VMService
 
 
@@ -86,7 +86,7 @@ class ImportVM(TaskKind):
         await h.ensure_space(ds, sum(d.capacity for d in spec.disks) // 4, f"importing {name}")
         nets = [n if n in h.spec.networks else h.spec.networks[0] for n in spec.nics]
         as_template = bool(p.get("as_template", spec.is_template))
-        vm = VMSpec(id=new_id(), name=name, host=h.name, cpus=spec.cpus, max_cpus=max(4, spec.cpus),
+        vm = VMSpec(id=new_id(), name=name, host=h.name, cpus=spec.cpus, max_cpus=default_max_cpus(spec.cpus),
                     memory_mb=spec.memory_mb,
                     disks=tuple(DiskSpec(d.name, ds.name, disk_path(ds, name, d.name), d.capacity, d.bus, ds.shared)
                                 for d in spec.disks),

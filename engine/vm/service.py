@@ -12,7 +12,7 @@ from ..platform.liveimage import LiveImage, build_live_image
 from ..platform.qga import AgentNotAnswering, GuestAgent
 from ..platform.qmp import QMPClient
 from .hostops import HostOps, image_cache_dir
-from .model import VMKind, VMSpec, VMState, VMView
+from .model import VMKind, VMSpec, VMState, VMView, process_name
 
 AGENT_TIMEOUT = 3.0
 RUNNING_TIMEOUT = 10.0
@@ -87,6 +87,13 @@ class VMService:
                 out.append(spec.name + (" (in the recycle bin)" if r["recycled"] else ""))
         return sorted(out)
 
+    async def refuse_if_linked(self, template: VMSpec, hint: str) -> None:
+        """PermanentError listing the linked clones of a template, when it has any."""
+        clones = await self.linked_clones(template)
+        if clones:
+            raise PermanentError(f"template {template.name} has linked clones, whose disks depend on it: "
+                                 + ", ".join(clones), hint)
+
     # -------------------------------------------------------------- live state
 
     async def running_on(self, host: str) -> dict[str, int]:
@@ -118,7 +125,7 @@ class VMService:
         state = VMState(row["state"])
         pid = None
         if running is not None and not row["recycled"]:
-            pid = running.get(f"vm-{spec.short_id}")
+            pid = running.get(spec.process_name)
             if pid and state not in (VMState.RUNNING, VMState.PAUSED):
                 state = VMState.RUNNING
             elif not pid and state in (VMState.RUNNING, VMState.PAUSED):
@@ -135,7 +142,7 @@ class VMService:
         rows = await self.rows()
         by_host: dict[str, dict[str, dict]] = {}
         for r in rows:
-            by_host.setdefault(r["host"], {})[f"vm-{r['id'][:8]}"] = r
+            by_host.setdefault(r["host"], {})[process_name(r["id"])] = r
         report: dict[str, Any] = {"orphans": [], "missing": [], "unreachable": [], "running": 0}
         for host in self.site.hosts:
             try:
