@@ -102,17 +102,8 @@ def cmd_vm_show(args, ws: Workspace) -> int:
             print(f"  nic{i}: network {n['network']}" + (f" mac {n['mac']}" if n.get("mac") else ""))
         for pt in v.get("passthrough", []):
             print(f"  passthrough {pt['kind']} {pt['address']}")
-        a = v.get("agent") or {}
-        if a:
-            if a.get("agent") == "running":
-                kernel = fmt.guest_kernel(a.get("os"), a.get("kernel"))
-                print(f"  agent {a.get('version')}: {a.get('os')}" + (f" kernel {kernel}" if kernel else "") + ", "
-                      f"IPs {', '.join(a.get('ips') or []) or '-'}")
-                if a.get("mem_total"):
-                    print(f"  cpu {a.get('cpu_percent', 0):.0f}%, memory {fmt.size(a['mem_used'])} of "
-                          f"{fmt.size(a['mem_total'])}")
-            else:
-                print(f"  agent: {a.get('agent')} ({a.get('reason', '')})")
+        if v.get("agent"):
+            print("\n".join("  " + line for line in _agent_lines(v["agent"])))
         return EXIT_OK
     return asyncio.run(_with_client(ws, go))
 
@@ -261,7 +252,8 @@ def cmd_vm_agent(args, ws: Workspace) -> int:
         if args.json:
             _print_json(out)
         elif args.agent_command == "info":
-            print(_agent_text(out))
+            head, *rest = _agent_lines(out)
+            print("\n".join([f"{out['vm']}: {head}"] + ["  " + line for line in rest]))
         elif args.agent_command == "timesync":
             before, after = out.get("offset_before_s"), out.get("offset_after_s")
             print(f"{out['vm']}: guest clock set from the host"
@@ -274,14 +266,17 @@ def cmd_vm_agent(args, ws: Workspace) -> int:
     return asyncio.run(_with_client(ws, go))
 
 
-def _agent_text(a: dict) -> str:
-    """What `ferry vm agent info` prints: the agent's state, then what it reports, labelled."""
-    head = f"{a['vm']}: guest agent {a['agent']}" + (f" (version {a['version']})" if a.get("version") else "")
+def _agent_lines(a: dict) -> list[str]:
+    """The guest agent's state, then what it reports, labelled (vm agent info, vm show)."""
+    head = f"guest agent {a['agent']}" + (f" (version {a['version']})" if a.get("version") else "")
     head += f", asked at {fmt.clock(a.get('checked_at'))}"
     if a["agent"] != "running":
-        return head + (f"\n  {a['reason']}" if a.get("reason") else "")
-    rows = [("OS", a.get("os") or "-"), ("kernel", a.get("kernel") or "-"),
-            ("IPs", ", ".join(a.get("ips") or []) or "none reported")]
+        return [head] + ([a["reason"]] if a.get("reason") else [])
+    rows = [("OS", a.get("os") or "-")]
+    kernel = fmt.guest_kernel(a.get("os"), a.get("kernel"))
+    if kernel:   # else the OS name already says it
+        rows.append(("kernel", kernel))
+    rows.append(("IPs", ", ".join(a.get("ips") or []) or "none reported"))
     if "cpu_percent" in a:
         rows.append(("CPU", f"{a['cpu_percent']:.1f} % busy"))
     if a.get("mem_total"):
@@ -289,7 +284,7 @@ def _agent_text(a: dict) -> str:
                                f"({100 * a['mem_used'] / a['mem_total']:.0f} %)"))
     disks = [f"{d['mount']} {fmt.size(d['used'])} of {fmt.size(d['total'])}" for d in a.get("disks") or []]
     rows.append(("disks", "; ".join(disks) or "no filesystems reported"))
-    return "\n".join([head] + [f"  {k:<7} {v}" for k, v in rows])
+    return [head] + [f"{k:<7} {v}" for k, v in rows]
 
 
 def cmd_vm_reconcile(args, ws: Workspace) -> int:

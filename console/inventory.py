@@ -19,12 +19,11 @@ from textual.timer import Timer
 from textual.widgets.tree import TreeNode
 
 from engine import fmt
-from engine.errors import FerryError
 
 from . import vms as vmlook
 from .messages import AgentUpdated, CrumbsChanged, HostUpdated, VMsUpdated
 from .modals import esc
-from .poller import FACTS_TIMEOUT_S, HostPoller, HostStatus, VMList
+from .poller import FACTS_TIMEOUT_S, HostPoller, HostStatus, VMList, attempt
 from .severity import Severity, load_severity, usage_severity
 from .theming import rich_style
 from .vmactions import VM_BINDINGS, VMActions
@@ -467,13 +466,9 @@ class InventoryView(VMActions, Horizontal):
         self.render_detail()
 
     async def _fetch_agent(self, name: str) -> None:
-        try:
-            info = await self.client.vm_agent(name)
-        except FerryError as e:
-            info = {"agent": "not running", "reason": e.message, "checked_at": time.time()}
-        except Exception as e:  # shown, not raised: the next refresh tries again
-            info = {"agent": "not running", "reason": f"internal error: {type(e).__name__}: {e}",
-                    "checked_at": time.time()}
+        info, error, _hint = await attempt(self.client.vm_agent(name), f"agent of {name}")
+        if error is not None:   # shown, not raised: the next refresh tries again
+            info = {"agent": "not running", "reason": error, "checked_at": time.time()}
         self.post_message(AgentUpdated(name, info))
 
     def on_agent_updated(self, message: AgentUpdated) -> None:

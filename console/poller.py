@@ -18,6 +18,21 @@ from engine.errors import FerryError
 
 log = logging.getLogger("ferry.console")
 
+
+async def attempt(call: Awaitable[Any], what: str, *, timeout: tuple[str, str] = (
+        "no answer in time", "check that the host is up and reachable")) -> tuple[Any, str | None, str | None]:
+    """Await one poll or question: (result, None, None), or (None, error, hint) for a failure,
+    which is shown, not raised (a bug is logged too: the polling must go on)."""
+    try:
+        return await call, None, None
+    except FerryError as e:
+        return None, e.message, e.hint or None
+    except (asyncio.TimeoutError, TimeoutError):
+        return None, *timeout
+    except Exception as e:
+        log.exception(what)
+        return None, f"internal error: {type(e).__name__}: {e}", "see logs/ferry.log in the workspace"
+
 INTERVAL_S = 15.0        # between two good polls of one host
 BACKOFF_BASE_S = 5.0     # first retry after a failure; doubles up to BACKOFF_MAX_S
 BACKOFF_MAX_S = 120.0
@@ -113,22 +128,10 @@ class HostPoller:
 
     async def _poll(self, host: str) -> None:
         try:
-            error = hint = None
-            facts = None
-            try:
-                facts = await self.fetch(host)
-                if not getattr(facts, "reachable", True):
-                    error = getattr(facts, "error", None) or "host did not answer"
-                    hint = getattr(facts, "hint", None)
-            except FerryError as e:
-                error, hint = e.message, e.hint or None
-            except (asyncio.TimeoutError, TimeoutError):
-                error, hint = "no answer in time", "check that the host is up and reachable"
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:  # a bug must not stop the polling of every host
-                log.exception("facts of %s", host)
-                error, hint = f"internal error: {type(e).__name__}: {e}", "see logs/ferry.log in the workspace"
+            facts, error, hint = await attempt(self.fetch(host), f"facts of {host}")
+            if error is None and not getattr(facts, "reachable", True):
+                error = getattr(facts, "error", None) or "host did not answer"
+                hint = getattr(facts, "hint", None)
             now = self.clock()
             st = self.status[host]
             if error is None:
@@ -207,20 +210,9 @@ class VMPoller:
 
     async def poll_once(self) -> float:
         """One poll; returns the delay before the next one."""
-        error = hint = None
-        vms: list[dict] = []
-        recycled: list[dict] = []
-        try:
-            vms, recycled = await self.fetch()
-        except FerryError as e:
-            error, hint = e.message, e.hint or None
-        except (asyncio.TimeoutError, TimeoutError):
-            error, hint = "the VM list did not come in time", "check that the hosts answer"
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # a bug must not stop the polling
-            log.exception("VM list")
-            error, hint = f"internal error: {type(e).__name__}: {e}", "see logs/ferry.log in the workspace"
+        got, error, hint = await attempt(self.fetch(), "VM list",
+                                         timeout=("the VM list did not come in time", "check that the hosts answer"))
+        vms, recycled = got if error is None else ([], [])
         self.polls += 1
         now = self.clock()
         if error is None:

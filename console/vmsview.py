@@ -9,7 +9,6 @@ Agent facts come from a walk over the running VMs on screen (the cursor's first)
 
 from __future__ import annotations
 
-import logging
 import time
 from functools import partial
 from typing import Any, Callable
@@ -28,16 +27,14 @@ from textual.widgets import DataTable, Input, Static
 from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowDoesNotExist
 
 from engine import fmt
-from engine.errors import FerryError
 
 from . import vms as vmlook
 from .messages import AgentSampled, CrumbsChanged, VMsUpdated
 from .modals import esc
-from .poller import VMList
+from .poller import VMList, attempt
 from .theming import rich_style
 from .vmactions import VM_BINDINGS, VMActions
 
-log = logging.getLogger("ferry.console")
 
 AGENT_REFRESH_S = 15.0    # a VM's agent is asked again at most this often
 COLUMNS = vmlook.TABLE_COLUMNS
@@ -414,14 +411,8 @@ class VMsView(VMActions, Vertical):
             self._agent_timer = self.set_timer(wait, self.kick_agents)
 
     async def _ask_agent(self, vid: str, name: str) -> None:
-        try:
-            info, error = await self.client.vm_agent(name), None
-        except FerryError as e:
-            info, error = None, e.message
-        except Exception as e:  # shown as a failure, not raised: the walk goes on
-            log.exception("agent of %s", name)
-            info, error = None, f"internal error: {type(e).__name__}: {e}"
-        self.post_message(AgentSampled(vid, info, error))
+        info, error, _hint = await attempt(self.client.vm_agent(name), f"agent of {name}")
+        self.post_message(AgentSampled(vid, info, error))   # a failure is shown; the walk goes on
 
     def on_agent_sampled(self, message: AgentSampled) -> None:
         message.stop()
