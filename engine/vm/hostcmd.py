@@ -52,6 +52,12 @@ async def watch(t: Transport, argv: Sequence[str], *, on_out: Callable[[str], No
     return RunResult(status, bytes(out), bytes(err))
 
 
+async def qemu_img_progress(t: Transport, args: Sequence[str], report: Callable[[float], None]) -> RunResult:
+    """qemu-img SUBCOMMAND -p ARGS..., calling report(fraction done) as its progress line moves."""
+    return await watch(t, ["qemu-img", args[0], "-p", *args[1:]],
+                       on_out=Tail(r"\((\d+(?:\.\d+)?)/100%\)", lambda pct: report(pct / 100)))
+
+
 class Tail:
     """The last match of a pattern in a stream that arrives in arbitrary pieces."""
 

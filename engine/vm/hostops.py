@@ -13,7 +13,7 @@ from ..errors import CommandError, FerryError, PermanentError
 from ..platform.liveboot import LiveDisk, LiveNic, LivePaths, LiveRole, is_running, live_boot_argv, read_pid
 from ..platform.liveimage import LiveImage
 from ..transport.base import RunResult, Transport
-from .hostcmd import Tail, last_line, watch
+from .hostcmd import last_line, qemu_img_progress
 from .model import VMSpec
 
 RECYCLE_DIR = ".recycle"
@@ -79,8 +79,7 @@ class HostOps:
 
     async def qemu_img_progress(self, args: list[str], report: Callable[[float], None]) -> None:
         """Runs qemu-img with -p, calling report(fraction) as it goes."""
-        r = await watch(self.t, ["qemu-img", args[0], "-p", *args[1:]],
-                        on_out=Tail(r"\((\d+(?:\.\d+)?)/100%\)", lambda pct: report(pct / 100)))
+        r = await qemu_img_progress(self.t, args, report)
         if not r.ok:
             raise self._failed(f"qemu-img {args[0]}", r)
 

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from ..errors import FerryError, PermanentError
 from ..transport.base import RunResult, Transport
-from .hostcmd import Tail, last_line, watch
+from .hostcmd import Tail, last_line, qemu_img_progress, watch
 
 OVF_NS = "http://schemas.dmtf.org/ovf/envelope/1"
 RASD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
@@ -497,9 +497,7 @@ def _shown(image: str) -> str:
 
 
 async def _convert(t: Transport, argv: list[str], capacity: int, meter: _Meter, label: str, message: str) -> None:
-    r = await watch(t, ["qemu-img", "convert", "-p", *argv],
-                     on_out=Tail(r"\((\d+(?:\.\d+)?)/100%\)", lambda pct: meter.show(int(capacity * pct / 100),
-                                                                                     label)))
+    r = await qemu_img_progress(t, ["convert", *argv], lambda f: meter.show(int(capacity * f), label))
     if not r.ok:
         raise PermanentError(f"{message} on {t.host}: {last_line(r)}",
                              "check the free space and that the image is not in use")
