@@ -12,7 +12,7 @@ from pathlib import PurePosixPath
 from rich.text import Text
 
 from engine import fmt
-from engine.vm.model import VMState
+from engine.vm.model import VMState, based_on
 
 from .modals import esc
 from .severity import Severity, usage_severity
@@ -65,10 +65,7 @@ def label(vm: dict, variables: dict[str, str], *, busy: bool = False) -> Text:
 
 def linked_clones(template: dict, vms: list[dict]) -> list[str]:
     """Names of the VMs whose disks are based on the template's disks."""
-    paths = {d.get("path") for d in template.get("disks", ())}
-    return sorted(v["name"] for v in vms
-                  if v.get("id") != template.get("id") and any(d.get("backing") in paths
-                                                               for d in v.get("disks", ()) if d.get("backing")))
+    return sorted(v["name"] for v in based_on(template, vms))
 
 
 # ---------------------------------------------------------------------------------- preconditions

@@ -6,7 +6,7 @@ import re
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 from ..errors import PermanentError
 
@@ -116,6 +116,16 @@ class VMSpec:
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+def based_on(template: dict[str, Any], specs: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Those of the VM specs (dicts, as stored or as listed) whose disks are linked clones of the
+    template's disks (their qcow2 backing file is one of them)."""
+    paths = {d["path"] for d in template.get("disks", ())}
+    for s in specs:
+        if s.get("id") != template.get("id") and any(d.get("backing") in paths
+                                                     for d in s.get("disks", ()) if d.get("backing")):
+            yield s
 
 
 def process_name(vm_id: str) -> str:

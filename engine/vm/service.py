@@ -12,7 +12,7 @@ from ..platform.liveimage import LiveImage, build_live_image
 from ..platform.qga import AgentNotAnswering, GuestAgent
 from ..platform.qmp import QMPClient
 from .hostops import HostOps, image_cache_dir
-from .model import VMKind, VMSpec, VMState, VMView, process_name
+from .model import VMKind, VMSpec, VMState, VMView, based_on, process_name
 
 AGENT_TIMEOUT = 3.0
 RUNNING_TIMEOUT = 10.0
@@ -79,13 +79,10 @@ class VMService:
 
     async def linked_clones(self, template: VMSpec) -> list[str]:
         """Names of the VMs (and templates) whose disks are based on the template's images."""
-        paths = {d.path for d in template.disks}
-        out = []
-        for r in await self.rows() + await self.rows(recycled=True):
-            spec = VMSpec.from_dict(r["spec"])
-            if spec.id != template.id and any(d.backing in paths for d in spec.disks if d.backing):
-                out.append(spec.name + (" (in the recycle bin)" if r["recycled"] else ""))
-        return sorted(out)
+        live, binned = await self.rows(), await self.rows(recycled=True)
+        in_bin = {r["id"] for r in binned}
+        return sorted(s["name"] + (" (in the recycle bin)" if s["id"] in in_bin else "")
+                      for s in based_on(template.to_dict(), [r["spec"] for r in live + binned]))
 
     async def refuse_if_linked(self, template: VMSpec, hint: str) -> None:
         """PermanentError listing the linked clones of a template, when it has any."""
