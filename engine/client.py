@@ -7,7 +7,7 @@ running as a separate daemon without change.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable
 
 from . import probe as _probe  # noqa: F401  (registers the probe task kind)
 from .replicate import task as _replicate  # noqa: F401  (registers replicate.files / replicate.blocks)
@@ -128,17 +128,19 @@ class EngineClient:
         return await self.submit(kind, params)
 
     async def vm_timesync(self, name: str) -> dict[str, Any]:
-        out = await self._vms.timesync(name)
-        await self.audit("vm.timesync", name, {}, "ok")
-        return out
+        return await self._audited("vm.timesync", name, {}, self._vms.timesync(name))
 
     async def vm_cpu_hotadd(self, name: str, cpus: int) -> dict[str, Any]:
+        return await self._audited("vm.cpu_hotadd", name, {"cpus": cpus}, self._vms.cpu_hotadd(name, cpus))
+
+    async def _audited(self, action: str, target: str, params: dict, work: Awaitable[Any]) -> Any:
+        """An operator action done at once (not as a task), recorded in the audit log either way."""
         try:
-            out = await self._vms.cpu_hotadd(name, cpus)
+            out = await work
         except Exception as e:
-            await self.audit("vm.cpu_hotadd", name, {"cpus": cpus}, f"failed: {e}")
+            await self.audit(action, target, params, f"failed: {e}")
             raise
-        await self.audit("vm.cpu_hotadd", name, {"cpus": cpus}, "ok")
+        await self.audit(action, target, params, "ok")
         return out
 
     async def wait_task(self, task_id: int, timeout: float | None = None) -> TaskInfo:

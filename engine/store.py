@@ -373,7 +373,6 @@ class Store:
             self._db.execute("INSERT INTO settings(key, value) VALUES(?, ?)"
                              " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, json.dumps(value)))
 
-
     # ---------------------------------------------------------- VMs and templates
 
     def vm_insert(self, *, id: str, name: str, kind: str, host: str, state: str, spec: dict,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -55,6 +56,16 @@ def fails(ws: Path, *args: str) -> str:
 
 def vms(ws: Path, *extra: str) -> dict[str, dict]:
     return {v["name"]: v for v in ok(ws, "vm", "list", *extra)}
+
+
+def _audit(ws: Path) -> list[dict]:
+    """The audit log, newest first."""
+    con = sqlite3.connect(ws / "state.db")
+    try:
+        con.row_factory = sqlite3.Row
+        return [dict(r) for r in con.execute("SELECT * FROM audit ORDER BY id DESC LIMIT 20")]
+    finally:
+        con.close()
 
 
 def qemu_io(path: str, cmd: str) -> None:
@@ -160,6 +171,10 @@ def test_safe_shutdown_refused_without_agent_then_force(ws):
     assert "cannot shut down mute safely" in err and "--force" in err
     assert vms(ws)["mute"]["state"] == "running"
     err = fails(ws, "vm", "agent", "info", "mute")
+    err = fails(ws, "vm", "agent", "timesync", "mute")
+    audit = _audit(ws)
+    assert audit[0]["action"] == "vm.timesync" and audit[0]["target"] == "mute", audit[:2]
+    assert audit[0]["result"].startswith("failed: "), "a failed operator action is audited too"
     ok(ws, "vm", "stop", "mute", "--force")
     assert vms(ws)["mute"]["state"] == "stopped"
 
