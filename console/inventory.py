@@ -4,6 +4,7 @@ tree is diffed node by node against each new VM list, never rebuilt, so the curs
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -412,14 +413,7 @@ class InventoryView(VMActions, Horizontal):
         # new VMs come in sorted order, so most go at the end (the first load of a big host)
         if not children or key_of(children[-1]) < key:
             return parent.add_leaf(vm.get("name", "?"), data=ref)
-        lo, hi = 0, len(children)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if key_of(children[mid]) < key:
-                lo = mid + 1
-            else:
-                hi = mid
-        return parent.add_leaf(vm.get("name", "?"), data=ref, before=lo)
+        return parent.add_leaf(vm.get("name", "?"), data=ref, before=bisect.bisect_left(children, key, key=key_of))
 
     def _label_vm(self, node: TreeNode, key: str, vm: dict, variables: dict[str, str], *, force: bool = False) -> bool:
         """Set the label when what it shows changed; True if it did."""

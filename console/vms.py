@@ -275,7 +275,6 @@ def counts_text(vms: list[dict]) -> str:
     return text
 
 
-
 # ---------------------------------------------------------------------------------- VMs table
 
 AGENT_STALE_S = 30.0     # an agent answer older than this is shown dimmed (the walk did not reach it again)
