@@ -22,11 +22,12 @@ from textual.widgets.tree import TreeNode
 from engine import fmt
 
 from . import vms as vmlook
-from .messages import AgentUpdated, CrumbsChanged, HostUpdated, VMsUpdated
+from .messages import AgentUpdated, HostUpdated, VMsUpdated
 from .modals import esc
 from .poller import FACTS_TIMEOUT_S, HostPoller, HostStatus, VMList, attempt
 from .severity import Severity, load_severity, usage_severity
 from .theming import rich_style
+from .viewbase import ViewBase
 from .vmactions import VM_BINDINGS, VMActions
 
 LABEL_W = 11
@@ -53,7 +54,7 @@ def _clock(ts: float | None) -> str:
     return fmt.clock(ts)
 
 
-class InventoryView(VMActions, Horizontal):
+class InventoryView(ViewBase, VMActions, Horizontal):
     """Tree on the left, details on the right. Facts come from a HostPoller, VMs from a VMPoller."""
 
     BINDINGS = [
@@ -118,10 +119,6 @@ class InventoryView(VMActions, Horizontal):
     async def _fetch(self, host: str) -> Any:
         return await self.client.host_facts(host, timeout=FACTS_TIMEOUT_S)
 
-    @property
-    def shown(self) -> bool:
-        return self.display and self.app.screen is self.screen
-
     def activate(self) -> None:
         """Called when the view is shown."""
         self.catch_up()
@@ -153,9 +150,6 @@ class InventoryView(VMActions, Horizontal):
         if ref.kind == "bin":
             return ("inventory", BIN)
         return ("inventory", BIN, ref.name)
-
-    def post_crumbs(self) -> None:
-        self.post_message(CrumbsChanged(self.VIEW, self.crumbs()))
 
     # ------------------------------------------------------------------ events
 

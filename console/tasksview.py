@@ -18,10 +18,11 @@ from engine import fmt
 from engine.taskmodel import FINAL_STATES, TaskInfo, TaskState
 
 from .feed import TaskFeed
-from .messages import CrumbsChanged, TasksChanged
+from .messages import TasksChanged
 from .modals import esc
 from .severity import state_markup, state_text
 from .theming import rich_style
+from .viewbase import ViewBase
 
 BAR_W = 8
 # (key, label, width or None for the flexible ones); each cell carries one leading space as its gap.
@@ -48,7 +49,7 @@ def flexible_widths(total: int) -> tuple[int, int]:
     return title, max(8, rest - title)
 
 
-class TasksView(Vertical):
+class TasksView(ViewBase, Vertical):
     BINDINGS = [
         Binding("p", "pause", "Pause", id="ferry.tasks.pause", tooltip="Pause the selected task; it keeps its checkpoint"),
         Binding("r", "resume", "Resume", id="ferry.tasks.resume", tooltip="Resume the selected paused or failed task"),
@@ -84,10 +85,6 @@ class TasksView(Vertical):
             table.add_column(label, key=key, width=self._widths[key])
         self.render_detail()
 
-    @property
-    def shown(self) -> bool:
-        return self.display and self.app.screen is self.screen
-
     def activate(self) -> None:
         """Called when the view is shown."""
         self.sync(full=True)
@@ -102,9 +99,6 @@ class TasksView(Vertical):
     def crumbs(self) -> tuple[str, ...]:
         info = self.feed.tasks.get(self.selected_id) if self.selected_id is not None else None
         return ("tasks", f"#{info.id} {info.title}") if info else ("tasks",)
-
-    def post_crumbs(self) -> None:
-        self.post_message(CrumbsChanged(self.VIEW, self.crumbs()))
 
     # ------------------------------------------------------------------ the feed
 

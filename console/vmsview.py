@@ -29,10 +29,11 @@ from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowDoesNotEx
 from engine import fmt
 
 from . import vms as vmlook
-from .messages import AgentSampled, CrumbsChanged, VMsUpdated
+from .messages import AgentSampled, VMsUpdated
 from .modals import esc
 from .poller import VMList, attempt
 from .theming import rich_style
+from .viewbase import ViewBase
 from .vmactions import VM_BINDINGS, VMActions
 
 
@@ -92,7 +93,7 @@ class VMFilter(Input):
         self.remove_class("-open")
 
 
-class VMsView(VMActions, Vertical):
+class VMsView(ViewBase, VMActions, Vertical):
     BINDINGS = [
         *VM_BINDINGS,
         Binding("slash", "filter", "Filter", id="ferry.vms.filter",
@@ -140,10 +141,6 @@ class VMsView(VMActions, Vertical):
         """Cells a row may take: the view's width less the scrollbar."""
         return max(40, (self.size.width or self.app.size.width) - 1)
 
-    @property
-    def shown(self) -> bool:
-        return self.display and self.app.screen is self.screen
-
     def activate(self) -> None:
         """Called when the view is shown: poll from now on (the first time), draw, walk the agents."""
         if not self._started and self.vm_poller is not None:
@@ -166,9 +163,6 @@ class VMsView(VMActions, Vertical):
         vm = self.cursor_vm()
         return (("vms",) + ((f"/{self.filter_text}",) if self.filter_text else ())
                 + ((vm["name"],) if vm else ()))
-
-    def post_crumbs(self) -> None:
-        self.post_message(CrumbsChanged(self.VIEW, self.crumbs()))
 
     # ------------------------------------------------------------------ the list
 

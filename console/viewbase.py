@@ -1,0 +1,27 @@
+"""What every top-level view of the console has: whether the operator sees it, and its crumbs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .messages import CrumbsChanged
+
+
+class ViewBase:
+    """Mixed into the inventory, VMs and Tasks views (before their Textual widget class)."""
+
+    VIEW: str
+    app: Any
+    screen: Any
+    display: bool
+
+    @property
+    def shown(self) -> bool:
+        """On screen now: the active view, not covered by a modal."""
+        return self.display and self.app.screen is self.screen
+
+    def crumbs(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def post_crumbs(self) -> None:
+        self.post_message(CrumbsChanged(self.VIEW, self.crumbs()))
