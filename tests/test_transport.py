@@ -62,12 +62,17 @@ async def ssh_pool(ssh_site):
     await pool.close()
 
 
-def _alive(pid: int) -> bool:
+def _state(pid: int) -> str | None:
+    """A process's state letter (R, S, Z...), None once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:   # gone, possibly between open() and read()
-        return False
+        return None
+
+
+def _alive(pid: int) -> bool:
+    return _state(pid) not in (None, "Z")
 
 
 def _reset_peak_rss() -> int:
@@ -185,6 +190,30 @@ async def test_killed_process_reports_signal(transport):
     assert await proc.stdout.read(6) == b"ready\n"
     await proc.kill()
     assert await proc.wait(5) == -9
+
+
+async def test_killing_a_process_that_just_exited_keeps_its_exit_status(caplog):
+    """kill() of a child that has exited but is not reaped yet (a stream killed as it ends) must not
+    reap it behind asyncio's child watcher: that loses the status (255) and prints "Unknown child
+    process pid N" on the operator's terminal. On one CPU the watcher thread is late often enough
+    that the old kill() (which polled the child) lost about every other status here."""
+    t = LocalTransport("lab1")
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})   # the loop's thread, and the watcher threads it starts
+    statuses = []
+    try:
+        for _ in range(100):
+            proc = await t.start(["sh", "-c", "exec >&-; exit 7"])
+            assert await proc.stdout.read() == b""   # it closed its output: it is exiting
+            deadline = time.monotonic() + 30
+            while _state(proc._p.pid) not in ("Z", None):   # exited; the watcher may not have seen it
+                assert time.monotonic() < deadline
+            await proc.kill()
+            statuses.append(await proc.wait(10))
+    finally:
+        os.sched_setaffinity(0, cpus)
+    assert set(statuses) == {7}
+    assert not [r for r in caplog.records if "Unknown child process" in r.getMessage()]
 
 
 # ---------------------------------------------------------------- files
@@ -494,3 +523,32 @@ async def test_ssh_agent_is_used_when_enabled(ssh_site, tmp_path, monkeypatch):
     finally:
         agent.terminate()
         agent.wait(5)
+
+
+# ---------------------------------------------------------------- replication through the OpenSSH client
+
+
+def test_replications_through_openssh_print_no_stray_child_warnings(ssh_site, tmp_path, monkeypatch):
+    """Each round starts and kills several OpenSSH clients (streams started early and not needed):
+    none of them may be reaped twice, which printed "Unknown child process pid N, will report
+    returncode 255" on stderr in some rounds."""
+    from harness.cli import ferry_process, isolate_ssh
+    from harness.trees import describe, diff, write
+
+    isolate_ssh(monkeypatch, tmp_path / "home")
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(30):
+        write(src / f"f{i}", os.urandom(2000))
+    ws = ssh_site.workspace.root
+    for i in range(10):
+        dst = tmp_path / f"dst{i % 3}"
+        a, b = (f"ssh1:{src}", f"local:{dst}") if i % 2 else (f"local:{src}", f"ssh2:{dst}")
+        if i % 3 == 2:
+            write(src / f"f{i}", os.urandom(2000))   # some rounds have work to do, some do not
+        proc = ferry_process(ws, "replicate", "files", a, b, "--streams", "4", env={"HOME": os.environ["HOME"]})
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert "Unknown child process" not in err and "returncode 255" not in err, err
+        assert err == "", err
+        assert diff(describe(src), describe(dst)) == []

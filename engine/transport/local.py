@@ -142,11 +142,16 @@ class LocalProcess(Process):
             _killpg(self._p.pid)
         # asyncio's wait() returns only once the output pipes are closed too; a killed process
         # whose output nobody reads (the reader paused on a full buffer) would never get there.
-        # Closing the whole transport (stdin too) does that, now, while the loop runs; wait()
-        # still reaps the process.
+        # So its pipes (stdin too) are closed now, while the loop runs; wait() reaps the process.
+        # Not the whole subprocess transport: its close() polls the child (waitpid WNOHANG), and
+        # when the child has just exited that reaps it under asyncio's child watcher, which then
+        # logs "Unknown child process pid N, will report returncode 255" and loses the real status.
         transport = getattr(self._p, "_transport", None)
         if transport is not None:
-            transport.close()
+            for fd in (0, 1, 2):
+                pipe = transport.get_pipe_transport(fd)
+                if pipe is not None:
+                    pipe.close()
 
 
 class LocalTransport(Transport):
