@@ -1,26 +1,40 @@
 """state.db: SQLite (WAL) holding tasks, checkpoints, task logs, audit and settings.
 
-The schema is versioned with PRAGMA user_version and migrated forward on open.
-All methods are synchronous and short; async callers go through `Store.call`, which
-runs them on one dedicated thread so the event loop never blocks on disk.
+The schema is versioned with PRAGMA user_version and migrated forward on open, in one
+exclusive transaction, so that Ferry processes opening a fresh workspace at the same time
+agree on one schema. All methods are synchronous and short; async callers go through
+`Store.call`, which runs them on one dedicated thread so the event loop never blocks on disk.
+
+Every sqlite3 error leaves this module as a FerryError: a lock held past the busy timeout is
+a TransientError naming the processes that hold it; a damaged file (as PRAGMA quick_check
+finds it) is a PermanentError whose hint says how to start fresh; anything else says what
+failed without calling a healthy database damaged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import json
+import logging
+import os
+import random
 import re
 import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
-from .errors import PermanentError
+from .errors import FerryError, PermanentError, TransientError
 
 T = TypeVar("T")
+log = logging.getLogger("ferry.store")
+
+# How long a statement waits for another process's lock before it gives up.
+BUSY_TIMEOUT_S = 10.0
 
 # Each entry migrates from version i to i+1. Never edit a released entry; append.
 MIGRATIONS: list[str] = [
@@ -101,6 +115,20 @@ MIGRATIONS: list[str] = [
     );
     CREATE UNIQUE INDEX vms_name ON vms(name) WHERE recycled IS NULL;
     """,
+    # v4: one unfinished task per job, so that the same job started twice by two processes at
+    # once gives one task. Duplicates an older Ferry let through are retired first (the newest
+    # one stays; it holds the latest checkpoint).
+    """
+    UPDATE tasks SET state='cancelled', finished=COALESCE(finished, updated),
+        error='a duplicate of task ' || (SELECT MAX(t.id) FROM tasks t WHERE t.kind=tasks.kind
+            AND t.dedup_key=tasks.dedup_key AND t.state NOT IN ('succeeded','cancelled'))
+            || ', which does the same job'
+    WHERE dedup_key IS NOT NULL AND state NOT IN ('succeeded','cancelled') AND id < (
+        SELECT MAX(t.id) FROM tasks t WHERE t.kind=tasks.kind AND t.dedup_key=tasks.dedup_key
+            AND t.state NOT IN ('succeeded','cancelled'));
+    CREATE UNIQUE INDEX tasks_one_unfinished ON tasks(kind, dedup_key)
+        WHERE dedup_key IS NOT NULL AND state NOT IN ('succeeded','cancelled');
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -115,6 +143,17 @@ def scrub(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [scrub(v) for v in value]
     return value
+
+
+def redacted_keys(value: Any, prefix: str = "") -> list[str]:
+    """The parameters `scrub` redacted (dotted paths): what a task must be given again to run."""
+    if isinstance(value, dict):
+        return [k for key, v in value.items() for k in (
+            [prefix + str(key)] if v == REDACTED and _SECRET_RE.search(str(key)) else
+            redacted_keys(v, f"{prefix}{key}."))]
+    if isinstance(value, (list, tuple)):
+        return [k for v in value for k in redacted_keys(v, prefix)]
+    return []
 
 
 def current_user() -> str:
@@ -140,60 +179,119 @@ class Store:
         self.path = path
         self._lock = threading.RLock()
         self._pool: ThreadPoolExecutor | None = None
+        self._db: sqlite3.Connection | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), timeout=10, isolation_level=None, check_same_thread=False)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed checkpoint survives power loss, not only a killed process.
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.execute("PRAGMA busy_timeout=10000")
-            self._migrate()
-        except sqlite3.DatabaseError as e:
-            raise PermanentError(f"cannot open state database {path}: {e}",
-                                 "check the workspace folder; move a damaged state.db aside to start fresh") from None
+        except OSError as e:
+            raise PermanentError(f"cannot create the folder of the state database {path}: {e.strerror}",
+                                 "pass --workspace DIR or set FERRY_WORKSPACE to a writable folder") from None
+        try:
+            with self._guard():
+                self._db = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                           check_same_thread=False)
+                self._db.row_factory = sqlite3.Row
+                self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+                self._wal()
+                # FULL: a committed checkpoint survives power loss, not only a killed process.
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute("PRAGMA foreign_keys=ON")
+                self._migrate()
+        except BaseException:
+            if self._db is not None:
+                self._db.close()
+            raise
 
     # ---------------------------------------------------------- plumbing
 
+    def _wal(self) -> None:
+        """Switch to WAL (once per database file). The switch needs a moment alone with the file,
+        and a process racing us for it gets "database is locked" at once, whatever the busy
+        timeout: so it is retried until the busy timeout has passed."""
+        db = self._db
+        assert db is not None
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if not _is_busy(e) or time.monotonic() > deadline:
+                    raise
+            time.sleep(random.uniform(0.005, 0.05))
+
     def _migrate(self) -> None:
+        """Bring the schema to SCHEMA_VERSION: every migration in one exclusive transaction that
+        reads the version again inside it, so a process that lost the race applies none twice."""
         with self._lock:
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise PermanentError(
-                    f"{self.path} has schema version {version}, newer than this Ferry understands ({SCHEMA_VERSION})",
-                    "upgrade Ferry, or use another workspace")
-            for i in range(version, SCHEMA_VERSION):
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
+            db = self._db
+            assert db is not None
+            if self._user_version() == SCHEMA_VERSION:
+                return
+            db.execute("BEGIN EXCLUSIVE")
+            try:
+                version = self._user_version()
+                if version > SCHEMA_VERSION:
+                    raise PermanentError(
+                        f"{self.path} has schema version {version}, newer than this Ferry understands "
+                        f"({SCHEMA_VERSION})", "upgrade Ferry, or use another workspace")
+                for i in range(version, SCHEMA_VERSION):
                     for stmt in MIGRATIONS[i].split(";"):
                         if stmt.strip():
-                            self._db.execute(stmt)
-                    self._db.execute(f"PRAGMA user_version={i + 1}")
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
+                            db.execute(stmt)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+
+    def _user_version(self) -> int:
+        assert self._db is not None
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
 
     @property
     def schema_version(self) -> int:
-        with self._lock:
-            return self._db.execute("PRAGMA user_version").fetchone()[0]
+        with self._lock, self._guard():
+            return self._user_version()
+
+    @contextlib.contextmanager
+    def _guard(self, conflict: FerryError | None = None) -> Iterator[None]:
+        """Turn sqlite3 errors into FerryErrors (`conflict` for a broken UNIQUE constraint)."""
+        try:
+            yield
+        except sqlite3.IntegrityError as e:
+            if conflict is not None:
+                raise conflict from None
+            log.error("state database refused a change: %s", e, exc_info=True)
+            raise PermanentError(f"the state database {self.path} refused a change: {e}",
+                                 "this is a bug in Ferry: see logs/ferry.log in the workspace and report it") from None
+        except sqlite3.Error as e:
+            raise db_error(self.path, e) from None
 
     def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._lock, self._guard():
+            db = self._db
+            assert db is not None
+            db.execute("BEGIN IMMEDIATE")
             try:
-                out = fn(self._db)
-                self._db.execute("COMMIT")
+                out = fn(db)
+                db.execute("COMMIT")
                 return out
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
 
     def _q(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, self._guard():
+            assert self._db is not None
             return self._db.execute(sql, args).fetchall()
+
+    def _exec(self, sql: str, args: tuple = (), *, conflict: FerryError | None = None) -> None:
+        with self._lock, self._guard(conflict):
+            assert self._db is not None
+            self._db.execute(sql, args)
 
     async def call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """Run a store method off the event loop, serialised on one thread."""
@@ -207,21 +305,37 @@ class Store:
             self._pool.shutdown(wait=True)
             self._pool = None
         with self._lock:
-            self._db.close()
+            if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.close()
 
     # ---------------------------------------------------------- tasks
 
     def insert_task(self, *, kind: str, title: str, params: dict, hosts: list[str], state: str,
-                    dedup_key: str | None, owner: str | None) -> int:
+                    dedup_key: str | None, owner: str | None, count_rounds: bool = False) -> tuple[int, bool]:
+        """Create a task: (its id, True). When an unfinished task already does the same job (same
+        kind and dedup key), create nothing: (that task's id, False). Looking and inserting are one
+        transaction, so the same job started by two processes at once gives one task.
+        count_rounds: params["round"] counts the job's earlier successes, plus one."""
         now = time.time()
 
-        def tx(db: sqlite3.Connection) -> int:
+        def tx(db: sqlite3.Connection) -> tuple[int, bool]:
+            p = params
+            if dedup_key is not None:
+                same = db.execute("SELECT id FROM tasks WHERE kind=? AND dedup_key=? AND state NOT IN"
+                                  " ('succeeded','cancelled') ORDER BY id DESC LIMIT 1", (kind, dedup_key)).fetchone()
+                if same is not None:
+                    return int(same["id"]), False
+                if count_rounds:
+                    done = db.execute("SELECT COUNT(*) FROM tasks WHERE kind=? AND dedup_key=?"
+                                      " AND state='succeeded'", (kind, dedup_key)).fetchone()[0]
+                    p = {**params, "round": done + 1}
             cur = db.execute(
                 "INSERT INTO tasks(kind,title,params,hosts,dedup_key,state,owner,heartbeat,created_by,created,updated)"
                 " VALUES(?,?,?,?,?,?,?,?,?,?,?)",
-                (kind, title, _dumps(params), _dumps(hosts), dedup_key, state, owner, now if owner else None,
+                (kind, title, _dumps(p), _dumps(hosts), dedup_key, state, owner, now if owner else None,
                  current_user(), now, now))
-            return int(cur.lastrowid)
+            return int(cur.lastrowid), True
         return self._tx(tx)
 
     def task_row(self, task_id: int) -> dict | None:
@@ -244,22 +358,13 @@ class Store:
         args.append(limit)
         return [_row(r) for r in self._q(sql, tuple(args))]
 
-    def find_unfinished(self, kind: str, dedup_key: str) -> dict | None:
-        """The newest task for the same job that has not succeeded (failed ones can be resumed)."""
-        rows = self._q("SELECT * FROM tasks WHERE kind=? AND dedup_key=? AND state NOT IN"
-                       " ('succeeded','cancelled') ORDER BY id DESC LIMIT 1", (kind, dedup_key))
-        return _row(rows[0]) if rows else None
-
-    def count_succeeded(self, kind: str, dedup_key: str) -> int:
-        return self._q("SELECT COUNT(*) FROM tasks WHERE kind=? AND dedup_key=? AND state='succeeded'",
-                       (kind, dedup_key))[0][0]
-
     def update_task(self, task_id: int, **fields: Any) -> None:
-        """Update columns; JSON columns are encoded. `owner_is` guards the update; soft=True for
-        progress only (see _soft)."""
+        """Update columns; JSON columns are encoded. `owner_is` and `state_is` guard the update;
+        soft=True for progress only (see _soft)."""
         owner_is = fields.pop("owner_is", None)
+        state_is = fields.pop("state_is", None)
         if fields.pop("soft", False):
-            return self._soft(self.update_task, task_id, owner_is=owner_is, **fields)
+            return self._soft(self.update_task, task_id, owner_is=owner_is, state_is=state_is, **fields)
         sets, args = [], []
         for k, v in fields.items():
             if k in ("params", "hosts", "progress", "checkpoint", "result", "waiting", "requested"):
@@ -273,8 +378,10 @@ class Store:
         if owner_is is not None:
             sql += " AND owner=?"
             args.append(owner_is)
-        with self._lock:
-            self._db.execute(sql, tuple(args))
+        if state_is is not None:
+            sql += " AND state=?"
+            args.append(str(state_is))
+        self._exec(sql, tuple(args))
 
     def save_checkpoint(self, task_id: int, owner: str, checkpoint: dict, progress: dict | None,
                         chunks: list[tuple[int, bytes]] | None = None, reset_chunks: bool = False) -> int:
@@ -306,11 +413,17 @@ class Store:
         on power loss without harm (checkpoints, progress, heartbeats, task log lines), so that
         a busy copy's writeback does not stall the engine several times a second."""
         with self._lock:
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._exec("PRAGMA synchronous=NORMAL")
             try:
                 return fn(*args, **kw)
             finally:
-                self._db.execute("PRAGMA synchronous=FULL")
+                self._exec("PRAGMA synchronous=FULL")
+
+    def last_result(self, kind: str, dedup_key: str) -> dict | None:
+        """The result of the newest succeeded task of the same job (the previous round)."""
+        rows = self._q("SELECT result FROM tasks WHERE kind=? AND dedup_key=? AND state='succeeded'"
+                       " ORDER BY id DESC LIMIT 1", (kind, dedup_key))
+        return _loads(rows[0]["result"]) if rows else None
 
     def load_chunks(self, task_id: int) -> dict[int, bytes]:
         return {r["idx"]: bytes(r["hash"]) for r in self._q("SELECT idx, hash FROM chunks WHERE task_id=?",
@@ -330,7 +443,7 @@ class Store:
         return self._tx(tx)
 
     def heartbeat(self, owner: str) -> None:
-        self._soft(self._db.execute, "UPDATE tasks SET heartbeat=? WHERE owner=? AND state NOT IN"
+        self._soft(self._exec, "UPDATE tasks SET heartbeat=? WHERE owner=? AND state NOT IN"
                    " ('succeeded','failed','cancelled')", (time.time(), owner))
 
     def take_requests(self, owner: str) -> list[tuple[int, dict]]:
@@ -344,7 +457,7 @@ class Store:
         return self._tx(tx)
 
     def append_log(self, task_id: int, level: str, message: str) -> None:
-        self._soft(self._db.execute, "INSERT INTO task_log(task_id, ts, level, message) VALUES(?,?,?,?)",
+        self._soft(self._exec, "INSERT INTO task_log(task_id, ts, level, message) VALUES(?,?,?,?)",
                    (task_id, time.time(), level, message))
 
     def task_log(self, task_id: int, limit: int = 200) -> list[dict]:
@@ -355,10 +468,8 @@ class Store:
     # ---------------------------------------------------------- audit and settings
 
     def audit(self, action: str, target: str, params: dict | None, result: str, actor: str | None = None) -> None:
-        with self._lock:
-            self._db.execute("INSERT INTO audit(ts, actor, action, target, params, result) VALUES(?,?,?,?,?,?)",
-                             (time.time(), actor or current_user(), action, target,
-                              _dumps(scrub(params or {})), result))
+        self._exec("INSERT INTO audit(ts, actor, action, target, params, result) VALUES(?,?,?,?,?,?)",
+                   (time.time(), actor or current_user(), action, target, _dumps(scrub(params or {})), result))
 
     def audit_rows(self, limit: int = 200) -> list[dict]:
         rows = self._q("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
@@ -369,39 +480,30 @@ class Store:
         return json.loads(rows[0]["value"]) if rows else default
 
     def set_setting(self, key: str, value: Any) -> None:
-        with self._lock:
-            self._db.execute("INSERT INTO settings(key, value) VALUES(?, ?)"
-                             " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, json.dumps(value)))
+        self._exec("INSERT INTO settings(key, value) VALUES(?, ?)"
+                   " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, json.dumps(value)))
 
     # ---------------------------------------------------------- VMs and templates
 
     def vm_insert(self, *, id: str, name: str, kind: str, host: str, state: str, spec: dict,
                   busy: int | None = None) -> None:
         now = time.time()
-        try:
-            with self._lock:
-                self._db.execute("INSERT INTO vms(id, name, kind, host, state, spec, busy, created, updated)"
-                                 " VALUES(?,?,?,?,?,?,?,?,?)",
-                                 (id, name, kind, host, state, _dumps(spec), busy, now, now))
-        except sqlite3.IntegrityError:
-            raise PermanentError(f"a VM or template named {name!r} already exists",
-                                 "choose another name (ferry vm list shows the names in use)") from None
+        self._exec("INSERT INTO vms(id, name, kind, host, state, spec, busy, created, updated) VALUES(?,?,?,?,?,?,?,?,?)",
+                   (id, name, kind, host, state, _dumps(spec), busy, now, now),
+                   conflict=PermanentError(f"a VM or template named {name!r} already exists",
+                                           "choose another name (ferry vm list shows the names in use)"))
 
     def vm_update(self, vm_id: str, **fields: Any) -> None:
         if "spec" in fields:
             fields["spec"] = _dumps(fields["spec"])
         fields["updated"] = time.time()
         cols = ", ".join(f"{k}=?" for k in fields)
-        try:
-            with self._lock:
-                self._db.execute(f"UPDATE vms SET {cols} WHERE id=?", (*fields.values(), vm_id))
-        except sqlite3.IntegrityError:
-            raise PermanentError(f"a VM or template named {fields.get('name')!r} already exists",
-                                 "rename or delete the other one first") from None
+        self._exec(f"UPDATE vms SET {cols} WHERE id=?", (*fields.values(), vm_id),
+                   conflict=PermanentError(f"a VM or template named {fields.get('name')!r} already exists",
+                                           "rename or delete the other one first"))
 
     def vm_delete(self, vm_id: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM vms WHERE id=?", (vm_id,))
+        self._exec("DELETE FROM vms WHERE id=?", (vm_id,))
 
     def vm_rows(self, *, recycled: bool = False) -> list[dict]:
         where = "recycled IS NOT NULL" if recycled else "recycled IS NULL"
@@ -410,6 +512,132 @@ class Store:
     def vm_row(self, vm_id: str) -> dict | None:
         rows = self._q("SELECT * FROM vms WHERE id=?", (vm_id,))
         return _vm_row(rows[0]) if rows else None
+
+
+# ---------------------------------------------------------- sqlite errors, as an operator reads them
+
+def _code(e: sqlite3.Error) -> int | None:
+    code = getattr(e, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF   # the primary code of an extended one
+
+
+def _is_busy(e: sqlite3.Error) -> bool:
+    return _code(e) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or (
+        _code(e) is None and ("locked" in str(e) or "busy" in str(e)))
+
+
+def db_error(path: Path, e: sqlite3.Error) -> FerryError:
+    """The FerryError an operator sees for a sqlite3 error on the state database at `path`."""
+    code = _code(e)
+    if _is_busy(e):
+        holders = lock_holders(path)
+        who = ", ".join(holders) if holders else "another process"
+        return TransientError(
+            f"state database {path} is locked: {who} held it for more than {BUSY_TIMEOUT_S:g} s",
+            "wait for it to finish or stop it, then run the command again" if holders else
+            f"find it with `fuser -v {path}*`, wait for it to finish or stop it, then run the command again")
+    if code == sqlite3.SQLITE_FULL:
+        return PermanentError(f"cannot write the state database {path}: the disk is full",
+                              "free space on that filesystem, then run the command again")
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+        return PermanentError(f"cannot open or write the state database {path}: {e}",
+                              "check the owner and permissions of the workspace folder and of state.db, "
+                              "state.db-wal and state.db-shm in it, or pass --workspace DIR")
+    damage = damage_of(path)
+    if damage:
+        return PermanentError(
+            f"state database {path} is damaged: {damage}",
+            f"move it aside to start fresh: mv {path} {path}.damaged (and its -wal and -shm files); the tasks, "
+            f"VM records and audit in it are then forgotten, and `sqlite3 {path}.damaged .recover` may save some")
+    if code == sqlite3.SQLITE_IOERR:
+        return PermanentError(f"reading or writing the state database {path} failed: {e}",
+                              "the filesystem reported an I/O error: check the disk (dmesg), then run the command again")
+    log.error("state database %s: %s", path, e, exc_info=e)
+    return PermanentError(f"state database {path}: {e}",
+                          "the database passed its integrity check; see logs/ferry.log in the workspace and report it")
+
+
+def damage_of(path: Path) -> str | None:
+    """What PRAGMA quick_check finds wrong with the database at `path`; None when it finds nothing
+    (or cannot tell, because another process holds it)."""
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1.0)
+    except sqlite3.Error:
+        return None   # cannot even open it: not a sign of damage (permissions, a missing folder)
+    try:
+        rows = [r[0] for r in con.execute("PRAGMA quick_check(20)").fetchall()]
+    except sqlite3.Error as e:
+        return None if _is_busy(e) or _code(e) in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM) else str(e)
+    finally:
+        con.close()
+    if rows == ["ok"]:
+        return None
+    found = [ln.strip() for r in rows for ln in str(r).splitlines() if ln.strip() and not ln.startswith("***")]
+    return "quick_check finds " + (f"{found[0]} (and {len(found) - 1} more problems)" if len(found) > 1
+                                   else found[0] if found else "it inconsistent")
+
+
+def lock_holders(path: Path) -> list[str]:
+    """Other processes that hold a write lock on the database at `path` (from /proc/locks), or
+    failing that every other process that has it open: "pid N (command line)" each."""
+    ids = set()
+    for p in (path, Path(f"{path}-shm"), Path(f"{path}-wal")):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        ids.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+    me = os.getpid()
+    pids: list[int] = []
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                # "1: POSIX  ADVISORY  WRITE 12788 fe:00:2180849 1073741826 1073742335"; waiters have "->"
+                if len(parts) < 6 or parts[1] == "->" or parts[3] != "WRITE":
+                    continue
+                try:
+                    pid = int(parts[4])
+                    major, minor, ino = parts[5].split(":")
+                    key = (int(major, 16), int(minor, 16), int(ino))
+                except ValueError:
+                    continue
+                if key in ids and pid != me and pid not in pids:
+                    pids.append(pid)
+    except OSError:
+        pass
+    if not pids:
+        pids = [pid for pid in _pids_with_open(path) if pid != me]
+    return [describe_process(pid) for pid in pids]
+
+
+def _pids_with_open(path: Path) -> list[int]:
+    names = {str(path), f"{path}-wal", f"{path}-shm"}
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in names for fd in (entry / "fd").iterdir()):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def describe_process(pid: int) -> str:
+    """ "pid N (its command line)", printable and short, for naming a process to an operator."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return f"pid {pid}"
+    args = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    if len(args) > 2 and os.path.basename(args[0]).startswith("python") and args[1] == "-m":
+        args = args[2:]          # "python -m console.cli ..." is ferry
+    if args and (os.path.basename(args[0]) == "ferry" or args[0] == "console.cli"):
+        args[0] = "ferry"
+    text = " ".join("".join(c if c.isprintable() else " " if c.isspace() else "?" for c in " ".join(args)).split())
+    return f"pid {pid} ({text[:120] + '…' if len(text) > 120 else text})" if text else f"pid {pid}"
 
 
 def _vm_row(r: sqlite3.Row) -> dict:

@@ -12,7 +12,6 @@ row, which the owner applies within a second.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 import logging
 import os
 import random
@@ -20,12 +19,13 @@ import secrets
 import socket
 import time
 from collections import Counter, deque
-from typing import Any, ClassVar
+from dataclasses import dataclass, replace
+from typing import Any, Awaitable, Callable, ClassVar
 
 from .config import SiteConfig
 from .errors import FerryError, PermanentError, TaskCancelled, TransientError
 from .events import Event, EventBus, Subscription
-from .store import Store
+from .store import Store, current_user, describe_process, redacted_keys, scrub
 from .taskmodel import FINAL_STATES, Progress, TaskInfo, TaskState
 
 log = logging.getLogger("ferry.tasks")
@@ -37,9 +37,45 @@ PROGRESS_PUBLISH_S = 0.1
 PROGRESS_PERSIST_S = 1.0
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 60.0
+BACKOFF_JITTER = 0.2     # each delay is shortened by up to this fraction, so retries spread out
 
 # Engines alive in this process, so a same-pid owner can be told apart from a stopped one.
 _LIVE_OWNERS: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delays between the attempts of a task that failed with a transient error: base, 2 x base,
+    4 x base, ... capped at `cap`, each shortened by a random fraction of up to `jitter`."""
+
+    base: float = BACKOFF_BASE_S
+    cap: float = BACKOFF_MAX_S
+    jitter: float = BACKOFF_JITTER
+
+    def delay(self, attempt: int, u: float) -> float:
+        """The wait after failed attempt `attempt` (1, 2, ...); u in [0, 1] picks the jitter."""
+        return min(self.cap, self.base * 2 ** (attempt - 1)) * (1.0 - self.jitter * u)
+
+
+class TaskRunsElsewhere(PermanentError):
+    """The job is already done by a task another live Ferry process runs."""
+
+    def __init__(self, info: TaskInfo, process: str) -> None:
+        super().__init__(f"task {info.id} ({info.title}) is already run by another Ferry process: {process}",
+                         f"follow it with `ferry task show {info.id}`, or control it with "
+                         f"`ferry task pause|cancel {info.id}`")
+        self.task_id = info.id
+        self.process = process
+
+
+def owner_process(owner: str | None) -> str:
+    """The Ferry process named by a task's owner (host:pid:token), as an operator can find it."""
+    try:
+        host, pid_s, _token = (owner or "").split(":")
+        pid = int(pid_s)
+    except ValueError:
+        return owner or "none"
+    return describe_process(pid) if host == socket.gethostname() else f"pid {pid} on {host}"
 
 
 class TaskKind:
@@ -84,38 +120,57 @@ def kind_of(name: str) -> TaskKind:
 
 
 class _RateMeter:
-    """Rate over a sliding window of a few seconds, so ETA follows the current speed."""
+    """Bytes per second over a sliding window of a few seconds, so ETA follows the current speed."""
 
     WINDOW_S = 5.0
+    MIN_SPAN_S = 1.0     # no rate from a shorter span: a first burst is not a speed
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.samples: deque[tuple[float, int]] = deque()
 
+    def restart(self) -> None:
+        self.samples.clear()
+
+    def rebase(self, delta: int) -> None:
+        """The counter moved by `delta` without work being done now: not part of the rate."""
+        self.samples = deque((t, v + delta) for t, v in self.samples)
+
     def update(self, value: int) -> float | None:
-        now = time.monotonic()
+        now = self.clock()
         if self.samples and value < self.samples[-1][1]:
-            self.samples.clear()  # counter went back (new round): start over
+            self.samples.clear()  # counter went back (a new phase): start over
         self.samples.append((now, value))
         while len(self.samples) > 2 and now - self.samples[0][0] > self.WINDOW_S:
             self.samples.popleft()
         t0, v0 = self.samples[0]
-        if now - t0 < 0.2:
+        if now - t0 < self.MIN_SPAN_S:
             return None
         return (value - v0) / (now - t0)
+
+
+def at_rest(p: Progress) -> Progress:
+    """Progress of a task that is not running: no rate, no ETA."""
+    return p if p.rate is None and p.eta is None else replace(p, rate=None, eta=None)
 
 
 class TaskContext:
     """What a running task sees: its parameters, checkpoint, progress, log, transports, confirmation."""
 
-    def __init__(self, engine: "Engine", info: TaskInfo, checkpoint: dict | None, attempt: int) -> None:
+    def __init__(self, engine: "Engine", info: TaskInfo, checkpoint: dict | None, attempt: int, *,
+                 params: dict[str, Any] | None = None, progress: Progress | None = None) -> None:
         self.engine = engine
         self.id = info.id
         self.kind = info.kind
-        self.params = info.params
+        self.params = info.params if params is None else params
         self.checkpoint = checkpoint
         self.resumed = checkpoint is not None
         self.attempt = attempt
-        self._progress = info.progress
+        start = at_rest(info.progress if progress is None else progress)
+        self._progress = self._reported = start
+        # Where the bar stood when this run began (after a pause, a retry, a new engine): it does
+        # not go back below it while the task counts the same total again.
+        self._floor: Progress | None = start if start.fraction else None
         self._meter = _RateMeter()
         self._last_pub = 0.0
         self._flush: asyncio.TimerHandle | None = None
@@ -133,24 +188,57 @@ class TaskContext:
     def current_progress(self) -> Progress:
         return self._progress
 
-    def progress(self, **fields: Any) -> None:
-        """Update progress (units_done/total, bytes_done/total, item, detail); rate and ETA are derived."""
-        p = self._progress
+    def progress(self, *, measured: bool = True, **fields: Any) -> None:
+        """Update progress (units_done/total, bytes_done/total, item, detail).
+
+        Rate and ETA come from bytes only: a task that moves no bytes shows neither.
+        measured=False: this change is work found already done (on resume) or skipped, which
+        moves the bar but not the rate."""
+        before = self._reported
         detail = fields.pop("detail", None)
-        merged = {**p.to_dict(), **fields}
+        merged = {**before.to_dict(), **fields}
         if detail is not None:
-            merged["detail"] = {**p.detail, **detail}
-        counter, total = ((merged["bytes_done"], merged["bytes_total"]) if merged["bytes_total"]
-                          else (merged["units_done"], merged["units_total"]))
-        if "rate" not in fields:
-            rate = self._meter.update(counter)
-            if rate is not None:
-                merged["rate"] = rate
-        rate = merged.get("rate")
-        if "eta" not in fields:
-            merged["eta"] = (max(0, total - counter) / rate) if (total and rate and rate > 0) else None
-        self._progress = Progress.from_dict(merged)
+            merged["detail"] = {**before.detail, **detail}
+        reported = self._reported = Progress.from_dict(merged)
+        shown = self._hold(reported)
+        if "rate" in fields:
+            rate = fields["rate"]
+        elif shown is not reported or not (reported.bytes_done or reported.bytes_total):
+            rate = None
+        else:
+            if not measured:
+                self._meter.rebase(reported.bytes_done - before.bytes_done)
+            rate = self._meter.update(reported.bytes_done)
+        if "eta" in fields:
+            eta = fields["eta"]
+        else:
+            left = (shown.bytes_total or 0) - shown.bytes_done
+            eta = max(0, left) / rate if shown.bytes_total and rate and rate > 0 else None
+        self._progress = replace(shown, rate=rate, eta=eta)
         self._publish_progress()
+
+    def _hold(self, p: Progress) -> Progress:
+        """After a resume, keep the bar where it stood while the task counts up to it again."""
+        f = self._floor
+        if f is None:
+            return p
+        if f.bytes_total:
+            if p.bytes_total == f.bytes_total and p.bytes_done <= f.bytes_done:
+                units = max(p.units_done, f.units_done) if p.units_total == f.units_total else p.units_done
+                return replace(p, bytes_done=f.bytes_done, units_done=units)
+        elif f.units_total and not p.bytes_total and p.units_total == f.units_total and p.units_done <= f.units_done:
+            return replace(p, units_done=f.units_done)
+        # Past it, or counting another total: the task's own figures from here on, and a rate
+        # measured from here (what it went through to catch up is not its speed).
+        self._floor = None
+        self._meter.restart()
+        return p
+
+    def at_rest(self) -> Progress:
+        """Progress stops (a pause, a confirmation to wait for): no rate or ETA until it moves again."""
+        self._meter.restart()
+        self._progress = at_rest(self._progress)
+        return self._progress
 
     def _publish_progress(self) -> None:
         now = time.monotonic()
@@ -200,11 +288,17 @@ class TaskContext:
 class Engine:
     """Runs tasks of this process; shares state.db with other Ferry processes."""
 
-    def __init__(self, store: Store, site: SiteConfig, *, transports: Any = None, adopt: bool = False) -> None:
+    def __init__(self, store: Store, site: SiteConfig, *, transports: Any = None, adopt: bool = False,
+                 backoff: Backoff | None = None, sleep: Callable[[float], Awaitable[Any]] | None = None,
+                 rng: random.Random | None = None) -> None:
         self.store = store
         self.site = site
         self.transports = transports
         self.adopt = adopt
+        # The retry schedule, and what waits it out (injectable, so tests see the schedule itself).
+        self.backoff = backoff or Backoff(BACKOFF_BASE_S, BACKOFF_MAX_S, BACKOFF_JITTER)
+        self._sleep = sleep or asyncio.sleep
+        self._rng = rng or random.Random()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.bus = EventBus()
         self.state = "stopped"
@@ -218,6 +312,10 @@ class Engine:
         self._persisting: set[int] = set()
         self._bg: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
+        # Parameters with secrets, for tasks this process created or resumed: state.db only ever
+        # holds them redacted, so a secret lives as long as this process and no longer.
+        self._secret_params: dict[int, dict[str, Any]] = {}
+        self._watched: set[int] = set()   # tasks of other processes to take over if those die
 
     # -------------------------------------------------------------- lifecycle
 
@@ -277,45 +375,89 @@ class Engine:
     # -------------------------------------------------------------- operator actions
 
     async def submit(self, kind: str, params: dict[str, Any], *, title: str | None = None) -> int:
-        """Create a task and queue it on this engine."""
+        """Create a task and queue it on this engine. A job (dedup key) has one unfinished task at
+        most: when one exists, a clear error names it."""
+        tid, created = await self._create(kind, params, title=title)
+        if not created:
+            info = await self.get(tid)
+            if info.owner != self.owner and await self._owner_alive(info):
+                raise TaskRunsElsewhere(info, owner_process(info.owner))
+            raise PermanentError(f"task {tid} ({info.title}) already does this job; it is {info.state}",
+                                 f"resume it (`ferry task resume {tid}`) or cancel it (`ferry task cancel {tid}`)")
+        return tid
+
+    async def submit_or_resume(self, kind: str, params: dict[str, Any], *, restart: bool = False) -> tuple[int, bool]:
+        """Resume the unfinished (or failed) task for the same job (same dedup key), or create one.
+        Returns (id, resumed). A new task's `round` parameter counts the job's earlier successes.
+        Raises TaskRunsElsewhere when another live Ferry process runs the job."""
+        k = kind_of(kind)
+        if k.dedup_key(params) is None:
+            return await self.submit(kind, params), False
+        for _ in range(3):
+            tid, created = await self._create(kind, params, rounds=True)
+            if created:
+                return tid, False
+            if restart:
+                await self._retire(tid, "started over (--restart)")
+                continue   # and create the new one, unless another process was quicker
+            await self._claim_or_raise(tid)
+            info = await self.get(tid)
+            merged = {**info.params, **params}
+            fields: dict[str, Any] = {"params": scrub(merged)}
+            if info.state == TaskState.FAILED:
+                fields.update(attempts=0, error=None, hint=None, finished=None)
+            await self.store.call(self.store.update_task, tid, **fields)
+            self._keep_secrets(tid, merged)
+            await self._audit("task.resume", f"task {tid} ({kind})", params, "ok")
+            await self._requeue(tid)
+            return tid, True
+        raise TransientError(f"another Ferry process keeps starting the same {kind} job",
+                             "run the command again once it has started; `ferry tasks` shows it")
+
+    async def _create(self, kind: str, params: dict[str, Any], *, title: str | None = None,
+                      rounds: bool = False) -> tuple[int, bool]:
+        """Insert and queue a task unless its job has an unfinished task: (id, created)."""
         k = kind_of(kind)
         k.validate(params)
         hosts = k.hosts(params)
         for h in hosts:
             if h != "local":
                 self.site.host(h)
-        tid = await self.store.call(self.store.insert_task, kind=kind, title=title or k.title(params),
-                                    params=params, hosts=hosts, state=TaskState.QUEUED,
-                                    dedup_key=k.dedup_key(params), owner=self.owner)
-        await self._audit("task.create", f"task {tid} ({kind})", params, "ok")
+        tid, created = await self.store.call(
+            self.store.insert_task, kind=kind, title=title or k.title(params), params=scrub(params), hosts=hosts,
+            state=TaskState.QUEUED, dedup_key=k.dedup_key(params), owner=self.owner, count_rounds=rounds)
+        if not created:
+            return tid, False
         info = await self.get(tid)
+        self._keep_secrets(tid, {**params, **{k: v for k, v in info.params.items() if k not in params}})
+        await self._audit("task.create", f"task {tid} ({kind})", info.params, "ok")
         self.bus.publish(Event("created", tid, info))
         self._enqueue(tid, hosts)
-        return tid
+        return tid, True
 
-    async def submit_or_resume(self, kind: str, params: dict[str, Any], *, restart: bool = False) -> tuple[int, bool]:
-        """Resume the unfinished (or failed) task for the same job (same dedup key), or create one.
-        Returns (id, resumed). A new task's `round` parameter counts the job's earlier successes."""
-        k = kind_of(kind)
-        key = k.dedup_key(params)
-        if key is not None:
-            row = await self.store.call(self.store.find_unfinished, kind, key)
-            if row is not None:
-                if restart:
-                    if row["state"] != TaskState.FAILED:
-                        await self.cancel(row["id"], reason="restart requested")
-                else:
-                    await self._claim_or_raise(row["id"])
-                    fields: dict[str, Any] = {"params": {**row["params"], **params}}
-                    if row["state"] == TaskState.FAILED:
-                        fields.update(attempts=0, error=None, hint=None, finished=None)
-                    await self.store.call(self.store.update_task, row["id"], **fields)
-                    await self._audit("task.resume", f"task {row['id']} ({kind})", params, "ok")
-                    await self._requeue(row["id"])
-                    return row["id"], True
-            done = await self.store.call(self.store.count_succeeded, kind, key)
-            params = {**params, "round": done + 1}
-        return await self.submit(kind, params), False
+    def _keep_secrets(self, tid: int, params: dict[str, Any]) -> None:
+        if scrub(params) != params:
+            self._secret_params[tid] = params
+        else:
+            self._secret_params.pop(tid, None)
+
+    async def _retire(self, tid: int, why: str) -> None:
+        """Cancel an unfinished task so that its job can start over (refused when another live
+        Ferry process runs it: that is for its operator to stop)."""
+        await self._claim_or_raise(tid)
+        info = await self.get(tid)
+        if tid in self._running:
+            await self._apply(info, "cancel", reason=why)
+            await self.wait(tid)
+        else:
+            self._queue.pop(tid, None)
+            await self._finish(tid, TaskState.CANCELLED, error=why if info.state != TaskState.FAILED
+                               else f"{why}; it had failed: {info.error}")
+        await self._audit("task.cancel", f"task {tid} ({info.kind})", {"reason": why}, "ok")
+
+    def watch(self, task_id: int) -> None:
+        """Take the task over, from its checkpoint, if the Ferry process running it stops."""
+        self._watched.add(task_id)
 
     async def pause(self, task_id: int) -> TaskInfo:
         return await self._control(task_id, "pause")
@@ -353,19 +495,26 @@ class Engine:
         info = await self.get(task_id)
         target = f"task {task_id} ({info.kind})"
         try:
-            if info.owner == self.owner or not await self._owner_alive(info):
-                await self._apply(info, action, **kw)
+            if info.owner == self.owner or info.state in (TaskState.SUCCEEDED, TaskState.CANCELLED):
+                local = True
             else:
-                # Another live Ferry process runs it: leave a request it applies within a second.
-                await self.store.call(self.store.update_task, task_id, requested={"action": action, **kw})
+                # Take it over in one step when its process is gone, so that two processes never
+                # both act on it; else leave a request, which the owner applies within a second.
+                local = await self.store.call(self.store.claim, task_id, self.owner, self._can_take)
+            if local:
+                await self._apply(info, action, by=current_user(), **kw)
+            else:
+                await self.store.call(self.store.update_task, task_id, requested={
+                    "action": action, "by": f"{current_user()} (pid {os.getpid()})", **kw})
         except FerryError as e:
             await self._audit(f"task.{action}", target, kw, f"refused: {e.message}")
             raise
         await self._audit(f"task.{action}", target, kw, "ok")
         return await self.get(task_id)
 
-    async def _apply(self, info: TaskInfo, action: str, **kw: Any) -> None:
+    async def _apply(self, info: TaskInfo, action: str, *, by: str | None = None, **kw: Any) -> None:
         tid, state = info.id, info.state
+        who = f" by {by}" if by else ""
         if action == "confirm":
             entry = self._confirms.get(tid)
             if entry is None or state != TaskState.WAITING:
@@ -381,6 +530,7 @@ class Engine:
         if action == "pause":
             if state == TaskState.PAUSED:
                 return
+            self._on_log(tid, "info", f"paused{who}; it keeps its checkpoint")
             if tid in self._running:
                 self._stop_reason[tid] = "pause"
                 self._running[tid].cancel()
@@ -394,8 +544,10 @@ class Engine:
             await self._claim_or_raise(tid)
             if state == TaskState.FAILED:
                 await self.store.call(self.store.update_task, tid, attempts=0, error=None, hint=None, finished=None)
+            self._on_log(tid, "info", f"resumed{who}")
             await self._requeue(tid)
         elif action == "cancel":
+            self._on_log(tid, "warning", f"cancelled{who}")
             if tid in self._running:
                 self._stop_reason[tid] = "cancel"
                 self._running[tid].cancel()
@@ -407,8 +559,9 @@ class Engine:
         ok = await self.store.call(self.store.claim, tid, self.owner, self._can_take)
         if not ok:
             info = await self.get(tid)
-            raise PermanentError(f"task {tid} is run by another Ferry process ({info.owner})",
-                                 f"control it with `ferry task pause|resume|cancel {tid}`, or wait for it")
+            if info.state in (TaskState.SUCCEEDED, TaskState.CANCELLED):
+                raise PermanentError(f"task {tid} is already {info.state}", "start the job again for a new task")
+            raise TaskRunsElsewhere(info, owner_process(info.owner))
 
     async def _requeue(self, tid: int) -> None:
         await self._set_state(tid, TaskState.QUEUED)
@@ -465,8 +618,8 @@ class Engine:
                 if now - last_beat >= HEARTBEAT_S:
                     await self.store.call(self.store.heartbeat, self.owner)
                     last_beat = now
-                if self.adopt and now - last_adopt >= HEARTBEAT_S:
-                    await self.adopt_orphans()
+                if (self.adopt or self._watched) and now - last_adopt >= HEARTBEAT_S:
+                    await self.adopt_orphans(None if self.adopt else self._watched)
                     last_adopt = now
             except asyncio.CancelledError:
                 raise
@@ -474,9 +627,19 @@ class Engine:
                 log.exception("engine control loop")
             await asyncio.sleep(CONTROL_POLL_S)
 
-    async def adopt_orphans(self) -> list[int]:
-        """Take over unfinished tasks whose engine died; they continue from their checkpoint."""
-        rows = await self.store.call(self.store.task_rows, states=("queued", "running", "waiting"))
+    async def adopt_orphans(self, only: set[int] | None = None) -> list[int]:
+        """Take over unfinished tasks (of `only`, when given) whose engine died; they continue
+        from their checkpoint."""
+        if only is not None:
+            rows = []
+            for tid in sorted(only):
+                r = await self.store.call(self.store.task_row, tid)
+                if r is None or TaskState(r["state"]).final:
+                    self._watched.discard(tid)
+                elif r["state"] in ("queued", "running", "waiting"):
+                    rows.append(r)
+        else:
+            rows = await self.store.call(self.store.task_rows, states=("queued", "running", "waiting"))
         taken = []
         for r in sorted(rows, key=lambda r: r["id"]):
             if r["owner"] == self.owner or r["kind"] not in KINDS or not self._can_take(r["owner"], r["heartbeat"]):
@@ -505,7 +668,13 @@ class Engine:
                                       started=info.started or time.time(), attempts=info.attempts + 1,
                                       error=None, hint=None)
                 await self._publish_state(tid)
-                ctx = TaskContext(self, info, row["checkpoint"], attempt)
+                params = self._secret_params.get(tid, info.params)
+                if redacted_keys(params):
+                    raise PermanentError(
+                        f"task {tid} needs its {', '.join(redacted_keys(params))} again, which Ferry never stores",
+                        "start the job again with the same command: it passes them to the process that runs it")
+                ctx = TaskContext(self, info, row["checkpoint"], attempt, params=params,
+                                  progress=ctx.current_progress if ctx else None)
                 try:
                     try:
                         result = await kind.run(ctx)
@@ -516,12 +685,13 @@ class Engine:
                         await self._finish(tid, TaskState.FAILED, error=f"{e.message} (gave up after {attempt} attempts)",
                                            hint=e.hint, progress=ctx.current_progress)
                         return
-                    delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1)) * random.uniform(1.0, 1.2)
+                    delay = self.backoff.delay(attempt, self._rng.random())
                     self._on_log(tid, "warning", f"attempt {attempt} failed: {e}; retrying in {delay:.0f}s "
                                                  f"({attempt}/{retries})")
+                    ctx.at_rest()
                     ctx.progress(detail={"retry": f"retry {attempt}/{retries} in {delay:.0f}s: {e.message}"})
                     ctx.close()
-                    await asyncio.sleep(delay)
+                    await self._sleep(delay)
                     continue
                 except TaskCancelled as e:
                     await self._finish(tid, TaskState.CANCELLED, error=e.message, progress=ctx.current_progress)
@@ -540,6 +710,12 @@ class Engine:
                     ctx.progress(detail={"retry": None})
                 await self._finish(tid, TaskState.SUCCEEDED, result=result or {}, progress=ctx.current_progress)
                 return
+        except FerryError as e:   # around the task's own run: its parameters, the state database
+            try:
+                await self._finish(tid, TaskState.FAILED, error=e.message, hint=e.hint,
+                                   progress=ctx.current_progress if ctx else None)
+            except FerryError:
+                log.exception("task %s: recording its failure (%s)", tid, e)
         except asyncio.CancelledError:
             reason = self._stop_reason.pop(tid, "stop")
             progress = ctx.current_progress if ctx else None
@@ -550,7 +726,8 @@ class Engine:
             else:
                 # The engine is stopping: leave the task resumable by the next engine.
                 await self.store.call(self.store.update_task, tid, state=TaskState.QUEUED, owner=None,
-                                      progress=progress.to_dict() if progress else None, owner_is=self.owner)
+                                      progress=at_rest(progress).to_dict() if progress else None,
+                                      owner_is=self.owner)
                 await self._publish_state(tid)
         finally:
             if ctx:
@@ -565,8 +742,9 @@ class Engine:
     async def _wait_confirmation(self, ctx: TaskContext, prompt: str, expected: str) -> None:
         fut = asyncio.get_running_loop().create_future()
         self._confirms[ctx.id] = (fut, expected)
+        ctx.flush()
         await self.store.call(self.store.update_task, ctx.id, state=TaskState.WAITING,
-                              waiting={"prompt": prompt, "expected": expected})
+                              waiting={"prompt": prompt, "expected": expected}, progress=ctx.at_rest().to_dict())
         await self._publish_state(ctx.id)
         self._on_log(ctx.id, "info", f"waiting for confirmation: {prompt}")
         try:
@@ -580,7 +758,11 @@ class Engine:
     async def _set_state(self, tid: int, state: TaskState, *, progress: Progress | None = None) -> None:
         fields: dict[str, Any] = {"state": state}
         if progress is not None:
-            fields["progress"] = progress.to_dict()
+            fields["progress"] = (progress if state == TaskState.RUNNING else at_rest(progress)).to_dict()
+        elif state != TaskState.RUNNING:
+            row = await self.store.call(self.store.task_row, tid)
+            if row and row["progress"]:
+                fields["progress"] = at_rest(Progress.from_dict(row["progress"])).to_dict()
         if state != TaskState.WAITING:
             fields["waiting"] = None
         await self.store.call(self.store.update_task, tid, **fields)
@@ -601,8 +783,8 @@ class Engine:
                 # One without any measure of its work (a shutdown, say) counts as one unit, done.
                 units = progress.units_total or (None if progress.bytes_total else max(1, progress.units_done))
                 progress = replace(progress, units_done=units or progress.units_done, units_total=units,
-                                   bytes_done=progress.bytes_total or progress.bytes_done, eta=None)
-            fields["progress"] = progress.to_dict()
+                                   bytes_done=progress.bytes_total or progress.bytes_done)
+            fields["progress"] = at_rest(progress).to_dict()
         await self.store.call(self.store.update_task, tid, **fields)
         level = {"succeeded": "info", "cancelled": "warning"}.get(state, "error")
         self._on_log(tid, level, f"{state}" + (f": {error}" if error else "") + (f" (hint: {hint})" if hint else ""))
@@ -622,7 +804,8 @@ class Engine:
 
             async def persist() -> None:
                 try:
-                    await self.store.call(self.store.update_task, tid, progress=progress.to_dict(), soft=True)
+                    await self.store.call(self.store.update_task, tid, progress=progress.to_dict(), soft=True,
+                                          state_is=TaskState.RUNNING)
                 except Exception:   # progress is advisory: never let it break the task
                     log.exception("saving progress of task %s", tid)
                 finally:

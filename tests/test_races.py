@@ -1,0 +1,112 @@
+"""Races between Ferry processes: many opening a fresh state.db at once, the same job started twice."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from engine.store import SCHEMA_VERSION, Store
+from harness.cli import ROOT
+
+STARTERS = 40   # bench/store_open.py starts 100, which is too slow for the suite on 2 cores
+
+
+def start_together(codes: list[str], *, cwd: Path = ROOT) -> list[subprocess.CompletedProcess]:
+    """Run Python snippets as child processes released at one instant: each child does its imports,
+    says it is ready, and waits for the word; the word goes to all of them once all are ready."""
+    gate = textwrap.dedent("""
+        import sys
+        sys.path[:0] = [{root!r}]
+        {prelude}
+        print("ready", flush=True)
+        sys.stdin.readline()
+        {body}
+    """)
+    children = []
+    for code in codes:
+        prelude, _, body = code.partition("\n---\n")
+        src = gate.format(root=str(ROOT), prelude=prelude.strip(), body=body.strip())
+        children.append(subprocess.Popen([sys.executable, "-c", src], cwd=cwd, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        for c in children:
+            assert c.stdout.readline() == "ready\n", c.stderr.read()
+        for c in children:
+            c.stdin.write("go\n")
+            c.stdin.flush()
+        out = []
+        for c in children:
+            stdout, stderr = c.communicate(timeout=240)
+            out.append(subprocess.CompletedProcess(c.args, c.returncode, stdout, stderr))
+        return out
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+                c.wait()
+
+
+def test_many_processes_open_a_fresh_state_db_at_once(tmp_path):
+    db = tmp_path / "ws" / "state.db"
+    code = f"""
+from pathlib import Path
+from engine.store import Store
+---
+s = Store(Path({str(db)!r}))
+print(s.schema_version)
+s.close()
+"""
+    results = start_together([code] * STARTERS)
+    failed = [r.stderr.strip().splitlines()[-1] for r in results if r.returncode != 0]
+    assert not failed, f"{len(failed)} of {STARTERS} starts failed, e.g. {failed[0]}"
+    assert {r.stdout.split()[-1] for r in results} == {str(SCHEMA_VERSION)}
+    s = Store(db)
+    try:
+        tables = [r[0] for r in s._q("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+                                     " ORDER BY name")]
+        assert tables == ["audit", "chunks", "settings", "task_log", "tasks", "vms"]
+        assert s._q("PRAGMA journal_mode")[0][0] == "wal"
+    finally:
+        s.close()
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_the_same_replication_started_twice_at_once_runs_once(tmp_path):
+    ws, src, dst = tmp_path / "ws", tmp_path / "a", tmp_path / "b"
+    for i in range(8):
+        (src / f"d{i % 2}").mkdir(parents=True, exist_ok=True)
+        (src / f"d{i % 2}" / f"f{i}").write_bytes(os.urandom(1 << 20))
+    Store(ws / "state.db").close()   # a workspace in use (opening a fresh one at once is the test above)
+    argv = ["--workspace", str(ws), "replicate", "files", f"local:{src}", f"local:{dst}", "--bwlimit", "4M",
+            "--json"]
+    # Two real `ferry replicate` commands, released at one instant after their imports: whichever
+    # comes second finds the first one's task running (the copy lasts far longer than the moment
+    # between them) and must follow it rather than copy again.
+    code = f"""
+import console.cli, engine.client
+---
+sys.exit(console.cli.main({argv!r}))
+"""
+    first, second = start_together([code, code])
+    s = Store(ws / "state.db")
+    try:
+        rows = s.task_rows()
+    finally:
+        s.close()
+    assert [(r["kind"], r["state"]) for r in rows] == [("replicate.files", "succeeded")], \
+        f"the same job started twice made {len(rows)} tasks"
+    assert (first.returncode, second.returncode) == (0, 0), first.stderr + second.stderr
+    tid = rows[0]["id"]
+    followed = [r for r in (first, second) if "already run by another Ferry process" in r.stderr]
+    assert len(followed) == 1, first.stderr + second.stderr
+    assert f"task {tid}" in followed[0].stderr and "following it" in followed[0].stderr
+    assert tree_digest(dst) == tree_digest(src)
+    assert sum(1 for r in (first, second) if '"state": "succeeded"' in r.stdout) == 2
