@@ -15,7 +15,10 @@ from engine.config import HostSpec
 from engine.errors import CommandError, HostKeyError, PermanentError, TransportError
 from engine.transport import (KeyStatus, LocalTransport, SshTransport, TransportPool, fetch_host_key,
                               record_host_key)
+from engine.transport.openssh import classify_failure, openssh_argv
+from harness.cli import ferry, ferry_process, isolate_ssh
 from harness.sshd import free_port, keygen
+from harness.trees import describe, diff, write
 
 GIB = 1 << 30
 
@@ -532,8 +535,6 @@ def test_replications_through_openssh_print_no_stray_child_warnings(ssh_site, tm
     """Each round starts and kills several OpenSSH clients (streams started early and not needed):
     none of them may be reaped twice, which printed "Unknown child process pid N, will report
     returncode 255" on stderr in some rounds."""
-    from harness.cli import ferry_process, isolate_ssh
-    from harness.trees import describe, diff, write
 
     isolate_ssh(monkeypatch, tmp_path / "home")
     src = tmp_path / "src"
@@ -552,3 +553,83 @@ def test_replications_through_openssh_print_no_stray_child_warnings(ssh_site, tm
         assert "Unknown child process" not in err and "returncode 255" not in err, err
         assert err == "", err
         assert diff(describe(src), describe(dst)) == []
+
+
+def _debug_log(server) -> None:
+    """Make a test sshd log at DEBUG1 (each connection's client software and negotiated ciphers)."""
+    write_config = server._write_config
+
+    def with_debug():
+        path = write_config()
+        path.write_text(path.read_text().replace("LogLevel INFO", "LogLevel DEBUG1"))
+        return path
+    server._write_config = with_debug
+    server.restart()
+
+
+def test_openssh_data_path_negotiates_aes_gcm(ssh_site, tmp_path, monkeypatch):
+    """The README's claim, read from sshd's own log: every connection of a replication is made by the
+    OpenSSH client (not relayed through asyncssh) and encrypts with AES-GCM both ways, though the
+    server would take chacha20-poly1305 (its own first choice) if the client preferred it."""
+
+    isolate_ssh(monkeypatch, tmp_path / "home")
+    server = ssh_site.servers["ssh1"]
+    _debug_log(server)
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "f", os.urandom(1 << 20))
+    r = ferry(ssh_site.workspace.root, "replicate", "files", f"local:{src}", f"ssh1:{tmp_path / 'dst'}",
+              "--streams", "2", "--json")
+    assert r.code == 0, r.err
+    log = server.log.splitlines()
+    clients = [line.split("remote software version ")[1] for line in log if "remote software version" in line]
+    assert len(clients) >= 3 and all(c.startswith("OpenSSH") for c in clients), clients   # shared + 2 streams
+    ciphers = [line.split("cipher: ")[1].split()[0] for line in log if "kex: client->server cipher" in line
+               or "kex: server->client cipher" in line]
+    assert len(ciphers) == 2 * len(clients), log
+    assert set(ciphers) <= {"aes128-gcm@openssh.com", "aes256-gcm@openssh.com"}, ciphers
+
+
+def test_openssh_data_path_refuses_a_changed_host_key(ssh_site, tmp_path, monkeypatch):
+    """Strict host-key checking in the OpenSSH client itself: after the host key changed, its
+    connections end before any login, the target is untouched, and known_hosts is not rewritten."""
+
+    isolate_ssh(monkeypatch, tmp_path / "home")
+    server = ssh_site.servers["ssh1"]
+    old = server.fingerprint
+    _debug_log(server)
+    server.regenerate_host_key()
+    known = ssh_site.workspace.known_hosts_path.read_bytes()
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "f", b"data")
+    r = ferry(ssh_site.workspace.root, "replicate", "files", f"local:{src}", f"ssh1:{tmp_path / 'dst'}", "--json")
+    assert r.code == 1 and server.fingerprint in r.json["error"] and old in r.json["error"], r.out
+    log = server.log.splitlines()
+    assert any("remote software version OpenSSH" in line for line in log), "the OpenSSH client was tried"
+    assert not [line for line in log if "Accepted publickey" in line], "nobody logged in"
+    assert not (tmp_path / "dst").exists()
+    assert ssh_site.workspace.known_hosts_path.read_bytes() == known
+
+
+def test_a_shared_openssh_connection_is_not_reused_under_other_trust(ssh_site, tmp_path):
+    """Short work shares one OpenSSH master connection per host, which lingers 60 s. A command run
+    with other trust (another workspace's known_hosts, holding another key for the host) must not
+    ride on a master opened with this one: its own host-key check refuses the host, and nothing runs."""
+
+    server = ssh_site.servers["ssh1"]
+    spec = server.host_spec("ssh1")
+    other = keygen(tmp_path / "other_host_key", "someone else")
+    elsewhere = tmp_path / "other_known_hosts"
+    elsewhere.write_text(f"[{server.address}]:{server.port} {' '.join(other.split()[:2])}\n")
+
+    def touch(known_hosts: Path, marker: Path) -> subprocess.CompletedProcess:
+        argv = openssh_argv(spec, ["touch", str(marker)], known_hosts=[known_hosts], ssh_config_paths=[],
+                            use_agent=False, shared=True)
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+
+    r = touch(ssh_site.workspace.known_hosts_path, tmp_path / "trusted")
+    assert r.returncode == 0 and (tmp_path / "trusted").exists(), r.stderr   # its master now lingers
+    r = touch(elsewhere, tmp_path / "untrusted")
+    assert r.returncode == 255 and classify_failure(r.stderr) == "hostkey", r.stderr
+    assert not (tmp_path / "untrusted").exists()

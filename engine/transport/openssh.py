@@ -9,6 +9,7 @@ module does not import asyncssh.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import shutil
@@ -54,7 +55,9 @@ def openssh_argv(spec: HostSpec, argv: Sequence[str], *, known_hosts: Sequence[P
     files, paths with spaces): the caller then uses the asyncssh transport.
 
     shared=True multiplexes over one master connection that lingers 60 s after its last use
-    (as Ansible does): quick starts for short commands. Bulk streams use their own connection,
+    (as Ansible does): quick starts for short commands. There is one master per host and per
+    trust setting (known_hosts, identity, config): the host key is checked when the master
+    connects, so another setting must not reuse it. Bulk streams use their own connection,
     so that encryption runs in parallel."""
     ssh = shutil.which("ssh")
     trusted = [str(p) for p in known_hosts if p.exists()]
@@ -80,7 +83,11 @@ def openssh_argv(spec: HostSpec, argv: Sequence[str], *, known_hosts: Sequence[P
         args += ["-o", "IdentityAgent=none"]
     mux = mux_dir() if shared else None
     if mux is not None:
-        args += ["-o", "ControlMaster=auto", "-o", f"ControlPath={mux}/%C", "-o", "ControlPersist=60"]
+        # A command sent over a master connection skips the host-key check: the master did it,
+        # with the known_hosts, keys and config it was opened with. So one master per host *and*
+        # per such setting (everything on the command line so far), never another workspace's.
+        setting = hashlib.sha256("\0".join(args).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+        args += ["-o", "ControlMaster=auto", "-o", f"ControlPath={mux}/{setting}-%C", "-o", "ControlPersist=60"]
     else:
         args += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
     return args + [spec.address or spec.name, "--", remote_command(argv).decode("utf-8", "surrogateescape")]
