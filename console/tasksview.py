@@ -124,13 +124,12 @@ class TasksView(ViewBase, Vertical):
 
     def row_cells(self, info: TaskInfo) -> tuple:
         p = info.progress
-        live = info.state in (TaskState.RUNNING, TaskState.WAITING)
-        bytes_mode = bool(p.bytes_total)
+        moving = info.state == TaskState.RUNNING   # paused, waiting or done: no rate, no ETA
         title = info.title or info.kind
         return (
             str(info.id), title, info.state, f"{fmt.bar(p.fraction, BAR_W)} {fmt.percent(p.fraction)}",
-            fmt.rate(p.rate, bytes_=bytes_mode) if live else "-",
-            fmt.duration(p.eta) if live else "-",
+            fmt.rate(p.rate) if moving else "-",
+            fmt.duration(p.eta) if moving else "-",
             p.item or "",
         )
 
@@ -276,7 +275,7 @@ class TasksView(ViewBase, Vertical):
         hosts = ", ".join(info.hosts) or "-"
         lines = stale + [f"[b]#{info.id} {esc(info.title)}[/b]  {state_markup(info.state)}  "
                  f"[$text-muted]{esc(info.kind)} · hosts {esc(hosts)} · attempt {info.attempts}[/]",
-                 esc(fmt.progress_line(info.progress, width=16))]
+                 esc(fmt.progress_line(info.progress, width=16, state=info.state))]
         if info.state == TaskState.WAITING and info.waiting:
             lines.append(f"[b $warning]? waiting for you:[/] {esc(str(info.waiting.get('prompt', '')))}")
         extra = info.progress.detail if isinstance(info.progress.detail, dict) else {}

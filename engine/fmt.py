@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .taskmodel import Progress
+from .taskmodel import Progress, TaskState
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -21,9 +21,9 @@ def size(n: float | None) -> str:
 
 
 def rate(bps: float | None, *, bytes_: bool = True) -> str:
-    if bps is None:
-        return "-"
-    return f"{size(bps)}/s" if bytes_ else f"{bps:.1f}/s"
+    """Bytes per second. (`bytes_` is ignored: a task's rate is always bytes, the engine derives
+    no rate of steps or items, which would say nothing about time left.)"""
+    return "-" if bps is None else f"{size(bps)}/s"
 
 
 def duration(s: float | None) -> str:
@@ -49,12 +49,23 @@ def percent(fraction: float | None) -> str:
     return "-" if fraction is None else f"{fraction * 100:5.1f}%"
 
 
-def progress_line(p: Progress, width: int = 20) -> str:
-    bytes_mode = bool(p.bytes_total)
-    done = f"{size(p.bytes_done)}/{size(p.bytes_total)}" if bytes_mode else (
-        f"{p.units_done}/{p.units_total}" if p.units_total else str(p.units_done))
-    parts = [bar(p.fraction, width), percent(p.fraction), done, rate(p.rate, bytes_=bytes_mode),
-             f"ETA {duration(p.eta)}"]
+def progress_line(p: Progress, width: int = 20, *, state: TaskState | None = None) -> str:
+    """Bar, percentage, what is done; the rate and ETA only while they mean something (known, and
+    the task running when its state is given); "paused" for a paused task."""
+    if p.bytes_total:
+        done = f"{size(p.bytes_done)}/{size(p.bytes_total)}"
+    elif p.bytes_done:
+        done = size(p.bytes_done)
+    else:
+        done = f"{p.units_done}/{p.units_total}" if p.units_total else str(p.units_done)
+    parts = [bar(p.fraction, width), percent(p.fraction), done]
+    if state is None or state == TaskState.RUNNING:
+        if p.rate is not None:
+            parts.append(rate(p.rate))
+        if p.eta is not None:
+            parts.append(f"ETA {duration(p.eta)}")
+    elif state == TaskState.PAUSED:
+        parts.append("paused")
     if p.item:
         parts.append(p.item)
     return "  ".join(parts)

@@ -39,8 +39,8 @@ class Progress:
     units_total: int | None = None
     bytes_done: int = 0
     bytes_total: int | None = None
-    rate: float | None = None       # bytes per second (units per second when there are no bytes)
-    eta: float | None = None        # seconds left
+    rate: float | None = None       # bytes per second while running; None when no bytes move, or at rest
+    eta: float | None = None        # seconds left, from the bytes left and the rate
     item: str = ""                  # what is being worked on now
     detail: dict[str, Any] = field(default_factory=dict)
 
