@@ -26,6 +26,7 @@ from engine.taskmodel import Progress, TaskState
 from engine.tasks import Backoff, Engine, TaskContext, TaskKind, TaskRunsElsewhere, register
 from harness.cli import ferry
 from harness.kinds import expected_sha256
+from harness.waiting import until
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -46,19 +47,6 @@ async def engine(tmp_path):
     yield eng
     await eng.stop()
     eng.store.close()
-
-
-async def until(cond, *, timeout: float = 30.0, what: str = "") -> Any:
-    """Poll a condition (sync or async) until it holds, with a generous deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what or cond}"
-        await asyncio.sleep(0.02)
 
 
 async def running(eng: Engine, *tids: int) -> None:
