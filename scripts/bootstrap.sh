@@ -9,16 +9,18 @@ cd "$here"
 action=${1:-install}
 shift || true
 
-# System packages Ferry needs on the machine it runs on (and the lab/test hosts).
+# System packages Ferry needs on the machine it runs on (and the lab/test hosts). The test suite
+# also makes ext4 filesystems (e2fsprogs), loop devices and mounts (mount), private mount
+# namespaces (util-linux): without them those tests skip, and the run says so at its end.
 PKGS=(openssh-server openssh-client qemu-system-x86 qemu-utils rsync tmux python3-venv
-      ca-certificates xz-utils cpio)
+      ca-certificates xz-utils cpio e2fsprogs mount util-linux)
 # Map each package to a file that proves it is installed.
 declare -A PROOF=(
   [openssh-server]=/usr/sbin/sshd [openssh-client]=/usr/bin/ssh
   [qemu-system-x86]=/usr/bin/qemu-system-x86_64 [qemu-utils]=/usr/bin/qemu-img
   [rsync]=/usr/bin/rsync [tmux]=/usr/bin/tmux [python3-venv]=
   [ca-certificates]=/etc/ssl/certs [xz-utils]=/usr/bin/xz [cpio]=/usr/bin/cpio
- 
+  [e2fsprogs]=/sbin/mkfs.ext4 [mount]=/sbin/losetup [util-linux]=/usr/bin/unshare
 )
 missing=()
 for p in "${PKGS[@]}"; do
@@ -85,6 +87,15 @@ build_image() {
 case "$action" in
   install) build_image; echo "ferry bootstrap: ready ($venv/bin/ferry)";;
   console) build_image; exec "$venv/bin/ferry" "$@";;
-  test)    exec "$venv/bin/python" -m pytest "$@";;
+  test)
+    # What some tests need beyond packages: root (tmpfs and bind mounts, loop devices, mount
+    # namespaces) and the loop driver. Say up front what this run will have to skip.
+    if [ "$(id -u)" = 0 ]; then
+      [ -e /dev/loop-control ] || { command -v modprobe >/dev/null && modprobe loop 2>/dev/null; } || true
+      [ -e /dev/loop-control ] || echo "ferry bootstrap: no loop devices here (/dev/loop-control): the tests that need one will skip" >&2
+    else
+      echo "ferry bootstrap: not root: the tests that mount filesystems or use loop devices will skip" >&2
+    fi
+    exec "$venv/bin/python" -m pytest "$@";;
   *) echo "usage: scripts/bootstrap.sh [install|console|test] [args...]" >&2; exit 2;;
 esac

@@ -14,3 +14,54 @@ def via(request, monkeypatch):
         real = openssh.shutil.which
         monkeypatch.setattr(openssh.shutil, "which", lambda name, *a, **k: None if name == "ssh" else real(name))
     return request.param
+
+
+# ------------------------------------------------------------------ skips never pass unseen
+# A skipped test tested nothing: a run that skipped any ends with a banner that counts them and
+# says why (the reasons name what is missing: root, a loop device, mkfs.ext4, QEMU), and with
+# FERRY_TESTS_STRICT=1 (or --no-skips) such a run fails.
+
+def pytest_addoption(parser):
+    parser.addoption("--no-skips", action="store_true", default=False,
+                     help="fail the run when any test was skipped (also: FERRY_TESTS_STRICT=1)")
+
+
+def _strict(config) -> bool:
+    import os
+    return config.getoption("--no-skips") or os.environ.get("FERRY_TESTS_STRICT") == "1"
+
+
+def _skips(terminalreporter) -> list[tuple[str, str]]:
+    """(test id, reason) of every skipped test of the run."""
+    out = []
+    for rep in terminalreporter.stats.get("skipped", []):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        out.append((rep.nodeid, reason.removeprefix("Skipped: ")))
+    return out
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skips = _skips(terminalreporter)
+    if not skips:
+        return
+    by_reason: dict[str, list[str]] = {}
+    for nodeid, reason in skips:
+        by_reason.setdefault(reason, []).append(nodeid)
+    tr = terminalreporter
+    tr.section(f"{len(skips)} tests SKIPPED: this run did not test everything", sep="!", red=True, bold=True)
+    for reason, ids in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        tr.write_line(f"{len(ids):4d} x {reason}", red=True, bold=True)
+        for nodeid in ids[:5]:
+            tr.write_line(f"       {nodeid}")
+        if len(ids) > 5:
+            tr.write_line(f"       ... and {len(ids) - 5} more")
+    tr.write_line("hint: run the suite as root after scripts/bootstrap.sh install (it installs e2fsprogs, "
+                  "util-linux and QEMU); the README's Tests section lists what each test needs", yellow=True)
+    if _strict(config):
+        tr.write_line("FERRY_TESTS_STRICT=1 / --no-skips: a run with skipped tests fails", red=True, bold=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and _strict(session.config) and _skips(reporter) and session.exitstatus == 0:
+        session.exitstatus = 1
