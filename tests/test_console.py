@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from textual.widgets import DataTable, Tree
+from textual.widgets.data_table import CellDoesNotExist
 
 import harness.kinds  # noqa: F401  (registers the test task kinds)
 from console.app import FerryApp
@@ -60,9 +61,10 @@ def cell(app: FerryApp, tid: int, column: str) -> str:
 
 
 def state_cell(app: FerryApp, tid: int) -> str:
+    """The task's state as the table shows it; "" while its row is not there yet."""
     try:
         return cell(app, tid, "state")
-    except Exception:
+    except CellDoesNotExist:
         return ""
 
 
