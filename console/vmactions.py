@@ -2,7 +2,8 @@
 
 Mixed into the inventory view (a tree) and the VMs view (a table), so the keys are the view's
 bindings; each view says what is under its cursor (`cursor_vm`). Every action first asks
-`refusal()` (console/vms.py); a refused key is dimmed and says why when pressed. Accepted ones
+`refusal()` (console/vms.py: the engine's own prechecks, which it applies again before it makes a
+task); a refused key is dimmed and says why when pressed. Accepted ones
 open a dialog when they need input or a confirmation, then submit a task through
 `client.vm_task` in a worker; the task shows in the Tasks view like any other.
 """
@@ -16,7 +17,7 @@ from typing import Any, Callable
 
 from textual.binding import Binding
 
-from engine.errors import FerryError
+from engine.errors import FerryError, Refused
 from engine.taskmodel import TaskState
 from engine.vm.model import check_hardware, check_name, expand_pattern, parse_size
 
@@ -124,7 +125,7 @@ class VMActions:
 
     def vm_refusal(self, action: str) -> str | None:
         vm = self.cursor_vm()
-        clones = linked_clones(vm, list(self.vms.values()) + list(self.recycled.values())) \
+        clones = linked_clones(vm, list(self.vms.values()), list(self.recycled.values())) \
             if vm is not None and is_template(vm) else None
         return refusal(action, vm, busy_task=self.busy_task(vm), clones=clones)
 
@@ -188,6 +189,10 @@ class VMActions:
         app = self.app
         try:
             tid = await self.client.vm_task(kind, params)
+        except Refused as e:      # the engine's precheck (what the console could not see itself): no task was made
+            app.notify(esc(e.message) + (f"\nhint: {esc(e.hint)}" if e.hint else ""), title=esc(what),
+                       severity="warning", timeout=10)
+            return
         except FerryError as e:
             app.notify(esc(e.message) + (f"\nhint: {esc(e.hint)}" if e.hint else ""), title=esc(what),
                        severity="error", timeout=10)

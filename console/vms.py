@@ -12,7 +12,8 @@ from pathlib import PurePosixPath
 from rich.text import Text
 
 from engine import fmt
-from engine.vm.model import VMState, based_on
+from engine.vm.model import VMState
+from engine.vm.prechecks import clone_names, refusal as vm_refusal
 
 from .modals import esc
 from .severity import Severity, usage_severity
@@ -63,80 +64,19 @@ def label(vm: dict, variables: dict[str, str], *, busy: bool = False) -> Text:
     return text
 
 
-def linked_clones(template: dict, vms: list[dict]) -> list[str]:
-    """Names of the VMs whose disks are based on the template's disks."""
-    return sorted(v["name"] for v in based_on(template, vms))
+def linked_clones(template: dict, vms: list[dict], recycled: list[dict] = ()) -> list[str]:
+    """Names of the VMs (and those in the recycle bin, so marked) whose disks are based on the template's."""
+    return clone_names(template, vms, list(recycled))
 
 
 # ---------------------------------------------------------------------------------- preconditions
 
-VM_ACTIONS = ("vm_start", "vm_stop", "vm_force_stop", "vm_reboot", "vm_hibernate", "vm_clone", "vm_convert",
-              "vm_deploy", "vm_export", "vm_delete", "vm_restore")
-BUSY_MATTERS = frozenset(VM_ACTIONS) - {"vm_restore"}
-
-
 def refusal(action: str, vm: dict | None, *, busy_task: str | None = None,
             clones: list[str] | None = None) -> str | None:
-    """Why `action` cannot apply to `vm` now (None: it can). `busy_task` describes a live task working on it."""
-    if action in ("vm_create", "vm_import"):
-        return None
-    if vm is None:
-        return "select a VM or template first"
-    name = vm.get("name", "?")
-    st = vm_state(vm)
-    tpl = is_template(vm)
-    if vm.get("recycled"):
-        if action in ("vm_restore", "vm_delete"):
-            return None
-        return f"{name} is in the recycle bin: restore it first (u)"
-    if action == "vm_restore":
-        return f"{name} is not in the recycle bin"
-    if busy_task and action in BUSY_MATTERS:
-        return f"{name} is busy with {busy_task}: wait for it, or cancel it in Tasks"
-    running = st.value in RUNNING
-    if action == "vm_start":
-        if tpl:
-            return "a template never starts: deploy a VM from it (d)"
-        if running:
-            return f"{name} is already running"
-        return None
-    if action in ("vm_stop", "vm_force_stop", "vm_reboot", "vm_hibernate"):
-        if tpl:
-            return "a template never runs, so it cannot be stopped, rebooted or hibernated"
-        if not running:
-            return f"{name} is not running ({st.value})"
-        return None
-    if action == "vm_clone":
-        if st is VMState.HIBERNATED:
-            return f"{name} is hibernated; its disks belong to the saved memory: resume it (s) or shut it down first"
-        return None
-    if action == "vm_convert":
-        if tpl:
-            if clones:
-                return f"template {name} has linked clones ({_few(clones)}): delete them first"
-            return None
-        if running or st is VMState.HIBERNATED:
-            return f"{name} must be stopped to become a template (x stops it)"
-        return None
-    if action == "vm_deploy":
-        if not tpl:
-            return f"deploy works from a template; {name} is a VM: convert it first (t) or clone it (c)"
-        return None
-    if action == "vm_export":
-        if running or st is VMState.HIBERNATED:
-            return f"{name} must be stopped to be exported (its disks change while it runs)"
-        return None
-    if action == "vm_delete":
-        if running:
-            return f"{name} is running; a running VM is never deleted (x stops it)"
-        if tpl and clones:
-            return f"template {name} has linked clones ({_few(clones)}): delete them first"
-        return None
-    return None
-
-
-def _few(names: list[str], n: int = 3) -> str:
-    return ", ".join(names[:n]) + (" …" if len(names) > n else "")
+    """Why `action` cannot apply to `vm` now (None: it can): the engine's own rules (engine/vm/prechecks.py),
+    which it applies again before it makes a task. `busy_task` describes a live task working on it."""
+    why = vm_refusal(action, vm, busy_task=busy_task, clones=clones)
+    return why.text if why else None
 
 
 # ---------------------------------------------------------------------------------- detail pane

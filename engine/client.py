@@ -12,6 +12,7 @@ from typing import Any, Awaitable
 from . import probe as _probe  # noqa: F401  (registers the probe task kind)
 from .replicate import task as _replicate  # noqa: F401  (registers replicate.files / replicate.blocks)
 from .vm import kinds as _vm_kinds  # noqa: F401  (registers vm.*)
+from .vm.prechecks import precheck
 from .vm.service import VMService
 from .config import SiteConfig
 from .events import Subscription
@@ -125,6 +126,7 @@ class EngineClient:
             if ref and ref != "*expired*":
                 row = await self._vms.find(ref, recycled=kind in ("vm.restore", "vm.purge"))
                 params["host"] = row["host"]
+        await precheck(self.engine, kind, params)    # Refused: no task is made
         return await self.submit(kind, params)
 
     async def vm_timesync(self, name: str) -> dict[str, Any]:

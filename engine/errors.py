@@ -38,6 +38,11 @@ class PermanentError(FerryError):
     """A failure retrying cannot fix: bad input, missing file, refused permission."""
 
 
+class Refused(PermanentError):
+    """An action that cannot apply as asked (the VM's state, a name in use, no room): refused before
+    anything was done, and before any task was made when the front end asked first."""
+
+
 class TransportError(TransientError):
     """A host could not be reached or the channel to it broke."""
 

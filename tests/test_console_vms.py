@@ -26,6 +26,7 @@ from console.modals import ConfirmScreen, HelpScreen
 from console.vmdialogs import FormScreen, TypedNameScreen
 from engine.client import EngineClient
 from engine.config import lab_config
+from engine.errors import Refused
 from engine.taskmodel import TaskState
 from engine.workspace import Workspace
 from harness.pilot import text_of, until
@@ -166,7 +167,13 @@ async def test_start_on_a_template_is_refused_with_the_reason(client):
         await pilot.press("s")
         await until(pilot, lambda: any("a template never starts" in n for n in notes(app)), what="refusal")
         assert "a template never starts" in text_of(app, "#detail-body")
-        await pilot.pause(0.2)
+        # The reason is the engine's own: asked to start it (as `ferry vm start` does), the engine refuses
+        # with the same words before it makes a task.
+        with pytest.raises(Refused) as refused:
+            await client.vm_task("vm.start", {"vm": "tpl1"})
+        assert refused.value.message == "tpl1 is a template, and a template never starts"
+        assert any(n.startswith(refused.value.message) for n in notes(app))
+        assert f"s: {refused.value.message}" in text_of(app, "#detail-body")
         assert not [t for t in await client.list_tasks() if t.kind == "vm.start"]   # nothing was submitted
         # a VM-only key on a host says what to select
         await pilot.press("up")
@@ -323,9 +330,12 @@ async def test_deploy_convert_export_and_import_through_dialogs(client):
         await until(pilot, lambda: isinstance(app.screen, FormScreen), what="export dialog")
         assert app.screen.query_one("#f-out", Input).value == "/var/tmp/w-02.ova"
         app.screen.query_one("#f-out", Input).value = "/nonexistent-ferry-dir/w-02.ova"
-        await pilot.press("enter")                         # the engine refuses it in the task: the console says why
-        await until(pilot, lambda: any("failed: folder /nonexistent-ferry-dir does not exist" in n and "hint:" in n
-                                       for n in notes(app)), what="failure notification")
+        await pilot.press("enter")                         # the engine's precheck refuses it: the console says why
+        await until(pilot, lambda: any("folder /nonexistent-ferry-dir does not exist on lab2" in n and "hint:" in n
+                                       for n in notes(app)), what="refusal notification")
+        note = next(n for n in app._notifications if "nonexistent-ferry-dir" in str(n.message))
+        assert note.severity == "warning"
+        assert not [t for t in await client.list_tasks() if t.kind == "vm.export"], "a refusal makes no task"
         out = str(Path(client.workspace.root) / "w-02.ova")
         await pilot.press("e")
         await until(pilot, lambda: isinstance(app.screen, FormScreen), what="export dialog again")

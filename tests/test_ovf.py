@@ -74,6 +74,10 @@ class Progress:
 
     def check(self) -> None:
         assert self.calls, "no progress was reported"
+        totals = {t for _, t, _ in self.calls}
+        assert len(totals) == 1, f"the total changed on the way: {sorted(totals)}"
+        done = [d for d, _, _ in self.calls]
+        assert done == sorted(done), "progress went back"
         fractions = [d / t for d, t, _ in self.calls if t]
         assert all(0 <= f <= 1 for f in fractions)
         assert fractions[-1] == 1
@@ -124,7 +128,9 @@ async def test_ovf_folder_round_trip(t, vm, tmp_path):
 async def test_ova_round_trip(t, vm, tmp_path):
     spec, paths, _ = vm
     ova = tmp_path / "web01.ova"
-    result = await export_package(t, spec, paths, str(ova), ova=True)
+    progress = Progress()
+    result = await export_package(t, spec, paths, str(ova), ova=True, progress=progress)
+    progress.check()
     assert result["path"] == str(ova) and result["bytes"] == ova.stat().st_size
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src", "web01.ova"], "temporary files were left behind"
 

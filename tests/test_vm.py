@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
 import os
+import re
 import shutil
 import signal
 import sqlite3
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from engine.vm.model import parse_size
 from harness.cli import ferry
-from harness.qemu import image_cache, kill_all, raw_bytes, raw_sha256
+from harness.qemu import image_cache, kill_all, raw_sha256
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
 MiB = 1 << 20
@@ -54,6 +61,21 @@ def fails(ws: Path, *args: str) -> str:
     return r.err
 
 
+def task_ids(ws: Path) -> list[int]:
+    return [t["id"] for t in ok(ws, "tasks", "--all")]
+
+
+def refused(ws: Path, *args: str) -> str:
+    """A refusal: exit code 2, one line on stderr (with a hint), no task made. Returns the line."""
+    before = task_ids(ws)
+    r = ferry(ws, *args)
+    assert r.code == 2, f"ferry {' '.join(args)} should be refused: {r.code} {r.out} {r.err}"
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ferry: ") and "(hint: " in lines[0], r.err
+    assert task_ids(ws) == before, "a refusal made a task"
+    return lines[0]
+
+
 def vms(ws: Path, *extra: str) -> dict[str, dict]:
     return {v["name"]: v for v in ok(ws, "vm", "list", *extra)}
 
@@ -83,12 +105,12 @@ def test_create_start_agent_shutdown(ws):
     assert vms(ws)["alpha"]["state"] == "running"
     info = ok(ws, "vm", "agent", "info", "alpha")
     assert info["agent"] == "running" and info["version"]
-    assert info["kernel"] and "ferry" in (info["os"] or "").lower() or info["kernel"]
+    assert info["kernel"] == ok(ws, "lab", "image", "build")["kernel_release"]     # the live image's, cached
+    assert "ferry live image" in (info["os"] or "").lower()
     assert 0 < info["mem_used"] < info["mem_total"] <= 192 * MiB
     # Its NIC got an address from the (user-mode) network, and the agent reports it.
     deadline = time.monotonic() + 20
     while not any(ip.startswith("10.0.2.") for ip in info["ips"]) and time.monotonic() < deadline:
-        time.sleep(1)
         info = ok(ws, "vm", "agent", "info", "alpha")
     assert any(ip.startswith("10.0.2.15/") for ip in info["ips"]), info["ips"]
     text = ferry(ws, "vm", "agent", "info", "alpha").out
@@ -106,21 +128,33 @@ def test_create_start_agent_shutdown(ws):
     # The VM is a daemon of the host: no Ferry process runs now, and it still answers.
     assert ok(ws, "vm", "reconcile")["running"] == 1
 
+    # What cannot apply to a running VM is refused up front, before any task (item 14), with the reason.
+    assert refused(ws, "vm", "start", "alpha") == "ferry: alpha is already running (hint: nothing to do)"
+    line = refused(ws, "vm", "delete", "alpha", "--confirm", "alpha")
+    assert "alpha is running; a running VM is never deleted" in line and "ferry vm stop alpha" in line
+    assert "must be stopped to be exported" in refused(ws, "vm", "export", "alpha", "--out", "/var/tmp/alpha.ova")
+    assert "must be stopped to become a template" in refused(ws, "template", "convert", "alpha")
+    # A delete that reaches the engine anyway (past the precheck) is refused by the task: nothing is removed.
+    info, _, _ = run_task(ws, "vm.delete", {"vm": "alpha", "host": "lab1", "confirm": "alpha"}, direct=True)
+    assert info.state == "failed" and info.error == "alpha is running; a running VM is never deleted"
+    assert Path(disk).is_file() and vms(ws)["alpha"]["state"] == "running"
+
     ok(ws, "vm", "stop", "alpha")
     v = vms(ws)["alpha"]
     assert v["state"] == "stopped" and v["pid"] is None
 
 
 def test_duplicate_name_and_bad_input_refused(ws):
-    err = fails(ws, "vm", "create", "alpha", "--host", "lab1", "--disk", "16M")
+    err = refused(ws, "vm", "create", "alpha", "--host", "lab1", "--disk", "16M")
     assert "already exists" in err and "alpha" in err
     assert "bad name" not in err
     err = fails(ws, "vm", "create", "beta", "--host", "lab1", "--memory", "1.5M")
     assert "memory '1.5M' is not a whole number of MiB" in err
-    err = fails(ws, "vm", "create", "bad/name", "--host", "lab1")
+    err = refused(ws, "vm", "create", "bad/name", "--host", "lab1")
     assert "not valid" in err and "hint" in err
-    err = fails(ws, "vm", "create", "beta", "--host", "lab1", "--disk", "16M:shared:nope")
+    err = refused(ws, "vm", "create", "beta", "--host", "lab1", "--disk", "16M:shared:nope")
     assert "datastore 'nope' is not attached to host lab1" in err
+    assert refused(ws, "vm", "start", "nobody").startswith("ferry: no VM or template named 'nobody'")
     assert "beta" not in vms(ws)
 
 
@@ -166,12 +200,15 @@ def test_safe_shutdown_refused_without_agent_then_force(ws):
     ok(ws, "vm", "start", "mute")
     # Stop the real agent inside the guest: a safe shutdown must now refuse, naming the way out.
     _guest(ws, "mute", "(sleep 0.3; killall qemu-ga) >/dev/null 2>&1 &")
-    time.sleep(1.5)
+    deadline = time.monotonic() + 60
+    while (r := ferry(ws, "vm", "agent", "info", "mute")).code == 0:
+        assert time.monotonic() < deadline, "the guest agent still answers"
+    assert r.code == 1 and r.out.startswith("mute: guest agent not running") and "does not answer" in r.out, r
     err = fails(ws, "vm", "stop", "mute", "--timeout", "5")
     assert "cannot shut down mute safely" in err and "--force" in err
     assert vms(ws)["mute"]["state"] == "running"
-    err = fails(ws, "vm", "agent", "info", "mute")
     err = fails(ws, "vm", "agent", "timesync", "mute")
+    assert "the guest agent of mute does not answer" in err
     audit = _audit(ws)
     assert audit[0]["action"] == "vm.timesync" and audit[0]["target"] == "mute", audit[:2]
     assert audit[0]["result"].startswith("failed: "), "a failed operator action is audited too"
@@ -179,38 +216,223 @@ def test_safe_shutdown_refused_without_agent_then_force(ws):
     assert vms(ws)["mute"]["state"] == "stopped"
 
 
-def test_clone_running_vm_is_point_in_time(ws):
-    ok(ws, "vm", "create", "writer", "--host", "lab1", "--disk", "32M")
-    ok(ws, "vm", "start", "writer")
-    # The guest writes numbered 4 KiB records to its disk, one after the other, as fast as it can.
-    _guest(ws, "writer", "(i=0; while [ $i -lt 4000 ]; do printf 'REC%08d' $i | "
-                         "dd of=/dev/vda bs=4096 seek=$i conv=notrunc 2>/dev/null; i=$((i+1)); done; "
-                         "sync; echo done > /tmp/writer-done) >/dev/null 2>&1 &")
-    time.sleep(2.0)
-    out = ok(ws, "vm", "clone", "writer", "writer-copy")
-    assert out["from_running"] is True
-    src_pid = vms(ws)["writer"]["pid"]
-    assert src_pid, "the source kept running"
-    clone_disk = out["made"][0]["disks"][0]
-    data = raw_bytes(clone_disk)
-    records = [data[i * 4096:i * 4096 + 11] for i in range(4000)]
-    written = [r for r in records if r.startswith(b"REC")]
-    # Point in time: records 0..k-1 are all there (in order), nothing after k.
-    k = len(written)
-    print(f"records in the copy: {k} of 4000")
-    assert 0 < k < 4000, "the copy was taken while the guest was writing"
-    assert all(records[i] == b"REC%08d" % i for i in range(k))
-    assert all(r == bytes(11) for r in records[k:])
-    ok(ws, "vm", "stop", "writer", "--force")
-    assert vms(ws)["writer-copy"]["origin"] == "writer"
+# ---------------------------------------------------------------------------------- disks with real data
+
+REGION = 64 * MiB
+REC = 4096
+REC_AT = 1024 * MiB        # where the guest writes its records, inside the random data
+
+
+def fill_random(disk: str, size: int, raw: Path) -> list[str]:
+    """Writes `size` bytes of random data from offset 0 of a VM's qcow2 disk (through a raw file kept
+    at `raw`); returns the SHA-256 of each REGION of it."""
+    hashes = []
+    with open(raw, "wb") as f:
+        for _ in range(size // REGION):
+            block = os.urandom(REGION)
+            hashes.append(hashlib.sha256(block).hexdigest())
+            f.write(block)
+    subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", str(raw), disk], check=True,
+                   capture_output=True)
+    return hashes
+
+
+def as_raw(image: str, raw: Path) -> Path:
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", image, str(raw)], check=True, capture_output=True)
+    return raw
+
+
+def region_hashes(raw: Path, count: int) -> list[str]:
+    out = []
+    with open(raw, "rb") as f:
+        for _ in range(count):
+            out.append(hashlib.sha256(f.read(REGION)).hexdigest())
+    return out
+
+
+def read_at(path: Path, offset: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(n)
+
+
+def count(text: str) -> int:
+    """A counter a guest writes to a file: -1 while it is being rewritten (read empty)."""
+    return int(text) if text.strip().isdigit() else -1
+
+
+def guest_until(ws: Path, vm: str, script: str, cond, what: str, timeout: float = 120) -> str:
+    """Runs `script` in the guest until cond(its output) holds (a state to wait for, not a time)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = _guest(ws, vm, script)
+        if cond(out):
+            return out
+        assert time.monotonic() < deadline, f"timed out waiting for {what}; last answer {out!r}"
+
+
+async def _open_client(ws: Path):
+    from engine.client import EngineClient
+    from engine.workspace import Workspace
+    client = EngineClient.open(Workspace.resolve(ws), adopt=False)
+    await client.start()
+    return client
+
+
+async def _follow(client, tid: int, on_progress=None) -> tuple[Any, list, list[str]]:
+    """Follows a task of this client to its end: (its final info, its progress events, its log)."""
+    sub = client.subscribe()
+    seen: list = []
+    try:
+        while True:
+            for ev in await sub.wait(timeout=1.0):
+                if ev.type == "progress" and ev.task_id == tid:
+                    seen.append(ev.data)
+                    if on_progress is not None:
+                        await on_progress(ev.data)
+            info = await client.get_task(tid)
+            if info.state.final:
+                break
+    finally:
+        sub.close()
+    log = [line["message"] for line in await client.task_log(tid)]
+    return info, seen, log
+
+
+def run_task(ws: Path, kind: str, params: dict, *, direct: bool = False,
+             cancel_at: float | None = None) -> tuple[Any, list, list[str]]:
+    """Submits a VM task through the engine's client (as the console does) and follows it. `direct`:
+    straight to the engine, past the precheck (as an older client would, or a state that changed
+    between the check and the task): what the task itself does. `cancel_at`: cancel it once its
+    progress passes that fraction of its bytes."""
+    async def go():
+        client = await _open_client(ws)
+        try:
+            tid = await (client.submit if direct else client.vm_task)(kind, params)
+
+            async def maybe_cancel(p) -> None:
+                if cancel_at is not None and p.bytes_total and p.bytes_done > cancel_at * p.bytes_total:
+                    if (await client.get_task(tid)).state == "running":
+                        await client.cancel(tid)
+            return await _follow(client, tid, maybe_cancel)
+        finally:
+            await client.close()
+    return asyncio.run(go())
+
+
+def bytes_moved(events: list) -> tuple[int, list[int]]:
+    """The one bytes_total of a task's progress events (asserted fixed) and its bytes_done, in order."""
+    with_bytes = [p for p in events if p.bytes_total]
+    totals = {p.bytes_total for p in with_bytes}
+    assert len(totals) == 1, f"the total changed during the run: {sorted(totals)}"
+    done = [p.bytes_done for p in with_bytes]
+    assert done == sorted(done), f"progress went back: {done}"
+    return totals.pop(), done
+
+
+@pytest.fixture(scope="module")
+def big(ws):
+    """A VM with 1.5 GiB of random data on disk0 (what its guest sees), and an empty 64 MiB disk1 for an
+    ext4 filesystem the guest mounts; stopped. Yields (name, its raw data file, hashes of each REGION)."""
+    size = 1536 * MiB
+    made = ok(ws, "vm", "create", "big01", "--host", "lab1", "--disk", str(size), "--disk", "64M",
+              "--boot", "live")
+    data = Path(tempfile.mkdtemp(prefix="fbig-", dir="/var/tmp"))
+    try:
+        hashes = fill_random(made["disks"][0], size, data / "disk0.raw")
+        yield "big01", data / "disk0.raw", hashes
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_clone_of_a_running_vm_with_data_is_point_in_time(ws, big, tmp_path):
+    """Item 11: a running VM whose disk holds gigabytes, written by its guest during the copy. The copy is
+    the disk at one instant (records the guest wrote before it, none after; the rest byte for byte), its
+    filesystem frozen for that instant and thawed after, and the progress moves with the bytes."""
+    name, data, hashes = big
+    rec_at = REC_AT
+    ok(ws, "vm", "start", name)
+    try:
+        _guest(ws, name, "mkfs.ext4 -q -F /dev/vdb && mkdir -p /mnt/data && mount /dev/vdb /mnt/data && "
+                         "echo before > /mnt/data/before && sync")
+        # Numbered 4 KiB records written one after the other with O_DIRECT (each reaches the disk before
+        # the next starts), and files written in the filesystem, until told to stop.
+        _guest(ws, name, f"(i=0; while [ ! -e /tmp/stop ]; do printf 'REC%08d' $i | "
+                         f"dd of=/dev/vda bs={REC} seek=$(({rec_at // REC} + i)) conv=notrunc oflag=direct "
+                         "2>/dev/null; echo $i > /mnt/data/f$((i % 20)); i=$((i+1)); echo $i > /tmp/n; done; "
+                         "echo done > /tmp/stopped) >/dev/null 2>&1 &")
+        guest_until(ws, name, "cat /tmp/n 2>/dev/null", lambda out: count(out) >= 20, "the guest writing")
+
+        # Cancelled mid-copy: the copy is given up and removed, and the log says the guest was thawed.
+        info, _, log = run_task(ws, "vm.clone", {"src": name, "names": ["big02"]}, cancel_at=0.05)
+        assert info.state == "cancelled", (info.error, log)
+        assert any(line.startswith(f"thawed 1 filesystem of {name}") for line in log), log
+        assert "big02" not in vms(ws) and not (ws / "lab" / "lab1" / "datastore" / "big02").exists()
+
+        info, events, log = run_task(ws, "vm.clone", {"src": name, "names": ["big02"]})
+        assert info.state == "succeeded", (info.error, log)
+        assert info.result["from_running"] is True
+
+        # The guest goes on; stop it once it has written beyond what the copy holds.
+        copy = as_raw((ws / "lab" / "lab1" / "datastore" / "big02" / "disk0.qcow2").as_posix(), tmp_path / "c0.raw")
+        records = read_at(copy, rec_at, 20000 * REC)
+        k = next(i for i in range(20000) if records[i * REC:i * REC + 11] != b"REC%08d" % i)
+        guest_until(ws, name, "cat /tmp/n", lambda out: count(out) > k + 5, "the guest writing past the copy")
+        _guest(ws, name, "touch /tmp/stop")
+        n = int(guest_until(ws, name, "cat /tmp/stopped 2>/dev/null && cat /tmp/n || echo -1",
+                            lambda out: out.split()[-1] != "-1", "the writer to stop").split()[-1])
+        # the guest's filesystem is thawed: it still takes writes (a frozen one would block this)
+        assert _guest(ws, name, "echo after > /mnt/data/after && sync && cat /mnt/data/after").strip() == "after"
+    finally:
+        ok(ws, "vm", "stop", name, "--force")
+
+    # Point in time: records 0..k-1 are in the copy, and where the guest wrote later (k..n-1) the copy
+    # holds the data from before; every other byte is the source's.
+    print(f"records in the copy: {k} of the {n} the guest wrote")
+    assert 20 <= k < n and n * REC < REGION
+    original = read_at(data, rec_at, n * REC)
+    for i in range(k, n):
+        assert records[i * REC:(i + 1) * REC] == original[i * REC:(i + 1) * REC], f"record {i} is from after the copy"
+    got = region_hashes(copy, len(hashes))
+    assert [h for i, h in enumerate(got) if i != rec_at // REGION] == \
+        [h for i, h in enumerate(hashes) if i != rec_at // REGION]
+
+    # The filesystem was frozen for the copy: ext4 clears its needs_recovery flag when frozen, and the copy is clean.
+    fs = as_raw((ws / "lab" / "lab1" / "datastore" / "big02" / "disk1.qcow2").as_posix(), tmp_path / "c1.raw")
+    features = subprocess.run(["dumpe2fs", "-h", str(fs)], capture_output=True, text=True).stdout
+    assert "Filesystem features:" in features and "needs_recovery" not in features
+    assert subprocess.run(["e2fsck", "-fn", str(fs)], capture_output=True).returncode == 0
+    froze = next(i for i, line in enumerate(log) if line.startswith(f"froze 1 filesystem of {name}"))
+    thawed = next(i for i, line in enumerate(log) if line.startswith(f"thawed 1 filesystem of {name}"))
+    assert froze < thawed < next(i for i, line in enumerate(log) if "point-in-time copy" in line)
+
+    # Item 12: bytes done grow towards a total fixed from the start (all of both disks), not only at the end.
+    total, done = bytes_moved(events)
+    assert total == 1600 * MiB
+    assert len({d for d in done if 0 < d < total}) >= 3, done
+
+
+def test_clone_of_a_stopped_vm_with_data_reports_bytes(ws, big, tmp_path):
+    """Item 12: an offline clone (qemu-img convert) shows bytes done growing towards a fixed total."""
+    name, data, hashes = big
+    info, events, _ = run_task(ws, "vm.clone", {"src": name, "names": ["big03"]})
+    assert info.state == "succeeded", info.error
+    total, done = bytes_moved(events)
+    assert total == 1600 * MiB
+    assert len({d for d in done if 0 < d < total}) >= 3, done
+    copy = as_raw((ws / "lab" / "lab1" / "datastore" / "big03" / "disk0.qcow2").as_posix(), tmp_path / "c0.raw")
+    got = region_hashes(copy, len(hashes))      # the region of the guest's records aside, the source's data
+    assert [h for i, h in enumerate(got) if i != REC_AT // REGION] == \
+        [h for i, h in enumerate(hashes) if i != REC_AT // REGION]
 
 
 def test_templates_linked_deploy_and_refusals(ws):
     ok(ws, "vm", "create", "base", "--host", "lab1", "--disk", "32M")
     qemu_io(vms(ws)["base"]["disks"][0]["path"], "write -P 0x42 0 1M")
     ok(ws, "template", "convert", "base")
-    err = fails(ws, "vm", "start", "base")
-    assert "template never starts" in err
+    assert refused(ws, "vm", "start", "base") == ("ferry: base is a template, and a template never starts "
+                                                   "(hint: deploy a VM from it: ferry template deploy base NEW-NAME)")
+    assert "already a template" in refused(ws, "template", "convert", "base")
     out = ok(ws, "template", "deploy", "base", "web-##", "--count", "3")
     names = [m["vm"] for m in out["made"]]
     assert names == ["web-01", "web-02", "web-03"] and out["linked"] is True
@@ -222,10 +444,11 @@ def test_templates_linked_deploy_and_refusals(ws):
         info = subprocess.run(["qemu-img", "info", "-U", d["path"]], capture_output=True, text=True).stdout
         assert base_disk in info
         assert raw_sha256(d["path"]) == raw_sha256(base_disk)
-    err = fails(ws, "template", "delete", "base", "--confirm", "base")
+    err = refused(ws, "template", "delete", "base", "--confirm", "base")
     assert "linked clones" in err and "web-01, web-02, web-03" in err
-    err = fails(ws, "template", "to-vm", "base")
+    err = refused(ws, "template", "to-vm", "base")
     assert "linked clones" in err
+    assert "is a VM, and VMs are deployed from templates" in refused(ws, "template", "deploy", "web-01", "w9")
     # A linked clone boots.
     assert ok(ws, "vm", "start", "web-02")["agent"] is True
     ok(ws, "vm", "stop", "web-02", "--force")
@@ -253,8 +476,63 @@ def test_export_import_round_trip(ws, tmp_path):
         v = vms(ws)[name]
         assert v["cpus"] == 2 and v["host"] == "lab2"
         assert raw_sha256(v["disks"][0]["path"]) == raw_sha256(src_disk)
+    # An import whose name is taken is refused before it starts: by --name, or by the name in the package.
+    err = refused(ws, "vm", "import", str(tmp_path / "pkg.ova"), "--host", "lab2", "--name", "pkg-ova")
+    assert "a VM or template named 'pkg-ova' already exists" in err
+    assert "named 'pkg' already exists" in refused(ws, "vm", "import", str(tmp_path / "pkg.ova"), "--host", "lab2")
     assert ok(ws, "vm", "start", "pkg-ova")["agent"] is True
     ok(ws, "vm", "stop", "pkg-ova", "--force")
+
+
+def test_export_paused_and_resumed_goes_on_from_where_it_was(ws, tmp_path):
+    """Item 13: an export paused mid-way keeps what it made; resumed, it goes on from there (the disk is
+    not converted again), its progress never goes back, its total never changes, and the package it
+    writes verifies against its manifest and holds the disk byte for byte."""
+    from engine.taskmodel import TaskState
+    size = 384 * MiB
+    made = ok(ws, "vm", "create", "exp01", "--host", "lab1", "--disk", str(size), "--boot", "live")
+    hashes = fill_random(made["disks"][0], size, tmp_path / "data.raw")
+    out = tmp_path / "exp01.ova"
+
+    async def go():
+        client = await _open_client(ws)
+        try:
+            tid = await client.vm_task("vm.export", {"vm": "exp01", "out": str(out), "ova": True})
+
+            async def pause_once_converted(p) -> None:
+                if p.item.startswith(("converted", "hashing", "writing")) and not asked:
+                    asked.append(p)
+                    await client.pause(tid)
+            asked: list = []
+            sub = client.subscribe()
+            before: list = []
+            while (await client.get_task(tid)).state != TaskState.PAUSED:
+                for ev in await sub.wait(timeout=1.0):
+                    if ev.type == "progress" and ev.task_id == tid:
+                        before.append(ev.data)
+                        await pause_once_converted(ev.data)
+                assert not (await client.get_task(tid)).state.final, "the export ended before it was paused"
+            sub.close()
+            kept = sorted(p.name for stage in tmp_path.glob(".exp01.ova.ferry-*") for p in stage.iterdir())
+            await client.resume(tid)
+            info, after, log = await _follow(client, tid)
+            return info, before, after, log, kept
+        finally:
+            await client.close()
+
+    info, before, after, log, kept = asyncio.run(go())
+    assert info.state == "succeeded", (info.error, log)
+    assert "exp01-disk0.vhd" in kept, "the converted disk was kept over the pause"
+    assert not list(tmp_path.glob(".exp01.ova.ferry-*")), "the staging folder is gone"
+    assert any(line.startswith("going on with the export of exp01") for line in log)
+    assert any(p.item.endswith("done before") for p in after), "the disk was converted again"
+    assert after and after[0].bytes_done >= before[-1].bytes_done
+    total, done = bytes_moved(before + after)
+    assert total == 3 * size
+
+    ok(ws, "vm", "import", str(out), "--host", "lab2", "--name", "exp02")    # verifies the manifest first
+    copy = as_raw(vms(ws)["exp02"]["disks"][0]["path"], tmp_path / "copy.raw")
+    assert region_hashes(copy, len(hashes)) == hashes
 
 
 def test_tampered_ova_refused_and_nothing_left(ws, tmp_path):
@@ -279,24 +557,27 @@ def test_tampered_ova_refused_and_nothing_left(ws, tmp_path):
     assert not (ws / "lab" / "lab1" / "datastore" / "tampered").exists()
 
 
-def test_secure_delete_overwrites_blocks(ws, tmp_path):
-    ok(ws, "vm", "create", "secret", "--host", "lab1", "--disk", "16M")
-    disk = vms(ws)["secret"]["disks"][0]["path"]
-    secret = b"TOP-SECRET-" + os.urandom(8).hex().encode()
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x53 0 64k", disk], check=True, capture_output=True)
-    raw = tmp_path / "secret.bin"
-    raw.write_bytes(secret * 100)
-    subprocess.run(["qemu-img", "dd", "-f", "raw", "-O", "qcow2", f"if={raw}", f"of={disk}", "bs=1100"],
-                   capture_output=True)
-    spy = tmp_path / "spy.qcow2"        # a second name for the same inode: it sees what delete leaves behind
-    os.link(disk, spy)
-    assert secret in spy.read_bytes() or b"SSSS" in spy.read_bytes()
-    err = fails(ws, "vm", "delete", "secret", "--secure", "--confirm", "wrong")
-    assert "typed" in err or "confirm" in err
-    ok(ws, "vm", "delete", "secret", "--secure", "--confirm", "secret")
-    assert not Path(disk).exists() and "secret" not in vms(ws)
-    left = spy.read_bytes()
-    assert secret not in left and b"SSSS" not in left and left.count(0) == len(left)
+def test_secure_delete_leaves_none_of_the_data_on_the_device(tmp_path):
+    """Secure delete overwrites the blocks the disk used: after it, the datastore's device holds none of
+    the VM's data. (A delete that only removed or truncated the file would leave all of it there.)"""
+    with small_site(tmp_path, secure="ext4:48m") as site:
+        root = site.root
+        disk = ok(root, "vm", "create", "secret", "--host", "h1", "--disk", "16M:secure")["disks"][0]
+        marker = b"FERRY-SECRET-" + os.urandom(8).hex().encode() + b"\n"
+        raw = tmp_path / "secret.raw"                   # not on the device: the marker is there only in the disk
+        raw.write_bytes((marker * (8 * MiB // len(marker) + 1))[:8 * MiB])
+        subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", str(raw), disk], check=True,
+                       capture_output=True)
+        device = site.images["secure"]
+        subprocess.run(["sync", "-f", disk], check=True)
+        assert device.read_bytes().count(marker) >= 8 * MiB // len(marker) - 2, "the data is on the device"
+
+        err = fails(root, "vm", "delete", "secret", "--secure", "--confirm", "wrong")
+        assert "typed" in err or "confirm" in err
+        ok(root, "vm", "delete", "secret", "--secure", "--confirm", "secret")
+        assert not Path(disk).exists() and "secret" not in vms(root)
+        site.unmount("secure")                          # everything written is on the device now
+        assert device.read_bytes().count(marker[:16]) == 0, "the VM's data is still on the device"
 
 
 def test_delayed_delete_restore_and_purge(ws):
@@ -316,38 +597,91 @@ def test_delayed_delete_restore_and_purge(ws):
     assert not list((ws / "lab" / "lab2" / "datastore" / ".recycle").glob("*/*"))
 
 
-def test_datastore_full_refused_and_nothing_left(tmp_path):
+@dataclass
+class SmallSite:
+    root: Path                                               # its workspace
+    images: dict[str, Path] = field(default_factory=dict)    # ext4 datastore -> its image file
+    mounts: list[Path] = field(default_factory=list)
+
+    def unmount(self, name: str) -> None:
+        """Unmounts a datastore before the end, so that all that was written is on its device."""
+        path = self.root / name
+        subprocess.run(["umount", str(path)], check=True)
+        self.mounts.remove(path)
+
+
+@contextlib.contextmanager
+def small_site(tmp_path: Path, **datastores: str):
+    """A one-host site (h1, local transport) whose datastores are folders (value "") or file systems made
+    for the test: "tmpfs:8m" (a small tmpfs) or "ext4:48m" (an ext4 image file on a loop device, whose
+    bytes the test can read back)."""
     if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    root = Path(tempfile.mkdtemp(prefix="ffull-", dir="/tmp"))
-    tiny = root / "tiny"
-    tiny.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(tiny)], check=True)
-    try:
-        (root / "config.toml").write_text(f"""
+        pytest.skip("mounting a tmpfs or a loop device needs root")
+    site = SmallSite(Path(tempfile.mkdtemp(prefix="fds-", dir="/tmp")))
+    config = f"""
 [site]
 name = "t"
 [clusters.c]
 [hosts.h1]
 cluster = "c"
 transport = "local"
-runtime = "{root}/run"
-[datastores.tiny]
-path = "{tiny}"
-hosts = ["h1"]
-""")
-        err = fails(root, "vm", "create", "big", "--host", "h1", "--disk", "64M")
+runtime = "{site.root}/run"
+"""
+    try:
+        for name, what in datastores.items():
+            path = site.root / name
+            path.mkdir()
+            if what.startswith("tmpfs:"):
+                subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={what[6:]}", "tmpfs", str(path)], check=True)
+                site.mounts.append(path)
+            elif what.startswith("ext4:"):
+                image = tmp_path / f"{name}.ext4"
+                with open(image, "wb") as f:
+                    f.truncate(parse_size(what[5:]))
+                subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
+                subprocess.run(["mount", "-o", "loop", str(image), str(path)], check=True)
+                site.mounts.append(path)
+                site.images[name] = image
+            config += f'[datastores.{name}]\npath = "{path}"\nhosts = ["h1"]\n'
+        (site.root / "config.toml").write_text(config)
+        yield site
+    finally:
+        kill_all(site.root)
+        for path in site.mounts:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        shutil.rmtree(site.root, ignore_errors=True)
+
+
+def test_datastore_full_refused_and_nothing_left(tmp_path):
+    with small_site(tmp_path, tiny="tmpfs:8m") as site:
+        root, tiny = site.root, site.root / "tiny"
+        err = refused(root, "vm", "create", "big", "--host", "h1", "--disk", "64M")
         assert "datastore tiny on h1 has" in err and "needs 64 MiB" in err
         assert list(tiny.iterdir()) == [] and "big" not in vms(root)
         ok(root, "vm", "create", "small", "--host", "h1", "--disk", "4M")
         subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 0 4M", str(tiny / "small" / "disk0.qcow2")],
                        check=True, capture_output=True)
-        err = fails(root, "vm", "clone", "small", "small-copy")
+        err = refused(root, "vm", "clone", "small", "small-copy")
         assert "datastore tiny on h1 has" in err
         assert not (tiny / "small-copy").exists() and "small-copy" not in vms(root)
-    finally:
-        subprocess.run(["umount", "-l", str(tiny)])
-        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_import_refused_when_the_datastore_is_too_small(tmp_path):
+    """The free-space check before an import counts what the import writes (the disks' data, and an OVA's
+    disks extracted next to them): too little room is refused before anything is written, naming the
+    datastore and both sizes."""
+    with small_site(tmp_path, roomy="", tiny="tmpfs:12m") as site:
+        root = site.root
+        ok(root, "vm", "create", "pkg", "--host", "h1", "--disk", "32M:roomy")
+        qemu_io(vms(root)["pkg"]["disks"][0]["path"], "write -P 0x5a 0 16M")
+        ova = root / "pkg.ova"
+        ok(root, "vm", "export", "pkg", "--out", str(ova))
+        err = refused(root, "vm", "import", str(ova), "--host", "h1", "--name", "pkg2", "--datastore", "tiny")
+        assert re.search(r"datastore tiny on h1 has \d+ MiB free, importing pkg2 from pkg.ova needs (\d+) MiB", err), err
+        assert int(re.search(r"needs (\d+) MiB", err).group(1)) >= 32     # 16 MiB of data, twice: extracted and converted
+        assert list((root / "tiny").iterdir()) == [] and "pkg2" not in vms(root)
+        ok(root, "vm", "import", str(ova), "--host", "h1", "--name", "pkg2", "--datastore", "roomy")
+        assert raw_sha256(vms(root)["pkg2"]["disks"][0]["path"]) == raw_sha256(vms(root)["pkg"]["disks"][0]["path"])
 
 
 def test_reboot_cpu_hotadd_and_reconcile(ws):

@@ -4,17 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
 
-from ..errors import FerryError, PermanentError
+from ..errors import FerryError, PermanentError, Refused
+from ..platform.qga import GuestAgent
+from ..platform.qmp import EventSubscription, QMPClient, QMPTimeout
 from ..tasks import TaskContext, TaskKind, register
 from .hostops import HostOps, disk_path
 from .lifecycle import VMTask, make_vm, working_on
 from .model import (DiskSpec, NicSpec, VMKind, VMSpec, VMState, check_hardware, check_name, new_id,
                     parse_size)
+from .progress import ByteMeter, reporter
 from .service import VMService
 
 LINKED_OVERHEAD = 1 << 20
+JOB_POLL_S = 1.0           # how often a running copy's block jobs are asked how far they are
+JOB_STALL_S = 300.0        # a copy whose jobs move no byte for this long has stalled: it is given up
+FREEZE_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a clone will do, once it may: checked before the task is made and again when it runs."""
+    row: dict
+    src: VMSpec
+    h: HostOps
+    ds: Any
+    running: bool
+    grow: int | None
+    sizes: tuple[int, ...]       # virtual size of each of the source's disks
 
 
 @register
@@ -33,6 +53,8 @@ class CloneVM(TaskKind):
             check_name(n)
         if len(set(names)) != len(names):
             raise PermanentError("the same name is given twice", "give each copy its own name")
+        if params.get("linked") and params.get("as_template"):
+            raise PermanentError("a template cannot be a linked clone", "make a full copy for a new template")
         o = params.get("overrides") or {}
         if "cpus" in o or "memory_mb" in o:
             check_hardware(cpus=int(o.get("cpus", 1)), memory_mb=int(o.get("memory_mb", 256)))
@@ -48,50 +70,52 @@ class CloneVM(TaskKind):
         target = names[0] if len(names) == 1 else f"{len(names)} VMs ({names[0]} ...)"
         return f"{what} {params['src']} -> {target}" + (" (linked)" if params.get("linked") else "")
 
-    async def run(self, ctx: TaskContext) -> dict[str, Any]:
-        p = ctx.params
-        svc = VMService.of(ctx.engine)
-        row = await svc.find(p["src"])
-        src = VMSpec.from_dict(row["spec"])
-        h = svc.host(src.host)
+    async def check(self, svc: VMService, p: dict[str, Any], own: int | None = None) -> _Plan:
+        """What the clone will do, once the source may be copied now, the names are free and the
+        datastore has room; Refused otherwise."""
         names: list[str] = p["names"]
-        as_template = bool(p.get("as_template"))
         linked = bool(p.get("linked"))
-        overrides = p.get("overrides") or {}
-        if linked and not src.is_template:
-            raise PermanentError(f"{src.name} is a VM; linked clones are made from templates, whose disks never change",
-                                 f"convert it first (ferry template convert {src.name}) or make a full clone")
-        if linked and as_template:
-            raise PermanentError("a template cannot be a linked clone", "make a full copy for a new template")
-        if src.hibernate_file:
-            raise PermanentError(f"{src.name} is hibernated; its disks belong to the saved memory state",
-                                 f"resume it (ferry vm start {src.name}) or shut it down first")
+        row, src, h = await svc.checked("vm_deploy" if p.get("deploy") else "vm_clone", p["src"], own=own,
+                                        copies=len(names), linked=linked)
         running = await h.pid(src) is not None
-        if running and len(names) > 1:
-            raise PermanentError(f"{src.name} is running; a running VM is cloned one copy at a time",
-                                 "clone it once, then clone the copy")
         taken = await svc.names_in_use()
         clash = [n for n in names if n in taken]
         if clash:
-            raise PermanentError(f"a VM or template named {clash[0]!r} already exists",
-                                 "choose other names (ferry vm list shows the names in use)")
+            raise Refused(f"a VM or template named {clash[0]!r} already exists",
+                          "choose other names (ferry vm list shows the names in use)")
         ds = h.datastore(p.get("datastore") or (src.disks[0].datastore if src.disks else None))
+        overrides = p.get("overrides") or {}
         if overrides.get("network"):
             h.check_network(overrides["network"])
         grow = parse_size(overrides["disk_size"], "disk size") if overrides.get("disk_size") else None
         if grow is not None and src.disks and grow < src.disks[0].size:
-            raise PermanentError(f"disk size {overrides['disk_size']} is smaller than {src.name}'s first disk "
-                                 f"({src.disks[0].size >> 20} MiB)", "disks only grow; give a larger size")
+            raise Refused(f"disk size {overrides['disk_size']} is smaller than {src.name}'s first disk "
+                          f"({src.disks[0].size >> 20} MiB)", "disks only grow; give a larger size")
+        allocated, sizes = await _sizes(h, src)
+        per_copy = LINKED_OVERHEAD * len(src.disks) if linked else allocated
+        await h.ensure_space(ds, per_copy * len(names),
+                             f"{len(names)} cop{'y' if len(names) == 1 else 'ies'} of {src.name}")
+        return _Plan(row, src, h, ds, running, grow, sizes)
 
-        per_copy = LINKED_OVERHEAD * len(src.disks) if linked else await _allocated(h, src)
-        await h.ensure_space(ds, per_copy * len(names), f"{len(names)} cop{'y' if len(names) == 1 else 'ies'} of {src.name}")
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        p = ctx.params
+        svc = VMService.of(ctx.engine)
+        plan = await self.check(svc, p, ctx.id)
+        src, h, grow, running = plan.src, plan.h, plan.grow, plan.running
+        names: list[str] = p["names"]
+        as_template = bool(p.get("as_template"))
+        linked = bool(p.get("linked"))
+        overrides = p.get("overrides") or {}
+        # Every byte of every disk of every copy, counted as its copy goes (zero regions too, as
+        # qemu-img and the block jobs count them); a linked clone copies nothing.
+        meter = None if linked else ByteMeter(reporter(ctx), sum(plan.sizes) * len(names))
 
         made = []
-        async with working_on(ctx, row):
+        async with working_on(ctx, plan.row):
             for i, name in enumerate(names):
-                spec = _copy_spec(src, name, ds, as_template=as_template, linked=linked, overrides=overrides,
+                spec = _copy_spec(src, name, plan.ds, as_template=as_template, linked=linked, overrides=overrides,
                                   grow=grow)
-                label = f"{name} ({i + 1}/{len(names)})"
+                label = f"{name} ({i + 1}/{len(names)})" if len(names) > 1 else name
 
                 async def fill(ctx: TaskContext, h: HostOps, vm: VMSpec, label=label, i=i) -> None:
                     if linked:
@@ -100,9 +124,9 @@ class CloneVM(TaskKind):
                             await h.qemu_img("create", "-q", "-f", "qcow2", "-b", sd.path, "-F", "qcow2",
                                              d.path, str(d.size))
                     elif running:
-                        await _backup_running(ctx, svc, src, vm, label)
+                        await _backup_running(ctx, svc, src, vm, label, plan.sizes, meter)
                     else:
-                        await _convert(ctx, h, src, vm, label, i, len(names))
+                        await _convert(h, src, vm, label, plan.sizes, meter)
                     if grow is not None and vm.disks and not linked:
                         await h.qemu_img("resize", "-q", vm.disks[0].path, str(grow))
 
@@ -130,41 +154,72 @@ def _copy_spec(src: VMSpec, name: str, ds, *, as_template: bool, linked: bool, o
                      kind=VMKind.TEMPLATE if as_template else VMKind.VM, origin=src.name, hibernate_file="")
 
 
-async def _allocated(h: HostOps, vm: VMSpec) -> int:
-    """Bytes a full copy of the VM's disks will take (allocated clusters along each backing chain)."""
-    total = 0
+async def _sizes(h: HostOps, vm: VMSpec) -> tuple[int, tuple[int, ...]]:
+    """Bytes a full copy of the VM's disks will take (allocated clusters along each backing chain),
+    and the virtual size of each disk (what a copy goes through)."""
+    total, sizes = 0, []
     for d in vm.disks:
         info = await h.image_info(d.path)
+        sizes.append(int(info.get("virtual-size", d.size)))
         total += int(info.get("actual-size", 0))
         if info.get("backing-filename"):
             total += int((await h.image_info(info.get("full-backing-filename") or info["backing-filename"]))
                          .get("actual-size", 0))
-    return total + (1 << 20)
+    return total + (1 << 20), tuple(sizes)
 
 
-async def _convert(ctx: TaskContext, h: HostOps, src: VMSpec, vm: VMSpec, label: str, i: int, n: int) -> None:
-    for k, (d, sd) in enumerate(zip(vm.disks, src.disks)):
-        def report(f: float, k=k) -> None:
-            ctx.progress(units_done=i, units_total=n, item=f"{label}: copying {d.name} {f * 100:.0f}%",
-                         detail={"disk": d.name, "fraction": round((k + f) / max(1, len(vm.disks)), 3)})
-        await h.qemu_img_progress(["convert", "-O", "qcow2", sd.path, d.path], report)
+async def _convert(h: HostOps, src: VMSpec, vm: VMSpec, label: str, sizes: tuple[int, ...],
+                   meter: ByteMeter) -> None:
+    for d, sd, size in zip(vm.disks, src.disks, sizes):
+        item = f"{label}: copying {d.name}"
+        await h.qemu_img_progress(["convert", "-O", "qcow2", sd.path, d.path],
+                                  lambda f, item=item, size=size: meter.show(int(size * f), item))
+        meter.advance(size, item)
 
 
-async def _backup_running(ctx: TaskContext, svc: VMService, src: VMSpec, vm: VMSpec, label: str) -> None:
+@contextlib.asynccontextmanager
+async def frozen(ctx: TaskContext, svc: VMService, vm: VMSpec) -> AsyncIterator[None]:
+    """The guest's filesystems frozen through its agent for the duration (when the agent answers),
+    and thawed on every way out, success, failure or cancellation; the task's log says which."""
+    try:
+        ga = await svc.agent(vm, timeout=2.0)
+    except FerryError as e:
+        ctx.log(f"the filesystems of {vm.name} are not frozen for the copy ({e.message}): "
+                "the copy is crash-consistent", "warning")
+        yield
+        return
+    try:
+        try:
+            n = await ga.fsfreeze_freeze(timeout=FREEZE_TIMEOUT_S)
+            ctx.log(f"froze {n} filesystem{'' if n == 1 else 's'} of {vm.name} through its guest agent")
+        except FerryError as e:
+            # It may have frozen some before failing: the thaw below runs all the same.
+            ctx.log(f"freezing the filesystems of {vm.name} failed ({e.message}): the copy is crash-consistent",
+                    "warning")
+        yield
+    finally:
+        await asyncio.shield(_thaw(ctx, ga, vm))
+
+
+async def _thaw(ctx: TaskContext, ga: GuestAgent, vm: VMSpec) -> None:
+    try:
+        n = await ga.fsfreeze_thaw(timeout=FREEZE_TIMEOUT_S)
+        ctx.log(f"thawed {n} filesystem{'' if n == 1 else 's'} of {vm.name}")
+    except FerryError as e:
+        ctx.log(f"thawing the filesystems of {vm.name} failed ({e.message}); writes in the guest may hang "
+                f"until they are thawed (guest-fsfreeze-thaw through its agent, or fsfreeze -u in the guest)", "error")
+    finally:
+        await ga.close()
+
+
+async def _backup_running(ctx: TaskContext, svc: VMService, src: VMSpec, vm: VMSpec, label: str,
+                          sizes: tuple[int, ...], meter: ByteMeter) -> None:
     """A point-in-time copy of every disk of a running VM: one QMP transaction of drive-backup jobs,
     with the guest's filesystems frozen for the instant the jobs start (when its agent answers)."""
-    frozen = False
-    ga = None
     job_ids = [f"clone-{vm.short_id}-{j}" for j in range(len(vm.disks))]
-    with contextlib.suppress(FerryError):
-        ga = await svc.agent(src, timeout=2.0)
     async with await svc.qmp(src) as q:
         with q.subscribe("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") as sub:
-            try:
-                if ga:
-                    with contextlib.suppress(FerryError):
-                        await ga.fsfreeze_freeze(timeout=30)
-                        frozen = True
+            async with frozen(ctx, svc, src):
                 actions = [{"type": "drive-backup",
                             "data": {"device": f"drive{j}", "job-id": job_ids[j],
                                      "target": d.path, "format": "qcow2", "sync": "full",
@@ -172,36 +227,51 @@ async def _backup_running(ctx: TaskContext, svc: VMService, src: VMSpec, vm: VMS
                            for j, d in enumerate(vm.disks)]
                 if actions:
                     await q.execute("transaction", {"actions": actions})
-            finally:
-                if frozen:
-                    with contextlib.suppress(FerryError):
-                        await ga.fsfreeze_thaw()
-                if ga:
-                    await ga.close()
-            ctx.log(f"point-in-time copy of {src.name} started" + (" (filesystems frozen)" if frozen else ""))
-            pending = set(job_ids)
+            ctx.log(f"point-in-time copy of {src.name} started ({len(actions)} disk{'' if len(actions) == 1 else 's'})")
+            await _follow_jobs(q, sub, src, dict(zip(job_ids, sizes)),
+                               lambda done: meter.show(done, f"{label}: copying while it runs"))
+            meter.advance(sum(sizes), f"{label}: copied")
+
+
+async def _follow_jobs(q: QMPClient, sub: EventSubscription, vm: VMSpec, jobs: dict[str, int], report) -> None:
+    """Waits for the block jobs to end, reporting the bytes they have copied. A copy takes as long as
+    its data needs, so there is no deadline on the whole; a copy that moves no byte for JOB_STALL_S is
+    given up. The jobs are cancelled when this ends any other way than by their completion."""
+    pending = dict(jobs)
+    # How far each job was last seen: a job that ended before its event was read is no longer listed,
+    # and must not count as nothing copied.
+    copied = dict.fromkeys(jobs, 0)
+    moved, last = -1, time.monotonic()
+    try:
+        while pending:
             try:
-                while pending:
-                    jobs = {j["device"]: j for j in await q.execute("query-block-jobs")}
-                    done = sum(jobs[p]["offset"] for p in pending if p in jobs)
-                    total = sum(jobs[p]["len"] for p in pending if p in jobs)
-                    if total:
-                        ctx.progress(bytes_done=done, bytes_total=total, item=f"{label}: copying while it runs")
-                    try:
-                        ev = await sub.get(timeout=0.5)
-                    except asyncio.TimeoutError:
-                        continue
-                    job = ev.data.get("device")
-                    if job in pending:
-                        if ev.name == "BLOCK_JOB_CANCELLED" or ev.data.get("error"):
-                            raise PermanentError(f"copying {src.name} failed: {ev.data.get('error', 'cancelled')}",
-                                                 "check the free space of the datastore")
-                        pending.discard(job)
-            except BaseException:
-                for job in pending:
-                    with contextlib.suppress(Exception):
-                        await q.execute("block-job-cancel", {"device": job, "force": True})
-                raise
+                ev = await sub.get(timeout=JOB_POLL_S)
+            except QMPTimeout:
+                ev = None
+            if ev is not None and ev.data.get("device") in pending:
+                if ev.name == "BLOCK_JOB_CANCELLED" or ev.data.get("error"):
+                    raise PermanentError(f"copying {vm.name} failed: {ev.data.get('error', 'the copy was cancelled')}",
+                                         "check the free space of the datastore")
+                job = ev.data["device"]
+                copied[job] = pending.pop(job)
+                continue
+            for j in await q.execute("query-block-jobs"):
+                if j.get("device") in pending:
+                    copied[j["device"]] = max(copied[j["device"]], int(j.get("offset", 0)))
+            done = sum(copied.values())
+            report(done)
+            now = time.monotonic()
+            if done > moved:
+                moved, last = done, now
+            elif now - last > JOB_STALL_S:
+                raise PermanentError(f"copying {vm.name} stalled: no progress for {JOB_STALL_S:g} s "
+                                     f"({done >> 20} of {sum(jobs.values()) >> 20} MiB copied)",
+                                     "check the host's storage (full, failing or overloaded), then clone again")
+    except BaseException:
+        for job in pending:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(q.execute("block-job-cancel", {"device": job, "force": True}))
+        raise
 
 
 @register
@@ -213,20 +283,15 @@ class ConvertVM(VMTask):
     def title(self, params: dict[str, Any]) -> str:
         return f"convert {params['vm']} to a {params.get('to', 'template')}"
 
+    def rules(self, params: dict[str, Any]) -> dict[str, Any]:
+        return {**super().rules(params), "to": params.get("to", "template")}
+
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         to = ctx.params.get("to", "template")
         svc, row, vm, h = await self.target(ctx)
         if to == "template":
-            if vm.is_template:
-                raise PermanentError(f"{vm.name} is already a template", "nothing to do")
-            if await h.pid(vm) is not None or vm.hibernate_file:
-                raise PermanentError(f"{vm.name} must be stopped to become a template",
-                                     f"shut it down first: ferry vm stop {vm.name}")
             new, state = vm.with_(kind=VMKind.TEMPLATE), VMState.TEMPLATE
         else:
-            if not vm.is_template:
-                raise PermanentError(f"{vm.name} is already a VM", "nothing to do")
-            await svc.refuse_if_linked(vm, "delete them, or deploy a full VM from the template")
             new, state = vm.with_(kind=VMKind.VM), VMState.STOPPED
         async with working_on(ctx, row):
             await svc.update(vm.id, kind=new.kind, state=state, spec=new)

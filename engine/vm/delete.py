@@ -7,7 +7,7 @@ import time
 from pathlib import PurePosixPath
 from typing import Any
 
-from ..errors import FerryError, PermanentError
+from ..errors import FerryError, PermanentError, Refused
 from ..tasks import TaskContext, register
 from .hostcmd import Tail, last_line, watch
 from .hostops import RECYCLE_DIR, HostOps, recycle_path
@@ -92,11 +92,6 @@ class DeleteVM(VMTask):
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         mode = ctx.params.get("mode", "normal")
         svc, row, vm, h = await self.target(ctx)
-        if await h.pid(vm) is not None:
-            raise PermanentError(f"{vm.name} is running; a running VM is never deleted",
-                                 f"stop it first: ferry vm stop {vm.name}")
-        if vm.is_template:
-            await svc.refuse_if_linked(vm, "delete those first (or purge them from the recycle bin)")
         async with working_on(ctx, row):
             if mode == "delayed":
                 days = float(ctx.params.get("keep_days", DEFAULT_KEEP_DAYS))
@@ -187,23 +182,31 @@ class RestoreVM(VMTask):
     """Brings a VM back from the recycle bin, under its old name."""
     name = "vm.restore"
     verb = "restore"
+    recycled = True
 
-    async def run(self, ctx: TaskContext) -> dict[str, Any]:
-        svc, row, vm, h = await self.target(ctx, recycled=True)
+    async def check(self, svc: VMService, params: dict[str, Any], own: int | None = None
+                    ) -> tuple[dict, VMSpec, HostOps, list[tuple[str, str]]]:
+        """As VMTask.check, plus the moves out of the recycle bin, once none would overwrite anything."""
+        row, vm, h = await super().check(svc, params, own)
         if vm.name in await svc.names_in_use():
-            raise PermanentError(f"another VM is now named {vm.name}, so this one cannot come back under that name",
-                                 "rename or delete the other one first")
+            raise Refused(f"another VM is now named {vm.name}, so this one cannot come back under that name",
+                          "rename or delete the other one first")
         moves = []
         for path in _files(vm):
             ds = h.datastore_of_path(path)
             src = recycle_path(ds, vm.id, path) if ds else ""
             if not src or not await h.exists(src):
-                raise PermanentError(f"{path} of {vm.name} is no longer in the recycle bin on {h.name}",
-                                     "it may have been purged by hand; the VM cannot be restored")
+                raise Refused(f"{path} of {vm.name} is no longer in the recycle bin on {h.name}",
+                              "it may have been purged by hand; the VM cannot be restored")
             if await h.exists(path):
-                raise PermanentError(f"{path} exists again on {h.name}; restoring would overwrite it",
-                                     "move that file away first")
+                raise Refused(f"{path} exists again on {h.name}; restoring would overwrite it",
+                              "move that file away first")
             moves.append((src, path))
+        return row, vm, h, moves
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        svc = VMService.of(ctx.engine)
+        row, vm, h, moves = await self.check(svc, ctx.params, ctx.id)
         await _move_all(h, moves)
         state = VMState.TEMPLATE if vm.is_template else (VMState.HIBERNATED if vm.hibernate_file else VMState.STOPPED)
         await svc.update(vm.id, recycled=None, purge_at=None, state=state)
@@ -217,12 +220,17 @@ class PurgeVM(VMTask):
     """Removes a VM from the recycle bin for good (or every expired one, vm='*expired*')."""
     name = "vm.purge"
     verb = "purge"
+    recycled = True
 
     def validate(self, params: dict[str, Any]) -> None:
         super().validate(params)
         if params["vm"] != "*expired*" and params.get("confirm") != params["vm"]:
             raise PermanentError(f"purging {params['vm']} needs its name typed to confirm",
                                  f"pass --confirm {params['vm']}")
+
+    async def check(self, svc: VMService, params: dict[str, Any], own: int | None = None) -> Any:
+        if params["vm"] != "*expired*":
+            return await super().check(svc, params, own)
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         svc = VMService.of(ctx.engine)

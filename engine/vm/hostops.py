@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from ..config import DatastoreSpec, HostSpec, SiteConfig
-from ..errors import CommandError, FerryError, PermanentError
+from ..errors import CommandError, FerryError, Refused
 from ..platform.liveboot import LiveDisk, LiveNic, LivePaths, LiveRole, is_running, live_boot_argv, read_pid
 from ..platform.liveimage import LiveImage
 from ..transport.base import RunResult, Transport
@@ -44,7 +44,7 @@ class HostOps:
         """The named datastore (it must be attached to this host), or the host's first local one."""
         attached = self.site.datastores_of(self.name)
         if not attached:
-            raise PermanentError(f"host {self.name} has no datastore",
+            raise Refused(f"host {self.name} has no datastore",
                                  f"add [datastores.NAME] with hosts = [\"{self.name}\"] to config.toml")
         if name is None:
             local = [d for d in attached if not d.shared]
@@ -52,7 +52,7 @@ class HostOps:
         for d in attached:
             if d.name == name:
                 return d
-        raise PermanentError(f"datastore {name!r} is not attached to host {self.name}",
+        raise Refused(f"datastore {name!r} is not attached to host {self.name}",
                              f"use one of: {', '.join(d.name for d in attached)}")
 
     def datastore_of_path(self, path: str) -> DatastoreSpec | None:
@@ -85,7 +85,7 @@ class HostOps:
 
     def check_network(self, network: str) -> None:
         if network not in self.spec.networks:
-            raise PermanentError(f"network {network!r} is not on host {self.name}",
+            raise Refused(f"network {network!r} is not on host {self.name}",
                                  f"use one of: {', '.join(self.spec.networks)}")
 
     async def image_info(self, path: str) -> dict:
@@ -99,7 +99,7 @@ class HostOps:
         await self.t.mkdir(ds.path)
         free = await self.free_bytes(ds.path)
         if free < needed:
-            raise PermanentError(
+            raise Refused(
                 f"datastore {ds.name} on {self.name} has {_gib(free)} free, {what} needs {_gib(needed)}",
                 "free space on it, or choose another datastore (--datastore)")
 

@@ -9,13 +9,14 @@ import time
 from pathlib import PurePosixPath
 from typing import Any, AsyncIterator
 
-from ..errors import FerryError, PermanentError, TransientError
+from ..errors import FerryError, PermanentError, Refused, TransientError
 from ..platform.liveboot import launch, stop as stop_process
 from ..platform.qmp import QMPClient
 from ..tasks import TaskContext, TaskKind, register
 from .hostops import HostOps, disk_path, vm_dir
 from .model import (DiskSpec, NicSpec, Passthrough, VMSpec, VMState, check_boot, check_bus,
                     check_hardware, check_name, default_max_cpus, new_id, parse_size)
+from .prechecks import action_of
 from .service import VMService
 
 BOOT_TIMEOUT = 90.0
@@ -28,13 +29,10 @@ async def working_on(ctx: TaskContext, row: dict) -> AsyncIterator[None]:
     fresh = await svc._db(svc.store.vm_row, row["id"])
     if fresh is None:
         raise PermanentError(f"VM {row['name']} no longer exists", "ferry vm list shows what exists")
-    other = fresh["busy"]
-    if other and other != ctx.id:
-        info = await ctx.engine.get(other)
-        # A task whose Ferry process died (kill -9, power loss) no longer holds the VM.
-        if not info.state.final and await ctx.engine._owner_alive(info):
-            raise PermanentError(f"{row['name']} is busy with task {other} ({info.title}, {info.state})",
-                                 f"wait for it, or cancel it: ferry task cancel {other}")
+    other = await svc.busy_with(fresh, ctx.id)
+    if other:
+        raise PermanentError(f"{row['name']} is busy with {other}",
+                             f"wait for it, or cancel it: ferry task cancel {fresh['busy']}")
     await svc.update(row["id"], busy=ctx.id)
     try:
         yield
@@ -43,11 +41,22 @@ async def working_on(ctx: TaskContext, row: dict) -> AsyncIterator[None]:
             await svc.update(row["id"], busy=None)
 
 
+def cancelled_for_good(ctx: TaskContext) -> bool:
+    """Is the task being cancelled by an operator (not paused, nor left for the next engine)? Work kept
+    for a resume is removed only then."""
+    # The engine notes why it cancels a task's coroutine before it does; it has no public word for it yet.
+    return getattr(ctx.engine, "_stop_reason", {}).get(ctx.id) == "cancel"
+
+
 class VMTask(TaskKind):
-    """A task on one existing VM or template, named by params["vm"]; the client fills params["host"]."""
+    """A task on one existing VM or template, named by params["vm"]; the client fills params["host"].
+
+    `check` refuses what cannot apply (prechecks.refusal's rules for the kind's action, and whatever
+    the kind adds): the engine asks it before the task is made, and `target` again when it runs."""
 
     max_retries = 0
     verb = ""
+    recycled = False              # the VM is looked for in the recycle bin
 
     def validate(self, params: dict[str, Any]) -> None:
         if not params.get("vm"):
@@ -59,12 +68,21 @@ class VMTask(TaskKind):
     def title(self, params: dict[str, Any]) -> str:
         return f"{self.verb} {params['vm']}"
 
-    async def target(self, ctx: TaskContext, **find: Any) -> tuple[VMService, dict, VMSpec, HostOps]:
-        """The service, the VM's record and spec, and its host."""
+    def rules(self, params: dict[str, Any]) -> dict[str, Any]:
+        """What prechecks.refusal needs beyond the VM: the action, and `to` or `copies` where they matter."""
+        return {"action": action_of(self.name, params)}
+
+    async def check(self, svc: VMService, params: dict[str, Any], own: int | None = None
+                    ) -> tuple[dict, VMSpec, HostOps]:
+        """The VM's record, spec and host when the action may apply to it now; Refused otherwise."""
+        rules = self.rules(params)
+        return await svc.checked(rules.pop("action"), params["vm"], own=own, recycled=self.recycled, **rules)
+
+    async def target(self, ctx: TaskContext) -> tuple[VMService, dict, VMSpec, HostOps]:
+        """The service, the VM's record and spec, and its host, checked again now that the task runs."""
         svc = VMService.of(ctx.engine)
-        row = await svc.find(ctx.params["vm"], **find)
-        vm = VMSpec.from_dict(row["spec"])
-        return svc, row, vm, svc.host(vm.host)
+        row, vm, h = await self.check(svc, ctx.params, ctx.id)
+        return svc, row, vm, h
 
 
 async def wait_exit(h: HostOps, vm: VMSpec, timeout: float, ctx: TaskContext | None = None) -> bool:
@@ -174,10 +192,13 @@ class CreateVM(TaskKind):
     def title(self, params: dict[str, Any]) -> str:
         return f"create {params['name']}"
 
-    async def run(self, ctx: TaskContext) -> dict[str, Any]:
-        p = ctx.params
-        svc = VMService.of(ctx.engine)
+    async def check(self, svc: VMService, p: dict[str, Any], own: int | None = None) -> tuple[HostOps, VMSpec]:
+        """The host and the spec of the new VM, once its name is free, its networks on the host and its
+        datastores have room; Refused otherwise."""
         h = svc.host(p["host"])
+        if p["name"] in await svc.names_in_use():
+            raise Refused(f"a VM or template named {p['name']!r} already exists",
+                          "choose another name (ferry vm list shows the names in use)")
         nics = tuple(NicSpec(n.get("network", "default"), n.get("mac", ""))
                      for n in p.get("nics", [{"network": "default"}]))
         for n in nics:
@@ -198,7 +219,10 @@ class CreateVM(TaskKind):
                                   d.get("bus", "virtio"), ds.shared))
         for ds_name, size in need.items():
             await h.ensure_space(h.datastore(ds_name), size, f"{vm.name} ({size >> 20} MiB of disks)")
-        vm = vm.with_(disks=tuple(disks))
+        return h, vm.with_(disks=tuple(disks))
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        h, vm = await self.check(VMService.of(ctx.engine), ctx.params, ctx.id)
         return await make_vm(ctx, h, vm, self._create_disks)
 
     @staticmethod
@@ -253,18 +277,18 @@ class StartVM(VMTask):
     name = "vm.start"
     verb = "start"
 
+    async def check(self, svc: VMService, params: dict[str, Any], own: int | None = None
+                    ) -> tuple[dict, VMSpec, HostOps]:
+        row, vm, h = await super().check(svc, params, own)
+        if vm.hibernate_file and not params.get("discard_state") and not await h.exists(vm.hibernate_file):
+            raise Refused(f"the hibernated state of {vm.name} is missing: {vm.hibernate_file}",
+                          f"start it fresh: ferry vm start {vm.name} --discard-state")
+        return row, vm, h
+
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         svc, row, vm, h = await self.target(ctx)
-        if vm.is_template:
-            raise PermanentError(f"{vm.name} is a template, and a template never starts",
-                                 f"deploy a VM from it: ferry template deploy {vm.name} NEW-NAME")
-        if await h.pid(vm) is not None:
-            raise PermanentError(f"{vm.name} is already running on {h.name}", "nothing to do")
         async with working_on(ctx, row):
             if vm.hibernate_file and not ctx.params.get("discard_state"):
-                if not await h.exists(vm.hibernate_file):
-                    raise PermanentError(f"the hibernated state of {vm.name} is missing: {vm.hibernate_file}",
-                                         f"start it fresh: ferry vm start {vm.name} --discard-state")
                 ctx.log(f"resuming {vm.name} from {vm.hibernate_file}")
                 out = await boot(ctx, vm, incoming="exec:cat " + shlex.quote(vm.hibernate_file), wait_agent=False)
                 await h.t.remove(vm.hibernate_file)
@@ -294,10 +318,6 @@ class ShutdownVM(VMTask):
         mode = ctx.params.get("mode", "powerdown")
         timeout = float(ctx.params.get("timeout", 120))
         svc, row, vm, h = await self.target(ctx)
-        if await h.pid(vm) is None:
-            if row["state"] in ("running", "paused", "missing"):
-                await svc.update(vm.id, state=VMState.STOPPED)
-            raise PermanentError(f"{vm.name} is not running", f"start it: ferry vm start {vm.name}")
         async with working_on(ctx, row):
             if mode == "force":
                 ctx.progress(item="powering off")
@@ -336,15 +356,21 @@ class HibernateVM(VMTask):
     name = "vm.hibernate"
     verb = "hibernate"
 
+    async def check(self, svc: VMService, params: dict[str, Any], own: int | None = None
+                    ) -> tuple[dict, VMSpec, HostOps]:
+        row, vm, h = await super().check(svc, params, own)
+        await h.ensure_space(self._datastore(h, vm), vm.memory_mb << 20, f"the memory of {vm.name}")
+        return row, vm, h
+
+    @staticmethod
+    def _datastore(h: HostOps, vm: VMSpec):
+        return h.datastore(vm.disks[0].datastore if vm.disks else None)
+
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         svc, row, vm, h = await self.target(ctx)
-        if await h.pid(vm) is None:
-            raise PermanentError(f"{vm.name} is not running, so there is nothing to hibernate",
-                                 f"start it: ferry vm start {vm.name}")
-        ds = h.datastore(vm.disks[0].datastore if vm.disks else None)
+        ds = self._datastore(h, vm)
         folder = str(PurePosixPath(vm.disks[0].path).parent) if vm.disks else vm_dir(ds, vm.name)
         state_file = f"{folder}/{vm.name}.state"
-        await h.ensure_space(ds, vm.memory_mb << 20, f"the memory of {vm.name}")
         async with working_on(ctx, row):
             await h.t.mkdir(folder)
             tmp = state_file + ".part"

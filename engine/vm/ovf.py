@@ -17,11 +17,12 @@ import secrets
 import stat
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Awaitable, Callable, Sequence
 
-from ..errors import FerryError, PermanentError
+from ..errors import FerryError, PermanentError, Refused
 from ..transport.base import RunResult, Transport
 from .hostcmd import Tail, last_line, qemu_img_progress, watch
+from .progress import ByteMeter, ProgressFn
 
 OVF_NS = "http://schemas.dmtf.org/ovf/envelope/1"
 RASD_NS = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
@@ -54,7 +55,6 @@ MAX_DESCRIPTOR = 16 << 20     # an .ovf is a few KiB; refuse to pull a huge "des
 MAX_MANIFEST = 1 << 20
 VHD_MAX = 2040 << 30
 
-ProgressFn = Callable[[int, int, str], None]   # (bytes_done, bytes_total, current item label)
 
 
 @dataclass(frozen=True)
@@ -438,25 +438,6 @@ def parse_manifest(text: str, *, file: str) -> dict[str, str]:
 
 # ------------------------------------------------------------------ running things on the host
 
-class _Meter:
-    """Bytes done over bytes total across the steps of one export or import."""
-
-    def __init__(self, fn: ProgressFn | None, total: int) -> None:
-        self.fn, self.total, self.done, self._last = fn, max(total, 0), 0, None
-
-    def show(self, partial: int, label: str) -> None:
-        if self.fn is None:
-            return
-        now = (min(self.done + max(partial, 0), self.total), self.total, label)
-        if now != self._last:
-            self._last = now
-            self.fn(*now)
-
-    def advance(self, n: int, label: str) -> None:
-        self.done += n
-        self.show(0, label)
-
-
 async def _run(t: Transport, argv: Sequence[str], message: str, hint: str, *, timeout: float = 600) -> RunResult:
     r = await t.run(argv, timeout=timeout)
     if not r.ok:
@@ -496,7 +477,7 @@ def _shown(image: str) -> str:
     return image
 
 
-async def _convert(t: Transport, argv: list[str], capacity: int, meter: _Meter, label: str, message: str) -> None:
+async def _convert(t: Transport, argv: list[str], capacity: int, meter: ByteMeter, label: str, message: str) -> None:
     r = await qemu_img_progress(t, ["convert", *argv], lambda f: meter.show(int(capacity * f), label))
     if not r.ok:
         raise PermanentError(f"{message} on {t.host}: {last_line(r)}",
@@ -515,35 +496,55 @@ def _split(out: str) -> tuple[str, str]:
 
 # ------------------------------------------------------------------ export
 
+async def check_out(t: Transport, name: str, out: str, *, ova: bool) -> str:
+    """The normalised path a package of VM `name` would be written to, once nothing there would be
+    overwritten or mixed in; Refused (naming the path and the host) otherwise."""
+    if not FILE_RE.match(f"{name}.ovf"):
+        raise Refused(f"{name!r} cannot name the files of a package",
+                      "export under a plain name of printable ASCII without '/' or '\\'")
+    parent, base = _split(out)
+    out = posixpath.join(parent, base)
+    if ova and not base.lower().endswith(".ova"):
+        raise Refused(f"{out}: an OVA package must be a file named *.ova", f"for example {out}.ova")
+    pst = await t.stat(parent)
+    if pst is None or not pst.is_dir:
+        raise Refused(f"folder {parent} does not exist on {t.host}", "create it first, or choose another path")
+    st = await t.stat(out)
+    if st is not None and (ova or not st.is_dir):
+        raise Refused(f"{out} already exists on {t.host}", "choose another path or move the old one away")
+    if st is not None and await t.listdir(out):
+        raise Refused(f"folder {out} on {t.host} is not empty",
+                      "export into a new or empty folder, so no file of another package is mixed in")
+    return out
+
+
 async def export_package(t: Transport, spec: OvfSpec, disk_paths: dict[str, str], out: str, *, ova: bool,
-                         progress: ProgressFn | None = None) -> dict:
+                         progress: ProgressFn | None = None, stage: str | None = None, state: dict | None = None,
+                         save: Callable[[dict], Awaitable[None]] | None = None,
+                         keep: Callable[[], bool] | None = None) -> dict:
     """Write `spec` and its disks (converted to dynamic VHD) as an OVF folder or an .ova file at `out`.
+
+    The package is made in a staging folder next to `out` (named `stage`, or a new random name), one
+    step at a time (convert each disk, hash
+    each disk, write the descriptor and the manifest, tar them for an OVA), and moved into place at the
+    end. After each durable step `save` gets the state of the export; given back as `state`, it lets an
+    interrupted export go on from there (when the staging folder is intact and the VM's disks have not
+    changed since), else the export starts over. An interruption for which `keep()` is true (a pause)
+    keeps the staging folder; anything else removes it. Progress counts each disk's virtual size once
+    per step, so its total is known from the start and never changes.
 
     Returns {"path": out, "files": {file: sha256}, "bytes": size of the package}."""
     _check_spec(spec)
-    if not FILE_RE.match(f"{spec.name}.ovf"):
-        raise PermanentError(f"{spec.name!r} cannot name the files of a package",
-                             "export under a plain name of printable ASCII without '/' or '\\'")
+    out = await check_out(t, spec.name, out, ova=ova)
     parent, base = _split(out)
-    out = posixpath.join(parent, base)
     missing = [d.name for d in spec.disks if d.name not in disk_paths]
     if missing:
         raise PermanentError(f"{spec.name}: no image given for disk(s) {', '.join(missing)}",
                              "internal: pass the image path of every disk")
-    if ova and not base.lower().endswith(".ova"):
-        raise PermanentError(f"{out}: an OVA package must be a file named *.ova", f"for example {out}.ova")
-    pst = await t.stat(parent)
-    if pst is None or not pst.is_dir:
-        raise PermanentError(f"folder {parent} does not exist on {t.host}", "create it first, or choose another path")
-    st = await t.stat(out)
-    if st is not None and (ova or not st.is_dir):
-        raise PermanentError(f"{out} already exists on {t.host}", "choose another path or move the old one away")
-    if st is not None and await t.listdir(out):
-        raise PermanentError(f"folder {out} on {t.host} is not empty",
-                             "export into a new or empty folder, so no file of another package is mixed in")
 
     sources = {}
     disks = []
+    marks: dict[str, list[int]] = {}      # disk -> [size, mtime] of its image: has it changed since?
     for d in spec.disks:
         info = await _image_info(t, disk_paths[d.name])
         sources[d.name] = (disk_paths[d.name], info.get("format") or "qcow2")
@@ -551,36 +552,62 @@ async def export_package(t: Transport, spec: OvfSpec, disk_paths: dict[str, str]
             raise PermanentError(f"{disk_paths[d.name]} ({int(info['virtual-size']) >> 30} GiB) is larger than a VHD "
                                  "can hold (2040 GiB)", "move this VM with block replication instead of a package")
         disks.append(replace(d, capacity=int(info["virtual-size"]), format="vpc"))
+        sst = await t.stat(disk_paths[d.name])
+        marks[d.name] = [sst.size, sst.mtime_ns] if sst else [0, 0]
     spec = replace(spec, disks=tuple(disks))
 
     ovf_name, mf_name = f"{spec.name}.ovf", f"{spec.name}.mf"
-    stage = posixpath.join(parent, f".{base}.ferry-tmp-{secrets.token_hex(4)}")
     capacity = sum(d.capacity for d in spec.disks)
-    # convert, hash (and tar) each byte once; hashing and tar are first counted at the virtual size,
-    # then at the VHD's real size once it is known
-    meter = _Meter(progress, capacity * (3 if ova else 2))
-    await t.mkdir(stage, parents=False, mode=0o755)
+    meter = ByteMeter(progress, capacity * (3 if ova else 2))     # convert, hash (and tar) each disk once
+
+    old = state or {}
+    stage = posixpath.join(parent, stage) if stage else posixpath.join(parent, f".{base}.ferry-tmp-{secrets.token_hex(4)}")
+    sst = await t.stat(stage)
+    again = bool(sst and sst.is_dir and old.get("stage") == stage and old.get("out") == out and old.get("ova") == ova
+                 and old.get("sources") == marks)
+    if sst is not None and not again:
+        await _rmtree(t, stage)          # left by an earlier run that can no longer be trusted
+    if not again:
+        await t.mkdir(stage, parents=False, mode=0o755)
+    sizes: dict[str, int] = dict(old.get("sizes") or {}) if again else {}       # VHD file -> bytes, once converted
+    digests: dict[str, str] = dict(old.get("digests") or {}) if again else {}   # VHD file -> sha256, once hashed
+
+    async def checkpoint() -> None:
+        if save is not None:
+            await save({"stage": stage, "out": out, "ova": ova, "sources": marks, "sizes": sizes,
+                        "digests": digests})
+
     try:
-        digests: dict[str, str] = {}
-        sizes: dict[str, int] = {}
+        await checkpoint()
         for d in spec.disks:
             src, fmt = sources[d.name]
             dst = posixpath.join(stage, d.file)
+            label = f"converting {d.name} to {d.file}"
+            done = await t.stat(dst)
+            if d.file in sizes and done is not None and done.size == sizes[d.file]:
+                meter.advance(d.capacity, f"{label}: done before")
+                continue
+            sizes.pop(d.file, None)
+            digests.pop(d.file, None)
             await _convert(t, ["-f", fmt, "-O", "vpc", "-o", "subformat=dynamic,force_size=on", src, dst],
-                           d.capacity, meter, f"converting {d.name} to {d.file}",
-                           f"cannot convert {src} to {d.file}")
-            meter.advance(d.capacity, f"converted {d.name}")
+                           d.capacity, meter, label, f"cannot convert {src} to {d.file}")
+            await _run(t, ["sync", "--", dst], f"cannot flush {d.file} to disk", "check the folder's filesystem")
             vst = await t.stat(dst)
             sizes[d.file] = vst.size if vst else 0
-            meter.total += (sizes[d.file] - d.capacity) * (2 if ova else 1)
+            meter.advance(d.capacity, f"converted {d.name}")
+            await checkpoint()
         for d in spec.disks:
             label = f"hashing {d.file}"
-            digests[d.file] = await _hash_file(t, posixpath.join(stage, d.file), "SHA256",
-                                               lambda n, label=label: meter.show(n, label))
-            meter.advance(sizes[d.file], label)
+            if d.file not in digests:
+                # bytes of the VHD, counted in the disk's virtual size like every step
+                digests[d.file] = await _hash_file(
+                    t, posixpath.join(stage, d.file), "SHA256",
+                    lambda n, d=d, label=label: meter.show(_scaled(n, sizes[d.file], d.capacity), label))
+                await checkpoint()
+            meter.advance(d.capacity, label)
         ovf = build_ovf(spec, sizes=sizes).encode("utf-8")
         await t.write_file(posixpath.join(stage, ovf_name), ovf)
-        files = {ovf_name: hashlib.sha256(ovf).hexdigest(), **digests}
+        files = {ovf_name: hashlib.sha256(ovf).hexdigest(), **{d.file: digests[d.file] for d in spec.disks}}
         mf = manifest_text(files).encode("ascii")
         await t.write_file(posixpath.join(stage, mf_name), mf)
         total_bytes = len(ovf) + len(mf) + sum(sizes.values())
@@ -590,7 +617,7 @@ async def export_package(t: Transport, spec: OvfSpec, disk_paths: dict[str, str]
 
             async def tar_size() -> None:
                 pst = await t.stat(part)
-                meter.show(pst.size if pst else 0, f"writing {base}")
+                meter.show(_scaled(pst.size if pst else 0, total_bytes, capacity), f"writing {base}")
 
             members = [ovf_name, mf_name, *(d.file for d in spec.disks)]
             # pax (not plain ustar) so that disks over 8 GiB fit; without per-file time records, a package of
@@ -612,10 +639,19 @@ async def export_package(t: Transport, spec: OvfSpec, disk_paths: dict[str, str]
             await _run(t, ["mv", "-T", "--", stage, out], f"cannot move the finished package to {out}",
                        "the folder must be new or empty; check its permissions")
         meter.show(meter.total, "done")
+    except asyncio.CancelledError:
+        if keep is None or not keep():
+            await asyncio.shield(_rmtree(t, stage))
+        raise
     except BaseException:
         await asyncio.shield(_rmtree(t, stage))
         raise
     return {"path": out, "files": files, "bytes": total_bytes}
+
+
+def _scaled(n: int, of: int, to: int) -> int:
+    """n bytes of `of`, as the same share of `to`."""
+    return n * to // of if of > 0 else 0
 
 
 # ------------------------------------------------------------------ reading a package
@@ -723,6 +759,28 @@ async def read_package(t: Transport, path: str) -> tuple[OvfSpec, str]:
     return parse_ovf(text, file=_ovf_label(pkg)), text
 
 
+async def import_needs(t: Transport, path: str) -> tuple[OvfSpec, int]:
+    """The VM a package describes, and the bytes its import writes in the datastore at most: each disk
+    as qcow2 (no more than its file, which holds its data; a VMDK may be compressed, so its virtual
+    size) and, for an OVA, the disk files extracted next to them while they are converted."""
+    pkg = await _open(t, path)
+    spec = parse_ovf(_decode(await _read_small(t, pkg, pkg.ovf, MAX_DESCRIPTOR), _ovf_label(pkg)), file=_ovf_label(pkg))
+    need = 0
+    for d in spec.disks:
+        if not d.file:
+            need += 1 << 20             # a blank disk: its qcow2 header and tables
+            continue
+        if pkg.kind == "ova":
+            size = pkg.members[d.file].size if d.file in pkg.members else 0
+        else:
+            st = await t.stat(posixpath.join(posixpath.dirname(pkg.ovf) or ".", d.file))
+            size = st.size if st else 0
+        need += (d.capacity if d.format == "vmdk" else min(size, d.capacity)) + (1 << 20)
+        if pkg.kind == "ova":
+            need += size
+    return spec, need
+
+
 # ------------------------------------------------------------------ import
 
 def _source_json(fmt: str, path: str) -> str:
@@ -810,7 +868,7 @@ async def import_package(t: Transport, path: str, dest_dir: str, *, name: str | 
                 raise PermanentError(f"{path}: {n} is not a regular file", "the package is damaged")
             sizes[n] = st.size
     work = sum(d.capacity for d in spec.disks) + sum(sizes.values()) * (2 if pkg.kind == "ova" else 1)
-    meter = _Meter(progress, work)
+    meter = ByteMeter(progress, work)
 
     made_dest = await t.stat(dest_dir) is None
     tmp = posixpath.join(dest_dir, f".ferry-import-{secrets.token_hex(4)}")

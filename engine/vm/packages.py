@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import PurePosixPath
 from typing import Any
 
-from ..errors import PermanentError
+from ..errors import FerryError, PermanentError, Refused
 from ..tasks import TaskContext, TaskKind, register
 from .hostops import HostOps, disk_path
-from .lifecycle import VMTask, make_vm, working_on
+from .lifecycle import VMTask, cancelled_for_good, make_vm, working_on
 from .model import DiskSpec, NicSpec, VMKind, VMSpec, VMState, check_name, default_max_cpus, new_id
+from .prechecks import refused
+from .progress import reporter
 from .service import VMService
 
 
@@ -18,12 +21,6 @@ def to_ovf(vm: VMSpec):
     return OvfSpec(name=vm.name, cpus=vm.cpus, memory_mb=vm.memory_mb,
                    disks=tuple(OvfDisk(d.name, f"{vm.name}-{d.name}.vhd", d.size, d.bus) for d in vm.disks),
                    nics=tuple(n.network for n in vm.nics), is_template=vm.is_template)
-
-
-def _progress(ctx: TaskContext):
-    def report(done: int, total: int, item: str) -> None:
-        ctx.progress(bytes_done=done, bytes_total=total or None, item=item)
-    return report
 
 
 @register
@@ -40,23 +37,67 @@ class ExportVM(VMTask):
     def title(self, params: dict[str, Any]) -> str:
         return f"export {params['vm']} -> {params['out']}"
 
+    @staticmethod
+    def _ova(params: dict[str, Any]) -> bool:
+        return bool(params.get("ova", params["out"].endswith(".ova")))
+
+    async def check(self, svc: VMService, params: dict[str, Any], own: int | None = None
+                    ) -> tuple[dict, VMSpec, HostOps]:
+        """As VMTask.check, once nothing at the output path would be overwritten (a resumed export finds
+        its package still unwritten there)."""
+        from .ovf import check_out
+        row, vm, h = await super().check(svc, params, own)
+        await check_out(h.t, vm.name, params["out"], ova=self._ova(params))
+        return row, vm, h
+
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
-        svc, row, vm, h = await self.target(ctx)
-        if await h.pid(vm) is not None or vm.hibernate_file:
-            raise PermanentError(f"{vm.name} must be stopped to be exported (its disks change while it runs)",
-                                 f"shut it down first (ferry vm stop {vm.name}), or export a clone of it")
         from .ovf import export_package
+        svc, row, vm, h = await self.target(ctx)
         out = ctx.params["out"]
-        ova = bool(ctx.params.get("ova", out.endswith(".ova")))
+        ova = self._ova(ctx.params)
+        if ctx.checkpoint:
+            ctx.log(f"going on with the export of {vm.name} from where it stopped, if its disks did not change")
+        await _sweep_stages(ctx, h, out)
         async with working_on(ctx, row):
             result = await export_package(h.t, to_ovf(vm), {d.name: d.path for d in vm.disks}, out, ova=ova,
-                                          progress=_progress(ctx))
+                                          progress=reporter(ctx), stage=_stage_name(out, ctx.id),
+                                          state=ctx.checkpoint, save=ctx.save_checkpoint,
+                                          keep=lambda: not cancelled_for_good(ctx))
         ctx.log(f"{vm.name} exported to {out} on {h.name} ({'OVA' if ova else 'OVF'})")
         return {"vm": vm.name, "host": h.name, **result}
 
 
+def _stage_name(out: str, task_id: int) -> str:
+    """The staging folder of an export task, next to its output: the task's id in it says whose it is."""
+    return f".{PurePosixPath(out).name}.ferry-task{task_id}"
+
+
+async def _sweep_stages(ctx: TaskContext, h: HostOps, out: str) -> None:
+    """Removes the staging folders that earlier exports to the same path kept for a resume that will not
+    come (their task was cancelled while paused, or is gone)."""
+    folder = str(PurePosixPath(out).parent)
+    pattern = re.compile(re.escape(f".{PurePosixPath(out).name}.ferry-task") + r"(\d+)")
+    try:
+        names = await h.t.listdir(folder)
+    except FerryError:
+        return
+    for n in names:
+        m = pattern.fullmatch(n)
+        if not m or int(m.group(1)) == ctx.id:
+            continue
+        try:
+            gone = (await ctx.engine.get(int(m.group(1)))).state.final
+        except PermanentError:
+            gone = True
+        if gone:
+            await h.remove_tree(f"{folder}/{n}")
+            ctx.log(f"removed {folder}/{n}, kept by task {m.group(1)} for a resume that will not come")
+
+
 @register
 class ImportVM(TaskKind):
+    """A package becomes a VM (or a template). Paused or interrupted, it starts over when resumed: the
+    package is verified against its manifest again, as it may have changed meanwhile."""
     name = "vm.import"
     max_retries = 0
 
@@ -72,34 +113,42 @@ class ImportVM(TaskKind):
     def title(self, params: dict[str, Any]) -> str:
         return f"import {params['path']}"
 
-    async def run(self, ctx: TaskContext) -> dict[str, Any]:
-        from .ovf import import_package, read_package
-        p = ctx.params
-        svc = VMService.of(ctx.engine)
+    async def check(self, svc: VMService, p: dict[str, Any], own: int | None = None) -> tuple[HostOps, VMSpec]:
+        """The host and the spec of the VM the package becomes, once the package reads as one, its name
+        is free and the datastore has room for what the import writes; Refused otherwise."""
+        from .ovf import import_needs
         h = svc.host(p["host"])
-        spec, _ = await read_package(h.t, p["path"])
-        name = check_name(p.get("name") or spec.name)
+        try:
+            spec, need = await import_needs(h.t, p["path"])
+            name = check_name(p.get("name") or spec.name)
+        except PermanentError as e:
+            raise refused(e) from None
         if name in await svc.names_in_use():
-            raise PermanentError(f"a VM or template named {name!r} already exists",
-                                 "import it under another name: --name NEW-NAME")
+            raise Refused(f"a VM or template named {name!r} already exists",
+                          "import it under another name: --name NEW-NAME")
         ds = h.datastore(p.get("datastore"))
-        await h.ensure_space(ds, sum(d.capacity for d in spec.disks) // 4, f"importing {name}")
+        await h.ensure_space(ds, need, f"importing {name} from {PurePosixPath(p['path']).name}")
         nets = [n if n in h.spec.networks else h.spec.networks[0] for n in spec.nics]
         as_template = bool(p.get("as_template", spec.is_template))
-        vm = VMSpec(id=new_id(), name=name, host=h.name, cpus=spec.cpus, max_cpus=default_max_cpus(spec.cpus),
-                    memory_mb=spec.memory_mb,
-                    disks=tuple(DiskSpec(d.name, ds.name, disk_path(ds, name, d.name), d.capacity, d.bus, ds.shared)
-                                for d in spec.disks),
-                    nics=tuple(NicSpec(n) for n in nets), kind=VMKind.TEMPLATE if as_template else VMKind.VM,
-                    origin=PurePosixPath(p["path"]).name)
+        return h, VMSpec(id=new_id(), name=name, host=h.name, cpus=spec.cpus, max_cpus=default_max_cpus(spec.cpus),
+                         memory_mb=spec.memory_mb,
+                         disks=tuple(DiskSpec(d.name, ds.name, disk_path(ds, name, d.name), d.capacity, d.bus, ds.shared)
+                                     for d in spec.disks),
+                         nics=tuple(NicSpec(n) for n in nets), kind=VMKind.TEMPLATE if as_template else VMKind.VM,
+                         origin=PurePosixPath(p["path"]).name)
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        from .ovf import import_package
+        p = ctx.params
+        h, vm = await self.check(VMService.of(ctx.engine), p, ctx.id)
 
         async def fill(ctx: TaskContext, h: HostOps, vm: VMSpec) -> None:
             folder = str(PurePosixPath(vm.disks[0].path).parent) if vm.disks else ""
-            _, made = await import_package(h.t, p["path"], folder, name=name, progress=_progress(ctx))
+            _, made = await import_package(h.t, p["path"], folder, name=vm.name, progress=reporter(ctx))
             for d in vm.disks:
                 if made.get(d.name) != d.path:
-                    raise PermanentError(f"import of {name} put {d.name} at {made.get(d.name)}, not {d.path}",
+                    raise PermanentError(f"import of {vm.name} put {d.name} at {made.get(d.name)}, not {d.path}",
                                          "internal: report this")
 
-        state = VMState.TEMPLATE if as_template else VMState.STOPPED
+        state = VMState.TEMPLATE if vm.is_template else VMState.STOPPED
         return await make_vm(ctx, h, vm, fill, state=state)

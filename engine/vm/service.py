@@ -6,13 +6,14 @@ import asyncio
 import time
 from typing import Any, Callable
 
-from ..errors import FerryError, PermanentError, TransportError
+from ..errors import FerryError, PermanentError, Refused, TransportError
 from ..platform.accel import detect_acceleration
 from ..platform.liveimage import LiveImage, build_live_image
 from ..platform.qga import AgentNotAnswering, GuestAgent
 from ..platform.qmp import QMPClient
 from .hostops import HostOps, image_cache_dir
-from .model import VMKind, VMSpec, VMState, VMView, based_on, process_name
+from .model import VMKind, VMSpec, VMState, VMView, process_name
+from .prechecks import clone_names, refusal
 
 AGENT_TIMEOUT = 3.0
 RUNNING_TIMEOUT = 10.0
@@ -61,7 +62,7 @@ class VMService:
             ("the recycle bin is empty" if recycled else "ferry vm create NAME makes one")
         if not recycled and any(r["name"] == name for r in await self.rows(recycled=True)):
             hint = f"{name} is in the recycle bin: ferry vm restore {name}"
-        raise PermanentError(f"no {what} named {name!r}{where}", hint)
+        raise Refused(f"no {what} named {name!r}{where}", hint)
 
     async def spec(self, name: str, **kw: Any) -> VMSpec:
         return VMSpec.from_dict((await self.find(name, **kw))["spec"])
@@ -80,16 +81,35 @@ class VMService:
     async def linked_clones(self, template: VMSpec) -> list[str]:
         """Names of the VMs (and templates) whose disks are based on the template's images."""
         live, binned = await self.rows(), await self.rows(recycled=True)
-        in_bin = {r["id"] for r in binned}
-        return sorted(s["name"] + (" (in the recycle bin)" if s["id"] in in_bin else "")
-                      for s in based_on(template.to_dict(), [r["spec"] for r in live + binned]))
+        return clone_names(template.to_dict(), [r["spec"] for r in live], [r["spec"] for r in binned])
 
-    async def refuse_if_linked(self, template: VMSpec, hint: str) -> None:
-        """PermanentError listing the linked clones of a template, when it has any."""
-        clones = await self.linked_clones(template)
-        if clones:
-            raise PermanentError(f"template {template.name} has linked clones, whose disks depend on it: "
-                                 + ", ".join(clones), hint)
+    async def busy_with(self, row: dict, own: int | None = None) -> str | None:
+        """'task 12 (start web1, running)' when a live task other than `own` works on the VM."""
+        other = row["busy"]
+        if not other or other == own:
+            return None
+        try:
+            info = await self.engine.get(other)
+        except PermanentError:      # the task is gone from state.db
+            return None
+        # A task whose Ferry process died (kill -9, power loss) no longer holds the VM.
+        if info.state.final or not await self.engine._owner_alive(info):
+            return None
+        return f"task {other} ({info.title}, {info.state})"
+
+    async def checked(self, action: str, name: str, *, own: int | None = None, recycled: bool = False,
+                      **rules: Any) -> tuple[dict, VMSpec, HostOps]:
+        """The record, spec and host of the VM that `action` is for, once the rules of prechecks.refusal
+        allow it on the VM as it is now (its host's processes, its busy mark, a template's linked clones);
+        Refused otherwise. `own`: the task asking, which does not count as busy."""
+        row = await self.find(name, recycled=recycled)
+        spec = VMSpec.from_dict(row["spec"])
+        view = self._view(row, None if recycled else await self._running_or_none(row["host"]))
+        clones = await self.linked_clones(spec) if spec.is_template and action in ("vm_convert", "vm_delete") else None
+        why = refusal(action, view.to_dict(), busy_task=await self.busy_with(row, own), clones=clones, **rules)
+        if why is not None:
+            raise why.error()
+        return row, spec, self.host(spec.host)
 
     # -------------------------------------------------------------- live state
 

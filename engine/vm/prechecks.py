@@ -1,0 +1,177 @@
+"""Whether a VM action may start: one set of rules for every front end.
+
+The console asks `refusal()` about the VM under its cursor, to dim a key and say why. The engine
+asks `precheck()` before it makes a task: the same rules over fresh facts (the host's processes,
+state.db's busy marks, names in use, free space), so an action that cannot apply is refused with
+one line and never becomes a failed task. Each task asks again when it runs, for what changed in
+between. A refusal reads the same everywhere; its way out is a command for the CLI and a key for
+the console.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import PermanentError, Refused
+from .model import VMState, based_on
+
+RUNNING = ("running", "paused")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str          # one line, naming the VM: the same in the console and the CLI
+    hint: str = ""       # the way out, as a command
+    key: str = ""        # the way out, as a console key
+
+    @property
+    def text(self) -> str:
+        """What the console shows: the reason, and the key that is the way out."""
+        return f"{self.reason}: {self.key}" if self.key else self.reason
+
+    def error(self) -> Refused:
+        return Refused(self.reason, self.hint)
+
+
+def action_of(kind: str, params: dict[str, Any]) -> str | None:
+    """The console's name of the action a task kind does (None: a kind with no VM rules)."""
+    if kind == "vm.shutdown":
+        return {"force": "vm_force_stop", "reboot": "vm_reboot"}.get(params.get("mode", ""), "vm_stop")
+    if kind == "vm.clone":
+        return "vm_deploy" if params.get("deploy") else "vm_clone"
+    return {"vm.start": "vm_start", "vm.hibernate": "vm_hibernate", "vm.convert": "vm_convert",
+            "vm.export": "vm_export", "vm.delete": "vm_delete", "vm.restore": "vm_restore",
+            "vm.purge": "vm_purge"}.get(kind)
+
+
+def few(names: list[str], n: int = 5) -> str:
+    """'a, b, c' or 'a, b, c, d, e and 7 more'."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def clone_names(template: dict[str, Any], live: list[dict[str, Any]], binned: list[dict[str, Any]]) -> list[str]:
+    """Names of the VMs (live or in the recycle bin) whose disks are linked clones of the template's."""
+    in_bin = {v["id"] for v in binned}
+    return sorted(v["name"] + (" (in the recycle bin)" if v["id"] in in_bin else "")
+                  for v in based_on(template, [*live, *binned]))
+
+
+def _state(vm: dict[str, Any]) -> str:
+    try:
+        return VMState(vm.get("state", "stopped")).value
+    except ValueError:
+        return VMState.MISSING.value
+
+
+def refusal(action: str, vm: dict[str, Any] | None, *, busy_task: str | None = None,
+            clones: list[str] | None = None, to: str | None = None, copies: int = 1,
+            linked: bool = False) -> Refusal | None:
+    """Why `action` cannot apply to `vm` (a dict as `vm_list` gives it) now; None when it can.
+
+    `busy_task` describes a live task that works on the VM, `clones` names the template's linked clones,
+    `to` is where a conversion goes (None: the other kind), `copies` how many copies a clone makes and
+    `linked` whether they are linked clones."""
+    if action in ("vm_create", "vm_import"):
+        return None
+    if vm is None:
+        return Refusal("select a VM or template first")
+    name = vm.get("name", "?")
+    st = _state(vm)
+    tpl = vm.get("kind") == "template"
+    if vm.get("recycled"):
+        if action in ("vm_restore", "vm_delete", "vm_purge"):
+            return None
+        return Refusal(f"{name} is in the recycle bin", f"restore it first: ferry vm restore {name}",
+                       "restore it first (u)")
+    if action in ("vm_restore", "vm_purge"):
+        return Refusal(f"{name} is not in the recycle bin", "ferry vm list --recycled shows what is")
+    if busy_task:
+        tid = vm.get("busy")
+        return Refusal(f"{name} is busy with {busy_task}",
+                       f"wait for it, or cancel it: ferry task cancel {tid}" if tid else "wait for it, or cancel it",
+                       "wait for it, or cancel it in Tasks")
+    running = st in RUNNING
+    hibernated = st == VMState.HIBERNATED.value
+    if action == "vm_start":
+        if tpl:
+            return Refusal(f"{name} is a template, and a template never starts",
+                           f"deploy a VM from it: ferry template deploy {name} NEW-NAME", "deploy a VM from it (d)")
+        if running:
+            return Refusal(f"{name} is already running", "nothing to do")
+        return None
+    if action in ("vm_stop", "vm_force_stop", "vm_reboot", "vm_hibernate"):
+        if tpl:
+            return Refusal(f"{name} is a template, which never runs: it cannot be stopped, rebooted or hibernated",
+                           "nothing to do")
+        if not running:
+            return Refusal(f"{name} is not running ({st})", f"start it: ferry vm start {name}",
+                           "s starts it" + (" again" if st == VMState.MISSING.value else ""))
+        return None
+    if action in ("vm_clone", "vm_deploy"):
+        if action == "vm_deploy" and not tpl:
+            return Refusal(f"{name} is a VM, and VMs are deployed from templates",
+                           f"convert it first (ferry template convert {name}) or clone it (ferry vm clone {name} NEW)",
+                           "convert it first (t) or clone it (c)")
+        if linked and not tpl:
+            return Refusal(f"{name} is a VM; linked clones are made from templates, whose disks never change",
+                           f"convert it first (ferry template convert {name}) or make a full clone")
+        if hibernated:
+            return Refusal(f"{name} is hibernated; its disks belong to the saved memory state",
+                           f"resume it (ferry vm start {name}) or shut it down first",
+                           "resume it (s) or shut it down first")
+        if running and copies > 1:
+            return Refusal(f"{name} is running; a running VM is cloned one copy at a time",
+                           "clone it once, then clone the copy")
+        return None
+    if action == "vm_convert":
+        to = to or ("vm" if tpl else "template")
+        if to == "template":
+            if tpl:
+                return Refusal(f"{name} is already a template", "nothing to do")
+            if running or hibernated:
+                return Refusal(f"{name} must be stopped to become a template", f"shut it down first: ferry vm stop {name}",
+                               "x stops it")
+            return None
+        if not tpl:
+            return Refusal(f"{name} is already a VM", "nothing to do")
+        if clones:
+            return Refusal(f"template {name} has linked clones, whose disks depend on it: {few(clones)}",
+                           "delete them, or deploy a full VM from the template", "delete them first")
+        return None
+    if action == "vm_export":
+        if running or hibernated:
+            return Refusal(f"{name} must be stopped to be exported (its disks change while it runs)",
+                           f"shut it down first (ferry vm stop {name}), or export a clone of it",
+                           "x stops it, or export a clone")
+        return None
+    if action == "vm_delete":
+        if running:
+            return Refusal(f"{name} is running; a running VM is never deleted", f"stop it first: ferry vm stop {name}",
+                           "x stops it")
+        if tpl and clones:
+            return Refusal(f"template {name} has linked clones, whose disks depend on it: {few(clones)}",
+                           "delete those first (or purge them from the recycle bin)", "delete them first")
+        return None
+    return None
+
+
+def refused(e: PermanentError) -> Refused:
+    """A bad parameter found before any task exists, as the refusal it is."""
+    return e if isinstance(e, Refused) else Refused(e.message, e.hint)
+
+
+async def precheck(engine: Any, kind: str, params: dict[str, Any]) -> None:
+    """Refused (one line and a hint) when the task would be refused; before it is made, so nothing is."""
+    from ..tasks import kind_of
+    k = kind_of(kind)
+    try:
+        k.validate(params)
+        for host in k.hosts(params):
+            engine.site.host(host)
+    except PermanentError as e:
+        raise refused(e) from None
+    check = getattr(k, "check", None)
+    if check is not None:
+        from .service import VMService
+        await check(VMService.of(engine), params)
