@@ -502,6 +502,23 @@ class Store:
                    conflict=PermanentError(f"a VM or template named {fields.get('name')!r} already exists",
                                            "rename or delete the other one first"))
 
+    def vm_take(self, vm_id: str, task_id: int, holder_gone: Callable[[dict | None], bool]) -> int | None:
+        """Mark the VM busy with task `task_id`, in one transaction with the look at who holds it:
+        None when taken; else the id of the task that holds it and is not gone
+        (`holder_gone(its task row, or None when that row no longer exists)`)."""
+        def tx(db: sqlite3.Connection) -> int | None:
+            vm = db.execute("SELECT name, busy FROM vms WHERE id=?", (vm_id,)).fetchone()
+            if vm is None:
+                raise PermanentError(f"VM {vm_id} no longer exists", "ferry vm list shows what exists")
+            other = vm["busy"]
+            if other and other != task_id:
+                row = db.execute("SELECT * FROM tasks WHERE id=?", (other,)).fetchone()
+                if not holder_gone(_row(row) if row else None):
+                    return int(other)
+            db.execute("UPDATE vms SET busy=?, updated=? WHERE id=?", (task_id, time.time(), vm_id))
+            return None
+        return self._tx(tx)
+
     def vm_delete(self, vm_id: str) -> None:
         self._exec("DELETE FROM vms WHERE id=?", (vm_id,))
 

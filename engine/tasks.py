@@ -572,6 +572,11 @@ class Engine:
         row = await self.store.call(self.store.task_row, info.id)
         return bool(row and row["owner"]) and not self._can_take(row["owner"], row["heartbeat"])
 
+    def task_gone(self, row: dict | None) -> bool:
+        """Has the task of this store row (None: deleted) stopped holding what it claimed: finished,
+        or its Ferry process gone? Safe to call on the store's thread (Store.vm_take)."""
+        return row is None or TaskState(row["state"]).final or self._can_take(row["owner"], row["heartbeat"])
+
     def _can_take(self, owner: str | None, heartbeat: float | None) -> bool:
         """May this engine take a task held by `owner`? Yes if unowned, ours, or its engine is gone."""
         if not owner or owner == self.owner:

@@ -110,3 +110,35 @@ sys.exit(console.cli.main({argv!r}))
     assert f"task {tid}" in followed[0].stderr and "following it" in followed[0].stderr
     assert tree_digest(dst) == tree_digest(src)
     assert sum(1 for r in (first, second) if '"state": "succeeded"' in r.stdout) == 2
+
+
+def test_processes_marking_one_vm_busy_at_once_give_it_to_one_task(tmp_path):
+    """Store.vm_take, what a VM task calls before it works on a VM: of many processes asking at
+    one instant for the same VM, one gets it and every other one is told which task has it."""
+    db = tmp_path / "state.db"
+    s = Store(db)
+    try:
+        s.vm_insert(id="vm-1", name="web01", kind="vm", host="lab1", state="stopped", spec={})
+        tids = [s.insert_task(kind="vm.start", title=f"start web01 #{i}", params={}, hosts=["lab1"],
+                              state="running", dedup_key=None, owner=None)[0] for i in range(12)]
+    finally:
+        s.close()
+    codes = [f"""
+from pathlib import Path
+from engine.store import Store
+---
+s = Store(Path({str(db)!r}))
+print(s.vm_take("vm-1", {tid}, lambda row: False))   # every holder is alive here
+s.close()
+""" for tid in tids]
+    results = start_together(codes)
+    assert all(r.returncode == 0 for r in results), [r.stderr for r in results]
+    said = [r.stdout.split()[-1] for r in results]
+    winners = [tid for tid, out in zip(tids, said) if out == "None"]
+    assert len(winners) == 1, f"{len(winners)} tasks were given the VM at once"
+    assert set(said) - {"None"} == {str(winners[0])}, "the others were told which task has it"
+    s = Store(db)
+    try:
+        assert s.vm_row("vm-1")["busy"] == winners[0]
+    finally:
+        s.close()
