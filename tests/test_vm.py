@@ -156,6 +156,15 @@ def test_duplicate_name_and_bad_input_refused(ws):
     assert "datastore 'nope' is not attached to host lab1" in err
     assert refused(ws, "vm", "start", "nobody").startswith("ferry: no VM or template named 'nobody'")
     assert "beta" not in vms(ws)
+    # What a VM's files say is checked before a task too: a disk gone from the host, a disk no VHD can hold.
+    gone = ok(ws, "vm", "create", "gone", "--host", "lab1", "--disk", "16M")["disks"][0]
+    os.unlink(gone)
+    assert f"disk disk0 of gone is missing: {gone} on lab1" in refused(ws, "vm", "start", "gone")
+    huge = ok(ws, "vm", "create", "huge", "--host", "lab1", "--disk", "16M")["disks"][0]
+    subprocess.run(["qemu-img", "resize", "-q", huge, "2100G"], check=True)    # sparse: nothing written
+    assert "larger than a VHD can hold" in refused(ws, "vm", "export", "huge", "--out", "/var/tmp/huge.ova")
+    for name in ("gone", "huge"):
+        ok(ws, "vm", "delete", name, "--confirm", name)
 
 
 def test_hibernate_and_resume_keeps_memory(ws):
@@ -204,8 +213,9 @@ def test_safe_shutdown_refused_without_agent_then_force(ws):
     while (r := ferry(ws, "vm", "agent", "info", "mute")).code == 0:
         assert time.monotonic() < deadline, "the guest agent still answers"
     assert r.code == 1 and r.out.startswith("mute: guest agent not running") and "does not answer" in r.out, r
-    err = fails(ws, "vm", "stop", "mute", "--timeout", "5")
+    err = refused(ws, "vm", "stop", "mute", "--timeout", "5")
     assert "cannot shut down mute safely" in err and "--force" in err
+    assert "cannot reboot mute safely" in refused(ws, "vm", "reboot", "mute")
     assert vms(ws)["mute"]["state"] == "running"
     err = fails(ws, "vm", "agent", "timesync", "mute")
     assert "the guest agent of mute does not answer" in err

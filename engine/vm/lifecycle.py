@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator
 
 from ..errors import FerryError, PermanentError, Refused, TransientError
 from ..platform.liveboot import launch, stop as stop_process
+from ..platform.qga import GuestAgent
 from ..platform.qmp import QMPClient
 from ..tasks import TaskContext, TaskKind, register
 from .hostops import HostOps, disk_path, vm_dir
@@ -106,10 +107,7 @@ async def boot(ctx: TaskContext, vm: VMSpec, *, incoming: str | None = None, wai
     accel, reason = await svc.accel(h, image)
     if reason:
         ctx.log(reason)
-    for d in vm.disks:
-        if not await h.exists(d.path):
-            raise PermanentError(f"disk {d.name} of {vm.name} is missing: {d.path} on {h.name}",
-                                 "restore the file, or delete the VM")
+    await disks_present(h, vm)
     argv = h.argv(vm, image, accel, incoming=incoming)
     ctx.progress(item=f"starting QEMU on {h.name} ({accel})", units_done=1)
     pid = await launch(h.t, argv, h.paths(vm))
@@ -125,6 +123,14 @@ async def boot(ctx: TaskContext, vm: VMSpec, *, incoming: str | None = None, wai
                     "warning")
     ctx.progress(units_done=3, item="running")
     return out
+
+
+async def disks_present(h: HostOps, vm: VMSpec) -> None:
+    """Refused, naming the first disk of the VM whose image is not on its host."""
+    for d in vm.disks:
+        if not await h.exists(d.path):
+            raise Refused(f"disk {d.name} of {vm.name} is missing: {d.path} on {h.name}",
+                          "restore the file, or delete the VM")
 
 
 async def _wait_agent(svc: VMService, vm: VMSpec, timeout: float) -> bool:
@@ -283,6 +289,7 @@ class StartVM(VMTask):
         if vm.hibernate_file and not params.get("discard_state") and not await h.exists(vm.hibernate_file):
             raise Refused(f"the hibernated state of {vm.name} is missing: {vm.hibernate_file}",
                           f"start it fresh: ferry vm start {vm.name} --discard-state")
+        await disks_present(h, vm)
         return row, vm, h
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
@@ -314,6 +321,25 @@ class ShutdownVM(VMTask):
         mode = params.get("mode", "powerdown")
         return f"{'force stop' if mode == 'force' else 'reboot' if mode == 'reboot' else 'shut down'} {params['vm']}"
 
+    async def check(self, svc: VMService, params: dict[str, Any], own: int | None = None
+                    ) -> tuple[dict, VMSpec, HostOps]:
+        """As VMTask.check; a safe shutdown or reboot also needs the guest agent to answer."""
+        row, vm, h = await super().check(svc, params, own)
+        if params.get("mode", "powerdown") != "force":
+            await (await self._agent(svc, vm, params)).close()
+        return row, vm, h
+
+    @staticmethod
+    async def _agent(svc: VMService, vm: VMSpec, params: dict[str, Any]) -> GuestAgent:
+        """The guest agent a safe shutdown or reboot goes through; Refused, with --force as the way out,
+        when it does not answer."""
+        try:
+            return await svc.agent(vm)
+        except PermanentError as e:
+            what = "reboot" if params.get("mode") == "reboot" else "shut down"
+            raise Refused(f"cannot {what} {vm.name} safely: {e.message}",
+                          f"force it off instead: ferry vm stop {vm.name} --force") from None
+
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         mode = ctx.params.get("mode", "powerdown")
         timeout = float(ctx.params.get("timeout", 120))
@@ -325,11 +351,7 @@ class ShutdownVM(VMTask):
                 ctx.log(f"{vm.name} was powered off (forced)", "warning")
                 await svc.update(vm.id, state=VMState.STOPPED)
                 return {"vm": vm.name, "mode": mode}
-            try:
-                ga = await svc.agent(vm)
-            except PermanentError as e:
-                raise PermanentError(f"cannot {'reboot' if mode == 'reboot' else 'shut down'} {vm.name} safely: "
-                                     f"{e.message}", f"force it off instead: ferry vm stop {vm.name} --force") from None
+            ga = await self._agent(svc, vm, ctx.params)
             if mode == "reboot":
                 async with await svc.qmp(vm) as q:
                     with q.subscribe("RESET") as sub:

@@ -9,7 +9,7 @@ from typing import Any
 from ..errors import FerryError, PermanentError, Refused
 from ..tasks import TaskContext, TaskKind, register
 from .hostops import HostOps, disk_path
-from .lifecycle import VMTask, cancelled_for_good, make_vm, working_on
+from .lifecycle import VMTask, cancelled_for_good, disks_present, make_vm, working_on
 from .model import DiskSpec, NicSpec, VMKind, VMSpec, VMState, check_name, default_max_cpus, new_id
 from .prechecks import refused
 from .progress import reporter
@@ -45,8 +45,14 @@ class ExportVM(VMTask):
                     ) -> tuple[dict, VMSpec, HostOps]:
         """As VMTask.check, once nothing at the output path would be overwritten (a resumed export finds
         its package still unwritten there)."""
-        from .ovf import check_out
+        from .ovf import VHD_MAX, check_out
         row, vm, h = await super().check(svc, params, own)
+        await disks_present(h, vm)
+        for d in vm.disks:
+            size = int((await h.image_info(d.path)).get("virtual-size", d.size))
+            if size > VHD_MAX:
+                raise Refused(f"disk {d.name} of {vm.name} ({size >> 30} GiB) is larger than a VHD can hold "
+                              "(2040 GiB)", "move this VM with block replication instead of a package")
         await check_out(h.t, vm.name, params["out"], ova=self._ova(params))
         return row, vm, h
 
