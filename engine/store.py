@@ -288,10 +288,11 @@ class Store:
             assert self._db is not None
             return self._db.execute(sql, args).fetchall()
 
-    def _exec(self, sql: str, args: tuple = (), *, conflict: FerryError | None = None) -> None:
+    def _exec(self, sql: str, args: tuple = (), *, conflict: FerryError | None = None) -> int:
+        """Run one statement; the number of rows it changed."""
         with self._lock, self._guard(conflict):
             assert self._db is not None
-            self._db.execute(sql, args)
+            return self._db.execute(sql, args).rowcount
 
     async def call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """Run a store method off the event loop, serialised on one thread."""
@@ -358,9 +359,9 @@ class Store:
         args.append(limit)
         return [_row(r) for r in self._q(sql, tuple(args))]
 
-    def update_task(self, task_id: int, **fields: Any) -> None:
+    def update_task(self, task_id: int, **fields: Any) -> int:
         """Update columns; JSON columns are encoded. `owner_is` and `state_is` guard the update;
-        soft=True for progress only (see _soft)."""
+        soft=True for progress only (see _soft). Returns 1 when the row was updated, else 0."""
         owner_is = fields.pop("owner_is", None)
         state_is = fields.pop("state_is", None)
         if fields.pop("soft", False):
@@ -381,7 +382,7 @@ class Store:
         if state_is is not None:
             sql += " AND state=?"
             args.append(str(state_is))
-        self._exec(sql, tuple(args))
+        return self._exec(sql, tuple(args))
 
     def save_checkpoint(self, task_id: int, owner: str, checkpoint: dict, progress: dict | None,
                         chunks: list[tuple[int, bytes]] | None = None, reset_chunks: bool = False) -> int:

@@ -669,9 +669,11 @@ class Engine:
                 attempt += 1
                 row = await self.store.call(self.store.task_row, tid)
                 info = TaskInfo.from_row(row)
-                await self.store.call(self.store.update_task, tid, state=TaskState.RUNNING,
-                                      started=info.started or time.time(), attempts=info.attempts + 1,
-                                      error=None, hint=None)
+                if not await self.store.call(self.store.update_task, tid, state=TaskState.RUNNING,
+                                             started=info.started or time.time(), attempts=info.attempts + 1,
+                                             error=None, hint=None, owner_is=self.owner):
+                    self._taken_over(tid)
+                    return
                 await self._publish_state(tid)
                 params = self._secret_params.get(tid, info.params)
                 if redacted_keys(params):
@@ -748,7 +750,7 @@ class Engine:
         fut = asyncio.get_running_loop().create_future()
         self._confirms[ctx.id] = (fut, expected)
         ctx.flush()
-        await self.store.call(self.store.update_task, ctx.id, state=TaskState.WAITING,
+        await self.store.call(self.store.update_task, ctx.id, state=TaskState.WAITING, owner_is=self.owner,
                               waiting={"prompt": prompt, "expected": expected}, progress=ctx.at_rest().to_dict())
         await self._publish_state(ctx.id)
         self._on_log(ctx.id, "info", f"waiting for confirmation: {prompt}")
@@ -756,7 +758,8 @@ class Engine:
             await fut
         finally:
             self._confirms.pop(ctx.id, None)
-        await self.store.call(self.store.update_task, ctx.id, state=TaskState.RUNNING, waiting=None)
+        await self.store.call(self.store.update_task, ctx.id, state=TaskState.RUNNING, waiting=None,
+                              owner_is=self.owner)
         await self._publish_state(ctx.id)
         self._on_log(ctx.id, "info", "confirmed by operator")
 
@@ -770,7 +773,8 @@ class Engine:
                 fields["progress"] = at_rest(Progress.from_dict(row["progress"])).to_dict()
         if state != TaskState.WAITING:
             fields["waiting"] = None
-        await self.store.call(self.store.update_task, tid, **fields)
+        if not await self.store.call(self.store.update_task, tid, owner_is=self.owner, **fields):
+            return self._taken_over(tid)
         await self._publish_state(tid)
 
     async def _finish(self, tid: int, state: TaskState, *, result: dict | None = None, error: str | None = None,
@@ -790,10 +794,16 @@ class Engine:
                 progress = replace(progress, units_done=units or progress.units_done, units_total=units,
                                    bytes_done=progress.bytes_total or progress.bytes_done)
             fields["progress"] = at_rest(progress).to_dict()
-        await self.store.call(self.store.update_task, tid, **fields)
+        if not await self.store.call(self.store.update_task, tid, owner_is=self.owner, **fields):
+            return self._taken_over(tid)
         level = {"succeeded": "info", "cancelled": "warning"}.get(state, "error")
         self._on_log(tid, level, f"{state}" + (f": {error}" if error else "") + (f" (hint: {hint})" if hint else ""))
         await self._publish_state(tid)
+
+    def _taken_over(self, tid: int) -> None:
+        """Another Ferry process took the task over (this one looked dead: frozen, or its heartbeat
+        too old): its state is that process's to write now."""
+        log.warning("task %s was taken over by another Ferry process; this one leaves it", tid)
 
     async def _publish_state(self, tid: int) -> None:
         self.bus.publish(Event("state", tid, await self.get(tid)))

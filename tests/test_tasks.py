@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import engine.tasks as tasks_mod
 from engine import fmt
 from engine.config import EngineLimits, SiteConfig, lab_config
 from engine.errors import PermanentError
@@ -302,6 +303,34 @@ async def test_a_job_run_by_another_process_is_named_not_started_again_and_taken
         assert [r["id"] for r in s.task_rows()] == [tid], "one job, one task"
     finally:
         s.close()
+
+
+async def test_an_engine_whose_task_was_taken_over_never_writes_its_state_again(tmp_path, monkeypatch):
+    """An engine that looked dead (here: heartbeats older than STALE_AFTER_S, as a frozen process
+    leaves them) and comes back finds its task taken over: it leaves it alone."""
+    site, out = lab(tmp_path), tmp_path / "t.bin"
+    slow = Engine(Store(tmp_path / "state.db"), site)
+    await slow.start()
+    tid = await slow.submit("test.write", {"path": str(out), "chunks": 8, "chunk_size": 4096, "delay": 0.4})
+    await until(lambda: (checkpoint_of(tmp_path / "state.db", tid) or {}).get("done", 0) >= 1, what="a chunk")
+    monkeypatch.setattr(tasks_mod, "STALE_AFTER_S", 0.1)    # between two chunks, `slow` looks dead
+    taker = Engine(Store(tmp_path / "state.db"), site)
+    await taker.start()
+    try:
+        await until(taker.adopt_orphans, what="the takeover")
+        # `slow` finds out at its next checkpoint, and must not mark the task failed (nor anything).
+        await until(lambda: tid not in slow._running, what="the old engine to let go")
+        monkeypatch.setattr(tasks_mod, "STALE_AFTER_S", 30.0)
+        info = await taker.wait(tid, timeout=60)
+        log = [e["message"] for e in await taker.store.call(taker.store.task_log, tid)]
+    finally:
+        await slow.stop()
+        await taker.stop()
+        slow.store.close()
+        taker.store.close()
+    assert info.state == TaskState.SUCCEEDED and info.owner == taker.owner
+    assert info.result["sha256"] == expected_sha256(8, 4096)
+    assert not [m for m in log if m.startswith("failed")], log
 
 
 async def test_engine_stop_leaves_task_resumable(tmp_path):
