@@ -60,6 +60,16 @@ def cell(app: FerryApp, tid: int, column: str) -> str:
     return getattr(value, "plain", str(value)).strip()
 
 
+def _palette_first(app: FerryApp) -> str:
+    """The first command the open command palette offers ("" while it offers none)."""
+    from textual.command import CommandList
+    found = app.screen.query(CommandList)
+    if not found or not found.first().option_count:
+        return ""
+    prompt = found.first().get_option_at_index(0).prompt
+    return getattr(prompt, "plain", str(prompt))
+
+
 def state_cell(app: FerryApp, tid: int) -> str:
     """The task's state as the table shows it; "" while its row is not there yet."""
     try:
@@ -122,8 +132,8 @@ async def test_a_host_that_stops_answering_shows_stale_since(sshd_factory, tmp_p
             assert "Kernel" in text_of(app, "#detail-body")
             server.stop()
             await until(pilot, lambda: app.inventory.status["ssh1"].ok is False, timeout=20, what="failure noticed")
-            await pilot.pause(0.1)
-            detail = text_of(app, "#detail-body")
+            detail = await until(pilot, lambda: "stale since" in text_of(app, "#detail-body")
+                                 and text_of(app, "#detail-body"), what="the detail says stale")
             st = app.inventory.status["ssh1"]
             assert f"stale since {time.strftime('%H:%M:%S', time.localtime(st.stale_since))}" in detail
             assert st.error and st.error[:30] in detail.replace("\n", " ")
@@ -131,8 +141,8 @@ async def test_a_host_that_stops_answering_shows_stale_since(sshd_factory, tmp_p
             assert str(app.inventory._host_nodes["ssh1"].label).startswith("✖ ")
             server.start()
             await until(pilot, lambda: app.inventory.status["ssh1"].ok, timeout=20, what="host back")
-            await pilot.pause(0.1)
-            assert "stale since" not in text_of(app, "#detail-body")
+            await until(pilot, lambda: "stale since" not in text_of(app, "#detail-body") and
+                        "Kernel" in text_of(app, "#detail-body"), what="fresh facts in the detail")
     finally:
         await c.close()
 
@@ -408,7 +418,7 @@ async def test_colon_help_escape_and_palette(client):
         await pilot.press("ctrl+p")
         await pilot.pause()
         await pilot.press(*"View: Tasks")
-        await pilot.pause(0.3)
+        await until(pilot, lambda: _palette_first(app).startswith("View: Tasks"), what="the palette found it")
         await pilot.press("enter")
         await until(pilot, lambda: app.current_view == "tasks", what="palette switched view")
 

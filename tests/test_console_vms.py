@@ -30,6 +30,7 @@ from engine.errors import Refused
 from engine.taskmodel import TaskState
 from engine.workspace import Workspace
 from harness.pilot import text_of, until
+from harness.waiting import until as wait_until
 
 FIXED_CLOCK = time.mktime((2024, 5, 17, 9, 30, 0, 0, 0, -1))
 
@@ -394,7 +395,7 @@ async def test_vm_polls_never_overlap_and_stop_while_hidden(client):
             await asyncio.sleep(0.002)
         assert most == 1 and poller.polls >= 3 and all(u.ok for u in updates)
         shown = False
-        await asyncio.sleep(0.1)
+        await wait_until(lambda: inflight == 0, what="the running poll to end")
         before = poller.polls
         for _ in range(20):
             poller.poke()
@@ -402,8 +403,7 @@ async def test_vm_polls_never_overlap_and_stop_while_hidden(client):
         assert poller.polls == before                    # hidden: no polls, however often poked
         shown = True
         poller.poke()
-        await asyncio.sleep(0.1)
-        assert poller.polls > before
+        await wait_until(lambda: poller.polls > before, what="a poll once shown again")
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
@@ -541,14 +541,14 @@ async def test_vms_view_agent_columns_walk_one_at_a_time(client, monkeypatch):
         assert most == 1                                      # never two at once
 
         await pilot.press("question_mark")                    # a modal is up: the walk stops
-        await pilot.pause(0.2)
+        await until(pilot, lambda: inflight == 0, what="the agent asked last to answer")
         before = len(calls)
         await pilot.pause(0.8)
         assert len(calls) == before
         await pilot.press("escape")
         await until(pilot, lambda: len(calls) > before, what="walk resumed")
         await pilot.press("1")                                # hidden: it stops too
-        await pilot.pause(0.2)
+        await until(pilot, lambda: inflight == 0, what="the agent asked last to answer")
         before = len(calls)
         await pilot.pause(0.8)
         assert len(calls) == before
