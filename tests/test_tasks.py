@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
@@ -48,6 +49,21 @@ async def engine(tmp_path):
     yield eng
     await eng.stop()
     eng.store.close()
+
+
+@contextlib.asynccontextmanager
+async def engines(tmp_path: Path, count: int = 2):
+    """`count` started engines on one state.db, as separate Ferry processes would have; stopped after."""
+    site = lab(tmp_path)
+    engs = [Engine(Store(tmp_path / "state.db"), site) for _ in range(count)]
+    for e in engs:
+        await e.start()
+    try:
+        yield engs
+    finally:
+        for e in engs:
+            await e.stop()
+            e.store.close()
 
 
 async def running(eng: Engine, *tids: int) -> None:
@@ -241,12 +257,7 @@ async def test_per_host_and_global_limits(tmp_path):
 
 async def test_control_from_another_process_goes_through_the_owner(tmp_path):
     """A second engine (as the CLI would be) pauses/cancels a task the first one runs."""
-    site = lab(tmp_path)
-    owner = Engine(Store(tmp_path / "state.db"), site)
-    other = Engine(Store(tmp_path / "state.db"), site)
-    await owner.start()
-    await other.start()
-    try:
+    async with engines(tmp_path) as (owner, other):
         tid = await owner.submit("test.hold", {})
         await running(owner, tid)
         await other.pause(tid)
@@ -261,21 +272,11 @@ async def test_control_from_another_process_goes_through_the_owner(tmp_path):
         assert any(m.startswith("paused by " + me) for m in log), log
         assert any(m.startswith("resumed by " + me) for m in log), log
         assert any(m.startswith("cancelled by " + me) for m in log), log
-    finally:
-        await owner.stop()
-        await other.stop()
-        owner.store.close()
-        other.store.close()
 
 
 async def test_a_job_run_by_another_process_is_named_not_started_again_and_taken_over_if_it_stops(tmp_path):
-    site, out = lab(tmp_path), tmp_path / "job.bin"
-    params = {"path": str(out), "chunks": 80, "chunk_size": 4096, "delay": 0.02}
-    owner = Engine(Store(tmp_path / "state.db"), site)
-    other = Engine(Store(tmp_path / "state.db"), site)
-    await owner.start()
-    await other.start()
-    try:
+    params = {"path": str(tmp_path / "job.bin"), "chunks": 80, "chunk_size": 4096, "delay": 0.02}
+    async with engines(tmp_path) as (owner, other):
         tid = await owner.submit("test.write", params)
         await running(owner, tid)
         for attempt in (other.submit_or_resume("test.write", params),
@@ -291,11 +292,6 @@ async def test_a_job_run_by_another_process_is_named_not_started_again_and_taken
         await until(lambda: (checkpoint_of(tmp_path / "state.db", tid) or {}).get("done", 0) >= 5, what="5 chunks")
         await owner.stop()       # its process goes away: the follower carries the job on
         info = await other.wait(tid, timeout=60)
-    finally:
-        await owner.stop()
-        await other.stop()
-        owner.store.close()
-        other.store.close()
     assert info.state == TaskState.SUCCEEDED and info.owner == other.owner
     assert info.result["resumed_from"] >= 5 and info.result["sha256"] == expected_sha256(80, 4096)
     s = Store(tmp_path / "state.db")
@@ -308,26 +304,17 @@ async def test_a_job_run_by_another_process_is_named_not_started_again_and_taken
 async def test_an_engine_whose_task_was_taken_over_never_writes_its_state_again(tmp_path, monkeypatch):
     """An engine that looked dead (here: heartbeats older than STALE_AFTER_S, as a frozen process
     leaves them) and comes back finds its task taken over: it leaves it alone."""
-    site, out = lab(tmp_path), tmp_path / "t.bin"
-    slow = Engine(Store(tmp_path / "state.db"), site)
-    await slow.start()
-    tid = await slow.submit("test.write", {"path": str(out), "chunks": 8, "chunk_size": 4096, "delay": 0.4})
-    await until(lambda: (checkpoint_of(tmp_path / "state.db", tid) or {}).get("done", 0) >= 1, what="a chunk")
-    monkeypatch.setattr(tasks_mod, "STALE_AFTER_S", 0.1)    # between two chunks, `slow` looks dead
-    taker = Engine(Store(tmp_path / "state.db"), site)
-    await taker.start()
-    try:
+    async with engines(tmp_path) as (slow, taker):
+        tid = await slow.submit("test.write", {"path": str(tmp_path / "t.bin"), "chunks": 8, "chunk_size": 4096,
+                                               "delay": 0.4})
+        await until(lambda: (checkpoint_of(tmp_path / "state.db", tid) or {}).get("done", 0) >= 1, what="a chunk")
+        monkeypatch.setattr(tasks_mod, "STALE_AFTER_S", 0.1)    # between two chunks, `slow` looks dead
         await until(taker.adopt_orphans, what="the takeover")
         # `slow` finds out at its next checkpoint, and must not mark the task failed (nor anything).
         await until(lambda: tid not in slow._running, what="the old engine to let go")
         monkeypatch.setattr(tasks_mod, "STALE_AFTER_S", 30.0)
         info = await taker.wait(tid, timeout=60)
         log = [e["message"] for e in await taker.store.call(taker.store.task_log, tid)]
-    finally:
-        await slow.stop()
-        await taker.stop()
-        slow.store.close()
-        taker.store.close()
     assert info.state == TaskState.SUCCEEDED and info.owner == taker.owner
     assert info.result["sha256"] == expected_sha256(8, 4096)
     assert not [m for m in log if m.startswith("failed")], log
