@@ -9,10 +9,15 @@ from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
+from engine.textsafe import lines
+
 
 def esc(text: str) -> str:
-    """Make text safe inside content markup."""
-    return str(text).replace("[", "\\[")
+    """Make text safe inside content markup, and on the terminal: its control characters are shown
+    as escapes (Textual drops a few, but passes ESC and the C1 characters to the terminal)."""
+    text = lines(text).replace("[", "\\[")
+    # Textual cannot escape a backslash: one at the end would escape the markup tag that follows.
+    return text[:-1] + "\\x5c" if text.endswith("\\") else text
 
 
 class ConfirmScreen(ModalScreen[bool]):

@@ -16,6 +16,7 @@ from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowDoesNotEx
 
 from engine import fmt
 from engine.taskmodel import FINAL_STATES, TaskInfo, TaskState
+from engine.textsafe import line as safe
 
 from .feed import TaskFeed
 from .messages import TasksChanged
@@ -142,7 +143,8 @@ class TasksView(ViewBase, Vertical):
         if key == "id":
             return Text(_fit(value.rjust(width - 2), width))
         style = rich_style(variables, "sev-unknown") if key in ("rate", "eta") else ""
-        return Text(_fit(value, width), style=style, no_wrap=True)
+        # TITLE names paths and ITEM the file being copied: a guest's names, shown escaped.
+        return Text(_fit(safe(value), width), style=style, no_wrap=True)
 
     def sync(self, *, full: bool = False, rerender: bool = False) -> None:
         """Bring the table in line with the feed: update changed cells, add and remove rows."""

@@ -27,6 +27,7 @@ from textual.widgets import DataTable, Input, Static
 from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowDoesNotExist
 
 from engine import fmt
+from engine.textsafe import line as safe
 
 from . import vms as vmlook
 from .messages import AgentSampled, VMsUpdated
@@ -240,7 +241,7 @@ class VMsView(ViewBase, VMActions, Vertical):
     def _cell(self, key: str, cell: vmlook.Cell, order: tuple) -> Text:
         text, variable, dim = cell
         style = rich_style(self.app.theme_variables, variable, dim=dim) if variable else Style(dim=dim)
-        out = Ordered(fit(text, self._widths[key]), style=style, no_wrap=True, overflow="ellipsis")
+        out = Ordered(fit(safe(text), self._widths[key]), style=style, no_wrap=True, overflow="ellipsis")
         out.order = order
         return out
 

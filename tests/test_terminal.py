@@ -1,0 +1,178 @@
+"""Terminal safety: text that comes from hosts and guests never drives the operator's terminal.
+
+Real sources: an ssh host (a real sshd, in a mount namespace of its own) whose /etc/os-release
+carries escape sequences, and a file with such a name that Ferry cannot read, so that the
+replication's error, log and task record quote it. The command line and the console must show
+that text with its control characters escaped, and JSON must carry it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import harness.sshd
+from engine import textsafe
+from harness.cli import ferry, ferry_process, isolate_ssh
+from harness.pilot import text_of, until
+from harness.trees import describe, diff, write
+
+# Retitles the terminal (OSC 0), clears it, a C1 CSI, switches to the alternate screen.
+HOSTILE = "Evil\x1b]0;PWNED\x07\x1b[2J\u009b31m\x1b[?1049hOS"
+SHOWN = "Evil\\x1b]0;PWNED\\x07\\x1b[2J\\x9b31m\\x1b[?1049hOS"
+# A file name with those and a carriage return, which would overwrite the line it is on.
+HOSTILE_FILE = "report\x1b]0;PWNED\x07\x1b[2J\u009b31m\rname"
+SHOWN_FILE = "report\\x1b]0;PWNED\\x07\\x1b[2J\\x9b31m\\rname"
+# What a terminal acts on: C0 controls but tab and newline, DEL, C1.
+RAW = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def assert_safe(*texts: str) -> None:
+    for text in texts:
+        found = RAW.search(text)
+        assert found is None, f"raw {found.group()!r} reaches the terminal in {text!r}"
+
+
+def test_escapes_are_visible_and_the_rest_is_untouched():
+    assert textsafe.line(HOSTILE) == SHOWN
+    assert textsafe.line("a\nb\tc\x7f") == "a\\nb\\tc\\x7f"          # one line stays one line
+    assert textsafe.lines("a\nb\tc\r") == "a\nb\tc\\r"               # several lines keep their breaks
+    assert textsafe.line("\u202egnp.exe") == "\\u202egnp.exe"        # a right-to-left override
+    assert textsafe.line(os.fsdecode(b"caf\xe9")) == "caf\\xe9"      # a byte that was not UTF-8
+    plain = "Debian GNU/Linux 12 (bookworm) ✔ café 日本 [b]"
+    assert textsafe.line(plain) == plain
+
+
+# --------------------------------------------------------------------------- real sources
+
+
+def _private_mounts_work() -> bool:
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.fixture
+def hostile_site(sshd_factory, tmp_path, monkeypatch):
+    """A site whose ssh host ssh1 reports HOSTILE as its OS name (its sshd sees its own
+    /etc/os-release, bind-mounted in a private mount namespace), and a task that failed on a
+    file named HOSTILE_FILE that Ferry could not read."""
+    if shutil.which("unshare") is None or not _private_mounts_work():
+        pytest.skip("needs unshare --mount (root) for a host with its own /etc/os-release")
+    isolate_ssh(monkeypatch, tmp_path / "home")
+    os_release = tmp_path / "os-release"
+    os_release.write_text(f'NAME="Evil"\nPRETTY_NAME="{HOSTILE}"\nID=evil\n')
+    wrapper = tmp_path / "sshd-in-namespace"
+    wrapper.write_text("#!/bin/sh\nexec unshare --mount --propagation private sh -c "
+                       f"'mount --bind {os_release} /etc/os-release && exec {harness.sshd.SSHD} \"$@\"' sshd \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(harness.sshd, "SSHD", str(wrapper))
+    site = sshd_factory.site(tmp_path, 1)
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write(src / "readable", b"fine")
+    write(src / HOSTILE_FILE, b"secret", mode=0o000)
+    # Root reads anything; without these capabilities the file is unreadable, as for an ordinary account.
+    drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
+    proc = ferry_process(site.workspace.root, "replicate", "files", f"local:{src}", f"local:{tmp_path / 'dst'}",
+                         prefix=drop, env={"HOME": os.environ["HOME"]})
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, (out, err)
+    site.replicate_out, site.replicate_err = out, err
+    return site
+
+
+def screen_text(app) -> str:
+    """What the console puts on the terminal now: the text of every line of the screen."""
+    return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
+
+
+async def test_console_shows_hostile_names_escaped(hostile_site):
+    from console.app import FerryApp
+    from engine.client import EngineClient
+
+    site = hostile_site
+    client = EngineClient(site.workspace, site.config(), adopt=False, transports=site.pool())
+    await client.start()
+    try:
+        tid = (await client.list_tasks())[0].id
+        app = FerryApp(client)
+        async with app.run_test(size=(200, 40)) as pilot:
+            await pilot.press("down", "down")   # site -> cluster lab -> ssh1
+            assert app.inventory.selected.name == "ssh1"
+            await until(pilot, lambda: "PWNED" in text_of(app, "#detail-body"), timeout=30, what="facts of ssh1")
+            screen = screen_text(app)
+            assert_safe(screen)
+            assert SHOWN in screen
+
+            await pilot.press("2")
+            app.tasks_view.select_task(tid)
+            await until(pilot, lambda: "Permission denied" in text_of(app, "#task-detail"), timeout=30,
+                        what="the failed task's detail")
+            await until(pilot, lambda: "│" in text_of(app, "#task-detail"), timeout=30, what="its log")
+            screen = screen_text(app)
+            assert_safe(screen)
+            assert SHOWN_FILE in screen
+    finally:
+        await client.close()
+
+
+# --------------------------------------------------------------------------- ctrl-c
+
+
+def _task_row(root: Path) -> tuple[int, str, dict]:
+    """The newest task's id, state and checkpoint, read straight from state.db (0, "", {}: none yet)."""
+    if not (root / "state.db").exists():
+        return 0, "", {}
+    con = sqlite3.connect(root / "state.db", timeout=10)
+    try:
+        row = con.execute("SELECT id, state, checkpoint FROM tasks ORDER BY id DESC LIMIT 1").fetchone()
+    except sqlite3.OperationalError:   # the command has not created its tables yet
+        row = None
+    finally:
+        con.close()
+    return (row[0], row[1], json.loads(row[2]) if row[2] else {}) if row else (0, "", {})
+
+
+def test_ctrl_c_mid_copy_exits_130_and_the_task_resumes(tmp_path):
+    """Ctrl-C (SIGINT) while a replication copies: exit status 130, one line saying the task keeps
+    its checkpoint, and the same command then resumes it instead of starting over."""
+    root, src, dst = tmp_path / "ws", tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for i in range(4):
+        write(src / f"big-{i}.bin", os.urandom(16 << 20))
+    total = 64 << 20
+    argv = ["replicate", "files", f"local:{src}", f"lab1:{dst}", "--streams", "1"]
+    proc = ferry_process(root, *argv, "--bwlimit", "16M")
+    try:
+        deadline = time.monotonic() + 60
+        while not _task_row(root)[2].get("bytes_durable"):   # some data is durable on the target: mid-copy
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the copy never made progress"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    tid, state, checkpoint = _task_row(root)
+    assert proc.returncode == 130, (out, err)
+    assert err.splitlines() == [f"ferry: interrupted; task {tid} keeps its checkpoint "
+                                f"(hint: resume it with `ferry task resume {tid}`)"], err
+    assert state == "queued" and 0 < checkpoint["bytes_durable"] < total
+
+    r = ferry(root, *argv, "--json")
+    assert r.code == 0, r.err
+    assert r.json["task"] == tid and r.json["resumed"] is True
+    assert r.json["bytes_sent"] <= total - checkpoint["bytes_durable"] + (1 << 20)   # not sent again
+    assert diff(describe(src), describe(dst)) == []
