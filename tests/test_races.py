@@ -9,8 +9,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+from engine.config import lab_config
 from engine.store import SCHEMA_VERSION, Store
+from engine.taskmodel import TaskState
+from engine.tasks import Engine
 from harness.cli import ROOT
+from harness.waiting import until
 
 STARTERS = 40   # bench/store_open.py starts 100, which is too slow for the suite on 2 cores
 
@@ -142,3 +146,65 @@ s.close()
         assert s.vm_row("vm-1")["busy"] == winners[0]
     finally:
         s.close()
+
+
+HOLD_VM = """
+import asyncio
+from engine.tasks import TaskKind, register
+from engine.vm.lifecycle import working_on
+
+@register
+class HoldVM(TaskKind):
+    # Works on a VM (marks it busy, as every VM task does) until it is stopped.
+    name = "test.vm_hold"
+
+    def title(self, params):
+        return "hold " + params["vm_id"]
+
+    async def run(self, ctx):
+        row = await ctx.engine.store.call(ctx.engine.store.vm_row, ctx.params["vm_id"])
+        async with working_on(ctx, row):
+            await asyncio.Event().wait()
+"""
+exec(HOLD_VM)   # here too: this process runs the kind as well
+
+
+async def test_a_vm_busy_with_a_live_task_refuses_another_and_is_free_once_its_process_dies(tmp_path):
+    db, site = tmp_path / "state.db", lab_config(tmp_path)
+    s = Store(db)
+    s.vm_insert(id="vm-1", name="web01", kind="vm", host="lab1", state="stopped", spec={})
+    s.close()
+    child = subprocess.Popen([sys.executable, "-c", HOLD_VM + textwrap.dedent(f"""
+        from pathlib import Path
+        from engine.config import lab_config
+        from engine.store import Store
+        from engine.tasks import Engine
+
+        async def main():
+            eng = Engine(Store(Path({str(db)!r})), lab_config(Path({str(tmp_path)!r})))
+            await eng.start()
+            print(await eng.submit("test.vm_hold", {{"vm_id": "vm-1"}}), flush=True)
+            await asyncio.Event().wait()
+        asyncio.run(main())
+    """)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
+    eng = Engine(Store(db), site)
+    await eng.start()
+    try:
+        a = int(child.stdout.readline())
+        await until(lambda: eng.store.vm_row("vm-1")["busy"] == a, what="the VM marked busy by the other process")
+        b = await eng.submit("test.vm_hold", {"vm_id": "vm-1"})
+        refused = await eng.wait(b, timeout=30)
+        assert refused.state == TaskState.FAILED
+        assert refused.error == f"web01 is busy with task {a} (hold vm-1, running)"
+        assert f"ferry task cancel {a}" in refused.hint
+        child.kill()              # kill -9: nothing of it unmarks the VM, yet it holds it no more
+        child.wait()
+        c = await eng.submit("test.vm_hold", {"vm_id": "vm-1"})
+        await until(lambda: eng.store.vm_row("vm-1")["busy"] == c, what="the VM marked busy with the new task")
+        assert (await eng.get(c)).state == TaskState.RUNNING
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        await eng.stop()
+        eng.store.close()

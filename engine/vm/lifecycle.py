@@ -30,11 +30,12 @@ async def working_on(ctx: TaskContext, row: dict) -> AsyncIterator[None]:
     fresh = await svc._db(svc.store.vm_row, row["id"])
     if fresh is None:
         raise PermanentError(f"VM {row['name']} no longer exists", "ferry vm list shows what exists")
-    other = await svc.busy_with(fresh, ctx.id)
+    # Looking at the holder and marking the VM are one step: two tasks never both take it.
+    other = await svc._db(svc.store.vm_take, row["id"], ctx.id, ctx.engine.task_gone)
     if other:
-        raise PermanentError(f"{row['name']} is busy with {other}",
-                             f"wait for it, or cancel it: ferry task cancel {fresh['busy']}")
-    await svc.update(row["id"], busy=ctx.id)
+        who = await svc.busy_with({**fresh, "busy": other}, ctx.id) or f"task {other}"
+        raise PermanentError(f"{row['name']} is busy with {who}",
+                             f"wait for it, or cancel it: ferry task cancel {other}")
     try:
         yield
     finally:
