@@ -106,10 +106,7 @@ async def test_sigkill_mid_task_then_new_engine_resumes_from_checkpoint(tmp_path
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         tid = int(child.stdout.readline())
-        deadline = time.monotonic() + 30
-        while (checkpoint_of(db, tid) or {}).get("done", 0) < 20:
-            assert time.monotonic() < deadline, "child made no progress"
-            await asyncio.sleep(0.05)
+        await until(lambda: (checkpoint_of(db, tid) or {}).get("done", 0) >= 20, what="the child's progress")
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
