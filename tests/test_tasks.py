@@ -484,7 +484,7 @@ async def test_a_paused_task_shows_paused_without_rate_or_eta_everywhere(tmp_pat
         assert "⏸ paused" in line and "/s" not in line and " - " in line
         shown = ferry(tmp_path, "task", "show", str(tid)).out
         progress = next(ln for ln in shown.splitlines() if ln.strip().startswith("progress"))
-        assert "/s" not in progress and "ETA" not in progress, progress
+        assert "paused" in progress and "/s" not in progress and "ETA" not in progress, progress
         assert f"paused by {current_user()}; it keeps its checkpoint" in shown
 
         app = FerryApp(client, clock=lambda: 0.0)
