@@ -796,6 +796,8 @@ class Engine:
             fields["progress"] = at_rest(progress).to_dict()
         if not await self.store.call(self.store.update_task, tid, owner_is=self.owner, **fields):
             return self._taken_over(tid)
+        if state != TaskState.FAILED:    # a failed task may be resumed here, with its secrets
+            self._secret_params.pop(tid, None)
         level = {"succeeded": "info", "cancelled": "warning"}.get(state, "error")
         self._on_log(tid, level, f"{state}" + (f": {error}" if error else "") + (f" (hint: {hint})" if hint else ""))
         await self._publish_state(tid)

@@ -579,6 +579,7 @@ async def test_a_secret_parameter_is_used_by_the_task_but_never_stored(engine, t
     assert create["params"]["password"] == "<redacted>"
     raw = stored_bytes(tmp_path / "state.db")
     assert b"hunter2-secret" not in raw and b"k-9f8e7d" not in raw, "a secret reached state.db"
+    assert tid not in engine._secret_params, "the secret is forgotten once the task is done"
 
 
 async def test_a_task_whose_secret_went_with_its_process_asks_for_it_again(tmp_path):
