@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable
 from engine import fmt
 from engine.errors import ConfigError, FerryError, PermanentError
 from engine.taskmodel import FINAL_STATES, TaskInfo, TaskState
+from engine.textsafe import SafeStream, line as safe, raw_stream
 from engine.workspace import Workspace
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -25,6 +26,7 @@ def _print_json(data: Any) -> None:
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> str:
+    rows = [[safe(x) for x in r] for r in rows]   # cells hold names and facts from hosts and guests
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)] if rows else [len(h) for h in headers]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     for r in rows:
@@ -57,15 +59,17 @@ class _Progress:
     def show(self, text: str) -> None:
         if not self.enabled:
             return
-        text = text[:118]
-        sys.stderr.write("\r" + text.ljust(self.width))
-        sys.stderr.flush()
+        text = safe(text)[:118]   # the item is a file name; the only control character is our \r
+        err = raw_stream(sys.stderr)
+        err.write("\r" + text.ljust(self.width))
+        err.flush()
         self.width = len(text)
 
     def done(self) -> None:
         if self.enabled and self.width:
-            sys.stderr.write("\r" + " " * self.width + "\r")
-            sys.stderr.flush()
+            err = raw_stream(sys.stderr)
+            err.write("\r" + " " * self.width + "\r")
+            err.flush()
             self.width = 0
 
 
@@ -83,7 +87,7 @@ async def run_foreground(client, task_id: int, *, as_json: bool, describe: Calla
                 line.done()
                 if info.state == TaskState.WAITING:
                     print(f"task {task_id} waits for confirmation: "
-                          f"{info.waiting.get('prompt') if info.waiting else ''} (confirm in the console)",
+                          f"{safe(info.waiting.get('prompt')) if info.waiting else ''} (confirm in the console)",
                           file=sys.stderr)
                 else:
                     print(f"task {task_id} is paused; it goes on here when resumed (ctrl-c leaves it paused)",
@@ -94,7 +98,7 @@ async def run_foreground(client, task_id: int, *, as_json: bool, describe: Calla
                     line.show(f"[{task_id}] " + fmt.progress_line(ev.data))
                 elif ev.type == "log" and ev.task_id == task_id and ev.data[0] in ("warning", "error"):
                     line.done()
-                    print(f"{ev.data[0]}: {ev.data[1]}", file=sys.stderr)
+                    print(f"{ev.data[0]}: {safe(ev.data[1])}", file=sys.stderr)
     except (KeyboardInterrupt, asyncio.CancelledError):
         line.done()
         print(f"ferry: interrupted; task {task_id} keeps its checkpoint (hint: resume it with "
@@ -112,8 +116,8 @@ async def run_foreground(client, task_id: int, *, as_json: bool, describe: Calla
     if info.state == TaskState.SUCCEEDED:
         return EXIT_OK
     if not as_json:
-        msg = f"ferry: task {task_id} {info.state}" + (f": {info.error}" if info.error else "")
-        print(msg + (f" (hint: {info.hint})" if info.hint else ""), file=sys.stderr)
+        msg = f"ferry: task {task_id} {info.state}" + (f": {safe(info.error)}" if info.error else "")
+        print(msg + (f" (hint: {safe(info.hint)})" if info.hint else ""), file=sys.stderr)
     return EXIT_FAIL
 
 
@@ -176,7 +180,7 @@ def cmd_hosts(args, ws: Workspace) -> int:
                             "LOAD", "DATASTORES", "QEMU"]))
         for name, f in facts.items():
             if not f.reachable and f.hint:
-                print(f"{name}: {f.error} (hint: {f.hint})", file=sys.stderr)
+                print(f"{name}: {safe(f.error)} (hint: {safe(f.hint)})", file=sys.stderr)
         return EXIT_OK if all(f.reachable for f in facts.values()) else EXIT_FAIL
     return asyncio.run(_with_client(ws, go))
 
@@ -195,7 +199,7 @@ def cmd_hosts_trust(args, ws: Workspace) -> int:
         finally:
             await pool.close()
         who = f"{args.host} ({info.endpoint})" + (f" via jump host {info.jump}" if info.jump else "")
-        print(f"{who} presents {info.key_type} key {info.fingerprint}")
+        print(safe(f"{who} presents {info.key_type} key {info.fingerprint}"))
         if info.status == KeyStatus.TRUSTED:
             print("already trusted")
             return EXIT_OK
@@ -269,15 +273,15 @@ def cmd_task_show(args, ws: Workspace) -> int:
     if args.json:
         _print_json({**t.to_dict(), "log": logs})
         return EXIT_OK
-    print(f"task {t.id}: {t.title}\n  kind      {t.kind}\n  state     {t.state.symbol} {t.state}"
-          f"\n  progress  {fmt.progress_line(t.progress)}\n  created   {fmt.stamp(t.created)} by {t.created_by}"
+    print(f"task {t.id}: {safe(t.title)}\n  kind      {t.kind}\n  state     {t.state.symbol} {t.state}"
+          f"\n  progress  {safe(fmt.progress_line(t.progress))}\n  created   {fmt.stamp(t.created)} by {safe(t.created_by)}"
           f"\n  started   {fmt.stamp(t.started)}\n  finished  {fmt.stamp(t.finished)}\n  attempts  {t.attempts}")
     if t.error:
-        print(f"  error     {t.error}" + (f"\n  hint      {t.hint}" if t.hint else ""))
+        print(f"  error     {safe(t.error)}" + (f"\n  hint      {safe(t.hint)}" if t.hint else ""))
     if t.result:
         print("  result    " + json.dumps(t.result, sort_keys=True, default=str))
     for entry in logs[-20:]:
-        print(f"  {fmt.clock(entry['ts'])} {entry['level']:7} {entry['message']}")
+        print(f"  {fmt.clock(entry['ts'])} {entry['level']:7} {safe(entry['message'])}")
     return EXIT_OK
 
 
@@ -333,7 +337,7 @@ def _describe_replication(info: TaskInfo) -> str:
             f"{fmt.size(r.get('bytes_sent'))} sent of {fmt.size(r.get('bytes_total'))} in "
             f"{fmt.duration(r.get('duration_s'))}; verified: {'yes' if r.get('verified') else 'NO'}")
     for note in r.get("notes", []):
-        text += f"\nnote: {note}"
+        text += f"\nnote: {safe(note)}"
     return text
 
 
@@ -472,18 +476,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    ws = Workspace.resolve(args.workspace)
+    # Whatever a headless command prints passes through SafeStream: messages quote names and
+    # facts from hosts and guests, and none of their control characters may reach the terminal.
+    real = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = SafeStream(sys.stdout), SafeStream(sys.stderr)
     try:
-        return args.func(args, ws)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
-        return EXIT_CONFIG
-    except FerryError as e:
-        print(f"ferry: {e}", file=sys.stderr)
-        return EXIT_FAIL
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        args = build_parser().parse_args(argv)
+        if args.func is cmd_console:
+            sys.stdout, sys.stderr = real   # Textual escapes what it shows itself
+        ws = Workspace.resolve(args.workspace)
+        try:
+            return args.func(args, ws)
+        except ConfigError as e:
+            print(str(e), file=sys.stderr)
+            return EXIT_CONFIG
+        except FerryError as e:
+            print(f"ferry: {safe(e)}", file=sys.stderr)
+            return EXIT_FAIL
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+    finally:
+        sys.stdout, sys.stderr = real
 
 
 if __name__ == "__main__":

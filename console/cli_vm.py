@@ -11,10 +11,11 @@ from typing import Any
 from engine import fmt
 from engine.errors import FerryError, PermanentError
 from engine.taskmodel import TaskInfo
+from engine.textsafe import line as safe
 from engine.vm.model import parse_memory_mib
 from engine.workspace import Workspace
 
-from .cli import EXIT_FAIL, EXIT_OK, _print_json, _table, _with_client, run_foreground
+from .cli import EXIT_FAIL, EXIT_OK, _Progress, _print_json, _table, _with_client, run_foreground
 
 
 def _typed_confirmation(args, name: str, action: str) -> str:
@@ -92,16 +93,16 @@ def cmd_vm_show(args, ws: Workspace) -> int:
         if args.json:
             _print_json(v)
             return EXIT_OK
-        print(f"{v['name']}  ({v['kind']}, id {v['id'][:8]})  {_state_symbol(v['state'])} {v['state']} on {v['host']}"
-              + (f", pid {v['pid']}" if v.get("pid") else ""))
-        print(f"  cpus {v['cpus']} (up to {v['max_cpus']}), memory {v['memory_mb']} MiB, boot {','.join(v['boot'])}")
+        print(safe(f"{v['name']}  ({v['kind']}, id {v['id'][:8]})  {_state_symbol(v['state'])} {v['state']} "
+                   f"on {v['host']}" + (f", pid {v['pid']}" if v.get("pid") else "")))
+        print(safe(f"  cpus {v['cpus']} (up to {v['max_cpus']}), memory {v['memory_mb']} MiB, boot {','.join(v['boot'])}"))
         for d in v["disks"]:
-            print(f"  {d['name']}: {fmt.size(d['size'])} {d['bus']} on {d['datastore']} {d['path']}"
-                  + (f" (linked to {d['backing']})" if d.get("backing") else ""))
+            print(safe(f"  {d['name']}: {fmt.size(d['size'])} {d['bus']} on {d['datastore']} {d['path']}"
+                       + (f" (linked to {d['backing']})" if d.get("backing") else "")))
         for i, n in enumerate(v["nics"]):
-            print(f"  nic{i}: network {n['network']}" + (f" mac {n['mac']}" if n.get("mac") else ""))
+            print(safe(f"  nic{i}: network {n['network']}" + (f" mac {n['mac']}" if n.get("mac") else "")))
         for pt in v.get("passthrough", []):
-            print(f"  passthrough {pt['kind']} {pt['address']}")
+            print(safe(f"  passthrough {pt['kind']} {pt['address']}"))
         if v.get("agent"):
             print("\n".join("  " + line for line in _agent_lines(v["agent"])))
         return EXIT_OK
@@ -117,7 +118,7 @@ def _run_task(ws: Workspace, kind: str, params: dict[str, Any], as_json: bool, d
 
 def _done(text: str):
     def describe(info: TaskInfo) -> str:
-        return text.format(**(info.result or {}), task=info.id)
+        return safe(text.format(**(info.result or {}), task=info.id))
     return describe
 
 
@@ -183,8 +184,8 @@ def _overrides(args) -> dict[str, Any]:
 def _describe_made(info: TaskInfo) -> str:
     r = info.result or {}
     names = ", ".join(m["vm"] for m in r.get("made", []))
-    return f"made {names} from {r.get('src')}" + (" (linked clones)" if r.get("linked") else "") + \
-        (" while it was running" if r.get("from_running") else "")
+    return safe(f"made {names} from {r.get('src')}" + (" (linked clones)" if r.get("linked") else "")
+                + (" while it was running" if r.get("from_running") else ""))
 
 
 def cmd_template_deploy(args, ws: Workspace) -> int:
@@ -267,7 +268,12 @@ def cmd_vm_agent(args, ws: Workspace) -> int:
 
 
 def _agent_lines(a: dict) -> list[str]:
-    """The guest agent's state, then what it reports, labelled (vm agent info, vm show)."""
+    """The guest agent's state, then what it reports, labelled (vm agent info, vm show); each a line,
+    whatever the guest wrote into its OS name, mounts or version."""
+    return [safe(text) for text in _agent_text(a)]
+
+
+def _agent_text(a: dict) -> list[str]:
     head = f"guest agent {a['agent']}" + (f" (version {a['version']})" if a.get("version") else "")
     head += f", asked at {fmt.clock(a.get('checked_at'))}"
     if a["agent"] != "running":
@@ -295,11 +301,11 @@ def cmd_vm_reconcile(args, ws: Workspace) -> int:
             return EXIT_OK
         print(f"{r['running']} recorded VM(s) running")
         for o in r["orphans"]:
-            print(f"orphan: {o['process']} (pid {o['pid']}) on {o['host']} runs without a record")
+            print(safe(f"orphan: {o['process']} (pid {o['pid']}) on {o['host']} runs without a record"))
         for m in r["missing"]:
-            print(f"missing: {m['vm']} on {m['host']} was running and its QEMU is gone")
+            print(safe(f"missing: {m['vm']} on {m['host']} was running and its QEMU is gone"))
         for u in r["unreachable"]:
-            print(f"unreachable: {u['host']}: {u['error']}")
+            print(safe(f"unreachable: {u['host']}: {u['error']}"))
         return EXIT_OK
     return asyncio.run(_with_client(ws, go))
 
@@ -308,15 +314,17 @@ def cmd_lab_image_build(args, ws: Workspace) -> int:
     from engine.platform.liveimage import build_live_image
     from engine.vm.hostops import image_cache_dir
 
+    line = _Progress(not args.json and sys.stderr.isatty())
+
     def report(step: str, fraction: float) -> None:
-        if not args.json and sys.stderr.isatty():
-            sys.stderr.write(f"\r{fraction * 100:5.1f}% {step[:70]:<70}")
-            sys.stderr.flush()
+        line.show(f"{fraction * 100:5.1f}% {step[:70]}")
 
     started = time.monotonic()
-    image = asyncio.run(build_live_image(image_cache_dir(ws.ensure().cache_dir), force=args.force, progress=report))
-    if not args.json and sys.stderr.isatty():
-        sys.stderr.write("\r" + " " * 80 + "\r")
+    try:
+        image = asyncio.run(build_live_image(image_cache_dir(ws.ensure().cache_dir), force=args.force,
+                                             progress=report))
+    finally:
+        line.done()
     info = {"version": image.version, "kernel": str(image.kernel), "initrd": str(image.initrd),
             "kernel_release": image.kernel_release, "size": image.size, "seconds": round(time.monotonic() - started, 1)}
     if args.json:

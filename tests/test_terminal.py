@@ -25,6 +25,7 @@ from engine import textsafe
 from harness.cli import ferry, ferry_process, isolate_ssh
 from harness.pilot import text_of, until
 from harness.trees import describe, diff, write
+from test_vm import _guest, ok, ws  # noqa: F401  (ws: a lab workspace with the live image, for this module)
 
 # Retitles the terminal (OSC 0), clears it, a C1 CSI, switches to the alternate screen.
 HOSTILE = "Evil\x1b]0;PWNED\x07\x1b[2J\u009b31m\x1b[?1049hOS"
@@ -91,6 +92,43 @@ def hostile_site(sshd_factory, tmp_path, monkeypatch):
     return site
 
 
+def test_cli_shows_a_hostile_os_name_escaped_and_json_carries_it_exactly(hostile_site):
+    root = hostile_site.workspace.root
+    r = ferry(root, "hosts")
+    assert r.code == 0, r.err
+    assert_safe(r.out, r.err)
+    row = next(line for line in r.out.splitlines() if line.startswith("ssh1 "))
+    assert SHOWN in row   # one row, whatever the host wrote
+
+    r = ferry(root, "hosts", "--json")
+    assert_safe(r.out)    # JSON escapes control characters itself...
+    assert next(h for h in r.json if h["host"] == "ssh1")["os_name"] == HOSTILE   # ...and keeps the value
+
+
+def test_cli_shows_a_hostile_file_name_in_errors_escaped(hostile_site):
+    root = hostile_site.workspace.root
+    err = hostile_site.replicate_err
+    assert_safe(hostile_site.replicate_out, err)
+    assert SHOWN_FILE in err and "Permission denied" in err
+    failure = [line for line in err.splitlines() if line.startswith("ferry: task ")]
+    assert len(failure) == 1 and SHOWN_FILE in failure[0]   # the carriage return did not split it
+
+    tid = str(ferry(root, "tasks", "--json").json[0]["id"])
+    for args in (["task", "show", tid], ["tasks"], ["audit"]):
+        r = ferry(root, *args)
+        assert r.code == 0, r.err
+        assert_safe(r.out, r.err)
+    shown = ferry(root, "task", "show", tid).out
+    error_line = next(line for line in shown.splitlines() if line.lstrip().startswith("error "))
+    assert SHOWN_FILE in error_line
+    assert any(SHOWN_FILE in line and "Permission denied" in line for line in shown.splitlines()
+               if not line.lstrip().startswith("error "))   # the task's log quotes it too
+
+    r = ferry(root, "task", "show", tid, "--json")
+    assert_safe(r.out)
+    assert HOSTILE_FILE in r.json["error"]
+
+
 def screen_text(app) -> str:
     """What the console puts on the terminal now: the text of every line of the screen."""
     return "\n".join(strip.text for strip in app.screen._compositor.render_strips())
@@ -124,6 +162,24 @@ async def test_console_shows_hostile_names_escaped(hostile_site):
             assert SHOWN_FILE in screen
     finally:
         await client.close()
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
+def test_a_guest_os_name_with_escapes_is_shown_escaped(ws):
+    """The guest writes its own /etc/os-release; its agent reports it as the OS name."""
+    ok(ws, "vm", "create", "evil", "--host", "lab1", "--disk", "16M")
+    ok(ws, "vm", "start", "evil")
+    try:
+        _guest(ws, "evil", f"cat > /etc/os-release <<'EOF'\nNAME=Evil\nPRETTY_NAME=\"{HOSTILE}\"\nEOF\n")
+        assert ok(ws, "vm", "agent", "info", "evil")["os"] == HOSTILE   # JSON: exactly what the guest said
+        for args in (["vm", "agent", "info", "evil"], ["vm", "show", "evil"], ["vm", "list", "--agents"]):
+            r = ferry(ws, *args)
+            assert r.code == 0, r.err
+            assert_safe(r.out, r.err)
+        info = ferry(ws, "vm", "agent", "info", "evil").out
+        assert any(line.split() == ["OS", SHOWN] for line in info.splitlines()), info
+    finally:
+        ok(ws, "vm", "stop", "evil", "--force")
 
 
 # --------------------------------------------------------------------------- ctrl-c
