@@ -45,11 +45,6 @@ def lines(text: Any) -> str:
     return _LINES.sub(_visible, text)
 
 
-def is_safe(text: str) -> bool:
-    """True when `text` holds nothing a terminal would act on (besides newline and tab)."""
-    return _LINES.search(text) is None
-
-
 class SafeStream:
     """A text stream (stdout, stderr) that writes everything through `lines()`.
 
