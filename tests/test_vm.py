@@ -340,6 +340,15 @@ def bytes_moved(events: list) -> tuple[int, list[int]]:
     return totals.pop(), done
 
 
+@pytest.fixture
+def scratch():
+    """A folder for disk-sized files (raw images of GiBs), removed after the test rather than kept
+    with pytest's last temporary folders."""
+    d = Path(tempfile.mkdtemp(prefix="fscratch-", dir="/var/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def big(ws):
     """A VM with 1.5 GiB of random data on disk0 (what its guest sees), and an empty 64 MiB disk1 for an
@@ -355,7 +364,7 @@ def big(ws):
         shutil.rmtree(data, ignore_errors=True)
 
 
-def test_clone_of_a_running_vm_with_data_is_point_in_time(ws, big, tmp_path):
+def test_clone_of_a_running_vm_with_data_is_point_in_time(ws, big, scratch):
     """Item 11: a running VM whose disk holds gigabytes, written by its guest during the copy. The copy is
     the disk at one instant (records the guest wrote before it, none after; the rest byte for byte), its
     filesystem frozen for that instant and thawed after, and the progress moves with the bytes."""
@@ -384,7 +393,7 @@ def test_clone_of_a_running_vm_with_data_is_point_in_time(ws, big, tmp_path):
         assert info.result["from_running"] is True
 
         # The guest goes on; stop it once it has written beyond what the copy holds.
-        copy = as_raw((ws / "lab" / "lab1" / "datastore" / "big02" / "disk0.qcow2").as_posix(), tmp_path / "c0.raw")
+        copy = as_raw((ws / "lab" / "lab1" / "datastore" / "big02" / "disk0.qcow2").as_posix(), scratch / "c0.raw")
         records = read_at(copy, rec_at, 20000 * REC)
         k = next(i for i in range(20000) if records[i * REC:i * REC + 11] != b"REC%08d" % i)
         guest_until(ws, name, "cat /tmp/n", lambda out: count(out) > k + 5, "the guest writing past the copy")
@@ -408,7 +417,7 @@ def test_clone_of_a_running_vm_with_data_is_point_in_time(ws, big, tmp_path):
         [h for i, h in enumerate(hashes) if i != rec_at // REGION]
 
     # The filesystem was frozen for the copy: ext4 clears its needs_recovery flag when frozen, and the copy is clean.
-    fs = as_raw((ws / "lab" / "lab1" / "datastore" / "big02" / "disk1.qcow2").as_posix(), tmp_path / "c1.raw")
+    fs = as_raw((ws / "lab" / "lab1" / "datastore" / "big02" / "disk1.qcow2").as_posix(), scratch / "c1.raw")
     features = subprocess.run(["dumpe2fs", "-h", str(fs)], capture_output=True, text=True).stdout
     assert "Filesystem features:" in features and "needs_recovery" not in features
     assert subprocess.run(["e2fsck", "-fn", str(fs)], capture_output=True).returncode == 0
@@ -422,7 +431,7 @@ def test_clone_of_a_running_vm_with_data_is_point_in_time(ws, big, tmp_path):
     assert len({d for d in done if 0 < d < total}) >= 3, done
 
 
-def test_clone_of_a_stopped_vm_with_data_reports_bytes(ws, big, tmp_path):
+def test_clone_of_a_stopped_vm_with_data_reports_bytes(ws, big, scratch):
     """Item 12: an offline clone (qemu-img convert) shows bytes done growing towards a fixed total."""
     name, data, hashes = big
     info, events, _ = run_task(ws, "vm.clone", {"src": name, "names": ["big03"]})
@@ -430,7 +439,7 @@ def test_clone_of_a_stopped_vm_with_data_reports_bytes(ws, big, tmp_path):
     total, done = bytes_moved(events)
     assert total == 1600 * MiB
     assert len({d for d in done if 0 < d < total}) >= 3, done
-    copy = as_raw((ws / "lab" / "lab1" / "datastore" / "big03" / "disk0.qcow2").as_posix(), tmp_path / "c0.raw")
+    copy = as_raw((ws / "lab" / "lab1" / "datastore" / "big03" / "disk0.qcow2").as_posix(), scratch / "c0.raw")
     got = region_hashes(copy, len(hashes))      # the region of the guest's records aside, the source's data
     assert [h for i, h in enumerate(got) if i != REC_AT // REGION] == \
         [h for i, h in enumerate(hashes) if i != REC_AT // REGION]
@@ -494,15 +503,15 @@ def test_export_import_round_trip(ws, tmp_path):
     ok(ws, "vm", "stop", "pkg-ova", "--force")
 
 
-def test_export_paused_and_resumed_goes_on_from_where_it_was(ws, tmp_path):
+def test_export_paused_and_resumed_goes_on_from_where_it_was(ws, scratch):
     """Item 13: an export paused mid-way keeps what it made; resumed, it goes on from there (the disk is
     not converted again), its progress never goes back, its total never changes, and the package it
     writes verifies against its manifest and holds the disk byte for byte."""
     from engine.taskmodel import TaskState
     size = 384 * MiB
     made = ok(ws, "vm", "create", "exp01", "--host", "lab1", "--disk", str(size), "--boot", "live")
-    hashes = fill_random(made["disks"][0], size, tmp_path / "data.raw")
-    out = tmp_path / "exp01.ova"
+    hashes = fill_random(made["disks"][0], size, scratch / "data.raw")
+    out = scratch / "exp01.ova"
 
     async def go():
         client = await _open_client(ws)
@@ -523,7 +532,7 @@ def test_export_paused_and_resumed_goes_on_from_where_it_was(ws, tmp_path):
                         await pause_once_converted(ev.data)
                 assert not (await client.get_task(tid)).state.final, "the export ended before it was paused"
             sub.close()
-            kept = sorted(p.name for stage in tmp_path.glob(".exp01.ova.ferry-*") for p in stage.iterdir())
+            kept = sorted(p.name for stage in scratch.glob(".exp01.ova.ferry-*") for p in stage.iterdir())
             await client.resume(tid)
             info, after, log = await _follow(client, tid)
             return info, before, after, log, kept
@@ -533,7 +542,7 @@ def test_export_paused_and_resumed_goes_on_from_where_it_was(ws, tmp_path):
     info, before, after, log, kept = asyncio.run(go())
     assert info.state == "succeeded", (info.error, log)
     assert "exp01-disk0.vhd" in kept, "the converted disk was kept over the pause"
-    assert not list(tmp_path.glob(".exp01.ova.ferry-*")), "the staging folder is gone"
+    assert not list(scratch.glob(".exp01.ova.ferry-*")), "the staging folder is gone"
     assert any(line.startswith("going on with the export of exp01") for line in log)
     assert any(p.item.endswith("done before") for p in after), "the disk was converted again"
     assert after and after[0].bytes_done >= before[-1].bytes_done
@@ -541,7 +550,7 @@ def test_export_paused_and_resumed_goes_on_from_where_it_was(ws, tmp_path):
     assert total == 3 * size
 
     ok(ws, "vm", "import", str(out), "--host", "lab2", "--name", "exp02")    # verifies the manifest first
-    copy = as_raw(vms(ws)["exp02"]["disks"][0]["path"], tmp_path / "copy.raw")
+    copy = as_raw(vms(ws)["exp02"]["disks"][0]["path"], scratch / "copy.raw")
     assert region_hashes(copy, len(hashes)) == hashes
 
 
