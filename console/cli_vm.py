@@ -9,13 +9,13 @@ import time
 from typing import Any
 
 from engine import fmt
-from engine.errors import FerryError, PermanentError
+from engine.errors import FerryError, PermanentError, Refused
 from engine.taskmodel import TaskInfo
 from engine.textsafe import line as safe
 from engine.vm.model import parse_memory_mib
 from engine.workspace import Workspace
 
-from .cli import EXIT_FAIL, EXIT_OK, _Progress, _print_json, _table, _with_client, run_foreground
+from .cli import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, _Progress, _print_json, _table, _with_client, run_foreground
 
 
 def _typed_confirmation(args, name: str, action: str) -> str:
@@ -111,7 +111,11 @@ def cmd_vm_show(args, ws: Workspace) -> int:
 
 def _run_task(ws: Workspace, kind: str, params: dict[str, Any], as_json: bool, describe=None) -> int:
     async def go(client) -> int:
-        tid = await client.vm_task(kind, params)
+        try:
+            tid = await client.vm_task(kind, params)
+        except Refused as e:      # the engine's precheck: no task was made
+            print(f"ferry: {safe(e)}", file=sys.stderr)
+            return EXIT_CONFIG
         return await run_foreground(client, tid, as_json=as_json, describe=describe)
     return asyncio.run(_with_client(ws, go))
 
