@@ -215,7 +215,7 @@ class Bench:
             t_rsync_sync.append(t_rsync[-1] + sh(["sync"]))
             settle()
             t, out = ferry(self.work / f"ferry-{i}")
-            assert out["verified"] and out["bytes_sent"] == total
+            assert out["verified_on_arrival"] and out["bytes_sent"] == total
             t_ferry.append(t)
         ratio = min(t_ferry) / min(t_rsync)
         self.row("full file copy", f"{min(t_ferry):.2f}s", f"{min(t_rsync):.2f}s (+sync {min(t_rsync_sync):.2f}s)",
@@ -275,7 +275,7 @@ class Bench:
             t_dd_sync.append(t_dd[-1] + sh(["sync"]))
             settle()
             t, out = self.ferry("replicate", "blocks", f"local:{image}", f"bench:{self.work / f'ferry-{i}.img'}")
-            assert out["verified"]
+            assert out["verified_on_arrival"]
             t_ferry.append(t)
         ratio = min(t_ferry) / min(t_dd)
         self.row("full block copy", f"{min(t_ferry):.2f}s", f"{min(t_dd):.2f}s (+sync {min(t_dd_sync):.2f}s)", ratio,
@@ -326,7 +326,7 @@ class Bench:
         durable = durable_now()
         con.close()
         t, out = self.ferry("replicate", level, src, dst)
-        assert out["resumed"] and out["verified"], out
+        assert out["resumed"] and out["verified_on_arrival"], out
         resent = out["bytes_sent"] - (data_total - durable)
         # Negative: data written after the last checkpoint was verified by hash and kept, not re-sent.
         what = (f"re-sent {resent / MiB:.1f} MiB beyond the checkpoint ({resent / data_total:.2%})" if resent > 0 else

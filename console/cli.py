@@ -274,7 +274,7 @@ def cmd_task_show(args, ws: Workspace) -> int:
         _print_json({**t.to_dict(), "log": logs})
         return EXIT_OK
     print(f"task {t.id}: {safe(t.title)}\n  kind      {t.kind}\n  state     {t.state.symbol} {t.state}"
-          f"\n  progress  {safe(fmt.progress_line(t.progress))}\n  created   {fmt.stamp(t.created)} by {safe(t.created_by)}"
+          f"\n  progress  {safe(fmt.progress_line(t.progress, state=t.state))}\n  created   {fmt.stamp(t.created)} by {safe(t.created_by)}"
           f"\n  started   {fmt.stamp(t.started)}\n  finished  {fmt.stamp(t.finished)}\n  attempts  {t.attempts}")
     if t.error:
         print(f"  error     {safe(t.error)}" + (f"\n  hint      {safe(t.hint)}" if t.hint else ""))
@@ -335,16 +335,22 @@ def _describe_replication(info: TaskInfo) -> str:
     text = (f"round {r.get('round')} {verb}: {r.get('src')} → {r.get('dst')}: {r.get('items_changed')} of "
             f"{r.get('items_total')} {'chunks' if 'zero_chunks' in r else 'entries'} changed, "
             f"{fmt.size(r.get('bytes_sent'))} sent of {fmt.size(r.get('bytes_total'))} in "
-            f"{fmt.duration(r.get('duration_s'))}; verified: {'yes' if r.get('verified') else 'NO'}")
+            f"{fmt.duration(r.get('duration_s'))}")
+    if r.get("verification"):
+        text += f"\nverified: {r['verification']}"
     for note in r.get("notes", []):
         text += f"\nnote: {safe(note)}"
     return text
 
 
 def cmd_replicate(args, ws: Workspace) -> int:
+    from engine.tasks import TaskRunsElsewhere
+
     params: dict[str, Any] = {"src": args.src, "dst": args.dst}
     if args.streams:
         params["streams"] = args.streams
+    if args.stall_timeout:
+        params["stall_timeout"] = args.stall_timeout
     if args.bwlimit:
         params["bwlimit"] = args.bwlimit
     if args.level == "files":
@@ -354,7 +360,14 @@ def cmd_replicate(args, ws: Workspace) -> int:
         params.update(chunk_size=args.chunk_size, compress=args.compress, restart=args.restart)
 
     async def go(client) -> int:
-        tid, resumed = await client.replicate(args.level, params, restart=args.restart)
+        try:
+            tid, resumed = await client.replicate(args.level, params, restart=args.restart)
+        except TaskRunsElsewhere as e:
+            if args.restart:
+                raise
+            print(f"ferry: {e.message}; following it (it goes on here if that process stops)", file=sys.stderr)
+            tid, resumed = e.task_id, False
+            client.engine.watch(tid)
         if resumed and not args.json:
             print(f"resuming task {tid} from its checkpoint", file=sys.stderr)
         return await run_foreground(client, tid, as_json=args.json, describe=_describe_replication)
@@ -449,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--streams", type=int, help="parallel streams (default: this machine's cores, 2 to 4)")
         r.add_argument("--bwlimit", type=_size_arg, metavar="RATE", help="bandwidth limit, e.g. 50M (MiB/s)")
         r.add_argument("--restart", action="store_true", help="start over instead of resuming")
+        r.add_argument("--stall-timeout", type=float, metavar="SECONDS",
+                       help="fail (and retry) a stream an agent has said nothing on for this long (default 120)")
         r.add_argument("--json", action="store_true", help="print one JSON object with the round's figures")
         if level == "files":
             r.add_argument("--exclude", action="append", metavar="PATTERN",

@@ -149,7 +149,7 @@ def test_resume_of_an_interrupted_task_runs_it_in_the_foreground(tmp_path):
     tid = str(ferry(ws, "tasks", "--json").json[0]["id"])
     r = ferry(ws, "task", "resume", tid, "--json")
     assert r.code == 0, r.err
-    assert r.json["state"] == "succeeded" and r.json["resumed"] is True and r.json["verified"] is True
+    assert r.json["state"] == "succeeded" and r.json["resumed"] is True and r.json["verified_on_arrival"] is True
     assert open(src, "rb").read() == open(dst, "rb").read()
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from harness.cli import ferry, ferry_process, isolate_ssh
 from harness.qemu import sha256
-from harness.trees import resident
+from harness.trees import loop_device, resident
 
 MiB = 1 << 20
 CHUNK = 1 * MiB
@@ -58,12 +58,13 @@ def test_full_copy_skips_zeros_and_keeps_holes_then_incremental_sends_only_chang
     ws = site.workspace.root
     out = blocks(ws, f"local:{src}", f"ssh1:{dst}")
     assert out["_code"] == 0, out
-    assert out["verified"] is True and out["resumed"] is False
+    assert out["verified_on_arrival"] is True and out["resumed"] is False
     assert resident(dst) <= data // 8, "the copy went to disk past the target host's page cache (O_DIRECT)"
     assert sha256(src) == sha256(dst)
     assert out["bytes_sent"] == data, "all-zero chunks are never sent"
     assert os.stat(dst).st_blocks * 512 <= data + 4 * MiB, "zero regions stay holes on the target"
-    for key in ("bytes_total", "bytes_sent", "items_total", "items_changed", "duration_s", "resumed", "verified"):
+    for key in ("bytes_total", "bytes_sent", "items_total", "items_changed", "duration_s", "resumed", "verified_on_arrival",
+                "content_compared", "verification"):
         assert key in out
 
     # Change 3 chunks, one of them to zeros: only those travel.
@@ -89,7 +90,7 @@ def test_sizes_that_are_not_whole_chunks_or_parts(site, tmp_path, chunk):
     r = ferry(site.workspace.root, "replicate", "blocks", f"local:{src}", f"ssh1:{dst}", "--json",
               "--chunk-size", chunk)
     assert r.code == 0, r.err
-    assert r.json["verified"] and r.json["bytes_sent"] == src.stat().st_size
+    assert r.json["verified_on_arrival"] and r.json["bytes_sent"] == src.stat().st_size
     assert sha256(src) == sha256(dst)
 
 
@@ -112,7 +113,7 @@ def test_existing_larger_target_with_garbage_is_made_equal(site, tmp_path):
     with open(dst, "wb") as f:
         f.write(os.urandom(20 * MiB))
     out = blocks(site.workspace.root, f"local:{src}", f"ssh1:{dst}")
-    assert out["_code"] == 0 and out["verified"]
+    assert out["_code"] == 0 and out["verified_on_arrival"]
     with open(dst, "rb") as f:
         assert hashlib.sha256(f.read(16 * MiB)).hexdigest() == sha256(src)
 
@@ -122,7 +123,7 @@ def test_compression_sends_less_for_compressible_data(site, tmp_path):
     with open(src, "wb") as f:
         f.write((b"a fairly compressible log line number %d\n" * 30000)[: 8 * MiB].ljust(8 * MiB, b"x"))
     out = blocks(site.workspace.root, f"local:{src}", f"ssh1:{dst}", "--compress")
-    assert out["_code"] == 0 and out["verified"]
+    assert out["_code"] == 0 and out["verified_on_arrival"]
     assert out["bytes_sent"] < out["bytes_changed"] / 5
     assert sha256(src) == sha256(dst)
 
@@ -164,7 +165,7 @@ def test_kill_9_mid_copy_then_rerun_resumes_with_little_resent(site, tmp_path):
     assert durable_chunks < 160, "the copy finished before it was killed"
     out = blocks(ws, f"local:{src}", f"ssh1:{dst}")
     assert out["_code"] == 0, out
-    assert out["resumed"] is True and out["verified"] is True
+    assert out["resumed"] is True and out["verified_on_arrival"] is True
     assert out["resumed_chunks"] >= durable_chunks
     resent = out["bytes_sent"] - (data - durable_chunks * CHUNK)
     assert resent < 0.01 * data, f"re-sent {resent} bytes beyond the checkpoint"
@@ -194,7 +195,7 @@ def test_progress_counts_zero_chunks_so_the_bar_follows_the_image(site, tmp_path
             samples.append((p["bytes_done"], written))
         time.sleep(0.05)
     t.join()
-    assert result["_code"] == 0 and result["verified"], result
+    assert result["_code"] == 0 and result["verified_on_arrival"], result
     assert samples, "no progress was seen during the copy"
     assert any(done >= 1.5 * written for done, written in samples), samples[-5:]
 
@@ -210,7 +211,7 @@ def test_killed_connection_mid_copy_is_retried(site, tmp_path, via):
         time.sleep(0.05)
     assert site.servers["ssh1"].kill_connections() >= 1
     t.join(120)
-    assert result["_code"] == 0 and result["verified"], result
+    assert result["_code"] == 0 and result["verified_on_arrival"], result
     assert sha256(src) == sha256(dst)
 
 
@@ -229,7 +230,7 @@ def test_target_disk_full_then_resume(site, tmp_path):
         assert "No space left on device" in out["error"] and "ssh1" in out["error"], out
         subprocess.run(["mount", "-o", "remount,size=48m", str(mnt)], check=True)
         again = blocks(ws, f"local:{src}", f"ssh1:{mnt}/copy.raw")
-        assert again["_code"] == 0 and again["verified"] and again["resumed"]
+        assert again["_code"] == 0 and again["verified_on_arrival"] and again["resumed"]
         assert sha256(src) == sha256(mnt / "copy.raw")
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
@@ -238,18 +239,12 @@ def test_target_disk_full_then_resume(site, tmp_path):
 def test_block_device_source(site, tmp_path):
     img = tmp_path / "backing.raw"
     make_image(img, 24)
-    r = subprocess.run(["losetup", "--find", "--show", "--read-only", str(img)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"no loop devices here: {r.stderr.strip()}")
-    dev = r.stdout.strip()
-    try:
+    with loop_device(img, read_only=True) as dev:
         dst = tmp_path / "from-device.raw"
         out = blocks(site.workspace.root, f"local:{dev}", f"ssh2:{dst}")
-        assert out["_code"] == 0 and out["verified"]
+        assert out["_code"] == 0 and out["verified_on_arrival"]
         assert out["bytes_total"] == 24 * MiB
         assert sha256(img) == sha256(dst)
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
 
 
 def test_block_device_target_gets_data_and_zeros(site, tmp_path):
@@ -259,15 +254,27 @@ def test_block_device_target_gets_data_and_zeros(site, tmp_path):
     make_image(src, 24)
     backing = tmp_path / "device-backing.raw"
     backing.write_bytes(os.urandom(32 * MiB))
-    r = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"no loop devices here: {r.stderr.strip()}")
-    dev = r.stdout.strip()
-    try:
+    with loop_device(backing) as dev:
         out = blocks(site.workspace.root, f"local:{src}", f"ssh1:{dev}")
-        assert out["_code"] == 0 and out["verified"], out
+        assert out["_code"] == 0 and out["verified_on_arrival"], out
         assert out["items_changed"] == 24, "every chunk differed from the garbage, zeros included"
-    finally:
-        subprocess.run(["losetup", "-d", dev], check=False)
     with open(backing, "rb") as f:
         assert hashlib.sha256(f.read(24 * MiB)).hexdigest() == sha256(src)
+
+
+def test_restart_sends_everything_again_into_a_new_target(site, tmp_path):
+    """--restart starts over: the target image is made anew and every data chunk travels again,
+    where a plain re-run would have compared and sent nothing."""
+    src, dst = tmp_path / "disk.raw", tmp_path / "copy.raw"
+    data = make_image(src, 12)
+    ws = site.workspace.root
+    first = blocks(ws, f"local:{src}", f"ssh1:{dst}")
+    assert first["_code"] == 0 and first["bytes_sent"] == data
+    with open(dst, "r+b") as f:   # damage the target where the source has zeros: a re-run would compare
+        f.seek(3 * MiB)
+        f.write(b"junk")
+    again = blocks(ws, f"local:{src}", f"ssh1:{dst}", "--restart")
+    assert again["_code"] == 0, again
+    assert again["bytes_sent"] == data and again["resumed"] is False and again["hashed_chunks"] == 0
+    assert sha256(src) == sha256(dst)
+    assert again["task"] != first["task"]

@@ -3,6 +3,7 @@ hostile sources, interruptions (kill -9, a killed connection), a full disk and a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import pytest
 from engine.replicate import agent as W
 from engine.replicate.channel import AgentChannel
 from engine.replicate.hosts import AgentHost
-from harness.cli import ferry, ferry_process, isolate_ssh
+from harness.cli import ferry, ferry_process, isolate_ssh, relay_over_asyncssh, replicate_watched
 from harness.trees import describe, diff, resident, rich_tree, write
 
 
@@ -39,7 +40,7 @@ def test_full_round_preserves_every_type_and_attribute(site, tmp_path, via):
     rich_tree(src)
     out = replicate(site.workspace.root, f"local:{src}", f"ssh1:{dst}")
     assert out["_code"] == 0, out
-    assert out["verified"] is True and out["resumed"] is False
+    assert out["verified_on_arrival"] is True and out["resumed"] is False
     for key in ("bytes_total", "bytes_sent", "items_total", "items_changed", "duration_s"):
         assert key in out
     assert out["items_changed"] == out["items_total"] - 1   # everything but the root itself
@@ -144,7 +145,7 @@ def test_file_changing_during_copy_is_reported_then_caught(site, tmp_path):
     assert "kept changing while being copied" in out["error"] and "busy.log" in out["error"]
     assert "another round" in out["hint"]
     again = replicate(site.workspace.root, f"local:{src}", f"ssh1:{dst}")
-    assert again["_code"] == 0 and again["verified"]
+    assert again["_code"] == 0 and again["verified_on_arrival"]
     assert diff(describe(src), describe(dst)) == []
 
 
@@ -268,10 +269,8 @@ def _checkpoint(ws: Path, kind: str = "replicate.files") -> tuple[int, dict | No
     return row[0], json.loads(row[1]) if row[1] else None, json.loads(row[2]) if row[2] else None
 
 
-def test_kill_9_mid_round_then_rerun_resumes_with_little_resent(site, tmp_path):
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    total = _tree_for_interruptions(src)
-    ws = site.workspace.root
+def _kill_at_half(ws: Path, src: Path, dst: Path, total: int) -> None:
+    """`ferry replicate files` in a child process, killed (-9) once half the data is durable."""
     proc = ferry_process(ws, "replicate", "files", f"local:{src}", f"ssh1:{dst}", "--bwlimit", "16M",
                          "--streams", "2", env={"HOME": os.environ["HOME"]})
     try:
@@ -286,13 +285,20 @@ def test_kill_9_mid_round_then_rerun_resumes_with_little_resent(site, tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
+
+
+def test_kill_9_mid_round_then_rerun_resumes_with_little_resent(site, tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    total = _tree_for_interruptions(src)
+    ws = site.workspace.root
+    _kill_at_half(ws, src, dst, total)
     _, ckpt, _ = _checkpoint(ws)
     durable = ckpt["bytes_durable"]
     assert durable < total
 
     out = replicate(ws, f"local:{src}", f"ssh1:{dst}")
     assert out["_code"] == 0, out
-    assert out["resumed"] is True and out["verified"] is True
+    assert out["resumed"] is True and out["verified_on_arrival"] is True
     resent = out["bytes_sent"] - (total - durable)
     assert resent < 0.01 * total, f"re-sent {resent} bytes beyond the checkpoint ({resent / total:.2%})"
     assert diff(describe(src), describe(dst)) == []
@@ -321,7 +327,7 @@ def test_killed_connection_mid_round_is_retried_automatically(site, tmp_path, vi
     t.join(120)
     assert not t.is_alive()
     assert result["_code"] == 0, result
-    assert result["verified"] is True
+    assert result["verified_on_arrival"] is True
     assert "retrying" in ferry(ws, "task", "show", str(result["task"])).out
     assert diff(describe(src), describe(dst)) == []
 
@@ -370,7 +376,7 @@ def test_target_disk_full_then_resume_after_space_is_freed(site, tmp_path, small
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_fs)], check=True)
     again = replicate(ws, f"local:{src}", f"ssh1:{small_fs}/copy")
-    assert again["_code"] == 0 and again["verified"] and again["resumed"] is True
+    assert again["_code"] == 0 and again["verified_on_arrival"] and again["resumed"] is True
     assert again["task"] == task_id
     assert diff(describe(src), describe(small_fs / "copy")) == []
 
@@ -392,7 +398,7 @@ def test_unreadable_source_file_fails_clearly_then_resumes(site, tmp_path):
     assert (dst / "readable").read_bytes() == b"fine"
     os.chmod(src / "locked", 0o644)
     again = replicate(ws, f"local:{src}", f"ssh1:{dst}")
-    assert again["_code"] == 0 and again["verified"]
+    assert again["_code"] == 0 and again["verified_on_arrival"]
     assert (dst / "locked").read_bytes() == b"secret"
 
 
@@ -427,7 +433,7 @@ async def test_partial_large_file_resumes_after_a_prefix_verified_on_both_sides(
             "partials": {base64.b64encode(b"big.bin").decode(): 8 << 20,
                          base64.b64encode(b"other.bin").decode(): 4 << 20}}
     stats, _ = await _round(src, dst, checkpoint=ckpt)
-    assert stats.verified, stats
+    assert stats.verified_on_arrival, stats
     assert stats.resumed_bytes == 8 << 20            # the torn end was not trusted; the rest was
     assert stats.bytes_sent == (40 << 20) - (8 << 20)
     assert (dst / "big.bin").read_bytes() == big and (dst / "other.bin").read_bytes() == other
@@ -450,8 +456,71 @@ async def test_source_file_vanishing_mid_round_is_reported_then_the_next_round_f
 
     monkeypatch.setattr(files, "walk", walk_then_delete)
     stats, _ = await _round(src, dst)
-    assert not stats.verified
+    assert not stats.verified_on_arrival
     assert any("f3 vanished during the copy" in e and f"local:{src}" in e for e in stats.errors), stats.errors
     assert sorted(p.name for p in dst.iterdir()) == ["f0", "f1", "f2", "f4"]
     again, _ = await _round(src, dst, round_no=2)
-    assert again.verified and again.items_changed == 0
+    assert again.verified_on_arrival and again.items_changed == 0
+
+
+# --------------------------------------------------------------------------- what the README promises
+
+async def test_a_resumed_round_keeps_its_total_and_never_goes_back(site, tmp_path):
+    """After a kill -9, the resumed round's bar starts where the durable work left it, its total
+    is the round's first total, and it only moves forward."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    total = _tree_for_interruptions(src)
+    ws = site.workspace.root
+    await asyncio.to_thread(_kill_at_half, ws, src, dst, total)
+    _, ckpt, _ = _checkpoint(ws)
+    info, seen = await replicate_watched(site.workspace, "files", {"src": f"local:{src}", "dst": f"ssh1:{dst}"})
+    assert info.state == "succeeded" and info.result["resumed"] is True, info.error
+    copying = [p for _t, p in seen if p.bytes_total]
+    assert copying and {p.bytes_total for p in copying} == {ckpt["total"]} and ckpt["total"] == total
+    done = [p.bytes_done for p in copying]
+    assert done == sorted(done) and done[0] >= ckpt["bytes_durable"] // 2, done[:5]
+    assert diff(describe(src), describe(dst)) == []
+
+
+def test_restart_after_a_kill_starts_over_instead_of_resuming(site, tmp_path):
+    """--restart: the interrupted task is cancelled, a new one begins, and the partly written
+    large file is sent again from its first byte rather than resumed."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    total = _tree_for_interruptions(src)
+    ws = site.workspace.root
+    _kill_at_half(ws, src, dst, total)
+    killed, _, _ = _checkpoint(ws)
+    partial = [p.name[len(".ferry-part."):] for p in dst.glob(".ferry-part.*")]
+    assert partial, "a large file was being written when the copy was killed"
+    out = replicate(ws, f"local:{src}", f"ssh1:{dst}", "--restart")
+    assert out["_code"] == 0, out
+    assert out["task"] != killed and out["resumed"] is False and out["resumed_bytes"] == 0
+    assert out["bytes_sent"] >= sum((src / name).stat().st_size for name in partial), "sent whole again"
+    assert diff(describe(src), describe(dst)) == []
+    tasks = {t["id"]: t["state"] for t in ferry(ws, "tasks", "--json", "--all").json}
+    assert tasks[killed] == "cancelled"
+
+
+@pytest.mark.parametrize("relayed, files, cap", [(False, 4, 8), (True, 4, 8), (False, 8, 16)],
+                         ids=["control-agents", "control-agents-relayed", "streams"])
+async def test_bwlimit_holds_the_cap_over_several_seconds(site, tmp_path, monkeypatch, relayed, files, cap):
+    """--bwlimit: the bytes the target takes in, measured from the engine's progress events over
+    the middle of a copy of several seconds, stay within 15% of the cap; in a small round (the
+    control agents carry the files, through the OpenSSH client or relayed over asyncssh) and a
+    large one (parallel streams)."""
+    if relayed:
+        relay_over_asyncssh(monkeypatch)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    for i in range(files):
+        write(src / f"f{i}", os.urandom(10 << 20))
+    info, seen = await replicate_watched(site.workspace, "files", {"src": f"local:{src}", "dst": f"ssh1:{dst}",
+                                                                   "bwlimit": cap << 20, "streams": 2})
+    samples = [(t, p.bytes_done) for t, p in seen if p.bytes_done]
+    assert info.state == "succeeded", info.error
+    total = files * 10 << 20
+    middle = [(t, b) for t, b in samples if 0.2 * total <= b <= 0.9 * total]
+    (t0, b0), (t1, b1) = middle[0], middle[-1]
+    assert t1 - t0 >= 2.5, "measured over a few seconds"
+    rate = (b1 - b0) / (t1 - t0)
+    assert 0.85 * (cap << 20) <= rate <= 1.15 * (cap << 20), f"{rate / (1 << 20):.2f} MiB/s"

@@ -44,6 +44,7 @@ exec(compile(r(int(h)), 'ferry-agent', 'exec'), {'__name__': '__ferry_agent__'})
 HDR = struct.Struct(">cI")
 MAX_FRAME = (64 << 20) + (64 << 10)   # the largest chunk (64 MiB) and its header
 IO_CHUNK = 1 << 20
+BEAT_S = 5.0   # an agent busy this long without sending anything says so (the engine's stall timeout is far longer)
 ALIGN = 4096   # O_DIRECT: buffer address, file offset and length multiples of this
 ZERO = bytes(IO_CHUNK)
 
@@ -64,20 +65,23 @@ F_ERR = b"R"       # a per-entry error (the rest continues)
 F_CHUNK = b"C"     # block level: u64 index + data (possibly compressed)
 F_EOF = b"Z"       # end of a stream of frames
 F_PROGRESS = b"P"  # target -> engine: data bytes and files received so far
+F_BEAT = b"K"      # agent -> engine: still working on something long (what, seconds so far)
 
 # Entry types in manifests.
 T_FILE, T_DIR, T_LINK, T_CHR, T_BLK, T_FIFO, T_SOCK = "f", "d", "l", "c", "b", "p", "s"
+_TYPES = {t.encode(): t for t in (T_FILE, T_DIR, T_LINK, T_CHR, T_BLK, T_FIFO, T_SOCK)}
 _TYPE_OF = {stat.S_IFREG: T_FILE, stat.S_IFDIR: T_DIR, stat.S_IFLNK: T_LINK, stat.S_IFCHR: T_CHR,
             stat.S_IFBLK: T_BLK, stat.S_IFIFO: T_FIFO, stat.S_IFSOCK: T_SOCK}
 
 # type, mode, uid, gid, size, mtime_ns, rdev, dev, ino, nlink, xattr-crc, flags, len(path), len(link)
 REC = struct.Struct("<cIIIQqQQQIIBHH")
 FLAG_HASH = 1
+FLAG_TOUCHED = 2   # the inode changed (ctime) after the instant the engine asked about
 
 
 def encode_record(path, typ, mode, uid, gid, size, mtime_ns, rdev=0, dev=0, ino=0, nlink=1, xcrc=0,
-                  link=b"", digest=None):
-    flags = FLAG_HASH if digest else 0
+                  link=b"", digest=None, touched=False):
+    flags = (FLAG_HASH if digest else 0) | (FLAG_TOUCHED if touched else 0)
     out = REC.pack(typ.encode(), mode, uid, gid, size, mtime_ns, rdev, dev, ino, nlink, xcrc, flags,
                    len(path), len(link)) + path + link
     return out + digest if digest else out
@@ -87,7 +91,8 @@ _SHARED = {}
 
 
 def decode_records(buf):
-    """Yield (path, typ, mode, uid, gid, size, mtime_ns, rdev, dev, ino, nlink, xcrc, link, digest).
+    """Yield (path, typ, mode, uid, gid, size, mtime_ns, rdev, dev, ino, nlink, xcrc, link, digest, touched).
+    Raises ValueError on a damaged buffer (the peer may be hostile or the link broken).
     Values that repeat across a tree (mode, owner, device) share one object each: a manifest of
     many files then costs ~100 bytes less per entry."""
     off, n = 0, len(buf)
@@ -96,9 +101,14 @@ def decode_records(buf):
     if len(_SHARED) > 4096:
         _SHARED.clear()
     while off < n:
+        if off + size > n:
+            raise ValueError("damaged manifest record at byte %d" % off)
         (typ, mode, uid, gid, fsize, mtime, rdev, dev, ino, nlink, xcrc, flags, lp,
          ll) = REC.unpack_from(buf, off)
         off += size
+        end = off + lp + ll + (32 if flags & FLAG_HASH else 0)
+        if end > n or typ not in _TYPES or not lp:
+            raise ValueError("damaged manifest record at byte %d" % (off - size))
         path = bytes(buf[off:off + lp])
         off += lp
         link = bytes(buf[off:off + ll])
@@ -107,8 +117,8 @@ def decode_records(buf):
         if flags & FLAG_HASH:
             digest = bytes(buf[off:off + 32])
             off += 32
-        yield (path, typ.decode(), shared(mode, mode), shared(uid, uid), shared(gid, gid), fsize, mtime, rdev,
-               shared(dev, dev), ino, nlink, xcrc, link, digest)
+        yield (path, _TYPES[typ], shared(mode, mode), shared(uid, uid), shared(gid, gid), fsize, mtime, rdev,
+               shared(dev, dev), ino, nlink, xcrc, link, digest, bool(flags & FLAG_TOUCHED))
 
 
 # Values for file metadata frames: a tiny tagged encoding (no pickle: the peer may be hostile).
@@ -133,7 +143,10 @@ def pack_values(values):
     return bytes(out)
 
 
-def unpack_values(buf):
+def unpack_values(buf, depth=0):
+    """The values of pack_values; ValueError for anything malformed (never another exception)."""
+    if depth > 8:
+        raise ValueError("values nested too deeply")
     out, off, n = [], 0, len(buf)
     while off < n:
         tag = buf[off:off + 1]
@@ -145,9 +158,13 @@ def unpack_values(buf):
         elif tag == b"f":
             out.append(False)
         elif tag == b"i":
+            if off + 8 > n:
+                raise ValueError("truncated value")
             out.append(struct.unpack_from("<q", buf, off)[0])
             off += 8
         elif tag in (b"b", b"s", b"l"):
+            if off + 4 > n:
+                raise ValueError("truncated value")
             ln = struct.unpack_from("<I", buf, off)[0]
             off += 4
             if off + ln > n:
@@ -155,10 +172,34 @@ def unpack_values(buf):
             raw = bytes(buf[off:off + ln])
             off += ln
             out.append(raw if tag == b"b" else raw.decode("utf-8", "surrogateescape") if tag == b"s"
-                       else unpack_values(raw))
+                       else unpack_values(raw, depth + 1))
         else:
             raise ValueError("bad tag %r" % tag)
     return out
+
+
+class ProtocolError(ValueError):
+    """A frame from the other side that does not have the shape the protocol gives it."""
+
+
+def shaped(vals, *types, what="frame"):
+    """vals, checked against types (a type, a tuple of types, or None for anything); bool is not
+    an int here. Raises ProtocolError naming the entry (the first bytes value) when it differs."""
+    ok = isinstance(vals, list) and len(vals) == len(types)
+    if ok:
+        for v, t in zip(vals, types):
+            if t is None:
+                continue
+            if isinstance(v, bool) and not (t is bool or (isinstance(t, tuple) and bool in t)):
+                ok = False
+            elif not isinstance(v, t):
+                ok = False
+            if not ok:
+                break
+    if not ok:
+        name = next((v for v in vals if isinstance(v, bytes)), b"?") if isinstance(vals, list) else b"?"
+        raise ProtocolError("protocol error: malformed %s for %s" % (what, os.fsdecode(name[:200])))
+    return vals
 
 
 # ----------------------------------------------------------------------------- framed stdio
@@ -181,6 +222,8 @@ class Wire:
         self.land = None    # an aligned buffer large payloads are read into (see land_at)
         self.lead = 0
         self.landed = False  # the last payload is a view of `land`, its data at an aligned address
+        self.last_out = time.monotonic()   # when something last went out (see beat)
+        self.busy_since = None
 
     def land_at(self, capacity, lead):
         """Read each large payload into one reused, page-aligned buffer, placed so that the data
@@ -206,7 +249,7 @@ class Wire:
         self._fill(HDR.size)
         typ, ln = HDR.unpack_from(self.rbuf, self.rpos)
         if ln > MAX_FRAME:
-            raise ValueError("frame too large: %d" % ln)
+            raise ProtocolError("protocol error: a frame of %d bytes (the limit is %d)" % (ln, MAX_FRAME))
         self.rpos += HDR.size
         have = len(self.rbuf) - self.rpos
         self.landed = False
@@ -261,7 +304,41 @@ class Wire:
         self._writev([self.wbuf] + list(parts))
         self.wbuf.clear()
 
+    def beat(self, what):
+        """Call often during long work: if nothing went out for BEAT_S, tell the engine what is
+        going on (so silence means stuck, and the engine's stall timeout can say so)."""
+        now = time.monotonic()
+        if now - self.last_out < BEAT_S:
+            return
+        if self.busy_since is None or now - self.last_out > 2 * BEAT_S:
+            self.busy_since = self.last_out
+        self.write(F_BEAT, pack_values([what, int(now - self.busy_since)]))
+        self.flush()
+
+    def blocking(self, fn, what, *args):
+        """fn(*args) in a thread, with beats while it runs (a long fsync, say). Its result, or its error."""
+        import threading
+        out = []
+
+        def run():
+            try:
+                out.append((True, fn(*args)))
+            except BaseException as e:   # handed to the caller below
+                out.append((False, e))
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        while True:
+            t.join(BEAT_S / 2)
+            if not t.is_alive():
+                break
+            self.beat(what)
+        ok, value = out[0]
+        if not ok:
+            raise value
+        return value
+
     def _writev(self, bufs):
+        self.last_out = time.monotonic()
         views = [memoryview(b) for b in bufs if len(b)]
         while views:
             n = os.writev(self.wfd, views)
@@ -298,17 +375,20 @@ class Pacer:
 
 
 def passes_through(typ, payload):
-    """Frames a target hands on to the engine unchanged: the source's greeting, its errors."""
-    if typ == F_ERR:
+    """Frames a target hands on to the engine unchanged: the source's greeting, errors and beats."""
+    if typ == F_ERR or typ == F_BEAT:
         return True
     if typ == F_JSON:
-        msg = json.loads(payload)
+        try:
+            msg = json.loads(payload)
+        except ValueError:
+            raise ProtocolError("protocol error: a control frame that is not JSON")
         return isinstance(msg, dict) and ("hello" in msg or "fatal" in msg)
     return False
 
 
 def describe_oserror(e, what):
-    return "%s: %s" % (what, os.strerror(e.errno) if e.errno else str(e))
+    return "%s: %s" % (what, e.strerror or os.strerror(e.errno) if e.errno else str(e))
 
 
 # ----------------------------------------------------------------------------- paths and excludes
@@ -405,7 +485,7 @@ def xattr_crc(items):
     return c or 1
 
 
-def hash_file(fd, size):
+def hash_file(fd, size, wire=None):
     """sha256 of a file's content (holes read as zeros)."""
     h = hashlib.sha256()
     off = 0
@@ -415,6 +495,8 @@ def hash_file(fd, size):
             break
         h.update(data)
         off += len(data)
+        if wire is not None:
+            wire.beat("hashing")
     return h.digest()
 
 
@@ -441,7 +523,7 @@ class Crc32:
         return Crc32(self.v)
 
 
-def hash_prefix(fd, length, h=None):
+def hash_prefix(fd, length, h=None, wire=None):
     """The hasher (SHA-256 unless given) fed with a file's first `length` bytes."""
     h = h if h is not None else hashlib.sha256()
     off = 0
@@ -451,107 +533,259 @@ def hash_prefix(fd, length, h=None):
             raise EOFError("file shorter than %d" % length)
         h.update(data)
         off += len(data)
+        if wire is not None:
+            wire.beat("hashing")
     return h
 
 
 # ----------------------------------------------------------------------------- walk
 
 
+def machine_id():
+    """Which running kernel this is: files on two hosts with the same id are on one machine
+    (namespaces and containers included), so their (device, inode) pairs can be compared."""
+    for path in ("/proc/sys/kernel/random/boot_id", "/etc/machine-id"):
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+            if value:
+                return value
+        except OSError:
+            pass
+    return "host:" + os.uname().nodename
+
+
+def locate(path):
+    """Where an operator's path really is on this machine: the path with every symlink and '..'
+    resolved, whether it exists, and the (device, inode) of it (or of its nearest existing
+    ancestor) and of every directory above, up to '/'."""
+    real = os.path.realpath(path)
+    probe = real
+    while True:
+        try:
+            st = os.stat(probe)
+            break
+        except FileNotFoundError:
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                raise
+            probe = parent
+    chain = [[st.st_dev, st.st_ino]]
+    p = probe
+    while p != "/":
+        p = os.path.dirname(p)
+        up = os.stat(p)
+        chain.append([up.st_dev, up.st_ino])
+    out = {"machine": machine_id(), "path": path, "real": real, "exists": probe == real, "chain": chain,
+           "type": _TYPE_OF.get(stat.S_IFMT(st.st_mode), "?") if probe == real else None}
+    if probe == real and stat.S_ISBLK(st.st_mode):
+        out["rdev"] = [os.major(st.st_rdev), os.minor(st.st_rdev)]
+        out["disk"] = whole_disk(st.st_rdev)
+        out["backing"] = loop_backing(st.st_rdev)
+    return out
+
+
+def whole_disk(rdev):
+    """[major, minor] of the disk a partition belongs to (the device itself when it is whole)."""
+    base = "/sys/dev/block/%d:%d" % (os.major(rdev), os.minor(rdev))
+    try:
+        if os.path.exists(base + "/partition"):
+            with open(os.path.join(os.path.realpath(base), "..", "dev")) as f:
+                return [int(x) for x in f.read().split(":")]
+    except (OSError, ValueError):
+        pass
+    return [os.major(rdev), os.minor(rdev)]
+
+
+def loop_backing(rdev):
+    """[device, inode] of the file a loop device reads and writes, if it is one."""
+    try:
+        with open("/sys/dev/block/%d:%d/loop/backing_file" % (os.major(rdev), os.minor(rdev))) as f:
+            st = os.stat(f.read().strip())
+        return [st.st_dev, st.st_ino]
+    except OSError:
+        return None
+
+
+_PROC_FD = None
+
+
+def at_path(dirfd, name, fallback):
+    """A path naming `name` in the directory open as dirfd, for calls that take no dir_fd (xattrs):
+    /proc/self/fd/N/name, where the directory is the one opened, whatever its path does meanwhile."""
+    global _PROC_FD
+    if _PROC_FD is None:
+        _PROC_FD = os.path.isdir("/proc/self/fd")
+    return b"/proc/self/fd/%d/%s" % (dirfd, name) if _PROC_FD else fallback
+
+
+OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_regular(name, dirfd, noatime=True):
+    """Open a regular file for reading without following a symlink or blocking on a FIFO or a
+    device; OSError(EINVAL, "not a regular file") for anything else."""
+    flags = OPEN_READ | (getattr(os, "O_NOATIME", 0) if noatime else 0)
+    try:
+        fd = os.open(name, flags, dir_fd=dirfd)
+    except PermissionError:
+        fd = os.open(name, OPEN_READ, dir_fd=dirfd)   # O_NOATIME needs ownership
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, "is a symlink now, not a regular file")
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "no longer a regular file")
+    return fd
+
+
 def role_walk(wire, cmd):
-    """Stream the manifest of a tree: records in batches, then a JSON summary."""
-    root = os.fsencode(cmd["root"])
+    """Stream the manifest of a tree: first where the root really is (see locate), then records
+    in batches, then a JSON summary. Directories are opened one component at a time from the
+    root, never following a symlink: a directory swapped for a symlink during the walk is
+    reported, not followed."""
+    try:
+        where = locate(cmd["root"])
+    except OSError as e:
+        wire.write_json({"fatal": describe_oserror(e, cmd["root"]), "errno": e.errno})
+        wire.flush()
+        return
+    wire.write_json({"where": where})
+    root = os.fsencode(where["real"])
     want_hash = cmd.get("checksum", False)
     hash_paths = set(os.fsencode(p) for p in cmd.get("hash_paths", ()))
     # Files changed on this side after this instant (ctime) get hashed, to verify what a checkpoint
     # did not cover: ctime cannot be set by a source, so it tells what was written when.
     ctime_after = cmd.get("hash_ctime_after")
+    # Files whose inode changed after this instant are flagged (the last round's start: their
+    # content may differ even where size and mtime do not).
+    touched_after = cmd.get("flag_ctime_after")
     patterns = list(cmd.get("excludes", ()))
     if cmd.get("system_excludes"):
         patterns += list(SYSTEM_EXCLUDES) + ["/" + p.decode("utf-8", "surrogateescape") for p in swap_files(root)]
     excl = Excluder(patterns)
     errors = []
-    try:
-        st = os.lstat(root)
-    except OSError as e:
-        if e.errno == errno.ENOENT and cmd.get("missing_ok"):
+    if not where["exists"]:
+        if cmd.get("missing_ok"):
             wire.write_json({"done": True, "exists": False, "entries": 0, "bytes": 0, "errors": [],
                              "uid": os.geteuid(), "time_ns": time.time_ns()})
             wire.flush()
             return
-        wire.write_json({"fatal": describe_oserror(e, cmd["root"]), "errno": e.errno})
+        wire.write_json({"fatal": "%s: %s" % (cmd["root"], os.strerror(errno.ENOENT)), "errno": errno.ENOENT})
         wire.flush()
         return
-    if not stat.S_ISDIR(st.st_mode):
-        wire.write_json({"fatal": "%s: not a directory" % cmd["root"], "errno": errno.ENOTDIR})
+    try:
+        rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        code = errno.ENOTDIR if e.errno == errno.ELOOP else e.errno
+        what = "%s: not a directory" % cmd["root"] if code == errno.ENOTDIR else describe_oserror(e, cmd["root"])
+        wire.write_json({"fatal": what, "errno": code})
         wire.flush()
         return
+    st = os.fstat(rootfd)
     root_dev = st.st_dev
     started_ns = time.time_ns()
     batch = bytearray()
     count = total = 0
     # The root itself, so its metadata is replicated too.
     batch += encode_record(b".", T_DIR, st.st_mode, st.st_uid, st.st_gid, 0, st.st_mtime_ns,
-                           xcrc=xattr_crc(xattr_items(root)))
-    stack = [b""]
+                           xcrc=xattr_crc(xattr_items(rootfd)))
     one_fs = cmd.get("one_file_system", False)
-    while stack:
-        rel_dir = stack.pop()
-        dpath = root + b"/" + rel_dir if rel_dir else root
+    # Depth first; each level holds its directory open (so open descriptors = depth) and the
+    # names of the subdirectories still to visit, with the (dev, ino) the listing saw for each.
+    stack = [(rootfd, b"", [])]
+    pending = stack[0][2]
+
+    def scan(dfd, rel_dir, subdirs):
+        nonlocal count, total, batch
         try:
-            it = os.scandir(dpath)
+            entries = list(os.scandir(dfd))
         except OSError as e:
-            errors.append(describe_oserror(e, os.fsdecode(dpath)))
-            continue
-        with it:
-            for ent in it:
-                rel = rel_dir + b"/" + ent.name if rel_dir else ent.name
+            errors.append(describe_oserror(e, os.fsdecode(root + b"/" + rel_dir)))
+            return
+        for ent in entries:
+            wire.beat("walking")
+            name = os.fsencode(ent.name)
+            rel = rel_dir + b"/" + name if rel_dir else name
+            shown = os.fsdecode(root + b"/" + rel)
+            try:
+                est = ent.stat(follow_symlinks=False)
+            except OSError as e:
+                if e.errno != errno.ENOENT:  # vanished while walking: simply not there
+                    errors.append(describe_oserror(e, shown))
+                continue
+            typ = _TYPE_OF.get(stat.S_IFMT(est.st_mode))
+            if typ is None:
+                continue
+            is_dir = typ == T_DIR
+            if excl.excluded(rel, is_dir):
+                continue
+            link = b""
+            if typ == T_LINK:
                 try:
-                    est = ent.stat(follow_symlinks=False)
+                    link = os.readlink(name, dir_fd=dfd)
                 except OSError as e:
-                    if e.errno != errno.ENOENT:  # vanished while walking: simply not there
-                        errors.append(describe_oserror(e, os.fsdecode(ent.path)))
+                    errors.append(describe_oserror(e, shown))
                     continue
-                typ = _TYPE_OF.get(stat.S_IFMT(est.st_mode))
-                if typ is None:
-                    continue
-                is_dir = typ == T_DIR
-                if excl.excluded(rel, is_dir):
-                    continue
-                link = b""
-                if typ == T_LINK:
+            xitems = xattr_items(at_path(dfd, name, root + b"/" + rel)) if typ != T_LINK else []
+            digest = None
+            if typ == T_FILE and (want_hash or rel in hash_paths
+                                  or (ctime_after is not None and est.st_ctime_ns > ctime_after)):
+                try:
+                    fd = open_regular(name, dfd)
+                except OSError as e:
+                    errors.append(describe_oserror(e, shown))
+                    fd = None
+                if fd is not None:
                     try:
-                        link = os.readlink(ent.path)
-                    except OSError as e:
-                        errors.append(describe_oserror(e, os.fsdecode(ent.path)))
-                        continue
-                xitems = xattr_items(ent.path) if typ != T_LINK else []
-                digest = None
-                if typ == T_FILE and (want_hash or rel in hash_paths
-                                      or (ctime_after is not None and est.st_ctime_ns > ctime_after)):
-                    try:
-                        fd = os.open(ent.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NOATIME", 0))
-                    except PermissionError:
-                        fd = os.open(ent.path, os.O_RDONLY | os.O_NOFOLLOW)
-                    except OSError as e:
-                        errors.append(describe_oserror(e, os.fsdecode(ent.path)))
-                        fd = None
-                    if fd is not None:
-                        try:
-                            digest = hash_file(fd, est.st_size)
-                        finally:
-                            os.close(fd)
-                batch += encode_record(rel, typ, est.st_mode, est.st_uid, est.st_gid,
-                                       est.st_size if typ == T_FILE else 0, est.st_mtime_ns,
-                                       est.st_rdev if typ in (T_CHR, T_BLK) else 0,
-                                       est.st_dev, est.st_ino, est.st_nlink, xattr_crc(xitems), link, digest)
-                count += 1
-                if typ == T_FILE:
-                    total += est.st_size
-                if is_dir and not (one_fs and est.st_dev != root_dev):
-                    stack.append(rel)
-                if len(batch) >= 256 * 1024:
-                    wire.write(F_MANIFEST, bytes(batch))
-                    batch.clear()
+                        digest = hash_file(fd, est.st_size, wire)
+                    finally:
+                        os.close(fd)
+            touched = touched_after is not None and est.st_ctime_ns > touched_after
+            batch += encode_record(rel, typ, est.st_mode, est.st_uid, est.st_gid,
+                                   est.st_size if typ == T_FILE else 0, est.st_mtime_ns,
+                                   est.st_rdev if typ in (T_CHR, T_BLK) else 0,
+                                   est.st_dev, est.st_ino, est.st_nlink, xattr_crc(xitems), link, digest,
+                                   touched)
+            count += 1
+            if typ == T_FILE:
+                total += est.st_size
+            if is_dir and not (one_fs and est.st_dev != root_dev):
+                subdirs.append((name, est.st_dev, est.st_ino))
+            if len(batch) >= 256 * 1024:
+                wire.write(F_MANIFEST, bytes(batch))
+                batch = bytearray()
+
+    scan(rootfd, b"", pending)
+    while stack:
+        dfd, rel_dir, subdirs = stack[-1]
+        if not subdirs:
+            stack.pop()
+            os.close(dfd)
+            continue
+        name, dev, ino = subdirs.pop()
+        rel = rel_dir + b"/" + name if rel_dir else name
+        try:
+            cfd = os.open(name, SafeRoot.DIR_FLAGS, dir_fd=dfd)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                continue   # gone since the listing: the next round reflects that
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                errors.append("%s: became a symlink or a file during the walk; not followed"
+                              % os.fsdecode(root + b"/" + rel))
+            else:
+                errors.append(describe_oserror(e, os.fsdecode(root + b"/" + rel)))
+            continue
+        cst = os.fstat(cfd)
+        if (cst.st_dev, cst.st_ino) != (dev, ino):
+            os.close(cfd)
+            errors.append("%s: replaced by another directory during the walk; not followed"
+                          % os.fsdecode(root + b"/" + rel))
+            continue
+        subs = []
+        scan(cfd, rel, subs)
+        stack.append((cfd, rel, subs))
     if batch:
         wire.write(F_MANIFEST, bytes(batch))
     wire.write_json({"done": True, "exists": True, "entries": count, "bytes": total, "errors": errors[:100],
@@ -592,9 +826,9 @@ SMALL_FILE = 256 * 1024
 
 
 def role_send(wire, cmd):
-    """Read the files the engine asks for, in order, and emit them as frames."""
-    root = os.fsencode(cmd["root"])
-    noatime = getattr(os, "O_NOATIME", 0)
+    """Read the files the engine asks for, in order, and emit them as frames. Every path is opened
+    one component at a time from the root, never following a symlink (see SafeRoot)."""
+    src = SafeRoot(os.fsencode(cmd["root"]), create=False)
     pacer = Pacer(cmd.get("bwlimit"))
     while True:
         typ, payload = wire.read_frame()
@@ -603,37 +837,43 @@ def role_send(wire, cmd):
             wire.flush()
             return
         if typ != F_REQ:
-            raise ValueError("send: unexpected frame %r" % typ)
-        for op, rel, arg in unpack_values(payload):
+            raise ProtocolError("protocol error: send: unexpected frame %r" % typ)
+        for req in unpack_values(payload):
+            op, rel, arg = shaped(req, str, bytes, (int, type(None)), what="request")
             if op == "file":
-                send_one(wire, root, rel, arg, noatime, pacer)
+                send_one(wire, src, rel, arg or 0, pacer)
             elif op == "hash":
-                send_hash(wire, root, rel, arg)
+                send_hash(wire, src, rel, arg)
             elif op == "mark":
                 wire.write_json({"mark": arg})   # tells the engine a batch of requests is done
             else:
-                send_entry(wire, root, op, rel)
+                send_entry(wire, src, op, rel)
 
 
-def send_one(wire, root, rel, resume_at, noatime, pacer=None):
-    path = root + b"/" + rel
+def source_error(wire, src, rel, e):
+    """Report a per-entry error on the source (the rest goes on)."""
+    code = getattr(e, "errno", None) or 0
+    where = os.fsdecode(src.root + b"/" + rel)
+    if code == errno.ENOENT:
+        msg = "vanished"
+    elif isinstance(e, Refused):
+        msg = "refused: %s" % e
+    elif isinstance(e, OSError):
+        msg = describe_oserror(e, where)
+    else:
+        msg = "%s: %s" % (where, e)
+    wire.write(F_ERR, pack_values(["source", rel, code, msg]))
+
+
+def send_one(wire, src, rel, resume_at, pacer=None):
     try:
-        check_relpath(rel)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | noatime)
-        except PermissionError:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # O_NOATIME needs ownership
-    except (OSError, ValueError) as e:
-        code = getattr(e, "errno", None)
-        wire.write(F_ERR, pack_values(["source", rel, code or 0, "vanished" if code == errno.ENOENT else
-                                       describe_oserror(e, os.fsdecode(path)) if isinstance(e, OSError)
-                                       else str(e)]))
+        dfd, name = src.parent(rel)
+        fd = open_regular(name, dfd)
+    except (OSError, Refused) as e:
+        source_error(wire, src, rel, e)
         return
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            wire.write(F_ERR, pack_values(["source", rel, 0, "%s: no longer a regular file" % os.fsdecode(path)]))
-            return
         xitems = xattr_items(fd)
         size = st.st_size
         sparse = st.st_blocks * 512 < size
@@ -649,7 +889,7 @@ def send_one(wire, root, rel, resume_at, noatime, pacer=None):
             wire.write_parts(F_FILE, (struct.pack("<II", len(meta), len(digest) + 1), meta, digest,
                                       b"\1" if changed else b"\0", data))
             return
-        h = hash_prefix(fd, resume_at, Crc32()) if resume_at else Crc32()
+        h = hash_prefix(fd, resume_at, Crc32(), wire) if resume_at else Crc32()
         wire.write(F_BEGIN, pack_values([rel, st.st_mode, st.st_uid, st.st_gid, size, st.st_mtime_ns,
                                          [list(x) for x in xitems], resume_at]))
         pos = resume_at
@@ -682,34 +922,45 @@ def send_one(wire, root, rel, resume_at, noatime, pacer=None):
         changed = (st2.st_mtime_ns != st.st_mtime_ns or st2.st_size != size or st2.st_ctime_ns != st.st_ctime_ns)
         wire.write(F_END, pack_values([rel, h.digest(), changed]))
     except OSError as e:
-        wire.write(F_ERR, pack_values(["source", rel, e.errno or 0, describe_oserror(e, os.fsdecode(path))]))
+        source_error(wire, src, rel, e)
     finally:
         os.close(fd)
 
 
-def send_hash(wire, root, rel, length):
+def send_hash(wire, src, rel, length):
     """sha256 of a file's first `length` bytes (None: all of it), as a JSON reply."""
+    wire.write_json(hash_reply(wire, src, rel, length))
+
+
+def hash_reply(wire, root, rel, length, name_of=None):
+    """{"path", "length", "sha256"} of a file under root (SafeRoot) or of its partial copy
+    (name_of: the name to open instead of the entry's own); sha256 None when it cannot be read."""
     try:
-        check_relpath(rel)
-        fd = os.open(root + b"/" + rel, os.O_RDONLY | os.O_NOFOLLOW)
+        dfd, name = root.parent(rel)
+        fd = open_regular(name_of(name) if name_of else name, dfd, noatime=False)
         try:
             size = os.fstat(fd).st_size
             n = size if length is None else min(length, size)
-            digest = hash_prefix(fd, n).hexdigest() if n == length or length is None else None
+            digest = hash_prefix(fd, n, wire=wire).hexdigest() if n == length or length is None else None
         finally:
             os.close(fd)
-    except (OSError, ValueError, EOFError):
+    except (OSError, Refused, EOFError):
         digest, n = None, 0
-    wire.write_json({"path": os.fsdecode(rel), "length": n, "sha256": digest})
+    return {"path": os.fsdecode(rel), "length": n, "sha256": digest}
 
 
-def send_entry(wire, root, op, rel):
+def send_entry(wire, src, op, rel):
     """The source's current truth for a non-regular entry or a metadata update, as one frame."""
-    path = root + b"/" + rel if rel != b"." else root
     try:
-        if rel != b".":
-            check_relpath(rel)
-        st = os.lstat(path)
+        if rel == b".":
+            if op != "dirmeta":
+                raise Refused("%s of the root itself" % op)
+            dfd, name, path = src.rootfd, None, src.root
+            st = os.fstat(src.rootfd)
+        else:
+            dfd, name = src.parent(rel)
+            path = at_path(dfd, name, src.root + b"/" + rel)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         if op == "dirmeta":
             if not stat.S_ISDIR(st.st_mode):
                 return
@@ -718,21 +969,20 @@ def send_entry(wire, root, op, rel):
         elif op == "symlink":
             if not stat.S_ISLNK(st.st_mode):
                 raise OSError(errno.EINVAL, "no longer a symlink")
-            wire.write(F_ENTRY, pack_values(["symlink", rel, os.readlink(path), st.st_uid, st.st_gid,
+            wire.write(F_ENTRY, pack_values(["symlink", rel, os.readlink(name, dir_fd=dfd), st.st_uid, st.st_gid,
                                              st.st_mtime_ns]))
         elif op == "node":
+            if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
+                raise OSError(errno.EINVAL, "no longer a device node or FIFO")
             wire.write(F_ENTRY, pack_values(["node", rel, st.st_mode, st.st_rdev, st.st_uid, st.st_gid,
                                              st.st_mtime_ns]))
         elif op == "meta":
             wire.write(F_ENTRY, pack_values(["meta", rel, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
                                              [list(x) for x in xattr_items(path)]]))
         else:
-            raise ValueError("unknown request %r" % op)
-    except (OSError, ValueError) as e:
-        code = getattr(e, "errno", 0) or 0
-        wire.write(F_ERR, pack_values(["source", rel, code, "vanished" if code == errno.ENOENT else
-                                       describe_oserror(e, os.fsdecode(path)) if isinstance(e, OSError)
-                                       else str(e)]))
+            raise Refused("unknown request %r" % op)
+    except (OSError, Refused) as e:
+        source_error(wire, src, rel, e)
 
 
 # ----------------------------------------------------------------------------- recv (target side)
@@ -751,15 +1001,19 @@ class Refused(Exception):
 
 
 class SafeRoot:
-    """Opens parents component by component with O_NOFOLLOW: a symlink anywhere in a path is refused."""
+    """Opens parents component by component with O_NOFOLLOW: a symlink anywhere in a path is refused.
+    The target's root is made when missing; a source's must exist."""
 
     DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
-    def __init__(self, root):
+    def __init__(self, root, create=True):
         self.root = root
-        os.makedirs(root, exist_ok=True)
-        self.rootfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        self.side = "target" if create else "source"
+        if create:
+            os.makedirs(root, exist_ok=True)
+        self.rootfd = os.open(root, self.DIR_FLAGS)
         self.cache = {}
+        self.retired = []   # dropped from the cache, closed at the next frame boundary (see trim)
 
     def parent(self, rel):
         """(dirfd, name) for rel; raises Refused for unsafe paths or symlinked parents."""
@@ -786,19 +1040,26 @@ class SafeRoot:
                 nfd = os.open(comp, self.DIR_FLAGS, dir_fd=fd)
             except OSError as e:
                 if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise Refused("%s: a parent is a symlink or not a directory on the target"
-                                  % os.fsdecode(prefix))
+                    raise Refused("%s: a parent is a symlink or not a directory on the %s"
+                                  % (os.fsdecode(prefix), self.side))
                 raise
-            if len(self.cache) > 512:
-                self.drop()
             self.cache[prefix] = nfd
             fd = nfd
         return fd
 
     def drop(self):
-        for fd in self.cache.values():
-            os.close(fd)
+        """Forget every open directory (after a delete: a path may name another directory now).
+        Descriptors handed out during this frame stay valid until trim()."""
+        self.retired.extend(self.cache.values())
         self.cache.clear()
+
+    def trim(self):
+        """Between frames: close what was dropped, and keep the cache small."""
+        if len(self.cache) > 512:
+            self.drop()
+        for fd in self.retired:
+            os.close(fd)
+        self.retired = []
 
 
 def _syncfs(fd):
@@ -810,6 +1071,29 @@ def _syncfs(fd):
     except Exception:
         pass
     os.sync()
+
+
+def open_for_writing(name, dirfd, truncate):
+    """A temporary file of ours under dirfd, for writing: made when missing; a symlink, FIFO or
+    anything else put in its place is refused, never followed or blocked on."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(name, flags | (os.O_CREAT | os.O_TRUNC if truncate else 0), 0o600, dir_fd=dirfd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise Refused("%s: something that is not a regular file is in the way" % os.fsdecode(name))
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise Refused("%s: something that is not a regular file is in the way" % os.fsdecode(name))
+    return fd
+
+
+def xattr_list(items, rel):
+    """Extended attributes as the protocol carries them: [[name, value], ...], both bytes."""
+    for item in items:
+        shaped(item, bytes, bytes, what="extended attribute of %s" % os.fsdecode(rel))
+    return items
 
 
 class Receiver:
@@ -899,16 +1183,29 @@ class Receiver:
     # -- entries
 
     def write_small(self, payload):
+        if len(payload) < 8:
+            raise ProtocolError("protocol error: a file frame of %d bytes" % len(payload))
         mlen, tlen = struct.unpack_from("<II", payload, 0)
+        if 8 + mlen + tlen > len(payload) or tlen < 1:
+            raise ProtocolError("protocol error: a file frame whose parts do not add up")
         meta = unpack_values(payload[8:8 + mlen])
         trailer = payload[8 + mlen:8 + mlen + tlen]
         data = memoryview(payload)[8 + mlen + tlen:]
-        rel, mode, uid, gid, size, mtime_ns, xitems = meta
+        try:
+            rel, mode, uid, gid, size, mtime_ns, xitems = shaped(meta, bytes, int, int, int, int, int, list,
+                                                                 what="file")
+            xitems = xattr_list(xitems, rel)
+            if size != len(data):
+                raise ProtocolError("protocol error: %s: %d bytes announced, %d sent"
+                                    % (os.fsdecode(rel), size, len(data)))
+        except ProtocolError as e:
+            self.error(meta[0] if meta and isinstance(meta[0], bytes) else b"?", Refused(str(e)))
+            return
         digest, changed = bytes(trailer[:-1]), trailer[-1:] == b"\1"
         try:
             dfd, name = self.root.parent(rel)
             tmp = self.tmp_name(name)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+            fd = open_for_writing(tmp, dfd, truncate=True)
             try:
                 view = data
                 while view:
@@ -928,19 +1225,36 @@ class Receiver:
         self.files += 1
 
     def begin_large(self, payload):
-        rel, mode, uid, gid, size, mtime_ns, xitems, resume_at = unpack_values(payload)
+        vals = unpack_values(payload)
+        self.abandon_partial()
         self.partial = None
         try:
-            dfd, name = self.root.parent(rel)
+            rel, mode, uid, gid, size, mtime_ns, xitems, resume_at = shaped(
+                vals, bytes, int, int, int, int, int, list, int, what="large file")
+            xitems = xattr_list(xitems, rel)
+            if not 0 <= resume_at <= size:
+                raise ProtocolError("protocol error: %s: resumes at %d of %d bytes"
+                                    % (os.fsdecode(rel), resume_at, size))
+        except ProtocolError as e:
+            rel = vals[0] if vals and isinstance(vals[0], bytes) else b"?"
+            self.error(rel, Refused(str(e)))
+            self.partial = {"skip": True, "rel": rel}
+            return
+        dfd = None
+        try:
+            pdfd, name = self.root.parent(rel)
+            dfd = os.dup(pdfd)   # its own: held across frames, while the cache may be trimmed
             tmp = self.tmp_name(name)
             if resume_at:
-                fd = os.open(tmp, os.O_RDWR | os.O_NOFOLLOW, dir_fd=dfd)
-                h = hash_prefix(fd, resume_at, Crc32())
+                fd = open_for_writing(tmp, dfd, truncate=False)
+                h = hash_prefix(fd, resume_at, Crc32(), self.wire)
                 os.ftruncate(fd, resume_at)
             else:
-                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
+                fd = open_for_writing(tmp, dfd, truncate=True)
                 h = Crc32()
         except (OSError, Refused, EOFError) as e:
+            if dfd is not None:
+                os.close(dfd)
             self.error(rel, e if not isinstance(e, EOFError) else OSError(errno.EIO, str(e)))
             self.partial = {"skip": True, "rel": rel}
             return
@@ -952,8 +1266,15 @@ class Receiver:
         p = self.partial
         if p is None or p.get("skip"):
             return
+        if len(payload) < 8:
+            raise ProtocolError("protocol error: a data frame of %d bytes" % len(payload))
         off = struct.unpack_from("<Q", payload, 0)[0]
         data = memoryview(payload)[8:]
+        if off < p["pos"] or off + len(data) > p["size"]:
+            self.abandon_partial()
+            self.error(p["rel"], Refused("protocol error: %s: data at offset %d does not follow %d or "
+                                         "runs past %d bytes" % (os.fsdecode(p["rel"]), off, p["pos"], p["size"])))
+            return
         try:
             h = p["hash"]
             while p["pos"] < off:  # a hole the source skipped
@@ -972,18 +1293,29 @@ class Receiver:
     def abandon_partial(self):
         p = self.partial
         if p and not p.get("skip"):
-            try:
-                p["out"].close()
-                os.close(p["fd"])
-            except OSError:
-                pass
+            for close in (p["out"].close, lambda: os.close(p["fd"]), lambda: os.close(p["dfd"])):
+                try:
+                    close()
+                except OSError:
+                    pass
             p["skip"] = True
 
     def end_large(self, payload):
-        rel, digest, changed = unpack_values(payload)
         p = self.partial
+        if p is None:
+            raise ProtocolError("protocol error: the end of a large file that was never begun")
+        try:
+            rel, digest, changed = shaped(unpack_values(payload), bytes, bytes, bool, what="end of file")
+            if rel != p["rel"]:
+                raise ProtocolError("protocol error: %s ends while %s is being written"
+                                    % (os.fsdecode(rel), os.fsdecode(p["rel"])))
+        except ProtocolError as e:
+            self.abandon_partial()
+            self.partial = None
+            self.error(p["rel"], Refused(str(e)))
+            return
         self.partial = None
-        if p is None or p.get("skip"):
+        if p.get("skip"):
             return
         try:
             h = p["hash"]
@@ -995,24 +1327,44 @@ class Receiver:
             os.ftruncate(p["fd"], p["size"])  # trailing hole
             self.set_meta_fd(p["fd"], p["mode"], p["uid"], p["gid"], p["mtime"], p["x"])
             os.close(p["fd"])
+            p["fd"] = None
             self.replace_with(p["dfd"], p["tmp"], p["name"])
         except (OSError, Refused) as e:
             self.error(rel, e)
             return
+        finally:
+            if p["fd"] is not None:
+                os.close(p["fd"])
+            os.close(p["dfd"])
         got = h.digest()
         self.acked.append([rel, got, p["size"], changed, got != digest])
         self.files += 1
 
+    # The shape of each entry kind's values after (kind, rel).
+    ENTRY_SHAPES = {"dir": (int,), "symlink": (bytes, int, int, int), "hardlink": (bytes,),
+                    "node": (int, int, int, int, int), "meta": (int, int, int, int, list)}
+
     def entry(self, payload):
         """dir, symlink, hard link, device/fifo, or metadata-only update."""
         vals = unpack_values(payload)
-        kind, rel = vals[0], vals[1]
+        rel = vals[1] if len(vals) > 1 and isinstance(vals[1], bytes) else b"?"
         try:
-            dfd, name = self.root.parent(rel) if rel != b"." else (None, None)
+            kind = vals[0] if vals and isinstance(vals[0], str) else None
+            shape = self.ENTRY_SHAPES.get(kind)
+            if shape is None:
+                raise Refused("protocol error: unknown entry kind %r for %s" % (kind, os.fsdecode(rel)))
+            try:
+                shaped(vals, str, bytes, *shape, what="%s entry" % kind)
+                if kind == "meta":
+                    xattr_list(vals[6], rel)
+            except ProtocolError as e:
+                raise Refused(str(e))
+            if rel == b".":
+                if kind == "dir":
+                    return   # the root exists; its metadata comes with dirmeta
+                raise Refused("protocol error: a %s entry for the root itself" % kind)
+            dfd, name = self.root.parent(rel)
             if kind == "dir":
-                mode = vals[2]
-                if rel == b".":
-                    return
                 try:
                     os.mkdir(name, 0o700, dir_fd=dfd)
                 except FileExistsError:
@@ -1022,66 +1374,69 @@ class Receiver:
                         os.mkdir(name, 0o700, dir_fd=dfd)
                 return
             if kind == "symlink":
-                target, uid, gid, mtime_ns = vals[2], vals[3], vals[4], vals[5]
-                tmp = self.tmp_name(name)
-                try:
-                    os.unlink(tmp, dir_fd=dfd)
-                except FileNotFoundError:
-                    pass
+                target, uid, gid, mtime_ns = vals[2:]
+                tmp = self.fresh_tmp(dfd, name)
                 os.symlink(target, tmp, dir_fd=dfd)
                 if self.is_root:
                     os.chown(tmp, uid, gid, dir_fd=dfd, follow_symlinks=False)
                 os.utime(tmp, ns=(mtime_ns, mtime_ns), dir_fd=dfd, follow_symlinks=False)
                 self.replace_with(dfd, tmp, name)
-                self.acked.append([rel, b"", 0, False, False])
             elif kind == "hardlink":
-                src_rel = vals[2]
-                sdfd, sname = self.root.parent(src_rel)
-                tmp = self.tmp_name(name)
-                try:
-                    os.unlink(tmp, dir_fd=dfd)
-                except FileNotFoundError:
-                    pass
+                sdfd, sname = self.root.parent(vals[2])
+                tmp = self.fresh_tmp(dfd, name)
                 os.link(sname, tmp, src_dir_fd=sdfd, dst_dir_fd=dfd, follow_symlinks=False)
                 self.replace_with(dfd, tmp, name)
-                self.acked.append([rel, b"", 0, False, False])
             elif kind == "node":
-                mode, rdev, uid, gid, mtime_ns = vals[2], vals[3], vals[4], vals[5], vals[6]
+                mode, rdev, uid, gid, mtime_ns = vals[2:]
                 if stat.S_ISFIFO(mode):
                     make = lambda n: os.mkfifo(n, stat.S_IMODE(mode), dir_fd=dfd)  # noqa: E731
+                elif not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
+                    raise Refused("protocol error: node %s of mode %o is no device or FIFO"
+                                  % (os.fsdecode(rel), mode))
                 elif not self.is_root:
                     self.notes.add("device nodes not created: not root on the target")
                     return
                 else:
                     make = lambda n: os.mknod(n, mode, rdev, dir_fd=dfd)  # noqa: E731
-                tmp = self.tmp_name(name)
-                try:
-                    os.unlink(tmp, dir_fd=dfd)
-                except FileNotFoundError:
-                    pass
+                tmp = self.fresh_tmp(dfd, name)
                 make(tmp)
                 if self.is_root:
                     os.chown(tmp, uid, gid, dir_fd=dfd, follow_symlinks=False)
                 os.chmod(tmp, stat.S_IMODE(mode), dir_fd=dfd)
                 os.utime(tmp, ns=(mtime_ns, mtime_ns), dir_fd=dfd, follow_symlinks=False)
                 self.replace_with(dfd, tmp, name)
-                self.acked.append([rel, b"", 0, False, False])
-            elif kind == "meta":
-                mode, uid, gid, mtime_ns, xitems = vals[2], vals[3], vals[4], vals[5], vals[6]
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+            else:   # meta
+                mode, uid, gid, mtime_ns, xitems = vals[2:]
+                fd = open_regular(name, dfd, noatime=False)
                 try:
                     self.set_meta_fd(fd, mode, uid, gid, mtime_ns, xitems)
                 finally:
                     os.close(fd)
-                self.acked.append([rel, b"", 0, False, False])
-            else:
-                raise Refused("unknown entry kind %r" % kind)
+            self.acked.append([rel, b"", 0, False, False])
         except (OSError, Refused) as e:
             self.error(rel, e)
 
-    def dirmeta(self, payload):
-        rel, mode, uid, gid, mtime_ns, xitems = unpack_values(payload)
+    def fresh_tmp(self, dfd, name):
+        """The temporary name for name, with whatever an earlier attempt left there removed."""
+        tmp = self.tmp_name(name)
         try:
+            os.unlink(tmp, dir_fd=dfd)
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            remove_tree_at(dfd, tmp)
+        return tmp
+
+    def dirmeta(self, payload):
+        vals = unpack_values(payload)
+        rel = vals[0] if vals and isinstance(vals[0], bytes) else b"?"
+        try:
+            try:
+                rel, mode, uid, gid, mtime_ns, xitems = shaped(vals, bytes, int, int, int, int, list,
+                                                               what="directory metadata")
+                xattr_list(xitems, rel)
+            except ProtocolError as e:
+                raise Refused(str(e))
             if rel == b".":
                 fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.root.rootfd)
             else:
@@ -1095,8 +1450,13 @@ class Receiver:
             self.error(rel, e)
 
     def delete(self, payload):
-        (rel,) = unpack_values(payload)
+        vals = unpack_values(payload)
+        rel = vals[0] if vals and isinstance(vals[0], bytes) else b"?"
         try:
+            try:
+                (rel,) = shaped(vals, bytes, what="delete")
+            except ProtocolError as e:
+                raise Refused(str(e))
             dfd, name = self.root.parent(rel)
             remove_tree_at(dfd, name)
         except FileNotFoundError:
@@ -1105,22 +1465,32 @@ class Receiver:
             self.error(rel, e)
         self.root.drop()
 
-    def verify_partial(self, cmd):
-        """Is the kept partial file's prefix what the engine expects? Answer with its hash."""
+    def answer(self, cmd):
+        """A JSON request from the engine: the hash of a kept partial file's prefix ("partial")
+        or of a file as it is ("hash")."""
+        if not isinstance(cmd, dict) or not isinstance(cmd.get("path"), str):
+            raise ProtocolError("protocol error: a request without a path")
         rel = os.fsencode(cmd["path"])
+        if cmd.get("op") == "hash":
+            self.wire.write_json({"hashed": True, **hash_reply(self.wire, self.root, rel, None)})
+            return
+        limit = int(cmd.get("max", 1 << 62))
+
+        def aligned(n):   # the prefix compared: whole MiB, at most what the checkpoint vouched for
+            n = min(n, limit)
+            return n - n % IO_CHUNK
         try:
             dfd, name = self.root.parent(rel)
-            fd = os.open(self.tmp_name(name), os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
+            fd = open_regular(self.tmp_name(name), dfd, noatime=False)
         except (OSError, Refused):
-            self.wire.write_json({"partial": cmd["path"], "length": 0, "sha256": None})
+            self.wire.write_json({"partial": True, "path": cmd["path"], "length": 0, "sha256": None})
             return
         try:
-            length = min(os.fstat(fd).st_size, int(cmd.get("max", 1 << 62)))
-            length -= length % IO_CHUNK
-            digest = hash_prefix(fd, length).hexdigest() if length else None
+            length = aligned(os.fstat(fd).st_size)
+            digest = hash_prefix(fd, length, wire=self.wire).hexdigest() if length else None
         finally:
             os.close(fd)
-        self.wire.write_json({"partial": cmd["path"], "length": length, "sha256": digest})
+        self.wire.write_json({"partial": True, "path": cmd["path"], "length": length, "sha256": digest})
 
     def _snapshot(self):
         """What the next acknowledgement will cover: taken *before* the sync starts."""
@@ -1144,7 +1514,7 @@ class Receiver:
         self.poll_sync(wait=True)
         snap = self._snapshot()
         if snap[2]:
-            _syncfs(self.root.rootfd)
+            self.wire.blocking(_syncfs, "making what was written durable", self.root.rootfd)
         self._ack(seq, snap)
 
     def maybe_sync(self):
@@ -1214,6 +1584,8 @@ def role_recv(wire, cmd):
                 wire.flush()
                 return
             if typ == F_SYNC:
+                if len(payload) != 8:
+                    raise ProtocolError("protocol error: a sync frame of %d bytes" % len(payload))
                 rc.sync(struct.unpack("<q", payload)[0])
                 continue
             if passes_through(typ, payload):
@@ -1221,13 +1593,17 @@ def role_recv(wire, cmd):
                 wire.flush()
                 continue
             if typ == F_JSON:
-                rc.verify_partial(json.loads(payload))
+                rc.answer(json.loads(payload))
                 wire.flush()
                 continue
             handler = handlers.get(typ)
             if handler is None:
-                raise ValueError("recv: unexpected frame %r" % typ)
-            handler(payload)
+                raise ProtocolError("protocol error: recv: unexpected frame %r" % typ)
+            try:
+                handler(payload)
+            except ValueError as e:   # a malformed frame: said, and the rest goes on
+                rc.error(b"?", Refused(str(e) if isinstance(e, ProtocolError) else "protocol error: %s" % e))
+            rc.root.trim()
             rc.dirty = True
             if typ in (F_FILE, F_END, F_DATA):
                 rc.maybe_sync()
@@ -1316,6 +1692,36 @@ def zero_hash(n):
     return h
 
 
+def check_chunk(payload, chunk, size):
+    """(index, kind, offset in the image, bytes it covers) of a chunk frame, checked against the
+    image: a frame that names a place outside it is a protocol error, never a write there."""
+    if len(payload) < 9 or size is None:
+        raise ProtocolError("protocol error: a chunk frame of %d bytes before the image was opened" % len(payload))
+    idx, kind = struct.unpack_from("<QB", payload, 0)
+    off = idx * chunk
+    if off >= size:
+        raise ProtocolError("protocol error: chunk %d lies beyond the end of the image" % idx)
+    room = min(chunk, size - off)   # a target may be larger than the source: its chunks may be shorter
+    if kind == CH_ZERO:
+        n = struct.unpack_from("<I", payload, 9)[0] if len(payload) == 13 else 0
+        if not 0 < n <= room:
+            raise ProtocolError("protocol error: zero chunk %d of the wrong size" % idx)
+        return idx, kind, off, n
+    if kind == CH_ZLIB:
+        if len(payload) < 41:
+            raise ProtocolError("protocol error: compressed chunk %d is truncated" % idx)
+        return idx, kind, off, room
+    if kind in (CH_PART, CH_DATA):
+        if len(payload) < DATA_HDR.size:
+            raise ProtocolError("protocol error: chunk %d is truncated" % idx)
+        part = DATA_HDR.unpack_from(payload)[3]
+        n = len(payload) - DATA_HDR.size
+        if part % PART or part + n > room or (kind == CH_PART and n != PART):
+            raise ProtocolError("protocol error: chunk %d: %d bytes at %d do not fit its %d" % (idx, n, part, room))
+        return idx, kind, off, part + n
+    raise ProtocolError("protocol error: chunk %d of unknown kind %d" % (idx, kind))
+
+
 def role_blk(wire, cmd):
     """Block source or target: answers "info", "hash" and "send" requests; as target takes chunks."""
     path = os.fsencode(cmd["path"])
@@ -1334,6 +1740,7 @@ def role_blk(wire, cmd):
     fresh = bool(cmd.get("fresh"))   # a new sparse target: all-zero chunks need no writing
     pacer = Pacer(cmd.get("bwlimit"))
     chunk_hash = None
+    chunk_at = None   # (index, offset) the next part of a chunk in parts must have
     received = 0      # bytes written (zero chunks to a fresh target excluded)
     wire_bytes = 0    # chunk payload that arrived (compressed size)
     covered = 0       # bytes of the image dealt with: data written and zero chunks alike
@@ -1373,7 +1780,7 @@ def role_blk(wire, cmd):
         poll(wait=True)
         snap = snapshot()
         if fd is not None and snap[1]:
-            os.fsync(fd)
+            wire.blocking(os.fsync, "making what was written durable", fd)
         ack(snap)
 
     def sync_in_background():
@@ -1400,12 +1807,18 @@ def role_blk(wire, cmd):
             req = json.loads(payload)
             op = req["op"]
             if op == "info":
+                # The operator's path is resolved once, here (/dev/VG/LV, /dev/mapper/* and
+                # /dev/disk/by-id/* are symlinks); the engine then names the resolved path to
+                # every agent of the round, which opens it without following anything.
+                where = None
                 try:
+                    where = locate(os.fsdecode(path))
                     if target and req.get("create_size") is not None:
-                        fd = open_block(path, True, req["create_size"])
+                        fd = open_block(os.fsencode(where["real"]), True, req["create_size"])
                         fresh = True
+                        where = locate(os.fsdecode(path))
                     elif fd is None:
-                        fd = open_block(path, target)
+                        fd = open_block(os.fsencode(where["real"]), target)
                     if target:
                         if sink is not None:
                             sink.close()
@@ -1414,11 +1827,14 @@ def role_blk(wire, cmd):
                     st = os.fstat(fd)
                     is_dev = stat.S_ISBLK(st.st_mode)
                     sparse = stat.S_ISREG(st.st_mode)
-                    wire.write_json({"size": size, "exists": True, "device": is_dev, "fresh": fresh})
+                    if not (is_dev or sparse):
+                        raise OSError(errno.EINVAL, "neither a block device nor a regular file")
+                    wire.write_json({"size": size, "exists": True, "device": is_dev, "fresh": fresh,
+                                     "where": where})
                 except OSError as e:
                     if e.errno == errno.ENOENT:
                         wire.write_json({"size": 0, "exists": False, "device": False,
-                                         "error": describe_oserror(e, cmd["path"])})
+                                         "error": describe_oserror(e, cmd["path"]), "where": where})
                     else:
                         wire.write_json({"fatal": describe_oserror(e, cmd["path"]), "errno": e.errno})
                 wire.flush()
@@ -1438,6 +1854,7 @@ def role_blk(wire, cmd):
                     zero = is_zero(data)
                     out += CHUNK_REC.pack(idx, zero_hash(len(data)) if zero else hashlib.sha256(data).digest(),
                                           1 if zero else 0)
+                    wire.beat("hashing chunks")
                     if len(out) >= 64 * 1024:
                         wire.write(F_HASHES, bytes(out))
                         out.clear()
@@ -1481,12 +1898,15 @@ def role_blk(wire, cmd):
                 continue
             raise ValueError("blk: unknown op %r" % op)
         if typ == F_CHUNK and target:
-            idx, kind = struct.unpack_from("<QB", payload, 0)
-            off = idx * chunk
+            idx, kind, off, n = check_chunk(payload, chunk, size)
             try:
+                if kind in (CH_PART, CH_DATA):
+                    part = DATA_HDR.unpack_from(payload)[3]
+                    if part and (chunk_hash is None or chunk_at != (idx, part)):
+                        raise ProtocolError("protocol error: chunk %d: a part at %d that does not follow" % (idx, part))
+                    chunk_at = (idx, n) if kind == CH_PART else None
                 if kind == CH_PART:
                     # Part of a chunk: written now, hashed on the way; the chunk's last part checks it.
-                    _i, _k, _d, part = DATA_HDR.unpack_from(payload)
                     data = memoryview(payload)[DATA_HDR.size:]
                     if part == 0:
                         chunk_hash = hashlib.sha256()
@@ -1497,7 +1917,6 @@ def role_blk(wire, cmd):
                     wire_bytes += len(data)
                     continue
                 if kind == CH_ZERO:
-                    (n,) = struct.unpack_from("<I", payload, 9)
                     if not fresh:
                         zero_range(fd, off, n, is_dev)
                     digest = zero_hash(n)
@@ -1505,13 +1924,20 @@ def role_blk(wire, cmd):
                 else:
                     if kind == CH_ZLIB:
                         want = bytes(payload[9:41])
-                        data = zlib.decompress(memoryview(payload)[41:])
+                        z = zlib.decompressobj()
+                        try:
+                            data = z.decompress(memoryview(payload)[41:], n)   # n: the room the chunk has
+                        except zlib.error:
+                            data = b""
+                        if not z.eof or z.unconsumed_tail or not data:
+                            raise OSError(errno.EIO, "chunk %d does not decompress into its %d bytes" % (idx, n))
                         part = 0
                     else:
                         _i, _k, want, part = DATA_HDR.unpack_from(payload)
                         data = memoryview(payload)[DATA_HDR.size:]
                     sink.write(data, off + part, wire.landed)
                     h = chunk_hash if part else hashlib.sha256()
+                    chunk_hash = None
                     h.update(data)
                     digest = h.digest()
                     if digest != want:
@@ -1539,7 +1965,7 @@ def role_blk(wire, cmd):
             if not bg and (since_sync >= sync_bytes or now - last_sync >= sync_seconds):
                 sync_in_background()
             continue
-        raise ValueError("blk: unexpected frame %r" % typ)
+        raise ProtocolError("protocol error: blk: unexpected frame %r" % typ)
 
 
 class Direct:
@@ -1653,7 +2079,8 @@ def main():
         pass
     except Exception as e:  # report, then exit non-zero: the engine turns it into a task error
         try:
-            wire.write_json({"fatal": "%s: %s" % (type(e).__name__, e), "role": role})
+            what = str(e) if isinstance(e, ProtocolError) else "%s: %s" % (type(e).__name__, e)
+            wire.write_json({"fatal": what, "role": role, "protocol": isinstance(e, ProtocolError)})
             wire.flush()
         except OSError:
             pass

@@ -20,7 +20,8 @@ from typing import Any, Awaitable, Callable
 from ..errors import FerryError, PermanentError
 from .hosts import AgentHost
 from . import agent as W
-from .channel import AgentChannel
+from .channel import STALL_S, AgentChannel, protocol_error, watching
+from .overlap import refuse_block_overlap
 from .pipeline import Stream
 
 DEFAULT_CHUNK = 4 << 20
@@ -33,6 +34,7 @@ class BlockOptions:
     streams: int = 4
     bwlimit: float | None = None
     compress: bool = False
+    stall_s: float = STALL_S
 
 
 @dataclass
@@ -48,7 +50,10 @@ class BlockStats:
     hashed_chunks: int = 0     # chunks compared by hash on both sides
     resumed_chunks: int = 0    # chunks the checkpoint already held
     duration_s: float = 0.0
-    verified: bool = False
+    # What was checked, and no more (see `verification`).
+    verified_on_arrival: bool = False   # every chunk sent matched the source's SHA-256 when it arrived
+    content_compared: bool = False      # and every chunk not sent was hashed on both sides and equal
+    verification: str = ""
     content_sha256: str = ""
     errors: list[str] = field(default_factory=list)
 
@@ -68,6 +73,9 @@ class BlockRound:
                  save_checkpoint: Callable[[dict, list[tuple[int, bytes]]], Awaitable[None]],
                  log: Callable[[str, str], None], restart: bool = False) -> None:
         self.src_t, self.src_path, self.dst_t, self.dst_path = src_t, src_path, dst_t, dst_path
+        # The paths as resolved on their hosts (/dev/VG/LV is a symlink): every agent after the
+        # first two is given these.
+        self.src_real, self.dst_real = src_path, dst_path
         self.opts = opts
         self.stats = BlockStats(round=round_no)
         self.chunkmap = dict(chunkmap)   # idx -> hash, durable on the target, from the checkpoint
@@ -83,16 +91,29 @@ class BlockRound:
         self.channels: list[AgentChannel] = []
         # per stream: (bytes written, bytes on the wire, bytes of the image dealt with, zeros included)
         self.stream_bytes: dict[str, tuple[int, int, int]] = {}
+        self.done_base = 0   # bytes of the image already dealt with before the current phase
 
     def where(self, side: str) -> str:
         return f"{self.src_t.host}:{self.src_path}" if side == "src" else f"{self.dst_t.host}:{self.dst_path}"
 
     async def _agent(self, side: str, **cmd: Any) -> AgentChannel:
-        t, path = (self.src_t, self.src_path) if side == "src" else (self.dst_t, self.dst_path)
+        t, path = (self.src_t, self.src_real) if side == "src" else (self.dst_t, self.dst_real)
         ch = await AgentChannel.start(t, "blk", path=path, chunk=self.opts.chunk_size, target=side == "dst",
                                       compress=self.opts.compress, **cmd)
+        ch.stall_s = self.opts.stall_s
         self.channels.append(ch)
         return ch
+
+    def _resolved(self, src_info: dict, dst_info: dict) -> None:
+        """Refuse a target that overlaps the source; from here on, agents open the resolved paths."""
+        src, dst = self.where("src"), self.where("dst")
+        refuse_block_overlap(src, src_info.get("where"), dst, dst_info.get("where"))
+        for label, info, attr in ((src, src_info, "src_real"), (dst, dst_info, "dst_real")):
+            real = (info.get("where") or {}).get("real")
+            if real:
+                setattr(self, attr, real)
+                if real != label.split(":", 1)[1]:
+                    self.log(f"{label} is {real}", "info")
 
     async def run(self) -> BlockStats:
         try:
@@ -110,6 +131,7 @@ class BlockRound:
         src_info, dst_info = await asyncio.gather(_info(src_ctl), _info(dst_ctl))
         if not src_info["exists"]:
             raise PermanentError(f"{self.where('src')}: no such file or device", "check the source path")
+        self._resolved(src_info, dst_info)
         size = src_info["size"]
         st.bytes_total = size
         n_chunks = (size + chunk - 1) // chunk
@@ -132,16 +154,20 @@ class BlockRound:
         for idx, h in self.chunkmap.items():
             self.src_hash[idx] = self.dst_hash[idx] = h
 
+        # The bar follows the image, through both phases and across resumes: its total is the
+        # image, and what the checkpoint holds, what compares equal and what is copied are done.
         todo = [i for i in range(n_chunks) if i not in self.chunkmap]
+        self.done_base = size - _span(todo, chunk, size)
         if not fresh and todo:
-            self.progress(units_done=0, units_total=len(todo), bytes_done=0, bytes_total=len(todo) * chunk,
+            self.progress(units_done=0, units_total=len(todo), bytes_done=self.done_base, bytes_total=size or None,
                           item="comparing chunks on both sides", detail={"phase": "compare", "round": st.round})
+            compared = todo
             todo = await self._compare(todo, size)
+            self.done_base += _span(compared, chunk, size) - _span(todo, chunk, size)
         await self._checkpoint(force=True)
 
-        self.progress(units_done=0, units_total=max(1, len(todo)), bytes_done=0,
-                      bytes_total=min(size, len(todo) * chunk) or None, item="copying chunks",
-                      detail={"phase": "copy", "round": st.round})
+        self.progress(units_done=0, units_total=max(1, len(todo)), bytes_done=self.done_base,
+                      bytes_total=size or None, item="copying chunks", detail={"phase": "copy", "round": st.round})
         if todo:
             n = max(1, min(self.opts.streams, len(todo)))
             per = (len(todo) + n - 1) // n
@@ -155,7 +181,15 @@ class BlockRound:
             st.errors.append(f"{self.where('dst')}: chunk {i} (offset {i * chunk}) does not match the source")
         src_digest = hashlib.sha256(b"".join(self.src_hash.get(i, b"") for i in range(n_chunks))).hexdigest()
         dst_digest = hashlib.sha256(b"".join(self.dst_hash.get(i, b"") for i in range(n_chunks))).hexdigest()
-        st.verified = not missing and not differ and src_digest == dst_digest
+        st.verified_on_arrival = not missing and not differ and src_digest == dst_digest
+        st.content_compared = st.verified_on_arrival and not fresh and not st.resumed_chunks
+        sent = "every chunk sent checked on arrival against the source's SHA-256"
+        if fresh:
+            st.verification = f"{sent}; zero chunks left as holes of the new target"
+        else:
+            st.verification = f"{sent}; every other chunk compared by SHA-256 on both sides"
+        if st.resumed_chunks:
+            st.verification += f"; {st.resumed_chunks} chunks checked on arrival before the interruption, not re-read"
         st.content_sha256 = src_digest
         st.duration_s = time.monotonic() - t0
         self.progress(item="done", detail={"phase": "done"})
@@ -177,13 +211,16 @@ class BlockRound:
                 while True:
                     typ, payload = await ch.recv()
                     if typ == W.F_HASHES:
+                        if len(payload) % W.CHUNK_REC.size:
+                            raise protocol_error(ch.host, ch.role, "chunk hashes", f"{len(payload)} bytes")
                         for off in range(0, len(payload), W.CHUNK_REC.size):
                             idx, h, _zero = W.CHUNK_REC.unpack_from(payload, off)
                             sink[idx] = h
                             if which == "src":
                                 done[0] += 1
                         if which == "src":
-                            self.progress(units_done=done[0], bytes_done=done[0] * self.opts.chunk_size)
+                            self.progress(units_done=done[0],
+                                          bytes_done=min(size, self.done_base + done[0] * self.opts.chunk_size))
                     elif typ == W.F_JSON:
                         break
             await ch.finish()
@@ -206,10 +243,11 @@ class BlockRound:
         chunk = self.opts.chunk_size
         share = self.opts.bwlimit / max(1, self.opts.streams) if self.opts.bwlimit else None
         common = {"chunk": chunk, "compress": self.opts.compress}
-        stream = await Stream.open(self.src_t, {**common, "path": self.src_path},
-                                   self.dst_t, {**common, "path": self.dst_path, "target": True, "fresh": fresh,
+        stream = await Stream.open(self.src_t, {**common, "path": self.src_real},
+                                   self.dst_t, {**common, "path": self.dst_real, "target": True, "fresh": fresh,
                                                 "open": True},
                                    role_src="blk", role_dst="blk", bwlimit=share)
+        stream.target.stall_s = self.opts.stall_s
         st = self.stats
         name = f"stream{idx}"
         self.stream_bytes[name] = (0, 0, 0)
@@ -218,7 +256,7 @@ class BlockRound:
             while True:
                 typ, payload = await stream.recv()
                 if typ == W.F_ACK:
-                    written, _t_ns = W.unpack_values(payload)
+                    written, _t_ns = stream.target.parse("acknowledgement", block_ack, payload)
                     for i, h in written:
                         # The target checked each chunk against the source's digest before acknowledging.
                         self.src_hash[i] = self.dst_hash[i] = h
@@ -233,13 +271,14 @@ class BlockRound:
                             st.bytes_changed += n
                     await self._checkpoint()
                 elif typ == W.F_PROGRESS:
-                    self.stream_bytes[name] = tuple(W.unpack_values(payload)[:3])
+                    self.stream_bytes[name] = tuple(stream.target.parse(
+                        "progress", lambda p: W.shaped(W.unpack_values(p), int, int, int), payload))
                     now = time.monotonic()
                     if now - self._last_progress >= 0.1:
                         self._last_progress = now
                         # Progress counts zero chunks as done too: the bar and the ETA follow the
                         # image, not only the data that has to travel.
-                        self.progress(bytes_done=sum(c for _b, _w, c in self.stream_bytes.values()),
+                        self.progress(bytes_done=self.done_base + sum(c for _b, _w, c in self.stream_bytes.values()),
                                       detail={"phase": "copy",
                                               "streams": {k: b for k, (b, _w, _c) in self.stream_bytes.items()}})
                 elif typ == W.F_EOF:
@@ -250,11 +289,9 @@ class BlockRound:
             for i in range(0, len(chunks), SEND_BATCH):
                 stream.request(W.F_JSON, json.dumps({"op": "send", "chunks": chunks[i:i + SEND_BATCH],
                                                      "size": size, "skip_zero": True}).encode())
-                await stream.drain()
-                if reader.done():
-                    reader.result()
+                await watching(stream.drain(), reader)
             stream.request(W.F_EOF)
-            await stream.drain()
+            await watching(stream.drain(), reader)
             await reader
             await stream.finish()
         except BaseException as e:
@@ -282,6 +319,19 @@ class BlockRound:
         new, self.pending = self.pending, []
         await self.save_checkpoint({"round": self.stats.round, "chunk": self.opts.chunk_size,
                                     "size": self.stats.bytes_total}, new)
+
+
+def block_ack(payload: bytes) -> list:
+    """A block target's acknowledgement: [[index, sha256], ...], time."""
+    written, t_ns = W.shaped(W.unpack_values(payload), list, int, what="acknowledgement")
+    for item in written:
+        W.shaped(item, int, bytes, what="acknowledged chunk")
+    return [written, t_ns]
+
+
+def _span(indices: list[int], chunk: int, size: int) -> int:
+    """Bytes of the image the given chunks cover (the last one may be short)."""
+    return sum(min(chunk, size - i * chunk) for i in indices)
 
 
 def _ranges(indices: list[int]) -> list[tuple[int, int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,9 @@ if TYPE_CHECKING:
 
 AGENT_SOURCE = Path(wire.__file__).read_bytes()
 HDR = wire.HDR
+# An agent says what it is doing at least every wire.BEAT_S while it works; this long without a
+# word from it means it (or the link) is stuck.
+STALL_S = 120.0
 
 
 def bootstrap(role: str, cmd: dict[str, Any]) -> bytes:
@@ -32,6 +36,33 @@ class AgentError(PermanentError):
         self.errno = errno
 
 
+class StalledError(TransportError):
+    """Nothing came from an agent for longer than the stall timeout: it or the link is stuck."""
+
+
+PROTOCOL_HINT = "the agent, the link or the other host sent something malformed; Ferry stopped before using it"
+
+
+def protocol_error(host: str, role: str, what: str, e: BaseException | str) -> AgentError:
+    return AgentError(f"{host}: protocol error from the replication agent ({role}): {what}: {e}", PROTOCOL_HINT)
+
+
+async def watching(aw: Any, reader: asyncio.Task) -> Any:
+    """Await aw (a drain, say), unless the reader of the other end fails first: then its error.
+    A stuck source blocks a drain for ever; its target's stall timeout must still end the wait."""
+    fut = asyncio.ensure_future(aw)
+    if reader.done():
+        done = {reader}
+    else:
+        done, _ = await asyncio.wait({fut, reader}, return_when=asyncio.FIRST_COMPLETED)
+    if fut in done:
+        return fut.result()
+    fut.cancel()
+    await asyncio.gather(fut, return_exceptions=True)
+    reader.result()   # its error
+    raise TransportError("the reading end of a stream stopped early", "Ferry retries")
+
+
 class AgentChannel:
     """One agent process on one host, speaking frames over its stdin/stdout."""
 
@@ -43,6 +74,8 @@ class AgentChannel:
         self.hello: dict[str, Any] = {}
         self.bytes_out = 0
         self.bytes_in = 0
+        self.stall_s = STALL_S
+        self.busy: tuple[str, int] | None = None   # what the agent last said it was busy with
 
     @classmethod
     async def start(cls, where: "AgentHost", role: str, **cmd: Any) -> "AgentChannel":
@@ -88,31 +121,63 @@ class AgentChannel:
             raise self._lost() from None
 
     async def recv(self) -> tuple[bytes, bytes]:
-        """The next frame; a JSON frame carrying "fatal" is raised as AgentError."""
+        """The next frame; a JSON frame carrying "fatal" is raised as AgentError. Beats (the agent
+        saying it is busy) are taken here; nothing at all for stall_s is a StalledError."""
+        while True:
+            typ, payload = await self._read_frame()
+            if typ == wire.F_BEAT:
+                self.busy = tuple(self.parse("beat", wire.unpack_values, payload)[:2])
+                continue
+            self.busy = None
+            if typ == wire.F_JSON:
+                msg = self.parse("control frame", json.loads, payload)
+                if isinstance(msg, dict) and "fatal" in msg:
+                    raise self._fatal(msg)
+            return typ, payload
+
+    async def _read_frame(self) -> tuple[bytes, bytes]:
         try:
-            head = await self.proc.stdout.readexactly(HDR.size)
-            typ, ln = HDR.unpack(head)
-            payload = await self.proc.stdout.readexactly(ln) if ln else b""
+            async with asyncio.timeout(self.stall_s):
+                head = await self.proc.stdout.readexactly(HDR.size)
+                typ, ln = HDR.unpack(head)
+                if ln > wire.MAX_FRAME:
+                    raise protocol_error(self.host, self.role, f"a frame of {ln} bytes",
+                                         f"the limit is {wire.MAX_FRAME}")
+                payload = await self.proc.stdout.readexactly(ln) if ln else b""
+        except TimeoutError:
+            busy = f" (it last said: {self.busy[0]} for {self.busy[1]} s)" if self.busy else ""
+            raise StalledError(f"{self.host}: the replication agent ({self.role}) sent nothing for "
+                               f"{self.stall_s:g} s{busy}",
+                               "the host, its disk or the link is stuck; Ferry retries (--stall-timeout "
+                               "sets how long to wait)") from None
         except EOFError as e:
             raise await self._ended(e) from None
         except TransportError:
             raise self._lost() from None
         self.bytes_in += HDR.size + ln
-        if typ == wire.F_JSON:
-            msg = json.loads(payload)
-            if isinstance(msg, dict) and "fatal" in msg:
-                raise self._fatal(msg)
         return typ, payload
+
+    def parse(self, what: str, fn: Any, payload: Any) -> Any:
+        """fn(payload), or a protocol error naming this agent and what was being read."""
+        try:
+            return fn(payload)
+        except (ValueError, TypeError, KeyError, IndexError, struct.error, UnicodeDecodeError) as e:
+            raise protocol_error(self.host, self.role, what, e) from None
 
     async def recv_json(self) -> dict:
         typ, payload = await self.recv()
         if typ != wire.F_JSON:
-            raise AgentError(f"{self.host}: agent sent frame {typ!r} where a reply was expected")
-        return json.loads(payload)
+            raise protocol_error(self.host, self.role, "a reply", f"frame {typ!r} where a reply was expected")
+        msg = self.parse("a reply", json.loads, payload)
+        if not isinstance(msg, dict):
+            raise protocol_error(self.host, self.role, "a reply", "not a JSON object")
+        return msg
 
     def _fatal(self, msg: dict) -> AgentError:
         import errno as E
         code = msg.get("errno")
+        if msg.get("protocol"):
+            return protocol_error(self.host, self.role, "it refused what it was sent", msg["fatal"])
         text = f"{self.host}: {msg['fatal']}"
         hint = {E.ENOSPC: "free space on the target, then run the same command again to resume",
                 E.EDQUOT: "raise the quota on the target, then run the same command again to resume",

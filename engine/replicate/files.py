@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import errno as E
+import json
 import stat
 import struct
 import time
@@ -23,8 +24,9 @@ from typing import Any, Awaitable, Callable
 
 from ..errors import FerryError, PermanentError
 from . import agent as W
-from .channel import AgentChannel, AgentError
+from .channel import STALL_S, AgentChannel, AgentError, protocol_error, watching
 from .hosts import AgentHost
+from .overlap import refuse_tree_overlap
 from .pipeline import Stream
 
 PART_PREFIX = W.PART_PREFIX
@@ -41,6 +43,7 @@ class FileOptions:
     checksum: bool = False
     delete: bool = True
     one_file_system: bool = False
+    stall_s: float = STALL_S          # no word from an agent for this long: it is stuck
 
 
 @dataclass
@@ -54,7 +57,14 @@ class RoundStats:
     files_sent: int = 0
     deleted: int = 0
     duration_s: float = 0.0
-    verified: bool = False
+    # What was checked, and no more (see `verification`): every byte copied this round arrived
+    # as it was read (CRC-32), and the entries not copied were judged unchanged by `unchanged_by`.
+    verified_on_arrival: bool = False
+    content_compared: bool = False     # every file's content compared by SHA-256 (--checksum)
+    unchanged_by: str = ""
+    verification: str = ""
+    touched_compared: int = 0   # files whose inode changed since the last round, compared by SHA-256
+    source_walk_ns: int = 0     # when this round's walk of the source began, on the source's clock
     resumed_bytes: int = 0      # partial-file bytes kept on the target after hash verification
     rechecked: int = 0          # files written after the last checkpoint, verified by hash
     changed_during_copy: list[str] = field(default_factory=list)
@@ -67,11 +77,13 @@ class RoundStats:
 
 
 class Manifest:
-    """A tree listing: path -> (typ, mode, uid, gid, size, mtime, rdev, dev, ino, nlink, xcrc, link, digest)."""
+    """A tree listing: path -> (typ, mode, uid, gid, size, mtime, rdev, dev, ino, nlink, xcrc, link, digest,
+    touched), and where the root really is (agent.locate)."""
 
     def __init__(self) -> None:
         self.entries: dict[bytes, tuple] = {}
         self.summary: dict[str, Any] = {}
+        self.where: dict[str, Any] = {}
 
     @property
     def exists(self) -> bool:
@@ -79,23 +91,38 @@ class Manifest:
 
 
 async def walk(t: AgentHost, root: str, opts: FileOptions, *, missing_ok: bool = False,
-               hash_ctime_after: int | None = None) -> Manifest:
+               hash_ctime_after: int | None = None, flag_ctime_after: int | None = None,
+               on_where: Callable[[dict], None] | None = None) -> Manifest:
+    """The manifest of t:root. `on_where` hears where the root really is as soon as the agent
+    says so, before the listing (to refuse an overlap early)."""
     ch = await AgentChannel.start(t, "walk", root=root, excludes=list(opts.excludes),
                                   system_excludes=opts.system_excludes, checksum=opts.checksum,
                                   missing_ok=missing_ok, hash_ctime_after=hash_ctime_after,
-                                  one_file_system=opts.one_file_system)
+                                  flag_ctime_after=flag_ctime_after, one_file_system=opts.one_file_system)
+    ch.stall_s = opts.stall_s
     m = Manifest()
+    entries = m.entries
+
+    def records(payload: bytes) -> None:
+        for rec in W.decode_records(payload):
+            entries[rec[0]] = rec[1:]
     try:
         while True:
             typ, payload = await ch.recv()
             if typ == W.F_MANIFEST:
-                for rec in W.decode_records(payload):
-                    m.entries[rec[0]] = rec[1:]
+                ch.parse("manifest", records, payload)
             elif typ == W.F_JSON:
-                import json
-                m.summary = json.loads(payload)
+                msg = ch.parse("walk summary", json.loads, payload)
+                if isinstance(msg, dict) and isinstance(msg.get("where"), dict):
+                    m.where = msg["where"]
+                    if on_where is not None:
+                        on_where(m.where)
+                    continue
+                m.summary = msg if isinstance(msg, dict) else {}
                 break
     except AgentError as e:
+        if "protocol error" in e.message:
+            raise
         raise PermanentError(f"{t.host}:{root}: {e.message.split(': ', 1)[-1]}", e.hint or "check the path") from None
     finally:
         await ch.finish()
@@ -124,7 +151,7 @@ def depth(rel: bytes) -> int:
 
 
 # Record field positions (after the path).
-TYP, MODE, UID, GID, SIZE, MTIME, RDEV, DEV, INO, NLINK, XCRC, LINK, DIGEST = range(13)
+TYP, MODE, UID, GID, SIZE, MTIME, RDEV, DEV, INO, NLINK, XCRC, LINK, DIGEST, TOUCHED = range(14)
 
 
 @dataclass
@@ -245,6 +272,19 @@ def plan_round(src: Manifest, dst: Manifest, opts: FileOptions, *, target_is_roo
     return plan
 
 
+def touched_unchanged(src: Manifest, dst: Manifest, *, exclude: set[bytes]) -> list[bytes]:
+    """Source files flagged as touched (their inode changed since the last round) that the target
+    has with the same size and mtime: size and mtime alone would leave them as they are."""
+    out = []
+    d_ent = dst.entries
+    for rel, s in src.entries.items():
+        if s[TOUCHED] and s[TYP] == W.T_FILE and rel not in exclude:
+            t = d_ent.get(rel)
+            if t is not None and t[TYP] == W.T_FILE and t[SIZE] == s[SIZE] and t[MTIME] == s[MTIME]:
+                out.append(rel)
+    return sorted(out)
+
+
 def _ancestors_in(rel: bytes, roots: set[bytes]) -> list[bytes]:
     out = []
     parts = rel.split(b"/")
@@ -288,6 +328,27 @@ def split_streams(files: list[tuple[bytes, int]], streams: int) -> list[list[tup
 # --------------------------------------------------------------------------- the target side
 
 
+def ack_values(payload: bytes) -> list:
+    """A target's acknowledgement: seq, [[rel, digest, size, changed, mismatch]...], partial, notes, time."""
+    seq, acked, partial, notes, t_ns = W.shaped(W.unpack_values(payload), int, list, (list, type(None)), list, int,
+                                               what="acknowledgement")
+    for item in acked:
+        W.shaped(item, bytes, bytes, int, bool, bool, what="acknowledged entry")
+    if partial is not None:
+        W.shaped(partial, bytes, int, str, what="partial file")
+    if not all(isinstance(n, str) for n in notes):
+        raise ValueError("notes that are not text")
+    return [seq, acked, partial, notes, t_ns]
+
+
+def err_values(payload: bytes) -> list:
+    """A per-entry error: side, rel, errno, message."""
+    vals = W.shaped(W.unpack_values(payload), str, bytes, int, str, what="error report")
+    if vals[0] not in ("source", "target"):
+        raise ValueError(f"an error from side {vals[0]!r}")
+    return vals
+
+
 class TargetStream:
     """A target agent plus the task reading its acknowledgements."""
 
@@ -309,7 +370,7 @@ class TargetStream:
             while True:
                 typ, payload = await self.ch.recv()
                 if typ == W.F_ACK:
-                    seq, acked, partial, notes, t_ns = W.unpack_values(payload)
+                    seq, acked, partial, notes, t_ns = self.ch.parse("acknowledgement", ack_values, payload)
                     self.last_ack_ns = t_ns
                     self.partial = partial
                     self.rnd.on_ack(self, acked, notes)
@@ -318,16 +379,18 @@ class TargetStream:
                         fut.set_result(None)
                     await self.rnd.durable()
                 elif typ == W.F_ERR:
-                    side, rel, code, msg = W.unpack_values(payload)
+                    side, rel, code, msg = self.ch.parse("error report", err_values, payload)
                     self.rnd.on_error(side, rel, code, msg)
                 elif typ == W.F_PROGRESS:
-                    self.received = W.unpack_values(payload)[0]
+                    self.received = self.ch.parse("progress", lambda p: W.shaped(W.unpack_values(p), int, int), payload)[0]
                     self.rnd.on_progress()
                 elif typ == W.F_EOF:
                     self._eof.set_result(None)
                     return
                 elif typ == W.F_JSON:
-                    self.rnd.on_reply(payload)
+                    self.rnd.on_reply(self.ch.parse("reply", json.loads, payload))
+                else:
+                    raise protocol_error(self.ch.host, self.ch.role, "a frame", f"unexpected type {typ!r}")
         except BaseException as e:
             for fut in [*self._waiters.values(), self._eof]:
                 if not fut.done():
@@ -380,8 +443,14 @@ class FileRound:
 
     def __init__(self, src_t: AgentHost, src_root: str, dst_t: AgentHost, dst_root: str, opts: FileOptions, *,
                  round_no: int, checkpoint: dict | None, progress: ProgressFn, save_checkpoint: CheckpointFn,
-                 log: Callable[[str, str], None]) -> None:
+                 log: Callable[[str, str], None], touched_after: int | None = None) -> None:
         self.src_t, self.src_root, self.dst_t, self.dst_root = src_t, src_root, dst_t, dst_root
+        # The roots as the agents resolved them (symlinks, '..'): every agent after the walks is
+        # given these, so the round works on one place whatever the paths do meanwhile.
+        self.src_real, self.dst_real = src_root, dst_root
+        # The previous round began here (the source's clock): a file whose inode changed since
+        # may have new content under the same size and mtime.
+        self.touched_after = touched_after
         self.opts = opts
         self.stats = RoundStats(round=round_no)
         self.checkpoint = checkpoint or {}
@@ -401,6 +470,8 @@ class FileRound:
         self.ready: list[Stream] = []             # bulk streams started early, not yet used
         self._last_progress = 0.0
         self.bytes_durable = 0     # file data the targets acknowledged as on disk, this run
+        self.round_total = 0       # file data of the whole round, fixed when it began
+        self.done_before = 0       # of which earlier runs of the round took care
         self._partials: dict[bytes, list] = {}
 
     # -- callbacks from target streams
@@ -427,7 +498,7 @@ class FileRound:
             return
         self._last_progress = now
         sent = self.sent_before + sum(ts.received for ts in self.targets)
-        self.progress(bytes_done=sent, detail={"phase": "copy",
+        self.progress(bytes_done=self.done_before + sent, detail={"phase": "copy",
                                                "streams": {ts.name: ts.received for ts in self.targets
                                                            if ts.name != "control"}})
 
@@ -444,9 +515,8 @@ class FileRound:
             self.stats.errors.append(text)
         self.log(text, "error")
 
-    def on_reply(self, payload: bytes) -> None:
-        import json
-        self.replies.put_nowait(json.loads(payload))
+    def on_reply(self, msg: Any) -> None:
+        self.replies.put_nowait(msg)
 
     async def durable(self) -> None:
         """Commit a checkpoint describing what the targets have acknowledged as durable."""
@@ -469,7 +539,7 @@ class FileRound:
             boundary = prev
         self.checkpoint = {"round": self.stats.round, "partials": partials, "verified_before_ns": boundary,
                            "bytes_sent": self.sent_before + sum(ts.received for ts in self.targets),
-                           "bytes_durable": durable}
+                           "bytes_durable": durable, "total": self.round_total}
         await self.save_checkpoint(self.checkpoint)
 
     # -- the round
@@ -481,18 +551,27 @@ class FileRound:
         resumed_round = self.checkpoint.get("round") == st.round
         ctime_after = self.checkpoint.get("verified_before_ns") if resumed_round else None
         self.progress(item="walking both trees", detail={"phase": "walk", "round": st.round})
-        src_walk = asyncio.create_task(walk(self.src_t, self.src_root, opts))
+        src_where: asyncio.Future = asyncio.get_running_loop().create_future()
+        src_walk = asyncio.create_task(walk(self.src_t, self.src_root, opts, flag_ctime_after=self.touched_after,
+                                            on_where=lambda w: src_where.done() or src_where.set_result(w)))
         try:
             dst_m = await walk(self.dst_t, self.dst_root, opts, missing_ok=True, hash_ctime_after=ctime_after)
+            await asyncio.wait({src_where, src_walk}, return_when=asyncio.FIRST_COMPLETED)
+            if not src_where.done():
+                await src_walk   # it failed before saying where it is: its error
+            # Before anything is written (the early agents below make the target's root).
+            self._refuse_overlap(src_where.result(), dst_m.where)
             if len(dst_m.entries) <= 1:
                 # A new target: everything will be sent. Start the agents while the source is walked.
                 self.early = asyncio.create_task(self._agents_for_full_copy())
             src_m = await src_walk
         except BaseException:
             src_walk.cancel()
+            await asyncio.gather(src_walk, return_exceptions=True)
             await self._drop_early()
             raise
         self.walked_ns = dst_m.summary.get("time_ns", 0)
+        st.source_walk_ns = src_m.summary.get("time_ns", 0)
         for rec in src_m.entries.values():
             if rec[TYP] == W.T_FILE:
                 st.bytes_total += rec[SIZE]
@@ -504,10 +583,14 @@ class FileRound:
         part_names = {self._part_name(rel): rel for rel in self._partial_offsets(resumed_round)}
         target_is_root = dst_m.summary.get("uid") == 0
         # Files the target wrote after the last checkpoint: their hashes are compared before they are trusted.
-        hashed = [rel for rel, rec in dst_m.entries.items()
-                  if rec[DIGEST] is not None and rec[TYP] == W.T_FILE and rel in src_m.entries]
+        hashed = [] if opts.checksum else [
+            rel for rel, rec in dst_m.entries.items()
+            if rec[DIGEST] is not None and rec[TYP] == W.T_FILE and rel in src_m.entries]
+        # Files whose inode changed on the source since the last round, but whose size and mtime
+        # say "unchanged": their content is compared (mtime can be set back; ctime cannot).
+        touched = [] if opts.checksum else touched_unchanged(src_m, dst_m, exclude=set(hashed))
         plan = plan_round(src_m, dst_m, opts, target_is_root=target_is_root, partials=set(part_names))
-        if plan.empty and dst_m.exists and not (hashed and not opts.checksum):
+        if plan.empty and dst_m.exists and not hashed and not touched:
             # Nothing to do: no agents beyond the two walks.
             await self._drop_early()
             if not resumed_round:
@@ -524,10 +607,16 @@ class FileRound:
         ctl = TargetStream(ctl_dst, self, "control")
         self.targets.append(ctl)
         try:
-            if hashed and not opts.checksum:
-                src_hashes = await self._source_hashes(ctl_src, hashed)
-                suspect = {rel for rel in hashed if src_hashes.get(rel) != dst_m.entries[rel][DIGEST].hex()}
-                st.rechecked = len(hashed)
+            if hashed or touched:
+                src_hashes, dst_hashes = await asyncio.gather(self._source_hashes(ctl_src, hashed + touched),
+                                                              self._target_hashes(ctl, touched))
+                dst_hashes.update((rel, dst_m.entries[rel][DIGEST].hex()) for rel in hashed)
+                suspect = {rel for rel in hashed + touched
+                           if src_hashes.get(rel) is None or src_hashes.get(rel) != dst_hashes.get(rel)}
+                st.rechecked, st.touched_compared = len(hashed), len(touched)
+                if touched:
+                    self.log(f"{len(touched)} file(s) changed on the source since the last round under the same "
+                             f"size and mtime: compared by content, {len(suspect & set(touched))} differed", "info")
                 if suspect:
                     plan = plan_round(src_m, dst_m, opts, target_is_root=target_is_root,
                                       partials=set(part_names), suspect=suspect)
@@ -541,9 +630,26 @@ class FileRound:
         finally:
             await self._drop_early()
 
+    def _refuse_overlap(self, src_where: dict, dst_where: dict) -> None:
+        """Refuse a source and target that overlap on one machine; from here on, agents work on the
+        roots as resolved."""
+        src, dst = f"{self.src_t.host}:{self.src_root}", f"{self.dst_t.host}:{self.dst_root}"
+        refuse_tree_overlap(src, src_where, dst, dst_where)
+        for label, where, attr in ((src, src_where, "src_real"), (dst, dst_where, "dst_real")):
+            real = where.get("real")
+            if real:
+                setattr(self, attr, real)
+                if real != label.split(":", 1)[1]:
+                    self.log(f"{label} is {real}", "info")
+
     async def _control_agents(self) -> tuple[AgentChannel, AgentChannel]:
-        return await asyncio.gather(AgentChannel.start(self.src_t, "send", root=self.src_root),
-                                    AgentChannel.start(self.dst_t, "recv", root=self.dst_root))
+        # The control agent carries the files of a small round itself: it keeps --bwlimit too.
+        chans = await asyncio.gather(AgentChannel.start(self.src_t, "send", root=self.src_real,
+                                                        bwlimit=self.opts.bwlimit),
+                                     AgentChannel.start(self.dst_t, "recv", root=self.dst_real))
+        for ch in chans:
+            ch.stall_s = self.opts.stall_s
+        return chans
 
     async def _agents_for_full_copy(self) -> tuple[AgentChannel, AgentChannel, list[Stream]]:
         """Control agents and bulk streams, started in parallel (and early, for a new target)."""
@@ -568,18 +674,36 @@ class FileRound:
 
     async def _open_stream(self) -> Stream:
         share = self.opts.bwlimit / max(1, self.opts.streams) if self.opts.bwlimit else None
-        return await Stream.open(self.src_t, {"root": self.src_root}, self.dst_t,
-                                 {"root": self.dst_root, "sync_bytes": 512 << 20},
-                                 role_src="send", role_dst="recv", bwlimit=share)
+        stream = await Stream.open(self.src_t, {"root": self.src_real}, self.dst_t,
+                                   {"root": self.dst_real, "sync_bytes": 512 << 20},
+                                   role_src="send", role_dst="recv", bwlimit=share)
+        stream.target.stall_s = self.opts.stall_s
+        return stream
 
     def _finish(self, plan: Plan, t0: float) -> RoundStats:
         st = self.stats
         for rel in self.mismatch:
             st.errors.append(f"{self.dst_t.host}:{self.dst_root}: {show(rel)}: content hash differs from the source")
         st.duration_s = time.monotonic() - t0
-        st.verified = not (st.errors or st.refused or st.changed_during_copy or self.mismatch)
+        st.verified_on_arrival = not (st.errors or st.refused or st.changed_during_copy or self.mismatch)
+        self._say_what_was_verified()
         self.progress(units_done=max(1, plan.changed), item="done", detail={"phase": "done"})
         return st
+
+    def _say_what_was_verified(self) -> None:
+        """Name exactly what this round compared, and nothing more."""
+        st = self.stats
+        if self.opts.checksum:
+            st.content_compared = True
+            st.unchanged_by = "sha256"
+            st.verification = ("every file's content compared with the source (SHA-256); "
+                               "copied data checked on arrival (CRC-32)")
+            return
+        st.unchanged_by = "size+mtime+ctime" if self.touched_after is not None else "size+mtime"
+        since = (f"; files whose inode changed since the last round ({st.touched_compared}) compared by SHA-256"
+                 if self.touched_after is not None else "")
+        st.verification = ("copied data checked on arrival (CRC-32); files not copied judged unchanged by size "
+                           f"and mtime{since}; contents not compared (--checksum compares them)")
 
     async def _run(self, plan: Plan, part_names: dict[bytes, bytes], ctl_src: AgentChannel, ctl: TargetStream,
                    resumed_round: bool, t0: float) -> RoundStats:
@@ -589,11 +713,17 @@ class FileRound:
 
         resume_at = await self._verify_partials(ctl_src, ctl, plan, part_names, self._partial_offsets(resumed_round))
         st.resumed_bytes = sum(resume_at.values())
+        # The bar's total is the round's, fixed when it began: a resumed round starts where the
+        # one before left off (what is left now, measured again, is never more than that).
+        remaining = max(0, st.bytes_to_send - st.resumed_bytes)
+        first_total = self.checkpoint.get("total") if resumed_round else None
+        self.round_total = max(first_total or 0, remaining)
+        self.done_before = self.round_total - remaining
         if not resumed_round:
             await self._commit()   # the round has begun: a re-run from here on resumes it
 
-        self.progress(units_done=0, units_total=max(1, plan.changed), bytes_done=0,
-                      bytes_total=max(0, st.bytes_to_send - st.resumed_bytes) or None,
+        self.progress(units_done=0, units_total=max(1, plan.changed), bytes_done=self.done_before,
+                      bytes_total=self.round_total or None,
                       item="deleting and creating directories", detail={"phase": "prepare"})
         # A. deletions, then new directories (parents first: the list is sorted).
         for rel in plan.deletes:
@@ -660,8 +790,36 @@ class FileRound:
             await ctl_src.drain()
             for _ in batch:
                 reply = await ctl_src.recv_json()
-                out[reply["path"].encode("utf-8", "surrogateescape")] = reply["sha256"]
+                if not isinstance(reply.get("path"), str):
+                    raise protocol_error(ctl_src.host, ctl_src.role, "a hash reply", "no path in it")
+                out[reply["path"].encode("utf-8", "surrogateescape")] = reply.get("sha256")
         return out
+
+    async def _target_hashes(self, ctl: TargetStream, rels: list[bytes]) -> dict[bytes, str | None]:
+        """SHA-256 of files as they are on the target (asked of its control agent)."""
+        out: dict[bytes, str | None] = {}
+        for i in range(0, len(rels), REQ_BATCH):
+            batch = rels[i:i + REQ_BATCH]
+            for rel in batch:
+                ctl.ch.send_json({"op": "hash", "path": rel.decode("utf-8", "surrogateescape")})
+            await ctl.ch.drain()
+            for _ in batch:
+                reply = await self._reply(ctl)
+                out[reply["path"].encode("utf-8", "surrogateescape")] = reply.get("sha256")
+        return out
+
+    async def _reply(self, ts: TargetStream) -> dict:
+        """The next JSON reply of a target (its reader task hands them over), or its failure."""
+        getter = asyncio.ensure_future(self.replies.get())
+        done, _ = await asyncio.wait({getter, ts.task}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            reply = getter.result()
+            if not isinstance(reply, dict) or not isinstance(reply.get("path"), str):
+                raise protocol_error(ts.ch.host, ts.ch.role, "a reply", "no path in it")
+            return reply
+        getter.cancel()
+        ts.task.result()   # raises the target's error
+        raise ts.ch._lost()
 
     async def _verify_partials(self, ctl_src: AgentChannel, ctl: TargetStream, plan: Plan,
                                part_names: dict[bytes, bytes], offsets: dict[bytes, int]) -> dict[bytes, int]:
@@ -694,12 +852,12 @@ class FileRound:
         ctl.ch.send_json({"path": rel.decode("utf-8", "surrogateescape"),
                           **({"max": limit} if limit is not None else {})})
         await ctl.ch.drain()
-        return await asyncio.wait_for(self.replies.get(), 600)
+        return await self._reply(ctl)
 
     async def _source_prefix(self, ctl_src: AgentChannel, rel: bytes, length: int) -> str | None:
         ctl_src.send(W.F_REQ, W.pack_values([["hash", rel, length]]))
         await ctl_src.drain()
-        return (await ctl_src.recv_json())["sha256"]
+        return (await ctl_src.recv_json()).get("sha256")
 
     async def _send_files(self, files: list[tuple[bytes, int]], resume_at: dict[bytes, int],
                           ctl_src: AgentChannel, ctl: TargetStream) -> None:
@@ -729,11 +887,9 @@ class FileRound:
             for i in range(0, len(files), REQ_BATCH):   # built a batch at a time: ~90 B a file less
                 stream.request(W.F_REQ, W.pack_values([["file", rel, resume_at.get(rel, 0)]
                                                        for rel, _ in files[i:i + REQ_BATCH]]))
-                await stream.drain()
-                if ts.task.done():
-                    ts.task.result()
+                await watching(stream.drain(), ts.task)
             stream.request(W.F_EOF)
-            await stream.drain()
+            await watching(stream.drain(), ts.task)
             await ts.finished()
             await stream.finish()
         except BaseException as e:
@@ -769,7 +925,7 @@ class FileRound:
                 if typ == W.F_EOF or (typ == W.F_JSON and b'"mark"' in payload):
                     break
                 if typ == W.F_ERR:
-                    _side, rel, code, msg = W.unpack_values(payload)
+                    _side, rel, code, msg = src.parse("error report", err_values, payload)
                     self._source_error(rel, code, msg)
                     continue
                 try:

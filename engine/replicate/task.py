@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,8 +10,12 @@ from ..config import SiteConfig
 from ..errors import PermanentError
 from ..tasks import TaskContext, TaskKind, register
 from .blocks import DEFAULT_CHUNK, BlockOptions, BlockRound
+from .channel import STALL_S
 from .files import FileOptions, FileRound
 from .hosts import agent_host
+
+
+TOUCHED_MARGIN_NS = 2_000_000_000
 
 
 def default_streams() -> int:
@@ -41,8 +44,17 @@ def parse_endpoint(text: str, site: SiteConfig | None = None, *, what: str = "en
         raise PermanentError(f"{what} {text!r}: the path must be absolute", f"for example {host}:/{path}")
     if site is not None and host != "local":
         site.host(host)   # raises with the list of known hosts
-    norm = posixpath.normpath(path)
-    return Endpoint(host, norm if norm != "//" else "/")
+    # Tidy the spelling only: `..` stays, for only the host can say where it leads (after a
+    # symlink it is not the lexical parent); the round resolves the path there.
+    parts = [c for c in path.split("/") if c not in ("", ".")]
+    return Endpoint(host, "/" + "/".join(parts))
+
+
+def _inside(path: str, root: str) -> bool:
+    """By the names alone; a path with `..` is left to the host (see parse_endpoint)."""
+    if "/../" in path + "/" or "/../" in root + "/":
+        return False
+    return (path.rstrip("/") + "/").startswith(root.rstrip("/") + "/")
 
 
 def _endpoints(ctx_or_site, params: dict[str, Any]) -> tuple[Endpoint, Endpoint]:
@@ -59,7 +71,8 @@ class _ReplicateKind(TaskKind):
         return sorted({src.host, dst.host})
 
     def dedup_key(self, params: dict[str, Any]) -> str:
-        return f"{params['src']} -> {params['dst']}"
+        src, dst = _endpoints(None, params)   # local:/a/ and local:/a are one job
+        return f"{src} -> {dst}"
 
     def validate(self, params: dict[str, Any]) -> None:
         src, dst = _endpoints(None, params)
@@ -68,6 +81,10 @@ class _ReplicateKind(TaskKind):
         streams = int(params.get("streams", default_streams()))
         if not 1 <= streams <= 64:
             raise PermanentError(f"--streams must be 1 to 64, got {streams}", "for example --streams 4")
+        stall = float(params.get("stall_timeout", STALL_S))
+        if not 5 <= stall <= 86400:
+            raise PermanentError(f"--stall-timeout must be 5 to 86400 seconds, got {stall:g}",
+                                 "for example --stall-timeout 300 on a slow or busy link")
 
     @staticmethod
     def _log(ctx: TaskContext):
@@ -82,11 +99,17 @@ class ReplicateFiles(_ReplicateKind):
         return f"files {params['src']} → {params['dst']}"
 
     def validate(self, params: dict[str, Any]) -> None:
+        # By the names alone, before a task exists. The round itself compares the real
+        # directories on the hosts (overlap.py), which catches every other disguise.
         super().validate(params)
         src, dst = _endpoints(None, params)
-        if src.host == dst.host and (dst.path + "/").startswith(src.path.rstrip("/") + "/"):
-            raise PermanentError(f"the target {dst} is inside the source {src}",
-                                 "copying a tree into itself never ends; pick a target outside it")
+        if src.host == dst.host:
+            if _inside(dst.path, src.path):
+                raise PermanentError(f"refused: the target {dst} is inside the source {src}",
+                                     "copying a tree into itself never ends; pick a target outside it")
+            if _inside(src.path, dst.path):
+                raise PermanentError(f"refused: the source {src} is inside the target {dst}, and the copy "
+                                     "would delete it", "pick a target outside the source")
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         p = ctx.params
@@ -94,8 +117,12 @@ class ReplicateFiles(_ReplicateKind):
         opts = FileOptions(excludes=tuple(p.get("excludes", ())), system_excludes=bool(p.get("system_excludes")),
                            streams=int(p.get("streams", default_streams())), bwlimit=p.get("bwlimit"),
                            checksum=bool(p.get("checksum")), delete=bool(p.get("delete", True)),
-                           one_file_system=bool(p.get("one_file_system")))
+                           one_file_system=bool(p.get("one_file_system")),
+                           stall_s=float(p.get("stall_timeout", STALL_S)))
         round_no = (ctx.checkpoint or {}).get("round") or int(p.get("round", 1))
+        store = ctx.engine.store
+        previous = await store.call(store.last_result, self.name, self.dedup_key(p)) if round_no > 1 else None
+        since = (previous or {}).get("source_walk_ns")
 
         async def save(state: dict) -> None:
             await ctx.save_checkpoint(state)
@@ -103,10 +130,12 @@ class ReplicateFiles(_ReplicateKind):
         rnd = FileRound(agent_host(ctx.engine.transports, src.host), src.path,
                         agent_host(ctx.engine.transports, dst.host), dst.path, opts,
                         round_no=round_no, checkpoint=ctx.checkpoint, progress=ctx.progress,
-                        save_checkpoint=save, log=self._log(ctx))
+                        save_checkpoint=save, log=self._log(ctx),
+                        # ctime is kept on a coarse clock, a little behind time_ns: a margin
+                        touched_after=since - TOUCHED_MARGIN_NS if since else None)
         stats = await rnd.run()
         result = {**stats.to_dict(), "resumed": ctx.resumed, "src": str(src), "dst": str(dst)}
-        if not stats.verified:
+        if not stats.verified_on_arrival:
             problems = stats.refused + stats.errors
             if problems:
                 more = f" (and {len(problems) - 1} more; see `ferry task show {ctx.id}`)" if len(problems) > 1 else ""
@@ -116,7 +145,7 @@ class ReplicateFiles(_ReplicateKind):
                 raise PermanentError(f"{n} file(s) kept changing while being copied, e.g. "
                                      f"{src}/{stats.changed_during_copy[0]}",
                                      "run another round (the same command), or stop what writes to them first")
-            raise PermanentError("the target could not be verified equal to the source",
+            raise PermanentError("what was copied could not be verified on arrival",
                                  "run the same command again")
         return result
 
@@ -140,7 +169,8 @@ class ReplicateBlocks(_ReplicateKind):
         src, dst = _endpoints(ctx, p)
         opts = BlockOptions(chunk_size=int(p.get("chunk_size", DEFAULT_CHUNK)),
                             streams=int(p.get("streams", default_streams())),
-                            bwlimit=p.get("bwlimit"), compress=bool(p.get("compress")))
+                            bwlimit=p.get("bwlimit"), compress=bool(p.get("compress")),
+                            stall_s=float(p.get("stall_timeout", STALL_S)))
         ckpt = ctx.checkpoint or {}
         round_no = ckpt.get("round") or int(p.get("round", 1))
         chunkmap = await ctx.load_chunks() if ckpt.get("chunk") == opts.chunk_size else {}
@@ -157,7 +187,7 @@ class ReplicateBlocks(_ReplicateKind):
                          log=self._log(ctx), restart=bool(p.get("restart")) and not ctx.resumed)
         stats = await rnd.run()
         result = {**stats.to_dict(), "resumed": ctx.resumed, "src": str(src), "dst": str(dst)}
-        if not stats.verified:
+        if not stats.verified_on_arrival:
             raise PermanentError(stats.errors[0] if stats.errors else "the target could not be verified",
                                  "run the same command again to resume and re-compare")
         return result

@@ -53,3 +53,36 @@ def isolate_ssh(monkeypatch, home: Path) -> None:
     home.mkdir(parents=True, exist_ok=True)
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+
+
+def relay_over_asyncssh(monkeypatch) -> None:
+    """Hide the `ssh` binary from Ferry: bulk data is then relayed over asyncssh, as on a machine
+    without the OpenSSH client."""
+    import engine.transport.openssh as openssh
+
+    real = openssh.shutil.which
+    monkeypatch.setattr(openssh.shutil, "which", lambda name, *a, **k: None if name == "ssh" else real(name))
+
+
+async def replicate_watched(workspace, level: str, params: dict) -> tuple:
+    """Run (or resume) a replication in this process through the engine's client, as the console
+    does: (its final TaskInfo, [(monotonic time, Progress), ...] of every progress event)."""
+    import time
+
+    from engine.client import EngineClient
+    from engine.taskmodel import FINAL_STATES
+
+    client = EngineClient.open(workspace, adopt=False)
+    await client.start()
+    seen: list = []
+    try:
+        sub = client.subscribe()
+        tid, _ = await client.replicate(level, params)
+        while (info := await client.get_task(tid)).state not in FINAL_STATES:
+            for ev in await sub.wait(timeout=1.0):
+                if ev.type == "progress" and ev.task_id == tid:
+                    seen.append((time.monotonic(), ev.data))
+        sub.close()
+    finally:
+        await client.close()
+    return info, seen

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -166,3 +167,19 @@ def resident(path: Path) -> int:
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "-o", "RES", str(path)],
                          capture_output=True, text=True, check=True).stdout
     return int(out.strip())
+
+
+@contextlib.contextmanager
+def loop_device(backing: Path, *, read_only: bool = False):
+    """A loop device over `backing` for the test's duration (skips the test where there are none)."""
+    import pytest
+
+    r = subprocess.run(["losetup", "--find", "--show", *(["--read-only"] if read_only else []), str(backing)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"no loop devices here: {r.stderr.strip()}")
+    dev = r.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
