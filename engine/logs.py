@@ -5,9 +5,19 @@ from __future__ import annotations
 import logging
 import logging.handlers
 
+from .textsafe import line
 from .workspace import Workspace
 
 _configured: set[str] = set()
+
+
+class SafeFormatter(logging.Formatter):
+    """One line per record, with the control characters of text from hosts and guests (a file
+    name, an OS name) escaped: `tail -f logs/ferry.log` must not hand them to a terminal either."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = line(record.message)
+        return super().formatMessage(record)
 
 
 def setup_logging(ws: Workspace, level: int = logging.INFO) -> str:
@@ -17,7 +27,7 @@ def setup_logging(ws: Workspace, level: int = logging.INFO) -> str:
         return str(path)
     ws.ensure()
     handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 << 20, backupCount=5, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"))
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"))
     root = logging.getLogger("ferry")
     root.addHandler(handler)
     root.setLevel(level)

@@ -232,3 +232,21 @@ def test_ctrl_c_mid_copy_exits_130_and_the_task_resumes(tmp_path):
     assert r.json["task"] == tid and r.json["resumed"] is True
     assert r.json["bytes_sent"] <= total - checkpoint["bytes_durable"] + (1 << 20)   # not sent again
     assert diff(describe(src), describe(dst)) == []
+
+
+def test_the_log_file_escapes_text_from_outside(tmp_path):
+    """logs/ferry.log is read with tail -f on a terminal: a hostile name in a log line arrives
+    escaped, one record per line."""
+    import logging
+
+    from engine.logs import setup_logging
+    from engine.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws").ensure()
+    path = setup_logging(ws)
+    logging.getLogger("ferry.test").warning("copying %s", "evil\x1b]0;pwned\x07\x1b[2J\nname\x9b")
+    for h in logging.getLogger("ferry").handlers:
+        h.flush()
+    text = open(path, encoding="utf-8").read()
+    assert "\x1b" not in text and "\x9b" not in text and "\x07" not in text
+    assert "copying evil\\x1b]0;pwned\\x07\\x1b[2J\\nname\\x9b" in text
