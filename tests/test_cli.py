@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import time
 
 import pytest
 
 from engine.config import dump_config
 from harness.cli import ferry, ferry_process, isolate_ssh
+from harness.waiting import running, until_sync
 
 
 @pytest.fixture
@@ -95,14 +97,10 @@ def test_task_control_from_another_process(tmp_path):
     proc = ferry_process(ws, "replicate", "blocks", f"local:{src}", f"lab1:{dst}", "--bwlimit", "4M",
                          "--chunk-size", "1M")
     try:
-        deadline = time.monotonic() + 30
-        while True:
+        def copying() -> dict | None:
             tasks = ferry(ws, "tasks", "--json").json if (ws / "state.db").exists() else []
-            if tasks and tasks[0]["state"] == "running":
-                break
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.1)
-        tid = str(tasks[0]["id"])
+            return next((t for t in tasks if t["state"] == "running"), None)
+        tid = str(until_sync(lambda: running(proc) and copying(), timeout=30, every=0.1, what="the copy")["id"])
         listing = ferry(ws, "tasks")
         assert "replicate.blocks" in listing.out and "running" in listing.out
         r = ferry(ws, "task", "pause", tid)
@@ -122,14 +120,11 @@ def test_task_control_from_another_process(tmp_path):
 
 
 def _wait_state(ws, tid: str, state: str) -> None:
-    deadline = time.monotonic() + 15
-    while True:
+    def reached() -> bool:
         r = ferry(ws, "task", "show", tid, "--json")
         assert r.code == 0, r.err
-        if r.json["state"] == state:
-            return
-        assert time.monotonic() < deadline, f"task {tid} never became {state}"
-        time.sleep(0.1)
+        return r.json["state"] == state
+    until_sync(reached, timeout=15, every=0.1, what=f"task {tid} to become {state}")
 
 
 def test_resume_of_an_interrupted_task_runs_it_in_the_foreground(tmp_path):
@@ -139,11 +134,8 @@ def test_resume_of_an_interrupted_task_runs_it_in_the_foreground(tmp_path):
         f.write(os.urandom(32 << 20))
     proc = ferry_process(ws, "replicate", "blocks", f"local:{src}", f"lab1:{dst}", "--bwlimit", "8M",
                          "--chunk-size", "1M")
-    deadline = time.monotonic() + 30
-    while not (ws / "state.db").exists() or not ferry(ws, "tasks", "--json").json:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    time.sleep(1.5)
+    until_sync(lambda: running(proc) and _chunks_in_checkpoint(ws), timeout=60, every=0.1,
+               what="a chunk durable in the task's checkpoint")
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     tid = str(ferry(ws, "tasks", "--json").json[0]["id"])
@@ -151,6 +143,18 @@ def test_resume_of_an_interrupted_task_runs_it_in_the_foreground(tmp_path):
     assert r.code == 0, r.err
     assert r.json["state"] == "succeeded" and r.json["resumed"] is True and r.json["verified_on_arrival"] is True
     assert open(src, "rb").read() == open(dst, "rb").read()
+
+
+def _chunks_in_checkpoint(ws) -> int:
+    """How many chunks the checkpoint in state.db holds (written and acknowledged on the target)."""
+    try:
+        con = sqlite3.connect(f"file:{ws / 'state.db'}?mode=ro", uri=True)
+        try:
+            return con.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.OperationalError:   # no state.db yet, or not its tables
+        return 0
 
 
 def test_bad_endpoint_and_unknown_host_are_one_line_errors(tmp_path):

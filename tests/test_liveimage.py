@@ -30,6 +30,7 @@ from engine.platform.qga import AgentNotAnswering, GuestAgent
 from engine.platform.qmp import QMPClient
 from engine.transport.local import LocalTransport
 from harness.qemu import image_cache, kill_pidfile
+from harness.waiting import until
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
 
@@ -72,16 +73,14 @@ async def _boot(transport, image, runtime_dir, name, role=LiveRole.IDLE, **kw) -
 
 async def _agent(transport, paths, *, within: float = 60.0) -> GuestAgent:
     """The guest agent once it answers (retrying while the guest boots)."""
-    deadline = time.monotonic() + within
-    while True:
+    async def answering() -> GuestAgent | None:
         try:
             agent = await GuestAgent.open(transport, paths.qga, name=paths.name, timeout=1.0)
             await agent.ping()
             return agent
         except AgentNotAnswering:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
+            return None
+    return await until(answering, timeout=within, every=0.2, what=f"the guest agent of {paths.name}")
 
 
 def _free_port() -> int:
@@ -249,23 +248,19 @@ async def test_workload_dirties_memory(live_image, transport, runtime_dir):
             result = await agent.exec("/bin/cat", ["/run/ferry/workload"])
             return counters(result.stdout) if result.exitcode == 0 else {}
 
-        first: dict[str, int] = {}
-        for _ in range(300):        # the first round ends after the buffer is allocated
-            if first := await progress():
-                break
-            await asyncio.sleep(0.1)
-        assert first, "the workload never reported progress"
+        # the first round ends after the buffer is allocated
+        first = await until(progress, timeout=60, every=0.1, what="the workload's first progress report")
         # QEMU's own view, independent of the guest: sample the dirty-page rate for a second.
         await qmp.execute("calc-dirty-rate", {"calc-time": 1})
-        for _ in range(50):
+
+        async def measured() -> dict | None:
             rate = await qmp.execute("query-dirty-rate")
-            if rate["status"] == "measured":
-                break
-            await asyncio.sleep(0.1)
+            return rate if rate["status"] == "measured" else None
+        rate = await until(measured, timeout=30, every=0.1, what="QEMU's dirty-page rate")
         second = await progress()
     print(f"\nworkload: guest says {second}, QEMU measured {rate.get('dirty-rate')} MB/s")
     assert second["round"] > first["round"] and second["dirtied_mb"] > first["dirtied_mb"]
-    assert rate["status"] == "measured" and rate["dirty-rate"] >= 4
+    assert rate["dirty-rate"] >= 4
     await stop(transport, paths.pidfile)
 
 

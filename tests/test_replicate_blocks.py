@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ import pytest
 from harness.cli import ferry, ferry_process, isolate_ssh
 from harness.qemu import sha256
 from harness.trees import loop_device, resident
+from harness.waiting import running, until_sync
 
 MiB = 1 << 20
 CHUNK = 1 * MiB
@@ -150,14 +150,7 @@ def test_kill_9_mid_copy_then_rerun_resumes_with_little_resent(site, tmp_path):
     proc = ferry_process(ws, "replicate", "blocks", f"local:{src}", f"ssh1:{dst}", "--chunk-size", "1M",
                          "--bwlimit", "16M", env={"HOME": os.environ["HOME"]})
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            _, _, _, chunks = _task(ws)
-            if chunks >= 50:
-                break
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        until_sync(lambda: running(proc) and _task(ws)[3] >= 50, timeout=60, what="50 chunks in the checkpoint")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
@@ -188,12 +181,14 @@ def test_progress_counts_zero_chunks_so_the_bar_follows_the_image(site, tmp_path
     ws = site.workspace.root
     t, result = _in_background(ws, src, dst, "8M")
     samples = []
-    while t.is_alive():
+
+    def sampled_to_the_end() -> bool:
         p = _task(ws)[2] or {}
         written = sum(((p.get("detail") or {}).get("streams") or {}).values())
         if written >= 4 * MiB and p.get("bytes_done", 0) < (p.get("bytes_total") or 0):
             samples.append((p["bytes_done"], written))
-        time.sleep(0.05)
+        return not t.is_alive()
+    until_sync(sampled_to_the_end, timeout=300, every=0.05, what="the copy to end")
     t.join()
     assert result["_code"] == 0 and result["verified_on_arrival"], result
     assert samples, "no progress was seen during the copy"
@@ -205,10 +200,8 @@ def test_killed_connection_mid_copy_is_retried(site, tmp_path, via):
     make_image(src, 96, data_every=1)
     ws = site.workspace.root
     t, result = _in_background(ws, src, dst, "12M")
-    deadline = time.monotonic() + 60
-    while ((_task(ws)[2] or {}).get("bytes_done") or 0) < 24 * MiB:
-        assert t.is_alive() and time.monotonic() < deadline
-        time.sleep(0.05)
+    until_sync(lambda: running(t, result) and ((_task(ws)[2] or {}).get("bytes_done") or 0) >= 24 * MiB,
+               timeout=60, what="24 MiB copied")
     assert site.servers["ssh1"].kill_connections() >= 1
     t.join(120)
     assert result["_code"] == 0 and result["verified_on_arrival"], result

@@ -20,6 +20,7 @@ from engine.replicate.channel import AgentChannel
 from engine.replicate.hosts import AgentHost
 from harness.cli import ferry, ferry_process, isolate_ssh, relay_over_asyncssh, replicate_watched
 from harness.trees import describe, diff, resident, rich_tree, write
+from harness.waiting import running, until_sync
 
 
 @pytest.fixture
@@ -274,14 +275,8 @@ def _kill_at_half(ws: Path, src: Path, dst: Path, total: int) -> None:
     proc = ferry_process(ws, "replicate", "files", f"local:{src}", f"ssh1:{dst}", "--bwlimit", "16M",
                          "--streams", "2", env={"HOME": os.environ["HOME"]})
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            _, ckpt, _ = _checkpoint(ws)
-            if ckpt and ckpt.get("bytes_durable", 0) >= total // 2:
-                break
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no progress"
-            time.sleep(0.05)
+        until_sync(lambda: running(proc) and (_checkpoint(ws)[1] or {}).get("bytes_durable", 0) >= total // 2,
+                   timeout=60, what="half the data durable")
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
@@ -316,13 +311,8 @@ def test_killed_connection_mid_round_is_retried_automatically(site, tmp_path, vi
 
     t = threading.Thread(target=run)
     t.start()
-    deadline = time.monotonic() + 60
-    while True:
-        _, _, progress = _checkpoint(ws)
-        if progress and progress.get("bytes_done", 0) >= total // 3:
-            break
-        assert t.is_alive() and time.monotonic() < deadline
-        time.sleep(0.05)
+    until_sync(lambda: running(t, result) and (_checkpoint(ws)[2] or {}).get("bytes_done", 0) >= total // 3,
+               timeout=60, what="a third of the data copied")
     assert server.kill_connections() >= 1
     t.join(120)
     assert not t.is_alive()

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from engine.replicate.hosts import AgentHost
 from harness.cli import ferry, isolate_ssh
 from harness.qemu import sha256
 from harness.trees import describe, diff, loop_device, write
+from harness.waiting import running, until_sync
 
 
 @pytest.fixture
@@ -266,10 +266,8 @@ def test_a_stuck_agent_is_a_clear_stall_error_then_a_retry(tmp_path):
     t.start()
     stopped: list[int] = []
     try:
-        deadline = time.monotonic() + 60
-        while len(_agent_pids(os.getpid())) < 3 or not any(dst.glob(".ferry-part.*")):
-            assert t.is_alive() and time.monotonic() < deadline, result
-            time.sleep(0.05)
+        until_sync(lambda: running(t, result) and len(_agent_pids(os.getpid())) >= 3
+                   and any(dst.glob(".ferry-part.*")), timeout=60, what="the round's agents and a part file")
         for pid in _agent_pids(os.getpid()):
             os.kill(pid, signal.SIGSTOP)
             stopped.append(pid)

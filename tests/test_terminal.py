@@ -15,7 +15,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from engine import textsafe
 from harness.cli import ferry, ferry_process, isolate_ssh
 from harness.pilot import text_of, until
 from harness.trees import describe, diff, write
+from harness.waiting import running, until_sync
 from test_vm import _guest, ok, ws  # noqa: F401  (ws: a lab workspace with the live image, for this module)
 
 # Retitles the terminal (OSC 0), clears it, a C1 CSI, switches to the alternate screen.
@@ -210,11 +210,8 @@ def test_ctrl_c_mid_copy_exits_130_and_the_task_resumes(tmp_path):
     argv = ["replicate", "files", f"local:{src}", f"lab1:{dst}", "--streams", "1"]
     proc = ferry_process(root, *argv, "--bwlimit", "16M")
     try:
-        deadline = time.monotonic() + 60
-        while not _task_row(root)[2].get("bytes_durable"):   # some data is durable on the target: mid-copy
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the copy never made progress"
-            time.sleep(0.05)
+        until_sync(lambda: running(proc) and _task_row(root)[2].get("bytes_durable"), timeout=60,
+                   what="some data durable on the target: mid-copy")
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:

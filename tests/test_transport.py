@@ -19,6 +19,7 @@ from engine.transport.openssh import classify_failure, openssh_argv
 from harness.cli import ferry, ferry_process, isolate_ssh
 from harness.sshd import free_port, keygen
 from harness.trees import describe, diff, write
+from harness.waiting import until
 
 GIB = 1 << 30
 
@@ -132,30 +133,20 @@ async def test_timeout_is_a_clear_error_and_kills_the_command(transport, tmp_pat
     assert "timed out after 0.5 s" in e.value.message and transport.host in e.value.message
     assert "killed" in e.value.hint
     pid = int(pidfile.read_text())
-    for _ in range(200):
-        if not _alive(pid):
-            break
-        await asyncio.sleep(0.01)
-    assert not _alive(pid), "the timed-out command was killed, pipeline and all"
+    await until(lambda: not _alive(pid), timeout=10, what="the timed-out command killed, pipeline and all")
     assert (await transport.run(["true"])).ok   # and the transport still works
 
 
 async def test_cancelled_run_kills_the_command(transport, tmp_path):
     pidfile = tmp_path / "pid"
     task = asyncio.create_task(transport.run(["sh", "-c", f"echo $$ > {pidfile}.tmp; mv {pidfile}.tmp {pidfile}; sleep 30"]))
-    for _ in range(500):
-        if pidfile.exists():
-            break
-        await asyncio.sleep(0.01)
+    await until(pidfile.exists, timeout=10, what="the command started")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     pid = int(pidfile.read_text())
-    for _ in range(300):
-        if not os.path.exists(f"/proc/{pid}"):   # killed and reaped, not even a zombie left
-            break
-        await asyncio.sleep(0.01)
-    assert not os.path.exists(f"/proc/{pid}")
+    await until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=10,
+                what="the command killed and reaped, not even a zombie left")
 
 
 async def test_download_1gib_stream_with_bounded_memory(transport):
@@ -375,10 +366,7 @@ async def test_command_in_flight_when_link_dies_is_not_rerun(ssh_site, ssh_pool,
     server, t = ssh_site.servers["ssh1"], ssh_pool.get("ssh1")
     counter = tmp_path / "counter"
     task = asyncio.create_task(t.run(["sh", "-c", f"echo x >> {counter}; sleep 30"], timeout=60))
-    for _ in range(500):
-        if counter.exists():
-            break
-        await asyncio.sleep(0.01)
+    await until(counter.exists, timeout=10, what="the command started")
     t0 = time.monotonic()
     server.kill_connections()
     with pytest.raises(TransportError) as e:
@@ -507,10 +495,7 @@ async def test_ssh_agent_is_used_when_enabled(ssh_site, tmp_path, monkeypatch):
     sock = tmp_path / "agent.sock"
     agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
     try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            await asyncio.sleep(0.01)
+        await until(sock.exists, timeout=10, what="the agent's socket")
         env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
         subprocess.run(["ssh-add", "-q", str(server.user_key)], env=env, check=True, capture_output=True)
         monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))

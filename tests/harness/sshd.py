@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import pytest
 
 from engine.config import HostSpec, SiteConfig, dump_config, load_config
 from engine.workspace import Workspace
+
+from .waiting import until_sync
 
 SSHD = "/usr/sbin/sshd"
 PRIVSEP_DIR = Path("/run/sshd")
@@ -178,18 +179,19 @@ class SshServer:
         raise RuntimeError(f"sshd on {self.address}:{self.port} did not start:\n{self.log[-3000:]}")
 
     def _wait_listening(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
+        """True once sshd sends its banner; False if it exits first or stays silent until the deadline."""
+        def banner() -> bool:
+            assert self.proc.poll() is None, "sshd exited"
             try:
                 with socket.create_connection((self.address, self.port), timeout=0.5) as s:
                     s.settimeout(2)
-                    if s.recv(4).startswith(b"SSH-"):   # the banner: sshd is really there
-                        return True
+                    return s.recv(4).startswith(b"SSH-")   # the banner: sshd is really there
             except OSError:
-                time.sleep(0.02)
-        return False
+                return False
+        try:
+            return until_sync(banner, timeout=timeout, what=f"sshd on {self.address}:{self.port}")
+        except AssertionError:
+            return False
 
     def stop(self) -> None:
         if self.proc is None:
@@ -232,9 +234,7 @@ class SshServer:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        deadline = time.monotonic() + timeout
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        until_sync(lambda: not any(_alive(p) for p in pids), timeout=timeout, what="the killed connections to end")
         return len(pids)
 
     def trust(self, known_hosts: Path) -> None:
