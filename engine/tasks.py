@@ -188,6 +188,13 @@ class TaskContext:
     def current_progress(self) -> Progress:
         return self._progress
 
+    @property
+    def stopping(self) -> str | None:
+        """Why the engine is stopping this run, once it has begun to: "pause", "cancel", or "stop"
+        (the engine itself stops; the task resumes later). None while it runs on. A task keeps
+        what a resume needs unless it is "cancel"."""
+        return self.engine._stop_reason.get(self.id)
+
     def progress(self, *, measured: bool = True, **fields: Any) -> None:
         """Update progress (units_done/total, bytes_done/total, item, detail).
 

@@ -17,7 +17,7 @@ from engine.errors import FerryError
 from engine.replicate import agent as W
 from engine.replicate.channel import AgentChannel
 from engine.replicate.hosts import AgentHost
-from harness.cli import ferry, isolate_ssh
+from harness.cli import ferry, ferry_process, isolate_ssh
 from harness.qemu import sha256
 from harness.trees import describe, diff, loop_device, write
 from harness.waiting import running, until_sync
@@ -240,14 +240,11 @@ async def test_target_refuses_a_fifo_in_place_of_its_temporary_file(tmp_path):
 def _agent_pids(parent: int) -> list[int]:
     """Replication agents this process started (their command line carries the agent's boot code)."""
     out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
+    for pid in _children(parent):
         try:
-            stat_fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(stat_fields[1]) == parent and b"ferry-agent" in (d / "cmdline").read_bytes():
-                out.append(int(d.name))
-        except (OSError, IndexError, ValueError):
+            if b"ferry-agent" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except OSError:
             continue
     return out
 
@@ -436,3 +433,115 @@ async def test_the_engine_caps_and_checks_what_an_agent_sends(tmp_path, payload,
         await walk(where, str(tmp_path), FileOptions())
     assert e.value.message.startswith("evil: protocol error") and says in e.value.message, e.value.message
 
+
+
+async def test_an_agent_whose_finish_is_cancelled_is_still_stopped_and_reaped(tmp_path):
+    """A round that refuses to go on cancels the walk still running beside it, maybe while that
+    walk waits for its agent to exit: the agent is then killed and reaped there, not left to a
+    garbage collection after the event loop closed (seen as an unraisable warning in the suite)."""
+    (tmp_path / "tree").mkdir()
+    for i in range(2000):
+        write(tmp_path / "tree" / f"f{i}", b"x")
+    ch = await AgentChannel.start(AgentHost.local(), "walk", root=str(tmp_path / "tree"))
+    finishing = asyncio.create_task(ch.finish())
+    await asyncio.sleep(0)    # one turn of the loop: finish() is now waiting for the agent
+    finishing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await finishing
+    assert ch.proc._p.returncode is not None, "the agent was reaped"
+    assert ch.proc._p.pid not in _children(os.getpid())
+
+
+def _children(parent: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                out.append(int(d.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------- the same class: a target in use
+
+def test_a_mounted_device_is_refused_as_a_block_target(site, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    src = tmp_path / "disk.raw"
+    src.write_bytes(os.urandom(2 << 20) + bytes(6 << 20))
+    backing = tmp_path / "fs.img"
+    backing.write_bytes(bytes(16 << 20))
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(backing)], check=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with loop_device(backing) as dev:
+        subprocess.run(["mount", dev, str(mnt)], check=True)
+        try:
+            write(mnt / "precious", b"a mounted filesystem's data")
+            out = replicate(site.workspace.root, "blocks", f"local:{src}", f"ssh1:{dev}")
+            assert out["_code"] == 1 and "in use (mounted" in out["error"] and "nothing was written" in out["error"]
+            assert "unmount it" in out["hint"]
+            assert (mnt / "precious").read_bytes() == b"a mounted filesystem's data"
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False)
+    assert subprocess.run(["e2fsck", "-n", "-f", str(backing)], capture_output=True).returncode == 0
+
+
+def test_the_disk_of_a_running_qemu_is_refused_as_a_block_target(site, tmp_path):
+    """A real QEMU (stopped at its first instruction) holds an image open for writing, as a running
+    VM does: copying onto it would corrupt the VM's disk under it."""
+    import shutil
+
+    if not shutil.which("qemu-system-x86_64"):
+        pytest.skip("no qemu-system-x86_64")
+    src, disk = tmp_path / "disk.raw", tmp_path / "vm-disk.raw"
+    src.write_bytes(os.urandom(1 << 20) + bytes(3 << 20))
+    disk.write_bytes(os.urandom(4 << 20))
+    before = sha256(disk)
+    qemu = subprocess.Popen(["qemu-system-x86_64", "-S", "-display", "none", "-nodefaults", "-machine", "accel=tcg",
+                             "-drive", f"file={disk},format=raw,if=virtio", "-qmp", f"unix:{tmp_path}/qmp,server=on,wait=off"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        until_sync(lambda: running(qemu) and (tmp_path / "qmp").exists(), timeout=30, what="QEMU to start")
+        out = replicate(site.workspace.root, "blocks", f"local:{src}", f"ssh1:{disk}")
+        assert out["_code"] == 1 and "open for writing by pid" in out["error"] and "qemu" in out["error"], out
+    finally:
+        qemu.kill()
+        qemu.wait()
+    assert sha256(disk) == before
+
+
+def _all_agent_pids() -> set[int]:
+    out = set()
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and b"ferry-agent" in (d / "cmdline").read_bytes():
+                out.add(int(d.name))
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.parametrize("target", ["local", "ssh1"])
+def test_agents_of_a_killed_engine_stop_and_the_same_command_resumes_at_once(site, tmp_path, target):
+    """kill -9 of Ferry mid-copy: its agents (here and, through the OpenSSH client, on the host)
+    stop within seconds instead of writing on unwatched, and the same command run at once
+    resumes: the target's in-use check waits for an interrupted run's agents, where it refuses a
+    foreign writer (it refused this resume before it learnt to tell them apart)."""
+    src, dst = tmp_path / "disk.raw", tmp_path / "copy.raw"
+    src.write_bytes(os.urandom(48 << 20))
+    ws = site.workspace.root
+    before = _all_agent_pids()
+    proc = ferry_process(ws, "replicate", "blocks", f"local:{src}", f"{target}:{dst}", "--bwlimit", "8M",
+                         "--chunk-size", "1M", env={"HOME": os.environ["HOME"]})
+    try:
+        mine = until_sync(lambda: running(proc) and dst.exists() and dst.stat().st_blocks and
+                          (_all_agent_pids() - before), timeout=60, what="the copy to be under way")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    until_sync(lambda: not (mine & _all_agent_pids()), timeout=3, what=f"agents {sorted(mine)} to stop")
+    out = replicate(ws, "blocks", f"local:{src}", f"{target}:{dst}", "--chunk-size", "1M")
+    assert out["_code"] == 0 and out["resumed"] is True, out
+    assert sha256(src) == sha256(dst)

@@ -1692,6 +1692,70 @@ def zero_hash(n):
     return h
 
 
+def refuse_in_use(wire, real, wait_s=15.0):
+    """Refuse (EBUSY) to write a device or image that is in use: a mounted filesystem or one held
+    by LVM, RAID or a device mapper (an exclusive open fails), or a file or device another
+    program holds open for writing (a running VM's disk, say). Agents of an interrupted Ferry
+    run still writing to it are waited for a while: they end as soon as they notice."""
+    st = os.stat(real)
+    if stat.S_ISBLK(st.st_mode):
+        try:
+            os.close(os.open(real, os.O_RDONLY | os.O_EXCL))
+        except OSError as e:
+            if e.errno == errno.EBUSY and not writers_of(st, agents=True):
+                raise OSError(errno.EBUSY, "refused: in use (mounted, or held by LVM, RAID or another "
+                                           "device); nothing was written")
+            if e.errno != errno.EBUSY:
+                raise
+    deadline = time.monotonic() + wait_s
+    while True:
+        users = writers_of(st)
+        agents = writers_of(st, agents=True)
+        if not users and not agents:
+            return
+        if users or time.monotonic() > deadline:
+            what = users or ["another Ferry run's replication agents: " + ", ".join(agents[:3])]
+            raise OSError(errno.EBUSY, "refused: open for writing by %s; nothing was written"
+                          % ", ".join(what[:3]))
+        wire.beat("waiting for the agents of an interrupted run to stop writing to it")
+        time.sleep(0.1)
+
+
+def writers_of(st, agents=False):
+    """Other processes holding the file (or block device) `st` describes open for writing, as
+    'pid N (command)': Ferry's own replication agents only (agents=True), or all others."""
+    out = []
+    me = os.getpid()
+    same = ((lambda o: stat.S_ISBLK(o.st_mode) and o.st_rdev == st.st_rdev) if stat.S_ISBLK(st.st_mode)
+            else (lambda o: (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino)))
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        if pid == me:
+            continue
+        try:
+            fds = os.listdir("/proc/%d/fd" % pid)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if not same(os.stat("/proc/%d/fd/%s" % (pid, fd))):
+                    continue
+                with open("/proc/%d/fdinfo/%s" % (pid, fd)) as f:
+                    flags = next(int(l.split()[1], 8) for l in f if l.startswith("flags:"))
+                if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+                    with open("/proc/%d/cmdline" % pid, "rb") as f:
+                        if (b"ferry-agent" in f.read()) == agents:
+                            with open("/proc/%d/comm" % pid) as c:
+                                out.append("pid %d (%s)" % (pid, c.read().strip()))
+                    break
+            except (OSError, StopIteration, ValueError):
+                continue
+    return out
+
+
 def check_chunk(payload, chunk, size):
     """(index, kind, offset in the image, bytes it covers) of a chunk frame, checked against the
     image: a frame that names a place outside it is a protocol error, never a write there."""
@@ -1818,6 +1882,8 @@ def role_blk(wire, cmd):
                         fresh = True
                         where = locate(os.fsdecode(path))
                     elif fd is None:
+                        if target and where["exists"] and req.get("check_in_use"):
+                            refuse_in_use(wire, where["real"])
                         fd = open_block(os.fsencode(where["real"]), target)
                     if target:
                         if sink is not None:
@@ -2059,7 +2125,21 @@ def widen_pipes():
         pass
 
 
+def die_with_parent():
+    """Be killed when the process that started this agent dies (the engine for a local agent, the
+    SSH session for a remote one): an agent of a killed engine must not write on unwatched."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)   # PR_SET_PDEATHSIG
+    except Exception:   # not Linux, or no libc to ask: the agent then ends at its next read or write
+        return
+    if os.getppid() == 1:   # the parent is already gone
+        os._exit(0)
+
+
 def main():
+    die_with_parent()
     widen_pipes()
     wire = Wire()
     role = None

@@ -128,7 +128,9 @@ class BlockRound:
         st = self.stats
         chunk = self.opts.chunk_size
         src_ctl, dst_ctl = await asyncio.gather(self._agent("src"), self._agent("dst"))
-        src_info, dst_info = await asyncio.gather(_info(src_ctl), _info(dst_ctl))
+        # The round's first look at its target also refuses one in use (mounted, or written by a
+        # running VM); the agents it starts after this one hold the target open themselves.
+        src_info, dst_info = await asyncio.gather(_info(src_ctl), _info(dst_ctl, check_in_use=True))
         if not src_info["exists"]:
             raise PermanentError(f"{self.where('src')}: no such file or device", "check the source path")
         self._resolved(src_info, dst_info)

@@ -36,6 +36,10 @@ class AgentError(PermanentError):
         self.errno = errno
 
 
+class ProtocolViolation(AgentError):
+    """Something from an agent that does not have the shape the protocol gives it."""
+
+
 class StalledError(TransportError):
     """Nothing came from an agent for longer than the stall timeout: it or the link is stuck."""
 
@@ -43,8 +47,9 @@ class StalledError(TransportError):
 PROTOCOL_HINT = "the agent, the link or the other host sent something malformed; Ferry stopped before using it"
 
 
-def protocol_error(host: str, role: str, what: str, e: BaseException | str) -> AgentError:
-    return AgentError(f"{host}: protocol error from the replication agent ({role}): {what}: {e}", PROTOCOL_HINT)
+def protocol_error(host: str, role: str, what: str, e: BaseException | str) -> ProtocolViolation:
+    return ProtocolViolation(f"{host}: protocol error from the replication agent ({role}): {what}: {e}",
+                             PROTOCOL_HINT)
 
 
 async def watching(aw: Any, reader: asyncio.Task) -> Any:
@@ -183,7 +188,9 @@ class AgentChannel:
                 E.EDQUOT: "raise the quota on the target, then run the same command again to resume",
                 E.EROFS: "the target filesystem is read-only; remount it read-write",
                 E.ENOENT: "check the path", E.ENOTDIR: "the path must be a directory",
-                E.EACCES: "check permissions (Ferry runs as the ssh user on the host)"}.get(code, "")
+                E.EACCES: "check permissions (Ferry runs as the ssh user on the host)",
+                E.EBUSY: "unmount it, or stop what writes to it (a running VM: shut it down), then run the "
+                         "same command again"}.get(code, "")
         return AgentError(text, hint, errno=code)
 
     async def _ended(self, e: BaseException) -> FerryError:
@@ -225,6 +232,11 @@ class AgentChannel:
                     pass
         except (asyncio.TimeoutError, FerryError):
             await self.kill()
+        except asyncio.CancelledError:
+            # Cancelled while waiting (a round that refuses to go on, say): the agent is still
+            # ours to stop and reap, or it outlives the event loop unreaped.
+            await self.kill()
+            raise
 
     async def kill(self) -> None:
         """Stop the agent now, and reap it (so no process or pipe outlives the round)."""

@@ -24,7 +24,7 @@ from typing import Any, Awaitable, Callable
 
 from ..errors import FerryError, PermanentError
 from . import agent as W
-from .channel import STALL_S, AgentChannel, AgentError, protocol_error, watching
+from .channel import STALL_S, AgentChannel, AgentError, ProtocolViolation, protocol_error, watching
 from .hosts import AgentHost
 from .overlap import refuse_tree_overlap
 from .pipeline import Stream
@@ -120,9 +120,9 @@ async def walk(t: AgentHost, root: str, opts: FileOptions, *, missing_ok: bool =
                     continue
                 m.summary = msg if isinstance(msg, dict) else {}
                 break
+    except ProtocolViolation:
+        raise
     except AgentError as e:
-        if "protocol error" in e.message:
-            raise
         raise PermanentError(f"{t.host}:{root}: {e.message.split(': ', 1)[-1]}", e.hint or "check the path") from None
     finally:
         await ch.finish()

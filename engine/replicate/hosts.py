@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable
@@ -24,9 +25,16 @@ REMOTE_AGENT = ["sh", "-c", _REMOTE_PYTHON, "ferry-agent", W.BOOT]
 LOCAL_AGENT = [sys.executable, "-S", "-c", W.BOOT]
 
 
+# The OpenSSH client carrying an agent dies with the engine (the agent itself sees to that for
+# itself, see agent.die_with_parent): its session then ends, and the agent on the host with it.
+_SETPRIV = shutil.which("setpriv")
+
+
 async def spawn(argv: list[str], *, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE) -> LocalProcess:
     """An agent (or the OpenSSH client carrying one) as a child of this process; stdin or stdout
     may be an fd (one end of a pipe to another agent)."""
+    if _SETPRIV and argv is not LOCAL_AGENT:
+        argv = [_SETPRIV, "--pdeathsig", "SIGTERM", "--", *argv]
     proc = await asyncio.create_subprocess_exec(*argv, stdin=stdin, stdout=stdout, stderr=asyncio.subprocess.PIPE,
                                                 start_new_session=True, limit=PIPE_LIMIT)
     return LocalProcess(proc, "local", "replication agent")

@@ -153,6 +153,9 @@ class Stream:
                 if p.stdin:
                     await p.stdin.close()
                 await asyncio.wait_for(p.wait(), 30)
+            except asyncio.CancelledError:
+                await self.kill()   # every process of the stream, reaped, before the cancel goes on
+                raise
             except Exception:
                 await p.kill()
         if self._pump:

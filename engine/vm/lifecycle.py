@@ -46,8 +46,7 @@ async def working_on(ctx: TaskContext, row: dict) -> AsyncIterator[None]:
 def cancelled_for_good(ctx: TaskContext) -> bool:
     """Is the task being cancelled by an operator (not paused, nor left for the next engine)? Work kept
     for a resume is removed only then."""
-    # The engine notes why it cancels a task's coroutine before it does; it has no public word for it yet.
-    return getattr(ctx.engine, "_stop_reason", {}).get(ctx.id) == "cancel"
+    return ctx.stopping == "cancel"
 
 
 class VMTask(TaskKind):
