@@ -701,19 +701,25 @@ def role_walk(wire, cmd):
         nonlocal count, total, batch
         try:
             entries = list(os.scandir(dfd))
+            # Extended attributes are read by name relative to the directory being listed (the
+            # calls take no directory descriptor): the walk works in it. Its own process, one thread.
+            os.fchdir(dfd)
         except OSError as e:
             errors.append(describe_oserror(e, os.fsdecode(root + b"/" + rel_dir)))
             return
+
+        def shown():
+            return os.fsdecode(root + b"/" + rel)
+
         for ent in entries:
             wire.beat("walking")
             name = os.fsencode(ent.name)
             rel = rel_dir + b"/" + name if rel_dir else name
-            shown = os.fsdecode(root + b"/" + rel)
             try:
                 est = ent.stat(follow_symlinks=False)
             except OSError as e:
                 if e.errno != errno.ENOENT:  # vanished while walking: simply not there
-                    errors.append(describe_oserror(e, shown))
+                    errors.append(describe_oserror(e, shown()))
                 continue
             typ = _TYPE_OF.get(stat.S_IFMT(est.st_mode))
             if typ is None:
@@ -726,16 +732,16 @@ def role_walk(wire, cmd):
                 try:
                     link = os.readlink(name, dir_fd=dfd)
                 except OSError as e:
-                    errors.append(describe_oserror(e, shown))
+                    errors.append(describe_oserror(e, shown()))
                     continue
-            xitems = xattr_items(at_path(dfd, name, root + b"/" + rel)) if typ != T_LINK else []
+            xitems = xattr_items(name) if typ != T_LINK else []
             digest = None
             if typ == T_FILE and (want_hash or rel in hash_paths
                                   or (ctime_after is not None and est.st_ctime_ns > ctime_after)):
                 try:
                     fd = open_regular(name, dfd)
                 except OSError as e:
-                    errors.append(describe_oserror(e, shown))
+                    errors.append(describe_oserror(e, shown()))
                     fd = None
                 if fd is not None:
                     try:
