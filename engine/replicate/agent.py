@@ -1704,40 +1704,42 @@ def refuse_in_use(wire, real, wait_s=15.0):
     program holds open for writing (a running VM's disk, say). Agents of an interrupted Ferry
     run still writing to it are waited for a while: they end as soon as they notice."""
     st = os.stat(real)
-    if stat.S_ISBLK(st.st_mode):
-        try:
-            os.close(os.open(real, os.O_RDONLY | os.O_EXCL))
-        except OSError as e:
-            if e.errno == errno.EBUSY and not writers_of(st, agents=True):
-                raise OSError(errno.EBUSY, "refused: in use (mounted, or held by LVM, RAID or another "
-                                           "device); nothing was written")
-            if e.errno != errno.EBUSY:
-                raise
     deadline = time.monotonic() + wait_s
     while True:
-        users = writers_of(st)
-        agents = writers_of(st, agents=True)
-        if not users and not agents:
+        others, agents = writers_of(st)
+        held = False
+        if stat.S_ISBLK(st.st_mode):
+            try:
+                os.close(os.open(real, os.O_RDONLY | os.O_EXCL))
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                held = True
+        if others:
+            raise OSError(errno.EBUSY, "refused: open for writing by %s; nothing was written" % ", ".join(others[:3]))
+        if not agents:
+            if held:
+                raise OSError(errno.EBUSY, "refused: in use (mounted, or held by LVM, RAID or another "
+                                           "device); nothing was written")
             return
-        if users or time.monotonic() > deadline:
-            what = users or ["another Ferry run's replication agents: " + ", ".join(agents[:3])]
-            raise OSError(errno.EBUSY, "refused: open for writing by %s; nothing was written"
-                          % ", ".join(what[:3]))
+        if time.monotonic() > deadline:
+            raise OSError(errno.EBUSY, "refused: open for writing by another Ferry run's replication agents: "
+                                       "%s; nothing was written" % ", ".join(agents[:3]))
         wire.beat("waiting for the agents of an interrupted run to stop writing to it")
         time.sleep(0.1)
 
 
-def writers_of(st, agents=False):
+def writers_of(st):
     """Other processes holding the file (or block device) `st` describes open for writing, as
-    'pid N (command)': Ferry's own replication agents only (agents=True), or all others."""
-    out = []
+    'pid N (command)': (other programs, Ferry's own replication agents)."""
+    others, agents = [], []
     me = os.getpid()
     same = ((lambda o: stat.S_ISBLK(o.st_mode) and o.st_rdev == st.st_rdev) if stat.S_ISBLK(st.st_mode)
             else (lambda o: (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino)))
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
-        return out
+        return others, agents
     for pid in pids:
         if pid == me:
             continue
@@ -1753,13 +1755,13 @@ def writers_of(st, agents=False):
                     flags = next(int(l.split()[1], 8) for l in f if l.startswith("flags:"))
                 if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
                     with open("/proc/%d/cmdline" % pid, "rb") as f:
-                        if (b"ferry-agent" in f.read()) == agents:
-                            with open("/proc/%d/comm" % pid) as c:
-                                out.append("pid %d (%s)" % (pid, c.read().strip()))
+                        ours = b"ferry-agent" in f.read()
+                    with open("/proc/%d/comm" % pid) as c:
+                        (agents if ours else others).append("pid %d (%s)" % (pid, c.read().strip()))
                     break
             except (OSError, StopIteration, ValueError):
                 continue
-    return out
+    return others, agents
 
 
 def check_chunk(payload, chunk, size):
