@@ -231,9 +231,8 @@ def cmd_hosts_trust(args, ws: Workspace) -> int:
 
 def _task_row(t: TaskInfo) -> list[str]:
     p = t.progress
-    bytes_mode = bool(p.bytes_total)
     return [str(t.id), t.kind, f"{t.state.symbol} {t.state}", f"{fmt.bar(p.fraction, 10)} {fmt.percent(p.fraction)}",
-            fmt.rate(p.rate, bytes_=bytes_mode) if t.state == TaskState.RUNNING else "-",
+            fmt.rate(p.rate) if t.state == TaskState.RUNNING else "-",
             fmt.duration(p.eta) if t.state == TaskState.RUNNING else "-", t.title]
 
 

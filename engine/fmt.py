@@ -20,9 +20,9 @@ def size(n: float | None) -> str:
     return f"{n:.1f} PiB"
 
 
-def rate(bps: float | None, *, bytes_: bool = True) -> str:
-    """Bytes per second. (`bytes_` is ignored: a task's rate is always bytes, the engine derives
-    no rate of steps or items, which would say nothing about time left.)"""
+def rate(bps: float | None) -> str:
+    """Bytes per second: a task's rate is always bytes (the engine derives no rate of steps or
+    items, which would say nothing about time left)."""
     return "-" if bps is None else f"{size(bps)}/s"
 
 

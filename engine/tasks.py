@@ -683,9 +683,10 @@ class Engine:
                     return
                 await self._publish_state(tid)
                 params = self._secret_params.get(tid, info.params)
-                if redacted_keys(params):
+                missing = redacted_keys(params)
+                if missing:
                     raise PermanentError(
-                        f"task {tid} needs its {', '.join(redacted_keys(params))} again, which Ferry never stores",
+                        f"task {tid} needs its {', '.join(missing)} again, which Ferry never stores",
                         "start the job again with the same command: it passes them to the process that runs it")
                 ctx = TaskContext(self, info, row["checkpoint"], attempt, params=params,
                                   progress=ctx.current_progress if ctx else None)

@@ -182,24 +182,25 @@ class ProtocolError(ValueError):
     """A frame from the other side that does not have the shape the protocol gives it."""
 
 
+def _fits(v, t):
+    """isinstance, except that a bool is not an int unless bool is asked for."""
+    if isinstance(v, bool):
+        return t is bool or (isinstance(t, tuple) and bool in t)
+    return isinstance(v, t)
+
+
 def shaped(vals, *types, what="frame"):
-    """vals, checked against types (a type, a tuple of types, or None for anything); bool is not
-    an int here. Raises ProtocolError naming the entry (the first bytes value) when it differs."""
-    ok = isinstance(vals, list) and len(vals) == len(types)
-    if ok:
-        for v, t in zip(vals, types):
-            if t is None:
-                continue
-            if isinstance(v, bool) and not (t is bool or (isinstance(t, tuple) and bool in t)):
-                ok = False
-            elif not isinstance(v, t):
-                ok = False
-            if not ok:
-                break
-    if not ok:
+    """vals, checked against types (a type or a tuple of types). Raises ProtocolError naming the
+    entry (the first bytes value) when it differs."""
+    if not (isinstance(vals, list) and len(vals) == len(types) and all(map(_fits, vals, types))):
         name = next((v for v in vals if isinstance(v, bytes)), b"?") if isinstance(vals, list) else b"?"
         raise ProtocolError("protocol error: malformed %s for %s" % (what, os.fsdecode(name[:200])))
     return vals
+
+
+def named(vals, i=0):
+    """The entry a frame's values name at position i, for a message (b"?" when there is none)."""
+    return vals[i] if isinstance(vals, list) and len(vals) > i and isinstance(vals[i], bytes) else b"?"
 
 
 # ----------------------------------------------------------------------------- framed stdio
@@ -938,12 +939,12 @@ def send_hash(wire, src, rel, length):
     wire.write_json(hash_reply(wire, src, rel, length))
 
 
-def hash_reply(wire, root, rel, length, name_of=None):
-    """{"path", "length", "sha256"} of a file under root (SafeRoot) or of its partial copy
-    (name_of: the name to open instead of the entry's own); sha256 None when it cannot be read."""
+def hash_reply(wire, root, rel, length):
+    """{"path", "length", "sha256"} of a file under root (a SafeRoot); sha256 None when it cannot
+    be read."""
     try:
         dfd, name = root.parent(rel)
-        fd = open_regular(name_of(name) if name_of else name, dfd, noatime=False)
+        fd = open_regular(name, dfd, noatime=False)
         try:
             size = os.fstat(fd).st_size
             n = size if length is None else min(length, size)
@@ -1176,7 +1177,7 @@ class Receiver:
 
     def error(self, rel, e):
         code = getattr(e, "errno", 0) or 0
-        if isinstance(e, Refused):
+        if isinstance(e, (Refused, ProtocolError)):
             msg = "refused: %s" % e
         elif isinstance(e, OSError):
             msg = describe_oserror(e, os.fsdecode(rel))
@@ -1205,7 +1206,7 @@ class Receiver:
                 raise ProtocolError("protocol error: %s: %d bytes announced, %d sent"
                                     % (os.fsdecode(rel), size, len(data)))
         except ProtocolError as e:
-            self.error(meta[0] if meta and isinstance(meta[0], bytes) else b"?", Refused(str(e)))
+            self.error(named(meta), e)
             return
         digest, changed = bytes(trailer[:-1]), trailer[-1:] == b"\1"
         try:
@@ -1242,9 +1243,8 @@ class Receiver:
                 raise ProtocolError("protocol error: %s: resumes at %d of %d bytes"
                                     % (os.fsdecode(rel), resume_at, size))
         except ProtocolError as e:
-            rel = vals[0] if vals and isinstance(vals[0], bytes) else b"?"
-            self.error(rel, Refused(str(e)))
-            self.partial = {"skip": True, "rel": rel}
+            self.error(named(vals), e)
+            self.partial = {"skip": True, "rel": named(vals)}
             return
         dfd = None
         try:
@@ -1278,8 +1278,8 @@ class Receiver:
         data = memoryview(payload)[8:]
         if off < p["pos"] or off + len(data) > p["size"]:
             self.abandon_partial()
-            self.error(p["rel"], Refused("protocol error: %s: data at offset %d does not follow %d or "
-                                         "runs past %d bytes" % (os.fsdecode(p["rel"]), off, p["pos"], p["size"])))
+            self.error(p["rel"], ProtocolError("protocol error: %s: data at offset %d does not follow %d or runs "
+                                               "past %d bytes" % (os.fsdecode(p["rel"]), off, p["pos"], p["size"])))
             return
         try:
             h = p["hash"]
@@ -1318,7 +1318,7 @@ class Receiver:
         except ProtocolError as e:
             self.abandon_partial()
             self.partial = None
-            self.error(p["rel"], Refused(str(e)))
+            self.error(p["rel"], e)
             return
         self.partial = None
         if p.get("skip"):
@@ -1353,22 +1353,19 @@ class Receiver:
     def entry(self, payload):
         """dir, symlink, hard link, device/fifo, or metadata-only update."""
         vals = unpack_values(payload)
-        rel = vals[1] if len(vals) > 1 and isinstance(vals[1], bytes) else b"?"
+        rel = named(vals, 1)
         try:
             kind = vals[0] if vals and isinstance(vals[0], str) else None
             shape = self.ENTRY_SHAPES.get(kind)
             if shape is None:
-                raise Refused("protocol error: unknown entry kind %r for %s" % (kind, os.fsdecode(rel)))
-            try:
-                shaped(vals, str, bytes, *shape, what="%s entry" % kind)
-                if kind == "meta":
-                    xattr_list(vals[6], rel)
-            except ProtocolError as e:
-                raise Refused(str(e))
+                raise ProtocolError("protocol error: unknown entry kind %r for %s" % (kind, os.fsdecode(rel)))
+            shaped(vals, str, bytes, *shape, what="%s entry" % kind)
+            if kind == "meta":
+                xattr_list(vals[6], rel)
             if rel == b".":
                 if kind == "dir":
                     return   # the root exists; its metadata comes with dirmeta
-                raise Refused("protocol error: a %s entry for the root itself" % kind)
+                raise ProtocolError("protocol error: a %s entry for the root itself" % kind)
             dfd, name = self.root.parent(rel)
             if kind == "dir":
                 try:
@@ -1397,8 +1394,8 @@ class Receiver:
                 if stat.S_ISFIFO(mode):
                     make = lambda n: os.mkfifo(n, stat.S_IMODE(mode), dir_fd=dfd)  # noqa: E731
                 elif not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode)):
-                    raise Refused("protocol error: node %s of mode %o is no device or FIFO"
-                                  % (os.fsdecode(rel), mode))
+                    raise ProtocolError("protocol error: node %s of mode %o is no device or FIFO"
+                                        % (os.fsdecode(rel), mode))
                 elif not self.is_root:
                     self.notes.add("device nodes not created: not root on the target")
                     return
@@ -1419,7 +1416,7 @@ class Receiver:
                 finally:
                     os.close(fd)
             self.acked.append([rel, b"", 0, False, False])
-        except (OSError, Refused) as e:
+        except (OSError, Refused, ProtocolError) as e:
             self.error(rel, e)
 
     def fresh_tmp(self, dfd, name):
@@ -1435,14 +1432,11 @@ class Receiver:
 
     def dirmeta(self, payload):
         vals = unpack_values(payload)
-        rel = vals[0] if vals and isinstance(vals[0], bytes) else b"?"
+        rel = named(vals)
         try:
-            try:
-                rel, mode, uid, gid, mtime_ns, xitems = shaped(vals, bytes, int, int, int, int, list,
-                                                               what="directory metadata")
-                xattr_list(xitems, rel)
-            except ProtocolError as e:
-                raise Refused(str(e))
+            rel, mode, uid, gid, mtime_ns, xitems = shaped(vals, bytes, int, int, int, int, list,
+                                                           what="directory metadata")
+            xattr_list(xitems, rel)
             if rel == b".":
                 fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.root.rootfd)
             else:
@@ -1452,22 +1446,19 @@ class Receiver:
                 self.set_meta_fd(fd, mode, uid, gid, mtime_ns, xitems)
             finally:
                 os.close(fd)
-        except (OSError, Refused) as e:
+        except (OSError, Refused, ProtocolError) as e:
             self.error(rel, e)
 
     def delete(self, payload):
         vals = unpack_values(payload)
-        rel = vals[0] if vals and isinstance(vals[0], bytes) else b"?"
+        rel = named(vals)
         try:
-            try:
-                (rel,) = shaped(vals, bytes, what="delete")
-            except ProtocolError as e:
-                raise Refused(str(e))
+            (rel,) = shaped(vals, bytes, what="delete")
             dfd, name = self.root.parent(rel)
             remove_tree_at(dfd, name)
         except FileNotFoundError:
             pass
-        except (OSError, Refused) as e:
+        except (OSError, Refused, ProtocolError) as e:
             self.error(rel, e)
         self.root.drop()
 
@@ -1608,7 +1599,7 @@ def role_recv(wire, cmd):
             try:
                 handler(payload)
             except ValueError as e:   # a malformed frame: said, and the rest goes on
-                rc.error(b"?", Refused(str(e) if isinstance(e, ProtocolError) else "protocol error: %s" % e))
+                rc.error(b"?", e if isinstance(e, ProtocolError) else ProtocolError("protocol error: %s" % e))
             rc.root.trim()
             rc.dirty = True
             if typ in (F_FILE, F_END, F_DATA):

@@ -21,7 +21,7 @@ from ..errors import FerryError, PermanentError
 from .hosts import AgentHost
 from . import agent as W
 from .channel import STALL_S, AgentChannel, protocol_error, watching
-from .overlap import refuse_block_overlap
+from .overlap import refuse_block_overlap, resolved
 from .pipeline import Stream
 
 DEFAULT_CHUNK = 4 << 20
@@ -108,12 +108,8 @@ class BlockRound:
         """Refuse a target that overlaps the source; from here on, agents open the resolved paths."""
         src, dst = self.where("src"), self.where("dst")
         refuse_block_overlap(src, src_info.get("where"), dst, dst_info.get("where"))
-        for label, info, attr in ((src, src_info, "src_real"), (dst, dst_info, "dst_real")):
-            real = (info.get("where") or {}).get("real")
-            if real:
-                setattr(self, attr, real)
-                if real != label.split(":", 1)[1]:
-                    self.log(f"{label} is {real}", "info")
+        self.src_real = resolved(src, src_info.get("where"), self.log) or self.src_real
+        self.dst_real = resolved(dst, dst_info.get("where"), self.log) or self.dst_real
 
     async def run(self) -> BlockStats:
         try:

@@ -26,7 +26,7 @@ from ..errors import FerryError, PermanentError
 from . import agent as W
 from .channel import STALL_S, AgentChannel, AgentError, ProtocolViolation, protocol_error, watching
 from .hosts import AgentHost
-from .overlap import refuse_tree_overlap
+from .overlap import refuse_tree_overlap, resolved
 from .pipeline import Stream
 
 PART_PREFIX = W.PART_PREFIX
@@ -635,12 +635,8 @@ class FileRound:
         roots as resolved."""
         src, dst = f"{self.src_t.host}:{self.src_root}", f"{self.dst_t.host}:{self.dst_root}"
         refuse_tree_overlap(src, src_where, dst, dst_where)
-        for label, where, attr in ((src, src_where, "src_real"), (dst, dst_where, "dst_real")):
-            real = where.get("real")
-            if real:
-                setattr(self, attr, real)
-                if real != label.split(":", 1)[1]:
-                    self.log(f"{label} is {real}", "info")
+        self.src_real = resolved(src, src_where, self.log) or self.src_real
+        self.dst_real = resolved(dst, dst_where, self.log) or self.dst_real
 
     async def _control_agents(self) -> tuple[AgentChannel, AgentChannel]:
         # The control agent carries the files of a small round itself: it keeps --bwlimit too.

@@ -10,7 +10,7 @@ would be deleted by its own copy.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from ..errors import PermanentError
 
@@ -24,6 +24,15 @@ def _ids(where: dict[str, Any]) -> list[tuple[int, int]]:
 def _shown(label: str, where: dict[str, Any]) -> str:
     real = where.get("real")
     return label if not real or label.endswith(":" + real) else f"{label} (really {real})"
+
+
+def resolved(label: str, where: dict[str, Any] | None, log: Callable[[str, str], None]) -> str | None:
+    """The path an agent resolved the operator's HOST:PATH `label` to (None: it did not say), said
+    in the task log when it differs from what was given."""
+    real = (where or {}).get("real")
+    if real and real != label.split(":", 1)[1]:
+        log(f"{label} is {real}", "info")
+    return real
 
 
 def same_machine(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
