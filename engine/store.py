@@ -129,6 +129,21 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX tasks_one_unfinished ON tasks(kind, dedup_key)
         WHERE dedup_key IS NOT NULL AND state NOT IN ('succeeded','cancelled');
     """,
+    # v5: the files a task makes on hosts (temporary, or made for what it builds), recorded before
+    # each exists, so that a task killed at any instant leaves nothing that cannot be found: its
+    # resume, its rollback, or `ferry gc` once the task is gone removes them. No foreign key: the
+    # rows outlive a task row that is deleted, which is when gc needs them most.
+    """
+    CREATE TABLE task_files (
+        task_id INTEGER NOT NULL,
+        host    TEXT NOT NULL,
+        path    TEXT NOT NULL,
+        role    TEXT NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY (task_id, host, path)
+    ) WITHOUT ROWID;
+    CREATE INDEX task_files_path ON task_files(host, path);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -483,6 +498,52 @@ class Store:
     def set_setting(self, key: str, value: Any) -> None:
         self._exec("INSERT INTO settings(key, value) VALUES(?, ?)"
                    " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, json.dumps(value)))
+
+    # ---------------------------------------------------------- files tasks make on hosts
+
+    def track_file(self, task_id: int, host: str, path: str, role: str) -> None:
+        """Record, before it exists, a file or folder task `task_id` makes on `host`: role "temp"
+        (removed when the task ends, whatever the end) or "made" (part of what the task builds:
+        kept when it succeeds, removed when it rolls back)."""
+        self._exec("INSERT INTO task_files(task_id, host, path, role, created) VALUES(?,?,?,?,?)"
+                   " ON CONFLICT(task_id, host, path) DO UPDATE SET role=excluded.role",
+                   (task_id, host, path, role, time.time()))
+
+    def untrack_file(self, task_id: int, host: str, path: str) -> None:
+        self._exec("DELETE FROM task_files WHERE task_id=? AND host=? AND path=?", (task_id, host, path))
+
+    def tracked_files(self, task_id: int | None = None) -> list[dict]:
+        """The files recorded for a task (or for every task), newest first."""
+        if task_id is None:
+            rows = self._q("SELECT * FROM task_files ORDER BY task_id, created DESC")
+        else:
+            rows = self._q("SELECT * FROM task_files WHERE task_id=? ORDER BY created DESC", (task_id,))
+        return [dict(r) for r in rows]
+
+    def workspace_id(self) -> str:
+        """A random name for this workspace (its state.db), made once: it tags the helpers of its tasks."""
+        def tx(db: sqlite3.Connection) -> str:
+            r = db.execute("SELECT value FROM settings WHERE key='workspace_id'").fetchone()
+            if r is not None:
+                return json.loads(r["value"])
+            value = os.urandom(4).hex()
+            db.execute("INSERT INTO settings(key, value) VALUES('workspace_id', ?)", (json.dumps(value),))
+            return value
+        return self._tx(tx)
+
+    def interrupt(self, task_id: int, can_take: Callable[[str | None, float | None], bool]) -> bool:
+        """Mark a queued, running or waiting task whose Ferry process is gone as interrupted (and
+        unowned), in one transaction with the look at its owner: True when it was."""
+        def tx(db: sqlite3.Connection) -> bool:
+            r = db.execute("SELECT owner, heartbeat, state FROM tasks WHERE id=?", (task_id,)).fetchone()
+            if r is None or r["state"] not in ("queued", "running", "waiting") or not r["owner"]:
+                return False
+            if not can_take(r["owner"], r["heartbeat"]):
+                return False
+            db.execute("UPDATE tasks SET state='interrupted', owner=NULL, waiting=NULL, updated=? WHERE id=?",
+                       (time.time(), task_id))
+            return True
+        return self._tx(tx)
 
     # ---------------------------------------------------------- VMs and templates
 

@@ -12,6 +12,7 @@ class TaskState(enum.StrEnum):
     RUNNING = "running"
     PAUSED = "paused"
     WAITING = "waiting"        # for an operator's confirmation
+    INTERRUPTED = "interrupted"  # its Ferry process died mid-task: resumes (or rolls back) when told
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -29,7 +30,7 @@ FINAL_STATES = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCE
 ACTIVE_STATES = frozenset({TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING})
 STATE_SYMBOLS = {
     TaskState.QUEUED: "…", TaskState.RUNNING: "▶", TaskState.PAUSED: "⏸", TaskState.WAITING: "?",
-    TaskState.SUCCEEDED: "✔", TaskState.FAILED: "✖", TaskState.CANCELLED: "■",
+    TaskState.SUCCEEDED: "✔", TaskState.FAILED: "✖", TaskState.CANCELLED: "■", TaskState.INTERRUPTED: "↯",
 }
 
 

@@ -25,6 +25,7 @@ from typing import Any, Awaitable, Callable, ClassVar
 from .config import SiteConfig
 from .errors import FerryError, PermanentError, TaskCancelled, TransientError
 from .events import Event, EventBus, Subscription
+from .helpers import TASK_TAG, detached, stop_helpers, task_tag
 from .store import Store, current_user, describe_process, redacted_keys, scrub
 from .taskmodel import FINAL_STATES, Progress, TaskInfo, TaskState
 
@@ -97,6 +98,17 @@ class TaskKind:
     def dedup_key(self, params: dict[str, Any]) -> str | None:
         """Same key = same job: re-running it resumes the unfinished task."""
         return None
+
+    # When the task fails (not transiently), roll back as when it is cancelled. For kinds whose
+    # half-made result is of no use (a VM without its disks); others keep their work for a resume.
+    rollback_on_failure: ClassVar[bool] = False
+
+    async def rollback(self, ctx: "TaskContext") -> None:
+        """Undo what the task made beyond the files it tracked (the engine removes those after
+        this): its records in state.db, jobs it left in other processes. Runs when the task is
+        cancelled (while it runs, or paused, interrupted or failed), and when it fails if
+        rollback_on_failure. It may run after a crash at any instant, and again after a crash in
+        itself: it looks at what exists, and is idempotent. Its helper processes are already stopped."""
 
     async def run(self, ctx: "TaskContext") -> dict[str, Any] | None:
         raise NotImplementedError
@@ -273,6 +285,20 @@ class TaskContext:
                                      state, self._progress.to_dict(), chunks, reset_chunks)
         self.checkpoint = state
 
+    async def track(self, host: str, path: str, *, role: str = "temp") -> None:
+        """Record a file or folder this task is about to make on `host`, before it exists: "temp" ones
+        are removed when the task ends, however it ends; "made" ones (what the task builds) are kept
+        when it succeeds and removed when it rolls back. A resume, a rollback or `ferry gc` finds them."""
+        await self.engine.store.call(self.engine.store.track_file, self.id, host, path, role)
+
+    async def untrack(self, host: str, path: str) -> None:
+        """The file is gone, or no longer the task's (it belongs to what the task finished)."""
+        await self.engine.store.call(self.engine.store.untrack_file, self.id, host, path)
+
+    async def tracked(self) -> list[dict]:
+        """The files this task recorded: dicts with host, path, role."""
+        return await self.engine.store.call(self.engine.store.tracked_files, self.id)
+
     async def load_chunks(self) -> dict[int, bytes]:
         return await self.engine.store.call(self.engine.store.load_chunks, self.id)
 
@@ -323,6 +349,7 @@ class Engine:
         # holds them redacted, so a secret lives as long as this process and no longer.
         self._secret_params: dict[int, dict[str, Any]] = {}
         self._watched: set[int] = set()   # tasks of other processes to take over if those die
+        self.workspace_id = ""             # names this workspace in the tags of task helpers
 
     # -------------------------------------------------------------- lifecycle
 
@@ -330,7 +357,9 @@ class Engine:
         if self.state == "running":
             return
         _LIVE_OWNERS.add(self.owner)
+        self.workspace_id = await self.store.call(self.store.workspace_id)
         self.state = "running"
+        await self.recover()
         if self.adopt:
             await self.adopt_orphans()
         self._loop_task = asyncio.create_task(self._control_loop(), name="ferry-engine-control")
@@ -532,8 +561,9 @@ class Engine:
             if not fut.done():
                 fut.set_result(True)
             return
-        if state in FINAL_STATES and not (action == "resume" and state == TaskState.FAILED):
-            raise PermanentError(f"task {tid} is already {state}", "only unfinished (or failed, to retry) tasks can be controlled")
+        if state in FINAL_STATES and not (action in ("resume", "cancel") and state == TaskState.FAILED):
+            raise PermanentError(f"task {tid} is already {state}",
+                                 "only unfinished (or failed: to retry, or to cancel and roll back) tasks can be controlled")
         if action == "pause":
             if state == TaskState.PAUSED:
                 return
@@ -560,7 +590,72 @@ class Engine:
                 self._running[tid].cancel()
                 return
             self._queue.pop(tid, None)
-            await self._finish(tid, TaskState.CANCELLED, error=kw.get("reason") or None)
+            # Not running here: it is rolled back now, by this process, which holds it.
+            await self._claim_or_raise(tid)
+            row = await self.store.call(self.store.task_row, tid)
+            ctx = TaskContext(self, TaskInfo.from_row(row), row["checkpoint"], 0,
+                              params=self._secret_params.get(tid, info.params))
+            token = TASK_TAG.set(task_tag(self.workspace_id, tid))
+            try:
+                if info.started is not None:
+                    await self._stop_helpers(info)
+                error = await self._roll_back(kind_of(info.kind), ctx, kw.get("reason") or None)
+            finally:
+                TASK_TAG.reset(token)
+            await self._finish(tid, TaskState.CANCELLED, error=error)
+
+    async def _stop_helpers(self, info: TaskInfo) -> None:
+        """Stops the processes a earlier run of the task left on its hosts (found by its tag)."""
+        tag = task_tag(self.workspace_id, info.id)
+        for host in info.hosts or ["local"]:
+            try:
+                killed, left = await stop_helpers(self.transport(host), tag)
+            except (FerryError, OSError) as e:
+                self._on_log(info.id, "warning", f"could not look for its earlier helper processes on {host}: {e}")
+                continue
+            if killed:
+                self._on_log(info.id, "warning", f"stopped {killed} helper process(es) an earlier run left on {host}"
+                             + (f"; {left} would not stop" if left else ""))
+            if left:
+                raise TransientError(f"{left} helper process(es) of task {info.id} on {host} would not stop",
+                                     "they may be stuck in the kernel (I/O); look at them with ps, then retry")
+
+    async def _roll_back(self, kind: TaskKind, ctx: TaskContext, error: str | None) -> str | None:
+        """The kind's rollback, then every file the task tracked removed: the error to record (what
+        could not be undone is said, and stays tracked for `ferry gc`)."""
+        tid = ctx.id
+        self._on_log(tid, "info", "rolling back: removing what it made")
+        try:
+            await kind.rollback(ctx)
+        except Exception as e:  # noqa: BLE001 - a failed rollback is reported, never lost
+            if not isinstance(e, FerryError):
+                log.exception("task %s: rollback", tid)
+            note = f"rollback incomplete: {getattr(e, 'message', None) or e}"
+            self._on_log(tid, "error", note + "; `ferry gc` lists what is left")
+            return f"{error}; {note}" if error else note
+        left = await self._clean_up(tid, roles=None)
+        if left:
+            note = f"rollback left {left} file(s) it could not remove; `ferry gc` lists them"
+            return f"{error}; {note}" if error else note
+        return error
+
+    async def _clean_up(self, tid: int, *, roles: tuple[str, ...] | None) -> int:
+        """Removes the files the task tracked (of `roles`; None: all) and forgets them: the files of
+        other roles stay, forgotten (they belong to what the task made). Returns how many could not
+        be removed (they stay tracked)."""
+        left = 0
+        for f in await self.store.call(self.store.tracked_files, tid):
+            if roles is not None and f["role"] not in roles:
+                await self.store.call(self.store.untrack_file, tid, f["host"], f["path"])
+                continue
+            try:
+                await remove_path(self.transport(f["host"]), f["path"])
+            except (FerryError, OSError) as e:
+                left += 1
+                self._on_log(tid, "warning", f"could not remove {f['path']} on {f['host']}: {e}")
+                continue
+            await self.store.call(self.store.untrack_file, tid, f["host"], f["path"])
+        return left
 
     async def _claim_or_raise(self, tid: int) -> None:
         ok = await self.store.call(self.store.claim, tid, self.owner, self._can_take)
@@ -630,14 +725,33 @@ class Engine:
                 if now - last_beat >= HEARTBEAT_S:
                     await self.store.call(self.store.heartbeat, self.owner)
                     last_beat = now
-                if (self.adopt or self._watched) and now - last_adopt >= HEARTBEAT_S:
-                    await self.adopt_orphans(None if self.adopt else self._watched)
+                if now - last_adopt >= HEARTBEAT_S:
+                    await self.recover()
+                    if self.adopt or self._watched:
+                        await self.adopt_orphans(None if self.adopt else self._watched)
                     last_adopt = now
             except asyncio.CancelledError:
                 raise
             except Exception:  # the control loop must survive a transient database hiccup
                 log.exception("engine control loop")
             await asyncio.sleep(CONTROL_POLL_S)
+
+    async def recover(self) -> list[int]:
+        """Tasks whose Ferry process died (kill -9, a crash, power loss) are marked interrupted, never
+        left "running": the same command again, `ferry task resume`, or an engine that adopts them
+        resumes them; `ferry task cancel` rolls them back. Every Ferry process does this when it starts."""
+        rows = await self.store.call(self.store.task_rows, states=("queued", "running", "waiting"))
+        done = []
+        for r in rows:
+            if not r["owner"] or r["owner"] == self.owner or not self._can_take(r["owner"], r["heartbeat"]):
+                continue
+            if await self.store.call(self.store.interrupt, r["id"], self._can_take):
+                self._on_log(r["id"], "warning", f"interrupted: its Ferry process ({owner_process(r['owner'])}) "
+                             "stopped without finishing it; it resumes from its last checkpoint when run "
+                             f"again (`ferry task resume {r['id']}`), or rolls back if cancelled")
+                await self._publish_state(r["id"])
+                done.append(r["id"])
+        return done
 
     async def adopt_orphans(self, only: set[int] | None = None) -> list[int]:
         """Take over unfinished tasks (of `only`, when given) whose engine died; they continue
@@ -648,10 +762,10 @@ class Engine:
                 r = await self.store.call(self.store.task_row, tid)
                 if r is None or TaskState(r["state"]).final:
                     self._watched.discard(tid)
-                elif r["state"] in ("queued", "running", "waiting"):
+                elif r["state"] in ("queued", "running", "waiting", "interrupted"):
                     rows.append(r)
         else:
-            rows = await self.store.call(self.store.task_rows, states=("queued", "running", "waiting"))
+            rows = await self.store.call(self.store.task_rows, states=("queued", "running", "waiting", "interrupted"))
         taken = []
         for r in sorted(rows, key=lambda r: r["id"]):
             if r["owner"] == self.owner or r["kind"] not in KINDS or not self._can_take(r["owner"], r["heartbeat"]):
@@ -666,11 +780,17 @@ class Engine:
 
     async def _run_task(self, tid: int) -> None:
         ctx: TaskContext | None = None
+        # Every command the task starts on a host carries its tag and dies with this process.
+        TASK_TAG.set(task_tag(self.workspace_id, tid))
         try:
             row = await self.store.call(self.store.task_row, tid)
             info = TaskInfo.from_row(row)
             kind = kind_of(info.kind)
             retries = kind.max_retries if kind.max_retries is not None else self.site.limits.retries
+            if info.started is not None:
+                # It ran before (paused, failed, or its process died): what that run started must
+                # not go on writing behind this one.
+                await self._stop_helpers(info)
             attempt = 0
             while True:
                 attempt += 1
@@ -709,20 +829,26 @@ class Engine:
                     await self._sleep(delay)
                     continue
                 except TaskCancelled as e:
-                    await self._finish(tid, TaskState.CANCELLED, error=e.message, progress=ctx.current_progress)
+                    error = await self._roll_back(kind, ctx, e.message)
+                    await self._finish(tid, TaskState.CANCELLED, error=error, progress=ctx.current_progress)
                     return
                 except FerryError as e:
-                    await self._finish(tid, TaskState.FAILED, error=e.message, hint=e.hint,
+                    error = await self._roll_back(kind, ctx, e.message) if kind.rollback_on_failure else e.message
+                    await self._finish(tid, TaskState.FAILED, error=error, hint=e.hint,
                                        progress=ctx.current_progress)
                     return
                 except Exception as e:
                     log.exception("task %s (%s) crashed", tid, info.kind)
-                    await self._finish(tid, TaskState.FAILED, error=f"internal error: {type(e).__name__}: {e}",
+                    error = f"internal error: {type(e).__name__}: {e}"
+                    if kind.rollback_on_failure:
+                        error = await self._roll_back(kind, ctx, error)
+                    await self._finish(tid, TaskState.FAILED, error=error,
                                        hint="see logs/ferry.log in the workspace; please report it",
                                        progress=ctx.current_progress)
                     return
                 if ctx.current_progress.detail.get("retry"):
                     ctx.progress(detail={"retry": None})
+                await self._clean_up(tid, roles=("temp",))
                 await self._finish(tid, TaskState.SUCCEEDED, result=result or {}, progress=ctx.current_progress)
                 return
         except FerryError as e:   # around the task's own run: its parameters, the state database
@@ -737,7 +863,8 @@ class Engine:
             if reason == "pause":
                 await self._set_state(tid, TaskState.PAUSED, progress=progress)
             elif reason == "cancel":
-                await self._finish(tid, TaskState.CANCELLED, progress=progress)
+                error = await asyncio.shield(self._roll_back(kind_of(ctx.kind), ctx, None)) if ctx else None
+                await self._finish(tid, TaskState.CANCELLED, error=error, progress=progress)
             else:
                 # The engine is stopping: leave the task resumable by the next engine.
                 await self.store.call(self.store.update_task, tid, state=TaskState.QUEUED, owner=None,
@@ -874,3 +1001,15 @@ def _owner_pid_alive(owner: str) -> bool:
     except PermissionError:
         return True
     return True
+
+
+async def remove_path(t: Any, path: str) -> None:
+    """Removes a file or folder a task tracked (never a path that is not deep and absolute)."""
+    parts = path.split("/")
+    if not path.startswith("/") or len([p for p in parts if p]) < 2 or ".." in parts:
+        raise PermanentError(f"refusing to remove {path!r}: not a path a task makes", "internal: report this")
+    with detached():
+        r = await t.run(["rm", "-rf", "--one-file-system", "--", path], timeout=600)
+    if not r.ok:
+        raise PermanentError(r.stderr.decode("utf-8", "replace").strip().splitlines()[-1:][0]
+                             if r.stderr.strip() else f"rm exited with {r.exit_status}")

@@ -12,6 +12,7 @@ from pathlib import PurePosixPath
 from typing import Mapping, Sequence
 
 from ..errors import FerryError, PermanentError, TransientError
+from ..helpers import detached
 from ..transport.base import Transport
 from .liveimage import LiveImage
 
@@ -172,7 +173,8 @@ async def launch(transport: Transport, argv: Sequence[str], paths: LivePaths, *,
     await transport.mkdir(paths.runtime_dir)
     for stale in (paths.serial, paths.pidfile):
         await transport.remove(stale)
-    result = await transport.run(list(argv), timeout=timeout)
+    with detached():      # the VM outlives the task that starts it
+        result = await transport.run(list(argv), timeout=timeout)
     if not result.ok:
         lines = [l for l in result.stderr.decode("utf-8", "replace").splitlines() if l.strip()]
         raise PermanentError(f"QEMU did not start {paths.name} on {transport.host}: "

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import shutil
 import signal
 import stat as stat_mod
 import tempfile
 from typing import Sequence
 
 from ..errors import CommandError, PermanentError, TransportError
+from ..helpers import TASK_TAG, tagged
 from .base import ByteReader, ByteWriter, FileStat, Process, RunResult, Transport
 
 # StreamReader pauses the pipe at 2x this: enough to keep a fast stream busy, small enough to bound memory.
@@ -164,9 +166,11 @@ class LocalTransport(Transport):
 
     async def _spawn(self, argv: Sequence, stdin) -> asyncio.subprocess.Process:
         args = _args(argv)
+        if TASK_TAG.get() and args and shutil.which(os.fsdecode(args[0])) is None:
+            raise FileNotFoundError(args[0])   # said as plainly as when it runs untagged
         try:
             return await asyncio.create_subprocess_exec(
-                *args, stdin=stdin, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                *_args(tagged(args)), stdin=stdin, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
                 start_new_session=True, limit=STREAM_LIMIT)
         except FileNotFoundError:
             raise CommandError(f"{os.fsdecode(args[0])}: command not found on {self.host}",

@@ -26,6 +26,7 @@ from asyncssh.public_key import get_default_certificate_algs, get_default_public
 
 from ..config import HostSpec
 from ..errors import FerryError, PermanentError, TransportError
+from ..helpers import tagged
 from .base import ByteReader, ByteWriter, FileStat, Process, RunResult, Transport
 from .local import command_error, describe_argv as _describe
 from .openssh import openssh_argv, remote_command
@@ -535,7 +536,7 @@ class SshTransport(Transport):
         what = _describe(argv)
         if not argv:
             raise PermanentError("empty command", "pass the program and its arguments")
-        command = WRAPPER + remote_command(argv)
+        command = WRAPPER + remote_command(tagged(argv))
         for attempt in (1, 2):
             conn = await self._connection()
             await self._sessions.acquire()

@@ -13,7 +13,8 @@ from ..platform.qga import GuestAgent
 from ..platform.qmp import EventSubscription, QMPClient, QMPTimeout
 from ..tasks import TaskContext, TaskKind, register
 from .hostops import HostOps, disk_path
-from .lifecycle import VMTask, make_vm, working_on
+from .create import make_vm
+from .lifecycle import VMTask, working_on
 from .model import (DiskSpec, NicSpec, VMKind, VMSpec, VMState, check_hardware, check_name, new_id,
                     parse_size)
 from .progress import ByteMeter, reporter

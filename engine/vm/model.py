@@ -31,11 +31,13 @@ class VMState(StrEnum):
     TEMPLATE = "template"         # a template never runs
     RECYCLED = "recycled"         # delayed delete: in the recycle bin until restored or purged
     MISSING = "missing"           # recorded as running, but its QEMU process is gone
+    INCOMPLETE = "incomplete"     # being made by its task (busy): not a usable VM until that task is done
+    DELETING = "deleting"         # being deleted by its task (busy): a rerun or resume finishes it
 
     @property
     def symbol(self) -> str:
         return {"stopped": "■", "running": "▶", "paused": "⏸", "hibernated": "☾", "template": "◇",
-                "recycled": "♻", "missing": "✖"}[self.value]
+                "recycled": "♻", "missing": "✖", "incomplete": "◌", "deleting": "⌫"}[self.value]
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,10 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from ..errors import FerryError, PermanentError, Refused
-from ..tasks import TaskContext, TaskKind, register
-from .hostops import HostOps, disk_path
-from .lifecycle import VMTask, cancelled_for_good, disks_present, make_vm, working_on
-from .model import DiskSpec, NicSpec, VMKind, VMSpec, VMState, check_name, default_max_cpus, new_id
-from .prechecks import refused
+from ..tasks import TaskContext, register
+from .hostops import HostOps
+from .lifecycle import VMTask, cancelled_for_good, disks_present, working_on
+from .model import VMSpec
 from .progress import reporter
 from .service import VMService
 
@@ -98,63 +97,3 @@ async def _sweep_stages(ctx: TaskContext, h: HostOps, out: str) -> None:
         if gone:
             await h.remove_tree(f"{folder}/{n}")
             ctx.log(f"removed {folder}/{n}, kept by task {m.group(1)} for a resume that will not come")
-
-
-@register
-class ImportVM(TaskKind):
-    """A package becomes a VM (or a template). Paused or interrupted, it starts over when resumed: the
-    package is verified against its manifest again, as it may have changed meanwhile."""
-    name = "vm.import"
-    max_retries = 0
-
-    def validate(self, params: dict[str, Any]) -> None:
-        if not params.get("path") or not params.get("host"):
-            raise PermanentError("import needs a package path and a host", "ferry vm import PATH --host lab1")
-        if params.get("name"):
-            check_name(params["name"])
-
-    def hosts(self, params: dict[str, Any]) -> list[str]:
-        return [params["host"]]
-
-    def title(self, params: dict[str, Any]) -> str:
-        return f"import {params['path']}"
-
-    async def check(self, svc: VMService, p: dict[str, Any], own: int | None = None) -> tuple[HostOps, VMSpec]:
-        """The host and the spec of the VM the package becomes, once the package reads as one, its name
-        is free and the datastore has room for what the import writes; Refused otherwise."""
-        from .ovf import import_needs
-        h = svc.host(p["host"])
-        try:
-            spec, need = await import_needs(h.t, p["path"])
-            name = check_name(p.get("name") or spec.name)
-        except PermanentError as e:
-            raise refused(e) from None
-        if name in await svc.names_in_use():
-            raise Refused(f"a VM or template named {name!r} already exists",
-                          "import it under another name: --name NEW-NAME")
-        ds = h.datastore(p.get("datastore"))
-        await h.ensure_space(ds, need, f"importing {name} from {PurePosixPath(p['path']).name}")
-        nets = [n if n in h.spec.networks else h.spec.networks[0] for n in spec.nics]
-        as_template = bool(p.get("as_template", spec.is_template))
-        return h, VMSpec(id=new_id(), name=name, host=h.name, cpus=spec.cpus, max_cpus=default_max_cpus(spec.cpus),
-                         memory_mb=spec.memory_mb,
-                         disks=tuple(DiskSpec(d.name, ds.name, disk_path(ds, name, d.name), d.capacity, d.bus, ds.shared)
-                                     for d in spec.disks),
-                         nics=tuple(NicSpec(n) for n in nets), kind=VMKind.TEMPLATE if as_template else VMKind.VM,
-                         origin=PurePosixPath(p["path"]).name)
-
-    async def run(self, ctx: TaskContext) -> dict[str, Any]:
-        from .ovf import import_package
-        p = ctx.params
-        h, vm = await self.check(VMService.of(ctx.engine), p, ctx.id)
-
-        async def fill(ctx: TaskContext, h: HostOps, vm: VMSpec) -> None:
-            folder = str(PurePosixPath(vm.disks[0].path).parent) if vm.disks else ""
-            _, made = await import_package(h.t, p["path"], folder, name=vm.name, progress=reporter(ctx))
-            for d in vm.disks:
-                if made.get(d.name) != d.path:
-                    raise PermanentError(f"import of {vm.name} put {d.name} at {made.get(d.name)}, not {d.path}",
-                                         "internal: report this")
-
-        state = VMState.TEMPLATE if vm.is_template else VMState.STOPPED
-        return await make_vm(ctx, h, vm, fill, state=state)
