@@ -555,6 +555,36 @@ class Store:
                    conflict=PermanentError(f"a VM or template named {name!r} already exists",
                                            "choose another name (ferry vm list shows the names in use)"))
 
+    def vm_reserve(self, task_id: int, records: list[dict]) -> list[dict]:
+        """Reserve the names of the VMs task `task_id` makes: each record (id, name, kind, host,
+        spec) is inserted as state 'incomplete', busy with the task; one already reserved by the
+        task (a resume) is kept as it is. In one transaction, so a name taken meanwhile by anything
+        else refuses them all (PermanentError naming it) and none is inserted. Returns the rows in
+        the order given, as stored (a resume gets the ids and paths of its first run)."""
+        now = time.time()
+
+        def tx(db: sqlite3.Connection) -> list[dict]:
+            out = []
+            for rec in records:
+                r = db.execute("SELECT * FROM vms WHERE name=? AND recycled IS NULL", (rec["name"],)).fetchone()
+                if r is not None:
+                    if r["busy"] == task_id:
+                        out.append(_vm_row(r))
+                        continue
+                    what = "being made by task %s" % r["busy"] if r["state"] == "incomplete" and r["busy"] else "in use"
+                    raise PermanentError(f"the name {rec['name']!r} is {what}",
+                                         "choose another name (ferry vm list shows the names in use)")
+                db.execute("INSERT INTO vms(id, name, kind, host, state, spec, busy, created, updated)"
+                           " VALUES(?,?,?,?,?,?,?,?,?)", (rec["id"], rec["name"], rec["kind"], rec["host"],
+                                                          "incomplete", _dumps(rec["spec"]), task_id, now, now))
+                out.append(_vm_row(db.execute("SELECT * FROM vms WHERE id=?", (rec["id"],)).fetchone()))
+            return out
+        return self._tx(tx)
+
+    def vm_rows_of_task(self, task_id: int) -> list[dict]:
+        """The records a task holds (busy with it), recycled or not."""
+        return [_vm_row(r) for r in self._q("SELECT * FROM vms WHERE busy=? ORDER BY name", (task_id,))]
+
     def vm_update(self, vm_id: str, **fields: Any) -> None:
         if "spec" in fields:
             fields["spec"] = _dumps(fields["spec"])

@@ -35,7 +35,9 @@ HEARTBEAT_S = 2.0
 STALE_AFTER_S = 30.0
 CONTROL_POLL_S = 0.5
 PROGRESS_PUBLISH_S = 0.1
-PROGRESS_PERSIST_S = 1.0
+# How often a running task's progress is written to state.db (where other processes read it);
+# FERRY_PROGRESS_PERSIST_S changes it (the chaos tests kill Ferry at points they read there).
+PROGRESS_PERSIST_S = float(os.environ.get("FERRY_PROGRESS_PERSIST_S") or 1.0)
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 60.0
 BACKOFF_JITTER = 0.2     # each delay is shortened by up to this fraction, so retries spread out
