@@ -237,51 +237,49 @@ def _task_row(t: TaskInfo) -> list[str]:
 
 
 def cmd_tasks(args, ws: Workspace) -> int:
-    from engine.store import Store
-
-    store = Store(ws.state_path)
-    try:
-        rows = store.task_rows(limit=args.limit)
-    finally:
-        store.close()
-    tasks = [TaskInfo.from_row(r) for r in rows]
-    if not args.all:
-        tasks = [t for t in tasks if t.state not in FINAL_STATES] + [t for t in tasks if t.state in FINAL_STATES][:20]
-        tasks.sort(key=lambda t: -t.id)
-    if args.json:
-        _print_json([t.to_dict() for t in tasks])
-    elif not tasks:
-        print("no tasks")
-    else:
-        print(_table([_task_row(t) for t in tasks], ["ID", "KIND", "STATE", "PROGRESS", "RATE", "ETA", "TITLE"]))
-    return EXIT_OK
+    async def go(client) -> int:
+        # Through the engine: it first marks the tasks of Ferry processes that died as interrupted.
+        tasks = await client.list_tasks(limit=args.limit)
+        if not args.all:
+            tasks = [t for t in tasks if t.state not in FINAL_STATES] + [t for t in tasks if t.state in FINAL_STATES][:20]
+            tasks.sort(key=lambda t: -t.id)
+        if args.json:
+            _print_json([t.to_dict() for t in tasks])
+        elif not tasks:
+            print("no tasks")
+        else:
+            print(_table([_task_row(t) for t in tasks], ["ID", "KIND", "STATE", "PROGRESS", "RATE", "ETA", "TITLE"]))
+            stopped = [t.id for t in tasks if t.state == TaskState.INTERRUPTED]
+            if stopped:
+                print(f"interrupted: {', '.join(map(str, stopped))} (their Ferry process stopped mid-task): "
+                      "`ferry task resume ID` goes on from the last checkpoint, `ferry task cancel ID` rolls back")
+        return EXIT_OK
+    return asyncio.run(_with_client(ws, go))
 
 
 def cmd_task_show(args, ws: Workspace) -> int:
-    from engine.store import Store
-
-    store = Store(ws.state_path)
-    try:
-        row = store.task_row(args.id)
-        if row is None:
-            raise PermanentError(f"no task {args.id}", "list tasks with `ferry tasks`")
-        logs = store.task_log(args.id)
-    finally:
-        store.close()
-    t = TaskInfo.from_row(row)
-    if args.json:
-        _print_json({**t.to_dict(), "log": logs})
+    async def go(client) -> int:
+        t = await client.get_task(args.id)
+        logs = await client.task_log(args.id)
+        if args.json:
+            _print_json({**t.to_dict(), "log": logs, "files": await client.task_files(args.id)})
+            return EXIT_OK
+        print(f"task {t.id}: {safe(t.title)}\n  kind      {t.kind}\n  state     {t.state.symbol} {t.state}"
+              f"\n  progress  {safe(fmt.progress_line(t.progress, state=t.state))}\n  created   {fmt.stamp(t.created)} by {safe(t.created_by)}"
+              f"\n  started   {fmt.stamp(t.started)}\n  finished  {fmt.stamp(t.finished)}\n  attempts  {t.attempts}")
+        if t.error:
+            print(f"  error     {safe(t.error)}" + (f"\n  hint      {safe(t.hint)}" if t.hint else ""))
+        if t.state == TaskState.INTERRUPTED:
+            print(f"  hint      its Ferry process stopped mid-task: `ferry task resume {t.id}` goes on from the "
+                  f"last checkpoint, `ferry task cancel {t.id}` rolls back what it made")
+        if t.result:
+            print("  result    " + json.dumps(t.result, sort_keys=True, default=str))
+        for f in await client.task_files(args.id):
+            print(f"  {f['role']:9} {safe(f['host'])}:{safe(f['path'])}")
+        for entry in logs[-20:]:
+            print(f"  {fmt.clock(entry['ts'])} {entry['level']:7} {safe(entry['message'])}")
         return EXIT_OK
-    print(f"task {t.id}: {safe(t.title)}\n  kind      {t.kind}\n  state     {t.state.symbol} {t.state}"
-          f"\n  progress  {safe(fmt.progress_line(t.progress, state=t.state))}\n  created   {fmt.stamp(t.created)} by {safe(t.created_by)}"
-          f"\n  started   {fmt.stamp(t.started)}\n  finished  {fmt.stamp(t.finished)}\n  attempts  {t.attempts}")
-    if t.error:
-        print(f"  error     {safe(t.error)}" + (f"\n  hint      {safe(t.hint)}" if t.hint else ""))
-    if t.result:
-        print("  result    " + json.dumps(t.result, sort_keys=True, default=str))
-    for entry in logs[-20:]:
-        print(f"  {fmt.clock(entry['ts'])} {entry['level']:7} {safe(entry['message'])}")
-    return EXIT_OK
+    return asyncio.run(_with_client(ws, go))
 
 
 def cmd_task_control(args, ws: Workspace) -> int:
@@ -373,6 +371,30 @@ def cmd_replicate(args, ws: Workspace) -> int:
     return asyncio.run(_with_client(ws, go))
 
 
+def cmd_gc(args, ws: Workspace) -> int:
+    async def go(client) -> int:
+        from engine.gc import collect
+        items = await collect(client, dry_run=args.dry_run)
+        if args.json:
+            _print_json([i.to_dict() for i in items])
+            return EXIT_OK
+        if not items:
+            print("nothing left behind by tasks")
+            return EXIT_OK
+        rows = []
+        for i in items:
+            status = ("kept: " + i.kept if i.kept else "failed: " + i.error if i.error
+                      else "removed" if i.removed else "would remove")
+            rows.append([i.host, i.path or "(record)", fmt.size(i.bytes) if i.bytes is not None else "?", i.what, status])
+        print(_table(rows, ["HOST", "PATH", "SIZE", "WHAT", "STATUS"]))
+        gone = [i for i in items if not i.kept and not i.error]
+        total = fmt.size(sum(i.bytes or 0 for i in gone))
+        print(f"{'would remove' if args.dry_run else 'removed'} {len(gone)} leftover(s), {total}"
+              + (f"; kept {sum(1 for i in items if i.kept)} held by unfinished tasks" if any(i.kept for i in items) else ""))
+        return EXIT_FAIL if any(i.error for i in items) else EXIT_OK
+    return asyncio.run(_with_client(ws, go))
+
+
 def cmd_audit(args, ws: Workspace) -> int:
     from engine.store import Store
 
@@ -435,7 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_task_show)
     for action, text in (("pause", "pause a task (it keeps its checkpoint)"),
                          ("resume", "resume a paused, interrupted or failed task from its checkpoint"),
-                         ("cancel", "cancel a task")):
+                         ("cancel", "cancel a task; what it made is rolled back (also of a paused, "
+                                    "interrupted or failed one)")):
         t = ts.add_parser(action, help=text)
         t.add_argument("id", type=int)
         t.add_argument("--json", action="store_true")
@@ -478,6 +501,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="chunk size, e.g. 4M (default)")
             r.add_argument("--compress", action="store_true", help="compress chunks (for slow links)")
         r.set_defaults(func=cmd_replicate)
+
+    s = sub.add_parser("gc", help="list and remove what tasks that are gone left behind, with sizes")
+    s.add_argument("--dry-run", action="store_true", help="list only; remove nothing")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_gc)
 
     s = sub.add_parser("audit", help="the audit log: who did what, when, with what result")
     s.add_argument("--json", action="store_true")

@@ -35,7 +35,10 @@ VM_COLUMNS = ["NAME", "KIND", "HOST", "STATE", "CPUS", "MEM", "DISKS", "SIZE", "
 
 
 def _vm_row(v: dict, agents: bool = False) -> list[str]:
-    row = [v["name"], v["kind"], v["host"], f"{_state_symbol(v['state'])} {v['state']}", str(v["cpus"]),
+    state = f"{_state_symbol(v['state'])} {v['state']}"
+    if v["state"] in ("incomplete", "deleting") and v.get("busy"):
+        state += f" (task {v['busy']})"
+    row = [v["name"], v["kind"], v["host"], state, str(v["cpus"]),
            f"{v['memory_mb']}M", str(len(v["disks"])), fmt.size(sum(d["size"] for d in v["disks"])),
            v.get("origin") or ""]
     if agents:
@@ -112,10 +115,13 @@ def cmd_vm_show(args, ws: Workspace) -> int:
 def _run_task(ws: Workspace, kind: str, params: dict[str, Any], as_json: bool, describe=None) -> int:
     async def go(client) -> int:
         try:
-            tid = await client.vm_task(kind, params)
+            tid, again = await client.vm_task_or_attach(kind, params)
         except Refused as e:      # the engine's precheck: no task was made
             print(f"ferry: {safe(e)}", file=sys.stderr)
             return EXIT_CONFIG
+        if again:
+            print(f"ferry: task {tid} already does this and had not finished; it goes on from where it stopped",
+                  file=sys.stderr)
         return await run_foreground(client, tid, as_json=as_json, describe=describe)
     return asyncio.run(_with_client(ws, go))
 

@@ -33,8 +33,9 @@ COLUMNS = (("id", " ID"), ("title", " TITLE"), ("state", " STATE"), ("progress",
 LOG_TAIL = 3
 ALLOWED = {   # the task states each key applies to
     "pause": frozenset({TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING}),
-    "resume": frozenset({TaskState.PAUSED, TaskState.FAILED}),
-    "cancel": frozenset({TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING, TaskState.PAUSED}),
+    "resume": frozenset({TaskState.PAUSED, TaskState.FAILED, TaskState.INTERRUPTED}),
+    "cancel": frozenset({TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING, TaskState.PAUSED,
+                         TaskState.INTERRUPTED, TaskState.FAILED}),
 }
 
 
@@ -53,8 +54,8 @@ def flexible_widths(total: int) -> tuple[int, int]:
 class TasksView(ViewBase, Vertical):
     BINDINGS = [
         Binding("p", "pause", "Pause", id="ferry.tasks.pause", tooltip="Pause the selected task; it keeps its checkpoint"),
-        Binding("r", "resume", "Resume", id="ferry.tasks.resume", tooltip="Resume the selected paused or failed task"),
-        Binding("c", "cancel_task", "Cancel", id="ferry.tasks.cancel", tooltip="Cancel the selected task"),
+        Binding("r", "resume", "Resume", id="ferry.tasks.resume", tooltip="Resume the selected paused, interrupted or failed task"),
+        Binding("c", "cancel_task", "Cancel", id="ferry.tasks.cancel", tooltip="Cancel the selected task; what it made is rolled back"),
     ]
     VIEW = "tasks"
     TITLE = "Tasks"

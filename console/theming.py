@@ -39,6 +39,7 @@ FERRY_VARIABLES: dict[str, str] = {
     "state-running": "primary",
     "state-paused": "warning",
     "state-waiting": "warning",
+    "state-interrupted": "error",
     "state-succeeded": "success",
     "state-failed": "error",
     "state-cancelled": "foreground",

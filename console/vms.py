@@ -30,6 +30,8 @@ STATE_VARIABLE = {
     VMState.TEMPLATE: "secondary",
     VMState.RECYCLED: "sev-unknown",
     VMState.MISSING: "sev-crit",
+    VMState.INCOMPLETE: "state-interrupted",
+    VMState.DELETING: "state-interrupted",
 }
 RUNNING = ("running", "paused")
 

@@ -19,7 +19,7 @@ from .events import Subscription
 from .hostfacts import HostFacts, gather_facts
 from .store import Store
 from .taskmodel import TaskInfo
-from .tasks import Engine
+from .tasks import Engine, kind_of
 from .transport import TransportPool
 from .workspace import Workspace
 
@@ -67,6 +67,10 @@ class EngineClient:
 
     async def task_log(self, task_id: int, limit: int = 200) -> list[dict]:
         return await self.store.call(self.store.task_log, task_id, limit)
+
+    async def task_files(self, task_id: int) -> list[dict]:
+        """The files a task recorded on its hosts (temporary, or made), while it holds them."""
+        return await self.store.call(self.store.tracked_files, task_id)
 
     async def submit(self, kind: str, params: dict[str, Any]) -> int:
         return await self.engine.submit(kind, params)
@@ -119,15 +123,31 @@ class EngineClient:
 
     async def vm_task(self, kind: str, params: dict[str, Any]) -> int:
         """Start a VM task (vm.create/start/shutdown/hibernate/clone/convert/delete/restore/purge/
-        export/import); params name the VM as "vm" (or "src"), the host is filled in here."""
+        export/import); params name the VM as "vm" (or "src"), the host is filled in here. The same
+        job started again while its task is unfinished (interrupted, paused, queued) attaches to that
+        task and resumes it, instead of being refused for the names or the VM it holds."""
+        return (await self.vm_task_or_attach(kind, params))[0]
+
+    async def vm_task_or_attach(self, kind: str, params: dict[str, Any]) -> tuple[int, bool]:
+        """As vm_task: (the task's id, whether it is an unfinished one that goes on)."""
         params = dict(params)
+        k = kind_of(kind)
+        k.validate(params)
+        key = k.dedup_key(params)
+        if key is not None:
+            same = await self.store.call(self.store.unfinished_task, kind, key)
+            if same is not None and same["state"] != "failed":
+                params.setdefault("host", same["params"].get("host"))
+                return await self.engine.submit_or_resume(kind, {n: v for n, v in params.items() if v is not None})
         if "host" not in params:
             ref = params.get("vm") or params.get("src")
             if ref and ref != "*expired*":
                 row = await self._vms.find(ref, recycled=kind in ("vm.restore", "vm.purge"))
                 params["host"] = row["host"]
         await precheck(self.engine, kind, params)    # Refused: no task is made
-        return await self.submit(kind, params)
+        if key is not None:      # a failed task of the job starts again (it rolled back what it made)
+            return await self.engine.submit_or_resume(kind, params)
+        return await self.submit(kind, params), False
 
     async def vm_timesync(self, name: str) -> dict[str, Any]:
         return await self._audited("vm.timesync", name, {}, self._vms.timesync(name))

@@ -64,8 +64,8 @@ def progress_line(p: Progress, width: int = 20, *, state: TaskState | None = Non
             parts.append(rate(p.rate))
         if p.eta is not None:
             parts.append(f"ETA {duration(p.eta)}")
-    elif state == TaskState.PAUSED:
-        parts.append("paused")
+    elif state in (TaskState.PAUSED, TaskState.INTERRUPTED):
+        parts.append(str(state))
     if p.item:
         parts.append(p.item)
     return "  ".join(parts)

@@ -354,6 +354,12 @@ class Store:
             return int(cur.lastrowid), True
         return self._tx(tx)
 
+    def unfinished_task(self, kind: str, dedup_key: str) -> dict | None:
+        """The task that does this job and has not succeeded nor been cancelled (failed included), if any."""
+        rows = self._q("SELECT * FROM tasks WHERE kind=? AND dedup_key=? AND state NOT IN ('succeeded','cancelled')"
+                       " ORDER BY id DESC LIMIT 1", (kind, dedup_key))
+        return _row(rows[0]) if rows else None
+
     def task_row(self, task_id: int) -> dict | None:
         rows = self._q("SELECT * FROM tasks WHERE id=?", (task_id,))
         return _row(rows[0]) if rows else None

@@ -479,10 +479,11 @@ async def test_a_paused_task_shows_paused_without_rate_or_eta_everywhere(tmp_pat
         row = client.store.task_row(tid)
         assert row["progress"]["rate"] is None and row["progress"]["eta"] is None
 
-        listing = ferry(tmp_path, "tasks")
+        # The CLI runs its own event loop: in a thread beside this test's.
+        listing = await asyncio.to_thread(ferry, tmp_path, "tasks")
         line = next(ln for ln in listing.out.splitlines() if ln.startswith(f"{tid} "))
         assert "⏸ paused" in line and "/s" not in line and " - " in line
-        shown = ferry(tmp_path, "task", "show", str(tid)).out
+        shown = (await asyncio.to_thread(ferry, tmp_path, "task", "show", str(tid))).out
         progress = next(ln for ln in shown.splitlines() if ln.strip().startswith("progress"))
         assert "paused" in progress and "/s" not in progress and "ETA" not in progress, progress
         assert f"paused by {current_user()}; it keeps its checkpoint" in shown

@@ -141,7 +141,7 @@ class VMService:
         spec = VMSpec.from_dict(row["spec"])
         state = VMState(row["state"])
         pid = None
-        if running is not None and not row["recycled"]:
+        if running is not None and not row["recycled"] and state not in (VMState.INCOMPLETE, VMState.DELETING):
             pid = running.get(spec.process_name)
             if pid and state not in (VMState.RUNNING, VMState.PAUSED):
                 state = VMState.RUNNING

@@ -113,3 +113,41 @@ class Confirm(TaskKind):
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         await ctx.confirm(f"type {ctx.params['name']} to go on", ctx.params["name"])
         return {"confirmed": True}
+
+
+@register
+class Helpers(TaskKind):
+    """Makes a tracked "made" file and a tracked temporary one in params["folder"], then runs a helper
+    command on this machine until it ends: `sleep` (dies with Ferry), or, with escape=True, a shell
+    whose background `sleep` outlives it (a helper that a parent-death signal does not reach); its pid
+    goes to folder/escaped.pid. With fail=True it fails after the files are made; with finish=True it
+    succeeds. rollback_on_failure is set, and its rollback writes folder/rolled-back."""
+
+    name = "test.helpers"
+    rollback_on_failure = True
+
+    def title(self, params: dict[str, Any]) -> str:
+        return "helpers"
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        folder = ctx.params["folder"]
+        made, temp = f"{folder}/made.img", f"{folder}/.made.img.ferry-task{ctx.id}"
+        for path, role in ((made, "made"), (temp, "temp")):
+            await ctx.track("local", path, role=role)
+            with open(path, "wb") as f:
+                f.write(b"x" * 65536)
+        if ctx.params.get("fail"):
+            raise PermanentError("the helper failed", "nothing to do")
+        if ctx.params.get("finish"):
+            return {"made": made}
+        ctx.progress(units_done=1, units_total=2, item="helper running")
+        t = ctx.transport("local")
+        if ctx.params.get("escape"):
+            await t.run(["sh", "-c", f"sleep 300 & echo $! > {folder}/escaped.pid; wait"], timeout=None)
+        else:
+            await t.run(["sleep", "300"], timeout=None)
+        return {"made": made}
+
+    async def rollback(self, ctx: TaskContext) -> None:
+        with open(f"{ctx.params['folder']}/rolled-back", "w") as f:
+            f.write(str(ctx.id))
