@@ -868,8 +868,8 @@ class Engine:
                 error = await asyncio.shield(self._roll_back(kind_of(ctx.kind), ctx, None)) if ctx else None
                 await self._finish(tid, TaskState.CANCELLED, error=error, progress=progress)
             else:
-                # The engine is stopping: leave the task resumable by the next engine.
-                await self.store.call(self.store.update_task, tid, state=TaskState.QUEUED, owner=None,
+                # The engine is stopping: the task stopped mid-way (interrupted), resumable by the next engine.
+                await self.store.call(self.store.update_task, tid, state=TaskState.INTERRUPTED, owner=None,
                                       progress=at_rest(progress).to_dict() if progress else None,
                                       owner_is=self.owner)
                 await self._publish_state(tid)

@@ -327,7 +327,7 @@ async def test_engine_stop_leaves_task_resumable(tmp_path):
     await first.stop()
     first.store.close()
     info = Store(tmp_path / "state.db").task_row(tid)
-    assert info["state"] == "queued" and info["owner"] is None
+    assert info["state"] == "interrupted" and info["owner"] is None
 
     second = Engine(Store(tmp_path / "state.db"), site, adopt=True)
     await second.start()
