@@ -528,6 +528,10 @@ class Store:
 
     def workspace_id(self) -> str:
         """A random name for this workspace (its state.db), made once: it tags the helpers of its tasks."""
+        known = self._q("SELECT value FROM settings WHERE key='workspace_id'")
+        if known:           # (read without a write lock: a reading command works while another writes)
+            return json.loads(known[0]["value"])
+
         def tx(db: sqlite3.Connection) -> str:
             r = db.execute("SELECT value FROM settings WHERE key='workspace_id'").fetchone()
             if r is not None:

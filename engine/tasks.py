@@ -359,9 +359,12 @@ class Engine:
         if self.state == "running":
             return
         _LIVE_OWNERS.add(self.owner)
-        self.workspace_id = await self.store.call(self.store.workspace_id)
         self.state = "running"
-        await self.recover()
+        try:
+            await self._tag_of(0)
+            await self.recover()
+        except FerryError as e:   # state.db locked by another process: reading commands go on
+            log.warning("could not look for interrupted tasks now: %s", e)
         if self.adopt:
             await self.adopt_orphans()
         self._loop_task = asyncio.create_task(self._control_loop(), name="ferry-engine-control")
@@ -597,7 +600,7 @@ class Engine:
             row = await self.store.call(self.store.task_row, tid)
             ctx = TaskContext(self, TaskInfo.from_row(row), row["checkpoint"], 0,
                               params=self._secret_params.get(tid, info.params))
-            token = TASK_TAG.set(task_tag(self.workspace_id, tid))
+            token = TASK_TAG.set(await self._tag_of(tid))
             try:
                 if info.started is not None:
                     await self._stop_helpers(info)
@@ -606,9 +609,15 @@ class Engine:
                 TASK_TAG.reset(token)
             await self._finish(tid, TaskState.CANCELLED, error=error)
 
+    async def _tag_of(self, tid: int) -> str:
+        """The tag of task `tid`'s helper processes (the workspace's id, made once, and the task's)."""
+        if not self.workspace_id:
+            self.workspace_id = await self.store.call(self.store.workspace_id)
+        return task_tag(self.workspace_id, tid)
+
     async def _stop_helpers(self, info: TaskInfo) -> None:
         """Stops the processes a earlier run of the task left on its hosts (found by its tag)."""
-        tag = task_tag(self.workspace_id, info.id)
+        tag = await self._tag_of(info.id)
         for host in info.hosts or ["local"]:
             try:
                 killed, left = await stop_helpers(self.transport(host), tag)
@@ -782,9 +791,9 @@ class Engine:
 
     async def _run_task(self, tid: int) -> None:
         ctx: TaskContext | None = None
-        # Every command the task starts on a host carries its tag and dies with this process.
-        TASK_TAG.set(task_tag(self.workspace_id, tid))
         try:
+            # Every command the task starts on a host carries its tag and dies with this process.
+            TASK_TAG.set(await self._tag_of(tid))
             row = await self.store.call(self.store.task_row, tid)
             info = TaskInfo.from_row(row)
             kind = kind_of(info.kind)
