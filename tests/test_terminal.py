@@ -222,7 +222,7 @@ def test_ctrl_c_mid_copy_exits_130_and_the_task_resumes(tmp_path):
     assert proc.returncode == 130, (out, err)
     assert err.splitlines() == [f"ferry: interrupted; task {tid} keeps its checkpoint "
                                 f"(hint: resume it with `ferry task resume {tid}`)"], err
-    assert state == "queued" and 0 < checkpoint["bytes_durable"] < total
+    assert state == "interrupted" and 0 < checkpoint["bytes_durable"] < total
 
     r = ferry(root, *argv, "--json")
     assert r.code == 0, r.err
