@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 
 ENV = "FERRY_TASK"
 TASK_TAG: ContextVar[str | None] = ContextVar("ferry_task_tag", default=None)
-_TAG_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+TAG_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def task_tag(workspace_id: str, task_id: int) -> str:
@@ -81,7 +81,7 @@ print(len(killed), len(left))
 
 async def stop_helpers(transport, tag: str) -> tuple[int, int]:
     """Kill the processes of a task's tag on one host: (how many were killed, how many remain)."""
-    if not _TAG_RE.match(tag):
+    if not TAG_RE.match(tag):
         raise ValueError(f"bad task tag {tag!r}")
     with detached():
         r = await transport.run(["python3", "-c", KILL_SCRIPT, tag], timeout=30)

@@ -29,10 +29,14 @@ CHILD = textwrap.dedent("""
     import harness.kinds
     from pathlib import Path
     from engine.client import EngineClient
+    from engine.transport import TransportPool
     from engine.workspace import Workspace
 
     async def main():
-        client = EngineClient.open(Workspace(Path({ws!r})), adopt=False)
+        ws = Workspace(Path({ws!r}))
+        site = ws.load_config()
+        pool = TransportPool(site, ws, **{pool!r}) if {pool!r} is not None else None
+        client = EngineClient(ws, site, adopt=False, transports=pool)
         await client.start()
         tid = await client.submit("test.helpers", {params!r})
         print(tid, flush=True)
@@ -41,9 +45,10 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def start_child(ws: Path, params: dict) -> tuple[subprocess.Popen, int]:
-    """A Ferry process (engine and client, as the CLI has them) running a test.helpers task."""
-    code = CHILD.format(tests=str(TESTS), root=str(ROOT), ws=str(ws), params=params)
+def start_child(ws: Path, params: dict, pool: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """A Ferry process (engine and client, as the CLI has them) running a test.helpers task;
+    `pool`: the keywords of its TransportPool (how it reaches ssh hosts)."""
+    code = CHILD.format(tests=str(TESTS), root=str(ROOT), ws=str(ws), params=params, pool=pool)
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     return child, int(child.stdout.readline())
 
@@ -108,6 +113,23 @@ def test_killed_ferry_task_is_interrupted_and_its_helper_dies_with_it(tmp_path):
     shown = ferry(ws, "task", "show", str(tid))
     assert "interrupted" in shown.out and f"ferry task cancel {tid}" in shown.out
     assert f"made      local:{folder}/made.img" in shown.out
+
+
+def test_a_helper_on_an_ssh_host_carries_its_tag_and_dies_with_the_session(ssh_site, tmp_path):
+    ws = ssh_site.workspace.root
+    folder = tmp_path / "work"
+    folder.mkdir()
+    pool = {"ssh_config_paths": [str(ssh_site.ssh_config)], "user_known_hosts": str(ssh_site.user_known_hosts),
+            "use_agent": False}
+    child, tid = start_child(ws, {"folder": str(folder), "host": "ssh1"}, pool)
+    try:
+        wid = until_sync(lambda: workspace_id(ws), what="the workspace id")
+        # The sshd is on this machine: the helper it runs for the task is found by its tag here.
+        helpers = until_sync(lambda: [p for p in helpers_of(wid, tid) if alive(p)], what="the remote helper")
+    finally:
+        kill(child)
+    until_sync(lambda: not any(alive(p) for p in helpers), timeout=20,
+               what="the remote helper to die once its SSH session is gone")
 
 
 async def test_resume_stops_a_helper_that_outlived_its_task_then_cancel_rolls_back(tmp_path):

@@ -26,7 +26,7 @@ from asyncssh.public_key import get_default_certificate_algs, get_default_public
 
 from ..config import HostSpec
 from ..errors import FerryError, PermanentError, TransportError
-from ..helpers import tagged
+from ..helpers import ENV, TASK_TAG, TAG_RE
 from .base import ByteReader, ByteWriter, FileStat, Process, RunResult, Transport
 from .local import command_error, describe_argv as _describe
 from .openssh import openssh_argv, remote_command
@@ -91,6 +91,17 @@ class _Untrusted(Exception):
 # exec'ed; kill() runs `kill -KILL -- -PGID` in a second session. Callers never see that line.
 PGID_MARK = b"ferry-pgid:"
 WRAPPER = b"printf 'ferry-pgid:%d\\n' $$ >&2; exec "
+
+
+def _wrapped(command: bytes) -> bytes:
+    """The remote command line: it says its process group first (so that it can be killed), and
+    inside a task it carries the task's tag and, where the host has setpriv, dies with its session."""
+    tag = TASK_TAG.get()
+    if not tag or not TAG_RE.match(tag):
+        return WRAPPER + command
+    return (WRAPPER.removesuffix(b"exec ") + f"{ENV}={tag}; export {ENV}; ".encode()
+            + b"command -v setpriv >/dev/null 2>&1 && exec setpriv --pdeathsig KILL -- " + command
+            + b"; exec " + command)
 
 
 class _SessionProcess(asyncssh.SSHClientProcess):
@@ -536,7 +547,7 @@ class SshTransport(Transport):
         what = _describe(argv)
         if not argv:
             raise PermanentError("empty command", "pass the program and its arguments")
-        command = WRAPPER + remote_command(tagged(argv))
+        command = _wrapped(remote_command(argv))
         for attempt in (1, 2):
             conn = await self._connection()
             await self._sessions.acquire()

@@ -118,13 +118,16 @@ class Confirm(TaskKind):
 @register
 class Helpers(TaskKind):
     """Makes a tracked "made" file and a tracked temporary one in params["folder"], then runs a helper
-    command on this machine until it ends: `sleep` (dies with Ferry), or, with escape=True, a shell
+    command on this machine (or params["host"]) until it ends: `sleep` (dies with Ferry), or, with escape=True, a shell
     whose background `sleep` outlives it (a helper that a parent-death signal does not reach); its pid
     goes to folder/escaped.pid. With fail=True it fails after the files are made; with finish=True it
     succeeds. rollback_on_failure is set, and its rollback writes folder/rolled-back."""
 
     name = "test.helpers"
     rollback_on_failure = True
+
+    def hosts(self, params: dict[str, Any]) -> list[str]:
+        return [params["host"]] if params.get("host") else []
 
     def title(self, params: dict[str, Any]) -> str:
         return "helpers"
@@ -141,7 +144,7 @@ class Helpers(TaskKind):
         if ctx.params.get("finish"):
             return {"made": made}
         ctx.progress(units_done=1, units_total=2, item="helper running")
-        t = ctx.transport("local")
+        t = ctx.transport(ctx.params.get("host", "local"))
         if ctx.params.get("escape"):
             await t.run(["sh", "-c", f"sleep 300 & echo $! > {folder}/escaped.pid; wait"], timeout=None)
         else:
