@@ -6,6 +6,7 @@ by its success (temporary ones), or by `ferry gc` once the task is gone."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import harness.kinds  # noqa: F401  (registers test.helpers)
-from harness.chaos import helpers_of, workspace_id
+from harness.chaos import at_fraction, helpers_of, kill_at, workspace_id
 from harness.cli import ROOT, ferry
 from harness.waiting import until, until_sync
 
@@ -240,3 +241,19 @@ def test_gc_lists_and_removes_what_tasks_that_are_gone_left(tmp_path):
               ds / "old" / "disk0.qcow2.ferry-task999.part"):
         assert not p.exists(), p
     assert ferry(ws, "gc", "--dry-run").out.strip() == "nothing left behind by tasks"
+
+
+def test_a_cancelled_file_replication_leaves_no_partly_written_file(tmp_path):
+    ws = workspace(tmp_path)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(48 << 20))
+    k = kill_at(ws, "replicate", "files", f"local:{src}", f"local:{dst}", "--bwlimit", "16M",
+                when=at_fraction(0.3))
+    assert k.killed, (k.out, k.err)
+    parts = [p for p in dst.rglob(".ferry-part.*")]
+    assert parts, "the killed round left its partly written file (kept for a resume)"
+    r = ferry(ws, "task", "cancel", str(k.task_id))
+    assert r.code == 0, r.err
+    assert not list(dst.rglob(".ferry-part.*"))
+    assert tasks_json(ws)[k.task_id]["state"] == "cancelled"

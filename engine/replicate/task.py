@@ -8,7 +8,9 @@ from typing import Any
 
 from ..config import SiteConfig
 from ..errors import PermanentError
+from ..helpers import detached
 from ..tasks import TaskContext, TaskKind, register
+from . import agent as W
 from .blocks import DEFAULT_CHUNK, BlockOptions, BlockRound
 from .channel import STALL_S
 from .files import FileOptions, FileRound
@@ -110,6 +112,18 @@ class ReplicateFiles(_ReplicateKind):
             if _inside(src.path, dst.path):
                 raise PermanentError(f"refused: the source {src} is inside the target {dst}, and the copy "
                                      "would delete it", "pick a target outside the source")
+
+    async def rollback(self, ctx: TaskContext) -> None:
+        """A cancelled round leaves the target as far as it got (a sync: what it replaced is the
+        source's), without the partly written files it kept for a resume (`.ferry-part.*`)."""
+        _, dst = _endpoints(ctx, ctx.params)
+        with detached():
+            r = await ctx.transport(dst.host).run(
+                ["find", dst.path, "-xdev", "-type", "f", "-name", W.PART_PREFIX.decode() + "*", "-delete"], timeout=None)
+        if not r.ok and b"No such file" not in r.stderr:
+            raise PermanentError(f"could not remove the partly written files under {dst}: "
+                                 f"{r.stderr.decode('utf-8', 'replace').strip()[-200:]}",
+                                 f"remove the files named .ferry-part.* under {dst.path} by hand")
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         p = ctx.params
