@@ -1,0 +1,178 @@
+"""Crash-safety benchmark (issue 10): Ferry killed with `kill -9` at N points of each kind of task,
+then the same command run again (or `ferry task resume ID`, or `ferry task cancel ID`), and checked.
+
+    .venv/bin/python bench/chaos.py [--points N] [--kinds clone,export,...] [--quick]
+                                    [--disk SIZE] [--data SIZE] [--files N] [--tree SIZE] [--seed N]
+
+Kinds (default all): blocks, files (replicate), clone, import (of an OVA), deploy (template deploy
+x3, linked), export, delete (--secure), start. Each kind runs once uninterrupted first (its time sets
+the range of the random-time points, and its result is checked like any other), then N points
+(default 10): half triggered by the task's progress (a fraction of its bytes or steps, read from
+state.db as another process sees it: progress is written there every 20 ms, so windows as short as
+a linked deploy are hit), half at random times in the uninterrupted run's span. A point the work ran
+past before the kill is tried again earlier (twice at most); what still ends first is not counted
+as a kill. Follow-ups cycle: rerun, resume, rerun, cancel (replication: rerun, resume; a cancelled
+replica is the user's partial copy, not something to roll back).
+
+Each trial checks what a user would notice. Finished: the command's result (`qemu-img compare`
+against the source and `qemu-img check`; an export imported back and compared; a replica byte for
+byte; a started VM running with one QEMU and its agent answering; a deleted VM gone with its files).
+Rolled back: nothing of it left (a secure delete cancelled once its wipe had begun stays "deleting"
+and the same command finishes it: counted as finished). Always: no VM record half made, half deleted,
+busy or without its disks; no file in a datastore without a record; no temporary file (`.ferry-task*`
+and older temporary names); no QEMU without a record; no task left running or interrupted; no helper
+process of the task alive; the killed task not shown "running" by `ferry tasks` before any other
+Ferry process started; the sources unchanged (hashed before and after).
+
+Sizes: VM disks --disk (default 2G) holding --data (default 1G) of random data; the replicated tree
+--files files (default 2000) of --tree bytes (default 512M). --quick: 2 points per kind, 256 MiB
+disks with 64 MiB of data, 200 files of 32 MiB: a smoke run of a few minutes. Inputs are built once
+in --data-dir (default /var/tmp/ferry-chaos) and kept; the lab workspace is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from engine.vm.model import parse_size  # noqa: E402
+from harness.chaos import SCENARIOS, Lab, Scenario, Trial, after, at, kill_at, random_points, run_trial  # noqa: E402
+from harness.qemu import image_cache, kill_all  # noqa: E402
+
+MiB = 1 << 20
+RETRIES = 2          # a point the work ran past before the kill is tried this many times more, earlier
+
+
+def calibrate(sc: Scenario, i: int) -> tuple[float, list[str]]:
+    """The kind run once without a kill: how long its task runs, and what is wrong with its result."""
+    sc.setup(i)
+    k = kill_at(sc.lab.ws, *sc.command(i), when=lambda task: False, env=sc.lab.env)
+    wrong = [] if k.code == 0 else [f"exit {k.code}: {(k.err.strip() or k.out.strip()).splitlines()[-1:]}"]
+    wrong += sc.result(i)
+    sc.teardown(i)
+    return k.elapsed, wrong
+
+
+def points(n: int, span: float, rng: random.Random) -> list:
+    """Half the points triggered by progress, half at random times within the span, interleaved."""
+    by_progress = [at(f) for f in random_points(math.ceil(n / 2), rng)]
+    by_time = [after(span * f) for f in random_points(n // 2, rng, lo=0.0, hi=1.0)] if n // 2 else []
+    out = []
+    for j in range(max(len(by_progress), len(by_time))):
+        out += by_progress[j:j + 1] + by_time[j:j + 1]
+    return out
+
+
+def summary(trials: list[Trial]) -> str:
+    bad = [t for t in trials if not t.good and t.outcome != "missed"]
+    if not bad:
+        return "nothing"
+    seen = Counter(problem for t in bad for problem in (t.left or [f"outcome {t.outcome}"]))
+    head = "; ".join(f"{p}" + (f" (x{c})" if c > 1 else "") for p, c in seen.most_common(3))
+    return f"{len(bad)} trial(s) wrong: {head}" + (" ..." if len(seen) > 3 else "")
+
+
+def table(rows: list[tuple[str, ...]]) -> str:
+    head = ("task kind", "kills", "finished correctly", "rolled back clean", "left behind")
+    cells = [head, *rows]
+    widths = [max(len(c[k]) for c in cells) for k in range(len(head) - 1)]
+    lines = []
+    for c in cells:
+        lines.append("  ".join(x.ljust(w) for x, w in zip(c, widths)) + "  " + c[-1])
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--points", type=int, help="kill points per kind (default 10; --quick: 2)")
+    p.add_argument("--kinds", default=",".join(SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)}")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 2 points per kind, small sizes")
+    p.add_argument("--disk", help="virtual size of the VMs' disks (default 2G; --quick: 256M)")
+    p.add_argument("--data", help="random data in each disk (default 1G; --quick: 64M)")
+    p.add_argument("--files", type=int, help="files in the replicated tree (default 2000; --quick: 200)")
+    p.add_argument("--tree", help="bytes in the replicated tree (default 512M; --quick: 32M)")
+    p.add_argument("--seed", type=int, default=int(time.time()), help="for the random points (printed)")
+    p.add_argument("--data-dir", type=Path, default=Path("/var/tmp/ferry-chaos"), help="built inputs, kept")
+    p.add_argument("--keep", action="store_true", help="keep the lab workspace (its path is printed)")
+    args = p.parse_args()
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in SCENARIOS]
+    if unknown:
+        p.error(f"unknown kind {unknown[0]!r}: choose from {', '.join(SCENARIOS)}")
+    quick = args.quick
+    n = args.points or (2 if quick else 10)
+    disk = parse_size(args.disk or ("256M" if quick else "2G"), "disk")
+    data = parse_size(args.data or ("64M" if quick else "1G"), "data")
+    files = args.files or (200 if quick else 2000)
+    tree = parse_size(args.tree or ("32M" if quick else "512M"), "tree")
+    if data > disk:
+        p.error("--data cannot exceed --disk")
+    rng = random.Random(args.seed)
+
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    ws = Path(tempfile.mkdtemp(prefix="fchaos-", dir="/tmp"))     # short: UNIX sockets live in it
+    env = {"FERRY_IMAGE_CACHE": os.environ.get("FERRY_IMAGE_CACHE", str(image_cache()))}
+    lab = Lab(ws, args.data_dir, env)
+    print(f"chaos: {n} points per kind, seed {args.seed}; disks {disk >> 20} MiB with {data >> 20} MiB of data, "
+          f"tree {files} files / {tree >> 20} MiB; workspace {ws}", flush=True)
+    rows: list[tuple[str, ...]] = []
+    all_good = True
+    started = time.monotonic()
+    try:
+        lab.ok("lab", "image", "build")
+        for kind in kinds:
+            sc = SCENARIOS[kind](lab, disk=disk, data=data, files=files, tree=tree)
+            t0 = time.monotonic()
+            sc.prepare()
+            span, wrong = calibrate(sc, 0)
+            print(f"{sc.name}: uninterrupted run {span:.2f} s" + (f", WRONG: {'; '.join(wrong)}" if wrong else ""),
+                  flush=True)
+            trials: list[Trial] = []
+            i = 1
+            for j, point in enumerate(points(n, span, rng)):
+                follow = sc.follows[j % len(sc.follows)]
+                for _ in range(RETRIES + 1):
+                    trial = run_trial(sc, i, point, follow)
+                    i += 1
+                    print(f"  {trial.line()}", flush=True)
+                    if trial.killed or trial.left or not (point := point.earlier()):
+                        break
+                trials.append(trial)
+            killed = [t for t in trials if t.killed]
+            finished = sum(t.good and t.outcome == "finished" for t in killed)
+            rolled = sum(t.good and t.outcome == "rolled back" for t in killed)
+            left = summary(trials) + (f"; uninterrupted run wrong: {'; '.join(wrong)}" if wrong else "")
+            missed = len(trials) - len(killed)
+            rows.append((sc.name, str(len(killed)) + (f" ({missed} ended first)" if missed else ""),
+                         str(finished), str(rolled), left))
+            ok = not wrong and all(t.good or t.outcome == "missed" and not t.left for t in trials) \
+                and len(killed) >= n
+            all_good &= ok
+            print(f"{sc.name}: {len(killed)} kills, {finished} finished, {rolled} rolled back, "
+                  f"{'PASS' if ok else 'FAIL'} ({time.monotonic() - t0:.0f} s)", flush=True)
+    finally:
+        kill_all(ws)
+        if args.keep:
+            print(f"workspace kept: {ws}")
+        else:
+            shutil.rmtree(ws, ignore_errors=True)
+    print(f"\nkill -9 at {n} points per kind, seed {args.seed}, {time.monotonic() - started:.0f} s:\n")
+    print(table(rows))
+    print(f"\ntarget: every trial finished correctly or rolled back clean, >= {n} kills per kind: "
+          f"{'PASS' if all_good else 'FAIL'}")
+    return 0 if all_good else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
