@@ -11,14 +11,15 @@ the range of the random-time points, and its result is checked like any other), 
 state.db as another process sees it: progress is written there every 20 ms, so windows as short as
 a linked deploy are hit), half at random times in the uninterrupted run's span. A point the work ran
 past before the kill is tried again earlier (twice at most); what still ends first is not counted
-as a kill. Follow-ups cycle: rerun, resume, rerun, cancel (replication: rerun, resume; a cancelled
-replica is the user's partial copy, not something to roll back).
+as a kill. Follow-ups cycle: rerun, resume, rerun, cancel.
 
 Each trial checks what a user would notice. Finished: the command's result (`qemu-img compare`
 against the source and `qemu-img check`; an export imported back and compared; a replica byte for
 byte; a started VM running with one QEMU and its agent answering; a deleted VM gone with its files).
 Rolled back: nothing of it left (a secure delete cancelled once its wipe had begun stays "deleting"
-and the same command finishes it: counted as finished). Always: no VM record half made, half deleted,
+and the same command finishes it: counted as finished; a cancelled replication leaves the target as
+far as it got, a sync, without a partly written file; a cancelled start leaves the VM stopped without
+QEMU, or running as recorded). Always: no VM record half made, half deleted,
 busy or without its disks; no file in a datastore without a record; no temporary file (`.ferry-task*`
 and older temporary names); no QEMU without a record; no task left running or interrupted; no helper
 process of the task alive; the killed task not shown "running" by `ferry tasks` before any other

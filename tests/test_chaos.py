@@ -25,7 +25,7 @@ FILES, TREE = 200, 32 * MiB
 # QEMU is launched and while it waits for the guest agent.
 PLAN: dict[str, list[tuple[float, str]]] = {
     "blocks": [(0.3, "rerun"), (0.6, "resume")],
-    "files": [(0.3, "rerun"), (0.6, "resume")],
+    "files": [(0.3, "rerun"), (0.6, "cancel")],
     "clone": [(0.3, "rerun"), (0.5, "resume"), (0.6, "cancel")],
     "deploy": [(0.3, "rerun"), (0.6, "resume"), (0.3, "cancel")],
     "import": [(0.3, "rerun"), (0.6, "cancel")],

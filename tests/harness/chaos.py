@@ -781,9 +781,8 @@ class StartScenario(Scenario):
 
 
 class _Replication(Scenario):
-    """`ferry replicate LEVEL local:SRC local:TARGET`. Follow-ups: rerun and resume only: a cancelled
-    replication leaves the user's partial copy, which is not something to roll back."""
-    follows = ("rerun", "resume")
+    """`ferry replicate LEVEL local:SRC local:TARGET`. Cancelled, a round leaves the target as far as it
+    got (the user's copy, a sync), without the partly written files it kept for a resume."""
     level = ""
 
     def target(self, i: int) -> Path:
@@ -794,6 +793,11 @@ class _Replication(Scenario):
 
     def sources(self) -> dict[str, object]:
         return {str(self.src): _digest(self.src)}
+
+    def rolled_back(self, i: int) -> tuple[str, list[str]]:
+        t = self.target(i)
+        parts = list(t.rglob(".ferry-part.*")) if t.is_dir() else []
+        return "rolled back", [f"{len(parts)} partly written file(s) left in the replica"] if parts else []
 
     def teardown(self, i: int) -> None:
         import shutil
