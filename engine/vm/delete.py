@@ -1,4 +1,17 @@
-"""Deleting VMs and templates: normal, secure (overwritten and verified), delayed (recycle bin)."""
+"""Deleting VMs and templates: normal, secure (overwritten and verified), delayed (recycle bin).
+
+A delete is two-phase and visible, and goes on after its Ferry process was killed at any instant:
+1. Before any byte is touched, the record becomes "deleting", busy with the task (the state it had is
+   in the checkpoint). Nothing else may act on it from then on; a cancel now puts the state back.
+2. The checkpoint says destruction has begun, then: secure: the files are overwritten and verified
+   (checkpointed once verified: a resume does not wipe again; a kill mid-wipe wipes again, which is
+   idempotent), then removed; normal: removed (a missing file is removed already); delayed: each file
+   moved to the recycle bin (a file already there and gone from its place is moved already).
+   A cancel from here on leaves the record "deleting" (not busy) for a delete to finish; a delayed
+   delete is moved back instead.
+3. The record is deleted (delayed: recycled). A resume that finds it so is done.
+Restore and purge are idempotent the same way: each move or removal looks whether it is done already.
+"""
 
 from __future__ import annotations
 
@@ -91,18 +104,65 @@ class DeleteVM(VMTask):
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         mode = ctx.params.get("mode", "normal")
+        svc = VMService.of(ctx.engine)
+        cp = dict(ctx.checkpoint or {})
+        if cp.get("vm_id"):
+            row = await svc._db(svc.store.vm_row, cp["vm_id"])
+            if row is None or row["recycled"]:
+                ctx.log(f"{cp['name']} was deleted before this task was interrupted")
+                return {"vm": cp["name"], "mode": mode,
+                        **({"purge_at": row["purge_at"]} if row and row["recycled"] else {})}
         svc, row, vm, h = await self.target(ctx)
         async with working_on(ctx, row):
+            if not cp.get("vm_id"):
+                cp = {"vm_id": vm.id, "name": vm.name, "was": row["state"], "begun": False}
+                await ctx.save_checkpoint(cp)
+            if row["state"] != VMState.DELETING:
+                await svc.update(vm.id, state=VMState.DELETING)
+            if not cp["begun"]:
+                cp["begun"] = True
+                await ctx.save_checkpoint(cp)
             if mode == "delayed":
                 days = float(ctx.params.get("keep_days", DEFAULT_KEEP_DAYS))
                 await _to_recycle_bin(ctx, svc, h, vm, days)
                 return {"vm": vm.name, "mode": mode, "purge_at": time.time() + days * 86400}
-            if mode == "secure":
+            if mode == "secure" and not cp.get("wiped"):
                 await secure_wipe(ctx, h, vm)
+                cp["wiped"] = True
+                await ctx.save_checkpoint(cp)
             await remove_files(h, vm)
-        await svc._db(svc.store.vm_delete, vm.id)
+            await svc._db(svc.store.vm_delete, vm.id)
         ctx.log(f"{vm.name} deleted ({mode})")
         return {"vm": vm.name, "mode": mode}
+
+    async def rollback(self, ctx: TaskContext) -> None:
+        """Before destruction began: the record as it was. After: a delayed delete moved back; any other
+        stays "deleting" (no longer busy), for a delete to finish."""
+        cp = ctx.checkpoint or {}
+        if not cp.get("vm_id"):
+            return
+        svc = VMService.of(ctx.engine)
+        row = await svc._db(svc.store.vm_row, cp["vm_id"])
+        name = cp["name"]
+        if row is None:
+            raise PermanentError(f"the delete of {name} had finished; nothing is left to put back")
+        if row["recycled"]:
+            raise PermanentError(f"the delete of {name} had finished: it is in the recycle bin; "
+                                 f"`ferry vm restore {name}` brings it back")
+        if row["busy"] not in (None, ctx.id):
+            return      # another task has it now
+        if cp.get("begun") and ctx.params.get("mode") == "delayed":
+            vm = VMSpec.from_dict(row["spec"])
+            h = svc.host(vm.host)
+            await _move_all(h, await _bin_moves(h, vm, back=True))
+            await _drop_recycle_dirs(h, vm)
+        elif cp.get("begun"):
+            await svc.update(row["id"], busy=None)
+            raise PermanentError(f"the delete of {name} had begun, so it stays 'deleting'; "
+                                 f"`ferry vm delete {name} --confirm {name}` finishes it")
+        state = cp["was"] if row["state"] == VMState.DELETING else row["state"]
+        await svc.update(row["id"], state=state, busy=None)
+        ctx.log(f"{name} is back as it was ({state}): the delete was rolled back")
 
 
 def _files(vm: VMSpec) -> list[str]:
@@ -164,13 +224,24 @@ async def remove_files(h: HostOps, vm: VMSpec) -> None:
     await _drop_empty_dirs(h, vm)
 
 
-async def _to_recycle_bin(ctx: TaskContext, svc: VMService, h: HostOps, vm: VMSpec, days: float) -> None:
+async def _bin_moves(h: HostOps, vm: VMSpec, *, back: bool = False) -> list[tuple[str, str]]:
+    """The moves of the VM's files into the recycle bin (back=True: out of it) still to do: a file that
+    is where it goes, and no longer where it was, is moved already."""
     moves = []
     for path in _files(vm):
         ds = h.datastore_of_path(path)
-        if ds is not None and await h.exists(path):
-            moves.append((path, recycle_path(ds, vm.id, path)))
-    await _move_all(h, moves)
+        if ds is None:
+            continue
+        src, dst = path, recycle_path(ds, vm.id, path)
+        if back:
+            src, dst = dst, src
+        if await h.exists(src):
+            moves.append((src, dst))
+    return moves
+
+
+async def _to_recycle_bin(ctx: TaskContext, svc: VMService, h: HostOps, vm: VMSpec, days: float) -> None:
+    await _move_all(h, await _bin_moves(h, vm))
     await _drop_empty_dirs(h, vm)
     now = time.time()
     await svc.update(vm.id, recycled=now, purge_at=now + days * 86400, state=VMState.RECYCLED)
@@ -184,9 +255,10 @@ class RestoreVM(VMTask):
     verb = "restore"
     recycled = True
 
-    async def check(self, svc: VMService, params: dict[str, Any], own: int | None = None
-                    ) -> tuple[dict, VMSpec, HostOps, list[tuple[str, str]]]:
-        """As VMTask.check, plus the moves out of the recycle bin, once none would overwrite anything."""
+    async def check(self, svc: VMService, params: dict[str, Any], own: int | None = None, *,
+                    resumed: bool = False) -> tuple[dict, VMSpec, HostOps, list[tuple[str, str]]]:
+        """As VMTask.check, plus the moves out of the recycle bin, once none would overwrite anything
+        (resumed: a file back in its place and gone from the bin was moved by this task)."""
         row, vm, h = await super().check(svc, params, own)
         if vm.name in await svc.names_in_use():
             raise Refused(f"another VM is now named {vm.name}, so this one cannot come back under that name",
@@ -195,10 +267,13 @@ class RestoreVM(VMTask):
         for path in _files(vm):
             ds = h.datastore_of_path(path)
             src = recycle_path(ds, vm.id, path) if ds else ""
+            there = await h.exists(path)
+            if src and resumed and there and not await h.exists(src):
+                continue
             if not src or not await h.exists(src):
                 raise Refused(f"{path} of {vm.name} is no longer in the recycle bin on {h.name}",
                               "it may have been purged by hand; the VM cannot be restored")
-            if await h.exists(path):
+            if there:
                 raise Refused(f"{path} exists again on {h.name}; restoring would overwrite it",
                               "move that file away first")
             moves.append((src, path))
@@ -206,11 +281,20 @@ class RestoreVM(VMTask):
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         svc = VMService.of(ctx.engine)
-        row, vm, h, moves = await self.check(svc, ctx.params, ctx.id)
-        await _move_all(h, moves)
-        state = VMState.TEMPLATE if vm.is_template else (VMState.HIBERNATED if vm.hibernate_file else VMState.STOPPED)
-        await svc.update(vm.id, recycled=None, purge_at=None, state=state)
-        await _drop_recycle_dirs(h, vm)
+        cp = ctx.checkpoint or {}
+        if cp.get("vm_id"):
+            row = await svc._db(svc.store.vm_row, cp["vm_id"])
+            if row is not None and not row["recycled"]:      # restored before this task was interrupted
+                vm = VMSpec.from_dict(row["spec"])
+                await _drop_recycle_dirs(svc.host(vm.host), vm)
+                return {"vm": vm.name}
+        row, vm, h, moves = await self.check(svc, ctx.params, ctx.id, resumed=bool(cp))
+        async with working_on(ctx, row):
+            await ctx.save_checkpoint({"vm_id": vm.id})
+            await _move_all(h, moves)
+            state = VMState.TEMPLATE if vm.is_template else (VMState.HIBERNATED if vm.hibernate_file else VMState.STOPPED)
+            await svc.update(vm.id, recycled=None, purge_at=None, state=state)
+            await _drop_recycle_dirs(h, vm)
         ctx.log(f"{vm.name} restored from the recycle bin")
         return {"vm": vm.name}
 
@@ -234,16 +318,22 @@ class PurgeVM(VMTask):
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         svc = VMService.of(ctx.engine)
-        rows = await svc.expired() if ctx.params["vm"] == "*expired*" else \
-            [await svc.find(ctx.params["vm"], recycled=True)]
+        if ctx.checkpoint is None:
+            rows = await svc.expired() if ctx.params["vm"] == "*expired*" else \
+                [await svc.find(ctx.params["vm"], recycled=True)]
+            # Which ones: a resumed run purges the rest of them, not what expired since.
+            await ctx.save_checkpoint({"vms": {r["id"]: r["name"] for r in rows}})
+        names = ctx.checkpoint["vms"]
         purged = []
-        for row in rows:
-            vm = VMSpec.from_dict(row["spec"])
-            h = svc.host(vm.host)
-            await _drop_recycle_dirs(h, vm)
-            await svc._db(svc.store.vm_delete, vm.id)
-            purged.append(vm.name)
-            ctx.log(f"{vm.name} purged from the recycle bin")
+        for vm_id, name in names.items():
+            row = await svc._db(svc.store.vm_row, vm_id)
+            if row is not None and row["recycled"]:      # not purged yet, nor restored meanwhile
+                vm = VMSpec.from_dict(row["spec"])
+                async with working_on(ctx, row):
+                    await _drop_recycle_dirs(svc.host(vm.host), vm)
+                    await svc._db(svc.store.vm_delete, vm.id)
+                ctx.log(f"{name} purged from the recycle bin")
+            purged.append(name)
         return {"purged": purged}
 
 

@@ -1,16 +1,25 @@
-"""VM lifecycle task kinds: create, start, safe shutdown/reboot, force stop, hibernate (resume = start)."""
+"""VM lifecycle task kinds: start, safe shutdown/reboot, force stop, hibernate (resume = start).
+
+Each goes on after its Ferry process was killed at any instant (`ferry task resume`, or the same
+command again): it saves, before it acts, a checkpoint saying what it is about to do, and a resumed
+run looks at the VM as it is before doing it again. Start adopts a QEMU that an interrupted run
+launched (never a second one); shutdown records a VM that is off as stopped; hibernate ends either
+hibernated (the state file complete under its final name, and recorded) or running as before, then
+hibernates again: a state file is named final only once complete and flushed.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import shlex
 import time
 from pathlib import PurePosixPath
 from typing import Any, AsyncIterator
 
 from ..errors import FerryError, PermanentError, Refused, TransientError
-from ..platform.liveboot import launch, stop as stop_process
+from ..platform.liveboot import is_running, launch, stop as stop_process
 from ..platform.qga import GuestAgent
 from ..platform.qmp import QMPClient
 from ..tasks import TaskContext, TaskKind, register
@@ -20,6 +29,7 @@ from .prechecks import action_of
 from .service import VMService
 
 BOOT_TIMEOUT = 90.0
+LAUNCH_SETTLE_S = 10.0    # a QEMU that daemonizes writes its pid file within this
 
 
 @contextlib.asynccontextmanager
@@ -38,7 +48,9 @@ async def working_on(ctx: TaskContext, row: dict) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        if await svc._db(svc.store.vm_row, row["id"]) is not None:
+        now = await svc._db(svc.store.vm_row, row["id"])
+        # A record the task has not finished making or deleting stays its own until it is done or rolled back.
+        if now is not None and not (now["state"] in (VMState.INCOMPLETE, VMState.DELETING) and now["busy"] == ctx.id):
             await svc.update(row["id"], busy=None)
 
 
@@ -68,6 +80,10 @@ class VMTask(TaskKind):
     def title(self, params: dict[str, Any]) -> str:
         return f"{self.verb} {params['vm']}"
 
+    def dedup_key(self, params: dict[str, Any]) -> str | None:
+        """One unfinished task per VM and kind: the same command again goes on with it."""
+        return f"vm:{params['vm']}"
+
     def rules(self, params: dict[str, Any]) -> dict[str, Any]:
         """What prechecks.refusal needs beyond the VM: the action, and `to` or `copies` where they matter."""
         return {"action": action_of(self.name, params)}
@@ -76,7 +92,7 @@ class VMTask(TaskKind):
                     ) -> tuple[dict, VMSpec, HostOps]:
         """The VM's record, spec and host when the action may apply to it now; Refused otherwise."""
         rules = self.rules(params)
-        return await svc.checked(rules.pop("action"), params["vm"], own=own, recycled=self.recycled, **rules)
+        return await svc.checked(rules.pop("action"), params["vm"], own=own, recycled=self.recycled, task=own, **rules)
 
     async def target(self, ctx: TaskContext) -> tuple[VMService, dict, VMSpec, HostOps]:
         """The service, the VM's record and spec, and its host, checked again now that the task runs."""
@@ -170,6 +186,42 @@ async def _wait_incoming(ctx: TaskContext, svc: VMService, vm: VMSpec) -> None:
 
 # ------------------------------------------------------------------ start / stop
 
+async def _own_vm(ctx: TaskContext, svc: VMService) -> tuple[dict, VMSpec, HostOps] | None:
+    """The record, spec and host of the VM an interrupted run of this task worked on (None: gone)."""
+    row = await svc._db(svc.store.vm_row, (ctx.checkpoint or {}).get("vm_id", ""))
+    if row is None:
+        return None
+    vm = VMSpec.from_dict(row["spec"])
+    return row, vm, svc.host(vm.host)
+
+
+async def _unrecorded_qemu(h: HostOps, vm: VMSpec) -> list[int]:
+    """QEMUs of the VM that run without its pid file written (a launch cut short as it daemonized)."""
+    pidfile = h.paths(vm).pidfile
+    r = await h.t.run(["pgrep", "-f", "--", "-pidfile " + re.escape(pidfile)], timeout=30)
+    pids = [int(x) for x in r.stdout.split() if x.isdigit()] if r.ok else []
+    # The pid file must be an argument of its own (not part of a shell's command that names it).
+    return [pid for pid in pids if await is_running(h.t, pid, pidfile)]
+
+
+async def _launched(h: HostOps, vm: VMSpec) -> int | None:
+    """The pid of the VM's QEMU when one runs; one whose launch was cut short before it wrote its pid
+    file gets a few seconds to write it, and is killed if it does not (the task launches it again)."""
+    pid = await h.pid(vm)
+    if pid is not None:
+        return pid
+    stray = await _unrecorded_qemu(h, vm)
+    if not stray:
+        return None
+    deadline = time.monotonic() + LAUNCH_SETTLE_S
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        if (pid := await h.pid(vm)) is not None:
+            return pid
+    await h.t.run(["kill", "-KILL", *map(str, stray)], timeout=30)
+    return None
+
+
 @register
 class StartVM(VMTask):
     name = "vm.start"
@@ -185,9 +237,16 @@ class StartVM(VMTask):
         return row, vm, h
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        if (ctx.checkpoint or {}).get("launching"):
+            out = await self._adopt(ctx)
+            if out is not None:
+                return out
         svc, row, vm, h = await self.target(ctx)
         async with working_on(ctx, row):
-            if vm.hibernate_file and not ctx.params.get("discard_state"):
+            incoming = bool(vm.hibernate_file) and not ctx.params.get("discard_state")
+            # Before QEMU starts: a resumed run then looks for it instead of starting a second one.
+            await ctx.save_checkpoint({"vm_id": vm.id, "launching": True, "incoming": incoming})
+            if incoming:
                 ctx.log(f"resuming {vm.name} from {vm.hibernate_file}")
                 out = await boot(ctx, vm, incoming="exec:cat " + shlex.quote(vm.hibernate_file), wait_agent=False)
                 await h.t.remove(vm.hibernate_file)
@@ -199,6 +258,34 @@ class StartVM(VMTask):
                     await h.t.remove(vm.hibernate_file)
                     vm = vm.with_(hibernate_file="")
                 out = await boot(ctx, vm, wait_agent=not ctx.params.get("no_wait"))
+            await svc.update(vm.id, state=VMState.RUNNING, spec=vm)
+        return out
+
+    async def _adopt(self, ctx: TaskContext) -> dict[str, Any] | None:
+        """An interrupted run launched QEMU: when it runs, wait for it as boot would have, and record it
+        running. None when it does not run (the task starts it again)."""
+        svc = VMService.of(ctx.engine)
+        found = await _own_vm(ctx, svc)
+        if found is None:
+            return None
+        row, vm, h = found
+        pid = await _launched(h, vm)
+        if pid is None:
+            return None
+        async with working_on(ctx, row):
+            ctx.log(f"QEMU of {vm.name} already runs on {h.name} as pid {pid}, launched before this task was "
+                    "interrupted: not launched again")
+            out: dict[str, Any] = {"vm": vm.name, "host": h.name, "pid": pid, "adopted": True}
+            if ctx.checkpoint.get("incoming"):
+                await _wait_incoming(ctx, svc, vm)
+                out["resumed"] = True
+            elif not ctx.params.get("no_wait"):
+                ctx.progress(item="waiting for the guest agent", units_done=2, units_total=3)
+                out["agent"] = await _wait_agent(svc, vm, BOOT_TIMEOUT)
+            if vm.hibernate_file:      # loaded, or discarded: of no use any more
+                await h.t.remove(vm.hibernate_file)
+                vm = vm.with_(hibernate_file="")
+            ctx.progress(units_done=3, units_total=3, item="running")
             await svc.update(vm.id, state=VMState.RUNNING, spec=vm)
         return out
 
@@ -232,11 +319,38 @@ class ShutdownVM(VMTask):
             raise Refused(f"cannot {what} {vm.name} safely: {e.message}",
                           f"force it off instead: ferry vm stop {vm.name} --force") from None
 
+    async def _settle(self, ctx: TaskContext, mode: str, timeout: float) -> dict[str, Any] | None:
+        """An interrupted run asked the VM to go off (or reboot): the result when that is done now, or
+        None when the task asks again."""
+        svc = VMService.of(ctx.engine)
+        found = await _own_vm(ctx, svc)
+        if found is None:
+            return None
+        row, vm, h = found
+        async with working_on(ctx, row):
+            if mode == "reboot":
+                if ctx.checkpoint.get("sent") and await h.pid(vm) is not None:
+                    ctx.progress(item="waiting for the guest agent")
+                    return {"vm": vm.name, "mode": mode, "agent": await _wait_agent(svc, vm, BOOT_TIMEOUT)}
+                return None
+            if mode != "force" and await h.pid(vm) is not None:
+                await wait_exit(h, vm, timeout, ctx)     # the guest may still be shutting down
+            if await h.pid(vm) is not None:
+                return None
+            await svc.update(vm.id, state=VMState.STOPPED)
+            ctx.log(f"{vm.name} is off (it was asked to before this task was interrupted)")
+            return {"vm": vm.name, "mode": mode}
+
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         mode = ctx.params.get("mode", "powerdown")
         timeout = float(ctx.params.get("timeout", 120))
+        if (ctx.checkpoint or {}).get("asked"):
+            done = await self._settle(ctx, mode, timeout)
+            if done is not None:
+                return done
         svc, row, vm, h = await self.target(ctx)
         async with working_on(ctx, row):
+            await ctx.save_checkpoint({"vm_id": vm.id, "asked": True})
             if mode == "force":
                 ctx.progress(item="powering off")
                 await stop_process(h.t, h.paths(vm).pidfile)
@@ -249,6 +363,7 @@ class ShutdownVM(VMTask):
                     with q.subscribe("RESET") as sub:
                         async with ga:
                             await ga.shutdown("reboot")
+                        await ctx.save_checkpoint({"vm_id": vm.id, "asked": True, "sent": True})
                         ctx.progress(item="waiting for the guest to reboot")
                         await sub.wait_for("RESET", timeout=timeout)
                 ctx.progress(item="waiting for the guest agent")
@@ -264,9 +379,20 @@ class ShutdownVM(VMTask):
             return {"vm": vm.name, "mode": mode}
 
 
+# ------------------------------------------------------------------ hibernate
+
+MIGRATING = ("setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling", "postcopy-active")
+
+
 @register
 class HibernateVM(VMTask):
-    """Saves memory and device state to a file next to the disks and stops QEMU; start resumes it."""
+    """Saves memory and device state to a file next to the disks and stops QEMU; start resumes it.
+
+    The state goes to NAME.state.part; once the migration completed and the file is flushed it is renamed
+    NAME.state and recorded, then QEMU quits. A resumed (or cancelled) run finds the VM in one of three
+    states: the final file exists (complete: recorded hibernated, QEMU made to quit), QEMU still runs
+    (paused, or its migration going on or done: the migration is cancelled and the guest goes on running,
+    the .part removed; a resume then hibernates it again), or neither (it stopped without a state)."""
     name = "vm.hibernate"
     verb = "hibernate"
 
@@ -281,13 +407,22 @@ class HibernateVM(VMTask):
         return h.datastore(vm.disks[0].datastore if vm.disks else None)
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        if ctx.checkpoint:
+            done = await self._settle(ctx, finish=True)
+            if done is not None:
+                return done
         svc, row, vm, h = await self.target(ctx)
         ds = self._datastore(h, vm)
         folder = str(PurePosixPath(vm.disks[0].path).parent) if vm.disks else vm_dir(ds, vm.name)
         state_file = f"{folder}/{vm.name}.state"
+        tmp = state_file + ".part"
         async with working_on(ctx, row):
             await h.t.mkdir(folder)
-            tmp = state_file + ".part"
+            await ctx.track(h.name, tmp, role="temp")
+            # A state file left by an earlier hibernation belongs to no record now (the VM runs): it goes,
+            # so that a file under the final name is always this run's, complete.
+            await h.t.remove(state_file)
+            await ctx.save_checkpoint({"vm_id": vm.id, "state_file": state_file})
             async with await svc.qmp(vm) as q:
                 await q.execute("stop")
                 try:
@@ -295,8 +430,7 @@ class HibernateVM(VMTask):
                     await _follow_migration(ctx, q, vm)
                 except BaseException:
                     with contextlib.suppress(Exception):
-                        await q.execute("migrate_cancel")
-                        await q.execute("cont")
+                        await _run_on(q)
                     with contextlib.suppress(Exception):
                         await h.t.remove(tmp)
                     raise
@@ -309,6 +443,66 @@ class HibernateVM(VMTask):
             size = (await h.t.stat(state_file)).size
         ctx.log(f"{vm.name} hibernated: {size >> 20} MiB of state in {state_file}")
         return {"vm": vm.name, "state_file": state_file, "bytes": size}
+
+    async def _settle(self, ctx: TaskContext, *, finish: bool) -> dict[str, Any] | None:
+        """Brings the VM an interrupted run left to a consistent state: the result when it is hibernated
+        (finish=True: recorded so, its QEMU gone), None when it runs as before (finish=False: also when
+        the state was saved: a rollback removes it)."""
+        svc = VMService.of(ctx.engine)
+        found = await _own_vm(ctx, svc)
+        if found is None:
+            return None
+        row, vm, h = found
+        state_file = ctx.checkpoint["state_file"]
+        pid = await h.pid(vm)
+        saved = await h.exists(state_file)
+        async with working_on(ctx, row):
+            if saved and (finish or pid is None):
+                # Complete: it is named so only after the migration completed and the file was flushed.
+                if row["state"] != VMState.HIBERNATED or vm.hibernate_file != state_file:
+                    await svc.update(vm.id, state=VMState.HIBERNATED, spec=vm.with_(hibernate_file=state_file))
+                if pid is not None:
+                    with contextlib.suppress(FerryError):
+                        async with await svc.qmp(vm) as q:
+                            await q.execute("quit")
+                    await wait_exit(h, vm, 30)
+                size = (await h.t.stat(state_file)).size
+                ctx.log(f"{vm.name} hibernated: {size >> 20} MiB of state in {state_file} (saved before this "
+                        "task was interrupted)")
+                if not finish:
+                    raise PermanentError(f"the hibernation of {vm.name} had finished; its memory is saved in "
+                                         f"{state_file}", f"resume it: ferry vm start {vm.name}")
+                return {"vm": vm.name, "state_file": state_file, "bytes": size}
+            if pid is None:
+                await h.t.remove(state_file + ".part")
+                raise PermanentError(f"{vm.name} stopped while it was being hibernated, and its memory was not "
+                                     "saved", f"start it again: ferry vm start {vm.name}")
+            async with await svc.qmp(vm) as q:
+                await _run_on(q)
+            await h.t.remove(state_file + ".part")
+            if saved:
+                await h.t.remove(state_file)
+            if row["state"] != VMState.RUNNING or vm.hibernate_file:
+                await svc.update(vm.id, state=VMState.RUNNING, spec=vm.with_(hibernate_file=""))
+            ctx.log(f"{vm.name} runs on as before: the hibernation begun before this task was interrupted was "
+                    "undone")
+        return None
+
+    async def rollback(self, ctx: TaskContext) -> None:
+        """The VM runs on as before: its migration cancelled, the guest continued, a saved state removed
+        (unless QEMU is gone: then the hibernation finished, and is kept)."""
+        if ctx.checkpoint:
+            await self._settle(ctx, finish=False)
+
+
+async def _run_on(q: QMPClient) -> None:
+    """The guest runs again: the migration to a state file cancelled (and waited out), QEMU continued."""
+    if (await q.execute("query-migrate")).get("status") in MIGRATING:
+        await q.execute("migrate_cancel")
+        while (await q.execute("query-migrate")).get("status") in MIGRATING:
+            await asyncio.sleep(0.05)
+    if (await q.execute("query-status"))["status"] != "running":
+        await q.execute("cont")
 
 
 async def _follow_migration(ctx: TaskContext, q: QMPClient, vm: VMSpec) -> None:

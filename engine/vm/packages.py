@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import re
+import posixpath
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -55,45 +55,77 @@ class ExportVM(VMTask):
         await check_out(h.t, vm.name, params["out"], ova=self._ova(params))
         return row, vm, h
 
+    def dedup_key(self, params: dict[str, Any]) -> str | None:
+        return f"export:{params['vm']}:{params['out']}"
+
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         from .ovf import export_package
+        if ctx.checkpoint:
+            done = await self._finished(ctx)
+            if done is not None:
+                return done
         svc, row, vm, h = await self.target(ctx)
         out = ctx.params["out"]
         ova = self._ova(ctx.params)
         if ctx.checkpoint:
             ctx.log(f"going on with the export of {vm.name} from where it stopped, if its disks did not change")
-        await _sweep_stages(ctx, h, out)
+        stage = _stage_name(out, ctx.id)
         async with working_on(ctx, row):
+            # Before it exists: a cancel (of a paused or interrupted export too) or `ferry gc` removes it,
+            # and a resume goes on in it (the task's id names it).
+            await ctx.track(h.name, posixpath.join(posixpath.dirname(posixpath.normpath(out)), stage), role="temp")
             result = await export_package(h.t, to_ovf(vm), {d.name: d.path for d in vm.disks}, out, ova=ova,
-                                          progress=reporter(ctx), stage=_stage_name(out, ctx.id),
+                                          progress=reporter(ctx), stage=stage,
                                           state=ctx.checkpoint, save=ctx.save_checkpoint,
                                           keep=lambda: not cancelled_for_good(ctx))
         ctx.log(f"{vm.name} exported to {out} on {h.name} ({'OVA' if ova else 'OVF'})")
         return {"vm": vm.name, "host": h.name, **result}
 
+    async def _finished(self, ctx: TaskContext) -> dict[str, Any] | None:
+        """The result, when an interrupted run had moved its package into place (the last step): the
+        package at the output path holds the manifest of the disks this task hashed (an OVA is also read
+        through to its end). None otherwise."""
+        from .ovf import parse_manifest
+        cp = ctx.checkpoint or {}
+        out, digests, stage = cp.get("out"), cp.get("digests") or {}, cp.get("stage")
+        if not out or not digests or not stage:
+            return None
+        svc = VMService.of(ctx.engine)
+        vm = VMSpec.from_dict((await svc.find(ctx.params["vm"]))["spec"])
+        h = svc.host(vm.host)
+        if len(digests) != len(vm.disks) or await h.t.stat(out) is None:
+            return None
+        mf = f"{vm.name}.mf"
+        if cp.get("ova"):
+            base = posixpath.basename(out)
+            if await h.t.stat(posixpath.join(stage, f".{base}.part")) is not None:
+                return None      # not moved: what is at `out` is not this task's
+            listed = await h.t.run(["tar", "-tf", out], timeout=None)      # read through: complete
+            text = await h.t.run(["tar", "-xOf", out, "--", mf], timeout=None)
+            if not listed.ok or not text.ok:
+                return None
+            manifest = text.stdout.decode("utf-8", "replace")
+        else:
+            if await h.t.stat(stage) is not None:
+                return None      # the staging folder is what becomes `out`: not moved yet
+            try:
+                manifest = (await h.t.read_file(posixpath.join(out, mf))).decode("utf-8", "replace")
+            except FerryError:
+                return None
+        try:
+            files = dict(parse_manifest(manifest, file=mf))
+        except FerryError:
+            return None
+        if any(files.get(f, "").lower() != d.lower() for f, d in digests.items()):
+            return None
+        if cp.get("ova"):
+            size = (await h.t.stat(out)).size
+        else:
+            size = sum(st.size for f in files if (st := await h.t.stat(posixpath.join(out, f))) is not None)
+        ctx.log(f"{vm.name} was exported to {out} before this task was interrupted (its manifest checked)")
+        return {"vm": vm.name, "host": h.name, "path": out, "files": files, "bytes": size}
+
 
 def _stage_name(out: str, task_id: int) -> str:
     """The staging folder of an export task, next to its output: the task's id in it says whose it is."""
     return f".{PurePosixPath(out).name}.ferry-task{task_id}"
-
-
-async def _sweep_stages(ctx: TaskContext, h: HostOps, out: str) -> None:
-    """Removes the staging folders that earlier exports to the same path kept for a resume that will not
-    come (their task was cancelled while paused, or is gone)."""
-    folder = str(PurePosixPath(out).parent)
-    pattern = re.compile(re.escape(f".{PurePosixPath(out).name}.ferry-task") + r"(\d+)")
-    try:
-        names = await h.t.listdir(folder)
-    except FerryError:
-        return
-    for n in names:
-        m = pattern.fullmatch(n)
-        if not m or int(m.group(1)) == ctx.id:
-            continue
-        try:
-            gone = (await ctx.engine.get(int(m.group(1)))).state.final
-        except PermanentError:
-            gone = True
-        if gone:
-            await h.remove_tree(f"{folder}/{n}")
-            ctx.log(f"removed {folder}/{n}, kept by task {m.group(1)} for a resume that will not come")

@@ -17,6 +17,7 @@ from ..errors import PermanentError, Refused
 from .model import VMState, based_on
 
 RUNNING = ("running", "paused")
+UNFINISHED = (VMState.INCOMPLETE.value, VMState.DELETING.value)   # a record its task has not finished with
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,13 @@ def _state(vm: dict[str, Any]) -> str:
 
 def refusal(action: str, vm: dict[str, Any] | None, *, busy_task: str | None = None,
             clones: list[str] | None = None, to: str | None = None, copies: int = 1,
-            linked: bool = False) -> Refusal | None:
+            linked: bool = False, task: int | None = None) -> Refusal | None:
     """Why `action` cannot apply to `vm` (a dict as `vm_list` gives it) now; None when it can.
 
     `busy_task` describes a live task that works on the VM, `clones` names the template's linked clones,
     `to` is where a conversion goes (None: the other kind), `copies` how many copies a clone makes and
-    `linked` whether they are linked clones."""
+    `linked` whether they are linked clones. `task`: the task asking (when it runs), whose own half-made
+    or half-deleted record is no obstacle to it."""
     if action in ("vm_create", "vm_import"):
         return None
     if vm is None:
@@ -86,7 +88,11 @@ def refusal(action: str, vm: dict[str, Any] | None, *, busy_task: str | None = N
                        "restore it first (u)")
     if action in ("vm_restore", "vm_purge"):
         return Refusal(f"{name} is not in the recycle bin", "ferry vm list --recycled shows what is")
-    if busy_task:
+    if st in UNFINISHED and not (task and vm.get("busy") == task):
+        why = _unfinished(action, vm, st, busy_task)
+        if why is not None:
+            return why
+    elif busy_task:
         tid = vm.get("busy")
         return Refusal(f"{name} is busy with {busy_task}",
                        f"wait for it, or cancel it: ferry task cancel {tid}" if tid else "wait for it, or cancel it",
@@ -154,6 +160,26 @@ def refusal(action: str, vm: dict[str, Any] | None, *, busy_task: str | None = N
                            "delete those first (or purge them from the recycle bin)", "delete them first")
         return None
     return None
+
+
+def _unfinished(action: str, vm: dict[str, Any], st: str, busy_task: str | None) -> Refusal | None:
+    """Why nothing but its own task may act on a VM being made or deleted (a delete may finish a delete)."""
+    name, tid = vm.get("name", "?"), vm.get("busy")
+    doing = "being made" if st == VMState.INCOMPLETE.value else "being deleted"
+    if busy_task:       # its task runs now
+        return Refusal(f"{name} is {doing} by {busy_task}", f"wait for it, or roll it back: ferry task cancel {tid}",
+                       "wait for it, or cancel it in Tasks")
+    if action == "vm_delete" and (st == VMState.DELETING.value or not tid):
+        return None     # a delete that stopped half-way, finished by a delete
+    if tid:
+        return Refusal(f"{name} is {doing} by task {tid}, which stopped before it finished",
+                       f"finish it (ferry task resume {tid}) or roll it back (ferry task cancel {tid})",
+                       "resume or cancel it in Tasks")
+    if st == VMState.DELETING.value:
+        return Refusal(f"{name} was partly deleted", f"finish the delete: ferry vm delete {name} --confirm {name}",
+                       "del deletes it to the end")
+    return Refusal(f"{name} was left half-made by a task that is gone", f"delete it: ferry vm delete {name} --confirm {name}",
+                   "del deletes it")
 
 
 def refused(e: PermanentError) -> Refused:

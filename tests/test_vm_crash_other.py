@@ -1,0 +1,260 @@
+"""Issue 10: Ferry killed (`kill -9`) in the middle of a delete, start, hibernate or export, then the same
+command again (or `ferry task resume`, or `ferry task cancel`): the job ends done, or undone, and nothing
+is left half-way. Real QEMU (TCG), real qcow2, real files; Ferry runs as a child process that is killed
+at a point read from its task's row in state.db (tests/harness/chaos.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from engine.vm.model import process_name
+from harness.chaos import Kill, at_fraction, fraction, hidden_leftovers, kill_at
+from harness.cli import ferry
+from harness.qemu import image_cache, kill_all
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def ws():
+    """One lab workspace for the module (short path: UNIX sockets live in it), the shared image cache."""
+    old = os.environ.get("FERRY_IMAGE_CACHE")
+    os.environ["FERRY_IMAGE_CACHE"] = str(image_cache())
+    root = Path(tempfile.mkdtemp(prefix="fcr-", dir="/tmp"))
+    r = ferry(root, "lab", "image", "build", "--json")
+    assert r.code == 0, r.err
+    yield root
+    kill_all(root)
+    shutil.rmtree(root, ignore_errors=True)
+    if old is None:
+        os.environ.pop("FERRY_IMAGE_CACHE", None)
+    else:
+        os.environ["FERRY_IMAGE_CACHE"] = old
+
+
+@pytest.fixture
+def scratch():
+    d = Path(tempfile.mkdtemp(prefix="fcrs-", dir="/var/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def ok(ws: Path, *args: str) -> dict:
+    r = ferry(ws, *args, "--json")
+    assert r.code == 0, f"ferry {' '.join(args)}: {r.out} {r.err}"
+    return r.json
+
+
+def refused(ws: Path, *args: str) -> str:
+    """A refusal: exit status 2 and one line (with its hint). Returns the line."""
+    r = ferry(ws, *args)
+    assert r.code == 2, f"ferry {' '.join(args)} should be refused: {r.code} {r.out} {r.err}"
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and "(hint: " in lines[0], r.err
+    return lines[0]
+
+
+def vms(ws: Path) -> dict[str, dict]:
+    return {v["name"]: v for v in ok(ws, "vm", "list")}
+
+
+def task(ws: Path, tid: int) -> dict:
+    return next(t for t in ok(ws, "tasks", "--all") if t["id"] == tid)
+
+
+def qemu_io(path: str, cmd: str) -> None:
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", cmd, path], check=True, capture_output=True)
+
+
+def qemus_of(vm_id: str) -> list[int]:
+    """Pids of the QEMU processes of a VM (by the pid file in their command line), wherever they came from."""
+    name = process_name(vm_id)
+    out = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv and argv[0].endswith(b"qemu-system-x86_64") and any(a.endswith(f"/{name}.pid".encode()) for a in argv):
+                out.append(int(p))
+    return out
+
+
+def qmp_status(ws: Path, vm_id: str) -> str:
+    """The VM's run state as its QEMU reports it (running, paused, postmigrate, ...)."""
+    sock = next(ws.glob(f"lab/*/run/{process_name(vm_id)}.qmp"))
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        f = s.makefile("rw")
+        f.readline()
+        for cmd in ("qmp_capabilities", "query-status"):
+            f.write(json.dumps({"execute": cmd}) + "\n")
+            f.flush()
+            while "return" not in (reply := json.loads(f.readline())):
+                pass
+        return reply["return"]["status"]
+
+
+def killed(k: Kill) -> int:
+    assert k.killed, f"the command ended before the kill point: {k.code} {k.out} {k.err}"
+    return k.task_id
+
+
+def item_at(item: str, f: float = 0.0):
+    """A point: the task says it is doing `item`, at fraction f of its work or more."""
+    return lambda t: (t["state"] == "running" and (t["progress"] or {}).get("item", "").startswith(item)
+                      and fraction(t["progress"]) >= f)
+
+
+# ------------------------------------------------------------------ delete
+
+def test_secure_delete_killed_mid_wipe_shows_deleting_and_the_rerun_finishes_it(ws):
+    made = ok(ws, "vm", "create", "sec", "--host", "lab1", "--disk", "320M")
+    disk = Path(made["disks"][0])
+    qemu_io(str(disk), "write -P 0x5a 0 288M")
+
+    tid = killed(kill_at(ws, "vm", "delete", "sec", "--secure", "--confirm", "sec", when=item_at("overwriting")))
+    assert task(ws, tid)["state"] == "interrupted"
+    v = vms(ws)["sec"]
+    assert v["state"] == "deleting" and v["busy"] == tid, "a VM half-wiped is shown as what it is"
+    line = refused(ws, "vm", "start", "sec")
+    assert f"task {tid}" in line and f"ferry task resume {tid}" in line and f"ferry task cancel {tid}" in line
+
+    again = ok(ws, "vm", "delete", "sec", "--secure", "--confirm", "sec")
+    assert again["task"] == tid, "the same command goes on with the task it had begun"
+    assert "sec" not in vms(ws) and not disk.exists() and not disk.parent.exists()
+
+
+def test_delete_killed_mid_way_and_cancelled_stays_deleting_and_a_delete_finishes_it(ws):
+    """A cancel cannot bring back the files a delete began to remove: the VM stays 'deleting', no longer
+    held by the cancelled task, and nothing but a delete may act on it; a delete finishes it."""
+    made = ok(ws, "vm", "create", "nd", "--host", "lab1", "--disk", "64M", "--disk", "64M", "--disk", "64M")
+    disks = [Path(d) for d in made["disks"]]
+    for d in disks:
+        qemu_io(str(d), "write -P 0x42 0 48M")
+
+    tid = killed(kill_at(ws, "vm", "delete", "nd", "--confirm", "nd",
+                         when=lambda t: (t["checkpoint"] or {}).get("begun") is True))
+    v = vms(ws)["nd"]
+    assert (v["state"], v["busy"]) == ("deleting", tid)
+    ok(ws, "task", "cancel", str(tid))
+    t = task(ws, tid)
+    assert t["state"] == "cancelled" and "had begun" in t["error"] and "ferry vm delete nd" in t["error"]
+    v = vms(ws)["nd"]
+    assert (v["state"], v["busy"]) == ("deleting", None)
+    line = refused(ws, "vm", "export", "nd", "--out", "/var/tmp/nd.ova")
+    assert "nd was partly deleted" in line and "ferry vm delete nd" in line
+
+    ok(ws, "vm", "delete", "nd", "--confirm", "nd")
+    assert "nd" not in vms(ws) and not any(d.exists() for d in disks) and not disks[0].parent.exists()
+
+
+# ------------------------------------------------------------------ start, hibernate
+
+def test_start_killed_after_launch_is_interrupted_and_the_rerun_adopts_its_qemu(ws):
+    vm_id = ok(ws, "vm", "create", "st", "--host", "lab1", "--disk", "32M", "--memory", "192M")["id"]
+
+    # Killed once QEMU was launched, while it waits for the guest agent.
+    tid = killed(kill_at(ws, "vm", "start", "st", when=item_at("waiting for the guest agent")))
+    assert task(ws, tid)["state"] == "interrupted", "a start whose Ferry process died is not shown running"
+    assert len(qemus_of(vm_id)) == 1
+
+    out = ok(ws, "vm", "start", "st")
+    assert out["task"] == tid and out["agent"] is True
+    assert vms(ws)["st"]["state"] == "running"
+    assert len(qemus_of(vm_id)) == 1, "the rerun started a second QEMU"
+    ok(ws, "vm", "stop", "st", "--force")
+
+
+def test_hibernate_killed_cancelled_runs_on_and_resumed_ends_hibernated(ws):
+    vm_id = ok(ws, "vm", "create", "hb", "--host", "lab1", "--disk", "32M", "--memory", "256M",
+               "--boot", "live")["id"]
+    ok(ws, "vm", "start", "hb")
+    folder = Path(vms(ws)["hb"]["disks"][0]["path"]).parent
+
+    # Killed while it saves the memory: cancelled, the guest runs on as before and nothing is left.
+    tid = killed(kill_at(ws, "vm", "hibernate", "hb", when=item_at("saving memory")))
+    ok(ws, "task", "cancel", str(tid))
+    assert task(ws, tid)["state"] == "cancelled"
+    assert vms(ws)["hb"]["state"] == "running" and qmp_status(ws, vm_id) == "running"
+    assert sorted(p.name for p in folder.iterdir()) == ["disk0.qcow2"]
+
+    # Killed again, then resumed: hibernated, its state file complete (the start resumes from it).
+    tid = killed(kill_at(ws, "vm", "hibernate", "hb", when=item_at("saving memory")))
+    ok(ws, "task", "resume", str(tid))
+    assert task(ws, tid)["state"] == "succeeded"
+    v = vms(ws)["hb"]
+    assert v["state"] == "hibernated" and not qemus_of(vm_id)
+    assert sorted(p.name for p in folder.iterdir()) == ["disk0.qcow2", "hb.state"]
+    out = ok(ws, "vm", "start", "hb")
+    assert out.get("resumed") is True and qmp_status(ws, vm_id) == "running"
+    ok(ws, "vm", "stop", "hb", "--force")
+
+
+# ------------------------------------------------------------------ export
+
+def test_export_killed_three_times_then_rerun_finishes_one_package_and_leaves_nothing(ws, scratch):
+    made = ok(ws, "vm", "create", "ex", "--host", "lab1", "--disk", "256M")
+    src = made["disks"][0]
+    qemu_io(src, "write -P 0x3c 0 96M")
+    qemu_io(src, "write -P 0xc3 160M 64M")
+    out = scratch / "ex.ova"
+    args = ("vm", "export", "ex", "--out", str(out))
+
+    tid = killed(kill_at(ws, *args, when=at_fraction(0.2)))          # converting the disk
+    assert hidden_leftovers(scratch), "the staging folder is kept for the resume"
+    assert killed(kill_at(ws, *args, when=item_at("hashing", 0.66))) == tid   # hashed: the OVA is next
+    # Once the OVA is in place, before the task is recorded done: the package is checked, not made again.
+    assert killed(kill_at(ws, *args, when=item_at("done"))) == tid
+    made_at = out.stat().st_mtime_ns
+    done = ok(ws, *args)
+    assert done["task"] == tid and out.stat().st_mtime_ns == made_at
+    assert hidden_leftovers(scratch) == [], "a staging folder was left behind"
+
+    ok(ws, "vm", "import", str(out), "--host", "lab2", "--name", "ex-back")
+    back = vms(ws)["ex-back"]["disks"][0]["path"]
+    assert subprocess.run(["qemu-img", "compare", "-U", src, back], capture_output=True).returncode == 0
+
+
+def test_paused_export_cancelled_leaves_no_staging_folder(ws, scratch):
+    from engine.client import EngineClient
+    from engine.taskmodel import TaskState
+    from engine.workspace import Workspace
+
+    made = ok(ws, "vm", "create", "pe", "--host", "lab1", "--disk", "192M")
+    qemu_io(made["disks"][0], "write -P 0x77 0 128M")
+    out = scratch / "pe.ova"
+
+    async def go() -> tuple[list, list]:
+        client = EngineClient.open(Workspace.resolve(ws), adopt=False)
+        await client.start()
+        try:
+            tid = await client.vm_task("vm.export", {"vm": "pe", "out": str(out)})
+            sub = client.subscribe()
+            while (info := await client.get_task(tid)).state != TaskState.PAUSED:
+                assert not info.state.final, "the export ended before it was paused"
+                for ev in await sub.wait(timeout=1.0):
+                    if ev.type == "progress" and ev.task_id == tid and ev.data.fraction and ev.data.fraction > 0.1:
+                        if info.state == TaskState.RUNNING:
+                            await client.pause(tid)
+            sub.close()
+            kept = hidden_leftovers(scratch)
+            assert (await client.cancel(tid)).state == TaskState.CANCELLED
+            return kept, hidden_leftovers(scratch)
+        finally:
+            await client.close()
+
+    kept, left = asyncio.run(go())
+    assert kept, "paused, the export keeps its staging folder"
+    assert left == [] and not out.exists(), "cancelled, it removes it"
