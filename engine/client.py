@@ -12,9 +12,10 @@ from typing import Any, Awaitable
 from . import probe as _probe  # noqa: F401  (registers the probe task kind)
 from .replicate import task as _replicate  # noqa: F401  (registers replicate.files / replicate.blocks)
 from .vm import kinds as _vm_kinds  # noqa: F401  (registers vm.*)
-from .vm.prechecks import precheck
+from .vm.prechecks import precheck, refused
 from .vm.service import VMService
 from .config import SiteConfig
+from .errors import PermanentError
 from .events import Subscription
 from .hostfacts import HostFacts, gather_facts
 from .store import Store
@@ -132,7 +133,10 @@ class EngineClient:
         """As vm_task: (the task's id, whether it is an unfinished one that goes on)."""
         params = dict(params)
         k = kind_of(kind)
-        k.validate(params)
+        try:
+            k.validate(params)
+        except PermanentError as e:    # bad input, before any task: a refusal (exit code 2)
+            raise refused(e) from None
         key = k.dedup_key(params)
         if key is not None:
             same = await self.store.call(self.store.unfinished_task, kind, key)
