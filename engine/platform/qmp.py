@@ -12,6 +12,7 @@ import asyncio
 import collections
 import itertools
 import json
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -167,6 +168,8 @@ class QMPClient:
         self._lines = LineReader(reader)
         self._writer = writer
         self._ids = itertools.count(1)
+        # Ids unique to this connection: QEMU may hand a killed client's late replies to the next one.
+        self._id_prefix = f"ferry-{secrets.token_hex(4)}-"
         self._pending: dict[str, tuple[str, asyncio.Future]] = {}
         self._subscribers: set[EventSubscription] = set()
         self._write_lock = asyncio.Lock()
@@ -242,7 +245,7 @@ class QMPClient:
         """Runs a command and returns its "return" value; raises QMPError with QMP's class and desc."""
         if self._close_reason is not None:
             raise self._closed_error()
-        msg_id = f"ferry-{next(self._ids)}"
+        msg_id = f"{self._id_prefix}{next(self._ids)}"
         message: dict[str, Any] = {"execute": command, "id": msg_id}
         if arguments:
             message["arguments"] = arguments
