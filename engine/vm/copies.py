@@ -1,4 +1,12 @@
-"""Clones, templates and deploys: full copies (also of a running VM), linked clones, conversions."""
+"""Clones, templates and deploys: full copies (also of a running VM), linked clones, conversions.
+
+A clone makes its copies as create.py says (reserved first, files tracked, each disk written under a
+temporary name, flushed and renamed into place, the copies made usable together once all are in
+place), so a clone or a deploy of N killed at any instant is resumed without making a copy or a disk
+twice, or rolled back leaving none of them. The copy of a running
+VM is one point in time across its disks: written again as a whole unless all its disks are in
+place. Its block jobs live in the source's QEMU and outlive Ferry: they are named after the task
+(clone-t<ID>-...), and a resume or a rollback cancels those still running before anything else."""
 
 from __future__ import annotations
 
@@ -8,12 +16,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-from ..errors import FerryError, PermanentError, Refused
+from ..errors import FerryError, PermanentError, Refused, TransientError
 from ..platform.qga import GuestAgent
 from ..platform.qmp import EventSubscription, QMPClient, QMPTimeout
-from ..tasks import TaskContext, TaskKind, register
+from ..tasks import TaskContext, register
 from .hostops import HostOps, disk_path
-from .create import make_vm
+from .create import Maker, MakesVMs, names_clash
 from .lifecycle import VMTask, working_on
 from .model import (DiskSpec, NicSpec, VMKind, VMSpec, VMState, check_hardware, check_name, new_id,
                     parse_size)
@@ -24,6 +32,7 @@ LINKED_OVERHEAD = 1 << 20
 JOB_POLL_S = 1.0           # how often a running copy's block jobs are asked how far they are
 JOB_STALL_S = 300.0        # a copy whose jobs move no byte for this long has stalled: it is given up
 FREEZE_TIMEOUT_S = 30.0
+JOB_CANCEL_S = 60.0       # a cancelled block job ends at its next request: seconds, whatever its size
 
 
 @dataclass(frozen=True)
@@ -36,13 +45,19 @@ class _Plan:
     running: bool
     grow: int | None
     sizes: tuple[int, ...]       # virtual size of each of the source's disks
+    allocated: tuple[int, ...]   # bytes a full copy of each of the source's disks takes
+
+    async def ensure_room(self, copies: int, disks: list[int], linked: bool) -> None:
+        """The datastore has room for the disks still to write (indexes of the source's disks)."""
+        need = LINKED_OVERHEAD * len(disks) if linked else sum(self.allocated[j] for j in disks) + (1 << 20)
+        if disks:
+            await self.h.ensure_space(self.ds, need, f"{copies} cop{'y' if copies == 1 else 'ies'} of {self.src.name}")
 
 
 @register
-class CloneVM(TaskKind):
+class CloneVM(MakesVMs):
     """VM -> VM, VM -> template, template -> template, template -> VM (deploy, full or linked, N at once)."""
     name = "vm.clone"
-    max_retries = 0
 
     def validate(self, params: dict[str, Any]) -> None:
         if not params.get("src"):
@@ -71,19 +86,19 @@ class CloneVM(TaskKind):
         target = names[0] if len(names) == 1 else f"{len(names)} VMs ({names[0]} ...)"
         return f"{what} {params['src']} -> {target}" + (" (linked)" if params.get("linked") else "")
 
-    async def check(self, svc: VMService, p: dict[str, Any], own: int | None = None) -> _Plan:
-        """What the clone will do, once the source may be copied now, the names are free and the
-        datastore has room; Refused otherwise."""
+    def dedup_key(self, params: dict[str, Any]) -> str | None:
+        return f"clone:{params['src']}:{','.join(params['names'])}"
+
+    async def check(self, svc: VMService, p: dict[str, Any], own: int | None = None, *,
+                    space: bool = True) -> _Plan:
+        """What the clone will do, once the source may be copied now, the names are free (or reserved
+        by `own`, the task asking) and the datastore has room; Refused otherwise."""
         names: list[str] = p["names"]
         linked = bool(p.get("linked"))
         row, src, h = await svc.checked("vm_deploy" if p.get("deploy") else "vm_clone", p["src"], own=own,
                                         copies=len(names), linked=linked)
         running = await h.pid(src) is not None
-        taken = await svc.names_in_use()
-        clash = [n for n in names if n in taken]
-        if clash:
-            raise Refused(f"a VM or template named {clash[0]!r} already exists",
-                          "choose other names (ferry vm list shows the names in use)")
+        await names_clash(svc, names, own, "choose other names (ferry vm list shows the names in use)")
         ds = h.datastore(p.get("datastore") or (src.disks[0].datastore if src.disks else None))
         overrides = p.get("overrides") or {}
         if overrides.get("network"):
@@ -93,50 +108,93 @@ class CloneVM(TaskKind):
             raise Refused(f"disk size {overrides['disk_size']} is smaller than {src.name}'s first disk "
                           f"({src.disks[0].size >> 20} MiB)", "disks only grow; give a larger size")
         allocated, sizes = await _sizes(h, src)
-        per_copy = LINKED_OVERHEAD * len(src.disks) if linked else allocated
-        await h.ensure_space(ds, per_copy * len(names),
-                             f"{len(names)} cop{'y' if len(names) == 1 else 'ies'} of {src.name}")
-        return _Plan(row, src, h, ds, running, grow, sizes)
+        plan = _Plan(row, src, h, ds, running, grow, sizes, allocated)
+        if space:
+            await plan.ensure_room(len(names), list(range(len(src.disks))) * len(names), linked)
+        return plan
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         p = ctx.params
         svc = VMService.of(ctx.engine)
-        plan = await self.check(svc, p, ctx.id)
-        src, h, grow, running = plan.src, plan.h, plan.grow, plan.running
         names: list[str] = p["names"]
-        as_template = bool(p.get("as_template"))
+        maker = Maker(ctx)
         linked = bool(p.get("linked"))
+        if maker.committed:       # made by an earlier run, which died before it said so
+            return {"src": p["src"], "made": await maker.commit(), "linked": linked, "from_running": False}
+        plan = await self.check(svc, p, ctx.id, space=False)
+        src, h, grow, running = plan.src, plan.h, plan.grow, plan.running
+        maker.h = h
+        as_template = bool(p.get("as_template"))
         overrides = p.get("overrides") or {}
         # Every byte of every disk of every copy, counted as its copy goes (zero regions too, as
-        # qemu-img and the block jobs count them); a linked clone copies nothing.
+        # qemu-img and the block jobs count them); a linked clone copies nothing. What earlier runs
+        # put in place counts as done, not as work done now.
         meter = None if linked else ByteMeter(reporter(ctx), sum(plan.sizes) * len(names))
+        units = len(names) * len(src.disks)
 
-        made = []
         async with working_on(ctx, plan.row):
-            for i, name in enumerate(names):
-                spec = _copy_spec(src, name, plan.ds, as_template=as_template, linked=linked, overrides=overrides,
-                                  grow=grow)
-                label = f"{name} ({i + 1}/{len(names)})" if len(names) > 1 else name
-
-                async def fill(ctx: TaskContext, h: HostOps, vm: VMSpec, label=label, i=i) -> None:
+            if running and ctx.resumed:
+                # Jobs an earlier run started in the source's QEMU still write; a guest it froze stays frozen.
+                await stop_jobs(ctx, svc, src)
+                await thaw_if_frozen(ctx, svc, src)
+            vms = await maker.reserve([_copy_spec(src, n, plan.ds, as_template=as_template, linked=linked,
+                                                  overrides=overrides, grow=grow) for n in names])
+            todos = [await maker.todo(vm, together=running and not linked) for vm in vms]
+            await plan.ensure_room(len(vms), [j for todo in todos for j in _indexes(src, todo)], linked)
+            done_units = units - sum(len(todo) for todo in todos)
+            if meter is not None:
+                meter.advance(sum(plan.sizes[j] for todo in todos
+                                  for j in range(len(src.disks)) if j not in _indexes(src, todo)),
+                              "already copied", measured=False)
+            else:
+                ctx.progress(measured=False, units_done=done_units, units_total=units)
+            for vm, todo in zip(vms, todos):
+                label = f"{vm.name} ({names.index(vm.name) + 1}/{len(names)})" if len(names) > 1 else vm.name
+                if todo:
                     if linked:
-                        for d, sd in zip(vm.disks, src.disks):
-                            ctx.progress(item=f"{label}: linking {d.name}", units_done=i, units_total=len(names))
+                        for d, part in todo:
+                            sd = src.disks[_index(src, d)]
+                            ctx.progress(item=f"{label}: linking {d.name}", units_done=done_units, units_total=units)
                             await h.qemu_img("create", "-q", "-f", "qcow2", "-b", sd.path, "-F", "qcow2",
-                                             d.path, str(d.size))
+                                             part, str(d.size))
+                            done_units += 1
+                            ctx.progress(units_done=done_units, units_total=units)
                     elif running:
-                        await _backup_running(ctx, svc, src, vm, label, plan.sizes, meter)
+                        await _backup_running(ctx, svc, src, vm, todo, label, plan.sizes, meter)
                     else:
-                        await _convert(h, src, vm, label, plan.sizes, meter)
-                    if grow is not None and vm.disks and not linked:
-                        await h.qemu_img("resize", "-q", vm.disks[0].path, str(grow))
-
-                state = VMState.TEMPLATE if spec.is_template else VMState.STOPPED
-                made.append(await make_vm(ctx, h, spec, fill, state=state))
+                        await _convert(h, src, todo, label, plan.sizes, meter)
+                    if grow is not None and not linked:
+                        for d, part in todo:
+                            if _index(src, d) == 0:
+                                await h.qemu_img("resize", "-q", part, str(grow))
+                await maker.place(vm, todo)
+            made = await maker.commit()
         kind = "template" if as_template else "VM"
         ctx.log(f"made {len(made)} {kind}{'s' if len(made) > 1 else ''} from {src.name}"
                 + (" while it ran" if running else "") + (" (linked)" if linked else ""))
         return {"src": src.name, "made": made, "linked": linked, "from_running": running}
+
+    async def rollback(self, ctx: TaskContext) -> None:
+        """Stop this task's block jobs in the source and thaw its guest (when it runs), then delete the
+        copies (unless all were made); the engine removes their files."""
+        svc = VMService.of(ctx.engine)
+        try:
+            src = VMSpec.from_dict((await svc.find(ctx.params["src"]))["spec"])
+        except Refused:
+            src = None      # gone: no QEMU of it holds a job of this task
+        if src is not None and ctx.checkpoint is not None and await svc.host(src.host).pid(src) is not None:
+            await stop_jobs(ctx, svc, src)
+            await thaw_if_frozen(ctx, svc, src)
+        await super().rollback(ctx)
+
+
+def _index(src: VMSpec, d: DiskSpec) -> int:
+    """Which disk of the source a disk of the copy is a copy of (same name)."""
+    return next(j for j, sd in enumerate(src.disks) if sd.name == d.name)
+
+
+def _indexes(src: VMSpec, todo: list[tuple[DiskSpec, str]]) -> list[int]:
+    return [_index(src, d) for d, _ in todo]
 
 
 def _copy_spec(src: VMSpec, name: str, ds, *, as_template: bool, linked: bool, overrides: dict,
@@ -155,27 +213,74 @@ def _copy_spec(src: VMSpec, name: str, ds, *, as_template: bool, linked: bool, o
                      kind=VMKind.TEMPLATE if as_template else VMKind.VM, origin=src.name, hibernate_file="")
 
 
-async def _sizes(h: HostOps, vm: VMSpec) -> tuple[int, tuple[int, ...]]:
-    """Bytes a full copy of the VM's disks will take (allocated clusters along each backing chain),
-    and the virtual size of each disk (what a copy goes through)."""
-    total, sizes = 0, []
+async def _sizes(h: HostOps, vm: VMSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Bytes a full copy of each of the VM's disks will take (allocated clusters along its backing
+    chain), and the virtual size of each disk (what a copy goes through)."""
+    allocated, sizes = [], []
     for d in vm.disks:
         info = await h.image_info(d.path)
         sizes.append(int(info.get("virtual-size", d.size)))
-        total += int(info.get("actual-size", 0))
+        n = int(info.get("actual-size", 0))
         if info.get("backing-filename"):
-            total += int((await h.image_info(info.get("full-backing-filename") or info["backing-filename"]))
-                         .get("actual-size", 0))
-    return total + (1 << 20), tuple(sizes)
+            n += int((await h.image_info(info.get("full-backing-filename") or info["backing-filename"]))
+                     .get("actual-size", 0))
+        allocated.append(n)
+    return tuple(allocated), tuple(sizes)
 
 
-async def _convert(h: HostOps, src: VMSpec, vm: VMSpec, label: str, sizes: tuple[int, ...],
-                   meter: ByteMeter) -> None:
-    for d, sd, size in zip(vm.disks, src.disks, sizes):
-        item = f"{label}: copying {d.name}"
-        await h.qemu_img_progress(["convert", "-O", "qcow2", sd.path, d.path],
+async def _convert(h: HostOps, src: VMSpec, todo: list[tuple[DiskSpec, str]], label: str,
+                   sizes: tuple[int, ...], meter: ByteMeter) -> None:
+    for d, part in todo:
+        j = _index(src, d)
+        item, size = f"{label}: copying {d.name}", sizes[j]
+        await h.qemu_img_progress(["convert", "-O", "qcow2", src.disks[j].path, part],
                                   lambda f, item=item, size=size: meter.show(int(size * f), item))
         meter.advance(size, item)
+
+
+def job_prefix(task_id: int) -> str:
+    """Block jobs a clone task starts in the source's QEMU are named after it: they outlive Ferry."""
+    return f"clone-t{task_id}-"
+
+
+async def stop_jobs(ctx: TaskContext, svc: VMService, src: VMSpec) -> None:
+    """Cancel the block jobs of this task still running in the source's QEMU (an earlier run died and
+    left them writing to its temporary files), and wait until they are gone."""
+    prefix = job_prefix(ctx.id)
+    async with await svc.qmp(src) as q:
+        jobs = [j["device"] for j in await q.execute("query-block-jobs") if str(j.get("device", "")).startswith(prefix)]
+        for job in jobs:
+            with contextlib.suppress(FerryError):
+                await q.execute("block-job-cancel", {"device": job, "force": True})
+        deadline = time.monotonic() + JOB_CANCEL_S
+        while jobs:
+            await asyncio.sleep(0.05)
+            left = [j["device"] for j in await q.execute("query-block-jobs") if j.get("device") in jobs]
+            if not left:
+                break
+            if time.monotonic() > deadline:
+                raise TransientError(f"block job(s) {', '.join(left)} in {src.name}'s QEMU did not stop "
+                                     f"within {JOB_CANCEL_S:g} s of being cancelled",
+                                     "look at them with query-block-jobs; then resume or cancel the task again")
+    if jobs:
+        ctx.log(f"cancelled {len(jobs)} copy job(s) an earlier run left in the QEMU of {src.name}", "warning")
+
+
+async def thaw_if_frozen(ctx: TaskContext, svc: VMService, src: VMSpec) -> None:
+    """A run that died while the guest's filesystems were frozen left them so: thaw them."""
+    try:
+        ga = await svc.agent(src, timeout=2.0)
+    except FerryError:
+        return
+    try:
+        left_frozen = await ga.fsfreeze_status() == "frozen"
+    except FerryError:
+        left_frozen = False
+    if left_frozen:
+        ctx.log(f"the filesystems of {src.name} were left frozen by an earlier run", "warning")
+        await _thaw(ctx, ga, src)      # closes the agent
+    else:
+        await ga.close()
 
 
 @contextlib.asynccontextmanager
@@ -213,25 +318,27 @@ async def _thaw(ctx: TaskContext, ga: GuestAgent, vm: VMSpec) -> None:
         await ga.close()
 
 
-async def _backup_running(ctx: TaskContext, svc: VMService, src: VMSpec, vm: VMSpec, label: str,
-                          sizes: tuple[int, ...], meter: ByteMeter) -> None:
-    """A point-in-time copy of every disk of a running VM: one QMP transaction of drive-backup jobs,
-    with the guest's filesystems frozen for the instant the jobs start (when its agent answers)."""
-    job_ids = [f"clone-{vm.short_id}-{j}" for j in range(len(vm.disks))]
+async def _backup_running(ctx: TaskContext, svc: VMService, src: VMSpec, vm: VMSpec,
+                          todo: list[tuple[DiskSpec, str]], label: str, sizes: tuple[int, ...],
+                          meter: ByteMeter) -> None:
+    """A point-in-time copy of every disk of a running VM into the temporary files: one QMP transaction
+    of drive-backup jobs, with the guest's filesystems frozen for the instant the jobs start (when its
+    agent answers). The jobs are named after the task, so a resume or a rollback finds them."""
+    jobs = {f"{job_prefix(ctx.id)}{vm.short_id}-{_index(src, d)}": (d, part) for d, part in todo}
     async with await svc.qmp(src) as q:
         with q.subscribe("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") as sub:
             async with frozen(ctx, svc, src):
                 actions = [{"type": "drive-backup",
-                            "data": {"device": f"drive{j}", "job-id": job_ids[j],
-                                     "target": d.path, "format": "qcow2", "sync": "full",
+                            "data": {"device": f"drive{_index(src, d)}", "job-id": job,
+                                     "target": part, "format": "qcow2", "sync": "full",
                                      "mode": "absolute-paths"}}
-                           for j, d in enumerate(vm.disks)]
+                           for job, (d, part) in jobs.items()]
                 if actions:
                     await q.execute("transaction", {"actions": actions})
             ctx.log(f"point-in-time copy of {src.name} started ({len(actions)} disk{'' if len(actions) == 1 else 's'})")
-            await _follow_jobs(q, sub, src, dict(zip(job_ids, sizes)),
+            await _follow_jobs(q, sub, src, {job: sizes[_index(src, d)] for job, (d, _) in jobs.items()},
                                lambda done: meter.show(done, f"{label}: copying while it runs"))
-            meter.advance(sum(sizes), f"{label}: copied")
+            meter.advance(sum(sizes[_index(src, d)] for d, _ in todo), f"{label}: copied")
 
 
 async def _follow_jobs(q: QMPClient, sub: EventSubscription, vm: VMSpec, jobs: dict[str, int], report) -> None:

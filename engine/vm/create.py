@@ -1,14 +1,29 @@
-"""Task kinds that make a new VM or template: create (blank disks) and import (from a package).
-The clone kinds (copies.py) make theirs with make_vm too."""
+"""Task kinds that make a new VM or template: create (blank disks) and import (from a package). The
+clone kinds (copies.py) make theirs the same way, through Maker.
+
+Crash safety: the task may die at any instant (kill -9, power loss) and be resumed or rolled back.
+1. Reserve: before any file exists, every VM the task makes is recorded "incomplete", busy with the
+   task (Store.vm_reserve, one transaction); their ids are the task's checkpoint. A resume gets the
+   same records back (same ids, same disk paths), and goes on with the disks not yet in place.
+2. Track: every file or folder is recorded with the task before it exists (the VM's folder and each
+   disk's final path as "made", each disk's temporary name as "temp"), so a rollback or `ferry gc`
+   finds it.
+3. Write under a temporary name (DISK.ferry-task<ID>.part), flush it (sync), then rename it into
+   place (mv -n): a final path that exists is complete. A temporary file is never trusted: a resume
+   removes it and writes it again.
+4. Commit: once every disk of every VM the task makes is in place, the checkpoint says so, and one
+   update per VM makes it stopped (or template) and no longer busy: from then on the VMs are their
+   own. Before that, a rollback (cancel, failure) deletes every VM of the task, so that a deploy of
+   N cancelled half-way leaves none; after it, a rollback finishes them instead (a resume too).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import posixpath
 from pathlib import PurePosixPath
 from typing import Any
 
-from ..errors import FerryError, PermanentError, Refused
+from ..errors import PermanentError, Refused
 from ..tasks import TaskContext, TaskKind, register
 from .hostops import HostOps, disk_path
 from .model import (DiskSpec, NicSpec, Passthrough, VMKind, VMSpec, VMState, check_boot, check_bus,
@@ -17,10 +32,164 @@ from .prechecks import refused
 from .progress import reporter
 from .service import VMService
 
-@register
-class CreateVM(TaskKind):
-    name = "vm.create"
+INCOMPLETE = str(VMState.INCOMPLETE)
+
+
+def part_path(final: str, task_id: int) -> str:
+    """Where a disk is written before it is complete: next to its final path, named after the task."""
+    return f"{final}.ferry-task{task_id}.part"
+
+
+async def names_clash(svc: VMService, names: list[str], own: int | None, hint: str) -> None:
+    """Refused when one of the names is taken by a VM or template, or reserved by another task
+    that is making it; names reserved by `own` (the task asking) are its own."""
+    rows = {r["name"]: r for r in await svc.rows()}
+    for n in names:
+        r = rows.get(n)
+        if r is None or (own is not None and r["busy"] == own):
+            continue
+        if r["state"] == INCOMPLETE and r["busy"]:
+            raise Refused(f"the name {n!r} is reserved by task {r['busy']}, which is making it",
+                          f"let it finish (ferry task resume {r['busy']}) or roll it back "
+                          f"(ferry task cancel {r['busy']}); or choose another name")
+        raise Refused(f"a VM or template named {n!r} already exists", hint)
+
+
+class Maker:
+    """The VMs one task makes, from reservation to commit (see the module docstring). The task's
+    checkpoint holds {"vms": {name: id reserved}, "committed": once every disk of every VM is in place}."""
+
+    def __init__(self, ctx: TaskContext, h: HostOps | None = None) -> None:
+        self.ctx = ctx
+        self.svc = VMService.of(ctx.engine)
+        self.h = h
+        ck = ctx.checkpoint or {}
+        self.ids: dict[str, str] = dict(ck.get("vms") or {})
+        self.committed = bool(ck.get("committed"))
+
+    async def reserve(self, specs: list[VMSpec]) -> list[VMSpec]:
+        """Reserve the names (records 'incomplete', busy with the task) before any file exists. A
+        resume gets the records of its first run back, and their ids and disk paths are used."""
+        rows = await self.svc._db(self.svc.store.vm_reserve, self.ctx.id, [
+            {"id": s.id, "name": s.name, "kind": str(s.kind), "host": s.host, "spec": s.to_dict()} for s in specs])
+        vms = [VMSpec.from_dict(r["spec"]) for r in rows]
+        self.ids = {vm.name: vm.id for vm in vms}
+        await self._save()
+        # A disk already at a final path the task never tracked belongs to something else: refused
+        # before anything is written (and the reservation is rolled back).
+        mine = {f["path"] for f in await self.ctx.tracked()}
+        for vm in vms:
+            h = self._host(vm)
+            for d in vm.disks:
+                if d.path not in mine and await h.exists(d.path):
+                    raise PermanentError(f"{d.path} already exists on {h.name}",
+                                         "a leftover of an earlier VM? move it away or choose another name")
+        return vms
+
+    async def todo(self, vm: VMSpec, *, together: bool = False) -> list[tuple[DiskSpec, str]]:
+        """The disks of the VM still to write, each with its temporary path: its folder made (and
+        tracked) if need be, the stale temporary file of an earlier run removed, both paths tracked.
+        A disk whose final path exists is done. `together`: the disks are one point-in-time copy, so
+        they are all written again unless all are done."""
+        h, ctx = self._host(vm), self.ctx
+        for folder in dict.fromkeys(str(PurePosixPath(d.path).parent) for d in vm.disks):
+            if not await h.exists(folder):
+                await ctx.track(h.name, folder, role="made")
+                await h.t.mkdir(folder)
+        done = [d for d in vm.disks if await h.exists(d.path)]
+        if together and done and len(done) < len(vm.disks):
+            for d in done:
+                await h.run(["rm", "-f", "--", d.path], what="rm")
+            done = []
+        out = []
+        for d in vm.disks:
+            if d in done:
+                continue
+            part = part_path(d.path, ctx.id)
+            await ctx.track(h.name, d.path, role="made")
+            await ctx.track(h.name, part, role="temp")
+            await h.run(["rm", "-f", "--", part], what="rm")
+            out.append((d, part))
+        return out
+
+    async def place(self, vm: VMSpec, todo: list[tuple[DiskSpec, str]]) -> None:
+        """Flush each written disk and rename it into place; then flush the folders, so that a final
+        path, once the record says the VM is made, survives a power cut."""
+        h = self._host(vm)
+        for d, part in todo:
+            await h.run(["sync", "--", part], timeout=None, what="sync")
+            await h.run(["mv", "-n", "-T", "--", part, d.path], what="mv")
+            if await h.exists(part) or not await h.exists(d.path):
+                raise PermanentError(f"{d.path} appeared on {h.name} while {vm.name} was being made",
+                                     "something else writes there; move it away, then run the command again")
+            await self.ctx.untrack(h.name, part)
+        for folder in dict.fromkeys(str(PurePosixPath(d.path).parent) for d, _ in todo):
+            await h.run(["sync", "--", folder], what="sync")
+
+    async def commit(self) -> list[dict]:
+        """Every disk of every VM is in place: the task is done with them, whatever happens next (a
+        rollback from here on finishes them too). One update per VM makes it usable (its state, not
+        busy); its files are its own. Returns what the result says of each, in the order reserved."""
+        if not self.committed:
+            self.committed = True
+            await self._save()
+        made = []
+        for vm_id in self.ids.values():
+            row = await self.svc._db(self.svc.store.vm_row, vm_id)
+            if row is None:         # deleted since an earlier run finished it
+                continue
+            vm = VMSpec.from_dict(row["spec"])
+            if row["state"] == INCOMPLETE and row["busy"] == self.ctx.id:
+                await self.svc.update(vm.id, state=VMState.TEMPLATE if vm.is_template else VMState.STOPPED,
+                                      busy=None)
+            for path in {d.path for d in vm.disks} | {str(PurePosixPath(d.path).parent) for d in vm.disks}:
+                await self.ctx.untrack(vm.host, path)
+            made.append({"vm": vm.name, "id": vm.id, "host": vm.host, "disks": [d.path for d in vm.disks]})
+        return made
+
+    async def _save(self) -> None:
+        await self.ctx.save_checkpoint({"vms": self.ids, "committed": self.committed})
+
+    def _host(self, vm: VMSpec) -> HostOps:
+        return self.h if self.h is not None and self.h.name == vm.host else self.svc.host(vm.host)
+
+
+async def roll_back_made(ctx: TaskContext) -> None:
+    """Undo the records of what the task made (the engine then removes its tracked files): the VMs
+    it reserved are deleted, unless it had made them all (committed: they are finished instead, and
+    kept); any other VM it held (a clone's source) is released. Idempotent."""
+    svc = VMService.of(ctx.engine)
+    maker = Maker(ctx)
+    if maker.committed:
+        made = await maker.commit()
+        ctx.log(f"it had made {', '.join(m['vm'] for m in made)} before it was stopped: kept", "warning")
+    for row in await svc._db(svc.store.vm_rows_of_task, ctx.id):
+        if row["state"] == INCOMPLETE:
+            await svc._db(svc.store.vm_delete, row["id"])
+        else:
+            await svc.update(row["id"], busy=None)
+
+
+class MakesVMs(TaskKind):
+    """A kind of task that makes VMs through Maker: what it had not finished is of no use, so it is
+    rolled back when the task fails, as when it is cancelled."""
     max_retries = 0
+    rollback_on_failure = True
+
+    async def rollback(self, ctx: TaskContext) -> None:
+        await roll_back_made(ctx)
+
+
+async def ensure_room(h: HostOps, need: dict[str, int], what: str) -> None:
+    """Each datastore (by name) has room for the bytes still to be written to it."""
+    for ds_name, size in need.items():
+        if size > 0:
+            await h.ensure_space(h.datastore(ds_name), size, what)
+
+
+@register
+class CreateVM(MakesVMs):
+    name = "vm.create"
 
     def validate(self, params: dict[str, Any]) -> None:
         check_name(params.get("name", ""))
@@ -44,13 +213,15 @@ class CreateVM(TaskKind):
     def title(self, params: dict[str, Any]) -> str:
         return f"create {params['name']}"
 
-    async def check(self, svc: VMService, p: dict[str, Any], own: int | None = None) -> tuple[HostOps, VMSpec]:
-        """The host and the spec of the new VM, once its name is free, its networks on the host and its
-        datastores have room; Refused otherwise."""
+    def dedup_key(self, params: dict[str, Any]) -> str | None:
+        return f"vm:{params['name']}"
+
+    async def check(self, svc: VMService, p: dict[str, Any], own: int | None = None, *,
+                    space: bool = True) -> tuple[HostOps, VMSpec]:
+        """The host and the spec of the new VM, once its name is free (or reserved by `own`), its
+        networks on the host and its datastores have room; Refused otherwise."""
         h = svc.host(p["host"])
-        if p["name"] in await svc.names_in_use():
-            raise Refused(f"a VM or template named {p['name']!r} already exists",
-                          "choose another name (ferry vm list shows the names in use)")
+        await names_clash(svc, [p["name"]], own, "choose another name (ferry vm list shows the names in use)")
         nics = tuple(NicSpec(n.get("network", "default"), n.get("mac", ""))
                      for n in p.get("nics", [{"network": "default"}]))
         for n in nics:
@@ -62,73 +233,50 @@ class CreateVM(TaskKind):
                     boot=tuple(p.get("boot", ("disk", "live"))),
                     passthrough=tuple(Passthrough(x["kind"], x["address"]) for x in p.get("passthrough", [])))
         disks = []
-        need: dict[str, int] = {}
         for i, d in enumerate(p.get("disks", [])):
             ds = h.datastore(d.get("datastore"))
             size = parse_size(d.get("size", "1G"), "disk size")
-            need[ds.name] = need.get(ds.name, 0) + size
             disks.append(DiskSpec(f"disk{i}", ds.name, disk_path(ds, vm.name, f"disk{i}"), size,
                                   d.get("bus", "virtio"), ds.shared))
-        for ds_name, size in need.items():
-            await h.ensure_space(h.datastore(ds_name), size, f"{vm.name} ({size >> 20} MiB of disks)")
-        return h, vm.with_(disks=tuple(disks))
+        vm = vm.with_(disks=tuple(disks))
+        if space:
+            await ensure_room(h, _sizes_by_datastore(vm.disks), f"{vm.name} (its disks)")
+        return h, vm
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
-        h, vm = await self.check(VMService.of(ctx.engine), ctx.params, ctx.id)
-        return await make_vm(ctx, h, vm, self._create_disks)
-
-    @staticmethod
-    async def _create_disks(ctx: TaskContext, h: HostOps, vm: VMSpec) -> None:
-        for i, d in enumerate(vm.disks):
-            ctx.progress(units_done=i, units_total=len(vm.disks), item=f"creating {d.name} ({d.size >> 20} MiB)")
-            await h.qemu_img("create", "-q", "-f", "qcow2", d.path, str(d.size))
-
-
-async def make_vm(ctx: TaskContext, h: HostOps, vm: VMSpec, fill, *, state: VMState = VMState.STOPPED
-                  ) -> dict[str, Any]:
-    """Records the VM (claiming its name), lets fill() make its files, and removes both on failure."""
-    svc = VMService.of(ctx.engine)
-    for d in vm.disks:
-        if await h.exists(str(d.path)):
-            raise PermanentError(f"{d.path} already exists on {h.name}",
-                                 "a leftover of an earlier VM? move it away or choose another name")
-    await svc._db(svc.store.vm_insert, id=vm.id, name=vm.name, kind=str(vm.kind), host=vm.host,
-                  state=str(state), spec=vm.to_dict(), busy=ctx.id)
-    made_dirs = []
-    try:
-        for d in {str(PurePosixPath(x.path).parent) for x in vm.disks}:
-            if not await h.exists(d):
-                made_dirs.append(d)
-            await h.t.mkdir(d)
-        await fill(ctx, h, vm)
-    except BaseException as e:
-        ctx.log(f"{vm.name} was not made ({getattr(e, 'message', None) or type(e).__name__}); "
-                "removing what was created", "warning")
-        with contextlib.suppress(Exception):
-            await asyncio.shield(_undo(svc, h, vm, made_dirs))
-        raise
-    await svc.update(vm.id, busy=None)
-    ctx.log(f"{vm.kind} {vm.name} created on {h.name} with {len(vm.disks)} disk(s)")
-    return {"vm": vm.name, "id": vm.id, "host": h.name, "disks": [d.path for d in vm.disks]}
+        svc = VMService.of(ctx.engine)
+        maker = Maker(ctx)
+        if maker.committed:         # made by an earlier run, which died before it said so
+            return next(iter(await maker.commit()), {})
+        h, planned = await self.check(svc, ctx.params, ctx.id, space=False)
+        maker.h = h
+        [vm] = await maker.reserve([planned])
+        todo = await maker.todo(vm)
+        await ensure_room(h, _sizes_by_datastore([d for d, _ in todo]), f"{vm.name} (its disks)")
+        n = len(vm.disks)
+        ctx.progress(measured=False, units_done=n - len(todo), units_total=n)
+        for i, (d, part) in enumerate(todo):
+            ctx.progress(units_done=n - len(todo) + i, units_total=n, item=f"creating {d.name} ({d.size >> 20} MiB)")
+            await h.qemu_img("create", "-q", "-f", "qcow2", part, str(d.size))
+        await maker.place(vm, todo)
+        [made] = await maker.commit()
+        ctx.log(f"{vm.kind} {vm.name} created on {h.name} with {n} disk(s)")
+        return made
 
 
-async def _undo(svc: VMService, h: HostOps, vm: VMSpec, made_dirs: list[str]) -> None:
-    for d in vm.disks:
-        with contextlib.suppress(FerryError):
-            await h.t.remove(d.path)
-    for d in made_dirs:
-        with contextlib.suppress(FerryError):
-            await h.remove_tree(d)
-    await svc._db(svc.store.vm_delete, vm.id)
-
+def _sizes_by_datastore(disks) -> dict[str, int]:
+    need: dict[str, int] = {}
+    for d in disks:
+        need[d.datastore] = need.get(d.datastore, 0) + d.size
+    return need
 
 
 @register
-class ImportVM(TaskKind):
-    """A package becomes a VM (or a template). Paused or interrupted, it starts over when resumed: the
-    package is verified against its manifest again, as it may have changed meanwhile."""
+class ImportVM(MakesVMs):
+    """A package becomes a VM (or a template). The package is verified against its manifest on every
+    run (it may have changed meanwhile); a resume converts only the disks not yet in place, and keeps
+    the files an earlier run extracted from an OVA only when they match the manifest."""
     name = "vm.import"
-    max_retries = 0
 
     def validate(self, params: dict[str, Any]) -> None:
         if not params.get("path") or not params.get("host"):
@@ -142,9 +290,14 @@ class ImportVM(TaskKind):
     def title(self, params: dict[str, Any]) -> str:
         return f"import {params['path']}"
 
-    async def check(self, svc: VMService, p: dict[str, Any], own: int | None = None) -> tuple[HostOps, VMSpec]:
+    def dedup_key(self, params: dict[str, Any]) -> str | None:
+        return f"import:{params['host']}:{params['path']}:{params.get('name') or ''}"
+
+    async def check(self, svc: VMService, p: dict[str, Any], own: int | None = None, *,
+                    space: bool = True) -> tuple[HostOps, VMSpec]:
         """The host and the spec of the VM the package becomes, once the package reads as one, its name
-        is free and the datastore has room for what the import writes; Refused otherwise."""
+        is free (or reserved by `own`) and the datastore has room for what the import writes; Refused
+        otherwise."""
         from .ovf import import_needs
         h = svc.host(p["host"])
         try:
@@ -152,11 +305,10 @@ class ImportVM(TaskKind):
             name = check_name(p.get("name") or spec.name)
         except PermanentError as e:
             raise refused(e) from None
-        if name in await svc.names_in_use():
-            raise Refused(f"a VM or template named {name!r} already exists",
-                          "import it under another name: --name NEW-NAME")
+        await names_clash(svc, [name], own, "import it under another name: --name NEW-NAME")
         ds = h.datastore(p.get("datastore"))
-        await h.ensure_space(ds, need, f"importing {name} from {PurePosixPath(p['path']).name}")
+        if space:
+            await h.ensure_space(ds, need, f"importing {name} from {PurePosixPath(p['path']).name}")
         nets = [n if n in h.spec.networks else h.spec.networks[0] for n in spec.nics]
         as_template = bool(p.get("as_template", spec.is_template))
         return h, VMSpec(id=new_id(), name=name, host=h.name, cpus=spec.cpus, max_cpus=default_max_cpus(spec.cpus),
@@ -167,17 +319,27 @@ class ImportVM(TaskKind):
                          origin=PurePosixPath(p["path"]).name)
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
-        from .ovf import import_package
+        from .ovf import import_disks, import_needs
         p = ctx.params
-        h, vm = await self.check(VMService.of(ctx.engine), p, ctx.id)
+        svc = VMService.of(ctx.engine)
+        maker = Maker(ctx)
+        if maker.committed:         # made by an earlier run, which died before it said so
+            return next(iter(await maker.commit()), {})
+        h, planned = await self.check(svc, p, ctx.id, space=False)
+        maker.h = h
+        [vm] = await maker.reserve([planned])
+        todo = await maker.todo(vm)
+        folder = str(PurePosixPath(vm.disks[0].path).parent) if vm.disks else ""
+        stage = posixpath.join(folder, f".{vm.name}.ferry-task{ctx.id}")
+        if todo:
+            _, need = await import_needs(h.t, p["path"], disks={d.name for d, _ in todo}, stage=stage)
+            await h.ensure_space(h.datastore(vm.disks[0].datastore), need,
+                                 f"importing {vm.name} from {PurePosixPath(p['path']).name}")
+            await ctx.track(h.name, stage, role="temp")
+            await import_disks(h.t, p["path"], {d.name: part for d, part in todo}, stage=stage,
+                               progress=reporter(ctx))
+        await maker.place(vm, todo)
+        [made] = await maker.commit()
+        ctx.log(f"{vm.kind} {vm.name} imported on {h.name} with {len(vm.disks)} disk(s)")
+        return made
 
-        async def fill(ctx: TaskContext, h: HostOps, vm: VMSpec) -> None:
-            folder = str(PurePosixPath(vm.disks[0].path).parent) if vm.disks else ""
-            _, made = await import_package(h.t, p["path"], folder, name=vm.name, progress=reporter(ctx))
-            for d in vm.disks:
-                if made.get(d.name) != d.path:
-                    raise PermanentError(f"import of {vm.name} put {d.name} at {made.get(d.name)}, not {d.path}",
-                                         "internal: report this")
-
-        state = VMState.TEMPLATE if vm.is_template else VMState.STOPPED
-        return await make_vm(ctx, h, vm, fill, state=state)

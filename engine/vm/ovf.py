@@ -759,14 +759,19 @@ async def read_package(t: Transport, path: str) -> tuple[OvfSpec, str]:
     return parse_ovf(text, file=_ovf_label(pkg)), text
 
 
-async def import_needs(t: Transport, path: str) -> tuple[OvfSpec, int]:
+async def import_needs(t: Transport, path: str, *, disks: set[str] | None = None,
+                       stage: str | None = None) -> tuple[OvfSpec, int]:
     """The VM a package describes, and the bytes its import writes in the datastore at most: each disk
     as qcow2 (no more than its file, which holds its data; a VMDK may be compressed, so its virtual
-    size) and, for an OVA, the disk files extracted next to them while they are converted."""
+    size) and, for an OVA, the disk files extracted next to them while they are converted. `disks`:
+    only those disks (what a resumed import still converts); `stage`: the folder an earlier run
+    extracted into, whose files are replaced, not added to."""
     pkg = await _open(t, path)
     spec = parse_ovf(_decode(await _read_small(t, pkg, pkg.ovf, MAX_DESCRIPTOR), _ovf_label(pkg)), file=_ovf_label(pkg))
     need = 0
     for d in spec.disks:
+        if disks is not None and d.name not in disks:
+            continue
         if not d.file:
             need += 1 << 20             # a blank disk: its qcow2 header and tables
             continue
@@ -777,7 +782,8 @@ async def import_needs(t: Transport, path: str) -> tuple[OvfSpec, int]:
             size = st.size if st else 0
         need += (d.capacity if d.format == "vmdk" else min(size, d.capacity)) + (1 << 20)
         if pkg.kind == "ova":
-            need += size
+            there = await t.stat(posixpath.join(stage, d.file)) if stage else None
+            need += max(0, size - (there.size if there else 0))
     return spec, need
 
 
@@ -804,11 +810,24 @@ def _check_single_file(info: dict, path: str, label: str) -> None:
                              "a package's disk must be self-contained; refusing it for safety")
 
 
-async def import_package(t: Transport, path: str, dest_dir: str, *, name: str | None = None,
-                         progress: ProgressFn | None = None) -> tuple[OvfSpec, dict[str, str]]:
-    """Verify a package against its manifest, then convert its disks to dest_dir/<disk>.qcow2.
+@dataclass(frozen=True)
+class _Verified:
+    """A package whose descriptor matches its manifest, and the manifest's entries."""
+    pkg: _Package
+    spec: OvfSpec
+    manifest: Manifest
+    mf_name: str
+    folder: str                    # an OVF package's folder (where its files are)
+    sizes: dict[str, int]          # every file the manifest lists but the descriptor -> its size
 
-    Returns the spec (named `name` if given; capacities as imported) and {disk name: qcow2 path}."""
+    def mismatch(self, n: str) -> PermanentError:
+        return PermanentError(f"{self.pkg.path}: {n} does not match its {self.manifest.algos[n]} in "
+                              f"{self.mf_name} (package tampered or damaged)",
+                              "get an intact copy of the package; nothing was imported")
+
+
+async def _verified(t: Transport, path: str) -> _Verified:
+    """Open a package and check its descriptor against its manifest, which must list every file."""
     pkg = await _open(t, path)
     label = _ovf_label(pkg)
     ovf_bytes = await _read_small(t, pkg, pkg.ovf, MAX_DESCRIPTOR)
@@ -840,23 +859,6 @@ async def import_package(t: Transport, path: str, dest_dir: str, *, name: str | 
                 pkg.kind == "ovf" and n not in names):
             raise PermanentError(f"{path}: {n} is listed in {mf_name} but is not in the package",
                                  "the package is incomplete; copy it again")
-
-    def mismatch(n: str) -> PermanentError:
-        return PermanentError(f"{path}: {n} does not match its {manifest.algos[n]} in {mf_name} "
-                              "(package tampered or damaged)",
-                              "get an intact copy of the package; nothing was imported")
-
-    if getattr(hashlib, manifest.algos[ovf_name].lower())(ovf_bytes).hexdigest() != manifest[ovf_name]:
-        raise mismatch(ovf_name)
-
-    if name:
-        spec = replace(spec, name=name)
-    dest_dir = posixpath.normpath(dest_dir)
-    targets = {d.name: posixpath.join(dest_dir, f"{d.name}.qcow2") for d in spec.disks}
-    for target in targets.values():
-        if await t.stat(target) is not None:
-            raise PermanentError(f"{target} already exists on {t.host}",
-                                 "import into another folder or under another name")
     to_check = [n for n in manifest if n != ovf_name]
     if pkg.kind == "ova":
         sizes = {n: pkg.members[n].size for n in to_check}
@@ -867,65 +869,176 @@ async def import_package(t: Transport, path: str, dest_dir: str, *, name: str | 
             if st is None or not stat.S_ISREG(st.mode):
                 raise PermanentError(f"{path}: {n} is not a regular file", "the package is damaged")
             sizes[n] = st.size
-    work = sum(d.capacity for d in spec.disks) + sum(sizes.values()) * (2 if pkg.kind == "ova" else 1)
-    meter = ByteMeter(progress, work)
+    v = _Verified(pkg, spec, manifest, mf_name, folder, sizes)
+    if getattr(hashlib, manifest.algos[ovf_name].lower())(ovf_bytes).hexdigest() != manifest[ovf_name]:
+        raise v.mismatch(ovf_name)
+    return v
 
+
+def _files_of(v: _Verified, disks: list[OvfDisk]) -> list[str]:
+    """The files of the package an import of these disks reads: theirs, and every file that belongs to
+    no disk (verified all the same: the manifest vouches for the package as a whole)."""
+    of_disks = {d.file for d in v.spec.disks if d.file}
+    wanted = {d.file for d in disks if d.file}
+    return [n for n in v.sizes if n in wanted or n not in of_disks]
+
+
+async def _verify(t: Transport, v: _Verified, n: str, where: str, meter: ByteMeter, *, measured: bool = True) -> bool:
+    """Does the file `n` at `where` have the size and the digest the manifest gives it?"""
+    st = await t.stat(where)
+    if st is None or not stat.S_ISREG(st.mode) or st.size != v.sizes[n]:
+        return False
+    lbl = f"verifying {n}"
+    digest = await _hash_file(t, where, v.manifest.algos[n], lambda b: meter.show(b, lbl))
+    if digest != v.manifest[n]:
+        return False
+    meter.advance(v.sizes[n], lbl, measured=measured)
+    return True
+
+
+async def _staged(t: Transport, v: _Verified, files: list[str], stage: str, meter: ByteMeter) -> str:
+    """The folder holding the files, each verified against the manifest: an OVF package's own folder,
+    or, for an OVA, `stage`, into which they are extracted (files an earlier run extracted there are
+    kept when they match the manifest)."""
+    path = v.pkg.path
+    if v.pkg.kind != "ova":
+        for n in files:
+            if not await _verify(t, v, n, posixpath.join(v.folder, n), meter):
+                await _check_regular(t, v, n, posixpath.join(v.folder, n))
+                raise v.mismatch(n)
+        return v.folder
+    st = await t.stat(stage)
+    if st is None:
+        await t.mkdir(stage, parents=False, mode=0o700)
+    elif not st.is_dir:
+        await t.remove(stage)
+        await t.mkdir(stage, parents=False, mode=0o700)
+    extract = []
+    for n in files:
+        # Trusted only once it matches: whatever wrote it (a tar of a run that died) is not.
+        if await _verify(t, v, n, posixpath.join(stage, n), meter, measured=False):
+            meter.advance(v.sizes[n], "extracted", measured=False)
+        else:
+            extract.append(n)
+    if not extract:
+        return stage
+    await _run(t, ["rm", "-f", "--", *(posixpath.join(stage, n) for n in extract)],
+               f"cannot clear {stage}", "check the permissions of the datastore")
+    meter.show(0, f"extracting {posixpath.basename(path)}")
+
+    async def extracted() -> None:
+        done = 0
+        for n in extract:
+            st = await t.stat(posixpath.join(stage, n))
+            done += st.size if st else 0
+        meter.show(done, f"extracting {posixpath.basename(path)}")
+
+    r = await watch(t, ["tar", "-xf", path, "-C", stage, "--no-same-owner", "--no-same-permissions",
+                        "--occurrence=1", "--no-wildcards", "--",
+                        *(v.pkg.members[n].raw for n in extract)], poll=extracted)
+    if not r.ok:
+        raise PermanentError(f"cannot extract {path} on {t.host}: {last_line(r)}",
+                             "check the free space; the package may be damaged")
+    meter.advance(sum(v.sizes[n] for n in extract), "extracted")
+    for n in extract:
+        if not await _verify(t, v, n, posixpath.join(stage, n), meter):
+            await _check_regular(t, v, n, posixpath.join(stage, n))
+            raise v.mismatch(n)
+    return stage
+
+
+async def _check_regular(t: Transport, v: _Verified, n: str, where: str) -> None:
+    st = await t.stat(where)
+    if st is None or not stat.S_ISREG(st.mode) or st.size != v.sizes[n]:
+        raise PermanentError(f"{v.pkg.path}: {n} is not a regular file of {v.sizes[n]} bytes",
+                             "the package is damaged")
+
+
+async def _convert_disk(t: Transport, v: _Verified, d: OvfDisk, files_dir: str, part: str, meter: ByteMeter,
+                        name: str) -> int:
+    """One disk of the package written as qcow2 at `part` (a new file), at least as large as the
+    descriptor says; returns its virtual size."""
+    path = v.pkg.path
+    if d.file:
+        src = _source_json(d.format, posixpath.join(files_dir, d.file))
+        _check_single_file(await _image_info(t, src), posixpath.join(files_dir, d.file), f"{path}: {d.file}")
+        await _convert(t, ["-O", "qcow2", src, part], d.capacity, meter, f"converting {d.file}",
+                       f"cannot convert {d.file} of {path} to qcow2")
+    else:
+        await _run(t, ["qemu-img", "create", "-q", "-f", "qcow2", part, str(d.capacity)],
+                   f"cannot create blank disk {d.name} of {name}", "check the free space")
+    size = int((await _image_info(t, part, fmt="qcow2"))["virtual-size"])
+    if size < d.capacity:    # a VHD read by its geometry can be a little smaller than the OVF says
+        await _run(t, ["qemu-img", "resize", "-q", "-f", "qcow2", part, str(d.capacity)],
+                   f"cannot grow {d.name} of {name} to {d.capacity} bytes", "check the free space")
+        size = d.capacity
+    meter.advance(d.capacity, f"converted {d.name}")
+    return size
+
+
+def _work(v: _Verified) -> int:
+    """The bytes an import goes through, whatever is left to do: each disk converted, each file
+    verified (and extracted first, from an OVA)."""
+    return sum(d.capacity for d in v.spec.disks) + sum(v.sizes.values()) * (2 if v.pkg.kind == "ova" else 1)
+
+
+async def import_disks(t: Transport, path: str, parts: dict[str, str], *, stage: str,
+                       progress: ProgressFn | None = None) -> OvfSpec:
+    """For a task that makes a VM from a package: verify the package against its manifest, then write
+    the named disks as qcow2, each to the new file `parts[disk name]` (the task flushes and renames
+    them into place). An OVA's files are extracted into `stage` (kept for a resume, which trusts
+    only those that match the manifest; removed at the end). Nothing is removed on failure: the
+    task's rollback or resume does that. Progress counts the whole import; what is not redone (disks
+    not named, files already extracted) advances it without being measured."""
+    v = await _verified(t, path)
+    by_name = {d.name: d for d in v.spec.disks}
+    unknown = [n for n in parts if n not in by_name]
+    if unknown:
+        raise PermanentError(f"{path} has no disk {', '.join(unknown)} (the package changed since the import began?)",
+                             "cancel the import (ferry task cancel) and import the package again")
+    disks = [by_name[n] for n in parts]
+    files = _files_of(v, disks)
+    meter = ByteMeter(progress, _work(v))
+    factor = 2 if v.pkg.kind == "ova" else 1
+    meter.advance(sum(d.capacity for d in v.spec.disks if d.name not in parts)
+                  + factor * sum(size for n, size in v.sizes.items() if n not in files), "already imported",
+                  measured=False)
+    files_dir = await _staged(t, v, files, stage, meter)
+    for d in disks:
+        await _convert_disk(t, v, d, files_dir, parts[d.name], meter, v.spec.name)
+    if v.pkg.kind == "ova":
+        await _rmtree(t, stage)
+    return v.spec
+
+
+async def import_package(t: Transport, path: str, dest_dir: str, *, name: str | None = None,
+                         progress: ProgressFn | None = None) -> tuple[OvfSpec, dict[str, str]]:
+    """Verify a package against its manifest, then convert its disks to dest_dir/<disk>.qcow2; on its own,
+    outside a task: whatever it wrote is removed when it fails.
+
+    Returns the spec (named `name` if given; capacities as imported) and {disk name: qcow2 path}."""
+    v = await _verified(t, path)
+    spec = replace(v.spec, name=name) if name else v.spec
+    dest_dir = posixpath.normpath(dest_dir)
+    targets = {d.name: posixpath.join(dest_dir, f"{d.name}.qcow2") for d in spec.disks}
+    for target in targets.values():
+        if await t.stat(target) is not None:
+            raise PermanentError(f"{target} already exists on {t.host}",
+                                 "import into another folder or under another name")
+    meter = ByteMeter(progress, _work(v))
     made_dest = await t.stat(dest_dir) is None
     tmp = posixpath.join(dest_dir, f".ferry-import-{secrets.token_hex(4)}")
     created: list[str] = []
     try:
         if made_dest:
             await t.mkdir(dest_dir)
-        if pkg.kind == "ova":
-            await t.mkdir(tmp, parents=False, mode=0o700)
-            files_dir = tmp
-            if to_check:
-                async def extracted() -> None:
-                    done = 0
-                    for n in to_check:
-                        st = await t.stat(posixpath.join(tmp, n))
-                        done += st.size if st else 0
-                    meter.show(done, f"extracting {posixpath.basename(path)}")
-
-                r = await watch(t, ["tar", "-xf", path, "-C", tmp, "--no-same-owner", "--no-same-permissions",
-                                     "--occurrence=1", "--no-wildcards", "--",
-                                     *(pkg.members[n].raw for n in to_check)], poll=extracted)
-                if not r.ok:
-                    raise PermanentError(f"cannot extract {path} on {t.host}: {last_line(r)}",
-                                         "check the free space; the package may be damaged")
-                meter.advance(sum(sizes.values()), "extracted")
-        else:
-            files_dir = folder
-        for n in to_check:
-            st = await t.stat(posixpath.join(files_dir, n))
-            if st is None or not stat.S_ISREG(st.mode) or st.size != sizes[n]:
-                raise PermanentError(f"{path}: {n} is not a regular file of {sizes[n]} bytes",
-                                     "the package is damaged")
-            lbl = f"verifying {n}"
-            digest = await _hash_file(t, posixpath.join(files_dir, n), manifest.algos[n],
-                                      lambda b, lbl=lbl: meter.show(b, lbl))
-            if digest != manifest[n]:
-                raise mismatch(n)
-            meter.advance(sizes[n], lbl)
-
+        files_dir = await _staged(t, v, list(v.sizes), tmp, meter)
         disks = []
         for d in spec.disks:
             target = targets[d.name]
             part = posixpath.join(dest_dir, f".{d.name}.qcow2.ferry-tmp")
             created.append(part)
-            if d.file:
-                src = _source_json(d.format, posixpath.join(files_dir, d.file))
-                _check_single_file(await _image_info(t, src), posixpath.join(files_dir, d.file), f"{path}: {d.file}")
-                await _convert(t, ["-O", "qcow2", src, part], d.capacity, meter, f"converting {d.file}",
-                               f"cannot convert {d.file} of {path} to qcow2")
-            else:
-                await _run(t, ["qemu-img", "create", "-q", "-f", "qcow2", part, str(d.capacity)],
-                           f"cannot create blank disk {d.name} of {spec.name}", "check the free space")
-            size = int((await _image_info(t, part, fmt="qcow2"))["virtual-size"])
-            if size < d.capacity:    # a VHD read by its geometry can be a little smaller than the OVF says
-                await _run(t, ["qemu-img", "resize", "-q", "-f", "qcow2", part, str(d.capacity)],
-                           f"cannot grow {d.name} of {spec.name} to {d.capacity} bytes", "check the free space")
-                size = d.capacity
+            size = await _convert_disk(t, v, d, files_dir, part, meter, spec.name)
             await _run(t, ["mv", "-n", "-T", "--", part, target], f"cannot move {d.name} into place",
                        "check the permissions of the folder")
             created.append(target)
@@ -933,9 +1046,8 @@ async def import_package(t: Transport, path: str, dest_dir: str, *, name: str | 
                 created.remove(target)
                 raise PermanentError(f"{target} appeared on {t.host} during the import",
                                      "import into another folder or under another name")
-            meter.advance(d.capacity, f"converted {d.name}")
             disks.append(replace(d, capacity=size))
-        if pkg.kind == "ova":
+        if v.pkg.kind == "ova":
             await _rmtree(t, tmp)
     except BaseException:
         async def undo() -> None:
