@@ -591,6 +591,12 @@ class Store:
             return out
         return self._tx(tx)
 
+    def release_holds(self, task_id: int) -> None:
+        """A task that ended no longer holds the VMs it worked on (records it was making or deleting
+        stay marked: what is left of them is for gc or a new delete to finish)."""
+        self._exec("UPDATE vms SET busy=NULL, updated=? WHERE busy=? AND state NOT IN ('incomplete','deleting')",
+                   (time.time(), task_id))
+
     def vm_rows_of_task(self, task_id: int) -> list[dict]:
         """The records a task holds (busy with it), recycled or not."""
         return [_vm_row(r) for r in self._q("SELECT * FROM vms WHERE busy=? ORDER BY name", (task_id,))]

@@ -942,6 +942,10 @@ class Engine:
             fields["progress"] = at_rest(progress).to_dict()
         if not await self.store.call(self.store.update_task, tid, owner_is=self.owner, **fields):
             return self._taken_over(tid)
+        try:
+            await self.store.call(self.store.release_holds, tid)
+        except FerryError as e:    # the marks of an ended task are ignored anyway; only shown stale
+            log.warning("task %s: releasing what it held: %s", tid, e)
         if state != TaskState.FAILED:    # a failed task may be resumed here, with its secrets
             self._secret_params.pop(tid, None)
         level = {"succeeded": "info", "cancelled": "warning"}.get(state, "error")

@@ -236,6 +236,19 @@ class StartVM(VMTask):
         await disks_present(h, vm)
         return row, vm, h
 
+    async def rollback(self, ctx: TaskContext) -> None:
+        """A start cancelled after its QEMU was launched: the VM runs (stopping it could lose the memory
+        it resumed from), and its record says so; stopping it is the operator's call."""
+        svc = VMService.of(ctx.engine)
+        try:
+            row = await svc.find(ctx.params["vm"])
+        except Refused:
+            return
+        vm = VMSpec.from_dict(row["spec"])
+        if await svc.host(vm.host).pid(vm) is not None:
+            await svc.update(vm.id, state=VMState.RUNNING)
+            ctx.log(f"{vm.name} had already started, and runs on: stop it with `ferry vm stop {vm.name}`", "warning")
+
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
         if (ctx.checkpoint or {}).get("launching"):
             out = await self._adopt(ctx)
