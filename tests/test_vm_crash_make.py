@@ -224,11 +224,12 @@ def test_clone_killed_then_finished_or_rolled_back(ws, point, then):
 
 
 @pytest.mark.parametrize("point,then", [("first placed", "rerun"), ("second placed", "resume"),
-                                        ("first placed", "cancel"), ("reserved", "cancel")])
+                                        ("first placed", "cancel"), ("reserved", "cancel"), ("committed", "rerun")])
 def test_linked_deploy_of_three_killed(ws, point, then):
-    """A linked deploy of three killed once its names are reserved, or once the disk of its first (or
-    second) VM is in place. Until all three are made they are listed as incomplete with the task. The
-    same command (or task resume) makes the others and never one twice; cancel leaves none of them."""
+    """A linked deploy of three killed once its names are reserved, once the disk of its first (or
+    second) VM is in place, or once all are in place and it is making them usable (committed). Until
+    all three are made they are listed as incomplete with the task. The same command (or task resume)
+    makes the others and never one twice, and leaves the template free; cancel leaves none of them."""
     base = set(vms(ws))      # VMs of other tests of the module
     ok(ws, "vm", "create", "tpl", "--host", "lab1", "--disk", "16M", "--boot", "live")
     tpl_disk = vms(ws)["tpl"]["disks"][0]["path"]
@@ -238,15 +239,17 @@ def test_linked_deploy_of_three_killed(ws, point, then):
     names = ["d-01", "d-02", "d-03"]
     when = {"reserved": lambda task: record(ws, "d-03") is not None,
             "first placed": disk_placed(ws, "d-01", "disk0"),
-            "second placed": disk_placed(ws, "d-02", "disk0")}[point]
+            "second placed": disk_placed(ws, "d-02", "disk0"),
+            "committed": lambda task: (task["checkpoint"] or {}).get("committed")}[point]
     k = kill_at(ws, "template", "deploy", "tpl", "d-##", "--count", "3", when=when)
     assert k.killed, k
     interrupted(ws, k.task_id, names)
     listed = vms(ws)
-    assert all(listed[n]["state"] == "incomplete" for n in names), [listed[n]["state"] for n in names]
+    if point != "committed":
+        assert all(listed[n]["state"] == "incomplete" for n in names), [listed[n]["state"] for n in names]
     ids = {n: listed[n]["id"] for n in names}
     placed = {n: os.stat(listed[n]["disks"][0]["path"]).st_ino for n in names if exists(listed[n]["disks"][0]["path"])}
-    assert len(placed) >= {"reserved": 0, "first placed": 1, "second placed": 2}[point]
+    assert len(placed) >= {"reserved": 0, "first placed": 1, "second placed": 2, "committed": 3}[point]
     if then == "cancel":
         ok(ws, "task", "cancel", str(k.task_id))
         settled(ws, left=base | {"tpl"})

@@ -129,7 +129,8 @@ class Maker:
     async def commit(self) -> list[dict]:
         """Every disk of every VM is in place: the task is done with them, whatever happens next (a
         rollback from here on finishes them too). One update per VM makes it usable (its state, not
-        busy); its files are its own. Returns what the result says of each, in the order reserved."""
+        busy); its files are its own; what else the task held is released. Returns what the result
+        says of each VM, in the order reserved."""
         if not self.committed:
             self.committed = True
             await self._save()
@@ -145,6 +146,11 @@ class Maker:
             for path in {d.path for d in vm.disks} | {str(PurePosixPath(d.path).parent) for d in vm.disks}:
                 await self.ctx.untrack(vm.host, path)
             made.append({"vm": vm.name, "id": vm.id, "host": vm.host, "disks": [d.path for d in vm.disks]})
+        # Any other VM it held (a clone's source) is done with too: also when a run that died after
+        # the commit is resumed, and never goes back to it.
+        for row in await self.svc._db(self.svc.store.vm_rows_of_task, self.ctx.id):
+            if row["state"] != INCOMPLETE:
+                await self.svc.update(row["id"], busy=None)
         return made
 
     async def _save(self) -> None:
