@@ -37,6 +37,7 @@ import argparse
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -76,22 +77,26 @@ def points(n: int, span: float, rng: random.Random) -> list:
 
 
 def summary(trials: list[Trial]) -> str:
-    bad = [t for t in trials if not t.good and t.outcome != "missed"]
+    """What the wrong trials left, the same problem counted once with how often (numbers aside)."""
+    bad = [t for t in trials if t.left or t.outcome == "wrong"]
     if not bad:
         return "nothing"
-    seen = Counter(problem for t in bad for problem in (t.left or [f"outcome {t.outcome}"]))
-    head = "; ".join(f"{p}" + (f" (x{c})" if c > 1 else "") for p, c in seen.most_common(3))
+    seen: Counter = Counter()
+    example: dict[str, str] = {}
+    for t in bad:
+        for problem in t.left or [f"outcome {t.outcome}"]:
+            key = re.sub(r"\d+", "N", problem)
+            seen[key] += 1
+            example.setdefault(key, problem[:100])
+    head = "; ".join(example[k] + (f" (x{c})" if c > 1 else "") for k, c in seen.most_common(3))
     return f"{len(bad)} trial(s) wrong: {head}" + (" ..." if len(seen) > 3 else "")
 
 
 def table(rows: list[tuple[str, ...]]) -> str:
+    """The issue's table (markdown)."""
     head = ("task kind", "kills", "finished correctly", "rolled back clean", "left behind")
-    cells = [head, *rows]
-    widths = [max(len(c[k]) for c in cells) for k in range(len(head) - 1)]
-    lines = []
-    for c in cells:
-        lines.append("  ".join(x.ljust(w) for x, w in zip(c, widths)) + "  " + c[-1])
-    return "\n".join(lines)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows])
 
 
 def main() -> int:
@@ -153,7 +158,7 @@ def main() -> int:
             killed = [t for t in trials if t.killed]
             finished = sum(t.good and t.outcome == "finished" for t in killed)
             rolled = sum(t.good and t.outcome == "rolled back" for t in killed)
-            left = summary(trials) + (f"; uninterrupted run wrong: {'; '.join(wrong)}" if wrong else "")
+            left = summary(trials) + (f"; the uninterrupted run was wrong: {'; '.join(wrong)[:200]}" if wrong else "")
             missed = len(trials) - len(killed)
             rows.append((sc.name, str(len(killed)) + (f" ({missed} ended first)" if missed else ""),
                          str(finished), str(rolled), left))

@@ -349,6 +349,46 @@ def after(seconds: float) -> AfterDelay:
     return AfterDelay(f"{seconds:.2f} s in", lambda task: task["state"] == "running", seconds)
 
 
+def while_temporary(*folders: Path, grown: int = 0) -> Point:
+    """A point seen on disk: the task has a temporary file or folder (named after it) in one of the
+    folders or one level below, holding at least `grown` bytes: a disk being copied, a package being
+    extracted or staged."""
+    def when(task: dict) -> bool:
+        if task["state"] != "running":
+            return False
+        mark = f".ferry-task{task['id']}"
+        return any(_bytes_in(e) >= grown for e in _entries(folders) if mark in e.name)
+    return Point("while its temporary file exists" + (f" and holds {grown >> 20} MiB" if grown else ""), when)
+
+
+def _entries(folders: tuple[Path, ...]):
+    """The entries of the folders and of their folders (os.DirEntry)."""
+    for top in folders:
+        try:
+            with os.scandir(top) as it:
+                for e in it:
+                    yield e
+                    if e.is_dir(follow_symlinks=False):
+                        try:
+                            with os.scandir(e.path) as inner:
+                                yield from inner
+                        except OSError:
+                            pass
+        except OSError:
+            pass
+
+
+def _bytes_in(e: os.DirEntry) -> int:
+    """Bytes allocated to a file, or to the files of a folder (what has been written so far)."""
+    try:
+        if not e.is_dir(follow_symlinks=False):
+            return e.stat(follow_symlinks=False).st_blocks * 512
+        with os.scandir(e.path) as it:
+            return sum(c.stat(follow_symlinks=False).st_blocks * 512 for c in it if c.is_file(follow_symlinks=False))
+    except OSError:
+        return 0
+
+
 @dataclass
 class Trial:
     kind: str
@@ -447,8 +487,9 @@ class Lab:
 
     def problems(self, extra: tuple[Path, ...] = ()) -> set[str]:
         """Everything wrong that a user could find: VM records that are half made or half deleted,
-        without their disks, or busy; files in datastores no record owns; temporary files; QEMU
-        processes without a record, records running without a QEMU; unfinished tasks."""
+        without their disks, or busy; files in datastores no record owns; temporary files; what
+        `ferry gc` would remove; QEMU processes without a record, records running without a QEMU;
+        unfinished tasks."""
         out: set[str] = set()
         owned: set[str] = set()
         recycled_ids: set[str] = set()
@@ -492,6 +533,12 @@ class Lab:
         for t in tasks.values():
             if t["state"] in UNFINISHED:
                 out.add(f"task {t['id']} ({t['kind']}) left {t['state']}")
+        # What Ferry itself would call leftovers of tasks that are gone.
+        gc = self.run("gc", "--dry-run", "--json")
+        if gc.code == 0:
+            out.update(f"ferry gc finds {i['what']}: {i['path'] or '(record)'}" for i in gc.json if not i["kept"])
+        else:
+            out.add(f"ferry gc --dry-run failed: {why(gc)}")
         # QEMU processes against the records (as `ferry vm reconcile` compares them, read here from /proc).
         running = self.qemus()
         for r in self.vm_rows():
@@ -885,6 +932,9 @@ def run_trial(sc: Scenario, i: int, point: Point, follow: str) -> Trial:
             except AssertionError:
                 left.append(f"the cancelled task is still {lab.task(tid)['state']}")
             trial.outcome, more = sc.rolled_back(i)
+            if more and trial.outcome == "rolled back" and not sc.result(i):
+                # The kill came after the work was done, before the task said so: it stays, complete.
+                trial.outcome, more = "finished", []
             if lab.task(tid)["state"] != "cancelled":
                 left.append(f"the task is {lab.task(tid)['state']}, not cancelled"
                             + (f": {lab.task(tid)['error']}" if lab.task(tid)["error"] else ""))
