@@ -7,9 +7,11 @@ then the same command run again (or `ferry task resume ID`, or `ferry task cance
 Kinds (default all): blocks, files (replicate), clone, import (of an OVA), deploy (template deploy
 x3, linked), export, delete (--secure), start. Each kind runs once uninterrupted first (its time sets
 the range of the random-time points, and its result is checked like any other), then N points
-(default 10): half triggered by the task's progress (a fraction of its bytes or steps, read from
-state.db as another process sees it: progress is written there every 20 ms, so windows as short as
-a linked deploy are hit), half at random times in the uninterrupted run's span. A point the work ran
+(default 10): half triggered by the task's progress, half at random times in the uninterrupted run's
+span. Progress is a fraction of the task's bytes or steps, read from state.db as another process
+sees it (written there every 20 ms here), or, every other progress point of a kind that has them,
+what is seen on disk: a copy's temporary file holding half the data; a linked deploy (0.25 s for
+three) once its first or its second VM has its disk in place. A point the work ran
 past before the kill is tried again earlier (twice at most); what still ends first is not counted
 as a kill. Follow-ups cycle: rerun, resume, rerun, cancel.
 
@@ -66,9 +68,12 @@ def calibrate(sc: Scenario, i: int) -> tuple[float, list[str]]:
     return k.elapsed, wrong
 
 
-def points(n: int, span: float, rng: random.Random) -> list:
-    """Half the points triggered by progress, half at random times within the span, interleaved."""
+def points(n: int, span: float, rng: random.Random, stages: list) -> list:
+    """Half the points triggered by progress (every other one, when the kind has them, a point seen
+    on disk: see Scenario.stages), half at random times within the span; interleaved."""
     by_progress = [at(f) for f in random_points(math.ceil(n / 2), rng)]
+    for j in range(0, len(by_progress), 2) if stages else ():
+        by_progress[j] = stages[(j // 2) % len(stages)]
     by_time = [after(span * f) for f in random_points(n // 2, rng, lo=0.0, hi=1.0)] if n // 2 else []
     out = []
     for j in range(max(len(by_progress), len(by_time))):
@@ -146,7 +151,7 @@ def main() -> int:
                   flush=True)
             trials: list[Trial] = []
             i = 1
-            for j, point in enumerate(points(n, span, rng)):
+            for j, point in enumerate(points(n, span, rng, sc.stages())):
                 follow = sc.follows[j % len(sc.follows)]
                 for _ in range(RETRIES + 1):
                     trial = run_trial(sc, i, point, follow)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.chaos import SCENARIOS, Lab, Point, at, run_trial, while_temporary
+from harness.chaos import SCENARIOS, Lab, Point, at, run_trial
 from harness.qemu import image_cache, kill_all
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
@@ -21,18 +21,18 @@ DISK, DATA = 256 * MiB, 64 * MiB      # enough for the copies to take a few prog
 FILES, TREE = 200, 32 * MiB
 
 # Per kind: (where the kill lands, what follows it). A number is a share of the task's work done, as
-# its progress in state.db says (bytes, or steps: a linked deploy of 3 is killed after its first and
-# its second VM, a start once QEMU is launched and while it waits for the guest agent). HALF: the
-# task's temporary file (a disk being copied, a package being extracted or staged) holds half the
-# data: small copies end within one progress report, so they are caught by what is on disk.
-HALF = "half"
+# its progress in state.db says (bytes, or steps: a start is killed once QEMU is launched and while
+# it waits for the guest agent). STAGE k: the kind's k-th point seen on disk (Scenario.stages), for
+# work that ends within one progress report here: a copy's temporary file holding half the data, a
+# linked deploy once its first or its second VM has its disk.
+STAGE = ("stage 0", "stage 1")
 PLAN: dict[str, list[tuple[float | str, str]]] = {
     "blocks": [(0.3, "rerun"), (0.6, "resume")],
     "files": [(0.3, "rerun"), (0.6, "cancel")],
-    "clone": [(HALF, "rerun"), (HALF, "resume"), (HALF, "cancel")],
-    "deploy": [(0.3, "rerun"), (0.6, "resume"), (0.3, "cancel")],
-    "import": [(HALF, "rerun"), (HALF, "cancel")],
-    "export": [(HALF, "rerun"), (HALF, "cancel")],
+    "clone": [(STAGE[0], "rerun"), (STAGE[0], "resume"), (STAGE[0], "cancel")],
+    "deploy": [(STAGE[0], "rerun"), (STAGE[1], "resume"), (STAGE[0], "cancel")],
+    "import": [(STAGE[0], "rerun"), (STAGE[0], "cancel")],
+    "export": [(STAGE[0], "rerun"), (STAGE[0], "cancel")],
     "delete": [(0.3, "rerun"), (0.6, "cancel")],
     "start": [(0.3, "rerun"), (0.6, "cancel")],
 }
@@ -67,8 +67,9 @@ def trial(sc, i: int, point: Point, follow: str):
 def test_killed_then_finished_or_rolled_back(lab, kind):
     sc = SCENARIOS[kind](lab, disk=DISK, data=DATA, files=FILES, tree=TREE)
     sc.prepare()
-    half = while_temporary(*lab.datastores(), lab.out, *sc.folders(), grown=DATA // 2)
-    trials = [trial(sc, i, half if f == HALF else at(f), follow) for i, (f, follow) in enumerate(PLAN[kind])]
+    stages = sc.stages()
+    trials = [trial(sc, i, stages[STAGE.index(f)] if f in STAGE else at(f), follow)
+              for i, (f, follow) in enumerate(PLAN[kind])]
     report = "\n".join(t.line() for t in trials)
     assert all(t.killed for t in trials), f"a kill point was never reached (the work ended first):\n{report}"
     assert all(t.good for t in trials), report

@@ -614,6 +614,11 @@ class Scenario:
         """Where else temporary files could be left."""
         return ()
 
+    def stages(self) -> list[Point]:
+        """Points seen on disk, for work too quick for its progress in state.db to tell its steps
+        apart (a small copy, a linked deploy): none by default."""
+        return []
+
     def result(self, i: int) -> list[str]:
         """Problems with the result of trial i (none: it is correct)."""
         raise NotImplementedError
@@ -638,6 +643,9 @@ class _Making(Scenario):
 
     def names(self, i: int) -> list[str]:
         raise NotImplementedError
+
+    def stages(self) -> list[Point]:
+        return [while_temporary(*self.lab.datastores(), self.lab.out, *self.folders(), grown=self.data // 2)]
 
     def sources(self) -> dict[str, object]:
         return {self.src: sha256_file(Path(self.src))}
@@ -689,6 +697,12 @@ class DeployScenario(_Making):
     def names(self, i: int) -> list[str]:
         return [f"d{i}-{n}" for n in range(1, 4)]
 
+    def stages(self) -> list[Point]:
+        """Once its first, once its second VM's disk is in place."""
+        ds = self.lab.ws / "lab" / "lab1" / "datastore"
+        return [Point(f"once VM {k} of 3 has its disk", lambda task, k=k: task["state"] == "running" and
+                      (ds / task["params"]["names"][k - 1] / "disk0.qcow2").exists()) for k in (1, 2)]
+
     def command(self, i: int) -> list[str]:
         return ["template", "deploy", "tpl", f"d{i}-#", "--count", "3"]
 
@@ -724,6 +738,9 @@ class ExportScenario(Scenario):
 
     def ova(self, i: int) -> Path:
         return self.lab.out / f"e{i}.ova"
+
+    def stages(self) -> list[Point]:
+        return [while_temporary(self.lab.out, grown=self.data // 2)]
 
     def command(self, i: int) -> list[str]:
         return ["vm", "export", "esrc", "--out", str(self.ova(i))]
