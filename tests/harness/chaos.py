@@ -10,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -198,7 +201,6 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 # bench/chaos.py runs many of them per kind; tests/test_chaos.py a few.
 
 MiB = 1 << 20
-GiB = 1 << 30
 UNFINISHED = ("queued", "running", "waiting", "paused", "interrupted")
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -235,17 +237,16 @@ def run_ferry(workspace: Path, *args: str, env: dict | None = None, stall: float
 
 def tree_digest(root: Path) -> dict[str, tuple]:
     """Every entry under root: its type, mode, size, mtime and (files) content hash."""
-    import stat as st
     out: dict[str, tuple] = {}
     for p in sorted(root.rglob("*")):
         s = p.lstat()
         rel = str(p.relative_to(root))
-        if st.S_ISREG(s.st_mode):
-            out[rel] = ("f", st.S_IMODE(s.st_mode), s.st_size, s.st_mtime_ns, sha256_file(p))
-        elif st.S_ISLNK(s.st_mode):
+        if stat.S_ISREG(s.st_mode):
+            out[rel] = ("f", stat.S_IMODE(s.st_mode), s.st_size, s.st_mtime_ns, sha256_file(p))
+        elif stat.S_ISLNK(s.st_mode):
             out[rel] = ("l", os.readlink(p))
         else:
-            out[rel] = ("d", st.S_IMODE(s.st_mode))
+            out[rel] = ("d", stat.S_IMODE(s.st_mode))
     return out
 
 
@@ -276,7 +277,6 @@ def file_tree(root: Path, files: int, total: int) -> Path:
     marker = root.with_name(root.name + ".complete")
     if marker.exists() and root.exists():
         return root
-    import shutil
     shutil.rmtree(root, ignore_errors=True)
     rng = random.Random(10)
     weights = [rng.expovariate(1.0) for _ in range(files)]
@@ -556,7 +556,6 @@ class Lab:
 
     def qemus(self) -> dict[str, list[int]]:
         """The QEMU processes of this workspace's VMs: the first 8 hex digits of the VM's id -> pids."""
-        import re
         out: dict[str, list[int]] = {}
         mark = str(self.ws).encode()
         for p in os.listdir("/proc"):
@@ -619,6 +618,11 @@ class Scenario:
         apart (a small copy, a linked deploy): none by default."""
         return []
 
+    def meanwhile(self, i: int) -> list[str]:
+        """Problems with what `ferry vm list` shows while the killed task waits to be resumed or
+        cancelled (a half-made VM shown as a normal one, say): none by default."""
+        return []
+
     def result(self, i: int) -> list[str]:
         """Problems with the result of trial i (none: it is correct)."""
         raise NotImplementedError
@@ -663,6 +667,16 @@ class _Making(Scenario):
             out += image_problems(disk, self.src, n)
             if self.linked and Path(disk).is_file() and backing_of(disk) != self.src:
                 out.append(f"{n} is not linked to the template ({backing_of(disk)})")
+        return out
+
+    def meanwhile(self, i: int) -> list[str]:
+        """A VM the killed task was making is shown incomplete, or it is complete."""
+        shown = {v["name"]: v for v in self.lab.ok("vm", "list")}
+        out = []
+        for n in self.names(i):
+            v = shown.get(n)
+            if v and v["state"] != "incomplete" and (wrong := image_problems(v["disks"][0]["path"], self.src, n)):
+                out.append(f"while interrupted, {n} shown {v['state']}: {wrong[0]}")
         return out
 
     def rolled_back(self, i: int) -> tuple[str, list[str]]:
@@ -779,6 +793,15 @@ class SecureDeleteScenario(Scenario):
     def command(self, i: int) -> list[str]:
         return ["vm", "delete", f"x{i}", "--secure", "--confirm", f"x{i}"]
 
+    def meanwhile(self, i: int) -> list[str]:
+        """Shown "deleting", or as it was: stopped over its disk unchanged."""
+        v = {v["name"]: v for v in self.lab.ok("vm", "list")}.get(f"x{i}")
+        if v is None or v["state"] == "deleting":
+            return []
+        if v["state"] == "stopped" and Path(self.disk_of).is_file() and sha256_file(Path(self.disk_of)) == self.before:
+            return []
+        return [f"while interrupted, x{i} shown {v['state']} over a disk that was changed or removed"]
+
     def result(self, i: int) -> list[str]:
         out = [f"x{i} still recorded ({self.lab.vm(f'x{i}')['state']})"] if self.lab.vm(f"x{i}") else []
         return out + ([f"x{i}'s disk left"] if Path(self.disk_of).exists() else [])
@@ -864,7 +887,6 @@ class _Replication(Scenario):
         return "rolled back", [f"{len(parts)} partly written file(s) left in the replica"] if parts else []
 
     def teardown(self, i: int) -> None:
-        import shutil
         t = self.target(i)
         if t.is_dir():
             shutil.rmtree(t, ignore_errors=True)
@@ -940,6 +962,7 @@ def run_trial(sc: Scenario, i: int, point: Point, follow: str) -> Trial:
         shown = {t["id"]: t["state"] for t in lab.ok("tasks", "--all")}
         if shown.get(tid) == "running":
             left.append("the killed task shown running")
+        left += sc.meanwhile(i)
         if follow == "cancel":
             r = lab.run("task", "cancel", str(tid))
             if r.code != 0:
@@ -960,6 +983,8 @@ def run_trial(sc: Scenario, i: int, point: Point, follow: str) -> Trial:
             r = lab.run(*sc.command(i)) if follow == "rerun" else lab.run("task", "resume", str(tid))
             if r.code != 0:
                 left.append(f"{follow} failed: {why(r)}")
+            if lab.task(tid)["state"] != "succeeded":    # the rerun goes on with the killed task
+                left.append(f"the killed task ended {lab.task(tid)['state']}")
             trial.outcome = "finished"
             left += sc.result(i)
     ids = [t["id"] for t in task_rows(lab.ws, (tid or 1) - 1)]
