@@ -105,6 +105,11 @@ class TaskKind:
     # half-made result is of no use (a VM without its disks); others keep their work for a resume.
     rollback_on_failure: ClassVar[bool] = False
 
+    async def interrupted(self, ctx: "TaskContext") -> None:
+        """First aid, the moment a Ferry process finds the task's process dead: make safe what must not
+        wait for a resume or a rollback that may come much later (a guest left with its filesystems
+        frozen). Quick, idempotent, best effort; the task is not claimed, nor its state changed."""
+
     async def rollback(self, ctx: "TaskContext") -> None:
         """Undo what the task made beyond the files it tracked (the engine removes those after
         this): its records in state.db, jobs it left in other processes. Runs when the task is
@@ -761,8 +766,22 @@ class Engine:
                              "stopped without finishing it; it resumes from its last checkpoint when run "
                              f"again (`ferry task resume {r['id']}`), or rolls back if cancelled")
                 await self._publish_state(r["id"])
+                await self._first_aid(r)
                 done.append(r["id"])
         return done
+
+    async def _first_aid(self, r: dict) -> None:
+        """The kind's `interrupted` hook for a task just found interrupted (within 30 s, errors logged)."""
+        if r["kind"] not in KINDS:
+            return
+        ctx = TaskContext(self, TaskInfo.from_row(r), r["checkpoint"], 0, params=self._secret_params.get(r["id"]))
+        try:
+            async with asyncio.timeout(30):
+                await kind_of(r["kind"]).interrupted(ctx)
+        except Exception as e:  # noqa: BLE001 - first aid never stops the command that found the task
+            self._on_log(r["id"], "warning", f"making its interruption safe failed: {getattr(e, 'message', None) or e}")
+        finally:
+            ctx.close()
 
     async def adopt_orphans(self, only: set[int] | None = None) -> list[int]:
         """Take over unfinished tasks (of `only`, when given) whose engine died; they continue
@@ -871,7 +890,11 @@ class Engine:
         except asyncio.CancelledError:
             reason = self._stop_reason.pop(tid, "stop")
             progress = ctx.current_progress if ctx else None
-            if reason == "pause":
+            row = await self.store.call(self.store.task_row, tid)
+            if row is None or TaskState(row["state"]).final:
+                # Cancelled after it ended (the engine stopping while the end was announced): it stays as it ended.
+                pass
+            elif reason == "pause":
                 await self._set_state(tid, TaskState.PAUSED, progress=progress)
             elif reason == "cancel":
                 error = await asyncio.shield(self._roll_back(kind_of(ctx.kind), ctx, None)) if ctx else None

@@ -385,16 +385,25 @@ def test_clone_of_a_running_vm_killed_mid_copy(ws):
         before = raw_sha256(src[0])
         for then in ("rerun", "cancel"):
             # killed as its jobs start: they go on in r0's QEMU; the test pauses them there at once
-            k = kill_at(ws, "vm", "clone", "r0", "rc", when=disk_writing(ws, "rc", "disk0", above=0))
-            assert k.killed, k
-            prefix = f"clone-t{k.task_id}-{record(ws, 'rc')['id'][:8]}-"
-            qmp(ws, r0, *({"execute": "block-job-pause", "arguments": {"device": prefix + str(j)}} for j in (0, 1)))
-            names = sorted(j["device"] for j in qmp(ws, r0, {"execute": "query-block-jobs"})[0])
-            assert prefix + "0" in names, names      # the copy of the 160 MiB disk, still there
+            for _attempt in range(4):
+                k = kill_at(ws, "vm", "clone", "r0", "rc", when=disk_writing(ws, "rc", "disk0", above=0))
+                assert k.killed, k
+                prefix = f"clone-t{k.task_id}-{record(ws, 'rc')['id'][:8]}-"
+                qmp(ws, r0, *({"execute": "block-job-pause", "arguments": {"device": prefix + str(j)}} for j in (0, 1)))
+                names = sorted(j["device"] for j in qmp(ws, r0, {"execute": "query-block-jobs"})[0])
+                if prefix + "0" in names:      # the copy of the 160 MiB disk, still there
+                    break
+                # The copy outran the kill (a warm cache): this point was missed; roll it back, try again.
+                ok(ws, "task", "cancel", str(k.task_id))
+            else:
+                raise AssertionError("the copy jobs always ended before they could be caught after the kill")
             # killed as the jobs start, Ferry mostly leaves the guest frozen (it freezes it for that instant)
             if agent(ws, "r0", "guest-fsfreeze-status") != "frozen":
                 agent(ws, "r0", "guest-fsfreeze-freeze")
             interrupted(ws, k.task_id, ["rc"])
+            # First aid: the command that found the clone interrupted (`ferry tasks`) thawed the guest at
+            # once; its writes do not hang until someone resumes or cancels the clone.
+            assert agent(ws, "r0", "guest-fsfreeze-status") == "thawed"
             if then == "rerun":
                 out = ok(ws, "vm", "clone", "r0", "rc")
                 assert out["task"] == k.task_id and out["from_running"] is True

@@ -174,6 +174,17 @@ class CloneVM(MakesVMs):
                 + (" while it ran" if running else "") + (" (linked)" if linked else ""))
         return {"src": src.name, "made": made, "linked": linked, "from_running": running}
 
+    async def interrupted(self, ctx: TaskContext) -> None:
+        """A clone of a running VM killed in the instant its guest was frozen leaves it frozen, its
+        writes hanging: thawed as soon as a Ferry process finds the clone interrupted."""
+        svc = VMService.of(ctx.engine)
+        try:
+            src = VMSpec.from_dict((await svc.find(ctx.params["src"]))["spec"])
+        except Refused:
+            return
+        if await svc.host(src.host).pid(src) is not None:
+            await thaw_if_frozen(ctx, svc, src)
+
     async def rollback(self, ctx: TaskContext) -> None:
         """Stop this task's block jobs in the source and thaw its guest (when it runs), then delete the
         copies (unless all were made); the engine removes their files."""
