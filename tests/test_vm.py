@@ -21,6 +21,7 @@ import pytest
 
 from engine.vm.model import parse_size
 from harness.cli import ferry
+from harness.lab import lab_workspace, ok
 from harness.qemu import image_cache, kill_all, raw_sha256
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
@@ -29,29 +30,8 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def ws():
-    """One lab workspace for the module (short path: UNIX sockets live in it), the shared image cache."""
-    old = os.environ.get("FERRY_IMAGE_CACHE")
-    os.environ["FERRY_IMAGE_CACHE"] = str(image_cache())
-    root = Path(tempfile.mkdtemp(prefix="fvm-", dir="/tmp"))
-    r = ferry(root, "lab", "image", "build", "--json")
-    if r.code != 0 and "apt-get update" in r.err and os.geteuid() == 0:
-        subprocess.run(["apt-get", "update", "-qq"], check=True)
-        r = ferry(root, "lab", "image", "build", "--json")
-    assert r.code == 0, r.err
-    assert Path(r.json["kernel"]).is_file() and r.json["kernel_release"]
-    yield root
-    kill_all(root)
-    shutil.rmtree(root, ignore_errors=True)
-    if old is None:
-        os.environ.pop("FERRY_IMAGE_CACHE", None)
-    else:
-        os.environ["FERRY_IMAGE_CACHE"] = old
+    yield from lab_workspace('fvm-')
 
-
-def ok(ws: Path, *args: str) -> dict:
-    r = ferry(ws, *args, "--json")
-    assert r.code == 0, f"ferry {' '.join(args)}: {r.out} {r.err}"
-    return r.json
 
 
 def fails(ws: Path, *args: str) -> str:

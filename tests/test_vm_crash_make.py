@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from harness.chaos import helpers_of, hidden_leftovers, kill_at, workspace_id
-from harness.cli import ferry
-from harness.qemu import image_cache, kill_all, raw_sha256
+from harness.lab import lab_workspace, ok, vms
+from harness.qemu import raw_sha256
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
 MiB = 1 << 20
@@ -28,27 +28,9 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def ws():
-    """One lab workspace for the module (short path: UNIX sockets live in it), the shared image cache."""
-    old = os.environ.get("FERRY_IMAGE_CACHE")
-    os.environ["FERRY_IMAGE_CACHE"] = str(image_cache())
-    root = Path(tempfile.mkdtemp(prefix="fcm-", dir="/tmp"))
-    yield root
-    kill_all(root)
-    shutil.rmtree(root, ignore_errors=True)
-    if old is None:
-        os.environ.pop("FERRY_IMAGE_CACHE", None)
-    else:
-        os.environ["FERRY_IMAGE_CACHE"] = old
+    yield from lab_workspace('fcm-')
 
 
-def ok(ws: Path, *args: str):
-    r = ferry(ws, *args, "--json")
-    assert r.code == 0, f"ferry {' '.join(args)}: {r.out} {r.err}"
-    return r.json
-
-
-def vms(ws: Path) -> dict[str, dict]:
-    return {v["name"]: v for v in ok(ws, "vm", "list")}
 
 
 def datastore(ws: Path) -> Path:

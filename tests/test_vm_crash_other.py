@@ -19,7 +19,7 @@ import pytest
 from engine.vm.model import process_name
 from harness.chaos import Kill, at_fraction, fraction, hidden_leftovers, kill_at
 from harness.cli import ferry
-from harness.qemu import image_cache, kill_all
+from harness.lab import lab_workspace, ok, vms
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
 MiB = 1 << 20
@@ -27,19 +27,7 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def ws():
-    """One lab workspace for the module (short path: UNIX sockets live in it), the shared image cache."""
-    old = os.environ.get("FERRY_IMAGE_CACHE")
-    os.environ["FERRY_IMAGE_CACHE"] = str(image_cache())
-    root = Path(tempfile.mkdtemp(prefix="fcr-", dir="/tmp"))
-    r = ferry(root, "lab", "image", "build", "--json")
-    assert r.code == 0, r.err
-    yield root
-    kill_all(root)
-    shutil.rmtree(root, ignore_errors=True)
-    if old is None:
-        os.environ.pop("FERRY_IMAGE_CACHE", None)
-    else:
-        os.environ["FERRY_IMAGE_CACHE"] = old
+    yield from lab_workspace('fcr-')
 
 
 @pytest.fixture
@@ -48,11 +36,6 @@ def scratch():
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
-
-def ok(ws: Path, *args: str) -> dict:
-    r = ferry(ws, *args, "--json")
-    assert r.code == 0, f"ferry {' '.join(args)}: {r.out} {r.err}"
-    return r.json
 
 
 def refused(ws: Path, *args: str) -> str:
@@ -63,9 +46,6 @@ def refused(ws: Path, *args: str) -> str:
     assert len(lines) == 1 and "(hint: " in lines[0], r.err
     return lines[0]
 
-
-def vms(ws: Path) -> dict[str, dict]:
-    return {v["name"]: v for v in ok(ws, "vm", "list")}
 
 
 def task(ws: Path, tid: int) -> dict:
