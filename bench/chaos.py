@@ -13,7 +13,7 @@ sees it (written there every 20 ms here), or, every other progress point of a ki
 what is seen on disk: a copy's temporary file holding half the data; a linked deploy (0.25 s for
 three) once its first or its second VM has its disk in place. A point the work ran
 past before the kill is tried again earlier (twice at most); what still ends first is not counted
-as a kill. Follow-ups cycle: rerun, resume, rerun, cancel.
+as a kill. Follow-ups in turn: rerun, cancel, resume, rerun (10 points: 5 reruns, 3 cancels, 2 resumes).
 
 Each trial checks what a user would notice. Finished: the command's result (`qemu-img compare`
 against the source and `qemu-img check`; an export imported back and compared; a replica byte for

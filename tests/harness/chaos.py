@@ -588,7 +588,7 @@ class Scenario:
     """One kind of task, as the issue lists them: how to make its sources, the command a trial
     kills, what a correct result is, what a clean rollback is, and how to clear a trial away."""
     name = ""
-    follows: tuple[str, ...] = ("rerun", "resume", "rerun", "cancel")
+    follows: tuple[str, ...] = ("rerun", "cancel", "resume", "rerun")    # in turn, trial by trial
 
     def __init__(self, lab: Lab, *, disk: int, data: int, files: int = 0, tree: int = 0) -> None:
         self.lab, self.disk, self.data, self.files, self.tree = lab, disk, data, files, tree
