@@ -11,21 +11,27 @@ the range of the random-time points, and its result is checked like any other), 
 span. Progress is a fraction of the task's bytes or steps, read from state.db as another process
 sees it (written there every 20 ms here), or, every other progress point of a kind that has them,
 what is seen on disk: a copy's temporary file holding half the data; a linked deploy (0.25 s for
-three) once its first or its second VM has its disk in place. A point the work ran
-past before the kill is tried again earlier (twice at most); what still ends first is not counted
-as a kill. Follow-ups in turn: rerun, cancel, resume, rerun (10 points: 5 reruns, 3 cancels, 2 resumes).
+three) once its first or its second VM has its disk in place. A point the work ran past before the
+kill is tried again earlier (twice at most); what still ends first is not counted as a kill.
+Follow-ups in turn: rerun, cancel, resume, rerun (10 points: 5 reruns, 3 cancels, 2 resumes).
 
-Each trial checks what a user would notice. Finished: the command's result (`qemu-img compare`
-against the source and `qemu-img check`; an export imported back and compared; a replica byte for
-byte; a started VM running with one QEMU and its agent answering; a deleted VM gone with its files).
-Rolled back: nothing of it left (a secure delete cancelled once its wipe had begun stays "deleting"
-and the same command finishes it: counted as finished; a cancelled replication leaves the target as
-far as it got, a sync, without a partly written file; a cancelled start leaves the VM stopped without
-QEMU, or running as recorded). Always: no VM record half made, half deleted,
-busy or without its disks; no file in a datastore without a record; no temporary file (`.ferry-task*`
-and older temporary names); no QEMU without a record; no task left running or interrupted; no helper
-process of the task alive; the killed task not shown "running" by `ferry tasks` before any other
-Ferry process started; the sources unchanged (hashed before and after).
+Each trial checks what a user would notice (tests/harness/chaos.py: run_trial).
+- While the killed task waits: `ferry tasks` does not show it running; a VM it was making is shown
+  incomplete (or is complete), a VM it was deleting is shown deleting (or as it was, disk unchanged).
+- Finished (rerun, resume): the killed task goes on and succeeds; the result is right: `qemu-img
+  compare` against the source and `qemu-img check`; an export imported back and compared; a replica
+  byte for byte; a started VM running with one QEMU and its agent answering; a deleted VM gone with
+  its files.
+- Rolled back (cancel): nothing of it left. Counted as finished instead: a cancel that came after the
+  work was done (its complete result stays), and a secure delete cancelled once its wipe had begun
+  (it stays "deleting" and the same command finishes it). A cancelled replication leaves the target
+  as far as it got (a sync) without a partly written file; a cancelled start leaves the VM stopped
+  without QEMU, or running as recorded.
+- Always: no VM record incomplete, deleting, busy or without its disks; no file in a datastore
+  without a record; no temporary file (`.ferry-task*` and older temporary names); nothing `ferry gc
+  --dry-run` would remove; no QEMU without a record, none running for a VM recorded stopped; no task
+  left unfinished; no helper process of the task alive; the sources unchanged (hashed before and
+  after). Only what is new since before the trial counts.
 
 Sizes: VM disks --disk (default 2G) holding --data (default 1G) of random data; the replicated tree
 --files files (default 2000) of --tree bytes (default 512M). --quick: 2 points per kind, 256 MiB
