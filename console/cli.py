@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import sys
 from typing import Any, Awaitable, Callable
 
@@ -537,6 +539,12 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAIL
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
+        except BrokenPipeError:
+            # The reader stopped reading (`ferry vm list --json | head`): no more to say, and nothing
+            # left to flush at exit (which would raise again).
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), real[0].fileno())
+            return EXIT_OK
     finally:
         sys.stdout, sys.stderr = real
 

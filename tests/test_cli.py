@@ -176,3 +176,22 @@ def test_config_for_ssh_host_shows_in_hosts(tmp_path, sshd_factory, home):
     assert [f["reachable"] for f in r.json] == [True, True]
     doc = dump_config({"site": {"name": "x"}})
     assert "[site]" in doc
+
+
+def test_output_cut_short_by_its_reader_is_not_a_traceback(tmp_path):
+    """`ferry audit --json | head -c 10`: the reader stops early; Ferry stops quietly."""
+    import subprocess
+    import sys
+
+    from harness.cli import ROOT
+    from engine.store import Store
+    store = Store(tmp_path / "state.db")
+    for i in range(500):    # far more output than a pipe holds before head has closed it
+        store.audit("vm.create", f"vm{i}", {"note": "x" * 400}, "ok")
+    store.close()
+    script = (f"{sys.executable} -m console.cli --workspace {tmp_path} audit --json --limit 1000 | head -c 10;"
+              " exit ${PIPESTATUS[0]}")
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+    assert r.returncode == 0
