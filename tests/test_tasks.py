@@ -134,8 +134,9 @@ async def test_pause_keeps_checkpoint_and_resume_continues(engine, tmp_path):
     info = await engine.pause(tid)
     info = await engine.wait(tid, until=frozenset({TaskState.PAUSED}), timeout=30)
     assert info.state == TaskState.PAUSED
+    # Its run ends once the paused state is written: nothing of it runs on.
+    await until(lambda: tid not in engine._running, timeout=10, what="the paused task's run to end")
     at_pause = checkpoint_of(tmp_path / "state.db", tid)["done"]
-    assert tid not in engine._running, "a paused task has nothing running"
     await engine.resume(tid)
     info = await engine.wait(tid, timeout=30)
     assert info.state == TaskState.SUCCEEDED
