@@ -621,7 +621,7 @@ class Engine:
         return task_tag(self.workspace_id, tid)
 
     async def _stop_helpers(self, info: TaskInfo) -> None:
-        """Stops the processes a earlier run of the task left on its hosts (found by its tag)."""
+        """Stops the processes an earlier run of the task left on its hosts (found by its tag)."""
         tag = await self._tag_of(info.id)
         for host in info.hosts or ["local"]:
             try:
