@@ -47,6 +47,7 @@ def lab():
     env = {"FERRY_IMAGE_CACHE": os.environ.get("FERRY_IMAGE_CACHE", str(image_cache()))}
     lab = Lab(root / "ws", data, env, stall=120.0)
     lab.tidy = False        # each trial makes its own names: what it made may stay
+    lab.bwlimit = "96M"     # a replication of these small sources takes a few progress reports, not one
     lab.ok("lab", "image", "build")
     yield lab
     kill_all(root)

@@ -204,6 +204,11 @@ class LocalTransport(Transport):
             _killpg(proc.pid)
             _reap(proc)
             raise
+        # Done, its pipes read to the end: close the subprocess transport now, while the loop runs,
+        # not in a garbage collection after it has closed (see LocalProcess.wait).
+        transport = getattr(proc, "_transport", None)
+        if transport is not None:
+            transport.close()
         result = RunResult(proc.returncode, out, err)
         if check and result.exit_status != 0:
             raise command_error(self.host, what, result)

@@ -876,7 +876,9 @@ class _Replication(Scenario):
         return self.lab.out / f"{self.level[0]}{i}"
 
     def command(self, i: int) -> list[str]:
-        return ["replicate", self.level, f"local:{self.src}", f"local:{self.target(i)}"]
+        # lab.bwlimit: a small copy slowed down so that its progress is seen at several points
+        limit = ["--bwlimit", self.lab.bwlimit] if getattr(self.lab, "bwlimit", None) else []
+        return ["replicate", self.level, f"local:{self.src}", f"local:{self.target(i)}", *limit]
 
     def sources(self) -> dict[str, object]:
         return {str(self.src): _digest(self.src)}
