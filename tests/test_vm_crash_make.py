@@ -405,3 +405,24 @@ def test_clone_of_a_running_vm_killed_mid_copy(ws):
     finally:
         ok(ws, "vm", "stop", "r0", "--force")
         cleanup(ws, "r0")
+
+
+def test_clone_resumed_after_its_source_changed_copies_it_again_whole(ws):
+    """A clone of a stopped VM killed once its first disk is in place; meanwhile the source is written
+    to (started and used while the clone waited). The resumed clone must not mix its disks from two
+    moments: it copies them all again, and each equals the source as it is now."""
+    base = set(vms(ws))
+    src = with_data(ws, "s1", ("48M", 24), ("16M", 8))
+    k = kill_at(ws, "vm", "clone", "s1", "c1", when=disk_placed(ws, "c1", "disk0"))
+    assert k.killed, k
+    interrupted(ws, k.task_id, ["c1"])
+    for path in src:       # both disks change, as a guest's writes would change them
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x77 1M 1M", path], check=True, capture_output=True)
+    out = ok(ws, "vm", "clone", "s1", "c1")
+    assert out["task"] == k.task_id
+    for s, d in zip(src, vms(ws)["c1"]["disks"]):
+        same_image(s, d["path"])
+    log = [line["message"] for line in ok(ws, "task", "show", str(k.task_id))["log"]]
+    assert any("changed while the clone was interrupted" in m for m in log), log
+    settled(ws, left=base | {"s1", "c1"})
+    cleanup(ws, "c1", "s1")

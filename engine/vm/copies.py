@@ -137,9 +137,19 @@ class CloneVM(MakesVMs):
                 # Jobs an earlier run started in the source's QEMU still write; a guest it froze stays frozen.
                 await stop_jobs(ctx, svc, src)
                 await thaw_if_frozen(ctx, svc, src)
+            # A stopped source is copied disk by disk. While the clone was interrupted its source was free
+            # to start and change: then no disk copied before counts, or the copy would mix two moments.
+            changed = False
+            if not running and not linked:
+                marks = await _marks(h, src)
+                changed = maker.sources is not None and maker.sources != marks
+                if changed:
+                    ctx.log(f"the disks of {src.name} changed while the clone was interrupted: every disk of "
+                            "an unfinished copy is copied again", "warning")
+                maker.sources = marks
             vms = await maker.reserve([_copy_spec(src, n, plan.ds, as_template=as_template, linked=linked,
                                                   overrides=overrides, grow=grow) for n in names])
-            todos = [await maker.todo(vm, together=running and not linked) for vm in vms]
+            todos = [await maker.todo(vm, together=(running and not linked) or changed) for vm in vms]
             await plan.ensure_room(len(vms), [j for todo in todos for j in _indexes(src, todo)], linked)
             done_units = units - sum(len(todo) for todo in todos)
             if meter is not None:
@@ -197,6 +207,15 @@ class CloneVM(MakesVMs):
             await stop_jobs(ctx, svc, src)
             await thaw_if_frozen(ctx, svc, src)
         await super().rollback(ctx)
+
+
+async def _marks(h: HostOps, vm: VMSpec) -> list[list[int]]:
+    """[size, mtime] of each disk image of the VM: a write to it changes them."""
+    out = []
+    for d in vm.disks:
+        st = await h.t.stat(d.path)
+        out.append([st.size, st.mtime_ns] if st else [0, 0])
+    return out
 
 
 def _index(src: VMSpec, d: DiskSpec) -> int:

@@ -66,6 +66,9 @@ class Maker:
         ck = ctx.checkpoint or {}
         self.ids: dict[str, str] = dict(ck.get("vms") or {})
         self.committed = bool(ck.get("committed"))
+        # The source's disks as they were when the copy began ([size, mtime] each), for a kind that
+        # copies a stopped VM's disks one by one: changed by the time of a resume, none is kept.
+        self.sources: list | None = ck.get("sources")
 
     async def reserve(self, specs: list[VMSpec]) -> list[VMSpec]:
         """Reserve the names (records 'incomplete', busy with the task) before any file exists. A
@@ -154,7 +157,7 @@ class Maker:
         return made
 
     async def _save(self) -> None:
-        await self.ctx.save_checkpoint({"vms": self.ids, "committed": self.committed})
+        await self.ctx.save_checkpoint({"vms": self.ids, "committed": self.committed, "sources": self.sources})
 
     def _host(self, vm: VMSpec) -> HostOps:
         return self.h if self.h is not None and self.h.name == vm.host else self.svc.host(vm.host)
