@@ -12,7 +12,7 @@ from engine import fmt
 from engine.errors import FerryError, PermanentError, Refused
 from engine.taskmodel import TaskInfo
 from engine.textsafe import line as safe
-from engine.vm.model import parse_memory_mib
+from engine.vm.model import UNFINISHED_STATES, parse_memory_mib
 from engine.workspace import Workspace
 
 from .cli import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, _Progress, _print_json, _table, _with_client, run_foreground
@@ -36,7 +36,7 @@ VM_COLUMNS = ["NAME", "KIND", "HOST", "STATE", "CPUS", "MEM", "DISKS", "SIZE", "
 
 def _vm_row(v: dict, agents: bool = False) -> list[str]:
     state = f"{_state_symbol(v['state'])} {v['state']}"
-    if v["state"] in ("incomplete", "deleting") and v.get("busy"):
+    if v["state"] in UNFINISHED_STATES and v.get("busy"):
         state += f" (task {v['busy']})"
     row = [v["name"], v["kind"], v["host"], state, str(v["cpus"]),
            f"{v['memory_mb']}M", str(len(v["disks"])), fmt.size(sum(d["size"] for d in v["disks"])),

@@ -132,11 +132,9 @@ def _datastores(client: Any) -> list[tuple[str, str]]:
     """(host, datastore path) once per datastore: a shared one through its first host."""
     out, done = [], set()
     for ds in client.site.datastores.values():
-        hosts = [h for h in ds.hosts if h in client.site.hosts] if getattr(ds, "hosts", None) else []
-        if not hosts or ds.path in done:
-            continue
-        done.add(ds.path)
-        out.append((hosts[0], ds.path))
+        if ds.hosts and ds.path not in done:
+            done.add(ds.path)
+            out.append((ds.hosts[0], ds.path))
     return out
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import posixpath
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, Iterable
 
 from ..errors import PermanentError, Refused
 from ..tasks import TaskContext, TaskKind, register
@@ -189,8 +189,11 @@ class MakesVMs(TaskKind):
         await roll_back_made(ctx)
 
 
-async def ensure_room(h: HostOps, need: dict[str, int], what: str) -> None:
-    """Each datastore (by name) has room for the bytes still to be written to it."""
+async def ensure_room(h: HostOps, disks: Iterable[DiskSpec], what: str) -> None:
+    """Each datastore has room for the disks (still to be written) that go to it."""
+    need: dict[str, int] = {}
+    for d in disks:
+        need[d.datastore] = need.get(d.datastore, 0) + d.size
     for ds_name, size in need.items():
         if size > 0:
             await h.ensure_space(h.datastore(ds_name), size, what)
@@ -249,7 +252,7 @@ class CreateVM(MakesVMs):
                                   d.get("bus", "virtio"), ds.shared))
         vm = vm.with_(disks=tuple(disks))
         if space:
-            await ensure_room(h, _sizes_by_datastore(vm.disks), f"{vm.name} (its disks)")
+            await ensure_room(h, vm.disks, f"{vm.name} (its disks)")
         return h, vm
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
@@ -261,7 +264,7 @@ class CreateVM(MakesVMs):
         maker.h = h
         [vm] = await maker.reserve([planned])
         todo = await maker.todo(vm)
-        await ensure_room(h, _sizes_by_datastore([d for d, _ in todo]), f"{vm.name} (its disks)")
+        await ensure_room(h, (d for d, _ in todo), f"{vm.name} (its disks)")
         n = len(vm.disks)
         ctx.progress(measured=False, units_done=n - len(todo), units_total=n)
         for i, (d, part) in enumerate(todo):
@@ -271,13 +274,6 @@ class CreateVM(MakesVMs):
         [made] = await maker.commit()
         ctx.log(f"{vm.kind} {vm.name} created on {h.name} with {n} disk(s)")
         return made
-
-
-def _sizes_by_datastore(disks) -> dict[str, int]:
-    need: dict[str, int] = {}
-    for d in disks:
-        need[d.datastore] = need.get(d.datastore, 0) + d.size
-    return need
 
 
 @register

@@ -24,7 +24,7 @@ from ..platform.qga import GuestAgent
 from ..platform.qmp import QMPClient
 from ..tasks import TaskContext, TaskKind, register
 from .hostops import HostOps, vm_dir
-from .model import VMSpec, VMState
+from .model import UNFINISHED_STATES, VMSpec, VMState
 from .prechecks import action_of
 from .service import VMService
 
@@ -50,7 +50,7 @@ async def working_on(ctx: TaskContext, row: dict) -> AsyncIterator[None]:
     finally:
         now = await svc._db(svc.store.vm_row, row["id"])
         # A record the task has not finished making or deleting stays its own until it is done or rolled back.
-        if now is not None and not (now["state"] in (VMState.INCOMPLETE, VMState.DELETING) and now["busy"] == ctx.id):
+        if now is not None and not (now["state"] in UNFINISHED_STATES and now["busy"] == ctx.id):
             await svc.update(row["id"], busy=None)
 
 

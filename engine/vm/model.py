@@ -40,6 +40,10 @@ class VMState(StrEnum):
                 "recycled": "♻", "missing": "✖", "incomplete": "◌", "deleting": "⌫"}[self.value]
 
 
+# A record its task has not finished making or deleting: busy with that task, and not a usable VM.
+UNFINISHED_STATES = frozenset({VMState.INCOMPLETE, VMState.DELETING})
+
+
 @dataclass(frozen=True)
 class DiskSpec:
     name: str                     # disk0, disk1, ...

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PermanentError, Refused
-from .model import VMState, based_on
+from .model import UNFINISHED_STATES, VMState, based_on
 
 RUNNING = ("running", "paused")
-UNFINISHED = (VMState.INCOMPLETE.value, VMState.DELETING.value)   # a record its task has not finished with
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ def refusal(action: str, vm: dict[str, Any] | None, *, busy_task: str | None = N
                        "restore it first (u)")
     if action in ("vm_restore", "vm_purge"):
         return Refusal(f"{name} is not in the recycle bin", "ferry vm list --recycled shows what is")
-    if st in UNFINISHED and not (task and vm.get("busy") == task):
+    if st in UNFINISHED_STATES and not (task and vm.get("busy") == task):
         why = _unfinished(action, vm, st, busy_task)
         if why is not None:
             return why

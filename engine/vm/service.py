@@ -12,7 +12,7 @@ from ..platform.liveimage import LiveImage, build_live_image
 from ..platform.qga import AgentNotAnswering, GuestAgent
 from ..platform.qmp import QMPClient
 from .hostops import HostOps, image_cache_dir
-from .model import VMKind, VMSpec, VMState, VMView, process_name
+from .model import UNFINISHED_STATES, VMKind, VMSpec, VMState, VMView, process_name
 from .prechecks import clone_names, refusal
 
 AGENT_TIMEOUT = 3.0
@@ -141,7 +141,7 @@ class VMService:
         spec = VMSpec.from_dict(row["spec"])
         state = VMState(row["state"])
         pid = None
-        if running is not None and not row["recycled"] and state not in (VMState.INCOMPLETE, VMState.DELETING):
+        if running is not None and not row["recycled"] and state not in UNFINISHED_STATES:
             pid = running.get(spec.process_name)
             if pid and state not in (VMState.RUNNING, VMState.PAUSED):
                 state = VMState.RUNNING
