@@ -198,8 +198,11 @@ def test_export_killed_three_times_then_rerun_finishes_one_package_and_leaves_no
     # Once the OVA is in place, before the task is recorded done: the package is checked, not made again.
     assert killed(kill_at(ws, *args, when=item_at("done"))) == tid
     made_at = out.stat().st_mtime_ns
-    done = ok(ws, *args)
-    assert done["task"] == tid and out.stat().st_mtime_ns == made_at
+    # The kill lands a few milliseconds after the point is read: rarely, the task had ended by then.
+    if next(t for t in ok(ws, "tasks", "--all") if t["id"] == tid)["state"] != "succeeded":
+        done = ok(ws, *args)
+        assert done["task"] == tid
+    assert out.stat().st_mtime_ns == made_at
     assert hidden_leftovers(scratch) == [], "a staging folder was left behind"
 
     ok(ws, "vm", "import", str(out), "--host", "lab2", "--name", "ex-back")
