@@ -963,14 +963,15 @@ class Engine:
                 progress = replace(progress, units_done=units or progress.units_done, units_total=units,
                                    bytes_done=progress.bytes_total or progress.bytes_done)
             fields["progress"] = at_rest(progress).to_dict()
+        if state != TaskState.FAILED:    # a failed task may be resumed here, with its secrets
+            # Forgotten before the final state is written: whoever sees the task ended sees no secret.
+            self._secret_params.pop(tid, None)
         if not await self.store.call(self.store.update_task, tid, owner_is=self.owner, **fields):
             return self._taken_over(tid)
         try:
             await self.store.call(self.store.release_holds, tid)
         except FerryError as e:    # the marks of an ended task are ignored anyway; only shown stale
             log.warning("task %s: releasing what it held: %s", tid, e)
-        if state != TaskState.FAILED:    # a failed task may be resumed here, with its secrets
-            self._secret_params.pop(tid, None)
         level = {"succeeded": "info", "cancelled": "warning"}.get(state, "error")
         self._on_log(tid, level, f"{state}" + (f": {error}" if error else "") + (f" (hint: {hint})" if hint else ""))
         await self._publish_state(tid)
