@@ -30,7 +30,7 @@ APPEND = "console=ttyS0 quiet panic=-1 ferry.role=idle"   # what Ferry gives an 
 
 
 def ferry(ws: Path, *args: str) -> dict:
-    r = subprocess.run([sys.executable, "-m", "console.cli", "--workspace", str(ws), *args, "--json"],
+    r = subprocess.run([sys.executable, "-m", "ferry.console.cli", "--workspace", str(ws), *args, "--json"],
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if r.returncode != 0:
         raise SystemExit(f"ferry {' '.join(args)} failed: {r.stderr.strip() or r.stdout.strip()}")
@@ -111,7 +111,7 @@ def main() -> int:
               f"{'PASS' if ok else 'FAIL'}")
         return 0 if ok else 1
     finally:
-        subprocess.run([sys.executable, "-m", "console.cli", "--workspace", str(ws), "vm", "stop", "bootbench",
+        subprocess.run([sys.executable, "-m", "ferry.console.cli", "--workspace", str(ws), "vm", "stop", "bootbench",
                         "--force"], capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         shutil.rmtree(ws, ignore_errors=True)
 

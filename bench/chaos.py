@@ -56,7 +56,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from engine.vm.model import parse_size  # noqa: E402
+from ferry.engine.vm.model import parse_size  # noqa: E402
 from harness.chaos import SCENARIOS, Lab, Scenario, Trial, after, at, kill_at, random_points, run_trial  # noqa: E402
 from harness.qemu import image_cache, kill_all  # noqa: E402
 

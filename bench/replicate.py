@@ -166,7 +166,7 @@ class Bench:
 
     def ferry(self, *args: str) -> tuple[float, dict]:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", "console.cli", "--workspace", str(self.ws), *args, "--json"],
+        proc = subprocess.Popen([sys.executable, "-m", "ferry.console.cli", "--workspace", str(self.ws), *args, "--json"],
                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         out, err = proc.communicate()
         elapsed = time.perf_counter() - t0
@@ -176,7 +176,7 @@ class Bench:
 
     def peak_memory(self, *args: str) -> int:
         """Peak resident memory (bytes) of the `ferry` process (the engine) during a run."""
-        proc = subprocess.Popen([sys.executable, "-m", "console.cli", "--workspace", str(self.ws), *args],
+        proc = subprocess.Popen([sys.executable, "-m", "ferry.console.cli", "--workspace", str(self.ws), *args],
                                 env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         peak = 0
         status = Path(f"/proc/{proc.pid}/status")
@@ -315,7 +315,7 @@ class Bench:
             return data_chunks * 4 * MiB
 
         # Slowed down (both ways it is far faster than a second) so that the kill lands mid-way.
-        proc = subprocess.Popen([sys.executable, "-m", "console.cli", "--workspace", str(self.ws), "replicate",
+        proc = subprocess.Popen([sys.executable, "-m", "ferry.console.cli", "--workspace", str(self.ws), "replicate",
                                  level, src, dst, "--bwlimit", "200M"], env=self.env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 300

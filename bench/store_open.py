@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    import console.cli
+    import ferry.console.cli
     print("ready", flush=True)
     sys.stdin.readline()
     t0 = time.monotonic()
-    code = console.cli.main(["--workspace", {ws!r}, "tasks", "--json"])
+    code = ferry.console.cli.main(["--workspace", {ws!r}, "tasks", "--json"])
     print(f"took {{time.monotonic() - t0:.3f}}", file=sys.stderr)
     sys.exit(code)
 """)

@@ -25,8 +25,8 @@ from textual.theme import Theme
 from textual.widgets import ContentSwitcher, Footer, Input
 from textual.worker import Worker, WorkerState
 
-from engine.errors import FerryError
-from engine.taskmodel import TaskState
+from ferry.engine.errors import FerryError
+from ferry.engine.taskmodel import TaskState
 
 from .commands import FerryCommands
 from .feed import TaskFeed
@@ -472,9 +472,9 @@ class FerryApp(App[int]):
 
 def run_console(ws: Any, site: Any, theme: str | None = None) -> int:
     """Open the console on `site`; returns an exit code. Never ends with a traceback for expected failures."""
-    from engine.client import EngineClient
+    from ferry.engine.client import EngineClient
     try:
-        from engine.logs import setup_logging
+        from ferry.engine.logs import setup_logging
         setup_logging(ws)
     except Exception:   # logging is a help, not a precondition
         pass

@@ -14,11 +14,11 @@ import os
 import sys
 from typing import Any, Awaitable, Callable
 
-from engine import fmt
-from engine.errors import ConfigError, FerryError, PermanentError
-from engine.taskmodel import FINAL_STATES, TaskInfo, TaskState
-from engine.textsafe import SafeStream, line as safe, raw_stream
-from engine.workspace import Workspace
+from ferry.engine import fmt
+from ferry.engine.errors import ConfigError, FerryError, PermanentError
+from ferry.engine.taskmodel import FINAL_STATES, TaskInfo, TaskState
+from ferry.engine.textsafe import SafeStream, line as safe, raw_stream
+from ferry.engine.workspace import Workspace
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -39,8 +39,8 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 # --------------------------------------------------------------------------- client plumbing
 
 async def _with_client(ws: Workspace, fn: Callable[[Any], Awaitable[int]], *, adopt: bool = False) -> int:
-    from engine.client import EngineClient
-    from engine.logs import setup_logging
+    from ferry.engine.client import EngineClient
+    from ferry.engine.logs import setup_logging
 
     client = EngineClient.open(ws, adopt=adopt)
     setup_logging(ws)
@@ -127,13 +127,13 @@ async def run_foreground(client, task_id: int, *, as_json: bool, describe: Calla
 
 def cmd_console(args, ws: Workspace) -> int:
     site = ws.load_config()  # an invalid config stops here with the one-line errors
-    from console.app import run_console   # imported only here: headless commands never load textual
+    from ferry.console.app import run_console   # imported only here: headless commands never load textual
     return run_console(ws, site, theme=args.theme)
 
 
 def cmd_init(args, ws: Workspace) -> int:
     path = ws.write_lab_config(force=args.force)
-    from engine.store import Store
+    from ferry.engine.store import Store
     store = Store(ws.state_path)
     store.audit("config.init", str(path), {"force": args.force}, "ok")
     store.close()
@@ -161,7 +161,7 @@ def cmd_config_check(args, ws: Workspace) -> int:
 
 
 def cmd_hosts(args, ws: Workspace) -> int:
-    from engine.hostfacts import gather_all
+    from ferry.engine.hostfacts import gather_all
 
     async def go(client) -> int:
         facts = await gather_all(client.transports, client.site, timeout=args.timeout)
@@ -188,8 +188,8 @@ def cmd_hosts(args, ws: Workspace) -> int:
 
 
 def cmd_hosts_trust(args, ws: Workspace) -> int:
-    from engine.store import Store
-    from engine.transport import KeyStatus, TransportPool, fetch_host_key, record_host_key
+    from ferry.engine.store import Store
+    from ferry.engine.transport import KeyStatus, TransportPool, fetch_host_key, record_host_key
 
     site = ws.load_config()
     site.host(args.host)
@@ -321,7 +321,7 @@ def cmd_probe(args, ws: Workspace) -> int:
 
 
 def _size_arg(text: str) -> int:
-    from engine.replicate.ratelimit import parse_rate
+    from ferry.engine.replicate.ratelimit import parse_rate
     try:
         return int(parse_rate(text))
     except ValueError as e:
@@ -343,7 +343,7 @@ def _describe_replication(info: TaskInfo) -> str:
 
 
 def cmd_replicate(args, ws: Workspace) -> int:
-    from engine.tasks import TaskRunsElsewhere
+    from ferry.engine.tasks import TaskRunsElsewhere
 
     params: dict[str, Any] = {"src": args.src, "dst": args.dst}
     if args.streams:
@@ -375,7 +375,7 @@ def cmd_replicate(args, ws: Workspace) -> int:
 
 def cmd_gc(args, ws: Workspace) -> int:
     async def go(client) -> int:
-        from engine.gc import collect
+        from ferry.engine.gc import collect
         items = await collect(client, dry_run=args.dry_run)
         if args.json:
             _print_json([i.to_dict() for i in items])
@@ -398,7 +398,7 @@ def cmd_gc(args, ws: Workspace) -> int:
 
 
 def cmd_audit(args, ws: Workspace) -> int:
-    from engine.store import Store
+    from ferry.engine.store import Store
 
     store = Store(ws.state_path)
     try:

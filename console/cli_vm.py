@@ -8,12 +8,12 @@ import sys
 import time
 from typing import Any
 
-from engine import fmt
-from engine.errors import FerryError, PermanentError, Refused
-from engine.taskmodel import TaskInfo
-from engine.textsafe import line as safe
-from engine.vm.model import UNFINISHED_STATES, parse_memory_mib
-from engine.workspace import Workspace
+from ferry.engine import fmt
+from ferry.engine.errors import FerryError, PermanentError, Refused
+from ferry.engine.taskmodel import TaskInfo
+from ferry.engine.textsafe import line as safe
+from ferry.engine.vm.model import UNFINISHED_STATES, parse_memory_mib
+from ferry.engine.workspace import Workspace
 
 from .cli import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, _Progress, _print_json, _table, _with_client, run_foreground
 
@@ -60,7 +60,7 @@ async def _with_agents(client, vms: list[dict]) -> None:
 
 
 def _state_symbol(state: str) -> str:
-    from engine.vm.model import VMState
+    from ferry.engine.vm.model import VMState
     return VMState(state).symbol
 
 
@@ -199,7 +199,7 @@ def _describe_made(info: TaskInfo) -> str:
 
 
 def cmd_template_deploy(args, ws: Workspace) -> int:
-    from engine.vm.model import expand_pattern
+    from ferry.engine.vm.model import expand_pattern
     names = expand_pattern(args.name, args.count) if args.count > 1 or "#" in args.name or "{n" in args.name \
         else [args.name]
     params = {"src": args.template, "names": names, "linked": args.linked, "deploy": True,
@@ -321,8 +321,8 @@ def cmd_vm_reconcile(args, ws: Workspace) -> int:
 
 
 def cmd_lab_image_build(args, ws: Workspace) -> int:
-    from engine.platform.liveimage import build_live_image
-    from engine.vm.hostops import image_cache_dir
+    from ferry.engine.platform.liveimage import build_live_image
+    from ferry.engine.vm.hostops import image_cache_dir
 
     line = _Progress(not args.json and sys.stderr.isatty())
 

@@ -13,8 +13,8 @@ from collections import deque
 from dataclasses import replace
 from typing import Any, Callable
 
-from engine.events import Event
-from engine.taskmodel import TaskInfo, TaskState
+from ferry.engine.events import Event
+from ferry.engine.taskmodel import TaskInfo, TaskState
 
 MAX_HZ = 10.0
 POLL_S = 2.0

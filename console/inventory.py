@@ -19,7 +19,7 @@ from textual.widgets import Static, Tree
 from textual.timer import Timer
 from textual.widgets.tree import TreeNode
 
-from engine import fmt
+from ferry.engine import fmt
 
 from . import vms as vmlook
 from .messages import AgentUpdated, HostUpdated, VMsUpdated

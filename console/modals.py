@@ -9,7 +9,7 @@ from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Button, Static
 
-from engine.textsafe import lines
+from ferry.engine.textsafe import lines
 
 
 def esc(text: str) -> str:

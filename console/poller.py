@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable
 
-from engine.errors import FerryError
+from ferry.engine.errors import FerryError
 
 log = logging.getLogger("ferry.console")
 

@@ -6,7 +6,7 @@ import enum
 
 from rich.text import Text
 
-from engine.taskmodel import TaskState
+from ferry.engine.taskmodel import TaskState
 
 from .theming import rich_style
 

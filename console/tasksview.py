@@ -14,9 +14,9 @@ from textual.coordinate import Coordinate
 from textual.widgets import DataTable, Static
 from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowDoesNotExist
 
-from engine import fmt
-from engine.taskmodel import FINAL_STATES, TaskInfo, TaskState
-from engine.textsafe import line as safe
+from ferry.engine import fmt
+from ferry.engine.taskmodel import FINAL_STATES, TaskInfo, TaskState
+from ferry.engine.textsafe import line as safe
 
 from .feed import TaskFeed
 from .messages import TasksChanged

@@ -15,7 +15,7 @@ from rich.style import Style
 from textual.color import Color, ColorParseError
 from textual.theme import Theme
 
-from engine.errors import PermanentError
+from ferry.engine.errors import PermanentError
 
 BUILTIN_DIR = Path(__file__).resolve().parent.parent / "themes"
 DEFAULT_THEME = "dark"

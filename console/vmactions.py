@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 from textual.binding import Binding
 
-from engine.errors import FerryError, Refused
-from engine.taskmodel import TaskState
-from engine.vm.model import check_hardware, check_name, expand_pattern, parse_size
+from ferry.engine.errors import FerryError, Refused
+from ferry.engine.taskmodel import TaskState
+from ferry.engine.vm.model import check_hardware, check_name, expand_pattern, parse_size
 
 from .messages import VMsUpdated
 from .modals import ConfirmScreen, esc

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from rich.text import Text
 
-from engine import fmt
-from engine.vm.model import VMState
-from engine.vm.prechecks import clone_names, refusal as vm_refusal
+from ferry.engine import fmt
+from ferry.engine.vm.model import VMState
+from ferry.engine.vm.prechecks import clone_names, refusal as vm_refusal
 
 from .modals import esc
 from .severity import Severity, usage_severity

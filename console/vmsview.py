@@ -26,8 +26,8 @@ from textual.timer import Timer
 from textual.widgets import DataTable, Input, Static
 from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowDoesNotExist
 
-from engine import fmt
-from engine.textsafe import line as safe
+from ferry.engine import fmt
+from ferry.engine.textsafe import line as safe
 
 from . import vms as vmlook
 from .messages import AgentSampled, VMsUpdated

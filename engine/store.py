@@ -758,8 +758,8 @@ def describe_process(pid: int) -> str:
         return f"pid {pid}"
     args = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
     if len(args) > 2 and os.path.basename(args[0]).startswith("python") and args[1] == "-m":
-        args = args[2:]          # "python -m console.cli ..." is ferry
-    if args and (os.path.basename(args[0]) == "ferry" or args[0] == "console.cli"):
+        args = args[2:]          # "python -m ferry.console.cli ..." is ferry
+    if args and (os.path.basename(args[0]) == "ferry" or args[0] in ("console.cli", "ferry.console.cli")):
         args[0] = "ferry"
     text = " ".join("".join(c if c.isprintable() else " " if c.isspace() else "?" for c in " ".join(args)).split())
     return f"pid {pid} ({text[:120] + '…' if len(text) > 120 else text})" if text else f"pid {pid}"

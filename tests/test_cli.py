@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from engine.config import dump_config
+from ferry.engine.config import dump_config
 from harness.cli import ferry, ferry_process, isolate_ssh
 from harness.waiting import running, until_sync
 
@@ -184,12 +184,12 @@ def test_output_cut_short_by_its_reader_is_not_a_traceback(tmp_path):
     import sys
 
     from harness.cli import ROOT
-    from engine.store import Store
+    from ferry.engine.store import Store
     store = Store(tmp_path / "state.db")
     for i in range(500):    # far more output than a pipe holds before head has closed it
         store.audit("vm.create", f"vm{i}", {"note": "x" * 400}, "ok")
     store.close()
-    script = (f"{sys.executable} -m console.cli --workspace {tmp_path} audit --json --limit 1000 | head -c 10;"
+    script = (f"{sys.executable} -m ferry.console.cli --workspace {tmp_path} audit --json --limit 1000 | head -c 10;"
               " exit ${PIPESTATUS[0]}")
     r = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})

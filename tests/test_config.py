@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import load_config
-from engine.errors import ConfigError
-from engine.workspace import Workspace
+from ferry.engine.config import load_config
+from ferry.engine.errors import ConfigError
+from ferry.engine.workspace import Workspace
 
-FERRY = [sys.executable, "-m", "console.cli"]
+FERRY = [sys.executable, "-m", "ferry.console.cli"]
 
 GOOD = """\
 [site]

@@ -19,16 +19,16 @@ from textual.widgets import DataTable, Tree
 from textual.widgets.data_table import CellDoesNotExist
 
 import harness.kinds  # noqa: F401  (registers the test task kinds)
-from console.app import FerryApp
-from console.commands import console_commands
-from console.modals import ConfirmScreen, HelpScreen
-from console.poller import HostPoller, HostStatus
-from console.theming import BUILTIN_DIR, load_theme_file, load_themes
-from engine.client import EngineClient
-from engine.config import lab_config
-from engine.errors import PermanentError
-from engine.taskmodel import TaskState
-from engine.workspace import Workspace
+from ferry.console.app import FerryApp
+from ferry.console.commands import console_commands
+from ferry.console.modals import ConfirmScreen, HelpScreen
+from ferry.console.poller import HostPoller, HostStatus
+from ferry.console.theming import BUILTIN_DIR, load_theme_file, load_themes
+from ferry.engine.client import EngineClient
+from ferry.engine.config import lab_config
+from ferry.engine.errors import PermanentError
+from ferry.engine.taskmodel import TaskState
+from ferry.engine.workspace import Workspace
 from harness.pilot import text_of, until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -336,7 +336,7 @@ def test_console_opens_and_quits_in_a_terminal(tmp_path):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "80", "LINES": "24"}
-    proc = subprocess.Popen([sys.executable, "-m", "console.cli", "--workspace", str(tmp_path / "ws")],
+    proc = subprocess.Popen([sys.executable, "-m", "ferry.console.cli", "--workspace", str(tmp_path / "ws")],
                             stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env, start_new_session=True)
     os.close(slave)
     out = b""
@@ -511,7 +511,7 @@ def test_theme_files_load_and_user_themes_win(tmp_path):
 def test_styles_use_theme_variables_only():
     """No literal colour in the console's CSS: colours come from theme files."""
     import re
-    from console.styles import CSS
+    from ferry.console.styles import CSS
     css = CSS + "\n".join(p.read_text() for p in (ROOT / "console").glob("*.tcss"))
     code = "\n".join(p.read_text() for p in (ROOT / "console").glob("*.py"))
     assert not re.search(r"#[0-9a-fA-F]{3,8}\b", re.sub(r"/\*.*?\*/", "", css, flags=re.S))

@@ -20,15 +20,15 @@ from typing import Any, Callable
 import pytest
 from textual.widgets import Button, DataTable, Input, Select, Static, Tree
 
-from console.app import FerryApp
-from console.commands import console_commands
-from console.modals import ConfirmScreen, HelpScreen
-from console.vmdialogs import FormScreen, TypedNameScreen
-from engine.client import EngineClient
-from engine.config import lab_config
-from engine.errors import Refused
-from engine.taskmodel import TaskState
-from engine.workspace import Workspace
+from ferry.console.app import FerryApp
+from ferry.console.commands import console_commands
+from ferry.console.modals import ConfirmScreen, HelpScreen
+from ferry.console.vmdialogs import FormScreen, TypedNameScreen
+from ferry.engine.client import EngineClient
+from ferry.engine.config import lab_config
+from ferry.engine.errors import Refused
+from ferry.engine.taskmodel import TaskState
+from ferry.engine.workspace import Workspace
 from harness.pilot import text_of, until
 from harness.waiting import until as wait_until
 
@@ -356,8 +356,8 @@ async def test_deploy_convert_export_and_import_through_dialogs(client):
 
 
 async def test_reconcile_on_start_reports_missing_vms(client):
-    from engine.vm.model import VMState
-    from engine.vm.service import VMService
+    from ferry.engine.vm.model import VMState
+    from ferry.engine.vm.service import VMService
     vm = await make_vm(client, "web1", "lab1")
     # recorded as running, but no QEMU process: what a host reboot leaves behind
     await VMService.of(client.engine).update(vm["id"], state=VMState.RUNNING)
@@ -372,7 +372,7 @@ async def test_reconcile_on_start_reports_missing_vms(client):
 
 
 async def test_vm_polls_never_overlap_and_stop_while_hidden(client):
-    from console.poller import VMPoller
+    from ferry.console.poller import VMPoller
     inflight = most = 0
     shown = True
 
@@ -494,8 +494,8 @@ async def test_delete_from_the_vms_view(client):
 
 
 async def test_vms_view_agent_columns_walk_one_at_a_time(client, monkeypatch):
-    import console.vmsview
-    from engine.errors import PermanentError
+    import ferry.console.vmsview
+    from ferry.engine.errors import PermanentError
     await make_vm(client, "db1", "lab1")
     await make_vm(client, "web1", "lab1")
     app = FerryApp(client, clock=lambda: FIXED_CLOCK)
@@ -518,7 +518,7 @@ async def test_vms_view_agent_columns_walk_one_at_a_time(client, monkeypatch):
         finally:
             inflight -= 1
     monkeypatch.setattr(client, "vm_agent", fake_vm_agent)
-    monkeypatch.setattr(console.vmsview, "AGENT_REFRESH_S", 0.3)
+    monkeypatch.setattr(ferry.console.vmsview, "AGENT_REFRESH_S", 0.3)
     async with app.run_test(size=(80, 24)) as pilot:
         # A fake, named as such: the engine's list says both run (booting a real VM is test_vm.py's job).
         real = app.vms_view.vm_poller.fetch

@@ -18,9 +18,9 @@ from harness.chaos import at_fraction, helpers_of, kill_at, workspace_id
 from harness.cli import ROOT, ferry
 from harness.waiting import until, until_sync
 
-from engine.client import EngineClient
-from engine.taskmodel import TaskState
-from engine.workspace import Workspace
+from ferry.engine.client import EngineClient
+from ferry.engine.taskmodel import TaskState
+from ferry.engine.workspace import Workspace
 
 TESTS = Path(__file__).resolve().parent
 
@@ -29,9 +29,9 @@ CHILD = textwrap.dedent("""
     sys.path[:0] = [{tests!r}, {root!r}]
     import harness.kinds
     from pathlib import Path
-    from engine.client import EngineClient
-    from engine.transport import TransportPool
-    from engine.workspace import Workspace
+    from ferry.engine.client import EngineClient
+    from ferry.engine.transport import TransportPool
+    from ferry.engine.workspace import Workspace
 
     async def main():
         ws = Workspace(Path({ws!r}))

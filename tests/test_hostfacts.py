@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from engine.config import DatastoreSpec, HostSpec
-from engine.hostfacts import gather_all, gather_facts, parse_facts
-from engine.transport import LocalTransport
+from ferry.engine.config import DatastoreSpec, HostSpec
+from ferry.engine.hostfacts import gather_all, gather_facts, parse_facts
+from ferry.engine.transport import LocalTransport
 from harness.sshd import free_port
 
 

@@ -20,15 +20,15 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from engine.errors import PermanentError, TransientError
-from engine.platform import debs
-from engine.platform.accel import Accel, detect_acceleration
-from engine.platform.liveboot import (LiveDisk, LiveNic, LivePaths, LiveRole, launch, live_append,
+from ferry.engine.errors import PermanentError, TransientError
+from ferry.engine.platform import debs
+from ferry.engine.platform.accel import Accel, detect_acceleration
+from ferry.engine.platform.liveboot import (LiveDisk, LiveNic, LivePaths, LiveRole, launch, live_append,
                                       live_boot_argv, stop, wait_for_marker)
-from engine.platform.liveimage import RECIPE_DIR, LiveImage, build_live_image, recipe_version
-from engine.platform.qga import AgentNotAnswering, GuestAgent
-from engine.platform.qmp import QMPClient
-from engine.transport.local import LocalTransport
+from ferry.engine.platform.liveimage import RECIPE_DIR, LiveImage, build_live_image, recipe_version
+from ferry.engine.platform.qga import AgentNotAnswering, GuestAgent
+from ferry.engine.platform.qmp import QMPClient
+from ferry.engine.transport.local import LocalTransport
 from harness.qemu import image_cache, kill_pidfile
 from harness.waiting import until
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import PermanentError
-from engine.transport.local import LocalTransport
-from engine.vm.ovf import (OvfDisk, OvfSpec, build_ovf, export_package, import_package, manifest_text,
+from ferry.engine.errors import PermanentError
+from ferry.engine.transport.local import LocalTransport
+from ferry.engine.vm.ovf import (OvfDisk, OvfSpec, build_ovf, export_package, import_package, manifest_text,
                            parse_manifest, parse_ovf, read_package)
 from harness.qemu import raw_sha256, sha256
 

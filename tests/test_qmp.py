@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import PermanentError, TransientError
-from engine.platform.liveboot import LivePaths, launch, stop
-from engine.platform.qga import AgentNotAnswering, AgentUnavailable, GuestAgent
-from engine.platform.qmp import QMPClient, QMPDisconnected, QMPError, QMPTimeout
-from engine.transport.local import LocalTransport
+from ferry.engine.errors import PermanentError, TransientError
+from ferry.engine.platform.liveboot import LivePaths, launch, stop
+from ferry.engine.platform.qga import AgentNotAnswering, AgentUnavailable, GuestAgent
+from ferry.engine.platform.qmp import QMPClient, QMPDisconnected, QMPError, QMPTimeout
+from ferry.engine.transport.local import LocalTransport
 from harness.qemu import kill_pidfile
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")

@@ -9,10 +9,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-from engine.config import lab_config
-from engine.store import SCHEMA_VERSION, Store
-from engine.taskmodel import TaskState
-from engine.tasks import Engine
+from ferry.engine.config import lab_config
+from ferry.engine.store import SCHEMA_VERSION, Store
+from ferry.engine.taskmodel import TaskState
+from ferry.engine.tasks import Engine
 from harness.cli import ROOT
 from harness.waiting import until
 
@@ -58,7 +58,7 @@ def test_many_processes_open_a_fresh_state_db_at_once(tmp_path):
     db = tmp_path / "ws" / "state.db"
     code = f"""
 from pathlib import Path
-from engine.store import Store
+from ferry.engine.store import Store
 ---
 s = Store(Path({str(db)!r}))
 print(s.schema_version)
@@ -95,9 +95,9 @@ def test_the_same_replication_started_twice_at_once_runs_once(tmp_path):
     # comes second finds the first one's task running (the copy lasts far longer than the moment
     # between them) and must follow it rather than copy again.
     code = f"""
-import console.cli, engine.client
+import ferry.console.cli, ferry.engine.client
 ---
-sys.exit(console.cli.main({argv!r}))
+sys.exit(ferry.console.cli.main({argv!r}))
 """
     first, second = start_together([code, code])
     s = Store(ws / "state.db")
@@ -129,7 +129,7 @@ def test_processes_marking_one_vm_busy_at_once_give_it_to_one_task(tmp_path):
         s.close()
     codes = [f"""
 from pathlib import Path
-from engine.store import Store
+from ferry.engine.store import Store
 ---
 s = Store(Path({str(db)!r}))
 print(s.vm_take("vm-1", {tid}, lambda row: False))   # every holder is alive here
@@ -150,8 +150,8 @@ s.close()
 
 HOLD_VM = """
 import asyncio
-from engine.tasks import TaskKind, register
-from engine.vm.lifecycle import working_on
+from ferry.engine.tasks import TaskKind, register
+from ferry.engine.vm.lifecycle import working_on
 
 @register
 class HoldVM(TaskKind):
@@ -176,9 +176,9 @@ async def test_a_vm_busy_with_a_live_task_refuses_another_and_is_free_once_its_p
     s.close()
     child = subprocess.Popen([sys.executable, "-c", HOLD_VM + textwrap.dedent(f"""
         from pathlib import Path
-        from engine.config import lab_config
-        from engine.store import Store
-        from engine.tasks import Engine
+        from ferry.engine.config import lab_config
+        from ferry.engine.store import Store
+        from ferry.engine.tasks import Engine
 
         async def main():
             eng = Engine(Store(Path({str(db)!r})), lab_config(Path({str(tmp_path)!r})))

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.replicate import agent as W
-from engine.replicate.channel import AgentChannel
-from engine.replicate.hosts import AgentHost
+from ferry.engine.replicate import agent as W
+from ferry.engine.replicate.channel import AgentChannel
+from ferry.engine.replicate.hosts import AgentHost
 from harness.cli import ferry, ferry_process, isolate_ssh, relay_over_asyncssh, replicate_watched
 from harness.trees import describe, diff, resident, rich_tree, write
 from harness.waiting import running, until_sync
@@ -395,7 +395,7 @@ def test_unreadable_source_file_fails_clearly_then_resumes(site, tmp_path):
 # --------------------------------------------------------------------------- the round API directly
 
 async def _round(src: Path, dst: Path, *, checkpoint: dict | None = None, round_no: int = 1):
-    from engine.replicate.files import FileOptions, FileRound
+    from ferry.engine.replicate.files import FileOptions, FileRound
     saved: list[dict] = []
 
     async def save(c: dict) -> None:
@@ -431,7 +431,7 @@ async def test_partial_large_file_resumes_after_a_prefix_verified_on_both_sides(
 
 
 async def test_source_file_vanishing_mid_round_is_reported_then_the_next_round_finishes(tmp_path, monkeypatch):
-    import engine.replicate.files as files
+    import ferry.engine.replicate.files as files
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     for i in range(5):

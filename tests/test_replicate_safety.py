@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import FerryError
-from engine.replicate import agent as W
-from engine.replicate.channel import AgentChannel
-from engine.replicate.hosts import AgentHost
+from ferry.engine.errors import FerryError
+from ferry.engine.replicate import agent as W
+from ferry.engine.replicate.channel import AgentChannel
+from ferry.engine.replicate.hosts import AgentHost
 from harness.cli import ferry, ferry_process, isolate_ssh
 from harness.qemu import sha256
 from harness.trees import describe, diff, loop_device, write
@@ -424,7 +424,7 @@ os.read(0, 1 << 16)
 async def test_the_engine_caps_and_checks_what_an_agent_sends(tmp_path, payload, says):
     """A hostile or broken agent (a real process) sends an oversized frame or a damaged
     manifest: the engine raises a protocol error naming the host, never a traceback."""
-    from engine.replicate.files import FileOptions, walk
+    from ferry.engine.replicate.files import FileOptions, walk
 
     where = AgentHost("evil", kind="local", child_argv=[sys.executable, "-c",
                                                         HOSTILE_AGENT.replace("{payload}", payload)],

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-import engine.store as store_mod
-from engine.errors import PermanentError, TransientError
-from engine.store import MIGRATIONS, SCHEMA_VERSION, Store
+import ferry.engine.store as store_mod
+from ferry.engine.errors import PermanentError, TransientError
+from ferry.engine.store import MIGRATIONS, SCHEMA_VERSION, Store
 from harness.cli import ferry
 
 COMMANDS = (("tasks",), ("task", "show", "1"), ("vm", "list"))

@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
-import engine.tasks as tasks_mod
-from engine import fmt
-from engine.config import EngineLimits, SiteConfig, lab_config
-from engine.errors import PermanentError
-from engine.events import Event, EventBus
-from engine.store import SCHEMA_VERSION, Store, current_user
-from engine.taskmodel import Progress, TaskState
-from engine.tasks import Backoff, Engine, TaskContext, TaskKind, TaskRunsElsewhere, register
+import ferry.engine.tasks as tasks_mod
+from ferry.engine import fmt
+from ferry.engine.config import EngineLimits, SiteConfig, lab_config
+from ferry.engine.errors import PermanentError
+from ferry.engine.events import Event, EventBus
+from ferry.engine.store import SCHEMA_VERSION, Store, current_user
+from ferry.engine.taskmodel import Progress, TaskState
+from ferry.engine.tasks import Backoff, Engine, TaskContext, TaskKind, TaskRunsElsewhere, register
 from harness.cli import ferry
 from harness.kinds import expected_sha256
 from harness.waiting import until
@@ -86,9 +86,9 @@ CHILD = textwrap.dedent("""
     sys.path[:0] = [{tests!r}, {root!r}]
     import harness.kinds
     from pathlib import Path
-    from engine.config import lab_config
-    from engine.store import Store
-    from engine.tasks import Engine
+    from ferry.engine.config import lab_config
+    from ferry.engine.store import Store
+    from ferry.engine.tasks import Engine
 
     async def main():
         eng = Engine(Store(Path({db!r})), lab_config(Path({ws!r})))
@@ -462,9 +462,9 @@ async def test_resume_never_moves_progress_back_nor_counts_catching_up_as_speed(
 
 
 async def test_a_paused_task_shows_paused_without_rate_or_eta_everywhere(tmp_path):
-    from console.app import FerryApp
-    from engine.client import EngineClient
-    from engine.workspace import Workspace
+    from ferry.console.app import FerryApp
+    from ferry.engine.client import EngineClient
+    from ferry.engine.workspace import Workspace
     from harness.pilot import text_of, until as app_until
     from textual.widgets.data_table import RowDoesNotExist
 
@@ -625,11 +625,11 @@ def test_state_db_schema_is_versioned(tmp_path):
 
 
 def test_engine_never_imports_textual():
-    code = ("import sys, engine, engine.client, engine.tasks, engine.transport, engine.hostfacts, engine.probe\n"
+    code = ("import sys, ferry.engine, ferry.engine.client, ferry.engine.tasks, ferry.engine.transport, ferry.engine.hostfacts, ferry.engine.probe\n"
             "bad = sorted(m for m in sys.modules if m == 'textual' or m.startswith('textual.'))\n"
             "print(','.join(bad)); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, f"engine loaded textual: {r.stdout} {r.stderr}"
-    cli = ("import sys, console.cli\n"
+    cli = ("import sys, ferry.console.cli\n"
            "sys.exit(1 if any(m.startswith('textual') for m in sys.modules) else 0)")
     assert subprocess.run([sys.executable, "-c", cli], cwd=ROOT).returncode == 0, "headless CLI loads textual"

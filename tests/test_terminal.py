@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import harness.sshd
-from engine import textsafe
+from ferry.engine import textsafe
 from harness.cli import ferry, ferry_process, isolate_ssh
 from harness.pilot import text_of, until
 from harness.trees import describe, diff, write
@@ -135,8 +135,8 @@ def screen_text(app) -> str:
 
 
 async def test_console_shows_hostile_names_escaped(hostile_site):
-    from console.app import FerryApp
-    from engine.client import EngineClient
+    from ferry.console.app import FerryApp
+    from ferry.engine.client import EngineClient
 
     site = hostile_site
     client = EngineClient(site.workspace, site.config(), adopt=False, transports=site.pool())
@@ -236,8 +236,8 @@ def test_the_log_file_escapes_text_from_outside(tmp_path):
     escaped, one record per line."""
     import logging
 
-    from engine.logs import setup_logging
-    from engine.workspace import Workspace
+    from ferry.engine.logs import setup_logging
+    from ferry.engine.workspace import Workspace
 
     ws = Workspace(tmp_path / "ws").ensure()
     path = setup_logging(ws)

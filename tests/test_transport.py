@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import HostSpec
-from engine.errors import CommandError, HostKeyError, PermanentError, TransportError
-from engine.transport import (KeyStatus, LocalTransport, SshTransport, TransportPool, fetch_host_key,
+from ferry.engine.config import HostSpec
+from ferry.engine.errors import CommandError, HostKeyError, PermanentError, TransportError
+from ferry.engine.transport import (KeyStatus, LocalTransport, SshTransport, TransportPool, fetch_host_key,
                               record_host_key)
-from engine.transport.openssh import classify_failure, openssh_argv
+from ferry.engine.transport.openssh import classify_failure, openssh_argv
 from harness.cli import ferry, ferry_process, isolate_ssh
 from harness.sshd import free_port, keygen
 from harness.trees import describe, diff, write

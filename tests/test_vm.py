@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from engine.vm.model import parse_size
+from ferry.engine.vm.model import parse_size
 from harness.cli import ferry
 from harness.lab import lab_workspace, ok
 from harness.qemu import image_cache, kill_all, raw_sha256
@@ -167,13 +167,13 @@ def _guest(ws: Path, vm: str, script: str, timeout: float = 30) -> str:
     """Runs a shell script in the guest through its agent (guest-exec)."""
     import asyncio
 
-    from engine.client import EngineClient
-    from engine.workspace import Workspace
+    from ferry.engine.client import EngineClient
+    from ferry.engine.workspace import Workspace
 
     async def go() -> str:
         client = EngineClient.open(Workspace.resolve(ws), adopt=False)
         try:
-            from engine.vm.service import VMService
+            from ferry.engine.vm.service import VMService
             svc = VMService.of(client.engine)
             async with await svc.agent(await svc.spec(vm)) as ga:
                 r = await ga.exec("/bin/sh", ["-c", script], timeout=timeout)
@@ -262,8 +262,8 @@ def guest_until(ws: Path, vm: str, script: str, cond, what: str, timeout: float 
 
 
 async def _open_client(ws: Path):
-    from engine.client import EngineClient
-    from engine.workspace import Workspace
+    from ferry.engine.client import EngineClient
+    from ferry.engine.workspace import Workspace
     client = EngineClient.open(Workspace.resolve(ws), adopt=False)
     await client.start()
     return client
@@ -487,7 +487,7 @@ def test_export_paused_and_resumed_goes_on_from_where_it_was(ws, scratch):
     """Item 13: an export paused mid-way keeps what it made; resumed, it goes on from there (the disk is
     not converted again), its progress never goes back, its total never changes, and the package it
     writes verifies against its manifest and holds the disk byte for byte."""
-    from engine.taskmodel import TaskState
+    from ferry.engine.taskmodel import TaskState
     size = 384 * MiB
     made = ok(ws, "vm", "create", "exp01", "--host", "lab1", "--disk", str(size), "--boot", "live")
     hashes = fill_random(made["disks"][0], size, scratch / "data.raw")

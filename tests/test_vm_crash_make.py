@@ -333,9 +333,9 @@ def qmp(ws: Path, vm: dict, *commands: dict) -> list:
 
 def agent(ws: Path, vm: str, command: str, *args: str):
     """A guest-agent command (or, with args, a program run in the guest), through Ferry's client here."""
-    from engine.client import EngineClient
-    from engine.vm.service import VMService
-    from engine.workspace import Workspace
+    from ferry.engine.client import EngineClient
+    from ferry.engine.vm.service import VMService
+    from ferry.engine.workspace import Workspace
 
     async def go():
         client = EngineClient.open(Workspace.resolve(ws), adopt=False)

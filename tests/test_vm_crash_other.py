@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.vm.model import process_name
+from ferry.engine.vm.model import process_name
 from harness.chaos import Kill, at_fraction, fraction, hidden_leftovers, kill_at
 from harness.cli import ferry
 from harness.lab import lab_workspace, ok, vms
@@ -211,9 +211,9 @@ def test_export_killed_three_times_then_rerun_finishes_one_package_and_leaves_no
 
 
 def test_paused_export_cancelled_leaves_no_staging_folder(ws, scratch):
-    from engine.client import EngineClient
-    from engine.taskmodel import TaskState
-    from engine.workspace import Workspace
+    from ferry.engine.client import EngineClient
+    from ferry.engine.taskmodel import TaskState
+    from ferry.engine.workspace import Workspace
 
     made = ok(ws, "vm", "create", "pe", "--host", "lab1", "--disk", "192M")
     qemu_io(made["disks"][0], "write -P 0x77 0 128M")

@@ -27,7 +27,7 @@ class Result:
 
 def ferry(workspace: Path, *args: str) -> Result:
     """`ferry --workspace W ARGS...` in this process (the command runs its own event loop)."""
-    from console.cli import main
+    from ferry.console.cli import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -42,7 +42,7 @@ def ferry_process(workspace: Path, *args: str, env: dict | None = None, prefix: 
                   **kw) -> subprocess.Popen:
     """`ferry --workspace W ARGS...` as a child process (to kill it, or to run it with fewer privileges)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.Popen([*(prefix or []), sys.executable, "-m", "console.cli", "--workspace", str(workspace),
+    return subprocess.Popen([*(prefix or []), sys.executable, "-m", "ferry.console.cli", "--workspace", str(workspace),
                              *args], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
@@ -58,7 +58,7 @@ def isolate_ssh(monkeypatch, home: Path) -> None:
 def relay_over_asyncssh(monkeypatch) -> None:
     """Hide the `ssh` binary from Ferry: bulk data is then relayed over asyncssh, as on a machine
     without the OpenSSH client."""
-    import engine.transport.openssh as openssh
+    import ferry.engine.transport.openssh as openssh
 
     real = openssh.shutil.which
     monkeypatch.setattr(openssh.shutil, "which", lambda name, *a, **k: None if name == "ssh" else real(name))
@@ -69,8 +69,8 @@ async def replicate_watched(workspace, level: str, params: dict) -> tuple:
     does: (its final TaskInfo, [(monotonic time, Progress), ...] of every progress event)."""
     import time
 
-    from engine.client import EngineClient
-    from engine.taskmodel import FINAL_STATES
+    from ferry.engine.client import EngineClient
+    from ferry.engine.taskmodel import FINAL_STATES
 
     client = EngineClient.open(workspace, adopt=False)
     await client.start()

@@ -7,8 +7,8 @@ import hashlib
 import os
 from typing import Any
 
-from engine.errors import PermanentError, TransientError
-from engine.tasks import TaskContext, TaskKind, register
+from ferry.engine.errors import PermanentError, TransientError
+from ferry.engine.tasks import TaskContext, TaskKind, register
 
 
 def chunk_bytes(i: int, size: int) -> bytes:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import HostSpec, SiteConfig, dump_config, load_config
-from engine.workspace import Workspace
+from ferry.engine.config import HostSpec, SiteConfig, dump_config, load_config
+from ferry.engine.workspace import Workspace
 
 from .waiting import until_sync
 
@@ -270,7 +270,7 @@ class SshSite:
         return load_config(self.workspace.config_path)
 
     def pool(self, **kw):
-        from engine.transport import TransportPool
+        from ferry.engine.transport import TransportPool
         kw.setdefault("ssh_config_paths", [self.ssh_config])
         kw.setdefault("user_known_hosts", self.user_known_hosts)
         kw.setdefault("use_agent", False)
