@@ -142,6 +142,7 @@ class FerryApp(App[int]):
             try:
                 await self.client.start()
                 self._started_client = True
+                self.site = self.client.site
             except FerryError as e:
                 self.start_error = e
                 self.exit(1, return_code=1)
@@ -472,17 +473,15 @@ class FerryApp(App[int]):
 
 def run_console(ws: Any, site: Any, theme: str | None = None) -> int:
     """Open the console on `site`; returns an exit code. Never ends with a traceback for expected failures."""
-    from ferry.engine.client import EngineClient
+    from ferry.engine.remote import RemoteEngine
     try:
         from ferry.engine.logs import setup_logging
         setup_logging(ws)
     except Exception:   # logging is a help, not a precondition
         pass
-    try:
-        client = EngineClient(ws, site, adopt=True)
-    except FerryError as e:
-        print(f"ferry: {e}", file=sys.stderr)
-        return 1
+    # The console is a client of the workspace's engine service (started, detached, when none runs):
+    # quitting or losing the console never stops a task, and it reconnects when the engine restarts.
+    client = RemoteEngine(ws, client="console", reconnect=True, site=site)
     app = FerryApp(client, theme=theme, own_client=True)
     try:
         code = app.run()

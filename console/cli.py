@@ -12,9 +12,10 @@ import contextlib
 import json
 import os
 import sys
+import time
 from typing import Any, Awaitable, Callable
 
-from ferry.engine import fmt
+from ferry.engine import api, fmt
 from ferry.engine.errors import ConfigError, FerryError, PermanentError
 from ferry.engine.taskmodel import FINAL_STATES, TaskInfo, TaskState
 from ferry.engine.textsafe import SafeStream, line as safe, raw_stream
@@ -38,13 +39,11 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 
 # --------------------------------------------------------------------------- client plumbing
 
-async def _with_client(ws: Workspace, fn: Callable[[Any], Awaitable[int]], *, adopt: bool = False) -> int:
-    from ferry.engine.client import EngineClient
-    from ferry.engine.logs import setup_logging
+async def _with_client(ws: Workspace, fn: Callable[[Any], Awaitable[int]]) -> int:
+    """Run `fn` with the workspace's engine service (started, detached, when none runs)."""
+    from ferry.engine.remote import connect
 
-    client = EngineClient.open(ws, adopt=adopt)
-    setup_logging(ws)
-    await client.start()
+    client = await connect(ws, client="cli")
     try:
         return await fn(client)
     finally:
@@ -103,8 +102,8 @@ async def run_foreground(client, task_id: int, *, as_json: bool, describe: Calla
                     print(f"{ev.data[0]}: {safe(ev.data[1])}", file=sys.stderr)
     except (KeyboardInterrupt, asyncio.CancelledError):
         line.done()
-        print(f"ferry: interrupted; task {task_id} keeps its checkpoint (hint: resume it with "
-              f"`ferry task resume {task_id}`)", file=sys.stderr)
+        print(f"ferry: stopped following task {task_id}; it goes on in the engine (hint: `ferry task show "
+              f"{task_id}` follows it, `ferry task pause {task_id}` pauses it)", file=sys.stderr)
         raise
     finally:
         sub.close()
@@ -133,10 +132,11 @@ def cmd_console(args, ws: Workspace) -> int:
 
 def cmd_init(args, ws: Workspace) -> int:
     path = ws.write_lab_config(force=args.force)
-    from ferry.engine.store import Store
-    store = Store(ws.state_path)
-    store.audit("config.init", str(path), {"force": args.force}, "ok")
-    store.close()
+
+    async def go(client) -> int:
+        await client.audit("config.init", str(path), {"force": args.force}, "ok")
+        return EXIT_OK
+    asyncio.run(_with_client(ws, go))
     print(f"wrote the lab configuration to {path}")
     return EXIT_OK
 
@@ -161,12 +161,10 @@ def cmd_config_check(args, ws: Workspace) -> int:
 
 
 def cmd_hosts(args, ws: Workspace) -> int:
-    from ferry.engine.hostfacts import gather_all
-
     async def go(client) -> int:
-        facts = await gather_all(client.transports, client.site, timeout=args.timeout)
+        facts = await client.hosts_facts(timeout=args.timeout)
         if args.json:
-            _print_json([{**f.to_dict(), "cluster": client.site.hosts[n].cluster} for n, f in facts.items()])
+            _print_json([{**api.to_builtins(f), "cluster": client.site.hosts[n].cluster} for n, f in facts.items()])
             return EXIT_OK
         rows = []
         for name, f in facts.items():
@@ -188,24 +186,15 @@ def cmd_hosts(args, ws: Workspace) -> int:
 
 
 def cmd_hosts_trust(args, ws: Workspace) -> int:
-    from ferry.engine.store import Store
-    from ferry.engine.transport import KeyStatus, TransportPool, fetch_host_key, record_host_key
-
-    site = ws.load_config()
-    site.host(args.host)
-
-    async def go() -> int:
-        pool = TransportPool(site, ws)
-        try:
-            info = await fetch_host_key(pool.ssh(args.host))
-        finally:
-            await pool.close()
+    async def go(client) -> int:
+        client.site.host(args.host)
+        info = await client.host_key(args.host)
         who = f"{args.host} ({info.endpoint})" + (f" via jump host {info.jump}" if info.jump else "")
         print(safe(f"{who} presents {info.key_type} key {info.fingerprint}"))
-        if info.status == KeyStatus.TRUSTED:
+        if info.status == "trusted":
             print("already trusted")
             return EXIT_OK
-        if info.status == KeyStatus.CHANGED:
+        if info.status == "changed":
             print(f"WARNING: this key differs from the one recorded ({', '.join(info.old_fingerprints)}).\n"
                   "It may be a reinstalled host, or someone intercepting the connection.")
         if args.fingerprint and args.fingerprint != info.fingerprint:
@@ -218,17 +207,13 @@ def cmd_hosts_trust(args, ws: Workspace) -> int:
             if input("Trust this key? Type yes: ").strip() != "yes":
                 print("not trusted")
                 return EXIT_FAIL
-        await record_host_key(ws.known_hosts_path, info)
-        store = Store(ws.state_path)
-        store.audit("host.trust", args.host, {"fingerprint": info.fingerprint, "was": str(info.status),
-                                              "endpoint": info.endpoint}, "ok")
-        store.close()
+        await client.trust_host(args.host, info.fingerprint)
         print(f"trusted: recorded in {ws.known_hosts_path}")
         if info.jump:
             print(f"this was the key of jump host {info.jump}; run `ferry hosts trust {args.host}` again "
                   "for the host itself")
         return EXIT_OK
-    return asyncio.run(go())
+    return asyncio.run(_with_client(ws, go))
 
 
 def _task_row(t: TaskInfo) -> list[str]:
@@ -246,7 +231,7 @@ def cmd_tasks(args, ws: Workspace) -> int:
             tasks = [t for t in tasks if t.state not in FINAL_STATES] + [t for t in tasks if t.state in FINAL_STATES][:20]
             tasks.sort(key=lambda t: -t.id)
         if args.json:
-            _print_json([t.to_dict() for t in tasks])
+            print(api.dumps(tasks))
         elif not tasks:
             print("no tasks")
         else:
@@ -264,7 +249,7 @@ def cmd_task_show(args, ws: Workspace) -> int:
         t = await client.get_task(args.id)
         logs = await client.task_log(args.id)
         if args.json:
-            _print_json({**t.to_dict(), "log": logs, "files": await client.task_files(args.id)})
+            print(api.dumps({**api.to_builtins(t), "log": logs, "files": await client.task_files(args.id)}))
             return EXIT_OK
         print(f"task {t.id}: {safe(t.title)}\n  kind      {t.kind}\n  state     {t.state.symbol} {t.state}"
               f"\n  progress  {safe(fmt.progress_line(t.progress, state=t.state))}\n  created   {fmt.stamp(t.created)} by {safe(t.created_by)}"
@@ -277,9 +262,9 @@ def cmd_task_show(args, ws: Workspace) -> int:
         if t.result:
             print("  result    " + json.dumps(t.result, sort_keys=True, default=str))
         for f in await client.task_files(args.id):
-            print(f"  {f['role']:9} {safe(f['host'])}:{safe(f['path'])}")
+            print(f"  {f.role:9} {safe(f.host)}:{safe(f.path)}")
         for entry in logs[-20:]:
-            print(f"  {fmt.clock(entry['ts'])} {entry['level']:7} {safe(entry['message'])}")
+            print(f"  {fmt.clock(entry.ts)} {entry.level:7} {safe(entry.message)}")
         return EXIT_OK
     return asyncio.run(_with_client(ws, go))
 
@@ -288,16 +273,20 @@ def cmd_task_control(args, ws: Workspace) -> int:
     action = args.action
 
     async def go(client) -> int:
-        if action == "resume" and await client.is_orphan(args.id):
-            # Nobody runs it: resume it here, in the foreground, until it ends.
-            await client.resume(args.id)
-            return await run_foreground(client, args.id, as_json=args.json)
-        info = await getattr(client, action)(args.id)
-        if args.json:
-            _print_json(info.to_dict())
+        info = await client.get_task(args.id)
+        if action == "resume" and info.state in (TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING):
+            # An engine that starts resumes the tasks a dead one left; this one may already have.
+            if not args.json:
+                print(f"task {info.id} is {info.state} in the engine; following it", file=sys.stderr)
         else:
-            where = "" if info.owner in (None, client.engine.owner) else " (request sent to the Ferry process running it)"
-            print(f"task {info.id}: {action} -> {info.state}{where}")
+            info = await getattr(client, action)(args.id)
+        if action == "resume" and not info.state.final and not args.detach:
+            # Follow it until it ends (ctrl-c stops following; the task goes on in the engine).
+            return await run_foreground(client, args.id, as_json=args.json)
+        if args.json:
+            print(api.dumps(info))
+        else:
+            print(f"task {info.id}: {action} -> {info.state}")
         return EXIT_OK
     return asyncio.run(_with_client(ws, go))
 
@@ -343,8 +332,6 @@ def _describe_replication(info: TaskInfo) -> str:
 
 
 def cmd_replicate(args, ws: Workspace) -> int:
-    from ferry.engine.tasks import TaskRunsElsewhere
-
     params: dict[str, Any] = {"src": args.src, "dst": args.dst}
     if args.streams:
         params["streams"] = args.streams
@@ -361,12 +348,11 @@ def cmd_replicate(args, ws: Workspace) -> int:
     async def go(client) -> int:
         try:
             tid, resumed = await client.replicate(args.level, params, restart=args.restart)
-        except TaskRunsElsewhere as e:
-            if args.restart:
+        except PermanentError as e:     # the job is run by a task of another Ferry process: follow it
+            if args.restart or getattr(e, "task_id", None) is None:
                 raise
-            print(f"ferry: {e.message}; following it (it goes on here if that process stops)", file=sys.stderr)
+            print(f"ferry: {e.message}; following it", file=sys.stderr)
             tid, resumed = e.task_id, False
-            client.engine.watch(tid)
         if resumed and not args.json:
             print(f"resuming task {tid} from its checkpoint", file=sys.stderr)
         return await run_foreground(client, tid, as_json=args.json, describe=_describe_replication)
@@ -375,10 +361,9 @@ def cmd_replicate(args, ws: Workspace) -> int:
 
 def cmd_gc(args, ws: Workspace) -> int:
     async def go(client) -> int:
-        from ferry.engine.gc import collect
-        items = await collect(client, dry_run=args.dry_run)
+        items = await client.gc(dry_run=args.dry_run)
         if args.json:
-            _print_json([i.to_dict() for i in items])
+            print(api.dumps(items))
             return EXIT_OK
         if not items:
             print("nothing left behind by tasks")
@@ -398,19 +383,67 @@ def cmd_gc(args, ws: Workspace) -> int:
 
 
 def cmd_audit(args, ws: Workspace) -> int:
-    from ferry.engine.store import Store
+    async def go(client) -> int:
+        rows = await client.audit_log(limit=args.limit)
+        if args.json:
+            print(api.dumps(rows))
+        else:
+            print(_table([[fmt.stamp(r.ts), r.actor, r.action, r.target, r.result] for r in rows],
+                         ["WHEN", "WHO", "ACTION", "TARGET", "RESULT"]))
+        return EXIT_OK
+    return asyncio.run(_with_client(ws, go))
 
-    store = Store(ws.state_path)
-    try:
-        rows = store.audit_rows(limit=args.limit)
-    finally:
-        store.close()
-    if args.json:
-        _print_json(rows)
-    else:
-        print(_table([[fmt.stamp(r["ts"]), r["actor"], r["action"], r["target"], r["result"]] for r in rows],
-                     ["WHEN", "WHO", "ACTION", "TARGET", "RESULT"]))
-    return EXIT_OK
+
+def cmd_engine(args, ws: Workspace) -> int:
+    from ferry.engine import remote, service
+
+    action = args.engine_command
+    if action == "unit":
+        print(service.systemd_unit(ws, user=args.user))
+        return EXIT_OK
+    if action == "start" and args.foreground:
+        return service.main(["--workspace", str(ws.root)] + (["--journal"] if args.journal else []))
+
+    async def go() -> int:
+        if action == "start":
+            pid = service.running_pid(ws)
+            client = await remote.connect(ws, client="cli")
+            try:
+                st = await client.status()
+            finally:
+                await client.close()
+            verb = "already runs" if pid else "started"
+            print(f"engine {verb}: pid {st.pid}, version {st.version}, workspace {st.workspace} (log: {st.log})")
+            return EXIT_OK
+        try:
+            client = await remote.connect(ws, client="cli", autostart=False)
+        except remote.EngineUnavailable:
+            if args.json:
+                print(json.dumps({"running": False, "workspace": str(ws.root)}))
+            else:
+                print(f"no engine runs for workspace {ws.root}")
+            return EXIT_OK if action == "stop" else EXIT_FAIL
+        try:
+            st = await client.status()
+            if action == "status":
+                if args.json:
+                    print(api.dumps({"running": True, **api.to_builtins(st)}))
+                else:
+                    print(f"engine running: pid {st.pid}, version {st.version}, up {fmt.duration(time.time() - st.started)}\n"
+                          f"  workspace  {st.workspace} (site {st.site})\n  tasks      {st.tasks_active} active\n"
+                          f"  clients    {st.clients} attached\n  log        {st.log}")
+                return EXIT_OK
+            await client.stop_engine(now=args.now)
+        finally:
+            await client.close()
+        if st.tasks_active and not args.now:
+            print(f"engine stopping: {st.tasks_active} task(s) stop at their next checkpoint and resume when it "
+                  "starts again", file=sys.stderr)
+        while remote.engine_pid_alive(st.pid):
+            await asyncio.sleep(0.05)
+        print(f"engine stopped (pid {st.pid})")
+        return EXIT_OK
+    return asyncio.run(go())
 
 
 # --------------------------------------------------------------------------- parser
@@ -464,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
         t = ts.add_parser(action, help=text)
         t.add_argument("id", type=int)
         t.add_argument("--json", action="store_true")
+        if action == "resume":
+            t.add_argument("--detach", action="store_true", help="do not follow it until it ends")
+        else:
+            t.set_defaults(detach=True)
         t.set_defaults(func=cmd_task_control, action=action)
 
     s = sub.add_parser("probe", help="measure latency and throughput to a host")
@@ -513,6 +550,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--limit", type=int, default=50)
     s.set_defaults(func=cmd_audit)
+
+    s = sub.add_parser("engine", help="the engine service that runs the tasks of this workspace")
+    es = s.add_subparsers(dest="engine_command", metavar="ACTION", required=True)
+    e = es.add_parser("start", help="start it (every command that needs it starts it anyway)")
+    e.add_argument("--foreground", action="store_true", help="run it in this process (systemd, debugging)")
+    e.add_argument("--journal", action="store_true", help="with --foreground: also log to stderr")
+    e.set_defaults(func=cmd_engine)
+    e = es.add_parser("stop", help="stop it; running tasks stop at their next checkpoint and resume at the next start")
+    e.add_argument("--now", action="store_true", help="do not wait for checkpoints (tasks resume from the last one)")
+    e.set_defaults(func=cmd_engine, json=False)
+    e = es.add_parser("status", help="whether it runs, its pid, version, tasks and clients")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_engine)
+    e = es.add_parser("unit", help="print a systemd unit that runs it (see the README)")
+    e.add_argument("--user", help="the user it runs as (default: the current one)")
+    e.set_defaults(func=cmd_engine)
 
     from .cli_vm import add_parsers
     add_parsers(sub)

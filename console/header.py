@@ -17,6 +17,10 @@ ENGINE_LOOK = {
     "running": ("sev-ok", "▶"),
     "stopping": ("sev-warn", "◆"),
     "stopped": ("sev-crit", "■"),
+    "draining": ("sev-warn", "◆"),
+    "connecting": ("sev-warn", "↻"),
+    "reconnecting": ("sev-warn", "↻"),     # the engine service went away; the console waits for it
+    "disconnected": ("sev-crit", "■"),
 }
 
 
@@ -76,4 +80,5 @@ class FerryHeader(Horizontal):
             return
         var, sym = ENGINE_LOOK.get(self.engine_state, ("sev-unknown", "?"))
         self.query_one("#engine", Static).update(
-            Content.from_markup(f"engine [${var}]{sym} {esc(self.engine_state)}[/]"))
+            Content.from_markup(f"engine [${var}]{sym} {esc(self.engine_state)}"
+                                f"{'…' if self.engine_state.endswith('connecting') else ''}[/]"))

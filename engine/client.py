@@ -1,7 +1,8 @@
-"""The one narrow interface through which the console (and the CLI) reach the engine.
+"""The engine's calls, served in this process: what the engine service serves over its socket.
 
-Method calls plus an event stream, so the same console could later attach to an engine
-running as a separate daemon without change.
+Front ends never build this themselves: they reach the service through engine.remote.RemoteEngine,
+which has the same calls with the same typed records (engine/api.py). Tests and the service use
+EngineClient directly.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from .vm.service import VMService
 from .config import SiteConfig
 from .errors import PermanentError
 from .events import Subscription
-from .hostfacts import HostFacts, gather_facts
+from .api import AuditEntry, HostKey, TaskLogEntry, TrackedFile
+from .gc import Leftover
+from .hostfacts import HostFacts, gather_all, gather_facts
 from .store import Store
 from .taskmodel import TaskInfo
 from .tasks import Engine, kind_of
-from .transport import TransportPool
+from .transport import TransportPool, fetch_host_key, record_host_key
 from .workspace import Workspace
 
 
@@ -66,12 +69,19 @@ class EngineClient:
     async def get_task(self, task_id: int) -> TaskInfo:
         return await self.engine.get(task_id)
 
-    async def task_log(self, task_id: int, limit: int = 200) -> list[dict]:
-        return await self.store.call(self.store.task_log, task_id, limit)
+    async def get_site(self) -> SiteConfig:
+        """The site this engine serves, as its config.toml describes it."""
+        return self.site
 
-    async def task_files(self, task_id: int) -> list[dict]:
+    async def task_log(self, task_id: int, limit: int = 200) -> list[TaskLogEntry]:
+        rows = await self.store.call(self.store.task_log, task_id, limit)
+        return [TaskLogEntry(ts=r["ts"], level=r["level"], message=r["message"]) for r in rows]
+
+    async def task_files(self, task_id: int) -> list[TrackedFile]:
         """The files a task recorded on its hosts (temporary, or made), while it holds them."""
-        return await self.store.call(self.store.tracked_files, task_id)
+        rows = await self.store.call(self.store.tracked_files, task_id)
+        return [TrackedFile(task_id=r["task_id"], host=r["host"], path=r["path"], role=r["role"],
+                            created=r["created"]) for r in rows]
 
     async def submit(self, kind: str, params: dict[str, Any]) -> int:
         return await self.engine.submit(kind, params)
@@ -172,11 +182,51 @@ class EngineClient:
     async def wait_task(self, task_id: int, timeout: float | None = None) -> TaskInfo:
         return await self.engine.wait(task_id, timeout=timeout)
 
+    async def precheck(self, kind: str, params: dict[str, Any]) -> None:
+        """What `vm_task` would refuse, asked first (raises Refused); nothing is done."""
+        params = dict(params)
+        k = kind_of(kind)
+        try:
+            k.validate(params)
+        except PermanentError as e:
+            raise refused(e) from None
+        if "host" not in params:
+            ref = params.get("vm") or params.get("src")
+            if ref and ref != "*expired*":
+                params["host"] = (await self._vms.find(ref, recycled=kind in ("vm.restore", "vm.purge")))["host"]
+        await precheck(self.engine, kind, params)
+
     # ------------------------------------------------------------------ hosts
 
     async def host_facts(self, host: str, timeout: float = 10.0) -> HostFacts:
         spec = self.site.host(host)
         return await gather_facts(self.transports.get(host), spec, self.site.datastores_of(host), timeout)
+
+    async def hosts_facts(self, timeout: float = 10.0) -> dict[str, HostFacts]:
+        """Every host's facts, gathered in parallel, by host name in the configuration's order."""
+        return await gather_all(self.transports, self.site, timeout=timeout)
+
+    async def host_key(self, host: str) -> HostKey:
+        """The SSH host key `host` presents (or its jump host, first), against what is recorded."""
+        return _host_key(host, await fetch_host_key(self.transports.ssh(host)))
+
+    async def trust_host(self, host: str, fingerprint: str) -> HostKey:
+        """Record the key `host` presents as trusted, provided it is the one the operator checked."""
+        info = await fetch_host_key(self.transports.ssh(host))
+        if info.fingerprint != fingerprint:
+            raise PermanentError(f"{host} presents {info.fingerprint}, not {fingerprint}",
+                                 "check the fingerprint on the host: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
+        await record_host_key(self.workspace.known_hosts_path, info)
+        await self.audit("host.trust", host, {"fingerprint": info.fingerprint, "was": str(info.status),
+                                              "endpoint": info.endpoint}, "ok")
+        return _host_key(host, info)
+
+    # ------------------------------------------------------------------ leftovers
+
+    async def gc(self, dry_run: bool = False) -> list[Leftover]:
+        """What tasks that are gone left behind on the hosts, removed (unless dry_run), with sizes."""
+        from .gc import collect
+        return await collect(self, dry_run=dry_run)
 
     # ------------------------------------------------------------------ settings and audit
 
@@ -189,3 +239,14 @@ class EngineClient:
 
     async def audit(self, action: str, target: str, params: dict | None, result: str) -> None:
         await self.store.call(self.store.audit, action, target, params, result)
+
+    async def audit_log(self, limit: int = 50) -> list[AuditEntry]:
+        """The newest `limit` entries of the audit log, newest first."""
+        rows = await self.store.call(self.store.audit_rows, limit)
+        return [AuditEntry(id=r["id"], ts=r["ts"], actor=r["actor"], action=r["action"], target=r["target"],
+                           params=r["params"] or {}, result=r["result"]) for r in rows]
+
+
+def _host_key(host: str, info: Any) -> HostKey:
+    return HostKey(host=host, endpoint=info.endpoint, key_type=info.key_type, fingerprint=info.fingerprint,
+                   status=str(info.status), old_fingerprints=tuple(info.old_fingerprints), jump=info.jump)

@@ -83,6 +83,7 @@ class EngineLimits:
     max_tasks: int = 4
     max_tasks_per_host: int = 2
     retries: int = 5
+    group: str | None = None       # a group whose members may use the engine service besides its owner
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,7 @@ def _abs_path(v: str) -> str | None:
 TOP_KEYS = {"site": "{ name = \"dc1\" }", "engine": "{ max_tasks = 4 }", "clusters": "{ prod = {} }",
             "hosts": "{ cna01 = { ... } }", "datastores": "{ ds1 = { ... } }"}
 SITE_KEYS = {"name": '"dc1"', "production": "true", "theme": '"dark"'}
-ENGINE_KEYS = {"max_tasks": "4", "max_tasks_per_host": "2", "retries": "5"}
+ENGINE_KEYS = {"max_tasks": "4", "max_tasks_per_host": "2", "retries": "5", "group": '"ferry-ops"'}
 CLUSTER_KEYS = {"description": '"production cluster"'}
 HOST_KEYS = {"cluster": '"prod"', "transport": '"ssh"', "address": '"10.0.0.11"', "port": "22",
              "user": '"root"', "identity": '"~/.ssh/id_ed25519"', "runtime": '"/var/lib/ferry/run"',
@@ -269,6 +270,7 @@ def parse_config(data: dict, *, file: str, text: str = "", check_files: bool = T
             max_tasks_per_host=c.get(eng, ("engine",), "max_tasks_per_host", int, limits.max_tasks_per_host, _positive, "2"),
             retries=c.get(eng, ("engine",), "retries", int, limits.retries,
                           lambda v: None if v >= 0 else f"must be 0 or more, got {v}", "5"),
+            group=c.get(eng, ("engine",), "group", str, None, _nonempty, '"ferry-ops"'),
         )
     else:
         c.problem(("engine",), "must be a table", "write [engine] with max_tasks = 4")

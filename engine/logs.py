@@ -33,3 +33,10 @@ def setup_logging(ws: Workspace, level: int = logging.INFO) -> str:
     root.setLevel(level)
     _configured.add(str(path))
     return str(path)
+
+
+def log_to_stderr(level: int = logging.INFO) -> None:
+    """Also send the `ferry` loggers to stderr: under systemd that is the journal (which stamps the time)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(SafeFormatter("%(levelname)s %(name)s %(message)s"))
+    logging.getLogger("ferry").addHandler(handler)

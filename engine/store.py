@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import getpass
 import json
 import logging
@@ -171,7 +172,15 @@ def redacted_keys(value: Any, prefix: str = "") -> list[str]:
     return []
 
 
+# Who a call is for: the engine service sets it per call to the user at the other end of the socket
+# (from SO_PEERCRED), so the audit log and a task's "created by" name that user, not the engine's.
+ACTOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("ferry_actor", default=None)
+
+
 def current_user() -> str:
+    actor = ACTOR.get()
+    if actor:
+        return actor
     try:
         return getpass.getuser()
     except Exception:  # no passwd entry, e.g. in a container with an arbitrary uid

@@ -291,6 +291,11 @@ class TaskContext:
         await self.engine.store.call(self.engine.store.save_checkpoint, self.id, self.engine.owner,
                                      state, self._progress.to_dict(), chunks, reset_chunks)
         self.checkpoint = state
+        if self.engine.state == "draining":
+            # The engine is stopping gracefully: this checkpoint is where the task stops; the next
+            # engine resumes it from here, losing nothing.
+            self.engine._stop_reason.setdefault(self.id, "stop")
+            raise asyncio.CancelledError()
 
     async def track(self, host: str, path: str, *, role: str = "temp") -> None:
         """Record a file or folder this task is about to make on `host`, before it exists: "temp" ones
@@ -375,10 +380,16 @@ class Engine:
         self._loop_task = asyncio.create_task(self._control_loop(), name="ferry-engine-control")
         self.bus.publish(Event("engine", data="running"))
 
-    async def stop(self) -> None:
-        """Stop running tasks; they stay resumable (queued, unowned) from their last checkpoint."""
+    async def stop(self, *, drain: float = 0.0) -> None:
+        """Stop running tasks; they stay resumable (interrupted, unowned) from their last checkpoint.
+        With `drain` seconds, first let each running task reach its next checkpoint and stop there
+        (no queued task starts meanwhile); whatever is still running after that is stopped at once."""
         if self.state != "running":
             return
+        if drain > 0 and self._running:
+            self.state = "draining"
+            self.bus.publish(Event("engine", data="draining"))
+            await asyncio.wait(list(self._running.values()), timeout=drain)
         self.state = "stopping"
         if self._loop_task:
             self._loop_task.cancel()

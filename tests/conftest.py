@@ -1,18 +1,40 @@
 """Shared fixtures. The sshd harness is a plugin in harness/sshd.py."""
 
+import os
+
 import pytest
 
 pytest_plugins = ["harness.sshd"]
+
+# Every `ferry` command a test runs reaches the workspace's engine service, started on demand as a
+# process of its own. One left with nothing to do stops after a few seconds; one a test leaves
+# behind is killed when the test ends (below), and any other at the end of the session.
+os.environ.setdefault("FERRY_ENGINE_IDLE_EXIT", "5")
+
+
+@pytest.fixture(autouse=True)
+def _no_engine_outlives_its_test(request):
+    yield
+    if "tmp_path" in request.fixturenames:
+        from harness.cli import kill_engines
+        kill_engines(request.getfixturevalue("tmp_path"))
 
 
 @pytest.fixture(params=["openssh", "asyncssh"])
 def via(request, monkeypatch):
     """Bulk data through the OpenSSH client (the default), or relayed over asyncssh (a machine
-    without an `ssh` binary): both paths must give the same result."""
+    without an `ssh` binary): both paths must give the same result. The engine of the test's site
+    is started afresh with the setting, and stopped after the test."""
+    from harness.cli import kill_engines
+    site = request.getfixturevalue("site") if "site" in request.fixturenames else None
+    if site is not None:
+        kill_engines(site.workspace.root)
     if request.param == "asyncssh":
         from harness.cli import relay_over_asyncssh
         relay_over_asyncssh(monkeypatch)
-    return request.param
+    yield request.param
+    if site is not None:
+        kill_engines(site.workspace.root)
 
 
 # ------------------------------------------------------------------ skips never pass unseen
@@ -61,6 +83,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is not None:
+        from harness.cli import kill_engines
+        kill_engines(factory.getbasetemp())
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None and _strict(session.config) and _skips(reporter) and session.exitstatus == 0:
         session.exitstatus = 1

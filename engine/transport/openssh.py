@@ -59,7 +59,8 @@ def openssh_argv(spec: HostSpec, argv: Sequence[str], *, known_hosts: Sequence[P
     trust setting (known_hosts, identity, config): the host key is checked when the master
     connects, so another setting must not reuse it. Bulk streams use their own connection,
     so that encryption runs in parallel."""
-    ssh = shutil.which("ssh")
+    # FERRY_SSH_CLIENT=asyncssh: carry bulk data over asyncssh even where `ssh` exists.
+    ssh = None if os.environ.get("FERRY_SSH_CLIENT") == "asyncssh" else shutil.which("ssh")
     trusted = [str(p) for p in known_hosts if p.exists()]
     if ssh is None or not trusted or len(ssh_config_paths) > 1:
         return None

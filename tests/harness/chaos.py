@@ -16,12 +16,13 @@ import signal
 import sqlite3
 import stat
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .cli import Result, ferry_process
+from .cli import Result, engine_pid, ferry_process
 from .qemu import sha256 as sha256_file
 from .waiting import until_sync
 
@@ -105,6 +106,10 @@ def kill_at(workspace: Path, *args: str, when: Callable[[dict], bool], delay: fl
     (or resumes), wait `delay` seconds and kill it with SIGKILL. The deadline is generous: work
     that scales with data is followed by its progress, and a command that stops moving is an error."""
     before = last_task_id(workspace)
+    # The task runs in the workspace's engine service, not in the command: that is what is killed.
+    # An engine already running is stopped first, so the one this command starts persists
+    # progress often enough to kill it at a point of the work.
+    stop_engine(workspace)
     proc = ferry_process(workspace, *args, env={"FERRY_PROGRESS_PERSIST_S": PERSIST_S, **(env or {})})
     began: float | None = None
     con = _reader(workspace)
@@ -113,9 +118,10 @@ def kill_at(workspace: Path, *args: str, when: Callable[[dict], bool], delay: fl
         seen: dict | None = None
         while proc.poll() is None:
             con = con or _reader(workspace)
+            engine = engine_pid(workspace)
             rows = con and (task_rows(workspace, before, con) or
-                            [r for r in task_rows(workspace, 0, con) if r["owner"] and
-                             r["owner"].split(":")[1] == str(proc.pid)])
+                            [r for r in task_rows(workspace, 0, con) if r["owner"] and engine and
+                             r["owner"].split(":")[1] == str(engine)])
             if rows:
                 seen = rows[0]
                 if began is None and seen["state"] == "running":
@@ -123,8 +129,10 @@ def kill_at(workspace: Path, *args: str, when: Callable[[dict], bool], delay: fl
                 if when(seen):
                     if delay:
                         time.sleep(delay)    # a point in time: what is measured here is where it lands
-                    if proc.poll() is None:
-                        os.kill(proc.pid, signal.SIGKILL)
+                    owner = (task_rows(workspace, seen["id"] - 1, con) or [seen])[0]["owner"]
+                    victim = int(owner.split(":")[1]) if owner else None
+                    if proc.poll() is None and victim:
+                        os.kill(victim, signal.SIGKILL)
                         killed_at = time.monotonic()
                         out, err = proc.communicate()
                         now = task_rows(workspace, seen["id"] - 1)
@@ -144,6 +152,15 @@ def kill_at(workspace: Path, *args: str, when: Callable[[dict], bool], delay: fl
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def stop_engine(workspace: Path) -> None:
+    """Stop the workspace's engine service, if one runs (its tasks stop at once, resumable)."""
+    pid = engine_pid(workspace)
+    if pid:
+        r = subprocess.run([sys.executable, "-m", "ferry.console.cli", "--workspace", str(workspace), "engine", "stop",
+                            "--now"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
 
 
 def random_points(n: int, rng: random.Random, *, lo: float = 0.02, hi: float = 0.98) -> list[float]:

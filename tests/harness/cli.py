@@ -56,12 +56,9 @@ def isolate_ssh(monkeypatch, home: Path) -> None:
 
 
 def relay_over_asyncssh(monkeypatch) -> None:
-    """Hide the `ssh` binary from Ferry: bulk data is then relayed over asyncssh, as on a machine
-    without the OpenSSH client."""
-    import ferry.engine.transport.openssh as openssh
-
-    real = openssh.shutil.which
-    monkeypatch.setattr(openssh.shutil, "which", lambda name, *a, **k: None if name == "ssh" else real(name))
+    """Make Ferry carry bulk data over asyncssh, as on a machine without the OpenSSH client (for
+    this process, and the engine services its commands start from now on)."""
+    monkeypatch.setenv("FERRY_SSH_CLIENT", "asyncssh")
 
 
 async def replicate_watched(workspace, level: str, params: dict) -> tuple:
@@ -86,3 +83,50 @@ async def replicate_watched(workspace, level: str, params: dict) -> tuple:
     finally:
         await client.close()
     return info, seen
+
+
+def engines_under(root: Path) -> list[int]:
+    """Pids of engine services (`python -m ferry.engine.service`) whose workspace lies under `root`."""
+    root_s = str(root.resolve())
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"ferry.engine.service" not in args:
+            continue
+        try:
+            ws = args[args.index(b"--workspace") + 1].decode()
+        except (ValueError, IndexError):
+            continue
+        if ws == root_s or ws.startswith(root_s + "/"):
+            out.append(int(p))
+    return out
+
+
+def kill_engines(root: Path) -> list[int]:
+    """SIGKILL the engine services of workspaces under `root` (a test's leftovers), and reap them."""
+    import signal
+    import time
+    pids = engines_under(root)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists() and
+                not Path(f"/proc/{p}/stat").read_text().split(")")[-1].split()[0] == "Z"]
+        time.sleep(0.01)
+    return pids
+
+
+def engine_pid(workspace: Path) -> int | None:
+    """The pid of the workspace's engine service, from its pid file, when one runs."""
+    try:
+        pid = int((workspace / "engine.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if Path(f"/proc/{pid}").exists() else None

@@ -1,0 +1,188 @@
+"""The engine's one door: the typed records every front end receives, and the codec that carries them.
+
+Every record is a frozen dataclass; one codec (msgspec) turns records into JSON and back, for the
+wire between the engine service and its clients, and for the CLI's `--json` (so what a script reads
+is exactly what the console gets). A front end never reads a record through string keys.
+
+The calls themselves are the methods of `Engine` clients: `engine.local.LocalEngine` runs the engine
+in the calling process (tests, and the service itself); `engine.remote.RemoteEngine` reaches the
+engine service over its UNIX socket. Both have the methods listed in `CALLS`, with the same types.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import msgspec
+
+from .config import SiteConfig
+from .errors import (CommandError, ConfigError, FerryError, HostKeyError, PermanentError, Refused, TaskCancelled,
+                     TransientError, TransportError)
+from .gc import Leftover
+from .hostfacts import DatastoreUsage, HostFacts
+from .taskmodel import Progress, TaskInfo, TaskState
+from .vm.model import VMSpec, VMState, VMView
+
+__all__ = ["AuditEntry", "DatastoreUsage", "EngineStatus", "HostFacts", "HostKey", "Leftover", "Progress",
+           "SiteConfig", "Submitted", "TaskInfo", "TaskLogEntry", "TaskState", "TrackedFile", "VMSpec", "VMState",
+           "VMView", "encode", "decode", "to_builtins", "convert", "dumps", "VERSION", "PROTOCOL"]
+
+PROTOCOL = 1     # the wire protocol's version; raised whenever a frame's shape changes
+
+
+def _version() -> str:
+    try:
+        return metadata.version("ferry")
+    except metadata.PackageNotFoundError:    # run from a checkout that was never installed
+        return "0+unknown"
+
+
+VERSION = _version()
+
+
+# ---------------------------------------------------------------------------- records
+
+@dataclass(frozen=True)
+class TaskLogEntry:
+    ts: float
+    level: str          # debug | info | warning | error
+    message: str
+
+
+@dataclass(frozen=True)
+class TrackedFile:
+    """A file or folder a task made on a host, while the task holds it."""
+    task_id: int
+    host: str
+    path: str
+    role: str           # temp (removed when the task ends) | made (kept when it succeeds)
+    created: float
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    ts: float
+    actor: str
+    action: str
+    target: str
+    params: dict[str, Any]
+    result: str
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A task started by a call, or the unfinished task of the same job it attached to."""
+    task_id: int
+    attached: bool = False
+
+
+@dataclass(frozen=True)
+class HostKey:
+    """The SSH host key a host presents, and how it compares with what is recorded."""
+    host: str
+    endpoint: str
+    key_type: str
+    fingerprint: str
+    status: str                       # trusted | unknown | changed
+    old_fingerprints: tuple[str, ...] = ()
+    jump: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    version: str
+    protocol: int
+    pid: int
+    workspace: str
+    site: str
+    state: str                        # running | stopping | stopped
+    started: float
+    clients: int
+    tasks_active: int                 # queued, running or waiting
+    log: str                          # the engine's log file
+
+
+# ---------------------------------------------------------------------------- codec
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_enc_hook, order="deterministic")
+
+
+def encode(obj: Any) -> bytes:
+    """A record (or list, dict of records, or plain data) as JSON bytes."""
+    return _encoder.encode(obj)
+
+
+def decode(data: bytes, type: Any = Any) -> Any:
+    """JSON bytes back into `type` (a record class, list[...] of them, ...); wrong shapes raise."""
+    return msgspec.json.decode(data, type=type)
+
+
+def to_builtins(obj: Any) -> Any:
+    """A record as plain dicts, lists and strings (enums by value)."""
+    return msgspec.to_builtins(obj, enc_hook=_enc_hook, order="deterministic")
+
+
+def convert(obj: Any, type: Any) -> Any:
+    """Plain data (as from to_builtins or JSON) into `type`."""
+    return msgspec.convert(obj, type=type)
+
+
+def dumps(obj: Any) -> str:
+    """A record as indented JSON for people and scripts: the CLI's --json."""
+    return json.dumps(to_builtins(obj), indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------- errors on the wire
+
+ERRORS: dict[str, type[FerryError]] = {c.__name__: c for c in (
+    FerryError, PermanentError, TransientError, Refused, TransportError, TaskCancelled)}
+
+
+def error_to_wire(e: FerryError) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": type(e).__name__, "message": e.message, "hint": e.hint,
+                           "permanent": isinstance(e, PermanentError)}
+    if isinstance(e, ConfigError):
+        out["problems"] = to_builtins(e.problems)
+    if isinstance(e, HostKeyError):
+        out["host_key"] = {"host": e.host, "fingerprint": e.fingerprint, "changed": e.changed}
+    if isinstance(e, CommandError):
+        out["command"] = {"exit_status": e.exit_status, "stderr": e.stderr}
+    task_id = getattr(e, "task_id", None)
+    if task_id is not None:
+        out["task_id"] = task_id
+    return out
+
+
+def error_from_wire(d: dict[str, Any]) -> FerryError:
+    """The error the engine raised, as the same class (or the nearest one this side knows)."""
+    from .config import ConfigProblem
+    kind, message, hint = d.get("kind", "FerryError"), d.get("message", "?"), d.get("hint", "")
+    if kind == "ConfigError":
+        return ConfigError([convert(p, ConfigProblem) for p in d.get("problems", [])])
+    if kind == "HostKeyError":
+        k = d.get("host_key", {})
+        return HostKeyError(message, hint, host=k.get("host", ""), fingerprint=k.get("fingerprint", ""),
+                            changed=bool(k.get("changed")))
+    if kind == "CommandError":
+        c = d.get("command", {})
+        return CommandError(message, hint, exit_status=c.get("exit_status"), stderr=c.get("stderr", ""))
+    if kind == "TaskRunsElsewhere":
+        e: FerryError = PermanentError(message, hint)
+    else:
+        cls = ERRORS.get(kind)
+        if cls is None:     # a class only the engine knows: keep its family
+            cls = PermanentError if d.get("permanent", True) else TransientError
+        e = cls(message, hint)
+    if "task_id" in d:
+        e.task_id = d["task_id"]    # type: ignore[attr-defined]
+    return e

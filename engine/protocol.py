@@ -1,0 +1,102 @@
+"""The engine service's wire: length-prefixed JSON frames over a UNIX socket in the workspace.
+
+A frame is 4 bytes of big-endian length and that many bytes of JSON (engine.api's codec). The
+client speaks first with a hello (its version); the engine answers with its own, or refuses.
+Then calls and their answers, and, once subscribed, events, all as frames:
+
+    -> {"op": "hello", "version": V, "protocol": P, "client": "cli"|"console"}
+    <- {"op": "hello", "version": V, "protocol": P, "pid": N}  |  {"op": "refused", "message", "hint"}
+    -> {"op": "call", "id": 7, "method": "get_task", "args": {"task_id": 3}}
+    <- {"op": "result", "id": 7, "value": ...}  |  {"op": "error", "id": 7, "error": {...}}
+    -> {"op": "subscribe"}
+    <- {"op": "event", "type": "progress", "task_id": 3, "data": ..., "ts": ...}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import PermanentError
+
+MAX_FRAME = 64 << 20
+_LEN = struct.Struct(">I")
+SOCKET_NAME = "engine.sock"
+UNIX_PATH_MAX = 107
+
+
+class ProtocolError(PermanentError):
+    """The other side sent something that is not a frame of this protocol."""
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
+    """The next frame's JSON bytes, or None at a clean end of stream."""
+    try:
+        head = await reader.readexactly(4)
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:
+            return None
+        raise ProtocolError("the connection broke inside a frame header") from None
+    (n,) = _LEN.unpack(head)
+    if n > MAX_FRAME:
+        raise ProtocolError(f"a frame of {n} bytes is larger than the limit of {MAX_FRAME}",
+                            "is something other than Ferry listening on this socket?")
+    try:
+        return await reader.readexactly(n)
+    except asyncio.IncompleteReadError:
+        raise ProtocolError("the connection broke inside a frame") from None
+
+
+def frame(data: bytes) -> bytes:
+    if len(data) > MAX_FRAME:
+        raise ProtocolError(f"a frame of {len(data)} bytes is larger than the limit of {MAX_FRAME}")
+    return _LEN.pack(len(data)) + data
+
+
+@contextmanager
+def short_path(path: Path) -> Iterator[str]:
+    """A path to `path` that fits a UNIX socket address (107 bytes): itself when short enough, else
+    through /proc/self/fd of its folder, held open meanwhile."""
+    text = str(path)
+    if len(text.encode()) <= UNIX_PATH_MAX:
+        yield text
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a UNIX socket, from the kernel."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)
+
+
+def user_name(uid: int) -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid{uid}"
+
+
+def in_group(uid: int, gid: int, group: str) -> bool:
+    """Whether the user `uid` (whose process runs with primary group `gid`) belongs to `group`."""
+    import grp
+    try:
+        g = grp.getgrnam(group)
+    except KeyError:
+        return False
+    return gid == g.gr_gid or user_name(uid) in g.gr_mem
+
+
+def hello(client: str) -> dict[str, Any]:
+    from .api import PROTOCOL, VERSION
+    return {"op": "hello", "version": VERSION, "protocol": PROTOCOL, "client": client}

@@ -1,0 +1,380 @@
+"""A front end's handle on the engine service: the same calls as EngineClient, over the socket.
+
+    engine = await connect(workspace, client="cli")        # starts the engine (detached) if needed
+    info = await engine.get_task(3)                         # a TaskInfo, decoded by type
+    sub = engine.subscribe()                                # coalescing events, as in-process
+
+Calls are typed: each one's answer is decoded into the records of engine/api.py. A console passes
+`reconnect=True`: when the engine goes away it says "reconnecting" (an "engine" event), starts the
+engine again, and carries on; a call made meanwhile fails with a TransientError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import api
+from .config import SiteConfig
+from .errors import FerryError, PermanentError, TransientError
+from .events import Event, EventBus, Subscription
+from .gc import Leftover
+from .hostfacts import HostFacts
+from .protocol import ProtocolError, SOCKET_NAME, frame, hello, read_frame, short_path
+from .taskmodel import Progress, TaskInfo
+from .workspace import Workspace
+
+log = logging.getLogger("ferry.remote")
+
+START_TIMEOUT_S = 30.0     # an engine that has not opened its socket by then did not start
+
+
+class EngineUnavailable(TransientError):
+    """No engine answers on the workspace's socket."""
+
+
+def _event_data(kind: str, data: Any) -> Any:
+    if kind in ("created", "state"):
+        return api.convert(data, TaskInfo)
+    if kind == "progress":
+        return api.convert(data, Progress)
+    if kind == "log":
+        return tuple(data)
+    return data
+
+
+def spawn_engine(ws: Workspace) -> subprocess.Popen:
+    """Start the workspace's engine service, detached from this process and its terminal."""
+    ws.ensure()
+    out = open(ws.logs_dir / "engine.out", "ab")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "ferry.engine.service", "--workspace", str(ws.root)],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+                                close_fds=True, cwd="/")
+    finally:
+        out.close()
+
+
+class RemoteEngine:
+    def __init__(self, ws: Workspace, *, client: str = "cli", autostart: bool = True, reconnect: bool = False,
+                 socket_path: Path | None = None, site: SiteConfig | None = None) -> None:
+        self.workspace = ws
+        self.kind = client
+        self.autostart = autostart
+        self.reconnect = reconnect
+        self.socket_path = socket_path or ws.root / SOCKET_NAME
+        self.site: SiteConfig | None = site     # the engine's, once connected
+        self.engine_pid: int | None = None
+        self.state = "connecting"
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._bus = EventBus()
+        self._subscribed = False
+        self._read_task: asyncio.Task | None = None
+        self._closing = False
+        self.spawned: subprocess.Popen | None = None
+
+    # ------------------------------------------------------------------ connection
+
+    @property
+    def engine_state(self) -> str:
+        return self.state
+
+    async def start(self) -> None:
+        await self._connect(first=True)
+
+    async def _open(self) -> None:
+        with short_path(self.socket_path) as where:
+            reader, writer = await asyncio.open_unix_connection(where, limit=1 << 20)
+        writer.write(frame(api.encode(hello(self.kind))))
+        await writer.drain()
+        raw = await asyncio.wait_for(read_frame(reader), 30)
+        msg = api.decode(raw) if raw else None
+        if not isinstance(msg, dict):
+            writer.close()
+            raise EngineUnavailable(f"the engine of {self.workspace.root} closed the connection",
+                                    f"see {self.workspace.logs_dir / 'ferry.log'}")
+        if msg.get("op") == "refused":
+            writer.close()
+            raise PermanentError(str(msg.get("message")), str(msg.get("hint", "")))
+        self._reader, self._writer = reader, writer
+        self.engine_pid = msg.get("pid")
+
+    async def _connect(self, *, first: bool) -> None:
+        try:
+            await self._open()
+        except (FileNotFoundError, ConnectionRefusedError):
+            if not self.autostart:
+                raise EngineUnavailable(f"no engine runs for workspace {self.workspace.root}",
+                                        "start it with `ferry engine start`") from None
+            await self._start_engine()
+        self._read_task = asyncio.create_task(self._read_loop(), name="ferry-remote-reader")
+        if self._subscribed:
+            await self._send({"op": "subscribe"})
+        self.site = await self._call("get_site", SiteConfig)
+        self.state = "running"
+        self._bus.publish(Event("engine", data="running"))
+
+    async def _start_engine(self) -> None:
+        """Start the engine (detached) and wait for its socket; another front end may start it at the
+        same moment: whichever engine gets the workspace lock serves both."""
+        self.spawned = proc = spawn_engine(self.workspace)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        delay = 0.02
+        while True:
+            try:
+                await self._open()
+                return
+            except (FileNotFoundError, ConnectionRefusedError):
+                pass
+            code = proc.poll()
+            if code is not None and code != 0:
+                out = self.workspace.logs_dir / "engine.out"
+                last = ""
+                with contextlib.suppress(OSError):
+                    lines = [x for x in out.read_text(errors="replace").splitlines() if x.strip()]
+                    last = lines[-1] if lines else ""
+                if "already runs" not in last:
+                    raise PermanentError(f"the engine of {self.workspace.root} did not start: {last or f'exit {code}'}",
+                                         f"see {out}")
+                # Another engine holds the workspace (starting, or still stopping): wait for its
+                # socket, and start one again if it goes away instead.
+                await asyncio.sleep(0.3)
+                self.spawned = proc = spawn_engine(self.workspace)
+            if time.monotonic() > deadline:
+                raise EngineUnavailable(f"the engine of {self.workspace.root} did not open its socket in "
+                                        f"{START_TIMEOUT_S:.0f} s", f"see {self.workspace.logs_dir / 'ferry.log'}")
+            await asyncio.sleep(delay)
+            delay = min(0.2, delay * 1.5)
+
+    async def _read_loop(self) -> None:
+        reader = self._reader
+        try:
+            while True:
+                raw = await read_frame(reader)
+                if raw is None:
+                    break
+                msg = api.decode(raw)
+                op = msg.get("op")
+                if op == "event":
+                    self._bus.publish(Event(msg["type"], msg.get("task_id"), _event_data(msg["type"], msg.get("data")),
+                                            msg.get("ts") or time.time()))
+                elif op in ("result", "error"):
+                    fut = self._pending.pop(msg.get("id"), None)
+                    if fut and not fut.done():
+                        fut.set_result(msg)
+        except (ProtocolError, ConnectionError, ValueError) as e:
+            log.warning("engine connection: %s", e)
+        except asyncio.CancelledError:
+            return
+        self._lost()
+        if self.reconnect and not self._closing:
+            asyncio.create_task(self._reconnect_loop(), name="ferry-remote-reconnect")
+
+    def _lost(self) -> None:
+        self.state = "reconnecting" if self.reconnect and not self._closing else "disconnected"
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(EngineUnavailable(f"the engine went away (workspace {self.workspace.root})",
+                                                    "`ferry engine status`; its tasks go on when it starts again"))
+        self._pending.clear()
+        if self._writer:
+            self._writer.close()
+        self._writer = None
+        if not self._closing:
+            self._bus.publish(Event("engine", data=self.state))
+
+    async def _reconnect_loop(self) -> None:
+        delay = 0.2
+        while not self._closing:
+            await asyncio.sleep(delay)
+            try:
+                await self._connect(first=False)
+                log.info("reconnected to the engine (pid %s)", self.engine_pid)
+                return
+            except FerryError as e:
+                log.info("reconnecting to the engine: %s", e)
+            except OSError as e:
+                log.info("reconnecting to the engine: %s", e)
+            delay = min(2.0, delay * 2)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._read_task:
+            self._read_task.cancel()
+            await asyncio.gather(self._read_task, return_exceptions=True)
+        if self._writer:
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+        self.state = "stopped"
+
+    async def _send(self, msg: dict[str, Any]) -> None:
+        if self._writer is None:
+            raise EngineUnavailable(f"the engine went away (workspace {self.workspace.root})",
+                                    "it is restarting: try again in a moment" if self.reconnect else
+                                    "`ferry engine status`; its tasks go on when it starts again")
+        self._writer.write(frame(api.encode(msg)))
+        await self._writer.drain()
+
+    async def _call(self, method: str, type: Any = Any, **args: Any) -> Any:
+        cid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[cid] = fut
+        try:
+            await self._send({"op": "call", "id": cid, "method": method, "args": args})
+        except (ConnectionError, OSError):
+            self._pending.pop(cid, None)
+            raise EngineUnavailable(f"the engine of {self.workspace.root} went away", "`ferry engine status`") from None
+        except BaseException:
+            self._pending.pop(cid, None)
+            raise
+        msg = await fut
+        if msg["op"] == "error":
+            raise api.error_from_wire(msg.get("error") or {})
+        value = msg.get("value")
+        return value if type is Any else api.convert(value, type)
+
+    def subscribe(self) -> Subscription:
+        if not self._subscribed:
+            self._subscribed = True
+            asyncio.ensure_future(self._send({"op": "subscribe"}))
+        return self._bus.subscribe()
+
+    # ------------------------------------------------------------------ the engine itself
+
+    async def status(self) -> api.EngineStatus:
+        return await self._call("status", api.EngineStatus)
+
+    async def stop_engine(self, *, now: bool = False) -> dict[str, Any]:
+        return await self._call("stop", now=now)
+
+    async def get_site(self) -> SiteConfig:
+        return await self._call("get_site", SiteConfig)
+
+    # ------------------------------------------------------------------ tasks
+
+    async def list_tasks(self, limit: int = 500) -> list[TaskInfo]:
+        return await self._call("list_tasks", list[TaskInfo], limit=limit)
+
+    async def get_task(self, task_id: int) -> TaskInfo:
+        return await self._call("get_task", TaskInfo, task_id=task_id)
+
+    async def task_log(self, task_id: int, limit: int = 200) -> list[api.TaskLogEntry]:
+        return await self._call("task_log", list[api.TaskLogEntry], task_id=task_id, limit=limit)
+
+    async def task_files(self, task_id: int) -> list[api.TrackedFile]:
+        return await self._call("task_files", list[api.TrackedFile], task_id=task_id)
+
+    async def submit(self, kind: str, params: dict[str, Any]) -> int:
+        return await self._call("submit", int, kind=kind, params=params)
+
+    async def pause(self, task_id: int) -> TaskInfo:
+        return await self._call("pause", TaskInfo, task_id=task_id)
+
+    async def resume(self, task_id: int) -> TaskInfo:
+        return await self._call("resume", TaskInfo, task_id=task_id)
+
+    async def cancel(self, task_id: int) -> TaskInfo:
+        return await self._call("cancel", TaskInfo, task_id=task_id)
+
+    async def confirm(self, task_id: int, typed: str) -> TaskInfo:
+        return await self._call("confirm", TaskInfo, task_id=task_id, typed=typed)
+
+    async def wait_task(self, task_id: int, timeout: float | None = None) -> TaskInfo:
+        return await self._call("wait_task", TaskInfo, task_id=task_id, timeout=timeout)
+
+    async def replicate(self, level: str, params: dict[str, Any], *, restart: bool = False) -> tuple[int, bool]:
+        return await self._call("replicate", tuple[int, bool], level=level, params=params, restart=restart)
+
+    async def start_probe(self, host: str, *, pings: int = 20, size_mib: int = 64) -> int:
+        return await self._call("start_probe", int, host=host, pings=pings, size_mib=size_mib)
+
+    # ------------------------------------------------------------------ VMs and templates
+
+    async def vm_list(self, *, recycled: bool = False) -> list[dict[str, Any]]:
+        return await self._call("vm_list", recycled=recycled)
+
+    async def vm_get(self, name: str) -> dict[str, Any]:
+        return await self._call("vm_get", name=name)
+
+    async def vm_agent(self, name: str) -> dict[str, Any]:
+        return await self._call("vm_agent", name=name)
+
+    async def vm_reconcile(self) -> dict[str, Any]:
+        return await self._call("vm_reconcile")
+
+    async def precheck(self, kind: str, params: dict[str, Any]) -> None:
+        await self._call("precheck", kind=kind, params=params)
+
+    async def vm_task(self, kind: str, params: dict[str, Any]) -> int:
+        return await self._call("vm_task", int, kind=kind, params=params)
+
+    async def vm_task_or_attach(self, kind: str, params: dict[str, Any]) -> tuple[int, bool]:
+        return await self._call("vm_task_or_attach", tuple[int, bool], kind=kind, params=params)
+
+    async def vm_timesync(self, name: str) -> dict[str, Any]:
+        return await self._call("vm_timesync", name=name)
+
+    async def vm_cpu_hotadd(self, name: str, cpus: int) -> dict[str, Any]:
+        return await self._call("vm_cpu_hotadd", name=name, cpus=cpus)
+
+    # ------------------------------------------------------------------ hosts
+
+    async def host_facts(self, host: str, timeout: float = 10.0) -> HostFacts:
+        return await self._call("host_facts", HostFacts, host=host, timeout=timeout)
+
+    async def hosts_facts(self, timeout: float = 10.0) -> dict[str, HostFacts]:
+        return await self._call("hosts_facts", dict[str, HostFacts], timeout=timeout)
+
+    async def host_key(self, host: str) -> api.HostKey:
+        return await self._call("host_key", api.HostKey, host=host)
+
+    async def trust_host(self, host: str, fingerprint: str) -> api.HostKey:
+        return await self._call("trust_host", api.HostKey, host=host, fingerprint=fingerprint)
+
+    async def gc(self, dry_run: bool = False) -> list[Leftover]:
+        return await self._call("gc", list[Leftover], dry_run=dry_run)
+
+    # ------------------------------------------------------------------ settings and audit
+
+    async def get_setting(self, key: str, default: Any = None) -> Any:
+        return await self._call("get_setting", key=key, default=default)
+
+    async def set_setting(self, key: str, value: Any) -> None:
+        await self._call("set_setting", key=key, value=value)
+
+    async def audit(self, action: str, target: str, params: dict | None, result: str) -> None:
+        await self._call("audit", action=action, target=target, params=params, result=result)
+
+    async def audit_log(self, limit: int = 50) -> list[api.AuditEntry]:
+        return await self._call("audit_log", list[api.AuditEntry], limit=limit)
+
+
+async def connect(ws: Workspace, *, client: str = "cli", autostart: bool = True, reconnect: bool = False) -> RemoteEngine:
+    """The workspace's engine, started (detached) when none runs and `autostart`."""
+    engine = RemoteEngine(ws, client=client, autostart=autostart, reconnect=reconnect)
+    await engine.start()
+    return engine
+
+
+def engine_pid_alive(pid: int | None) -> bool:
+    if not pid or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,278 @@
+"""Issue 11: the engine as a service. One engine process per workspace, started on demand, private to
+its user, refusing front ends of another version; tasks run there, so killing every front end never
+stops one; `ferry engine stop` lets a task reach a checkpoint and the next start resumes it; several
+front ends see the same tasks live; a console whose engine restarts says so and carries on."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import stat
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ferry.engine import api
+from ferry.engine.protocol import frame, hello
+from ferry.engine.remote import RemoteEngine, connect
+from ferry.engine.taskmodel import TaskState
+from ferry.engine.workspace import Workspace
+from harness.cli import engine_pid, ferry, ferry_process
+from harness.tmux import alive
+from harness.waiting import until, until_sync
+
+MiB = 1 << 20
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tree(root: Path, files: int, size: int) -> dict[str, str]:
+    root.mkdir(parents=True)
+    out = {}
+    for i in range(files):
+        p = root / f"f{i:03d}.bin"
+        p.write_bytes(os.urandom(size))
+        out[p.name] = sha(p)
+    return out
+
+
+def hashes(root: Path) -> dict[str, str]:
+    return {p.name: sha(p) for p in sorted(root.iterdir())}
+
+
+def task_row(ws: Path, tid: int) -> dict:
+    con = sqlite3.connect(f"file:{ws / 'state.db'}?mode=ro", uri=True, timeout=10)
+    con.row_factory = sqlite3.Row
+    try:
+        r = con.execute("SELECT * FROM tasks WHERE id=?", (tid,)).fetchone()
+        return {**dict(r), "progress": json.loads(r["progress"] or "{}")}
+    finally:
+        con.close()
+
+
+def raw_hello(sock_path: Path, message: dict) -> dict:
+    """Speak the protocol's first frame by hand, as another program (or another Ferry) would."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(20)
+    s.connect(str(sock_path))
+    s.sendall(frame(api.encode(message)))
+    head = b""
+    while len(head) < 4:
+        head += s.recv(4 - len(head))
+    (n,) = struct.unpack(">I", head)
+    body = b""
+    while len(body) < n:
+        body += s.recv(n - len(body))
+    s.close()
+    return json.loads(body)
+
+
+# ------------------------------------------------------------------ one engine per workspace
+
+def test_a_command_starts_the_engine_which_outlives_it_is_private_and_alone(tmp_path):
+    ws = tmp_path / "ws"
+    r = ferry(ws, "engine", "status")
+    assert r.code == 1 and "no engine runs" in r.out
+    r = ferry(ws, "tasks")
+    assert r.code == 0 and "no tasks" in r.out, r.err
+    pid = engine_pid(ws)
+    assert pid and pid != os.getpid(), "the command started an engine of its own, which outlived it"
+    assert stat.S_IMODE(os.stat(ws / "engine.sock").st_mode) == 0o600
+    st = json.loads(ferry(ws, "engine", "status", "--json").out)
+    assert st["running"] and st["pid"] == pid and st["version"] == api.VERSION and st["workspace"] == str(ws)
+
+    second = subprocess.run([sys.executable, "-m", "ferry.engine.service", "--workspace", str(ws)],
+                            capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1 and "an engine already runs" in second.stderr and str(pid) in second.stderr
+
+    r = ferry(ws, "engine", "stop")
+    assert r.code == 0 and f"engine stopped (pid {pid})" in r.out, r.err
+    assert not alive(pid) and not (ws / "engine.sock").exists()
+    assert ferry(ws, "engine", "stop").out.startswith("no engine runs")
+
+
+def test_a_front_end_of_another_version_or_another_user_is_refused(tmp_path):
+    ws = tmp_path / "ws"
+    assert ferry(ws, "tasks").code == 0
+    reply = raw_hello(ws / "engine.sock", {**hello("cli"), "version": "0.0.1"})
+    assert reply["op"] == "refused"
+    assert "0.0.1" in reply["message"] and api.VERSION in reply["message"]
+    assert "ferry engine stop" in reply["hint"]
+
+    # The socket is 0600, so the kernel already keeps other users out. Opened up by mistake, the
+    # engine itself still refuses them: it asks the kernel who is at the other end (SO_PEERCRED).
+    os.chmod(tmp_path, 0o711)
+    os.chmod(ws, 0o711)
+    os.chmod(ws / "engine.sock", 0o666)
+    script = textwrap.dedent(f"""
+        import json, socket, struct
+        s = socket.socket(socket.AF_UNIX); s.settimeout(20); s.connect({str(ws / 'engine.sock')!r})
+        body = json.dumps({json.dumps(hello('cli'))}).encode()
+        s.sendall(struct.pack('>I', len(body)) + body)
+        data = b''
+        while True:
+            chunk = s.recv(65536)
+            if not chunk: break
+            data += chunk
+        print(data[4:].decode())
+    """)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c",
+                        script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    reply = json.loads(r.stdout)
+    assert reply["op"] == "refused" and "may not use the engine" in reply["message"], reply
+    log = (ws / "logs" / "ferry.log").read_text()
+    assert "refused a connection from" in log and "uid 65534" in log
+
+
+def test_engine_unit_is_a_systemd_unit_for_the_workspace(tmp_path):
+    ws = tmp_path / "ws"
+    r = ferry(ws, "engine", "unit", "--user", "ops")
+    assert r.code == 0, r.err
+    unit = r.out
+    for line in ("User=ops", f"--workspace {ws}", "Restart=on-failure", "KillMode=process",
+                 "[Install]", "WantedBy=multi-user.target"):
+        assert line in unit, unit
+    exec_start = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
+    assert Path(exec_start.split("=", 1)[1].split()[0]).exists(), exec_start
+    if shutil.which("systemd-analyze"):
+        f = tmp_path / "ferry-engine.service"
+        f.write_text(unit.replace("User=ops", "User=root"))
+        v = subprocess.run(["systemd-analyze", "verify", str(f)], capture_output=True, text=True)
+        assert "ferry-engine.service:" not in v.stderr, v.stderr
+
+
+# ------------------------------------------------------------------ tasks outlive their front ends
+
+def test_killing_the_command_that_started_a_task_never_stops_it(tmp_path):
+    ws = tmp_path / "ws"
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    want = tree(src, 12, 4 * MiB)
+    proc = ferry_process(ws, "replicate", "files", f"local:{src}", f"local:{dst}", "--bwlimit", "12M")
+    until_sync(lambda: (ws / "state.db").exists() and task_row(ws, 1)["progress"].get("bytes_done", 0) > 4 * MiB,
+               timeout=120, what="the replication under way")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert task_row(ws, 1)["state"] == "running"
+    r = ferry(ws, "task", "resume", "1")      # the task is running in the engine: this follows it
+    assert r.code == 0, r.err
+    assert "is running in the engine; following it" in r.err
+    assert task_row(ws, 1)["state"] == "succeeded"
+    assert hashes(dst) == want
+
+
+def test_engine_stop_lets_a_task_reach_a_checkpoint_and_the_next_start_resumes_it(tmp_path):
+    ws = tmp_path / "ws"
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    want = tree(src, 16, 4 * MiB)
+    proc = ferry_process(ws, "replicate", "files", f"local:{src}", f"local:{dst}", "--bwlimit", "10M")
+    until_sync(lambda: (ws / "state.db").exists() and task_row(ws, 1)["progress"].get("bytes_done", 0) > 12 * MiB,
+               timeout=120, what="the replication under way")
+    r = ferry(ws, "engine", "stop")
+    assert r.code == 0 and "stop at their next checkpoint" in r.err and "engine stopped" in r.out, r.out + r.err
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in err
+    assert "the engine went away" in err and len(err.strip().splitlines()) == 1, err
+    row = task_row(ws, 1)
+    assert row["state"] == "interrupted" and row["checkpoint"], row
+    done_at_stop = row["progress"]["bytes_done"]
+    assert 0 < done_at_stop < 64 * MiB
+
+    r = ferry(ws, "engine", "start")
+    assert r.code == 0 and "engine started" in r.out, r.err
+    until_sync(lambda: task_row(ws, 1)["state"] in ("succeeded", "failed"), timeout=120, what="the task resumed")
+    row = task_row(ws, 1)
+    assert row["state"] == "succeeded", row["error"]
+    result = json.loads(row["result"])
+    assert result["resumed"] is True and result["bytes_sent"] <= 64 * MiB - done_at_stop + 8 * MiB, result
+    assert hashes(dst) == want
+
+
+async def test_two_front_ends_see_the_same_task_and_each_others_actions(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    want = tree(src, 8, 4 * MiB)
+    a = await connect(ws, client="console")
+    b = await connect(ws, client="console")
+    try:
+        assert a.engine_pid == b.engine_pid
+        seen_b = b.subscribe()
+        seen_a = a.subscribe()
+        await asyncio.sleep(0)    # the subscriptions reach the engine before the task exists
+        tid, _ = await a.replicate("files", {"src": f"local:{src}", "dst": f"local:{dst}", "bwlimit": 8 * MiB})
+        got: list = []
+
+        async def b_sees(pred) -> None:
+            async def look():
+                got.extend(await seen_b.wait(timeout=0.1))
+                return any(pred(e) for e in got)
+            await until(look, timeout=60, what="the event at the other front end")
+
+        await b_sees(lambda e: e.type == "created" and e.task_id == tid)
+        await b_sees(lambda e: e.type == "progress" and e.task_id == tid and e.data.bytes_done > 0)
+        paused = await b.pause(tid)                       # b acts; a sees it
+        assert paused.state in (TaskState.PAUSED, TaskState.RUNNING)
+        mine: list = []
+
+        async def a_sees_paused():
+            mine.extend(await seen_a.wait(timeout=0.1))
+            return any(e.type == "state" and e.task_id == tid and e.data.state == TaskState.PAUSED for e in mine)
+        await until(a_sees_paused, timeout=60, what="a sees the pause b asked for")
+        await a.resume(tid)
+        info = await b.wait_task(tid, timeout=300)
+        assert info.state == TaskState.SUCCEEDED, info.error
+        assert hashes(dst) == want
+        audit = await a.audit_log(limit=20)
+        assert {"task.pause", "task.resume"} <= {e.action for e in audit}
+        assert all(isinstance(e, api.AuditEntry) for e in audit)
+    finally:
+        await a.close()
+        await b.close()
+
+
+# ------------------------------------------------------------------ a console whose engine restarts
+
+async def test_console_says_reconnecting_while_its_engine_is_away_and_carries_on(tmp_path):
+    from ferry.console.app import FerryApp
+    from ferry.console.header import FerryHeader
+
+    ws = Workspace(tmp_path / "ws").ensure()
+    client = RemoteEngine(ws, client="console", reconnect=True, site=ws.load_config())
+    app = FerryApp(client, own_client=True)
+
+    def header() -> str:
+        return str(app.query_one(FerryHeader).query_one("#engine").render())
+
+    async with app.run_test(size=(120, 32)) as pilot:
+        await until(lambda: client.engine_state == "running" and "running" in header(), pause=pilot.pause,
+                    what="the console attached")
+        first = client.engine_pid
+        lock = os.open(ws.root / "engine.lock", os.O_RDWR)
+        try:
+            os.kill(first, signal.SIGKILL)
+            fcntl.flock(lock, fcntl.LOCK_EX)        # held here: no engine can start for now
+            await until(lambda: "reconnecting…" in header(), pause=pilot.pause, what="reconnecting… shown")
+            await pilot.pause(1.0)
+            assert app.is_running and "reconnecting…" in header()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            os.close(lock)
+        await until(lambda: client.engine_state == "running" and "running" in header(), timeout=60,
+                    pause=pilot.pause, what="the console attached again")
+        assert client.engine_pid != first
+        tid = await client.submit("probe", {"host": "lab1", "pings": 2, "size_mib": 1})
+        await until(lambda: tid in app.feed.tasks and app.feed.tasks[tid].state.final, timeout=60,
+                    pause=pilot.pause, what="the new engine's task in the console")
