@@ -15,9 +15,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -56,11 +56,14 @@ def spawn_engine(ws: Workspace) -> subprocess.Popen:
     ws.ensure()
     out = open(ws.logs_dir / "engine.out", "ab")
     try:
-        return subprocess.Popen([sys.executable, "-m", "ferry.engine.service", "--workspace", str(ws.root)],
+        proc = subprocess.Popen([sys.executable, "-m", "ferry.engine.service", "--workspace", str(ws.root)],
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
                                 close_fds=True, cwd="/")
     finally:
         out.close()
+    # Reaped when it ends (a console that started it may outlive it): no zombie engine.
+    threading.Thread(target=proc.wait, name="ferry-engine-reaper", daemon=True).start()
+    return proc
 
 
 class RemoteEngine:
@@ -369,12 +372,11 @@ async def connect(ws: Workspace, *, client: str = "cli", autostart: bool = True,
 
 
 def engine_pid_alive(pid: int | None) -> bool:
+    """Whether the process runs (a zombie, ended but not yet reaped, does not)."""
     if not pid or pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")

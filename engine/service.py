@@ -297,17 +297,17 @@ class EngineService:
             writer.close()
 
         pid, uid, gid = peer_credentials(writer.get_extra_info("socket"))
+        try:
+            raw = await asyncio.wait_for(read_frame(reader), 10)
+            msg = api.decode(raw) if raw else None
+        except (asyncio.TimeoutError, ProtocolError, ValueError, ConnectionError):
+            msg = None
         group = self.site.limits.group
         if uid != os.getuid() and not (group and in_group(uid, gid, group)):
             log.warning("refused a connection from %s (uid %d, pid %d)", user_name(uid), uid, pid)
             return await refuse(f"user {user_name(uid)} may not use the engine of {self.ws.root}",
                                 f"it belongs to {user_name(os.getuid())}"
                                 + ("" if group else "; name a group in [engine] group to share it"))
-        try:
-            raw = await asyncio.wait_for(read_frame(reader), 10)
-            msg = api.decode(raw) if raw else None
-        except (asyncio.TimeoutError, ProtocolError, ValueError, ConnectionError):
-            msg = None
         if not isinstance(msg, dict) or msg.get("op") != "hello":
             writer.close()
             return

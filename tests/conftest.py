@@ -14,10 +14,11 @@ os.environ.setdefault("FERRY_ENGINE_IDLE_EXIT", "5")
 
 @pytest.fixture(autouse=True)
 def _no_engine_outlives_its_test(request):
+    tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
     yield
-    if "tmp_path" in request.fixturenames:
+    if tmp is not None:
         from harness.cli import kill_engines
-        kill_engines(request.getfixturevalue("tmp_path"))
+        kill_engines(tmp)
 
 
 @pytest.fixture(params=["openssh", "asyncssh"])

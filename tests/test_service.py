@@ -57,7 +57,12 @@ def task_row(ws: Path, tid: int) -> dict:
     con = sqlite3.connect(f"file:{ws / 'state.db'}?mode=ro", uri=True, timeout=10)
     con.row_factory = sqlite3.Row
     try:
-        r = con.execute("SELECT * FROM tasks WHERE id=?", (tid,)).fetchone()
+        try:
+            r = con.execute("SELECT * FROM tasks WHERE id=?", (tid,)).fetchone()
+        except sqlite3.OperationalError:     # the engine has not made its tables yet
+            r = None
+        if r is None:
+            return {"state": None, "progress": {}}
         return {**dict(r), "progress": json.loads(r["progress"] or "{}")}
     finally:
         con.close()
@@ -104,8 +109,20 @@ def test_a_command_starts_the_engine_which_outlives_it_is_private_and_alone(tmp_
     assert ferry(ws, "engine", "stop").out.startswith("no engine runs")
 
 
-def test_a_front_end_of_another_version_or_another_user_is_refused(tmp_path):
-    ws = tmp_path / "ws"
+@pytest.fixture
+def open_dir():
+    """A folder other users may pass through (pytest's own tmp folders are private to root)."""
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="fsvc-", dir="/tmp"))
+    os.chmod(d, 0o711)
+    yield d
+    from harness.cli import kill_engines
+    kill_engines(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_front_end_of_another_version_or_another_user_is_refused(open_dir):
+    ws = open_dir / "ws"
     assert ferry(ws, "tasks").code == 0
     reply = raw_hello(ws / "engine.sock", {**hello("cli"), "version": "0.0.1"})
     assert reply["op"] == "refused"
@@ -114,7 +131,6 @@ def test_a_front_end_of_another_version_or_another_user_is_refused(tmp_path):
 
     # The socket is 0600, so the kernel already keeps other users out. Opened up by mistake, the
     # engine itself still refuses them: it asks the kernel who is at the other end (SO_PEERCRED).
-    os.chmod(tmp_path, 0o711)
     os.chmod(ws, 0o711)
     os.chmod(ws / "engine.sock", 0o666)
     script = textwrap.dedent(f"""
