@@ -71,6 +71,15 @@ class TaskRunsElsewhere(PermanentError):
         self.process = process
 
 
+class JobAlreadyRunning(PermanentError):
+    """The job is already under way in this engine (another front end started it): follow that task."""
+
+    def __init__(self, info: TaskInfo) -> None:
+        super().__init__(f"task {info.id} ({info.title}) already does this job",
+                         f"follow it with `ferry task show {info.id}`")
+        self.task_id = info.id
+
+
 def owner_process(owner: str | None) -> str:
     """The Ferry process named by a task's owner (host:pid:token), as an operator can find it."""
     try:
@@ -459,6 +468,8 @@ class Engine:
                 continue   # and create the new one, unless another process was quicker
             await self._claim_or_raise(tid)
             info = await self.get(tid)
+            if tid in self._running or tid in self._queue:
+                raise JobAlreadyRunning(info)    # never queue a task that is under way again
             merged = {**info.params, **params}
             fields: dict[str, Any] = {"params": scrub(merged)}
             if info.state == TaskState.FAILED:

@@ -109,7 +109,7 @@ sys.exit(ferry.console.cli.main({argv!r}))
         f"the same job started twice made {len(rows)} tasks"
     assert (first.returncode, second.returncode) == (0, 0), first.stderr + second.stderr
     tid = rows[0]["id"]
-    followed = [r for r in (first, second) if "already run by another Ferry process" in r.stderr]
+    followed = [r for r in (first, second) if "already does this job" in r.stderr]
     assert len(followed) == 1, first.stderr + second.stderr
     assert f"task {tid}" in followed[0].stderr and "following it" in followed[0].stderr
     assert tree_digest(dst) == tree_digest(src)
