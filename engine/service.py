@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import importlib
 import logging
 import os
 import signal
@@ -46,6 +47,7 @@ CALLS = frozenset({
     "confirm", "replicate", "start_probe", "vm_list", "vm_get", "vm_agent", "vm_reconcile", "vm_task",
     "vm_task_or_attach", "vm_timesync", "vm_cpu_hotadd", "wait_task", "host_facts", "hosts_facts",
     "get_setting", "set_setting", "audit", "audit_log", "gc", "host_key", "trust_host", "precheck",
+    "vm_actions",
 })
 
 
@@ -374,6 +376,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from .logs import setup_logging
     setup_logging(ws)
+    # Task kinds beyond the built-in ones (a site's own, or the test suite's): modules that register
+    # them when imported, named in FERRY_TASK_KINDS (comma-separated).
+    for name in filter(None, (m.strip() for m in os.environ.get("FERRY_TASK_KINDS", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except Exception as e:     # noqa: BLE001 - said in one line, and the engine does not start
+            print(f"ferry engine: FERRY_TASK_KINDS names {name!r}, which cannot be imported: {e}", file=sys.stderr)
+            return 2
     if args.journal or os.environ.get("JOURNAL_STREAM"):
         from .logs import log_to_stderr
         log_to_stderr()

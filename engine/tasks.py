@@ -624,17 +624,23 @@ class Engine:
             self._queue.pop(tid, None)
             # Not running here: it is rolled back now, by this process, which holds it.
             await self._claim_or_raise(tid)
-            row = await self.store.call(self.store.task_row, tid)
-            ctx = TaskContext(self, TaskInfo.from_row(row), row["checkpoint"], 0,
-                              params=self._secret_params.get(tid, info.params))
-            token = TASK_TAG.set(await self._tag_of(tid))
-            try:
-                if info.started is not None:
-                    await self._stop_helpers(info)
-                error = await self._roll_back(kind_of(info.kind), ctx, kw.get("reason") or None)
-            finally:
-                TASK_TAG.reset(token)
+            error = await self._roll_back_idle(info, kw.get("reason") or None)
             await self._finish(tid, TaskState.CANCELLED, error=error)
+
+    async def _roll_back_idle(self, info: TaskInfo, reason: str | None) -> str | None:
+        """Roll back a task that is not running (paused, interrupted, failed, or cancelled before its
+        run began): from its stored checkpoint, its helpers stopped first."""
+        row = await self.store.call(self.store.task_row, info.id)
+        ctx = TaskContext(self, TaskInfo.from_row(row), row["checkpoint"], 0,
+                          params=self._secret_params.get(info.id, info.params))
+        token = TASK_TAG.set(await self._tag_of(info.id))
+        try:
+            if row["started"] is not None:
+                await self._stop_helpers(TaskInfo.from_row(row))
+            return await self._roll_back(kind_of(info.kind), ctx, reason)
+        finally:
+            TASK_TAG.reset(token)
+            ctx.close()
 
     async def _tag_of(self, tid: int) -> str:
         """The tag of task `tid`'s helper processes (the workspace's id, made once, and the task's)."""
@@ -919,7 +925,10 @@ class Engine:
             elif reason == "pause":
                 await self._set_state(tid, TaskState.PAUSED, progress=progress)
             elif reason == "cancel":
-                error = await asyncio.shield(self._roll_back(kind_of(ctx.kind), ctx, None)) if ctx else None
+                if ctx is not None:
+                    error = await asyncio.shield(self._roll_back(kind_of(ctx.kind), ctx, None))
+                else:      # cancelled before its run began (just resumed, say): what it made before goes too
+                    error = await asyncio.shield(self._roll_back_idle(TaskInfo.from_row(row), None))
                 await self._finish(tid, TaskState.CANCELLED, error=error, progress=progress)
             else:
                 # The engine is stopping: the task stopped mid-way (interrupted), resumable by the next engine.

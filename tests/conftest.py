@@ -10,6 +10,10 @@ pytest_plugins = ["harness.sshd"]
 # process of its own. One left with nothing to do stops after a few seconds; one a test leaves
 # behind is killed when the test ends (below), and any other at the end of the session.
 os.environ.setdefault("FERRY_ENGINE_IDLE_EXIT", "5")
+# ... and knows the task kinds the tests register (tests/harness/kinds.py).
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_TESTS, os.environ.get("PYTHONPATH")]))
+os.environ["FERRY_TASK_KINDS"] = "harness.kinds"
 
 
 @pytest.fixture(autouse=True)

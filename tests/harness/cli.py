@@ -41,7 +41,7 @@ def ferry(workspace: Path, *args: str) -> Result:
 def ferry_process(workspace: Path, *args: str, env: dict | None = None, prefix: list[str] | None = None,
                   **kw) -> subprocess.Popen:
     """`ferry --workspace W ARGS...` as a child process (to kill it, or to run it with fewer privileges)."""
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **(env or {})}
     return subprocess.Popen([*(prefix or []), sys.executable, "-m", "ferry.console.cli", "--workspace", str(workspace),
                              *args], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
