@@ -139,7 +139,7 @@ def main() -> int:
 
     args.data_dir.mkdir(parents=True, exist_ok=True)
     ws = Path(tempfile.mkdtemp(prefix="fchaos-", dir="/tmp"))     # short: UNIX sockets live in it
-    env = {"FERRY_IMAGE_CACHE": os.environ.get("FERRY_IMAGE_CACHE", str(image_cache()))}
+    env = {"FERRY_IMAGE_CACHE": os.environ.get("FERRY_IMAGE_CACHE", str(image_cache())), "FERRY_ENGINE_HOLD": "1"}
     lab = Lab(ws, args.data_dir, env)
     print(f"chaos: {n} points per kind, seed {args.seed}; disks {disk >> 20} MiB with {data >> 20} MiB of data, "
           f"tree {files} files / {tree >> 20} MiB; workspace {ws}", flush=True)

@@ -24,11 +24,16 @@ from .errors import (CommandError, ConfigError, FerryError, HostKeyError, Perman
 from .gc import Leftover
 from .hostfacts import DatastoreUsage, HostFacts
 from .taskmodel import Progress, TaskInfo, TaskState
-from .vm.model import VMSpec, VMState, VMView
+from .vm.model import (AgentReport, AgentState, CPUHotAdd, DiskSpec, GuestFilesystem, MissingVM, NicSpec,
+                       OrphanProcess, Passthrough, ReconcileReport, TimeSync, UnreachableHost, VMKind, VMSpec, VMState,
+                       VMView)
+from .vm.prechecks import Refusal, VMActionCheck
 
 __all__ = ["AuditEntry", "DatastoreUsage", "EngineStatus", "HostFacts", "HostKey", "Leftover", "Progress",
            "SiteConfig", "Submitted", "TaskInfo", "TaskLogEntry", "TaskState", "TrackedFile", "VMSpec", "VMState",
-           "VMView", "encode", "decode", "to_builtins", "convert", "dumps", "VERSION", "PROTOCOL"]
+           "VMView", "VMKind", "DiskSpec", "NicSpec", "Passthrough", "AgentState", "AgentReport", "GuestFilesystem",
+           "ReconcileReport", "OrphanProcess", "MissingVM", "UnreachableHost", "TimeSync", "CPUHotAdd",
+           "VMActionCheck", "Refusal", "encode", "decode", "to_builtins", "convert", "dumps", "VERSION", "PROTOCOL"]
 
 PROTOCOL = 1     # the wire protocol's version; raised whenever a frame's shape changes
 
@@ -104,6 +109,7 @@ class EngineStatus:
     clients: int
     tasks_active: int                 # queued, running or waiting
     log: str                          # the engine's log file
+    hold: bool = False                # interrupted tasks wait to be resumed by hand
 
 
 # ---------------------------------------------------------------------------- codec

@@ -166,10 +166,13 @@ class _Peer:
 
 
 class EngineService:
-    def __init__(self, ws: Workspace, site, *, idle_exit: float | None = None) -> None:
+    def __init__(self, ws: Workspace, site, *, idle_exit: float | None = None, hold: bool = False) -> None:
         self.ws, self.site = ws.ensure(), site
         self.sock_path, self.lock_path, self.pid_path = paths(ws)
-        self.core = EngineClient(ws, site, adopt=True)
+        # hold: tasks a dead or stopped engine left stay interrupted until resumed by hand (after a
+        # crash that may come back, say); otherwise this engine resumes them as it starts.
+        self.hold = hold
+        self.core = EngineClient(ws, site, adopt=not hold)
         self.peers: set[_Peer] = set()
         self.started = time.time()
         self.log_path = str(ws.logs_dir / "ferry.log")
@@ -262,7 +265,7 @@ class EngineService:
         return api.EngineStatus(version=api.VERSION, protocol=api.PROTOCOL, pid=os.getpid(),
                                 workspace=str(self.ws.root), site=self.site.name, state=self.core.engine_state,
                                 started=self.started, clients=len(self.peers), tasks_active=self._active(),
-                                log=self.log_path)
+                                log=self.log_path, hold=self.hold)
 
     async def _idle_watch(self) -> None:
         """(Tests) stop once no front end and no task has been here for `idle_exit` seconds."""
@@ -363,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ferry-engine", description="Ferry's engine service for one workspace")
     p.add_argument("--workspace", metavar="DIR")
     p.add_argument("--journal", action="store_true", help="also log to stderr (systemd's journal)")
+    p.add_argument("--hold", action="store_true", help="do not resume interrupted tasks (also FERRY_ENGINE_HOLD=1)")
     args = p.parse_args(argv)
     ws = Workspace.resolve(args.workspace)
     try:
@@ -390,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     idle = os.environ.get("FERRY_ENGINE_IDLE_EXIT")
 
     async def go() -> int:
-        return await EngineService(ws, site, idle_exit=float(idle) if idle else None).run()
+        hold = args.hold or os.environ.get("FERRY_ENGINE_HOLD") == "1"
+        return await EngineService(ws, site, idle_exit=float(idle) if idle else None, hold=hold).run()
     try:
         return asyncio.run(go())
     except FerryError as e:

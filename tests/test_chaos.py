@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness.chaos import SCENARIOS, Lab, Point, at, run_trial
+from harness.cli import kill_engines
 from harness.qemu import image_cache, kill_all
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
@@ -44,12 +45,15 @@ def lab():
     root = Path(tempfile.mkdtemp(prefix="fchaos-", dir="/tmp"))
     data = root / "data"
     data.mkdir()
-    env = {"FERRY_IMAGE_CACHE": os.environ.get("FERRY_IMAGE_CACHE", str(image_cache()))}
+    # Its engines hold interrupted tasks (`ferry engine start --hold`): what a kill left stays to be
+    # seen until the trial's follow-up (rerun, resume or cancel) acts on it.
+    env = {"FERRY_IMAGE_CACHE": os.environ.get("FERRY_IMAGE_CACHE", str(image_cache())), "FERRY_ENGINE_HOLD": "1"}
     lab = Lab(root / "ws", data, env, stall=120.0)
     lab.tidy = False        # each trial makes its own names: what it made may stay
     lab.bwlimit = "96M"     # a replication of these small sources takes a few progress reports, not one
     lab.ok("lab", "image", "build")
     yield lab
+    kill_engines(root)
     kill_all(root)
     shutil.rmtree(root, ignore_errors=True)
 

@@ -9,16 +9,21 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .cli import ferry
+from .cli import ferry, kill_engines
 from .qemu import image_cache, kill_all
 
 
-def lab_workspace(prefix: str) -> Iterator[Path]:
+def lab_workspace(prefix: str, *, hold: bool = False) -> Iterator[Path]:
     """One lab workspace (short path under /tmp: UNIX sockets live in it) using the shared image cache,
-    its live image built; every QEMU of it killed and the folder removed afterwards. For a fixture:
-    `yield from lab_workspace("fvm-")`."""
+    its live image built; its engine and every QEMU of it killed and the folder removed afterwards.
+    For a fixture: `yield from lab_workspace("fvm-")`. hold=True: its engines never resume an
+    interrupted task by themselves (`ferry engine start --hold`), so a test sees what a kill left
+    until it runs the same command again, or `ferry task resume`."""
     old = os.environ.get("FERRY_IMAGE_CACHE")
+    old_hold = os.environ.get("FERRY_ENGINE_HOLD")
     os.environ["FERRY_IMAGE_CACHE"] = str(image_cache())
+    if hold:
+        os.environ["FERRY_ENGINE_HOLD"] = "1"
     root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     try:
         r = ferry(root, "lab", "image", "build", "--json")
@@ -29,7 +34,12 @@ def lab_workspace(prefix: str) -> Iterator[Path]:
         assert Path(r.json["kernel"]).is_file() and r.json["kernel_release"]
         yield root
     finally:
+        kill_engines(root)
         kill_all(root)
+        if old_hold is None:
+            os.environ.pop("FERRY_ENGINE_HOLD", None)
+        else:
+            os.environ["FERRY_ENGINE_HOLD"] = old_hold
         shutil.rmtree(root, ignore_errors=True)
         if old is None:
             os.environ.pop("FERRY_IMAGE_CACHE", None)
