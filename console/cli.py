@@ -310,7 +310,7 @@ def cmd_probe(args, ws: Workspace) -> int:
 
 
 def _size_arg(text: str) -> int:
-    from ferry.engine.replicate.ratelimit import parse_rate
+    from ferry.engine.fmt import parse_rate
     try:
         return int(parse_rate(text))
     except ValueError as e:
@@ -569,6 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cli_vm import add_parsers
     add_parsers(sub)
+    from .completion import add_parser as add_completion
+    add_completion(sub)
     return p
 
 

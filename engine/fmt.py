@@ -26,6 +26,20 @@ def rate(bps: float | None) -> str:
     return "-" if bps is None else f"{size(bps)}/s"
 
 
+def parse_rate(text: str) -> float:
+    """'50M' -> bytes per second. Suffixes K, M, G (powers of 1024); plain numbers are bytes/s."""
+    t = text.strip().upper().removesuffix("B/S").removesuffix("/S").removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in "KMG" else t
+    try:
+        value = float(number) * mult
+    except ValueError:
+        raise ValueError(f"not a rate: {text!r} (for example 50M for 50 MiB/s)") from None
+    if value <= 0:
+        raise ValueError(f"a rate must be positive, got {text!r}")
+    return value
+
+
 def duration(s: float | None) -> str:
     if s is None:
         return "-"

@@ -11,16 +11,17 @@ shift || true
 
 # System packages Ferry needs on the machine it runs on (and the lab/test hosts). The test suite
 # also makes ext4 filesystems (e2fsprogs), loop devices and mounts (mount), private mount
-# namespaces (util-linux): without them those tests skip, and the run says so at its end.
+# namespaces (util-linux), and loads the zsh completion in zsh: without them those tests skip,
+# and the run says so at its end.
 PKGS=(openssh-server openssh-client qemu-system-x86 qemu-utils rsync tmux python3-venv
-      ca-certificates xz-utils cpio e2fsprogs mount util-linux)
+      ca-certificates xz-utils cpio e2fsprogs mount util-linux zsh)
 # Map each package to a file that proves it is installed.
 declare -A PROOF=(
   [openssh-server]=/usr/sbin/sshd [openssh-client]=/usr/bin/ssh
   [qemu-system-x86]=/usr/bin/qemu-system-x86_64 [qemu-utils]=/usr/bin/qemu-img
   [rsync]=/usr/bin/rsync [tmux]=/usr/bin/tmux [python3-venv]=
   [ca-certificates]=/etc/ssl/certs [xz-utils]=/usr/bin/xz [cpio]=/usr/bin/cpio
-  [e2fsprogs]=/sbin/mkfs.ext4 [mount]=/sbin/losetup [util-linux]=/usr/bin/unshare
+  [e2fsprogs]=/sbin/mkfs.ext4 [mount]=/sbin/losetup [util-linux]=/usr/bin/unshare [zsh]=/usr/bin/zsh
 )
 missing=()
 for p in "${PKGS[@]}"; do
@@ -84,8 +85,29 @@ build_image() {
   fi
 }
 
+# Shell completion for bash and zsh, generated from the CLI's parser (`ferry completion SHELL`):
+# installed for every user when root, else the line that loads it is shown. Never fatal.
+install_completion() {
+  local ferry="$venv/bin/ferry" bash_dir=/etc/bash_completion.d zsh_dir=/usr/local/share/zsh/site-functions
+  local root=0 script
+  [ "$(id -u)" = 0 ] && root=1
+  if [ $root = 1 ] && [ -d "$bash_dir" ] && script=$("$ferry" completion bash) &&
+     printf '%s\n' "$script" 2>/dev/null > "$bash_dir/ferry"; then
+    echo "ferry bootstrap: bash completion installed in $bash_dir/ferry (new shells load it)"
+  else
+    echo "ferry bootstrap: for bash completion, add to ~/.bashrc:  source <(\"$ferry\" completion bash)"
+  fi
+  command -v zsh >/dev/null || [ -d "$zsh_dir" ] || return 0
+  if [ $root = 1 ] && script=$("$ferry" completion zsh) && mkdir -p "$zsh_dir" 2>/dev/null &&
+     printf '%s\n' "$script" 2>/dev/null > "$zsh_dir/_ferry"; then
+    echo "ferry bootstrap: zsh completion installed in $zsh_dir/_ferry (new shells load it with compinit)"
+  else
+    echo "ferry bootstrap: for zsh completion, add to ~/.zshrc after compinit:  eval \"\$(\"$ferry\" completion zsh)\""
+  fi
+}
+
 case "$action" in
-  install) build_image; echo "ferry bootstrap: ready ($venv/bin/ferry)";;
+  install) build_image; install_completion; echo "ferry bootstrap: ready ($venv/bin/ferry)";;
   console) build_image; exec "$venv/bin/ferry" "$@";;
   test)
     # What some tests need beyond packages: root (tmpfs and bind mounts, loop devices, mount

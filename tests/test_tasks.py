@@ -623,13 +623,3 @@ def test_state_db_schema_is_versioned(tmp_path):
     with pytest.raises(PermanentError, match="newer than this Ferry"):
         Store(tmp_path / "state.db")
 
-
-def test_engine_never_imports_textual():
-    code = ("import sys, ferry.engine, ferry.engine.client, ferry.engine.tasks, ferry.engine.transport, ferry.engine.hostfacts, ferry.engine.probe\n"
-            "bad = sorted(m for m in sys.modules if m == 'textual' or m.startswith('textual.'))\n"
-            "print(','.join(bad)); sys.exit(1 if bad else 0)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, f"engine loaded textual: {r.stdout} {r.stderr}"
-    cli = ("import sys, ferry.console.cli\n"
-           "sys.exit(1 if any(m.startswith('textual') for m in sys.modules) else 0)")
-    assert subprocess.run([sys.executable, "-c", cli], cwd=ROOT).returncode == 0, "headless CLI loads textual"
