@@ -216,7 +216,9 @@ class Store:
                 self._db.row_factory = sqlite3.Row
                 self._db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
                 self._wal()
-                # FULL: a committed checkpoint survives power loss, not only a killed process.
+                # FULL (fsync of the WAL at each commit): a committed state change, a VM record or
+                # an audit entry survives a power cut. Checkpoints, progress, heartbeats and task
+                # log lines are committed without it (see _soft).
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.execute("PRAGMA foreign_keys=ON")
                 self._migrate()
@@ -419,9 +421,12 @@ class Store:
         """Commit a checkpoint (and chunk-map entries) in one transaction; refuses if this engine
         no longer owns the task.
 
-        Without an fsync of its own (synchronous=NORMAL for this commit): it survives a killed
-        process, and on power loss it can only be lost, never claim too much, so the work is
-        redone. An fsync here would wait behind the copy's own writeback, several times a second."""
+        Committed without an fsync (see _soft): it survives a killed engine, but a power cut may
+        lose it, and the task then resumes from the checkpoint before and repeats that step. A
+        replication checkpoint claims only what the target acknowledged after its own fsync, so
+        losing it repeats work and never skips any. An fsync here would wait behind the copy's
+        writeback (measured: p95 14 ms, max 155 ms on a busy disk) on the store's one thread,
+        several times a second per task."""
         def tx(db: sqlite3.Connection) -> int:
             row = db.execute("SELECT owner, checkpoint_seq FROM tasks WHERE id=?", (task_id,)).fetchone()
             if row is None or row["owner"] != owner:
@@ -442,7 +447,12 @@ class Store:
     def _soft(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
         """Run fn with commits that do not fsync (synchronous=NORMAL): for state that may be lost
         on power loss without harm (checkpoints, progress, heartbeats, task log lines), so that
-        a busy copy's writeback does not stall the engine several times a second."""
+        a busy copy's writeback does not stall the engine several times a second.
+
+        In WAL mode such a commit is in the WAL file when it returns: a killed process loses
+        nothing. A power cut loses only the newest commits, never one in the middle (recovery
+        stops at the first frame whose running checksum fails), and the next FULL commit (a
+        state change) makes every earlier one durable with it."""
         with self._lock:
             self._exec("PRAGMA synchronous=NORMAL")
             try:
