@@ -13,8 +13,10 @@ A process that must outlive its task (a VM's QEMU) is started `detached()`.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Iterator, Sequence
 
 ENV = "FERRY_TASK"
@@ -90,3 +92,20 @@ async def stop_helpers(transport, tag: str) -> tuple[int, int]:
     except ValueError:
         return 0, 0
     return killed, left
+
+
+def pid_running(pid: int) -> bool:
+    """Whether process `pid` of this machine runs: not gone, and not a zombie (ended, not yet reaped
+    by its parent, which may be an init that never reaps); another user's process counts."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True

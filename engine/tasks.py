@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable, ClassVar
 from .config import SiteConfig
 from .errors import FerryError, PermanentError, TaskCancelled, TransientError
 from .events import Event, EventBus, Subscription
-from .helpers import TASK_TAG, detached, stop_helpers, task_tag
+from .helpers import TASK_TAG, detached, pid_running, stop_helpers, task_tag
 from .store import Store, current_user, describe_process, redacted_keys, scrub
 from .taskmodel import FINAL_STATES, Progress, TaskInfo, TaskState
 
@@ -1064,13 +1064,7 @@ def _owner_pid_alive(owner: str) -> bool:
         return True
     if pid == os.getpid():
         return owner in _LIVE_OWNERS
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_running(pid)
 
 
 async def remove_path(t: Any, path: str) -> None:

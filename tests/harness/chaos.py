@@ -134,6 +134,7 @@ def kill_at(workspace: Path, *args: str, when: Callable[[dict], bool], delay: fl
                     if proc.poll() is None and victim:
                         os.kill(victim, signal.SIGKILL)
                         killed_at = time.monotonic()
+                        os.kill(proc.pid, signal.SIGKILL)    # the command that followed it, at once too
                         out, err = proc.communicate()
                         now = task_rows(workspace, seen["id"] - 1)
                         return Kill(seen["id"], (now[0] if now else seen)["progress"] or {}, proc.returncode,
