@@ -570,7 +570,12 @@ class Engine:
                 # both act on it; else leave a request, which the owner applies within a second.
                 local = await self.store.call(self.store.claim, task_id, self.owner, self._can_take)
             if local:
+                run = self._running.get(task_id) if action in ("pause", "cancel") else None
                 await self._apply(info, action, by=current_user(), **kw)
+                if run is not None:
+                    # Answer once it has stopped (and, cancelled, rolled back): the caller then sees
+                    # the state it asked for, and a next action is judged on it.
+                    await asyncio.wait({run})
             else:
                 await self.store.call(self.store.update_task, task_id, requested={
                     "action": action, "by": f"{current_user()} (pid {os.getpid()})", **kw})

@@ -109,6 +109,7 @@ HOLDER = textwrap.dedent("""
 @pytest.fixture
 def hold_lock(monkeypatch):
     monkeypatch.setattr(store_mod, "BUSY_TIMEOUT_S", 0.3, raising=False)   # the old code had 10 s
+    monkeypatch.setenv("FERRY_DB_BUSY_TIMEOUT_S", "0.3")      # for the engine the commands start
     holders = []
 
     def hold(db: Path, mode: str) -> subprocess.Popen:
