@@ -471,8 +471,9 @@ class FerryApp(App[int]):
                         "hint: see logs/ferry.log in the workspace", title="Error", severity="error", timeout=10)
 
 
-def run_console(ws: Any, site: Any, theme: str | None = None) -> int:
-    """Open the console on `site`; returns an exit code. Never ends with a traceback for expected failures."""
+def run_console(ws: Any, site: Any, theme: str | None = None, opener: Any = None) -> int:
+    """Open the console on `site`; returns an exit code. Never ends with a traceback for expected failures.
+    `opener` reaches the engine of another machine (`ferry --engine`, engine/remote_ssh.py)."""
     from ferry.engine.remote import RemoteEngine
     try:
         from ferry.engine.logs import setup_logging
@@ -481,7 +482,7 @@ def run_console(ws: Any, site: Any, theme: str | None = None) -> int:
         pass
     # The console is a client of the workspace's engine service (started, detached, when none runs):
     # quitting or losing the console never stops a task, and it reconnects when the engine restarts.
-    client = RemoteEngine(ws, client="console", reconnect=True, site=site)
+    client = RemoteEngine(ws, client="console", reconnect=True, site=site, opener=opener)
     app = FerryApp(client, theme=theme, own_client=True)
     try:
         code = app.run()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import json
 import os
 import sys
@@ -22,6 +23,9 @@ from ferry.engine.textsafe import SafeStream, line as safe, raw_stream
 from ferry.engine.workspace import Workspace
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# `--engine TARGET` and `--engine-command CMD` of this command line: the engine of another machine.
+_ATTACH: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar("ferry_attach", default=None)
 
 
 def _print_json(data: Any) -> None:
@@ -39,11 +43,21 @@ def _table(rows: list[list[str]], headers: list[str]) -> str:
 
 # --------------------------------------------------------------------------- client plumbing
 
+def _opener(ws: Workspace):
+    """How to reach the engine given by --engine (over SSH), or None for this workspace's own."""
+    attach = _ATTACH.get()
+    if attach is None:
+        return None
+    from ferry.engine.remote_ssh import SshEngineLink
+    return SshEngineLink(ws, attach[0], command=attach[1])
+
+
 async def _with_client(ws: Workspace, fn: Callable[[Any], Awaitable[int]]) -> int:
-    """Run `fn` with the workspace's engine service (started, detached, when none runs)."""
+    """Run `fn` with the workspace's engine service (started, detached, when none runs), or with the
+    engine of another machine (--engine)."""
     from ferry.engine.remote import connect
 
-    client = await connect(ws, client="cli")
+    client = await connect(ws, client="cli", opener=_opener(ws))
     try:
         return await fn(client)
     finally:
@@ -126,8 +140,16 @@ async def run_foreground(client, task_id: int, *, as_json: bool, describe: Calla
 
 def cmd_console(args, ws: Workspace) -> int:
     site = ws.load_config()  # an invalid config stops here with the one-line errors
+    opener = None
+    if _ATTACH.get() is not None:
+        # The views are laid out from the site of the engine over there: ask it first (a refused
+        # host key or an engine that cannot start is said here, before the screen opens).
+        async def site_of(client) -> Any:
+            return client.site
+        site = asyncio.run(_with_client(ws, site_of))
+        opener = _opener(ws)
     from ferry.console.app import run_console   # imported only here: headless commands never load textual
-    return run_console(ws, site, theme=args.theme)
+    return run_console(ws, site, theme=args.theme, opener=opener)
 
 
 def cmd_init(args, ws: Workspace) -> int:
@@ -185,35 +207,92 @@ def cmd_hosts(args, ws: Workspace) -> int:
     return asyncio.run(_with_client(ws, go))
 
 
+def _ask_trust(args, name: str, info: Any) -> int | None:
+    """Show the key `name` presents and ask the operator; an exit code when nothing is to be recorded."""
+    who = f"{name} ({info.endpoint})" + (f" via jump host {info.jump}" if info.jump else "")
+    print(safe(f"{who} presents {info.key_type} key {info.fingerprint}"))
+    if info.status == "trusted":
+        print("already trusted")
+        return EXIT_OK
+    if info.status == "changed":
+        print(f"WARNING: this key differs from the one recorded ({', '.join(info.old_fingerprints)}).\n"
+              "It may be a reinstalled host, or someone intercepting the connection.")
+    if args.fingerprint and args.fingerprint != info.fingerprint:
+        raise PermanentError(f"{name} presents {info.fingerprint}, not {args.fingerprint}",
+                             "check the fingerprint on the host: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
+    if not (args.yes or args.fingerprint):
+        if not sys.stdin.isatty():
+            raise PermanentError("refusing to trust a key without confirmation",
+                                 f"pass --fingerprint {info.fingerprint} (checked on the host) or --yes")
+        if input("Trust this key? Type yes: ").strip() != "yes":
+            print("not trusted")
+            return EXIT_FAIL
+    return None
+
+
+def _trusted(where: Any, info: Any, again: str) -> int:
+    print(f"trusted: recorded in {where}")
+    if info.jump:
+        print(f"this was the key of jump host {info.jump}; run `{again}` again for the host itself")
+    return EXIT_OK
+
+
 def cmd_hosts_trust(args, ws: Workspace) -> int:
     async def go(client) -> int:
         client.site.host(args.host)
         info = await client.host_key(args.host)
-        who = f"{args.host} ({info.endpoint})" + (f" via jump host {info.jump}" if info.jump else "")
-        print(safe(f"{who} presents {info.key_type} key {info.fingerprint}"))
-        if info.status == "trusted":
-            print("already trusted")
-            return EXIT_OK
-        if info.status == "changed":
-            print(f"WARNING: this key differs from the one recorded ({', '.join(info.old_fingerprints)}).\n"
-                  "It may be a reinstalled host, or someone intercepting the connection.")
-        if args.fingerprint and args.fingerprint != info.fingerprint:
-            raise PermanentError(f"{args.host} presents {info.fingerprint}, not {args.fingerprint}",
-                                 "check the fingerprint on the host: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
-        if not (args.yes or args.fingerprint):
-            if not sys.stdin.isatty():
-                raise PermanentError("refusing to trust a key without confirmation",
-                                     f"pass --fingerprint {info.fingerprint} (checked on the host) or --yes")
-            if input("Trust this key? Type yes: ").strip() != "yes":
-                print("not trusted")
-                return EXIT_FAIL
+        code = _ask_trust(args, args.host, info)
+        if code is not None:
+            return code
         await client.trust_host(args.host, info.fingerprint)
-        print(f"trusted: recorded in {ws.known_hosts_path}")
-        if info.jump:
-            print(f"this was the key of jump host {info.jump}; run `ferry hosts trust {args.host}` again "
-                  "for the host itself")
-        return EXIT_OK
+        attach = _ATTACH.get()
+        where = f"the known_hosts of the engine on {attach[0]}" if attach else ws.known_hosts_path
+        return _trusted(where, info, f"ferry hosts trust {args.host}")
     return asyncio.run(_with_client(ws, go))
+
+
+def cmd_engine_trust(args, ws: Workspace) -> int:
+    """Trust the SSH host key of an --engine target, in this workspace's known_hosts (no engine needed)."""
+    from ferry.engine.remote_ssh import SshEngineLink
+    attach = _ATTACH.get()
+    target = args.target or (attach[0] if attach else None)
+    if not target:
+        raise PermanentError("which engine's host?", "ferry engine trust [user@]host[:port] (or a host of config.toml)")
+
+    async def go() -> int:
+        link = SshEngineLink(ws, target)
+        try:
+            info = await link.host_key()
+            code = _ask_trust(args, link.parsed.host, info)
+            if code is not None:
+                return code
+            await link.trust(info)
+        finally:
+            await link.close()
+        return _trusted(ws.known_hosts_path, info, f"ferry engine trust {target}")
+    return asyncio.run(go())
+
+
+def _engine_over_ssh(args, ws: Workspace) -> int:
+    """`ferry --engine TARGET engine ACTION`: the same command, run over there; its output relayed."""
+    action = args.engine_command
+    if action == "start" and args.foreground:
+        raise PermanentError("--foreground runs the engine in this process, not over SSH",
+                             "run `ferry engine start --foreground` on that machine itself")
+    argv = ["engine", action, *(["--json"] if getattr(args, "json", False) else []),
+            *(["--now"] if action == "stop" and args.now else []),
+            *(["--user", args.user] if action == "unit" and args.user else [])]
+
+    async def go() -> int:
+        link = _opener(ws)
+        try:
+            r = await link.run_remote(argv, timeout=None)   # a stop waits for the tasks' checkpoints
+        finally:
+            await link.close()
+        sys.stdout.write(r.stdout.decode("utf-8", "replace"))
+        sys.stderr.write(r.stderr.decode("utf-8", "replace"))
+        return r.exit_status
+    return asyncio.run(go())
 
 
 def _task_row(t: TaskInfo) -> list[str]:
@@ -398,6 +477,8 @@ def cmd_engine(args, ws: Workspace) -> int:
     from ferry.engine import remote, service
 
     action = args.engine_command
+    if _ATTACH.get() is not None:
+        return _engine_over_ssh(args, ws)
     if action == "unit":
         print(service.systemd_unit(ws, user=args.user))
         return EXIT_OK
@@ -413,7 +494,10 @@ def cmd_engine(args, ws: Workspace) -> int:
             finally:
                 await client.close()
             verb = "already runs" if pid else "started"
-            print(f"engine {verb}: pid {st.pid}, version {st.version}, workspace {st.workspace} (log: {st.log})")
+            if args.json:     # `ferry --engine` reads where the workspace is from this
+                print(api.dumps({"running": True, **api.to_builtins(st)}))
+            else:
+                print(f"engine {verb}: pid {st.pid}, version {st.version}, workspace {st.workspace} (log: {st.log})")
             return EXIT_OK
         try:
             client = await remote.connect(ws, client="cli", autostart=False)
@@ -454,6 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", metavar="DIR", help="workspace folder (default: $FERRY_WORKSPACE, "
                    "else $XDG_STATE_HOME/ferry)")
     p.add_argument("--theme", help="console theme by name (dark, light, high-contrast, production, ...)")
+    p.add_argument("--engine", metavar="TARGET", help="attach to the engine of another machine over SSH: "
+                   "[user@]host[:port] or a host of config.toml, optionally :/path/of/its/workspace "
+                   "(host key checked against this workspace's known_hosts; `ferry engine trust TARGET`)")
+    p.add_argument("--engine-command", metavar="CMD", dest="remote_ferry", help="the ferry command on that machine "
+                   "(default: $FERRY_ENGINE_COMMAND, else ferry)")
     p.set_defaults(func=cmd_console)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -556,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = es.add_parser("start", help="start it (every command that needs it starts it anyway)")
     e.add_argument("--foreground", action="store_true", help="run it in this process (systemd, debugging)")
     e.add_argument("--journal", action="store_true", help="with --foreground: also log to stderr")
+    e.add_argument("--json", action="store_true", help="print its status as JSON once it runs")
     e.set_defaults(func=cmd_engine)
     e = es.add_parser("stop", help="stop it; running tasks stop at their next checkpoint and resume at the next start")
     e.add_argument("--now", action="store_true", help="do not wait for checkpoints (tasks resume from the last one)")
@@ -566,6 +656,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = es.add_parser("unit", help="print a systemd unit that runs it (see the README)")
     e.add_argument("--user", help="the user it runs as (default: the current one)")
     e.set_defaults(func=cmd_engine)
+    e = es.add_parser("trust", help="accept and record the SSH host key of an --engine target")
+    e.add_argument("target", nargs="?", metavar="TARGET", help="[user@]host[:port] or a host of config.toml "
+                   "(default: the --engine target)")
+    e.add_argument("--fingerprint", help="accept only this SHA256 fingerprint (checked on the host)")
+    e.add_argument("--yes", action="store_true", help="accept without asking")
+    e.set_defaults(func=cmd_engine_trust)
 
     from .cli_vm import add_parsers
     add_parsers(sub)
@@ -584,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.func is cmd_console:
             sys.stdout, sys.stderr = real   # Textual escapes what it shows itself
         ws = Workspace.resolve(args.workspace)
+        attached = _ATTACH.set((args.engine, args.remote_ferry) if args.engine else None)
         try:
             return args.func(args, ws)
         except ConfigError as e:
@@ -600,6 +697,8 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(OSError, ValueError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), real[0].fileno())
             return EXIT_OK
+        finally:
+            _ATTACH.reset(attached)
     finally:
         sys.stdout, sys.stderr = real
 

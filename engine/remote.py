@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import api
 from .config import SiteConfig
@@ -39,6 +39,18 @@ START_TIMEOUT_S = 30.0     # an engine that has not opened its socket by then di
 
 class EngineUnavailable(TransientError):
     """No engine answers on the workspace's socket."""
+
+
+class Opener(Protocol):
+    """Another way to the engine than this machine's socket (engine/remote_ssh.py: over SSH). `open`
+    gives a (reader, writer) pair to the engine's socket, starting the engine first when `autostart`;
+    `where` names that engine in messages."""
+
+    where: str
+
+    async def open(self, autostart: bool) -> tuple[Any, Any]: ...
+
+    async def close(self) -> None: ...
 
 
 def _event_data(kind: str, data: Any) -> Any:
@@ -68,8 +80,10 @@ def spawn_engine(ws: Workspace) -> subprocess.Popen:
 
 class RemoteEngine:
     def __init__(self, ws: Workspace, *, client: str = "cli", autostart: bool = True, reconnect: bool = False,
-                 socket_path: Path | None = None, site: SiteConfig | None = None) -> None:
+                 socket_path: Path | None = None, site: SiteConfig | None = None,
+                 opener: Opener | None = None) -> None:
         self.workspace = ws
+        self.opener = opener
         self.kind = client
         self.autostart = autostart
         self.reconnect = reconnect
@@ -77,6 +91,7 @@ class RemoteEngine:
         self.site: SiteConfig | None = site     # the engine's, once connected
         self.engine_pid: int | None = None
         self.state = "connecting"
+        self._connected = asyncio.Event()     # set once first connected
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ids = itertools.count(1)
@@ -93,19 +108,27 @@ class RemoteEngine:
     def engine_state(self) -> str:
         return self.state
 
+    @property
+    def where(self) -> str:
+        """The engine, for messages: its workspace, or the --engine target it is reached through."""
+        return self.opener.where if self.opener else str(self.workspace.root)
+
     async def start(self) -> None:
         await self._connect(first=True)
 
     async def _open(self) -> None:
-        with short_path(self.socket_path) as where:
-            reader, writer = await asyncio.open_unix_connection(where, limit=1 << 20)
+        if self.opener is not None:
+            reader, writer = await self.opener.open(self.autostart)
+        else:
+            with short_path(self.socket_path) as where:
+                reader, writer = await asyncio.open_unix_connection(where, limit=1 << 20)
         writer.write(frame(api.encode(hello(self.kind))))
         await writer.drain()
         raw = await asyncio.wait_for(read_frame(reader), 30)
         msg = api.decode(raw) if raw else None
         if not isinstance(msg, dict):
             writer.close()
-            raise EngineUnavailable(f"the engine of {self.workspace.root} closed the connection",
+            raise EngineUnavailable(f"the engine of {self.where} closed the connection",
                                     f"see {self.workspace.logs_dir / 'ferry.log'}")
         if msg.get("op") == "refused":
             writer.close()
@@ -126,6 +149,7 @@ class RemoteEngine:
             await self._send({"op": "subscribe"})
         self.site = await self._call("get_site", SiteConfig)
         self.state = "running"
+        self._connected.set()
         self._bus.publish(Event("engine", data="running"))
 
     async def _start_engine(self) -> None:
@@ -188,7 +212,7 @@ class RemoteEngine:
         self.state = "reconnecting" if self.reconnect and not self._closing else "disconnected"
         for fut in self._pending.values():
             if not fut.done():
-                fut.set_exception(EngineUnavailable(f"the engine went away (workspace {self.workspace.root})",
+                fut.set_exception(EngineUnavailable(f"the engine went away (workspace {self.where})",
                                                     "`ferry engine status`; its tasks go on when it starts again"))
         self._pending.clear()
         if self._writer:
@@ -220,11 +244,18 @@ class RemoteEngine:
             self._writer.close()
             with contextlib.suppress(Exception):
                 await self._writer.wait_closed()
+        if self.opener is not None:
+            await self.opener.close()
         self.state = "stopped"
 
     async def _send(self, msg: dict[str, Any]) -> None:
+        if self._writer is None and not self._connected.is_set() and not self._closing:
+            # A view asking while the first connect is under way (over SSH it takes a while) waits
+            # for it rather than being told the engine went away.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._connected.wait(), START_TIMEOUT_S)
         if self._writer is None:
-            raise EngineUnavailable(f"the engine went away (workspace {self.workspace.root})",
+            raise EngineUnavailable(f"the engine went away (workspace {self.where})",
                                     "it is restarting: try again in a moment" if self.reconnect else
                                     "`ferry engine status`; its tasks go on when it starts again")
         self._writer.write(frame(api.encode(msg)))
@@ -238,7 +269,7 @@ class RemoteEngine:
             await self._send({"op": "call", "id": cid, "method": method, "args": args})
         except (ConnectionError, OSError):
             self._pending.pop(cid, None)
-            raise EngineUnavailable(f"the engine of {self.workspace.root} went away", "`ferry engine status`") from None
+            raise EngineUnavailable(f"the engine of {self.where} went away", "`ferry engine status`") from None
         except BaseException:
             self._pending.pop(cid, None)
             raise
@@ -251,7 +282,8 @@ class RemoteEngine:
     def subscribe(self) -> Subscription:
         if not self._subscribed:
             self._subscribed = True
-            asyncio.ensure_future(self._send({"op": "subscribe"}))
+            if self._writer is not None:    # else the connect subscribes (once: a second one is refused)
+                asyncio.ensure_future(self._send({"op": "subscribe"}))
         return self._bus.subscribe()
 
     # ------------------------------------------------------------------ the engine itself
@@ -364,10 +396,16 @@ class RemoteEngine:
         return await self._call("audit_log", list[api.AuditEntry], limit=limit)
 
 
-async def connect(ws: Workspace, *, client: str = "cli", autostart: bool = True, reconnect: bool = False) -> RemoteEngine:
-    """The workspace's engine, started (detached) when none runs and `autostart`."""
-    engine = RemoteEngine(ws, client=client, autostart=autostart, reconnect=reconnect)
-    await engine.start()
+async def connect(ws: Workspace, *, client: str = "cli", autostart: bool = True, reconnect: bool = False,
+                  opener: Opener | None = None) -> RemoteEngine:
+    """The workspace's engine, started (detached) when none runs and `autostart`; through `opener`
+    when given (`ferry --engine`)."""
+    engine = RemoteEngine(ws, client=client, autostart=autostart, reconnect=reconnect, opener=opener)
+    try:
+        await engine.start()
+    except BaseException:
+        await engine.close()     # the SSH connection of an opener, when it was made
+        raise
     return engine
 
 

@@ -130,3 +130,17 @@ def engine_pid(workspace: Path) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return pid if Path(f"/proc/{pid}").exists() else None
+
+
+@contextlib.contextmanager
+def engine_held_off(workspace: Path):
+    """While inside, no engine can start for the workspace: its lock is held here (a running engine
+    holds it too: kill that one first)."""
+    import fcntl
+    fd = os.open(Path(workspace) / "engine.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
