@@ -162,15 +162,15 @@ class FerryApp(App[int]):
     async def _reconcile(self) -> None:
         """Once at start: QEMU processes without a record (orphans) and VMs whose process is gone (missing)."""
         report = await self.client.vm_reconcile()
-        orphans, missing = report.get("orphans") or [], report.get("missing") or []
+        orphans, missing = report.orphans, report.missing
         if not orphans and not missing:
             return
         lines = []
         if missing:
-            names = ", ".join(f"{m['vm']} on {m['host']}" for m in missing[:4]) + (" …" if len(missing) > 4 else "")
+            names = ", ".join(f"{m.vm} on {m.host}" for m in missing[:4]) + (" …" if len(missing) > 4 else "")
             lines.append(f"{len(missing)} VM{'s' if len(missing) > 1 else ''} recorded as running but gone: {names}")
         if orphans:
-            procs = ", ".join(f"{o['process']} pid {o['pid']} on {o['host']}" for o in orphans[:3]) + \
+            procs = ", ".join(f"{o.process} pid {o.pid} on {o.host}" for o in orphans[:3]) + \
                 (" …" if len(orphans) > 3 else "")
             lines.append(f"{len(orphans)} QEMU process{'es' if len(orphans) > 1 else ''} without a record: {procs}")
         lines.append("hint: start a missing VM again with s; `ferry vm reconcile` lists everything")

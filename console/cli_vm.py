@@ -8,11 +8,12 @@ import sys
 import time
 from typing import Any
 
-from ferry.engine import fmt
+from ferry.engine import api, fmt
+from ferry.engine.api import AgentReport, AgentState, VMState, VMView
 from ferry.engine.errors import FerryError, PermanentError, Refused
 from ferry.engine.taskmodel import TaskInfo
 from ferry.engine.textsafe import line as safe
-from ferry.engine.vm.model import UNFINISHED_STATES, parse_memory_mib
+from ferry.engine.vm.model import parse_memory_mib
 from ferry.engine.workspace import Workspace
 
 from .cli import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, _Progress, _print_json, _table, _with_client, run_foreground
@@ -34,52 +35,49 @@ def _typed_confirmation(args, name: str, action: str) -> str:
 VM_COLUMNS = ["NAME", "KIND", "HOST", "STATE", "CPUS", "MEM", "DISKS", "SIZE", "ORIGIN"]
 
 
-def _vm_row(v: dict, agents: bool = False) -> list[str]:
-    state = f"{_state_symbol(v['state'])} {v['state']}"
-    if v["state"] in UNFINISHED_STATES and v.get("busy"):
-        state += f" (task {v['busy']})"
-    row = [v["name"], v["kind"], v["host"], state, str(v["cpus"]),
-           f"{v['memory_mb']}M", str(len(v["disks"])), fmt.size(sum(d["size"] for d in v["disks"])),
-           v.get("origin") or ""]
+def _vm_row(v: VMView, agents: bool = False) -> list[str]:
+    state = f"{v.state.symbol} {v.state}"
+    if v.unfinished and v.busy:
+        state += f" (task {v.busy})"
+    row = [v.name, v.kind, v.host, state, str(v.cpus), f"{v.memory_mb}M", str(len(v.disks)), fmt.size(v.disk_bytes),
+           v.origin]
     if agents:
-        a = v.get("agent") or {}
-        row += [a.get("agent", "-"), ", ".join(ip.split("/")[0] for ip in a.get("ips") or []) or "-"]
+        a = v.agent
+        row += [a.agent if a else "-", ", ".join(ip.split("/")[0] for ip in a.ips) if a and a.ips else "-"]
     return row
 
 
-async def _with_agents(client, vms: list[dict]) -> None:
-    """Ask the agents of the running VMs, all at once; each answer (or why not) goes into its row."""
-    running = [v for v in vms if v["state"] == "running"]
-
-    async def ask(v: dict) -> None:
+async def _with_agents(client, vms: list[VMView]) -> list[VMView]:
+    """The VMs, each running one with what its agent answered (or why not), asked all at once."""
+    async def ask(v: VMView) -> VMView:
+        if v.state is not VMState.RUNNING:
+            return v
         try:
-            v["agent"] = await client.vm_agent(v["name"])
+            return v.with_(agent=await client.vm_agent(v.name))
         except FerryError as e:
-            v["agent"] = {"agent": "unknown", "reason": e.message}
-    await asyncio.gather(*(ask(v) for v in running))
+            return v.with_(agent=AgentReport(v.name, AgentState.UNKNOWN, time.time(), reason=e.message))
+    return list(await asyncio.gather(*(ask(v) for v in vms)))
 
 
-def _state_symbol(state: str) -> str:
-    from ferry.engine.vm.model import VMState
-    return VMState(state).symbol
+def _stamp(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts is not None else "-"
 
 
 def cmd_vm_list(args, ws: Workspace) -> int:
     async def go(client) -> int:
         vms = await client.vm_list(recycled=args.recycled)
         if args.templates:
-            vms = [v for v in vms if v["kind"] == "template"]
+            vms = [v for v in vms if v.is_template]
         if args.agents and not args.recycled:
-            await _with_agents(client, vms)
+            vms = await _with_agents(client, vms)
         if args.json:
-            _print_json(vms)
+            print(api.dumps(vms))
             return EXIT_OK
         if not vms:
             print("the recycle bin is empty" if args.recycled else "no VMs yet (ferry vm create NAME --host HOST)")
             return EXIT_OK
         if args.recycled:
-            rows = [[v["name"], v["kind"], v["host"], time.strftime("%Y-%m-%d %H:%M", time.localtime(v["recycled"])),
-                     time.strftime("%Y-%m-%d %H:%M", time.localtime(v["purge_at"]))] for v in vms]
+            rows = [[v.name, v.kind, v.host, _stamp(v.recycled), _stamp(v.purge_at)] for v in vms]
             print(_table(rows, ["NAME", "KIND", "HOST", "DELETED", "PURGED AFTER"]))
         else:
             agents = args.agents
@@ -91,23 +89,23 @@ def cmd_vm_list(args, ws: Workspace) -> int:
 def cmd_vm_show(args, ws: Workspace) -> int:
     async def go(client) -> int:
         v = await client.vm_get(args.name)
-        if v["state"] == "running":
-            v["agent"] = await client.vm_agent(args.name)
+        if v.state is VMState.RUNNING:
+            v = v.with_(agent=await client.vm_agent(args.name))
         if args.json:
-            _print_json(v)
+            print(api.dumps(v))
             return EXIT_OK
-        print(safe(f"{v['name']}  ({v['kind']}, id {v['id'][:8]})  {_state_symbol(v['state'])} {v['state']} "
-                   f"on {v['host']}" + (f", pid {v['pid']}" if v.get("pid") else "")))
-        print(safe(f"  cpus {v['cpus']} (up to {v['max_cpus']}), memory {v['memory_mb']} MiB, boot {','.join(v['boot'])}"))
-        for d in v["disks"]:
-            print(safe(f"  {d['name']}: {fmt.size(d['size'])} {d['bus']} on {d['datastore']} {d['path']}"
-                       + (f" (linked to {d['backing']})" if d.get("backing") else "")))
-        for i, n in enumerate(v["nics"]):
-            print(safe(f"  nic{i}: network {n['network']}" + (f" mac {n['mac']}" if n.get("mac") else "")))
-        for pt in v.get("passthrough", []):
-            print(safe(f"  passthrough {pt['kind']} {pt['address']}"))
-        if v.get("agent"):
-            print("\n".join("  " + line for line in _agent_lines(v["agent"])))
+        print(safe(f"{v.name}  ({v.kind}, id {v.id[:8]})  {v.state.symbol} {v.state} "
+                   f"on {v.host}" + (f", pid {v.pid}" if v.pid else "")))
+        print(safe(f"  cpus {v.cpus} (up to {v.max_cpus}), memory {v.memory_mb} MiB, boot {','.join(v.boot)}"))
+        for d in v.disks:
+            print(safe(f"  {d.name}: {fmt.size(d.size)} {d.bus} on {d.datastore} {d.path}"
+                       + (f" (linked to {d.backing})" if d.backing else "")))
+        for i, n in enumerate(v.nics):
+            print(safe(f"  nic{i}: network {n.network}" + (f" mac {n.mac}" if n.mac else "")))
+        for pt in v.passthrough:
+            print(safe(f"  passthrough {pt.kind} {pt.address}"))
+        if v.agent:
+            print("\n".join("  " + line for line in _agent_lines(v.agent)))
         return EXIT_OK
     return asyncio.run(_with_client(ws, go))
 
@@ -255,50 +253,55 @@ def cmd_vm_import(args, ws: Workspace) -> int:
 def cmd_vm_agent(args, ws: Workspace) -> int:
     async def go(client) -> int:
         if args.agent_command == "timesync":
-            out = await client.vm_timesync(args.name)
-        elif args.agent_command == "cpus":
-            out = await client.vm_cpu_hotadd(args.name, args.cpus)
-        else:
-            out = await client.vm_agent(args.name)
-        if args.json:
-            _print_json(out)
-        elif args.agent_command == "info":
-            head, *rest = _agent_lines(out)
-            print("\n".join([f"{out['vm']}: {head}"] + ["  " + line for line in rest]))
-        elif args.agent_command == "timesync":
-            before, after = out.get("offset_before_s"), out.get("offset_after_s")
-            print(f"{out['vm']}: guest clock set from the host"
+            sync = await client.vm_timesync(args.name)
+            if args.json:
+                print(api.dumps(sync))
+                return EXIT_OK
+            before, after = sync.offset_before_s, sync.offset_after_s
+            print(f"{sync.vm}: guest clock set from the host"
                   + (f"; it was {before:+.3f} s off" if before is not None else "")
                   + (f", now {after:+.3f} s" if after is not None else ""))
+            return EXIT_OK
+        if args.agent_command == "cpus":
+            added = await client.vm_cpu_hotadd(args.name, args.cpus)
+            if args.json:
+                print(api.dumps(added))
+                return EXIT_OK
+            print(f"{added.vm}: {added.cpus} vCPUs" + (f", {added.online_in_guest} online in the guest"
+                                                      if added.online_in_guest is not None else ""))
+            return EXIT_OK
+        report = await client.vm_agent(args.name)
+        if args.json:
+            print(api.dumps(report))
         else:
-            print(f"{out['vm']}: {out['cpus']} vCPUs" + (f", {out['online_in_guest']} online in the guest"
-                                                        if out.get("online_in_guest") is not None else ""))
-        return EXIT_OK if out.get("agent", "running") == "running" else EXIT_FAIL
+            head, *rest = _agent_lines(report)
+            print("\n".join([f"{report.vm}: {head}"] + ["  " + line for line in rest]))
+        return EXIT_OK if report.running else EXIT_FAIL
     return asyncio.run(_with_client(ws, go))
 
 
-def _agent_lines(a: dict) -> list[str]:
+def _agent_lines(a: AgentReport) -> list[str]:
     """The guest agent's state, then what it reports, labelled (vm agent info, vm show); each a line,
     whatever the guest wrote into its OS name, mounts or version."""
     return [safe(text) for text in _agent_text(a)]
 
 
-def _agent_text(a: dict) -> list[str]:
-    head = f"guest agent {a['agent']}" + (f" (version {a['version']})" if a.get("version") else "")
-    head += f", asked at {fmt.clock(a.get('checked_at'))}"
-    if a["agent"] != "running":
-        return [head] + ([a["reason"]] if a.get("reason") else [])
-    rows = [("OS", a.get("os") or "-")]
-    kernel = fmt.guest_kernel(a.get("os"), a.get("kernel"))
+def _agent_text(a: AgentReport) -> list[str]:
+    head = f"guest agent {a.agent}" + (f" (version {a.version})" if a.version else "")
+    head += f", asked at {fmt.clock(a.checked_at)}"
+    if not a.running:
+        return [head] + ([a.reason] if a.reason else [])
+    rows = [("OS", a.os or "-")]
+    kernel = fmt.guest_kernel(a.os, a.kernel)
     if kernel:   # else the OS name already says it
         rows.append(("kernel", kernel))
-    rows.append(("IPs", ", ".join(a.get("ips") or []) or "none reported"))
-    if "cpu_percent" in a:
-        rows.append(("CPU", f"{a['cpu_percent']:.1f} % busy"))
-    if a.get("mem_total"):
-        rows.append(("memory", f"{fmt.size(a['mem_used'])} used of {fmt.size(a['mem_total'])} "
-                               f"({100 * a['mem_used'] / a['mem_total']:.0f} %)"))
-    disks = [f"{d['mount']} {fmt.size(d['used'])} of {fmt.size(d['total'])}" for d in a.get("disks") or []]
+    rows.append(("IPs", ", ".join(a.ips) or "none reported"))
+    if a.cpu_percent is not None:
+        rows.append(("CPU", f"{a.cpu_percent:.1f} % busy"))
+    if a.mem_total:
+        used = a.mem_used or 0
+        rows.append(("memory", f"{fmt.size(used)} used of {fmt.size(a.mem_total)} ({100 * used / a.mem_total:.0f} %)"))
+    disks = [f"{d.mount} {fmt.size(d.used)} of {fmt.size(d.total)}" for d in a.disks]
     rows.append(("disks", "; ".join(disks) or "no filesystems reported"))
     return [head] + [f"{k:<7} {v}" for k, v in rows]
 
@@ -307,15 +310,15 @@ def cmd_vm_reconcile(args, ws: Workspace) -> int:
     async def go(client) -> int:
         r = await client.vm_reconcile()
         if args.json:
-            _print_json(r)
+            print(api.dumps(r))
             return EXIT_OK
-        print(f"{r['running']} recorded VM(s) running")
-        for o in r["orphans"]:
-            print(safe(f"orphan: {o['process']} (pid {o['pid']}) on {o['host']} runs without a record"))
-        for m in r["missing"]:
-            print(safe(f"missing: {m['vm']} on {m['host']} was running and its QEMU is gone"))
-        for u in r["unreachable"]:
-            print(safe(f"unreachable: {u['host']}: {u['error']}"))
+        print(f"{r.running} recorded VM(s) running")
+        for o in r.orphans:
+            print(safe(f"orphan: {o.process} (pid {o.pid}) on {o.host} runs without a record"))
+        for m in r.missing:
+            print(safe(f"missing: {m.vm} on {m.host} was running and its QEMU is gone"))
+        for u in r.unreachable:
+            print(safe(f"unreachable: {u.host}: {u.error}"))
         return EXIT_OK
     return asyncio.run(_with_client(ws, go))
 
@@ -440,7 +443,7 @@ def add_parsers(sub) -> None:
     ts = s.add_subparsers(dest="template_command", metavar="ACTION", required=True)
     t = ts.add_parser("list", help="templates")
     common(t, name=False)
-    t.set_defaults(func=cmd_vm_list, templates=True, recycled=False)
+    t.set_defaults(func=cmd_vm_list, templates=True, recycled=False, agents=False)
     t = ts.add_parser("convert", help="turn a stopped VM into a template")
     common(t)
     t.set_defaults(func=cmd_convert, to="template")

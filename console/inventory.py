@@ -20,6 +20,7 @@ from textual.timer import Timer
 from textual.widgets.tree import TreeNode
 
 from ferry.engine import fmt
+from ferry.engine.api import AgentReport, AgentState, VMView
 
 from . import vms as vmlook
 from .messages import AgentUpdated, HostUpdated, VMsUpdated
@@ -79,13 +80,13 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         self._detail_pending = False
         # VMs: what the last poll said, and the tree nodes showing it (keyed by record id)
         self.vm_list = VMList()
-        self.vms: dict[str, dict] = {}
-        self.recycled: dict[str, dict] = {}
+        self.vms: dict[str, VMView] = {}
+        self.recycled: dict[str, VMView] = {}
         self._vm_nodes: dict[str, TreeNode] = {}
         self._bin_node: TreeNode | None = None
         self._bin_vm_nodes: dict[str, TreeNode] = {}
         self._labels: dict[str, tuple] = {}          # node key -> what its label shows
-        self.agent: dict[str, dict] = {}              # VM name -> what its guest agent said last
+        self.agent: dict[str, AgentReport] = {}       # VM name -> what its guest agent said last
         self._agent_timer: Timer | None = None
         self._agent_inflight: str | None = None
         self._agent_again = False
@@ -133,6 +134,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             self.render_detail()
         self.refresh_vms()
         self.schedule_agent()
+        self.ask_vm_checks()
 
     def crumbs(self) -> tuple[str, ...]:
         ref = self.selected
@@ -143,8 +145,8 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         if ref.kind == "host":
             return ("inventory", self.site.hosts[ref.name].cluster, ref.name)
         if ref.kind == "vm":
-            vm = self.vms.get(ref.id) or {}
-            host = vm.get("host", "?")
+            vm = self.vms.get(ref.id)
+            host = vm.host if vm else "?"
             spec = self.site.hosts.get(host)
             return ("inventory",) + ((spec.cluster,) if spec else ()) + (host, ref.name)
         if ref.kind == "bin":
@@ -195,6 +197,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             if ref.kind == "host" and self.status[ref.name].ok is None and self.poller:
                 self.poller.poke(ref.name)
             self.schedule_agent()
+            self.ask_vm_checks()
 
     def on_tree_node_selected(self, event: Tree.NodeSelected) -> None:
         event.stop()
@@ -206,8 +209,8 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         if ref.kind == "cluster":
             return sorted(h.name for h in self.site.hosts_in(ref.name))
         if ref.kind == "vm":
-            host = (self.vms.get(ref.id) or {}).get("host")
-            return [host] if host in self.site.hosts else []
+            vm = self.vms.get(ref.id)
+            return [vm.host] if vm and vm.host in self.site.hosts else []
         return sorted(self.site.hosts)
 
     # ------------------------------------------------------------------ actions
@@ -217,7 +220,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         node = self.query_one("#tree", Tree).cursor_node
         return node.data if node is not None and isinstance(node.data, NodeRef) else self.selected
 
-    def cursor_vm(self) -> dict | None:
+    def cursor_vm(self) -> VMView | None:
         ref = self.cursor_ref()
         if ref.kind == "vm":
             return self.vms.get(ref.id)
@@ -276,6 +279,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
     def on_vms_updated(self, message: VMsUpdated) -> None:
         message.stop()
         self.apply_vms(message.vms)
+        self.vms_listed(message.vms)
 
     def apply_vms(self, vl: VMList) -> None:
         """Diff the tree against a new VM list: add, move, remove and relabel nodes; keep the cursor."""
@@ -284,8 +288,8 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         old_sel_vm = (self.vms if before.kind == "vm" else self.recycled).get(before.id)
         stale_before = self.vm_list.ok
         self.vm_list = vl
-        live = {v["id"]: v for v in vl.vms}
-        binned = {v["id"]: v for v in vl.recycled}
+        live = {v.id: v for v in vl.vms}
+        binned = {v.id: v for v in vl.recycled}
         cursor = tree.cursor_node
         fallback: TreeNode | None = None
         structural = changed = False
@@ -294,7 +298,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         # live VMs under their hosts; one that moved (another host, or became a template) is re-added
         follow: str | None = None
         for vid in [i for i, node in self._vm_nodes.items()
-                    if i not in live or node.parent is not self._host_nodes.get(live[i].get("host"))
+                    if i not in live or node.parent is not self._host_nodes.get(live[i].host)
                     or vmlook.sort_key(live[i]) != vmlook.sort_key(self.vms.get(i, live[i]))]:
             node = self._vm_nodes.pop(vid)
             self._labels.pop(f"vm:{vid}", None)
@@ -311,10 +315,10 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         for vid, vm in sorted(live.items(), key=lambda kv: vmlook.sort_key(kv[1])):
             node = self._vm_nodes.get(vid)
             if node is None:
-                host_node = self._host_nodes.get(vm.get("host"))
+                host_node = self._host_nodes.get(vm.host)
                 if host_node is None:
                     continue      # its host is no longer in the configuration
-                node = self._add_sorted(host_node, vm, live, NodeRef("vm", vm["name"], vid))
+                node = self._add_sorted(host_node, vm, live, NodeRef("vm", vm.name, vid))
                 self._vm_nodes[vid] = node
                 if not host_node.allow_expand:
                     host_node.allow_expand = True
@@ -334,10 +338,10 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             self._bin_node = tree.root.add(BIN, data=NodeRef("bin", BIN), expand=False)
             structural = True
         if self._bin_node is not None:
-            for vid, vm in sorted(binned.items(), key=lambda kv: (kv[1].get("name", ""), kv[0])):
+            for vid, vm in sorted(binned.items(), key=lambda kv: (kv[1].name, kv[0])):
                 node = self._bin_vm_nodes.get(vid)
                 if node is None:
-                    node = self._add_sorted(self._bin_node, vm, binned, NodeRef("recycled", vm["name"], vid))
+                    node = self._add_sorted(self._bin_node, vm, binned, NodeRef("recycled", vm.name, vid))
                     self._bin_vm_nodes[vid] = node
                     structural = True
                 changed |= self._label_vm(node, f"bin:{vid}", vm, variables)
@@ -370,7 +374,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             self._dirty = True
             return
         self.schedule_detail()
-        if ref.kind == "vm" and (now_vm or {}).get("state") != (old_sel_vm or {}).get("state"):
+        if ref.kind == "vm" and (now_vm and now_vm.state) != (old_sel_vm and old_sel_vm.state):
             self.schedule_agent()
         self.refresh_bindings()
 
@@ -395,9 +399,10 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             self.post_crumbs()
             self.refresh_bindings()
             self.schedule_agent()
+            self.ask_vm_checks()
         return True
 
-    def _add_sorted(self, parent: TreeNode, vm: dict, known: dict[str, dict], ref: NodeRef) -> TreeNode:
+    def _add_sorted(self, parent: TreeNode, vm: VMView, known: dict[str, VMView], ref: NodeRef) -> TreeNode:
         key = vmlook.sort_key(vm) + (ref.id,)
 
         def key_of(child: TreeNode) -> tuple:
@@ -406,13 +411,13 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         children = parent.children
         # new VMs come in sorted order, so most go at the end (the first load of a big host)
         if not children or key_of(children[-1]) < key:
-            return parent.add_leaf(vm.get("name", "?"), data=ref)
-        return parent.add_leaf(vm.get("name", "?"), data=ref, before=bisect.bisect_left(children, key, key=key_of))
+            return parent.add_leaf(vm.name, data=ref)
+        return parent.add_leaf(vm.name, data=ref, before=bisect.bisect_left(children, key, key=key_of))
 
-    def _label_vm(self, node: TreeNode, key: str, vm: dict, variables: dict[str, str], *, force: bool = False) -> bool:
+    def _label_vm(self, node: TreeNode, key: str, vm: VMView, variables: dict[str, str], *, force: bool = False) -> bool:
         """Set the label when what it shows changed; True if it did."""
         busy = bool(self.busy_task(vm))
-        shown = (vm.get("name"), vm.get("state"), vm.get("kind"), busy)
+        shown = (vm.name, vm.state, vm.kind, busy)
         if force or self._labels.get(key) != shown:
             self._labels[key] = shown
             node.set_label(vmlook.label(vm, variables, busy=busy))
@@ -436,34 +441,34 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             self._agent_timer.stop()
             self._agent_timer = None
         vm = self.vms.get(self.selected.id) if self.selected.kind == "vm" else None
-        if vm is None or vmlook.is_template(vm) or vm.get("state") not in vmlook.RUNNING:
+        if vm is None or vm.is_template or not vm.running:
             return
         self._agent_timer = self.set_timer(delay, self._agent_due)
 
     def _agent_due(self) -> None:
         self._agent_timer = None
         vm = self.vms.get(self.selected.id) if self.selected.kind == "vm" else None
-        if vm is None or vm.get("state") not in vmlook.RUNNING or not self.shown:
+        if vm is None or not vm.running or not self.shown:
             return
         if self._agent_inflight is not None:
             self._agent_again = True       # never two at once: ask again when this one is back
             return
-        self._agent_inflight = vm["name"]
-        self.run_worker(partial(self._fetch_agent, vm["name"]), name=f"agent {vm['name']}", group="vm-agent",
+        self._agent_inflight = vm.name
+        self.run_worker(partial(self._fetch_agent, vm.name), name=f"agent {vm.name}", group="vm-agent",
                         exit_on_error=False)
         self.render_detail()
 
     async def _fetch_agent(self, name: str) -> None:
         info, error, _hint = await attempt(self.client.vm_agent(name), f"agent of {name}")
         if error is not None:   # shown, not raised: the next refresh tries again
-            info = {"agent": "not running", "reason": error, "checked_at": time.time()}
+            info = AgentReport(name, AgentState.NOT_RUNNING, time.time(), reason=error)
         self.post_message(AgentUpdated(name, info))
 
     def on_agent_updated(self, message: AgentUpdated) -> None:
         message.stop()
         self._agent_inflight = None
         self.agent[message.name] = message.info
-        for name in [n for n in self.agent if n not in {v.get("name") for v in self.vms.values()}]:
+        for name in [n for n in self.agent if n not in {v.name for v in self.vms.values()}]:
             del self.agent[name]
         again, self._agent_again = self._agent_again, False
         if self.selected.kind == "vm" and self.selected.name == message.name and self.shown:
@@ -526,13 +531,18 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             text = self._vm_text(ref)
         self.query_one("#detail-body", Static).update(Content.from_markup(text))
 
+    def vm_checks_changed(self, vm_id: str) -> None:
+        """The engine said anew which actions apply to a VM: its detail pane lists the keys."""
+        if self.selected.kind in ("vm", "recycled") and self.selected.id == vm_id and self.shown:
+            self.schedule_detail()
+
     def _vm_text(self, ref: NodeRef) -> str:
         vm = (self.vms if ref.kind == "vm" else self.recycled).get(ref.id)
         if vm is None:
             return f"[b]{esc(ref.name)}[/b]  [$text-muted]gone[/]"
-        spec = self.site.hosts.get(vm.get("host"))
-        text = vmlook.detail_text(vm, cluster=spec.cluster if spec else None, agent=self.agent.get(vm["name"]),
-                                  agent_pending=self._agent_inflight == vm["name"], busy_task=self.busy_task(vm),
+        spec = self.site.hosts.get(vm.host)
+        text = vmlook.detail_text(vm, cluster=spec.cluster if spec else None, agent=self.agent.get(vm.name),
+                                  agent_pending=self._agent_inflight == vm.name, busy_task=self.busy_task(vm),
                                   keys=self.vm_keys(vm))
         return self._vm_stale_line() + text
 
@@ -543,9 +553,9 @@ class InventoryView(ViewBase, VMActions, Horizontal):
                     + (f"  [$text-muted]hint: {esc(vl.hint)}[/]\n" if vl.hint else ""))
         return ""
 
-    def vms_on(self, hosts: list[str]) -> list[dict]:
+    def vms_on(self, hosts: list[str]) -> list[VMView]:
         hs = set(hosts)
-        return [v for v in self.vms.values() if v.get("host") in hs]
+        return [v for v in self.vms.values() if v.host in hs]
 
     def _counts(self, hosts: list[str]) -> str:
         sevs = [host_severity(self.status.get(h)) for h in hosts]

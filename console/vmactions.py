@@ -1,11 +1,13 @@
 """What the operator can do to the VM or template under the cursor, in every view that lists VMs.
 
 Mixed into the inventory view (a tree) and the VMs view (a table), so the keys are the view's
-bindings; each view says what is under its cursor (`cursor_vm`). Every action first asks
-`refusal()` (console/vms.py: the engine's own prechecks, which it applies again before it makes a
-task); a refused key is dimmed and says why when pressed. Accepted ones
-open a dialog when they need input or a confirmation, then submit a task through
-`client.vm_task` in a worker; the task shows in the Tasks view like any other.
+bindings; each view says what is under its cursor (`cursor_vm`). Whether an action may apply is
+the engine's to say, never the console's: `vm_actions` tells which actions apply to the VM under
+the cursor now (the keys that do not are dimmed and say why when pressed), and a key press asks
+the engine again before it opens a dialog or acts (`vm_actions`, and `precheck` for the exact
+request). A form asks the engine's `precheck` with the values it would submit, and shows the
+refusal in the form. Accepted actions submit a task through `client.vm_task` (which prechecks once
+more) in a worker; the task shows in the Tasks view like any other.
 """
 
 from __future__ import annotations
@@ -13,19 +15,23 @@ from __future__ import annotations
 import time
 from functools import partial
 from pathlib import PurePosixPath
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from textual.binding import Binding
+from textual.timer import Timer
 
+from ferry.engine.api import Refusal, VMActionCheck, VMState, VMView
 from ferry.engine.errors import FerryError, Refused
 from ferry.engine.taskmodel import TaskState
-from ferry.engine.vm.model import check_hardware, check_name, expand_pattern, parse_size
+from ferry.engine.vm.model import expand_pattern
 
 from .messages import VMsUpdated
 from .modals import ConfirmScreen, esc
-from .poller import VMPoller
+from .poller import VMList, VMPoller
 from .vmdialogs import Field, FormScreen, TypedNameScreen
-from .vms import is_template, linked_clones, refusal
+
+NO_VM = "select a VM or template first"
+CHECKS_DEBOUNCE_S = 0.1     # the cursor rests this long on a VM before the engine is asked what applies to it
 
 # action -> (what the operator calls it, shown in the footer)
 VM_KEYS: dict[str, tuple[str, str]] = {}
@@ -59,17 +65,20 @@ DEFAULT_DISK = "1G"
 
 class VMActions:
     """The VM keys of a view, and the polled VM list they act on. The view provides vms and recycled
-    (dicts by record id, from the VMsUpdated messages), BINDINGS, check_action, action_refusal,
-    cursor_vm and `shown`."""
+    (records by id, from the VMsUpdated messages), BINDINGS, check_action, action_refusal, cursor_vm
+    and `shown`, and calls `ask_vm_checks` when its cursor or its list changed."""
 
     app: Any
-    vms: dict[str, dict]
-    recycled: dict[str, dict]
+    vms: dict[str, VMView]
+    recycled: dict[str, VMView]
     BINDINGS: list
     shown: bool
     check_action: Callable[[str, tuple], bool | None]
     action_refusal: Callable[[str], str | None]
     post_message: Callable[[Any], bool]
+    refresh_bindings: Callable[[], None]
+    set_timer: Callable[..., Timer]
+    run_worker: Callable[..., Any]
 
     def __init__(self, client: Any, *args: Any, clock: Callable[[], float] = time.time, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -79,6 +88,9 @@ class VMActions:
         self.vm_poller: VMPoller | None = None
         self.mine: dict[int, str] = {}                # tasks submitted from this view -> what they do
         self._vm_task_states: dict[int, str] = {}
+        # What the engine said applies to a VM (by id): the record it was asked about, each action's refusal.
+        self.vm_checks: dict[str, tuple[VMView, dict[str, Refusal | None]]] = {}
+        self._checks_timer: Timer | None = None
 
     # ------------------------------------------------------------------ the VM list
 
@@ -89,7 +101,7 @@ class VMActions:
                                   **({"interval": interval} if interval is not None else {}))
         return self.vm_poller
 
-    async def _fetch_vms(self) -> tuple[list[dict], list[dict]]:
+    async def _fetch_vms(self) -> tuple[list[VMView], list[VMView]]:
         return await self.client.vm_list(), await self.client.vm_list(recycled=True)
 
     def refresh_vms(self) -> None:
@@ -97,22 +109,29 @@ class VMActions:
         if self.vm_poller:
             self.vm_poller.poke()
 
+    def vms_listed(self, vl: VMList) -> None:
+        """A new VM list: forget the engine's answers for VMs gone, ask again for the one under the cursor."""
+        ids = {v.id for v in vl.vms} | {v.id for v in vl.recycled}
+        for vid in [v for v in self.vm_checks if v not in ids]:
+            del self.vm_checks[vid]
+        self.ask_vm_checks()
+
     # ------------------------------------------------------------------ what is selected
 
-    def cursor_vm(self) -> dict | None:
+    def cursor_vm(self) -> VMView | None:
         """The VM or template under the view's cursor (None: something else, or nothing)."""
         raise NotImplementedError
 
     def cursor_host(self) -> str:
         """The host a new VM goes to: the selected VM's, else the first host."""
         vm = self.cursor_vm()
-        if vm and vm.get("host") in self.site.hosts:
-            return vm["host"]
+        if vm and vm.host in self.site.hosts:
+            return vm.host
         return sorted(self.site.hosts)[0]
 
-    def busy_task(self, vm: dict | None) -> str | None:
+    def busy_task(self, vm: VMView | None) -> str | None:
         """'task 12 (start web1)' when a live task works on the VM (a finished one's mark is stale)."""
-        tid = (vm or {}).get("busy")
+        tid = vm.busy if vm is not None else None
         if not tid:
             return None
         feed = getattr(self.app, "feed", None)
@@ -123,27 +142,85 @@ class VMActions:
             return None
         return f"task {tid} ({info.title}, {info.state})"
 
-    def vm_refusal(self, action: str) -> str | None:
+    # ------------------------------------------------------------------ what the engine says applies
+
+    def ask_vm_checks(self) -> None:
+        """Ask the engine, soon, which actions apply to the VM under the cursor (a cursor moving over
+        many VMs asks for none of them but the last)."""
+        if self._checks_timer is not None:
+            self._checks_timer.stop()
+            self._checks_timer = None
+        if self.cursor_vm() is not None and self.shown:
+            self._checks_timer = self.set_timer(CHECKS_DEBOUNCE_S, self._checks_due)
+
+    def _checks_due(self) -> None:
+        self._checks_timer = None
         vm = self.cursor_vm()
-        clones = linked_clones(vm, list(self.vms.values()), list(self.recycled.values())) \
-            if vm is not None and is_template(vm) else None
-        return refusal(action, vm, busy_task=self.busy_task(vm), clones=clones)
+        if vm is not None:
+            self.run_worker(partial(self._ask_checks, vm), name=f"actions of {vm.name}", group="vm-checks",
+                            exclusive=True, exit_on_error=False)
+
+    async def _ask_checks(self, vm: VMView) -> list[VMActionCheck] | None:
+        try:
+            checks = await self.client.vm_actions(vm.id, recycled=vm.in_bin)
+        except FerryError:      # gone meanwhile, or the engine away: the keys stay as they were
+            return None
+        self._got_checks(vm, checks)
+        return checks
+
+    def _got_checks(self, vm: VMView, checks: list[VMActionCheck]) -> None:
+        answers = {c.action: c.refusal for c in checks}
+        old = self.vm_checks.get(vm.id)
+        self.vm_checks[vm.id] = (vm, answers)
+        if old is None or old[1] != answers:
+            self.refresh_bindings()
+            self.vm_checks_changed(vm.id)
+
+    def vm_checks_changed(self, vm_id: str) -> None:
+        """The engine's answers for a VM changed: a view redraws what shows them."""
+
+    def checks_of(self, vm: VMView) -> dict[str, Refusal | None] | None:
+        """The engine's last answers for the VM (None: not asked yet)."""
+        got = self.vm_checks.get(vm.id)
+        return got[1] if got is not None else None
+
+    def refusal_of(self, action: str, vm: VMView | None) -> Refusal | None:
+        """The engine's refusal of `action` for the VM, as it last said (None: it applies, or the
+        engine has not said yet: the key asks it when pressed)."""
+        if action in ("vm_create", "vm_import"):
+            return None
+        if vm is None:
+            return Refusal(NO_VM)
+        checks = self.checks_of(vm)
+        if checks is None:
+            return None
+        if action == "vm_delete" and vm.in_bin:
+            action = "vm_purge"
+        return checks.get(action)
+
+    def vm_refusal(self, action: str) -> str | None:
+        why = self.refusal_of(action, self.cursor_vm())
+        return why.text if why else None
 
     def vm_check(self, action: str) -> bool | None:
         """check_action for the VM keys: hidden from the footer where no VM is selected, dimmed when refused."""
         if action in ("vm_create", "vm_import"):
             return True
-        if self.cursor_vm() is None:
+        vm = self.cursor_vm()
+        if vm is None:
             return False if action in SHOWN else None
-        if action == "vm_restore" and not (self.cursor_vm() or {}).get("recycled"):
+        if action == "vm_restore" and not vm.in_bin:
             return False
-        return None if self.vm_refusal(action) else True
+        return None if self.refusal_of(action, vm) else True
 
-    def vm_keys(self, vm: dict) -> list[tuple[str, str, str | None]]:
-        """(key, what, why refused) of the actions that make sense for the VM, for its detail pane."""
-        if vm.get("recycled"):
+    def vm_keys(self, vm: VMView) -> list[tuple[str, str, str | None]] | None:
+        """(key, what, why refused) of the actions that make sense for the VM, for its detail pane;
+        None until the engine said which apply."""
+        if self.checks_of(vm) is None:
+            return None
+        if vm.in_bin:
             wanted = ("vm_restore", "vm_delete")
-        elif is_template(vm):
+        elif vm.is_template:
             wanted = ("vm_deploy", "vm_clone", "vm_convert", "vm_export", "vm_delete", "vm_start")
         else:
             wanted = ("vm_start", "vm_stop", "vm_force_stop", "vm_reboot", "vm_hibernate", "vm_clone",
@@ -153,19 +230,13 @@ class VMActions:
             key, what = VM_KEYS[a]
             key = {"delete": "del"}.get(key, key)
             what = what.lower()
-            if vm.get("recycled") and a == "vm_delete":
+            if vm.in_bin and a == "vm_delete":
                 what = "purge"
             if a == "vm_convert":
-                what = "to VM" if is_template(vm) else "to template"
-            out.append((key, what, self.vm_refusal(a)))
+                what = "to VM" if vm.is_template else "to template"
+            why = self.refusal_of(a, vm)
+            out.append((key, what, why.text if why else None))
         return out
-
-    def _guard(self, action: str) -> dict | None:
-        why = self.vm_refusal(action)
-        if why:
-            self.app.notify(esc(why), title=TITLES.get(action, "VM"), severity="warning")
-            return None
-        return self.cursor_vm()
 
     def refusal_for_key(self, key: str) -> tuple[str, str] | None:
         """(title, reason) when `key` is one of this view's keys and it was refused just now."""
@@ -179,6 +250,55 @@ class VMActions:
                 return (b.description, why) if why else None
         return None
 
+    # ------------------------------------------------------------------ asking the engine before acting
+
+    def _refused(self, title: str, reason: str, hint: str) -> None:
+        self.app.notify(esc(reason) + (f"\nhint: {esc(hint)}" if hint else ""), title=esc(title),
+                        severity="warning", timeout=10)
+
+    def ask_then(self, action: str, then: Callable[[VMView], None],
+                 request: Callable[[VMView], tuple[str, dict]] | None = None) -> None:
+        """Ask the engine whether `action` applies to the VM under the cursor now (and, given `request`,
+        its precheck of that exact task), then `then(vm)`; a refusal is shown, with its way out."""
+        vm = self.cursor_vm()
+        title = TITLES.get(action, "VM")
+        if vm is None:
+            self._refused(title, NO_VM, "")
+            return
+        self.app.run_worker(partial(self._ask_then, action, vm, then, request), name=f"precheck {action} {vm.name}",
+                            group="vm-precheck", exclusive=True, exit_on_error=False)
+
+    async def _ask_then(self, action: str, vm: VMView, then: Callable[[VMView], None],
+                        request: Callable[[VMView], tuple[str, dict]] | None) -> None:
+        title = TITLES.get(action, "VM")
+        try:
+            checks = await self.client.vm_actions(vm.id, recycled=vm.in_bin)
+            self._got_checks(vm, checks)
+            why = self.refusal_of(action, vm)
+            if why is not None:
+                self._refused(title, why.reason, why.key or why.hint)
+                return
+            if request is not None:
+                await self.client.precheck(*request(vm))
+        except Refused as e:
+            self._refused(title, e.message, e.hint)
+            return
+        except FerryError as e:
+            self.app.notify(esc(e.message) + (f"\nhint: {esc(e.hint)}" if e.hint else ""), title=esc(title),
+                            severity="error", timeout=10)
+            return
+        then(vm)
+
+    def engine_check(self, kind: str, params_of: Callable[[dict], dict]) -> Callable[[dict], Awaitable[str | None]]:
+        """A form's check: the engine's precheck of the task the form's values would submit."""
+        async def check(values: dict) -> str | None:
+            try:
+                await self.client.precheck(kind, params_of(values))
+            except FerryError as e:
+                return e.message + (f"\nhint: {e.hint}" if e.hint else "")
+            return None
+        return check
+
     # ------------------------------------------------------------------ submitting
 
     def submit_vm_task(self, kind: str, params: dict, what: str) -> None:
@@ -189,9 +309,8 @@ class VMActions:
         app = self.app
         try:
             tid = await self.client.vm_task(kind, params)
-        except Refused as e:      # the engine's precheck (what the console could not see itself): no task was made
-            app.notify(esc(e.message) + (f"\nhint: {esc(e.hint)}" if e.hint else ""), title=esc(what),
-                       severity="warning", timeout=10)
+        except Refused as e:      # the engine's precheck (what changed since it was asked): no task was made
+            self._refused(what, e.message, e.hint)
             return
         except FerryError as e:
             app.notify(esc(e.message) + (f"\nhint: {esc(e.hint)}" if e.hint else ""), title=esc(what),
@@ -247,26 +366,21 @@ class VMActions:
                 then(values)
         self.app.push_screen(screen, done)
 
-    def _name_free(self, name: str) -> str | None:
-        if any(v.get("name") == name for v in self.vms.values()):
-            return f"a VM or template named {name} already exists"
-        return None
-
     # ------------------------------------------------------------------ the actions
 
     def action_vm_start(self) -> None:
-        vm = self._guard("vm_start")
-        if vm:
-            verb = "resume" if vm.get("state") == "hibernated" else "start"
-            self.submit_vm_task("vm.start", {"vm": vm["name"]}, f"{verb} {vm['name']}")
+        def start(vm: VMView) -> None:
+            verb = "resume" if vm.state is VMState.HIBERNATED else "start"
+            self.submit_vm_task("vm.start", {"vm": vm.name}, f"{verb} {vm.name}")
+        self.ask_then("vm_start", start, lambda vm: ("vm.start", {"vm": vm.name}))
 
     def _shutdown(self, action: str, mode: str, title: str, body: str, button: str) -> None:
-        vm = self._guard(action)
-        if vm:
-            name = vm["name"]
+        def confirm(vm: VMView) -> None:
+            name = vm.name
             self._confirm(title.format(name=name), body.format(name=name), button,
                           lambda: self.submit_vm_task("vm.shutdown", {"vm": name, "mode": mode},
                                                       f"{button.lower()} {name}"))
+        self.ask_then(action, confirm, lambda vm: ("vm.shutdown", {"vm": vm.name, "mode": mode}))
 
     def action_vm_stop(self) -> None:
         self._shutdown("vm_stop", "powerdown", "Shut down {name}?",
@@ -283,36 +397,24 @@ class VMActions:
                        "The guest agent asks the guest to reboot; its services stop for a moment.", "Reboot")
 
     def action_vm_hibernate(self) -> None:
-        vm = self._guard("vm_hibernate")
-        if vm:
-            name = vm["name"]
+        def confirm(vm: VMView) -> None:
+            name = vm.name
             self._confirm(f"Hibernate {name}?",
-                          f"Saves its memory ({vm.get('memory_mb', '?')} MiB) next to its disks and stops it;\n"
+                          f"Saves its memory ({vm.memory_mb} MiB) next to its disks and stops it;\n"
                           "start (s) resumes it where it was.", "Hibernate",
                           lambda: self.submit_vm_task("vm.hibernate", {"vm": name}, f"hibernate {name}"),
                           danger=False)
+        self.ask_then("vm_hibernate", confirm, lambda vm: ("vm.hibernate", {"vm": vm.name}))
 
     def action_vm_create(self) -> None:
         hosts = sorted(self.site.hosts)
         host = self.cursor_host()
 
-        def check(v: dict) -> str | None:
-            try:
-                check_name(v["name"])
-                check_hardware(cpus=int(v["cpus"] or 0), memory_mb=int(v["memory_mb"] or 0))
-                if v["disk"]:
-                    if parse_size(v["disk"], "disk size") < 1 << 20:
-                        return "the disk must have at least 1 MiB"
-            except FerryError as e:
-                return e.message + (f" ({e.hint})" if e.hint else "")
-            return self._name_free(v["name"])
-
-        def submit(v: dict) -> None:
+        def params_of(v: dict) -> dict:
             nets = self.site.hosts[v["host"]].networks or ("default",)
-            params = {"name": v["name"], "host": v["host"], "cpus": int(v["cpus"]), "memory_mb": int(v["memory_mb"]),
-                      "disks": [{"size": v["disk"]}] if v["disk"] else [], "nics": [{"network": nets[0]}],
-                      "boot": ["disk", "live"]}
-            self.submit_vm_task("vm.create", params, f"create {v['name']}")
+            return {"name": v["name"], "host": v["host"], "cpus": int(v["cpus"] or 0),
+                    "memory_mb": int(v["memory_mb"] or 0), "disks": [{"size": v["disk"]}] if v["disk"] else [],
+                    "nics": [{"network": nets[0]}], "boot": ["disk", "live"]}
 
         self._form(FormScreen("New VM", [
             Field("name", "Name", "", placeholder="e.g. web-01"),
@@ -320,145 +422,112 @@ class VMActions:
             Field("cpus", "CPUs", "1", restrict=r"[0-9]*"),
             Field("memory_mb", "Memory MiB", "256", restrict=r"[0-9]*"),
             Field("disk", "Disk size", DEFAULT_DISK, placeholder="e.g. 10G, 512M; empty: no disk"),
-        ], confirm="Create", check=check), submit)
+        ], confirm="Create", check=self.engine_check("vm.create", params_of)),
+            lambda v: self.submit_vm_task("vm.create", params_of(v), f"create {v['name']}"))
 
     def action_vm_clone(self) -> None:
-        vm = self._guard("vm_clone")
-        if not vm:
-            return
-        src, tpl = vm["name"], is_template(vm)
+        self.ask_then("vm_clone", self._clone_form)
 
-        def check(v: dict) -> str | None:
-            try:
-                check_name(v["name"])
-            except FerryError as e:
-                return e.message
-            return self._name_free(v["name"])
+    def _clone_form(self, vm: VMView) -> None:
+        src, tpl = vm.name, vm.is_template
+
+        def params_of(v: dict) -> dict:
+            return {"src": src, "names": [v["name"]], "as_template": tpl, "linked": False}
 
         what = "template" if tpl else "VM"
-        intro = (f"A full copy of {src} (its disks are copied" + (", while it runs" if vm.get("state") == "running"
+        intro = (f"A full copy of {src} (its disks are copied" + (", while it runs" if vm.state is VMState.RUNNING
                                                                    else "") + f"); the copy is a {what}.")
         self._form(FormScreen(f"Clone {what} {src}", [Field("name", "New name", f"{src}-copy")], confirm="Clone",
-                              intro=intro, check=check),
-                   lambda v: self.submit_vm_task("vm.clone", {"src": src, "names": [v["name"]], "as_template": tpl,
-                                                              "linked": False}, f"clone {src} -> {v['name']}"))
+                              intro=intro, check=self.engine_check("vm.clone", params_of)),
+                   lambda v: self.submit_vm_task("vm.clone", params_of(v), f"clone {src} -> {v['name']}"))
 
     def action_vm_convert(self) -> None:
-        vm = self._guard("vm_convert")
-        if not vm:
-            return
-        name = vm["name"]
-        if is_template(vm):
-            title, body, to = (f"Convert template {name} to a VM?",
-                               "It becomes an ordinary VM that can start; no more VMs can be deployed from it.", "vm")
-        else:
-            title, body, to = (f"Convert {name} to a template?",
+        def to_of(vm: VMView) -> str:
+            return "vm" if vm.is_template else "template"
+
+        def confirm(vm: VMView) -> None:
+            name, to = vm.name, to_of(vm)
+            if to == "vm":
+                title, body = (f"Convert template {name} to a VM?",
+                               "It becomes an ordinary VM that can start; no more VMs can be deployed from it.")
+            else:
+                title, body = (f"Convert {name} to a template?",
                                "A template never runs: VMs are deployed from it (d), linked or full.\n"
-                               "Convert it back with t while it has no linked clones.", "template")
-        self._confirm(title, body, "Convert",
-                      lambda: self.submit_vm_task("vm.convert", {"vm": name, "to": to},
-                                                  f"convert {name} to a {'VM' if to == 'vm' else 'template'}"),
-                      danger=False)
+                               "Convert it back with t while it has no linked clones.")
+            self._confirm(title, body, "Convert",
+                          lambda: self.submit_vm_task("vm.convert", {"vm": name, "to": to},
+                                                      f"convert {name} to a {'VM' if to == 'vm' else 'template'}"),
+                          danger=False)
+        self.ask_then("vm_convert", confirm, lambda vm: ("vm.convert", {"vm": vm.name, "to": to_of(vm)}))
 
     def action_vm_deploy(self) -> None:
-        vm = self._guard("vm_deploy")
-        if not vm:
-            return
-        src = vm["name"]
+        self.ask_then("vm_deploy", self._deploy_form)
 
-        def names_of(v: dict) -> list[str]:
+    def _deploy_form(self, vm: VMView) -> None:
+        src = vm.name
+
+        def params_of(v: dict) -> dict:
             count = int(v["count"] or 0)
             pattern = v["pattern"]
-            if count > 1 or "#" in pattern or "{n" in pattern:
-                return expand_pattern(pattern, count)
-            return [check_name(pattern)]
-
-        def check(v: dict) -> str | None:
-            try:
-                names = names_of(v)
-            except FerryError as e:
-                return e.message + (f" ({e.hint})" if e.hint else "")
-            for n in names:
-                if self._name_free(n):
-                    return self._name_free(n)
-            return None
+            names = expand_pattern(pattern, count) if count > 1 or "#" in pattern or "{n" in pattern else [pattern]
+            return {"src": src, "names": names, "linked": bool(v["linked"]), "deploy": True, "as_template": False}
 
         def submit(v: dict) -> None:
-            names = names_of(v)
-            linked = bool(v["linked"])
+            params = params_of(v)
+            names = params["names"]
             what = f"deploy {src} -> {names[0]}" + (f" (+{len(names) - 1})" if len(names) > 1 else "") + \
-                (" linked" if linked else "")
-            self.submit_vm_task("vm.clone", {"src": src, "names": names, "linked": linked, "deploy": True,
-                                             "as_template": False}, what)
+                (" linked" if params["linked"] else "")
+            self.submit_vm_task("vm.clone", params, what)
 
         self._form(FormScreen(f"Deploy from template {src}", [
             Field("pattern", "Names", f"{src}-##", placeholder="web-## or web-{n:02}"),
             Field("count", "How many", "1", restrict=r"[0-9]*"),
             Field("linked", "Linked", True, kind="check", placeholder="linked clones (else full copies)"),
-        ], confirm="Deploy", check=check,
+        ], confirm="Deploy", check=self.engine_check("vm.clone", params_of),
             intro="## or {n:02} is replaced by 01, 02, ...; linked clones share the template's disks "
                   "(fast, small), full ones are independent copies."), submit)
 
     def action_vm_export(self) -> None:
-        vm = self._guard("vm_export")
-        if not vm:
-            return
-        name = vm["name"]
+        self.ask_then("vm_export", self._export_form)
 
-        def out_of(v: dict) -> str:
+    def _export_form(self, vm: VMView) -> None:
+        name = vm.name
+
+        def params_of(v: dict) -> dict:
             out = v["out"]
             if v["format"] == "ova" and not out.endswith(".ova"):
                 out += ".ova"
             if v["format"] == "ovf" and out.endswith(".ova"):
                 out = out[:-4]
-            return out
-
-        def check(v: dict) -> str | None:
-            if not v["out"] or not v["out"].startswith("/"):
-                return f"give an absolute path on {vm.get('host')}, e.g. /var/tmp/{name}.ova"
-            return None
+            return {"vm": name, "out": out, "ova": v["format"] == "ova"}
 
         self._form(FormScreen(f"Export {name}", [
             Field("out", "Output path", f"/var/tmp/{name}.ova"),
             Field("format", "Format", "ova", kind="select",
                   options=(("OVA (one file)", "ova"), ("OVF (a folder)", "ovf"))),
-        ], confirm="Export", check=check,
-            intro=f"The package is written on {vm.get('host')}, in a folder that exists there; disks become VHD."),
-            lambda v: self.submit_vm_task("vm.export", {"vm": name, "out": out_of(v), "ova": v["format"] == "ova"},
-                                          f"export {name} -> {out_of(v)}"))
+        ], confirm="Export", check=self.engine_check("vm.export", params_of),
+            intro=f"The package is written on {vm.host}, in a folder that exists there; disks become VHD."),
+            lambda v: self.submit_vm_task("vm.export", params_of(v), f"export {name} -> {params_of(v)['out']}"))
 
     def action_vm_import(self) -> None:
         hosts = sorted(self.site.hosts)
 
-        def check(v: dict) -> str | None:
-            if not v["path"].startswith("/"):
-                return "give the absolute path of an .ova file or an OVF folder on the host"
-            if v["name"]:
-                try:
-                    check_name(v["name"])
-                except FerryError as e:
-                    return e.message
-                return self._name_free(v["name"])
-            return None
-
-        def submit(v: dict) -> None:
-            params = {"path": v["path"], "host": v["host"]}
-            if v["name"]:
-                params["name"] = v["name"]
-            self.submit_vm_task("vm.import", params, f"import {PurePosixPath(v['path']).name}")
+        def params_of(v: dict) -> dict:
+            return {"path": v["path"], "host": v["host"], **({"name": v["name"]} if v["name"] else {})}
 
         self._form(FormScreen("Import a VM", [
             Field("path", "Package", "", placeholder="/var/tmp/web01.ova or an OVF folder"),
             Field("host", "Host", self.cursor_host(), kind="select", options=tuple((h, h) for h in hosts)),
             Field("name", "Name", "", placeholder="empty: the name in the package"),
-        ], confirm="Import", check=check), submit)
+        ], confirm="Import", check=self.engine_check("vm.import", params_of)),
+            lambda v: self.submit_vm_task("vm.import", params_of(v), f"import {PurePosixPath(v['path']).name}"))
 
     def action_vm_delete(self) -> None:
-        vm = self._guard("vm_delete")
-        if not vm:
-            return
-        name = vm["name"]
-        if vm.get("recycled"):
+        self.ask_then("vm_delete", self._delete_dialog)
+
+    def _delete_dialog(self, vm: VMView) -> None:
+        name = vm.name
+        if vm.in_bin:
             def purge(v: dict) -> None:
                 self.submit_vm_task("vm.purge", {"vm": name, "confirm": v["confirm"]}, f"purge {name}")
             self.app.push_screen(TypedNameScreen(
@@ -466,7 +535,7 @@ class VMActions:
                 body="Its disks are removed for good; it cannot come back.", confirm="Purge", modes=False),
                 lambda v: purge(v) if v else None)
             return
-        what = "template" if is_template(vm) else "VM"
+        what = "template" if vm.is_template else "VM"
 
         def delete(v: dict) -> None:
             params = {"vm": name, "mode": v["mode"], "confirm": v["confirm"]}
@@ -474,15 +543,14 @@ class VMActions:
                 params["keep_days"] = v["keep_days"]
             self.submit_vm_task("vm.delete", params, f"delete {name}" + ("" if v["mode"] == "normal"
                                                                          else f" ({v['mode']})"))
-        disks = ", ".join(f"{d.get('name')} on {d.get('datastore')}" for d in vm.get("disks") or ()) or "no disks"
+        disks = ", ".join(f"{d.name} on {d.datastore}" for d in vm.disks) or "no disks"
         self.app.push_screen(TypedNameScreen(
             name, title=f"Delete {what} {name}?", body=f"Its record and its disks ({disks}) go away."),
             lambda v: delete(v) if v else None)
 
     def action_vm_restore(self) -> None:
-        vm = self._guard("vm_restore")
-        if vm:
-            self.submit_vm_task("vm.restore", {"vm": vm["name"]}, f"restore {vm['name']}")
+        self.ask_then("vm_restore", lambda vm: self.submit_vm_task("vm.restore", {"vm": vm.name}, f"restore {vm.name}"),
+                      lambda vm: ("vm.restore", {"vm": vm.name}))
 
     # ------------------------------------------------------------------ the command palette
 
@@ -495,19 +563,19 @@ class VMActions:
         vm = self.cursor_vm()
         if vm is None:
             return cmds
-        name = vm["name"]
+        name = vm.name
         for action, text in (
             ("vm_start", f"Start {name}"), ("vm_stop", f"Shut down {name} (safe)"),
             ("vm_force_stop", f"Force stop {name}"), ("vm_reboot", f"Reboot {name}"),
             ("vm_hibernate", f"Hibernate {name}"), ("vm_clone", f"Clone {name}…"),
-            ("vm_convert", f"Convert template {name} to a VM" if is_template(vm) else f"Convert {name} to a template"),
+            ("vm_convert", f"Convert template {name} to a VM" if vm.is_template else f"Convert {name} to a template"),
             ("vm_deploy", f"Deploy VMs from template {name}…"), ("vm_export", f"Export {name}…"),
-            ("vm_delete", f"Purge {name}…" if vm.get("recycled") else f"Delete {name}…"),
+            ("vm_delete", f"Purge {name}…" if vm.in_bin else f"Delete {name}…"),
             ("vm_restore", f"Restore {name} from the recycle bin"),
         ):
-            if self.vm_refusal(action) is None:
+            if self.vm_check(action) is True:
                 key = VM_KEYS[action][0]
-                what = "template" if is_template(vm) else "VM"
+                what = "template" if vm.is_template else "VM"
                 shown_key = "del" if key == "delete" else key
                 cmds.append((f"VM: {text}", f"the selected {what}  ({shown_key})", getattr(self, f"action_{action}")))
         return cmds

@@ -3,8 +3,9 @@ dialog that asks for the VM's name to be typed before its button does anything."
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 from textual import on
 from textual.app import ComposeResult
@@ -35,13 +36,14 @@ class Field:
 
 
 class FormScreen(ModalScreen[dict | None]):
-    """A few fields and OK/Back. `check(values)` returns a problem to show, or None to close with the values."""
+    """A few fields and OK/Back. `check(values)` returns (or, a coroutine, comes back with) a problem to
+    show, or None to close with the values: the VM forms ask the engine's precheck there."""
 
     AUTO_FOCUS = ".form-field"
     BINDINGS = [Binding("escape", "back", "Back", id="ferry.form.back")]
 
     def __init__(self, title: str, fields: list[Field], *, confirm: str = "OK", intro: str = "",
-                 check: Callable[[dict], str | None] | None = None) -> None:
+                 check: Callable[[dict], str | None | Awaitable[str | None]] | None = None) -> None:
         super().__init__()
         self.title_text = title
         self.fields = fields
@@ -80,12 +82,19 @@ class FormScreen(ModalScreen[dict | None]):
         return out
 
     def submit(self) -> None:
-        vals = self.values()
+        self.run_worker(self._submit(self.values()), name="form check", group="form-check", exclusive=True,
+                        exit_on_error=False)
+
+    async def _submit(self, vals: dict) -> None:
         problem = self.check(vals) if self.check else None
+        if inspect.isawaitable(problem):
+            self.query_one("#form-error", Static).update(Content("asking the engine…"))
+            problem = await problem
         if problem:
             self.query_one("#form-error", Static).update(Content(problem))
             return
-        self.dismiss(vals)
+        if self.app.screen is self:      # not closed (esc) while the engine was asked
+            self.dismiss(vals)
 
     @on(Input.Submitted)
     def _enter(self, event: Input.Submitted) -> None:

@@ -1,7 +1,8 @@
-"""VMs in the console: how a VM looks (tree label, detail pane, table row) and which actions apply to it.
+"""VMs in the console: how a VM looks (tree label, detail pane, table row).
 
-Pure functions over the dicts of `EngineClient.vm_list()`; the inventory and VMs views draw them and the
-actions (console/vmactions.py) ask `refusal()` before doing anything.
+Pure functions over the engine's typed records (`VMView` from `vm_list()`, `AgentReport` from
+`vm_agent()`); the inventory and VMs views draw them. Which actions apply to a VM is the engine's
+to say (console/vmactions.py asks it), never these functions'.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from pathlib import PurePosixPath
 from rich.text import Text
 
 from ferry.engine import fmt
-from ferry.engine.vm.model import VMState
-from ferry.engine.vm.prechecks import clone_names, refusal as vm_refusal
+from ferry.engine.api import AgentReport, VMState, VMView
 
 from .modals import esc
 from .severity import Severity, usage_severity
@@ -33,52 +33,25 @@ STATE_VARIABLE = {
     VMState.INCOMPLETE: "state-interrupted",
     VMState.DELETING: "state-interrupted",
 }
-RUNNING = ("running", "paused")
 
 
-def vm_state(vm: dict) -> VMState:
-    try:
-        return VMState(vm.get("state", "stopped"))
-    except ValueError:
-        return VMState.MISSING
-
-
-def is_template(vm: dict) -> bool:
-    return vm.get("kind") == "template"
-
-
-def sort_key(vm: dict) -> tuple:
+def sort_key(vm: VMView) -> tuple:
     """VMs first, then templates; by name."""
-    return (is_template(vm), vm.get("name", ""))
+    return (vm.is_template, vm.name)
 
 
-def state_markup(vm: dict) -> str:
-    st = vm_state(vm)
+def state_markup(vm: VMView) -> str:
+    st = vm.state
     return f"[${STATE_VARIABLE[st]}]{st.symbol} {st.value}[/]"
 
 
-def label(vm: dict, variables: dict[str, str], *, busy: bool = False) -> Text:
+def label(vm: VMView, variables: dict[str, str], *, busy: bool = False) -> Text:
     """Tree label: the state's symbol (◇ for a template) in the state's colour, the name, … while a task works on it."""
-    st = vm_state(vm)
-    text = Text.assemble((st.symbol, rich_style(variables, STATE_VARIABLE[st])), " ", vm.get("name", "?"))
+    st = vm.state
+    text = Text.assemble((st.symbol, rich_style(variables, STATE_VARIABLE[st])), " ", vm.name)
     if busy:
         text.append(" …", style=rich_style(variables, "sev-unknown"))
     return text
-
-
-def linked_clones(template: dict, vms: list[dict], recycled: list[dict] = ()) -> list[str]:
-    """Names of the VMs (and those in the recycle bin, so marked) whose disks are based on the template's."""
-    return clone_names(template, vms, list(recycled))
-
-
-# ---------------------------------------------------------------------------------- preconditions
-
-def refusal(action: str, vm: dict | None, *, busy_task: str | None = None,
-            clones: list[str] | None = None) -> str | None:
-    """Why `action` cannot apply to `vm` now (None: it can): the engine's own rules (engine/vm/prechecks.py),
-    which it applies again before it makes a task. `busy_task` describes a live task working on it."""
-    why = vm_refusal(action, vm, busy_task=busy_task, clones=clones)
-    return why.text if why else None
 
 
 # ---------------------------------------------------------------------------------- detail pane
@@ -92,53 +65,51 @@ def _backing(path: str) -> str:
     return f"{p.parent.name}/{p.name}"
 
 
-def detail_text(vm: dict, *, cluster: str | None, agent: dict | None, agent_pending: bool,
-                busy_task: str | None, keys: list[tuple[str, str, str | None]]) -> str:
-    """The detail pane of a VM or template. `keys`: (key, what, reason it is refused or None)."""
-    st = vm_state(vm)
-    tpl = is_template(vm)
-    name = vm.get("name", "?")
-    lines = [f"[b]{esc(name)}[/b]  {state_markup(vm)}" + ("" if tpl else "  [$text-muted]VM[/]")]
-    where = f"host {esc(vm.get('host', '?'))}" + (f" · cluster {esc(cluster)}" if cluster else "")
+def detail_text(vm: VMView, *, cluster: str | None, agent: AgentReport | None, agent_pending: bool,
+                busy_task: str | None, keys: list[tuple[str, str, str | None]] | None) -> str:
+    """The detail pane of a VM or template. `keys`: (key, what, reason it is refused or None); None
+    while the engine has not said yet."""
+    st = vm.state
+    lines = [f"[b]{esc(vm.name)}[/b]  {state_markup(vm)}" + ("" if vm.is_template else "  [$text-muted]VM[/]")]
+    where = f"host {esc(vm.host)}" + (f" · cluster {esc(cluster)}" if cluster else "")
     lines.append(f"[$text-muted]{where}[/]")
-    if vm.get("recycled"):
-        lines.append(f"{Severity.WARN.markup('in the recycle bin')} since {fmt.stamp(vm['recycled'])}")
-        if vm.get("purge_at"):
-            lines.append(f"  [$text-muted]purged for good at {fmt.stamp(vm['purge_at'])}[/]")
+    if vm.in_bin:
+        lines.append(f"{Severity.WARN.markup('in the recycle bin')} since {fmt.stamp(vm.recycled)}")
+        if vm.purge_at:
+            lines.append(f"  [$text-muted]purged for good at {fmt.stamp(vm.purge_at)}[/]")
     if st is VMState.MISSING:
         lines.append(f"{Severity.CRIT.markup('recorded as running, but its QEMU process is gone')}")
     if busy_task:
         lines.append(f"{Severity.MIN.markup('busy:')} {esc(busy_task)}")
     lines.append("")
-    cpus = f"{vm.get('cpus', '?')}" + (f" (up to {vm['max_cpus']} while running)"
-                                      if vm.get("max_cpus") and vm.get("max_cpus") != vm.get("cpus") else "")
+    cpus = f"{vm.cpus}" + (f" (up to {vm.max_cpus} while running)" if vm.max_cpus != vm.cpus else "")
     lines.append(_row("CPUs", cpus))
-    lines.append(_row("Memory", f"{vm.get('memory_mb', '?')} MiB"))
-    disks = vm.get("disks") or []
-    if not disks:
+    lines.append(_row("Memory", f"{vm.memory_mb} MiB"))
+    if not vm.disks:
         lines.append(_row("Disks", "none"))
-    for i, d in enumerate(disks):
-        text = (f"{esc(d.get('name', '?'))} {fmt.size(d.get('size'))} {esc(d.get('bus', '?'))} "
-                f"[$text-muted]on[/] {esc(d.get('datastore', '?'))}" + (" (shared)" if d.get("shared") else ""))
+    for i, d in enumerate(vm.disks):
+        text = (f"{esc(d.name)} {fmt.size(d.size)} {esc(d.bus)} "
+                f"[$text-muted]on[/] {esc(d.datastore)}" + (" (shared)" if d.shared else ""))
         lines.append(_row("Disks" if i == 0 else "", text))
-        if d.get("backing"):
-            lines.append(_row("", f"[$text-muted]linked to {esc(_backing(d['backing']))}[/]"))
-    nics = vm.get("nics") or []
-    if not nics:
+        if d.backing:
+            lines.append(_row("", f"[$text-muted]linked to {esc(_backing(d.backing))}[/]"))
+    if not vm.nics:
         lines.append(_row("NICs", "none"))
-    for i, n in enumerate(nics):
-        lines.append(_row("NICs" if i == 0 else "", f"{esc(n.get('network', '?'))}"
-                          + (f"  [$text-muted]{esc(n['mac'])}[/]" if n.get("mac") else "")))
-    lines.append(_row("Boot", esc(", ".join(vm.get("boot") or ()) or "-")))
-    if vm.get("passthrough"):
-        lines.append(_row("Devices", esc(", ".join(f"{p.get('kind')}:{p.get('address')}" for p in vm["passthrough"]))))
-    lines.append(_row("Origin", esc(vm.get("origin") or "made here")))
-    if vm.get("pid"):
-        lines.append(_row("PID", str(vm["pid"])))
-    if not tpl and not vm.get("recycled"):
+    for i, n in enumerate(vm.nics):
+        lines.append(_row("NICs" if i == 0 else "", f"{esc(n.network)}"
+                          + (f"  [$text-muted]{esc(n.mac)}[/]" if n.mac else "")))
+    lines.append(_row("Boot", esc(", ".join(vm.boot) or "-")))
+    if vm.passthrough:
+        lines.append(_row("Devices", esc(", ".join(f"{p.kind}:{p.address}" for p in vm.passthrough))))
+    lines.append(_row("Origin", esc(vm.origin or "made here")))
+    if vm.pid:
+        lines.append(_row("PID", str(vm.pid)))
+    if not vm.is_template and not vm.in_bin:
         lines.append("")
         lines += _agent_lines(vm, agent, agent_pending)
-    if keys:
+    if keys is None:
+        lines += ["", "[$text-muted]keys: asking the engine what applies…[/]"]
+    elif keys:
         lines.append("")
         ok = [f"[$accent]{esc(k)}[/] {esc(w)}" for k, w, why in keys if why is None]
         if ok:
@@ -152,62 +123,59 @@ def detail_text(vm: dict, *, cluster: str | None, agent: dict | None, agent_pend
     return "\n".join(lines)
 
 
-def _agent_lines(vm: dict, agent: dict | None, pending: bool) -> list[str]:
-    st = vm_state(vm)
-    if st.value not in RUNNING:
+def _agent_lines(vm: VMView, agent: AgentReport | None, pending: bool) -> list[str]:
+    if not vm.running:
         return [_row("Agent", "[$text-muted]- (the VM is not running)[/]")]
     if agent is None:
         return [_row("Agent", "[$text-muted]asking…[/]" if pending else "[$text-muted]not asked yet[/]")]
-    if agent.get("agent") != "running":
+    if not agent.running:
         out = [_row("Agent", Severity.WARN.markup("not running"))]
-        if agent.get("reason"):
-            out.append(_row("", f"[$text-muted]{esc(agent['reason'])}[/]"))
+        if agent.reason:
+            out.append(_row("", f"[$text-muted]{esc(agent.reason)}[/]"))
         return out
-    out = [_row("Agent", Severity.OK.markup("running") + (f" [$text-muted]{esc(agent['version'])}[/]"
-                                                          if agent.get("version") else ""))]
-    if agent.get("os"):
-        kernel = fmt.guest_kernel(agent["os"], agent.get("kernel"))
-        out.append(_row("Guest OS", esc(agent["os"]) + (f" [$text-muted]{esc(kernel)}[/]" if kernel else "")))
-    ips = agent.get("ips") or []
-    out.append(_row("IPs", esc(", ".join(ips)) if ips else "[$text-muted]none reported[/]"))
-    cpu = agent.get("cpu_percent")
+    out = [_row("Agent", Severity.OK.markup("running") + (f" [$text-muted]{esc(agent.version)}[/]"
+                                                          if agent.version else ""))]
+    if agent.os:
+        kernel = fmt.guest_kernel(agent.os, agent.kernel)
+        out.append(_row("Guest OS", esc(agent.os) + (f" [$text-muted]{esc(kernel)}[/]" if kernel else "")))
+    out.append(_row("IPs", esc(", ".join(agent.ips)) if agent.ips else "[$text-muted]none reported[/]"))
+    cpu = agent.cpu_percent
     if cpu is not None:
         out.append(_row("CPU use", f"{fmt.bar(cpu / 100, 10)} {cpu:.0f}%"))
-    total, used = agent.get("mem_total"), agent.get("mem_used")
+    total, used = agent.mem_total, agent.mem_used
     if total:
         frac = used / total if used is not None else None
         out.append(_row("Mem use", f"{fmt.size(used)} of {fmt.size(total)}  "
                         f"{usage_severity(frac).markup(fmt.percent(frac).strip())}"))
-    for i, d in enumerate(agent.get("disks") or []):
-        dt, du = d.get("total"), d.get("used")
-        frac = du / dt if dt and du is not None else None
-        out.append(_row("Guest disk" if i == 0 else "", f"{esc(d.get('mount', '?'))} {fmt.size(du)} of "
-                        f"{fmt.size(dt)} {usage_severity(frac).markup(fmt.percent(frac).strip())}"))
-    if agent.get("checked_at"):
+    for i, d in enumerate(agent.disks):
+        frac = d.used / d.total if d.total and d.used is not None else None
+        out.append(_row("Guest disk" if i == 0 else "", f"{esc(d.mount)} {fmt.size(d.used)} of "
+                        f"{fmt.size(d.total)} {usage_severity(frac).markup(fmt.percent(frac).strip())}"))
+    if agent.checked_at:
         again = " · asking again…" if pending else ""
-        out.append(f"[$text-muted]agent asked {fmt.clock(agent['checked_at'])}{again}[/]")
+        out.append(f"[$text-muted]agent asked {fmt.clock(agent.checked_at)}{again}[/]")
     return out
 
 
-def bin_text(recycled: list[dict]) -> str:
+def bin_text(recycled: list[VMView]) -> str:
     lines = ["[b]Recycle bin[/b]  [$text-muted]VMs deleted with the delayed mode[/]", ""]
     if not recycled:
         lines.append("[$text-muted]empty[/]")
         return "\n".join(lines)
-    width = max(len(v.get("name", "")) for v in recycled) + 2
-    for v in sorted(recycled, key=lambda v: v.get("purge_at") or 0):
-        lines.append(f"  {esc(v.get('name', '?').ljust(width))}{esc(v.get('host', '?'))}  "
-                     f"[$text-muted]purged {fmt.stamp(v.get('purge_at'))}[/]")
+    width = max(len(v.name) for v in recycled) + 2
+    for v in sorted(recycled, key=lambda v: v.purge_at or 0):
+        lines.append(f"  {esc(v.name.ljust(width))}{esc(v.host)}  "
+                     f"[$text-muted]purged {fmt.stamp(v.purge_at)}[/]")
     lines += ["", "[$text-muted]select one: u restores it, del purges it for good[/]"]
     return "\n".join(lines)
 
 
-def counts_text(vms: list[dict]) -> str:
+def counts_text(vms: list[VMView]) -> str:
     """'3 VMs (1 running) · 1 template' for a host, cluster or site."""
-    n_vm = sum(1 for v in vms if not is_template(v))
+    n_vm = sum(1 for v in vms if not v.is_template)
     n_tpl = len(vms) - n_vm
-    running = sum(1 for v in vms if vm_state(v).value in RUNNING)
-    missing = sum(1 for v in vms if vm_state(v) is VMState.MISSING)
+    running = sum(1 for v in vms if v.running)
+    missing = sum(1 for v in vms if v.state is VMState.MISSING)
     text = f"{n_vm} VM{'' if n_vm == 1 else 's'}"
     if n_vm:
         text += f" ({Severity.OK.markup(f'{running} running')}"
@@ -226,7 +194,7 @@ AGENT_STALE_S = 30.0     # an agent answer older than this is shown dimmed (the 
 class AgentFact:
     """What the VMs view knows of one VM's guest agent: the last answer and the last attempt."""
 
-    info: dict | None = None       # the last answer (the agent running or not), None: none yet
+    info: AgentReport | None = None   # the last answer (the agent running or not), None: none yet
     taken: float | None = None     # monotonic time of that answer
     tried: float = 0.0             # monotonic time of the last attempt, answered or failed
     error: str | None = None       # the last attempt failed: why (the answer before it is kept)
@@ -260,14 +228,9 @@ def short_size(n: float | None) -> str:
     return "?"
 
 
-def disk_total(vm: dict) -> int:
-    """The virtual size of all the VM's disks."""
-    return sum(int(d.get("size") or 0) for d in vm.get("disks") or ())
-
-
-def row_order(vm: dict) -> tuple:
+def row_order(vm: VMView) -> tuple:
     """VMs by name, then templates, then what is in the recycle bin."""
-    return (2 if vm.get("recycled") else 1 if is_template(vm) else 0, vm.get("name", ""), vm.get("id", ""))
+    return (2 if vm.in_bin else 1 if vm.is_template else 0, vm.name, vm.id)
 
 
 # A cell: (text, theme variable or None, dimmed: a stale value, or a placeholder). The columns of the VMs view, in order.
@@ -276,37 +239,37 @@ TABLE_COLUMNS = (("name", "NAME"), ("host", "HOST"), ("state", "STATE"), ("agent
                  ("cpu", "CPU%"), ("mem", "MEM"), ("vcpu", "vCPU"), ("disk", "DISK"))
 
 
-def table_cells(vm: dict, fact: AgentFact | None, now: float, *, busy: bool = False) -> tuple[Cell, ...]:
+def table_cells(vm: VMView, fact: AgentFact | None, now: float, *, busy: bool = False) -> tuple[Cell, ...]:
     """One row of the VMs view. Agent columns: blank for templates and the recycle bin, - when not
     running, ? before the first answer or after a failure with none before; a stale answer is dimmed."""
-    st = vm_state(vm)
-    name = vm.get("name", "?") + (" …" if busy else "")
-    common: tuple[Cell, ...] = ((name, None, False), (vm.get("host", "?"), None, False),
+    st = vm.state
+    name = vm.name + (" …" if busy else "")
+    common: tuple[Cell, ...] = ((name, None, False), (vm.host, None, False),
                                 (f"{st.symbol} {st.value}", STATE_VARIABLE[st], False))
-    tail: tuple[Cell, ...] = ((str(vm.get("cpus", "?")), None, False), (short_size(disk_total(vm)), None, False))
-    if is_template(vm) or vm.get("recycled"):
+    tail: tuple[Cell, ...] = ((str(vm.cpus), None, False), (short_size(vm.disk_bytes), None, False))
+    if vm.is_template or vm.in_bin:
         return common + (("", None, False),) * 4 + tail
     info = fact.info if fact is not None else None
-    if st.value not in RUNNING or (info is None and st.value != "running"):
+    if not vm.running or (info is None and st is not VMState.RUNNING):
         return common + (("-", None, True),) * 4 + tail
     if info is None:
         return common + (("?", None, True),) * 4 + tail
     dim = fact is not None and fact.stale(now)
-    if info.get("agent") != "running":
+    if not info.running:
         agent: tuple[Cell, ...] = ((f"{Severity.CRIT.symbol} not running", Severity.CRIT.variable, dim),) + \
             (("-", None, True),) * 3
         return common + agent + tail
-    cpu = info.get("cpu_percent")
-    total, used = info.get("mem_total"), info.get("mem_used")
+    cpu = info.cpu_percent
+    total, used = info.mem_total, info.mem_used
     return common + (
         (f"{Severity.OK.symbol} running", Severity.OK.variable, dim),
-        (first_ipv4(info.get("ips")) or "-", None, dim),
+        (first_ipv4(info.ips) or "-", None, dim),
         (f"{cpu:.0f}%" if cpu is not None else "-", None, dim),
         (f"{short_size(used)}/{short_size(total)}" if total else "-", None, dim),
     ) + tail
 
 
-def matches(vm: dict, text: str) -> bool:
+def matches(vm: VMView, text: str) -> bool:
     """The `/` filter: a substring of the name or the host, any case."""
     t = text.strip().lower()
-    return not t or t in vm.get("name", "").lower() or t in vm.get("host", "").lower()
+    return not t or t in vm.name.lower() or t in vm.host.lower()

@@ -27,6 +27,7 @@ from textual.widgets import DataTable, Input, Static
 from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowDoesNotExist
 
 from ferry.engine import fmt
+from ferry.engine.api import VMState, VMView
 from ferry.engine.textsafe import line as safe
 
 from . import vms as vmlook
@@ -109,8 +110,8 @@ class VMsView(ViewBase, VMActions, Vertical):
         super().__init__(client, clock=clock, id="vms")
         self.interval = (poll or {}).get("vm_interval")
         self.vm_list = VMList()
-        self.vms: dict[str, dict] = {}
-        self.recycled: dict[str, dict] = {}
+        self.vms: dict[str, VMView] = {}
+        self.recycled: dict[str, VMView] = {}
         self.agents: dict[str, vmlook.AgentFact] = {}   # VM id -> its agent's last answer and attempt
         self.filter_text = ""
         self.selected_id: str | None = None
@@ -118,7 +119,7 @@ class VMsView(ViewBase, VMActions, Vertical):
         self._widths: dict[str, int] = {}
         self._dirty = False
         self._started = False
-        self._seen_selected: dict | None = None
+        self._seen_selected: VMView | None = None
         self._agent_inflight: str | None = None
         self._agent_timer: Timer | None = None
 
@@ -159,19 +160,20 @@ class VMsView(ViewBase, VMActions, Vertical):
             self.sync()
         self.refresh_vms()
         self.kick_agents()
+        self.ask_vm_checks()
 
     def crumbs(self) -> tuple[str, ...]:
         vm = self.cursor_vm()
         return (("vms",) + ((f"/{self.filter_text}",) if self.filter_text else ())
-                + ((vm["name"],) if vm else ()))
+                + ((vm.name,) if vm else ()))
 
     # ------------------------------------------------------------------ the list
 
     def on_vms_updated(self, message: VMsUpdated) -> None:
         message.stop()
         self.vm_list = message.vms
-        self.vms = {v["id"]: v for v in message.vms.vms}
-        self.recycled = {v["id"]: v for v in message.vms.recycled}
+        self.vms = {v.id: v for v in message.vms.vms}
+        self.recycled = {v.id: v for v in message.vms.recycled}
         for vid in [v for v in self.agents if v not in self.vms]:
             del self.agents[vid]
         if not self.shown:
@@ -179,6 +181,7 @@ class VMsView(ViewBase, VMActions, Vertical):
             return
         self.sync()
         self.kick_agents()
+        self.vms_listed(message.vms)
 
     def on_resize(self) -> None:
         if self._widths and column_widths([cells for cells, _ in self._rendered.values()], self._room()) != self._widths:
@@ -260,6 +263,7 @@ class VMsView(ViewBase, VMActions, Vertical):
             moved = vid != self.selected_id
             self.selected_id, self._seen_selected = vid, vm
             self.refresh_bindings()
+            self.ask_vm_checks()
             if moved:
                 self.post_crumbs()
 
@@ -272,7 +276,7 @@ class VMsView(ViewBase, VMActions, Vertical):
         except CellDoesNotExist:
             return None
 
-    def cursor_vm(self) -> dict | None:
+    def cursor_vm(self) -> VMView | None:
         vid = self.cursor_id()
         return (self.vms.get(vid) or self.recycled.get(vid)) if vid else None
 
@@ -290,7 +294,8 @@ class VMsView(ViewBase, VMActions, Vertical):
         app: Any = self.app
         app.switch_view("inventory")
         if not app.inventory.show_vm(vid, self.vm_list):
-            name = ({**self.vms, **self.recycled}.get(vid) or {}).get("name", vid)
+            vm = self.vms.get(vid) or self.recycled.get(vid)
+            name = vm.name if vm else vid
             app.notify(f"{esc(name)} is not in the inventory (any more)", title="VMs", severity="warning")
 
     def render_status(self) -> None:
@@ -378,7 +383,7 @@ class VMsView(ViewBase, VMActions, Vertical):
         out: list[str] = []
         for vid in ids:
             vm = self.vms.get(vid) if vid else None
-            if vm is not None and vid not in out and vm.get("state") == "running" and not vmlook.is_template(vm):
+            if vm is not None and vid not in out and vm.state is VMState.RUNNING and not vm.is_template:
                 out.append(vid)
         return out
 
@@ -397,7 +402,7 @@ class VMsView(ViewBase, VMActions, Vertical):
             due = fact.tried + AGENT_REFRESH_S if fact is not None else now
             if due <= now:
                 self._agent_inflight = vid
-                name = self.vms[vid]["name"]
+                name = self.vms[vid].name
                 self.run_worker(partial(self._ask_agent, vid, name), name=f"agent {name}", group="vms-agent",
                                 exit_on_error=False)
                 return

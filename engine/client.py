@@ -13,7 +13,8 @@ from typing import Any, Awaitable
 from . import probe as _probe  # noqa: F401  (registers the probe task kind)
 from .replicate import task as _replicate  # noqa: F401  (registers replicate.files / replicate.blocks)
 from .vm import kinds as _vm_kinds  # noqa: F401  (registers vm.*)
-from .vm.prechecks import precheck, refused
+from .vm.model import AgentReport, CPUHotAdd, ReconcileReport, TimeSync, VMView
+from .vm.prechecks import VMActionCheck, precheck, refused
 from .vm.service import VMService
 from .config import SiteConfig
 from .errors import PermanentError
@@ -117,20 +118,26 @@ class EngineClient:
     def _vms(self) -> VMService:
         return VMService.of(self.engine)
 
-    async def vm_list(self, *, recycled: bool = False) -> list[dict[str, Any]]:
+    async def vm_list(self, *, recycled: bool = False) -> list[VMView]:
         """Every VM and template with its live state (recycled=True: the recycle bin)."""
-        return [v.to_dict() for v in await self._vms.views(recycled=recycled)]
+        return await self._vms.views(recycled=recycled)
 
-    async def vm_get(self, name: str) -> dict[str, Any]:
-        return (await self._vms.view(name)).to_dict()
+    async def vm_get(self, name: str) -> VMView:
+        return await self._vms.view(name)
 
-    async def vm_agent(self, name: str) -> dict[str, Any]:
+    async def vm_agent(self, name: str) -> AgentReport:
         """What the guest agent reports (or why it cannot)."""
         return await self._vms.agent_info(name)
 
-    async def vm_reconcile(self) -> dict[str, Any]:
+    async def vm_reconcile(self) -> ReconcileReport:
         """Orphan QEMU processes and missing VMs, compared with the records."""
         return await self._vms.reconcile()
+
+    async def vm_actions(self, name: str, *, recycled: bool = False) -> list[VMActionCheck]:
+        """Which actions apply to the VM or template (by name or id; recycled: in the recycle bin) now,
+        each with the engine's refusal or None: what a front end dims, asked of the same rules as
+        `precheck`, which still decides when the action is asked for."""
+        return await self._vms.action_checks(name, recycled=recycled)
 
     async def vm_task(self, kind: str, params: dict[str, Any]) -> int:
         """Start a VM task (vm.create/start/shutdown/hibernate/clone/convert/delete/restore/purge/
@@ -163,10 +170,10 @@ class EngineClient:
             return await self.engine.submit_or_resume(kind, params)
         return await self.submit(kind, params), False
 
-    async def vm_timesync(self, name: str) -> dict[str, Any]:
+    async def vm_timesync(self, name: str) -> TimeSync:
         return await self._audited("vm.timesync", name, {}, self._vms.timesync(name))
 
-    async def vm_cpu_hotadd(self, name: str, cpus: int) -> dict[str, Any]:
+    async def vm_cpu_hotadd(self, name: str, cpus: int) -> CPUHotAdd:
         return await self._audited("vm.cpu_hotadd", name, {"cpus": cpus}, self._vms.cpu_hotadd(name, cpus))
 
     async def _audited(self, action: str, target: str, params: dict, work: Awaitable[Any]) -> Any:

@@ -337,17 +337,20 @@ class RemoteEngine:
 
     # ------------------------------------------------------------------ VMs and templates
 
-    async def vm_list(self, *, recycled: bool = False) -> list[dict[str, Any]]:
-        return await self._call("vm_list", recycled=recycled)
+    async def vm_list(self, *, recycled: bool = False) -> list[api.VMView]:
+        return await self._call("vm_list", list[api.VMView], recycled=recycled)
 
-    async def vm_get(self, name: str) -> dict[str, Any]:
-        return await self._call("vm_get", name=name)
+    async def vm_get(self, name: str) -> api.VMView:
+        return await self._call("vm_get", api.VMView, name=name)
 
-    async def vm_agent(self, name: str) -> dict[str, Any]:
-        return await self._call("vm_agent", name=name)
+    async def vm_agent(self, name: str) -> api.AgentReport:
+        return await self._call("vm_agent", api.AgentReport, name=name)
 
-    async def vm_reconcile(self) -> dict[str, Any]:
-        return await self._call("vm_reconcile")
+    async def vm_reconcile(self) -> api.ReconcileReport:
+        return await self._call("vm_reconcile", api.ReconcileReport)
+
+    async def vm_actions(self, name: str, *, recycled: bool = False) -> list[api.VMActionCheck]:
+        return await self._call("vm_actions", list[api.VMActionCheck], name=name, recycled=recycled)
 
     async def precheck(self, kind: str, params: dict[str, Any]) -> None:
         await self._call("precheck", kind=kind, params=params)
@@ -358,11 +361,11 @@ class RemoteEngine:
     async def vm_task_or_attach(self, kind: str, params: dict[str, Any]) -> tuple[int, bool]:
         return await self._call("vm_task_or_attach", tuple[int, bool], kind=kind, params=params)
 
-    async def vm_timesync(self, name: str) -> dict[str, Any]:
-        return await self._call("vm_timesync", name=name)
+    async def vm_timesync(self, name: str) -> api.TimeSync:
+        return await self._call("vm_timesync", api.TimeSync, name=name)
 
-    async def vm_cpu_hotadd(self, name: str, cpus: int) -> dict[str, Any]:
-        return await self._call("vm_cpu_hotadd", name=name, cpus=cpus)
+    async def vm_cpu_hotadd(self, name: str, cpus: int) -> api.CPUHotAdd:
+        return await self._call("vm_cpu_hotadd", api.CPUHotAdd, name=name, cpus=cpus)
 
     # ------------------------------------------------------------------ hosts
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, fields, replace
 from enum import StrEnum
 from typing import Any, Iterable, Iterator
 
@@ -42,6 +42,8 @@ class VMState(StrEnum):
 
 # A record its task has not finished making or deleting: busy with that task, and not a usable VM.
 UNFINISHED_STATES = frozenset({VMState.INCOMPLETE, VMState.DELETING})
+# A QEMU process runs for it.
+RUNNING_STATES = frozenset({VMState.RUNNING, VMState.PAUSED})
 
 
 @dataclass(frozen=True)
@@ -124,13 +126,12 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-def based_on(template: dict[str, Any], specs: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Those of the VM specs (dicts, as stored or as listed) whose disks are linked clones of the
-    template's disks (their qcow2 backing file is one of them)."""
-    paths = {d["path"] for d in template.get("disks", ())}
+def based_on(template: VMSpec, specs: Iterable[VMSpec]) -> Iterator[VMSpec]:
+    """Those of the VM specs whose disks are linked clones of the template's disks (their qcow2
+    backing file is one of them)."""
+    paths = {d.path for d in template.disks}
     for s in specs:
-        if s.get("id") != template.get("id") and any(d.get("backing") in paths
-                                                     for d in s.get("disks", ()) if d.get("backing")):
+        if s.id != template.id and any(d.backing in paths for d in s.disks if d.backing):
             yield s
 
 
@@ -219,17 +220,136 @@ def expand_pattern(pattern: str, count: int, start: int = 1) -> list[str]:
     return names
 
 
+class AgentState(StrEnum):
+    RUNNING = "running"
+    NOT_RUNNING = "not running"
+    UNKNOWN = "unknown"           # it could not be asked (the engine did not answer for it)
+
+
+@dataclass(frozen=True)
+class GuestFilesystem:
+    mount: str
+    used: int | None = None       # bytes
+    total: int | None = None
+
+
+@dataclass(frozen=True)
+class AgentReport:
+    """What a VM's guest agent reports, or why it cannot (`reason`)."""
+    vm: str
+    agent: AgentState
+    checked_at: float
+    reason: str | None = None
+    version: str | None = None
+    os: str | None = None
+    kernel: str | None = None
+    ips: tuple[str, ...] = ()     # with their prefix: 10.0.2.15/24
+    cpu_percent: float | None = None
+    mem_total: int | None = None  # bytes
+    mem_used: int | None = None
+    disks: tuple[GuestFilesystem, ...] = ()
+
+    @property
+    def running(self) -> bool:
+        return self.agent is AgentState.RUNNING
+
+
 @dataclass(frozen=True)
 class VMView:
-    """What the operator sees for a VM: its record plus what the host says right now."""
-    spec: VMSpec
+    """A VM or template as every front end sees it (`ferry vm list --json` prints these): the fields of
+    its VMSpec, flat, its state as its host reports it now, and where it stands."""
+    id: str
+    name: str
+    host: str
     state: VMState
-    recycled: float | None = None
-    purge_at: float | None = None
-    pid: int | None = None
-    busy: int | None = None        # task id working on it
-    agent: dict[str, Any] = field(default_factory=dict)
+    kind: VMKind = VMKind.VM
+    cpus: int = 1
+    max_cpus: int = 4
+    memory_mb: int = 256
+    disks: tuple[DiskSpec, ...] = ()
+    nics: tuple[NicSpec, ...] = ()
+    boot: tuple[str, ...] = ("disk", "live")
+    passthrough: tuple[Passthrough, ...] = ()
+    origin: str = ""
+    hibernate_file: str = ""
+    recycled: float | None = None      # when it went to the recycle bin (None: it is not in it)
+    purge_at: float | None = None      # when the recycle bin forgets it
+    pid: int | None = None             # its QEMU's, while one runs
+    busy: int | None = None            # the task working on it
+    agent: AgentReport | None = None   # what its guest agent said, where a front end asked (vm list --agents)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.spec.to_dict(), "state": str(self.state), "recycled": self.recycled,
-                "purge_at": self.purge_at, "pid": self.pid, "busy": self.busy, "agent": self.agent}
+    @classmethod
+    def of(cls, spec: VMSpec, state: VMState, **kw: Any) -> "VMView":
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(VMSpec)}, state=state, **kw)
+
+    @property
+    def is_template(self) -> bool:
+        return self.kind is VMKind.TEMPLATE
+
+    @property
+    def in_bin(self) -> bool:
+        return self.recycled is not None
+
+    @property
+    def running(self) -> bool:
+        """A QEMU runs for it (running or paused)."""
+        return self.state in RUNNING_STATES
+
+    @property
+    def unfinished(self) -> bool:
+        """Its task has not finished making or deleting it: not a usable VM until that task is done."""
+        return self.state in UNFINISHED_STATES
+
+    @property
+    def disk_bytes(self) -> int:
+        """The virtual size of all its disks."""
+        return sum(d.size for d in self.disks)
+
+    def with_(self, **kw: Any) -> "VMView":
+        return replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class OrphanProcess:
+    """A QEMU running from a host's runtime folder that no record names."""
+    host: str
+    process: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class MissingVM:
+    """A VM recorded as running whose QEMU is gone."""
+    host: str
+    vm: str
+
+
+@dataclass(frozen=True)
+class UnreachableHost:
+    host: str
+    error: str
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """What the hosts run, compared with the records (`ferry vm reconcile`)."""
+    running: int = 0
+    orphans: tuple[OrphanProcess, ...] = ()
+    missing: tuple[MissingVM, ...] = ()
+    unreachable: tuple[UnreachableHost, ...] = ()
+
+
+@dataclass(frozen=True)
+class TimeSync:
+    """The guest clock set from the host's (`ferry vm agent timesync`): seconds off before and after."""
+    vm: str
+    offset_before_s: float | None = None
+    offset_after_s: float | None = None
+
+
+@dataclass(frozen=True)
+class CPUHotAdd:
+    """vCPUs added to a running VM (`ferry vm agent cpus`)."""
+    vm: str
+    cpus: int
+    online_in_guest: int | None = None

@@ -1,11 +1,12 @@
-"""Whether a VM action may start: one set of rules for every front end.
+"""Whether a VM action may start: one set of rules, in the engine, for every front end.
 
-The console asks `refusal()` about the VM under its cursor, to dim a key and say why. The engine
-asks `precheck()` before it makes a task: the same rules over fresh facts (the host's processes,
-state.db's busy marks, names in use, free space), so an action that cannot apply is refused with
-one line and never becomes a failed task. Each task asks again when it runs, for what changed in
-between. A refusal reads the same everywhere; its way out is a command for the CLI and a key for
-the console.
+The engine asks `precheck()` before it makes a task: `refusal()`'s rules over fresh facts (the
+host's processes, state.db's busy marks, names in use, free space), so an action that cannot apply
+is refused with one line and never becomes a failed task. Each task asks again when it runs, for
+what changed in between. Front ends ask the engine too, never these rules themselves:
+`precheck(kind, params)` before they act, and `vm_actions(vm)` (a VMActionCheck per action) to dim
+the keys that cannot apply. A refusal reads the same everywhere; its way out is a command for the
+CLI and a key for the console.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import PermanentError, Refused
-from .model import UNFINISHED_STATES, VMState, based_on
+from .model import UNFINISHED_STATES, VMState, VMView
 
-RUNNING = ("running", "paused")
+# The actions a VM or template may be asked for, by their console names (see action_of).
+VM_ACTIONS = ("vm_start", "vm_stop", "vm_force_stop", "vm_reboot", "vm_hibernate", "vm_clone", "vm_deploy",
+              "vm_convert", "vm_export", "vm_delete", "vm_restore", "vm_purge")
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,13 @@ class Refusal:
 
     def error(self) -> Refused:
         return Refused(self.reason, self.hint)
+
+
+@dataclass(frozen=True)
+class VMActionCheck:
+    """Whether an action applies to a VM now (`vm_actions`): refusal is None when it does."""
+    action: str
+    refusal: Refusal | None = None
 
 
 def action_of(kind: str, params: dict[str, Any]) -> str | None:
@@ -50,24 +60,10 @@ def few(names: list[str], n: int = 5) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def clone_names(template: dict[str, Any], live: list[dict[str, Any]], binned: list[dict[str, Any]]) -> list[str]:
-    """Names of the VMs (live or in the recycle bin) whose disks are linked clones of the template's."""
-    in_bin = {v["id"] for v in binned}
-    return sorted(v["name"] + (" (in the recycle bin)" if v["id"] in in_bin else "")
-                  for v in based_on(template, [*live, *binned]))
-
-
-def _state(vm: dict[str, Any]) -> str:
-    try:
-        return VMState(vm.get("state", "stopped")).value
-    except ValueError:
-        return VMState.MISSING.value
-
-
-def refusal(action: str, vm: dict[str, Any] | None, *, busy_task: str | None = None,
+def refusal(action: str, vm: VMView | None, *, busy_task: str | None = None,
             clones: list[str] | None = None, to: str | None = None, copies: int = 1,
             linked: bool = False, task: int | None = None) -> Refusal | None:
-    """Why `action` cannot apply to `vm` (a dict as `vm_list` gives it) now; None when it can.
+    """Why `action` cannot apply to `vm` (as its host reports it now) now; None when it can.
 
     `busy_task` describes a live task that works on the VM, `clones` names the template's linked clones,
     `to` is where a conversion goes (None: the other kind), `copies` how many copies a clone makes and
@@ -77,27 +73,27 @@ def refusal(action: str, vm: dict[str, Any] | None, *, busy_task: str | None = N
         return None
     if vm is None:
         return Refusal("select a VM or template first")
-    name = vm.get("name", "?")
-    st = _state(vm)
-    tpl = vm.get("kind") == "template"
-    if vm.get("recycled"):
+    name = vm.name
+    st = vm.state
+    tpl = vm.is_template
+    if vm.in_bin:
         if action in ("vm_restore", "vm_delete", "vm_purge"):
             return None
         return Refusal(f"{name} is in the recycle bin", f"restore it first: ferry vm restore {name}",
                        "restore it first (u)")
     if action in ("vm_restore", "vm_purge"):
         return Refusal(f"{name} is not in the recycle bin", "ferry vm list --recycled shows what is")
-    if st in UNFINISHED_STATES and not (task and vm.get("busy") == task):
+    if st in UNFINISHED_STATES and not (task and vm.busy == task):
         why = _unfinished(action, vm, st, busy_task)
         if why is not None:
             return why
     elif busy_task:
-        tid = vm.get("busy")
+        tid = vm.busy
         return Refusal(f"{name} is busy with {busy_task}",
                        f"wait for it, or cancel it: ferry task cancel {tid}" if tid else "wait for it, or cancel it",
                        "wait for it, or cancel it in Tasks")
-    running = st in RUNNING
-    hibernated = st == VMState.HIBERNATED.value
+    running = vm.running
+    hibernated = st is VMState.HIBERNATED
     if action == "vm_start":
         if tpl:
             return Refusal(f"{name} is a template, and a template never starts",
@@ -111,7 +107,7 @@ def refusal(action: str, vm: dict[str, Any] | None, *, busy_task: str | None = N
                            "nothing to do")
         if not running:
             return Refusal(f"{name} is not running ({st})", f"start it: ferry vm start {name}",
-                           "s starts it" + (" again" if st == VMState.MISSING.value else ""))
+                           "s starts it" + (" again" if st is VMState.MISSING else ""))
         return None
     if action in ("vm_clone", "vm_deploy"):
         if action == "vm_deploy" and not tpl:
@@ -161,20 +157,20 @@ def refusal(action: str, vm: dict[str, Any] | None, *, busy_task: str | None = N
     return None
 
 
-def _unfinished(action: str, vm: dict[str, Any], st: str, busy_task: str | None) -> Refusal | None:
+def _unfinished(action: str, vm: VMView, st: VMState, busy_task: str | None) -> Refusal | None:
     """Why nothing but its own task may act on a VM being made or deleted (a delete may finish a delete)."""
-    name, tid = vm.get("name", "?"), vm.get("busy")
-    doing = "being made" if st == VMState.INCOMPLETE.value else "being deleted"
+    name, tid = vm.name, vm.busy
+    doing = "being made" if st is VMState.INCOMPLETE else "being deleted"
     if busy_task:       # its task runs now
         return Refusal(f"{name} is {doing} by {busy_task}", f"wait for it, or roll it back: ferry task cancel {tid}",
                        "wait for it, or cancel it in Tasks")
-    if action == "vm_delete" and (st == VMState.DELETING.value or not tid):
+    if action == "vm_delete" and (st is VMState.DELETING or not tid):
         return None     # a delete that stopped half-way, finished by a delete
     if tid:
         return Refusal(f"{name} is {doing} by task {tid}, which stopped before it finished",
                        f"finish it (ferry task resume {tid}) or roll it back (ferry task cancel {tid})",
                        "resume or cancel it in Tasks")
-    if st == VMState.DELETING.value:
+    if st is VMState.DELETING:
         return Refusal(f"{name} was partly deleted", f"finish the delete: ferry vm delete {name} --confirm {name}",
                        "del deletes it to the end")
     return Refusal(f"{name} was left half-made by a task that is gone", f"delete it: ferry vm delete {name} --confirm {name}",

@@ -12,8 +12,10 @@ from ..platform.liveimage import LiveImage, build_live_image
 from ..platform.qga import AgentNotAnswering, GuestAgent
 from ..platform.qmp import QMPClient
 from .hostops import HostOps, image_cache_dir
-from .model import UNFINISHED_STATES, VMKind, VMSpec, VMState, VMView, process_name
-from .prechecks import clone_names, refusal
+from .model import (RUNNING_STATES, UNFINISHED_STATES, AgentReport, AgentState, CPUHotAdd, GuestFilesystem,
+                    MissingVM, OrphanProcess, ReconcileReport, TimeSync, UnreachableHost, VMKind, VMSpec, VMState,
+                    VMView, based_on, process_name)
+from .prechecks import VM_ACTIONS, VMActionCheck, refusal
 
 AGENT_TIMEOUT = 3.0
 RUNNING_TIMEOUT = 10.0
@@ -79,9 +81,12 @@ class VMService:
         await self._db(self.store.vm_update, vm_id, **fields)
 
     async def linked_clones(self, template: VMSpec) -> list[str]:
-        """Names of the VMs (and templates) whose disks are based on the template's images."""
+        """Names of the VMs (and templates) whose disks are based on the template's images; those in
+        the recycle bin so marked."""
         live, binned = await self.rows(), await self.rows(recycled=True)
-        return clone_names(template.to_dict(), [r["spec"] for r in live], [r["spec"] for r in binned])
+        in_bin = {r["id"] for r in binned}
+        return sorted(s.name + (" (in the recycle bin)" if s.id in in_bin else "")
+                      for s in based_on(template, [VMSpec.from_dict(r["spec"]) for r in [*live, *binned]]))
 
     async def busy_with(self, row: dict, own: int | None = None) -> str | None:
         """'task 12 (start web1, running)' when a live task other than `own` works on the VM."""
@@ -106,10 +111,20 @@ class VMService:
         spec = VMSpec.from_dict(row["spec"])
         view = self._view(row, None if recycled else await self._running_or_none(row["host"]))
         clones = await self.linked_clones(spec) if spec.is_template and action in ("vm_convert", "vm_delete") else None
-        why = refusal(action, view.to_dict(), busy_task=await self.busy_with(row, own), clones=clones, **rules)
+        why = refusal(action, view, busy_task=await self.busy_with(row, own), clones=clones, **rules)
         if why is not None:
             raise why.error()
         return row, spec, self.host(spec.host)
+
+    async def action_checks(self, name: str, *, recycled: bool = False) -> list[VMActionCheck]:
+        """Each action (prechecks.VM_ACTIONS) with why it cannot apply to the VM now, or None: the
+        rules of `checked`, over the same facts, asked once for them all."""
+        row = await self.find(name, recycled=recycled)
+        spec = VMSpec.from_dict(row["spec"])
+        view = self._view(row, None if recycled else await self._running_or_none(row["host"]))
+        busy = await self.busy_with(row)
+        clones = await self.linked_clones(spec) if spec.is_template else None
+        return [VMActionCheck(a, refusal(a, view, busy_task=busy, clones=clones)) for a in VM_ACTIONS]
 
     # -------------------------------------------------------------- live state
 
@@ -143,44 +158,47 @@ class VMService:
         pid = None
         if running is not None and not row["recycled"] and state not in UNFINISHED_STATES:
             pid = running.get(spec.process_name)
-            if pid and state not in (VMState.RUNNING, VMState.PAUSED):
+            if pid and state not in RUNNING_STATES:
                 state = VMState.RUNNING
-            elif not pid and state in (VMState.RUNNING, VMState.PAUSED):
+            elif not pid and state in RUNNING_STATES:
                 state = VMState.MISSING
-        return VMView(spec, state, row["recycled"], row["purge_at"], pid, row["busy"])
+        return VMView.of(spec, state, recycled=row["recycled"], purge_at=row["purge_at"], pid=pid, busy=row["busy"])
 
     async def view(self, name: str) -> VMView:
         row = await self.find(name)
         return self._view(row, await self._running_or_none(row["host"]))
 
-    async def reconcile(self) -> dict[str, Any]:
+    async def reconcile(self) -> ReconcileReport:
         """Compare what runs on the hosts with the records: orphans (QEMU without a record) and
         missing VMs (recorded running, process gone). Missing ones are marked so."""
         rows = await self.rows()
         by_host: dict[str, dict[str, dict]] = {}
         for r in rows:
             by_host.setdefault(r["host"], {})[process_name(r["id"])] = r
-        report: dict[str, Any] = {"orphans": [], "missing": [], "unreachable": [], "running": 0}
+        orphans: list[OrphanProcess] = []
+        missing: list[MissingVM] = []
+        unreachable: list[UnreachableHost] = []
+        n_running = 0
         for host in self.site.hosts:
             try:
                 running = await self.running_on(host)
             except FerryError as e:
-                report["unreachable"].append({"host": host, "error": str(e)})
+                unreachable.append(UnreachableHost(host, str(e)))
                 continue
             known = by_host.get(host, {})
             for key, pid in running.items():
                 r = known.get(key)
                 if r is None:
-                    report["orphans"].append({"host": host, "process": key, "pid": pid})
+                    orphans.append(OrphanProcess(host, key, pid))
                 else:
-                    report["running"] += 1
-                    if r["state"] not in ("running", "paused"):
+                    n_running += 1
+                    if r["state"] not in RUNNING_STATES:
                         await self.update(r["id"], state=VMState.RUNNING)
             for key, r in known.items():
-                if r["state"] in ("running", "paused") and key not in running and not r["busy"]:
-                    report["missing"].append({"host": host, "vm": r["name"]})
+                if r["state"] in RUNNING_STATES and key not in running and not r["busy"]:
+                    missing.append(MissingVM(host, r["name"]))
                     await self.update(r["id"], state=VMState.MISSING)
-        return report
+        return ReconcileReport(n_running, tuple(orphans), tuple(missing), tuple(unreachable))
 
     # -------------------------------------------------------------- image and acceleration
 
@@ -222,29 +240,27 @@ class VMService:
                                  "install and start qemu-guest-agent in the guest, or wait for the boot to finish") from None
         return ga
 
-    async def agent_info(self, name: str) -> dict[str, Any]:
+    async def agent_info(self, name: str) -> AgentReport:
         """Agent state and what it reports: version, OS, kernel, IPs, CPU/memory/disk use."""
         vm = await self.spec(name)
-        out: dict[str, Any] = {"vm": vm.name, "agent": "not running", "checked_at": time.time()}
+        checked = time.time()
         try:
             ga = await self.agent(vm)
         except PermanentError as e:
-            out["reason"] = e.message
-            return out
+            return AgentReport(vm.name, AgentState.NOT_RUNNING, checked, reason=e.message)
         async with ga:
             info = await ga.info()
             os_info = await ga.osinfo()
-            out.update(agent="running", version=info.version,
-                       os=os_info.pretty_name or os_info.name, kernel=os_info.kernel_release)
             try:
                 ifaces = await ga.network_interfaces()
-                out["ips"] = [a for i in ifaces if i.name != "lo" for a in i.addresses]
+                ips = tuple(a for i in ifaces if i.name != "lo" for a in i.addresses)
             except FerryError:
-                out["ips"] = []
-            out.update(await _usage(ga))
-        return out
+                ips = ()
+            return AgentReport(vm.name, AgentState.RUNNING, checked, version=info.version,
+                               os=os_info.pretty_name or os_info.name, kernel=os_info.kernel_release, ips=ips,
+                               **await _usage(ga))
 
-    async def timesync(self, name: str) -> dict[str, Any]:
+    async def timesync(self, name: str) -> TimeSync:
         vm = await self.spec(name)
         ga = await self.agent(vm)
         async with ga:
@@ -252,10 +268,10 @@ class VMService:
             now = time.time_ns()
             await ga.set_time(now)
             after = await _guest_time(ga)
-        return {"vm": vm.name, "offset_before_s": (before - now / 1e9) if before else None,
-                "offset_after_s": (after - time.time()) if after else None}
+        return TimeSync(vm.name, offset_before_s=(before - now / 1e9) if before else None,
+                        offset_after_s=(after - time.time()) if after else None)
 
-    async def cpu_hotadd(self, name: str, cpus: int) -> dict[str, Any]:
+    async def cpu_hotadd(self, name: str, cpus: int) -> CPUHotAdd:
         """Brings the VM to `cpus` vCPUs while it runs: QMP device_add, then online through the agent."""
         vm = await self.spec(name)
         if cpus <= vm.cpus:
@@ -284,7 +300,7 @@ class VMService:
                 await ga.set_vcpus(offline)
             online = sum(1 for v in await ga.vcpus() if v.online or v.logical_id in offline)
         await self.update(vm.id, spec=vm.with_(cpus=cpus))
-        return {"vm": vm.name, "cpus": cpus, "online_in_guest": online}
+        return CPUHotAdd(vm.name, cpus, online_in_guest=online)
 
     # -------------------------------------------------------------- recycle bin
 
@@ -301,7 +317,8 @@ async def _guest_time(ga: GuestAgent) -> float | None:
 
 
 async def _usage(ga: GuestAgent) -> dict[str, Any]:
-    """CPU (two samples of /proc/stat), memory (/proc/meminfo) and disk use (guest-get-fsinfo)."""
+    """CPU (two samples of /proc/stat), memory (/proc/meminfo) and disk use (guest-get-fsinfo): the
+    AgentReport fields that could be read."""
     out: dict[str, Any] = {}
     try:
         def cpu_times(text: bytes) -> tuple[int, int]:
@@ -321,7 +338,7 @@ async def _usage(ga: GuestAgent) -> dict[str, Any]:
         pass
     try:
         fs = await ga.filesystems()
-        out["disks"] = [{"mount": f.mountpoint, "used": f.used_bytes, "total": f.total_bytes} for f in fs]
+        out["disks"] = tuple(GuestFilesystem(f.mountpoint, f.used_bytes, f.total_bytes) for f in fs)
     except FerryError:
-        out["disks"] = []
+        out["disks"] = ()
     return out
