@@ -353,19 +353,32 @@ def cmd_task_control(args, ws: Workspace) -> int:
 
     async def go(client) -> int:
         info = await client.get_task(args.id)
+        goal = FINAL_STATES
         if action == "resume" and info.state in (TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING):
             # An engine that starts resumes the tasks a dead one left; this one may already have.
             if not args.json:
                 print(f"task {info.id} is {info.state} in the engine; following it", file=sys.stderr)
         else:
             info = await getattr(client, action)(args.id)
+            # The engine stops it at its next step; a cancel rolls back what it made first. Wait
+            # for that, so that what this command prints (and its exit) is the task's new state.
+            goal = FINAL_STATES if action == "cancel" else FINAL_STATES | {TaskState.PAUSED}
+            deadline = time.monotonic() + 30 if action == "pause" else None
+            told = False
+            while info.state not in goal and (deadline is None or time.monotonic() < deadline):
+                await asyncio.sleep(0.05)
+                info = await client.get_task(args.id)
+                if action == "cancel" and not told and not args.json:
+                    print(f"task {info.id}: rolling back what it made…", file=sys.stderr)
+                    told = True
         if action == "resume" and not info.state.final and not args.detach:
             # Follow it until it ends (ctrl-c stops following; the task goes on in the engine).
             return await run_foreground(client, args.id, as_json=args.json)
         if args.json:
             print(api.dumps(info))
         else:
-            print(f"task {info.id}: {action} -> {info.state}")
+            print(f"task {info.id}: {action} -> {info.state}"
+                  + (" (requested: it stops at its next step)" if info.state not in goal else ""))
         return EXIT_OK
     return asyncio.run(_with_client(ws, go))
 
@@ -430,7 +443,7 @@ def cmd_replicate(args, ws: Workspace) -> int:
         except PermanentError as e:     # the job is run by a task of another Ferry process: follow it
             if args.restart or getattr(e, "task_id", None) is None:
                 raise
-            print(f"ferry: {e.message}; following it", file=sys.stderr)
+            print(f"ferry: {e.message}; following it", file=sys.stderr)   # another front end started it
             tid, resumed = e.task_id, False
         if resumed and not args.json:
             print(f"resuming task {tid} from its checkpoint", file=sys.stderr)
@@ -483,7 +496,10 @@ def cmd_engine(args, ws: Workspace) -> int:
         print(service.systemd_unit(ws, user=args.user))
         return EXIT_OK
     if action == "start" and args.foreground:
-        return service.main(["--workspace", str(ws.root)] + (["--journal"] if args.journal else []))
+        return service.main(["--workspace", str(ws.root)] + (["--journal"] if args.journal else [])
+                            + (["--hold"] if args.hold else []))
+    if action == "start" and args.hold:
+        os.environ["FERRY_ENGINE_HOLD"] = "1"      # for the engine this command starts
 
     async def go() -> int:
         if action == "start":
@@ -515,7 +531,8 @@ def cmd_engine(args, ws: Workspace) -> int:
                 else:
                     print(f"engine running: pid {st.pid}, version {st.version}, up {fmt.duration(time.time() - st.started)}\n"
                           f"  workspace  {st.workspace} (site {st.site})\n  tasks      {st.tasks_active} active\n"
-                          f"  clients    {st.clients} attached\n  log        {st.log}")
+                          f"  clients    {st.clients} attached\n  log        {st.log}"
+                          + ("\n  holding    interrupted tasks wait for `ferry task resume ID`" if st.hold else ""))
                 return EXIT_OK
             await client.stop_engine(now=args.now)
         finally:
@@ -645,6 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = es.add_parser("start", help="start it (every command that needs it starts it anyway)")
     e.add_argument("--foreground", action="store_true", help="run it in this process (systemd, debugging)")
     e.add_argument("--journal", action="store_true", help="with --foreground: also log to stderr")
+    e.add_argument("--hold", action="store_true", help="leave interrupted tasks interrupted until resumed by hand "
+                   "(after a crash that may come back); by default the engine resumes them as it starts")
     e.add_argument("--json", action="store_true", help="print its status as JSON once it runs")
     e.set_defaults(func=cmd_engine)
     e = es.add_parser("stop", help="stop it; running tasks stop at their next checkpoint and resume at the next start")

@@ -27,6 +27,8 @@ from .errors import PermanentError
 MAX_FRAME = 64 << 20
 _LEN = struct.Struct(">I")
 SOCKET_NAME = "engine.sock"
+LOCK_NAME = "engine.lock"      # held by the workspace's one engine for its whole life
+PID_NAME = "engine.pid"
 UNIX_PATH_MAX = 107
 
 
@@ -95,6 +97,33 @@ def in_group(uid: int, gid: int, group: str) -> bool:
     except KeyError:
         return False
     return gid == g.gr_gid or user_name(uid) in g.gr_mem
+
+
+def paths(ws: Any) -> tuple[Path, Path, Path]:
+    """The workspace's engine socket, lock and pid file."""
+    return ws.root / SOCKET_NAME, ws.root / LOCK_NAME, ws.root / PID_NAME
+
+
+def running_pid(ws: Any) -> int | None:
+    """The pid of the engine that holds this workspace's lock (-1: held, pid not written yet), or
+    None when no engine runs."""
+    import fcntl
+    _, lock, pidfile = paths(ws)
+    if not lock.exists():
+        return None
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return int(pidfile.read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                return -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def hello(client: str) -> dict[str, Any]:

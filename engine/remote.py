@@ -27,8 +27,9 @@ from .config import SiteConfig
 from .errors import FerryError, PermanentError, TransientError
 from .events import Event, EventBus, Subscription
 from .gc import Leftover
+from .helpers import pid_running
 from .hostfacts import HostFacts
-from .protocol import ProtocolError, SOCKET_NAME, frame, hello, read_frame, short_path
+from .protocol import ProtocolError, SOCKET_NAME, frame, hello, read_frame, running_pid, short_path
 from .taskmodel import Progress, TaskInfo
 from .workspace import Workspace
 
@@ -175,9 +176,9 @@ class RemoteEngine:
                     raise PermanentError(f"the engine of {self.workspace.root} did not start: {last or f'exit {code}'}",
                                          f"see {out}")
                 # Another engine holds the workspace (starting, or still stopping): wait for its
-                # socket, and start one again if it goes away instead.
-                await asyncio.sleep(0.3)
-                self.spawned = proc = spawn_engine(self.workspace)
+                # socket, and start one again only once no engine holds the workspace.
+                if running_pid(self.workspace) is None:
+                    self.spawned = proc = spawn_engine(self.workspace)
             if time.monotonic() > deadline:
                 raise EngineUnavailable(f"the engine of {self.workspace.root} did not open its socket in "
                                         f"{START_TIMEOUT_S:.0f} s", f"see {self.workspace.logs_dir / 'ferry.log'}")
@@ -413,11 +414,5 @@ async def connect(ws: Workspace, *, client: str = "cli", autostart: bool = True,
 
 
 def engine_pid_alive(pid: int | None) -> bool:
-    """Whether the process runs (a zombie, ended but not yet reaped, does not)."""
-    if not pid or pid <= 0:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    """Whether the engine process runs (a zombie, ended but not yet reaped, does not)."""
+    return bool(pid) and pid_running(pid)

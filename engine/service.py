@@ -22,22 +22,19 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from . import api
 from .client import EngineClient
 from .errors import ConfigError, FerryError, PermanentError
-from .protocol import (ProtocolError, SOCKET_NAME, frame, in_group, peer_credentials, read_frame, short_path,
-                       user_name)
+from .protocol import (ProtocolError, frame, in_group, paths, peer_credentials, read_frame, running_pid,
+                       short_path, user_name)
 from .store import ACTOR
 from .taskmodel import ACTIVE_STATES
 from .workspace import Workspace
 
 log = logging.getLogger("ferry.service")
 
-LOCK_NAME = "engine.lock"
-PID_NAME = "engine.pid"
 DRAIN_S = 60.0          # how long `ferry engine stop` lets running tasks reach their next checkpoint
 
 # The calls a front end may make: EngineClient's public coroutines (engine/client.py), and the
@@ -49,30 +46,6 @@ CALLS = frozenset({
     "get_setting", "set_setting", "audit", "audit_log", "gc", "host_key", "trust_host", "precheck",
     "vm_actions",
 })
-
-
-def paths(ws: Workspace) -> tuple[Path, Path, Path]:
-    return ws.root / SOCKET_NAME, ws.root / LOCK_NAME, ws.root / PID_NAME
-
-
-def running_pid(ws: Workspace) -> int | None:
-    """The pid of the engine that holds this workspace's lock, or None when none does."""
-    _, lock, pidfile = paths(ws)
-    if not lock.exists():
-        return None
-    fd = os.open(lock, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                return int(pidfile.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                return -1      # held, by a process that has not written its pid yet
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
 
 
 class _Peer:
