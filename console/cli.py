@@ -116,8 +116,8 @@ async def run_foreground(client, task_id: int, *, as_json: bool, describe: Calla
                     print(f"{ev.data[0]}: {safe(ev.data[1])}", file=sys.stderr)
     except (KeyboardInterrupt, asyncio.CancelledError):
         line.done()
-        print(f"ferry: stopped following task {task_id}; it goes on in the engine (hint: `ferry task show "
-              f"{task_id}` follows it, `ferry task pause {task_id}` pauses it)", file=sys.stderr)
+        print(f"ferry: stopped following task {task_id}; it goes on in the engine (hint: `ferry task resume "
+              f"{task_id}` follows it again, `ferry task pause {task_id}` pauses it)", file=sys.stderr)
         raise
     finally:
         sub.close()
@@ -149,7 +149,7 @@ def cmd_console(args, ws: Workspace) -> int:
         site = asyncio.run(_with_client(ws, site_of))
         opener = _opener(ws)
     from ferry.console.app import run_console   # imported only here: headless commands never load textual
-    return run_console(ws, site, theme=args.theme, opener=opener)
+    return run_console(ws, site, theme=args.theme, opener=opener, readonly=args.readonly)
 
 
 def cmd_init(args, ws: Workspace) -> int:
@@ -555,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", metavar="DIR", help="workspace folder (default: $FERRY_WORKSPACE, "
                    "else $XDG_STATE_HOME/ferry)")
     p.add_argument("--theme", help="console theme by name (dark, light, high-contrast, production, ...)")
+    p.add_argument("--readonly", action="store_true", help="console without any action that changes something")
     p.add_argument("--engine", metavar="TARGET", help="attach to the engine of another machine over SSH: "
                    "[user@]host[:port] or a host of config.toml, optionally :/path/of/its/workspace "
                    "(host key checked against this workspace's known_hosts; `ferry engine trust TARGET`)")

@@ -199,9 +199,9 @@ def _task_row(root: Path) -> tuple[int, str, dict]:
     return (row[0], row[1], json.loads(row[2]) if row[2] else {}) if row else (0, "", {})
 
 
-def test_ctrl_c_mid_copy_exits_130_and_the_task_resumes(tmp_path):
-    """Ctrl-C (SIGINT) while a replication copies: exit status 130, one line saying the task keeps
-    its checkpoint, and the same command then resumes it instead of starting over."""
+def test_ctrl_c_mid_copy_exits_130_and_the_task_goes_on(tmp_path):
+    """Ctrl-C (SIGINT) while a replication copies: exit status 130, one line saying the task goes on
+    in the engine, and the same command then follows that task to its end instead of starting over."""
     root, src, dst = tmp_path / "ws", tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     for i in range(4):
@@ -220,14 +220,15 @@ def test_ctrl_c_mid_copy_exits_130_and_the_task_resumes(tmp_path):
             proc.communicate()
     tid, state, checkpoint = _task_row(root)
     assert proc.returncode == 130, (out, err)
-    assert err.splitlines() == [f"ferry: interrupted; task {tid} keeps its checkpoint "
-                                f"(hint: resume it with `ferry task resume {tid}`)"], err
-    assert state == "interrupted" and 0 < checkpoint["bytes_durable"] < total
+    assert err.splitlines() == [f"ferry: stopped following task {tid}; it goes on in the engine (hint: "
+                                f"`ferry task resume {tid}` follows it again, `ferry task pause {tid}` pauses it)"], err
+    assert state == "running" and 0 < checkpoint["bytes_durable"] < total
 
     r = ferry(root, *argv, "--json")
     assert r.code == 0, r.err
-    assert r.json["task"] == tid and r.json["resumed"] is True
-    assert r.json["bytes_sent"] <= total - checkpoint["bytes_durable"] + (1 << 20)   # not sent again
+    assert f"task {tid} (" in r.err and "already does this job; following it" in r.err
+    assert r.json["task"] == tid and r.json["state"] == "succeeded"
+    assert r.json["bytes_sent"] <= total     # one copy, never started over
     assert diff(describe(src), describe(dst)) == []
 
 
