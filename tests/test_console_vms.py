@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +26,7 @@ from ferry.console.app import FerryApp
 from ferry.console.commands import console_commands
 from ferry.console.modals import ConfirmScreen, HelpScreen
 from ferry.console.vmdialogs import FormScreen, TypedNameScreen
+from ferry.engine.api import AgentReport, AgentState, VMState, VMView
 from ferry.engine.client import EngineClient
 from ferry.engine.config import lab_config
 from ferry.engine.errors import Refused
@@ -57,7 +60,7 @@ async def client():
         shutil.rmtree(root, ignore_errors=True)
 
 
-async def make_vm(client: EngineClient, name: str, host: str = "lab1", *, template: bool = False) -> dict:
+async def make_vm(client: EngineClient, name: str, host: str = "lab1", *, template: bool = False) -> VMView:
     tid = await client.vm_task("vm.create", {"name": name, "host": host, "cpus": 2, "memory_mb": 128,
                                              "disks": [{"size": "16M"}], "nics": [{"network": "default"}]})
     info = await client.wait_task(tid, timeout=30)
@@ -82,7 +85,7 @@ def notes(app: FerryApp) -> list[str]:
 
 
 async def names_are(client: EngineClient, expected: set[str], **kw) -> bool:
-    return {v["name"] for v in await client.vm_list(**kw)} == expected
+    return {v.name for v in await client.vm_list(**kw)} == expected
 
 
 @contextlib.asynccontextmanager
@@ -94,6 +97,28 @@ async def on_new_vm(client: EngineClient, name: str = "web1", host: str = "lab1"
         await until(pilot, lambda: labels_under(app, host) == [f"■ {name}"], what=f"{name} under {host}")
         await go_to(pilot, app, name)
         yield app, pilot
+
+
+def engine_said(app: FerryApp, view: Any = None) -> bool:
+    """The engine has said which actions apply to the VM under the view's cursor (the keys are dimmed by it)."""
+    view = view or app.inventory
+    vm = view.cursor_vm()
+    return vm is not None and view.checks_of(vm) is not None and view.vm_checks[vm.id][0] == vm
+
+
+@contextlib.contextmanager
+def stand_in_qemu(client: EngineClient, vm: VMView):
+    """A test double for a running VM: a process (not QEMU: booting one is test_vm.py's job) whose pid
+    file and command line are those the engine looks for, so the engine sees the VM running."""
+    pidfile = Path(client.site.hosts[vm.host].runtime) / f"vm-{vm.id[:8]}.pid"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", str(pidfile)])
+    pidfile.write_text(f"{proc.pid}\n")
+    try:
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        pidfile.unlink(missing_ok=True)
 
 
 async def go_to(pilot, app: FerryApp, name: str) -> None:
@@ -132,8 +157,11 @@ async def test_vms_show_under_their_host_with_their_hardware(client):
         assert "disk0 16.0 MiB virtio on lab1-local" in detail
         assert "NICs       default" in detail and "Boot       disk, live" in detail
         assert "the VM is not running" in detail                   # no agent asked for a stopped VM
-        assert "s start" in detail and "x X r h: web1 is not running (stopped)" in detail
-        assert os.path.getsize(web["disks"][0]["path"]) > 0       # the qcow2 the engine made is real
+        # which keys apply is the engine's answer (vm_actions), listed with its reasons
+        await until(pilot, lambda: "x X r h: web1 is not running (stopped)" in text_of(app, "#detail-body"),
+                    what="the engine's answer in the detail")
+        assert "s start" in text_of(app, "#detail-body")
+        assert os.path.getsize(web.disks[0].path) > 0             # the qcow2 the engine made is real
 
         # a VM appearing above the cursor (sorted before it) does not move the cursor off web1
         await make_vm(client, "a0", "lab1")
@@ -143,6 +171,7 @@ async def test_vms_show_under_their_host_with_their_hardware(client):
         assert tree.cursor_node.data.name == "web1" and app.inventory.selected.name == "web1"
 
         # keys and palette
+        await until(pilot, lambda: engine_said(app), what="the engine's answer for web1")
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
         shown = "\n".join(getattr(s.render(), "plain", "") for s in app.screen.query(".help-section"))
@@ -163,6 +192,7 @@ async def test_start_on_a_template_is_refused_with_the_reason(client):
         await until(pilot, lambda: labels_under(app, "lab2") == ["◇ tpl1"], what="tpl1 under lab2")
         await go_to(pilot, app, "tpl1")
         inv = app.inventory
+        await until(pilot, lambda: engine_said(app), what="the engine's answer for tpl1")
         assert inv.check_action("vm_start", ()) is None             # dimmed in the footer
         assert inv.check_action("vm_deploy", ()) is True
         await pilot.press("s")
@@ -187,7 +217,7 @@ async def test_start_on_a_template_is_refused_with_the_reason(client):
 
 async def test_delete_needs_the_name_typed(client):
     web = await make_vm(client, "web1", "lab1")
-    disk = web["disks"][0]["path"]
+    disk = web.disks[0].path
     app = FerryApp(client, clock=lambda: FIXED_CLOCK)
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: labels_under(app, "lab1") == ["■ web1"], what="web1 under lab1")
@@ -225,17 +255,18 @@ async def test_create_through_the_dialog_on_the_selected_host(client):
         form = app.screen
         assert form.query_one("#f-host", Select).value == "lab2"     # preset to the selected host
         form.query_one("#f-name", Input).value = "bad name"
-        await pilot.press("enter")
-        await pilot.pause()
-        assert isinstance(app.screen, FormScreen) and "not valid" in modal_text(app, "#form-error")
+        await pilot.press("enter")                          # the engine's precheck says why, in the form
+        await until(pilot, lambda: "VM name 'bad name' is not valid" in modal_text(app, "#form-error"),
+                    what="the engine's refusal in the form")
+        assert isinstance(app.screen, FormScreen) and "hint: use 1-63 letters" in modal_text(app, "#form-error")
         form.query_one("#f-name", Input).value = "new1"
         form.query_one("#f-disk", Input).value = "16M"
         await pilot.press("enter")
         await until(pilot, lambda: not isinstance(app.screen, FormScreen), what="dialog closed")
         await until(pilot, lambda: names_are(client, {"new1"}), what="new1 made", timeout=20)
         vm = await client.vm_get("new1")
-        assert vm["host"] == "lab2" and vm["cpus"] == 1 and vm["disks"][0]["size"] == 16 << 20
-        assert os.path.exists(vm["disks"][0]["path"])
+        assert vm.host == "lab2" and vm.cpus == 1 and vm.disks[0].size == 16 << 20
+        assert os.path.exists(vm.disks[0].path)
         await until(pilot, lambda: labels_under(app, "lab2") == ["■ new1"], what="new1 in the tree")
         await until(pilot, lambda: any("create new1 done" in n for n in notes(app)), what="done notification")
 
@@ -267,32 +298,49 @@ async def test_recycle_bin_and_restore(client):
 
 async def test_force_stop_asks_first_and_defaults_to_back(client):
     async with on_new_vm(client) as (app, pilot):
+        await until(pilot, lambda: engine_said(app), what="the engine's answer for web1")
         await pilot.press("X")
         await until(pilot, lambda: any("web1 is not running" in n for n in notes(app)), what="refusal")
         assert not isinstance(app.screen, ConfirmScreen)
 
-        # A fake, named as such: the engine's list says web1 runs (booting a real VM is test_vm.py's job).
-        real = app.inventory.vm_poller.fetch
+        with stand_in_qemu(client, app.inventory.cursor_vm()):
+            app.inventory.refresh_vms()
+            await until(pilot, lambda: labels_under(app, "lab1") == ["▶ web1"], what="label follows the state")
+            await until(pilot, lambda: app.inventory.check_action("vm_force_stop", ()) is True, what="X applies")
+            assert app.inventory.check_action("vm_start", ()) is None
+            # the selected running VM's agent is asked (for real: nothing answers on its channel, and it says so)
+            await until(pilot, lambda: "web1 has no guest-agent channel" in text_of(app, "#detail-body"),
+                        what="agent answer in the detail")
+            assert "Agent      ◆ not running" in text_of(app, "#detail-body")
+            await pilot.press("X")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="force stop confirmation")
+            assert app.focused.id == "cancel"                 # the safe choice is the default
+            await pilot.press("enter")
+            await until(pilot, lambda: not isinstance(app.screen, ConfirmScreen), what="closed")
+            await pilot.pause(0.2)
+            assert not [t for t in await client.list_tasks() if t.kind == "vm.shutdown"]
 
-        async def says_running():
-            vms, binned = await real()
-            return [dict(v, state="running", pid=4242) for v in vms], binned
-        app.inventory.vm_poller.fetch = says_running
-        app.inventory.refresh_vms()
-        await until(pilot, lambda: labels_under(app, "lab1") == ["▶ web1"], what="label follows the state")
-        assert app.inventory.check_action("vm_force_stop", ()) is True
-        assert app.inventory.check_action("vm_start", ()) is None
-        # the selected running VM's agent is asked (for real: the engine finds no process, and says so)
-        await until(pilot, lambda: "its guest agent cannot answer" in text_of(app, "#detail-body"),
-                    what="agent answer in the detail")
-        assert "Agent      ◆ not running" in text_of(app, "#detail-body")
-        await pilot.press("X")
-        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="force stop confirmation")
-        assert app.focused.id == "cancel"                 # the safe choice is the default
-        await pilot.press("enter")
-        await until(pilot, lambda: not isinstance(app.screen, ConfirmScreen), what="closed")
-        await pilot.pause(0.2)
-        assert not [t for t in await client.list_tasks() if t.kind == "vm.shutdown"]
+
+async def test_a_key_asks_the_engine_before_its_dialog_opens(client):
+    """x (safe shutdown) on a VM whose guest agent does not answer: the key applies to a running VM, and
+    the engine's precheck of that very shutdown refuses it; the console says the engine's words and way
+    out, and opens no confirmation."""
+    async with on_new_vm(client) as (app, pilot):
+        with stand_in_qemu(client, app.inventory.cursor_vm()):
+            app.inventory.refresh_vms()
+            await until(pilot, lambda: labels_under(app, "lab1") == ["▶ web1"], what="web1 running")
+            await until(pilot, lambda: app.inventory.check_action("vm_stop", ()) is True, what="x applies to it")
+            with pytest.raises(Refused) as engine:
+                await client.precheck("vm.shutdown", {"vm": "web1", "mode": "powerdown"})
+            await pilot.press("x")
+            await until(pilot, lambda: any(n.startswith(engine.value.message) for n in notes(app)),
+                        what="the engine's refusal")
+            note = next(n for n in app._notifications if str(n.message).startswith(engine.value.message))
+            assert f"hint: {engine.value.hint}" in str(note.message) and note.severity == "warning"
+            assert "cannot shut down web1 safely" in engine.value.message and "--force" in engine.value.hint
+            await pilot.pause(0.2)
+            assert not isinstance(app.screen, ConfirmScreen)
+            assert not [t for t in await client.list_tasks() if t.kind == "vm.shutdown"]
 
 
 async def test_deploy_convert_export_and_import_through_dialogs(client):
@@ -308,8 +356,8 @@ async def test_deploy_convert_export_and_import_through_dialogs(client):
         await pilot.press("enter")
         await until(pilot, lambda: names_are(client, {"tpl1", "w-01", "w-02"}), what="deployed")
         await until(pilot, lambda: labels_under(app, "lab2") == ["■ w-01", "■ w-02", "◇ tpl1"], what="in the tree")
-        tpl_disk = (await client.vm_get("tpl1"))["disks"][0]["path"]
-        assert (await client.vm_get("w-01"))["disks"][0]["backing"] == tpl_disk
+        tpl_disk = (await client.vm_get("tpl1")).disks[0].path
+        assert (await client.vm_get("w-01")).disks[0].backing == tpl_disk
         await go_to(pilot, app, "w-01")
         assert "linked to tpl1/disk0.qcow2" in text_of(app, "#detail-body")
         assert "Origin     tpl1" in text_of(app, "#detail-body")
@@ -317,7 +365,8 @@ async def test_deploy_convert_export_and_import_through_dialogs(client):
         await pilot.press("up")
         assert app.inventory.selected.name == "lab2"
         await go_to(pilot, app, "tpl1")
-        assert "linked clones" in (app.inventory.vm_refusal("vm_convert") or "")   # while w-01/w-02 hang on it
+        await until(pilot, lambda: "linked clones" in (app.inventory.vm_refusal("vm_convert") or ""),
+                    what="convert refused while w-01/w-02 hang on it")
 
         await go_to(pilot, app, "w-02")
         await pilot.press("t")                             # convert the VM to a template, after a confirmation
@@ -331,16 +380,13 @@ async def test_deploy_convert_export_and_import_through_dialogs(client):
         await until(pilot, lambda: isinstance(app.screen, FormScreen), what="export dialog")
         assert app.screen.query_one("#f-out", Input).value == "/var/tmp/w-02.ova"
         app.screen.query_one("#f-out", Input).value = "/nonexistent-ferry-dir/w-02.ova"
-        await pilot.press("enter")                         # the engine's precheck refuses it: the console says why
-        await until(pilot, lambda: any("folder /nonexistent-ferry-dir does not exist on lab2" in n and "hint:" in n
-                                       for n in notes(app)), what="refusal notification")
-        note = next(n for n in app._notifications if "nonexistent-ferry-dir" in str(n.message))
-        assert note.severity == "warning"
+        await pilot.press("enter")                         # the engine's precheck refuses it: the form says why
+        await until(pilot, lambda: "folder /nonexistent-ferry-dir does not exist on lab2" in modal_text(app, "#form-error"),
+                    what="the engine's refusal in the form")
+        assert "hint:" in modal_text(app, "#form-error") and isinstance(app.screen, FormScreen)
         assert not [t for t in await client.list_tasks() if t.kind == "vm.export"], "a refusal makes no task"
         out = str(Path(client.workspace.root) / "w-02.ova")
-        await pilot.press("e")
-        await until(pilot, lambda: isinstance(app.screen, FormScreen), what="export dialog again")
-        app.screen.query_one("#f-out", Input).value = out
+        app.screen.query_one("#f-out", Input).value = out  # corrected in the same dialog
         await pilot.press("enter")
         await until(pilot, lambda: os.path.exists(out) and any("export w-02" in n and "done" in n for n in notes(app)),
                     what="package written", timeout=30)
@@ -356,11 +402,10 @@ async def test_deploy_convert_export_and_import_through_dialogs(client):
 
 
 async def test_reconcile_on_start_reports_missing_vms(client):
-    from ferry.engine.vm.model import VMState
     from ferry.engine.vm.service import VMService
     vm = await make_vm(client, "web1", "lab1")
     # recorded as running, but no QEMU process: what a host reboot leaves behind
-    await VMService.of(client.engine).update(vm["id"], state=VMState.RUNNING)
+    await VMService.of(client.engine).update(vm.id, state=VMState.RUNNING)
     app = FerryApp(client, clock=lambda: FIXED_CLOCK)
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: any("recorded as running but gone: web1 on lab1" in n for n in notes(app)),
@@ -368,6 +413,7 @@ async def test_reconcile_on_start_reports_missing_vms(client):
         await until(pilot, lambda: labels_under(app, "lab1") == ["✖ web1"], what="web1 shown missing")
         await go_to(pilot, app, "web1")
         assert "its QEMU process is gone" in text_of(app, "#detail-body")
+        await until(pilot, lambda: engine_said(app), what="the engine's answer for web1")
         assert app.inventory.check_action("vm_start", ()) is True      # starting it again is the way out
 
 
@@ -420,13 +466,13 @@ def rows_of(app: FerryApp) -> list[str]:
 
 def vm_cell(app: FerryApp, name: str, column: str) -> str:
     table = app.query_one("#vm-table", DataTable)
-    vid = next(v["id"] for v in {**app.vms_view.vms, **app.vms_view.recycled}.values() if v["name"] == name)
+    vid = next(v.id for v in {**app.vms_view.vms, **app.vms_view.recycled}.values() if v.name == name)
     return table.get_cell(vid, column).plain.strip()
 
 
 def vm_cell_dim(app: FerryApp, name: str, column: str) -> bool:
     table = app.query_one("#vm-table", DataTable)
-    vid = next(v["id"] for v in app.vms_view.vms.values() if v["name"] == name)
+    vid = next(v.id for v in app.vms_view.vms.values() if v.name == name)
     return bool(table.get_cell(vid, column).style.dim)
 
 
@@ -448,7 +494,7 @@ async def test_vms_view_rows_filter_and_enter_to_the_inventory(client):
         await make_vm(client, "app1", "lab3")
         app.vms_view.refresh_vms()
         await until(pilot, lambda: rows_of(app) == ["app1", "web1", "tpl1"], what="app1 added")
-        assert vm_cell(app, "app1", "host") == "lab3" and app.vms_view.cursor_vm()["name"] == "web1"
+        assert vm_cell(app, "app1", "host") == "lab3" and app.vms_view.cursor_vm().name == "web1"
 
         await pilot.press("slash", *"lab2")                  # filter by host, as you type
         await until(pilot, lambda: rows_of(app) == ["tpl1"], what="filtered by host")
@@ -465,6 +511,7 @@ async def test_vms_view_rows_filter_and_enter_to_the_inventory(client):
         assert "VMs view" in shown and "Filter the rows" in shown and "Delete the selected VM" in shown
         await pilot.press("escape")
         assert "View: VMs" in [c.name for c in console_commands(app)]
+        await until(pilot, lambda: engine_said(app, app.vms_view), what="the engine's answer for web1")
         assert "VM: Start web1" in [c.name for c in console_commands(app)]     # the VM under this cursor
 
         await pilot.press("enter")                           # the VM in the inventory, with its details
@@ -488,9 +535,9 @@ async def test_delete_from_the_vms_view(client):
         assert "web1" in modal_text(app, "#dialog-title")
         await pilot.press(*"web1", "enter")
         await until(pilot, lambda: rows_of(app) == ["db1"], what="web1's row gone")
-        assert await names_are(client, {"db1"}) and not os.path.exists(web["disks"][0]["path"])
+        assert await names_are(client, {"db1"}) and not os.path.exists(web.disks[0].path)
         await until(pilot, lambda: any("delete web1 done" in n for n in notes(app)), what="done notification")
-        assert app.vms_view.cursor_vm()["name"] == "db1"
+        assert app.vms_view.cursor_vm().name == "db1"
 
 
 async def test_vms_view_agent_columns_walk_one_at_a_time(client, monkeypatch):
@@ -503,7 +550,7 @@ async def test_vms_view_agent_columns_walk_one_at_a_time(client, monkeypatch):
     inflight = most = 0
     broken: set[str] = {"db1"}
 
-    async def fake_vm_agent(name: str) -> dict:
+    async def fake_vm_agent(name: str) -> AgentReport:
         """Test double for client.vm_agent: these VMs never booted, the facts are made up."""
         nonlocal inflight, most
         calls.append(name)
@@ -513,8 +560,8 @@ async def test_vms_view_agent_columns_walk_one_at_a_time(client, monkeypatch):
             await asyncio.sleep(0.05)
             if name in broken:
                 raise PermanentError("no answer from the guest agent")
-            return {"agent": "running", "ips": ["127.0.0.1/8", "fe80::1/64", "10.0.2.15/24"], "cpu_percent": 12.3,
-                    "mem_total": 218 << 20, "mem_used": 42 << 20}
+            return AgentReport(name, AgentState.RUNNING, time.time(), ips=("127.0.0.1/8", "fe80::1/64", "10.0.2.15/24"),
+                               cpu_percent=12.3, mem_total=218 << 20, mem_used=42 << 20)
         finally:
             inflight -= 1
     monkeypatch.setattr(client, "vm_agent", fake_vm_agent)
@@ -525,7 +572,7 @@ async def test_vms_view_agent_columns_walk_one_at_a_time(client, monkeypatch):
 
         async def says_running():
             vms, binned = await real()
-            return [dict(v, state="running", pid=4242) for v in vms], binned
+            return [v.with_(state=VMState.RUNNING, pid=4242) for v in vms], binned
         app.vms_view.vm_poller.fetch = says_running
         await pilot.press("3")
         await until(pilot, lambda: rows_of(app) == ["db1", "web1"] and vm_cell(app, "web1", "agent") == "✔ running",
@@ -581,6 +628,7 @@ def test_snapshot_inventory_with_a_vm_80x24(snap_compare):
         await until(pilot, lambda: all(s.ok for s in app.inventory.status.values()), what="all hosts answered")
         await until(pilot, lambda: len(app.inventory._vm_nodes) == 3, what="VMs in the tree")
         await go_to(pilot, app, "web1")
+        await until(pilot, lambda: engine_said(app), what="the engine's answer for web1")
     assert snapshot_with_three_vms(snap_compare, on_web1)
 
 
@@ -589,4 +637,5 @@ def test_snapshot_vms_view_80x24(snap_compare):
         await pilot.press("3")
         await until(pilot, lambda: rows_of(app) == ["db1", "web1", "tpl1"], what="rows")
         await pilot.press("down")
+        await until(pilot, lambda: engine_said(app, app.vms_view), what="the engine's answer for web1")
     assert snapshot_with_three_vms(snap_compare, vms_view_on_web1)

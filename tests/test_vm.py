@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from ferry.engine import api
+from ferry.engine.api import AgentReport, ReconcileReport, VMView
 from ferry.engine.vm.model import parse_size
 from harness.cli import ferry
 from harness.lab import lab_workspace, ok
@@ -285,7 +287,7 @@ async def _follow(client, tid: int, on_progress=None) -> tuple[Any, list, list[s
                 break
     finally:
         sub.close()
-    log = [line["message"] for line in await client.task_log(tid)]
+    log = [line.message for line in await client.task_log(tid)]
     return info, seen, log
 
 
@@ -554,6 +556,48 @@ def test_tampered_ova_refused_and_nothing_left(ws, tmp_path):
     assert "tamper-disk0.vhd" in err and "SHA256" in err
     assert "tampered" not in vms(ws)
     assert not (ws / "lab" / "lab1" / "datastore" / "tampered").exists()
+
+
+# What `ferry vm list --json` has printed for a VM since issue 9: scripts and the chaos harness read these.
+VM_JSON_KEYS = {"id", "name", "host", "state", "kind", "cpus", "max_cpus", "memory_mb", "disks", "nics", "boot",
+                "passthrough", "origin", "hibernate_file", "recycled", "purge_at", "pid", "busy", "agent"}
+
+
+def test_vm_json_is_the_engines_typed_records(tmp_path):
+    """Every `--json` of a VM command prints the engine's typed records with the API's one codec: the
+    output decodes into them and api.dumps of those is the output again, byte for byte; a VM keeps the
+    keys and values scripts read."""
+    ws = tmp_path
+    ok(ws, "vm", "create", "j1", "--host", "lab1", "--disk", "16M", "--cpus", "2", "--memory", "128")
+    ok(ws, "vm", "create", "jt", "--host", "lab2", "--disk", "16M")
+    ok(ws, "template", "convert", "jt")
+    ok(ws, "template", "deploy", "jt", "jw")
+    ok(ws, "vm", "create", "jz", "--host", "lab3", "--disk", "16M")
+    ok(ws, "vm", "delete", "jz", "--delayed", "--confirm", "jz")
+    for args, shape in ((("vm", "list"), list[VMView]), (("vm", "list", "--recycled"), list[VMView]),
+                        (("vm", "list", "--agents"), list[VMView]), (("template", "list"), list[VMView]),
+                        (("vm", "show", "jw"), VMView), (("vm", "reconcile"), ReconcileReport),
+                        (("vm", "agent", "info", "j1"), AgentReport)):
+        r = ferry(ws, *args, "--json")
+        assert r.code in (0, 1) and "Traceback" not in r.err, (args, r.err)
+        records = api.decode(r.out.encode(), shape)
+        assert r.out.rstrip("\n") == api.dumps(records), args
+
+    listed = {v["name"]: v for v in ok(ws, "vm", "list")}
+    assert set(listed) == {"j1", "jt", "jw"} and all(set(v) == VM_JSON_KEYS for v in listed.values())
+    j1, jt, jw = listed["j1"], listed["jt"], listed["jw"]
+    assert (j1["state"], j1["kind"], j1["host"], j1["cpus"], j1["max_cpus"], j1["memory_mb"]) == \
+        ("stopped", "vm", "lab1", 2, 4, 128)
+    assert j1["disks"] == [{"name": "disk0", "datastore": "lab1-local", "path": j1["disks"][0]["path"],
+                            "size": 16 * MiB, "bus": "virtio", "shared": False, "backing": None}]
+    assert j1["nics"] == [{"network": "default", "mac": ""}] and j1["boot"] == ["disk", "live"]
+    assert (j1["recycled"], j1["purge_at"], j1["pid"], j1["busy"], j1["agent"]) == (None, None, None, None, None)
+    assert (jt["state"], jt["kind"]) == ("template", "template")
+    assert jw["origin"] == "jt" and jw["disks"][0]["backing"] == jt["disks"][0]["path"]
+    [jz] = ok(ws, "vm", "list", "--recycled")
+    assert jz["name"] == "jz" and jz["recycled"] <= time.time() < jz["purge_at"]
+    agent = ferry(ws, "vm", "agent", "info", "j1", "--json").json
+    assert agent["agent"] == "not running" and "not running" in agent["reason"]
 
 
 def test_secure_delete_leaves_none_of_the_data_on_the_device(tmp_path):
