@@ -1,5 +1,6 @@
 """OVF / OVA export and import with real qemu-img, tar and sha256sum: the disks come back byte for byte,
-the package is laid out as other tools expect, and a damaged or incomplete package is refused cleanly."""
+the package is laid out as other tools expect, and a damaged or incomplete package is refused cleanly.
+The descriptor and the manifest alone (no host) are tested in test_ovfxml.py."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import pytest
 
 from ferry.engine.errors import PermanentError
 from ferry.engine.transport.local import LocalTransport
-from ferry.engine.vm.ovf import (OvfDisk, OvfSpec, build_ovf, export_package, import_package, manifest_text,
-                           parse_manifest, parse_ovf, read_package)
+from ferry.engine.vm.ovf import export_package, import_package, read_package
+from ferry.engine.vm.ovfxml import OvfDisk, OvfSpec, parse_manifest
+from harness.ovfsamples import vmware_ovf
 from harness.qemu import raw_sha256, sha256
 
 MiB = 1 << 20
@@ -302,150 +304,6 @@ async def test_failed_export_leaves_nothing(t, vm, tmp_path):
     assert list(out.iterdir()) == []
 
 
-def test_descriptor_round_trip_and_escaping():
-    spec = OvfSpec(name='a<b>&"c', cpus=4, memory_mb=4096,
-                   disks=(OvfDisk("disk0", "a&b-disk0.vhd", 10 * 1024**3, "ide"),
-                          OvfDisk("disk1", "", 512, "virtio", "qcow2")),
-                   nics=("lan", "<dmz>"), os="windows", is_template=True)
-    text = build_ovf(spec)
-    assert text.startswith('<?xml version="1.0" encoding="UTF-8"?>')
-    assert "&lt;dmz&gt;" in text
-    assert parse_ovf(text, file="x.ovf") == spec
-
-
-VMWARE = """<?xml version="1.0" encoding="UTF-8"?>
-<Envelope vmw:buildId="build-123" xmlns="http://schemas.dmtf.org/ovf/envelope/1"
-    xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"
-    xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData"
-    xmlns:vmw="http://www.vmware.com/schema/ovf"
-    xmlns:vssd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_VirtualSystemSettingData">
-  <References>
-    <File ovf:href="Web Server-disk1.vmdk" ovf:id="file1" ovf:size="1190144"/>
-  </References>
-  <DiskSection>
-    <Info>Virtual disk information</Info>
-    <Disk ovf:capacity="16" ovf:capacityAllocationUnits="byte * 2^30" ovf:diskId="vmdisk1" ovf:fileRef="file1"
-      ovf:format="http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized"/>
-  </DiskSection>
-  <NetworkSection>
-    <Info>The list of logical networks</Info>
-    <Network ovf:name="VM Network"><Description>The VM Network network</Description></Network>
-  </NetworkSection>
-  <VirtualSystem ovf:id="Web Server">
-    <Info>A virtual machine</Info>
-    <Name>Web Server</Name>
-    <OperatingSystemSection ovf:id="94" vmw:osType="ubuntu64Guest">
-      <Info>The kind of installed guest operating system</Info>
-    </OperatingSystemSection>
-    <VirtualHardwareSection>
-      <Info>Virtual hardware requirements</Info>
-      <System>
-        <vssd:ElementName>Virtual Hardware Family</vssd:ElementName>
-        <vssd:InstanceID>0</vssd:InstanceID>
-        <vssd:VirtualSystemType>vmx-13</vssd:VirtualSystemType>
-      </System>
-      <Item>
-        <rasd:AllocationUnits>hertz * 10^6</rasd:AllocationUnits>
-        <rasd:ElementName>2 virtual CPU(s)</rasd:ElementName>
-        <rasd:InstanceID>1</rasd:InstanceID>
-        <rasd:ResourceType>3</rasd:ResourceType>
-        <rasd:VirtualQuantity>2</rasd:VirtualQuantity>
-      </Item>
-      <Item>
-        <rasd:AllocationUnits>byte * 2^20</rasd:AllocationUnits>
-        <rasd:ElementName>4096MB of memory</rasd:ElementName>
-        <rasd:InstanceID>2</rasd:InstanceID>
-        <rasd:ResourceType>4</rasd:ResourceType>
-        <rasd:VirtualQuantity>4096</rasd:VirtualQuantity>
-      </Item>
-      <Item>
-        <rasd:Address>0</rasd:Address>
-        <rasd:ElementName>SCSI controller 0</rasd:ElementName>
-        <rasd:InstanceID>3</rasd:InstanceID>
-        <rasd:ResourceSubType>lsilogic</rasd:ResourceSubType>
-        <rasd:ResourceType>6</rasd:ResourceType>
-      </Item>
-      <Item ovf:required="false">
-        <rasd:AddressOnParent>3</rasd:AddressOnParent>
-        <rasd:ElementName>CD-ROM 1</rasd:ElementName>
-        <rasd:InstanceID>7</rasd:InstanceID>
-        <rasd:ResourceType>15</rasd:ResourceType>
-      </Item>
-      <Item>
-        <rasd:AddressOnParent>0</rasd:AddressOnParent>
-        <rasd:ElementName>Hard disk 1</rasd:ElementName>
-        <rasd:HostResource>ovf:/disk/vmdisk1</rasd:HostResource>
-        <rasd:InstanceID>8</rasd:InstanceID>
-        <rasd:Parent>3</rasd:Parent>
-        <rasd:ResourceType>17</rasd:ResourceType>
-      </Item>
-      <Item>
-        <rasd:AddressOnParent>7</rasd:AddressOnParent>
-        <rasd:AutomaticAllocation>true</rasd:AutomaticAllocation>
-        <rasd:Connection>VM Network</rasd:Connection>
-        <rasd:ElementName>Network adapter 1</rasd:ElementName>
-        <rasd:InstanceID>9</rasd:InstanceID>
-        <rasd:ResourceSubType>VmxNet3</rasd:ResourceSubType>
-        <rasd:ResourceType>10</rasd:ResourceType>
-      </Item>
-    </VirtualHardwareSection>
-  </VirtualSystem>
-</Envelope>
-"""
-
-
-def test_parses_a_vmware_descriptor():
-    spec = parse_ovf(VMWARE, file="web.ovf")
-    assert spec == OvfSpec(name="Web Server", cpus=2, memory_mb=4096,
-                           disks=(OvfDisk("vmdisk1", "Web Server-disk1.vmdk", 16 * 1024**3, "scsi", "vmdk"),),
-                           nics=("VM Network",), os="linux", is_template=False)
-
-
-def test_parses_a_virtualbox_descriptor():
-    text = (VMWARE.replace("byte * 2^20", "MegaBytes")
-            .replace("<rasd:VirtualQuantity>4096<", "<rasd:VirtualQuantity>2048<")
-            .replace("<rasd:ResourceSubType>lsilogic</rasd:ResourceSubType>\n        <rasd:ResourceType>6<",
-                     "<rasd:ResourceSubType>AHCI</rasd:ResourceSubType>\n        <rasd:ResourceType>20<")
-            .replace('vmw:osType="ubuntu64Guest"', "").replace('ovf:id="94"', 'ovf:id="67"')
-            .replace("<Info>The kind of installed guest operating system</Info>",
-                     "<Info>The kind of installed guest operating system</Info><Description>WindowsXP</Description>"))
-    spec = parse_ovf(text, file="vbox.ovf")
-    assert spec.memory_mb == 2048 and spec.os == "windows"
-    assert spec.disks[0].bus == "ide"      # SATA: Ferry has none; IDE boots any guest
-
-
-@pytest.mark.parametrize("text, words", [
-    ("<Envelope><oops", "not valid XML"),
-    ("<html/>", "not an OVF descriptor"),
-    ('<!DOCTYPE x [<!ENTITY a "aaaa">]><Envelope/>', "DOCTYPE"),
-    (VMWARE.replace("<rasd:ResourceType>3</rasd:ResourceType>", ""), "no CPU item"),
-    (VMWARE.replace('ovf:fileRef="file1"', 'ovf:fileRef="file9"'), "not in the References"),
-    (VMWARE.replace('ovf:href="Web Server-disk1.vmdk"', 'ovf:href="../../etc/shadow"'), "not a plain file name"),
-    (VMWARE.replace('ovf:capacity="16"', 'ovf:capacity="${disk.size}"'), "not a number"),
-])
-def test_bad_descriptors_are_refused_naming_the_file(text, words):
-    with pytest.raises(PermanentError) as e:
-        parse_ovf(text, file="pkg.ova: web.ovf")
-    assert e.value.message.startswith("pkg.ova: web.ovf: ") and words in e.value.message
-    assert e.value.hint
-
-
-def test_manifest_lines():
-    digests = {"web01.ovf": "ab" * 32, "web01-disk0.vhd": "CD" * 32}
-    text = manifest_text(digests)
-    assert text == f"SHA256(web01.ovf)= {'ab' * 32}\nSHA256(web01-disk0.vhd)= {'cd' * 32}\n"
-    parsed = parse_manifest(text, file="web01.mf")
-    assert parsed == {k: v.lower() for k, v in digests.items()}
-
-    older = parse_manifest(f"SHA1(a b.ovf)= {'1' * 40}\r\n\nSHA256 (disk.vmdk) = {'2' * 64}\n", file="old.mf")
-    assert older == {"a b.ovf": "1" * 40, "disk.vmdk": "2" * 64}
-    assert older.algos == {"a b.ovf": "SHA1", "disk.vmdk": "SHA256"}
-
-    for garbage in ("hello\n", f"SHA256(x)= {'1' * 40}\n", f"MD5(x)= {'1' * 32}\n", ""):
-        with pytest.raises(PermanentError, match="web01.mf: "):
-            parse_manifest(garbage, file="web01.mf")
-
-
 def make_ova(path: Path, ovf_name: str, ovf_text: str, disks: dict[str, Path], *, algo: str = "sha256") -> None:
     """An OVA as another tool makes it: descriptor, manifest, disks (GNU tar format, as VirtualBox writes)."""
     ovf = ovf_text.encode()
@@ -459,15 +317,6 @@ def make_ova(path: Path, ovf_name: str, ovf_text: str, disks: dict[str, Path], *
             tar.addfile(info, io.BytesIO(data))
         for name, p in disks.items():
             tar.add(p, arcname=name)
-
-
-def vmware_ovf(capacity_mib: int, *, href: str = "Web Server-disk1.vmdk", fmt: str | None = None) -> str:
-    text = VMWARE.replace('ovf:capacity="16" ovf:capacityAllocationUnits="byte * 2^30"',
-                          f'ovf:capacity="{capacity_mib}" ovf:capacityAllocationUnits="byte * 2^20"')
-    text = text.replace('"Web Server-disk1.vmdk"', f'"{href}"')
-    if fmt:
-        text = text.replace("http://www.vmware.com/interfaces/specifications/vmdk.html#streamOptimized", fmt)
-    return text
 
 
 async def test_imports_a_vmware_ova(t, tmp_path):

@@ -16,7 +16,7 @@ from .service import VMService
 
 
 def to_ovf(vm: VMSpec):
-    from .ovf import OvfDisk, OvfSpec
+    from .ovfxml import OvfDisk, OvfSpec
     return OvfSpec(name=vm.name, cpus=vm.cpus, memory_mb=vm.memory_mb,
                    disks=tuple(OvfDisk(d.name, f"{vm.name}-{d.name}.vhd", d.size, d.bus) for d in vm.disks),
                    nics=tuple(n.network for n in vm.nics), is_template=vm.is_template)
@@ -85,7 +85,7 @@ class ExportVM(VMTask):
         """The result, when an interrupted run had moved its package into place (the last step): the
         package at the output path holds the manifest of the disks this task hashed (an OVA is also read
         through to its end). None otherwise."""
-        from .ovf import parse_manifest
+        from .ovfxml import parse_manifest
         cp = ctx.checkpoint or {}
         out, digests, stage = cp.get("out"), cp.get("digests") or {}, cp.get("stage")
         if not out or not digests or not stage:
