@@ -85,8 +85,9 @@ async def stop_helpers(transport, tag: str) -> tuple[int, int]:
     """Kill the processes of a task's tag on one host: (how many were killed, how many remain)."""
     if not TAG_RE.match(tag):
         raise ValueError(f"bad task tag {tag!r}")
+    from .ship import Program   # not at the top: ship reaches hosts through transport, which imports this module
     with detached():
-        r = await transport.run(["python3", "-c", KILL_SCRIPT, tag], timeout=30)
+        r = await Program("ferry-kill", KILL_SCRIPT).run(transport, tag, timeout=30)
     try:
         killed, left = (int(x) for x in r.stdout.split()[:2])
     except ValueError:

@@ -9,10 +9,11 @@ from dataclasses import asdict, dataclass, field
 
 from .config import DatastoreSpec, HostSpec, SiteConfig
 from .errors import FerryError
+from .ship import Program
 
 # One POSIX sh script, so a host costs one round trip. Sections start with "@@name"; datastores
 # come as "name path" argument pairs. Every probe tolerates a missing tool (busybox, no QEMU).
-SCRIPT = r"""
+FACTS = Program("ferry-facts", lang="sh", source=r"""
 export LC_ALL=C
 echo @@os; (. /etc/os-release 2>/dev/null && printf '%s\n' "${PRETTY_NAME:-$NAME}")
 echo @@kernel; uname -r
@@ -26,7 +27,7 @@ while [ "$#" -ge 2 ]; do
   shift 2
 done
 echo @@end
-"""
+""")
 
 _DF_RE = re.compile(r"\s(\d+)\s+(\d+)\s+(\d+)\s+\d+%\s+\S.*$")
 _QEMU_RE = re.compile(r"version\s+(\S+)")
@@ -131,7 +132,7 @@ async def gather_facts(transport, host: HostSpec, datastores: list[DatastoreSpec
     try:
         # The timeout covers connecting as well as running, so a dead host costs at most `timeout`.
         async with asyncio.timeout(timeout):
-            r = await transport.run(["sh", "-c", SCRIPT, "ferry-facts", *args], timeout=None)
+            r = await FACTS.run(transport, *args, timeout=None)
     except (TimeoutError, asyncio.TimeoutError):
         return HostFacts(host.name, False, f"no answer from {host.name} ({host.target}) within {timeout:g} s",
                          "is the host up and reachable? check address/port in config.toml",

@@ -1,8 +1,8 @@
 """Ferry's replication agent: the code that runs on a host, sent over the channel each session.
 
-Python 3 standard library only, one file, nothing installed on the host. The engine starts
-`python3 -c BOOT`, writes the length of this file's source and the source itself to stdin,
-and from then on stdin/stdout carry frames: a 1-byte type, a 4-byte big-endian length and a
+Python 3 standard library only, one file, nothing installed on the host. The engine ships it
+as ship.py ships a large program: `python3 -S -c BOOT` reads the length of this file's source and
+the source itself from stdin, and runs it as __main__; from then on stdin/stdout carry frames: a 1-byte type, a 4-byte big-endian length and a
 payload. The first frame is a JSON command naming the role:
 
   walk   list a tree (manifest records), optionally with content hashes
@@ -25,22 +25,6 @@ import time
 import zlib
 
 AGENT_VERSION = 1
-# Reads the source with unbuffered os.read, so no frame that follows it is swallowed by a buffer.
-BOOT = """import os
-def r(n):
-    b = b''
-    while len(b) < n:
-        c = os.read(0, n - len(b))
-        if not c:
-            raise SystemExit(2)
-        b += c
-    return b
-h = b''
-while not h.endswith(b'\\n'):
-    h += r(1)
-exec(compile(r(int(h)), 'ferry-agent', 'exec'), {'__name__': '__ferry_agent__'})
-"""
-
 HDR = struct.Struct(">cI")
 MAX_FRAME = (64 << 20) + (64 << 10)   # the largest chunk (64 MiB) and its header
 IO_CHUNK = 1 << 20
@@ -2168,5 +2152,5 @@ def main():
 
 ROLES = {"walk": role_walk, "send": role_send, "recv": role_recv, "blk": role_blk}
 
-if __name__ == "__ferry_agent__":
+if __name__ == "__main__":
     main()

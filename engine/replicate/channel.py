@@ -5,17 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import FerryError, PermanentError, TransportError
+from ..ship import MISSING, missing_python
 from ..transport.base import Process
 from . import agent as wire
+from .hosts import AGENT, AgentHost
 
-if TYPE_CHECKING:
-    from .hosts import AgentHost
-
-AGENT_SOURCE = Path(wire.__file__).read_bytes()
 HDR = wire.HDR
 # An agent says what it is doing at least every wire.BEAT_S while it works; this long without a
 # word from it means it (or the link) is stuck.
@@ -25,7 +22,7 @@ STALL_S = 120.0
 def bootstrap(role: str, cmd: dict[str, Any]) -> bytes:
     """What an agent reads first: its source, then the command frame."""
     frame = json.dumps({"role": role, **cmd}).encode()
-    return b"%d\n" % len(AGENT_SOURCE) + AGENT_SOURCE + HDR.pack(wire.F_JSON, len(frame)) + frame
+    return AGENT.preamble() + HDR.pack(wire.F_JSON, len(frame)) + frame
 
 
 class AgentError(PermanentError):
@@ -71,7 +68,7 @@ async def watching(aw: Any, reader: asyncio.Task) -> Any:
 class AgentChannel:
     """One agent process on one host, speaking frames over its stdin/stdout."""
 
-    def __init__(self, where: "AgentHost | None", proc: Process, role: str, host: str) -> None:
+    def __init__(self, where: AgentHost | None, proc: Process, role: str, host: str) -> None:
         self.where = where
         self.proc = proc
         self.role = role
@@ -83,7 +80,7 @@ class AgentChannel:
         self.busy: tuple[str, int] | None = None   # what the agent last said it was busy with
 
     @classmethod
-    async def start(cls, where: "AgentHost", role: str, **cmd: Any) -> "AgentChannel":
+    async def start(cls, where: AgentHost, role: str, **cmd: Any) -> "AgentChannel":
         proc = await where.start()
         ch = cls(where, proc, role, where.host)
         try:
@@ -211,9 +208,8 @@ class AgentChannel:
             if diagnosed is not None:
                 return diagnosed
         text = err.decode("utf-8", "replace").strip().splitlines()[-1:] or [""]
-        if status == 127:
-            return PermanentError(f"{self.host}: python3 is not installed", "Ferry needs python3 (standard "
-                                  "library only) on the host: apt-get install python3-minimal")
+        if status == MISSING:
+            return missing_python(self.host)
         if status not in (None, 0) and text[0]:
             return AgentError(f"{self.host}: replication agent failed: {text[0]}")
         return TransportError(f"{self.host}: the channel to the replication agent closed unexpectedly",

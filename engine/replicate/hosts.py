@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import FerryError, PermanentError, TransportError
+from ..ship import Program
 from ..transport.base import Process, Transport
 from ..transport.local import LocalProcess, LocalTransport
 from ..transport.openssh import classify_failure
@@ -17,12 +18,11 @@ from . import agent as W
 
 PIPE_LIMIT = 1 << 20
 
-# On a host, the system's python3 when there is one (predictable and quick to start: a
-# version-manager shim on PATH can cost 100 ms per start), else whatever PATH offers.
-_REMOTE_PYTHON = ('p=/usr/bin/python3; [ -x "$p" ] || p=$(command -v python3) || exit 127; '
-                  'exec "$p" -S -c "$1"')
-REMOTE_AGENT = ["sh", "-c", _REMOTE_PYTHON, "ferry-agent", W.BOOT]
-LOCAL_AGENT = [sys.executable, "-S", "-c", W.BOOT]
+# The agent is shipped on stdin: its source is too large for a command line (see ship.py), and stdin
+# then carries its frames. On this machine it runs in the engine's own interpreter.
+AGENT = Program("ferry-agent", Path(W.__file__).read_text(encoding="utf-8"), on_stdin=True)
+REMOTE_AGENT = AGENT.argv()
+LOCAL_AGENT = AGENT.argv(python=sys.executable)
 
 
 # The OpenSSH client carrying an agent dies with the engine (the agent itself sees to that for

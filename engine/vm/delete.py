@@ -21,8 +21,9 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from ..errors import FerryError, PermanentError, Refused
+from ..ship import Program
 from ..tasks import TaskContext, register
-from .hostcmd import Tail, last_line, watch
+from .hostcmd import Tail, last_line
 from .hostops import RECYCLE_DIR, HostOps, recycle_path
 from .lifecycle import VMTask, working_on
 from .model import VMSpec, VMState
@@ -33,7 +34,7 @@ DEFAULT_KEEP_DAYS = 7
 
 # Runs on the host (python3, stdlib only): overwrites every allocated extent of each file with
 # zeros, fsyncs, reads it all back to verify, and reports progress as "P done total" lines.
-WIPE_SCRIPT = r"""
+WIPE = Program("ferry-wipe", r"""
 import os, sys
 BS = 1 << 20
 def extents(fd, size):
@@ -79,7 +80,7 @@ for f, fd, ex in plan:
             print("P", done, total, flush=True)
     os.close(fd)
 print("OK", flush=True)
-"""
+""")
 
 
 @register
@@ -186,7 +187,7 @@ async def secure_wipe(ctx: TaskContext, h: HostOps, vm: VMSpec) -> None:
                      item="overwriting" if value <= total // 2 else "verifying")
 
     tails = (Tail(r"P \d+ (\d+)\n", on_total), Tail(r"P (\d+) \d+\n", on_done))
-    r = await watch(h.t, ["python3", "-c", WIPE_SCRIPT, *files], on_out=lambda text: [t(text) for t in tails])
+    r = await WIPE.run(h.t, *files, timeout=None, on_out=lambda text: [t(text) for t in tails])
     out = r.stdout.decode("utf-8", "replace").split("\n")
     verdict = next((line.strip() for line in reversed(out) if line.strip() and not line.startswith("P ")), "")
     if not r.ok or verdict != "OK":
