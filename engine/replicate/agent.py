@@ -1,9 +1,10 @@
 """Ferry's replication agent: the code that runs on a host, sent over the channel each session.
 
 Python 3 standard library only, one file, nothing installed on the host. The engine ships it
-as ship.py ships a large program: `python3 -S -c BOOT` reads the length of this file's source and
-the source itself from stdin, and runs it as __main__; from then on stdin/stdout carry frames: a 1-byte type, a 4-byte big-endian length and a
-payload. The first frame is a JSON command naming the role:
+as engine/ship.py ships a large program: `python3 -S -c BOOT` reads the length of this file's
+source and the source itself from stdin and runs it as __main__. From then on stdin/stdout carry
+frames: a 1-byte type, a 4-byte big-endian length and a payload. The first frame is a JSON
+command naming the role:
 
   walk   list a tree (manifest records), optionally with content hashes
   send   read files or chunks the engine asks for and emit them as frames
@@ -1064,6 +1065,36 @@ def _syncfs(fd):
     os.sync()
 
 
+class BackgroundSync:
+    """One flush at a time in a thread (fsync and syncfs release the GIL), so that writing goes on
+    while what came before becomes durable; once it is done, what it covered is acknowledged."""
+
+    def __init__(self, flush, ack):
+        self.flush = flush     # flush(*args): makes everything written so far durable
+        self.ack = ack         # ack(snapshot): says what is durable now
+        self.running = None    # (thread, snapshot)
+
+    @property
+    def busy(self):
+        return self.running is not None
+
+    def start(self, snapshot, *args):
+        import threading
+        self.running = (threading.Thread(target=self.flush, args=args, daemon=True), snapshot)
+        self.running[0].start()
+
+    def poll(self, wait=False):
+        """Acknowledge the flush once it has finished (wait: wait for it)."""
+        if self.running is None:
+            return
+        thread, snapshot = self.running
+        if wait:
+            thread.join()
+        if not thread.is_alive():
+            self.running = None
+            self.ack(snapshot)
+
+
 def open_for_writing(name, dirfd, truncate):
     """A temporary file of ours under dirfd, for writing: made when missing; a symlink, FIFO or
     anything else put in its place is refused, never followed or blocked on."""
@@ -1100,7 +1131,7 @@ class Receiver:
         self.sync_seconds = float(cmd.get("sync_seconds", 1.0))
         self.notes = set()
         self.dirty = False     # anything changed since the last sync?
-        self.bg = None         # (thread, snapshot) of a sync running in the background
+        self.bg = BackgroundSync(_syncfs, lambda snap: self._ack(-1, snap))
         self.received = 0      # file data received (for the engine's progress)
         self.files = 0
         self.last_progress = 0.0
@@ -1492,7 +1523,7 @@ class Receiver:
 
     def sync(self, seq):
         """Make everything written durable, then acknowledge it (waits for a background sync)."""
-        self.poll_sync(wait=True)
+        self.bg.poll(wait=True)
         snap = self._snapshot()
         if snap[2]:
             self.wire.blocking(_syncfs, "making what was written durable", self.root.rootfd)
@@ -1500,27 +1531,12 @@ class Receiver:
 
     def maybe_sync(self):
         """Start a background sync when enough was written; writing goes on meanwhile."""
-        self.poll_sync()
-        if self.bg is not None:
+        self.bg.poll()
+        if self.bg.busy:
             return
         if self.bytes_since_sync >= self.sync_bytes or (
                 self.bytes_since_sync and time.monotonic() - self.last_sync >= self.sync_seconds):
-            snap = self._snapshot()
-            import threading
-            # syncfs through ctypes releases the GIL: the main loop keeps receiving.
-            self.bg = (threading.Thread(target=_syncfs, args=(self.root.rootfd,), daemon=True), snap)
-            self.bg[0].start()
-
-    def poll_sync(self, wait=False):
-        """Acknowledge a finished background sync."""
-        if self.bg is None:
-            return
-        thread, snap = self.bg
-        if wait:
-            thread.join()
-        if not thread.is_alive():
-            self.bg = None
-            self._ack(-1, snap)
+            self.bg.start(self._snapshot(), self.root.rootfd)
 
 
 class FatalTarget(Exception):
@@ -1554,7 +1570,7 @@ def role_recv(wire, cmd):
                 F_ENTRY: rc.entry, F_DIRMETA: rc.dirmeta, F_DELETE: rc.delete}
     try:
         while True:
-            rc.poll_sync()
+            rc.bg.poll()
             if rc.bytes_since_sync and not wire.has_input():
                 rc.maybe_sync()
             typ, payload = wire.read_frame()
@@ -1593,7 +1609,7 @@ def role_recv(wire, cmd):
         # Keep what is already written durable (a partial large file resumes from it).
         try:
             rc.abandon_partial()
-            rc.poll_sync(wait=True)
+            rc.bg.poll(wait=True)
             _syncfs(rc.root.rootfd)
         except OSError:
             pass
@@ -1769,252 +1785,289 @@ def check_chunk(payload, chunk, size):
     raise ProtocolError("protocol error: chunk %d of unknown kind %d" % (idx, kind))
 
 
-def role_blk(wire, cmd):
-    """Block source or target: answers "info", "hash" and "send" requests; as target takes chunks."""
-    path = os.fsencode(cmd["path"])
-    chunk = int(cmd["chunk"])
-    target = cmd.get("target", False)
-    compress = cmd.get("compress", False)
-    fd = None
-    size = None
-    written = []   # (idx, hash) written since the last acknowledgement
-    since_sync = 0
-    last_sync = time.monotonic()
-    sync_bytes = int(cmd.get("sync_bytes", 512 << 20))
-    sync_seconds = float(cmd.get("sync_seconds", 1.0))
-    is_dev = False
-    sparse = False                   # a regular file: holes can be found without reading them
-    fresh = bool(cmd.get("fresh"))   # a new sparse target: all-zero chunks need no writing
-    pacer = Pacer(cmd.get("bwlimit"))
-    chunk_hash = None
-    chunk_at = None   # (index, offset) the next part of a chunk in parts must have
-    received = 0      # bytes written (zero chunks to a fresh target excluded)
-    wire_bytes = 0    # chunk payload that arrived (compressed size)
-    covered = 0       # bytes of the image dealt with: data written and zero chunks alike
-    last_progress = 0.0
-    sink = None   # the target's writer (see Direct)
-    if target:
-        wire.land_at(PART + ALIGN, DATA_HDR.size)
-    if target and cmd.get("open"):
-        fd = open_block(path, True)
-        size = dev_size(fd)
-        is_dev = stat.S_ISBLK(os.fstat(fd).st_mode)
-        sink = Direct(fd)
+class BlockEnd:
+    """One end of a block-level copy (role blk): a source or a target image or device. Answers
+    "info", "hash", "send" and "sync" requests; a target also takes chunks, writes them, and
+    acknowledges what is durable (fsync'd) in the background while chunks keep coming."""
 
-    bg = []   # a background fsync: [thread, written-before-it, time]
+    def __init__(self, wire, cmd):
+        self.wire = wire
+        self.name = cmd["path"]                 # as the operator gave it, for messages
+        self.path = os.fsencode(cmd["path"])
+        self.chunk = int(cmd["chunk"])
+        self.target = cmd.get("target", False)
+        self.compress = cmd.get("compress", False)
+        self.sync_bytes = int(cmd.get("sync_bytes", 512 << 20))
+        self.sync_seconds = float(cmd.get("sync_seconds", 1.0))
+        self.pacer = Pacer(cmd.get("bwlimit"))
+        self.fd = None
+        self.size = None
+        self.is_dev = False
+        self.sparse = False                     # a regular file: holes can be found without reading them
+        self.fresh = bool(cmd.get("fresh"))     # a new sparse target: all-zero chunks need no writing
+        self.sink = None                        # the target's writer (see Direct)
+        self.written = []       # (idx, hash) written since the last acknowledgement
+        self.since_sync = 0
+        self.last_sync = time.monotonic()
+        self.bg = BackgroundSync(os.fsync, self._ack)
+        self.chunk_hash = None  # the hash of a chunk arriving in parts, so far
+        self.chunk_at = None    # (index, offset) the next part of a chunk in parts must have
+        self.received = 0       # bytes written (zero chunks to a fresh target excluded)
+        self.wire_bytes = 0     # chunk payload that arrived (compressed size)
+        self.covered = 0        # bytes of the image dealt with: data written and zero chunks alike
+        self.last_progress = 0.0
+        if self.target:
+            wire.land_at(PART + ALIGN, DATA_HDR.size)
+        if self.target and cmd.get("open"):
+            self.fd = open_block(self.path, True)
+            self.size = dev_size(self.fd)
+            self.is_dev = stat.S_ISBLK(os.fstat(self.fd).st_mode)
+            self.sink = Direct(self.fd)
 
-    def snapshot():
-        nonlocal written, since_sync, last_sync
-        snap = (written, since_sync, time.time_ns())
-        written = []
-        since_sync = 0
-        last_sync = time.monotonic()
+    # -- durability
+
+    def _snapshot(self):
+        """What the next acknowledgement will cover: taken *before* the fsync starts."""
+        snap = (self.written, self.since_sync, time.time_ns())
+        self.written = []
+        self.since_sync = 0
+        self.last_sync = time.monotonic()
         return snap
 
-    def ack(snap):
-        wire.write(F_ACK, pack_values([[[i, h] for i, h in snap[0]], snap[2]]))
+    def _ack(self, snap):
+        self.wire.write(F_ACK, pack_values([[[i, h] for i, h in snap[0]], snap[2]]))
+        self.wire.flush()
+
+    def sync(self):
+        """Make everything written durable, then acknowledge it (waits for a background fsync)."""
+        self.bg.poll(wait=True)
+        snap = self._snapshot()
+        if self.fd is not None and snap[1]:
+            self.wire.blocking(os.fsync, "making what was written durable", self.fd)
+        self._ack(snap)
+
+    def maybe_sync(self):
+        """Start a background fsync when enough was written; writing goes on meanwhile."""
+        self.bg.poll()
+        if self.bg.busy:
+            return
+        if self.since_sync >= self.sync_bytes or time.monotonic() - self.last_sync >= self.sync_seconds:
+            self.bg.start(self._snapshot(), self.fd)
+
+    def report_progress(self, force=False):
+        now = time.monotonic()
+        if force or now - self.last_progress >= 0.1:
+            self.last_progress = now
+            self.wire.write(F_PROGRESS, pack_values([self.received, self.wire_bytes, self.covered]))
+
+    # -- requests
+
+    def answer(self, req):
+        op = req["op"]
+        if op == "info":
+            self.info(req)
+        elif op == "hash":
+            self.hash(req)
+        elif op == "send":
+            self.send(req)
+        elif op == "sync":
+            self.sync()
+        else:
+            raise ValueError("blk: unknown op %r" % op)
+
+    def info(self, req):
+        """Open the image (a target: create it, or refuse it while in use) and say what it is."""
+        # The operator's path is resolved once, here (/dev/VG/LV, /dev/mapper/* and
+        # /dev/disk/by-id/* are symlinks); the engine then names the resolved path to
+        # every agent of the round, which opens it without following anything.
+        where = None
+        try:
+            where = locate(os.fsdecode(self.path))
+            if self.target and req.get("create_size") is not None:
+                self.fd = open_block(os.fsencode(where["real"]), True, req["create_size"])
+                self.fresh = True
+                where = locate(os.fsdecode(self.path))
+            elif self.fd is None:
+                if self.target and where["exists"] and req.get("check_in_use"):
+                    refuse_in_use(self.wire, where["real"])
+                self.fd = open_block(os.fsencode(where["real"]), self.target)
+            if self.target:
+                if self.sink is not None:
+                    self.sink.close()
+                self.sink = Direct(self.fd)
+            self.size = dev_size(self.fd)
+            st = os.fstat(self.fd)
+            self.is_dev = stat.S_ISBLK(st.st_mode)
+            self.sparse = stat.S_ISREG(st.st_mode)
+            if not (self.is_dev or self.sparse):
+                raise OSError(errno.EINVAL, "neither a block device nor a regular file")
+            self.wire.write_json({"size": self.size, "exists": True, "device": self.is_dev, "fresh": self.fresh,
+                                  "where": where})
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                self.wire.write_json({"size": 0, "exists": False, "device": False,
+                                      "error": describe_oserror(e, self.name), "where": where})
+            else:
+                self.wire.write_json({"fatal": describe_oserror(e, self.name), "errno": e.errno})
+        self.wire.flush()
+
+    def hash(self, req):
+        """The hashes of `count` chunks from `first` (up to `size`), holes and zeros without hashing."""
+        first, count = req["first"], req["count"]
+        chunk, limit = self.chunk, req.get("size", self.size)
+        out = bytearray()
+        for idx in range(first, first + count):
+            if idx * chunk >= limit:
+                break
+            n = min(chunk, limit - idx * chunk)
+            if self.sparse and is_hole(self.fd, idx * chunk, n):
+                out += CHUNK_REC.pack(idx, zero_hash(n), 1)
+                continue
+            data = read_chunk(self.fd, idx, chunk, limit)
+            zero = is_zero(data)
+            out += CHUNK_REC.pack(idx, zero_hash(len(data)) if zero else hashlib.sha256(data).digest(),
+                                  1 if zero else 0)
+            self.wire.beat("hashing chunks")
+            if len(out) >= 64 * 1024:
+                self.wire.write(F_HASHES, bytes(out))
+                out.clear()
+        self.wire.write(F_HASHES, bytes(out))
+        self.wire.write_json({"hashed": [first, count]})
+        self.wire.flush()
+
+    def send(self, req):
+        """Source: read the chunks asked for, in order; all-zero chunks travel as a flag only."""
+        wire, chunk = self.wire, self.chunk
+        if self.fd is None:
+            self.fd = open_block(self.path, False)
+            self.size = dev_size(self.fd)
+            self.sparse = stat.S_ISREG(os.fstat(self.fd).st_mode)
+        limit = req.get("size", self.size)
+        skip_zero = req.get("skip_zero", True)
+        for idx in req["chunks"]:
+            n = min(chunk, limit - idx * chunk)
+            if skip_zero and self.sparse and is_hole(self.fd, idx * chunk, n):
+                wire.write(F_CHUNK, struct.pack("<QB", idx, CH_ZERO) + struct.pack("<I", n))
+                continue
+            data = read_chunk(self.fd, idx, chunk, limit)
+            if skip_zero and is_zero(data):
+                wire.write(F_CHUNK, struct.pack("<QB", idx, CH_ZERO) + struct.pack("<I", len(data)))
+                continue
+            digest = hashlib.sha256(data).digest()
+            self.pacer.take(len(data))
+            if self.compress:
+                z = zlib.compress(data, 1)
+                if len(z) < len(data):
+                    wire.write_parts(F_CHUNK, (struct.pack("<QB", idx, CH_ZLIB), digest, z))
+                    continue
+            view = memoryview(data)
+            last = (len(data) - 1) // PART * PART if data else 0   # where the last part starts
+            for part in range(0, last, PART):
+                wire.write_parts(F_CHUNK, (DATA_HDR.pack(idx, CH_PART, b"", part), view[part:part + PART]))
+            wire.write_parts(F_CHUNK, (DATA_HDR.pack(idx, CH_DATA, digest, last), view[last:]))
         wire.flush()
 
-    def poll(wait=False):
-        if bg:
-            if wait:
-                bg[0].join()
-            if not bg[0].is_alive():
-                ack(bg[1])
-                del bg[:]
+    # -- chunks (target)
 
-    def sync():
-        poll(wait=True)
-        snap = snapshot()
-        if fd is not None and snap[1]:
-            wire.blocking(os.fsync, "making what was written durable", fd)
-        ack(snap)
+    def take_chunk(self, payload):
+        """Write a chunk frame where it belongs; False when the target failed (said, the role ends)."""
+        idx, kind, off, n = check_chunk(payload, self.chunk, self.size)
+        try:
+            if kind in (CH_PART, CH_DATA):
+                part = DATA_HDR.unpack_from(payload)[3]
+                if part and (self.chunk_hash is None or self.chunk_at != (idx, part)):
+                    raise ProtocolError("protocol error: chunk %d: a part at %d that does not follow" % (idx, part))
+                self.chunk_at = (idx, n) if kind == CH_PART else None
+            if kind == CH_PART:
+                self.write_part(payload, off, part)
+                return True   # the chunk is acknowledged with its last part
+            if kind == CH_ZERO:
+                if not self.fresh:
+                    zero_range(self.fd, off, n, self.is_dev)
+                digest = zero_hash(n)
+                self.covered += n
+            else:
+                digest, n = self.write_last(payload, idx, kind, off, n)
+            self.written.append((idx, digest))
+            self.since_sync += n
+        except OSError as e:
+            try:
+                self.sync()   # what was written before is durable: acknowledge it, then fail
+            except OSError:
+                pass
+            self.wire.write_json({"fatal": describe_oserror(e, "%s at offset %d" % (self.name, off)),
+                                  "errno": e.errno})
+            self.wire.flush()
+            return False
+        self.report_progress()
+        self.maybe_sync()
+        return True
 
-    def sync_in_background():
-        import threading
-        snap = snapshot()
-        t = threading.Thread(target=os.fsync, args=(fd,), daemon=True)   # fsync releases the GIL
-        bg[:] = [t, snap]
-        t.start()
+    def write_part(self, payload, off, part):
+        """Part of a chunk: written now, hashed on the way; the chunk's last part checks it."""
+        data = memoryview(payload)[DATA_HDR.size:]
+        if part == 0:
+            self.chunk_hash = hashlib.sha256()
+        self.sink.write(data, off + part, self.wire.landed)
+        self.chunk_hash.update(data)
+        self.received += len(data)
+        self.covered += len(data)
+        self.wire_bytes += len(data)
 
+    def write_last(self, payload, idx, kind, off, room):
+        """A whole chunk (compressed or not) or a chunk's last part: written and checked against the
+        chunk's digest. (digest, the chunk's length)."""
+        if kind == CH_ZLIB:
+            want = bytes(payload[9:41])
+            z = zlib.decompressobj()
+            try:
+                data = z.decompress(memoryview(payload)[41:], room)   # room: the bytes the chunk covers
+            except zlib.error:
+                data = b""
+            if not z.eof or z.unconsumed_tail or not data:
+                raise OSError(errno.EIO, "chunk %d does not decompress into its %d bytes" % (idx, room))
+            part = 0
+        else:
+            _i, _k, want, part = DATA_HDR.unpack_from(payload)
+            data = memoryview(payload)[DATA_HDR.size:]
+        self.sink.write(data, off + part, self.wire.landed)
+        h = self.chunk_hash if part else hashlib.sha256()
+        self.chunk_hash = None
+        h.update(data)
+        digest = h.digest()
+        if digest != want:
+            raise OSError(errno.EIO, "chunk %d arrived damaged" % idx)
+        self.received += len(data)
+        self.covered += len(data)
+        self.wire_bytes += len(payload) - (41 if kind == CH_ZLIB else DATA_HDR.size)
+        return digest, part + len(data)
+
+    def finish(self):
+        """End of the stream: a target reports and makes everything durable first."""
+        if self.target:
+            self.report_progress(force=True)
+            self.sync()
+        self.wire.write(F_EOF)
+        self.wire.flush()
+
+
+def role_blk(wire, cmd):
+    end = BlockEnd(wire, cmd)
     while True:
         typ, payload = wire.read_frame()
         if typ == F_EOF:
-            if target:
-                wire.write(F_PROGRESS, pack_values([received, wire_bytes, covered]))
-                sync()
-            wire.write(F_EOF)
-            wire.flush()
+            end.finish()
             return
-        if target and passes_through(typ, payload):
+        if end.target and passes_through(typ, payload):
             wire.write(typ, payload)
             wire.flush()
-            continue
-        if typ == F_JSON:
-            req = json.loads(payload)
-            op = req["op"]
-            if op == "info":
-                # The operator's path is resolved once, here (/dev/VG/LV, /dev/mapper/* and
-                # /dev/disk/by-id/* are symlinks); the engine then names the resolved path to
-                # every agent of the round, which opens it without following anything.
-                where = None
-                try:
-                    where = locate(os.fsdecode(path))
-                    if target and req.get("create_size") is not None:
-                        fd = open_block(os.fsencode(where["real"]), True, req["create_size"])
-                        fresh = True
-                        where = locate(os.fsdecode(path))
-                    elif fd is None:
-                        if target and where["exists"] and req.get("check_in_use"):
-                            refuse_in_use(wire, where["real"])
-                        fd = open_block(os.fsencode(where["real"]), target)
-                    if target:
-                        if sink is not None:
-                            sink.close()
-                        sink = Direct(fd)
-                    size = dev_size(fd)
-                    st = os.fstat(fd)
-                    is_dev = stat.S_ISBLK(st.st_mode)
-                    sparse = stat.S_ISREG(st.st_mode)
-                    if not (is_dev or sparse):
-                        raise OSError(errno.EINVAL, "neither a block device nor a regular file")
-                    wire.write_json({"size": size, "exists": True, "device": is_dev, "fresh": fresh,
-                                     "where": where})
-                except OSError as e:
-                    if e.errno == errno.ENOENT:
-                        wire.write_json({"size": 0, "exists": False, "device": False,
-                                         "error": describe_oserror(e, cmd["path"]), "where": where})
-                    else:
-                        wire.write_json({"fatal": describe_oserror(e, cmd["path"]), "errno": e.errno})
-                wire.flush()
-                continue
-            if op == "hash":
-                first, count = req["first"], req["count"]
-                limit = req.get("size", size)
-                out = bytearray()
-                for idx in range(first, first + count):
-                    if idx * chunk >= limit:
-                        break
-                    n = min(chunk, limit - idx * chunk)
-                    if sparse and is_hole(fd, idx * chunk, n):
-                        out += CHUNK_REC.pack(idx, zero_hash(n), 1)
-                        continue
-                    data = read_chunk(fd, idx, chunk, limit)
-                    zero = is_zero(data)
-                    out += CHUNK_REC.pack(idx, zero_hash(len(data)) if zero else hashlib.sha256(data).digest(),
-                                          1 if zero else 0)
-                    wire.beat("hashing chunks")
-                    if len(out) >= 64 * 1024:
-                        wire.write(F_HASHES, bytes(out))
-                        out.clear()
-                wire.write(F_HASHES, bytes(out))
-                wire.write_json({"hashed": [first, count]})
-                wire.flush()
-                continue
-            if op == "send":
-                # Source: read chunks in order; all-zero chunks travel as a flag only.
-                if fd is None:
-                    fd = open_block(path, False)
-                    size = dev_size(fd)
-                    sparse = stat.S_ISREG(os.fstat(fd).st_mode)
-                limit = req.get("size", size)
-                skip_zero = req.get("skip_zero", True)
-                for idx in req["chunks"]:
-                    n = min(chunk, limit - idx * chunk)
-                    if skip_zero and sparse and is_hole(fd, idx * chunk, n):
-                        wire.write(F_CHUNK, struct.pack("<QB", idx, CH_ZERO) + struct.pack("<I", n))
-                        continue
-                    data = read_chunk(fd, idx, chunk, limit)
-                    if skip_zero and is_zero(data):
-                        wire.write(F_CHUNK, struct.pack("<QB", idx, CH_ZERO) + struct.pack("<I", len(data)))
-                        continue
-                    digest = hashlib.sha256(data).digest()
-                    pacer.take(len(data))
-                    if compress:
-                        z = zlib.compress(data, 1)
-                        if len(z) < len(data):
-                            wire.write_parts(F_CHUNK, (struct.pack("<QB", idx, CH_ZLIB), digest, z))
-                            continue
-                    view = memoryview(data)
-                    last = (len(data) - 1) // PART * PART if data else 0   # where the last part starts
-                    for part in range(0, last, PART):
-                        wire.write_parts(F_CHUNK, (DATA_HDR.pack(idx, CH_PART, b"", part), view[part:part + PART]))
-                    wire.write_parts(F_CHUNK, (DATA_HDR.pack(idx, CH_DATA, digest, last), view[last:]))
-                wire.flush()
-                continue
-            if op == "sync":
-                sync()
-                continue
-            raise ValueError("blk: unknown op %r" % op)
-        if typ == F_CHUNK and target:
-            idx, kind, off, n = check_chunk(payload, chunk, size)
-            try:
-                if kind in (CH_PART, CH_DATA):
-                    part = DATA_HDR.unpack_from(payload)[3]
-                    if part and (chunk_hash is None or chunk_at != (idx, part)):
-                        raise ProtocolError("protocol error: chunk %d: a part at %d that does not follow" % (idx, part))
-                    chunk_at = (idx, n) if kind == CH_PART else None
-                if kind == CH_PART:
-                    # Part of a chunk: written now, hashed on the way; the chunk's last part checks it.
-                    data = memoryview(payload)[DATA_HDR.size:]
-                    if part == 0:
-                        chunk_hash = hashlib.sha256()
-                    sink.write(data, off + part, wire.landed)
-                    chunk_hash.update(data)
-                    received += len(data)
-                    covered += len(data)
-                    wire_bytes += len(data)
-                    continue
-                if kind == CH_ZERO:
-                    if not fresh:
-                        zero_range(fd, off, n, is_dev)
-                    digest = zero_hash(n)
-                    covered += n
-                else:
-                    if kind == CH_ZLIB:
-                        want = bytes(payload[9:41])
-                        z = zlib.decompressobj()
-                        try:
-                            data = z.decompress(memoryview(payload)[41:], n)   # n: the room the chunk has
-                        except zlib.error:
-                            data = b""
-                        if not z.eof or z.unconsumed_tail or not data:
-                            raise OSError(errno.EIO, "chunk %d does not decompress into its %d bytes" % (idx, n))
-                        part = 0
-                    else:
-                        _i, _k, want, part = DATA_HDR.unpack_from(payload)
-                        data = memoryview(payload)[DATA_HDR.size:]
-                    sink.write(data, off + part, wire.landed)
-                    h = chunk_hash if part else hashlib.sha256()
-                    chunk_hash = None
-                    h.update(data)
-                    digest = h.digest()
-                    if digest != want:
-                        raise OSError(errno.EIO, "chunk %d arrived damaged" % idx)
-                    n = part + len(data)
-                    received += len(data)
-                    covered += len(data)
-                    wire_bytes += len(payload) - (41 if kind == CH_ZLIB else DATA_HDR.size)
-                written.append((idx, digest))
-                since_sync += n
-            except OSError as e:
-                try:
-                    sync()   # what was written before is durable: acknowledge it, then fail
-                except OSError:
-                    pass
-                wire.write_json({"fatal": describe_oserror(e, "%s at offset %d" % (cmd["path"], off)),
-                                 "errno": e.errno})
-                wire.flush()
+        elif typ == F_JSON:
+            end.answer(json.loads(payload))
+        elif typ == F_CHUNK and end.target:
+            if not end.take_chunk(payload):
                 return
-            now = time.monotonic()
-            if now - last_progress >= 0.1:
-                last_progress = now
-                wire.write(F_PROGRESS, pack_values([received, wire_bytes, covered]))
-            poll()
-            if not bg and (since_sync >= sync_bytes or now - last_sync >= sync_seconds):
-                sync_in_background()
-            continue
-        raise ProtocolError("protocol error: blk: unexpected frame %r" % typ)
+        else:
+            raise ProtocolError("protocol error: blk: unexpected frame %r" % typ)
 
 
 class Direct:
