@@ -231,8 +231,7 @@ class EngineService:
         return {"stopping": True, "active": self._active()}
 
     def _active(self) -> int:
-        e = self.core.engine
-        return len(e._running) + len(e._queue)
+        return self.core.engine.active
 
     def status(self) -> api.EngineStatus:
         return api.EngineStatus(version=api.VERSION, protocol=api.PROTOCOL, pid=os.getpid(),

@@ -371,6 +371,7 @@ class Engine:
         self._secret_params: dict[int, dict[str, Any]] = {}
         self._watched: set[int] = set()   # tasks of other processes to take over if those die
         self.workspace_id = ""             # names this workspace in the tags of task helpers
+        self.services: dict[type, Any] = {}   # one of each service per engine (VMService.of)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -446,7 +447,7 @@ class Engine:
         tid, created = await self._create(kind, params, title=title)
         if not created:
             info = await self.get(tid)
-            if info.owner != self.owner and await self._owner_alive(info):
+            if info.owner != self.owner and await self.owner_alive(info):
                 raise TaskRunsElsewhere(info, owner_process(info.owner))
             raise PermanentError(f"task {tid} ({info.title}) already does this job; it is {info.state}",
                                  f"resume it (`ferry task resume {tid}`) or cancel it (`ferry task cancel {tid}`)")
@@ -719,7 +720,8 @@ class Engine:
         info = await self.get(tid)
         self._enqueue(tid, info.hosts)
 
-    async def _owner_alive(self, info: TaskInfo) -> bool:
+    async def owner_alive(self, info: TaskInfo) -> bool:
+        """Is the task held by another Ferry process that is still alive?"""
         row = await self.store.call(self.store.task_row, info.id)
         return bool(row and row["owner"]) and not self._can_take(row["owner"], row["heartbeat"])
 
@@ -735,6 +737,11 @@ class Engine:
         if (heartbeat or 0) < time.time() - STALE_AFTER_S:
             return True
         return not _owner_pid_alive(owner)
+
+    @property
+    def active(self) -> int:
+        """How many tasks this engine runs or has queued."""
+        return len(self._running) + len(self._queue)
 
     # -------------------------------------------------------------- scheduling
 

@@ -104,10 +104,11 @@ class AgentChannel:
             if payload:
                 self.proc.stdin.write(payload)
         except TransportError:
-            raise self._lost() from None
+            raise self.lost() from None
         self.bytes_out += HDR.size + len(payload)
 
-    def _lost(self) -> TransportError:
+    def lost(self) -> TransportError:
+        """The error for a channel that broke under a read or a write."""
         return TransportError(f"{self.host}: the channel to the replication agent ({self.role}) was lost",
                               "the link dropped or the agent ended; Ferry retries")
 
@@ -120,7 +121,7 @@ class AgentChannel:
         except (BrokenPipeError, ConnectionResetError) as e:
             raise await self._ended(e) from None
         except TransportError:
-            raise self._lost() from None
+            raise self.lost() from None
 
     async def recv(self) -> tuple[bytes, bytes]:
         """The next frame; a JSON frame carrying "fatal" is raised as AgentError. Beats (the agent
@@ -155,7 +156,7 @@ class AgentChannel:
         except EOFError as e:
             raise await self._ended(e) from None
         except TransportError:
-            raise self._lost() from None
+            raise self.lost() from None
         self.bytes_in += HDR.size + ln
         return typ, payload
 

@@ -815,7 +815,7 @@ class FileRound:
             return reply
         getter.cancel()
         ts.task.result()   # raises the target's error
-        raise ts.ch._lost()
+        raise ts.ch.lost()
 
     async def _verify_partials(self, ctl_src: AgentChannel, ctl: TargetStream, plan: Plan,
                                part_names: dict[bytes, bytes], offsets: dict[bytes, int]) -> dict[bytes, int]:
@@ -928,7 +928,7 @@ class FileRound:
                     dst.send(typ, payload)
                     await dst.drain()
                 except FerryError:
-                    raise (await ts.failure()) or dst._lost()
+                    raise (await ts.failure()) or dst.lost()
                 if ts.task.done():
                     ts.task.result()   # a target failure surfaces here, not after the source is drained
             await asker

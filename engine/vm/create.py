@@ -73,7 +73,7 @@ class Maker:
     async def reserve(self, specs: list[VMSpec]) -> list[VMSpec]:
         """Reserve the names (records 'incomplete', busy with the task) before any file exists. A
         resume gets the records of its first run back, and their ids and disk paths are used."""
-        rows = await self.svc._db(self.svc.store.vm_reserve, self.ctx.id, [
+        rows = await self.svc.store.call(self.svc.store.vm_reserve, self.ctx.id, [
             {"id": s.id, "name": s.name, "kind": str(s.kind), "host": s.host, "spec": s.to_dict()} for s in specs])
         vms = [VMSpec.from_dict(r["spec"]) for r in rows]
         self.ids = {vm.name: vm.id for vm in vms}
@@ -139,7 +139,7 @@ class Maker:
             await self._save()
         made = []
         for vm_id in self.ids.values():
-            row = await self.svc._db(self.svc.store.vm_row, vm_id)
+            row = await self.svc.store.call(self.svc.store.vm_row, vm_id)
             if row is None:         # deleted since an earlier run finished it
                 continue
             vm = VMSpec.from_dict(row["spec"])
@@ -151,7 +151,7 @@ class Maker:
             made.append({"vm": vm.name, "id": vm.id, "host": vm.host, "disks": [d.path for d in vm.disks]})
         # Any other VM it held (a clone's source) is done with too: also when a run that died after
         # the commit is resumed, and never goes back to it.
-        for row in await self.svc._db(self.svc.store.vm_rows_of_task, self.ctx.id):
+        for row in await self.svc.store.call(self.svc.store.vm_rows_of_task, self.ctx.id):
             if row["state"] != INCOMPLETE:
                 await self.svc.update(row["id"], busy=None)
         return made
@@ -172,9 +172,9 @@ async def roll_back_made(ctx: TaskContext) -> None:
     if maker.committed:
         made = await maker.commit()
         ctx.log(f"it had made {', '.join(m['vm'] for m in made)} before it was stopped: kept", "warning")
-    for row in await svc._db(svc.store.vm_rows_of_task, ctx.id):
+    for row in await svc.store.call(svc.store.vm_rows_of_task, ctx.id):
         if row["state"] == INCOMPLETE:
-            await svc._db(svc.store.vm_delete, row["id"])
+            await svc.store.call(svc.store.vm_delete, row["id"])
         else:
             await svc.update(row["id"], busy=None)
 

@@ -108,7 +108,7 @@ class DeleteVM(VMTask):
         svc = VMService.of(ctx.engine)
         cp = dict(ctx.checkpoint or {})
         if cp.get("vm_id"):
-            row = await svc._db(svc.store.vm_row, cp["vm_id"])
+            row = await svc.store.call(svc.store.vm_row, cp["vm_id"])
             if row is None or row["recycled"]:
                 ctx.log(f"{cp['name']} was deleted before this task was interrupted")
                 return {"vm": cp["name"], "mode": mode,
@@ -132,7 +132,7 @@ class DeleteVM(VMTask):
                 cp["wiped"] = True
                 await ctx.save_checkpoint(cp)
             await remove_files(h, vm)
-            await svc._db(svc.store.vm_delete, vm.id)
+            await svc.store.call(svc.store.vm_delete, vm.id)
         ctx.log(f"{vm.name} deleted ({mode})")
         return {"vm": vm.name, "mode": mode}
 
@@ -143,7 +143,7 @@ class DeleteVM(VMTask):
         if not cp.get("vm_id"):
             return
         svc = VMService.of(ctx.engine)
-        row = await svc._db(svc.store.vm_row, cp["vm_id"])
+        row = await svc.store.call(svc.store.vm_row, cp["vm_id"])
         name = cp["name"]
         if row is None:
             raise PermanentError(f"the delete of {name} had finished; nothing is left to put back")
@@ -284,7 +284,7 @@ class RestoreVM(VMTask):
         svc = VMService.of(ctx.engine)
         cp = ctx.checkpoint or {}
         if cp.get("vm_id"):
-            row = await svc._db(svc.store.vm_row, cp["vm_id"])
+            row = await svc.store.call(svc.store.vm_row, cp["vm_id"])
             if row is not None and not row["recycled"]:      # restored before this task was interrupted
                 vm = VMSpec.from_dict(row["spec"])
                 await _drop_recycle_dirs(svc.host(vm.host), vm)
@@ -327,12 +327,12 @@ class PurgeVM(VMTask):
         names = ctx.checkpoint["vms"]
         purged = []
         for vm_id, name in names.items():
-            row = await svc._db(svc.store.vm_row, vm_id)
+            row = await svc.store.call(svc.store.vm_row, vm_id)
             if row is not None and row["recycled"]:      # not purged yet, nor restored meanwhile
                 vm = VMSpec.from_dict(row["spec"])
                 async with working_on(ctx, row):
                     await _drop_recycle_dirs(svc.host(vm.host), vm)
-                    await svc._db(svc.store.vm_delete, vm.id)
+                    await svc.store.call(svc.store.vm_delete, vm.id)
                 ctx.log(f"{name} purged from the recycle bin")
             purged.append(name)
         return {"purged": purged}

@@ -36,11 +36,11 @@ LAUNCH_SETTLE_S = 10.0    # a QEMU that daemonizes writes its pid file within th
 async def working_on(ctx: TaskContext, row: dict) -> AsyncIterator[None]:
     """Marks the VM busy with this task; refuses when another live task works on it."""
     svc = VMService.of(ctx.engine)
-    fresh = await svc._db(svc.store.vm_row, row["id"])
+    fresh = await svc.store.call(svc.store.vm_row, row["id"])
     if fresh is None:
         raise PermanentError(f"VM {row['name']} no longer exists", "ferry vm list shows what exists")
     # Looking at the holder and marking the VM are one step: two tasks never both take it.
-    other = await svc._db(svc.store.vm_take, row["id"], ctx.id, ctx.engine.task_gone)
+    other = await svc.store.call(svc.store.vm_take, row["id"], ctx.id, ctx.engine.task_gone)
     if other:
         who = await svc.busy_with({**fresh, "busy": other}, ctx.id) or f"task {other}"
         raise PermanentError(f"{row['name']} is busy with {who}",
@@ -48,7 +48,7 @@ async def working_on(ctx: TaskContext, row: dict) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        now = await svc._db(svc.store.vm_row, row["id"])
+        now = await svc.store.call(svc.store.vm_row, row["id"])
         # A record the task has not finished making or deleting stays its own until it is done or rolled back.
         if now is not None and not (now["state"] in UNFINISHED_STATES and now["busy"] == ctx.id):
             await svc.update(row["id"], busy=None)
@@ -188,7 +188,7 @@ async def _wait_incoming(ctx: TaskContext, svc: VMService, vm: VMSpec) -> None:
 
 async def _own_vm(ctx: TaskContext, svc: VMService) -> tuple[dict, VMSpec, HostOps] | None:
     """The record, spec and host of the VM an interrupted run of this task worked on (None: gone)."""
-    row = await svc._db(svc.store.vm_row, (ctx.checkpoint or {}).get("vm_id", ""))
+    row = await svc.store.call(svc.store.vm_row, (ctx.checkpoint or {}).get("vm_id", ""))
     if row is None:
         return None
     vm = VMSpec.from_dict(row["spec"])

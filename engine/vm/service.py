@@ -35,9 +35,9 @@ class VMService:
 
     @classmethod
     def of(cls, engine: Any) -> "VMService":
-        svc = getattr(engine, "_vm_service", None)
+        svc = engine.services.get(cls)
         if svc is None:
-            svc = engine._vm_service = cls(engine)
+            svc = engine.services[cls] = cls(engine)
         return svc
 
     async def _db(self, fn: Callable, *args: Any, **kw: Any) -> Any:
@@ -98,7 +98,7 @@ class VMService:
         except PermanentError:      # the task is gone from state.db
             return None
         # A task whose Ferry process died (kill -9, power loss) no longer holds the VM.
-        if info.state.final or not await self.engine._owner_alive(info):
+        if info.state.final or not await self.engine.owner_alive(info):
             return None
         return f"task {other} ({info.title}, {info.state})"
 
