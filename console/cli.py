@@ -362,10 +362,11 @@ def cmd_task_control(args, ws: Workspace) -> int:
             info = await getattr(client, action)(args.id)
             # The engine stops it at its next step; a cancel rolls back what it made first. Wait
             # for that, so that what this command prints (and its exit) is the task's new state.
-            goal = FINAL_STATES if action == "cancel" else FINAL_STATES | {TaskState.PAUSED}
+            goal = {"cancel": FINAL_STATES, "pause": FINAL_STATES | {TaskState.PAUSED}}.get(action, goal)
             deadline = time.monotonic() + 30 if action == "pause" else None
             told = False
-            while info.state not in goal and (deadline is None or time.monotonic() < deadline):
+            while (action in ("pause", "cancel") and info.state not in goal
+                   and (deadline is None or time.monotonic() < deadline)):
                 await asyncio.sleep(0.05)
                 info = await client.get_task(args.id)
                 if action == "cancel" and not told and not args.json:
@@ -378,7 +379,8 @@ def cmd_task_control(args, ws: Workspace) -> int:
             print(api.dumps(info))
         else:
             print(f"task {info.id}: {action} -> {info.state}"
-                  + (" (requested: it stops at its next step)" if info.state not in goal else ""))
+                  + (" (requested: it stops at its next step)" if action != "resume" and info.state not in goal
+                     else ""))
         return EXIT_OK
     return asyncio.run(_with_client(ws, go))
 

@@ -34,6 +34,25 @@ STATE_SYMBOLS = {
 }
 
 
+# Which task states each operator action applies to: the one rule, asked by the engine before it
+# acts and by the front ends to dim a key (pausing a paused task, or resuming a running one, is
+# accepted by the engine and does nothing).
+TASK_ACTIONS: dict[str, frozenset[TaskState]] = {
+    "pause": frozenset({TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING}),
+    "resume": frozenset({TaskState.PAUSED, TaskState.FAILED, TaskState.INTERRUPTED}),
+    "cancel": frozenset({TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING, TaskState.PAUSED,
+                         TaskState.INTERRUPTED, TaskState.FAILED}),
+}
+
+
+def task_action_refusal(action: str, state: TaskState) -> tuple[str, str] | None:
+    """Why `action` cannot apply to a task in `state` ((message, hint)), or None when it can."""
+    if action in TASK_ACTIONS and state.final and state not in TASK_ACTIONS[action]:
+        return (f"the task is already {state}",
+                "only unfinished (or failed: to retry, or to cancel and roll back) tasks can be controlled")
+    return None
+
+
 @dataclass(frozen=True)
 class Progress:
     units_done: int = 0

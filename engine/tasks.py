@@ -27,7 +27,7 @@ from .errors import FerryError, PermanentError, TaskCancelled, TransientError
 from .events import Event, EventBus, Subscription
 from .helpers import TASK_TAG, detached, pid_running, stop_helpers, task_tag
 from .store import Store, current_user, describe_process, redacted_keys, scrub
-from .taskmodel import FINAL_STATES, Progress, TaskInfo, TaskState
+from .taskmodel import FINAL_STATES, Progress, TaskInfo, TaskState, task_action_refusal
 
 log = logging.getLogger("ferry.tasks")
 
@@ -599,9 +599,9 @@ class Engine:
             if not fut.done():
                 fut.set_result(True)
             return
-        if state in FINAL_STATES and not (action in ("resume", "cancel") and state == TaskState.FAILED):
-            raise PermanentError(f"task {tid} is already {state}",
-                                 "only unfinished (or failed: to retry, or to cancel and roll back) tasks can be controlled")
+        refusal = task_action_refusal(action, state)
+        if refusal is not None:
+            raise PermanentError(refusal[0].replace("the task", f"task {tid}", 1), refusal[1])
         if action == "pause":
             if state == TaskState.PAUSED:
                 return

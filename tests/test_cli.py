@@ -191,6 +191,6 @@ def test_output_cut_short_by_its_reader_is_not_a_traceback(tmp_path):
     script = (f"{sys.executable} -m ferry.console.cli --workspace {tmp_path} audit --json --limit 1000 | head -c 10;"
               " exit ${PIPESTATUS[0]}")
     r = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
     assert r.returncode == 0
