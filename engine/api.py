@@ -35,7 +35,7 @@ __all__ = ["AuditEntry", "DatastoreUsage", "EngineStatus", "HostFacts", "HostKey
            "ReconcileReport", "OrphanProcess", "MissingVM", "UnreachableHost", "TimeSync", "CPUHotAdd",
            "VMActionCheck", "Refusal", "encode", "decode", "to_builtins", "convert", "dumps", "VERSION", "PROTOCOL"]
 
-PROTOCOL = 1     # the wire protocol's version; raised whenever a frame's shape changes
+PROTOCOL = 2     # the wire protocol's version; raised whenever a frame's shape changes (2: serial frames)
 
 
 def _version() -> str:

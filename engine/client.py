@@ -16,6 +16,7 @@ from .vm import kinds as _vm_kinds  # noqa: F401  (registers vm.*)
 from .vm.model import AgentReport, CPUHotAdd, ReconcileReport, TimeSync, VMView
 from .vm.prechecks import VMActionCheck, precheck, refused
 from .vm.service import VMService
+from .vm.serial import SerialConsole, open_serial
 from .config import SiteConfig
 from .errors import PermanentError
 from .events import Subscription
@@ -169,6 +170,12 @@ class EngineClient:
         if key is not None:      # a failed task of the job starts again (it rolled back what it made)
             return await self.engine.submit_or_resume(kind, params)
         return await self.submit(kind, params), False
+
+    async def open_serial(self, name: str) -> SerialConsole:
+        """The serial console (ttyS0) of the running VM: `await read()` what the guest prints (b"" once
+        it ended), `await write(data)` what is typed, `await close()`. Refused when the VM is not
+        running, or its serial console is open elsewhere."""
+        return await open_serial(self._vms, name)
 
     async def vm_timesync(self, name: str) -> TimeSync:
         return await self._audited("vm.timesync", name, {}, self._vms.timesync(name))

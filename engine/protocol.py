@@ -10,6 +10,20 @@ Then calls and their answers, and, once subscribed, events, all as frames:
     <- {"op": "result", "id": 7, "value": ...}  |  {"op": "error", "id": 7, "error": {...}}
     -> {"op": "subscribe"}
     <- {"op": "event", "type": "progress", "task_id": 3, "data": ..., "ts": ...}
+
+A VM's serial console is a stream, not a call: the client picks a channel number (unique on its
+connection) and opens it with a call; once the result came, bytes flow both ways in serial frames
+(base64), until either side closes the channel (the engine's close says why it ended):
+
+    -> {"op": "call", "id": 8, "method": "serial_open", "args": {"name": "web1", "ch": 1}}
+    <- {"op": "result", "id": 8, "value": {"ch": 1}}      (or an error: not running, open elsewhere)
+    <- {"op": "serial", "ch": 1, "data": "<base64>"}      what the guest printed
+    -> {"op": "serial", "ch": 1, "data": "<base64>"}      what the operator typed
+    -> {"op": "serial_close", "ch": 1}
+    <- {"op": "serial_close", "ch": 1, "reason": "web1 stopped"}
+
+The engine reads the VM's port only as fast as this connection takes what it sends (it waits for
+each frame to drain), so a slow console slows only the guest's serial output, never the engine.
 """
 
 from __future__ import annotations

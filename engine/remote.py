@@ -12,6 +12,7 @@ engine again, and carries on; a call made meanwhile fails with a TransientError.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import logging
@@ -99,6 +100,7 @@ class RemoteEngine:
         self._pending: dict[int, asyncio.Future] = {}
         self._bus = EventBus()
         self._subscribed = False
+        self._serials: dict[int, RemoteSerial] = {}
         self._read_task: asyncio.Task | None = None
         self._closing = False
         self.spawned: subprocess.Popen | None = None
@@ -201,6 +203,14 @@ class RemoteEngine:
                     fut = self._pending.pop(msg.get("id"), None)
                     if fut and not fut.done():
                         fut.set_result(msg)
+                elif op == "serial":
+                    chan = self._serials.get(msg.get("ch"))
+                    if chan is not None:
+                        chan._got(base64.b64decode(msg.get("data") or ""))
+                elif op == "serial_close":
+                    chan = self._serials.pop(msg.get("ch"), None)
+                    if chan is not None:
+                        chan._ended(str(msg.get("reason") or "closed by the engine"))
         except (ProtocolError, ConnectionError, ValueError) as e:
             log.warning("engine connection: %s", e)
         except asyncio.CancelledError:
@@ -216,6 +226,9 @@ class RemoteEngine:
                 fut.set_exception(EngineUnavailable(f"the engine went away (workspace {self.where})",
                                                     "`ferry engine status`; its tasks go on when it starts again"))
         self._pending.clear()
+        for chan in self._serials.values():
+            chan._ended("the engine went away")
+        self._serials.clear()
         if self._writer:
             self._writer.close()
         self._writer = None
@@ -362,6 +375,17 @@ class RemoteEngine:
     async def vm_task_or_attach(self, kind: str, params: dict[str, Any]) -> tuple[int, bool]:
         return await self._call("vm_task_or_attach", tuple[int, bool], kind=kind, params=params)
 
+    async def open_serial(self, name: str) -> "RemoteSerial":
+        """The serial console of the running VM, as EngineClient.open_serial gives it in-process."""
+        ch = next(self._ids)
+        chan = self._serials[ch] = RemoteSerial(self, ch, name)     # before the call: bytes follow its answer
+        try:
+            await self._call("serial_open", name=name, ch=ch)
+        except BaseException:
+            self._serials.pop(ch, None)
+            raise
+        return chan
+
     async def vm_timesync(self, name: str) -> api.TimeSync:
         return await self._call("vm_timesync", api.TimeSync, name=name)
 
@@ -398,6 +422,47 @@ class RemoteEngine:
 
     async def audit_log(self, limit: int = 50) -> list[api.AuditEntry]:
         return await self._call("audit_log", list[api.AuditEntry], limit=limit)
+
+
+class RemoteSerial:
+    """A VM's serial console through the engine service: `await read()` (b"" once it ended, `reason`
+    says why), `await write(data)`, `await close()`."""
+
+    def __init__(self, engine: RemoteEngine, ch: int, name: str) -> None:
+        self.engine, self.ch, self.name = engine, ch, name
+        self.reason = ""
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._done = False
+
+    def _got(self, data: bytes) -> None:
+        if data and not self._done:
+            self._queue.put_nowait(data)
+
+    def _ended(self, reason: str) -> None:
+        if not self._done:
+            self._done = True
+            self.reason = reason
+            self._queue.put_nowait(b"")
+
+    async def read(self) -> bytes:
+        data = await self._queue.get()
+        if not data:
+            self._queue.put_nowait(b"")      # stays ended for later reads
+        return data
+
+    async def write(self, data: bytes) -> None:
+        if self._done:
+            raise PermanentError(f"the serial console of {self.name} is closed ({self.reason})",
+                                 "open it again once the VM runs")
+        await self.engine._send({"op": "serial", "ch": self.ch, "data": base64.b64encode(data).decode()})
+
+    async def close(self) -> None:
+        if self.engine._serials.pop(self.ch, None) is not None:
+            with contextlib.suppress(FerryError, OSError):
+                await self.engine._send({"op": "serial_close", "ch": self.ch})
+        self._ended("closed")
+        self._queue = asyncio.Queue()       # what came meanwhile is not read: closed is closed
+        self._queue.put_nowait(b"")
 
 
 async def connect(ws: Workspace, *, client: str = "cli", autostart: bool = True, reconnect: bool = False,

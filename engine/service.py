@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import fcntl
 import importlib
@@ -58,6 +59,7 @@ class _Peer:
         self._write_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
         self._pump: asyncio.Task | None = None
+        self._serials: dict[int, _SerialChannel] = {}      # open serial consoles, by channel number
 
     def __str__(self) -> str:
         return f"{self.kind} of {self.user} (pid {self.pid})"
@@ -82,6 +84,14 @@ class _Peer:
                     t.add_done_callback(self._tasks.discard)
                 elif op == "subscribe" and self._pump is None:
                     self._pump = asyncio.create_task(self._events())
+                elif op == "serial":
+                    chan = self._serials.get(msg.get("ch"))
+                    if chan is not None:
+                        chan.typed(base64.b64decode(msg.get("data") or ""))
+                elif op == "serial_close":
+                    chan = self._serials.pop(msg.get("ch"), None)
+                    if chan is not None:
+                        chan.stop()
                 else:
                     raise ProtocolError(f"unexpected frame {str(op)[:40]!r}")
         except (ProtocolError, ValueError) as e:
@@ -92,6 +102,9 @@ class _Peer:
             for t in [*self._tasks, *([self._pump] if self._pump else [])]:
                 t.cancel()
             await asyncio.gather(*self._tasks, *([self._pump] if self._pump else []), return_exceptions=True)
+            for chan in self._serials.values():
+                chan.stop()
+            self._serials.clear()
             self.writer.close()
             with contextlib.suppress(Exception):
                 await self.writer.wait_closed()
@@ -99,13 +112,20 @@ class _Peer:
     async def _call(self, msg: dict[str, Any]) -> None:
         cid, method, args = msg.get("id"), msg.get("method"), msg.get("args") or {}
         ACTOR.set(self.user)
+        opened: _SerialChannel | None = None
         try:
-            if method not in CALLS and method not in ("status", "stop"):
+            if method not in CALLS and method not in ("status", "stop", "serial_open"):
                 raise ProtocolError(f"no call named {str(method)[:40]!r}", "is this front end of another version?")
             if method == "status":
                 value: Any = self.service.status()
             elif method == "stop":
                 value = self.service.request_stop(now=bool(args.get("now")), by=self.user)
+            elif method == "serial_open":
+                ch = args.pop("ch", None)
+                if not isinstance(ch, int) or ch in self._serials:
+                    raise ProtocolError(f"serial_open needs a channel number not in use, not {ch!r}")
+                opened = self._serials[ch] = _SerialChannel(self, ch, await self.service.core.open_serial(**args))
+                value = {"ch": ch}
             else:
                 value = await getattr(self.service.core, method)(**args)
             reply = {"op": "result", "id": cid, "value": api.to_builtins(value)}
@@ -121,6 +141,8 @@ class _Peer:
                                                          "hint": f"see the engine's log: {self.service.log_path}"}}
         with contextlib.suppress(ConnectionError):
             await self.send(reply)
+        if opened is not None:
+            opened.start()      # its first bytes go after the answer that names the channel
 
     async def _events(self) -> None:
         """Every event of the engine, as fast as this client reads them. The subscription coalesces
@@ -136,6 +158,55 @@ class _Peer:
             pass
         finally:
             sub.close()
+
+
+class _SerialChannel:
+    """A VM's serial console open for one front end: what the guest prints is sent as serial frames,
+    read from the VM only as fast as the front end takes them; what it types is written in order."""
+
+    def __init__(self, peer: _Peer, ch: int, console: Any) -> None:
+        self.peer, self.ch, self.console = peer, ch, console
+        self._input: asyncio.Queue[bytes] = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._out()), asyncio.create_task(self._in())]
+
+    def typed(self, data: bytes) -> None:
+        self._input.put_nowait(data)
+
+    async def _out(self) -> None:
+        try:
+            while data := await self.console.read():
+                await self.peer.send({"op": "serial", "ch": self.ch, "data": base64.b64encode(data).decode()})
+            reason = self.console.reason
+            if self.peer._serials.pop(self.ch, None) is not None:
+                await self.peer.send({"op": "serial_close", "ch": self.ch, "reason": reason})
+        except ConnectionError:
+            pass
+        finally:
+            await self.console.close()
+
+    async def _in(self) -> None:
+        while True:
+            data = await self._input.get()
+            try:
+                await self.console.write(data)
+            except FerryError:
+                return      # the VM stopped: _out says so
+
+    def stop(self) -> None:
+        """The front end closed the channel, or went away: detach from the VM."""
+        for t in self._tasks:
+            t.cancel()
+        if not self._tasks:
+            asyncio.ensure_future(self.console.close())
+        else:
+            asyncio.ensure_future(self._closed())
+
+    async def _closed(self) -> None:
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.console.close()
 
 
 class EngineService:

@@ -105,7 +105,7 @@ async def _check_kvm(transport: Transport, image: LiveImage, runtime_dir: str, t
         try:
             await stop(transport, paths.pidfile)
         finally:
-            for leftover in (paths.qmp, paths.qga, paths.serial, paths.pidfile):
+            for leftover in (paths.qmp, paths.qga, paths.serial, paths.serial_socket, paths.pidfile):
                 try:
                     await transport.remove(leftover)
                 except PermanentError:

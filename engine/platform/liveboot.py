@@ -74,7 +74,13 @@ class LivePaths:
 
     @property
     def serial(self) -> str:
+        """The serial console's log: everything the guest printed on ttyS0 (the boot markers too)."""
         return self._p("serial")
+
+    @property
+    def serial_socket(self) -> str:
+        """The serial console itself (ttyS0), a socket one client at a time reads and types into."""
+        return self._p("ttyS0")
 
     @property
     def pidfile(self) -> str:
@@ -116,8 +122,9 @@ def live_boot_argv(image: LiveImage, *, paths: LivePaths, role: LiveRole | str =
                    nics: Sequence[LiveNic] = (), extra_append: str = "", machine: str = "pc",
                    cpu: str | None = None, daemonize: bool = True, qemu: str = QEMU,
                    maxcpus: int | None = None, incoming: str | None = None) -> list[str]:
-    """The QEMU argv that boots the live image as a daemon with QMP, guest-agent and serial on files."""
-    for sock in (paths.qmp, paths.qga):
+    """The QEMU argv that boots the live image as a daemon with QMP, guest agent and serial console on
+    sockets (the serial console also logged to a file)."""
+    for sock in (paths.qmp, paths.qga, paths.serial_socket):
         if len(sock.encode()) > _MAX_SOCKET_PATH:
             raise PermanentError(f"socket path {sock} is longer than a UNIX socket allows (107 bytes)",
                                  "use a shorter runtime folder for this host")
@@ -129,7 +136,11 @@ def live_boot_argv(image: LiveImage, *, paths: LivePaths, role: LiveRole | str =
         argv += ["-cpu", cpu]
     argv += ["-kernel", str(image.kernel), "-initrd", str(image.initrd),
              "-append", live_append(role, params, extra_append),
-             "-chardev", f"file,id=serial0,path={_opt(paths.serial)}", "-serial", "chardev:serial0",
+             # ttyS0 on a socket, for a console to attach to; QEMU logs all the guest prints there
+             # to the serial file, whether a client is attached or not (the boot markers are read there).
+             "-chardev", f"socket,id=serial0,path={_opt(paths.serial_socket)},server=on,wait=off,"
+                         f"logfile={_opt(paths.serial)}",
+             "-serial", "chardev:serial0",
              "-chardev", f"socket,id=qmp0,path={_opt(paths.qmp)},server=on,wait=off",
              "-mon", "chardev=qmp0,mode=control",
              "-chardev", f"socket,id=qga0,path={_opt(paths.qga)},server=on,wait=off",

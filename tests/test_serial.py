@@ -1,0 +1,98 @@
+"""A VM's serial console (ttyS0), read and typed into through the engine service and in the console:
+real QEMU (TCG), the live image's login prompt, a real shell answering."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ferry.engine.errors import Refused
+from ferry.engine.remote import connect
+from ferry.engine.workspace import Workspace
+from harness.lab import lab_workspace, ok
+from harness.pilot import until as pilot_until
+from harness.waiting import until
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
+
+
+@pytest.fixture(scope="module")
+def ws():
+    for root in lab_workspace("fser-"):
+        ok(root, "vm", "create", "tty1", "--host", "lab1", "--memory", "128M")
+        ok(root, "vm", "start", "tty1")
+        ok(root, "vm", "create", "tty2", "--host", "lab1", "--memory", "128M")
+        yield root
+
+
+class Screen:
+    """What a serial console printed so far, read in the background of the waits."""
+
+    def __init__(self, chan) -> None:
+        self.chan = chan
+        self.text = b""
+
+        self.seen = 0
+
+    async def wait_for(self, needle: bytes, timeout: float = 30.0) -> bytes:
+        """Waits for `needle` in what came after the last one waited for."""
+        async def more() -> bool:
+            if needle not in self.text[self.seen:]:
+                try:
+                    self.text += await asyncio.wait_for(self.chan.read(), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+            return needle in self.text[self.seen:]
+        await until(more, timeout=timeout, what=f"{needle!r} on the serial console (so far: {self.text[-300:]!r})")
+        self.seen = self.text.index(needle, self.seen) + len(needle)
+        return self.text
+
+
+async def test_serial_console_through_the_engine_service_logs_in_and_runs_a_command(ws: Path):
+    engine = await connect(Workspace(ws), client="cli")
+    try:
+        chan = await engine.open_serial("tty1")
+        screen = Screen(chan)
+        # The prompt printed before anyone was attached comes from the serial log.
+        await screen.wait_for(b"tty1 login: ")
+        await chan.write(b"root\r")
+        await screen.wait_for(b" # ")
+        await chan.write(b"echo ferry-$((6*7))\r")
+        await screen.wait_for(b"ferry-42\r\n")      # the shell's answer, not the echoed command
+        # One console at a time: a second one is refused while this one is open.
+        with pytest.raises(Refused) as e:
+            await engine.open_serial("tty1")
+        assert "already open" in e.value.message
+        await chan.write(b"exit\r")                 # back to the login prompt for the next one
+        await screen.wait_for(b"login: ", timeout=30)
+        await chan.close()
+        assert await chan.read() == b""
+        # Closed, it can be opened again.
+        again = await engine.open_serial("tty1")
+        await again.close()
+    finally:
+        await engine.close()
+
+
+async def test_a_stopped_vm_or_one_started_without_a_serial_socket_is_refused_in_one_line(ws: Path):
+    engine = await connect(Workspace(ws), client="cli")
+    try:
+        with pytest.raises(Refused) as e:
+            await engine.open_serial("tty2")
+        assert e.value.message == "VM tty2 is not running, so its serial console is silent"
+        assert e.value.hint == "start it first: ferry vm start tty2"
+        # A VM started before Ferry gave VMs a serial socket has none: moved away here, and back.
+        sock = next((ws / "lab").rglob("*.ttyS0"))
+        sock.rename(sock.with_suffix(".away"))
+        try:
+            with pytest.raises(Refused) as e:
+                await engine.open_serial("tty1")
+            assert "\n" not in e.value.message and "started before" in e.value.message
+            assert e.value.hint == "restart it to get one: ferry vm shutdown tty1, then ferry vm start tty1"
+        finally:
+            sock.with_suffix(".away").rename(sock)
+    finally:
+        await engine.close()
