@@ -25,7 +25,7 @@ from .gc import Leftover
 from .hostfacts import HostFacts, gather_all, gather_facts
 from .store import Store
 from .taskmodel import TaskInfo
-from .tasks import Engine, kind_of
+from .tasks import Engine, JobAlreadyRunning, kind_of
 from .transport import TransportPool, fetch_host_key, record_host_key
 from .workspace import Workspace
 
@@ -160,7 +160,10 @@ class EngineClient:
             same = await self.store.call(self.store.unfinished_task, kind, key)
             if same is not None and same["state"] != "failed":
                 params.setdefault("host", same["params"].get("host"))
-                return await self.engine.submit_or_resume(kind, {n: v for n, v in params.items() if v is not None})
+                try:
+                    return await self.engine.submit_or_resume(kind, {n: v for n, v in params.items() if v is not None})
+                except JobAlreadyRunning as e:     # another front end's command: the same task, followed
+                    return e.task_id, True
         if "host" not in params:
             ref = params.get("vm") or params.get("src")
             if ref and ref != "*expired*":
