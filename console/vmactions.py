@@ -28,6 +28,7 @@ from ferry.engine.vm.model import expand_pattern
 from .messages import VMsUpdated
 from .modals import ConfirmScreen, esc
 from .poller import VMList, VMPoller
+from .serialscreen import SerialScreen
 from .vmdialogs import Field, FormScreen, TypedNameScreen
 
 NO_VM = "select a VM or template first"
@@ -57,6 +58,7 @@ VM_BINDINGS = [
     _b("delete", "delete", "Delete", "Delete the selected VM or template (type its name to confirm); "
                                      "in the recycle bin: purge it for good", show=True),
     _b("u", "restore", "Restore", "Bring the selected VM back from the recycle bin"),
+    _b("a", "serial", "Serial", "Attach to the selected VM's serial console: keys go to the guest, ctrl+] leaves"),
 ]
 SHOWN = frozenset(b.action for b in VM_BINDINGS if b.show)
 TITLES = {b.action: b.description for b in VM_BINDINGS}
@@ -548,6 +550,13 @@ class VMActions:
             name, title=f"Delete {what} {name}?", body=f"Its record and its disks ({disks}) go away."),
             lambda v: delete(v) if v else None)
 
+    def action_vm_serial(self) -> None:
+        vm = self.cursor_vm()
+        if vm is None:
+            self._refused(TITLES["vm_serial"], NO_VM, "")
+            return
+        self.app.push_screen(SerialScreen(self.client, vm.name))     # the engine says there if it cannot
+
     def action_vm_restore(self) -> None:
         self.ask_then("vm_restore", lambda vm: self.submit_vm_task("vm.restore", {"vm": vm.name}, f"restore {vm.name}"),
                       lambda vm: ("vm.restore", {"vm": vm.name}))
@@ -572,6 +581,7 @@ class VMActions:
             ("vm_deploy", f"Deploy VMs from template {name}…"), ("vm_export", f"Export {name}…"),
             ("vm_delete", f"Purge {name}…" if vm.in_bin else f"Delete {name}…"),
             ("vm_restore", f"Restore {name} from the recycle bin"),
+            ("vm_serial", f"Serial console of {name}"),
         ):
             if self.vm_check(action) is True:
                 key = VM_KEYS[action][0]

@@ -96,3 +96,51 @@ async def test_a_stopped_vm_or_one_started_without_a_serial_socket_is_refused_in
             sock.with_suffix(".away").rename(sock)
     finally:
         await engine.close()
+
+
+def status(app) -> str:
+    """The serial screen's status line."""
+    from textual.widgets import Static
+    return str(app.screen.query_one("#serial-status", Static).render())
+
+
+async def test_serial_console_in_the_console_shows_the_prompt_and_takes_keys_until_the_vm_stops(ws: Path):
+    from ferry.console.app import FerryApp
+    from ferry.console.serialscreen import SerialScreen, SerialTerminal
+    engine = await connect(Workspace(ws), client="console")
+    app = FerryApp(engine)
+    try:
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.press("3")
+            await pilot_until(pilot, lambda: (v := app.vms_view.cursor_vm()) is not None and v.name == "tty1",
+                              what="the cursor on tty1 in the VMs view")
+            await pilot.press("a")
+            await pilot_until(pilot, lambda: isinstance(app.screen, SerialScreen), what="the serial console")
+            term = app.screen.query_one(SerialTerminal)
+            await pilot_until(pilot, lambda: term.text.rstrip().endswith("tty1 login:"), timeout=30,
+                              what="the login prompt on screen")
+            assert "connected" in status(app)
+            await pilot.press(*"root", "enter")
+            await pilot_until(pilot, lambda: term.lines[-1].endswith(" # "), timeout=30, what="a shell prompt")
+            # q and ctrl+c are the guest's here (not Ferry's quit): the shell gets them, the console stays.
+            await pilot.press("q", "ctrl+c")
+            await pilot_until(pilot, lambda: "q^C" in term.text, what="ctrl+c reached the guest")
+            await pilot.press(*"echo ferry-$((6*7))", "enter")
+            await pilot_until(pilot, lambda: "\nferry-42\n" in term.text, timeout=30, what="the shell's answer")
+            await pilot.press(*"echo abcd", "backspace", "backspace", "enter")
+            await pilot_until(pilot, lambda: "\nab\n" in term.text, timeout=30, what="backspace reached the guest")
+            await pilot.press("ctrl+d")                 # logs out: getty asks again
+            await pilot_until(pilot, lambda: term.text.rstrip().endswith("tty1 login:"), timeout=30,
+                              what="the login prompt again")
+            await pilot.press("ctrl+right_square_bracket")
+            await pilot_until(pilot, lambda: not isinstance(app.screen, SerialScreen), what="back to the VMs")
+            assert app.current_view == "vms"
+            # Open again, and the VM stops underneath: the screen says so.
+            await pilot.press("a")
+            await pilot_until(pilot, lambda: "connected" in status(app), timeout=30,
+                              what="attached again (the first one was closed)")
+            await engine.vm_task("vm.shutdown", {"vm": "tty1", "mode": "force"})
+            await pilot_until(pilot, lambda: "disconnected (VM stopped)" in status(app),
+                              timeout=30, what="the screen saying the VM stopped")
+    finally:
+        await engine.close()

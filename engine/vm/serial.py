@@ -19,6 +19,7 @@ from ..errors import FerryError, PermanentError, Refused
 from ..transport.base import ByteReader, ByteWriter
 from .model import VMSpec
 
+RELEASE_WAIT_S = 2
 HISTORY_BYTES = 4096       # of the serial log, sent first: the prompt the guest printed before we came
 _ATTACHED: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionary()   # VMService -> VM ids
 
@@ -74,6 +75,7 @@ class SerialConsole:
         if not self._ended:
             self._ended = True
             self.reason = self.reason or "closed"
+        self._released()      # QEMU takes the next client as soon as it sees this one's end
         with contextlib.suppress(FerryError, OSError):
             await self._writer.close()
         # QEMU closes its side once it sees ours closed; reading that end releases the socket.
@@ -81,7 +83,6 @@ class SerialConsole:
             async with asyncio.timeout(2):
                 while await self._reader.read(65536):
                     pass
-        self._released()
 
     def _released(self) -> None:
         if self._on_close is not None:
@@ -101,6 +102,10 @@ async def open_serial(svc: Any, name: str) -> SerialConsole:
         raise Refused(f"VM {vm.name} is not running, so its serial console is silent",
                       f"start it first: ferry vm start {vm.name}")
     attached = _ATTACHED.setdefault(svc, set())
+    for _ in range(RELEASE_WAIT_S * 20):    # one just closed by a front end may still be on its way out
+        if vm.id not in attached:
+            break
+        await asyncio.sleep(0.05)
     if vm.id in attached:
         raise Refused(f"the serial console of {vm.name} is already open in another console",
                       "QEMU takes one at a time: leave it there (ctrl+]) first")
