@@ -87,6 +87,13 @@ class EngineLimits:
 
 
 @dataclass(frozen=True)
+class ConsoleSettings:
+    """config.toml's [console]: read-only mode, and keys remapped by binding id (without "ferry.")."""
+    readonly: bool = False
+    keys: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     name: str
     clusters: dict[str, ClusterSpec]
@@ -96,6 +103,7 @@ class SiteConfig:
     production: bool = False
     theme: str | None = None
     source: str | None = None      # the config file, or None for the built-in lab
+    console: ConsoleSettings = ConsoleSettings()
 
     @property
     def is_lab(self) -> bool:
@@ -235,13 +243,14 @@ def _abs_path(v: str) -> str | None:
 
 
 TOP_KEYS = {"site": "{ name = \"dc1\" }", "engine": "{ max_tasks = 4 }", "clusters": "{ prod = {} }",
-            "hosts": "{ cna01 = { ... } }", "datastores": "{ ds1 = { ... } }"}
+            "hosts": "{ cna01 = { ... } }", "datastores": "{ ds1 = { ... } }", "console": "{ readonly = true }"}
 SITE_KEYS = {"name": '"dc1"', "production": "true", "theme": '"dark"'}
 ENGINE_KEYS = {"max_tasks": "4", "max_tasks_per_host": "2", "retries": "5", "group": '"ferry-ops"'}
 CLUSTER_KEYS = {"description": '"production cluster"'}
 HOST_KEYS = {"cluster": '"prod"', "transport": '"ssh"', "address": '"10.0.0.11"', "port": "22",
              "user": '"root"', "identity": '"~/.ssh/id_ed25519"', "runtime": '"/var/lib/ferry/run"',
              "accel": '"auto"', "cpu_model": '"qemu64"', "networks": '["default"]'}
+CONSOLE_KEYS = {"readonly": "true", "keys": '{ "tasks.cancel" = "C" }'}
 DATASTORE_KEYS = {"path": '"/var/lib/ferry/datastore"', "hosts": '["cna01"]'}
 
 DEFAULT_SSH_RUNTIME = "/var/lib/ferry/run"
@@ -260,6 +269,8 @@ def parse_config(data: dict, *, file: str, text: str = "", check_files: bool = T
     site_name = c.get(site, ("site",), "name", str, "", _nonempty, '"dc1"')
     production = c.get(site, ("site",), "production", bool, False, example="true")
     theme = c.get(site, ("site",), "theme", str, None, _nonempty, '"dark"')
+
+    console = _console_settings(c, data.get("console", {}))
 
     eng = data.get("engine", {})
     limits = EngineLimits()
@@ -370,7 +381,32 @@ def parse_config(data: dict, *, file: str, text: str = "", check_files: bool = T
 
     if c.problems:
         raise ConfigError(c.problems)
-    return SiteConfig(site_name, clusters, hosts, datastores, limits, production, theme, file)
+    return SiteConfig(site_name, clusters, hosts, datastores, limits, production, theme, file, console)
+
+
+def _console_settings(c: _Checker, data: Any) -> ConsoleSettings:
+    """[console]: readonly, and [console.keys] (binding id -> keys; `tasks.cancel = "C"` nests, and is
+    read back as the id "tasks.cancel"). Whether an id names a binding is the console's to say."""
+    if not isinstance(data, dict):
+        c.problem(("console",), "must be a table", "write [console] with readonly = true")
+        return ConsoleSettings()
+    c.table(data, ("console",), CONSOLE_KEYS)
+    readonly = c.get(data, ("console",), "readonly", bool, False, example="true")
+    raw = c.get(data, ("console",), "keys", dict, {}, example='{ "tasks.cancel" = "C" }')
+    keys: dict[str, str] = {}
+
+    def walk(table: dict, prefix: tuple[str, ...]) -> None:
+        for name, value in table.items():
+            path = prefix + (name,)
+            if isinstance(value, dict):
+                walk(value, path)
+            elif isinstance(value, str) and value.strip():
+                keys[".".join(path[2:])] = value.strip()
+            else:
+                c.problem(path, f"must be a key such as \"C\" or \"ctrl+d\", got {value!r}",
+                          "name keys as Textual does: a letter, f5, delete, ctrl+x; several with commas")
+    walk(raw, ("console", "keys"))
+    return ConsoleSettings(readonly=readonly, keys=keys)
 
 
 def load_config(path: Path, *, check_files: bool = True) -> SiteConfig:
@@ -431,4 +467,5 @@ def lab_document(root: Path) -> dict:
 
 def lab_config(root: Path) -> SiteConfig:
     cfg = parse_config(lab_document(root), file="<built-in lab>")
-    return SiteConfig(cfg.name, cfg.clusters, cfg.hosts, cfg.datastores, cfg.limits, cfg.production, cfg.theme, None)
+    return SiteConfig(cfg.name, cfg.clusters, cfg.hosts, cfg.datastores, cfg.limits, cfg.production, cfg.theme, None,
+                      cfg.console)
