@@ -1,14 +1,15 @@
 """The Ferry console: a Textual app that reaches the engine only through EngineClient.
 
-Views (inventory, VMs, tasks) sit in a content switcher under a one-line header; `:` jumps to a
-view by name, `?` shows the keys of the view, `esc` goes back, ctrl+p holds every action.
+Views (inventory, VMs, tasks, audit, events) sit in a content switcher under a one-line header; `:`
+jumps to a view by name, `?` shows the keys of the view, `esc` goes back, ctrl+p holds every action.
+Keys are remapped from config.toml's [console.keys]; read-only mode (--readonly, or [console]
+readonly = true) removes every action that changes something (console/keys.py). A production site
+shows its frame and label whatever the theme (console/framed.py).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import sys
 import time
 from functools import partial
@@ -19,6 +20,7 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual import events
 from textual.css.query import NoMatches
+from textual.binding import ActiveBinding
 from textual.screen import Screen
 from textual.suggester import SuggestFromList
 from textual.theme import Theme
@@ -28,27 +30,31 @@ from textual.worker import Worker, WorkerState
 from ferry.engine.errors import FerryError
 from ferry.engine.taskmodel import TaskState
 
+from . import keys as opkeys
+from .auditview import AuditView, EventsView
 from .commands import FerryCommands
 from .feed import TaskFeed
+from .framed import FramedScreen
 from .header import FerryHeader
 from .inventory import InventoryView
 from .messages import CrumbsChanged, TasksChanged
 from .modals import ConfirmScreen, HelpScreen, esc
 from .styles import CSS as FERRY_CSS
 from .tasksview import ALLOWED, TasksView
-from .theming import DEFAULT_THEME, PRODUCTION_THEME, load_themes, theme_dirs
+from .theming import DEFAULT_THEME, PRODUCTION_THEME, load_themes, theme_dirs, variable_defaults
 from .vmsview import VMsView
 
 log = logging.getLogger("ferry.console")
 
-VIEWS = ("inventory", "tasks", "vms")
+VIEWS = ("inventory", "tasks", "vms", "audit", "events")
 VIEW_NAMES = {
     "inventory": "inventory", "inv": "inventory", "in": "inventory", "i": "inventory",
     "hosts": "inventory", "host": "inventory", "ho": "inventory", "clusters": "inventory",
     "vms": "vms", "vm": "vms", "v": "vms", "templates": "vms", "template": "vms",
     "tasks": "tasks", "task": "tasks", "tk": "tasks", "t": "tasks", "jobs": "tasks",
+    "audit": "audit", "au": "audit", "events": "events", "ev": "events", "event": "events",
 }
-LINE_COMMANDS = ("inventory", "inv", "hosts", "vms", "tasks", "theme ", "help", "refresh", "quit")
+LINE_COMMANDS = ("inventory", "inv", "hosts", "vms", "tasks", "audit", "events", "theme ", "help", "refresh", "quit")
 DEFAULT_PROBE = {"pings": 20, "size_mib": 64}
 
 
@@ -61,8 +67,16 @@ class CommandLine(Input):
         self.remove_class("-open")
 
 
-class MainScreen(Screen):
+class MainScreen(FramedScreen):
     """The screen under every modal; views skip drawing while covered and catch up when it returns."""
+
+    @property
+    def active_bindings(self) -> dict[str, ActiveBinding]:
+        """What the footer shows: in read-only mode, nothing that changes anything."""
+        found = super().active_bindings
+        if getattr(self.app, "readonly", False):
+            found = {k: b for k, b in found.items() if not opkeys.is_destructive(b.binding.action)}
+        return found
 
     def on_screen_resume(self) -> None:
         app = self.app
@@ -91,15 +105,25 @@ class FerryApp(App[int]):
                 tooltip="VMs: every VM and template in a table, with what its guest agent says"),
         Binding("ctrl+r", "refresh", "Refresh", show=False, id="ferry.refresh",
                 tooltip="Ask every host again and re-read the task list"),
-        Binding("q", "quit", "Quit", id="ferry.quit", tooltip="Quit the console (asks first if tasks run here)"),
+        Binding("4", "view('audit')", "Audit", show=False, id="ferry.view.audit",
+                tooltip="Audit: who did what, from the engine's audit log"),
+        Binding("5", "view('events')", "Events", show=False, id="ferry.view.events",
+                tooltip="Events: what this console heard from the engine this session"),
+        Binding("q", "quit", "Quit", id="ferry.quit",
+                tooltip="Quit the console (tasks go on in the engine; asks first while some are active)"),
+        Binding("ctrl+c", "quit", "Quit", show=False, id="ferry.quit.ctrlc"),
         Binding("ctrl+q", "quit", "Quit", show=False, priority=True, id="ferry.quit.ctrl"),
     ]
 
     def __init__(self, client: Any, *, clock: Callable[[], float] = time.time, theme: str | None = None,
-                 own_client: bool = False, probe: dict | None = None, poll: dict | None = None) -> None:
+                 own_client: bool = False, probe: dict | None = None, poll: dict | None = None,
+                 readonly: bool = False) -> None:
         super().__init__()
         self.client = client
         self.site = client.site
+        settings = getattr(self.site, "console", None)
+        self.readonly = readonly or bool(getattr(settings, "readonly", False))
+        self.config_keys = opkeys.config_keymap(dict(getattr(settings, "keys", None) or {}))
         self.clock = clock
         self.own_client = own_client
         self.probe_params = {**DEFAULT_PROBE, **(probe or {})}
@@ -115,11 +139,17 @@ class FerryApp(App[int]):
         self.theme_files, self.theme_problems = load_themes(theme_dirs(root))
         for tf in self.theme_files.values():
             self.register_theme(tf.theme)
-        self.explicit_theme = theme or self.site.theme
-        self.default_theme = PRODUCTION_THEME if self.site.production else DEFAULT_THEME
-        first = self.explicit_theme if self.explicit_theme in self.theme_files else self.default_theme
+        # --theme (this session only) > the theme chosen with :theme (remembered) > [site] theme > default
+        self.explicit_theme = theme
+        self.default_theme = self.site.theme or (PRODUCTION_THEME if self.site.production else DEFAULT_THEME)
+        first = theme if theme in self.theme_files else self.default_theme
         if first in self.theme_files:
             self.theme = first
+        if self.config_keys:
+            self.set_keymap(self.config_keys)
+
+    def get_theme_variable_defaults(self) -> dict[str, str]:
+        return {**super().get_theme_variable_defaults(), **variable_defaults()}
 
     # ------------------------------------------------------------------ layout and lifecycle
 
@@ -128,12 +158,14 @@ class FerryApp(App[int]):
 
     def compose(self) -> ComposeResult:
         yield FerryHeader(self.site.name, self.site.production, clock=self.clock,
-                          engine_state=lambda: self.client.engine_state)
+                          engine_state=lambda: self.client.engine_state, readonly=self.readonly)
         with ContentSwitcher(initial="inventory", id="views"):
             yield InventoryView(self.client, clock=self.clock, poll=self.poll)
             yield TasksView(self.client, self.feed)
             yield VMsView(self.client, clock=self.clock, poll=self.poll)
-        yield CommandLine(placeholder="inventory · vms · tasks · theme NAME · help · quit   (esc closes)",
+            yield AuditView(self.client)
+            yield EventsView(self.feed)
+        yield CommandLine(placeholder="inventory · vms · tasks · audit · events · theme NAME · help · quit   (esc closes)",
                           suggester=SuggestFromList(LINE_COMMANDS, case_sensitive=False), id="cmdline")
         yield Footer(compact=True)
 
@@ -153,6 +185,11 @@ class FerryApp(App[int]):
             self.notify(esc(problem), title="Theme file skipped", severity="warning")
         if self.explicit_theme and self.explicit_theme not in self.theme_files:
             self._unknown_theme(self.explicit_theme)
+        unknown = opkeys.unknown_ids(self.config_keys, self.binding_ids())
+        if unknown:
+            self.notify(f"config.toml [console.keys]: no action named {esc(', '.join(unknown))}; those keys are "
+                        "left as they were (hint: ? lists each action's id next to its keys)",
+                        title="Keys", severity="warning", timeout=15)
         self.run_worker(partial(self.feed.run_events), name="task events", group="feed-events", exit_on_error=False)
         self.run_worker(partial(self.feed.run_poll), name="task poll", group="feed-poll", exit_on_error=False)
         self.run_worker(partial(self._load_settings), name="settings", group="settings", exit_on_error=False)
@@ -178,10 +215,14 @@ class FerryApp(App[int]):
         self.inventory.refresh_vms()
         self.vms_view.refresh_vms()
 
+    def binding_ids(self) -> set[str]:
+        """Every action id the keymap may name."""
+        from .logscreen import TaskLogScreen
+        from .table import KeyedTable, TableFilter
+        return opkeys.binding_ids([type(self), CommandLine, InventoryView, TasksView, VMsView, AuditView, EventsView,
+                                   KeyedTable, TableFilter, TaskLogScreen, ConfirmScreen, HelpScreen])
+
     async def _load_settings(self) -> None:
-        keymap = await self.client.get_setting("keymap", None)
-        if isinstance(keymap, dict) and keymap:
-            self.set_keymap({str(k): str(v) for k, v in keymap.items()})
         if not self.explicit_theme:
             saved = await self.client.get_setting("theme", None)
             if saved:
@@ -209,9 +250,18 @@ class FerryApp(App[int]):
     def vms_view(self) -> VMsView:
         return self.query_one(VMsView)
 
-    def view_widget(self, name: str | None = None) -> InventoryView | TasksView | VMsView:
+    @property
+    def audit_view(self) -> AuditView:
+        return self.query_one(AuditView)
+
+    @property
+    def events_view(self) -> EventsView:
+        return self.query_one(EventsView)
+
+    def view_widget(self, name: str | None = None) -> Any:
+        """The view named `name` (default: the one shown)."""
         name = name or self.current_view
-        return self.inventory if name == "inventory" else self.vms_view if name == "vms" else self.tasks_view
+        return self.query_one("#views", ContentSwitcher).get_child_by_id(name)
 
     def action_view(self, name: str) -> None:
         self.switch_view(name)
@@ -232,7 +282,7 @@ class FerryApp(App[int]):
         line = self.query_one(CommandLine)
         if line.has_class("-open"):
             self._close_command_line()
-        elif self.current_view == "vms" and self.vms_view.clear_filter():
+        elif getattr(self.view_widget(), "clear_filter", lambda: False)():
             pass        # esc clears the filter first (k9s)
         elif self.history:
             self.switch_view(self.history.pop(), remember=False)
@@ -254,6 +304,7 @@ class FerryApp(App[int]):
             self.query_one(FerryHeader).engine_state = self.feed.engine_state
             self.inventory.tasks_changed(self.feed.tasks)
             self.vms_view.tasks_changed(self.feed.tasks)
+            self.events_view.feed_changed()
         except NoMatches:   # the app is closing
             pass
 
@@ -264,6 +315,8 @@ class FerryApp(App[int]):
         view = self.view_widget()
         if view not in self.focused.ancestors_with_self:
             return
+        if self.readonly and self.destructive_key(view, event.key):
+            return      # run_action said why
         refusal = getattr(view, "refusal_for_key", None)
         found = refusal(event.key) if refusal else None
         if found:
@@ -311,46 +364,81 @@ class FerryApp(App[int]):
             self.run_worker(partial(self.action_quit), group="quit")
         else:
             self.notify(f"unknown command {esc(text)!r}", title="Command", severity="error")
-            self.notify("views: :inventory (:inv, :hosts), :vms, :tasks; also :theme NAME, :help, :refresh, :quit",
+            self.notify("views: :inventory (:inv, :hosts), :vms, :tasks, :audit, :events; also :theme NAME, :help, "
+                        ":refresh, :quit",
                         title="Hint", severity="information")
 
     # ------------------------------------------------------------------ help, refresh, quit
+
+    def help_rows(self, bindings: list) -> list[tuple[str, str, str]]:
+        """One row per action: its keys (after any remapping), what it does, and its id for
+        [console.keys]; in read-only mode, none that changes anything."""
+        keymap = self.keymap
+        keys: dict[str, list[str]] = {}
+        desc: dict[str, str] = {}
+        ids: dict[str, str] = {}
+        for b in bindings:
+            if not isinstance(b, Binding) or (self.readonly and opkeys.is_destructive(b.action)):
+                continue
+            keys.setdefault(b.action, []).extend(
+                self.get_key_display(Binding(k, "")) for k in opkeys.keys_of(b, keymap))
+            desc.setdefault(b.action, b.tooltip or b.description)
+            ids.setdefault(b.action, opkeys.short_id(b.id))
+        return [(", ".join(k), desc[a], ids[a]) for a, k in keys.items()]
 
     def action_help(self) -> None:
         if isinstance(self.screen, HelpScreen):
             return
         view = self.view_widget()
-        keymap = getattr(self, "_keymap", {}) or {}
-
-        def rows(bindings) -> list[tuple[str, str]]:
-            """One row per action: its keys (after any remapping) and what it does."""
-            keys: dict[str, list[str]] = {}
-            desc: dict[str, str] = {}
-            for b in bindings:
-                key = keymap.get(b.id, b.key) if b.id else b.key
-                keys.setdefault(b.action, []).extend(
-                    self.get_key_display(Binding(k.strip(), "")) for k in key.split(","))
-                desc.setdefault(b.action, b.tooltip or b.description)
-            return [(", ".join(k), desc[a]) for a, k in keys.items()]
-        own = rows(view.BINDINGS)
+        from .table import KeyedTable
+        own = self.help_rows(view.BINDINGS)
         if view is self.inventory:
-            own = [("↑ ↓", "Move in the tree"),
-                   ("enter", "Open or close a cluster, a host's VMs or the recycle bin")] + own
+            own = [("↑ ↓", "Move in the tree", ""),
+                   ("enter", "Open or close a cluster, a host's VMs or the recycle bin", "")] + own
         elif view is self.vms_view:
-            own = [("↑ ↓", "Move between VMs (the agents of those on screen are asked every 15 s)"),
-                   ("enter", "Show the VM in the inventory, with its details")] + own
-        else:
-            own = [("↑ ↓", "Move between tasks")] + own
-        sections = [
-            (f"{view.TITLE} view", own),
-            ("Everywhere", rows(self.BINDINGS) + [(self.get_key_display(Binding("ctrl+p", "")),
-                                                   "Command palette: every action, by name")]),
-            ("Command line (:)", [(":inventory :inv :hosts", "Inventory"), (":vms :vm :templates", "VMs"),
-                                  (":tasks :tk", "Tasks"),
-                                  (":theme NAME", "Switch theme: " + ", ".join(self.theme_names())),
-                                  (":help :refresh :quit", "")]),
+            own = [("↑ ↓", "Move between VMs (the agents of those on screen are asked every 15 s)", ""),
+                   ("enter", "Show the VM in the inventory, with its details", "")] + own
+        sections = [(f"{view.TITLE} view", own)]
+        if view.query(KeyedTable):
+            sections.append(("Table", [("↑ ↓", "Move between rows", "")]
+                             + self.help_rows(KeyedTable.BINDINGS)
+                             + [("click a header", "Sort by that column; again: the other way", "")]))
+        sections += [
+            ("Everywhere", self.help_rows(self.BINDINGS) + [(self.get_key_display(Binding("ctrl+p", "")),
+                                                             "Command palette: every action, by name", "")]),
+            ("Command line (:)", [(":inventory :inv :hosts", "Inventory", ""), (":vms :vm :templates", "VMs", ""),
+                                  (":tasks :tk", "Tasks", ""), (":audit", "Who did what (the audit log)", ""),
+                                  (":events", "What this console heard from the engine this session", ""),
+                                  (":theme NAME", "Switch theme (remembered): " + ", ".join(self.theme_names()), ""),
+                                  (":help :refresh :quit", "", "")]),
         ]
-        self.push_screen(HelpScreen(f"Keys · {view.TITLE}", sections))
+        note = ("read-only: actions that change something are not available" if self.readonly else "")
+        self.push_screen(HelpScreen(f"Keys · {view.TITLE}", sections, note=note))
+
+    @property
+    def keymap(self) -> dict[str, str]:
+        """Binding id -> keys, as remapped by config.toml's [console.keys]."""
+        return dict(self._keymap)
+
+    # ------------------------------------------------------------------ read-only mode
+
+    def destructive_key(self, view: Any, key: str) -> bool:
+        """Whether `key` is bound, in `view`, to an action that changes something."""
+        return any(isinstance(b, Binding) and opkeys.is_destructive(b.action) and key in opkeys.keys_of(b, self.keymap)
+                   for b in view.BINDINGS)
+
+    def refuse_readonly(self, what: str) -> None:
+        self.notify(esc(opkeys.READONLY_NOTICE.format(what=what)), title="Read-only", severity="warning", timeout=5)
+
+    async def run_action(self, action: Any, default_namespace: Any = None, namespaces: Any = None) -> bool:
+        """Every key press and footer click comes through here: in read-only mode, what changes
+        something is refused with a one-line notice."""
+        if self.readonly and isinstance(action, str) and opkeys.is_destructive(action):
+            what = next((b.description for b in getattr(default_namespace, "BINDINGS", [])
+                         if isinstance(b, Binding) and b.action == action), action)
+            self.refuse_readonly(what.lower())
+            return True
+        return await super().run_action(action, default_namespace, namespaces)
 
     def action_refresh(self) -> None:
         self.inventory.refresh_all()
@@ -358,27 +446,35 @@ class FerryApp(App[int]):
         self.run_worker(partial(self.feed.refresh), group="feed-refresh", exclusive=True, exit_on_error=False)
         self.notify("asking every host again and re-reading tasks", title="Refresh", timeout=2)
 
-    def tasks_running_here(self) -> list:
-        me = f"{socket.gethostname()}:{os.getpid()}:"
-        return [t for t in self.feed.tasks.values()
-                if t.state in (TaskState.RUNNING, TaskState.WAITING) and (t.owner or "").startswith(me)]
+    def active_tasks(self) -> list:
+        """Tasks queued, running or waiting for an answer, in the engine."""
+        return sorted((t for t in self.feed.tasks.values()
+                       if t.state in (TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING)), key=lambda t: t.id)
 
     async def action_quit(self) -> None:
+        """q, ctrl+c, :quit: while tasks are active, one question that says they go on in the engine;
+        otherwise the console closes at once."""
         if isinstance(self.screen, ConfirmScreen):
             return      # already asking something
-        running = self.tasks_running_here()
-        if running:
-            n = len(running)
-            body = (f"{n} task{'s' if n > 1 else ''} run{'' if n > 1 else 's'} in this console "
-                    f"({', '.join('#' + str(t.id) for t in running[:5])}{'…' if n > 5 else ''}).\n"
-                    "Quitting stops them at their last checkpoint; they continue the next time Ferry starts.")
-
-            def done(ok: bool | None) -> None:
-                if ok:
-                    self.exit(0)
-            self.push_screen(ConfirmScreen("Quit Ferry?", body, confirm="Quit", cancel="Stay", danger=True), done)
+        active = self.active_tasks()
+        if not active:
+            self.exit(0)
             return
-        self.exit(0)
+        n = len(active)
+        ids = ", ".join("#" + str(t.id) for t in active[:5]) + ("…" if n > 5 else "")
+        waiting = [t for t in active if t.state == TaskState.WAITING]
+        body = (f"{n} task{'s are' if n > 1 else ' is'} active ({ids}). {'They go' if n > 1 else 'It goes'} on in "
+                "the engine after you quit: open `ferry` again, or `ferry task list`, to follow "
+                f"{'them' if n > 1 else 'it'}.")
+        if waiting:
+            body += "\n" + ", ".join("#" + str(t.id) for t in waiting) + " wait" + ("s" if len(waiting) == 1 else "") + \
+                " for your answer, in a console."
+
+        def done(ok: bool | None) -> None:
+            if ok:
+                self.exit(0)
+        self.push_screen(ConfirmScreen("Quit the console?", body, confirm="Quit", cancel="Stay", danger=False,
+                                       changes=False), done)
 
     # ------------------------------------------------------------------ themes
 
@@ -405,6 +501,8 @@ class FerryApp(App[int]):
             self.inventory.relabel()
             self.tasks_view.restyle()
             self.vms_view.restyle()
+            self.audit_view.restyle()
+            self.events_view.restyle()
         except Exception:   # the views may be gone while the app closes
             pass
 
@@ -422,6 +520,9 @@ class FerryApp(App[int]):
 
     def control_task(self, action: str, task_id: int | None) -> None:
         """Pause, resume or cancel a task, after a confirmation whose default is to do nothing."""
+        if self.readonly:
+            self.refuse_readonly(f"{action} a task")
+            return
         info = self.feed.tasks.get(task_id) if task_id is not None else None
         if info is None:
             self.notify("select a task first", title=action.capitalize(), severity="warning")
@@ -471,7 +572,7 @@ class FerryApp(App[int]):
                         "hint: see logs/ferry.log in the workspace", title="Error", severity="error", timeout=10)
 
 
-def run_console(ws: Any, site: Any, theme: str | None = None, opener: Any = None) -> int:
+def run_console(ws: Any, site: Any, theme: str | None = None, opener: Any = None, readonly: bool = False) -> int:
     """Open the console on `site`; returns an exit code. Never ends with a traceback for expected failures.
     `opener` reaches the engine of another machine (`ferry --engine`, engine/remote_ssh.py)."""
     from ferry.engine.remote import RemoteEngine
@@ -483,7 +584,7 @@ def run_console(ws: Any, site: Any, theme: str | None = None, opener: Any = None
     # The console is a client of the workspace's engine service (started, detached, when none runs):
     # quitting or losing the console never stops a task, and it reconnects when the engine restarts.
     client = RemoteEngine(ws, client="console", reconnect=True, site=site, opener=opener)
-    app = FerryApp(client, theme=theme, own_client=True)
+    app = FerryApp(client, theme=theme, own_client=True, readonly=readonly)
     try:
         code = app.run()
     except KeyboardInterrupt:

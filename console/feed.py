@@ -1,5 +1,8 @@
 """The console's picture of the tasks: engine events plus a slow poll of state.db.
 
+It also keeps the events of this session (task created, state changes, log lines, the engine's
+state) for the `:events` view.
+
 Events give live progress of the tasks this process runs (already coalesced per task by the
 engine); the poll picks up tasks changed by other Ferry processes. Changes are collected
 as a set of dirty task ids and announced at most `max_hz` times a second. No textual here.
@@ -8,9 +11,10 @@ as a set of dirty task ids and announced at most `max_hz` times a second. No tex
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections import deque
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from ferry.engine.events import Event
@@ -20,6 +24,18 @@ MAX_HZ = 10.0
 POLL_S = 2.0
 LIMIT = 500
 EVENT_PROGRESS_WINS_S = 5.0   # progress from events beats the (throttled) progress stored in state.db
+EVENTS_KEPT = 2000
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    """One event this console received, as the `:events` view lists it."""
+    seq: int
+    ts: float
+    task_id: int | None
+    type: str            # created | state | log | engine
+    text: str
+    level: str = "info"  # info | warning | error
 
 
 class TaskFeed:
@@ -34,6 +50,8 @@ class TaskFeed:
         self.engine_state: str = client.engine_state
         self.log_events: dict[int, int] = {}         # task id -> log events seen (to know when to re-read the log)
         self.recent_logs: deque[tuple[int, str, str]] = deque(maxlen=50)
+        self.session_events: deque[SessionEvent] = deque(maxlen=EVENTS_KEPT)
+        self._seq = itertools.count(1)
         self._dirty: set[int] = set()
         self._removed: set[int] = set()
         self._progress_ts: dict[int, float] = {}
@@ -99,9 +117,18 @@ class TaskFeed:
 
     # ------------------------------------------------------------------ merging
 
+    def _note(self, ev: Event, text: str, level: str = "info") -> None:
+        self.session_events.append(SessionEvent(next(self._seq), ev.ts, ev.task_id, ev.type, text, level))
+
     def apply_events(self, events: list[Event]) -> None:
         for ev in events:
             if ev.type in ("created", "state") and isinstance(ev.data, TaskInfo):
+                info = ev.data
+                if ev.type == "created":
+                    self._note(ev, f"{info.title or info.kind} ({info.kind}): {info.state.symbol} {info.state}")
+                else:
+                    self._note(ev, f"{info.state.symbol} {info.state}" + (f": {info.error}" if info.error else ""),
+                               "error" if info.state in (TaskState.FAILED, TaskState.INTERRUPTED) else "info")
                 self._put(ev.data)
             elif ev.type == "progress" and ev.task_id in self.tasks:
                 self.tasks[ev.task_id] = replace(self.tasks[ev.task_id], progress=ev.data)
@@ -109,11 +136,14 @@ class TaskFeed:
                 self._dirty.add(ev.task_id)
             elif ev.type == "log" and ev.task_id is not None:
                 level, text = ev.data
+                self._note(ev, str(text), str(level))
                 self.log_events[ev.task_id] = self.log_events.get(ev.task_id, 0) + 1
                 self.recent_logs.append((ev.task_id, level, text))
                 self._dirty.add(ev.task_id)
             elif ev.type == "engine":
                 self.engine_state = str(ev.data)
+                self._note(ev, f"engine {ev.data}", "info" if ev.data == "running" else "warning")
+                self._dirty.add(0)
 
     def _put(self, info: TaskInfo) -> None:
         old = self.tasks.get(info.id)

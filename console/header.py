@@ -1,4 +1,4 @@
-"""The one-line header: where you are (site › view › item), production badge, engine state, clock."""
+"""The one-line header: where you are (site › view › item), production and read-only badges, engine state, clock."""
 
 from __future__ import annotations
 
@@ -30,10 +30,11 @@ class FerryHeader(Horizontal):
     now: reactive[float] = reactive(0.0)
 
     def __init__(self, site_name: str, production: bool, *, clock: Callable[[], float] = time.time,
-                 engine_state: Callable[[], str] = lambda: "stopped") -> None:
+                 engine_state: Callable[[], str] = lambda: "stopped", readonly: bool = False) -> None:
         super().__init__(id="header")
         self.site_name = site_name
         self.production = production
+        self.readonly = readonly
         self.clock = clock
         self.engine_state_of = engine_state
 
@@ -41,6 +42,8 @@ class FerryHeader(Horizontal):
         yield Static(id="crumbs", markup=False)
         if self.production:
             yield Static("⚠ PRODUCTION", id="badge")
+        if self.readonly:
+            yield Static("READ-ONLY", id="readonly")
         yield Static(id="engine")
         yield Static(id="clock")
 

@@ -6,8 +6,18 @@ Kept in Python rather than a .tcss file so that it always ships with the package
 CSS = """
 Screen {
     layout: vertical;
-    border: $frame-style $frame;
     background: $background;
+}
+/* the theme's frame on full screens only: a dialog drawing one too would frame it twice and shift it */
+FramedScreen {
+    border: $frame-style $frame;
+}
+/* a production site: the production frame and its label, whatever the theme */
+FramedScreen.-production {
+    border: heavy $production;
+    border-title-color: $background;
+    border-title-background: $production;
+    border-title-style: bold;
 }
 
 /* ---------------------------------------------------------------- header */
@@ -23,13 +33,16 @@ Screen {
     text-wrap: nowrap;
     text-overflow: ellipsis;
 }
-#badge {
+#badge, #readonly {
     width: auto;
     height: 1;
     padding: 0 1;
-    background: $badge;
+    background: $production;
     color: $background;
     text-style: bold;
+}
+#readonly {
+    background: $warning;
 }
 #engine, #clock {
     width: auto;
@@ -111,6 +124,49 @@ VMFilter:focus {
     border: none;
 }
 
+/* tables of console/table.py: the `/` line and the status line under them */
+TableFilter {
+    display: none;
+    height: 1;
+    border: none;
+    padding: 0 1;
+    background: $panel;
+}
+TableFilter.-open {
+    display: block;
+}
+TableFilter:focus {
+    border: none;
+}
+#tasks-status, .view-status {
+    height: auto;
+    max-height: 2;
+    padding: 0 1;
+    background: $surface;
+}
+#audit, #events {
+    height: 1fr;
+}
+KeyedTable {
+    height: 1fr;
+    scrollbar-size-vertical: 1;
+    background: $background;
+}
+
+/* the full-screen task log */
+#log-title {
+    height: auto;
+    max-height: 4;
+    padding: 0 1;
+    background: $panel;
+}
+#task-log {
+    height: 1fr;
+    padding: 0 1;
+    background: $background;
+    scrollbar-size-vertical: 1;
+}
+
 /* ---------------------------------------------------------------- command line */
 
 CommandLine {
@@ -143,6 +199,9 @@ ConfirmScreen, HelpScreen, FormScreen, TypedNameScreen {
 }
 #dialog.danger {
     border: thick $error;
+}
+#dialog-production {
+    margin-bottom: 1;
 }
 #dialog-title {
     text-style: bold;

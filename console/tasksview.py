@@ -1,54 +1,49 @@
-"""Tasks view: a table keyed by task id and diffed cell by cell, plus the selected task's details."""
+"""Tasks view: a table keyed by task id and diffed cell by cell (console/table.py), plus the selected
+task's details. The cursor and the detail stay on their task whatever comes, goes or moves; `/`
+filters (states too), `o`/`O` or a header click sort, `f` hides what ended well, `l` opens the
+task's whole log, `y` copies its error."""
 
 from __future__ import annotations
 
 from functools import partial
 from typing import Any
 
-from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.content import Content
-from textual.coordinate import Coordinate
-from textual.widgets import DataTable, Static
-from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowDoesNotExist
+from textual.widgets import Static
 
 from ferry.engine import fmt
-from ferry.engine.taskmodel import FINAL_STATES, TaskInfo, TaskState
+from ferry.engine.taskmodel import FINAL_STATES, TASK_ACTIONS, TaskInfo, TaskState
 from ferry.engine.textsafe import line as safe
 
 from .feed import TaskFeed
 from .messages import TasksChanged
 from .modals import esc
-from .severity import state_markup, state_text
+from .severity import state_markup, state_variable
+from .table import Column, KeyedTable, Row, TableFilter, cell
 from .theming import rich_style
 from .viewbase import ViewBase
 
 BAR_W = 8
-# (key, label, width or None for the flexible ones); each cell carries one leading space as its gap.
-FIXED = {"id": 5, "state": 12, "progress": 1 + BAR_W + 1 + 6, "rate": 12, "eta": 7}
-COLUMNS = (("id", " ID"), ("title", " TITLE"), ("state", " STATE"), ("progress", " PROGRESS"),
-           ("rate", " RATE"), ("eta", " ETA"), ("item", " ITEM"))
+COLUMNS = (
+    Column("id", "ID", cap=8),
+    Column("title", "TITLE", flex=True, least=12),
+    Column("state", "STATE", cap=14),
+    Column("progress", "PROGRESS", cap=1 + BAR_W + 1 + 6),
+    Column("rate", "RATE", cap=12),
+    Column("eta", "ETA", cap=9),
+    Column("item", "ITEM", cap=40, optional=True),
+)
 LOG_TAIL = 3
-ALLOWED = {   # the task states each key applies to
-    "pause": frozenset({TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING}),
-    "resume": frozenset({TaskState.PAUSED, TaskState.FAILED, TaskState.INTERRUPTED}),
-    "cancel": frozenset({TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING, TaskState.PAUSED,
-                         TaskState.INTERRUPTED, TaskState.FAILED}),
-}
+HIDDEN_WHEN_DONE = frozenset({TaskState.SUCCEEDED, TaskState.CANCELLED})   # what `f` hides; failures stay
+ALLOWED = TASK_ACTIONS   # the task states each key applies to: the engine's one rule
 
 
-def _fit(text: str, width: int) -> str:
-    text = " " + text
-    return text if len(text) <= width else text[: max(1, width - 1)] + "…"
-
-
-def flexible_widths(total: int) -> tuple[int, int]:
-    """TITLE and ITEM share what the fixed columns leave (the table keeps 1 column for its scrollbar)."""
-    rest = max(20, total - sum(FIXED.values()) - 1)
-    title = max(12, min(40, (rest * 2) // 3))
-    return title, max(8, rest - title)
+def error_text(info: TaskInfo) -> str:
+    """What `y` copies: the task's error and its hint."""
+    return (info.error or "") + (f"\nhint: {info.hint}" if info.hint else "")
 
 
 class TasksView(ViewBase, Vertical):
@@ -56,6 +51,13 @@ class TasksView(ViewBase, Vertical):
         Binding("p", "pause", "Pause", id="ferry.tasks.pause", tooltip="Pause the selected task; it keeps its checkpoint"),
         Binding("r", "resume", "Resume", id="ferry.tasks.resume", tooltip="Resume the selected paused, interrupted or failed task"),
         Binding("c", "cancel_task", "Cancel", id="ferry.tasks.cancel", tooltip="Cancel the selected task; what it made is rolled back"),
+        Binding("l", "log", "Log", id="ferry.tasks.log", tooltip="The selected task's whole log, full screen"),
+        Binding("y", "copy_error", "Copy error", show=False, id="ferry.tasks.copy",
+                tooltip="Copy the selected task's error and hint to the clipboard (OSC 52)"),
+        Binding("slash", "filter", "Filter", id="ferry.tasks.filter",
+                tooltip="Filter the tasks: part of a title, a state, a kind or a host (esc clears it)"),
+        Binding("f", "hide_finished", "Hide done", show=False, id="ferry.tasks.finished",
+                tooltip="Hide or show the tasks that succeeded or were cancelled (failed ones stay)"),
     ]
     VIEW = "tasks"
     TITLE = "Tasks"
@@ -64,34 +66,35 @@ class TasksView(ViewBase, Vertical):
         super().__init__(id="tasks")
         self.client = client
         self.feed = feed
-        self._rendered: dict[int, tuple] = {}    # task id -> the cell values shown
         self._pending: set[int] = set()
         self._pending_removed: set[int] = set()
-        self._widths: dict[str, int] = {}
-        self._log: tuple[int, list[dict]] | None = None
+        self._log: tuple[int, list] | None = None
         self._log_seen: dict[int, tuple] = {}
         self.selected_id: int | None = None
         self._want: int | None = None             # a task to put the cursor on once its row exists
         self._shown_error: str | None = None
+        self.hide_finished = False
 
     def compose(self) -> ComposeResult:
-        table: DataTable = DataTable(id="task-table", cursor_type="row", cell_padding=0, zebra_stripes=False)
+        table = KeyedTable(COLUMNS, sort="id", reverse=True, id="task-table")   # newest first
         yield table
+        yield TableFilter(table, id="task-filter")
+        yield Static(id="tasks-status")
         yield Static(id="task-detail")
 
+    @property
+    def table(self) -> KeyedTable:
+        return self.query_one(KeyedTable)
+
     def on_mount(self) -> None:
-        table = self.query_one(DataTable)
-        title_w, item_w = flexible_widths(self.size.width or self.app.size.width)
-        self._widths = {**FIXED, "title": title_w, "item": item_w}
-        for key, label in COLUMNS:
-            table.add_column(label, key=key, width=self._widths[key])
         self.render_detail()
+        self.render_status()
 
     def activate(self) -> None:
         """Called when the view is shown."""
         self.sync(full=True)
         self.post_crumbs()
-        self.query_one(DataTable).focus()
+        self.table.focus()
 
     def catch_up(self) -> None:
         """Draw what changed while a modal covered the view."""
@@ -99,8 +102,9 @@ class TasksView(ViewBase, Vertical):
             self.sync()
 
     def crumbs(self) -> tuple[str, ...]:
-        info = self.feed.tasks.get(self.selected_id) if self.selected_id is not None else None
-        return ("tasks", f"#{info.id} {info.title}") if info else ("tasks",)
+        info = self.selected_task()
+        filt = (f"/{self.table.filter_text}",) if self.table.filter_text else ()
+        return ("tasks",) + filt + ((f"#{info.id} {info.title}",) if info else ())
 
     # ------------------------------------------------------------------ the feed
 
@@ -112,136 +116,98 @@ class TasksView(ViewBase, Vertical):
         if self.shown:
             self.sync()
 
-    def on_resize(self) -> None:
-        if not self._widths:
-            return
-        title_w, item_w = flexible_widths(self.size.width or self.app.size.width)
-        if (title_w, item_w) != (self._widths.get("title"), self._widths.get("item")):
-            self._widths.update(title=title_w, item=item_w)
-            table = self.query_one(DataTable)
-            for key in ("title", "item"):
-                table.columns[ColumnKey(key)].width = self._widths[key]
-            table._require_update_dimensions = True   # no public API to resize a column yet
-            self.sync(full=True, rerender=True)
-
-    def row_cells(self, info: TaskInfo) -> tuple:
+    def row(self, info: TaskInfo) -> Row:
         p = info.progress
         moving = info.state == TaskState.RUNNING   # paused, waiting or done: no rate, no ETA
-        title = info.title or info.kind
-        return (
-            str(info.id), title, info.state, f"{fmt.bar(p.fraction, BAR_W)} {fmt.percent(p.fraction)}",
-            fmt.rate(p.rate) if moving else "-",
-            fmt.duration(p.eta) if moving else "-",
-            p.item or "",
-        )
-
-    def _cell(self, key: str, value: Any) -> Text:
-        width = self._widths[key]
         variables = self.app.theme_variables
-        if key == "state":
-            t = state_text(value, variables)
-            return Text(" ") + t
-        if key == "id":
-            return Text(_fit(value.rjust(width - 2), width))
-        style = rich_style(variables, "sev-unknown") if key in ("rate", "eta") else ""
-        # TITLE names paths and ITEM the file being copied: a guest's names, shown escaped.
-        return Text(_fit(safe(value), width), style=style, no_wrap=True)
+        muted = rich_style(variables, "sev-unknown")
+        state = cell(f"{info.state.symbol} {info.state.value}", sort=info.state.value,
+                     style=rich_style(variables, state_variable(info.state), bold=info.state == TaskState.WAITING))
+        return Row(cells=(
+            cell(str(info.id), sort=info.id),
+            # TITLE names paths and ITEM the file being copied: a guest's names, shown escaped.
+            cell(safe(info.title or info.kind)),
+            state,
+            cell(f"{fmt.bar(p.fraction, BAR_W)} {fmt.percent(p.fraction)}", sort=p.fraction or 0.0),
+            cell(fmt.rate(p.rate) if moving else "-", sort=p.rate if moving else None, style=muted),
+            cell(fmt.duration(p.eta) if moving else "-", sort=p.eta if moving else None, style=muted),
+            cell(safe(p.item or "")),
+        ), search=f"{info.kind} {' '.join(info.hosts)} #{info.id}")
+
+    def _listed(self, info: TaskInfo | None) -> bool:
+        return info is not None and not (self.hide_finished and info.state in HIDDEN_WHEN_DONE)
 
     def sync(self, *, full: bool = False, rerender: bool = False) -> None:
-        """Bring the table in line with the feed: update changed cells, add and remove rows."""
-        table = self.query_one(DataTable)
+        """Bring the table in line with the feed: rows that changed, came or went."""
+        table = self.table
         tasks = self.feed.tasks
-        before = self.selected_id
         if full:
-            ids = set(tasks) | set(self._rendered)
-            removed = {tid for tid in self._rendered if tid not in tasks}
+            ids = set(tasks)
+            removed = {int(k) for k in table.keys() if int(k) not in tasks}
         else:
             ids, removed = self._pending, self._pending_removed
         self._pending, self._pending_removed = set(), set()
         if rerender:
-            self._rendered = {tid: () for tid in self._rendered}
-        added = False
-        with self.app.batch_update():
-            for tid in removed:
-                if tid in self._rendered:
-                    try:
-                        table.remove_row(str(tid))
-                    except RowDoesNotExist:
-                        pass
-                    del self._rendered[tid]
-            for tid in sorted(ids - removed):
-                info = tasks.get(tid)
-                if info is None:
-                    continue
-                cells = self.row_cells(info)
-                old = self._rendered.get(tid)
-                if old is None:
-                    table.add_row(*(self._cell(k, v) for (k, _), v in zip(COLUMNS, cells)), key=str(tid))
-                    added = True
-                elif old != cells:
-                    for (key, _), new, was in zip(COLUMNS, cells, old or (None,) * len(cells)):
-                        if new != was:
-                            try:
-                                table.update_cell(str(tid), key, self._cell(key, new))
-                            except CellDoesNotExist:
-                                pass
-                self._rendered[tid] = cells
-            if added:
-                self._sort_keep_cursor(table)
-        if self._want is not None and self._want in self._rendered:
-            self._move_to(table, self._want)
-        if self.selected_id is None and table.row_count:
-            self._select_row(table, table.cursor_row)
-        if self.selected_id in ids or self.selected_id in removed or full or self.feed.error != self._shown_error:
+            table.redraw()
+        for tid in removed:
+            table.drop(str(tid))
+        for tid in ids - removed:
+            info = tasks.get(tid)
+            if self._listed(info):
+                table.put(str(tid), self.row(info))
+            else:
+                table.drop(str(tid))
+        table.commit()
+        if self._want is not None and table.select(str(self._want)):
+            self._want = None
+        self._selected(table.selected_key)
+        if self.selected_id in ids or full or self.feed.error != self._shown_error:
             self.refresh_bindings()
-            if self.selected_id is not None and self.selected_id not in tasks and table.row_count:
-                self._select_row(table, min(table.cursor_row, table.row_count - 1))
             self.render_detail()
             self._maybe_reload_log()
-        if self.selected_id != before:
-            self.post_crumbs()
-
-    def _sort_keep_cursor(self, table: DataTable) -> None:
-        keep = self.selected_id
-        table.sort("id", key=lambda cell: -int(cell.plain))   # newest first
-        if keep is not None:
-            try:
-                table.move_cursor(row=table.get_row_index(str(keep)), animate=False, scroll=False)
-            except RowDoesNotExist:
-                pass
+        self.render_status()
 
     def select_task(self, tid: int) -> None:
         """Put the cursor on task `tid` (now, or as soon as it shows up)."""
         self._want = tid
-        if tid in self._rendered:
-            self._move_to(self.query_one(DataTable), tid)
+        if self.table.select(str(tid)):
+            self._want = None
+            self._selected(str(tid))
 
-    def _move_to(self, table: DataTable, tid: int) -> None:
-        self._want = None
-        try:
-            table.move_cursor(row=table.get_row_index(str(tid)), animate=False)
-        except RowDoesNotExist:
-            return
-
-    def _select_row(self, table: DataTable, row: int) -> None:
-        try:
-            key = table.coordinate_to_cell_key(Coordinate(row, 0)).row_key.value
-        except CellDoesNotExist:
-            self.selected_id = None
-            return
-        self.selected_id = int(key) if key is not None else None
-
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        event.stop()
-        previous = self.selected_id
-        self._select_row(self.query_one(DataTable), self.query_one(DataTable).cursor_row)  # what the cursor shows now
-        tid = self.selected_id
-        if tid != previous:
+    def _selected(self, key: str | None) -> None:
+        tid = int(key) if key is not None else None
+        if tid != self.selected_id:
+            self.selected_id = tid
             self.refresh_bindings()
             self._log = None
             self.render_detail()
             self._maybe_reload_log(force=True)
             self.post_crumbs()
+
+    def on_keyed_table_cursor_moved(self, message: KeyedTable.CursorMoved) -> None:
+        message.stop()
+        self._selected(message.key)
+
+    def on_keyed_table_sorted(self, message: KeyedTable.Sorted) -> None:
+        message.stop()
+        self.render_status()
+        self.post_crumbs()
+
+    def render_status(self) -> None:
+        """One line under the table when it shows less than everything, or in another order."""
+        table = self.table
+        parts = []
+        if table.filter_text:
+            parts.append(f"[$accent]/{esc(table.filter_text)}[/] {len(table.shown_keys)} of {len(self.feed.tasks)}"
+                         " [$text-muted](esc clears)[/]")
+        if self.hide_finished:
+            hidden = sum(1 for t in self.feed.tasks.values() if t.state in HIDDEN_WHEN_DONE)
+            parts.append(f"{hidden} done hidden [$text-muted](f shows them)[/]")
+        if (table.sort_column, table.sort_reverse) != table.default_sort:
+            parts.append(f"sorted by {esc(table.sort_text())} [$text-muted](o, O)[/]")
+        status = self.query_one("#tasks-status", Static)
+        status.display = bool(parts)
+        status.update(Content.from_markup(" · ".join(parts)))
 
     # ------------------------------------------------------------------ the detail pane
 
@@ -264,7 +230,7 @@ class TasksView(ViewBase, Vertical):
 
     def render_detail(self) -> None:
         detail = self.query_one("#task-detail", Static)
-        info = self.feed.tasks.get(self.selected_id) if self.selected_id is not None else None
+        info = self.selected_task()
         self._shown_error = self.feed.error
         stale = []
         if self.feed.error:
@@ -291,12 +257,12 @@ class TasksView(ViewBase, Vertical):
         if retry and info.state not in FINAL_STATES:
             lines.append(f"[$warning]◆ {esc(str(retry))}[/]")
         if info.error:
-            lines.append(f"[$error]✖ {esc(info.error)}[/]" + (f"  [$text-muted]hint: {esc(info.hint)}[/]" if info.hint else ""))
+            lines.append(f"[$error]✖ {esc(info.error)}[/]" + (f"  [$text-muted]hint: {esc(info.hint)}[/]" if info.hint else "")
+                         + "  [$text-muted](y copies it)[/]")
         if self._log and self._log[0] == info.id:
             for entry in self._log[1][-LOG_TAIL:]:
-                level = entry.get("level", "info")
-                var = {"warning": "$warning", "error": "$error"}.get(level, "$text-muted")
-                lines.append(f"[{var}]│ {esc(str(entry.get('message', '')))}[/]")
+                var = {"warning": "$warning", "error": "$error"}.get(entry.level, "$text-muted")
+                lines.append(f"[{var}]│ {esc(entry.message)}[/]")
         detail.update(Content.from_markup("\n".join(lines)))
 
     # ------------------------------------------------------------------ operator actions
@@ -310,6 +276,9 @@ class TasksView(ViewBase, Vertical):
         if action in ALLOWED:
             info = self.selected_task()
             return True if info is not None and info.state in ALLOWED[action] else None
+        if action in ("log", "copy_error"):
+            info = self.selected_task()
+            return True if info is not None and (action == "log" or info.error) else None
         return True
 
     def action_pause(self) -> None:
@@ -321,7 +290,33 @@ class TasksView(ViewBase, Vertical):
     def action_cancel_task(self) -> None:
         self.app.control_task("cancel", self.selected_id)   # type: ignore[attr-defined]
 
+    def action_log(self) -> None:
+        info = self.selected_task()
+        if info is not None:
+            from .logscreen import TaskLogScreen
+            self.app.push_screen(TaskLogScreen(self.client, self.feed, info.id))
+
+    def action_copy_error(self) -> None:
+        info = self.selected_task()
+        if info is None or not info.error:
+            self.app.notify("the selected task has no error to copy", title="Copy", severity="warning", timeout=3)
+            return
+        self.app.copy_to_clipboard(error_text(info))
+        self.app.notify(f"the error of task {info.id} is on the clipboard (OSC 52: the terminal must allow it)",
+                        title="Copied", timeout=3)
+
+    def action_filter(self) -> None:
+        self.query_one(TableFilter).open_line()
+
+    def clear_filter(self) -> bool:
+        return self.query_one(TableFilter).clear()
+
+    def action_hide_finished(self) -> None:
+        self.hide_finished = not self.hide_finished
+        self.sync(full=True)
+        self.app.notify("tasks that succeeded or were cancelled are " + ("hidden" if self.hide_finished else "shown"),
+                        title="Tasks", timeout=2)
+
     def restyle(self) -> None:
         """The theme changed: cells carry resolved colours, so draw them again."""
         self.sync(full=True, rerender=True)
-

@@ -112,6 +112,8 @@ def load_theme_file(path: Path) -> Theme:
     variables.setdefault("frame-style", "none")
     for key, base in FERRY_VARIABLES.items():
         variables.setdefault(key, colours.get(base) or FALLBACK_COLOURS.get(base, colours["primary"]))
+    # The frame and label of a production site, whatever the theme: the badge's colour unless set.
+    _colour(path, "variables.production", variables.setdefault("production", variables["badge"]))
     return Theme(name=name.strip(), dark=dark, variables=variables, **colours)
 
 
@@ -132,6 +134,12 @@ def load_themes(dirs: list[Path]) -> tuple[dict[str, ThemeFile], list[str]]:
                 continue
             themes[theme.name] = ThemeFile(theme, path)
     return themes, problems
+
+
+def variable_defaults() -> dict[str, str]:
+    """Ferry's variables for a theme that does not set them (a Textual built-in one, say)."""
+    out = {key: FALLBACK_COLOURS.get(base, FALLBACK_COLOURS["foreground"]) for key, base in FERRY_VARIABLES.items()}
+    return {**out, "frame-style": "none", "production": FALLBACK_COLOURS["error"]}
 
 
 def rich_style(variables: dict[str, str], name: str, *, bold: bool = False, dim: bool = False) -> Style:
