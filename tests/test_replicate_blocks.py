@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cli import ferry, ferry_process, isolate_ssh
+from harness.cli import ferry, ferry_process, isolate_ssh, kill9
 from harness.qemu import sha256
 from harness.trees import loop_device, resident
 from harness.waiting import running, until_sync
@@ -152,8 +152,7 @@ def test_kill_9_mid_copy_then_rerun_resumes_with_little_resent(site, tmp_path):
     try:
         until_sync(lambda: running(proc) and _task(ws)[3] >= 50, timeout=60, what="50 chunks in the checkpoint")
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+        kill9(ws, proc)
     _, _, _, durable_chunks = _task(ws)
     assert durable_chunks < 160, "the copy finished before it was killed"
     out = blocks(ws, f"local:{src}", f"ssh1:{dst}")

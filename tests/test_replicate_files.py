@@ -18,7 +18,7 @@ import pytest
 from ferry.engine.replicate import agent as W
 from ferry.engine.replicate.channel import AgentChannel
 from ferry.engine.replicate.hosts import AgentHost
-from harness.cli import ferry, ferry_process, isolate_ssh, relay_over_asyncssh, replicate_watched
+from harness.cli import ferry, ferry_process, isolate_ssh, kill9, relay_over_asyncssh, replicate_watched
 from harness.trees import describe, diff, resident, rich_tree, write
 from harness.waiting import running, until_sync
 
@@ -278,8 +278,7 @@ def _kill_at_half(ws: Path, src: Path, dst: Path, total: int) -> None:
         until_sync(lambda: running(proc) and (_checkpoint(ws)[1] or {}).get("bytes_durable", 0) >= total // 2,
                    timeout=60, what="half the data durable")
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+        kill9(ws, proc)
 
 
 def test_kill_9_mid_round_then_rerun_resumes_with_little_resent(site, tmp_path):

@@ -17,7 +17,7 @@ from ferry.engine.errors import FerryError
 from ferry.engine.replicate import agent as W
 from ferry.engine.replicate.channel import AgentChannel
 from ferry.engine.replicate.hosts import AgentHost
-from harness.cli import ferry, ferry_process, isolate_ssh
+from harness.cli import engine_pid, ferry, ferry_process, isolate_ssh, kill9
 from harness.qemu import sha256
 from harness.trees import describe, diff, loop_device, write
 from harness.waiting import running, until_sync
@@ -238,7 +238,7 @@ async def test_target_refuses_a_fifo_in_place_of_its_temporary_file(tmp_path):
 
 
 def _agent_pids(parent: int) -> list[int]:
-    """Replication agents this process started (their command line carries the agent's boot code)."""
+    """Replication agents process `parent` started (their command line carries the agent's boot code)."""
     out = []
     for pid in _children(parent):
         try:
@@ -263,9 +263,10 @@ def test_a_stuck_agent_is_a_clear_stall_error_then_a_retry(tmp_path):
     t.start()
     stopped: list[int] = []
     try:
-        until_sync(lambda: running(t, result) and len(_agent_pids(os.getpid())) >= 3
+        # The round runs in the workspace's engine service: its agents are that process's children.
+        until_sync(lambda: running(t, result) and engine_pid(ws) and len(_agent_pids(engine_pid(ws))) >= 3
                    and any(dst.glob(".ferry-part.*")), timeout=60, what="the round's agents and a part file")
-        for pid in _agent_pids(os.getpid()):
+        for pid in _agent_pids(engine_pid(ws)):
             os.kill(pid, signal.SIGSTOP)
             stopped.append(pid)
         t.join(180)
@@ -539,8 +540,7 @@ def test_agents_of_a_killed_engine_stop_and_the_same_command_resumes_at_once(sit
         mine = until_sync(lambda: running(proc) and dst.exists() and dst.stat().st_blocks and
                           (_all_agent_pids() - before), timeout=60, what="the copy to be under way")
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.communicate()
+        kill9(ws, proc)
     until_sync(lambda: not (mine & _all_agent_pids()), timeout=3, what=f"agents {sorted(mine)} to stop")
     out = replicate(ws, "blocks", f"local:{src}", f"{target}:{dst}", "--chunk-size", "1M")
     assert out["_code"] == 0 and out["resumed"] is True, out

@@ -144,3 +144,16 @@ def engine_held_off(workspace: Path):
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def kill9(workspace: Path, proc: subprocess.Popen) -> None:
+    """kill -9 of Ferry mid-task: the workspace's engine service (which runs the task) and the
+    command following it, at once; the command is reaped."""
+    import signal
+    pid = engine_pid(workspace)
+    if pid:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGKILL)
+    proc.communicate()
