@@ -233,6 +233,8 @@ class SerialScreen(Screen):
                 return         # the reader says it ended
 
     def leave_console(self) -> None:
-        if self.chan is not None:
-            self.run_worker(self.chan.close(), exit_on_error=False)
         self.dismiss()
+
+    def on_unmount(self) -> None:
+        if self.chan is not None:      # however the screen went: the VM's serial port is free again
+            self._closing = asyncio.ensure_future(self.chan.close())
