@@ -144,3 +144,35 @@ async def test_serial_console_in_the_console_shows_the_prompt_and_takes_keys_unt
                               timeout=30, what="the screen saying the VM stopped")
     finally:
         await engine.close()
+
+
+async def test_serial_console_of_a_vm_on_an_ssh_host_goes_through_stream_local_forwarding(sshd_factory, tmp_path,
+                                                                                          monkeypatch):
+    import tomllib
+
+    from ferry.engine.client import EngineClient
+    from ferry.engine.config import dump_config
+    from harness.qemu import image_cache, kill_all
+    monkeypatch.setenv("FERRY_IMAGE_CACHE", str(image_cache()))
+    site = sshd_factory.site(tmp_path, 1)
+    doc = tomllib.loads(site.workspace.config_path.read_text())
+    doc["hosts"]["ssh1"]["accel"] = "tcg"
+    site.workspace.config_path.write_text(dump_config(doc))
+    client = EngineClient(site.workspace, site.config(), transports=site.pool())
+    await client.start()
+    try:
+        for kind, params in (("vm.create", {"name": "far1", "host": "ssh1", "cpus": 1, "memory_mb": 128, "disks": [],
+                                            "nics": [], "boot": ["live"]}), ("vm.start", {"vm": "far1"})):
+            info = await client.wait_task(await client.vm_task(kind, params), timeout=120)
+            assert info.state == "succeeded", (kind, info.error)
+        chan = await client.open_serial("far1")
+        screen = Screen(chan)
+        await screen.wait_for(b"far1 login: ")
+        await chan.write(b"root\r")
+        await screen.wait_for(b" # ")
+        await chan.write(b"echo ferry-$((6*7))\r")
+        await screen.wait_for(b"ferry-42\r\n")
+        await chan.close()
+    finally:
+        await client.close()
+        kill_all(site.servers["ssh1"].root)
