@@ -25,9 +25,9 @@ DESTRUCTIVE_ACTIONS = frozenset({
     "vm_start", "vm_stop", "vm_force_stop", "vm_reboot", "vm_hibernate", "vm_create", "vm_clone",
     "vm_convert", "vm_deploy", "vm_export", "vm_import", "vm_delete", "vm_restore", "vm_purge",
     "vm_migrate", "vm_snapshot", "vm_mark_act",
+    "vm_serial",        # typing into a guest's serial console changes whatever the guest lets it
 })
-READONLY_NOTICE = "read-only console: {what} is not available (hint: open `ferry` without --readonly, " \
-                  "and without `readonly = true` under [console] in config.toml)"
+READONLY_NOTICE = "read-only console: {what} is not available (--readonly, or [console] readonly = true)"
 
 
 def is_destructive(action: str) -> bool:

@@ -154,6 +154,8 @@ class KeyedTable(DataTable):
         self._resort = False
         self._measure = True
         self._force = False
+        self._cell_widths: dict[str, tuple[int, ...]] = {}   # shown row -> the width of each of its cells
+        self._widest: list[int] | None = None                # per column: the widest shown cell
 
     def on_mount(self) -> None:
         self.widths = {c.key: cell_len(c.label) + 1 for c in self.spec}
@@ -218,6 +220,7 @@ class KeyedTable(DataTable):
                     self.shown_keys.add(key)
                 for key in want - come:
                     self._update_row(key, force)
+            self._measure_cells(gone, want)
             self._fit_widths()
             if come or moved or self._resort:
                 self._sort()
@@ -243,6 +246,7 @@ class KeyedTable(DataTable):
         for key in keys:
             self.add_row(*self.model[key].cells, key=key)
         self.shown_keys = set(keys)
+        self._cell_widths, self._widest = {}, None
 
     def _order(self, key: str) -> tuple:
         cells = self.model[key].cells
@@ -365,16 +369,38 @@ class KeyedTable(DataTable):
         """Cells a row may take: the table's width less its scrollbar."""
         return max(20, (self.size.width or self.app.size.width) - 1)
 
+    def _measure_cells(self, gone: set[str], touched: set[str]) -> None:
+        """Keep the widest shown cell of each column; all rows are measured again only when the
+        widest one may have gone or shrunk."""
+        def measure(key: str) -> tuple[int, ...]:
+            return tuple(cell_len(c.plain) for c in self.model[key].cells)
+        widest = self._widest
+        again = widest is None
+        for key in gone:
+            old = self._cell_widths.pop(key, None)
+            again |= bool(old and widest and any(o >= w for o, w in zip(old, widest)))
+        for key in touched:
+            new = measure(key)
+            old = self._cell_widths.get(key)
+            self._cell_widths[key] = new
+            if widest is not None and not again:
+                again = bool(old and any(n < o and o >= w for n, o, w in zip(new, old, widest)))
+                widest = [max(n, w) for n, w in zip(new, widest)]
+        if again:
+            self._cell_widths = {k: self._cell_widths.get(k) or measure(k) for k in self.shown_keys}
+            widest = [max((w[i] for w in self._cell_widths.values()), default=0) for i in range(len(self.spec))]
+        if widest != self._widest:
+            self._widest = widest
+            self._measure = True
+
     def _fit_widths(self) -> bool:
         """Each column as wide as its widest shown cell (within its cap); the flexible column takes the
         rest, optional ones give theirs when the flexible one would be cut. True when a width changed."""
+        if not self._measure:
+            return False
         self._measure = False
-        natural = {c.key: min(c.cap, max(c.least, cell_len(c.label) + 3)) for c in self.spec}
-        for key in self.shown_keys:
-            for c, value in zip(self.spec, self.model[key].cells):
-                n = cell_len(value.plain)
-                if n > natural[c.key]:
-                    natural[c.key] = min(c.cap, n)
+        widest = self._widest or [0] * len(self.spec)
+        natural = {c.key: min(c.cap, max(c.least, cell_len(c.label) + 3, n)) for c, n in zip(self.spec, widest)}
         room = self._room()
         flex = next((c.key for c in self.spec if c.flex), None)
         widths = dict(natural)

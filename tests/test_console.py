@@ -466,7 +466,7 @@ async def test_theme_switch_is_remembered(tmp_path):
         app = FerryApp(c2, clock=lambda: FIXED_CLOCK)
         async with app.run_test(size=(80, 24)) as pilot:
             await until(pilot, lambda: app.theme == "light", what="saved theme picked up")
-        # --theme (or site.theme) wins over the saved choice
+        # --theme wins over the saved choice, for this session only
         app = FerryApp(c2, clock=lambda: FIXED_CLOCK, theme="high-contrast")
         async with app.run_test(size=(80, 24)) as pilot:
             await pilot.pause(0.2)
