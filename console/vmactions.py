@@ -242,7 +242,7 @@ class VMActions:
 
     def refusal_for_key(self, key: str) -> tuple[str, str] | None:
         """(title, reason) when `key` is one of this view's keys and it was refused just now."""
-        keymap = getattr(self.app, "_keymap", {}) or {}
+        keymap = getattr(self.app, "keymap", None) or {}
         for b in self.BINDINGS:
             keys = keymap.get(b.id, b.key) if b.id else b.key
             if key in [k.strip() for k in keys.split(",")]:
