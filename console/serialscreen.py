@@ -19,13 +19,13 @@ from rich.text import Text
 from textual import events
 from textual.app import ComposeResult
 from textual.content import Content
-from textual.screen import Screen
 from textual.widget import Widget
 from textual.widgets import Static
 
 from ferry.engine.errors import FerryError
 from ferry.engine.textsafe import line as safe
 
+from .framed import FramedScreen
 from .modals import esc
 
 LEAVE_KEY = "ctrl+right_square_bracket"
@@ -172,7 +172,7 @@ class SerialTerminal(Widget, can_focus=True):
         self.screen.send_keys(event.text.replace("\n", "\r").encode())
 
 
-class SerialScreen(Screen):
+class SerialScreen(FramedScreen):
     """The serial console of one VM, opened when the screen shows, closed when it goes."""
 
     DEFAULT_CSS = """
@@ -192,6 +192,7 @@ class SerialScreen(Screen):
         yield SerialTerminal(id="serial-term")
 
     def on_mount(self) -> None:
+        super().on_mount()      # the production frame, as on every full screen
         self.show_status()
         self.query_one(SerialTerminal).focus()
         self.run_worker(self._open_serial(), name=f"serial of {self.vm_name}", group="serial", exit_on_error=False)
