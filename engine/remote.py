@@ -80,6 +80,11 @@ def spawn_engine(ws: Workspace) -> subprocess.Popen:
     return proc
 
 
+# What a connect meets when no engine listens, or one that is going away (killed, stopping: the
+# kernel may still queue a connection on a socket whose process is being torn down).
+_GONE = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError, asyncio.IncompleteReadError)
+
+
 class RemoteEngine:
     def __init__(self, ws: Workspace, *, client: str = "cli", autostart: bool = True, reconnect: bool = False,
                  socket_path: Path | None = None, site: SiteConfig | None = None,
@@ -92,6 +97,10 @@ class RemoteEngine:
         self.socket_path = socket_path or ws.root / SOCKET_NAME
         self.site: SiteConfig | None = site     # the engine's, once connected
         self.engine_pid: int | None = None
+        # An engine under a service manager (systemd) is restarted by it; one stopped on purpose
+        # (`ferry engine stop`) stays stopped: a console then waits for it instead of starting one.
+        self.managed = False
+        self.stopped_on_purpose = False
         self.state = "connecting"
         self._connected = asyncio.Event()     # set once first connected
         self._reader: asyncio.StreamReader | None = None
@@ -138,12 +147,14 @@ class RemoteEngine:
             raise PermanentError(str(msg.get("message")), str(msg.get("hint", "")))
         self._reader, self._writer = reader, writer
         self.engine_pid = msg.get("pid")
+        self.managed = bool(msg.get("managed"))
+        self.stopped_on_purpose = False
 
     async def _connect(self, *, first: bool) -> None:
         try:
             await self._open()
-        except (FileNotFoundError, ConnectionRefusedError):
-            if not self.autostart:
+        except _GONE:
+            if not self.autostart or (not first and (self.stopped_on_purpose or self.managed)):
                 raise EngineUnavailable(f"no engine runs for workspace {self.workspace.root}",
                                         "start it with `ferry engine start`") from None
             await self._start_engine()
@@ -165,7 +176,7 @@ class RemoteEngine:
             try:
                 await self._open()
                 return
-            except (FileNotFoundError, ConnectionRefusedError):
+            except _GONE:
                 pass
             code = proc.poll()
             if code is not None and code != 0:
@@ -197,6 +208,8 @@ class RemoteEngine:
                 msg = api.decode(raw)
                 op = msg.get("op")
                 if op == "event":
+                    if msg["type"] == "engine" and msg.get("data") in ("draining", "stopping", "stopped"):
+                        self.stopped_on_purpose = True
                     self._bus.publish(Event(msg["type"], msg.get("task_id"), _event_data(msg["type"], msg.get("data")),
                                             msg.get("ts") or time.time()))
                 elif op in ("result", "error"):

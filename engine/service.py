@@ -28,6 +28,7 @@ from typing import Any
 from . import api
 from .client import EngineClient
 from .errors import ConfigError, FerryError, PermanentError
+from .events import Event
 from .protocol import (ProtocolError, frame, in_group, paths, peer_credentials, read_frame, running_pid,
                        short_path, user_name)
 from .store import ACTOR
@@ -216,6 +217,8 @@ class EngineService:
         # hold: tasks a dead or stopped engine left stay interrupted until resumed by hand (after a
         # crash that may come back, say); otherwise this engine resumes them as it starts.
         self.hold = hold
+        # Under systemd (it sets INVOCATION_ID): it restarts the engine; front ends never start one.
+        self.managed = bool(os.environ.get("INVOCATION_ID"))
         self.core = EngineClient(ws, site, adopt=not hold)
         self.peers: set[_Peer] = set()
         self.started = time.time()
@@ -280,6 +283,7 @@ class EngineService:
             if idle:
                 idle.cancel()
             log.info("engine stopping%s", " now" if self._stop_now else " (tasks reach a checkpoint first)")
+            self.core.engine.bus.publish(Event("engine", data="stopping"))   # front ends: on purpose
             if self._server:
                 self._server.close()
             await self.core.engine.stop(drain=0 if self._stop_now else DRAIN_S)
@@ -365,7 +369,8 @@ class EngineService:
                                 "use the ferry of the engine's version, or restart the engine with this one: "
                                 "`ferry engine stop`, then run the command again")
         writer.write(frame(api.encode({"op": "hello", "version": api.VERSION, "protocol": api.PROTOCOL,
-                                       "pid": os.getpid(), "workspace": str(self.ws.root)})))
+                                       "pid": os.getpid(), "workspace": str(self.ws.root),
+                                       "managed": self.managed})))
         await writer.drain()
         peer = _Peer(self, reader, writer, pid, user_name(uid), str(msg.get("client", "client"))[:20])
         self.peers.add(peer)
@@ -428,9 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in filter(None, (m.strip() for m in os.environ.get("FERRY_TASK_KINDS", "").split(","))):
         try:
             importlib.import_module(name)
-        except Exception as e:     # noqa: BLE001 - said in one line, and the engine does not start
+        except Exception as e:     # noqa: BLE001 - said, and the engine serves the kinds it has
+            log.error("FERRY_TASK_KINDS names %r, which cannot be imported: %s; its tasks wait, interrupted", name, e)
             print(f"ferry engine: FERRY_TASK_KINDS names {name!r}, which cannot be imported: {e}", file=sys.stderr)
-            return 2
     if args.journal or os.environ.get("JOURNAL_STREAM"):
         from .logs import log_to_stderr
         log_to_stderr()

@@ -292,3 +292,29 @@ async def test_console_says_reconnecting_while_its_engine_is_away_and_carries_on
         tid = await client.submit("probe", {"host": "lab1", "pings": 2, "size_mib": 1})
         await until(lambda: tid in app.feed.tasks and app.feed.tasks[tid].state.final, timeout=60,
                     pause=pilot.pause, what="the new engine's task in the console")
+
+
+async def test_a_console_waits_for_an_engine_stopped_on_purpose_instead_of_starting_one(tmp_path):
+    from ferry.console.app import FerryApp
+    from ferry.console.header import FerryHeader
+
+    ws = Workspace(tmp_path / "ws").ensure()
+    client = RemoteEngine(ws, client="console", reconnect=True, site=ws.load_config())
+    app = FerryApp(client, own_client=True)
+
+    def header() -> str:
+        return str(app.query_one(FerryHeader).query_one("#engine").render())
+
+    async with app.run_test(size=(120, 32)) as pilot:
+        await until(lambda: client.engine_state == "running", pause=pilot.pause, what="the console attached")
+        first = client.engine_pid
+        r = await asyncio.to_thread(ferry, ws.root, "engine", "stop")
+        assert r.code == 0, r.err
+        await until(lambda: "reconnecting…" in header(), pause=pilot.pause, what="reconnecting… shown")
+        await pilot.pause(3.0)       # the console's reconnect attempts meanwhile start no engine
+        assert engine_pid(ws.root) is None and "reconnecting…" in header()
+        r = await asyncio.to_thread(ferry, ws.root, "engine", "start")
+        assert r.code == 0 and "engine started" in r.out, r.err
+        await until(lambda: client.engine_state == "running" and "running" in header(), timeout=60,
+                    pause=pilot.pause, what="the console attached to the engine started by hand")
+        assert client.engine_pid not in (None, first)

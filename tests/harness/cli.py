@@ -157,3 +157,7 @@ def kill9(workspace: Path, proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(signal.SIGKILL)
     proc.communicate()
+    if pid:
+        from ferry.engine.helpers import pid_running
+        from .waiting import until_sync
+        until_sync(lambda: not pid_running(pid), timeout=30, what=f"engine {pid} to be gone")
