@@ -295,10 +295,11 @@ class RemoteEngine:
         try:
             await self._send({"op": "call", "id": cid, "method": method, "args": args})
         except (ConnectionError, OSError):
-            self._pending.pop(cid, None)
-            raise EngineUnavailable(f"the engine of {self.where} went away", "`ferry engine status`") from None
+            self._forget(cid, fut)
+            raise EngineUnavailable(f"the engine went away (workspace {self.where})",
+                                    "`ferry engine status`; its tasks go on when it starts again") from None
         except BaseException:
-            self._pending.pop(cid, None)
+            self._forget(cid, fut)
             raise
         msg = await fut
         if msg["op"] == "error":
@@ -306,11 +307,26 @@ class RemoteEngine:
         value = msg.get("value")
         return value if type is Any else api.convert(value, type)
 
+    async def _subscribe_now(self) -> None:
+        try:
+            await self._send({"op": "subscribe"})
+        except (FerryError, ConnectionError, OSError):
+            pass        # the connection is lost: the next connect subscribes
+
+    def _forget(self, cid: int, fut: asyncio.Future) -> None:
+        """A call that failed on its way out: its answer is not awaited any more (and an error the
+        lost connection set on it meanwhile is taken, never reported as unretrieved)."""
+        self._pending.pop(cid, None)
+        if fut.done() and not fut.cancelled():
+            fut.exception()
+        else:
+            fut.cancel()
+
     def subscribe(self) -> Subscription:
         if not self._subscribed:
             self._subscribed = True
             if self._writer is not None:    # else the connect subscribes (once: a second one is refused)
-                asyncio.ensure_future(self._send({"op": "subscribe"}))
+                asyncio.ensure_future(self._subscribe_now())
         return self._bus.subscribe()
 
     # ------------------------------------------------------------------ the engine itself
