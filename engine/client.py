@@ -106,10 +106,6 @@ class EngineClient:
         _replicate.parse_endpoint(params["dst"], self.site, what="target")
         return await self.engine.submit_or_resume(f"replicate.{level}", params, restart=restart)
 
-    async def is_orphan(self, task_id: int) -> bool:
-        """True when no live Ferry process runs the task (so this one may take it over)."""
-        return not await self.engine.owner_alive(await self.engine.get(task_id))
-
     async def start_probe(self, host: str, *, pings: int = 20, size_mib: int = 64) -> int:
         return await self.submit("probe", {"host": host, "pings": pings, "size_mib": size_mib})
 
