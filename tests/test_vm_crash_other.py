@@ -196,9 +196,11 @@ def test_export_killed_three_times_then_rerun_finishes_one_package_and_leaves_no
     assert hidden_leftovers(scratch), "the staging folder is kept for the resume"
     assert killed(kill_at(ws, *args, when=item_at("hashing", 0.66))) == tid   # hashed: the OVA is next
     # Once the OVA is in place, before the task is recorded done: the package is checked, not made again.
-    assert killed(kill_at(ws, *args, when=item_at("done"))) == tid
+    # The "done" step lasts a moment: the kill lands a few milliseconds after the point is read, and
+    # rarely the task had ended by then (or ended before the point was seen at all).
+    last = kill_at(ws, *args, when=item_at("done"))
+    assert last.task_id == tid and (last.killed or last.code == 0), (last.code, last.out, last.err)
     made_at = out.stat().st_mtime_ns
-    # The kill lands a few milliseconds after the point is read: rarely, the task had ended by then.
     if next(t for t in ok(ws, "tasks", "--all") if t["id"] == tid)["state"] != "succeeded":
         done = ok(ws, *args)
         assert done["task"] == tid
