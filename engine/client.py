@@ -145,13 +145,8 @@ class EngineClient:
 
     async def vm_task_or_attach(self, kind: str, params: dict[str, Any]) -> tuple[int, bool]:
         """As vm_task: (the task's id, whether it is an unfinished one that goes on)."""
-        params = dict(params)
-        k = kind_of(kind)
-        try:
-            k.validate(params)
-        except PermanentError as e:    # bad input, before any task: a refusal (exit code 2)
-            raise refused(e) from None
-        key = k.dedup_key(params)
+        params = self._validated(kind, params)
+        key = kind_of(kind).dedup_key(params)
         if key is not None:
             same = await self.store.call(self.store.unfinished_task, kind, key)
             if same is not None and same["state"] != "failed":
@@ -160,11 +155,7 @@ class EngineClient:
                     return await self.engine.submit_or_resume(kind, {n: v for n, v in params.items() if v is not None})
                 except JobAlreadyRunning as e:     # another front end's command: the same task, followed
                     return e.task_id, True
-        if "host" not in params:
-            ref = params.get("vm") or params.get("src")
-            if ref and ref != "*expired*":
-                row = await self._vms.find(ref, recycled=kind in ("vm.restore", "vm.purge"))
-                params["host"] = row["host"]
+        await self._fill_host(kind, params)
         await precheck(self.engine, kind, params)    # Refused: no task is made
         if key is not None:      # a failed task of the job starts again (it rolled back what it made)
             return await self.engine.submit_or_resume(kind, params)
@@ -197,17 +188,28 @@ class EngineClient:
 
     async def precheck(self, kind: str, params: dict[str, Any]) -> None:
         """What `vm_task` would refuse, asked first (raises Refused); nothing is done."""
+        params = self._validated(kind, params)
+        await self._fill_host(kind, params)
+        await precheck(self.engine, kind, params)
+
+    @staticmethod
+    def _validated(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+        """A copy of the parameters, checked by the kind: bad input is a refusal (exit code 2), before
+        any task."""
         params = dict(params)
-        k = kind_of(kind)
         try:
-            k.validate(params)
+            kind_of(kind).validate(params)
         except PermanentError as e:
             raise refused(e) from None
+        return params
+
+    async def _fill_host(self, kind: str, params: dict[str, Any]) -> None:
+        """The host of the VM the parameters name ("vm" or "src"), when they do not give it."""
         if "host" not in params:
             ref = params.get("vm") or params.get("src")
             if ref and ref != "*expired*":
-                params["host"] = (await self._vms.find(ref, recycled=kind in ("vm.restore", "vm.purge")))["host"]
-        await precheck(self.engine, kind, params)
+                row = await self._vms.find(ref, recycled=kind in ("vm.restore", "vm.purge"))
+                params["host"] = row["host"]
 
     # ------------------------------------------------------------------ hosts
 

@@ -261,17 +261,20 @@ async def test_two_front_ends_see_the_same_task_and_each_others_actions(tmp_path
 
 # ------------------------------------------------------------------ a console whose engine restarts
 
-async def test_console_says_reconnecting_while_its_engine_is_away_and_carries_on(tmp_path):
+def console_of(root: Path):
+    """A console attached to the engine service of workspace `root`, as `ferry` opens it: (the
+    workspace, its RemoteEngine, the app, a function giving the header's engine text)."""
     from ferry.console.app import FerryApp
     from ferry.console.header import FerryHeader
 
-    ws = Workspace(tmp_path / "ws").ensure()
+    ws = Workspace(root).ensure()
     client = RemoteEngine(ws, client="console", reconnect=True, site=ws.load_config())
     app = FerryApp(client, own_client=True)
+    return ws, client, app, lambda: str(app.query_one(FerryHeader).query_one("#engine").render())
 
-    def header() -> str:
-        return str(app.query_one(FerryHeader).query_one("#engine").render())
 
+async def test_console_says_reconnecting_while_its_engine_is_away_and_carries_on(tmp_path):
+    ws, client, app, header = console_of(tmp_path / "ws")
     async with app.run_test(size=(120, 32)) as pilot:
         await until(lambda: client.engine_state == "running" and "running" in header(), pause=pilot.pause,
                     what="the console attached")
@@ -295,16 +298,7 @@ async def test_console_says_reconnecting_while_its_engine_is_away_and_carries_on
 
 
 async def test_a_console_waits_for_an_engine_stopped_on_purpose_instead_of_starting_one(tmp_path):
-    from ferry.console.app import FerryApp
-    from ferry.console.header import FerryHeader
-
-    ws = Workspace(tmp_path / "ws").ensure()
-    client = RemoteEngine(ws, client="console", reconnect=True, site=ws.load_config())
-    app = FerryApp(client, own_client=True)
-
-    def header() -> str:
-        return str(app.query_one(FerryHeader).query_one("#engine").render())
-
+    ws, client, app, header = console_of(tmp_path / "ws")
     async with app.run_test(size=(120, 32)) as pilot:
         await until(lambda: client.engine_state == "running", pause=pilot.pause, what="the console attached")
         first = client.engine_pid
