@@ -30,19 +30,19 @@ from textual.worker import Worker, WorkerState
 from ferry.engine.errors import FerryError
 from ferry.engine.taskmodel import TaskState
 
-from . import keys as opkeys
-from .auditview import AuditView, EventsView
-from .commands import FerryCommands
-from .feed import TaskFeed
-from .framed import FramedScreen
-from .header import FerryHeader
-from .inventory import InventoryView
-from .messages import CrumbsChanged, TasksChanged
-from .modals import ConfirmScreen, HelpScreen, esc
-from .styles import CSS as FERRY_CSS
-from .tasksview import ALLOWED, TasksView
-from .theming import DEFAULT_THEME, PRODUCTION_THEME, load_themes, theme_dirs, variable_defaults
-from .vmsview import VMsView
+from ferry.console import keys as opkeys
+from ferry.console.views.audit import AuditView, EventsView
+from ferry.console.commands import FerryCommands
+from ferry.console.feed import TaskFeed
+from ferry.console.widgets.framed import FramedScreen
+from ferry.console.widgets.header import FerryHeader
+from ferry.console.views.inventory import InventoryView
+from ferry.console.messages import CrumbsChanged, TasksChanged
+from ferry.console.dialogs.modals import ConfirmScreen, HelpScreen, esc
+from ferry.console.styles import CSS as FERRY_CSS
+from ferry.console.views.tasks import ALLOWED, TasksView
+from ferry.console.theming import DEFAULT_THEME, PRODUCTION_THEME, load_themes, theme_dirs, variable_defaults
+from ferry.console.views.vms import VMsView
 
 log = logging.getLogger("ferry.console")
 
@@ -217,8 +217,8 @@ class FerryApp(App[int]):
 
     def binding_ids(self) -> set[str]:
         """Every action id the keymap may name."""
-        from .logscreen import TaskLogScreen
-        from .table import KeyedTable, TableFilter
+        from ferry.console.dialogs.log import TaskLogScreen
+        from ferry.console.widgets.table import KeyedTable, TableFilter
         return opkeys.binding_ids([type(self), CommandLine, InventoryView, TasksView, VMsView, AuditView, EventsView,
                                    KeyedTable, TableFilter, TaskLogScreen, ConfirmScreen, HelpScreen])
 
@@ -390,7 +390,7 @@ class FerryApp(App[int]):
         if isinstance(self.screen, HelpScreen):
             return
         view = self.view_widget()
-        from .table import KeyedTable
+        from ferry.console.widgets.table import KeyedTable
         own = self.help_rows(view.BINDINGS)
         if view is self.inventory:
             own = [("↑ ↓", "Move in the tree", ""),

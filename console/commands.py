@@ -7,8 +7,8 @@ from typing import Callable, NamedTuple
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
-from .keys import is_destructive
-from .tasksview import ALLOWED
+from ferry.console.keys import is_destructive
+from ferry.console.views.tasks import ALLOWED
 
 
 class Command(NamedTuple):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from textual.message import Message
 
-from .poller import HostStatus, VMList
+from ferry.console.poller import HostStatus, VMList
 
 
 class HostUpdated(Message):

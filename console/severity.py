@@ -8,7 +8,7 @@ from rich.text import Text
 
 from ferry.engine.taskmodel import TaskState
 
-from .theming import rich_style
+from ferry.console.theming import rich_style
 
 
 class Severity(enum.Enum):

@@ -124,7 +124,7 @@ VMFilter:focus {
     border: none;
 }
 
-/* tables of console/table.py: the `/` line and the status line under them */
+/* tables of console/widgets/table.py: the `/` line and the status line under them */
 TableFilter {
     display: none;
     height: 1;

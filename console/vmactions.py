@@ -25,11 +25,11 @@ from ferry.engine.errors import FerryError, Refused
 from ferry.engine.taskmodel import TaskState
 from ferry.engine.vm.model import expand_pattern
 
-from .messages import VMsUpdated
-from .modals import ConfirmScreen, esc
-from .poller import VMList, VMPoller
-from .serialscreen import SerialScreen
-from .vmdialogs import Field, FormScreen, TypedNameScreen
+from ferry.console.messages import VMsUpdated
+from ferry.console.dialogs.modals import ConfirmScreen, esc
+from ferry.console.poller import VMList, VMPoller
+from ferry.console.dialogs.serial import SerialScreen
+from ferry.console.dialogs.vmforms import Field, FormScreen, TypedNameScreen
 
 NO_VM = "select a VM or template first"
 CHECKS_DEBOUNCE_S = 0.1     # the cursor rests this long on a VM before the engine is asked what applies to it

@@ -15,9 +15,9 @@ from rich.text import Text
 from ferry.engine import fmt
 from ferry.engine.api import AgentReport, VMState, VMView
 
-from .modals import esc
-from .severity import Severity, usage_severity
-from .theming import rich_style
+from ferry.console.dialogs.modals import esc
+from ferry.console.severity import Severity, usage_severity
+from ferry.console.theming import rich_style
 
 LABEL_W = 11
 

@@ -21,7 +21,7 @@ from textual.widgets.data_table import CellDoesNotExist
 import harness.kinds  # noqa: F401  (registers the test task kinds)
 from ferry.console.app import FerryApp
 from ferry.console.commands import console_commands
-from ferry.console.modals import ConfirmScreen, HelpScreen
+from ferry.console.dialogs.modals import ConfirmScreen, HelpScreen
 from ferry.console.poller import HostPoller, HostStatus
 from ferry.console.theming import BUILTIN_DIR, load_theme_file, load_themes
 from ferry.engine.client import EngineClient

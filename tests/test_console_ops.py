@@ -18,7 +18,7 @@ from textual.widgets import DataTable, RichLog
 import harness.kinds  # noqa: F401  (registers the test task kinds)
 from ferry.console.app import FerryApp
 from ferry.console.commands import console_commands
-from ferry.console.modals import ConfirmScreen, HelpScreen
+from ferry.console.dialogs.modals import ConfirmScreen, HelpScreen
 from ferry.console.theming import BUILTIN_DIR
 from ferry.engine.client import EngineClient
 from ferry.engine.config import lab_config

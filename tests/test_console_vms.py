@@ -24,8 +24,8 @@ from textual.widgets import Button, DataTable, Input, Select, Static, Tree
 
 from ferry.console.app import FerryApp
 from ferry.console.commands import console_commands
-from ferry.console.modals import ConfirmScreen, HelpScreen
-from ferry.console.vmdialogs import FormScreen, TypedNameScreen
+from ferry.console.dialogs.modals import ConfirmScreen, HelpScreen
+from ferry.console.dialogs.vmforms import FormScreen, TypedNameScreen
 from ferry.engine.api import AgentReport, AgentState, VMState, VMView
 from ferry.engine.client import EngineClient
 from ferry.engine.config import lab_config
@@ -541,7 +541,7 @@ async def test_delete_from_the_vms_view(client):
 
 
 async def test_vms_view_agent_columns_walk_one_at_a_time(client, monkeypatch):
-    import ferry.console.vmsview
+    import ferry.console.views.vms
     from ferry.engine.errors import PermanentError
     await make_vm(client, "db1", "lab1")
     await make_vm(client, "web1", "lab1")
@@ -565,7 +565,7 @@ async def test_vms_view_agent_columns_walk_one_at_a_time(client, monkeypatch):
         finally:
             inflight -= 1
     monkeypatch.setattr(client, "vm_agent", fake_vm_agent)
-    monkeypatch.setattr(ferry.console.vmsview, "AGENT_REFRESH_S", 0.3)
+    monkeypatch.setattr(ferry.console.views.vms, "AGENT_REFRESH_S", 0.3)
     async with app.run_test(size=(80, 24)) as pilot:
         # A fake, named as such: the engine's list says both run (booting a real VM is test_vm.py's job).
         real = app.vms_view.vm_poller.fetch

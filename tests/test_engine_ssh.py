@@ -138,7 +138,7 @@ def test_an_unknown_host_key_is_refused_until_trusted(far, tmp_path):
 
 async def test_a_console_over_ssh_shows_the_far_engine_and_reconnects_when_the_link_drops(far, tmp_path):
     from ferry.console.app import FerryApp
-    from ferry.console.header import FerryHeader
+    from ferry.console.widgets.header import FerryHeader
 
     sshd, R, L = far
     ws = Workspace(L)

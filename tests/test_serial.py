@@ -106,7 +106,7 @@ def status(app) -> str:
 
 async def test_serial_console_in_the_console_shows_the_prompt_and_takes_keys_until_the_vm_stops(ws: Path):
     from ferry.console.app import FerryApp
-    from ferry.console.serialscreen import SerialScreen, SerialTerminal
+    from ferry.console.dialogs.serial import SerialScreen, SerialTerminal
     engine = await connect(Workspace(ws), client="console")
     app = FerryApp(engine)
     try:

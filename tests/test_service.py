@@ -265,7 +265,7 @@ def console_of(root: Path):
     """A console attached to the engine service of workspace `root`, as `ferry` opens it: (the
     workspace, its RemoteEngine, the app, a function giving the header's engine text)."""
     from ferry.console.app import FerryApp
-    from ferry.console.header import FerryHeader
+    from ferry.console.widgets.header import FerryHeader
 
     ws = Workspace(root).ensure()
     client = RemoteEngine(ws, client="console", reconnect=True, site=ws.load_config())

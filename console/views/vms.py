@@ -30,13 +30,13 @@ from ferry.engine import fmt
 from ferry.engine.api import VMState, VMView
 from ferry.engine.textsafe import line as safe
 
-from . import vms as vmlook
-from .messages import AgentSampled, VMsUpdated
-from .modals import esc
-from .poller import VMList, attempt
-from .theming import rich_style
-from .viewbase import ViewBase
-from .vmactions import VM_BINDINGS, VMActions
+from ferry.console import vms as vmlook
+from ferry.console.messages import AgentSampled, VMsUpdated
+from ferry.console.dialogs.modals import esc
+from ferry.console.poller import VMList, attempt
+from ferry.console.theming import rich_style
+from ferry.console.views.base import ViewBase
+from ferry.console.vmactions import VM_BINDINGS, VMActions
 
 
 AGENT_REFRESH_S = 15.0    # a VM's agent is asked again at most this often

@@ -11,7 +11,7 @@ from textual.content import Content
 from textual.reactive import reactive
 from textual.widgets import Static
 
-from .modals import esc
+from ferry.console.dialogs.modals import esc
 
 ENGINE_LOOK = {
     "running": ("sev-ok", "▶"),

@@ -22,14 +22,14 @@ from textual.widgets.tree import TreeNode
 from ferry.engine import fmt
 from ferry.engine.api import AgentReport, AgentState, VMView
 
-from . import vms as vmlook
-from .messages import AgentUpdated, HostUpdated, VMsUpdated
-from .modals import esc
-from .poller import FACTS_TIMEOUT_S, HostPoller, HostStatus, VMList, attempt
-from .severity import Severity, load_severity, usage_severity
-from .theming import rich_style
-from .viewbase import ViewBase
-from .vmactions import VM_BINDINGS, VMActions
+from ferry.console import vms as vmlook
+from ferry.console.messages import AgentUpdated, HostUpdated, VMsUpdated
+from ferry.console.dialogs.modals import esc
+from ferry.console.poller import FACTS_TIMEOUT_S, HostPoller, HostStatus, VMList, attempt
+from ferry.console.severity import Severity, load_severity, usage_severity
+from ferry.console.theming import rich_style
+from ferry.console.views.base import ViewBase
+from ferry.console.vmactions import VM_BINDINGS, VMActions
 
 LABEL_W = 11
 DETAIL_DELAY_S = 0.1

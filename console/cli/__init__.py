@@ -685,9 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--yes", action="store_true", help="accept without asking")
     e.set_defaults(func=cmd_engine_trust)
 
-    from .cli_vm import add_parsers
+    from ferry.console.cli.vm import add_parsers
     add_parsers(sub)
-    from .completion import add_parser as add_completion
+    from ferry.console.cli.completion import add_parser as add_completion
     add_completion(sub)
     return p
 

@@ -25,8 +25,8 @@ from textual.widgets import Static
 from ferry.engine.errors import FerryError
 from ferry.engine.textsafe import line as safe
 
-from .framed import FramedScreen
-from .modals import esc
+from ferry.console.widgets.framed import FramedScreen
+from ferry.console.dialogs.modals import esc
 
 LEAVE_KEY = "ctrl+right_square_bracket"
 MAX_LINES = 2000

@@ -16,7 +16,7 @@ from ferry.engine.textsafe import line as safe
 from ferry.engine.vm.model import parse_memory_mib
 from ferry.engine.workspace import Workspace
 
-from .cli import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, _Progress, _print_json, _table, _with_client, run_foreground
+from ferry.console.cli import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, _Progress, _print_json, _table, _with_client, run_foreground
 
 
 def _typed_confirmation(args, name: str, action: str) -> str:

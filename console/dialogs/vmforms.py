@@ -15,7 +15,7 @@ from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Select, Static
 
-from .modals import esc
+from ferry.console.dialogs.modals import esc
 
 DELETE_MODES = (
     ("normal", "remove the record and the disk files"),

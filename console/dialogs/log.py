@@ -17,12 +17,12 @@ from textual.widgets import Footer, RichLog, Static
 
 from ferry.engine.textsafe import line as safe
 
-from .feed import TaskFeed
-from .framed import FramedScreen
-from .modals import esc
-from .severity import state_markup
-from .tasksview import error_text
-from .theming import rich_style
+from ferry.console.feed import TaskFeed
+from ferry.console.widgets.framed import FramedScreen
+from ferry.console.dialogs.modals import esc
+from ferry.console.severity import state_markup
+from ferry.console.views.tasks import error_text
+from ferry.console.theming import rich_style
 
 LOG_LIMIT = 10000
 POLL_S = 1.0

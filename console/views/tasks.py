@@ -1,4 +1,4 @@
-"""Tasks view: a table keyed by task id and diffed cell by cell (console/table.py), plus the selected
+"""Tasks view: a table keyed by task id and diffed cell by cell (console/widgets/table.py), plus the selected
 task's details. The cursor and the detail stay on their task whatever comes, goes or moves; `/`
 filters (states too), `o`/`O` or a header click sort, `f` hides what ended well, `l` opens the
 task's whole log, `y` copies its error."""
@@ -18,13 +18,13 @@ from ferry.engine import fmt
 from ferry.engine.taskmodel import FINAL_STATES, TASK_ACTIONS, TaskInfo, TaskState
 from ferry.engine.textsafe import line as safe
 
-from .feed import TaskFeed
-from .messages import TasksChanged
-from .modals import esc
-from .severity import state_markup, state_variable
-from .table import Column, KeyedTable, Row, TableFilter, cell
-from .theming import rich_style
-from .viewbase import ViewBase
+from ferry.console.feed import TaskFeed
+from ferry.console.messages import TasksChanged
+from ferry.console.dialogs.modals import esc
+from ferry.console.severity import state_markup, state_variable
+from ferry.console.widgets.table import Column, KeyedTable, Row, TableFilter, cell
+from ferry.console.theming import rich_style
+from ferry.console.views.base import ViewBase
 
 BAR_W = 8
 COLUMNS = (
@@ -293,7 +293,7 @@ class TasksView(ViewBase, Vertical):
     def action_log(self) -> None:
         info = self.selected_task()
         if info is not None:
-            from .logscreen import TaskLogScreen
+            from ferry.console.dialogs.log import TaskLogScreen
             self.app.push_screen(TaskLogScreen(self.client, self.feed, info.id))
 
     def action_copy_error(self) -> None:

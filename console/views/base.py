@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .messages import CrumbsChanged
+from ferry.console.messages import CrumbsChanged
 
 
 class ViewBase:

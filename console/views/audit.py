@@ -16,11 +16,11 @@ from textual.widgets import Static
 
 from ferry.engine.textsafe import line as safe
 
-from .feed import TaskFeed
-from .modals import esc
-from .table import Column, KeyedTable, Row, TableFilter, cell
-from .theming import rich_style
-from .viewbase import ViewBase
+from ferry.console.feed import TaskFeed
+from ferry.console.dialogs.modals import esc
+from ferry.console.widgets.table import Column, KeyedTable, Row, TableFilter, cell
+from ferry.console.theming import rich_style
+from ferry.console.views.base import ViewBase
 
 AUDIT_LIMIT = 500
 AUDIT_POLL_S = 5.0

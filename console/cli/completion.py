@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 SHELLS = ("bash", "zsh")
-BUILTIN_THEMES = Path(__file__).resolve().parent.parent / "themes"
+BUILTIN_THEMES = Path(__file__).resolve().parents[2] / "themes"
 
 
 def add_parser(sub) -> None:
@@ -50,7 +50,7 @@ def script(parser: argparse.ArgumentParser, shell: str) -> str:
 
 
 def cmd_completion(args, ws) -> int:
-    from .cli import build_parser
+    from ferry.console.cli import build_parser
 
     sys.stdout.write(script(build_parser(), args.shell))
     return 0
