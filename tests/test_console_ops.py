@@ -406,9 +406,14 @@ async def test_columns_are_sized_by_content_and_the_title_takes_the_width(client
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("2")
         await until(pilot, lambda: str(tid) in table_keys(app), what="row")
-        await pilot.pause(0.2)
         table = app.query_one("#task-table", DataTable)
-        widths = {str(k.value): c.width for k, c in table.columns.items()}
+
+        def widths() -> dict[str, int]:
+            return {str(k.value): c.width for k, c in table.columns.items()}
+
+        # the columns are sized once the row is laid out: wait for it (a loaded machine takes longer)
+        await until(pilot, lambda: widths()["title"] >= 30, what="the title taking the width")
+        widths = widths()
         assert widths["id"] <= 5                                          # " ID ▼": its header
         assert widths["item"] == 0                                        # no room at 80: the title has it
         room = table.size.width - 1
