@@ -176,8 +176,13 @@ def cmd_vm_simple(args, ws: Workspace) -> int:
 
 def cmd_vm_clone(args, ws: Workspace) -> int:
     params = {"src": args.src, "names": [args.name], "as_template": bool(getattr(args, "as_template", False)),
-              "datastore": args.datastore, "overrides": _overrides(args)}
+              "datastore": args.datastore, "overrides": _overrides(args), **_target(args)}
     return _run_task(ws, "vm.clone", params, args.json, _describe_made)
+
+
+def _target(args) -> dict[str, Any]:
+    """--host: the copies go to another host than their source's (on a datastore both share)."""
+    return {"host": args.host} if getattr(args, "host", None) else {}
 
 
 def _overrides(args) -> dict[str, Any]:
@@ -201,7 +206,7 @@ def cmd_template_deploy(args, ws: Workspace) -> int:
     names = expand_pattern(args.name, args.count) if args.count > 1 or "#" in args.name or "{n" in args.name \
         else [args.name]
     params = {"src": args.template, "names": names, "linked": args.linked, "deploy": True,
-              "datastore": args.datastore, "overrides": _overrides(args)}
+              "datastore": args.datastore, "overrides": _overrides(args), **_target(args)}
     return _run_task(ws, "vm.clone", params, args.json, _describe_made)
 
 
@@ -396,6 +401,7 @@ def add_parsers(sub) -> None:
     v.add_argument("src")
     common(v)
     v.add_argument("--datastore")
+    v.add_argument("--host", help="host of the copies (default: the source's; another needs a datastore both share)")
     v.add_argument("--as-template", action="store_true", help="the copy is a template (hardware may change)")
     hardware(v, False)
     v.add_argument("--disk-size", help="grow the first disk to this size")
@@ -463,6 +469,8 @@ def add_parsers(sub) -> None:
     t.add_argument("--count", type=int, default=1, help="how many; NAME is a pattern like web-## or web-{n:02}")
     t.add_argument("--full", dest="linked", action="store_false", help="full copies instead of linked clones")
     t.add_argument("--datastore")
+    t.add_argument("--host", help="host of the copies (default: the source's; another needs a datastore both share)")
+
     hardware(t, False)
     t.add_argument("--disk-size", help="grow the first disk (full clones and linked ones alike)")
     t.set_defaults(func=cmd_template_deploy, linked=True)

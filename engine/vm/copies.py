@@ -46,6 +46,7 @@ class _Plan:
     grow: int | None
     sizes: tuple[int, ...]       # virtual size of each of the source's disks
     allocated: tuple[int, ...]   # bytes a full copy of each of the source's disks takes
+    host: str                    # where the copies go: the source's host, or one sharing the datastore
 
     async def ensure_room(self, copies: int, disks: list[int], linked: bool) -> None:
         """The datastore has room for the disks still to write (indexes of the source's disks)."""
@@ -99,16 +100,24 @@ class CloneVM(MakesVMs):
                                         copies=len(names), linked=linked)
         running = await h.pid(src) is not None
         await names_clash(svc, names, own, "choose other names (ferry vm list shows the names in use)")
-        ds = h.datastore(p.get("datastore") or (src.disks[0].datastore if src.disks else None))
+        target = p.get("host") or src.host
+        if target == src.host:
+            ds = h.datastore(p.get("datastore") or (src.disks[0].datastore if src.disks else None))
+        else:
+            ds = _shared_datastore(svc, src, target, p.get("datastore"), linked)
+        th = svc.host(target)
         overrides = p.get("overrides") or {}
         if overrides.get("network"):
-            h.check_network(overrides["network"])
+            th.check_network(overrides["network"])
+        elif target != src.host:
+            for nic in src.nics:
+                th.check_network(nic.network)
         grow = parse_size(overrides["disk_size"], "disk size") if overrides.get("disk_size") else None
         if grow is not None and src.disks and grow < src.disks[0].size:
             raise Refused(f"disk size {overrides['disk_size']} is smaller than {src.name}'s first disk "
                           f"({src.disks[0].size >> 20} MiB)", "disks only grow; give a larger size")
         allocated, sizes = await _sizes(h, src)
-        plan = _Plan(row, src, h, ds, running, grow, sizes, allocated)
+        plan = _Plan(row, src, h, ds, running, grow, sizes, allocated, target)
         if space:
             await plan.ensure_room(len(names), list(range(len(src.disks))) * len(names), linked)
         return plan
@@ -148,7 +157,8 @@ class CloneVM(MakesVMs):
                             "an unfinished copy is copied again", "warning")
                 maker.sources = marks
             vms = await maker.reserve([_copy_spec(src, n, plan.ds, as_template=as_template, linked=linked,
-                                                  overrides=overrides, grow=grow) for n in names])
+                                                  overrides=overrides, grow=grow).with_(host=plan.host)
+                                       for n in names])
             todos = [await maker.todo(vm, together=(running and not linked) or changed) for vm in vms]
             await plan.ensure_room(len(vms), [j for todo in todos for j in _indexes(src, todo)], linked)
             done_units = units - sum(len(todo) for todo in todos)
@@ -207,6 +217,36 @@ class CloneVM(MakesVMs):
             await stop_jobs(ctx, svc, src)
             await thaw_if_frozen(ctx, svc, src)
         await super().rollback(ctx)
+
+
+def _shared_datastore(svc: VMService, src: VMSpec, target: str, name: str | None, linked: bool):
+    """The datastore a copy on another host than its source's goes to: one both hosts share (the
+    source's host writes it, the other runs it), and for a linked clone the source's disks must be
+    there too (the copy reads them). Refused otherwise, naming both hosts and the datastore."""
+    if target not in svc.site.hosts:
+        raise Refused(f"unknown host {target!r}", f"hosts in this site: {', '.join(sorted(svc.site.hosts))}")
+    both = [d for d in svc.site.datastores_of(src.host) if target in d.hosts]
+    names = ", ".join(d.name for d in both)
+    hint = (f"choose a datastore both hosts share ({names})" if both else
+            f"list both hosts in a datastore's hosts in config.toml, or clone on {src.host} and migrate")
+    if name is None:
+        if not both:
+            raise Refused(f"{src.name} is on host {src.host}, and no datastore is shared by {src.host} and "
+                          f"{target}: a copy on {target} needs one", hint)
+        ds = both[0]
+    else:
+        ds = next((d for d in svc.site.datastores.values() if d.name == name), None)
+        if ds is None or ds not in both:
+            raise Refused(f"datastore {name!r} is not shared by host {src.host} (of {src.name}) and host "
+                          f"{target}: a copy on {target} cannot be made there", hint)
+    if linked:
+        away = {d.datastore for d in src.disks
+                if d.datastore not in svc.site.datastores or target not in svc.site.datastores[d.datastore].hosts}
+        if away:
+            raise Refused(f"a linked clone on host {target} reads {src.name}'s disks, and "
+                          f"{', '.join(sorted(away))} is not attached to {target}",
+                          f"make full copies (--full), or deploy on {src.host}")
+    return ds
 
 
 async def _marks(h: HostOps, vm: VMSpec) -> list[list[int]]:
