@@ -1,0 +1,392 @@
+"""The lab as real machines: network namespaces on this machine, each with its own address and
+its own OpenSSH sshd, reached over SSH exactly as a production host is (issue 12).
+
+Layout (every name carries the lab's tag, so two workspaces' labs never meet):
+
+    root namespace (Ferry)            ferry-TAG-sw (the lab's switch)        ferry-TAG-lab1 ...
+      fmTAG 10.231.0.1/24  ──veth──▶  bridge mgmt ◀──veth── mN ──────────▶  eth0 10.231.0.11/24, sshd
+                                      bridge lab  ◀──veth── lN ──────────▶  uplink ─ bridge br-lab (VM taps)
+
+Isolation: the namespaces have no default route and no uplink; the only link out of the lab is
+the management veth of the root namespace, whose subnet is the lab's own (refused when it
+overlaps a route of this machine), fenced by an nftables table that lets in only replies to what
+Ferry opened and forwards nothing. Nothing in a lab host can reach an address outside the lab,
+nor a service of this machine.
+
+Every step checks what is already there before doing it, so `up` after a kill midway repairs a
+half-made lab and `up` of a running lab changes nothing (re-adopted, not rebuilt). `down` kills
+every process of the lab's namespaces (sshd, QEMU) and deletes the namespaces: their veths go with
+them.
+
+Needs root (CAP_NET_ADMIN and sshd's privilege separation). Private keys are throw-away lab keys
+written 0600 into the workspace's lab folder; only their paths are ever logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import FerryError
+
+log = logging.getLogger("ferry.netlab")
+
+SSHD = "/usr/sbin/sshd"
+DEFAULT_SUBNET = "10.231.0.0/24"
+FIRST_HOST = 11            # lab1 is .11, lab2 .12, ...
+
+
+class NetLabError(FerryError):
+    """The network lab cannot be built or reached (one line, with a hint)."""
+
+
+@dataclass(frozen=True)
+class NetLab:
+    root: Path                                  # the workspace's lab folder
+    hosts: tuple[str, ...] = ("lab1", "lab2", "lab3")
+    subnet: str = DEFAULT_SUBNET
+
+    # ------------------------------------------------------------------ names and addresses
+
+    @property
+    def tag(self) -> str:
+        """Six hex digits naming this lab (from its folder): namespaces and links carry it."""
+        return hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:6]
+
+    @property
+    def switch(self) -> str:
+        return f"ferry-{self.tag}-sw"
+
+    def ns(self, host: str) -> str:
+        return f"ferry-{self.tag}-{host}"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.switch] + [self.ns(h) for h in self.hosts]
+
+    @property
+    def root_link(self) -> str:
+        return f"fm{self.tag}"                  # <= 15 characters, as Linux wants
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.subnet)
+
+    @property
+    def gateway(self) -> str:
+        """The root namespace's address on the lab segment (Ferry's side; it routes nothing)."""
+        return str(self.network[1])
+
+    def address(self, host: str) -> str:
+        return str(self.network[FIRST_HOST + self.hosts.index(host)])
+
+    @property
+    def prefix(self) -> int:
+        return self.network.prefixlen
+
+    def host_dir(self, host: str) -> Path:
+        return self.root / host / "sshd"
+
+    @property
+    def identity(self) -> Path:
+        """The lab's throw-away client key (private; 0600)."""
+        return self.root / "ssh" / "id_ed25519"
+
+    @property
+    def known_hosts(self) -> Path:
+        return self.root / "ssh" / "known_hosts"
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, dict]:
+        """Per host: its namespace, address, sshd pid (None: not running) and whether sshd answers."""
+        present = set(_netns_list())
+        out: dict[str, dict] = {}
+        for h in self.hosts:
+            pid = _pidfile(self.host_dir(h) / "sshd.pid")
+            out[h] = {"namespace": self.ns(h), "present": self.ns(h) in present, "address": self.address(h),
+                      "sshd": pid, "answers": bool(pid) and _banner(self.address(h))}
+        return out
+
+    def is_up(self) -> bool:
+        return all(s["answers"] for s in self.status().values())
+
+    # ------------------------------------------------------------------ up
+
+    def up(self, timeout: float = 15.0) -> None:
+        """Build what is missing of the lab, start what is not running; raises NetLabError."""
+        if os.geteuid() != 0:
+            raise NetLabError("the network lab needs root (network namespaces, bridges, sshd)",
+                              "run Ferry as root, or use the folder lab (transport = \"local\")")
+        for tool in ("ip", "nft", "ssh-keygen", SSHD):
+            if not _which(tool):
+                raise NetLabError(f"the network lab needs {tool}, which this machine lacks",
+                                  "scripts/bootstrap.sh install")
+        self._check_subnet()
+        self._keys()
+        present = set(_netns_list())
+        sw = self.switch
+        if sw not in present:
+            _ip("netns", "add", sw)
+        _ip("-n", sw, "link", "set", "lo", "up")
+        for br in ("mgmt", "lab"):
+            if not _link_exists(br, sw):
+                _ip("-n", sw, "link", "add", br, "type", "bridge", "stp_state", "0")
+            _ip("-n", sw, "link", "set", br, "up")
+        if not _link_exists(self.root_link):
+            _ip("link", "add", self.root_link, "type", "veth", "peer", "name", "root", "netns", sw)
+        _ip("-n", sw, "link", "set", "root", "master", "mgmt", "up")
+        self._fence()
+        _ensure_addr(self.root_link, f"{self.gateway}/{self.prefix}")
+        _ip("link", "set", self.root_link, "up")
+        for i, h in enumerate(self.hosts, 1):
+            self._host_up(h, i, present)
+        deadline = time.monotonic() + timeout
+        for h in self.hosts:
+            while not _banner(self.address(h)):
+                if time.monotonic() > deadline:
+                    raise NetLabError(f"lab host {h} ({self.address(h)}): sshd does not answer",
+                                      f"see {self.host_dir(h) / 'sshd.log'}")
+                time.sleep(0.05)
+        self._record_host_keys()
+
+    def _check_subnet(self) -> None:
+        mine = self.network
+        for route in json.loads(_run(["ip", "-j", "route", "show"]) or "[]"):
+            dst = route.get("dst", "")
+            if dst == "default" or route.get("dev") == self.root_link:
+                continue
+            try:
+                other = ipaddress.IPv4Network(dst if "/" in dst else f"{dst}/32", strict=False)
+            except ValueError:
+                continue
+            if other.overlaps(mine):
+                raise NetLabError(f"the lab subnet {mine} overlaps this machine's route to {other} "
+                                  f"(dev {route.get('dev')})",
+                                  "choose another lab subnet: [lab] subnet = \"10.232.0.0/24\" in config.toml")
+
+    @property
+    def fence_table(self) -> str:
+        return f"ferry_lab_{self.tag}"
+
+    def _fence(self) -> None:
+        """This machine answers nothing that comes from the lab: a lab host reaches Ferry's side
+        of the segment only with replies to connections Ferry opened (nftables, in and forward)."""
+        link = self.root_link
+        rules = "\n".join([
+            f"table inet {self.fence_table} {{",
+            "  chain input { type filter hook input priority 0; policy accept;",
+            f'    iifname "{link}" ct state established,related accept',
+            f'    iifname "{link}" drop',
+            "  }",
+            "  chain forward { type filter hook forward priority 0; policy accept;",
+            f'    iifname "{link}" drop',
+            f'    oifname "{link}" drop',
+            "  }",
+            "}", ""])
+        _run(["nft", "delete", "table", "inet", self.fence_table], check=False)
+        p = subprocess.run(["nft", "-f", "-"], input=rules, capture_output=True, text=True, timeout=30)
+        if p.returncode != 0:
+            raise NetLabError(f"nft: the lab's fence did not load: {p.stderr.strip()}",
+                              "the kernel needs nf_tables with conntrack")
+
+    def _keys(self) -> None:
+        self.identity.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not self.identity.exists():
+            _keygen(self.identity, "ferry-lab-client")
+        for h in self.hosts:
+            d = self.host_dir(h)
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not (d / "ssh_host_ed25519_key").exists():
+                _keygen(d / "ssh_host_ed25519_key", f"ferry-lab-{h}")
+            (d / "authorized_keys").write_text(self.identity.with_suffix(".pub").read_text())
+
+    def _host_up(self, host: str, index: int, present: set[str]) -> None:
+        ns, sw = self.ns(host), self.switch
+        if ns not in present:
+            _ip("netns", "add", ns)
+        _ip("-n", ns, "link", "set", "lo", "up")
+        for sw_end, host_end, bridge in ((f"m{index}", "eth0", "mgmt"), (f"l{index}", "uplink", "lab")):
+            if not _link_exists(host_end, ns):
+                if _link_exists(sw_end, sw):        # its other end went with a deleted namespace: redo
+                    _ip("-n", sw, "link", "del", sw_end)
+                _ip("-n", sw, "link", "add", sw_end, "type", "veth", "peer", "name", host_end, "netns", ns)
+            _ip("-n", sw, "link", "set", sw_end, "master", bridge, "up")
+        _ensure_addr("eth0", f"{self.address(host)}/{self.prefix}", ns)
+        _ip("-n", ns, "link", "set", "eth0", "up")
+        # The VM network: a bridge for the VMs' taps, its uplink to the lab switch. (This machine's
+        # kernel has neither 802.1Q nor bridge VLAN filtering: VLANs come as segments of their own.)
+        if not _link_exists("br-lab", ns):
+            _ip("-n", ns, "link", "add", "br-lab", "type", "bridge", "stp_state", "0")
+        _ip("-n", ns, "link", "set", "uplink", "master", "br-lab", "up")
+        _ip("-n", ns, "link", "set", "br-lab", "up")
+        d = self.host_dir(host)
+        pid = _pidfile(d / "sshd.pid")
+        if pid and _netns_of(pid) != ns:
+            _kill_all([pid])        # the lab's sshd, left in a namespace that lost its name: not ours any more
+            pid = None
+        if not pid:
+            # this machine may remember the host's old link address: forget it
+            _run(["ip", "neigh", "flush", "to", self.address(host), "dev", self.root_link], check=False)
+            self._start_sshd(host)
+
+    def _start_sshd(self, host: str) -> None:
+        d = self.host_dir(host)
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        cfg = d / "sshd_config"
+        cfg.write_text("\n".join([
+            f"ListenAddress {self.address(host)}",
+            "Port 22",
+            f"HostKey {d / 'ssh_host_ed25519_key'}",
+            f"AuthorizedKeysFile {d / 'authorized_keys'}",
+            f"PidFile {d / 'sshd.pid'}",
+            "StrictModes no", "UsePAM no", "PermitRootLogin prohibit-password", "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no", "PubkeyAuthentication yes", "Subsystem sftp internal-sftp",
+            "AllowStreamLocalForwarding yes", "AllowTcpForwarding yes", "MaxSessions 64",
+            "MaxStartups 64:30:128", "PrintMotd no", "PermitUserRC no", "UseDNS no", "SetEnv SHLVL=1",
+            "LogLevel INFO", ""]))
+        with open(d / "sshd.log", "ab") as logf:
+            # sshd daemonises (its pid goes to PidFile); -E appends its log to the file.
+            subprocess.run(["ip", "netns", "exec", self.ns(host), SSHD, "-f", str(cfg), "-E", str(d / "sshd.log")],
+                           stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, check=False, timeout=30)
+        log.info("lab host %s: sshd started in %s at %s", host, self.ns(host), self.address(host))
+
+    def _record_host_keys(self) -> None:
+        lines = []
+        for h in self.hosts:
+            pub = (self.host_dir(h) / "ssh_host_ed25519_key.pub").read_text().split()
+            lines.append(f"{self.address(h)} {pub[0]} {pub[1]}")
+        self.known_hosts.write_text("\n".join(lines) + "\n")
+
+    # ------------------------------------------------------------------ down
+
+    def down(self) -> list[str]:
+        """Stop every process of the lab's namespaces and delete them; returns what was removed."""
+        removed: list[str] = []
+        present = set(_netns_list())
+        for ns in self.namespaces:
+            if ns not in present:
+                continue
+            _kill_all(_netns_pids(ns))
+            _ip("netns", "del", ns)
+            removed.append(ns)
+        for h in self.hosts:
+            (self.host_dir(h) / "sshd.pid").unlink(missing_ok=True)
+        if _link_exists(self.root_link):
+            _ip("link", "del", self.root_link)
+            removed.append(self.root_link)
+        if subprocess.run(["nft", "delete", "table", "inet", self.fence_table], capture_output=True,
+                          timeout=30).returncode == 0:
+            removed.append(f"nft table {self.fence_table}")
+        return removed
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _run(argv: list[str], *, check: bool = True) -> str:
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if check and p.returncode != 0:
+        raise NetLabError(f"{' '.join(argv)}: {p.stderr.strip() or 'exit ' + str(p.returncode)}",
+                          "`ferry lab down` then `ferry lab up` rebuilds the lab")
+    return p.stdout
+
+
+def _ip(*args: str) -> str:
+    return _run(["ip", *args])
+
+
+def _which(tool: str) -> bool:
+    from shutil import which
+    return bool(which(tool)) or Path(tool).exists()
+
+
+def _netns_list() -> list[str]:
+    out = _run(["ip", "-j", "netns", "list"], check=False).strip()
+    return [n["name"] for n in json.loads(out)] if out else []
+
+
+def _netns_pids(ns: str) -> list[int]:
+    return [int(p) for p in _run(["ip", "netns", "pids", ns], check=False).split()]
+
+
+def _netns_of(pid: int) -> str | None:
+    """The named namespace a process lives in (None: none of them, or gone)."""
+    out = _run(["ip", "netns", "identify", str(pid)], check=False).strip()
+    return out or None
+
+
+def _link_exists(name: str, ns: str | None = None) -> bool:
+    argv = ["ip", *(["-n", ns] if ns else []), "-j", "link", "show", "dev", name]
+    return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
+
+
+def _ensure_addr(dev: str, cidr: str, ns: str | None = None) -> None:
+    pre = ["-n", ns] if ns else []
+    info = json.loads(_run(["ip", *pre, "-j", "addr", "show", "dev", dev]) or "[]")
+    have = {f"{a['local']}/{a['prefixlen']}" for i in info for a in i.get("addr_info", [])}
+    if cidr not in have:
+        _ip(*pre, "addr", "add", cidr, "dev", dev)
+
+
+def _keygen(path: Path, comment: str) -> None:
+    for p in (path, path.with_name(path.name + ".pub")):
+        p.unlink(missing_ok=True)
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+                   check=True, stdin=subprocess.DEVNULL, capture_output=True)
+
+
+def _pidfile(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return None if f.read().rsplit(")", 1)[1].split()[0] == "Z" else pid
+    except OSError:
+        return None
+
+
+def _banner(address: str, port: int = 22) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=0.5) as s:
+            s.settimeout(2)
+            return s.recv(4).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def _kill_all(pids: list[int]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 3
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in alive if Path(f"/proc/{p}").exists() and _pidfile_state(p) != "Z"]
+            time.sleep(0.02)
+        pids = alive
+        if not pids:
+            return
+
+
+def _pidfile_state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
