@@ -6,9 +6,10 @@ Unknown keys are reported, not ignored.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -53,6 +54,7 @@ class HostSpec:
     accel: str = "auto"            # auto (KVM if a guest really boots, else TCG), kvm or tcg
     cpu_model: str = "qemu64"      # QEMU -cpu for the host's VMs (the same on a cluster keeps migration possible)
     networks: tuple[str, ...] = ("default",)
+    migration_address: str | None = None   # QEMU live migration and replication data; default: the management address
 
     @property
     def target(self) -> str:
@@ -65,6 +67,33 @@ class HostSpec:
         if self.port:
             s = f"{s}:{self.port}"
         return s
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """config.toml's [networks.NAME]: a layer-2 segment VM NICs join (a port group of a distributed
+    switch, in the seed's words): a Linux bridge on each host it spans, optionally a VLAN of it.
+    mode "user" is QEMU's user-mode networking (no bridge, no root needed, isolated per guest)."""
+    name: str
+    mode: str = "bridge"                    # "bridge" or "user"
+    bridge: str = ""                        # the Linux bridge on each host (bridge mode)
+    create: bool = True                     # Ferry creates the bridge where it is absent
+    vlan: int | None = None                 # 1..4094: a port group on a VLAN-aware bridge
+    mtu: int | None = None
+    hosts: tuple[str, ...] = ()             # empty: every host of the site
+    uplinks: dict[str, str] = field(default_factory=dict)   # host -> interface enslaved to the bridge
+
+    def spans(self, host: str) -> bool:
+        return not self.hosts or host in self.hosts
+
+
+DEFAULT_NETWORK = NetworkSpec("default", mode="user")
+
+
+@dataclass(frozen=True)
+class LabSettings:
+    """config.toml's [lab]: the addresses of the network lab (network namespaces on this machine)."""
+    subnet: str = "10.231.0.0/24"
 
 
 @dataclass(frozen=True)
@@ -104,6 +133,24 @@ class SiteConfig:
     theme: str | None = None
     source: str | None = None      # the config file, or None for the built-in lab
     console: ConsoleSettings = ConsoleSettings()
+    networks: dict[str, NetworkSpec] = field(default_factory=dict)
+    lab: LabSettings = LabSettings()
+
+    def network(self, name: str) -> NetworkSpec:
+        """The network called `name` ("default": QEMU user mode unless config.toml says otherwise)."""
+        from .errors import PermanentError
+        if name in self.networks:
+            return self.networks[name]
+        if name == "default":
+            return DEFAULT_NETWORK
+        known = ", ".join(sorted({"default", *self.networks}))
+        raise PermanentError(f"unknown network {name!r}", f"networks in this site: {known}")
+
+    def networks_of(self, host: str) -> list[str]:
+        """The networks a host's VMs may join: those it names, and those that span it."""
+        names = list(self.hosts[host].networks) if host in self.hosts else []
+        names += [n for n, spec in self.networks.items() if spec.spans(host) and n not in names]
+        return names
 
     @property
     def is_lab(self) -> bool:
@@ -243,13 +290,19 @@ def _abs_path(v: str) -> str | None:
 
 
 TOP_KEYS = {"site": "{ name = \"dc1\" }", "engine": "{ max_tasks = 4 }", "clusters": "{ prod = {} }",
-            "hosts": "{ cna01 = { ... } }", "datastores": "{ ds1 = { ... } }", "console": "{ readonly = true }"}
+            "hosts": "{ cna01 = { ... } }", "datastores": "{ ds1 = { ... } }", "console": "{ readonly = true }",
+            "networks": "{ prod = { bridge = \"br-prod\" } }", "lab": "{ subnet = \"10.231.0.0/24\" }"}
+NETWORK_KEYS = {"mode": '"bridge"', "bridge": '"br-prod"', "create": "true", "vlan": "100", "mtu": "1500",
+                "hosts": '["cna01", "cna02"]', "uplinks": '{ cna01 = "eth1" }'}
+LAB_KEYS = {"subnet": '"10.231.0.0/24"'}
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 SITE_KEYS = {"name": '"dc1"', "production": "true", "theme": '"dark"'}
 ENGINE_KEYS = {"max_tasks": "4", "max_tasks_per_host": "2", "retries": "5", "group": '"ferry-ops"'}
 CLUSTER_KEYS = {"description": '"production cluster"'}
 HOST_KEYS = {"cluster": '"prod"', "transport": '"ssh"', "address": '"10.0.0.11"', "port": "22",
              "user": '"root"', "identity": '"~/.ssh/id_ed25519"', "runtime": '"/var/lib/ferry/run"',
-             "accel": '"auto"', "cpu_model": '"qemu64"', "networks": '["default"]'}
+             "accel": '"auto"', "cpu_model": '"qemu64"', "networks": '["default"]',
+             "migration_address": '"10.1.0.11"'}
 CONSOLE_KEYS = {"readonly": "true", "keys": '{ "tasks.cancel" = "C" }'}
 DATASTORE_KEYS = {"path": '"/var/lib/ferry/datastore"', "hosts": '["cna01"]'}
 
@@ -337,6 +390,7 @@ def parse_config(data: dict, *, file: str, text: str = "", check_files: bool = T
         networks = c.get(hdata, path, "networks", list, ["default"],
                          lambda v: None if v and all(isinstance(x, str) and NAME_RE.match(x) for x in v)
                          else "must be a non-empty list of network names", '["default"]')
+        migration_address = c.get(hdata, path, "migration_address", str, None, _nonempty, '"10.1.0.11"')
         if transport == "ssh" and address is None and "address" not in hdata:
             c.problem(path, "missing required key 'address' for transport \"ssh\"",
                       'add: address = "10.0.0.11" (an address, a DNS name or a ~/.ssh/config alias)')
@@ -352,7 +406,7 @@ def parse_config(data: dict, *, file: str, text: str = "", check_files: bool = T
         if cluster and transport:
             hosts[hname] = HostSpec(hname, cluster, transport, address, port, user, identity,
                                     runtime or DEFAULT_SSH_RUNTIME, accel or "auto", cpu_model or "qemu64",
-                                    tuple(networks or ("default",)))
+                                    tuple(networks or ("default",)), migration_address)
 
     datastores: dict[str, DatastoreSpec] = {}
     raw_ds = data.get("datastores", {})
@@ -379,9 +433,91 @@ def parse_config(data: dict, *, file: str, text: str = "", check_files: bool = T
         if dpath and dhosts:
             datastores[dname] = DatastoreSpec(dname, dpath, tuple(dhosts))
 
+    networks = _networks(c, data.get("networks", {}), raw_hosts)
+    for hname, hdata in raw_hosts.items():
+        for n in hdata.get("networks", []) if isinstance(hdata, dict) and isinstance(hdata.get("networks"), list) else []:
+            if isinstance(n, str) and n != "default" and n not in networks and n not in data.get("networks", {}):
+                c.problem(("hosts", hname, "networks"), f"network {n!r} is not defined",
+                          f"add [networks.{n}] with bridge = \"br-{n}\", or use \"default\" (QEMU user mode)")
+            elif n in networks and not networks[n].spans(hname):
+                c.problem(("hosts", hname, "networks"), f"network {n!r} does not span host {hname!r}",
+                          f"add {hname!r} to networks.{n}.hosts, or remove {n!r} here")
+    lab = _lab_settings(c, data.get("lab", {}))
+
     if c.problems:
         raise ConfigError(c.problems)
-    return SiteConfig(site_name, clusters, hosts, datastores, limits, production, theme, file, console)
+    return SiteConfig(site_name, clusters, hosts, datastores, limits, production, theme, file, console,
+                      networks, lab)
+
+
+def _networks(c: _Checker, raw: Any, raw_hosts: dict) -> dict[str, NetworkSpec]:
+    """[networks.NAME]: bridge mode (a Linux bridge per host, optional VLAN, MTU, uplinks) or user mode."""
+    if not isinstance(raw, dict):
+        c.problem(("networks",), "must be a table of networks", "write [networks.prod] with bridge = \"br-prod\"")
+        return {}
+    out: dict[str, NetworkSpec] = {}
+    for name, data in raw.items():
+        path = ("networks", name)
+        if not c.name(path, name, "network"):
+            continue
+        if not isinstance(data, dict):
+            c.problem(path, "must be a table", f"write [networks.{name}] with bridge = \"br-{name}\"")
+            continue
+        c.table(data, path, NETWORK_KEYS)
+        mode = c.get(data, path, "mode", str, "bridge",
+                     lambda v: None if v in ("bridge", "user") else f"must be \"bridge\" or \"user\", got {v!r}",
+                     '"bridge"')
+        bridge = c.get(data, path, "bridge", str, "",
+                       lambda v: None if IFNAME_RE.match(v) else
+                       f"is not a Linux interface name (1-15 letters, digits, '.', '_', '-'): {v!r}", '"br-prod"')
+        create = c.get(data, path, "create", bool, True, example="true")
+        vlan = c.get(data, path, "vlan", int, None,
+                     lambda v: None if 1 <= v <= 4094 else f"must be a VLAN id from 1 to 4094, got {v}", "100")
+        mtu = c.get(data, path, "mtu", int, None,
+                    lambda v: None if 68 <= v <= 65535 else f"must be an MTU from 68 to 65535, got {v}", "1500")
+        nhosts = c.get(data, path, "hosts", list, [],
+                       lambda v: None if all(isinstance(x, str) for x in v) else "must be a list of host names",
+                       '["cna01", "cna02"]')
+        for h in nhosts:
+            if h not in raw_hosts:
+                c.problem(path + ("hosts",), f"host {h!r} is not defined",
+                          f"add [hosts.{h}] or use one of: {', '.join(raw_hosts) or 'none defined'}")
+        uplinks = c.get(data, path, "uplinks", dict, {}, example='{ cna01 = "eth1" }')
+        for h, dev in uplinks.items():
+            if h not in raw_hosts or (nhosts and h not in nhosts):
+                c.problem(path + ("uplinks", h), f"host {h!r} is not a host of this network",
+                          f"uplinks name hosts the network spans: {', '.join(nhosts or raw_hosts) or 'none'}")
+            elif not isinstance(dev, str) or not IFNAME_RE.match(dev):
+                c.problem(path + ("uplinks", h), f"is not a Linux interface name: {dev!r}", 'for example: "eth1"')
+        if mode == "bridge" and "bridge" not in data:
+            c.problem(path, "missing required key 'bridge' for mode \"bridge\"",
+                      f"add: bridge = \"br-{name}\" (created on each host where absent), or mode = \"user\"")
+        if mode == "user":
+            for key in ("bridge", "vlan", "uplinks", "mtu"):
+                if key in data:
+                    c.problem(path + (key,), "not used with mode \"user\"", "remove it, or set mode = \"bridge\"")
+        out[name] = NetworkSpec(name, mode or "bridge", bridge or "", create, vlan, mtu, tuple(nhosts),
+                                {str(k): str(v) for k, v in uplinks.items()})
+    return out
+
+
+def _lab_settings(c: _Checker, data: Any) -> LabSettings:
+    if not isinstance(data, dict):
+        c.problem(("lab",), "must be a table", 'write [lab] with subnet = "10.231.0.0/24"')
+        return LabSettings()
+    c.table(data, ("lab",), LAB_KEYS)
+
+    def subnet(v: str) -> str | None:
+        try:
+            net = ipaddress.IPv4Network(v)
+        except ValueError:
+            return f"is not an IPv4 network such as 10.231.0.0/24: {v!r}"
+        if not net.is_private:
+            return f"{v} is not a private range: the lab keeps to addresses nobody else uses"
+        if net.num_addresses < 32:
+            return f"{v} is too small for a lab: use a /27 or larger"
+        return None
+    return LabSettings(subnet=c.get(data, ("lab",), "subnet", str, LabSettings.subnet, subnet, '"10.231.0.0/24"'))
 
 
 def _console_settings(c: _Checker, data: Any) -> ConsoleSettings:
@@ -467,5 +603,4 @@ def lab_document(root: Path) -> dict:
 
 def lab_config(root: Path) -> SiteConfig:
     cfg = parse_config(lab_document(root), file="<built-in lab>")
-    return SiteConfig(cfg.name, cfg.clusters, cfg.hosts, cfg.datastores, cfg.limits, cfg.production, cfg.theme, None,
-                      cfg.console)
+    return replace(cfg, source=None)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ferry.engine.config import load_config
-from ferry.engine.errors import ConfigError
+from ferry.engine.errors import ConfigError, PermanentError
 from ferry.engine.workspace import Workspace
 
 FERRY = [sys.executable, "-m", "ferry.console.cli"]
@@ -64,8 +64,40 @@ BAD = [
     ('[site]\nname = "dc1"\n[clusters.prod]\n[hosts.a]\ncluster = "prod"\ntransport = "local"\naccel = "xen"\n',
      ':7: hosts.a.accel: must be "auto", "kvm" or "tcg", got \'xen\''),
     ('[site]\nname = "dc1"\n[clusters.prod]\n[hosts.a]\ncluster = "prod"\ntransport = "local"\nnetworks = []\n',
-     ":7: hosts.a.networks: must be a non-empty list of network names"),
+     ":7: hosts.a.networks: must be a non-empty list of network names"),    # [networks.NAME] (issue 12)
+    ('[site]\nname = "dc1"\n[clusters.prod]\n[hosts.a]\ncluster = "prod"\ntransport = "local"\n[networks.prod]\nbridge = "br-prod"\nvlan = 5000\n', ":9: networks.prod.vlan: must be a VLAN id from 1 to 4094, got 5000"),
+    ('[site]\nname = "dc1"\n[clusters.prod]\n[hosts.a]\ncluster = "prod"\ntransport = "local"\n[networks.prod]\nbridge = "br-prod"\nvlna = 5\n', ":9: networks.prod.vlna: unknown key"),
+    ('[site]\nname = "dc1"\n[clusters.prod]\n[hosts.a]\ncluster = "prod"\ntransport = "local"\n[networks.prod]\nvlan = 5\n', ":7: networks.prod: missing required key 'bridge' for mode \"bridge\""),
+    ('[site]\nname = "dc1"\n[clusters.prod]\n[hosts.a]\ncluster = "prod"\ntransport = "local"\n[networks.prod]\nbridge = "a-bridge-name-too-long"\n', ":8: networks.prod.bridge: is not a Linux interface name"),
+    ('[site]\nname = "dc1"\n[clusters.prod]\n[hosts.a]\ncluster = "prod"\ntransport = "local"\n[networks.prod]\nbridge = "br0"\nhosts = ["a", "z"]\n', ":9: networks.prod.hosts: host 'z' is not defined"),
+    ('[site]\nname = "dc1"\n[clusters.prod]\n[hosts.a]\ncluster = "prod"\ntransport = "local"\n[networks.prod]\nbridge = "br0"\nhosts = ["a"]\nuplinks = { b = "eth1" }\n',
+     ":10: networks.prod.uplinks.b: host 'b' is not a host of this network"),
+    ('[site]\nname = "dc1"\n[clusters.prod]\n[hosts.a]\ncluster = "prod"\ntransport = "local"\n[networks.prod]\nmode = "user"\nbridge = "br0"\n', ':9: networks.prod.bridge: not used with mode "user"'),
+    ('[site]\nname = "dc1"\n[clusters.prod]\n[hosts.a]\ncluster = "prod"\ntransport = "local"\nnetworks = ["prod"]\n', ":7: hosts.a.networks: network 'prod' is not defined"),
+    ('[site]\nname = "dc1"\n[clusters.prod]\n[hosts.a]\ncluster = "prod"\ntransport = "local"\nnetworks = ["p"]\n'
+     '[hosts.b]\ncluster = "prod"\ntransport = "local"\n[networks.p]\nbridge = "br0"\nhosts = ["b"]\n',
+     ":7: hosts.a.networks: network 'p' does not span host 'a'"),
+    ('[site]\nname = "dc1"\n[lab]\nsubnet = "8.8.8.0/24"\n', ":4: lab.subnet: 8.8.8.0/24 is not a private range"),
+    ('[site]\nname = "dc1"\n[lab]\nsubnet = "10.1.1.0/30"\n', ":4: lab.subnet: 10.1.1.0/30 is too small"),
 ]
+
+
+def test_networks_load_with_their_hosts(tmp_path):
+    site = load_config(write(tmp_path, '[site]\nname = "dc1"\n[clusters.prod]\n[hosts.a]\ncluster = "prod"\ntransport = "local"\n'
+                            '[hosts.b]\ncluster = "prod"\ntransport = "local"\n'
+                            '[networks.prod]\nbridge = "br-prod"\nvlan = 100\nmtu = 9000\nhosts = ["a"]\n'
+                            'uplinks = { a = "eth1" }\n[networks.all]\nbridge = "br-all"\ncreate = false\n'
+                            '[lab]\nsubnet = "10.77.0.0/24"\n'))
+    prod = site.network("prod")
+    assert (prod.mode, prod.bridge, prod.vlan, prod.mtu, prod.uplinks, prod.create) == (
+        "bridge", "br-prod", 100, 9000, {"a": "eth1"}, True)
+    assert site.networks_of("a") == ["default", "prod", "all"]
+    assert site.networks_of("b") == ["default", "all"]
+    assert site.network("default").mode == "user"          # QEMU user mode unless the site defines it
+    assert site.lab.subnet == "10.77.0.0/24"
+    with pytest.raises(PermanentError) as e:
+        site.network("dmz")
+    assert "dmz" in e.value.message and "all, default, prod" in e.value.hint
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -151,7 +183,7 @@ def test_cli_config_check(tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         f"{ws}/config.toml:8: hosts.cna01.prot: unknown key (hint: allowed keys here: cluster, transport, address, "
-        "port, user, identity, runtime, accel, cpu_model, networks)"]
+        "port, user, identity, runtime, accel, cpu_model, networks, migration_address)"]
     # The console refuses to start on it with the same message, and no traceback.
     console = run_cli("--workspace", str(ws))
     assert console.returncode == 2
