@@ -25,6 +25,7 @@ from ferry.engine.errors import FerryError, Refused
 from ferry.engine.taskmodel import TaskState
 from ferry.engine.vm.model import expand_pattern
 
+from ferry.console.actions import CATALOGUE
 from ferry.console.messages import VMsUpdated
 from ferry.console.dialogs.modals import ConfirmScreen, esc
 from ferry.console.poller import VMList, VMPoller
@@ -63,6 +64,7 @@ VM_BINDINGS = [
 SHOWN = frozenset(b.action for b in VM_BINDINGS if b.show)
 TITLES = {b.action: b.description for b in VM_BINDINGS}
 DEFAULT_DISK = "1G"
+MARKS_ACT = frozenset(a.method for a in CATALOGUE if a.marks)    # keys that act on every marked VM
 
 
 class VMActions:
@@ -93,6 +95,7 @@ class VMActions:
         # What the engine said applies to a VM (by id): the record it was asked about, each action's refusal.
         self.vm_checks: dict[str, tuple[VMView, dict[str, Refusal | None]]] = {}
         self._checks_timer: Timer | None = None
+        self.marked: set[str] = set()                 # VM ids marked with space (k9s): survive list refreshes
 
     # ------------------------------------------------------------------ the VM list
 
@@ -116,6 +119,9 @@ class VMActions:
         ids = {v.id for v in vl.vms} | {v.id for v in vl.recycled}
         for vid in [v for v in self.vm_checks if v not in ids]:
             del self.vm_checks[vid]
+        if vl.ok and self.marked - ids:       # a VM gone takes its mark along
+            self.marked &= ids
+            self.marks_changed()
         self.ask_vm_checks()
 
     # ------------------------------------------------------------------ what is selected
@@ -201,13 +207,21 @@ class VMActions:
         return checks.get(action)
 
     def vm_refusal(self, action: str) -> str | None:
+        if action == "vm_unmark" and not self.marked:
+            return "no VM is marked (space marks the VM under the cursor)"
+        if action in MARKS_ACT and self.marked:
+            return None
         why = self.refusal_of(action, self.cursor_vm())
         return why.text if why else None
 
     def vm_check(self, action: str) -> bool | None:
         """check_action for the VM keys: hidden from the footer where no VM is selected, dimmed when refused."""
-        if action in ("vm_create", "vm_import"):
+        if action in ("vm_create", "vm_import", "vm_mark"):
             return True
+        if action == "vm_unmark":
+            return True if self.marked else None
+        if action in MARKS_ACT and self.marked:
+            return True            # the engine is asked for each marked VM when the key is pressed
         vm = self.cursor_vm()
         if vm is None:
             return False if action in SHOWN else None
@@ -368,9 +382,117 @@ class VMActions:
                 then(values)
         self.app.push_screen(screen, done)
 
+    # ------------------------------------------------------------------ marked VMs (k9s)
+
+    def marks_changed(self) -> None:
+        """Marks were set, cleared or dropped: a view redraws what shows them."""
+
+    def action_vm_mark(self) -> None:
+        """space: mark the VM under the cursor, or unmark it."""
+        vm = self.cursor_vm()
+        if vm is None:
+            self._refused("Mark", NO_VM, "")
+            return
+        self.marked ^= {vm.id}
+        self.marks_changed()
+        self.refresh_bindings()
+
+    def action_vm_unmark(self) -> None:
+        """M: clear every mark."""
+        if self.marked:
+            self.marked.clear()
+            self.marks_changed()
+            self.refresh_bindings()
+
+    def marked_vms(self) -> list[VMView]:
+        """The marked VMs still listed, by name."""
+        found = [self.vms.get(i) or self.recycled.get(i) for i in self.marked]
+        return sorted((v for v in found if v is not None), key=lambda v: (v.name, v.id))
+
+    def act_on_marked(self, action: str) -> bool:
+        """When VMs are marked, `action` acts on all of them (True): the engine is asked for each, one
+        dialog lists which will be acted on and which are refused and why, one confirmation, one task each."""
+        if not self.marked or action not in MARKS_ACT:
+            return False
+        vms = self.marked_vms()
+        self.app.run_worker(partial(self._ask_marked, action, vms), name=f"precheck {action} of {len(vms)} marked",
+                            group="vm-precheck", exclusive=True, exit_on_error=False)
+        return True
+
+    async def _ask_marked(self, action: str, vms: list[VMView]) -> None:
+        go: list[VMView] = []
+        refused: list[tuple[VMView, str]] = []
+        for vm in vms:
+            kind, params = bulk_request(action, vm)
+            try:
+                self._got_checks(vm, await self.client.vm_actions(vm.id, recycled=vm.in_bin))
+                why = self.refusal_of(action, vm)
+                if why is not None:
+                    refused.append((vm, why.reason))
+                    continue
+                await self.client.precheck(kind, params)
+            except FerryError as e:        # Refused, or gone meanwhile, or the engine away: not acted on
+                refused.append((vm, e.message))
+                continue
+            go.append(vm)
+        self._marked_dialog(action, go, refused)
+
+    def _marked_dialog(self, action: str, go: list[VMView], refused: list[tuple[VMView, str]]) -> None:
+        verb = BULK_VERBS[action]
+        lines = []
+        if go:
+            lines.append(f"Will {verb} ({len(go)}): " + ", ".join(v.name for v in go))
+        if refused:
+            lines.append(f"Refused ({len(refused)}), left as they are:")
+            lines += [f"  {v.name}: {why}" for v, why in refused]
+        body = "\n".join(lines)
+        title = f"{verb.capitalize()} {len(go)} marked VM{'' if len(go) == 1 else 's'}?"
+        if not go:
+            self._refused(f"{verb.capitalize()} the marked VMs", f"none of the {len(refused)} marked VMs can be "
+                          f"acted on:\n" + "\n".join(f"{v.name}: {why}" for v, why in refused), "")
+            return
+        if action == "vm_delete":
+            def delete(v: dict | None) -> None:
+                if v:
+                    self.submit_many([bulk_request(action, vm, v) for vm in go], f"{verb} {len(go)} VMs")
+            self.app.push_screen(TypedNameScreen(
+                str(len(go)), title=f"Delete {len(go)} marked VM{'' if len(go) == 1 else 's'}?", body=body,
+                what="the number of VMs", modes=any(not vm.in_bin for vm in go)), delete)
+            return
+        self._confirm(title, body, verb.capitalize(),
+                      lambda: self.submit_many([bulk_request(action, vm) for vm in go], f"{verb} {len(go)} VMs"),
+                      danger=action != "vm_start")
+
+    def submit_many(self, requests: list[tuple[str, dict]], what: str) -> None:
+        self.app.run_worker(partial(self._submit_many, requests, what), name=what, group="vm-actions",
+                            exit_on_error=False)
+
+    async def _submit_many(self, requests: list[tuple[str, dict]], what: str) -> None:
+        """One task per VM; what the engine refuses now (changed since it was asked) is said, the rest go on."""
+        made, failed = [], []
+        for kind, params in requests:
+            try:
+                tid = await self.client.vm_task(kind, params)
+            except FerryError as e:
+                failed.append(f"{params['vm']}: {e.message}")
+                continue
+            self.mine[tid] = f"{kind.removeprefix('vm.')} {params['vm']}"
+            made.append(tid)
+        if made:
+            self.app.notify(f"{len(made)} task{'' if len(made) == 1 else 's'} ({', '.join(map(str, made))}): "
+                            f"{esc(what)} · follow them in Tasks (2)", title=esc(what), timeout=4)
+        if failed:
+            self.app.notify(esc("\n".join(failed)), title=esc(what), severity="warning", timeout=10)
+        feed = getattr(self.app, "feed", None)
+        if feed is not None:
+            await feed.refresh()
+        self.refresh_vms()
+
     # ------------------------------------------------------------------ the actions
 
     def action_vm_start(self) -> None:
+        if self.act_on_marked("vm_start"):
+            return
         def start(vm: VMView) -> None:
             verb = "resume" if vm.state is VMState.HIBERNATED else "start"
             self.submit_vm_task("vm.start", {"vm": vm.name}, f"{verb} {vm.name}")
@@ -385,20 +507,28 @@ class VMActions:
         self.ask_then(action, confirm, lambda vm: ("vm.shutdown", {"vm": vm.name, "mode": mode}))
 
     def action_vm_stop(self) -> None:
+        if self.act_on_marked("vm_stop"):
+            return
         self._shutdown("vm_stop", "powerdown", "Shut down {name}?",
                        "The guest agent asks the guest to power off cleanly.\n"
                        "Its services stop; start it again with s.", "Shut down")
 
     def action_vm_force_stop(self) -> None:
+        if self.act_on_marked("vm_force_stop"):
+            return
         self._shutdown("vm_force_stop", "force", "Force stop {name}?",
                        "Powers it off at once, like pulling the plug: what the guest has not\n"
                        "written to disk is lost. Prefer x (safe shutdown) when the guest answers.", "Force stop")
 
     def action_vm_reboot(self) -> None:
+        if self.act_on_marked("vm_reboot"):
+            return
         self._shutdown("vm_reboot", "reboot", "Reboot {name}?",
                        "The guest agent asks the guest to reboot; its services stop for a moment.", "Reboot")
 
     def action_vm_hibernate(self) -> None:
+        if self.act_on_marked("vm_hibernate"):
+            return
         def confirm(vm: VMView) -> None:
             name = vm.name
             self._confirm(f"Hibernate {name}?",
@@ -525,6 +655,8 @@ class VMActions:
             lambda v: self.submit_vm_task("vm.import", params_of(v), f"import {PurePosixPath(v['path']).name}"))
 
     def action_vm_delete(self) -> None:
+        if self.act_on_marked("vm_delete"):
+            return
         self.ask_then("vm_delete", self._delete_dialog)
 
     def _delete_dialog(self, vm: VMView) -> None:
@@ -589,3 +721,27 @@ class VMActions:
                 shown_key = "del" if key == "delete" else key
                 cmds.append((f"VM: {text}", f"the selected {what}  ({shown_key})", getattr(self, f"action_{action}")))
         return cmds
+
+
+# What each key that acts on marked VMs does to one of them: the verb its dialog says, the task it submits.
+BULK_VERBS = {"vm_start": "start", "vm_stop": "shut down", "vm_force_stop": "force stop", "vm_reboot": "reboot",
+              "vm_hibernate": "hibernate", "vm_delete": "delete"}
+
+
+def bulk_request(action: str, vm: VMView, typed: dict | None = None) -> tuple[str, dict]:
+    """(task kind, parameters) of `action` on one marked VM; `typed`: the delete dialog's answer (mode,
+    days). Prechecked with the safest mode the dialog offers before it is asked."""
+    name = vm.name
+    if action == "vm_start":
+        return "vm.start", {"vm": name}
+    if action == "vm_hibernate":
+        return "vm.hibernate", {"vm": name}
+    if action in ("vm_stop", "vm_force_stop", "vm_reboot"):
+        mode = {"vm_stop": "powerdown", "vm_force_stop": "force", "vm_reboot": "reboot"}[action]
+        return "vm.shutdown", {"vm": name, "mode": mode}
+    if vm.in_bin:
+        return "vm.purge", {"vm": name, "confirm": name}
+    params: dict[str, Any] = {"vm": name, "confirm": name, "mode": (typed or {}).get("mode", "normal")}
+    if typed and "keep_days" in typed:
+        params["keep_days"] = typed["keep_days"]
+    return "vm.delete", params

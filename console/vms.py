@@ -20,6 +20,7 @@ from ferry.console.severity import Severity, usage_severity
 from ferry.console.theming import rich_style
 
 LABEL_W = 11
+MARK = "✓"      # a marked VM (space marks it): the keys that act on marked VMs act on it
 
 # Theme variable of each VM state; the state's symbol and word always come with the colour.
 STATE_VARIABLE = {
@@ -45,10 +46,13 @@ def state_markup(vm: VMView) -> str:
     return f"[${STATE_VARIABLE[st]}]{st.symbol} {st.value}[/]"
 
 
-def label(vm: VMView, variables: dict[str, str], *, busy: bool = False) -> Text:
-    """Tree label: the state's symbol (◇ for a template) in the state's colour, the name, … while a task works on it."""
+def label(vm: VMView, variables: dict[str, str], *, busy: bool = False, marked: bool = False) -> Text:
+    """Tree label: the state's symbol (◇ for a template) in the state's colour, the name, … while a task
+    works on it; ✓ first when it is marked."""
     st = vm.state
     text = Text.assemble((st.symbol, rich_style(variables, STATE_VARIABLE[st])), " ", vm.name)
+    if marked:
+        text = Text.assemble((MARK + " ", rich_style(variables, "accent", bold=True)), text)
     if busy:
         text.append(" …", style=rich_style(variables, "sev-unknown"))
     return text

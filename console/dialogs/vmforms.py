@@ -1,5 +1,8 @@
 """Dialogs for VM actions: a small form (create, clone, deploy, export, import) and the delete
-dialog that asks for the VM's name to be typed before its button does anything."""
+dialog that asks for the VM's name to be typed before its button does anything.
+
+On a production site both say so at their top (as ConfirmScreen does), and the delete dialog
+starts on its safest mode: the recycle bin, from which the VM can come back."""
 
 from __future__ import annotations
 
@@ -15,13 +18,14 @@ from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Select, Static
 
-from ferry.console.dialogs.modals import esc
+from ferry.console.dialogs.modals import esc, production_line
 
 DELETE_MODES = (
     ("normal", "remove the record and the disk files"),
     ("secure", "overwrite the disks, verify, then remove them (slow)"),
     ("delayed", "move it to the recycle bin; purged after the days below"),
 )
+SAFEST_MODE = "delayed"     # the default on a production site: the VM can be restored (u) until purged
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,10 @@ class FormScreen(ModalScreen[dict | None]):
         self.check = check
 
     def compose(self) -> ComposeResult:
-        with Vertical(id="dialog", classes="form"):
+        production = production_line(self.app)
+        with Vertical(id="dialog", classes="form danger" if production else "form"):
+            if production:
+                yield Static(Content.from_markup(production), id="dialog-production")
             yield Static(Content(self.title_text), id="dialog-title")
             if self.intro:
                 yield Static(Content(self.intro), id="dialog-body")
@@ -119,9 +126,10 @@ class TypedNameScreen(ModalScreen[dict | None]):
     BINDINGS = [Binding("escape", "back", "Back", id="ferry.typed.back")]
 
     def __init__(self, name: str, *, title: str, body: str, confirm: str = "Delete", modes: bool = True,
-                 keep_days: int = 7) -> None:
+                 keep_days: int = 7, what: str = "the name") -> None:
         super().__init__()
         self.vm_name = name
+        self.what = what
         self.title_text = title
         self.body_text = body
         self.confirm_label = confirm
@@ -129,27 +137,31 @@ class TypedNameScreen(ModalScreen[dict | None]):
         self.keep_days = keep_days
 
     def compose(self) -> ComposeResult:
+        production = production_line(self.app)
+        mode = SAFEST_MODE if production else "normal"     # production: what can come back, by default
         with Vertical(id="dialog", classes="form danger"):
+            if production:
+                yield Static(Content.from_markup(production), id="dialog-production")
             yield Static(Content(self.title_text), id="dialog-title")
             yield Static(Content(self.body_text), id="dialog-body")
             with Horizontal(classes="form-row"):
                 yield Static(Content.from_markup(f"Type [b]{esc(self.vm_name)}[/b]"), classes="form-label")
-                yield Input(placeholder="the name, to confirm", compact=True, id="typed", classes="form-field")
+                yield Input(placeholder=f"{self.what}, to confirm", compact=True, id="typed", classes="form-field")
             if self.modes:
                 with Horizontal(classes="form-row"):
                     yield Static("Mode", classes="form-label")
-                    yield Select([(m, m) for m, _ in DELETE_MODES], value="normal", allow_blank=False, compact=True,
+                    yield Select([(m, m) for m, _ in DELETE_MODES], value=mode, allow_blank=False, compact=True,
                                  id="mode", classes="form-field")
                 with Horizontal(classes="form-row"):
                     yield Static("Keep days", classes="form-label")
-                    yield Input(str(self.keep_days), restrict=r"[0-9]*", compact=True, id="keep", disabled=True,
-                                classes="form-field")
-                yield Static(Content(DELETE_MODES[0][1]), id="mode-help")
+                    yield Input(str(self.keep_days), restrict=r"[0-9]*", compact=True, id="keep",
+                                disabled=mode != "delayed", classes="form-field")
+                yield Static(Content(dict(DELETE_MODES)[mode]), id="mode-help")
             yield Static("", id="form-error")
             with Horizontal(id="dialog-buttons"):
                 yield Button("Back", id="cancel", compact=True)
                 yield Button(self.confirm_label, id="confirm", variant="error", compact=True, disabled=True)
-            yield Static("the button works once the name is typed · esc: back", id="dialog-help")
+            yield Static(f"the button works once {self.what} is typed · esc: back", id="dialog-help")
 
     @property
     def matches(self) -> bool:
@@ -173,7 +185,7 @@ class TypedNameScreen(ModalScreen[dict | None]):
 
     def submit(self) -> None:
         if not self.matches:
-            self.query_one("#form-error", Static).update(Content(f"type the name exactly: {self.vm_name}"))
+            self.query_one("#form-error", Static).update(Content(f"type {self.what} exactly: {self.vm_name}"))
             return
         out: dict = {"confirm": self.vm_name}
         if self.modes:

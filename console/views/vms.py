@@ -1,10 +1,12 @@
 """VMs view (k9s style): every VM and template in one table with its state and what its guest agent
-says, the same VM keys as the inventory, `/` to filter and enter to see a VM in the inventory.
+says, the same VM keys as the inventory, `/` to filter (states too), `o`/`O` or a header click to
+sort by any column, space to mark VMs for the keys that act on all of them, and enter to see a VM in
+the inventory.
 
-The list comes from a VMPoller that polls only while the view is shown. Rows are keyed by VM
-record id and diffed (update_cell, add_row, remove_row), never cleared, so the cursor stays put.
-Agent facts come from a walk over the running VMs on screen (the cursor's first), one
-`vm_agent` call at a time, each VM at most every AGENT_REFRESH_S.
+The list comes from a VMPoller that polls only while the view is shown. The rows live in a
+KeyedTable (console/widgets/table.py): keyed by VM record id and diffed, the cursor and the detail
+following their VM by key. Agent facts come from a walk over the running VMs on screen (the
+cursor's first), one `vm_agent` call at a time, each VM at most every AGENT_REFRESH_S.
 """
 
 from __future__ import annotations
@@ -13,18 +15,14 @@ import time
 from functools import partial
 from typing import Any, Callable
 
-from rich.cells import cell_len
 from rich.style import Style
 from rich.text import Text
-from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.content import Content
-from textual.coordinate import Coordinate
 from textual.timer import Timer
-from textual.widgets import DataTable, Input, Static
-from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowDoesNotExist
+from textual.widgets import Static
 
 from ferry.engine import fmt
 from ferry.engine.api import VMState, VMView
@@ -37,69 +35,45 @@ from ferry.console.poller import VMList, attempt
 from ferry.console.theming import rich_style
 from ferry.console.views.base import ViewBase
 from ferry.console.vmactions import VM_BINDINGS, VMActions
+from ferry.console.widgets.table import Cell, Column, KeyedTable, Row, TableFilter
 
 
 AGENT_REFRESH_S = 15.0    # a VM's agent is asked again at most this often
-COLUMNS = vmlook.TABLE_COLUMNS
-CAPS = {"host": 12, "state": 13, "agent": 14, "ip": 16, "cpu": 6, "mem": 11, "vcpu": 5, "disk": 6}
-MINS = {"name": 8, "host": 5, "ip": 8}      # what gives way, in this order, when the table is narrow
-NAME_W = 17                                 # NAME takes up to this much even when the names are short
-SHRINK = ("name", "host", "ip")
+COLUMNS = (
+    Column("name", "NAME", flex=True, least=8),
+    Column("host", "HOST", cap=12),
+    Column("state", "STATE", cap=13),
+    Column("agent", "AGENT", cap=14),
+    Column("ip", "IP", cap=16, optional=True),
+    Column("cpu", "CPU%", cap=7),
+    Column("mem", "MEM", cap=11),
+    Column("vcpu", "vCPU", cap=7),
+    Column("disk", "DISK", cap=7),
+)
 
 
-class Ordered(Text):
-    """The NAME cell; it carries the row's sort order, so the table can sort by it."""
+class StyledCell(Cell):
+    """A cell that differs from another in its style alone (an agent answer going stale is dimmed):
+    Rich's Text compares text and spans only, so the table would not redraw it."""
 
-    order: tuple = ()
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, Text) and super().__eq__(other) and self.style == other.style
+                and self.sort_value == getattr(other, "sort_value", None))
 
-
-def fit(text: str, width: int) -> str:
-    """One leading space as the gap between columns; cut with … to the width."""
-    text = " " + text
-    if cell_len(text) <= width:
-        return text
-    while text and cell_len(text) > width - 1:
-        text = text[:-1]
-    return text + "…"
+    __hash__ = None     # type: ignore[assignment]
 
 
-def column_widths(rows: list[tuple[vmlook.Cell, ...]], total: int) -> dict[str, int]:
-    """Each column as wide as its widest cell (within CAPS; NAME at least NAME_W where there is room);
-    NAME, then HOST, then IP give way when everything does not fit in `total` cells."""
-    w = {key: cell_len(label) + 1 for key, label in COLUMNS}
-    for cells in rows:
-        for (key, _), (text, _, _) in zip(COLUMNS, cells):
-            w[key] = max(w[key], cell_len(text) + 1)
-    for key, cap in CAPS.items():
-        w[key] = min(w[key], cap)
-    w["name"] = max(w["name"], min(NAME_W, total - sum(w.values()) + w["name"]))
-    for key in SHRINK:
-        over = sum(w.values()) - total
-        if over <= 0:
-            break
-        w[key] = min(w[key], max(MINS[key], w[key] - over))
-    return w
-
-
-class VMFilter(Input):
-    """The `/` line: filters as you type; enter keeps the filter, esc clears it."""
-
-    BINDINGS = [Binding("escape", "clear", "Clear", show=False, id="ferry.vms.filter.clear")]
-
-    def action_clear(self) -> None:
-        view = next((a for a in self.ancestors if isinstance(a, VMsView)), None)
-        if view is not None:
-            view.clear_filter()
-
-    def on_blur(self) -> None:
-        self.remove_class("-open")
+def styled_cell(text: str, *, sort: Any, style: Style) -> StyledCell:
+    out = StyledCell(" " + text, style=style, no_wrap=True, overflow="ellipsis", end="")
+    out.sort_value = sort
+    return out
 
 
 class VMsView(ViewBase, VMActions, Vertical):
     BINDINGS = [
         *VM_BINDINGS,
         Binding("slash", "filter", "Filter", id="ferry.vms.filter",
-                tooltip="Filter the rows: a part of a name or a host (esc clears it)"),
+                tooltip="Filter the rows: a part of a name, a host or a state (esc clears it)"),
         Binding("f", "refresh_now", "Now", show=False, id="ferry.vms.refresh",
                 tooltip="Ask for the list and the agent of the VM under the cursor now"),
     ]
@@ -113,10 +87,7 @@ class VMsView(ViewBase, VMActions, Vertical):
         self.vms: dict[str, VMView] = {}
         self.recycled: dict[str, VMView] = {}
         self.agents: dict[str, vmlook.AgentFact] = {}   # VM id -> its agent's last answer and attempt
-        self.filter_text = ""
         self.selected_id: str | None = None
-        self._rendered: dict[str, tuple] = {}            # VM id -> (the cells shown, its sort order)
-        self._widths: dict[str, int] = {}
         self._dirty = False
         self._started = False
         self._seen_selected: VMView | None = None
@@ -126,22 +97,23 @@ class VMsView(ViewBase, VMActions, Vertical):
     # ------------------------------------------------------------------ layout and lifecycle
 
     def compose(self) -> ComposeResult:
-        yield DataTable(id="vm-table", cursor_type="row", cell_padding=0, zebra_stripes=False)
-        yield VMFilter(placeholder="filter: part of a name or host · enter keeps it · esc clears", id="vm-filter")
+        table = KeyedTable(COLUMNS, sort="name", id="vm-table")
+        yield table
+        yield TableFilter(table, id="vm-filter")
         yield Static(id="vms-status")
 
+    @property
+    def table(self) -> KeyedTable:
+        return self.query_one(KeyedTable)
+
+    @property
+    def filter_text(self) -> str:
+        return self.table.filter_text
+
     def on_mount(self) -> None:
-        table = self.query_one(DataTable)
-        self._widths = column_widths([], self._room())
-        for key, label in COLUMNS:
-            table.add_column(f" {label}", key=key, width=self._widths[key])
-        self.watch(table, "scroll_y", self._scrolled, init=False)
+        self.watch(self.table, "scroll_y", self._scrolled, init=False)
         self.make_vm_poller(self.interval)
         self.render_status()
-
-    def _room(self) -> int:
-        """Cells a row may take: the view's width less the scrollbar."""
-        return max(40, (self.size.width or self.app.size.width) - 1)
 
     def activate(self) -> None:
         """Called when the view is shown: poll from now on (the first time), draw, walk the agents."""
@@ -151,7 +123,7 @@ class VMsView(ViewBase, VMActions, Vertical):
                             exclusive=True, exit_on_error=False)
         self.catch_up()
         self.post_crumbs()
-        self.query_one(DataTable).focus()
+        self.table.focus()
 
     def catch_up(self) -> None:
         """Draw what changed while hidden or covered by a modal; ask again; walk the agents again."""
@@ -176,16 +148,14 @@ class VMsView(ViewBase, VMActions, Vertical):
         self.recycled = {v.id: v for v in message.vms.recycled}
         for vid in [v for v in self.agents if v not in self.vms]:
             del self.agents[vid]
+        self.vms_listed(message.vms)      # marks of VMs gone drop here
         if not self.shown:
             self._dirty = True
             return
         self.sync()
         self.kick_agents()
-        self.vms_listed(message.vms)
 
     def on_resize(self) -> None:
-        if self._widths and column_widths([cells for cells, _ in self._rendered.values()], self._room()) != self._widths:
-            self.sync()
         self.kick_agents()      # more (or other) rows on screen
 
     def _scrolled(self) -> None:
@@ -195,68 +165,56 @@ class VMsView(ViewBase, VMActions, Vertical):
         """The theme changed: cells carry resolved colours, so draw them again."""
         self.sync(rerender=True)
 
+    def row(self, vm: VMView, now: float) -> Row:
+        """One VM's row: the cells of vmlook.table_cells, sorting by value (names naturally, VMs before
+        templates before the recycle bin), and what `/` matches besides (kind, the bin, a mark)."""
+        cells = vmlook.table_cells(vm, self.agents.get(vm.id), now, busy=bool(self.busy_task(vm)))
+        marked = vm.id in self.marked
+        group = vmlook.row_order(vm)[0]
+        out = []
+        for (key, _), (text, variable, dim) in zip(vmlook.TABLE_COLUMNS, cells):
+            style = rich_style(self.app.theme_variables, variable, dim=dim) if variable else Style(dim=dim)
+            sort: Any = text
+            if key == "name":
+                sort = f"{group} {vm.name}"           # digit runs sort as numbers, the group first
+                text = (vmlook.MARK + " " if marked else "") + text
+                if marked:
+                    style = style + Style(bold=True)
+            elif key == "vcpu":
+                sort = vm.cpus
+            elif key == "disk":
+                sort = vm.disk_bytes
+            elif key in ("cpu", "mem"):
+                sort = _number(text)
+            out.append(styled_cell(safe(text), sort=sort, style=style))
+        search = f"{vm.kind} {'recycle bin recycled' if vm.in_bin else ''} {'marked' if marked else ''}"
+        return Row(tuple(out), search=search)
+
     def sync(self, *, rerender: bool = False) -> None:
-        """Bring the table in line with the list, the filter and the agent facts: update the cells that
-        changed, add and remove rows, sort when something came or moved; the cursor stays on its VM."""
-        table = self.query_one(DataTable)
+        """Bring the table in line with the list and the agent facts: the KeyedTable diffs, filters,
+        sorts and keeps the cursor on its VM."""
+        table = self.table
         now = time.monotonic()
         everything = {**self.vms, **self.recycled}
-        wanted = {vid: vm for vid, vm in everything.items() if vmlook.matches(vm, self.filter_text)}
-        rows = {vid: vmlook.table_cells(vm, self.agents.get(vid), now, busy=bool(self.busy_task(vm)))
-                for vid, vm in wanted.items()}
-        widths = column_widths(list(rows.values()), self._room())
-        if widths != self._widths:
-            self._widths = widths
-            for key, _ in COLUMNS:
-                table.columns[ColumnKey(key)].width = widths[key]
-            table._require_update_dimensions = True   # no public API to resize a column yet
-            rerender = True
-        reorder = False
-        with self.app.batch_update():
-            for vid in [v for v in self._rendered if v not in wanted]:
-                try:
-                    table.remove_row(vid)
-                except RowDoesNotExist:
-                    pass
-                del self._rendered[vid]
-            for vid in sorted(wanted, key=lambda v: vmlook.row_order(wanted[v])):
-                cells, order = rows[vid], vmlook.row_order(wanted[vid])
-                old = self._rendered.get(vid)
-                if old is None:
-                    table.add_row(*(self._cell(k, c, order) for (k, _), c in zip(COLUMNS, cells)), key=vid)
-                    reorder = True
-                else:
-                    old_cells, old_order = old
-                    reorder |= old_order != order
-                    for (key, _), new, was in zip(COLUMNS, cells, old_cells):
-                        if rerender or new != was or (key == "name" and old_order != order):
-                            try:
-                                table.update_cell(vid, key, self._cell(key, new, order))
-                            except CellDoesNotExist:
-                                pass
-                self._rendered[vid] = (cells, order)
-            if reorder:
-                table.sort("name", key=lambda cell: getattr(cell, "order", ()))
-                self._keep_cursor(table)
-        self._follow_cursor(table)
+        if rerender:
+            table.redraw()
+        for vid in [k for k in table.keys() if k not in everything]:
+            table.drop(vid)
+        for vid, vm in everything.items():
+            table.put(vid, self.row(vm, now))
+        table.commit()
+        self._follow_cursor()
         self.render_status()
 
-    def _cell(self, key: str, cell: vmlook.Cell, order: tuple) -> Text:
-        text, variable, dim = cell
-        style = rich_style(self.app.theme_variables, variable, dim=dim) if variable else Style(dim=dim)
-        out = Ordered(fit(safe(text), self._widths[key]), style=style, no_wrap=True, overflow="ellipsis")
-        out.order = order
-        return out
+    def marks_changed(self) -> None:
+        """Marks were set or cleared: the rows show them, the status line counts them."""
+        if self.shown:
+            self.sync()
+        else:
+            self._dirty = True
 
-    def _keep_cursor(self, table: DataTable) -> None:
-        if self.selected_id is not None:
-            try:
-                table.move_cursor(row=table.get_row_index(self.selected_id), animate=False, scroll=False)
-            except RowDoesNotExist:
-                pass
-
-    def _follow_cursor(self, table: DataTable) -> None:
-        """After a sync: what is under the cursor now (its row may be gone, or its VM changed)."""
+    def _follow_cursor(self) -> None:
+        """After a sync or a move: what is under the cursor now (its row may be gone, or its VM changed)."""
         vid = self.cursor_id()
         vm = {**self.vms, **self.recycled}.get(vid) if vid else None
         if vid != self.selected_id or vm != self._seen_selected:
@@ -268,24 +226,24 @@ class VMsView(ViewBase, VMActions, Vertical):
                 self.post_crumbs()
 
     def cursor_id(self) -> str | None:
-        table = self.query_one(DataTable)
-        if not table.row_count:
-            return None
-        try:
-            return table.coordinate_to_cell_key(Coordinate(table.cursor_row, 0)).row_key.value
-        except CellDoesNotExist:
-            return None
+        return self.table.selected_key
 
     def cursor_vm(self) -> VMView | None:
         vid = self.cursor_id()
         return (self.vms.get(vid) or self.recycled.get(vid)) if vid else None
 
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        event.stop()
-        self._follow_cursor(self.query_one(DataTable))
+    def on_keyed_table_cursor_moved(self, message: KeyedTable.CursorMoved) -> None:
+        message.stop()
+        self._follow_cursor()
         self.kick_agents()
 
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def on_keyed_table_sorted(self, message: KeyedTable.Sorted) -> None:
+        message.stop()
+        self.render_status()
+        self.post_crumbs()
+        self.kick_agents()
+
+    def on_data_table_row_selected(self, event: KeyedTable.RowSelected) -> None:
         """enter: the VM in the inventory, where the detail pane shows it."""
         event.stop()
         vid = event.row_key.value
@@ -299,8 +257,9 @@ class VMsView(ViewBase, VMActions, Vertical):
             app.notify(f"{esc(name)} is not in the inventory (any more)", title="VMs", severity="warning")
 
     def render_status(self) -> None:
-        """One line under the table: counts and the filter, or why the list is stale."""
+        """One line under the table: counts, marks, the filter and the sort, or why the list is stale."""
         vl = self.vm_list
+        table = self.table
         if vl.ok is False:
             text = (f"[b $error]✖ VM list stale since {fmt.clock(vl.stale_since)}[/] [$error]{esc(vl.error or '')}[/]"
                     + (f" [$text-muted]hint: {esc(vl.hint)}[/]" if vl.hint else ""))
@@ -313,45 +272,22 @@ class VMsView(ViewBase, VMActions, Vertical):
             if self.recycled:
                 text += f" · ♻ {len(self.recycled)} in the bin"
             if self.filter_text:
-                text += (f" · [$accent]/{esc(self.filter_text)}[/] {len(self._rendered)} of "
+                text += (f" · [$accent]/{esc(self.filter_text)}[/] {len(table.shown_keys)} of "
                          f"{len(self.vms) + len(self.recycled)} [$text-muted](esc clears)[/]")
+            if (table.sort_column, table.sort_reverse) != table.default_sort:
+                text += f" · sorted by {esc(table.sort_text())}"
+        if self.marked:
+            text += f" · [b $accent]{vmlook.MARK} {len(self.marked)} marked[/] [$text-muted](M clears)[/]"
         self.query_one("#vms-status", Static).update(Content.from_markup(text))
 
     # ------------------------------------------------------------------ the filter
 
     def action_filter(self) -> None:
-        line = self.query_one(VMFilter)
-        line.value = self.filter_text
-        line.add_class("-open")
-        line.focus()
-
-    @on(Input.Changed, "#vm-filter")
-    def _filter_changed(self, event: Input.Changed) -> None:
-        event.stop()
-        if event.value != self.filter_text:
-            self.filter_text = event.value
-            self.sync()
-            self.post_crumbs()
-            self.kick_agents()
-
-    @on(Input.Submitted, "#vm-filter")
-    def _filter_submitted(self, event: Input.Submitted) -> None:
-        event.stop()
-        self.query_one(VMFilter).remove_class("-open")
-        self.query_one(DataTable).focus()
+        self.query_one(TableFilter).open_line()
 
     def clear_filter(self) -> bool:
         """esc: clear the filter (True), or nothing to clear (False)."""
-        line = self.query_one(VMFilter)
-        if not self.filter_text and not line.has_class("-open"):
-            return False
-        line.remove_class("-open")
-        line.value = ""
-        self.filter_text = ""
-        self.query_one(DataTable).focus()
-        self.sync()
-        self.post_crumbs()
-        return True
+        return self.query_one(TableFilter).clear()
 
     # ------------------------------------------------------------------ keys
 
@@ -376,7 +312,7 @@ class VMsView(ViewBase, VMActions, Vertical):
 
     def agent_targets(self) -> list[str]:
         """Running VMs on screen, the cursor's first, then the rows shown from top to bottom."""
-        table = self.query_one(DataTable)
+        table = self.table
         top = int(table.scroll_y)
         height = max(1, (table.size.height or self.app.size.height) - (1 if table.show_header else 0))
         ids = [self.cursor_id()] + [row.key.value for row in table.ordered_rows[top:top + height]]
@@ -427,3 +363,13 @@ class VMsView(ViewBase, VMActions, Vertical):
             else:
                 self._dirty = True
         self.kick_agents()
+
+
+def _number(text: str) -> float | None:
+    """The number a CPU% or MEM cell starts with (12%, 42M/1.9G), in bytes for sizes; None for - or ?."""
+    head = text.split("/")[0].rstrip("%")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(head[-1:], 1)
+    try:
+        return float(head.rstrip("KMGT")) * mult
+    except ValueError:
+        return None
