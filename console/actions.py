@@ -30,8 +30,10 @@ class Action:
     show: bool = False              # in the footer
     changes: bool = False           # changes a task, a VM or a template: gone in a read-only console
     precheck: str | None = None     # the engine's rule: a VM action name, or "task:<action>"
-    cli: str | None = None          # the CLI verb doing the same: "vm start"
-    palette: bool = True            # listed in the command palette
+    cli: str | None = None          # the CLI verb doing the same: "vm start" ("vm stop --force": with an option)
+    cli_help: str = ""              # that verb's help line in the CLI (`cli_help`), said of "a VM", not "the selected"
+    palette: str | None = ""        # the palette's entry: "" the title, None not listed; may name {vm}, {what}
+                                    # ("VM"/"template"), {other} (the kind it converts to), {task}, {host}
     marks: bool = False             # applies to every marked VM when VMs are marked
     priority: bool = False          # a Textual priority binding (works even in an input)
 
@@ -45,97 +47,122 @@ class Action:
         return self.name.split("(", 1)[0]
 
 
-def _vm(key: str, name: str, title: str, help: str, *, cli: str | None, show: bool = False,
-        changes: bool = True, precheck: bool = True, marks: bool = False) -> Action:
+def _vm(key: str, name: str, title: str, help: str, *, palette: str, cli: str | None, cli_help: str = "",
+        show: bool = False, changes: bool = True, precheck: bool = True, marks: bool = False) -> Action:
     return Action(f"vm_{name}", f"inventory.vm.{name}", key, title, help, "vm", show=show, changes=changes,
-                  precheck=f"vm_{name}" if precheck else None, cli=cli, marks=marks)
+                  precheck=f"vm_{name}" if precheck else None, cli=cli, cli_help=cli_help, palette=palette,
+                  marks=marks)
 
 
 CATALOGUE: tuple[Action, ...] = (
     # ------------------------------------------------------------------ everywhere
-    Action("command_line", "command", "colon", "Cmd", "Jump to a view by name (:tasks, :inv)", "app", show=True),
-    Action("help", "help", "question_mark", "Keys", "The keys of this view", "app", show=True),
-    Action("back", "back", "escape", "Back", "Close the command line / previous view", "app", palette=False),
+    Action("command_line", "command", "colon", "Cmd", "Jump to a view by name (:tasks, :inv)", "app", show=True,
+           palette="Command line"),
+    Action("help", "help", "question_mark", "Keys", "The keys of this view", "app", show=True,
+           palette="Keys of this view"),
+    Action("back", "back", "escape", "Back", "Close the command line / previous view", "app", palette=None),
     Action("view('inventory')", "view.inventory", "1", "Inventory",
-           "Inventory: site, clusters, hosts, VMs and templates", "app"),
+           "Inventory: site, clusters, hosts, VMs and templates", "app", palette="View: Inventory"),
     Action("view('tasks')", "view.tasks", "2", "Tasks", "Tasks: live progress, pause, resume, cancel", "app",
-           cli="tasks"),
+           palette="View: Tasks", cli="tasks", cli_help="list tasks"),
     Action("view('vms')", "view.vms", "3", "VMs",
-           "VMs: every VM and template in a table, with what its guest agent says", "app", cli="vm list"),
+           "VMs: every VM and template in a table, with what its guest agent says", "app", palette="View: VMs",
+           cli="vm list", cli_help="VMs and templates with their state"),
     Action("view('audit')", "view.audit", "4", "Audit", "Audit: who did what, from the engine's audit log", "app",
-           cli="audit"),
+           palette="View: Audit", cli="audit", cli_help="the audit log: who did what, when, with what result"),
     Action("view('events')", "view.events", "5", "Events",
-           "Events: what this console heard from the engine this session", "app"),
+           "Events: what this console heard from the engine this session", "app", palette="View: Events"),
     Action("refresh", "refresh", "ctrl+r", "Refresh", "Ask every host again and re-read the task list", "app"),
     Action("quit", "quit", "q", "Quit",
            "Quit the console (tasks go on in the engine; asks first while some are active)", "app", show=True),
-    Action("quit", "quit.ctrlc", "ctrl+c", "Quit", "Quit the console (asks as q does)", "app", palette=False),
-    Action("quit", "quit.ctrl", "ctrl+q", "Quit", "Quit the console (asks as q does)", "app", palette=False,
+    Action("quit", "quit.ctrlc", "ctrl+c", "Quit", "Quit the console (asks as q does)", "app", palette=None),
+    Action("quit", "quit.ctrl", "ctrl+q", "Quit", "Quit the console (asks as q does)", "app", palette=None,
            priority=True),
     # ------------------------------------------------------------------ the VM or template under the cursor
-    _vm("s", "start", "Start", "Start the selected VM (a hibernated one resumes)", cli="vm start", show=True,
-        marks=True),
+    _vm("s", "start", "Start", "Start the selected VM (a hibernated one resumes)", palette="Start {vm}",
+        cli="vm start", cli_help="start (or resume a hibernated VM)", show=True, marks=True),
     _vm("x", "stop", "Stop", "Shut the selected VM down safely through its guest agent (asks first)",
-        cli="vm stop", show=True, marks=True),
-    _vm("X", "force_stop", "Force stop", "Power the selected VM off at once (asks first)", cli="vm stop --force",
-        marks=True),
-    _vm("r", "reboot", "Reboot", "Reboot the selected VM through its guest agent (asks first)", cli="vm reboot",
-        marks=True),
+        palette="Shut down {vm} (safe)", cli="vm stop",
+        cli_help="safe shutdown through the guest agent (--force: power off at once)", show=True, marks=True),
+    _vm("X", "force_stop", "Force stop", "Power the selected VM off at once (asks first)", palette="Force stop {vm}",
+        cli="vm stop --force", cli_help="power off at once (no agent needed)", marks=True),
+    _vm("r", "reboot", "Reboot", "Reboot the selected VM through its guest agent (asks first)",
+        palette="Reboot {vm}", cli="vm reboot", cli_help="safe reboot through the guest agent", marks=True),
     _vm("h", "hibernate", "Hibernate", "Save the selected VM's memory to disk and stop it; start resumes it",
-        cli="vm hibernate", marks=True),
-    _vm("n", "create", "New VM", "Create a VM on the selected host", cli="vm create", precheck=False),
-    _vm("c", "clone", "Clone", "Copy the selected VM (or template) under a new name, to a host and datastore",
-        cli="vm clone"),
+        palette="Hibernate {vm}", cli="vm hibernate", cli_help="save memory to a file and stop; start resumes it",
+        marks=True),
+    _vm("n", "create", "New VM", "Create a VM on the selected host", palette="create…",
+        cli="vm create", cli_help="create an empty VM", precheck=False),
+    _vm("c", "clone", "Clone", "Copy the selected VM (or template) under a new name", palette="Clone {vm}…",
+        cli="vm clone", cli_help="full copy of a VM (also while it runs: a point-in-time copy)"),
     _vm("t", "convert", "Template/VM", "Convert the selected VM to a template, or a template back to a VM",
-        cli="template convert"),
-    _vm("d", "deploy", "Deploy", "Make VMs from the selected template: a name pattern, a count, linked or full, "
-        "on a host and datastore", cli="template deploy"),
-    _vm("e", "export", "Export", "Export the selected VM or template as OVA or OVF on its host", cli="vm export"),
-    _vm("i", "import", "Import", "Import an OVA/OVF package from a host", cli="vm import", precheck=False),
+        palette="Convert {what} {vm} to a {other}", cli="template convert",
+        cli_help="turn a stopped VM into a template"),
+    _vm("d", "deploy", "Deploy", "Make VMs from the selected template: a name pattern, a count, linked or full",
+        palette="Deploy VMs from template {vm}…", cli="template deploy",
+        cli_help="make VMs from a template: linked (default) or full clones, N at once"),
+    _vm("e", "export", "Export", "Export the selected VM or template as OVA or OVF on its host",
+        palette="Export {vm}…", cli="vm export",
+        cli_help="export as OVF (a folder) or OVA (one file) on the host of the VM"),
+    _vm("i", "import", "Import", "Import an OVA/OVF package from a host", palette="import…",
+        cli="vm import", cli_help="import an OVF or OVA (the manifest is verified first)", precheck=False),
     _vm("delete", "delete", "Delete", "Delete the selected VM or template (type its name to confirm); "
-        "in the recycle bin: purge it for good", cli="vm delete", show=True, marks=True),
-    _vm("u", "restore", "Restore", "Bring the selected VM back from the recycle bin", cli="vm restore"),
+        "in the recycle bin: purge it for good", palette="Delete {vm}…", cli="vm delete",
+        cli_help="delete a VM (asks for its name); --secure overwrites, --delayed keeps it in the recycle bin",
+        show=True, marks=True),
+    _vm("u", "restore", "Restore", "Bring the selected VM back from the recycle bin",
+        palette="Restore {vm} from the recycle bin", cli="vm restore", cli_help="bring a VM back from the recycle bin"),
     _vm("a", "serial", "Serial", "Attach to the selected VM's serial console: keys go to the guest, ctrl+] leaves",
-        cli=None),
+        palette="Serial console of {vm}", cli=None),
     _vm("space", "mark", "Mark", "Mark or unmark the selected VM; start, stop, reboot, hibernate and delete act "
-        "on every marked VM", cli=None, changes=False, precheck=False),
-    _vm("M", "unmark", "Unmark all", "Clear every mark", cli=None, changes=False, precheck=False),
+        "on every marked VM", palette="Mark or unmark {vm}", cli=None, changes=False, precheck=False),
+    _vm("M", "unmark", "Unmark all", "Clear every mark", palette="Unmark every VM", cli=None, changes=False,
+        precheck=False),
     # ------------------------------------------------------------------ the Inventory
     Action("probe", "inventory.probe", "p", "Probe", "Probe the selected host: latency and throughput (a task)",
-           "inventory", cli="probe"),
+           "inventory", show=True, palette="Probe host {host}", cli="probe",
+           cli_help="measure latency and throughput to a host"),
     Action("refresh_facts", "inventory.facts", "f", "Facts now",
            "Facts now: ask the selected host(s) again without waiting (VMs: the list and the agent)", "inventory",
-           cli="hosts"),
+           show=True, palette="Facts now: ask the selected host(s) again", cli="hosts",
+           cli_help="facts of every host, gathered in parallel"),
     Action("filter", "inventory.filter", "slash", "Filter",
-           "Filter the tree: a part of a name, a host, a state (esc clears it)", "inventory"),
+           "Filter the tree: a part of a name, a host, a state (esc clears it)", "inventory", show=True,
+           palette="Filter the tree"),
     # ------------------------------------------------------------------ the VMs table
-    Action("filter", "vms.filter", "slash", "Filter", "Filter the rows: a part of a name, a host or a state "
-           "(esc clears it)", "vms"),
+    Action("filter", "vms.filter", "slash", "Filter", "Filter the rows: a part of a name, a host or a state (esc clears it)",
+           "vms", show=True, palette="Filter the VMs"),
     Action("refresh_now", "vms.refresh", "f", "Now", "Ask for the list and the agent of the VM under the cursor now",
-           "vms"),
+           "vms", palette="Ask for the VM list now"),
     # ------------------------------------------------------------------ the Tasks view
     Action("pause", "tasks.pause", "p", "Pause", "Pause the selected task; it keeps its checkpoint", "tasks",
-           show=True, changes=True, precheck="task:pause", cli="task pause"),
+           show=True, changes=True, precheck="task:pause", palette="Pause task {task}", cli="task pause",
+           cli_help="pause a task (it keeps its checkpoint)"),
     Action("resume", "tasks.resume", "r", "Resume", "Resume the selected paused, interrupted or failed task",
-           "tasks", show=True, changes=True, precheck="task:resume", cli="task resume"),
+           "tasks", show=True, changes=True, precheck="task:resume", palette="Resume task {task}", cli="task resume",
+           cli_help="resume a paused, interrupted or failed task from its checkpoint"),
     Action("cancel_task", "tasks.cancel", "c", "Cancel", "Cancel the selected task; what it made is rolled back",
-           "tasks", show=True, changes=True, precheck="task:cancel", cli="task cancel"),
+           "tasks", show=True, changes=True, precheck="task:cancel", palette="Cancel task {task}", cli="task cancel",
+           cli_help="cancel a task; what it made is rolled back (also of a paused, interrupted or failed one)"),
     Action("log", "tasks.log", "l", "Log", "The selected task's whole log, full screen", "tasks", show=True,
-           cli="task show"),
+           palette="Log of task {task}", cli="task show", cli_help="the details and log of a task"),
     Action("copy_error", "tasks.copy", "y", "Copy error",
-           "Copy the selected task's error and hint to the clipboard (OSC 52)", "tasks"),
+           "Copy the selected task's error and hint to the clipboard (OSC 52)", "tasks",
+           palette="Copy the error of task {task}"),
     Action("filter", "tasks.filter", "slash", "Filter",
-           "Filter the tasks: part of a title, a state, a kind or a host (esc clears it)", "tasks", show=True),
+           "Filter the tasks: part of a title, a state, a kind or a host (esc clears it)", "tasks", show=True,
+           palette="Filter the tasks"),
     Action("hide_finished", "tasks.finished", "f", "Hide done",
-           "Hide or show the tasks that succeeded or were cancelled (failed ones stay)", "tasks"),
+           "Hide or show the tasks that succeeded or were cancelled (failed ones stay)", "tasks",
+           palette="Hide or show the finished tasks"),
     # ------------------------------------------------------------------ every table
-    Action("cursor_down", "table.down", "j", "Down", "The next row", "table", palette=False),
-    Action("cursor_up", "table.up", "k", "Up", "The previous row", "table", palette=False),
-    Action("scroll_top", "table.first", "g,home", "First", "The first row", "table", palette=False),
-    Action("scroll_bottom", "table.last", "G,end", "Last", "The last row", "table", palette=False),
+    Action("cursor_down", "table.down", "j", "Down", "The next row", "table", palette=None),
+    Action("cursor_up", "table.up", "k", "Up", "The previous row", "table", palette=None),
+    Action("scroll_top", "table.first", "g,home", "First", "The first row", "table", palette=None),
+    Action("scroll_bottom", "table.last", "G,end", "Last", "The last row", "table", palette=None),
     Action("sort_next", "table.sort", "o", "Sort", "Sort by the next column (a click on a header sorts by it)",
-           "table", palette=False),
-    Action("sort_flip", "table.sort.flip", "O", "Sort ⇅", "Sort the other way round", "table", palette=False),
+           "table", palette=None),
+    Action("sort_flip", "table.sort.flip", "O", "Sort ⇅", "Sort the other way round", "table", palette=None),
 )
 
 
@@ -157,6 +184,12 @@ def changing_methods() -> frozenset[str]:
     return frozenset(a.method for a in CATALOGUE if a.changes)
 
 
+def by_id(action_id: str) -> Action | None:
+    """The action whose binding id is `action_id` ("tasks.cancel" or "ferry.tasks.cancel")."""
+    short = action_id.removeprefix("ferry.")
+    return next((a for a in CATALOGUE if a.id == short), None)
+
+
 def cli_verbs() -> Iterator[tuple[str, Action]]:
     """(CLI verb, action) for every action that a shell command also does."""
     for a in CATALOGUE:
@@ -164,9 +197,10 @@ def cli_verbs() -> Iterator[tuple[str, Action]]:
             yield a.cli, a
 
 
-def cli_help(verb: str, default: str) -> str:
-    """The help line of a CLI verb ("vm start"), from the action that does the same in the console."""
+def cli_help(verb: str) -> str:
+    """The help line of a CLI verb ("vm start"; "vm stop --force" for an option), from the action that
+    does the same in the console: one row says it for both front ends."""
     for v, a in cli_verbs():
         if v == verb:
-            return a.help
-    return default
+            return a.cli_help or a.help
+    raise KeyError(f"no action of the catalogue has the CLI verb {verb!r}")

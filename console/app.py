@@ -93,27 +93,7 @@ class FerryApp(App[int]):
     COMMANDS = {FerryCommands}
     COMMAND_PALETTE_DISPLAY = "^p"
     NOTIFICATION_TIMEOUT = 6
-    BINDINGS = [
-        Binding("colon", "command_line", "Cmd", id="ferry.command", tooltip="Jump to a view by name (:tasks, :inv)"),
-        Binding("question_mark", "help", "Keys", id="ferry.help", tooltip="The keys of this view"),
-        Binding("escape", "back", "Back", show=False, id="ferry.back", tooltip="Close the command line / previous view"),
-        Binding("1", "view('inventory')", "Inventory", show=False, id="ferry.view.inventory",
-                tooltip="Inventory: site, clusters, hosts, VMs and templates"),
-        Binding("2", "view('tasks')", "Tasks", show=False, id="ferry.view.tasks",
-                tooltip="Tasks: live progress, pause, resume, cancel"),
-        Binding("3", "view('vms')", "VMs", show=False, id="ferry.view.vms",
-                tooltip="VMs: every VM and template in a table, with what its guest agent says"),
-        Binding("ctrl+r", "refresh", "Refresh", show=False, id="ferry.refresh",
-                tooltip="Ask every host again and re-read the task list"),
-        Binding("4", "view('audit')", "Audit", show=False, id="ferry.view.audit",
-                tooltip="Audit: who did what, from the engine's audit log"),
-        Binding("5", "view('events')", "Events", show=False, id="ferry.view.events",
-                tooltip="Events: what this console heard from the engine this session"),
-        Binding("q", "quit", "Quit", id="ferry.quit",
-                tooltip="Quit the console (tasks go on in the engine; asks first while some are active)"),
-        Binding("ctrl+c", "quit", "Quit", show=False, id="ferry.quit.ctrlc"),
-        Binding("ctrl+q", "quit", "Quit", show=False, priority=True, id="ferry.quit.ctrl"),
-    ]
+    BINDINGS = opkeys.bindings("app")
 
     def __init__(self, client: Any, *, clock: Callable[[], float] = time.time, theme: str | None = None,
                  own_client: bool = False, probe: dict | None = None, poll: dict | None = None,
@@ -371,18 +351,21 @@ class FerryApp(App[int]):
     # ------------------------------------------------------------------ help, refresh, quit
 
     def help_rows(self, bindings: list) -> list[tuple[str, str, str]]:
-        """One row per action: its keys (after any remapping), what it does, and its id for
-        [console.keys]; in read-only mode, none that changes anything."""
+        """One row per action bound here: its keys (after any remapping), the catalogue's help line,
+        and its id for [console.keys]; in read-only mode, none that changes anything."""
         keymap = self.keymap
         keys: dict[str, list[str]] = {}
         desc: dict[str, str] = {}
         ids: dict[str, str] = {}
         for b in bindings:
-            if not isinstance(b, Binding) or (self.readonly and opkeys.is_destructive(b.action)):
+            if not isinstance(b, Binding):
+                continue
+            row = opkeys.action_of(b)
+            if self.readonly and (row.changes if row else opkeys.is_destructive(b.action)):
                 continue
             keys.setdefault(b.action, []).extend(
                 self.get_key_display(Binding(k, "")) for k in opkeys.keys_of(b, keymap))
-            desc.setdefault(b.action, b.tooltip or b.description)
+            desc.setdefault(b.action, row.help if row else b.tooltip or b.description)
             ids.setdefault(b.action, opkeys.short_id(b.id))
         return [(", ".join(k), desc[a], ids[a]) for a, k in keys.items()]
 

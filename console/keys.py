@@ -6,6 +6,9 @@ A binding's id ("ferry.tasks.cancel") is what config.toml names without its "fer
     tasks.cancel = "C"
     inventory.vm.delete = "ctrl+d"
 
+Every binding of the console's views is built from the one catalogue of actions (console/actions.py):
+`bindings(group)`.
+
 Read-only mode (`ferry --readonly`, or `[console] readonly = true`) removes every action that
 changes something (k9s' --readonly): their keys leave the footer, the help and the palette, and
 pressing one says why in one line.
@@ -17,17 +20,40 @@ from typing import Any, Iterable
 
 from textual.binding import Binding
 
+from ferry.console import actions as catalogue
+from ferry.console.actions import Action
+
 PREFIX = "ferry."
 
-# Actions that change a task, a VM or a template. Every new action that changes something joins here.
-DESTRUCTIVE_ACTIONS = frozenset({
-    "pause", "resume", "cancel_task",
-    "vm_start", "vm_stop", "vm_force_stop", "vm_reboot", "vm_hibernate", "vm_create", "vm_clone",
-    "vm_convert", "vm_deploy", "vm_export", "vm_import", "vm_delete", "vm_restore", "vm_purge",
-    "vm_migrate", "vm_snapshot", "vm_mark_act",
-    "vm_serial",        # typing into a guest's serial console changes whatever the guest lets it
-})
+# Actions that change a task, a VM or a template: the catalogue's rows with `changes`.
+DESTRUCTIVE_ACTIONS = catalogue.changing_methods()
 READONLY_NOTICE = "read-only console: {what} is not available (--readonly, or [console] readonly = true)"
+
+
+def binding(action: Action) -> Binding:
+    """The Textual binding of one catalogue action: its id is what [console.keys] remaps."""
+    return Binding(action.key, action.name, action.title, show=action.show, priority=action.priority,
+                   id=action.binding_id, tooltip=action.help)
+
+
+def bindings(*groups: str) -> list[Binding]:
+    """The bindings of the catalogue's actions of these view groups ("app", "vm", "tasks", ...), in
+    catalogue order."""
+    return [binding(a) for g in groups for a in catalogue.group(g)]
+
+
+def implemented(cls: type, found: list) -> list:
+    """`found` without the catalogue's bindings whose method `cls` does not have (yet): a row may name
+    an action before its view implements it."""
+    def missing(b: object) -> bool:
+        action = action_of(b) if isinstance(b, Binding) else None
+        return action is not None and not hasattr(cls, "action_" + action.method)
+    return [b for b in found if not missing(b)]
+
+
+def action_of(b: Binding) -> Action | None:
+    """The catalogue's row of a binding (None: a binding of a dialog or an input, not in the catalogue)."""
+    return catalogue.by_id(b.id) if b.id else None
 
 
 def is_destructive(action: str) -> bool:

@@ -17,7 +17,6 @@ from functools import partial
 from pathlib import PurePosixPath
 from typing import Any, Awaitable, Callable
 
-from textual.binding import Binding
 from textual.timer import Timer
 
 from ferry.engine.api import Refusal, VMActionCheck, VMState, VMView
@@ -26,6 +25,7 @@ from ferry.engine.taskmodel import TaskState
 from ferry.engine.vm.model import expand_pattern
 
 from ferry.console.actions import CATALOGUE
+from ferry.console import actions as catalogue, keys as opkeys
 from ferry.console.messages import VMsUpdated
 from ferry.console.dialogs.modals import ConfirmScreen, esc
 from ferry.console.poller import VMList, VMPoller
@@ -35,34 +35,11 @@ from ferry.console.dialogs.vmforms import Field, FormScreen, TypedNameScreen
 NO_VM = "select a VM or template first"
 CHECKS_DEBOUNCE_S = 0.1     # the cursor rests this long on a VM before the engine is asked what applies to it
 
-# action -> (what the operator calls it, shown in the footer)
-VM_KEYS: dict[str, tuple[str, str]] = {}
-
-
-def _b(key: str, action: str, desc: str, tip: str, *, show: bool = False) -> Binding:
-    VM_KEYS[f"vm_{action}"] = (key.split(",")[0], desc)
-    return Binding(key, f"vm_{action}", desc, show=show, id=f"ferry.inventory.vm.{action}", tooltip=tip)
-
-
-VM_BINDINGS = [
-    _b("s", "start", "Start", "Start the selected VM (a hibernated one resumes)", show=True),
-    _b("x", "stop", "Stop", "Shut the selected VM down safely through its guest agent (asks first)", show=True),
-    _b("X", "force_stop", "Force stop", "Power the selected VM off at once (asks first)"),
-    _b("r", "reboot", "Reboot", "Reboot the selected VM through its guest agent (asks first)"),
-    _b("h", "hibernate", "Hibernate", "Save the selected VM's memory to disk and stop it; start resumes it"),
-    _b("n", "create", "New VM", "Create a VM on the selected host"),
-    _b("c", "clone", "Clone", "Copy the selected VM (or template) under a new name"),
-    _b("t", "convert", "Template/VM", "Convert the selected VM to a template, or a template back to a VM"),
-    _b("d", "deploy", "Deploy", "Make VMs from the selected template: a name pattern, a count, linked or full"),
-    _b("e", "export", "Export", "Export the selected VM or template as OVA or OVF on its host"),
-    _b("i", "import", "Import", "Import an OVA/OVF package from a host"),
-    _b("delete", "delete", "Delete", "Delete the selected VM or template (type its name to confirm); "
-                                     "in the recycle bin: purge it for good", show=True),
-    _b("u", "restore", "Restore", "Bring the selected VM back from the recycle bin"),
-    _b("a", "serial", "Serial", "Attach to the selected VM's serial console: keys go to the guest, ctrl+] leaves"),
-]
-SHOWN = frozenset(b.action for b in VM_BINDINGS if b.show)
-TITLES = {b.action: b.description for b in VM_BINDINGS}
+# The VM keys of every view that lists VMs: the catalogue's "vm" rows.
+VM_BINDINGS = opkeys.bindings("vm")
+VM_KEYS = {a.name: (a.key.split(",")[0], a.title) for a in catalogue.group("vm")}   # action -> (key, what)
+SHOWN = frozenset(a.name for a in catalogue.group("vm") if a.show)
+TITLES = {a.name: a.title for a in catalogue.group("vm")}
 DEFAULT_DISK = "1G"
 MARKS_ACT = frozenset(a.method for a in CATALOGUE if a.marks)    # keys that act on every marked VM
 

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any, Awaitable, Callable
 
+from ferry.console.actions import cli_help
 from ferry.engine import api, fmt
 from ferry.engine.errors import ConfigError, FerryError, PermanentError
 from ferry.engine.taskmodel import FINAL_STATES, TaskInfo, TaskState
@@ -576,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_config_check)
 
-    s = sub.add_parser("hosts", help="facts of every host, gathered in parallel")
+    s = sub.add_parser("hosts", help=cli_help("hosts"))
     s.add_argument("--json", action="store_true")
     s.add_argument("--timeout", type=float, default=10.0, help="seconds per host (default 10)")
     s.set_defaults(func=cmd_hosts)
@@ -587,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--yes", action="store_true", help="accept without asking")
     t.set_defaults(func=cmd_hosts_trust)
 
-    s = sub.add_parser("tasks", help="list tasks")
+    s = sub.add_parser("tasks", help=cli_help("tasks"))
     s.add_argument("--json", action="store_true")
     s.add_argument("--all", action="store_true", help="include every finished task")
     s.add_argument("--limit", type=int, default=500)
@@ -595,15 +596,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("task", help="show or control one task")
     ts = s.add_subparsers(dest="task_command", metavar="ACTION", required=True)
-    t = ts.add_parser("show", help="a task's details and log")
+    t = ts.add_parser("show", help=cli_help("task show"))
     t.add_argument("id", type=int)
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_task_show)
-    for action, text in (("pause", "pause a task (it keeps its checkpoint)"),
-                         ("resume", "resume a paused, interrupted or failed task from its checkpoint"),
-                         ("cancel", "cancel a task; what it made is rolled back (also of a paused, "
-                                    "interrupted or failed one)")):
-        t = ts.add_parser(action, help=text)
+    for action in ("pause", "resume", "cancel"):
+        t = ts.add_parser(action, help=cli_help(f"task {action}"))
         t.add_argument("id", type=int)
         t.add_argument("--json", action="store_true")
         if action == "resume":
@@ -612,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
             t.set_defaults(detach=True)
         t.set_defaults(func=cmd_task_control, action=action)
 
-    s = sub.add_parser("probe", help="measure latency and throughput to a host")
+    s = sub.add_parser("probe", help=cli_help("probe"))
     s.add_argument("host")
     s.add_argument("--pings", type=int, default=20, help="round trips to time (default 20)")
     s.add_argument("--size", type=int, default=64, metavar="MiB", help="MiB streamed each way (default 64)")
@@ -655,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_gc)
 
-    s = sub.add_parser("audit", help="the audit log: who did what, when, with what result")
+    s = sub.add_parser("audit", help=cli_help("audit"))
     s.add_argument("--json", action="store_true")
     s.add_argument("--limit", type=int, default=50)
     s.set_defaults(func=cmd_audit)

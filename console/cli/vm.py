@@ -16,6 +16,7 @@ from ferry.engine.textsafe import line as safe
 from ferry.engine.vm.model import parse_memory_mib
 from ferry.engine.workspace import Workspace
 
+from ferry.console.actions import cli_help
 from ferry.console.cli import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, _Progress, _print_json, _table, _with_client, run_foreground
 
 
@@ -366,7 +367,7 @@ def add_parsers(sub) -> None:
 
     s = sub.add_parser("vm", help="VMs: list, create, start, stop, clone, export, import, delete, ...")
     vs = s.add_subparsers(dest="vm_command", metavar="ACTION", required=True)
-    v = vs.add_parser("list", help="VMs and templates with their state")
+    v = vs.add_parser("list", help=cli_help("vm list"))
     v.add_argument("--templates", action="store_true", help="templates only")
     v.add_argument("--recycled", action="store_true", help="the recycle bin")
     v.add_argument("--agents", action="store_true", help="ask the running VMs' guest agents: state and IPs")
@@ -375,7 +376,7 @@ def add_parsers(sub) -> None:
     v = vs.add_parser("show", help="one VM: hardware, disks, agent")
     common(v)
     v.set_defaults(func=cmd_vm_show)
-    v = vs.add_parser("create", help="create an empty VM")
+    v = vs.add_parser("create", help=cli_help("vm create"))
     common(v)
     v.add_argument("--host", required=True)
     hardware(v, True)
@@ -384,20 +385,16 @@ def add_parsers(sub) -> None:
     v.add_argument("--boot", default="disk,live", help="boot order from disk, cdrom, live (default disk,live)")
     v.add_argument("--passthrough", action="append", metavar="KIND:ADDRESS", help="usb:1d6b:0002, gpu:0000:01:00.0, disk:/dev/sdb")
     v.set_defaults(func=cmd_vm_create)
-    for action, text in (("start", "start (or resume a hibernated VM)"),
-                         ("stop", "safe shutdown through the guest agent (--force: power off at once)"),
-                         ("reboot", "safe reboot through the guest agent"),
-                         ("hibernate", "save memory to a file and stop; start resumes it"),
-                         ("restore", "bring a VM back from the recycle bin")):
-        v = vs.add_parser(action, help=text)
+    for action in ("start", "stop", "reboot", "hibernate", "restore"):
+        v = vs.add_parser(action, help=cli_help(f"vm {action}"))
         common(v)
         if action == "start":
             v.add_argument("--discard-state", action="store_true", help="boot fresh, dropping a hibernated state")
         if action == "stop":
-            v.add_argument("--force", action="store_true", help="power off at once (no agent needed)")
+            v.add_argument("--force", action="store_true", help=cli_help("vm stop --force"))
             v.add_argument("--timeout", type=float, default=120, help="seconds to wait for the guest (default 120)")
         v.set_defaults(func=cmd_vm_simple)
-    v = vs.add_parser("clone", help="full copy of a VM (also while it runs: a point-in-time copy)")
+    v = vs.add_parser("clone", help=cli_help("vm clone"))
     v.add_argument("src")
     common(v)
     v.add_argument("--datastore")
@@ -409,7 +406,7 @@ def add_parsers(sub) -> None:
     v = vs.add_parser("to-template", help="turn a stopped VM into a template")
     common(v)
     v.set_defaults(func=cmd_convert, to="template")
-    v = vs.add_parser("delete", help="delete a VM (asks for its name); --secure overwrites, --delayed keeps it in the recycle bin")
+    v = vs.add_parser("delete", help=cli_help("vm delete"))
     common(v)
     g = v.add_mutually_exclusive_group()
     g.add_argument("--secure", action="store_true", help="overwrite and verify the disks before removing them")
@@ -423,12 +420,12 @@ def add_parsers(sub) -> None:
     v.add_argument("--confirm", metavar="NAME")
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_vm_purge)
-    v = vs.add_parser("export", help="export as OVF (a folder) or OVA (one file) on the VM's host")
+    v = vs.add_parser("export", help=cli_help("vm export"))
     common(v)
     v.add_argument("--out", required=True, help="absolute path on the VM's host: a folder, or a file ending .ova")
     v.add_argument("--format", choices=("ovf", "ova"))
     v.set_defaults(func=cmd_vm_export)
-    v = vs.add_parser("import", help="import an OVF or OVA (the manifest is verified first)")
+    v = vs.add_parser("import", help=cli_help("vm import"))
     v.add_argument("path")
     v.add_argument("--host", required=True)
     v.add_argument("--name")
@@ -450,7 +447,7 @@ def add_parsers(sub) -> None:
     t = ts.add_parser("list", help="templates")
     common(t, name=False)
     t.set_defaults(func=cmd_vm_list, templates=True, recycled=False, agents=False)
-    t = ts.add_parser("convert", help="turn a stopped VM into a template")
+    t = ts.add_parser("convert", help=cli_help("template convert"))
     common(t)
     t.set_defaults(func=cmd_convert, to="template")
     t = ts.add_parser("to-vm", help="turn a template back into a VM (not while it has linked clones)")
@@ -463,7 +460,7 @@ def add_parsers(sub) -> None:
     hardware(t, False)
     t.add_argument("--disk-size")
     t.set_defaults(func=cmd_template_clone)
-    t = ts.add_parser("deploy", help="make VMs from a template: linked (default) or full clones, N at once")
+    t = ts.add_parser("deploy", help=cli_help("template deploy"))
     t.add_argument("template")
     common(t)
     t.add_argument("--count", type=int, default=1, help="how many; NAME is a pattern like web-## or web-{n:02}")

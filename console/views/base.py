@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ferry.console.keys import implemented
 from ferry.console.messages import CrumbsChanged
 
 
@@ -14,6 +15,12 @@ class ViewBase:
     app: Any
     screen: Any
     display: bool
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A catalogue row may name an action its view does not implement yet: no key for it there.
+        if "BINDINGS" in cls.__dict__:
+            cls.BINDINGS = implemented(cls, cls.__dict__["BINDINGS"])
+        super().__init_subclass__(**kwargs)
 
     @property
     def shown(self) -> bool:

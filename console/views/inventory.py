@@ -12,7 +12,6 @@ from typing import Any, Callable
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.content import Content
 from textual.widgets import Static, Tree
@@ -22,14 +21,14 @@ from textual.widgets.tree import TreeNode
 from ferry.engine import fmt
 from ferry.engine.api import AgentReport, AgentState, VMView
 
-from ferry.console import vms as vmlook
+from ferry.console import keys as opkeys, vms as vmlook
 from ferry.console.messages import AgentUpdated, HostUpdated, VMsUpdated
 from ferry.console.dialogs.modals import esc
 from ferry.console.poller import FACTS_TIMEOUT_S, HostPoller, HostStatus, VMList, attempt
 from ferry.console.severity import Severity, load_severity, usage_severity
 from ferry.console.theming import rich_style
 from ferry.console.views.base import ViewBase
-from ferry.console.vmactions import VM_BINDINGS, VMActions
+from ferry.console.vmactions import VMActions
 
 LABEL_W = 11
 DETAIL_DELAY_S = 0.1
@@ -58,13 +57,7 @@ def _clock(ts: float | None) -> str:
 class InventoryView(ViewBase, VMActions, Horizontal):
     """Tree on the left, details on the right. Facts come from a HostPoller, VMs from a VMPoller."""
 
-    BINDINGS = [
-        Binding("p", "probe", "Probe", id="ferry.inventory.probe",
-                tooltip="Probe the selected host: latency and throughput (a task)"),
-        Binding("f", "refresh_facts", "Facts now", id="ferry.inventory.facts",
-                tooltip="Facts now: ask the selected host(s) again without waiting (VMs: the list and the agent)"),
-        *VM_BINDINGS,
-    ]
+    BINDINGS = opkeys.bindings("inventory", "vm")
     VIEW = "inventory"
     TITLE = "Inventory"
 

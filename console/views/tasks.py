@@ -9,7 +9,6 @@ from functools import partial
 from typing import Any
 
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Vertical
 from textual.content import Content
 from textual.widgets import Static
@@ -18,6 +17,7 @@ from ferry.engine import fmt
 from ferry.engine.taskmodel import FINAL_STATES, TASK_ACTIONS, TaskInfo, TaskState
 from ferry.engine.textsafe import line as safe
 
+from ferry.console import keys as opkeys
 from ferry.console.feed import TaskFeed
 from ferry.console.messages import TasksChanged
 from ferry.console.dialogs.modals import esc
@@ -47,18 +47,7 @@ def error_text(info: TaskInfo) -> str:
 
 
 class TasksView(ViewBase, Vertical):
-    BINDINGS = [
-        Binding("p", "pause", "Pause", id="ferry.tasks.pause", tooltip="Pause the selected task; it keeps its checkpoint"),
-        Binding("r", "resume", "Resume", id="ferry.tasks.resume", tooltip="Resume the selected paused, interrupted or failed task"),
-        Binding("c", "cancel_task", "Cancel", id="ferry.tasks.cancel", tooltip="Cancel the selected task; what it made is rolled back"),
-        Binding("l", "log", "Log", id="ferry.tasks.log", tooltip="The selected task's whole log, full screen"),
-        Binding("y", "copy_error", "Copy error", show=False, id="ferry.tasks.copy",
-                tooltip="Copy the selected task's error and hint to the clipboard (OSC 52)"),
-        Binding("slash", "filter", "Filter", id="ferry.tasks.filter",
-                tooltip="Filter the tasks: part of a title, a state, a kind or a host (esc clears it)"),
-        Binding("f", "hide_finished", "Hide done", show=False, id="ferry.tasks.finished",
-                tooltip="Hide or show the tasks that succeeded or were cancelled (failed ones stay)"),
-    ]
+    BINDINGS = opkeys.bindings("tasks")
     VIEW = "tasks"
     TITLE = "Tasks"
 

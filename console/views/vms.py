@@ -18,7 +18,6 @@ from typing import Any, Callable
 from rich.style import Style
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Vertical
 from textual.content import Content
 from textual.timer import Timer
@@ -28,13 +27,13 @@ from ferry.engine import fmt
 from ferry.engine.api import VMState, VMView
 from ferry.engine.textsafe import line as safe
 
-from ferry.console import vms as vmlook
+from ferry.console import keys as opkeys, vms as vmlook
 from ferry.console.messages import AgentSampled, VMsUpdated
 from ferry.console.dialogs.modals import esc
 from ferry.console.poller import VMList, attempt
 from ferry.console.theming import rich_style
 from ferry.console.views.base import ViewBase
-from ferry.console.vmactions import VM_BINDINGS, VMActions
+from ferry.console.vmactions import VMActions
 from ferry.console.widgets.table import Cell, Column, KeyedTable, Row, TableFilter
 
 
@@ -70,13 +69,7 @@ def styled_cell(text: str, *, sort: Any, style: Style) -> StyledCell:
 
 
 class VMsView(ViewBase, VMActions, Vertical):
-    BINDINGS = [
-        *VM_BINDINGS,
-        Binding("slash", "filter", "Filter", id="ferry.vms.filter",
-                tooltip="Filter the rows: a part of a name, a host or a state (esc clears it)"),
-        Binding("f", "refresh_now", "Now", show=False, id="ferry.vms.refresh",
-                tooltip="Ask for the list and the agent of the VM under the cursor now"),
-    ]
+    BINDINGS = opkeys.bindings("vm", "vms")
     VIEW = "vms"
     TITLE = "VMs"
 

@@ -24,6 +24,8 @@ from textual.message import Message
 from textual.widgets import DataTable, Input
 from textual.widgets.data_table import CellDoesNotExist, ColumnKey, RowDoesNotExist
 
+from ferry.console import keys as opkeys
+
 OPTIONAL_LEAST = 12   # an optional column narrower than this says too little: its room goes to the flexible one
 REBUILD_OVER = 64    # more rows than this come or go at once: rebuild the table rather than remove one by one
 
@@ -112,16 +114,7 @@ class TableFilter(Input):
 class KeyedTable(DataTable):
     """A DataTable whose rows the view gives by key; see the module's docstring."""
 
-    BINDINGS = [
-        Binding("j", "cursor_down", "Down", show=False, id="ferry.table.down"),
-        Binding("k", "cursor_up", "Up", show=False, id="ferry.table.up"),
-        Binding("g,home", "scroll_top", "First", show=False, id="ferry.table.first"),
-        Binding("G,end", "scroll_bottom", "Last", show=False, id="ferry.table.last"),
-        Binding("o", "sort_next", "Sort", show=False, id="ferry.table.sort",
-                tooltip="Sort by the next column (a click on a header sorts by it)"),
-        Binding("O", "sort_flip", "Sort ⇅", show=False, id="ferry.table.sort.flip",
-                tooltip="Sort the other way round"),
-    ]
+    BINDINGS = opkeys.bindings("table")
 
     class CursorMoved(Message):
         """The cursor is on another row (by key; None: the table is empty)."""

@@ -19,7 +19,7 @@ from .model import UNFINISHED_STATES, VMState, VMView
 
 # The actions a VM or template may be asked for, by their console names (see action_of).
 VM_ACTIONS = ("vm_start", "vm_stop", "vm_force_stop", "vm_reboot", "vm_hibernate", "vm_clone", "vm_deploy",
-              "vm_convert", "vm_export", "vm_delete", "vm_restore", "vm_purge")
+              "vm_convert", "vm_export", "vm_delete", "vm_restore", "vm_purge", "vm_serial")
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def refusal(action: str, vm: VMView | None, *, busy_task: str | None = None,
         why = _unfinished(action, vm, st, busy_task)
         if why is not None:
             return why
-    elif busy_task:
+    elif busy_task and action != "vm_serial":     # a guest's console may be watched while a task works on it
         tid = vm.busy
         return Refusal(f"{name} is busy with {busy_task}",
                        f"wait for it, or cancel it: ferry task cancel {tid}" if tid else "wait for it, or cancel it",
@@ -139,6 +139,14 @@ def refusal(action: str, vm: VMView | None, *, busy_task: str | None = None,
         if clones:
             return Refusal(f"template {name} has linked clones, whose disks depend on it: {few(clones)}",
                            "delete them, or deploy a full VM from the template", "delete them first")
+        return None
+    if action == "vm_serial":
+        if tpl:
+            return Refusal(f"{name} is a template, which never runs: it has no serial console",
+                           f"deploy a VM from it: ferry template deploy {name} NEW-NAME", "deploy a VM from it (d)")
+        if not running:
+            return Refusal(f"{name} is not running ({st}): its serial console is there while it runs",
+                           f"start it: ferry vm start {name}", "s starts it")
         return None
     if action == "vm_export":
         if running or hibernated:
