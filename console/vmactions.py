@@ -24,8 +24,8 @@ from ferry.engine.errors import FerryError, Refused
 from ferry.engine.taskmodel import TaskState
 from ferry.engine.vm.model import expand_pattern
 
-from ferry.console.actions import CATALOGUE
 from ferry.console import actions as catalogue, keys as opkeys
+from ferry.console.actions import CATALOGUE
 from ferry.console.messages import VMsUpdated
 from ferry.console.dialogs.modals import ConfirmScreen, esc
 from ferry.console.poller import VMList, VMPoller
