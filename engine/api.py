@@ -12,22 +12,50 @@ engine service over its UNIX socket. Both have the methods listed in `CALLS`, wi
 from __future__ import annotations
 
 import json
+import os
+import sys
 from dataclasses import dataclass
-from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .config import SiteConfig
 from .errors import (CommandError, ConfigError, FerryError, HostKeyError, PermanentError, Refused, TaskCancelled,
                      TransientError, TransportError)
-from .gc import Leftover
-from .hostfacts import DatastoreUsage, HostFacts
-from .taskmodel import Progress, TaskInfo, TaskState
-from .vm.model import (AgentReport, AgentState, CPUHotAdd, DiskSpec, GuestFilesystem, MissingVM, NicSpec,
-                       OrphanProcess, Passthrough, ReconcileReport, TimeSync, UnreachableHost, VMKind, VMSpec, VMState,
-                       VMView)
-from .vm.prechecks import Refusal, VMActionCheck
+
+if TYPE_CHECKING:
+    from .config import SiteConfig
+    from .gc import Leftover
+    from .hostfacts import DatastoreUsage, HostFacts
+    from .taskmodel import Progress, TaskInfo, TaskState
+    from .vm.model import (AgentReport, AgentState, CPUHotAdd, DiskSpec, GuestFilesystem, MissingVM, NicSpec,
+                           OrphanProcess, Passthrough, ReconcileReport, TimeSync, UnreachableHost, VMKind, VMSpec,
+                           VMState, VMView)
+    from .vm.prechecks import Refusal, VMActionCheck
+
+# The records defined elsewhere in the engine, imported when first asked for (`api.TaskInfo`, `from
+# ferry.engine.api import VMView`): a command line that lists tasks pays for neither the VM model, nor
+# the store, nor the host transports it never decodes (issue 11: a command adds <= 50 ms).
+_LAZY = {
+    "SiteConfig": ".config", "Leftover": ".gc", "DatastoreUsage": ".hostfacts", "HostFacts": ".hostfacts",
+    "Progress": ".taskmodel", "TaskInfo": ".taskmodel", "TaskState": ".taskmodel",
+    **dict.fromkeys(("AgentReport", "AgentState", "CPUHotAdd", "DiskSpec", "GuestFilesystem", "MissingVM", "NicSpec",
+                     "OrphanProcess", "Passthrough", "ReconcileReport", "TimeSync", "UnreachableHost", "VMKind",
+                     "VMSpec", "VMState", "VMView"), ".vm.model"),
+    "Refusal": ".vm.prechecks", "VMActionCheck": ".vm.prechecks",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "VERSION":
+        value: Any = _version()
+    elif name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name], __package__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
 
 __all__ = ["AuditEntry", "DatastoreUsage", "EngineStatus", "HostFacts", "HostKey", "Leftover", "Progress",
            "SiteConfig", "Submitted", "TaskInfo", "TaskLogEntry", "TaskState", "TrackedFile", "VMSpec", "VMState",
@@ -36,16 +64,33 @@ __all__ = ["AuditEntry", "DatastoreUsage", "EngineStatus", "HostFacts", "HostKey
            "VMActionCheck", "Refusal", "encode", "decode", "to_builtins", "convert", "dumps", "VERSION", "PROTOCOL"]
 
 PROTOCOL = 2     # the wire protocol's version; raised whenever a frame's shape changes (2: serial frames)
+VERSION: str     # this installation's version, read when first asked for (module __getattr__)
 
 
 def _version() -> str:
+    """This installation's version (the handshake compares it), read from its dist-info as
+    importlib.metadata would find it: that module alone costs a command line ~15 ms of imports."""
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith(".dist-info") and name.split("-", 1)[0].lower() == "ferry":
+                try:
+                    with open(os.path.join(entry or ".", name, "METADATA"), encoding="utf-8") as f:
+                        for line in f:
+                            if line.startswith("Version:"):
+                                return line.split(":", 1)[1].strip()
+                            if not line.strip():
+                                break    # the headers end here
+                except OSError:
+                    pass
+    from importlib import metadata   # an egg, a zip: the general way
     try:
         return metadata.version("ferry")
     except metadata.PackageNotFoundError:    # run from a checkout that was never installed
         return "0+unknown"
-
-
-VERSION = _version()
 
 
 # ---------------------------------------------------------------------------- records

@@ -28,15 +28,17 @@ each frame to drain), so a slow console slows only the guest's serial output, ne
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import struct
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .errors import PermanentError
+
+if TYPE_CHECKING:    # not imported here: a command line's blocking client (engine/calls.py) starts no loop
+    import asyncio
 
 MAX_FRAME = 64 << 20
 _LEN = struct.Struct(">I")
@@ -52,6 +54,7 @@ class ProtocolError(PermanentError):
 
 async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
     """The next frame's JSON bytes, or None at a clean end of stream."""
+    import asyncio
     try:
         head = await reader.readexactly(4)
     except asyncio.IncompleteReadError as e:
@@ -66,6 +69,33 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
         return await reader.readexactly(n)
     except asyncio.IncompleteReadError:
         raise ProtocolError("the connection broke inside a frame") from None
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_frame(sock: socket.socket) -> bytes | None:
+    """read_frame over a blocking socket: the next frame's JSON bytes, or None at a clean end."""
+    head = _recv_exactly(sock, 4)
+    if not head:
+        return None
+    if len(head) < 4:
+        raise ProtocolError("the connection broke inside a frame header")
+    (n,) = _LEN.unpack(head)
+    if n > MAX_FRAME:
+        raise ProtocolError(f"a frame of {n} bytes is larger than the limit of {MAX_FRAME}",
+                            "is something other than Ferry listening on this socket?")
+    data = _recv_exactly(sock, n)
+    if len(data) < n:
+        raise ProtocolError("the connection broke inside a frame")
+    return data
 
 
 def frame(data: bytes) -> bytes:

@@ -16,31 +16,27 @@ import base64
 import contextlib
 import itertools
 import logging
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import api
-from .config import SiteConfig
-from .errors import FerryError, PermanentError, TransientError
+from .calls import EngineCalls, EngineUnavailable
+from .errors import FerryError, PermanentError
 from .events import Event, EventBus, Subscription
-from .gc import Leftover
-from .helpers import pid_running
-from .hostfacts import HostFacts
 from .protocol import ProtocolError, SOCKET_NAME, frame, hello, read_frame, running_pid, short_path
-from .taskmodel import Progress, TaskInfo
-from .workspace import Workspace
+
+if TYPE_CHECKING:    # a command line imports only what its answers need (api's records load on use)
+    import subprocess
+
+    from .config import SiteConfig
+    from .workspace import Workspace
+
+__all__ = ["EngineUnavailable", "RemoteEngine", "RemoteSerial", "connect", "engine_pid_alive", "spawn_engine"]
 
 log = logging.getLogger("ferry.remote")
 
 START_TIMEOUT_S = 30.0     # an engine that has not opened its socket by then did not start
-
-
-class EngineUnavailable(TransientError):
-    """No engine answers on the workspace's socket."""
 
 
 class Opener(Protocol):
@@ -57,9 +53,9 @@ class Opener(Protocol):
 
 def _event_data(kind: str, data: Any) -> Any:
     if kind in ("created", "state"):
-        return api.convert(data, TaskInfo)
+        return api.convert(data, api.TaskInfo)
     if kind == "progress":
-        return api.convert(data, Progress)
+        return api.convert(data, api.Progress)
     if kind == "log":
         return tuple(data)
     return data
@@ -67,6 +63,9 @@ def _event_data(kind: str, data: Any) -> Any:
 
 def spawn_engine(ws: Workspace) -> subprocess.Popen:
     """Start the workspace's engine service, detached from this process and its terminal."""
+    import subprocess
+    import sys
+    import threading
     ws.ensure()
     out = open(ws.logs_dir / "engine.out", "ab")
     try:
@@ -85,11 +84,14 @@ def spawn_engine(ws: Workspace) -> subprocess.Popen:
 _GONE = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError, BrokenPipeError, asyncio.IncompleteReadError)
 
 
-class RemoteEngine:
+class RemoteEngine(EngineCalls):
     def __init__(self, ws: Workspace, *, client: str = "cli", autostart: bool = True, reconnect: bool = False,
                  socket_path: Path | None = None, site: SiteConfig | None = None,
-                 opener: Opener | None = None) -> None:
+                 opener: Opener | None = None, fetch_site: bool = True) -> None:
         self.workspace = ws
+        # A console lays its views out from the site, asked at each connect; a command line asks
+        # `get_site()` when it needs it (a site of 1,000 hosts is decoded for nothing otherwise).
+        self.fetch_site = fetch_site
         self.opener = opener
         self.kind = client
         self.autostart = autostart
@@ -161,7 +163,8 @@ class RemoteEngine:
         self._read_task = asyncio.create_task(self._read_loop(), name="ferry-remote-reader")
         if self._subscribed:
             await self._send({"op": "subscribe"})
-        self.site = await self._call("get_site", SiteConfig)
+        if self.fetch_site:
+            self.site = await self._call("get_site", api.SiteConfig)
         self.state = "running"
         self._connected.set()
         self._bus.publish(Event("engine", data="running"))
@@ -329,80 +332,7 @@ class RemoteEngine:
                 asyncio.ensure_future(self._subscribe_now())
         return self._bus.subscribe()
 
-    # ------------------------------------------------------------------ the engine itself
-
-    async def status(self) -> api.EngineStatus:
-        return await self._call("status", api.EngineStatus)
-
-    async def stop_engine(self, *, now: bool = False) -> dict[str, Any]:
-        return await self._call("stop", now=now)
-
-    async def get_site(self) -> SiteConfig:
-        return await self._call("get_site", SiteConfig)
-
-    # ------------------------------------------------------------------ tasks
-
-    async def list_tasks(self, limit: int = 500) -> list[TaskInfo]:
-        return await self._call("list_tasks", list[TaskInfo], limit=limit)
-
-    async def get_task(self, task_id: int) -> TaskInfo:
-        return await self._call("get_task", TaskInfo, task_id=task_id)
-
-    async def task_log(self, task_id: int, limit: int = 200) -> list[api.TaskLogEntry]:
-        return await self._call("task_log", list[api.TaskLogEntry], task_id=task_id, limit=limit)
-
-    async def task_files(self, task_id: int) -> list[api.TrackedFile]:
-        return await self._call("task_files", list[api.TrackedFile], task_id=task_id)
-
-    async def submit(self, kind: str, params: dict[str, Any]) -> int:
-        return await self._call("submit", int, kind=kind, params=params)
-
-    async def pause(self, task_id: int) -> TaskInfo:
-        return await self._call("pause", TaskInfo, task_id=task_id)
-
-    async def resume(self, task_id: int) -> TaskInfo:
-        return await self._call("resume", TaskInfo, task_id=task_id)
-
-    async def cancel(self, task_id: int) -> TaskInfo:
-        return await self._call("cancel", TaskInfo, task_id=task_id)
-
-    async def confirm(self, task_id: int, typed: str) -> TaskInfo:
-        return await self._call("confirm", TaskInfo, task_id=task_id, typed=typed)
-
-    async def wait_task(self, task_id: int, timeout: float | None = None) -> TaskInfo:
-        return await self._call("wait_task", TaskInfo, task_id=task_id, timeout=timeout)
-
-    async def replicate(self, level: str, params: dict[str, Any], *, restart: bool = False) -> tuple[int, bool]:
-        return await self._call("replicate", tuple[int, bool], level=level, params=params, restart=restart)
-
-    async def start_probe(self, host: str, *, pings: int = 20, size_mib: int = 64) -> int:
-        return await self._call("start_probe", int, host=host, pings=pings, size_mib=size_mib)
-
-    # ------------------------------------------------------------------ VMs and templates
-
-    async def vm_list(self, *, recycled: bool = False) -> list[api.VMView]:
-        return await self._call("vm_list", list[api.VMView], recycled=recycled)
-
-    async def vm_get(self, name: str) -> api.VMView:
-        return await self._call("vm_get", api.VMView, name=name)
-
-    async def vm_agent(self, name: str) -> api.AgentReport:
-        return await self._call("vm_agent", api.AgentReport, name=name)
-
-    async def vm_reconcile(self) -> api.ReconcileReport:
-        return await self._call("vm_reconcile", api.ReconcileReport)
-
-    async def vm_actions(self, name: str, *, recycled: bool = False) -> list[api.VMActionCheck]:
-        return await self._call("vm_actions", list[api.VMActionCheck], name=name, recycled=recycled)
-
-    async def precheck(self, kind: str, params: dict[str, Any]) -> None:
-        await self._call("precheck", kind=kind, params=params)
-
-    async def vm_task(self, kind: str, params: dict[str, Any]) -> int:
-        return await self._call("vm_task", int, kind=kind, params=params)
-
-    async def vm_task_or_attach(self, kind: str, params: dict[str, Any]) -> tuple[int, bool]:
-        return await self._call("vm_task_or_attach", tuple[int, bool], kind=kind, params=params)
+    # ------------------------------------------------------------------ streams
 
     async def open_serial(self, name: str) -> "RemoteSerial":
         """The serial console of the running VM, as EngineClient.open_serial gives it in-process."""
@@ -414,43 +344,6 @@ class RemoteEngine:
             self._serials.pop(ch, None)
             raise
         return chan
-
-    async def vm_timesync(self, name: str) -> api.TimeSync:
-        return await self._call("vm_timesync", api.TimeSync, name=name)
-
-    async def vm_cpu_hotadd(self, name: str, cpus: int) -> api.CPUHotAdd:
-        return await self._call("vm_cpu_hotadd", api.CPUHotAdd, name=name, cpus=cpus)
-
-    # ------------------------------------------------------------------ hosts
-
-    async def host_facts(self, host: str, timeout: float = 10.0) -> HostFacts:
-        return await self._call("host_facts", HostFacts, host=host, timeout=timeout)
-
-    async def hosts_facts(self, timeout: float = 10.0) -> dict[str, HostFacts]:
-        return await self._call("hosts_facts", dict[str, HostFacts], timeout=timeout)
-
-    async def host_key(self, host: str) -> api.HostKey:
-        return await self._call("host_key", api.HostKey, host=host)
-
-    async def trust_host(self, host: str, fingerprint: str) -> api.HostKey:
-        return await self._call("trust_host", api.HostKey, host=host, fingerprint=fingerprint)
-
-    async def gc(self, dry_run: bool = False) -> list[Leftover]:
-        return await self._call("gc", list[Leftover], dry_run=dry_run)
-
-    # ------------------------------------------------------------------ settings and audit
-
-    async def get_setting(self, key: str, default: Any = None) -> Any:
-        return await self._call("get_setting", key=key, default=default)
-
-    async def set_setting(self, key: str, value: Any) -> None:
-        await self._call("set_setting", key=key, value=value)
-
-    async def audit(self, action: str, target: str, params: dict | None, result: str) -> None:
-        await self._call("audit", action=action, target=target, params=params, result=result)
-
-    async def audit_log(self, limit: int = 50) -> list[api.AuditEntry]:
-        return await self._call("audit_log", list[api.AuditEntry], limit=limit)
 
 
 class RemoteSerial:
@@ -495,10 +388,11 @@ class RemoteSerial:
 
 
 async def connect(ws: Workspace, *, client: str = "cli", autostart: bool = True, reconnect: bool = False,
-                  opener: Opener | None = None) -> RemoteEngine:
+                  opener: Opener | None = None, fetch_site: bool = True) -> RemoteEngine:
     """The workspace's engine, started (detached) when none runs and `autostart`; through `opener`
-    when given (`ferry --engine`)."""
-    engine = RemoteEngine(ws, client=client, autostart=autostart, reconnect=reconnect, opener=opener)
+    when given (`ferry --engine`). Without `fetch_site`, `.site` stays None (`get_site()` asks)."""
+    engine = RemoteEngine(ws, client=client, autostart=autostart, reconnect=reconnect, opener=opener,
+                          fetch_site=fetch_site)
     try:
         await engine.start()
     except BaseException:
@@ -509,4 +403,5 @@ async def connect(ws: Workspace, *, client: str = "cli", autostart: bool = True,
 
 def engine_pid_alive(pid: int | None) -> bool:
     """Whether the engine process runs (a zombie, ended but not yet reaped, does not)."""
+    from .helpers import pid_running
     return bool(pid) and pid_running(pid)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import SiteConfig, dump_config, lab_config, lab_document, load_config
 from .errors import PermanentError
+
+if TYPE_CHECKING:    # imported where used: a command line that only talks to the engine never parses TOML
+    from .config import SiteConfig
 
 
 def default_root() -> Path:
@@ -60,11 +63,13 @@ class Workspace:
 
     def load_config(self, *, check_files: bool = True) -> SiteConfig:
         """The site: config.toml when present, else the built-in lab. Raises ConfigError."""
+        from .config import lab_config, load_config
         if self.config_path.exists():
             return load_config(self.config_path, check_files=check_files)
         return lab_config(self.root)
 
     def write_lab_config(self, *, force: bool = False) -> Path:
+        from .config import dump_config, lab_document
         if self.config_path.exists() and not force:
             raise PermanentError(f"{self.config_path} already exists", "pass --force to overwrite it")
         self.ensure()

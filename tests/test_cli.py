@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
@@ -194,3 +197,22 @@ def test_output_cut_short_by_its_reader_is_not_a_traceback(tmp_path):
                        env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"})
     assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
     assert r.returncode == 0
+
+
+def test_a_command_against_a_running_engine_loads_no_event_loop_nor_engine_internals(tmp_path):
+    """Issue 11: a command adds little to its work. One that only asks the engine on this machine
+    talks over a blocking socket: no asyncio, no store, no TOML, no SSH, no task runner imported."""
+    ws = tmp_path / "ws"
+    assert ferry(ws, "engine", "start").code == 0
+    heavy = {"asyncio", "sqlite3", "asyncssh", "tomllib", "textual", "importlib.metadata", "ferry.engine.tasks",
+             "ferry.engine.store", "ferry.engine.config", "ferry.engine.service", "ferry.engine.client",
+             "ferry.engine.transport", "ferry.engine.vm.model", "ferry.console.cli.vm"}
+    for args in (["tasks", "--json"], ["tasks"], ["audit", "--json"], ["engine", "status", "--json"]):
+        r = subprocess.run([sys.executable, "-X", "importtime", "-m", "ferry.console.cli", "--workspace", str(ws), *args],
+                           capture_output=True, text=True, timeout=60)
+        out, err = r.stdout, r.stderr
+        assert r.returncode == 0, err
+        loaded = {line.rsplit("|", 1)[1].strip() for line in err.splitlines() if line.startswith("import time:")}
+        assert "ferry.console.cli" in loaded and not heavy & loaded, (args, sorted(heavy & loaded))
+        if "--json" in args:
+            json.loads(out)

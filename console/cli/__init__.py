@@ -7,14 +7,13 @@ Exit codes: 0 done, 1 failed, 2 bad configuration or usage, 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import contextvars
 import json
 import os
 import sys
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 from ferry.console.actions import cli_help
 from ferry.engine import api, fmt
@@ -24,6 +23,7 @@ from ferry.engine.textsafe import SafeStream, line as safe, raw_stream
 from ferry.engine.workspace import Workspace
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
+T = TypeVar("T")
 
 # `--engine TARGET` and `--engine-command CMD` of this command line: the engine of another machine.
 _ATTACH: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar("ferry_attach", default=None)
@@ -58,11 +58,33 @@ async def _with_client(ws: Workspace, fn: Callable[[Any], Awaitable[int]]) -> in
     engine of another machine (--engine)."""
     from ferry.engine.remote import connect
 
-    client = await connect(ws, client="cli", opener=_opener(ws))
+    client = await connect(ws, client="cli", opener=_opener(ws), fetch_site=False)
     try:
         return await fn(client)
     finally:
         await client.close()
+
+
+def _on_loop(ws: Workspace, fn: Callable[[Any], Awaitable[T]]) -> T:
+    """`fn` with the engine, on an event loop: a command that follows a task (events, waits)."""
+    import asyncio
+    return asyncio.run(_with_client(ws, fn))
+
+
+def _ask(ws: Workspace, fn: Callable[[Any], Awaitable[T]]) -> T:
+    """`fn`, which awaits only the engine's calls, with the workspace's engine: over one blocking
+    connection when it runs on this machine (no event loop to start and no asyncio to import: a
+    command adds <= 50 ms to its work, issue 11), else as _on_loop does (it starts the engine, or
+    reaches one over SSH)."""
+    if _ATTACH.get() is None:
+        from ferry.engine.calls import BlockingEngine, run_now
+        client = BlockingEngine.connect(ws, client="cli")
+        if client is not None:
+            try:
+                return run_now(fn(client))
+            finally:
+                client.close()
+    return _on_loop(ws, fn)
 
 
 class _Progress:
@@ -91,6 +113,7 @@ class _Progress:
 
 async def run_foreground(client, task_id: int, *, as_json: bool, describe: Callable[[TaskInfo], str] | None = None) -> int:
     """Follow a task of this process until it ends, with a live progress line; print its result."""
+    import asyncio
     line = _Progress(sys.stderr.isatty() and not as_json)
     sub = client.subscribe()
     told = None
@@ -146,8 +169,8 @@ def cmd_console(args, ws: Workspace) -> int:
         # The views are laid out from the site of the engine over there: ask it first (a refused
         # host key or an engine that cannot start is said here, before the screen opens).
         async def site_of(client) -> Any:
-            return client.site
-        site = asyncio.run(_with_client(ws, site_of))
+            return await client.get_site()
+        site = _on_loop(ws, site_of)
         opener = _opener(ws)
     from ferry.console.app import run_console   # imported only here: headless commands never load textual
     return run_console(ws, site, theme=args.theme, opener=opener, readonly=args.readonly)
@@ -159,7 +182,7 @@ def cmd_init(args, ws: Workspace) -> int:
     async def go(client) -> int:
         await client.audit("config.init", str(path), {"force": args.force}, "ok")
         return EXIT_OK
-    asyncio.run(_with_client(ws, go))
+    _ask(ws, go)
     print(f"wrote the lab configuration to {path}")
     return EXIT_OK
 
@@ -186,12 +209,13 @@ def cmd_config_check(args, ws: Workspace) -> int:
 def cmd_hosts(args, ws: Workspace) -> int:
     async def go(client) -> int:
         facts = await client.hosts_facts(timeout=args.timeout)
+        site = await client.get_site()
         if args.json:
-            _print_json([{**api.to_builtins(f), "cluster": client.site.hosts[n].cluster} for n, f in facts.items()])
+            _print_json([{**api.to_builtins(f), "cluster": site.hosts[n].cluster} for n, f in facts.items()])
             return EXIT_OK
         rows = []
         for name, f in facts.items():
-            spec = client.site.hosts[name]
+            spec = site.hosts[name]
             if not f.reachable:
                 rows.append([name, spec.cluster, spec.transport, "✖ no", f.error or "", "", "", "", "", "", ""])
                 continue
@@ -205,7 +229,7 @@ def cmd_hosts(args, ws: Workspace) -> int:
             if not f.reachable and f.hint:
                 print(f"{name}: {safe(f.error)} (hint: {safe(f.hint)})", file=sys.stderr)
         return EXIT_OK if all(f.reachable for f in facts.values()) else EXIT_FAIL
-    return asyncio.run(_with_client(ws, go))
+    return _ask(ws, go)
 
 
 def _ask_trust(args, name: str, info: Any) -> int | None:
@@ -240,7 +264,7 @@ def _trusted(where: Any, info: Any, again: str) -> int:
 
 def cmd_hosts_trust(args, ws: Workspace) -> int:
     async def go(client) -> int:
-        client.site.host(args.host)
+        (await client.get_site()).host(args.host)     # an unknown name is said as config.toml would
         info = await client.host_key(args.host)
         code = _ask_trust(args, args.host, info)
         if code is not None:
@@ -249,11 +273,13 @@ def cmd_hosts_trust(args, ws: Workspace) -> int:
         attach = _ATTACH.get()
         where = f"the known_hosts of the engine on {attach[0]}" if attach else ws.known_hosts_path
         return _trusted(where, info, f"ferry hosts trust {args.host}")
-    return asyncio.run(_with_client(ws, go))
+    return _ask(ws, go)
 
 
 def cmd_engine_trust(args, ws: Workspace) -> int:
     """Trust the SSH host key of an --engine target, in this workspace's known_hosts (no engine needed)."""
+    import asyncio
+
     from ferry.engine.remote_ssh import SshEngineLink
     attach = _ATTACH.get()
     target = args.target or (attach[0] if attach else None)
@@ -276,6 +302,7 @@ def cmd_engine_trust(args, ws: Workspace) -> int:
 
 def _engine_over_ssh(args, ws: Workspace) -> int:
     """`ferry --engine TARGET engine ACTION`: the same command, run over there; its output relayed."""
+    import asyncio
     action = args.engine_command
     if action == "start" and args.foreground:
         raise PermanentError("--foreground runs the engine in this process, not over SSH",
@@ -321,7 +348,7 @@ def cmd_tasks(args, ws: Workspace) -> int:
                 print(f"interrupted: {', '.join(map(str, stopped))} (their Ferry process stopped mid-task): "
                       "`ferry task resume ID` goes on from the last checkpoint, `ferry task cancel ID` rolls back")
         return EXIT_OK
-    return asyncio.run(_with_client(ws, go))
+    return _ask(ws, go)
 
 
 def cmd_task_show(args, ws: Workspace) -> int:
@@ -346,44 +373,51 @@ def cmd_task_show(args, ws: Workspace) -> int:
         for entry in logs[-20:]:
             print(f"  {fmt.clock(entry.ts)} {entry.level:7} {safe(entry.message)}")
         return EXIT_OK
-    return asyncio.run(_with_client(ws, go))
+    return _ask(ws, go)
 
 
 def cmd_task_control(args, ws: Workspace) -> int:
     action = args.action
+    # What this command waits for, so that what it prints (and its exit) is the task's new state.
+    goal = {"pause": FINAL_STATES | {TaskState.PAUSED}}.get(action, FINAL_STATES)
 
-    async def go(client) -> int:
+    async def act(client) -> TaskInfo:
         info = await client.get_task(args.id)
-        goal = FINAL_STATES
         if action == "resume" and info.state in (TaskState.QUEUED, TaskState.RUNNING, TaskState.WAITING):
             # An engine that starts resumes the tasks a dead one left; this one may already have.
             if not args.json:
                 print(f"task {info.id} is {info.state} in the engine; following it", file=sys.stderr)
-        else:
-            info = await getattr(client, action)(args.id)
-            # The engine stops it at its next step; a cancel rolls back what it made first. Wait
-            # for that, so that what this command prints (and its exit) is the task's new state.
-            goal = {"cancel": FINAL_STATES, "pause": FINAL_STATES | {TaskState.PAUSED}}.get(action, goal)
-            deadline = time.monotonic() + 30 if action == "pause" else None
-            told = False
-            while (action in ("pause", "cancel") and info.state not in goal
-                   and (deadline is None or time.monotonic() < deadline)):
-                await asyncio.sleep(0.05)
-                info = await client.get_task(args.id)
-                if action == "cancel" and not told and not args.json:
-                    print(f"task {info.id}: rolling back what it made…", file=sys.stderr)
-                    told = True
-        if action == "resume" and not info.state.final and not args.detach:
-            # Follow it until it ends (ctrl-c stops following; the task goes on in the engine).
-            return await run_foreground(client, args.id, as_json=args.json)
-        if args.json:
-            print(api.dumps(info))
-        else:
-            print(f"task {info.id}: {action} -> {info.state}"
-                  + (" (requested: it stops at its next step)" if action != "resume" and info.state not in goal
-                     else ""))
-        return EXIT_OK
-    return asyncio.run(_with_client(ws, go))
+            return info
+        # The engine answers a pause or a cancel of a task it runs once the task has stopped (and,
+        # cancelled, rolled back what it made).
+        return await getattr(client, action)(args.id)
+
+    async def settle(client) -> TaskInfo:
+        # A task another process runs (a front end with an engine of its own) gets the request,
+        # which its process applies within a second: wait for that here.
+        if action == "cancel" and not args.json:
+            print(f"task {args.id}: rolling back what it made…", file=sys.stderr)
+        import asyncio
+        deadline = time.monotonic() + 30 if action == "pause" else None
+        info = await client.get_task(args.id)
+        while info.state not in goal and (deadline is None or time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
+            info = await client.get_task(args.id)
+        return info
+
+    info = _ask(ws, act)
+    if action in ("pause", "cancel") and info.state not in goal:
+        info = _on_loop(ws, settle)
+    if action == "resume" and not info.state.final and not args.detach:
+        # Follow it until it ends (ctrl-c stops following; the task goes on in the engine).
+        return _on_loop(ws, lambda client: run_foreground(client, args.id, as_json=args.json))
+    if args.json:
+        print(api.dumps(info))
+    else:
+        print(f"task {info.id}: {action} -> {info.state}"
+              + (" (requested: it stops at its next step)" if action != "resume" and info.state not in goal
+                 else ""))
+    return EXIT_OK
 
 
 def cmd_probe(args, ws: Workspace) -> int:
@@ -401,7 +435,7 @@ def cmd_probe(args, ws: Workspace) -> int:
     async def go(client) -> int:
         tid = await client.start_probe(args.host, pings=args.pings, size_mib=args.size)
         return await run_foreground(client, tid, as_json=args.json, describe=describe)
-    return asyncio.run(_with_client(ws, go))
+    return _on_loop(ws, go)
 
 
 def _size_arg(text: str) -> int:
@@ -451,7 +485,7 @@ def cmd_replicate(args, ws: Workspace) -> int:
         if resumed and not args.json:
             print(f"resuming task {tid} from its checkpoint", file=sys.stderr)
         return await run_foreground(client, tid, as_json=args.json, describe=_describe_replication)
-    return asyncio.run(_with_client(ws, go))
+    return _on_loop(ws, go)
 
 
 def cmd_gc(args, ws: Workspace) -> int:
@@ -474,7 +508,7 @@ def cmd_gc(args, ws: Workspace) -> int:
         print(f"{'would remove' if args.dry_run else 'removed'} {len(gone)} leftover(s), {total}"
               + (f"; kept {sum(1 for i in items if i.kept)} held by unfinished tasks" if any(i.kept for i in items) else ""))
         return EXIT_FAIL if any(i.error for i in items) else EXIT_OK
-    return asyncio.run(_with_client(ws, go))
+    return _ask(ws, go)
 
 
 def cmd_audit(args, ws: Workspace) -> int:
@@ -486,15 +520,35 @@ def cmd_audit(args, ws: Workspace) -> int:
             print(_table([[fmt.stamp(r.ts), r.actor, r.action, r.target, r.result] for r in rows],
                          ["WHEN", "WHO", "ACTION", "TARGET", "RESULT"]))
         return EXIT_OK
-    return asyncio.run(_with_client(ws, go))
+    return _ask(ws, go)
+
+
+def _print_status(args, st: api.EngineStatus) -> None:
+    if args.json:
+        print(api.dumps({"running": True, **api.to_builtins(st)}))
+    else:
+        print(f"engine running: pid {st.pid}, version {st.version}, up {fmt.duration(time.time() - st.started)}\n"
+              f"  workspace  {st.workspace} (site {st.site})\n  tasks      {st.tasks_active} active\n"
+              f"  clients    {st.clients} attached\n  log        {st.log}"
+              + ("\n  holding    interrupted tasks wait for `ferry task resume ID`" if st.hold else ""))
 
 
 def cmd_engine(args, ws: Workspace) -> int:
-    from ferry.engine import remote, service
-
     action = args.engine_command
     if _ATTACH.get() is not None:
         return _engine_over_ssh(args, ws)
+    if action == "status":
+        from ferry.engine.calls import BlockingEngine, run_now
+        quick = BlockingEngine.connect(ws, client="cli")
+        if quick is not None:
+            try:
+                _print_status(args, run_now(quick.status()))
+            finally:
+                quick.close()
+            return EXIT_OK
+    import asyncio
+
+    from ferry.engine import remote, service
     if action == "unit":
         print(service.systemd_unit(ws, user=args.user))
         return EXIT_OK
@@ -529,13 +583,7 @@ def cmd_engine(args, ws: Workspace) -> int:
         try:
             st = await client.status()
             if action == "status":
-                if args.json:
-                    print(api.dumps({"running": True, **api.to_builtins(st)}))
-                else:
-                    print(f"engine running: pid {st.pid}, version {st.version}, up {fmt.duration(time.time() - st.started)}\n"
-                          f"  workspace  {st.workspace} (site {st.site})\n  tasks      {st.tasks_active} active\n"
-                          f"  clients    {st.clients} attached\n  log        {st.log}"
-                          + ("\n  holding    interrupted tasks wait for `ferry task resume ID`" if st.hold else ""))
+                _print_status(args, st)
                 return EXIT_OK
             await client.stop_engine(now=args.now)
         finally:
@@ -552,7 +600,50 @@ def cmd_engine(args, ws: Workspace) -> int:
 
 # --------------------------------------------------------------------------- parser
 
-def build_parser() -> argparse.ArgumentParser:
+# The options of `ferry` itself that take a value: the command word is the first word after them.
+_VALUED = ("--workspace", "--theme", "--engine", "--engine-command")
+_VM_COMMANDS = ("vm", "template", "lab")     # console/cli/vm.py's
+
+
+def _command_word(argv: list[str]) -> str | None:
+    """The command `argv` names (`tasks` in `--workspace W tasks --json`), None for none or help."""
+    words = iter(argv)
+    for word in words:
+        if word in ("-h", "--help", "--"):
+            return None
+        if word.startswith("--") and "=" not in word and any(v.startswith(word) for v in _VALUED):
+            next(words, None)     # its value (argparse takes an abbreviation of an option too)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+class _Skipped:
+    """The parser of a command the command line does not name: it takes every call and keeps
+    nothing. argparse spends ~20 ms making the 50 parsers of every command; a command needs one."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self._nothing
+
+    def _nothing(self, *args: Any, **kw: Any) -> "_Skipped":
+        return self
+
+
+class _OnlyCommand:
+    """The subcommands of `ferry`, of which only `wanted` is made (all of them when None)."""
+
+    def __init__(self, sub: Any, wanted: str | None) -> None:
+        self.sub, self.wanted = sub, wanted
+
+    def add_parser(self, name: str, **kw: Any) -> Any:
+        if self.wanted is None or name == self.wanted:
+            return self.sub.add_parser(name, **kw)
+        return _Skipped()
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; given the command line `argv`, only its command's parser is made (what
+    `ferry` shows for help or a usage error does not change)."""
     p = argparse.ArgumentParser(prog="ferry", description="Operator console for a KVM/QEMU platform and for "
                                 "moving servers onto it. With no command, opens the console.")
     p.add_argument("--workspace", metavar="DIR", help="workspace folder (default: $FERRY_WORKSPACE, "
@@ -565,7 +656,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-command", metavar="CMD", dest="remote_ferry", help="the ferry command on that machine "
                    "(default: $FERRY_ENGINE_COMMAND, else ferry)")
     p.set_defaults(func=cmd_console)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = _command_word(argv) if argv is not None else None
+    if wanted is not None and wanted not in _COMMANDS:
+        wanted = None       # argparse says which commands there are: all of them are made
+    sub = _OnlyCommand(p.add_subparsers(dest="command", metavar="COMMAND"), wanted)
 
     s = sub.add_parser("init", help="write the lab configuration to the workspace so it can be edited")
     s.add_argument("--force", action="store_true", help="overwrite an existing config.toml")
@@ -683,11 +777,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--yes", action="store_true", help="accept without asking")
     e.set_defaults(func=cmd_engine_trust)
 
-    from ferry.console.cli.vm import add_parsers
-    add_parsers(sub)
-    from ferry.console.cli.completion import add_parser as add_completion
-    add_completion(sub)
+    if wanted is None or wanted in _VM_COMMANDS:
+        from ferry.console.cli.vm import add_parsers
+        add_parsers(sub)
+    if wanted in (None, "completion"):
+        from ferry.console.cli.completion import add_parser as add_completion
+        add_completion(sub)
     return p
+
+
+_COMMANDS = ("init", "config", "hosts", "tasks", "task", "probe", "replicate", "gc", "audit", "engine",
+             *_VM_COMMANDS, "completion")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -696,7 +796,8 @@ def main(argv: list[str] | None = None) -> int:
     real = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = SafeStream(sys.stdout), SafeStream(sys.stderr)
     try:
-        args = build_parser().parse_args(argv)
+        argv = sys.argv[1:] if argv is None else argv
+        args = build_parser(argv).parse_args(argv)
         if args.func is cmd_console:
             sys.stdout, sys.stderr = real   # Textual escapes what it shows itself
         ws = Workspace.resolve(args.workspace)

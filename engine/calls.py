@@ -1,0 +1,208 @@
+"""The engine's calls, typed: one table for every client of the engine service.
+
+Each method sends one call and decodes its answer into the records of engine/api.py. Two clients
+share the table: `remote.RemoteEngine` (asyncio; events, serial consoles, reconnects: the console,
+and a command that follows a task) and `BlockingEngine` here: one blocking connection to the
+workspace's running engine, for a command line that asks a few questions and ends. It starts no
+event loop and imports no asyncio (issue 11: a command adds <= 50 ms to its work; importing asyncio
+alone costs about a third of that). Its methods are coroutines that never suspend, so the same
+`async def` command code runs on either client; `run_now` runs one without a loop.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Any, Coroutine, TypeVar
+
+from . import api
+from .errors import PermanentError, TransientError
+from .protocol import SOCKET_NAME, ProtocolError, frame, hello, recv_frame, short_path
+
+if TYPE_CHECKING:
+    from .workspace import Workspace
+
+T = TypeVar("T")
+
+
+class EngineUnavailable(TransientError):
+    """No engine answers on the workspace's socket."""
+
+
+class EngineCalls:
+    """The calls of the engine service; a client supplies `_call(method, type, **args)`."""
+
+    async def _call(self, method: str, type: Any = Any, **args: Any) -> Any:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the engine itself
+
+    async def status(self) -> api.EngineStatus:
+        return await self._call("status", api.EngineStatus)
+
+    async def stop_engine(self, *, now: bool = False) -> dict[str, Any]:
+        return await self._call("stop", now=now)
+
+    async def get_site(self) -> api.SiteConfig:
+        return await self._call("get_site", api.SiteConfig)
+
+    # ------------------------------------------------------------------ tasks
+
+    async def list_tasks(self, limit: int = 500) -> list[api.TaskInfo]:
+        return await self._call("list_tasks", list[api.TaskInfo], limit=limit)
+
+    async def get_task(self, task_id: int) -> api.TaskInfo:
+        return await self._call("get_task", api.TaskInfo, task_id=task_id)
+
+    async def task_log(self, task_id: int, limit: int = 200) -> list[api.TaskLogEntry]:
+        return await self._call("task_log", list[api.TaskLogEntry], task_id=task_id, limit=limit)
+
+    async def task_files(self, task_id: int) -> list[api.TrackedFile]:
+        return await self._call("task_files", list[api.TrackedFile], task_id=task_id)
+
+    async def submit(self, kind: str, params: dict[str, Any]) -> int:
+        return await self._call("submit", int, kind=kind, params=params)
+
+    async def pause(self, task_id: int) -> api.TaskInfo:
+        return await self._call("pause", api.TaskInfo, task_id=task_id)
+
+    async def resume(self, task_id: int) -> api.TaskInfo:
+        return await self._call("resume", api.TaskInfo, task_id=task_id)
+
+    async def cancel(self, task_id: int) -> api.TaskInfo:
+        return await self._call("cancel", api.TaskInfo, task_id=task_id)
+
+    async def confirm(self, task_id: int, typed: str) -> api.TaskInfo:
+        return await self._call("confirm", api.TaskInfo, task_id=task_id, typed=typed)
+
+    async def wait_task(self, task_id: int, timeout: float | None = None) -> api.TaskInfo:
+        return await self._call("wait_task", api.TaskInfo, task_id=task_id, timeout=timeout)
+
+    async def replicate(self, level: str, params: dict[str, Any], *, restart: bool = False) -> tuple[int, bool]:
+        return await self._call("replicate", tuple[int, bool], level=level, params=params, restart=restart)
+
+    async def start_probe(self, host: str, *, pings: int = 20, size_mib: int = 64) -> int:
+        return await self._call("start_probe", int, host=host, pings=pings, size_mib=size_mib)
+
+    # ------------------------------------------------------------------ VMs and templates
+
+    async def vm_list(self, *, recycled: bool = False) -> list[api.VMView]:
+        return await self._call("vm_list", list[api.VMView], recycled=recycled)
+
+    async def vm_get(self, name: str) -> api.VMView:
+        return await self._call("vm_get", api.VMView, name=name)
+
+    async def vm_agent(self, name: str) -> api.AgentReport:
+        return await self._call("vm_agent", api.AgentReport, name=name)
+
+    async def vm_reconcile(self) -> api.ReconcileReport:
+        return await self._call("vm_reconcile", api.ReconcileReport)
+
+    async def vm_actions(self, name: str, *, recycled: bool = False) -> list[api.VMActionCheck]:
+        return await self._call("vm_actions", list[api.VMActionCheck], name=name, recycled=recycled)
+
+    async def precheck(self, kind: str, params: dict[str, Any]) -> None:
+        await self._call("precheck", kind=kind, params=params)
+
+    async def vm_task(self, kind: str, params: dict[str, Any]) -> int:
+        return await self._call("vm_task", int, kind=kind, params=params)
+
+    async def vm_task_or_attach(self, kind: str, params: dict[str, Any]) -> tuple[int, bool]:
+        return await self._call("vm_task_or_attach", tuple[int, bool], kind=kind, params=params)
+
+    async def vm_timesync(self, name: str) -> api.TimeSync:
+        return await self._call("vm_timesync", api.TimeSync, name=name)
+
+    async def vm_cpu_hotadd(self, name: str, cpus: int) -> api.CPUHotAdd:
+        return await self._call("vm_cpu_hotadd", api.CPUHotAdd, name=name, cpus=cpus)
+
+    # ------------------------------------------------------------------ hosts
+
+    async def host_facts(self, host: str, timeout: float = 10.0) -> api.HostFacts:
+        return await self._call("host_facts", api.HostFacts, host=host, timeout=timeout)
+
+    async def hosts_facts(self, timeout: float = 10.0) -> dict[str, api.HostFacts]:
+        return await self._call("hosts_facts", dict[str, api.HostFacts], timeout=timeout)
+
+    async def host_key(self, host: str) -> api.HostKey:
+        return await self._call("host_key", api.HostKey, host=host)
+
+    async def trust_host(self, host: str, fingerprint: str) -> api.HostKey:
+        return await self._call("trust_host", api.HostKey, host=host, fingerprint=fingerprint)
+
+    async def gc(self, dry_run: bool = False) -> list[api.Leftover]:
+        return await self._call("gc", list[api.Leftover], dry_run=dry_run)
+
+    # ------------------------------------------------------------------ settings and audit
+
+    async def get_setting(self, key: str, default: Any = None) -> Any:
+        return await self._call("get_setting", key=key, default=default)
+
+    async def set_setting(self, key: str, value: Any) -> None:
+        await self._call("set_setting", key=key, value=value)
+
+    async def audit(self, action: str, target: str, params: dict | None, result: str) -> None:
+        await self._call("audit", action=action, target=target, params=params, result=result)
+
+    async def audit_log(self, limit: int = 50) -> list[api.AuditEntry]:
+        return await self._call("audit_log", list[api.AuditEntry], limit=limit)
+
+
+class BlockingEngine(EngineCalls):
+    """The workspace's running engine over one blocking connection (see the module's docstring)."""
+
+    def __init__(self, ws: Workspace, sock: socket.socket) -> None:
+        self.workspace = ws
+        self._sock = sock
+        self._ids = 0
+
+    @classmethod
+    def connect(cls, ws: Workspace, *, client: str = "cli") -> BlockingEngine | None:
+        """The engine running for `ws`, or None when none answers here (the caller then goes the
+        asyncio way, which starts one, or waits for one that is going away)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with short_path(ws.root / SOCKET_NAME) as where:
+                sock.connect(where)
+            sock.settimeout(30)
+            sock.sendall(frame(api.encode(hello(client))))
+            raw = recv_frame(sock)
+            sock.settimeout(None)    # a call takes what it takes (facts of hosts, a gc); ctrl-c stops it
+        except (OSError, ProtocolError):
+            sock.close()
+            return None
+        msg = api.decode(raw) if raw else None
+        if not isinstance(msg, dict) or msg.get("op") != "hello":
+            sock.close()
+            if isinstance(msg, dict) and msg.get("op") == "refused":
+                raise PermanentError(str(msg.get("message")), str(msg.get("hint", "")))
+            return None
+        return cls(ws, sock)
+
+    async def _call(self, method: str, type: Any = Any, **args: Any) -> Any:
+        self._ids += 1
+        try:
+            self._sock.sendall(frame(api.encode({"op": "call", "id": self._ids, "method": method, "args": args})))
+            raw = recv_frame(self._sock)
+        except OSError:
+            raw = None
+        if raw is None:
+            raise EngineUnavailable(f"the engine went away (workspace {self.workspace.root})",
+                                    "`ferry engine status`; its tasks go on when it starts again")
+        msg = api.decode(raw)
+        if msg.get("op") == "error":
+            raise api.error_from_wire(msg.get("error") or {})
+        value = msg.get("value")
+        return value if type is Any else api.convert(value, type)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def run_now(coro: Coroutine[Any, Any, T]) -> T:
+    """The result of a coroutine that awaits only BlockingEngine calls (they never suspend)."""
+    try:
+        coro.send(None)
+    except StopIteration as e:
+        return e.value
+    coro.close()
+    raise RuntimeError("run_now: the coroutine waited for an event loop; run it with asyncio")
