@@ -216,3 +216,18 @@ def test_a_command_against_a_running_engine_loads_no_event_loop_nor_engine_inter
         assert "ferry.console.cli" in loaded and not heavy & loaded, (args, sorted(heavy & loaded))
         if "--json" in args:
             json.loads(out)
+
+
+def test_vm_json_has_an_agent_record_wherever_agents_were_asked(tmp_path):
+    """`vm show --json` and `vm list --agents --json` say of a VM that does not run that its agent
+    cannot answer (a record, as for a running one), never `"agent": null`; plain `vm list` did not ask."""
+    ws = tmp_path / "ws"
+    assert ferry(ws, "vm", "create", "quiet", "--host", "lab1", "--disk", "16M", "--json").code == 0
+    shown = ferry(ws, "vm", "show", "quiet", "--json")
+    assert shown.code == 0, shown.err
+    agent = shown.json["agent"]
+    assert agent["vm"] == "quiet" and agent["agent"] == "not running" and "quiet is stopped" in agent["reason"]
+    [listed] = ferry(ws, "vm", "list", "--agents", "--json").json
+    assert listed["agent"]["agent"] == "not running"
+    assert ferry(ws, "vm", "list", "--json").json[0]["agent"] is None
+    assert "guest agent" not in ferry(ws, "vm", "show", "quiet").out

@@ -43,16 +43,23 @@ def _vm_row(v: VMView, agents: bool = False) -> list[str]:
     row = [v.name, v.kind, v.host, state, str(v.cpus), f"{v.memory_mb}M", str(len(v.disks)), fmt.size(v.disk_bytes),
            v.origin]
     if agents:
-        a = v.agent
+        a = v.agent if v.state is VMState.RUNNING else None     # "-": it does not run
         row += [a.agent if a else "-", ", ".join(ip.split("/")[0] for ip in a.ips) if a and a.ips else "-"]
     return row
 
 
+def _agent_not_asked(v: VMView) -> AgentReport:
+    """The agent of a VM that does not run: not asked, and the record says so (`--json` has an agent
+    record for every VM whose agents were asked, never null)."""
+    return AgentReport(v.name, AgentState.NOT_RUNNING, time.time(),
+                       reason=f"{v.name} is {v.state}, so its guest agent cannot answer")
+
+
 async def _with_agents(client, vms: list[VMView]) -> list[VMView]:
-    """The VMs, each running one with what its agent answered (or why not), asked all at once."""
+    """The VMs, each with what its agent answered (or why not), asked all at once."""
     async def ask(v: VMView) -> VMView:
         if v.state is not VMState.RUNNING:
-            return v
+            return v.with_(agent=_agent_not_asked(v))
         try:
             return v.with_(agent=await client.vm_agent(v.name))
         except FerryError as e:
@@ -90,8 +97,7 @@ def cmd_vm_list(args, ws: Workspace) -> int:
 def cmd_vm_show(args, ws: Workspace) -> int:
     async def go(client) -> int:
         v = await client.vm_get(args.name)
-        if v.state is VMState.RUNNING:
-            v = v.with_(agent=await client.vm_agent(args.name))
+        v = v.with_(agent=await client.vm_agent(args.name) if v.state is VMState.RUNNING else _agent_not_asked(v))
         if args.json:
             print(api.dumps(v))
             return EXIT_OK
@@ -105,7 +111,7 @@ def cmd_vm_show(args, ws: Workspace) -> int:
             print(safe(f"  nic{i}: network {n.network}" + (f" mac {n.mac}" if n.mac else "")))
         for pt in v.passthrough:
             print(safe(f"  passthrough {pt.kind} {pt.address}"))
-        if v.agent:
+        if v.agent and v.state is VMState.RUNNING:      # of one that does not run, the state says it
             print("\n".join("  " + line for line in _agent_lines(v.agent)))
         return EXIT_OK
     return asyncio.run(_with_client(ws, go))

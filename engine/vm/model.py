@@ -276,7 +276,9 @@ class VMView:
     purge_at: float | None = None      # when the recycle bin forgets it
     pid: int | None = None             # its QEMU's, while one runs
     busy: int | None = None            # the task working on it
-    agent: AgentReport | None = None   # what its guest agent said, where a front end asked (vm list --agents)
+    # Where a front end asked its guest agent (vm show, vm list --agents): what the agent said, or, for a
+    # VM that does not run, a report of state "not running" saying why. None: not asked (vm list).
+    agent: AgentReport | None = None
 
     @classmethod
     def of(cls, spec: VMSpec, state: VMState, **kw: Any) -> "VMView":
