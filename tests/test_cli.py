@@ -231,3 +231,15 @@ def test_vm_json_has_an_agent_record_wherever_agents_were_asked(tmp_path):
     assert listed["agent"]["agent"] == "not running"
     assert ferry(ws, "vm", "list", "--json").json[0]["agent"] is None
     assert "guest agent" not in ferry(ws, "vm", "show", "quiet").out
+
+
+def test_commands_on_this_machines_workspace_are_refused_under_engine(tmp_path):
+    """`ferry --engine X init` would write this machine's config.toml while the operator means the
+    engine's: it and the other commands that work on the local workspace are refused, in one line."""
+    ws = tmp_path / "ws"
+    for args in (["init"], ["init", "--force"], ["config", "check"], ["lab", "image", "build"]):
+        r = ferry(ws, "--engine", "ops@far.example:2222", *args)
+        assert r.code == 2 and r.out == "", (args, r.out)
+        [line] = r.err.splitlines()
+        assert "this machine's workspace, not on the engine of ops@far.example:2222" in line and "hint:" in line
+    assert not (ws / "config.toml").exists()

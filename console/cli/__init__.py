@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from ferry.console.actions import cli_help
 from ferry.engine import api, fmt
-from ferry.engine.errors import ConfigError, FerryError, PermanentError
+from ferry.engine.errors import ConfigError, FerryError, PermanentError, Refused
 from ferry.engine.taskmodel import FINAL_STATES, TaskInfo, TaskState
 from ferry.engine.textsafe import SafeStream, line as safe, raw_stream
 from ferry.engine.workspace import Workspace
@@ -598,6 +598,17 @@ def cmd_engine(args, ws: Workspace) -> int:
     return asyncio.run(go())
 
 
+# Commands that work on this machine's own workspace (its config.toml, its image cache), never
+# through an engine: under --engine they would change this machine while the operator means the
+# engine's, so they are refused.
+LOCAL_ONLY = {"init": "ferry init", "config": "ferry config check", "lab": "ferry lab image build"}
+
+
+def _local_only(command: str, target: str) -> Refused:
+    return Refused(f"`{LOCAL_ONLY[command]}` works on this machine's workspace, not on the engine of {target}",
+                   "run it on that machine itself, or here without --engine")
+
+
 # --------------------------------------------------------------------------- parser
 
 # The options of `ferry` itself that take a value: the command word is the first word after them.
@@ -803,6 +814,9 @@ def main(argv: list[str] | None = None) -> int:
         ws = Workspace.resolve(args.workspace)
         attached = _ATTACH.set((args.engine, args.remote_ferry) if args.engine else None)
         try:
+            if args.engine and getattr(args, "command", None) in LOCAL_ONLY:
+                print(f"ferry: {safe(_local_only(args.command, args.engine))}", file=sys.stderr)
+                return EXIT_CONFIG
             return args.func(args, ws)
         except ConfigError as e:
             print(str(e), file=sys.stderr)
