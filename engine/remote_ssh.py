@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 from .config import HostSpec, SiteConfig
 from .errors import FerryError, HostKeyError, PermanentError, TransportError
-from .protocol import SOCKET_NAME
+from .protocol import SOCKET_NAME, UNIX_PATH_MAX
 from .remote import START_TIMEOUT_S, EngineUnavailable
 from .transport.knownhosts import HostKeyInfo, record_host_key
 from .transport.paths import default_user_known_hosts
@@ -143,6 +143,7 @@ class SshEngineLink:
         with self._told():
             await self.transport.connect()
             if self.socket:
+                self._fits(self.socket)      # said before an engine is started there for nothing
                 with contextlib.suppress(PermanentError):
                     return await self._forward(self.socket)
             doc = await self.ask("start" if autostart else "status")
@@ -150,7 +151,20 @@ class SshEngineLink:
                 raise EngineUnavailable(f"no engine runs on {self.where} (workspace {doc.get('workspace')})",
                                         f"start it with `ferry --engine {self.where} engine start`")
             self.socket = f"{str(doc['workspace']).rstrip('/')}/{SOCKET_NAME}"
+            self._fits(self.socket)
             return await self._forward(self.socket)
+
+    def _fits(self, path: str) -> None:
+        """sshd connects to the far socket by its path, which a UNIX socket address holds only up to
+        107 bytes (this side reaches a deeper one through /proc/self/fd; sshd cannot): a shorter path
+        to the same workspace, a symlink, is the way."""
+        size = len(path.encode())
+        if size > UNIX_PATH_MAX:
+            folder = path.rsplit("/", 1)[0]
+            raise PermanentError(f"the engine socket on {self.where}, {path}, is {size} bytes: longer than the "
+                                 f"{UNIX_PATH_MAX} a UNIX socket path may have, so sshd cannot forward to it",
+                                 f"give that workspace a shorter path over there (ln -s {folder} ~/ferry-ws) and "
+                                 f"attach with --engine {self.parsed.host}:~/ferry-ws")
 
     @contextlib.contextmanager
     def _told(self) -> Iterator[None]:

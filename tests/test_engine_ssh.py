@@ -201,3 +201,22 @@ def test_the_console_in_a_terminal_over_ssh_shows_the_far_sites_tasks(far, tmp_p
         assert "succeeded" in screen and "laptop" not in screen, screen
     finally:
         term.close()
+
+
+def test_a_far_workspace_whose_socket_path_is_too_long_is_said_with_its_length(far, tmp_path):
+    """sshd forwards to a socket path of at most 107 bytes; a far workspace deeper than that is said
+    in one line naming the path and its length, with a shorter path (a symlink) as the way out."""
+    sshd, _, L = far
+    deep = tmp_path / ("w" * 60) / ("s" * 60)
+    r = ferry(L, "--engine", f"far:{deep}", "tasks")
+    sock = f"{deep}/engine.sock"
+    assert r.code == 1 and r.out == "", r.out
+    [line] = r.err.splitlines()
+    assert sock in line and f"{len(sock.encode())} bytes" in line and "107" in line, line
+    assert "ln -s" in line, line
+    # The way out the hint gives: a short path to the same workspace over there.
+    deep.mkdir(parents=True)
+    short = tmp_path / "fw"
+    short.symlink_to(deep)
+    r = ferry(L, "--engine", f"far:{short}", "tasks")
+    assert r.code == 0 and "no tasks" in r.out, r.err
