@@ -537,16 +537,35 @@ class VMActions:
     def action_vm_clone(self) -> None:
         self.ask_then("vm_clone", self._clone_form)
 
+    def target_fields(self, vm: VMView) -> list[Field]:
+        """Where copies of `vm` go: a host (its own by default; another one needs a datastore both
+        share, which the engine's precheck says) and a datastore (by default its disks' own)."""
+        hosts = sorted(self.site.hosts)
+        stores = sorted(self.site.datastores.values(), key=lambda d: d.name)
+        own = vm.disks[0].datastore if vm.disks else None
+        return [
+            Field("host", "Host", vm.host, kind="select", options=tuple((h, h) for h in hosts)),
+            Field("datastore", "Datastore", "", kind="select", options=(
+                (f"as {vm.name}" + (f" ({own})" if own else ""), ""),
+                *((f"{d.name} (shared: {', '.join(d.hosts)})" if d.shared else f"{d.name} ({d.hosts[0]})", d.name)
+                  for d in stores))),
+        ]
+
+    @staticmethod
+    def target_params(v: dict) -> dict:
+        return {"host": v["host"], **({"datastore": v["datastore"]} if v.get("datastore") else {})}
+
     def _clone_form(self, vm: VMView) -> None:
         src, tpl = vm.name, vm.is_template
 
         def params_of(v: dict) -> dict:
-            return {"src": src, "names": [v["name"]], "as_template": tpl, "linked": False}
+            return {"src": src, "names": [v["name"]], "as_template": tpl, "linked": False, **self.target_params(v)}
 
         what = "template" if tpl else "VM"
         intro = (f"A full copy of {src} (its disks are copied" + (", while it runs" if vm.state is VMState.RUNNING
                                                                    else "") + f"); the copy is a {what}.")
-        self._form(FormScreen(f"Clone {what} {src}", [Field("name", "New name", f"{src}-copy")], confirm="Clone",
+        self._form(FormScreen(f"Clone {what} {src}", [Field("name", "New name", f"{src}-copy"),
+                                                      *self.target_fields(vm)], confirm="Clone",
                               intro=intro, check=self.engine_check("vm.clone", params_of)),
                    lambda v: self.submit_vm_task("vm.clone", params_of(v), f"clone {src} -> {v['name']}"))
 
@@ -579,19 +598,21 @@ class VMActions:
             count = int(v["count"] or 0)
             pattern = v["pattern"]
             names = expand_pattern(pattern, count) if count > 1 or "#" in pattern or "{n" in pattern else [pattern]
-            return {"src": src, "names": names, "linked": bool(v["linked"]), "deploy": True, "as_template": False}
+            return {"src": src, "names": names, "linked": bool(v["linked"]), "deploy": True, "as_template": False,
+                    **self.target_params(v)}
 
         def submit(v: dict) -> None:
             params = params_of(v)
             names = params["names"]
             what = f"deploy {src} -> {names[0]}" + (f" (+{len(names) - 1})" if len(names) > 1 else "") + \
-                (" linked" if params["linked"] else "")
+                (" linked" if params["linked"] else "") + (f" on {params['host']}" if params["host"] != vm.host else "")
             self.submit_vm_task("vm.clone", params, what)
 
         self._form(FormScreen(f"Deploy from template {src}", [
             Field("pattern", "Names", f"{src}-##", placeholder="web-## or web-{n:02}"),
             Field("count", "How many", "1", restrict=r"[0-9]*"),
             Field("linked", "Linked", True, kind="check", placeholder="linked clones (else full copies)"),
+            *self.target_fields(vm),
         ], confirm="Deploy", check=self.engine_check("vm.clone", params_of),
             intro="## or {n:02} is replaced by 01, 02, ...; linked clones share the template's disks "
                   "(fast, small), full ones are independent copies."), submit)

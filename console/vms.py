@@ -182,7 +182,8 @@ def counts_text(vms: list[VMView]) -> str:
     missing = sum(1 for v in vms if v.state is VMState.MISSING)
     text = f"{n_vm} VM{'' if n_vm == 1 else 's'}"
     if n_vm:
-        text += f" ({Severity.OK.markup(f'{running} running')}"
+        # the green tick says something runs: none running is not good news
+        text += f" ({Severity.OK.markup(f'{running} running')}" if running else " ([$text-muted]none running[/]"
         text += f", {Severity.CRIT.markup(f'{missing} missing')})" if missing else ")"
     if n_tpl:
         text += f" · {n_tpl} template{'' if n_tpl == 1 else 's'}"

@@ -639,3 +639,197 @@ def test_snapshot_vms_view_80x24(snap_compare):
         await pilot.press("down")
         await until(pilot, lambda: engine_said(app, app.vms_view), what="the engine's answer for web1")
     assert snapshot_with_three_vms(snap_compare, vms_view_on_web1)
+
+
+# ---------------------------------------------------------------------------------- issue 11: views
+
+
+def status_of(app: FerryApp) -> str:
+    return text_of(app, "#vms-status")
+
+
+async def test_vms_view_sorts_naturally_filters_states_and_keeps_its_row(client):
+    for name in ("web10", "web2", "web1"):
+        await make_vm(client, name, "lab1")
+    await make_vm(client, "tpl1", "lab2", template=True)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("3")
+        await until(pilot, lambda: rows_of(app) == ["web1", "web2", "web10", "tpl1"], what="natural order")
+        await pilot.press("down")                           # on web2
+        await until(pilot, lambda: app.vms_view.cursor_vm().name == "web2", what="cursor on web2")
+        await make_vm(client, "app1", "lab3")              # comes above it: the cursor stays on web2
+        app.vms_view.refresh_vms()
+        await until(pilot, lambda: rows_of(app)[0] == "app1", what="app1 added")
+        assert app.vms_view.cursor_vm().name == "web2" and text_of(app, "#crumbs").endswith("vms › web2")
+        await pilot.press("O")                             # the other way round
+        await until(pilot, lambda: rows_of(app)[0] == "tpl1", what="reversed")
+        assert rows_of(app)[1:4] == ["web10", "web2", "web1"] and app.vms_view.cursor_vm().name == "web2"
+        assert "sorted by name ▼" in status_of(app)
+        await pilot.press("slash", *"template")              # states match too
+        await until(pilot, lambda: rows_of(app) == ["tpl1"], what="filtered by state")
+        await pilot.press("escape")
+        await until(pilot, lambda: len(rows_of(app)) == 5, what="filter cleared")
+
+
+async def test_marking_vms_and_deleting_them_all_at_once(client):
+    web1 = await make_vm(client, "web1", "lab1")
+    web2 = await make_vm(client, "web2", "lab2")
+    db1 = await make_vm(client, "db1", "lab1")
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    with stand_in_qemu(client, db1):
+        await marked_and_deleted(app, client, web1, web2, db1)
+
+
+async def marked_and_deleted(app: FerryApp, client: EngineClient, web1: VMView, web2: VMView, db1: VMView) -> None:
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("3")
+        await until(pilot, lambda: rows_of(app) == ["db1", "web1", "web2"], what="rows")
+        await until(pilot, lambda: app.vms_view.cursor_vm().state is VMState.RUNNING, what="db1 seen running")
+        await pilot.press("space", "down", "space", "down", "space")      # all three marked
+        await until(pilot, lambda: rows_of(app) == ["✓ db1", "✓ web1", "✓ web2"], what="marks shown")
+        assert "✓ 3 marked" in status_of(app)
+        await make_vm(client, "app1", "lab3")              # a refresh keeps the marks, by VM id
+        app.vms_view.refresh_vms()
+        await until(pilot, lambda: rows_of(app) == ["app1", "✓ db1", "✓ web1", "✓ web2"], what="marks kept")
+
+        await pilot.press("delete")                        # the engine is asked for each: db1 runs
+        await until(pilot, lambda: isinstance(app.screen, TypedNameScreen), what="delete dialog")
+        body = modal_text(app, "#dialog-body")
+        assert "Will delete (2): web1, web2" in body and "Refused (1)" in body, body
+        assert "db1: db1 is running" in body, body
+        assert "Delete 2 marked VMs?" in modal_text(app, "#dialog-title")
+        await pilot.press(*"db1", "enter")                 # not the count: nothing happens
+        await pilot.pause()
+        assert isinstance(app.screen, TypedNameScreen) and app.screen.query_one("#confirm", Button).disabled
+        await pilot.press("ctrl+u", "2", "enter")
+        await until(pilot, lambda: names_are(client, {"db1", "app1"}), what="web1 and web2 deleted, one task each")
+        assert not os.path.exists(web1.disks[0].path) and not os.path.exists(web2.disks[0].path)
+        assert os.path.exists(db1.disks[0].path)
+        assert sum(t.kind == "vm.delete" for t in app.feed.tasks.values()) == 2
+        await until(pilot, lambda: rows_of(app) == ["app1", "✓ db1"], what="the gone ones' marks dropped")
+        assert "✓ 1 marked" in status_of(app)
+        await pilot.press("M")                             # clears every mark
+        await until(pilot, lambda: rows_of(app) == ["app1", "db1"], what="marks cleared")
+        assert "marked" not in status_of(app)
+
+
+async def test_marks_show_in_the_tree_and_stop_says_which_are_refused(client):
+    await make_vm(client, "web1", "lab1")
+    await make_vm(client, "web2", "lab1")
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: labels_under(app, "lab1") == ["■ web1", "■ web2"], what="VMs in the tree")
+        await go_to(pilot, app, "web1")
+        await pilot.press("space")
+        await go_to(pilot, app, "web2")
+        await pilot.press("space")
+        await until(pilot, lambda: labels_under(app, "lab1") == ["✓ ■ web1", "✓ ■ web2"], what="marked")
+        assert "✓ 2 marked" in text_of(app, "#inventory-status")
+        await pilot.press("x")                             # nothing runs: all refused, no dialog, no task
+        await until(pilot, lambda: any("none of the 2 marked VMs" in n for n in notes(app)), what="refusal")
+        assert "web1: web1 is not running" in "\n".join(notes(app))
+        assert app.screen is app.screen_stack[0]
+        assert not [t for t in app.feed.tasks.values() if t.kind == "vm.shutdown"]
+
+
+async def test_inventory_filter_keeps_parents_and_esc_clears(client):
+    await make_vm(client, "web1", "lab1")
+    await make_vm(client, "db1", "lab2")
+    await make_vm(client, "tpl1", "lab3", template=True)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(100, 30)) as pilot:
+        inv = app.inventory
+        await until(pilot, lambda: len(inv._vm_nodes) == 3, what="VMs in the tree")
+        await pilot.press("slash", *"web")
+        await until(pilot, lambda: set(inv._host_nodes) == {"lab1"}, what="only web1's host")
+        assert set(inv._cluster_nodes) == {"lab"} and labels_under(app, "lab1") == ["■ web1"]
+        assert "/web" in text_of(app, "#inventory-status")
+        await pilot.press("ctrl+u", *"template")          # a state
+        await until(pilot, lambda: set(inv._host_nodes) == {"lab3"}, what="the template's host")
+        assert set(inv._cluster_nodes) == {"lab-b"} and labels_under(app, "lab3") == ["◇ tpl1"]
+        await pilot.press("ctrl+u", *"lab2")              # a host: it shows with what it holds
+        await until(pilot, lambda: set(inv._host_nodes) == {"lab2"}, what="lab2")
+        assert labels_under(app, "lab2") == ["■ db1"]
+        await pilot.press("enter")                          # keeps it; the tree has the keys again
+        await go_to(pilot, app, "db1")
+        assert "db1  ■ stopped" in text_of(app, "#detail-body")
+        await pilot.press("escape")                         # clears it; the cursor stays on db1
+        await until(pilot, lambda: set(inv._host_nodes) == {"lab1", "lab2", "lab3"}, what="everything again")
+        assert len(inv._vm_nodes) == 3 and inv.selected.name == "db1"
+        assert app.query_one("#tree", Tree).cursor_node.data.name == "db1"
+
+
+async def test_site_page_counts_problems_and_an_idle_host_has_no_tick(client):
+    await make_vm(client, "web1", "lab1")
+    shutil.rmtree(client.site.datastores["shared"].path)      # the shared datastore is gone on every host
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(100, 40)) as pilot:
+        inv = app.inventory
+        await until(pilot, lambda: all(s.ok for s in inv.status.values()), what="all hosts answered")
+        inv.render_detail()
+        site = text_of(app, "#detail-body")
+        assert "Problems   ◆ 1 datastore missing" in site.replace("▲", "◆"), site
+        assert "shared missing on lab1, lab2, lab3" in site, site
+        await go_to(pilot, app, "lab1")
+        await until(pilot, lambda: "1 VM (none running)" in text_of(app, "#detail-body"), what="lab1's page")
+        assert "✔ 0 running" not in text_of(app, "#detail-body")
+
+
+async def test_clone_form_offers_host_and_datastore(client):
+    src = await make_vm(client, "web1", "lab1")
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await until(pilot, lambda: labels_under(app, "lab1") == ["■ web1"], what="web1 under lab1")
+        await go_to(pilot, app, "web1")
+        await pilot.press("c")
+        await until(pilot, lambda: isinstance(app.screen, FormScreen), what="clone dialog")
+        app.screen.query_one("#f-name", Input).value = "web1-b"
+        app.screen.query_one("#f-host", Select).value = "lab2"
+        app.screen.query_one("#f-datastore", Select).value = "lab1-local"
+        await pilot.click("#confirm")                       # not shared with lab2: the engine says so in the form
+        await until(pilot, lambda: "not shared by host lab1" in modal_text(app, "#form-error"), what="refused")
+        assert "lab2" in modal_text(app, "#form-error")
+        app.screen.query_one("#f-datastore", Select).value = "shared"
+        await pilot.pause()
+        app.screen.query_one("#confirm", Button).press()
+        await until(pilot, lambda: not isinstance(app.screen, FormScreen), what="the form closed")
+        await until(pilot, lambda: any(t.kind == "vm.clone" and t.state == TaskState.SUCCEEDED
+                                       for t in app.feed.tasks.values()), what="cloned")
+        copy = await client.vm_get("web1-b")
+        assert copy.host == "lab2" and copy.disks[0].datastore == "shared" and os.path.exists(copy.disks[0].path)
+        await until(pilot, lambda: labels_under(app, "lab2") == ["■ web1-b"], what="the copy under lab2")
+        assert src.host == "lab1"
+
+
+async def test_production_delete_says_so_and_defaults_to_the_recycle_bin():
+    from dataclasses import replace
+    root = short_dir()
+    ws = Workspace(root)
+    c = EngineClient(ws, replace(lab_config(ws.root), production=True), adopt=False)
+    await c.start()
+    try:
+        web = await make_vm(c, "web1", "lab1")
+        app = FerryApp(c, clock=lambda: FIXED_CLOCK)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await until(pilot, lambda: labels_under(app, "lab1") == ["■ web1"], what="web1 under lab1")
+            await go_to(pilot, app, "web1")
+            await pilot.press("c")                          # a form says production too
+            await until(pilot, lambda: isinstance(app.screen, FormScreen), what="clone dialog")
+            assert "PRODUCTION" in modal_text(app, "#dialog-production")
+            await pilot.press("escape")
+            await pilot.press("delete")
+            await until(pilot, lambda: isinstance(app.screen, TypedNameScreen), what="delete dialog")
+            assert "production site lab" in modal_text(app, "#dialog-production")
+            assert app.screen.query_one("#mode", Select).value == "delayed"
+            assert not app.screen.query_one("#keep", Input).disabled
+            await pilot.press(*"web1", "enter")
+            await until(pilot, lambda: names_are(c, {"web1"}, recycled=True), what="web1 in the recycle bin")
+            assert await names_are(c, set())
+            await until(pilot, lambda: not any(t.state != TaskState.SUCCEEDED for t in app.feed.tasks.values()),
+                        what="the delete done")
+            assert (await c.vm_list(recycled=True))[0].id == web.id                # it can come back (u)
+            assert [t.params["mode"] for t in app.feed.tasks.values() if t.kind == "vm.delete"] == ["delayed"]
+    finally:
+        await c.close()
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,6 +1,10 @@
 """Inventory view: site -> clusters -> hosts -> VMs and templates (plus the recycle bin), and the
 facts of what is selected. Host facts and the VM list come from pollers running in workers; the
-tree is diffed node by node against each new VM list, never rebuilt, so the cursor stays put."""
+tree is diffed node by node against each new VM list, never rebuilt, so the cursor stays put.
+
+`/` filters the tree (names, hosts, states; esc clears): what matches shows with its parents, and
+what a matching cluster or host holds. The tree is built again when the filter, or what it lets
+through, changes; the cursor goes back to what it was on."""
 
 from __future__ import annotations
 
@@ -28,13 +32,46 @@ from ferry.console.poller import FACTS_TIMEOUT_S, HostPoller, HostStatus, VMList
 from ferry.console.severity import Severity, load_severity, usage_severity
 from ferry.console.theming import rich_style
 from ferry.console.views.base import ViewBase
+from ferry.console.widgets.table import TableFilter
 from ferry.console.vmactions import VMActions
 
 LABEL_W = 11
+PROBLEM_LINES = 6          # the site and cluster pages name this many problems, then count the rest
 DETAIL_DELAY_S = 0.1
 AGENT_DEBOUNCE_S = 0.4     # the cursor rests this long on a running VM before its agent is asked
 AGENT_REFRESH_S = 10.0     # then asked again this often while it stays selected and shown
 BIN = "recycle bin"
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What the tree shows under a filter: clusters and hosts by name, VMs and binned VMs by id."""
+    clusters: frozenset[str]
+    hosts: frozenset[str]
+    vms: frozenset[str]
+    binned: frozenset[str]
+
+
+class TreeFiltering:
+    """What the `/` line (a TableFilter) drives: the inventory's tree filter."""
+
+    def __init__(self, view: "InventoryView") -> None:
+        self.view = view
+
+    @property
+    def filter_text(self) -> str:
+        return self.view.filter_text
+
+    def set_filter(self, text: str) -> None:
+        self.view.set_filter(text)
+
+    def focus(self) -> None:
+        self.view.query_one("#tree", Tree).focus()
+
+
+def _hit(words: list[str], hay: str) -> bool:
+    hay = hay.casefold()
+    return all(w in hay for w in words)
 
 
 @dataclass(frozen=True)
@@ -52,6 +89,25 @@ def host_severity(st: HostStatus | None) -> Severity:
 
 def _clock(ts: float | None) -> str:
     return fmt.clock(ts)
+
+
+def _some(names: list[str], most: int = 3) -> str:
+    """'lab1, lab2' or 'lab1, lab2, lab3 and 4 more'."""
+    head = ", ".join(names[:most])
+    return head + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+class InventoryTree(Tree[NodeRef]):
+    """The tree: space on a VM marks it (as in the VMs view) instead of toggling a node that has none."""
+
+    def action_toggle_node(self) -> None:
+        node = self.cursor_node
+        view = next((a for a in self.ancestors if isinstance(a, InventoryView)), None)
+        if view is not None and node is not None and isinstance(node.data, NodeRef) \
+                and node.data.kind in ("vm", "recycled"):
+            view.action_vm_mark()
+            return
+        super().action_toggle_node()
 
 
 class InventoryView(ViewBase, VMActions, Horizontal):
@@ -83,11 +139,13 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         self._agent_timer: Timer | None = None
         self._agent_inflight: str | None = None
         self._agent_again = False
+        self.filter_text = ""
+        self._shown: Shown | None = None              # None: no filter, everything shown
 
     # ------------------------------------------------------------------ layout
 
     def compose(self) -> ComposeResult:
-        tree: Tree[NodeRef] = Tree(self.site.name, data=NodeRef("site", self.site.name), id="tree")
+        tree = InventoryTree(self.site.name, data=NodeRef("site", self.site.name), id="tree")
         tree.show_root = True
         tree.guide_depth = 2
         tree.root.expand()
@@ -99,6 +157,14 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         yield tree
         with VerticalScroll(id="detail"):
             yield Static(id="detail-body")
+        line = TableFilter(TreeFiltering(self), id="inventory-filter")   # type: ignore[arg-type]
+        line.placeholder = "filter: a part of a name, a host or a state · enter keeps it · esc clears"
+        line.styles.dock = "bottom"
+        yield line
+        status = Static(id="inventory-status", classes="view-status")
+        status.styles.dock = "bottom"
+        status.display = False
+        yield status
 
     def on_mount(self) -> None:
         host_knobs = {k: v for k, v in self.poll.items() if k != "vm_interval"}
@@ -131,6 +197,11 @@ class InventoryView(ViewBase, VMActions, Horizontal):
 
     def crumbs(self) -> tuple[str, ...]:
         ref = self.selected
+        if self.filter_text:
+            return ("inventory", f"/{self.filter_text}") + self._crumbs(ref)[1:]
+        return self._crumbs(ref)
+
+    def _crumbs(self, ref: NodeRef) -> tuple[str, ...]:
         if ref.kind == "site":
             return ("inventory",)
         if ref.kind == "cluster":
@@ -158,6 +229,8 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             return
         if old is None or host_severity(old) != host_severity(st):
             self.relabel_host(st.host)
+            if self.filter_text and self._shown_now(self.vm_list) != self._shown:
+                self.rebuild_tree()     # "/down": a host that stops answering shows up
         if self._affects_selection(st.host):
             self.schedule_detail()
 
@@ -281,8 +354,18 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         old_sel_vm = (self.vms if before.kind == "vm" else self.recycled).get(before.id)
         stale_before = self.vm_list.ok
         self.vm_list = vl
-        live = {v.id: v for v in vl.vms}
-        binned = {v.id: v for v in vl.recycled}
+        every_live = {v.id: v for v in vl.vms}
+        every_binned = {v.id: v for v in vl.recycled}
+        shown = self._shown_now(vl)
+        if shown != self._shown and vl.ok:
+            if shown is None or self._shown is None or (shown.clusters, shown.hosts) != (
+                    self._shown.clusters, self._shown.hosts):
+                self._shown = shown
+                self.rebuild_tree()    # other hosts or clusters pass the filter: built again, then here again
+                return
+            self._shown = shown
+        live = every_live if shown is None else {i: v for i, v in every_live.items() if i in shown.vms}
+        binned = every_binned if shown is None else {i: v for i, v in every_binned.items() if i in shown.binned}
         cursor = tree.cursor_node
         fallback: TreeNode | None = None
         structural = changed = False
@@ -348,7 +431,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             else:
                 self._label_bin(variables)
 
-        self.vms, self.recycled = live, binned
+        self.vms, self.recycled = every_live, every_binned
         if follow is not None and follow in self._vm_nodes:
             fallback = self._vm_nodes[follow]
         elif follow is not None:
@@ -371,11 +454,123 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             self.schedule_agent()
         self.refresh_bindings()
 
+    # ------------------------------------------------------------------ the `/` filter
+
+    def action_filter(self) -> None:
+        self.query_one(TableFilter).open_line()
+
+    def clear_filter(self) -> bool:
+        """esc: clear the filter (True), or nothing to clear (False)."""
+        return self.query_one(TableFilter).clear()
+
+    def set_filter(self, text: str) -> None:
+        if text == self.filter_text:
+            return
+        self.filter_text = text
+        self._shown = self._shown_now(self.vm_list)
+        self.rebuild_tree()
+        self.render_status()
+        self.post_crumbs()
+
+    def _shown_now(self, vl: VMList) -> Shown | None:
+        """What passes the filter: a cluster, host or VM whose name, host or state matches every word,
+        what a matching cluster or host holds, and the parents of all of it."""
+        words = self.filter_text.casefold().split()
+        if not words:
+            return None
+        clusters = {c for c in self.site.clusters if _hit(words, c)}
+        hosts = {h.name for h in self.site.hosts.values() if h.cluster in clusters
+                 or _hit(words, f"{h.name} {self._host_word(h.name)}")}
+        vms = {v.id for v in vl.vms if v.host in hosts or _hit(words, self._vm_hay(v))}
+        binned = {v.id for v in vl.recycled if _hit(words, f"{BIN} {self._vm_hay(v)}")}
+        hosts |= {v.host for v in vl.vms if v.id in vms and v.host in self.site.hosts}
+        clusters |= {self.site.hosts[h].cluster for h in hosts}
+        return Shown(frozenset(clusters), frozenset(hosts), frozenset(vms), frozenset(binned))
+
+    def _host_word(self, name: str) -> str:
+        sev = host_severity(self.status.get(name))
+        return {Severity.OK: "reachable ok", Severity.CRIT: "down not answering"}.get(sev, "unknown")
+
+    @staticmethod
+    def _vm_hay(vm: VMView) -> str:
+        return f"{vm.name} {vm.host} {vm.state.value} {vm.kind}"
+
+    def rebuild_tree(self) -> None:
+        """The tree again, with what passes the filter; the cursor back on what it was on (or the site)."""
+        tree: Tree[NodeRef] = self.query_one("#tree", Tree)
+        keep, shown = self.selected, self._shown
+        with self.app.batch_update():
+            tree.clear()
+            self._cluster_nodes.clear()
+            self._host_nodes.clear()
+            self._vm_nodes.clear()
+            self._bin_vm_nodes.clear()
+            self._bin_node = None
+            self._labels.clear()
+            for cname in sorted(self.site.clusters):
+                if shown is not None and cname not in shown.clusters:
+                    continue
+                cnode = tree.root.add(cname, data=NodeRef("cluster", cname), expand=True)
+                self._cluster_nodes[cname] = cnode
+                for h in sorted(self.site.hosts_in(cname), key=lambda h: h.name):
+                    if shown is None or h.name in shown.hosts:
+                        self._host_nodes[h.name] = cnode.add_leaf(h.name, data=NodeRef("host", h.name))
+            self.vms, self.recycled = {}, {}
+            self.apply_vms(self.vm_list)
+            self.relabel()
+            node = self._node_of(keep)
+            if node is not None:
+                parent = node.parent
+                while parent is not None:
+                    parent.expand()
+                    parent = parent.parent
+            tree.last_line          # lay the tree out again, so every node knows its line
+            tree.move_cursor(node or tree.root)
+
+    def _node_of(self, ref: NodeRef) -> TreeNode | None:
+        if ref.kind == "cluster":
+            return self._cluster_nodes.get(ref.name)
+        if ref.kind == "host":
+            return self._host_nodes.get(ref.name)
+        if ref.kind == "vm":
+            return self._vm_nodes.get(ref.id)
+        if ref.kind == "recycled":
+            return self._bin_vm_nodes.get(ref.id)
+        if ref.kind == "bin":
+            return self._bin_node
+        return None
+
+    def marks_changed(self) -> None:
+        """Marks were set or cleared: the labels of the VMs show them, the status line counts them."""
+        variables = self.app.theme_variables
+        for vid, node in self._vm_nodes.items():
+            if vid in self.vms:
+                self._label_vm(node, f"vm:{vid}", self.vms[vid], variables)
+        for vid, node in self._bin_vm_nodes.items():
+            if vid in self.recycled:
+                self._label_vm(node, f"bin:{vid}", self.recycled[vid], variables)
+        self.render_status()
+
+    def render_status(self) -> None:
+        """A line under the tree and the detail while a filter is set or VMs are marked."""
+        parts = []
+        if self.filter_text:
+            n = len(self._shown.vms) if self._shown is not None else 0
+            parts.append(f"[$accent]/{esc(self.filter_text)}[/] {n} of {len(self.vms)} VMs "
+                         "[$text-muted](esc clears)[/]")
+        if self.marked:
+            parts.append(f"[b $accent]{vmlook.MARK} {len(self.marked)} marked[/] [$text-muted](M clears)[/]")
+        status = self.query_one("#inventory-status", Static)
+        status.display = bool(parts)
+        status.update(Content.from_markup(" · ".join(parts)))
+
     def show_vm(self, vid: str, vl: VMList | None = None) -> bool:
         """Put the tree cursor on the VM or template with record id `vid`, opening its host (or the
         recycle bin), so the detail pane shows it. `vl`: a list that may be newer than this view's."""
         if vl is not None and vl.ok and vid not in self._vm_nodes and vid not in self._bin_vm_nodes:
             self.apply_vms(vl)
+        if self.filter_text and vid not in self._vm_nodes and vid not in self._bin_vm_nodes:
+            self.query_one(TableFilter).clear()      # filtered out here: shown all the same
         node = self._vm_nodes.get(vid) or self._bin_vm_nodes.get(vid)
         if node is None:
             return False
@@ -410,10 +605,11 @@ class InventoryView(ViewBase, VMActions, Horizontal):
     def _label_vm(self, node: TreeNode, key: str, vm: VMView, variables: dict[str, str], *, force: bool = False) -> bool:
         """Set the label when what it shows changed; True if it did."""
         busy = bool(self.busy_task(vm))
-        shown = (vm.name, vm.state, vm.kind, busy)
+        marked = vm.id in self.marked
+        shown = (vm.name, vm.state, vm.kind, busy, marked)
         if force or self._labels.get(key) != shown:
             self._labels[key] = shown
-            node.set_label(vmlook.label(vm, variables, busy=busy))
+            node.set_label(vmlook.label(vm, variables, busy=busy, marked=marked))
             return True
         return False
 
@@ -492,9 +688,12 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         self._label_cluster(self.site.hosts[name].cluster)
 
     def _label_host(self, name: str) -> None:
+        node = self._host_nodes.get(name)
+        if node is None:
+            return      # filtered out
         sev = host_severity(self.status.get(name))
         style = rich_style(self.app.theme_variables, sev.variable)
-        self._host_nodes[name].set_label(Text.assemble((sev.symbol, style), " ", name))
+        node.set_label(Text.assemble((sev.symbol, style), " ", name))
 
     def _label_cluster(self, cname: str) -> None:
         """A cluster shows how many hosts it has and how many do not answer."""
@@ -556,6 +755,54 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         return (f"{Severity.OK.markup(f'{ok} reachable')}  {Severity.CRIT.markup(f'{bad} down')}  "
                 f"{Severity.UNKNOWN.markup(f'{unk} unknown')}")
 
+    def _problems(self, hosts: list[str]) -> list[str]:
+        """Rows for the site or a cluster page: what is wrong, counted (hosts that do not answer,
+        datastores missing or failing on a host, facts only partly read), or ✔ none once every host
+        answered with nothing wrong."""
+        down = [h for h in hosts if host_severity(self.status.get(h)) == Severity.CRIT]
+        unknown = [h for h in hosts if host_severity(self.status.get(h)) == Severity.UNKNOWN]
+        missing: dict[str, list[str]] = {}     # datastore -> hosts where it is missing
+        failing: dict[str, list[str]] = {}     # datastore -> hosts where it could not be read
+        partial = []
+        for h in hosts:
+            f = self.status[h].facts if h in self.status else None
+            if f is None or not f.reachable:
+                continue
+            if f.error:
+                partial.append(h)
+            for d in f.datastores:
+                if d.error:
+                    (missing if "does not exist" in d.error else failing).setdefault(d.name, []).append(h)
+        counts = []
+        if down:
+            counts.append(Severity.CRIT.markup(f"{len(down)} host{'' if len(down) == 1 else 's'} not answering"))
+        if missing:
+            counts.append(Severity.MAJ.markup(f"{len(missing)} datastore{'' if len(missing) == 1 else 's'} missing"))
+        if failing:
+            counts.append(Severity.WARN.markup(f"{len(failing)} datastore{'' if len(failing) == 1 else 's'} "
+                                               "not readable"))
+        if partial:
+            counts.append(Severity.WARN.markup(f"{len(partial)} host{'' if len(partial) == 1 else 's'} "
+                                               "with incomplete facts"))
+        if not counts:
+            text = Severity.OK.markup("none") if not unknown else \
+                Severity.UNKNOWN.markup(f"none yet ({len(unknown)} not answered yet)")
+            return [self._row("Problems", text)]
+        rows = [self._row("Problems", " · ".join(counts))]
+        shown = 0
+        for what, found, sev in (("not answering", {h: [] for h in down}, Severity.CRIT),
+                                 ("missing on", missing, Severity.MAJ), ("not readable on", failing, Severity.WARN)):
+            for name, on in sorted(found.items()):
+                if shown == PROBLEM_LINES:
+                    break
+                shown += 1
+                where = f" {what} {esc(_some(on))}" if on else f" {what}"
+                rows.append(self._row("", f"{sev.symbol} {esc(name)}{where}"))
+        total = len(down) + len(missing) + len(failing)
+        if total > shown:
+            rows.append(self._row("", f"[$text-muted]… {total - shown} more (select a host for its page)[/]"))
+        return rows
+
     @staticmethod
     def _row(label: str, value: str) -> str:
         return f"[$text-muted]{label.ljust(LABEL_W)}[/]{value}"
@@ -572,6 +819,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             self._row("Hosts", str(len(site.hosts))),
             self._row("", self._counts(sorted(site.hosts))),
             self._row("Datastores", f"{len(site.datastores)} ({sum(1 for d in site.datastores.values() if d.shared)} shared)"),
+            *self._problems(sorted(site.hosts)),
         ]
         if self.vms:
             lines.append(self._row("VMs", vmlook.counts_text(list(self.vms.values()))))
@@ -599,7 +847,8 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         lines = [f"[b]Cluster {esc(cname)}[/b]" + (f"  [$text-muted]{esc(spec.description)}[/]" if spec.description else ""),
                  "",
                  self._row("Hosts", str(len(hosts))),
-                 self._row("", self._counts([h.name for h in hosts]))]
+                 self._row("", self._counts([h.name for h in hosts])),
+                 *self._problems([h.name for h in hosts])]
         cvms = self.vms_on([h.name for h in hosts])
         if cvms:
             lines.append(self._row("VMs", vmlook.counts_text(cvms)))
