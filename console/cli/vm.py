@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from typing import Any
@@ -17,7 +16,8 @@ from ferry.engine.vm.model import parse_memory_mib
 from ferry.engine.workspace import Workspace
 
 from ferry.console.actions import cli_help
-from ferry.console.cli import EXIT_CONFIG, EXIT_FAIL, EXIT_OK, _Progress, _print_json, _table, _with_client, run_foreground
+from ferry.console.cli import (EXIT_CONFIG, EXIT_FAIL, EXIT_OK, _Progress, _ask, _on_loop, _print_json, _table,
+                               run_foreground)
 
 
 def _typed_confirmation(args, name: str, action: str) -> str:
@@ -64,6 +64,7 @@ async def _with_agents(client, vms: list[VMView]) -> list[VMView]:
             return v.with_(agent=await client.vm_agent(v.name))
         except FerryError as e:
             return v.with_(agent=AgentReport(v.name, AgentState.UNKNOWN, time.time(), reason=e.message))
+    import asyncio
     return list(await asyncio.gather(*(ask(v) for v in vms)))
 
 
@@ -91,7 +92,7 @@ def cmd_vm_list(args, ws: Workspace) -> int:
             agents = args.agents
             print(_table([_vm_row(v, agents) for v in vms], VM_COLUMNS + (["AGENT", "IPS"] if agents else [])))
         return EXIT_OK
-    return asyncio.run(_with_client(ws, go))
+    return _on_loop(ws, go) if args.agents and not args.recycled else _ask(ws, go)
 
 
 def cmd_vm_show(args, ws: Workspace) -> int:
@@ -114,7 +115,7 @@ def cmd_vm_show(args, ws: Workspace) -> int:
         if v.agent and v.state is VMState.RUNNING:      # of one that does not run, the state says it
             print("\n".join("  " + line for line in _agent_lines(v.agent)))
         return EXIT_OK
-    return asyncio.run(_with_client(ws, go))
+    return _ask(ws, go)
 
 
 def _run_task(ws: Workspace, kind: str, params: dict[str, Any], as_json: bool, describe=None) -> int:
@@ -128,7 +129,7 @@ def _run_task(ws: Workspace, kind: str, params: dict[str, Any], as_json: bool, d
             print(f"ferry: task {tid} already does this and had not finished; it goes on from where it stopped",
                   file=sys.stderr)
         return await run_foreground(client, tid, as_json=as_json, describe=describe)
-    return asyncio.run(_with_client(ws, go))
+    return _on_loop(ws, go)
 
 
 def _done(text: str):
@@ -289,7 +290,7 @@ def cmd_vm_agent(args, ws: Workspace) -> int:
             head, *rest = _agent_lines(report)
             print("\n".join([f"{report.vm}: {head}"] + ["  " + line for line in rest]))
         return EXIT_OK if report.running else EXIT_FAIL
-    return asyncio.run(_with_client(ws, go))
+    return _ask(ws, go)
 
 
 def _agent_lines(a: AgentReport) -> list[str]:
@@ -332,7 +333,7 @@ def cmd_vm_reconcile(args, ws: Workspace) -> int:
         for u in r.unreachable:
             print(safe(f"unreachable: {u.host}: {u.error}"))
         return EXIT_OK
-    return asyncio.run(_with_client(ws, go))
+    return _ask(ws, go)
 
 
 def cmd_lab_image_build(args, ws: Workspace) -> int:
@@ -344,6 +345,7 @@ def cmd_lab_image_build(args, ws: Workspace) -> int:
     def report(step: str, fraction: float) -> None:
         line.show(f"{fraction * 100:5.1f}% {step[:70]}")
 
+    import asyncio
     started = time.monotonic()
     try:
         image = asyncio.run(build_live_image(image_cache_dir(ws.ensure().cache_dir), force=args.force,
