@@ -98,16 +98,85 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-async def key_latency(app, pilot, view: str, keys: int) -> list[float]:
+class Paints:
+    """The screen's repaints: each compositor update Textual hands to its driver, turned into the text a
+    terminal would get (the headless driver of Pilot writes nothing, so that part is done here)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.count = 0
+        self.at = 0.0
+        self.event = asyncio.Event()
+        original = app._display
+
+        def display(screen, renderable) -> None:
+            if renderable is not None and not app._batch_count:
+                if app.is_headless:
+                    renderable.render_segments(app.console)
+                self.count += 1
+                self.at = time.perf_counter()
+                self.event.set()
+            original(screen, renderable)
+        app._display = display
+
+
+async def settle(app, pilot, rounds: int = 20) -> None:
+    """Until every message on the screen is handled: the key, and what its handlers posted in turn."""
+    for _ in range(rounds):
+        await pilot._wait_for_screen()
+        if not any(w._message_queue.qsize() for w in (app, *app.screen.walk_children(with_self=True))):
+            return
+
+
+def needs_paint(screen) -> bool:
+    return bool(screen._dirty_widgets or screen._layout_required or screen._repaint_required
+                or screen._scroll_required or screen._compositor._dirty_regions)
+
+
+async def press_to_paint(app, pilot, paints: Paints, key: str) -> float:
+    """ms from a key press (put on the app's queue, as the driver does) to the first repaint after the
+    key and everything it set off were handled."""
+    from textual import events
+    event = events.Key(key, None)
+    event.set_sender(app)
+    t0 = time.perf_counter()
+    app.post_message(event)
+    await settle(app, pilot)
+    if needs_paint(app.screen):
+        paints.event.clear()
+        try:
+            await asyncio.wait_for(paints.event.wait(), 5.0)
+        except (asyncio.TimeoutError, TimeoutError):
+            pass
+    t1 = paints.at if paints.at > t0 else time.perf_counter()
+    return (t1 - t0) * 1000
+
+
+async def key_latency(app, pilot, paints: Paints, view: str, keys: int, profile: Path | None = None,
+                      label: str = "") -> list[float]:
     app.switch_view(view)
-    await pilot.pause()
+    await settle(app, pilot)
+    await pilot.pause(0.3)
+    prof = None
+    if profile is not None:
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
     out = []
     for i in range(keys):
         key = "down" if (i // 10) % 2 == 0 else "up"
-        t0 = time.perf_counter()
-        await pilot.press(key)
-        await pilot.pause()          # the screen repainted after the key
-        out.append((time.perf_counter() - t0) * 1000)
+        out.append(await press_to_paint(app, pilot, paints, key))
+        await asyncio.sleep(0.05)     # an operator's key rate, about 15 a second
+    if prof is not None:
+        import io
+        import pstats
+        prof.disable()
+        profile.mkdir(parents=True, exist_ok=True)
+        name = (label or view).replace(" ", "-")
+        prof.dump_stats(profile / f"{name}.prof")
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(60)
+        (profile / f"{name}.txt").write_text(buf.getvalue())
     return out
 
 
@@ -128,6 +197,7 @@ async def console_part(ws: Path, args) -> None:
     async with app.run_test(size=(160, 48)) as pilot:
         from textual.widgets import Tree
         tree = app.inventory.query_one("#tree", Tree)
+        paints = Paints(app)
 
         def hosts_shown() -> int:
             n, stack = 0, [tree.root]
@@ -147,13 +217,14 @@ async def console_part(ws: Path, args) -> None:
         await pilot.pause(2.0)           # first VM and facts polls settle
         print("key press to repainted screen, idle engine:")
         for view in ("inventory", "vms", "tasks"):
-            print(line(view, await key_latency(app, pilot, view, args.keys)))
+            print(line(view, await key_latency(app, pilot, paints, view, args.keys, args.profile, view + " idle")))
         print(f"engine memory: {rss_mib(client.engine_pid):.0f} MiB RSS with {args.hosts} hosts, {args.vms} VMs")
 
         ids = [await client.submit("bench.ticker", {"n": i, "steps": args.steps}) for i in range(args.tasks)]
         print(f"{args.tasks} tasks each reporting progress 10 times a second for {args.steps / 10:.0f} s:")
         for view in ("tasks", "inventory", "vms"):
-            print(line(view + " (tasks running)", await key_latency(app, pilot, view, args.keys)))
+            print(line(view + " (tasks running)", await key_latency(app, pilot, paints, view, args.keys, args.profile,
+                                                                   view + " busy")))
         print(f"engine memory: {rss_mib(client.engine_pid):.0f} MiB RSS with {args.tasks} tasks running")
         final = {t.id: t for t in await client.list_tasks(limit=args.tasks + 50) if t.id in ids}
         deadline = time.monotonic() + args.steps / 10 + 120
@@ -232,6 +303,9 @@ def main() -> int:
     ap.add_argument("--tasks", type=int, default=100)
     ap.add_argument("--steps", type=int, default=300, help="progress reports per ticker task (10 a second)")
     ap.add_argument("--keys", type=int, default=60, help="key presses measured per view")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                    help="cProfile each key-latency run into DIR (VIEW-idle.prof/.txt, VIEW-busy.prof/.txt)")
+    ap.add_argument("--no-cli", action="store_true", help="skip part 3 (the command line)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="fbc-", dir="/tmp"))
     ws = tmp / "ws"
@@ -249,7 +323,8 @@ def main() -> int:
         fill_vms(ws, args.hosts, args.vms)
         print(f"site: {args.hosts} hosts (unreachable), {args.vms} VMs recorded in {time.perf_counter() - t0:.1f} s")
         asyncio.run(console_part(ws, args))
-        cli_part(ws, tmp)
+        if not args.no_cli:
+            cli_part(ws, tmp)
     finally:
         subprocess.run([sys.executable, "-m", "ferry.console.cli", "--workspace", str(ws), "engine", "stop", "--now"],
                        capture_output=True)

@@ -24,7 +24,7 @@ from textual.binding import ActiveBinding
 from textual.screen import Screen
 from textual.suggester import SuggestFromList
 from textual.theme import Theme
-from textual.widgets import ContentSwitcher, Footer, Input
+from textual.widgets import ContentSwitcher, Input
 from textual.worker import Worker, WorkerState
 
 from ferry.engine.errors import FerryError
@@ -34,6 +34,7 @@ from ferry.console import keys as opkeys
 from ferry.console.views.audit import AuditView, EventsView
 from ferry.console.commands import FerryCommands
 from ferry.console.feed import TaskFeed
+from ferry.console.widgets.footer import FerryFooter
 from ferry.console.widgets.framed import FramedScreen
 from ferry.console.widgets.header import FerryHeader
 from ferry.console.views.inventory import InventoryView
@@ -147,7 +148,7 @@ class FerryApp(App[int]):
             yield EventsView(self.feed)
         yield CommandLine(placeholder="inventory · vms · tasks · audit · events · theme NAME · help · quit   (esc closes)",
                           suggester=SuggestFromList(LINE_COMMANDS, case_sensitive=False), id="cmdline")
-        yield Footer(compact=True)
+        yield FerryFooter(compact=True)
 
     async def on_mount(self) -> None:
         if self.own_client and self.client.engine_state != "running":

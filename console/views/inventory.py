@@ -32,6 +32,7 @@ from ferry.console.poller import FACTS_TIMEOUT_S, HostPoller, HostStatus, VMList
 from ferry.console.severity import Severity, load_severity, usage_severity
 from ferry.console.theming import rich_style
 from ferry.console.views.base import ViewBase
+from ferry.console.widgets.paint import update_static
 from ferry.console.widgets.table import TableFilter
 from ferry.console.vmactions import VMActions
 
@@ -721,7 +722,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             text = vmlook.bin_text(list(self.recycled.values()))
         else:
             text = self._vm_text(ref)
-        self.query_one("#detail-body", Static).update(Content.from_markup(text))
+        update_static(self.query_one("#detail-body", Static), Content.from_markup(text))
 
     def vm_checks_changed(self, vm_id: str) -> None:
         """The engine said anew which actions apply to a VM: its detail pane lists the keys."""

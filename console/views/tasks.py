@@ -25,6 +25,7 @@ from ferry.console.severity import state_markup, state_variable
 from ferry.console.widgets.table import Column, KeyedTable, Row, TableFilter, cell
 from ferry.console.theming import rich_style
 from ferry.console.views.base import ViewBase
+from ferry.console.widgets.paint import update_static
 
 BAR_W = 8
 COLUMNS = (
@@ -196,7 +197,7 @@ class TasksView(ViewBase, Vertical):
             parts.append(f"sorted by {esc(table.sort_text())} [$text-muted](o, O)[/]")
         status = self.query_one("#tasks-status", Static)
         status.display = bool(parts)
-        status.update(Content.from_markup(" · ".join(parts)))
+        update_static(status, Content.from_markup(" · ".join(parts)))
 
     # ------------------------------------------------------------------ the detail pane
 
@@ -228,7 +229,7 @@ class TasksView(ViewBase, Vertical):
         if info is None:
             text = ("[$text-muted]no tasks yet: start one from the inventory (p probes a host) "
                     "or with `ferry probe HOST`[/]" if not self.feed.tasks else "[$text-muted]no task selected[/]")
-            detail.update(Content.from_markup("\n".join(stale + [text])))
+            update_static(detail, Content.from_markup("\n".join(stale + [text])))
             return
         hosts = ", ".join(info.hosts) or "-"
         lines = stale + [f"[b]#{info.id} {esc(info.title)}[/b]  {state_markup(info.state)}  "
@@ -252,7 +253,7 @@ class TasksView(ViewBase, Vertical):
             for entry in self._log[1][-LOG_TAIL:]:
                 var = {"warning": "$warning", "error": "$error"}.get(entry.level, "$text-muted")
                 lines.append(f"[{var}]│ {esc(entry.message)}[/]")
-        detail.update(Content.from_markup("\n".join(lines)))
+        update_static(detail, Content.from_markup("\n".join(lines)))
 
     # ------------------------------------------------------------------ operator actions
 

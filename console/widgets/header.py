@@ -12,6 +12,7 @@ from textual.reactive import reactive
 from textual.widgets import Static
 
 from ferry.console.dialogs.modals import esc
+from ferry.console.widgets.paint import update_static
 
 ENGINE_LOOK = {
     "running": ("sev-ok", "▶"),
@@ -70,13 +71,14 @@ class FerryHeader(Horizontal):
 
     def _render_clock(self) -> None:
         for w in self.query("#clock").results(Static):
-            w.update(time.strftime("%H:%M:%S", time.localtime(self.now)))
+            text = time.strftime("%H:%M:%S", time.localtime(self.now))
+            w.update(text, layout=len(str(w.content)) != len(text))    # the same width: no layout
 
     def _render_crumbs(self) -> None:
         if not self.query("#crumbs"):
             return
         parts = [f"[b $primary]{esc(self.site_name)}[/]"] + [esc(c) for c in self.crumbs]
-        self.query_one("#crumbs", Static).update(Content.from_markup(" [$text-muted]›[/] ".join(parts)))
+        update_static(self.query_one("#crumbs", Static), Content.from_markup(" [$text-muted]›[/] ".join(parts)))
 
     def _render_engine(self) -> None:
         if not self.query("#engine"):

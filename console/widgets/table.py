@@ -19,6 +19,7 @@ from rich.cells import cell_len
 from rich.style import Style
 from rich.text import Text
 from textual.binding import Binding
+from textual.cache import LRUCache
 from textual.coordinate import Coordinate
 from textual.message import Message
 from textual.widgets import DataTable, Input
@@ -28,6 +29,7 @@ from ferry.console import keys as opkeys
 
 OPTIONAL_LEAST = 12   # an optional column narrower than this says too little: its room goes to the flexible one
 REBUILD_OVER = 64    # more rows than this come or go at once: rebuild the table rather than remove one by one
+CELLS_DRAWN = 4096   # cells kept drawn (a few screens of rows)
 
 
 def natural_key(value: Any) -> tuple:
@@ -149,6 +151,7 @@ class KeyedTable(DataTable):
         self._force = False
         self._cell_widths: dict[str, tuple[int, ...]] = {}   # shown row -> the width of each of its cells
         self._widest: list[int] | None = None                # per column: the widest shown cell
+        self._drawn: LRUCache[tuple, tuple] = LRUCache(CELLS_DRAWN)   # (row, column) -> (value, how, lines)
 
     def on_mount(self) -> None:
         self.widths = {c.key: cell_len(c.label) + 1 for c in self.spec}
@@ -220,6 +223,19 @@ class KeyedTable(DataTable):
             self._resort = False
         self._follow()
 
+    # Rows change places: the drawn cells know their row's old index.
+    def remove_row(self, row_key: Any) -> None:
+        self._drawn.clear()
+        super().remove_row(row_key)
+
+    def sort(self, *columns: Any, **kw: Any) -> Any:
+        self._drawn.clear()
+        return super().sort(*columns, **kw)
+
+    def clear(self, columns: bool = False) -> Any:
+        self._drawn.clear()
+        return super().clear(columns)
+
     def _update_row(self, key: str, force: bool) -> None:
         cells = self.model[key].cells
         try:
@@ -267,6 +283,31 @@ class KeyedTable(DataTable):
             values = values if len(cols) > 1 else (values,)
             return tuple(natural_key(getattr(v, "sort_value", None)) for v in values)
         self.sort(*cols, key=key, reverse=self.sort_reverse)
+
+    def _render_cell(self, row_index: int, column_index: int, base_style: Style, width: int,
+                     cursor: bool = False, hover: bool = False) -> Any:
+        """A body cell is drawn again only when its own value, width, style or highlight changed.
+
+        DataTable keys its drawn cells by a counter that every update_cell, add_row or sort bumps: with
+        rows that change ten times a second (the progress of running tasks) it drew every visible cell
+        again every frame, the better part of a frame's time. A drawn cell carries its row's index (for
+        clicks): rows that go or move forget them all."""
+        if row_index < 0 or column_index < 0:
+            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+        row_key = self._row_locations.get_key(row_index)
+        column_key = self._column_locations.get_key(column_index)
+        try:
+            value = self._data[row_key][column_key]
+        except KeyError:
+            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+        how = (base_style, width, cursor, hover, self.show_cursor, self._show_hover_cursor,
+               self._pseudo_class_state, self.cursor_foreground_priority, self.cursor_background_priority)
+        drawn = self._drawn.get((row_key, column_key))
+        if drawn is not None and drawn[0] is value and drawn[1] == how:
+            return drawn[2]
+        lines = super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+        self._drawn[(row_key, column_key)] = (value, how, lines)
+        return lines
 
     # ------------------------------------------------------------------ the cursor, by key
 
