@@ -7,6 +7,7 @@ EngineClient directly.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Awaitable
 
@@ -30,6 +31,9 @@ from .transport import TransportPool, fetch_host_key, record_host_key
 from .workspace import Workspace
 
 
+log = logging.getLogger("ferry.engine")
+
+
 class EngineClient:
     def __init__(self, workspace: Workspace, site: SiteConfig, *, adopt: bool = True,
                  transports: TransportPool | None = None) -> None:
@@ -38,6 +42,36 @@ class EngineClient:
         self.store = Store(workspace.state_path)
         self.transports = transports or TransportPool(site, workspace)
         self.engine = Engine(self.store, site, transports=self.transports, adopt=adopt)
+        self._config_stamp = self._stamp()
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.workspace.config_path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    async def reload_site(self) -> bool:
+        """Read config.toml again when it changed since it was read (the engine service does this
+        before every call, so an edit takes effect without a restart). Raises ConfigError while the
+        new file is invalid (nothing acts on a configuration the operator is halfway through
+        editing); returns True when the site changed. Hosts whose entry changed or went lose their
+        pooled connection."""
+        stamp = self._stamp()
+        if stamp == self._config_stamp:
+            return False
+        site = self.workspace.load_config()
+        self._config_stamp = stamp
+        old, self.site = self.site, site
+        self.engine.site = site
+        self.transports.site = site
+        for svc in self.engine.services.values():
+            if getattr(svc, "site", None) is old:
+                svc.site = site
+        stale = [h for h in list(self.transports.hosts()) if old.hosts.get(h) != site.hosts.get(h)]
+        await self.transports.drop(stale)
+        log.info("config.toml changed: site %s reloaded (%d hosts)", site.name, len(site.hosts))
+        return True
 
     @classmethod
     def open(cls, workspace: Workspace, **kw: Any) -> "EngineClient":

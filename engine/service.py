@@ -128,6 +128,7 @@ class _Peer:
                 opened = self._serials[ch] = _SerialChannel(self, ch, await self.service.core.open_serial(**args))
                 value = {"ch": ch}
             else:
+                await self.service.core.reload_site()       # config.toml edited: takes effect now
                 value = await getattr(self.service.core, method)(**args)
             reply = {"op": "result", "id": cid, "value": api.to_builtins(value)}
         except FerryError as e:

@@ -79,6 +79,17 @@ class TransportPool:
                                  "only hosts with transport = \"ssh\" need `ferry hosts trust`")
         return t
 
+    def hosts(self) -> list[str]:
+        """The hosts with a transport made (pooled connections)."""
+        return list(self._transports)
+
+    async def drop(self, hosts: Sequence[str]) -> None:
+        """Forget the transports of these hosts (their config changed): closed, made again on use."""
+        for h in hosts:
+            t = self._transports.pop(h, None)
+            if t is not None:
+                await t.close()
+
     async def close(self) -> None:
         transports, self._transports = list(self._transports.values()), {}
         for t in transports:
