@@ -60,9 +60,14 @@ async def client():
         shutil.rmtree(root, ignore_errors=True)
 
 
+FIXED_MACS = {"web1": "52:00:00:00:00:01", "db1": "52:00:00:00:00:02", "tpl1": "52:00:00:00:00:03"}
+
+
 async def make_vm(client: EngineClient, name: str, host: str = "lab1", *, template: bool = False) -> VMView:
     tid = await client.vm_task("vm.create", {"name": name, "host": host, "cpus": 2, "memory_mb": 128,
-                                             "disks": [{"size": "16M"}], "nics": [{"network": "default"}]})
+                                             "disks": [{"size": "16M"}],
+                                             # a fixed MAC: the detail pane shows it, snapshots compare it
+                                             "nics": [{"network": "default", "mac": FIXED_MACS.get(name, "")}]})
     info = await client.wait_task(tid, timeout=30)
     assert info.state == TaskState.SUCCEEDED, info.error
     if template:

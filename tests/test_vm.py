@@ -590,7 +590,10 @@ def test_vm_json_is_the_engines_typed_records(tmp_path):
         ("stopped", "vm", "lab1", 2, 4, 128)
     assert j1["disks"] == [{"name": "disk0", "datastore": "lab1-local", "path": j1["disks"][0]["path"],
                             "size": 16 * MiB, "bus": "virtio", "shared": False, "backing": None}]
-    assert j1["nics"] == [{"network": "default", "mac": ""}] and j1["boot"] == ["disk", "live"]
+    [nic] = j1["nics"]
+    assert nic["network"] == "default" and re.fullmatch(r"52(:[0-9a-f]{2}){5}", nic["mac"]) and \
+        j1["boot"] == ["disk", "live"]                 # a MAC of its own, recorded (issue 12)
+    assert jw["nics"][0]["mac"] != jt["nics"][0]["mac"]  # a copy gets new MACs
     assert (j1["recycled"], j1["purge_at"], j1["pid"], j1["busy"], j1["agent"]) == (None, None, None, None, None)
     assert (jt["state"], jt["kind"]) == ("template", "template")
     assert jw["origin"] == "jt" and jw["disks"][0]["backing"] == jt["disks"][0]["path"]

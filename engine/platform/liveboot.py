@@ -52,6 +52,7 @@ class LiveNic:
 
     hostfwd: tuple[tuple[int, int], ...] = ()    # (port on 127.0.0.1, port in the guest), TCP
     mac: str | None = None
+    tap: str | None = None      # a tap device QEMU makes (joined to a bridge after it starts), not user mode
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,9 @@ def live_boot_argv(image: LiveImage, *, paths: LivePaths, role: LiveRole | str =
             argv += ["-device", f"ide-hd,drive=drive{i},id=disk{i}"]
     for i, nic in enumerate(nics):
         netdev = f"user,id=net{i},restrict=on"
-        for host_port, guest_port in nic.hostfwd:
+        if nic.tap:
+            netdev = f"tap,id=net{i},ifname={_opt(nic.tap)},script=no,downscript=no"
+        for host_port, guest_port in nic.hostfwd if not nic.tap else ():
             netdev += f",hostfwd=tcp:127.0.0.1:{int(host_port)}-:{int(guest_port)}"
         argv += ["-netdev", netdev,
                  "-device", f"virtio-net-pci,netdev=net{i}" + (f",mac={nic.mac}" if nic.mac else "")]

@@ -108,10 +108,9 @@ class CloneVM(MakesVMs):
         th = svc.host(target)
         overrides = p.get("overrides") or {}
         if overrides.get("network"):
-            th.check_network(overrides["network"])
+            th.check_nics([NicSpec(overrides["network"])])
         elif target != src.host:
-            for nic in src.nics:
-                th.check_network(nic.network)
+            th.check_nics(src.nics)
         grow = parse_size(overrides["disk_size"], "disk size") if overrides.get("disk_size") else None
         if grow is not None and src.disks and grow < src.disks[0].size:
             raise Refused(f"disk size {overrides['disk_size']} is smaller than {src.name}'s first disk "
@@ -274,7 +273,7 @@ def _copy_spec(src: VMSpec, name: str, ds, *, as_template: bool, linked: bool, o
         size = grow if (grow is not None and j == 0) else d.size
         disks.append(DiskSpec(d.name, ds.name, disk_path(ds, name, d.name), size, d.bus, ds.shared,
                               backing=d.path if linked else None))
-    nics = src.nics
+    nics = tuple(NicSpec(n.network) for n in src.nics)     # a copy gets MACs of its own (Maker.reserve)
     if overrides.get("network"):
         nics = tuple(NicSpec(overrides["network"]) for _ in (src.nics or (None,)))
     cpus = int(overrides.get("cpus", src.cpus))

@@ -28,6 +28,7 @@ from ..tasks import TaskContext, TaskKind, register
 from .hostops import HostOps, disk_path
 from .model import (DiskSpec, NicSpec, Passthrough, VMKind, VMSpec, VMState, check_boot, check_bus,
                     check_hardware, check_name, default_max_cpus, new_id, parse_size)
+from .nics import unique_macs
 from .prechecks import refused
 from .progress import reporter
 from .service import VMService
@@ -72,7 +73,15 @@ class Maker:
 
     async def reserve(self, specs: list[VMSpec]) -> list[VMSpec]:
         """Reserve the names (records 'incomplete', busy with the task) before any file exists. A
-        resume gets the records of its first run back, and their ids and disk paths are used."""
+        resume gets the records of its first run back, and their ids and disk paths are used. NICs
+        without a MAC get one unique in the site."""
+        taken = await self.svc.macs_in_use()
+        filled = []
+        for s in specs:
+            macs = unique_macs(s.id, len(s.nics), taken)
+            taken.update(macs)
+            filled.append(s.with_(nics=tuple(NicSpec(n.network, n.mac or m) for n, m in zip(s.nics, macs))))
+        specs = filled
         rows = await self.svc.store.call(self.svc.store.vm_reserve, self.ctx.id, [
             {"id": s.id, "name": s.name, "kind": str(s.kind), "host": s.host, "spec": s.to_dict()} for s in specs])
         vms = [VMSpec.from_dict(r["spec"]) for r in rows]
@@ -236,8 +245,7 @@ class CreateVM(MakesVMs):
         await names_clash(svc, [p["name"]], own, "choose another name (ferry vm list shows the names in use)")
         nics = tuple(NicSpec(n.get("network", "default"), n.get("mac", ""))
                      for n in p.get("nics", [{"network": "default"}]))
-        for n in nics:
-            h.check_network(n.network)
+        h.check_nics(nics)
         cpus = int(p.get("cpus", 1))
         vm = VMSpec(id=new_id(), name=p["name"], host=h.name, cpus=cpus,
                     max_cpus=int(p.get("max_cpus", default_max_cpus(cpus))),
@@ -314,7 +322,8 @@ class ImportVM(MakesVMs):
         ds = h.datastore(p.get("datastore"))
         if space:
             await h.ensure_space(ds, need, f"importing {name} from {PurePosixPath(p['path']).name}")
-        nets = [n if n in h.spec.networks else h.spec.networks[0] for n in spec.nics]
+        here = h.site.networks_of(h.name)
+        nets = [n if n in here else here[0] for n in spec.nics]
         as_template = bool(p.get("as_template", spec.is_template))
         return h, VMSpec(id=new_id(), name=name, host=h.name, cpus=spec.cpus, max_cpus=default_max_cpus(spec.cpus),
                          memory_mb=spec.memory_mb,

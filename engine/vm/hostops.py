@@ -15,6 +15,7 @@ from ..platform.liveimage import LiveImage
 from ..transport.base import RunResult, Transport
 from .hostcmd import last_line, qemu_img_progress
 from .model import VMSpec
+from .nics import NicPlan, attach_script, bridges_script, plan as nic_plan
 
 RECYCLE_DIR = ".recycle"
 
@@ -83,10 +84,30 @@ class HostOps:
         if not r.ok:
             raise self._failed(f"qemu-img {args[0]}", r)
 
-    def check_network(self, network: str) -> None:
-        if network not in self.spec.networks:
-            raise Refused(f"network {network!r} is not on host {self.name}",
-                                 f"use one of: {', '.join(self.spec.networks)}")
+    def check_nics(self, nics) -> None:
+        """Refused for a NIC whose network is not on this host."""
+        nic_plan(self.site, self.name, "", nics)
+
+    def nics(self, vm: VMSpec) -> list[NicPlan]:
+        return nic_plan(self.site, self.name, vm.id, vm.nics)
+
+    async def ensure_bridges(self, plans: list[NicPlan]) -> None:
+        """Before QEMU starts: the bridges its taps join exist (made where the network allows)."""
+        if not any(p.tap for p in plans):
+            return
+        r = await self.t.sh(bridges_script(self.name, plans), timeout=60)
+        if r.exit_status == 3:
+            raise Refused(last_line(r), f"create the bridge on {self.name}, or allow Ferry to: "
+                          "create = true in the network's section of config.toml")
+        if not r.ok:
+            raise self._failed("preparing the network bridges", r)
+
+    async def attach_taps(self, plans: list[NicPlan]) -> None:
+        """After QEMU made its taps: each joins its bridge (or its VLAN) and comes up."""
+        if any(p.tap for p in plans):
+            r = await self.t.sh(attach_script(plans), timeout=60)
+            if not r.ok:
+                raise self._failed("joining the VM's taps to their bridges", r)
 
     async def image_info(self, path: str) -> dict:
         return json.loads(await self.qemu_img("info", "--output=json", "-U", path, timeout=60))
@@ -166,7 +187,7 @@ class HostOps:
             if entry == "live":
                 break
         disks = [LiveDisk(d.path, "qcow2", d.bus) for d in vm.disks]
-        nics = [LiveNic(mac=n.mac or None) for n in vm.nics]
+        nics = [LiveNic(mac=p.mac, tap=p.tap) for p in self.nics(vm)]
         return live_boot_argv(image, paths=self.paths(vm), role=role, accel=accel, memory_mb=vm.memory_mb,
                               cpus=vm.cpus, maxcpus=max(vm.cpus, vm.max_cpus), params=params, disks=disks,
                               nics=nics, cpu=self.spec.cpu_model, incoming=incoming)

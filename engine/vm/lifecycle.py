@@ -123,10 +123,21 @@ async def boot(ctx: TaskContext, vm: VMSpec, *, incoming: str | None = None, wai
     if reason:
         ctx.log(reason)
     await disks_present(h, vm)
+    nics = h.nics(vm)
+    await h.ensure_bridges(nics)
     argv = h.argv(vm, image, accel, incoming=incoming)
     ctx.progress(item=f"starting QEMU on {h.name} ({accel})", units_done=1)
     pid = await launch(h.t, argv, h.paths(vm))
     ctx.log(f"QEMU of {vm.name} runs on {h.name} as pid {pid} ({accel})")
+    try:
+        await h.attach_taps(nics)
+    except FerryError:
+        await h.run(["kill", "-9", str(pid)], what="kill")   # a VM cut off from its network is not started
+        raise
+    for n in nics:
+        if n.tap:
+            ctx.log(f"NIC {n.index} of {vm.name} ({n.mac}) is on network {n.network.name}: tap {n.tap} on "
+                    f"bridge {n.bridge}" + (f", VLAN {n.network.vlan}" if n.network.vlan else ""))
     out: dict[str, Any] = {"vm": vm.name, "host": h.name, "pid": pid, "accel": accel}
     if incoming:
         await _wait_incoming(ctx, svc, vm)

@@ -72,6 +72,15 @@ class VMService:
     async def names_in_use(self) -> set[str]:
         return {r["name"] for r in await self.rows()}
 
+    async def macs_in_use(self) -> set[str]:
+        """Every MAC of the site's VMs and templates (the recycle bin's too: they may come back)."""
+        from .nics import mac_for
+        out: set[str] = set()
+        for r in await self.rows() + await self.rows(recycled=True):
+            vm = VMSpec.from_dict(r["spec"])
+            out.update((n.mac or mac_for(vm.id, i)).lower() for i, n in enumerate(vm.nics))
+        return out
+
     async def update(self, vm_id: str, **fields: Any) -> None:
         if isinstance(fields.get("spec"), VMSpec):
             fields["spec"] = fields["spec"].to_dict()

@@ -1,0 +1,144 @@
+"""VM NICs on shared L2 segments (issue 12): VMs on different lab hosts — network namespaces
+reached over SSH — talk over the `lab` network; VMs on different VLANs of one network do not.
+Real QEMU (TCG), real taps and bridges, the guests' own busybox `ping` run through the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ferry.engine.platform.netlab import NetLab
+from ferry.engine.platform.qga import GuestAgent
+from ferry.engine.transport.local import LocalTransport
+from ferry.engine.vm.model import process_name
+from ferry.engine.vm.nics import mac_for, tap_name, unique_macs
+from harness.cli import ferry
+from harness.lab import lab_workspace, ok
+
+needs = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None,
+                           reason="needs root (namespaces, taps) and qemu-system-x86_64")
+
+
+def test_macs_are_stable_unique_and_locally_administered():
+    assert mac_for("vm-1", 0) == mac_for("vm-1", 0) != mac_for("vm-1", 1) != mac_for("vm-2", 0)
+    first = int(mac_for("vm-1", 0).split(":")[0], 16)
+    assert first & 0b10 and not first & 0b1                  # locally administered, unicast
+    taken = {mac_for("vm-3", 0)}
+    macs = unique_macs("vm-3", 2, taken)
+    assert macs[0] not in taken and len(set(macs)) == 2
+    assert len(tap_name("0123456789abcdef", 3)) <= 15
+
+
+@pytest.fixture(scope="module")
+def netws():
+    gen = lab_workspace("fnet-")
+    ws = next(gen)
+    lab = NetLab(ws / "netlab", subnet=f"10.{random.randint(232, 250)}.{random.randint(0, 255)}.0/24")
+    try:
+        lab.up()
+        (ws / "known_hosts").write_text(lab.known_hosts.read_text())
+        hosts = "".join(textwrap.dedent(f"""
+            [hosts.{h}]
+            cluster = "lab"
+            transport = "ssh"
+            address = "{lab.address(h)}"
+            user = "root"
+            identity = "{lab.identity}"
+            runtime = "{ws / h / 'run'}"
+            """) for h in ("lab1", "lab3"))
+        (ws / "config.toml").write_text(textwrap.dedent(f"""
+            [site]
+            name = "netlab"
+            [clusters.lab]
+            [datastores.shared]
+            path = "{ws / 'shared'}"
+            hosts = ["lab1", "lab3"]
+            [networks.lab]
+            bridge = "br-lab"
+            create = false
+            [networks.v10]
+            bridge = "br-vl"
+            vlan = 10
+            hosts = ["lab1"]
+            [networks.v20]
+            bridge = "br-vl"
+            vlan = 20
+            hosts = ["lab1"]
+            """) + hosts)
+        yield ws, lab
+    finally:
+        lab.down()
+        gen.close()
+
+
+async def _guest(ws: Path, lab: NetLab, host: str, name: str, script: str, timeout: float = 60) -> tuple[int, str]:
+    """Runs a busybox shell script in the guest through its agent (the socket is on this machine's disk)."""
+    vid = (await asyncio.to_thread(ok, ws, "vm", "show", name))["id"]
+    sock = ws / host / "run" / f"{process_name(vid)}.qga"
+    async with await GuestAgent.open(LocalTransport(), str(sock), name=name, timeout=10) as ga:
+        r = await ga.exec("/bin/sh", ["-c", script], timeout=timeout)
+    return r.exitcode, (r.stdout + r.stderr).decode(errors="replace")
+
+
+def _start(ws: Path, name: str, host: str, network: str) -> dict:
+    ok(ws, "vm", "create", name, "--host", host, "--network", network, "--memory", "128M")
+    started = ok(ws, "vm", "start", name)
+    return started
+
+
+@needs
+async def test_vms_on_two_lab_hosts_talk_over_the_lab_network(netws):
+    ws, lab = netws
+    await asyncio.to_thread(_start, ws, "na", "lab1", "lab")
+    await asyncio.to_thread(_start, ws, "nb", "lab3", "lab")
+    shown = {v["name"]: v for v in await asyncio.to_thread(ok, ws, "vm", "list")}
+    assert shown["na"]["state"] == "running" and shown["nb"]["state"] == "running"
+    # the tap is on the lab host's bridge, in its namespace (not on this machine)
+    nb = await asyncio.to_thread(ok, ws, "vm", "show", "nb")
+    links = subprocess.run(["ip", "-n", lab.ns("lab3"), "-o", "link", "show", "master", "br-lab"],
+                           capture_output=True, text=True).stdout
+    assert tap_name(nb["id"], 0) in links
+    assert tap_name(nb["id"], 0) not in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    code, out = await _guest(ws, lab, "lab1", "na", "ip addr add 192.168.77.1/24 dev eth0 && ip link set eth0 up")
+    assert code == 0, out
+    code, out = await _guest(ws, lab, "lab3", "nb", "ip addr add 192.168.77.2/24 dev eth0 && ip link set eth0 up")
+    assert code == 0, out
+    code, out = await _guest(ws, lab, "lab1", "na", "ping -c 3 -W 5 192.168.77.2")
+    assert code == 0 and "3 packets received" in out, out
+
+
+@needs
+async def test_vms_on_different_vlans_of_one_network_cannot_talk(netws):
+    ws, lab = netws
+    for name, net in (("va", "v10"), ("vb", "v10"), ("vc", "v20")):
+        await asyncio.to_thread(_start, ws, name, "lab1", net)
+    for name, ip in (("va", 1), ("vb", 2), ("vc", 3)):
+        code, out = await _guest(ws, lab, "lab1", name,
+                                 f"ip addr add 192.168.88.{ip}/24 dev eth0 && ip link set eth0 up")
+        assert code == 0, out
+    code, out = await _guest(ws, lab, "lab1", "va", "ping -c 2 -W 3 192.168.88.2")
+    assert code == 0 and "2 packets received" in out, out          # same VLAN
+    code, out = await _guest(ws, lab, "lab1", "va", "ping -c 2 -W 2 192.168.88.3")
+    assert code != 0 and "0 packets received" in out, out          # another VLAN: nothing arrives
+
+
+def test_a_network_whose_bridge_is_missing_refuses_the_start(netws):
+    ws, lab = netws
+    cfg = (ws / "config.toml").read_text()
+    try:
+        (ws / "config.toml").write_text(cfg + '[networks.gone]\nbridge = "br-gone"\ncreate = false\n')
+        ok(ws, "vm", "create", "ng", "--host", "lab1", "--network", "gone", "--memory", "128M")
+        r = ferry(ws, "vm", "start", "ng")
+        assert r.code != 0
+        assert "bridge br-gone is missing on host lab1" in r.err and "create = true" in r.err
+        assert {v["name"]: v for v in ok(ws, "vm", "list")}["ng"]["state"] == "stopped"
+    finally:
+        (ws / "config.toml").write_text(cfg)
