@@ -93,14 +93,16 @@ CATALOGUE: tuple[Action, ...] = (
         marks=True),
     _vm("n", "create", "New VM", "Create a VM on the selected host", palette="create…",
         cli="vm create", cli_help="create an empty VM", precheck=False),
-    _vm("c", "clone", "Clone", "Copy the selected VM (or template) under a new name", palette="Clone {vm}…",
-        cli="vm clone", cli_help="full copy of a VM (also while it runs: a point-in-time copy)"),
+    _vm("c", "clone", "Clone", "Copy the selected VM (or template) under a new name, to a host and datastore",
+        palette="Clone {vm}…", cli="vm clone",
+        cli_help="full copy of a VM (also while it runs: a point-in-time copy), on its host or on another "
+                 "that shares the datastore"),
     _vm("t", "convert", "Template/VM", "Convert the selected VM to a template, or a template back to a VM",
         palette="Convert {what} {vm} to a {other}", cli="template convert",
         cli_help="turn a stopped VM into a template"),
-    _vm("d", "deploy", "Deploy", "Make VMs from the selected template: a name pattern, a count, linked or full",
-        palette="Deploy VMs from template {vm}…", cli="template deploy",
-        cli_help="make VMs from a template: linked (default) or full clones, N at once"),
+    _vm("d", "deploy", "Deploy", "Make VMs from the selected template: a name pattern, a count, linked or full, "
+        "on a host and datastore", palette="Deploy VMs from template {vm}…", cli="template deploy",
+        cli_help="make VMs from a template: linked (default) or full clones, N at once, on a host"),
     _vm("e", "export", "Export", "Export the selected VM or template as OVA or OVF on its host",
         palette="Export {vm}…", cli="vm export",
         cli_help="export as OVF (a folder) or OVA (one file) on the host of the VM"),
@@ -163,6 +165,21 @@ CATALOGUE: tuple[Action, ...] = (
     Action("sort_next", "table.sort", "o", "Sort", "Sort by the next column (a click on a header sorts by it)",
            "table", palette=None),
     Action("sort_flip", "table.sort.flip", "O", "Sort ⇅", "Sort the other way round", "table", palette=None),
+    # ------------------------------------------------------------------ the Audit and Events tables
+    Action("filter", "table.filter", "slash", "Filter", "Filter the rows (esc clears it)", "records", show=True,
+           palette="Filter the rows"),
+    Action("copy_row", "table.copy", "y", "Copy", "Copy the selected row to the clipboard (OSC 52)", "records",
+           palette="Copy the selected row"),
+    # ------------------------------------------------------------------ a task's full-screen log
+    Action("close", "log.back", "escape,q", "Back", "Back to the Tasks view", "log", show=True, palette=None),
+    Action("scroll_by(1)", "log.down", "j,down", "Down", "One line down", "log", palette=None),
+    Action("scroll_by(-1)", "log.up", "k,up", "Up", "One line up", "log", palette=None),
+    Action("top", "log.top", "g,home", "Top", "The oldest lines", "log", palette=None),
+    Action("bottom", "log.end", "G,end", "End", "The newest lines; new ones follow", "log", show=True, palette=None),
+    Action("copy_log", "log.copy", "y", "Copy log", "Copy the whole log to the clipboard (OSC 52)", "log", show=True,
+           palette=None),
+    Action("copy_error", "log.error", "e", "Copy error", "Copy the task's error and hint", "log", show=True,
+           palette=None),
 )
 
 

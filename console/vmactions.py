@@ -693,33 +693,6 @@ class VMActions:
 
     # ------------------------------------------------------------------ the command palette
 
-    def vm_commands(self) -> list[tuple[str, str, Callable[[], object]]]:
-        """Palette entries: create and import anywhere, and what applies to the VM under the cursor."""
-        cmds: list[tuple[str, str, Callable[[], object]]] = [
-            ("VM: create…", f"a new VM on {self.cursor_host()}  (n)", self.action_vm_create),
-            ("VM: import…", "an OVA/OVF package from a host  (i)", self.action_vm_import),
-        ]
-        vm = self.cursor_vm()
-        if vm is None:
-            return cmds
-        name = vm.name
-        for action, text in (
-            ("vm_start", f"Start {name}"), ("vm_stop", f"Shut down {name} (safe)"),
-            ("vm_force_stop", f"Force stop {name}"), ("vm_reboot", f"Reboot {name}"),
-            ("vm_hibernate", f"Hibernate {name}"), ("vm_clone", f"Clone {name}…"),
-            ("vm_convert", f"Convert template {name} to a VM" if vm.is_template else f"Convert {name} to a template"),
-            ("vm_deploy", f"Deploy VMs from template {name}…"), ("vm_export", f"Export {name}…"),
-            ("vm_delete", f"Purge {name}…" if vm.in_bin else f"Delete {name}…"),
-            ("vm_restore", f"Restore {name} from the recycle bin"),
-            ("vm_serial", f"Serial console of {name}"),
-        ):
-            if self.vm_check(action) is True:
-                key = VM_KEYS[action][0]
-                what = "template" if vm.is_template else "VM"
-                shown_key = "del" if key == "delete" else key
-                cmds.append((f"VM: {text}", f"the selected {what}  ({shown_key})", getattr(self, f"action_{action}")))
-        return cmds
-
 
 # What each key that acts on marked VMs does to one of them: the verb its dialog says, the task it submits.
 BULK_VERBS = {"vm_start": "start", "vm_stop": "shut down", "vm_force_stop": "force stop", "vm_reboot": "reboot",

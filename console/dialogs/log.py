@@ -11,13 +11,13 @@ from typing import Any
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.content import Content
 from textual.widgets import Footer, RichLog, Static
 
 from ferry.engine.textsafe import line as safe
 
 from ferry.console.feed import TaskFeed
+from ferry.console.keys import bindings
 from ferry.console.widgets.framed import FramedScreen
 from ferry.console.dialogs.modals import esc
 from ferry.console.severity import state_markup
@@ -36,15 +36,7 @@ def entry_text(entry: Any, variables: dict[str, str]) -> Text:
 
 
 class TaskLogScreen(FramedScreen):
-    BINDINGS = [
-        Binding("escape,q", "close", "Back", id="ferry.log.back"),
-        Binding("j,down", "scroll_by(1)", "Down", show=False, id="ferry.log.down"),
-        Binding("k,up", "scroll_by(-1)", "Up", show=False, id="ferry.log.up"),
-        Binding("g,home", "top", "Top", show=False, id="ferry.log.top"),
-        Binding("G,end", "bottom", "End", id="ferry.log.end", tooltip="The newest lines; new ones follow"),
-        Binding("y", "copy_log", "Copy log", id="ferry.log.copy", tooltip="Copy the whole log to the clipboard (OSC 52)"),
-        Binding("e", "copy_error", "Copy error", id="ferry.log.error", tooltip="Copy the task's error and hint"),
-    ]
+    BINDINGS = bindings("log")
 
     def __init__(self, client: Any, feed: TaskFeed, task_id: int) -> None:
         super().__init__()

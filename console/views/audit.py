@@ -9,7 +9,6 @@ from functools import partial
 from typing import Any
 
 from textual.app import ComposeResult
-from textual.binding import Binding
 from textual.containers import Vertical
 from textual.content import Content
 from textual.widgets import Static
@@ -17,6 +16,7 @@ from textual.widgets import Static
 from ferry.engine.textsafe import line as safe
 
 from ferry.console.feed import TaskFeed
+from ferry.console.keys import bindings
 from ferry.console.dialogs.modals import esc
 from ferry.console.widgets.table import Column, KeyedTable, Row, TableFilter, cell
 from ferry.console.theming import rich_style
@@ -36,11 +36,7 @@ def stamp(ts: float) -> str:
 class TableView(ViewBase, Vertical):
     """A view that is one KeyedTable, its `/` line and a status line; `y` copies the row."""
 
-    BINDINGS = [
-        Binding("slash", "filter", "Filter", id="ferry.table.filter", tooltip="Filter the rows (esc clears it)"),
-        Binding("y", "copy_row", "Copy", show=False, id="ferry.table.copy",
-                tooltip="Copy the selected row to the clipboard (OSC 52)"),
-    ]
+    BINDINGS = bindings("records")
     COLUMNS: tuple[Column, ...] = ()
     SORT = ("time", True)
 
