@@ -5,7 +5,9 @@ state) for the `:events` view.
 
 Events give live progress of the tasks this process runs (already coalesced per task by the
 engine); the poll picks up tasks changed by other Ferry processes. Changes are collected
-as a set of dirty task ids and announced at most `max_hz` times a second. No textual here.
+as a set of dirty task ids and announced at most `max_hz` times a second, and at most
+`progress_hz` times when only progress moved (a hundred tasks' bars redrawn ten times a second
+would take the console's time from the operator's keys). No textual here.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ferry.engine.events import Event
 from ferry.engine.taskmodel import TaskInfo, TaskState
 
 MAX_HZ = 10.0
+PROGRESS_HZ = 4.0
 POLL_S = 2.0
 LIMIT = 500
 EVENT_PROGRESS_WINS_S = 5.0   # progress from events beats the (throttled) progress stored in state.db
@@ -40,10 +43,11 @@ class SessionEvent:
 
 class TaskFeed:
     def __init__(self, client: Any, on_change: Callable[[], None], *, max_hz: float = MAX_HZ,
-                 poll_s: float = POLL_S, limit: int = LIMIT) -> None:
+                 progress_hz: float = PROGRESS_HZ, poll_s: float = POLL_S, limit: int = LIMIT) -> None:
         self.client = client
         self.on_change = on_change
         self.min_gap = 1.0 / max_hz
+        self.progress_gap = 1.0 / min(max_hz, progress_hz)
         self.poll_s = poll_s
         self.limit = limit
         self.tasks: dict[int, TaskInfo] = {}
@@ -79,10 +83,12 @@ class TaskFeed:
                 events = await sub.wait(timeout=1.0)
                 if not events:
                     continue
-                self.apply_events(events)
-                gap = self.min_gap - (time.monotonic() - self._last_flush)
+                urgent = self.apply_events(events)
+                since = time.monotonic() - self._last_flush
+                gap = (self.min_gap if urgent else self.progress_gap) - since
                 if gap > 0:
-                    # Batch: whatever arrives in the rest of this frame goes out with it.
+                    # Batch: whatever arrives in the rest of this frame goes out with it (the
+                    # subscription keeps only the newest progress of each task meanwhile).
                     await asyncio.sleep(gap)
                     self.apply_events(sub.drain())
                 self._flush()
@@ -120,8 +126,11 @@ class TaskFeed:
     def _note(self, ev: Event, text: str, level: str = "info") -> None:
         self.session_events.append(SessionEvent(next(self._seq), ev.ts, ev.task_id, ev.type, text, level))
 
-    def apply_events(self, events: list[Event]) -> None:
+    def apply_events(self, events: list[Event]) -> bool:
+        """Merge events; True when one was more than progress (a task came, changed state or logged)."""
+        urgent = False
         for ev in events:
+            urgent |= ev.type != "progress"
             if ev.type in ("created", "state") and isinstance(ev.data, TaskInfo):
                 info = ev.data
                 if ev.type == "created":
@@ -144,6 +153,7 @@ class TaskFeed:
                 self.engine_state = str(ev.data)
                 self._note(ev, f"engine {ev.data}", "info" if ev.data == "running" else "warning")
                 self._dirty.add(0)
+        return urgent
 
     def _put(self, info: TaskInfo) -> None:
         old = self.tasks.get(info.id)
