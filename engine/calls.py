@@ -132,6 +132,17 @@ class EngineCalls:
     async def gc(self, dry_run: bool = False) -> list[api.Leftover]:
         return await self._call("gc", list[api.Leftover], dry_run=dry_run)
 
+    # ------------------------------------------------------------------ the network lab
+
+    async def lab_up(self) -> api.LabStatus:
+        return await self._call("lab_up", api.LabStatus)
+
+    async def lab_down(self) -> api.LabStatus:
+        return await self._call("lab_down", api.LabStatus)
+
+    async def lab_status(self) -> api.LabStatus:
+        return await self._call("lab_status", api.LabStatus)
+
     # ------------------------------------------------------------------ settings and audit
 
     async def get_setting(self, key: str, default: Any = None) -> Any:

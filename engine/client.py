@@ -7,9 +7,10 @@ EngineClient directly.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
-from typing import Any, Awaitable
+from typing import TYPE_CHECKING, Any, Awaitable
 
 from . import probe as _probe  # noqa: F401  (registers the probe task kind)
 from .replicate import task as _replicate  # noqa: F401  (registers replicate.files / replicate.blocks)
@@ -19,7 +20,7 @@ from .vm.prechecks import VMActionCheck, precheck, refused
 from .vm.service import VMService
 from .vm.serial import SerialConsole, open_serial
 from .config import SiteConfig
-from .errors import PermanentError
+from .errors import FerryError, PermanentError
 from .events import Subscription
 from .api import AuditEntry, HostKey, TaskLogEntry, TrackedFile
 from .gc import Leftover
@@ -29,6 +30,9 @@ from .taskmodel import TaskInfo
 from .tasks import Engine, JobAlreadyRunning, kind_of
 from .transport import TransportPool, fetch_host_key, record_host_key
 from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from .platform.labops import LabStatus
 
 
 log = logging.getLogger("ferry.engine")
@@ -43,6 +47,7 @@ class EngineClient:
         self.transports = transports or TransportPool(site, workspace)
         self.engine = Engine(self.store, site, transports=self.transports, adopt=adopt)
         self._config_stamp = self._stamp()
+        self._lab_lock = asyncio.Lock()      # one build or teardown of the network lab at a time
 
     def _stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -70,6 +75,7 @@ class EngineClient:
                 svc.site = site
         stale = [h for h in list(self.transports.hosts()) if old.hosts.get(h) != site.hosts.get(h)]
         await self.transports.drop(stale)
+        self._lab_folders()
         log.info("config.toml changed: site %s reloaded (%d hosts)", site.name, len(site.hosts))
         return True
 
@@ -78,11 +84,21 @@ class EngineClient:
         """Load the workspace's site (raises ConfigError) and build a client for it."""
         return cls(workspace, workspace.load_config(), **kw)
 
-    async def start(self) -> None:
-        if self.site.is_lab:
-            # The lab's hosts are folders on this machine: give them their runtime and datastores.
+    def _lab_folders(self) -> None:
+        """The lab's hosts (folders, or namespaces of this machine) get their runtime and datastores."""
+        if self.site.is_lab or self.site.lab.network:
             for path in [h.runtime for h in self.site.hosts.values()] + [d.path for d in self.site.datastores.values()]:
                 Path(path).mkdir(parents=True, exist_ok=True)
+
+    async def start(self) -> None:
+        self._lab_folders()
+        if self.site.lab.network and await self.get_setting("lab.down") is not True:
+            # A site that is the network lab: adopt it (or repair what is missing of it) before any
+            # task resumes on its hosts; one `ferry lab down` took down on purpose stays down.
+            try:
+                await self._lab_call("up")
+            except FerryError as e:
+                log.warning("the network lab is not up: %s (hint: %s)", e.message, e.hint)
         await self.engine.start()
 
     async def close(self) -> None:
@@ -269,6 +285,40 @@ class EngineClient:
         await self.audit("host.trust", host, {"fingerprint": info.fingerprint, "was": str(info.status),
                                               "endpoint": info.endpoint}, "ok")
         return _host_key(host, info)
+
+    # ------------------------------------------------------------------ the network lab
+
+    async def _lab_call(self, action: str) -> Any:
+        from .platform import labops
+        lab = labops.lab_of(self.workspace.root, self.site.lab.subnet)
+        configured = self.site.lab.network
+        async with self._lab_lock:
+            if action == "status":
+                return await asyncio.to_thread(labops.status, lab, configured=configured)
+            if action == "up":
+                out = await asyncio.to_thread(labops.up, lab, self.workspace.known_hosts_path,
+                                              configured=configured)
+            else:
+                out = await asyncio.to_thread(labops.down, lab, configured=configured)
+            if configured and out.changed:      # connections to an sshd that went are of no use
+                await self.transports.drop([h.name for h in out.hosts if h.name in self.site.hosts])
+            return out
+
+    async def lab_up(self) -> LabStatus:
+        """Build the network lab of this workspace (adopt it when up, repair it when half made); its
+        host keys trusted in the workspace's known_hosts. Refused without root."""
+        await self.store.call(self.store.set_setting, "lab.down", False)
+        return await self._audited("lab.up", "lab", {}, self._lab_call("up"))
+
+    async def lab_down(self) -> LabStatus:
+        """Stop every process of the network lab and remove it (namespaces, links, fence)."""
+        out = await self._audited("lab.down", "lab", {}, self._lab_call("down"))
+        await self.store.call(self.store.set_setting, "lab.down", True)
+        return out
+
+    async def lab_status(self) -> LabStatus:
+        """Each lab host: namespace, address, sshd pid, whether it answers."""
+        return await self._lab_call("status")
 
     # ------------------------------------------------------------------ leftovers
 

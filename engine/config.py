@@ -92,8 +92,10 @@ DEFAULT_NETWORK = NetworkSpec("default", mode="user")
 
 @dataclass(frozen=True)
 class LabSettings:
-    """config.toml's [lab]: the addresses of the network lab (network namespaces on this machine)."""
+    """config.toml's [lab]: the addresses of the network lab (network namespaces on this machine), and
+    whether this site is that lab (network = true: the engine brings it up, or adopts it, as it starts)."""
     subnet: str = "10.231.0.0/24"
+    network: bool = False
 
 
 @dataclass(frozen=True)
@@ -294,7 +296,7 @@ TOP_KEYS = {"site": "{ name = \"dc1\" }", "engine": "{ max_tasks = 4 }", "cluste
             "networks": "{ prod = { bridge = \"br-prod\" } }", "lab": "{ subnet = \"10.231.0.0/24\" }"}
 NETWORK_KEYS = {"mode": '"bridge"', "bridge": '"br-prod"', "create": "true", "vlan": "100", "mtu": "1500",
                 "hosts": '["cna01", "cna02"]', "uplinks": '{ cna01 = "eth1" }'}
-LAB_KEYS = {"subnet": '"10.231.0.0/24"'}
+LAB_KEYS = {"subnet": '"10.231.0.0/24"', "network": "true"}
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 SITE_KEYS = {"name": '"dc1"', "production": "true", "theme": '"dark"'}
 ENGINE_KEYS = {"max_tasks": "4", "max_tasks_per_host": "2", "retries": "5", "group": '"ferry-ops"'}
@@ -517,7 +519,8 @@ def _lab_settings(c: _Checker, data: Any) -> LabSettings:
         if net.num_addresses < 32:
             return f"{v} is too small for a lab: use a /27 or larger"
         return None
-    return LabSettings(subnet=c.get(data, ("lab",), "subnet", str, LabSettings.subnet, subnet, '"10.231.0.0/24"'))
+    return LabSettings(subnet=c.get(data, ("lab",), "subnet", str, LabSettings.subnet, subnet, '"10.231.0.0/24"'),
+                       network=c.get(data, ("lab",), "network", bool, False, example="true"))
 
 
 def _console_settings(c: _Checker, data: Any) -> ConsoleSettings:
@@ -583,8 +586,11 @@ def dump_config(data: dict) -> str:
 LAB_HOSTS = (("lab1", "lab"), ("lab2", "lab"), ("lab3", "lab-b"))
 
 
-def lab_document(root: Path) -> dict:
-    """The built-in lab site on this machine, as a config document (what `ferry init` writes)."""
+def lab_document(root: Path, *, network: bool = False, subnet: str = LabSettings.subnet) -> dict:
+    """The built-in lab site on this machine, as a config document (what `ferry init` writes).
+    network=True: the network lab's (`ferry init --network-lab`): the same hosts, clusters and
+    datastores, each host a network namespace reached over SSH at its own address in `subnet`, with
+    the lab's throw-away key; the VM network `lab` on their bridge br-lab (the lab makes it)."""
     lab = root / "lab"
     doc: dict[str, Any] = {
         "site": {"name": "lab"},
@@ -598,6 +604,14 @@ def lab_document(root: Path) -> dict:
                               "accel": "auto", "networks": ["default"]}
         doc["datastores"][f"{name}-local"] = {"path": str(lab / name / "datastore"), "hosts": [name]}
     doc["datastores"]["shared"] = {"path": str(lab / "shared"), "hosts": [h for h, _ in LAB_HOSTS]}
+    if network:
+        from .platform.labops import lab_of
+        netlab = lab_of(root, subnet)
+        for name, _ in LAB_HOSTS:
+            doc["hosts"][name].update(transport="ssh", address=netlab.address(name), user="root",
+                                      identity=str(netlab.identity))
+        doc["networks"] = {"lab": {"bridge": "br-lab", "create": False, "hosts": [h for h, _ in LAB_HOSTS]}}
+        doc["lab"] = {"subnet": subnet, "network": True}
     return doc
 
 

@@ -68,13 +68,14 @@ class Workspace:
             return load_config(self.config_path, check_files=check_files)
         return lab_config(self.root)
 
-    def write_lab_config(self, *, force: bool = False) -> Path:
-        from .config import dump_config, lab_document
+    def write_lab_config(self, *, force: bool = False, network: bool = False, subnet: str | None = None) -> Path:
+        """config.toml for the lab: the folder lab's, or (network) the network lab's in `subnet`."""
+        from .config import LabSettings, dump_config, lab_document
         if self.config_path.exists() and not force:
             raise PermanentError(f"{self.config_path} already exists", "pass --force to overwrite it")
         self.ensure()
         tmp = self.config_path.with_suffix(".toml.tmp")
         tmp.write_text("# Ferry site configuration (written by `ferry init`; edit freely)\n"
-                       + dump_config(lab_document(self.root)))
+                       + dump_config(lab_document(self.root, network=network, subnet=subnet or LabSettings.subnet)))
         os.replace(tmp, self.config_path)
         return self.config_path

@@ -177,13 +177,26 @@ def cmd_console(args, ws: Workspace) -> int:
 
 
 def cmd_init(args, ws: Workspace) -> int:
-    path = ws.write_lab_config(force=args.force)
+    if ws.config_path.exists() and not args.force:
+        raise PermanentError(f"{ws.config_path} already exists", "pass --force to overwrite it")
+    lab = None
+    if args.network_lab:
+        # the lab first: config.toml names its key, which must exist; its host keys go to known_hosts
+        async def up(client) -> Any:
+            return await client.lab_up()
+        try:
+            lab = _ask(ws, up)
+        except Refused as e:
+            print(f"ferry: {safe(e)}", file=sys.stderr)
+            return EXIT_CONFIG
+    path = ws.write_lab_config(force=args.force, network=lab is not None, subnet=lab.subnet if lab else None)
 
     async def go(client) -> int:
-        await client.audit("config.init", str(path), {"force": args.force}, "ok")
+        await client.audit("config.init", str(path), {"force": args.force, "network_lab": args.network_lab}, "ok")
         return EXIT_OK
     _ask(ws, go)
-    print(f"wrote the lab configuration to {path}")
+    print(f"wrote the {'network ' if lab else ''}lab configuration to {path}"
+          + (f" (hosts {', '.join(f'{h.name} {h.address}' for h in lab.hosts)}, over SSH)" if lab else ""))
     return EXIT_OK
 
 
@@ -674,6 +687,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     s = sub.add_parser("init", help="write the lab configuration to the workspace so it can be edited")
     s.add_argument("--force", action="store_true", help="overwrite an existing config.toml")
+    s.add_argument("--network-lab", action="store_true", help="the network lab's: hosts are network namespaces "
+                   "reached over SSH at their own addresses (brings the lab up; needs root)")
     s.set_defaults(func=cmd_init)
 
     s = sub.add_parser("config", help="configuration commands")

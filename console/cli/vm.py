@@ -1,4 +1,5 @@
-"""`ferry vm ...`, `ferry template ...` and `ferry lab image build`: headless VM commands."""
+"""`ferry vm ...`, `ferry template ...`, `ferry lab image build` and `ferry lab up|down|status`:
+headless VM and lab commands."""
 
 from __future__ import annotations
 
@@ -361,6 +362,37 @@ def cmd_lab_image_build(args, ws: Workspace) -> int:
     return EXIT_OK
 
 
+def _lab_report(st, action: str | None) -> None:
+    """A lab's state as lines: what the call changed, then a line per host."""
+    if action:
+        verb = {"up": "built or repaired", "down": "removed"}[action]
+        print(f"{verb}: {', '.join(st.changed)}" if st.changed else f"{verb}: nothing (it was {action} already)")
+    if action == "down":
+        return
+    rows = [[h.name, h.namespace if h.present else f"{h.namespace} (absent)", h.address,
+             str(h.sshd) if h.sshd else "-", "✔ yes" if h.answers else "✖ no"] for h in st.hosts]
+    print(_table(rows, ["HOST", "NAMESPACE", "ADDRESS", "SSHD", "ANSWERS"]))
+    print(f"lab {'up' if st.up else 'not up'}: subnet {st.subnet}, this machine {st.gateway}, folder {st.folder}"
+          + ("" if st.configured else " (config.toml's site is not this lab: `ferry init --network-lab`)"))
+
+
+def cmd_lab(args, ws: Workspace) -> int:
+    """`ferry lab up|down|status`: the network lab of this workspace, built and run by its engine."""
+    async def go(client) -> int:
+        action = args.lab_command
+        try:
+            st = await {"up": client.lab_up, "down": client.lab_down, "status": client.lab_status}[action]()
+        except Refused as e:     # no root: nothing was done
+            print(f"ferry: {safe(e)}", file=sys.stderr)
+            return EXIT_CONFIG
+        if args.json:
+            print(api.dumps(st))
+        else:
+            _lab_report(st, None if action == "status" else action)
+        return EXIT_OK if st.up or action == "down" else EXIT_FAIL
+    return _ask(ws, go)
+
+
 def add_parsers(sub) -> None:
     def common(p, *, name: bool = True) -> None:
         if name:
@@ -492,3 +524,10 @@ def add_parsers(sub) -> None:
     b.add_argument("--force", action="store_true", help="build again even if cached")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_lab_image_build)
+    for action, text in (("up", "build the network lab (namespaces with their own sshd), adopt it when it "
+                                "runs, repair it when half made; its host keys trusted in known_hosts"),
+                         ("down", "stop every process of the network lab and remove its namespaces and links"),
+                         ("status", "each lab host: namespace, address, sshd pid, whether it answers")):
+        u = ls.add_parser(action, help=text)
+        u.add_argument("--json", action="store_true")
+        u.set_defaults(func=cmd_lab)

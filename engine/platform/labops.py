@@ -1,0 +1,93 @@
+"""The network lab as the engine serves it (`ferry lab up|down|status`): the lab of a workspace,
+what `up` built or repaired and what `down` removed, as typed records (issue 12).
+
+The lab of workspace W lives in W/lab (the folder lab's runtime and datastores stay there too):
+W/lab/HOST/sshd holds each host's sshd, W/lab/ssh the throw-away client key. `up` also trusts the
+lab's host keys in W/known_hosts, so the SSH transport verifies them as it does any host's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import LAB_HOSTS
+from ..errors import Refused
+from .netlab import NetLab, NetLabError, _link_exists, _netns_list
+
+
+@dataclass(frozen=True)
+class LabHost:
+    """One host of the network lab: its namespace, address and sshd."""
+    name: str
+    namespace: str
+    address: str
+    present: bool                 # its namespace exists
+    sshd: int | None              # the pid of its sshd (None: not running)
+    answers: bool                 # its sshd answers on the address
+
+
+@dataclass(frozen=True)
+class LabStatus:
+    """The network lab of a workspace; `changed` lists what the call built, repaired or removed."""
+    folder: str
+    subnet: str
+    gateway: str                  # this machine's address on the lab segment
+    hosts: tuple[LabHost, ...]
+    up: bool                      # every host is there and answers
+    configured: bool              # config.toml's site is this lab ([lab] network = true)
+    changed: tuple[str, ...] = ()
+
+
+def lab_of(workspace_root: Path, subnet: str) -> NetLab:
+    """The network lab of the workspace: its folder lab's hosts, in `subnet`."""
+    return NetLab(Path(workspace_root) / "lab", tuple(h for h, _ in LAB_HOSTS), subnet)
+
+
+def status(lab: NetLab, *, configured: bool, changed: tuple[str, ...] = ()) -> LabStatus:
+    """Each host of the lab as it is now (blocking: a banner read per host)."""
+    hosts = tuple(LabHost(h, s["namespace"], s["address"], bool(s["present"]), s["sshd"], bool(s["answers"]))
+                  for h, s in lab.status().items())
+    whole = all(h.present and h.answers for h in hosts)
+    return LabStatus(str(lab.root), lab.subnet, lab.gateway, hosts, whole, configured, changed)
+
+
+def _inventory(lab: NetLab) -> set[str]:
+    present = set(_netns_list())
+    have = {f"namespace {ns}" for ns in lab.namespaces if ns in present}
+    if _link_exists(lab.root_link):
+        have.add(f"link {lab.root_link}")
+    for h, s in lab.status().items():
+        if s["sshd"]:
+            have.add(f"sshd of {h} (pid {s['sshd']})")
+    return have
+
+
+def _needs_root(e: NetLabError) -> Exception:
+    """Without root the lab cannot be; said as a refusal (exit 2), nothing was done."""
+    return Refused(e.message, e.hint) if os.geteuid() != 0 else e
+
+
+def up(lab: NetLab, known_hosts: Path, *, configured: bool) -> LabStatus:
+    """Build what is missing of the lab, start what is not running (blocking: run it in a thread)."""
+    before = _inventory(lab)
+    try:
+        lab.up()
+    except NetLabError as e:
+        raise _needs_root(e) from None
+    built = sorted(_inventory(lab) - before)
+    from ..transport.knownhosts import record_host_key_sync
+    for h in lab.hosts:
+        kind, key = (lab.host_dir(h) / "ssh_host_ed25519_key.pub").read_text().split()[:2]
+        record_host_key_sync(known_hosts, lab.address(h), f"{kind} {key}")
+    return status(lab, configured=configured, changed=tuple(built))
+
+
+def down(lab: NetLab, *, configured: bool) -> LabStatus:
+    """Stop every process of the lab and remove its namespaces, links and fence (blocking)."""
+    if os.geteuid() != 0:
+        raise Refused("the network lab needs root (network namespaces, bridges, sshd)",
+                      "run Ferry as root; without root there is no network lab to take down")
+    removed = lab.down()
+    return status(lab, configured=configured, changed=tuple(removed))
