@@ -25,6 +25,7 @@ from .create import Maker, MakesVMs, names_clash
 from .lifecycle import VMTask, working_on
 from .model import (DiskSpec, NicSpec, VMKind, VMSpec, VMState, check_hardware, check_name, new_id,
                     parse_size)
+from .prechecks import networks_ready
 from .progress import ByteMeter, reporter
 from .service import VMService
 
@@ -107,10 +108,10 @@ class CloneVM(MakesVMs):
             ds = _shared_datastore(svc, src, target, p.get("datastore"), linked)
         th = svc.host(target)
         overrides = p.get("overrides") or {}
-        if overrides.get("network"):
-            th.check_nics([NicSpec(overrides["network"])])
-        elif target != src.host:
-            th.check_nics(src.nics)
+        nics = [NicSpec(overrides["network"])] if overrides.get("network") else list(src.nics)
+        if overrides.get("network") or target != src.host:
+            th.check_nics(nics)
+        await networks_ready(th, nics)
         grow = parse_size(overrides["disk_size"], "disk size") if overrides.get("disk_size") else None
         if grow is not None and src.disks and grow < src.disks[0].size:
             raise Refused(f"disk size {overrides['disk_size']} is smaller than {src.name}'s first disk "

@@ -29,7 +29,7 @@ from .hostops import HostOps, disk_path
 from .model import (DiskSpec, NicSpec, Passthrough, VMKind, VMSpec, VMState, check_boot, check_bus,
                     check_hardware, check_name, default_max_cpus, new_id, parse_size)
 from .nics import unique_macs
-from .prechecks import refused
+from .prechecks import networks_ready, refused
 from .progress import reporter
 from .service import VMService
 
@@ -246,6 +246,7 @@ class CreateVM(MakesVMs):
         nics = tuple(NicSpec(n.get("network", "default"), n.get("mac", ""))
                      for n in p.get("nics", [{"network": "default"}]))
         h.check_nics(nics)
+        await networks_ready(h, nics)
         cpus = int(p.get("cpus", 1))
         vm = VMSpec(id=new_id(), name=p["name"], host=h.name, cpus=cpus,
                     max_cpus=int(p.get("max_cpus", default_max_cpus(cpus))),
@@ -324,6 +325,7 @@ class ImportVM(MakesVMs):
             await h.ensure_space(ds, need, f"importing {name} from {PurePosixPath(p['path']).name}")
         here = h.site.networks_of(h.name)
         nets = [n if n in here else here[0] for n in spec.nics]
+        await networks_ready(h, [NicSpec(n) for n in nets])
         as_template = bool(p.get("as_template", spec.is_template))
         return h, VMSpec(id=new_id(), name=name, host=h.name, cpus=spec.cpus, max_cpus=default_max_cpus(spec.cpus),
                          memory_mb=spec.memory_mb,

@@ -25,7 +25,7 @@ from ..platform.qmp import QMPClient
 from ..tasks import TaskContext, TaskKind, register
 from .hostops import HostOps, vm_dir
 from .model import UNFINISHED_STATES, VMSpec, VMState
-from .prechecks import action_of
+from .prechecks import action_of, networks_ready
 from .service import VMService
 
 BOOT_TIMEOUT = 90.0
@@ -245,6 +245,7 @@ class StartVM(VMTask):
             raise Refused(f"the hibernated state of {vm.name} is missing: {vm.hibernate_file}",
                           f"start it fresh: ferry vm start {vm.name} --discard-state")
         await disks_present(h, vm)
+        await networks_ready(h, vm.nics)
         return row, vm, h
 
     async def rollback(self, ctx: TaskContext) -> None:

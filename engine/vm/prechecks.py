@@ -185,6 +185,37 @@ def _unfinished(action: str, vm: VMView, st: VMState, busy_task: str | None) -> 
                    "del deletes it")
 
 
+# Prints each bridge named in "$@" that is not a bridge on the host: "missing NAME" or "notbridge NAME".
+_BRIDGES_THERE = ('for b in "$@"; do if [ -d "/sys/class/net/$b/bridge" ]; then :; '
+                  'elif [ -e "/sys/class/net/$b" ]; then echo "notbridge $b"; else echo "missing $b"; fi; done')
+
+
+async def networks_ready(h: Any, nics: Any) -> None:
+    """Refused, naming the network, its bridge and the host, when a NIC would join a bridge that is not
+    on host `h` (a HostOps) and that Ferry may not create (create = false). One round trip, and only
+    for such networks; the start asks the host again just before QEMU (hostops.ensure_bridges)."""
+    from .nics import plan
+    fixed: dict[str, str] = {}                  # bridge -> the first network on it
+    for p in plan(h.site, h.name, "", nics):
+        if p.tap is not None and not p.network.create:
+            fixed.setdefault(p.bridge, p.network.name)
+    if not fixed:
+        return
+    r = await h.t.run(["sh", "-c", _BRIDGES_THERE, "sh", *fixed], timeout=30)
+    for line in r.stdout.decode("utf-8", "replace").splitlines():
+        what, _, br = line.partition(" ")
+        if br not in fixed:
+            continue
+        net = fixed[br]
+        if what == "notbridge":
+            raise Refused(f"network {net}: {br} on host {h.name} is not a bridge",
+                          f"make {br} a bridge on {h.name}, or name another bridge in [networks.{net}] of config.toml")
+        raise Refused(f"network {net}: bridge {br} is missing on host {h.name}, and Ferry may not create it "
+                      "(create = false)",
+                      f"create {br} on {h.name} (ip link add {br} type bridge), or let Ferry make it: "
+                      f"create = true in [networks.{net}] of config.toml")
+
+
 def refused(e: PermanentError) -> Refused:
     """A bad parameter found before any task exists, as the refusal it is."""
     return e if isinstance(e, Refused) else Refused(e.message, e.hint)
