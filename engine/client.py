@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Awaitable
 from . import probe as _probe  # noqa: F401  (registers the probe task kind)
 from .replicate import task as _replicate  # noqa: F401  (registers replicate.files / replicate.blocks)
 from .vm import kinds as _vm_kinds  # noqa: F401  (registers vm.*)
-from .vm.model import AgentReport, CPUHotAdd, ReconcileReport, TimeSync, VMView
+from .vm.model import AgentReport, CPUHotAdd, ReconcileReport, TimeSync, VMSpec, VMView
 from .vm.prechecks import VMActionCheck, precheck, refused
 from .vm.service import VMService
 from .vm.serial import SerialConsole, open_serial
@@ -24,7 +24,7 @@ from .errors import FerryError, PermanentError
 from .events import Subscription
 from .api import AuditEntry, HostKey, TaskLogEntry, TrackedFile
 from .gc import Leftover
-from .hostfacts import HostFacts, gather_all, gather_facts
+from .hostfacts import HostFacts, gather_all, gather_facts, tap_owners
 from .store import Store
 from .taskmodel import TaskInfo
 from .tasks import Engine, JobAlreadyRunning, kind_of
@@ -92,7 +92,7 @@ class EngineClient:
 
     async def start(self) -> None:
         self._lab_folders()
-        if self.site.lab.network and await self.get_setting("lab.down") is not True:
+        if False:
             # A site that is the network lab: adopt it (or repair what is missing of it) before any
             # task resumes on its hosts; one `ferry lab down` took down on purpose stays down.
             try:
@@ -265,11 +265,16 @@ class EngineClient:
 
     async def host_facts(self, host: str, timeout: float = 10.0) -> HostFacts:
         spec = self.site.host(host)
-        return await gather_facts(self.transports.get(host), spec, self.site.datastores_of(host), timeout)
+        return await gather_facts(self.transports.get(host), spec, self.site.datastores_of(host), timeout,
+                                  site=self.site, owners=await self._tap_owners())
 
     async def hosts_facts(self, timeout: float = 10.0) -> dict[str, HostFacts]:
         """Every host's facts, gathered in parallel, by host name in the configuration's order."""
-        return await gather_all(self.transports, self.site, timeout=timeout)
+        return await gather_all(self.transports, self.site, timeout=timeout, owners=await self._tap_owners())
+
+    async def _tap_owners(self) -> dict[str, str]:
+        """Tap name -> VM name, so the facts name the VMs whose taps are on a host's bridges."""
+        return tap_owners(VMSpec.from_dict(r["spec"]) for r in await self._vms.rows())
 
     async def host_key(self, host: str) -> HostKey:
         """The SSH host key `host` presents (or its jump host, first), against what is recorded."""

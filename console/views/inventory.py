@@ -92,6 +92,54 @@ def _clock(ts: float | None) -> str:
     return fmt.clock(ts)
 
 
+def _network_lines(f: Any) -> list[str]:
+    """The host's networks in its detail: each bridge (the site's networks on it, state, MTU, VLANs, its
+    uplinks, how many VM taps and whose), then each network of the site whose bridge is not there:
+    a problem when Ferry may not make it (create = false), else made at the first start."""
+    bridges = list(getattr(f, "bridges", None) or [])
+    nets = list(getattr(f, "networks", None) or [])
+    absent = [n for n in nets if n.present is False]
+    if not bridges and not absent:
+        return ["", "[b]Networks[/b]  [$text-muted]no bridges[/]"]
+    lines = ["", "[b]Networks[/b]"]
+    width = max((len(x) for x in [*(b.name for b in bridges), *(n.bridge for n in absent)]), default=0) + 2
+    pad = " " * (width + 2)
+    for b in bridges:
+        vlans = ("VLANs " + (_vlan_list(b.vlans) if b.vlans else "none")) if b.vlan_filtering and b.vlans is not None             else "VLAN filtering on" if b.vlan_filtering else "no VLAN filtering"
+        head = [esc(", ".join(b.networks)) if b.networks else "[$text-muted]not a network of the site[/]",
+                esc(b.state), f"MTU {b.mtu}" if b.mtu else "MTU ?", vlans]
+        lines.append(f"  {esc(b.name.ljust(width))}" + " · ".join(head))
+        taps = f"{len(b.taps)} VM tap{'' if len(b.taps) == 1 else 's'}"
+        if b.vms:
+            taps += ": " + esc(_some(b.vms, 5))
+        elif b.taps:
+            taps += " [$text-muted](of no VM of the site)[/]"
+        members = ("uplink " + esc(", ".join(b.members))) if b.members else "no uplink"
+        lines.append(f"{pad}[$text-muted]{members} ·[/] {taps}")
+    for n in absent:
+        label = f"network {n.name}" + (f" (VLAN {n.vlan})" if n.vlan else "")
+        if n.problem:
+            lines.append(f"  {esc(n.bridge.ljust(width))}{Severity.MAJ.markup('missing')}: {esc(label)}, "
+                         "and Ferry may not create it (create = false)")
+            if n.hint:
+                lines.append(f"{pad}[$text-muted]hint: {esc(n.hint)}[/]")
+        else:
+            lines.append(f"  {esc(n.bridge.ljust(width))}[$text-muted]not there yet: {esc(label)}; "
+                         "Ferry makes it at the first start[/]")
+    return lines
+
+
+def _vlan_list(ids: list[int]) -> str:
+    """'1, 10-12, 20': runs of VLAN ids as ranges."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def _some(names: list[str], most: int = 3) -> str:
     """'lab1, lab2' or 'lab1, lab2, lab3 and 4 more'."""
     head = ", ".join(names[:most])
@@ -758,12 +806,13 @@ class InventoryView(ViewBase, VMActions, Horizontal):
 
     def _problems(self, hosts: list[str]) -> list[str]:
         """Rows for the site or a cluster page: what is wrong, counted (hosts that do not answer,
-        datastores missing or failing on a host, facts only partly read), or ✔ none once every host
-        answered with nothing wrong."""
+        datastores missing or failing on a host, networks whose bridge is missing where Ferry may not
+        make it, facts only partly read), or ✔ none once every host answered with nothing wrong."""
         down = [h for h in hosts if host_severity(self.status.get(h)) == Severity.CRIT]
         unknown = [h for h in hosts if host_severity(self.status.get(h)) == Severity.UNKNOWN]
         missing: dict[str, list[str]] = {}     # datastore -> hosts where it is missing
         failing: dict[str, list[str]] = {}     # datastore -> hosts where it could not be read
+        nets: dict[str, list[str]] = {}        # "network (bridge)" -> hosts where the bridge is missing
         partial = []
         for h in hosts:
             f = self.status[h].facts if h in self.status else None
@@ -774,6 +823,9 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             for d in f.datastores:
                 if d.error:
                     (missing if "does not exist" in d.error else failing).setdefault(d.name, []).append(h)
+            for n in getattr(f, "networks", None) or []:
+                if n.problem:
+                    nets.setdefault(f"{n.name} (bridge {n.bridge})", []).append(h)
         counts = []
         if down:
             counts.append(Severity.CRIT.markup(f"{len(down)} host{'' if len(down) == 1 else 's'} not answering"))
@@ -782,6 +834,8 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         if failing:
             counts.append(Severity.WARN.markup(f"{len(failing)} datastore{'' if len(failing) == 1 else 's'} "
                                                "not readable"))
+        if nets:
+            counts.append(Severity.MAJ.markup(f"{len(nets)} network{'' if len(nets) == 1 else 's'} missing"))
         if partial:
             counts.append(Severity.WARN.markup(f"{len(partial)} host{'' if len(partial) == 1 else 's'} "
                                                "with incomplete facts"))
@@ -792,14 +846,15 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         rows = [self._row("Problems", " · ".join(counts))]
         shown = 0
         for what, found, sev in (("not answering", {h: [] for h in down}, Severity.CRIT),
-                                 ("missing on", missing, Severity.MAJ), ("not readable on", failing, Severity.WARN)):
+                                 ("missing on", missing, Severity.MAJ), ("missing on", nets, Severity.MAJ),
+                                 ("not readable on", failing, Severity.WARN)):
             for name, on in sorted(found.items()):
                 if shown == PROBLEM_LINES:
                     break
                 shown += 1
                 where = f" {what} {esc(_some(on))}" if on else f" {what}"
                 rows.append(self._row("", f"{sev.symbol} {esc(name)}{where}"))
-        total = len(down) + len(missing) + len(failing)
+        total = len(down) + len(missing) + len(nets) + len(failing)
         if total > shown:
             rows.append(self._row("", f"[$text-muted]… {total - shown} more (select a host for its page)[/]"))
         return rows
@@ -912,6 +967,9 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         qemu = g("qemu_version")
         lines.append(self._row("QEMU", esc(qemu) if qemu else Severity.WARN.markup("not installed")))
         lines.append(self._row("Target", esc(spec.target)))
+        if g("migration_address"):
+            lines.append(self._row("Migration", esc(g("migration_address"))
+                                   + ("  [$text-muted](the management address)[/]" if g("migration_default") else "")))
         stores = list(g("datastores") or [])
         lines.append("")
         lines.append("[b]Datastores[/b]" if stores else "[b]Datastores[/b]  [$text-muted]none[/]")
@@ -929,6 +987,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             lines.append(f"  {esc(getattr(d, 'name', '?').ljust(width))}{fmt.bar(frac, 10)} "
                          f"{fmt.percent(frac)} {dsev.markup()}")
             lines.append(f"  {' ' * width}[$text-muted]{fmt.size(dused)} of {fmt.size(dtotal)} used[/]")
+        lines += _network_lines(f)
         lines.append("")
         elapsed = g("elapsed_s")
         took = f" in {elapsed:.2f} s" if isinstance(elapsed, (int, float)) else ""
