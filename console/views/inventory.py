@@ -114,7 +114,7 @@ def _network_lines(f: Any) -> list[str]:
             taps += ": " + esc(_some(b.vms, 5))
         elif b.taps:
             taps += " [$text-muted](of no VM of the site)[/]"
-        members = ("uplink " + esc(", ".join(b.members))) if b.members else "no uplink"
+        members = ("ports: " + esc(", ".join(b.members))) if b.members else "no other ports"
         lines.append(f"{pad}[$text-muted]{members} ·[/] {taps}")
     for n in absent:
         label = f"network {n.name}" + (f" (VLAN {n.vlan})" if n.vlan else "")
