@@ -92,7 +92,7 @@ class EngineClient:
 
     async def start(self) -> None:
         self._lab_folders()
-        if False:
+        if self.site.lab.network and await self.get_setting("lab.down") is not True:
             # A site that is the network lab: adopt it (or repair what is missing of it) before any
             # task resumes on its hosts; one `ferry lab down` took down on purpose stays down.
             try:
