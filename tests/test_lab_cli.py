@@ -134,6 +134,18 @@ def test_lab_up_after_a_kill_9_midway_repairs_the_lab(labws):
 
 
 @needs
+def test_the_engine_adopts_the_lab_as_it_starts(labws):
+    ws, lab = labws
+    before = {h["name"]: h["sshd"] for h in ok(ws, "lab", "status")["hosts"]}
+    assert ferry(ws, "engine", "stop").code == 0
+    os.kill(before["lab1"], signal.SIGKILL)                   # meanwhile a lab host's sshd died
+    assert all(f["reachable"] for f in ok(ws, "hosts"))        # the new engine repaired it first
+    after = {h["name"]: h["sshd"] for h in ok(ws, "lab", "status")["hosts"]}
+    assert after["lab2"] == before["lab2"] and after["lab3"] == before["lab3"]    # adopted, not rebuilt
+    assert after["lab1"] != before["lab1"]
+
+
+@needs
 def test_lab_down_leaves_nothing(labws):
     ws, lab = labws
     pids = [h["sshd"] for h in ok(ws, "lab", "status")["hosts"]]
@@ -148,5 +160,6 @@ def test_lab_down_leaves_nothing(labws):
         except OSError:
             continue
         assert state == "Z"
-    st = ferry(ws, "lab", "status", "--json")
+    assert ferry(ws, "engine", "stop").code == 0
+    st = ferry(ws, "lab", "status", "--json")          # a new engine: what was taken down stays down
     assert st.code == 1 and not _answering(st.json)
