@@ -102,15 +102,21 @@ async def test_nothing_outside_the_lab_is_reachable_from_a_lab_host(netlab):
 
 async def test_up_adopts_a_running_lab_and_repairs_a_broken_one(netlab):
     before = {h: s["sshd"] for h, s in netlab.status().items()}
+    dnsmasq = netlab.dhcp_status()["pid"]
+    assert dnsmasq
     netlab.up()                                        # running: adopted, nothing restarted
     assert {h: s["sshd"] for h, s in netlab.status().items()} == before
-    os.kill(before["lab1"], signal.SIGKILL)            # a dead sshd, and a host gone altogether
+    assert netlab.dhcp_status()["pid"] == dnsmasq
+    os.kill(before["lab1"], signal.SIGKILL)            # a dead sshd, a dead dnsmasq, and a host gone altogether
+    os.kill(dnsmasq, signal.SIGKILL)
     subprocess.run(["ip", "netns", "del", netlab.ns("lab3")], check=True)
     assert not netlab.is_up()
     netlab.up()
     status = netlab.status()
     assert all(s["answers"] for s in status.values()), status
     assert status["lab2"]["sshd"] == before["lab2"]
+    dhcp = netlab.dhcp_status()
+    assert dhcp["running"] and dhcp["pid"] != dnsmasq and netlab.is_up()
     t = transport(netlab, "lab3")
     try:
         assert (await t.run(["true"])).ok
@@ -121,7 +127,8 @@ async def test_up_adopts_a_running_lab_and_repairs_a_broken_one(netlab):
 def test_down_leaves_nothing(tmp_path):
     lab = NetLab(tmp_path / "lab", subnet=f"10.{random.randint(232, 250)}.{random.randint(0, 255)}.0/24")
     lab.up()
-    pids = [s["sshd"] for s in lab.status().values()]
+    pids = [s["sshd"] for s in lab.status().values()] + [lab.dhcp_status()["pid"]]
+    assert all(pids)
     removed = lab.down()
     assert set(lab.namespaces) <= set(removed)
     netns = subprocess.run(["ip", "-j", "netns", "list"], capture_output=True, text=True).stdout

@@ -6,6 +6,16 @@ Layout (every name carries the lab's tag, so two workspaces' labs never meet):
     root namespace (Ferry)            ferry-TAG-sw (the lab's switch)        ferry-TAG-lab1 ...
       fmTAG 10.231.0.1/24  ──veth──▶  bridge mgmt ◀──veth── mN ──────────▶  eth0 10.231.0.11/24, sshd
                                       bridge lab  ◀──veth── lN ──────────▶  uplink ─ bridge br-lab (VM taps)
+                                           ▲
+                                      dhcpp ─veth─ dhcp 10.231.1.1/24, dnsmasq (DHCP only)
+
+DHCP on the VM network `lab`: Debian's dnsmasq, run by the lab in its switch namespace on a veth
+whose other end is a port of the `lab` bridge, hands out addresses of the lab's VM subnet (by
+default the block right after the management subnet; never routed, no address of it on this
+machine). DHCP only: no DNS (port 0), no router (option 3 empty): the lab has no way out. The
+upper half of the VM subnet is the dynamic pool; static leases (`reserve`: a MAC and an address
+of the lower half) live in the lab folder's dhcp/hosts, so a VM keeps its address wherever it
+runs: the lease follows its MAC. The lease file is dhcp/leases.
 
 Isolation: the namespaces have no default route and no uplink; the only link out of the lab is
 the management veth of the root namespace, whose subnet is the lab's own (refused when it
@@ -41,6 +51,7 @@ from ..errors import FerryError
 log = logging.getLogger("ferry.netlab")
 
 SSHD = "/usr/sbin/sshd"
+DNSMASQ = "/usr/sbin/dnsmasq"
 DEFAULT_SUBNET = "10.231.0.0/24"
 FIRST_HOST = 11            # lab1 is .11, lab2 .12, ...
 
@@ -54,6 +65,7 @@ class NetLab:
     root: Path                                  # the workspace's lab folder
     hosts: tuple[str, ...] = ("lab1", "lab2", "lab3")
     subnet: str = DEFAULT_SUBNET
+    vm_subnet: str | None = None                # the VM network's addresses; None: the block after `subnet`
 
     # ------------------------------------------------------------------ names and addresses
 
@@ -93,6 +105,45 @@ class NetLab:
     def prefix(self) -> int:
         return self.network.prefixlen
 
+    @property
+    def vm_network(self) -> ipaddress.IPv4Network:
+        """The addresses VMs on the `lab` network get (DHCP): the same size as the management
+        subnet, right after it, unless set."""
+        if self.vm_subnet:
+            return ipaddress.IPv4Network(self.vm_subnet)
+        mgmt = self.network
+        return ipaddress.IPv4Network(f"{mgmt.network_address + mgmt.num_addresses}/{mgmt.prefixlen}")
+
+    @property
+    def dhcp_server(self) -> str:
+        """dnsmasq's address on the VM network (in the switch namespace)."""
+        return str(self.vm_network[1])
+
+    @property
+    def dhcp_pool(self) -> tuple[str, str]:
+        """The dynamic range: the upper half of the VM subnet (the lower half is for static leases)."""
+        net = self.vm_network
+        return str(net[net.num_addresses // 2]), str(net[-2])
+
+    @property
+    def static_pool(self) -> tuple[str, str]:
+        """Where `reserve` takes addresses from: the lower half, after dnsmasq's own."""
+        net = self.vm_network
+        return str(net[2]), str(net[net.num_addresses // 2 - 1])
+
+    @property
+    def dhcp_dir(self) -> Path:
+        return self.root / "dhcp"
+
+    @property
+    def leases_file(self) -> Path:
+        return self.dhcp_dir / "leases"
+
+    @property
+    def hosts_file(self) -> Path:
+        """The static leases, one `MAC,ADDRESS` a line (dnsmasq's dhcp-hostsfile)."""
+        return self.dhcp_dir / "hosts"
+
     def host_dir(self, host: str) -> Path:
         return self.root / host / "sshd"
 
@@ -118,7 +169,86 @@ class NetLab:
         return out
 
     def is_up(self) -> bool:
-        return all(s["answers"] for s in self.status().values())
+        return all(s["answers"] for s in self.status().values()) and self.dhcp_status()["running"]
+
+    def dhcp_status(self) -> dict:
+        """The VM network's DHCP server: its pid (None: not running), address, pool and leases."""
+        pid = self._dnsmasq_pid()
+        return {"running": pid is not None, "pid": pid, "address": self.dhcp_server,
+                "subnet": str(self.vm_network), "pool": list(self.dhcp_pool),
+                "static": self.reservations(), "leases": self.leases()}
+
+    def leases(self) -> list[dict]:
+        """dnsmasq's current leases: mac, address, expiry (epoch seconds), client hostname."""
+        try:
+            lines = self.leases_file.read_text().splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            f = line.split()
+            if len(f) >= 4 and f[0] != "duid":
+                out.append({"mac": f[1].lower(), "address": f[2], "expires": int(f[0]),
+                            "hostname": None if f[3] == "*" else f[3]})
+        return out
+
+    # ------------------------------------------------------------------ static leases
+
+    def reservations(self) -> dict[str, str]:
+        """The static leases: MAC -> address."""
+        try:
+            lines = self.hosts_file.read_text().splitlines()
+        except OSError:
+            return {}
+        out = {}
+        for line in lines:
+            mac, _, addr = line.strip().partition(",")
+            if mac and addr:
+                out[mac.lower()] = addr
+        return out
+
+    def reserve(self, mac: str, address: str | None = None) -> str:
+        """A static lease: the NIC with `mac` always gets `address` (a free one of the static pool
+        when None; the same one again when the MAC has one). Takes effect at its next DHCP request."""
+        mac = mac.lower()
+        have = self.reservations()
+        lo, hi = (ipaddress.IPv4Address(a) for a in self.static_pool)
+        if address is None:
+            if mac in have:
+                return have[mac]
+            taken = set(have.values())
+            address = next((str(a) for a in _hosts_between(lo, hi) if str(a) not in taken), None)
+            if address is None:
+                raise NetLabError(f"the lab's static DHCP pool {lo}-{hi} is full",
+                                  "release a static lease (NetLab.release) or choose a larger vm subnet")
+        ip = ipaddress.IPv4Address(address)
+        if not lo <= ip <= hi:
+            raise NetLabError(f"{address} is not in the lab's static DHCP pool {lo}-{hi}",
+                              f"choose an address between {lo} and {hi}")
+        other = next((m for m, a in have.items() if a == str(ip) and m != mac), None)
+        if other:
+            raise NetLabError(f"{address} is the static lease of {other} already",
+                              "choose another address, or release that MAC's lease first")
+        have[mac] = str(ip)
+        self._write_hosts(have)
+        return str(ip)
+
+    def release(self, mac: str) -> bool:
+        """Drops the static lease of `mac` (True: it had one)."""
+        have = self.reservations()
+        if have.pop(mac.lower(), None) is None:
+            return False
+        self._write_hosts(have)
+        return True
+
+    def _write_hosts(self, table: dict[str, str]) -> None:
+        self.dhcp_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.hosts_file.with_suffix(".tmp")
+        tmp.write_text("".join(f"{m},{a}\n" for m, a in sorted(table.items())))
+        tmp.replace(self.hosts_file)
+        pid = self._dnsmasq_pid()
+        if pid:
+            os.kill(pid, signal.SIGHUP)            # dnsmasq reads its dhcp-hostsfile again
 
     # ------------------------------------------------------------------ up
 
@@ -127,7 +257,7 @@ class NetLab:
         if os.geteuid() != 0:
             raise NetLabError("the network lab needs root (network namespaces, bridges, sshd)",
                               "run Ferry as root, or use the folder lab (transport = \"local\")")
-        for tool in ("ip", "nft", "ssh-keygen", SSHD):
+        for tool in ("ip", "nft", "ssh-keygen", SSHD, DNSMASQ):
             if not _which(tool):
                 raise NetLabError(f"the network lab needs {tool}, which this machine lacks",
                                   "scripts/bootstrap.sh install")
@@ -148,6 +278,7 @@ class NetLab:
         self._fence()
         _ensure_addr(self.root_link, f"{self.gateway}/{self.prefix}")
         _ip("link", "set", self.root_link, "up")
+        self._dhcp_up()
         for i, h in enumerate(self.hosts, 1):
             self._host_up(h, i, present)
         deadline = time.monotonic() + timeout
@@ -160,7 +291,14 @@ class NetLab:
         self._record_host_keys()
 
     def _check_subnet(self) -> None:
-        mine = self.network
+        mgmt, vms = self.network, self.vm_network
+        if mgmt.overlaps(vms) or not vms.is_private:
+            raise NetLabError(f"the lab's VM subnet {vms} overlaps its management subnet {mgmt} or is not private",
+                              "set the VM subnet to another private range next to the management subnet")
+        for mine in (mgmt, vms):
+            self._check_route_overlap(mine)
+
+    def _check_route_overlap(self, mine: ipaddress.IPv4Network) -> None:
         for route in json.loads(_run(["ip", "-j", "route", "show"]) or "[]"):
             dst = route.get("dst", "")
             if dst == "default" or route.get("dev") == self.root_link:
@@ -198,6 +336,46 @@ class NetLab:
         if p.returncode != 0:
             raise NetLabError(f"nft: the lab's fence did not load: {p.stderr.strip()}",
                               "the kernel needs nf_tables with conntrack")
+
+    def _dnsmasq_pid(self) -> int | None:
+        pid = _pidfile(self.dhcp_dir / "dnsmasq.pid")
+        return pid if pid and _netns_of(pid) == self.switch else None
+
+    def _dhcp_up(self) -> None:
+        """dnsmasq on the `lab` bridge of the switch: adopted when it runs, started when it does not."""
+        sw = self.switch
+        if not _link_exists("dhcp", sw):
+            _ip("-n", sw, "link", "add", "dhcpp", "type", "veth", "peer", "name", "dhcp")
+        _ip("-n", sw, "link", "set", "dhcpp", "master", "lab", "up")
+        _ensure_addr("dhcp", f"{self.dhcp_server}/{self.vm_network.prefixlen}", sw)
+        _ip("-n", sw, "link", "set", "dhcp", "up")
+        self.dhcp_dir.mkdir(parents=True, exist_ok=True)
+        if not self.hosts_file.exists():
+            self.hosts_file.write_text("")
+        pid = _pidfile(self.dhcp_dir / "dnsmasq.pid")
+        if pid and _netns_of(pid) == sw:
+            return
+        if pid and _is_dnsmasq(pid):
+            _kill_all([pid])                    # left in a namespace that lost its name: not ours any more
+        lo, hi = self.dhcp_pool
+        d = self.dhcp_dir
+        argv = ["ip", "netns", "exec", sw, DNSMASQ,
+                "--conf-file=/dev/null",         # nothing of this machine's dnsmasq configuration
+                "--port=0",                      # DHCP only: no DNS, so no DNS server is handed out either
+                "--interface=dhcp", "--bind-interfaces", "--except-interface=lo",
+                f"--dhcp-range={lo},{hi},{self.vm_network.netmask},1h",
+                "--dhcp-option=3",               # no router: the lab has no way out
+                f"--dhcp-hostsfile={self.hosts_file}", f"--dhcp-leasefile={self.leases_file}",
+                "--dhcp-authoritative", "--no-ping",  # no ping of an address before offering it: 3 s saved
+                "--log-dhcp", f"--log-facility={d / 'dnsmasq.log'}",
+                f"--pid-file={d / 'dnsmasq.pid'}",
+                # root: the lab folder may be 0700 (dnsmasq re-reads the hosts file on SIGHUP)
+                "--user=root", "--group=root"]
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        if p.returncode != 0:
+            raise NetLabError(f"dnsmasq did not start on the lab network: {p.stderr.strip() or p.returncode}",
+                              f"see {d / 'dnsmasq.log'}")
+        log.info("lab network: dnsmasq serves %s-%s from %s in %s", lo, hi, self.dhcp_server, sw)
 
     def _keys(self) -> None:
         self.identity.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -272,6 +450,7 @@ class NetLab:
     def down(self) -> list[str]:
         """Stop every process of the lab's namespaces and delete them; returns what was removed."""
         removed: list[str] = []
+        dnsmasq = _pidfile(self.dhcp_dir / "dnsmasq.pid")
         present = set(_netns_list())
         for ns in self.namespaces:
             if ns not in present:
@@ -281,6 +460,10 @@ class NetLab:
             removed.append(ns)
         for h in self.hosts:
             (self.host_dir(h) / "sshd.pid").unlink(missing_ok=True)
+        if dnsmasq and _is_dnsmasq(dnsmasq):    # also one whose namespace lost its name
+            _kill_all([dnsmasq])
+            removed.append(f"dnsmasq {dnsmasq}")
+        (self.dhcp_dir / "dnsmasq.pid").unlink(missing_ok=True)
         if _link_exists(self.root_link):
             _ip("link", "del", self.root_link)
             removed.append(self.root_link)
@@ -382,6 +565,20 @@ def _kill_all(pids: list[int]) -> None:
         pids = alive
         if not pids:
             return
+
+
+def _is_dnsmasq(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/exe").resolve().name == "dnsmasq"
+    except OSError:
+        return False
+
+
+def _hosts_between(lo: ipaddress.IPv4Address, hi: ipaddress.IPv4Address):
+    a = lo
+    while a <= hi:
+        yield a
+        a += 1
 
 
 def _pidfile_state(pid: int) -> str:
