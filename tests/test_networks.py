@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import shutil
 import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,8 @@ from ferry.engine.transport.local import LocalTransport
 from ferry.engine.vm.model import process_name
 from ferry.engine.vm.nics import mac_for, tap_name, unique_macs
 from harness.cli import ferry
-from harness.lab import lab_workspace, ok
+from harness.lab import ok
+from harness.netlab import netlab_workspace
 
 needs = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None,
                            reason="needs root (namespaces, taps) and qemu-system-x86_64")
@@ -39,44 +38,16 @@ def test_macs_are_stable_unique_and_locally_administered():
 
 @pytest.fixture(scope="module")
 def netws():
-    gen = lab_workspace("fnet-")
-    ws = next(gen)
-    lab = NetLab(ws / "netlab", subnet=f"10.{random.randint(232, 250)}.{random.randint(0, 255)}.0/24")
-    try:
-        lab.up()
-        (ws / "known_hosts").write_text(lab.known_hosts.read_text())
-        hosts = "".join(textwrap.dedent(f"""
-            [hosts.{h}]
-            cluster = "lab"
-            transport = "ssh"
-            address = "{lab.address(h)}"
-            user = "root"
-            identity = "{lab.identity}"
-            runtime = "{ws / h / 'run'}"
-            """) for h in ("lab1", "lab3"))
-        (ws / "config.toml").write_text(textwrap.dedent(f"""
-            [site]
-            name = "netlab"
-            [clusters.lab]
-            [datastores.shared]
-            path = "{ws / 'shared'}"
-            hosts = ["lab1", "lab3"]
-            [networks.lab]
-            bridge = "br-lab"
-            create = false
-            [networks.v10]
-            bridge = "br-vl"
-            vlan = 10
-            hosts = ["lab1"]
-            [networks.v20]
-            bridge = "br-vl"
-            vlan = 20
-            hosts = ["lab1"]
-            """) + hosts)
-        yield ws, lab
-    finally:
-        lab.down()
-        gen.close()
+    yield from netlab_workspace("fnet-", networks="""
+        [networks.v10]
+        bridge = "br-vl"
+        vlan = 10
+        hosts = ["lab1"]
+        [networks.v20]
+        bridge = "br-vl"
+        vlan = 20
+        hosts = ["lab1"]
+        """)
 
 
 async def _guest(ws: Path, lab: NetLab, host: str, name: str, script: str, timeout: float = 60) -> tuple[int, str]:

@@ -1,0 +1,56 @@
+"""A lab workspace whose hosts are the network lab's namespaces, reached over SSH (issue 12)."""
+
+from __future__ import annotations
+
+import json
+import random
+import textwrap
+from pathlib import Path
+from typing import Iterator
+
+from ferry.engine.platform.netlab import NetLab
+
+from .lab import lab_workspace
+
+
+def random_subnet() -> str:
+    """A management subnet of its own (its VM subnet is the next /24): a lab left by a killed run
+    elsewhere never collides."""
+    return f"10.{random.randint(232, 250)}.{random.randrange(0, 254, 2)}.0/24"
+
+
+def netlab_workspace(prefix: str, *, hosts: tuple[str, ...] = ("lab1", "lab3"), site: str = "netlab",
+                     networks: str = "") -> Iterator[tuple[Path, NetLab]]:
+    """For a module fixture (`yield from netlab_workspace("fnet-")`): a lab workspace, a network lab
+    up, and a config.toml with `hosts` as SSH hosts at their lab addresses sharing one datastore,
+    the `lab` network (br-lab, not created by Ferry) and `networks` (more TOML) on them."""
+    gen = lab_workspace(prefix)
+    ws = next(gen)
+    lab = NetLab(ws / "netlab", subnet=random_subnet())
+    try:
+        lab.up()
+        (ws / "known_hosts").write_text(lab.known_hosts.read_text())
+        entries = "".join(textwrap.dedent(f"""
+            [hosts.{h}]
+            cluster = "lab"
+            transport = "ssh"
+            address = "{lab.address(h)}"
+            user = "root"
+            identity = "{lab.identity}"
+            runtime = "{ws / h / 'run'}"
+            """) for h in hosts)
+        (ws / "config.toml").write_text(textwrap.dedent(f"""
+            [site]
+            name = "{site}"
+            [clusters.lab]
+            [datastores.shared]
+            path = "{ws / 'shared'}"
+            hosts = {json.dumps(list(hosts))}
+            [networks.lab]
+            bridge = "br-lab"
+            create = false
+            """) + textwrap.dedent(networks) + entries)
+        yield ws, lab
+    finally:
+        lab.down()
+        gen.close()
