@@ -9,7 +9,6 @@ console's host detail (folder lab hosts, Pilot) shows such a network as a proble
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import subprocess
 import textwrap
@@ -22,12 +21,12 @@ from ferry.console.app import FerryApp
 from ferry.engine.client import EngineClient
 from ferry.engine.config import NetworkSpec, lab_config
 from ferry.engine.hostfacts import parse_facts, tap_owners
-from ferry.engine.platform.netlab import NetLab
 from ferry.engine.vm.model import NicSpec, VMSpec
 from ferry.engine.vm.nics import tap_name
 from ferry.engine.workspace import Workspace
 from harness.cli import ferry
-from harness.lab import lab_workspace, ok
+from harness.lab import ok
+from harness.netlab import netlab_workspace
 from harness.pilot import text_of, until
 
 needs = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None,
@@ -101,38 +100,8 @@ async def test_host_detail_shows_a_missing_bridge_as_a_problem(tmp_path):
 def netws():
     if os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None:
         pytest.skip("needs root (namespaces, taps) and qemu-system-x86_64")
-    gen = lab_workspace("fhn-")
-    ws = next(gen)
-    lab = NetLab(ws / "netlab", hosts=("lab1",),
-                 subnet=f"10.{random.randint(232, 250)}.{random.randint(0, 255)}.0/24")
-    try:
-        lab.up()
-        (ws / "known_hosts").write_text(lab.known_hosts.read_text())
-        (ws / "config.toml").write_text(textwrap.dedent(f"""
-            [site]
-            name = "hostnets"
-            [clusters.lab]
-            [datastores.store]
-            path = "{ws / 'store'}"
-            hosts = ["lab1"]
-            [networks.lab]
-            bridge = "br-lab"
-            create = false
-            [networks.gone]
-            bridge = "br-gone"
-            create = false
-            [hosts.lab1]
-            cluster = "lab"
-            transport = "ssh"
-            address = "{lab.address('lab1')}"
-            user = "root"
-            identity = "{lab.identity}"
-            runtime = "{ws / 'lab1' / 'run'}"
-            """))
-        yield ws, lab
-    finally:
-        lab.down()
-        gen.close()
+    yield from netlab_workspace("fhn-", hosts=("lab1",), site="hostnets",
+                                networks='[networks.gone]\nbridge = "br-gone"\ncreate = false\n')
 
 
 def _facts(ws: Path) -> dict:
