@@ -614,12 +614,19 @@ def cmd_engine(args, ws: Workspace) -> int:
 # Commands that work on this machine's own workspace (its config.toml, its image cache), never
 # through an engine: under --engine they would change this machine while the operator means the
 # engine's, so they are refused.
-LOCAL_ONLY = {"init": "ferry init", "config": "ferry config check", "lab": "ferry lab image build"}
+LOCAL_ONLY = {"init": "ferry init", "config": "ferry config check", "lab image": "ferry lab image build"}
 
 
-def _local_only(command: str, target: str) -> Refused:
-    return Refused(f"`{LOCAL_ONLY[command]}` works on this machine's workspace, not on the engine of {target}",
-                   "run it on that machine itself, or here without --engine")
+def _local_only(args: argparse.Namespace) -> Refused | None:
+    """A refusal for a command that works on this machine's workspace, asked of a far engine
+    (`ferry lab up|down|status` go to the engine like any command; `lab image build` does not)."""
+    command = getattr(args, "command", None)
+    if command == "lab":
+        command = f"lab {getattr(args, 'lab_command', '')}"
+    if not args.engine or command not in LOCAL_ONLY:
+        return None
+    return Refused(f"`{LOCAL_ONLY[command]}` works on this machine's workspace, not on the engine of "
+                   f"{args.engine}", "run it on that machine itself, or here without --engine")
 
 
 # --------------------------------------------------------------------------- parser
@@ -829,8 +836,9 @@ def main(argv: list[str] | None = None) -> int:
         ws = Workspace.resolve(args.workspace)
         attached = _ATTACH.set((args.engine, args.remote_ferry) if args.engine else None)
         try:
-            if args.engine and getattr(args, "command", None) in LOCAL_ONLY:
-                print(f"ferry: {safe(_local_only(args.command, args.engine))}", file=sys.stderr)
+            refusal = _local_only(args)
+            if refusal is not None:
+                print(f"ferry: {safe(refusal)}", file=sys.stderr)
                 return EXIT_CONFIG
             return args.func(args, ws)
         except ConfigError as e:
