@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .config import SiteConfig
     from .gc import Leftover
     from .hostfacts import DatastoreUsage, HostFacts
-    from .platform.labops import LabHost, LabStatus
+    from .platform.labops import LabDhcp, LabHost, LabStatus
     from .taskmodel import Progress, TaskInfo, TaskState
     from .vm.model import (AgentReport, AgentState, CPUHotAdd, DiskSpec, GuestFilesystem, MissingVM, NicSpec,
                            OrphanProcess, Passthrough, ReconcileReport, TimeSync, UnreachableHost, VMKind, VMSpec,
@@ -43,7 +43,7 @@ _LAZY = {
                      "OrphanProcess", "Passthrough", "ReconcileReport", "TimeSync", "UnreachableHost", "VMKind",
                      "VMSpec", "VMState", "VMView"), ".vm.model"),
     "Refusal": ".vm.prechecks", "VMActionCheck": ".vm.prechecks",
-    "LabHost": ".platform.labops", "LabStatus": ".platform.labops",
+    "LabDhcp": ".platform.labops", "LabHost": ".platform.labops", "LabStatus": ".platform.labops",
 }
 
 
@@ -63,7 +63,7 @@ __all__ = ["AuditEntry", "DatastoreUsage", "EngineStatus", "HostFacts", "HostKey
            "SiteConfig", "Submitted", "TaskInfo", "TaskLogEntry", "TaskState", "TrackedFile", "VMSpec", "VMState",
            "VMView", "VMKind", "DiskSpec", "NicSpec", "Passthrough", "AgentState", "AgentReport", "GuestFilesystem",
            "ReconcileReport", "OrphanProcess", "MissingVM", "UnreachableHost", "TimeSync", "CPUHotAdd",
-           "VMActionCheck", "Refusal", "LabHost", "LabStatus", "encode", "decode", "to_builtins", "convert", "dumps",
+           "VMActionCheck", "Refusal", "LabDhcp", "LabHost", "LabStatus", "encode", "decode", "to_builtins", "convert", "dumps",
            "VERSION", "PROTOCOL"]
 
 PROTOCOL = 2     # the wire protocol's version; raised whenever a frame's shape changes (2: serial frames)

@@ -63,10 +63,13 @@ def test_lab_up_then_status_shows_three_answering_hosts(labws):
     st = ok(ws, "lab", "status")
     assert _answering(st) == {h: lab.address(h) for h in ("lab1", "lab2", "lab3")}
     assert st["up"] and not st["configured"]
+    assert st["dhcp"]["running"] and st["dhcp"]["pid"] and st["dhcp"]["address"] == lab.dhcp_server
+    assert any(c.startswith("dhcp server (dnsmasq pid") for c in up["changed"])
     for h in st["hosts"]:
         assert h["namespace"] in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     r = ferry(ws, "lab", "status")
     assert r.code == 0 and "lab up" in r.out and lab.address("lab2") in r.out
+    assert f"DHCP by dnsmasq (pid {st['dhcp']['pid']}) at {lab.dhcp_server}" in r.out
 
 
 @needs

@@ -372,6 +372,10 @@ def _lab_report(st, action: str | None) -> None:
     rows = [[h.name, h.namespace if h.present else f"{h.namespace} (absent)", h.address,
              str(h.sshd) if h.sshd else "-", "✔ yes" if h.answers else "✖ no"] for h in st.hosts]
     print(_table(rows, ["HOST", "NAMESPACE", "ADDRESS", "SSHD", "ANSWERS"]))
+    d = st.dhcp
+    if d is not None:
+        print(f"VM network {d.subnet}: DHCP " + (f"by dnsmasq (pid {d.pid}) at {d.address}, pool "
+              f"{'-'.join(d.pool)}, {d.leases} lease(s), {d.static} static" if d.running else "not running"))
     print(f"lab {'up' if st.up else 'not up'}: subnet {st.subnet}, this machine {st.gateway}, folder {st.folder}"
           + ("" if st.configured else " (config.toml's site is not this lab: `ferry init --network-lab`)"))
 

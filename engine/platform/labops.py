@@ -29,6 +29,18 @@ class LabHost:
 
 
 @dataclass(frozen=True)
+class LabDhcp:
+    """The DHCP server of the lab's VM network (dnsmasq in the lab's switch namespace)."""
+    running: bool
+    pid: int | None
+    address: str                  # the server's address on the VM network
+    subnet: str                   # the VM network (never routed)
+    pool: tuple[str, ...]         # first and last address handed out dynamically
+    leases: int                   # leases held now
+    static: int                   # static leases (by MAC)
+
+
+@dataclass(frozen=True)
 class LabStatus:
     """The network lab of a workspace; `changed` lists what the call built, repaired or removed."""
     folder: str
@@ -38,6 +50,7 @@ class LabStatus:
     up: bool                      # every host is there and answers
     configured: bool              # config.toml's site is this lab ([lab] network = true)
     changed: tuple[str, ...] = ()
+    dhcp: LabDhcp | None = None
 
 
 def lab_of(workspace_root: Path, subnet: str) -> NetLab:
@@ -49,8 +62,11 @@ def status(lab: NetLab, *, configured: bool, changed: tuple[str, ...] = ()) -> L
     """Each host of the lab as it is now (blocking: a banner read per host)."""
     hosts = tuple(LabHost(h, s["namespace"], s["address"], bool(s["present"]), s["sshd"], bool(s["answers"]))
                   for h, s in lab.status().items())
-    whole = all(h.present and h.answers for h in hosts)
-    return LabStatus(str(lab.root), lab.subnet, lab.gateway, hosts, whole, configured, changed)
+    d = lab.dhcp_status()
+    dhcp = LabDhcp(d["running"], d["pid"], d["address"], d["subnet"], tuple(d["pool"]), len(d["leases"]),
+                   len(d["static"]))
+    whole = all(h.present and h.answers for h in hosts) and dhcp.running
+    return LabStatus(str(lab.root), lab.subnet, lab.gateway, hosts, whole, configured, changed, dhcp)
 
 
 def _inventory(lab: NetLab) -> set[str]:
@@ -61,6 +77,9 @@ def _inventory(lab: NetLab) -> set[str]:
     for h, s in lab.status().items():
         if s["sshd"]:
             have.add(f"sshd of {h} (pid {s['sshd']})")
+    pid = lab.dhcp_status()["pid"]
+    if pid:
+        have.add(f"dhcp server (dnsmasq pid {pid})")
     return have
 
 
