@@ -45,8 +45,24 @@ def _vm_row(v: VMView, agents: bool = False) -> list[str]:
            v.origin]
     if agents:
         a = v.agent if v.state is VMState.RUNNING else None     # "-": it does not run
-        row += [a.agent if a else "-", ", ".join(ip.split("/")[0] for ip in a.ips) if a and a.ips else "-"]
+        ips = _reachable(a.ips) if a else []
+        row += [a.agent if a else "-", ", ".join(ips) or "-"]
     return row
+
+
+def _reachable(ips) -> list[str]:
+    """The addresses worth a column: without prefix, loopback or IPv6 link-local ones (`vm show` and
+    `vm agent info` list them all)."""
+    import ipaddress
+    out = []
+    for a in ips:
+        try:
+            ip = ipaddress.ip_interface(a).ip
+        except ValueError:
+            continue
+        if not (ip.is_loopback or ip.is_link_local):
+            out.append(str(ip))
+    return out
 
 
 def _agent_not_asked(v: VMView) -> AgentReport:

@@ -18,6 +18,7 @@ from .model import (RUNNING_STATES, UNFINISHED_STATES, AgentReport, AgentState, 
 from .prechecks import VM_ACTIONS, VMActionCheck, refusal
 
 AGENT_TIMEOUT = 3.0
+AGENT_REPORT_TIMEOUT = 10.0    # a whole `vm agent info`, every command of it
 RUNNING_TIMEOUT = 10.0
 
 
@@ -257,17 +258,25 @@ class VMService:
             ga = await self.agent(vm)
         except PermanentError as e:
             return AgentReport(vm.name, AgentState.NOT_RUNNING, checked, reason=e.message)
-        async with ga:
-            info = await ga.info()
-            os_info = await ga.osinfo()
-            try:
-                ifaces = await ga.network_interfaces()
-                ips = tuple(a for i in ifaces if i.name != "lo" for a in i.addresses)
-            except FerryError:
-                ips = ()
-            return AgentReport(vm.name, AgentState.RUNNING, checked, version=info.version,
-                               os=os_info.pretty_name or os_info.name, kernel=os_info.kernel_release, ips=ips,
-                               **await _usage(ga))
+        try:
+            # One deadline for the whole report: an agent that stops answering halfway (killed, the
+            # guest hung) is said at once, not after each command's own timeout in turn.
+            async with ga, asyncio.timeout(AGENT_REPORT_TIMEOUT):
+                info = await ga.info()
+                os_info = await ga.osinfo()
+                try:
+                    ifaces = await ga.network_interfaces()
+                    ips = tuple(a for i in ifaces if i.name != "lo" for a in i.addresses)
+                except AgentNotAnswering:
+                    raise
+                except FerryError:
+                    ips = ()
+                return AgentReport(vm.name, AgentState.RUNNING, checked, version=info.version,
+                                   os=os_info.pretty_name or os_info.name, kernel=os_info.kernel_release, ips=ips,
+                                   **await _usage(ga))
+        except (AgentNotAnswering, TimeoutError):
+            return AgentReport(vm.name, AgentState.NOT_RUNNING, checked,
+                               reason=f"the guest agent of {vm.name} stopped answering (it does not answer now)")
 
     async def timesync(self, name: str) -> TimeSync:
         vm = await self.spec(name)
@@ -343,11 +352,15 @@ async def _usage(ga: GuestAgent) -> dict[str, Any]:
             mem[k] = int(v.split()[0]) * 1024 if v.split() else 0
         total, avail = mem.get("MemTotal", 0), mem.get("MemAvailable", mem.get("MemFree", 0))
         out.update(mem_total=total, mem_used=total - avail)
+    except AgentNotAnswering:
+        raise
     except (FerryError, ValueError, IndexError):
         pass
     try:
         fs = await ga.filesystems()
         out["disks"] = tuple(GuestFilesystem(f.mountpoint, f.used_bytes, f.total_bytes) for f in fs)
+    except AgentNotAnswering:
+        raise
     except FerryError:
         out["disks"] = ()
     return out
