@@ -18,7 +18,7 @@ from ferry.engine.platform.qga import GuestAgent
 from ferry.engine.transport.local import LocalTransport
 from ferry.engine.vm.model import process_name
 from ferry.engine.vm.nics import mac_for, tap_name, unique_macs
-from harness.cli import ferry
+from harness.cli import ferry, ferry_process
 from harness.lab import ok
 from harness.netlab import netlab_workspace
 
@@ -59,17 +59,20 @@ async def _guest(ws: Path, lab: NetLab, host: str, name: str, script: str, timeo
     return r.exitcode, (r.stdout + r.stderr).decode(errors="replace")
 
 
-def _start(ws: Path, name: str, host: str, network: str) -> dict:
-    ok(ws, "vm", "create", name, "--host", host, "--network", network, "--memory", "128M")
-    started = ok(ws, "vm", "start", name)
-    return started
+def _start_all(ws: Path, vms: tuple[tuple[str, str, str], ...]) -> None:
+    """Create each (name, host, network) VM, then start them all at once (their boots overlap)."""
+    for name, host, network in vms:
+        ok(ws, "vm", "create", name, "--host", host, "--network", network, "--memory", "128M")
+    procs = [ferry_process(ws, "vm", "start", name) for name, _, _ in vms]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
 
 
 @needs
 async def test_vms_on_two_lab_hosts_talk_over_the_lab_network(netws):
     ws, lab = netws
-    await asyncio.to_thread(_start, ws, "na", "lab1", "lab")
-    await asyncio.to_thread(_start, ws, "nb", "lab3", "lab")
+    await asyncio.to_thread(_start_all, ws, (("na", "lab1", "lab"), ("nb", "lab3", "lab")))
     shown = {v["name"]: v for v in await asyncio.to_thread(ok, ws, "vm", "list")}
     assert shown["na"]["state"] == "running" and shown["nb"]["state"] == "running"
     # the tap is on the lab host's bridge, in its namespace (not on this machine)
@@ -89,8 +92,7 @@ async def test_vms_on_two_lab_hosts_talk_over_the_lab_network(netws):
 @needs
 async def test_vms_on_different_vlans_of_one_network_cannot_talk(netws):
     ws, lab = netws
-    for name, net in (("va", "v10"), ("vb", "v10"), ("vc", "v20")):
-        await asyncio.to_thread(_start, ws, name, "lab1", net)
+    await asyncio.to_thread(_start_all, ws, (("va", "lab1", "v10"), ("vb", "lab1", "v10"), ("vc", "lab1", "v20")))
     for name, ip in (("va", 1), ("vb", 2), ("vc", 3)):
         code, out = await _guest(ws, lab, "lab1", name,
                                  f"ip addr add 192.168.88.{ip}/24 dev eth0 && ip link set eth0 up")
