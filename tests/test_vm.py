@@ -766,8 +766,8 @@ def test_vm_on_an_ssh_host(sshd_factory, tmp_path, monkeypatch):
     """A host reached over real SSH: the live image is copied to it, QEMU runs there as a daemon,
     QMP and the guest agent are reached through stream-local forwarding; nothing listens on TCP."""
     from harness.cli import isolate_ssh
+    monkeypatch.setenv("FERRY_IMAGE_CACHE", str(image_cache()))   # before ~ moves: the machine's cache
     isolate_ssh(monkeypatch, tmp_path / "home")
-    monkeypatch.setenv("FERRY_IMAGE_CACHE", str(image_cache()))
     site = sshd_factory.site(Path(tempfile.mkdtemp(prefix="fssh-", dir="/tmp")), 1, names=["remote"])
     ws = site.workspace.root
     try:
