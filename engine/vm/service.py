@@ -224,7 +224,7 @@ class VMService:
         if host.name in self._accel:
             return self._accel[host.name], ""
         cache = image_cache_dir(self.pool.workspace.cache_dir)
-        key = "local" if host.spec.transport == "local" else host.name
+        key = await _machine_key(host)
         choice = await detect_acceleration(host.t, image, runtime_dir=host.spec.runtime,
                                            cache_file=cache / f"accel-{key}.json", requested=host.spec.accel)
         self._accel[host.name] = str(choice.accel)
@@ -332,6 +332,19 @@ async def _guest_time(ga: GuestAgent) -> float | None:
         return int(await ga.execute("guest-get-time")) / 1e9
     except FerryError:
         return None
+
+
+async def _machine_key(host: HostOps) -> str:
+    """Which machine a host is, for the cached KVM verdict: its /etc/machine-id (hosts that are one
+    machine — the lab's, or two names for one server — share the verdict; the verdict's own
+    fingerprint of kernel, QEMU and CPU still decides whether it holds), else its name."""
+    try:
+        mid = (await host.t.read_file("/etc/machine-id")).decode("ascii", "replace").strip()
+    except FerryError:
+        mid = ""
+    if mid.isalnum() and len(mid) >= 16:
+        return f"machine-{mid[:16]}"
+    return "local" if host.spec.transport == "local" else host.name
 
 
 async def _usage(ga: GuestAgent) -> dict[str, Any]:
