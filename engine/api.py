@@ -17,8 +17,6 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from .errors import (CommandError, ConfigError, FerryError, HostKeyError, PermanentError, Refused, TaskCancelled,
                      TransientError, TransportError)
 
@@ -63,10 +61,10 @@ __all__ = ["AuditEntry", "DatastoreUsage", "EngineStatus", "HostFacts", "HostKey
            "SiteConfig", "Submitted", "TaskInfo", "TaskLogEntry", "TaskState", "TrackedFile", "VMSpec", "VMState",
            "VMView", "VMKind", "DiskSpec", "NicSpec", "Passthrough", "AgentState", "AgentReport", "GuestFilesystem",
            "ReconcileReport", "OrphanProcess", "MissingVM", "UnreachableHost", "TimeSync", "CPUHotAdd",
-           "VMActionCheck", "Refusal", "LabDhcp", "LabHost", "LabStatus", "encode", "decode", "to_builtins", "convert", "dumps",
+           "VMActionCheck", "Refusal", "LabDhcp", "LabHost", "LabStatus", "encode", "decode", "to_builtins", "convert", "dumps", "dumps_as",
            "VERSION", "PROTOCOL"]
 
-PROTOCOL = 2     # the wire protocol's version; raised whenever a frame's shape changes (2: serial frames)
+PROTOCOL = 3     # the wire protocol's version; raised whenever a frame's shape changes (2: serial frames, 3: --json answers)
 VERSION: str     # this installation's version, read when first asked for (module __getattr__)
 
 
@@ -168,32 +166,52 @@ def _enc_hook(obj: Any) -> Any:
     raise NotImplementedError(f"cannot encode {type(obj).__name__}")
 
 
-_encoder = msgspec.json.Encoder(enc_hook=_enc_hook, order="deterministic")
+def _msgspec() -> Any:
+    """msgspec, imported on first use: importing it costs a command line ~15 ms, and `ferry tasks
+    --json` needs none of it (the engine sends its --json text: `dumps_as`)."""
+    global _encoder
+    import msgspec
+    import msgspec.json
+    if _encoder is None:
+        _encoder = msgspec.json.Encoder(enc_hook=_enc_hook, order="deterministic")
+    return msgspec
+
+
+_encoder: Any = None
 
 
 def encode(obj: Any) -> bytes:
     """A record (or list, dict of records, or plain data) as JSON bytes."""
+    if _encoder is None:
+        _msgspec()
     return _encoder.encode(obj)
 
 
 def decode(data: bytes, type: Any = Any) -> Any:
     """JSON bytes back into `type` (a record class, list[...] of them, ...); wrong shapes raise."""
-    return msgspec.json.decode(data, type=type)
+    return _msgspec().json.decode(data, type=type)
 
 
 def to_builtins(obj: Any) -> Any:
     """A record as plain dicts, lists and strings (enums by value)."""
-    return msgspec.to_builtins(obj, enc_hook=_enc_hook, order="deterministic")
+    return _msgspec().to_builtins(obj, enc_hook=_enc_hook, order="deterministic")
 
 
 def convert(obj: Any, type: Any) -> Any:
     """Plain data (as from to_builtins or JSON) into `type`."""
-    return msgspec.convert(obj, type=type)
+    return _msgspec().convert(obj, type=type)
 
 
 def dumps(obj: Any) -> str:
     """A record as indented JSON for people and scripts: the CLI's --json."""
     return json.dumps(to_builtins(obj), indent=2, sort_keys=True)
+
+
+def dumps_as(value: Any, type: Any) -> str:
+    """What a front end's --json prints of a call's answer `value`: dumps of the record it decodes
+    (the wire's round trip, as `type`). The engine sends it when asked (a call frame's "json"), so a
+    command line prints it without msgspec or the records."""
+    return dumps(convert(decode(encode(to_builtins(value))), type))
 
 
 # ---------------------------------------------------------------------------- errors on the wire

@@ -11,8 +11,9 @@ alone costs about a third of that). Its methods are coroutines that never suspen
 
 from __future__ import annotations
 
+import json
 import socket
-from typing import TYPE_CHECKING, Any, Coroutine, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, TypeVar
 
 from . import api
 from .errors import PermanentError, TransientError
@@ -33,6 +34,11 @@ class EngineCalls:
 
     async def _call(self, method: str, type: Any = Any, **args: Any) -> Any:
         raise NotImplementedError
+
+    async def as_json(self, call: Callable[..., Awaitable[Any]], /, *args: Any, **kw: Any) -> str:
+        """The CLI's --json of what `call` (one of these methods) returns: api.dumps of its records.
+        BlockingEngine has the engine print it."""
+        return api.dumps(await call(*args, **kw))
 
     # ------------------------------------------------------------------ the engine itself
 
@@ -158,6 +164,13 @@ class EngineCalls:
         return await self._call("audit_log", list[api.AuditEntry], limit=limit)
 
 
+def returns(method: str) -> Any:
+    """The type a call's answer is decoded into: its method's annotation in EngineCalls."""
+    import typing
+    fn = getattr(EngineCalls, "stop_engine" if method == "stop" else method, None)
+    return typing.get_type_hints(fn).get("return", Any) if callable(fn) else Any
+
+
 class BlockingEngine(EngineCalls):
     """The workspace's running engine over one blocking connection (see the module's docstring)."""
 
@@ -165,6 +178,7 @@ class BlockingEngine(EngineCalls):
         self.workspace = ws
         self._sock = sock
         self._ids = 0
+        self._json = False      # within as_json: a call answers the engine's --json text
 
     @classmethod
     def connect(cls, ws: Workspace, *, client: str = "cli") -> BlockingEngine | None:
@@ -175,13 +189,16 @@ class BlockingEngine(EngineCalls):
             with short_path(ws.root / SOCKET_NAME) as where:
                 sock.connect(where)
             sock.settimeout(30)
-            sock.sendall(frame(api.encode(hello(client))))
+            sock.sendall(frame(json.dumps(hello(client)).encode()))
             raw = recv_frame(sock)
             sock.settimeout(None)    # a call takes what it takes (facts of hosts, a gc); ctrl-c stops it
         except (OSError, ProtocolError):
             sock.close()
             return None
-        msg = api.decode(raw) if raw else None
+        try:
+            msg = json.loads(raw) if raw else None
+        except ValueError:
+            msg = None
         if not isinstance(msg, dict) or msg.get("op") != "hello":
             sock.close()
             if isinstance(msg, dict) and msg.get("op") == "refused":
@@ -189,21 +206,42 @@ class BlockingEngine(EngineCalls):
             return None
         return cls(ws, sock)
 
-    async def _call(self, method: str, type: Any = Any, **args: Any) -> Any:
+    def _ask(self, method: str, args: dict[str, Any], *, as_json: bool = False) -> bytes:
         self._ids += 1
+        msg = {"op": "call", "id": self._ids, "method": method, "args": args}
         try:
-            self._sock.sendall(frame(api.encode({"op": "call", "id": self._ids, "method": method, "args": args})))
+            if as_json:     # plain arguments of a command line: the json module encodes them
+                self._sock.sendall(frame(json.dumps({**msg, "json": True}, separators=(",", ":")).encode()))
+            else:
+                self._sock.sendall(frame(api.encode(msg)))
             raw = recv_frame(self._sock)
         except OSError:
             raw = None
         if raw is None:
             raise EngineUnavailable(f"the engine went away (workspace {self.workspace.root})",
                                     "`ferry engine status`; its tasks go on when it starts again")
-        msg = api.decode(raw)
+        return raw
+
+    async def _call(self, method: str, type: Any = Any, **args: Any) -> Any:
+        if self._json:
+            # The engine prints it (api.dumps_as): this side decodes one string with the json module
+            # and needs neither msgspec nor the records (each costs a command line several ms).
+            msg = json.loads(self._ask(method, args, as_json=True))
+        else:
+            msg = api.decode(self._ask(method, args))
         if msg.get("op") == "error":
             raise api.error_from_wire(msg.get("error") or {})
+        if self._json:
+            return msg["json"]
         value = msg.get("value")
         return value if type is Any else api.convert(value, type)
+
+    async def as_json(self, call: Callable[..., Awaitable[Any]], /, *args: Any, **kw: Any) -> str:
+        self._json = True
+        try:
+            return await call(*args, **kw)     # its _call answers the engine's text
+        finally:
+            self._json = False
 
     def close(self) -> None:
         self._sock.close()

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from . import api
+from .calls import returns
 from .client import EngineClient
 from .errors import ConfigError, FerryError, PermanentError
 from .events import Event
@@ -130,7 +131,10 @@ class _Peer:
             else:
                 await self.service.core.reload_site()       # config.toml edited: takes effect now
                 value = await getattr(self.service.core, method)(**args)
-            reply = {"op": "result", "id": cid, "value": api.to_builtins(value)}
+            if msg.get("json"):     # a command line's --json, printed here: it then needs no codec of its own
+                reply = {"op": "result", "id": cid, "json": api.dumps_as(value, returns(method))}
+            else:
+                reply = {"op": "result", "id": cid, "value": api.to_builtins(value)}
         except FerryError as e:
             reply = {"op": "error", "id": cid, "error": api.error_to_wire(e)}
         except TypeError as e:       # wrong arguments from a front end of another build

@@ -202,12 +202,27 @@ def test_output_cut_short_by_its_reader_is_not_a_traceback(tmp_path):
 def test_a_command_against_a_running_engine_loads_no_event_loop_nor_engine_internals(tmp_path):
     """Issue 11: a command adds little to its work. One that only asks the engine on this machine
     talks over a blocking socket: no asyncio, no store, no TOML, no SSH, no task runner imported."""
+    from ferry.engine import api
+    from ferry.engine.calls import BlockingEngine, run_now
+    from ferry.engine.workspace import Workspace
+
     ws = tmp_path / "ws"
-    assert ferry(ws, "engine", "start").code == 0
+    assert ferry(ws, "probe", "lab1", "--pings", "2", "--size", "1").code == 0     # a task, and its audit entry
     heavy = {"asyncio", "sqlite3", "asyncssh", "tomllib", "textual", "importlib.metadata", "ferry.engine.tasks",
              "ferry.engine.store", "ferry.engine.config", "ferry.engine.service", "ferry.engine.client",
              "ferry.engine.transport", "ferry.engine.vm.model", "ferry.console.cli.vm"}
-    for args in (["tasks", "--json"], ["tasks"], ["audit", "--json"], ["engine", "status", "--json"]):
+    # A --json the engine prints: the command decodes one string, with neither msgspec nor the records.
+    records = {"msgspec"}
+    engine = BlockingEngine.connect(Workspace(ws))
+    try:
+        [task] = run_now(engine.list_tasks())
+        want = {"tasks": api.dumps([task]), "audit": api.dumps(run_now(engine.audit_log())),
+                "task": api.dumps({**api.to_builtins(task), "log": run_now(engine.task_log(task.id)),
+                                   "files": run_now(engine.task_files(task.id))})}
+    finally:
+        engine.close()
+    for args in (["tasks", "--json"], ["tasks"], ["audit", "--json"], ["engine", "status", "--json"],
+                 ["task", "show", str(task.id), "--json"], ["tasks", "--all", "--json"]):
         r = subprocess.run([sys.executable, "-X", "importtime", "-m", "ferry.console.cli", "--workspace", str(ws), *args],
                            capture_output=True, text=True, timeout=60)
         out, err = r.stdout, r.stderr
@@ -215,7 +230,9 @@ def test_a_command_against_a_running_engine_loads_no_event_loop_nor_engine_inter
         loaded = {line.rsplit("|", 1)[1].strip() for line in err.splitlines() if line.startswith("import time:")}
         assert "ferry.console.cli" in loaded and not heavy & loaded, (args, sorted(heavy & loaded))
         if "--json" in args:
-            json.loads(out)
+            assert not records & loaded, (args, sorted(records & loaded))
+            assert out.rstrip("\n") == want.get(args[0], out.rstrip("\n")), args     # api.dumps of the records
+            assert json.loads(out)["running"] if args[0] == "engine" else True
 
 
 def test_vm_json_has_an_agent_record_wherever_agents_were_asked(tmp_path):

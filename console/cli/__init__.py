@@ -343,9 +343,25 @@ def _task_row(t: TaskInfo) -> list[str]:
             fmt.duration(p.eta) if t.state == TaskState.RUNNING else "-", t.title]
 
 
+def _json_tasks(text: str, everything: bool) -> str:
+    """`ferry tasks --json` from the engine's --json of list_tasks (api.dumps of its records): the same
+    choice of tasks as the text output, and the same bytes as api.dumps of those records (a re-dump of
+    api.dumps' output with its options is that output again)."""
+    if everything:
+        return text
+    final = {str(s) for s in FINAL_STATES}
+    tasks = json.loads(text)
+    tasks = [t for t in tasks if t["state"] not in final] + [t for t in tasks if t["state"] in final][:20]
+    tasks.sort(key=lambda t: -t["id"])
+    return json.dumps(tasks, indent=2, sort_keys=True)
+
+
 def cmd_tasks(args, ws: Workspace) -> int:
     async def go(client) -> int:
         # Through the engine: it first marks the tasks of Ferry processes that died as interrupted.
+        if args.json:
+            print(_json_tasks(await client.as_json(client.list_tasks, limit=args.limit), args.all))
+            return EXIT_OK
         tasks = await client.list_tasks(limit=args.limit)
         if not args.all:
             tasks = [t for t in tasks if t.state not in FINAL_STATES] + [t for t in tasks if t.state in FINAL_STATES][:20]
@@ -366,11 +382,13 @@ def cmd_tasks(args, ws: Workspace) -> int:
 
 def cmd_task_show(args, ws: Workspace) -> int:
     async def go(client) -> int:
+        if args.json:     # the engine's --json of each part (api.dumps' output loads and dumps as itself)
+            parts = [json.loads(await client.as_json(call, args.id))
+                     for call in (client.get_task, client.task_log, client.task_files)]
+            print(json.dumps({**parts[0], "log": parts[1], "files": parts[2]}, indent=2, sort_keys=True))
+            return EXIT_OK
         t = await client.get_task(args.id)
         logs = await client.task_log(args.id)
-        if args.json:
-            print(api.dumps({**api.to_builtins(t), "log": logs, "files": await client.task_files(args.id)}))
-            return EXIT_OK
         print(f"task {t.id}: {safe(t.title)}\n  kind      {t.kind}\n  state     {t.state.symbol} {t.state}"
               f"\n  progress  {safe(fmt.progress_line(t.progress, state=t.state))}\n  created   {fmt.stamp(t.created)} by {safe(t.created_by)}"
               f"\n  started   {fmt.stamp(t.started)}\n  finished  {fmt.stamp(t.finished)}\n  attempts  {t.attempts}")
@@ -526,12 +544,12 @@ def cmd_gc(args, ws: Workspace) -> int:
 
 def cmd_audit(args, ws: Workspace) -> int:
     async def go(client) -> int:
-        rows = await client.audit_log(limit=args.limit)
         if args.json:
-            print(api.dumps(rows))
-        else:
-            print(_table([[fmt.stamp(r.ts), r.actor, r.action, r.target, r.result] for r in rows],
-                         ["WHEN", "WHO", "ACTION", "TARGET", "RESULT"]))
+            print(await client.as_json(client.audit_log, limit=args.limit))
+            return EXIT_OK
+        rows = await client.audit_log(limit=args.limit)
+        print(_table([[fmt.stamp(r.ts), r.actor, r.action, r.target, r.result] for r in rows],
+                     ["WHEN", "WHO", "ACTION", "TARGET", "RESULT"]))
         return EXIT_OK
     return _ask(ws, go)
 
@@ -555,7 +573,11 @@ def cmd_engine(args, ws: Workspace) -> int:
         quick = BlockingEngine.connect(ws, client="cli")
         if quick is not None:
             try:
-                _print_status(args, run_now(quick.status()))
+                if args.json:
+                    st = json.loads(run_now(quick.as_json(quick.status)))
+                    print(json.dumps({"running": True, **st}, indent=2, sort_keys=True))
+                else:
+                    _print_status(args, run_now(quick.status()))
             finally:
                 quick.close()
             return EXIT_OK
