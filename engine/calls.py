@@ -30,9 +30,10 @@ class EngineUnavailable(TransientError):
 
 
 class EngineCalls:
-    """The calls of the engine service; a client supplies `_call(method, type, **args)`."""
+    """The calls of the engine service; a client supplies `_call(method, **args)`, which decodes the
+    answer into the method's return annotation here (`returns`): each call's type is said once."""
 
-    async def _call(self, method: str, type: Any = Any, **args: Any) -> Any:
+    async def _call(self, method: str, type: Any = None, **args: Any) -> Any:
         raise NotImplementedError
 
     async def as_json(self, call: Callable[..., Awaitable[Any]], /, *args: Any, **kw: Any) -> str:
@@ -43,111 +44,111 @@ class EngineCalls:
     # ------------------------------------------------------------------ the engine itself
 
     async def status(self) -> api.EngineStatus:
-        return await self._call("status", api.EngineStatus)
+        return await self._call("status")
 
     async def stop_engine(self, *, now: bool = False) -> dict[str, Any]:
         return await self._call("stop", now=now)
 
     async def get_site(self) -> api.SiteConfig:
-        return await self._call("get_site", api.SiteConfig)
+        return await self._call("get_site")
 
     # ------------------------------------------------------------------ tasks
 
     async def list_tasks(self, limit: int = 500) -> list[api.TaskInfo]:
-        return await self._call("list_tasks", list[api.TaskInfo], limit=limit)
+        return await self._call("list_tasks", limit=limit)
 
     async def get_task(self, task_id: int) -> api.TaskInfo:
-        return await self._call("get_task", api.TaskInfo, task_id=task_id)
+        return await self._call("get_task", task_id=task_id)
 
     async def task_log(self, task_id: int, limit: int = 200) -> list[api.TaskLogEntry]:
-        return await self._call("task_log", list[api.TaskLogEntry], task_id=task_id, limit=limit)
+        return await self._call("task_log", task_id=task_id, limit=limit)
 
     async def task_files(self, task_id: int) -> list[api.TrackedFile]:
-        return await self._call("task_files", list[api.TrackedFile], task_id=task_id)
+        return await self._call("task_files", task_id=task_id)
 
     async def submit(self, kind: str, params: dict[str, Any]) -> int:
-        return await self._call("submit", int, kind=kind, params=params)
+        return await self._call("submit", kind=kind, params=params)
 
     async def pause(self, task_id: int) -> api.TaskInfo:
-        return await self._call("pause", api.TaskInfo, task_id=task_id)
+        return await self._call("pause", task_id=task_id)
 
     async def resume(self, task_id: int) -> api.TaskInfo:
-        return await self._call("resume", api.TaskInfo, task_id=task_id)
+        return await self._call("resume", task_id=task_id)
 
     async def cancel(self, task_id: int) -> api.TaskInfo:
-        return await self._call("cancel", api.TaskInfo, task_id=task_id)
+        return await self._call("cancel", task_id=task_id)
 
     async def confirm(self, task_id: int, typed: str) -> api.TaskInfo:
-        return await self._call("confirm", api.TaskInfo, task_id=task_id, typed=typed)
+        return await self._call("confirm", task_id=task_id, typed=typed)
 
     async def wait_task(self, task_id: int, timeout: float | None = None) -> api.TaskInfo:
-        return await self._call("wait_task", api.TaskInfo, task_id=task_id, timeout=timeout)
+        return await self._call("wait_task", task_id=task_id, timeout=timeout)
 
     async def replicate(self, level: str, params: dict[str, Any], *, restart: bool = False) -> tuple[int, bool]:
-        return await self._call("replicate", tuple[int, bool], level=level, params=params, restart=restart)
+        return await self._call("replicate", level=level, params=params, restart=restart)
 
     async def start_probe(self, host: str, *, pings: int = 20, size_mib: int = 64) -> int:
-        return await self._call("start_probe", int, host=host, pings=pings, size_mib=size_mib)
+        return await self._call("start_probe", host=host, pings=pings, size_mib=size_mib)
 
     # ------------------------------------------------------------------ VMs and templates
 
     async def vm_list(self, *, recycled: bool = False) -> list[api.VMView]:
-        return await self._call("vm_list", list[api.VMView], recycled=recycled)
+        return await self._call("vm_list", recycled=recycled)
 
     async def vm_get(self, name: str) -> api.VMView:
-        return await self._call("vm_get", api.VMView, name=name)
+        return await self._call("vm_get", name=name)
 
     async def vm_agent(self, name: str) -> api.AgentReport:
-        return await self._call("vm_agent", api.AgentReport, name=name)
+        return await self._call("vm_agent", name=name)
 
     async def vm_reconcile(self) -> api.ReconcileReport:
-        return await self._call("vm_reconcile", api.ReconcileReport)
+        return await self._call("vm_reconcile")
 
     async def vm_actions(self, name: str, *, recycled: bool = False) -> list[api.VMActionCheck]:
-        return await self._call("vm_actions", list[api.VMActionCheck], name=name, recycled=recycled)
+        return await self._call("vm_actions", name=name, recycled=recycled)
 
     async def precheck(self, kind: str, params: dict[str, Any]) -> None:
         await self._call("precheck", kind=kind, params=params)
 
     async def vm_task(self, kind: str, params: dict[str, Any]) -> int:
-        return await self._call("vm_task", int, kind=kind, params=params)
+        return await self._call("vm_task", kind=kind, params=params)
 
     async def vm_task_or_attach(self, kind: str, params: dict[str, Any]) -> tuple[int, bool]:
-        return await self._call("vm_task_or_attach", tuple[int, bool], kind=kind, params=params)
+        return await self._call("vm_task_or_attach", kind=kind, params=params)
 
     async def vm_timesync(self, name: str) -> api.TimeSync:
-        return await self._call("vm_timesync", api.TimeSync, name=name)
+        return await self._call("vm_timesync", name=name)
 
     async def vm_cpu_hotadd(self, name: str, cpus: int) -> api.CPUHotAdd:
-        return await self._call("vm_cpu_hotadd", api.CPUHotAdd, name=name, cpus=cpus)
+        return await self._call("vm_cpu_hotadd", name=name, cpus=cpus)
 
     # ------------------------------------------------------------------ hosts
 
     async def host_facts(self, host: str, timeout: float = 10.0) -> api.HostFacts:
-        return await self._call("host_facts", api.HostFacts, host=host, timeout=timeout)
+        return await self._call("host_facts", host=host, timeout=timeout)
 
     async def hosts_facts(self, timeout: float = 10.0) -> dict[str, api.HostFacts]:
-        return await self._call("hosts_facts", dict[str, api.HostFacts], timeout=timeout)
+        return await self._call("hosts_facts", timeout=timeout)
 
     async def host_key(self, host: str) -> api.HostKey:
-        return await self._call("host_key", api.HostKey, host=host)
+        return await self._call("host_key", host=host)
 
     async def trust_host(self, host: str, fingerprint: str) -> api.HostKey:
-        return await self._call("trust_host", api.HostKey, host=host, fingerprint=fingerprint)
+        return await self._call("trust_host", host=host, fingerprint=fingerprint)
 
     async def gc(self, dry_run: bool = False) -> list[api.Leftover]:
-        return await self._call("gc", list[api.Leftover], dry_run=dry_run)
+        return await self._call("gc", dry_run=dry_run)
 
     # ------------------------------------------------------------------ the network lab
 
     async def lab_up(self) -> api.LabStatus:
-        return await self._call("lab_up", api.LabStatus)
+        return await self._call("lab_up")
 
     async def lab_down(self) -> api.LabStatus:
-        return await self._call("lab_down", api.LabStatus)
+        return await self._call("lab_down")
 
     async def lab_status(self) -> api.LabStatus:
-        return await self._call("lab_status", api.LabStatus)
+        return await self._call("lab_status")
 
     # ------------------------------------------------------------------ settings and audit
 
@@ -161,14 +162,22 @@ class EngineCalls:
         await self._call("audit", action=action, target=target, params=params, result=result)
 
     async def audit_log(self, limit: int = 50) -> list[api.AuditEntry]:
-        return await self._call("audit_log", list[api.AuditEntry], limit=limit)
+        return await self._call("audit_log", limit=limit)
+
+
+_RETURNS: dict[str, Any] = {}
 
 
 def returns(method: str) -> Any:
-    """The type a call's answer is decoded into: its method's annotation in EngineCalls."""
-    import typing
-    fn = getattr(EngineCalls, "stop_engine" if method == "stop" else method, None)
-    return typing.get_type_hints(fn).get("return", Any) if callable(fn) else Any
+    """The type a call's answer is decoded into: its method's return annotation in EngineCalls (Any
+    for a call that answers nothing, or one not in the table). Evaluated when first asked: a command
+    line that prints the engine's --json text never imports the records."""
+    if method not in _RETURNS:
+        import typing
+        fn = getattr(EngineCalls, "stop_engine" if method == "stop" else method, None)
+        t = typing.get_type_hints(fn).get("return", Any) if callable(fn) else Any
+        _RETURNS[method] = Any if t is type(None) else t
+    return _RETURNS[method]
 
 
 class BlockingEngine(EngineCalls):
@@ -222,7 +231,7 @@ class BlockingEngine(EngineCalls):
                                     "`ferry engine status`; its tasks go on when it starts again")
         return raw
 
-    async def _call(self, method: str, type: Any = Any, **args: Any) -> Any:
+    async def _call(self, method: str, type: Any = None, **args: Any) -> Any:
         if self._json:
             # The engine prints it (api.dumps_as): this side decodes one string with the json module
             # and needs neither msgspec nor the records (each costs a command line several ms).
@@ -234,6 +243,7 @@ class BlockingEngine(EngineCalls):
         if self._json:
             return msg["json"]
         value = msg.get("value")
+        type = returns(method) if type is None else type
         return value if type is Any else api.convert(value, type)
 
     async def as_json(self, call: Callable[..., Awaitable[Any]], /, *args: Any, **kw: Any) -> str:

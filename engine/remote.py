@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import api
-from .calls import EngineCalls, EngineUnavailable
+from .calls import EngineCalls, EngineUnavailable, returns
 from .errors import FerryError, PermanentError
 from .events import Event, EventBus, Subscription
 from .protocol import ProtocolError, SOCKET_NAME, frame, hello, read_frame, running_pid, short_path
@@ -291,7 +291,7 @@ class RemoteEngine(EngineCalls):
         self._writer.write(frame(api.encode(msg)))
         await self._writer.drain()
 
-    async def _call(self, method: str, type: Any = Any, **args: Any) -> Any:
+    async def _call(self, method: str, type: Any = None, **args: Any) -> Any:
         cid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[cid] = fut
@@ -308,6 +308,7 @@ class RemoteEngine(EngineCalls):
         if msg["op"] == "error":
             raise api.error_from_wire(msg.get("error") or {})
         value = msg.get("value")
+        type = returns(method) if type is None else type
         return value if type is Any else api.convert(value, type)
 
     async def _subscribe_now(self) -> None:

@@ -13,17 +13,32 @@ import json
 import os
 import sys
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
-from ferry.console.actions import cli_help
-from ferry.engine import api, fmt
 from ferry.engine.errors import ConfigError, FerryError, PermanentError, Refused
-from ferry.engine.taskmodel import FINAL_STATES, TaskInfo, TaskState
 from ferry.engine.textsafe import SafeStream, line as safe, raw_stream
 from ferry.engine.workspace import Workspace
 
+if TYPE_CHECKING:
+    from ferry.engine.taskmodel import TaskInfo
+
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 130
 T = TypeVar("T")
+
+
+class _OnUse:
+    """A module imported when first used: `ferry tasks --json` prints the engine's text and needs
+    neither the records, nor their formatting, nor the catalogue of actions (a command adds <= 50 ms)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        import importlib
+        return getattr(importlib.import_module(self._name), attr)
+
+
+api, fmt = _OnUse("ferry.engine.api"), _OnUse("ferry.engine.fmt")
 
 # `--engine TARGET` and `--engine-command CMD` of this command line: the engine of another machine.
 _ATTACH: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar("ferry_attach", default=None)
@@ -113,6 +128,7 @@ class _Progress:
 
 async def run_foreground(client, task_id: int, *, as_json: bool, describe: Callable[[TaskInfo], str] | None = None) -> int:
     """Follow a task of this process until it ends, with a live progress line; print its result."""
+    from ferry.engine.taskmodel import FINAL_STATES, TaskState
     import asyncio
     line = _Progress(sys.stderr.isatty() and not as_json)
     sub = client.subscribe()
@@ -337,6 +353,7 @@ def _engine_over_ssh(args, ws: Workspace) -> int:
 
 
 def _task_row(t: TaskInfo) -> list[str]:
+    from ferry.engine.taskmodel import TaskState
     p = t.progress
     return [str(t.id), t.kind, f"{t.state.symbol} {t.state}", f"{fmt.bar(p.fraction, 10)} {fmt.percent(p.fraction)}",
             fmt.rate(p.rate) if t.state == TaskState.RUNNING else "-",
@@ -347,6 +364,7 @@ def _json_tasks(text: str, everything: bool) -> str:
     """`ferry tasks --json` from the engine's --json of list_tasks (api.dumps of its records): the same
     choice of tasks as the text output, and the same bytes as api.dumps of those records (a re-dump of
     api.dumps' output with its options is that output again)."""
+    from ferry.engine.taskmodel import FINAL_STATES
     if everything:
         return text
     final = {str(s) for s in FINAL_STATES}
@@ -362,6 +380,7 @@ def cmd_tasks(args, ws: Workspace) -> int:
         if args.json:
             print(_json_tasks(await client.as_json(client.list_tasks, limit=args.limit), args.all))
             return EXIT_OK
+        from ferry.engine.taskmodel import FINAL_STATES, TaskState
         tasks = await client.list_tasks(limit=args.limit)
         if not args.all:
             tasks = [t for t in tasks if t.state not in FINAL_STATES] + [t for t in tasks if t.state in FINAL_STATES][:20]
@@ -381,6 +400,8 @@ def cmd_tasks(args, ws: Workspace) -> int:
 
 
 def cmd_task_show(args, ws: Workspace) -> int:
+    from ferry.engine.taskmodel import TaskState
+
     async def go(client) -> int:
         if args.json:     # the engine's --json of each part (api.dumps' output loads and dumps as itself)
             parts = [json.loads(await client.as_json(call, args.id))
@@ -408,6 +429,8 @@ def cmd_task_show(args, ws: Workspace) -> int:
 
 
 def cmd_task_control(args, ws: Workspace) -> int:
+    from ferry.engine.taskmodel import FINAL_STATES, TaskState
+
     action = args.action
     # What this command waits for, so that what it prints (and its exit) is the task's new state.
     goal = {"pause": FINAL_STATES | {TaskState.PAUSED}}.get(action, FINAL_STATES)
@@ -688,10 +711,19 @@ class _OnlyCommand:
     def __init__(self, sub: Any, wanted: str | None) -> None:
         self.sub, self.wanted = sub, wanted
 
-    def add_parser(self, name: str, **kw: Any) -> Any:
+    def add_parser(self, name: str, *, verb: str | None = None, **kw: Any) -> Any:
+        """`verb`: the help line is the catalogue's for that CLI verb, shown only in `ferry`'s own help."""
         if self.wanted is None or name == self.wanted:
+            if verb is not None and self.wanted is None and not isinstance(self.sub, _Skipped):
+                kw["help"] = cli_help(verb)
             return self.sub.add_parser(name, **kw)
         return _Skipped()
+
+
+def cli_help(verb: str) -> str:
+    """The catalogue's help line of a CLI verb (console/actions.py, imported only when one is shown)."""
+    from ferry.console.actions import cli_help
+    return cli_help(verb)
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -726,7 +758,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_config_check)
 
-    s = sub.add_parser("hosts", help=cli_help("hosts"))
+    s = sub.add_parser("hosts", verb="hosts")
     s.add_argument("--json", action="store_true")
     s.add_argument("--timeout", type=float, default=10.0, help="seconds per host (default 10)")
     s.set_defaults(func=cmd_hosts)
@@ -737,20 +769,20 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     t.add_argument("--yes", action="store_true", help="accept without asking")
     t.set_defaults(func=cmd_hosts_trust)
 
-    s = sub.add_parser("tasks", help=cli_help("tasks"))
+    s = sub.add_parser("tasks", verb="tasks")
     s.add_argument("--json", action="store_true")
     s.add_argument("--all", action="store_true", help="include every finished task")
     s.add_argument("--limit", type=int, default=500)
     s.set_defaults(func=cmd_tasks)
 
     s = sub.add_parser("task", help="show or control one task")
-    ts = s.add_subparsers(dest="task_command", metavar="ACTION", required=True)
-    t = ts.add_parser("show", help=cli_help("task show"))
+    ts = _OnlyCommand(s.add_subparsers(dest="task_command", metavar="ACTION", required=True), None)
+    t = ts.add_parser("show", verb="task show")
     t.add_argument("id", type=int)
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_task_show)
     for action in ("pause", "resume", "cancel"):
-        t = ts.add_parser(action, help=cli_help(f"task {action}"))
+        t = ts.add_parser(action, verb=f"task {action}")
         t.add_argument("id", type=int)
         t.add_argument("--json", action="store_true")
         if action == "resume":
@@ -759,7 +791,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             t.set_defaults(detach=True)
         t.set_defaults(func=cmd_task_control, action=action)
 
-    s = sub.add_parser("probe", help=cli_help("probe"))
+    s = sub.add_parser("probe", verb="probe")
     s.add_argument("host")
     s.add_argument("--pings", type=int, default=20, help="round trips to time (default 20)")
     s.add_argument("--size", type=int, default=64, metavar="MiB", help="MiB streamed each way (default 64)")
@@ -802,7 +834,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_gc)
 
-    s = sub.add_parser("audit", help=cli_help("audit"))
+    s = sub.add_parser("audit", verb="audit")
     s.add_argument("--json", action="store_true")
     s.add_argument("--limit", type=int, default=50)
     s.set_defaults(func=cmd_audit)
