@@ -315,6 +315,11 @@ def main() -> int:
     (kinds / "bench_ticker.py").write_text(TICKER)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(kinds), str(ROOT), os.environ.get("PYTHONPATH", "")])
     os.environ["FERRY_TASK_KINDS"] = "bench_ticker"
+    # Ferry as installed: with byte-compiled modules (pip compiles them; this checkout might not), for the
+    # engine service and the CLI this starts as for this process's own imports.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "engine"), str(ROOT / "console")],
+                   check=True, stdout=subprocess.DEVNULL)
     sys.path.insert(0, str(kinds))
     import bench_ticker  # noqa: F401  (the console's own process knows the kind too)
     try:

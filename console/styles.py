@@ -88,9 +88,7 @@ FramedScreen.-production {
     background: $background;
 }
 #task-detail {
-    height: auto;
-    max-height: 8;
-    min-height: 3;
+    height: 8;          /* fixed: a detail that grows or shrinks as the cursor moves lays the screen out again */
     padding: 0 1;
     border-top: hkey $panel;
     background: $surface;

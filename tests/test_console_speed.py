@@ -13,8 +13,9 @@ import harness.kinds  # noqa: F401  (registers the test task kinds)
 from ferry.console.app import FerryApp
 from ferry.console.widgets.table import Column, KeyedTable, Row, cell
 from ferry.engine.taskmodel import TaskState
-from harness.pilot import until
+from harness.pilot import text_of, until
 from test_console import client  # noqa: F401  (the fixture: a real EngineClient on the lab site)
+from test_console_vms import go_to, make_vm
 
 
 def screen_lines(table: KeyedTable) -> list[str]:
@@ -95,3 +96,54 @@ async def test_the_footer_dims_the_probe_key_off_a_host_and_enables_it_on_one(cl
         await until(pilot, lambda: probe_dimmed() is False, what="probe enabled on a host")
         await pilot.press("up")
         await until(pilot, lambda: probe_dimmed() is True, what="probe dimmed again on the cluster")
+
+
+def tree_lines(app: FerryApp) -> list[str]:
+    """The inventory tree's lines as the screen shows them (what the compositor would send to the terminal)."""
+    tree = app.inventory.query_one("#tree", Tree)
+    region = tree.content_region
+    shown = app.screen._compositor.render_full_update().strips
+    return [(line.text if hasattr(line, "text") else "".join(seg.text for seg in line))
+            [region.x:region.right].rstrip() for line in shown[region.y:region.bottom]]
+
+
+async def test_the_tree_stands_through_an_unchanged_vm_list_and_draws_a_changed_one(client):  # noqa: F811
+    """A VM list polled again unchanged leaves the tree as drawn (it is not gone through again); a changed
+    one draws the change where it belongs, the cursor staying on its VM, and the host's page counts it."""
+    await make_vm(client, "web1", "lab1")
+    await make_vm(client, "web2", "lab1")
+    app = FerryApp(client, poll={"vm_interval": 0.2})
+    async with app.run_test(size=(100, 30)) as pilot:
+        inv = app.inventory
+        await until(pilot, lambda: any(ln.endswith("■ web2") for ln in tree_lines(app)), what="web2 drawn")
+        await go_to(pilot, app, "web2")
+        before, polls = tree_lines(app), inv.vm_poller.polls
+        await until(pilot, lambda: inv.vm_poller.polls >= polls + 3, what="three more polls of the same list")
+        await pilot.pause()
+        assert tree_lines(app) == before and inv.selected.name == "web2"
+        await pilot.press("space", "up")       # labels change in place (no node comes or goes): drawn anew
+        await until(pilot, lambda: any(ln.endswith("✓ ■ web2") for ln in tree_lines(app)), what="web2 drawn marked")
+        await pilot.press("space")
+        await until(pilot, lambda: any(ln.endswith("✓ ■ web1") for ln in tree_lines(app)), what="web1 drawn marked")
+        await pilot.press("down")
+        info = await client.wait_task(await client.vm_task("vm.convert", {"vm": "web1", "to": "template"}), timeout=30)
+        assert info.state == TaskState.SUCCEEDED, info.error
+        # the changed list: web1 drawn as a template, after web2 (VMs before templates), the cursor kept on web2
+        lines = await until(pilot, lambda: (s := tree_lines(app)) and any(ln.endswith("◇ web1") for ln in s) and s,
+                            what="web1 drawn as a template")
+        assert [ln.split()[-1] for ln in lines if ln.split()[-1:] in (["web1"], ["web2"])] == ["web2", "web1"]
+        assert inv.selected.name == "web2"
+        await go_to(pilot, app, "lab1")
+        await until(pilot, lambda: "1 VM" in text_of(app, "#detail-body") and "1 template" in text_of(app, "#detail-body"),
+                    what="lab1's page counts the VM and the template")
+        # the VMs view keeps each row made for what it shows: a VM that changes gets its row made anew
+        await pilot.press("colon", *"vms", "enter")
+        view = app.vms_view
+        await until(pilot, lambda: any("web1" in ln and "◇ template" in ln for ln in screen_lines(view.table)),
+                    what="web1 a template in the VMs view")
+        polls = view.vm_poller.polls
+        await until(pilot, lambda: view.vm_poller.polls >= polls + 2, what="two more polls of the same list")
+        info = await client.wait_task(await client.vm_task("vm.convert", {"vm": "web1", "to": "vm"}), timeout=30)
+        assert info.state == TaskState.SUCCEEDED, info.error
+        await until(pilot, lambda: any("web1" in ln and "■ stopped" in ln for ln in screen_lines(view.table)),
+                    what="web1 a VM again in the VMs view")

@@ -190,6 +190,9 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         self._agent_again = False
         self.filter_text = ""
         self._shown: Shown | None = None              # None: no filter, everything shown
+        self._by_host: dict[str, list[VMView]] | None = None   # self.vms by host, made when first asked
+        self._busy: list[str] = []                    # ids of the VMs a task works on
+        self._labels_pending = False
 
     # ------------------------------------------------------------------ layout
 
@@ -393,8 +396,18 @@ class InventoryView(ViewBase, VMActions, Horizontal):
 
     def on_vms_updated(self, message: VMsUpdated) -> None:
         message.stop()
-        self.apply_vms(message.vms)
-        self.vms_listed(message.vms)
+        vl, old = message.vms, self.vm_list
+        if vl.ok and old.ok and vl.vms == old.vms and vl.recycled == old.recycled:
+            # the same list again (most polls of a big site): the tree stands; only a busy mark may have
+            # gone with its task, which the feed says before the list does
+            self.vm_list = vl
+            variables = self.app.theme_variables
+            for vid in self._busy:
+                if vid in self._vm_nodes and vid in self.vms:
+                    self._label_vm(self._vm_nodes[vid], f"vm:{vid}", self.vms[vid], variables)
+        else:
+            self.apply_vms(vl)
+        self.vms_listed(vl)
 
     def apply_vms(self, vl: VMList) -> None:
         """Diff the tree against a new VM list: add, move, remove and relabel nodes; keep the cursor."""
@@ -443,7 +456,8 @@ class InventoryView(ViewBase, VMActions, Horizontal):
                 host_node = self._host_nodes.get(vm.host)
                 if host_node is None:
                     continue      # its host is no longer in the configuration
-                node = self._add_sorted(host_node, vm, live, NodeRef("vm", vm.name, vid))
+                node = self._add_sorted(host_node, vm, live, NodeRef("vm", vm.name, vid),
+                                        self._new_label(f"vm:{vid}", vm, variables))
                 self._vm_nodes[vid] = node
                 if not host_node.allow_expand:
                     host_node.allow_expand = True
@@ -466,7 +480,8 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             for vid, vm in sorted(binned.items(), key=lambda kv: (kv[1].name, kv[0])):
                 node = self._bin_vm_nodes.get(vid)
                 if node is None:
-                    node = self._add_sorted(self._bin_node, vm, binned, NodeRef("recycled", vm.name, vid))
+                    node = self._add_sorted(self._bin_node, vm, binned, NodeRef("recycled", vm.name, vid),
+                                            self._new_label(f"bin:{vid}", vm, variables))
                     self._bin_vm_nodes[vid] = node
                     structural = True
                 changed |= self._label_vm(node, f"bin:{vid}", vm, variables)
@@ -481,6 +496,8 @@ class InventoryView(ViewBase, VMActions, Horizontal):
                 self._label_bin(variables)
 
         self.vms, self.recycled = every_live, every_binned
+        self._by_host = None
+        self._busy = [i for i, v in every_live.items() if v.busy]
         if follow is not None and follow in self._vm_nodes:
             fallback = self._vm_nodes[follow]
         elif follow is not None:
@@ -564,7 +581,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
                 for h in sorted(self.site.hosts_in(cname), key=lambda h: h.name):
                     if shown is None or h.name in shown.hosts:
                         self._host_nodes[h.name] = cnode.add_leaf(h.name, data=NodeRef("host", h.name))
-            self.vms, self.recycled = {}, {}
+            self.vms, self.recycled, self._by_host = {}, {}, None
             self.apply_vms(self.vm_list)
             self.relabel()
             node = self._node_of(keep)
@@ -639,7 +656,8 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             self.ask_vm_checks()
         return True
 
-    def _add_sorted(self, parent: TreeNode, vm: VMView, known: dict[str, VMView], ref: NodeRef) -> TreeNode:
+    def _add_sorted(self, parent: TreeNode, vm: VMView, known: dict[str, VMView], ref: NodeRef,
+                    label: Text) -> TreeNode:
         key = vmlook.sort_key(vm) + (ref.id,)
 
         def key_of(child: TreeNode) -> tuple:
@@ -648,8 +666,15 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         children = parent.children
         # new VMs come in sorted order, so most go at the end (the first load of a big host)
         if not children or key_of(children[-1]) < key:
-            return parent.add_leaf(vm.name, data=ref)
-        return parent.add_leaf(vm.name, data=ref, before=bisect.bisect_left(children, key, key=key_of))
+            return parent.add_leaf(label, data=ref)
+        return parent.add_leaf(label, data=ref, before=bisect.bisect_left(children, key, key=key_of))
+
+    def _new_label(self, key: str, vm: VMView, variables: dict[str, str]) -> Text:
+        """The label of a node about to be added (so it is not set a second time)."""
+        busy = bool(self.busy_task(vm))
+        marked = vm.id in self.marked
+        self._labels[key] = (vm.name, vm.state, vm.kind, busy, marked)
+        return vmlook.label(vm, variables, busy=busy, marked=marked)
 
     def _label_vm(self, node: TreeNode, key: str, vm: VMView, variables: dict[str, str], *, force: bool = False) -> bool:
         """Set the label when what it shows changed; True if it did."""
@@ -658,9 +683,23 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         shown = (vm.name, vm.state, vm.kind, busy, marked)
         if force or self._labels.get(key) != shown:
             self._labels[key] = shown
-            node.set_label(vmlook.label(vm, variables, busy=busy, marked=marked))
+            self._set_label(node, vmlook.label(vm, variables, busy=busy, marked=marked))
             return True
         return False
+
+    def _set_label(self, node: TreeNode, label: Text) -> None:
+        """TreeNode.set_label without its refresh per node: a new VM list relabels thousands of nodes,
+        and each set_label queued a callback that walked the visible lines. One refresh of the tree
+        after the batch draws them all (a line is drawn again when its nodes' update counts change)."""
+        node._label = node.tree.process_label(label)
+        node._updates += 1
+        if not self._labels_pending:
+            self._labels_pending = True
+            self.call_later(self._labels_drawn)
+
+    def _labels_drawn(self) -> None:
+        self._labels_pending = False
+        self.query_one("#tree", Tree).refresh()
 
     def _label_bin(self, variables: dict[str, str]) -> None:
         if self._bin_node is None:
@@ -668,7 +707,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         n = len(self.recycled) if self.recycled else len(self._bin_vm_nodes)
         if self._labels.get("bin") != n:
             self._labels["bin"] = n
-            self._bin_node.set_label(Text.assemble(("♻", rich_style(variables, "sev-unknown")), f" {BIN} ",
+            self._set_label(self._bin_node, Text.assemble(("♻", rich_style(variables, "sev-unknown")), f" {BIN} ",
                                                    (f"({n})", rich_style(variables, "sev-unknown"))))
 
     # ------------------------------------------------------------------ the guest agent of the selected VM
@@ -742,7 +781,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             return      # filtered out
         sev = host_severity(self.status.get(name))
         style = rich_style(self.app.theme_variables, sev.variable)
-        node.set_label(Text.assemble((sev.symbol, style), " ", name))
+        self._set_label(node, Text.assemble((sev.symbol, style), " ", name))
 
     def _label_cluster(self, cname: str) -> None:
         """A cluster shows how many hosts it has and how many do not answer."""
@@ -756,7 +795,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         label.append(f" ({len(hosts)})", style=rich_style(variables, "sev-unknown"))
         if bad:
             label.append(f" ✖{bad}", style=rich_style(variables, "sev-crit"))
-        node.set_label(label)
+        self._set_label(node, label)
 
     def render_detail(self) -> None:
         ref = self.selected
@@ -795,8 +834,11 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         return ""
 
     def vms_on(self, hosts: list[str]) -> list[VMView]:
-        hs = set(hosts)
-        return [v for v in self.vms.values() if v.host in hs]
+        if self._by_host is None:       # once per VM list, not once per key (10,000 VMs)
+            self._by_host = {}
+            for v in self.vms.values():
+                self._by_host.setdefault(v.host, []).append(v)
+        return [v for h in hosts for v in self._by_host.get(h, ())]
 
     def _counts(self, hosts: list[str]) -> str:
         sevs = [host_severity(self.status.get(h)) for h in hosts]

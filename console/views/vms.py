@@ -86,6 +86,7 @@ class VMsView(ViewBase, VMActions, Vertical):
         self._seen_selected: VMView | None = None
         self._agent_inflight: str | None = None
         self._agent_timer: Timer | None = None
+        self._rows: dict[str, tuple[tuple, Row]] = {}   # VM id -> what its row was made of, and the row
 
     # ------------------------------------------------------------------ layout and lifecycle
 
@@ -136,9 +137,13 @@ class VMsView(ViewBase, VMActions, Vertical):
 
     def on_vms_updated(self, message: VMsUpdated) -> None:
         message.stop()
-        self.vm_list = message.vms
-        self.vms = {v.id: v for v in message.vms.vms}
-        self.recycled = {v.id: v for v in message.vms.recycled}
+        vl, old = message.vms, self.vm_list
+        self.vm_list = vl
+        if not (vl.ok and old.ok and vl.vms == old.vms and vl.recycled == old.recycled):
+            # a list equal to the last keeps the records it has: their rows are made again only when
+            # something else they show changed (10,000 VMs polled again unchanged)
+            self.vms = {v.id: v for v in vl.vms}
+            self.recycled = {v.id: v for v in vl.recycled}
         for vid in [v for v in self.agents if v not in self.vms]:
             del self.agents[vid]
         self.vms_listed(message.vms)      # marks of VMs gone drop here
@@ -156,13 +161,30 @@ class VMsView(ViewBase, VMActions, Vertical):
 
     def restyle(self) -> None:
         """The theme changed: cells carry resolved colours, so draw them again."""
+        self._rows.clear()
         self.sync(rerender=True)
 
     def row(self, vm: VMView, now: float) -> Row:
         """One VM's row: the cells of vmlook.table_cells, sorting by value (names naturally, VMs before
-        templates before the recycle bin), and what `/` matches besides (kind, the bin, a mark)."""
-        cells = vmlook.table_cells(vm, self.agents.get(vm.id), now, busy=bool(self.busy_task(vm)))
+        templates before the recycle bin), and what `/` matches besides (kind, the bin, a mark). A row
+        without agent facts (they age with the clock) is made once for what it shows."""
+        fact = self.agents.get(vm.id)
+        busy = bool(self.busy_task(vm))
         marked = vm.id in self.marked
+        made = (vm, busy, marked)
+        if fact is None:
+            kept = self._rows.get(vm.id)
+            if kept is not None and kept[0] == made:
+                return kept[1]
+        row = self._make_row(vm, fact, now, busy, marked)
+        if fact is None:
+            self._rows[vm.id] = (made, row)
+        else:
+            self._rows.pop(vm.id, None)
+        return row
+
+    def _make_row(self, vm: VMView, fact: vmlook.AgentFact | None, now: float, busy: bool, marked: bool) -> Row:
+        cells = vmlook.table_cells(vm, fact, now, busy=busy)
         group = vmlook.row_order(vm)[0]
         out = []
         for (key, _), (text, variable, dim) in zip(vmlook.TABLE_COLUMNS, cells):
@@ -193,6 +215,8 @@ class VMsView(ViewBase, VMActions, Vertical):
             table.redraw()
         for vid in [k for k in table.keys() if k not in everything]:
             table.drop(vid)
+        for vid in [k for k in self._rows if k not in everything]:
+            del self._rows[vid]
         for vid, vm in everything.items():
             table.put(vid, self.row(vm, now))
         table.commit()
