@@ -147,3 +147,25 @@ async def test_the_tree_stands_through_an_unchanged_vm_list_and_draws_a_changed_
         assert info.state == TaskState.SUCCEEDED, info.error
         await until(pilot, lambda: any("web1" in ln and "■ stopped" in ln for ln in screen_lines(view.table)),
                     what="web1 a VM again in the VMs view")
+
+
+async def test_the_cursor_row_is_drawn_highlighted_where_it_moves():
+    """Lines are kept drawn by row: the cursor moving draws the row it left plain and the row it
+    came to highlighted (and nothing else changes)."""
+    app = OneTable()
+    async with app.run_test(size=(60, 10)) as pilot:
+        table = app.query_one(KeyedTable)
+        for i in range(5):
+            put(table, f"web{i}", "running")
+        table.commit()
+        table.focus()
+        await pilot.pause()
+
+        def highlighted() -> list[bool]:
+            cursor = table.get_component_styles("datatable--cursor").rich_style.bgcolor
+            return [any(seg.style and seg.style.bgcolor == cursor for seg in table.render_line(y)) for y in range(1, 6)]
+        assert highlighted() == [True, False, False, False, False]
+        await pilot.press("down", "down")
+        assert highlighted() == [False, False, True, False, False]
+        await pilot.press("up")
+        assert highlighted() == [False, True, False, False, False]

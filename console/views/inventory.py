@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import bisect
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -147,7 +148,27 @@ def _some(names: list[str], most: int = 3) -> str:
 
 
 class InventoryTree(Tree[NodeRef]):
-    """The tree: space on a VM marks it (as in the VMs view) instead of toggling a node that has none."""
+    """The tree: space on a VM marks it (as in the VMs view) instead of toggling a node that has none;
+    nodes added or removed inside `adding()` lay the tree out once, not once each (10,000 VMs)."""
+
+    _holding = False
+    _held = False
+
+    @contextmanager
+    def adding(self) -> Iterator[None]:
+        self._holding, self._held = True, False
+        try:
+            yield
+        finally:
+            self._holding = False
+            if self._held:
+                super()._invalidate()
+
+    def _invalidate(self) -> None:
+        if self._holding:
+            self._held = True
+            return
+        super()._invalidate()
 
     def action_toggle_node(self) -> None:
         node = self.cursor_node
@@ -198,6 +219,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
 
     def compose(self) -> ComposeResult:
         tree = InventoryTree(self.site.name, data=NodeRef("site", self.site.name), id="tree")
+        self._tree_w = tree       # kept: a query per use cost a millisecond, several times a key
         tree.show_root = True
         tree.guide_depth = 2
         tree.root.expand()
@@ -235,7 +257,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         """Called when the view is shown."""
         self.catch_up()
         self.post_crumbs()
-        self.query_one("#tree", Tree).focus()
+        self._tree_w.focus()
 
     def catch_up(self) -> None:
         """Draw what changed while the view was hidden or covered by a modal; ask for the VMs again."""
@@ -335,7 +357,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
 
     def cursor_ref(self) -> NodeRef:
         """What the tree cursor is on now (keys can arrive before the highlight message)."""
-        node = self.query_one("#tree", Tree).cursor_node
+        node = self._tree_w.cursor_node
         return node.data if node is not None and isinstance(node.data, NodeRef) else self.selected
 
     def cursor_vm(self) -> VMView | None:
@@ -411,7 +433,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
 
     def apply_vms(self, vl: VMList) -> None:
         """Diff the tree against a new VM list: add, move, remove and relabel nodes; keep the cursor."""
-        tree: Tree[NodeRef] = self.query_one("#tree", Tree)
+        tree: Tree[NodeRef] = self._tree_w
         before = self.selected
         old_sel_vm = (self.vms if before.kind == "vm" else self.recycled).get(before.id)
         stale_before = self.vm_list.ok
@@ -433,67 +455,68 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         structural = changed = False
         variables = self.app.theme_variables
 
-        # live VMs under their hosts; one that moved (another host, or became a template) is re-added
-        follow: str | None = None
-        for vid in [i for i, node in self._vm_nodes.items()
-                    if i not in live or node.parent is not self._host_nodes.get(live[i].host)
-                    or vmlook.sort_key(live[i]) != vmlook.sort_key(self.vms.get(i, live[i]))]:
-            node = self._vm_nodes.pop(vid)
-            self._labels.pop(f"vm:{vid}", None)
-            if node is cursor:
-                if vid in live:
-                    follow = vid          # the cursor goes with it
-                else:
-                    fallback = node.parent
-            parent = node.parent
-            node.remove()
-            if parent is not None and not parent.children:
-                parent.allow_expand = False
-            structural = True
-        for vid, vm in sorted(live.items(), key=lambda kv: vmlook.sort_key(kv[1])):
-            node = self._vm_nodes.get(vid)
-            if node is None:
-                host_node = self._host_nodes.get(vm.host)
-                if host_node is None:
-                    continue      # its host is no longer in the configuration
-                node = self._add_sorted(host_node, vm, live, NodeRef("vm", vm.name, vid),
-                                        self._new_label(f"vm:{vid}", vm, variables))
-                self._vm_nodes[vid] = node
-                if not host_node.allow_expand:
-                    host_node.allow_expand = True
-                    host_node.expand()
+        with tree.adding():     # one layout of the tree for all the nodes added or removed
+            # live VMs under their hosts; one that moved (another host, or became a template) is re-added
+            follow: str | None = None
+            for vid in [i for i, node in self._vm_nodes.items()
+                        if i not in live or node.parent is not self._host_nodes.get(live[i].host)
+                        or vmlook.sort_key(live[i]) != vmlook.sort_key(self.vms.get(i, live[i]))]:
+                node = self._vm_nodes.pop(vid)
+                self._labels.pop(f"vm:{vid}", None)
+                if node is cursor:
+                    if vid in live:
+                        follow = vid          # the cursor goes with it
+                    else:
+                        fallback = node.parent
+                parent = node.parent
+                node.remove()
+                if parent is not None and not parent.children:
+                    parent.allow_expand = False
                 structural = True
-            changed |= self._label_vm(node, f"vm:{vid}", vm, variables)
-
-        # the recycle bin, under the site, shown while it holds something
-        for vid in [i for i in self._bin_vm_nodes if i not in binned]:
-            node = self._bin_vm_nodes.pop(vid)
-            self._labels.pop(f"bin:{vid}", None)
-            if node is cursor:
-                fallback = node.parent
-            node.remove()
-            structural = True
-        if binned and self._bin_node is None:
-            self._bin_node = tree.root.add(BIN, data=NodeRef("bin", BIN), expand=False)
-            structural = True
-        if self._bin_node is not None:
-            for vid, vm in sorted(binned.items(), key=lambda kv: (kv[1].name, kv[0])):
-                node = self._bin_vm_nodes.get(vid)
+            for vid, vm in sorted(live.items(), key=lambda kv: vmlook.sort_key(kv[1])):
+                node = self._vm_nodes.get(vid)
                 if node is None:
-                    node = self._add_sorted(self._bin_node, vm, binned, NodeRef("recycled", vm.name, vid),
-                                            self._new_label(f"bin:{vid}", vm, variables))
-                    self._bin_vm_nodes[vid] = node
+                    host_node = self._host_nodes.get(vm.host)
+                    if host_node is None:
+                        continue      # its host is no longer in the configuration
+                    node = self._add_sorted(host_node, vm, live, NodeRef("vm", vm.name, vid),
+                                            self._new_label(f"vm:{vid}", vm, variables))
+                    self._vm_nodes[vid] = node
+                    if not host_node.allow_expand:
+                        host_node.allow_expand = True
+                        host_node.expand()
                     structural = True
-                changed |= self._label_vm(node, f"bin:{vid}", vm, variables)
-            if not binned:
-                if cursor is self._bin_node or fallback is self._bin_node:
-                    fallback = tree.root
-                self._bin_node.remove()
-                self._bin_node = None
-                self._labels.pop("bin", None)
+                changed |= self._label_vm(node, f"vm:{vid}", vm, variables)
+
+            # the recycle bin, under the site, shown while it holds something
+            for vid in [i for i in self._bin_vm_nodes if i not in binned]:
+                node = self._bin_vm_nodes.pop(vid)
+                self._labels.pop(f"bin:{vid}", None)
+                if node is cursor:
+                    fallback = node.parent
+                node.remove()
                 structural = True
-            else:
-                self._label_bin(variables)
+            if binned and self._bin_node is None:
+                self._bin_node = tree.root.add(BIN, data=NodeRef("bin", BIN), expand=False)
+                structural = True
+            if self._bin_node is not None:
+                for vid, vm in sorted(binned.items(), key=lambda kv: (kv[1].name, kv[0])):
+                    node = self._bin_vm_nodes.get(vid)
+                    if node is None:
+                        node = self._add_sorted(self._bin_node, vm, binned, NodeRef("recycled", vm.name, vid),
+                                                self._new_label(f"bin:{vid}", vm, variables))
+                        self._bin_vm_nodes[vid] = node
+                        structural = True
+                    changed |= self._label_vm(node, f"bin:{vid}", vm, variables)
+                if not binned:
+                    if cursor is self._bin_node or fallback is self._bin_node:
+                        fallback = tree.root
+                    self._bin_node.remove()
+                    self._bin_node = None
+                    self._labels.pop("bin", None)
+                    structural = True
+                else:
+                    self._label_bin(variables)
 
         self.vms, self.recycled = every_live, every_binned
         self._by_host = None
@@ -563,7 +586,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
 
     def rebuild_tree(self) -> None:
         """The tree again, with what passes the filter; the cursor back on what it was on (or the site)."""
-        tree: Tree[NodeRef] = self.query_one("#tree", Tree)
+        tree: Tree[NodeRef] = self._tree_w
         keep, shown = self.selected, self._shown
         with self.app.batch_update():
             tree.clear()
@@ -644,7 +667,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         while parent is not None:
             parent.expand()
             parent = parent.parent
-        tree: Tree[NodeRef] = self.query_one("#tree", Tree)
+        tree: Tree[NodeRef] = self._tree_w
         tree.last_line          # lay the tree out again, so the node knows its line
         tree.move_cursor(node)
         if isinstance(node.data, NodeRef) and node.data != self.selected:
@@ -699,7 +722,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
 
     def _labels_drawn(self) -> None:
         self._labels_pending = False
-        self.query_one("#tree", Tree).refresh()
+        self._tree_w.refresh()
 
     def _label_bin(self, variables: dict[str, str]) -> None:
         if self._bin_node is None:

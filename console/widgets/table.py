@@ -30,6 +30,7 @@ from ferry.console import keys as opkeys
 OPTIONAL_LEAST = 12   # an optional column narrower than this says too little: its room goes to the flexible one
 REBUILD_OVER = 64    # more rows than this come or go at once: rebuild the table rather than remove one by one
 CELLS_DRAWN = 4096   # cells kept drawn (a few screens of rows)
+LINES_DRAWN = 512    # body lines kept drawn
 
 
 def natural_key(value: Any) -> tuple:
@@ -152,6 +153,9 @@ class KeyedTable(DataTable):
         self._cell_widths: dict[str, tuple[int, ...]] = {}   # shown row -> the width of each of its cells
         self._widest: list[int] | None = None                # per column: the widest shown cell
         self._drawn: LRUCache[tuple, tuple] = LRUCache(CELLS_DRAWN)   # (row, column) -> (value, how, lines)
+        self._lines: LRUCache[tuple, Any] = LRUCache(LINES_DRAWN)     # see _render_line
+        self._cell_updates = 0                   # how many of DataTable's _update_count came from update_cell
+        self._row_updates: dict[str, int] = {}   # row -> its cells updated so far
 
     def on_mount(self) -> None:
         self.widths = {c.key: cell_len(c.label) + 1 for c in self.spec}
@@ -226,6 +230,7 @@ class KeyedTable(DataTable):
     # Rows change places: the drawn cells know their row's old index.
     def remove_row(self, row_key: Any) -> None:
         self._drawn.clear()
+        self._row_updates.pop(getattr(row_key, "value", row_key), None)
         super().remove_row(row_key)
 
     def sort(self, *columns: Any, **kw: Any) -> Any:
@@ -235,6 +240,43 @@ class KeyedTable(DataTable):
     def clear(self, columns: bool = False) -> Any:
         self._drawn.clear()
         return super().clear(columns)
+
+    def update_cell(self, row_key: Any, column_key: Any, value: Any, *, update_width: bool = False) -> None:
+        super().update_cell(row_key, column_key, value, update_width=update_width)
+        if not update_width:
+            self._cell_updates += 1
+        key = getattr(row_key, "value", row_key)
+        self._row_updates[key] = self._row_updates.get(key, 0) + 1
+
+    def _clear_caches(self) -> None:
+        super()._clear_caches()
+        lines = getattr(self, "_lines", None)     # DataTable's __init__ clears before ours exist
+        if lines is not None:
+            lines.clear()
+
+    def _render_line(self, y: int, x1: int, x2: int, base_style: Style) -> Any:
+        """A body line is drawn again only when its own row changed, or the cursor came or left it.
+
+        DataTable keys its drawn lines by a counter that every update_cell bumps, and by where the cursor
+        is: with tasks progressing ten times a second, and on every key that moves the cursor, it drew
+        every visible line again (a millisecond or two each). Here a line is keyed by what changes it:
+        its row's own updates, every other change to the table (rows added, removed, sorted: the
+        counter less the cell updates), and whether the cursor or the mouse is on its row."""
+        if self.cursor_type != "row" or (self.show_header and y < self.header_height):
+            return super()._render_line(y, x1, x2, base_style)
+        try:
+            row_key, _ = self._get_offsets(y)
+        except LookupError:
+            return super()._render_line(y, x1, x2, base_style)
+        index = self._row_locations.get(row_key)
+        memo = (y, x1, x2, self.size.width, base_style, index, self._pseudo_class_state,
+                self.show_cursor and self.cursor_coordinate.row == index,
+                self._show_hover_cursor and self.hover_coordinate.row == index,
+                self._update_count - self._cell_updates, self._row_updates.get(row_key.value, 0))
+        strip = self._lines.get(memo)
+        if strip is None:
+            strip = self._lines[memo] = super()._render_line(y, x1, x2, base_style)
+        return strip
 
     def _update_row(self, key: str, force: bool) -> None:
         cells = self.model[key].cells
