@@ -49,13 +49,19 @@ def put(table: KeyedTable, name: str, state: str) -> None:
     table.put(name, Row((cell(name), cell(state))))
 
 
+def five_rows(app: App) -> KeyedTable:
+    """web0..web4, running."""
+    table = app.query_one(KeyedTable)
+    for i in range(5):
+        put(table, f"web{i}", "running")
+    table.commit()
+    return table
+
+
 async def test_a_changed_cell_is_drawn_anew_and_the_filter_still_applies():
     app = OneTable()
     async with app.run_test(size=(60, 10)) as pilot:
-        table = app.query_one(KeyedTable)
-        for i in range(5):
-            put(table, f"web{i}", "running")
-        table.commit()
+        table = five_rows(app)
         await pilot.pause()
         assert [ln.split() for ln in screen_lines(table)[1:6]] == [[f"web{i}", "running"] for i in range(5)]
 
@@ -154,10 +160,7 @@ async def test_the_cursor_row_is_drawn_highlighted_where_it_moves():
     came to highlighted (and nothing else changes)."""
     app = OneTable()
     async with app.run_test(size=(60, 10)) as pilot:
-        table = app.query_one(KeyedTable)
-        for i in range(5):
-            put(table, f"web{i}", "running")
-        table.commit()
+        table = five_rows(app)
         table.focus()
         await pilot.pause()
 
