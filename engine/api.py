@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import (CommandError, ConfigError, FerryError, HostKeyError, PermanentError, Refused, TaskCancelled,
@@ -25,18 +24,22 @@ if TYPE_CHECKING:
     from .gc import Leftover
     from .hostfacts import DatastoreUsage, HostFacts
     from .platform.labops import LabDhcp, LabHost, LabStatus
-    from .taskmodel import Progress, TaskInfo, TaskState
+    from .records import AuditEntry, EngineStatus, HostKey, Submitted, TaskLogEntry, TrackedFile
+    from .taskmodel import Progress, TaskInfo
+    from .taskstate import FINAL_STATES, TaskState
     from .vm.model import (AgentReport, AgentState, CPUHotAdd, DiskSpec, GuestFilesystem, MissingVM, NicSpec,
                            OrphanProcess, Passthrough, ReconcileReport, TimeSync, UnreachableHost, VMKind, VMSpec,
                            VMState, VMView)
     from .vm.prechecks import Refusal, VMActionCheck
 
-# The records defined elsewhere in the engine, imported when first asked for (`api.TaskInfo`, `from
-# ferry.engine.api import VMView`): a command line that lists tasks pays for neither the VM model, nor
-# the store, nor the host transports it never decodes (issue 11: a command adds <= 50 ms).
+# The records (in records.py and elsewhere in the engine), imported when first asked for (`api.TaskInfo`,
+# `from ferry.engine.api import VMView`): a command line that lists tasks pays for neither the VM model,
+# nor the store, nor the host transports it never decodes, and one that prints the engine's --json text
+# for no record at all (issue 11: a command adds <= 50 ms).
 _LAZY = {
     "SiteConfig": ".config", "Leftover": ".gc", "DatastoreUsage": ".hostfacts", "HostFacts": ".hostfacts",
-    "Progress": ".taskmodel", "TaskInfo": ".taskmodel", "TaskState": ".taskmodel",
+    "Progress": ".taskmodel", "TaskInfo": ".taskmodel", "TaskState": ".taskstate", "FINAL_STATES": ".taskstate",
+    **dict.fromkeys(("TaskLogEntry", "TrackedFile", "AuditEntry", "Submitted", "HostKey", "EngineStatus"), ".records"),
     **dict.fromkeys(("AgentReport", "AgentState", "CPUHotAdd", "DiskSpec", "GuestFilesystem", "MissingVM", "NicSpec",
                      "OrphanProcess", "Passthrough", "ReconcileReport", "TimeSync", "UnreachableHost", "VMKind",
                      "VMSpec", "VMState", "VMView"), ".vm.model"),
@@ -61,7 +64,7 @@ __all__ = ["AuditEntry", "DatastoreUsage", "EngineStatus", "HostFacts", "HostKey
            "SiteConfig", "Submitted", "TaskInfo", "TaskLogEntry", "TaskState", "TrackedFile", "VMSpec", "VMState",
            "VMView", "VMKind", "DiskSpec", "NicSpec", "Passthrough", "AgentState", "AgentReport", "GuestFilesystem",
            "ReconcileReport", "OrphanProcess", "MissingVM", "UnreachableHost", "TimeSync", "CPUHotAdd",
-           "VMActionCheck", "Refusal", "LabDhcp", "LabHost", "LabStatus", "encode", "decode", "to_builtins", "convert", "dumps", "dumps_as",
+           "VMActionCheck", "Refusal", "LabDhcp", "LabHost", "LabStatus", "FINAL_STATES", "encode", "decode", "to_builtins", "convert", "dumps", "dumps_as",
            "VERSION", "PROTOCOL"]
 
 PROTOCOL = 3     # the wire protocol's version; raised whenever a frame's shape changes (2: serial frames, 3: --json answers)
@@ -92,70 +95,6 @@ def _version() -> str:
         return metadata.version("ferry")
     except metadata.PackageNotFoundError:    # run from a checkout that was never installed
         return "0+unknown"
-
-
-# ---------------------------------------------------------------------------- records
-
-@dataclass(frozen=True)
-class TaskLogEntry:
-    ts: float
-    level: str          # debug | info | warning | error
-    message: str
-
-
-@dataclass(frozen=True)
-class TrackedFile:
-    """A file or folder a task made on a host, while the task holds it."""
-    task_id: int
-    host: str
-    path: str
-    role: str           # temp (removed when the task ends) | made (kept when it succeeds)
-    created: float
-
-
-@dataclass(frozen=True)
-class AuditEntry:
-    id: int
-    ts: float
-    actor: str
-    action: str
-    target: str
-    params: dict[str, Any]
-    result: str
-
-
-@dataclass(frozen=True)
-class Submitted:
-    """A task started by a call, or the unfinished task of the same job it attached to."""
-    task_id: int
-    attached: bool = False
-
-
-@dataclass(frozen=True)
-class HostKey:
-    """The SSH host key a host presents, and how it compares with what is recorded."""
-    host: str
-    endpoint: str
-    key_type: str
-    fingerprint: str
-    status: str                       # trusted | unknown | changed
-    old_fingerprints: tuple[str, ...] = ()
-    jump: str | None = None
-
-
-@dataclass(frozen=True)
-class EngineStatus:
-    version: str
-    protocol: int
-    pid: int
-    workspace: str
-    site: str
-    state: str                        # running | stopping | stopped
-    started: float
-    clients: int
-    tasks_active: int                 # queued, running or waiting
-    log: str                          # the engine's log file
-    hold: bool = False                # interrupted tasks wait to be resumed by hand
 
 
 # ---------------------------------------------------------------------------- codec

@@ -8,7 +8,6 @@ EngineClient directly.
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable
 
@@ -30,12 +29,13 @@ from .taskmodel import TaskInfo
 from .tasks import Engine, JobAlreadyRunning, kind_of
 from .transport import TransportPool, fetch_host_key, record_host_key
 from .workspace import Workspace
+from .logs import logger
 
 if TYPE_CHECKING:
     from .platform.labops import LabStatus
 
 
-log = logging.getLogger("ferry.engine")
+log = logger("ferry.engine")
 
 
 class EngineClient:

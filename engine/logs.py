@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import logging
-import logging.handlers
 
 from .textsafe import line
 from .workspace import Workspace
 
 _configured: set[str] = set()
+
+# A library's loggers say nothing until the process sends them somewhere (setup_logging): with no
+# handler, Python would print their warnings on stderr (over the console's screen). Set here, where
+# the engine's loggers are made, not in engine/__init__.py: a command line that logs nothing then never
+# imports logging (~4 ms of every command).
+logging.getLogger("ferry").addHandler(logging.NullHandler())
+
+
+def logger(name: str) -> logging.Logger:
+    """The logger `name` (under `ferry`): silent until setup_logging sends it to the log file."""
+    return logging.getLogger(name)
 
 
 class SafeFormatter(logging.Formatter):
@@ -26,6 +36,7 @@ def setup_logging(ws: Workspace, level: int = logging.INFO) -> str:
     if str(path) in _configured:
         return str(path)
     ws.ensure()
+    import logging.handlers
     handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 << 20, backupCount=5, encoding="utf-8")
     handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"))
     root = logging.getLogger("ferry")

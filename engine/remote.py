@@ -15,7 +15,6 @@ import asyncio
 import base64
 import contextlib
 import itertools
-import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -25,6 +24,7 @@ from .calls import EngineCalls, EngineUnavailable, returns
 from .errors import FerryError, PermanentError
 from .events import Event, EventBus, Subscription
 from .protocol import ProtocolError, SOCKET_NAME, frame, hello, read_frame, running_pid, short_path
+from .logs import logger
 
 if TYPE_CHECKING:    # a command line imports only what its answers need (api's records load on use)
     import subprocess
@@ -34,7 +34,7 @@ if TYPE_CHECKING:    # a command line imports only what its answers need (api's 
 
 __all__ = ["EngineUnavailable", "RemoteEngine", "RemoteSerial", "connect", "engine_pid_alive", "spawn_engine"]
 
-log = logging.getLogger("ferry.remote")
+log = logger("ferry.remote")
 
 START_TIMEOUT_S = 30.0     # an engine that has not opened its socket by then did not start
 

@@ -18,7 +18,6 @@ import base64
 import contextlib
 import fcntl
 import importlib
-import logging
 import os
 import signal
 import sys
@@ -35,8 +34,9 @@ from .protocol import (ProtocolError, frame, in_group, paths, peer_credentials, 
 from .store import ACTOR
 from .taskmodel import ACTIVE_STATES
 from .workspace import Workspace
+from .logs import logger
 
-log = logging.getLogger("ferry.service")
+log = logger("ferry.service")
 
 DRAIN_S = 60.0          # how long `ferry engine stop` lets running tasks reach their next checkpoint
 

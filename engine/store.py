@@ -18,7 +18,6 @@ import contextlib
 import contextvars
 import getpass
 import json
-import logging
 import os
 import random
 import re
@@ -30,9 +29,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from .errors import FerryError, PermanentError, TransientError
+from .logs import logger
 
 T = TypeVar("T")
-log = logging.getLogger("ferry.store")
+log = logger("ferry.store")
 
 # How long a write waits for another process's write lock before saying who holds it
 # (FERRY_DB_BUSY_TIMEOUT_S overrides it: the engine service and the test suite's impatient cases).

@@ -12,7 +12,6 @@ row, which the owner applies within a second.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import random
 import secrets
@@ -28,8 +27,9 @@ from .events import Event, EventBus, Subscription
 from .helpers import TASK_TAG, detached, pid_running, stop_helpers, task_tag
 from .store import Store, current_user, describe_process, redacted_keys, scrub
 from .taskmodel import FINAL_STATES, Progress, TaskInfo, TaskState, task_action_refusal
+from .logs import logger
 
-log = logging.getLogger("ferry.tasks")
+log = logger("ferry.tasks")
 
 HEARTBEAT_S = 2.0
 STALE_AFTER_S = 30.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,9 +20,29 @@ def default_root() -> Path:
     return Path(state).expanduser() / "ferry"
 
 
-@dataclass(frozen=True)
 class Workspace:
-    root: Path
+    """A workspace folder, by its root (frozen, compared and hashed by it, as the dataclass it was:
+    a plain class because every command line makes one, and dataclasses cost it ~5 ms to import)."""
+
+    __match_args__ = ("root",)
+
+    def __init__(self, root: Path) -> None:
+        object.__setattr__(self, "root", root)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __repr__(self) -> str:
+        return f"Workspace(root={self.root!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return self.root == other.root if other.__class__ is self.__class__ else NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((self.root,))
 
     @classmethod
     def resolve(cls, arg: str | os.PathLike | None = None) -> "Workspace":

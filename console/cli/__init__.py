@@ -364,7 +364,7 @@ def _json_tasks(text: str, everything: bool) -> str:
     """`ferry tasks --json` from the engine's --json of list_tasks (api.dumps of its records): the same
     choice of tasks as the text output, and the same bytes as api.dumps of those records (a re-dump of
     api.dumps' output with its options is that output again)."""
-    from ferry.engine.taskmodel import FINAL_STATES
+    from ferry.engine.api import FINAL_STATES
     if everything:
         return text
     final = {str(s) for s in FINAL_STATES}
@@ -400,14 +400,13 @@ def cmd_tasks(args, ws: Workspace) -> int:
 
 
 def cmd_task_show(args, ws: Workspace) -> int:
-    from ferry.engine.taskmodel import TaskState
-
     async def go(client) -> int:
         if args.json:     # the engine's --json of each part (api.dumps' output loads and dumps as itself)
             parts = [json.loads(await client.as_json(call, args.id))
                      for call in (client.get_task, client.task_log, client.task_files)]
             print(json.dumps({**parts[0], "log": parts[1], "files": parts[2]}, indent=2, sort_keys=True))
             return EXIT_OK
+        from ferry.engine.taskmodel import TaskState
         t = await client.get_task(args.id)
         logs = await client.task_log(args.id)
         print(f"task {t.id}: {safe(t.title)}\n  kind      {t.kind}\n  state     {t.state.symbol} {t.state}"
@@ -681,16 +680,19 @@ _VALUED = ("--workspace", "--theme", "--engine", "--engine-command")
 _VM_COMMANDS = ("vm", "template", "lab")     # console/cli/vm.py's
 
 
-def _command_word(argv: list[str]) -> str | None:
-    """The command `argv` names (`tasks` in `--workspace W tasks --json`), None for none or help."""
-    words = iter(argv)
-    for word in words:
+def _command_at(argv: list[str]) -> int | None:
+    """Where the command `argv` names is (`tasks` in `--workspace W tasks --json`), None for none or help."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
         if word in ("-h", "--help", "--"):
             return None
         if word.startswith("--") and "=" not in word and any(v.startswith(word) for v in _VALUED):
-            next(words, None)     # its value (argparse takes an abbreviation of an option too)
+            i += 2      # the option and its value (argparse takes an abbreviation of an option too)
         elif not word.startswith("-"):
-            return word
+            return i
+        else:
+            i += 1
     return None
 
 
@@ -726,10 +728,38 @@ def cli_help(verb: str) -> str:
     return cli_help(verb)
 
 
+def _columns() -> int:
+    """shutil.get_terminal_size().columns, as argparse asks it, without importing shutil (it loads
+    the compression modules: ~2 ms of every command)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _columns() - 2 if width is None else width)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with _Formatter (its subcommands' parsers are of its class)."""
+
+    def __init__(self, *args: Any, formatter_class: Any = _Formatter, **kw: Any) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kw)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The CLI's parser; given the command line `argv`, only its command's parser is made (what
     `ferry` shows for help or a usage error does not change)."""
-    p = argparse.ArgumentParser(prog="ferry", description="Operator console for a KVM/QEMU platform and for "
+    p = _Parser(prog="ferry", description="Operator console for a KVM/QEMU platform and for "
                                 "moving servers onto it. With no command, opens the console.")
     p.add_argument("--workspace", metavar="DIR", help="workspace folder (default: $FERRY_WORKSPACE, "
                    "else $XDG_STATE_HOME/ferry)")
@@ -741,9 +771,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--engine-command", metavar="CMD", dest="remote_ferry", help="the ferry command on that machine "
                    "(default: $FERRY_ENGINE_COMMAND, else ferry)")
     p.set_defaults(func=cmd_console)
-    wanted = _command_word(argv) if argv is not None else None
+    at = _command_at(argv) if argv is not None else None
+    wanted = argv[at] if argv is not None and at is not None else None
     if wanted is not None and wanted not in _COMMANDS:
         wanted = None       # argparse says which commands there are: all of them are made
+    task_action = None      # of `ferry task ACTION`: only its parser is made too
+    if wanted == "task":
+        after = _command_at(argv[at + 1:])
+        task_action = argv[at + 1 + after] if after is not None else None
+        task_action = task_action if task_action in ("show", "pause", "resume", "cancel") else None
     sub = _OnlyCommand(p.add_subparsers(dest="command", metavar="COMMAND"), wanted)
 
     s = sub.add_parser("init", help="write the lab configuration to the workspace so it can be edited")
@@ -776,7 +812,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_tasks)
 
     s = sub.add_parser("task", help="show or control one task")
-    ts = _OnlyCommand(s.add_subparsers(dest="task_command", metavar="ACTION", required=True), None)
+    ts = _OnlyCommand(s.add_subparsers(dest="task_command", metavar="ACTION", required=True), task_action)
     t = ts.add_parser("show", verb="task show")
     t.add_argument("id", type=int)
     t.add_argument("--json", action="store_true")

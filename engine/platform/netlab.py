@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-import logging
 import os
 import signal
 import socket
@@ -47,8 +46,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FerryError
+from ..logs import logger
 
-log = logging.getLogger("ferry.netlab")
+log = logger("ferry.netlab")
 
 SSHD = "/usr/sbin/sshd"
 DNSMASQ = "/usr/sbin/dnsmasq"
