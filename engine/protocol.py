@@ -29,7 +29,6 @@ each frame to drain), so a slow console slows only the guest's serial output, ne
 from __future__ import annotations
 
 import os
-import socket
 import struct
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +38,7 @@ from .errors import PermanentError
 
 if TYPE_CHECKING:    # not imported here: a command line's blocking client (engine/calls.py) starts no loop
     import asyncio
+    import socket    # (nor the socket module's enums: see calls.BlockingEngine.connect)
 
 MAX_FRAME = 64 << 20
 _LEN = struct.Struct(">I")
@@ -121,6 +121,7 @@ def short_path(path: Path) -> Iterator[str]:
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a UNIX socket, from the kernel."""
+    import socket
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return struct.unpack("3i", raw)
 

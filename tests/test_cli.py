@@ -211,7 +211,7 @@ def test_a_command_against_a_running_engine_loads_no_event_loop_nor_engine_inter
     heavy = {"asyncio", "sqlite3", "asyncssh", "tomllib", "textual", "importlib.metadata", "ferry.engine.tasks",
              "ferry.engine.store", "ferry.engine.config", "ferry.engine.service", "ferry.engine.client",
              "ferry.engine.transport", "ferry.engine.vm.model", "ferry.console.cli.vm",
-             "logging", "shutil", "ferry.console.actions"}      # nothing logs; argparse's width; help lines
+             "logging", "shutil", "socket", "ferry.console.actions"}   # nothing logs; argparse's width; help lines
     # A --json the engine prints: the command decodes one string, with neither msgspec nor the records.
     records = {"msgspec", "dataclasses", "ferry.engine.taskmodel", "ferry.engine.records"}
     engine = BlockingEngine.connect(Workspace(ws))
