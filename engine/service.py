@@ -369,10 +369,11 @@ class EngineService:
             writer.close()
             return
         if msg.get("version") != api.VERSION or msg.get("protocol") != api.PROTOCOL:
-            return await refuse(f"this ferry is version {msg.get('version')} but the engine of {self.ws.root} "
-                                f"runs {api.VERSION}",
-                                "use the ferry of the engine's version, or restart the engine with this one: "
-                                "`ferry engine stop`, then run the command again")
+            return await refuse(f"this ferry is version {msg.get('version')} (protocol {msg.get('protocol')}) but "
+                                f"the engine of {self.ws.root} runs {api.VERSION} (protocol {api.PROTOCOL})",
+                                "use the ferry of the engine's version, or restart the engine with this one: stop "
+                                f"it with that ferry (`ferry engine stop`) or `kill {os.getpid()}` (tasks resume "
+                                "from their checkpoints), then run the command again")
         writer.write(frame(api.encode({"op": "hello", "version": api.VERSION, "protocol": api.PROTOCOL,
                                        "pid": os.getpid(), "workspace": str(self.ws.root),
                                        "managed": self.managed})))

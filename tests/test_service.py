@@ -128,6 +128,10 @@ def test_a_front_end_of_another_version_or_another_user_is_refused(open_dir):
     assert reply["op"] == "refused"
     assert "0.0.1" in reply["message"] and api.VERSION in reply["message"]
     assert "ferry engine stop" in reply["hint"]
+    # a ferry of the same version but another protocol (a build in between) hears which one differs
+    reply = raw_hello(ws / "engine.sock", {**hello("cli"), "protocol": api.PROTOCOL - 1})
+    assert reply["op"] == "refused" and f"(protocol {api.PROTOCOL - 1})" in reply["message"]
+    assert f"(protocol {api.PROTOCOL})" in reply["message"] and f"kill {engine_pid(ws)}" in reply["hint"]
 
     # The socket is 0600, so the kernel already keeps other users out. Opened up by mistake, the
     # engine itself still refuses them: it asks the kernel who is at the other end (SO_PEERCRED).
