@@ -115,10 +115,15 @@ def kill_engines(root: Path) -> list[int]:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    def alive(pid: int) -> bool:
+        try:            # it may be reaped between any two reads: gone is gone
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except OSError:
+            return False
+
     deadline = time.monotonic() + 10
     while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if Path(f"/proc/{p}").exists() and
-                not Path(f"/proc/{p}/stat").read_text().split(")")[-1].split()[0] == "Z"]
+        pids = [p for p in pids if alive(p)]
         time.sleep(0.01)
     return pids
 
