@@ -451,6 +451,9 @@ class NetLab:
         """Stop every process of the lab's namespaces and delete them; returns what was removed."""
         removed: list[str] = []
         dnsmasq = _pidfile(self.dhcp_dir / "dnsmasq.pid")
+        # a host's sshd left in a namespace that lost its name (`ip netns del` by hand) is ours too
+        strays = [pid for h in self.hosts if (pid := _pidfile(self.host_dir(h) / "sshd.pid"))
+                  and _runs_config(pid, self.host_dir(h) / "sshd_config")]
         present = set(_netns_list())
         for ns in self.namespaces:
             if ns not in present:
@@ -458,6 +461,7 @@ class NetLab:
             _kill_all(_netns_pids(ns))
             _ip("netns", "del", ns)
             removed.append(ns)
+        _kill_all([p for p in strays if _pidfile_state(p) not in ("gone", "Z")])
         for h in self.hosts:
             (self.host_dir(h) / "sshd.pid").unlink(missing_ok=True)
         if dnsmasq and _is_dnsmasq(dnsmasq):    # also one whose namespace lost its name
@@ -587,3 +591,13 @@ def _pidfile_state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def _runs_config(pid: int, config: Path) -> bool:
+    """Is `pid` an sshd started with this config file (not some other process that took the pid)?"""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    # sshd rewrites its argv into one title ("sshd: /usr/sbin/sshd -f CONFIG … [listener]")
+    return f" -f {config} ".encode() in cmdline.replace(b"\0", b" ") + b" "
