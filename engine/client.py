@@ -103,6 +103,9 @@ class EngineClient:
 
     async def close(self) -> None:
         await self.engine.stop()
+        vms = self.engine.services.get(VMService)
+        if vms is not None:
+            await vms.close()
         await self.transports.close()
         self.store.close()
 
@@ -266,15 +269,17 @@ class EngineClient:
     async def host_facts(self, host: str, timeout: float = 10.0) -> HostFacts:
         spec = self.site.host(host)
         return await gather_facts(self.transports.get(host), spec, self.site.datastores_of(host), timeout,
-                                  site=self.site, owners=await self._tap_owners())
+                                  site=self.site, owners=await self._tap_owners(host))
 
     async def hosts_facts(self, timeout: float = 10.0) -> dict[str, HostFacts]:
         """Every host's facts, gathered in parallel, by host name in the configuration's order."""
         return await gather_all(self.transports, self.site, timeout=timeout, owners=await self._tap_owners())
 
-    async def _tap_owners(self) -> dict[str, str]:
-        """Tap name -> VM name, so the facts name the VMs whose taps are on a host's bridges."""
-        return tap_owners(VMSpec.from_dict(r["spec"]) for r in await self._vms.rows())
+    async def _tap_owners(self, host: str | None = None) -> dict[str, str]:
+        """Tap name -> VM name, so the facts name the VMs whose taps are on a host's bridges (host:
+        the VMs recorded on it, whose taps its bridges carry; a site has thousands of VMs, and facts
+        are asked of each host in turn)."""
+        return tap_owners(VMSpec.from_dict(r["spec"]) for r in await self._vms.rows(host=host))
 
     async def host_key(self, host: str) -> HostKey:
         """The SSH host key `host` presents (or its jump host, first), against what is recorded."""

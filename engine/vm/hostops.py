@@ -146,12 +146,12 @@ class HostOps:
         return None
 
     async def running_pidfiles(self) -> dict[str, int]:
-        """vm-<short id> -> pid for every QEMU running from this host's runtime folder."""
+        """vm-<short id> -> pid for every QEMU running from this host's runtime folder (none while the
+        folder does not exist). A host that does not answer raises: nothing is known to run or not."""
         out: dict[str, int] = {}
-        try:
-            names = await self.t.listdir(self.spec.runtime)
-        except FerryError:
+        if await self.t.stat(self.spec.runtime) is None:
             return out
+        names = await self.t.listdir(self.spec.runtime)
         for n in names:
             if n.startswith("vm-") and n.endswith(".pid"):
                 pidfile = str(PurePosixPath(self.spec.runtime) / n)

@@ -20,6 +20,7 @@ from .prechecks import VM_ACTIONS, VMActionCheck, refusal
 AGENT_TIMEOUT = 3.0
 AGENT_REPORT_TIMEOUT = 10.0    # a whole `vm agent info`, every command of it
 RUNNING_TIMEOUT = 10.0
+DOWN_RECHECK_S = 15.0      # a host that did not list its VMs is asked again this often by the VM list
 
 
 class VMService:
@@ -33,6 +34,9 @@ class VMService:
         self._image: LiveImage | None = None
         self._image_lock = asyncio.Lock()
         self._accel: dict[str, str] = {}
+        # hosts that did not list their VMs: when they last failed, and the re-checks under way
+        self._down: dict[str, float] = {}
+        self._rechecks: dict[str, asyncio.Task] = {}
 
     @classmethod
     def of(cls, engine: Any) -> "VMService":
@@ -49,21 +53,20 @@ class VMService:
     def host(self, name: str) -> HostOps:
         return HostOps(self.site.host(name), self.pool.get(name), self.site)
 
-    async def rows(self, *, recycled: bool = False) -> list[dict]:
-        return await self._db(self.store.vm_rows, recycled=recycled)
+    async def rows(self, *, recycled: bool = False, host: str | None = None) -> list[dict]:
+        return await self._db(self.store.vm_rows, recycled=recycled, host=host)
 
     async def find(self, name: str, *, kind: VMKind | None = None, recycled: bool = False) -> dict:
         """The record of a VM or template by name (or id); a clear error naming what exists."""
-        rows = await self.rows(recycled=recycled)
-        for r in rows:
-            if (r["name"] == name or r["id"] == name) and (kind is None or r["kind"] == kind):
+        for r in await self._db(self.store.vm_named, name, recycled=recycled):
+            if kind is None or r["kind"] == kind:
                 return r
         what = {None: "VM or template", VMKind.VM: "VM", VMKind.TEMPLATE: "template"}[kind]
         where = " in the recycle bin" if recycled else ""
-        names = [r["name"] for r in rows if kind is None or r["kind"] == kind]
+        names = [n for n, k in await self._db(self.store.vm_names, recycled=recycled) if kind is None or k == kind]
         hint = ("known: " + ", ".join(names[:10]) + (" ..." if len(names) > 10 else "")) if names else \
             ("the recycle bin is empty" if recycled else "ferry vm create NAME makes one")
-        if not recycled and any(r["name"] == name for r in await self.rows(recycled=True)):
+        if not recycled and any(n == name for n, _k in await self._db(self.store.vm_names, recycled=True)):
             hint = f"{name} is in the recycle bin: ferry vm restore {name}"
         raise Refused(f"no {what} named {name!r}{where}", hint)
 
@@ -153,13 +156,44 @@ class VMService:
         except (FerryError, OSError):
             return None
 
+    async def _listed_or_none(self, host: str) -> dict[str, int] | None:
+        """As _running_or_none, for the VM list: a host that did not answer is not asked again on every
+        list (a site with many dead hosts would wait for each on every poll): its records' states stand,
+        and it is asked again in the background every DOWN_RECHECK_S, the list after that using the
+        answer."""
+        failed = self._down.get(host)
+        if failed is not None:
+            if time.monotonic() - failed >= DOWN_RECHECK_S and host not in self._rechecks:
+                self._rechecks[host] = asyncio.create_task(self._recheck(host), name=f"recheck {host}")
+            return None
+        running = await self._running_or_none(host)
+        if running is None:
+            self._down[host] = time.monotonic()
+        return running
+
+    async def _recheck(self, host: str) -> None:
+        try:
+            if await self._running_or_none(host) is None:
+                self._down[host] = time.monotonic()
+            else:
+                self._down.pop(host, None)
+        finally:
+            self._rechecks.pop(host, None)
+
+    async def close(self) -> None:
+        """Stop the re-checks of hosts that did not answer."""
+        tasks = list(self._rechecks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def views(self, *, recycled: bool = False) -> list[VMView]:
         """Every VM with its state as the hosts report it now (a host that does not answer keeps the record's)."""
         rows = await self.rows(recycled=recycled)
         running: dict[str, dict[str, int] | None] = {}
         if not recycled:
             hosts = [h for h in {r["host"] for r in rows} if h in self.site.hosts]
-            running = dict(zip(hosts, await asyncio.gather(*(self._running_or_none(h) for h in hosts))))
+            running = dict(zip(hosts, await asyncio.gather(*(self._listed_or_none(h) for h in hosts))))
         return [self._view(r, running.get(r["host"])) for r in rows]
 
     def _view(self, row: dict, running: dict[str, int] | None) -> VMView:
