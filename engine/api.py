@@ -131,6 +131,11 @@ def decode(data: bytes, type: Any = Any) -> Any:
     return _msgspec().json.decode(data, type=type)
 
 
+def raw(data: bytes) -> Any:
+    """JSON bytes already encoded, put into a message as they are (not encoded again)."""
+    return _msgspec().Raw(data)
+
+
 def to_builtins(obj: Any) -> Any:
     """A record as plain dicts, lists and strings (enums by value)."""
     return _msgspec().to_builtins(obj, enc_hook=_enc_hook, order="deterministic")

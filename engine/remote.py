@@ -108,6 +108,7 @@ class RemoteEngine(EngineCalls):
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._ids = itertools.count(1)
+        self._held: dict[tuple, tuple[str, Any]] = {}     # _call_held's answers: (digest, value)
         self._pending: dict[int, asyncio.Future] = {}
         self._bus = EventBus()
         self._subscribed = False
@@ -292,11 +293,36 @@ class RemoteEngine(EngineCalls):
         await self._writer.drain()
 
     async def _call(self, method: str, type: Any = None, **args: Any) -> Any:
+        msg = await self._exchange({"method": method, "args": args})
+        value = msg.get("value")
+        type = returns(method) if type is None else type
+        return value if type is Any else api.convert(value, type)
+
+    async def _call_held(self, method: str, **args: Any) -> Any:
+        """As _call, for a call asked again and again whose answer is mostly the same (the VM list a
+        console polls): the engine is told the digest of the answer held, and answers "unchanged"
+        (nothing to send, nothing to decode: the held answer, the same object, is returned) or
+        anew. Answers are immutable records in tuples or lists nobody changes."""
+        key = (method, tuple(sorted(args.items())))
+        digest, value = self._held.get(key, ("", None))
+        msg = await self._exchange({"method": method, "args": args, "unless": digest})
+        if msg.get("unchanged") and digest:
+            return value
+        value = api.convert(msg.get("value"), returns(method))
+        if msg.get("digest"):
+            self._held[key] = (msg["digest"], value)
+        return value
+
+    async def vm_list(self, *, recycled: bool = False) -> list[api.VMView]:
+        return await self._call_held("vm_list", recycled=recycled)
+
+    async def _exchange(self, call: dict[str, Any]) -> dict[str, Any]:
+        """Send a call frame (method, args, ...) and wait for its answer; an error answer raises."""
         cid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         self._pending[cid] = fut
         try:
-            await self._send({"op": "call", "id": cid, "method": method, "args": args})
+            await self._send({"op": "call", "id": cid, **call})
         except (ConnectionError, OSError):
             self._forget(cid, fut)
             raise EngineUnavailable(f"the engine went away (workspace {self.where})",
@@ -307,9 +333,7 @@ class RemoteEngine(EngineCalls):
         msg = await fut
         if msg["op"] == "error":
             raise api.error_from_wire(msg.get("error") or {})
-        value = msg.get("value")
-        type = returns(method) if type is None else type
-        return value if type is Any else api.convert(value, type)
+        return msg
 
     async def _subscribe_now(self) -> None:
         try:
