@@ -148,7 +148,7 @@ class FerryApp(App[int]):
             yield EventsView(self.feed)
         yield CommandLine(placeholder="inventory · vms · tasks · audit · events · theme NAME · help · quit   (esc closes)",
                           suggester=SuggestFromList(LINE_COMMANDS, case_sensitive=False), id="cmdline")
-        yield FerryFooter(compact=True)
+        yield FerryFooter()
 
     async def on_mount(self) -> None:
         if self.own_client and self.client.engine_state != "running":
@@ -269,8 +269,11 @@ class FerryApp(App[int]):
             self.switch_view(self.history.pop(), remember=False)
 
     def on_crumbs_changed(self, message: CrumbsChanged) -> None:
-        self.crumbs[message.view] = message.crumbs
-        if message.view == self.current_view:
+        self.set_crumbs(message.view, message.crumbs)
+
+    def set_crumbs(self, view: str, crumbs: tuple[str, ...]) -> None:
+        self.crumbs[view] = crumbs
+        if view == self.current_view:
             self._show_crumbs()
 
     def _show_crumbs(self) -> None:

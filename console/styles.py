@@ -72,7 +72,7 @@ FramedScreen.-production {
 #tree:focus {
     border-right: vkey $primary;
 }
-#detail {
+#detail-body {
     width: 1fr;
     height: 1fr;
     padding: 0 1;

@@ -392,7 +392,7 @@ async def test_colon_help_escape_and_palette(client):
         assert any("unknown command" in str(n.message) for n in app._notifications)
 
         await pilot.press("colon", *"ta")           # esc closes the command line without going anywhere
-        line, footer = app.query_one("#cmdline"), app.query_one("Footer")
+        line, footer = app.query_one("#cmdline"), app.query_one("FerryFooter")
         assert line.region.height == 1 and line.region.bottom <= footer.region.y    # visible, above the footer
         await pilot.press("escape")
         assert not app.query_one("#cmdline").has_class("-open") and app.current_view == "inventory"

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from textual.app import App, ComposeResult
 from textual.widgets import Tree
-from textual.widgets._footer import FooterKey
 
 import harness.kinds  # noqa: F401  (registers the test task kinds)
 from ferry.console.app import FerryApp
+from ferry.console.widgets.footer import FerryFooter
 from ferry.console.widgets.table import Column, KeyedTable, Row, cell
 from ferry.engine.taskmodel import TaskState
 from harness.pilot import text_of, until
@@ -94,8 +94,8 @@ async def test_the_footer_dims_the_probe_key_off_a_host_and_enables_it_on_one(cl
         tree = app.inventory.query_one("#tree", Tree)
 
         def probe_dimmed() -> bool | None:
-            keys = [k for k in app.screen.query(FooterKey) if k.action == "probe"]
-            return keys[0].has_class("-disabled") if keys else None
+            keys = [k for k in app.screen.query_one(FerryFooter).items if k.action == "probe"]
+            return not keys[0].enabled if keys else None
         await until(pilot, lambda: probe_dimmed() is True, what="probe dimmed on the site")
         await pilot.press("down", "down")      # the site, its cluster, a host
         await until(pilot, lambda: tree.cursor_node.data.kind == "host", what="cursor on a host")

@@ -31,4 +31,10 @@ class ViewBase:
         raise NotImplementedError
 
     def post_crumbs(self) -> None:
-        self.post_message(CrumbsChanged(self.VIEW, self.crumbs()))
+        """The header shows the view's crumbs: at once where the app can (drawn in the frame of the
+        cursor move that changed them), else by a message."""
+        set_crumbs = getattr(self.app, "set_crumbs", None)
+        if set_crumbs is not None:
+            set_crumbs(self.VIEW, self.crumbs())
+        else:
+            self.post_message(CrumbsChanged(self.VIEW, self.crumbs()))

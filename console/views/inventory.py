@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal
 from textual.content import Content
 from textual.widgets import Static, Tree
 from textual.timer import Timer
@@ -33,7 +33,7 @@ from ferry.console.poller import FACTS_TIMEOUT_S, HostPoller, HostStatus, VMList
 from ferry.console.severity import Severity, load_severity, usage_severity
 from ferry.console.theming import rich_style
 from ferry.console.views.base import ViewBase
-from ferry.console.widgets.paint import update_static
+from ferry.console.widgets.page import Page
 from ferry.console.widgets.table import TableFilter
 from ferry.console.vmactions import VMActions
 
@@ -170,9 +170,22 @@ class InventoryTree(Tree[NodeRef]):
             return
         super()._invalidate()
 
+    def watch_cursor_line(self, previous_line: int, line: int) -> None:
+        """The view hears of the new node at once, not when the NodeHighlighted message reaches it:
+        the tree's cursor and the page it selects are drawn in one frame (two frames are at least
+        1/60 s apart, the first one ready early only to wait for the second)."""
+        super().watch_cursor_line(previous_line, line)
+        node = self._cursor_node
+        view = self._view()
+        if node is not None and view is not None and previous_line != line:
+            view.highlighted(node)
+
+    def _view(self) -> "InventoryView | None":
+        return next((a for a in self.ancestors if isinstance(a, InventoryView)), None)
+
     def action_toggle_node(self) -> None:
         node = self.cursor_node
-        view = next((a for a in self.ancestors if isinstance(a, InventoryView)), None)
+        view = self._view()
         if view is not None and node is not None and isinstance(node.data, NodeRef) \
                 and node.data.kind in ("vm", "recycled"):
             view.action_vm_mark()
@@ -229,8 +242,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             for h in sorted(self.site.hosts_in(cname), key=lambda h: h.name):
                 self._host_nodes[h.name] = cnode.add_leaf(h.name, data=NodeRef("host", h.name))
         yield tree
-        with VerticalScroll(id="detail"):
-            yield Static(id="detail-body")
+        yield Page(id="detail-body")
         line = TableFilter(TreeFiltering(self), id="inventory-filter")   # type: ignore[arg-type]
         line.placeholder = "filter: a part of a name, a host or a state · enter keeps it · esc clears"
         line.styles.dock = "bottom"
@@ -328,7 +340,10 @@ class InventoryView(ViewBase, VMActions, Horizontal):
 
     def on_tree_node_highlighted(self, event: Tree.NodeHighlighted) -> None:
         event.stop()
-        ref = event.node.data
+        self.highlighted(event.node)     # heard already from the tree itself, most of the time
+
+    def highlighted(self, node: TreeNode) -> None:
+        ref = node.data
         if isinstance(ref, NodeRef) and ref != self.selected:
             self.selected = ref
             self.render_detail()
@@ -832,12 +847,12 @@ class InventoryView(ViewBase, VMActions, Horizontal):
             text = vmlook.bin_text(list(self.recycled.values()))
         else:
             text = self._vm_text(ref)
-        update_static(self.query_one("#detail-body", Static), Content.from_markup(text))
+        self.query_one("#detail-body", Page).update(Content.from_markup(text))
 
     def vm_checks_changed(self, vm_id: str) -> None:
         """The engine said anew which actions apply to a VM: its detail pane lists the keys."""
         if self.selected.kind in ("vm", "recycled") and self.selected.id == vm_id and self.shown:
-            self.schedule_detail()
+            self.render_detail()        # with the footer's keys, in one frame
 
     def _vm_text(self, ref: NodeRef) -> str:
         vm = (self.vms if ref.kind == "vm" else self.recycled).get(ref.id)

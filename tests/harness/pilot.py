@@ -15,5 +15,8 @@ async def until(pilot, cond: Callable[[], Any], timeout: float = 15.0, what: str
 
 
 def text_of(app, selector: str) -> str:
-    visual = app.query_one(selector, Static).render()
+    widget = app.query_one(selector)
+    if not isinstance(widget, Static):
+        return widget.text          # a Page (console/widgets/page.py): its text as shown
+    visual = widget.render()
     return getattr(visual, "plain", str(visual))
