@@ -172,3 +172,40 @@ async def test_the_cursor_row_is_drawn_highlighted_where_it_moves():
         assert highlighted() == [False, False, True, False, False]
         await pilot.press("up")
         assert highlighted() == [False, True, False, False, False]
+
+
+class PageApp(App):
+    def compose(self) -> ComposeResult:
+        from ferry.console.widgets.page import Page
+        yield Page(id="page")
+
+
+def drawn(app: App) -> list[str]:
+    """The screen's lines as the compositor last drew them (what a terminal shows)."""
+    strips = app.screen._compositor.render_full_update().strips
+    return ["".join(seg.text for seg in line).rstrip() for line in strips]
+
+
+async def test_a_page_shows_the_new_text_and_nothing_of_a_longer_one_before_it():
+    """The detail pane draws only the lines that changed: a shorter page leaves no line of the longer one,
+    a page of the same length with one line changed shows it, a page longer than the pane scrolls."""
+    from textual.content import Content
+    from ferry.console.widgets.page import Page
+    app = PageApp()
+    async with app.run_test(size=(40, 10)) as pilot:
+        page = app.query_one(Page)
+        page.update(Content("\n".join(f"long line {i}" for i in range(6))))
+        await pilot.pause()
+        assert [ln for ln in drawn(app) if ln.strip()] == [f"long line {i}" for i in range(6)]
+        page.update(Content("short 0\nshort 1"))
+        await pilot.pause()
+        assert [ln for ln in drawn(app) if ln.strip()] == ["short 0", "short 1"]
+        page.update(Content("short 0\nchanged"))
+        await pilot.pause()
+        assert [ln for ln in drawn(app) if ln.strip()] == ["short 0", "changed"]
+        page.update(Content("\n".join(f"row {i}" for i in range(30))))
+        await pilot.pause()
+        assert page.virtual_size.height == 30 and drawn(app)[9].startswith("row 9")
+        page.scroll_to(y=20, animate=False)
+        await pilot.pause()
+        assert drawn(app)[0].startswith("row 20") and page.text.endswith("row 29")

@@ -40,6 +40,7 @@ from ferry.console.vmactions import VMActions
 LABEL_W = 11
 PROBLEM_LINES = 6          # the site and cluster pages name this many problems, then count the rest
 DETAIL_DELAY_S = 0.1
+RELABEL_LINES = 64          # more labels changed at once than this: the tree is drawn again whole
 AGENT_DEBOUNCE_S = 0.4     # the cursor rests this long on a running VM before its agent is asked
 AGENT_REFRESH_S = 10.0     # then asked again this often while it stays selected and shown
 BIN = "recycle bin"
@@ -227,6 +228,7 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         self._by_host: dict[str, list[VMView]] | None = None   # self.vms by host, made when first asked
         self._busy: list[str] = []                    # ids of the VMs a task works on
         self._labels_pending = False
+        self._relabelled: set[TreeNode] = set()       # nodes whose labels changed since the tree was drawn
 
     # ------------------------------------------------------------------ layout
 
@@ -533,6 +535,8 @@ class InventoryView(ViewBase, VMActions, Horizontal):
                 else:
                     self._label_bin(variables)
 
+        if len(every_live) + len(every_binned) != len(self.vms) + len(self.recycled) or structural:
+            self.app.heap_grew(len(every_live) + len(every_binned))
         self.vms, self.recycled = every_live, every_binned
         self._by_host = None
         self._busy = [i for i, v in every_live.items() if v.busy]
@@ -729,15 +733,29 @@ class InventoryView(ViewBase, VMActions, Horizontal):
         """TreeNode.set_label without its refresh per node: a new VM list relabels thousands of nodes,
         and each set_label queued a callback that walked the visible lines. One refresh of the tree
         after the batch draws them all (a line is drawn again when its nodes' update counts change)."""
-        node._label = node.tree.process_label(label)
+        text = node.tree.process_label(label)
+        if text == node._label:
+            return          # the same label (a host polled again and still down): nothing to draw
+        node._label = text
         node._updates += 1
+        if len(self._relabelled) <= RELABEL_LINES:
+            self._relabelled.add(node)
         if not self._labels_pending:
             self._labels_pending = True
             self.call_later(self._labels_drawn)
 
     def _labels_drawn(self) -> None:
+        """Draw the lines whose labels changed, or the whole tree after many."""
         self._labels_pending = False
-        self._tree_w.refresh()
+        nodes, self._relabelled = self._relabelled, set()
+        tree = self._tree_w
+        if len(nodes) > RELABEL_LINES:
+            tree.refresh()
+            return
+        top = tree.scroll_offset.y
+        for line_no, line in enumerate(tree._tree_lines[top:top + tree.size.height], top):
+            if line.node in nodes:
+                tree._refresh_line(line_no)
 
     def _label_bin(self, variables: dict[str, str]) -> None:
         if self._bin_node is None:

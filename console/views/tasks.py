@@ -67,6 +67,7 @@ class TasksView(ViewBase, Vertical):
 
     def compose(self) -> ComposeResult:
         table = KeyedTable(COLUMNS, sort="id", reverse=True, id="task-table")   # newest first
+        table.on_cursor = self._selected
         self._table = table
         yield table
         yield TableFilter(table, id="task-filter")

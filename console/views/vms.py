@@ -92,6 +92,7 @@ class VMsView(ViewBase, VMActions, Vertical):
 
     def compose(self) -> ComposeResult:
         table = KeyedTable(COLUMNS, sort="name", id="vm-table")
+        table.on_cursor = self._cursor_moved
         self._table = table
         yield table
         yield TableFilter(table, id="vm-filter")
@@ -145,6 +146,7 @@ class VMsView(ViewBase, VMActions, Vertical):
             # something else they show changed (10,000 VMs polled again unchanged)
             self.vms = {v.id: v for v in vl.vms}
             self.recycled = {v.id: v for v in vl.recycled}
+            self.app.heap_grew(len(self.vms) + len(self.recycled))
         for vid in [v for v in self.agents if v not in self.vms]:
             del self.agents[vid]
         self.vms_listed(message.vms)      # marks of VMs gone drop here
@@ -252,6 +254,9 @@ class VMsView(ViewBase, VMActions, Vertical):
 
     def on_keyed_table_cursor_moved(self, message: KeyedTable.CursorMoved) -> None:
         message.stop()
+        self._cursor_moved(message.key)
+
+    def _cursor_moved(self, key: str | None) -> None:
         self._follow_cursor()
         self.kick_agents()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from rich.cells import cell_len
 from rich.style import Style
@@ -133,6 +133,10 @@ class KeyedTable(DataTable):
 
     class Sorted(Message):
         """The operator chose another sort order."""
+
+    # The view's handler of a cursor on another row (by key), called at once; None: a CursorMoved
+    # message says it (a frame later)
+    on_cursor: Callable[[str | None], None] | None = None
 
     def __init__(self, columns: Sequence[Column], *, sort: str, reverse: bool = False, **kw: Any) -> None:
         super().__init__(cursor_type="row", cell_padding=0, zebra_stripes=False, **kw)
@@ -372,7 +376,17 @@ class KeyedTable(DataTable):
     def _set_selected(self, key: str | None) -> None:
         if key != self.selected_key:
             self.selected_key = key
-            self.post_message(self.CursorMoved(self, key))
+            if self.on_cursor is not None and self.parent is not None and self.parent.is_mounted:
+                self.on_cursor(key)
+            else:
+                self.post_message(self.CursorMoved(self, key))
+
+    def _highlight_row(self, row_index: int) -> None:
+        """The row under the cursor is drawn highlighted, and the view hears of it at once (by
+        on_cursor), so that what it shows of the row is drawn in the same frame as the cursor."""
+        super()._highlight_row(row_index)
+        if self.on_cursor is not None and row_index < self.row_count:
+            self._set_selected(self._key_at_cursor())
 
     def select(self, key: str) -> bool:
         """Put the cursor on `key`'s row; False when it is not shown (filtered out, or not there)."""
