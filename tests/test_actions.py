@@ -302,6 +302,9 @@ async def test_palette_lists_the_catalogue_vm_actions_that_apply(client):
         assert palette["VM: create…"].help == "Create a VM on lab1  (n)"
         palette["VM: Clone web1…"].run()
         await until(pilot, lambda: isinstance(app.screen, FormScreen), what="the clone form")
+        await pilot.pause()                     # the form is mounted whole (its selects) before it closes
+        await pilot.press("escape")
+        await until(pilot, lambda: not isinstance(app.screen, FormScreen), what="the clone form closed")
 
 
 # ---------------------------------------------------------------------------------- CLI

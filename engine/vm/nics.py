@@ -90,7 +90,8 @@ def bridges_script(host: str, plans: list[NicPlan]) -> str:
             continue
         done.add(p.bridge)
         net, br = p.network, shlex.quote(p.bridge)
-        make = [f"ip link add {br} type bridge stp_state 0"]
+        # made by another VM's start at the same moment: as good as made here
+        make = [f"{{ ip link add {br} type bridge stp_state 0 || [ -d /sys/class/net/{br}/bridge ]; }}"]
         if net.mtu:
             make.append(f"ip link set {br} mtu {int(net.mtu)}")
         uplink = net.uplinks.get(host)
@@ -107,7 +108,8 @@ def bridges_script(host: str, plans: list[NicPlan]) -> str:
             lines.append(f"if [ \"$(cat /sys/class/net/{br}/bridge/vlan_filtering 2>/dev/null)\" != 1 ] && "
                          f"! ip link set {br} type bridge vlan_filtering 1 2>/dev/null; then "
                          f"ip link show dev {vbr} >/dev/null 2>&1 || "
-                         f"{{ ip link add {vbr} type bridge stp_state 0 && ip link set {vbr} up; }}; fi")
+                         f"{{ {{ ip link add {vbr} type bridge stp_state 0 || [ -d /sys/class/net/{vbr}/bridge ]; }}"
+                         f" && ip link set {vbr} up; }}; fi")
     return "\n".join(lines) + "\n"
 
 
