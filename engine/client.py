@@ -92,6 +92,11 @@ class EngineClient:
 
     async def start(self) -> None:
         self._lab_folders()
+        if self.site.is_lab and not self.site.lab.network:
+            from .platform.labops import network_lab_default
+            why = network_lab_default()
+            if why:
+                log.info("%s", why)
         if self.site.lab.network and await self.get_setting("lab.down") is not True:
             # A site that is the network lab: adopt it (or repair what is missing of it) before any
             # task resumes on its hosts; one `ferry lab down` took down on purpose stays down.

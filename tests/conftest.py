@@ -14,6 +14,9 @@ os.environ.setdefault("FERRY_ENGINE_IDLE_EXIT", "5")
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_TESTS, os.environ.get("PYTHONPATH")]))
 os.environ["FERRY_TASK_KINDS"] = "harness.kinds"
+# The built-in lab is the folder lab for most tests (no namespaces, no sshds to start for a test that
+# needs no network); the tests of the network lab as the default lab ask for it (FERRY_LAB unset).
+os.environ["FERRY_LAB"] = "folders"
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +26,17 @@ def _no_engine_outlives_its_test(request):
     if tmp is not None:
         from harness.cli import kill_engines
         kill_engines(tmp)
+        down_default_lab(tmp)
+
+
+def down_default_lab(root) -> None:
+    """A workspace whose built-in lab was the network lab (W/lab/subnet kept): its namespaces,
+    sshds, DHCP server and fence go with the test."""
+    from pathlib import Path
+    kept = Path(root) / "lab" / "subnet"
+    if kept.exists():
+        from ferry.engine.platform.labops import lab_of
+        lab_of(Path(root), kept.read_text().strip()).down()
 
 
 @pytest.fixture(params=["openssh", "asyncssh"])

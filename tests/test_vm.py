@@ -32,7 +32,7 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def ws():
-    yield from lab_workspace('fvm-')
+    yield from lab_workspace('fvm-', network=True)   # its hosts over SSH, as production's
 
 
 

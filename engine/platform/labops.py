@@ -8,7 +8,12 @@ lab's host keys in W/known_hosts, so the SSH transport verifies them as it does 
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
+import json
 import os
+import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +56,73 @@ class LabStatus:
     configured: bool              # config.toml's site is this lab ([lab] network = true)
     changed: tuple[str, ...] = ()
     dhcp: LabDhcp | None = None
+
+
+NETWORK_LAB_TOOLS = ("ip", "nft", "sshd", "dnsmasq")
+
+
+def network_lab_default() -> str | None:
+    """None when the built-in lab (a workspace without config.toml) is the network lab: Ferry is root
+    and has what it takes. Else why its hosts are folders on this machine, in one line.
+    FERRY_LAB=folders asks for the folder lab (the test suite's default: most tests need no network)."""
+    if os.environ.get("FERRY_LAB", "").strip().lower() == "folders":
+        return "the lab's hosts are folders on this machine (FERRY_LAB=folders)"
+    if os.geteuid() != 0:
+        return ("the lab's hosts are folders on this machine: Ferry is not root, and a lab of network "
+                "namespaces reached over SSH needs root")
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    missing = [t for t in NETWORK_LAB_TOOLS if shutil.which(t, path=path) is None]
+    if missing:
+        return (f"the lab's hosts are folders on this machine: {', '.join(missing)} missing "
+                "(scripts/bootstrap.sh installs them)")
+    return None
+
+
+def workspace_subnet(workspace_root: Path) -> str:
+    """The management subnet of the workspace's built-in network lab: chosen once (from the
+    workspace's path, skipping any subnet this machine routes, its VM subnet the next /24 included)
+    and kept in W/lab/subnet, so that two workspaces' labs stand side by side and a lab is found
+    again at the same addresses."""
+    kept = Path(workspace_root) / "lab" / "subnet"
+    try:
+        return kept.read_text().strip()
+    except FileNotFoundError:
+        pass
+    used = _routed()
+    seed = int(hashlib.sha256(str(Path(workspace_root).resolve()).encode()).hexdigest(), 16)
+    blocks = 31 * 128                         # 10.200.0.0 - 10.230.254.0, even third octets
+    for i in range(blocks):
+        k = (seed + i) % blocks
+        mgmt = ipaddress.IPv4Network(f"10.{200 + k // 128}.{(k % 128) * 2}.0/24")
+        vms = ipaddress.IPv4Network(f"{mgmt.network_address + 256}/24")
+        if not any(mgmt.overlaps(u) or vms.overlaps(u) for u in used):
+            break
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    tmp = kept.with_suffix(".tmp")
+    tmp.write_text(f"{mgmt}\n")
+    os.replace(tmp, kept)
+    return str(mgmt)
+
+
+def _routed() -> list[ipaddress.IPv4Network]:
+    """Every IPv4 destination this machine routes or has an address in (not the default route)."""
+    out: list[ipaddress.IPv4Network] = []
+    for cmd in (["ip", "-j", "-4", "route", "show", "table", "all"], ["ip", "-j", "-4", "addr", "show"]):
+        try:
+            data = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout or "[]")
+        except (OSError, ValueError, subprocess.SubprocessError):
+            continue
+        for item in data:
+            nets = [item.get("dst", "")] if "dst" in item else [
+                f"{a['local']}/{a['prefixlen']}" for a in item.get("addr_info", []) if a.get("family") == "inet"]
+            for dst in nets:
+                if not dst or dst == "default":
+                    continue
+                try:
+                    out.append(ipaddress.IPv4Network(dst if "/" in dst else f"{dst}/32", strict=False))
+                except ValueError:
+                    continue
+    return out
 
 
 def lab_of(workspace_root: Path, subnet: str) -> NetLab:

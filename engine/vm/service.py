@@ -9,7 +9,7 @@ from typing import Any, Callable
 from ..errors import FerryError, PermanentError, Refused, TransportError
 from ..platform.accel import detect_acceleration
 from ..platform.liveimage import LiveImage, build_live_image
-from ..platform.qga import AgentNotAnswering, GuestAgent
+from ..platform.qga import AgentNotAnswering, AgentUnavailable, GuestAgent
 from ..platform.qmp import QMPClient
 from .hostops import HostOps, image_cache_dir
 from .model import (RUNNING_STATES, UNFINISHED_STATES, AgentReport, AgentState, CPUHotAdd, GuestFilesystem,
@@ -276,13 +276,24 @@ class VMService:
         if await h.pid(vm) is None:
             raise PermanentError(f"VM {vm.name} is not running, so its guest agent cannot answer",
                                  f"start it first: ferry vm start {vm.name}")
+        path = h.paths(vm).qga
         try:
-            ga = await GuestAgent.open(h.t, h.paths(vm).qga, name=vm.name, timeout=timeout)
+            ga = await GuestAgent.open(h.t, path, name=vm.name, timeout=timeout)
+        except AgentUnavailable:
+            if await h.t.stat(path) is None:
+                raise
+            # the channel is there, but QEMU took no connection to it: over SSH, sshd's connect is
+            # refused while QEMU still holds the last one to an agent that stopped answering
+            raise self._not_answering(vm) from None
         except AgentNotAnswering:
-            raise PermanentError(f"the guest agent of {vm.name} does not answer (not installed, not running, "
-                                 "or the guest is still booting)",
-                                 "install and start qemu-guest-agent in the guest, or wait for the boot to finish") from None
+            raise self._not_answering(vm) from None
         return ga
+
+    @staticmethod
+    def _not_answering(vm: VMSpec) -> PermanentError:
+        return PermanentError(f"the guest agent of {vm.name} does not answer (not installed, not running, "
+                              "or the guest is still booting)",
+                              "install and start qemu-guest-agent in the guest, or wait for the boot to finish")
 
     async def agent_info(self, name: str) -> AgentReport:
         """Agent state and what it reports: version, OS, kernel, IPs, CPU/memory/disk use."""

@@ -13,14 +13,19 @@ from .cli import ferry, kill_engines
 from .qemu import image_cache, kill_all
 
 
-def lab_workspace(prefix: str, *, hold: bool = False) -> Iterator[Path]:
+def lab_workspace(prefix: str, *, hold: bool = False, network: bool = False) -> Iterator[Path]:
     """One lab workspace (short path under /tmp: UNIX sockets live in it) using the shared image cache,
     its live image built; its engine and every QEMU of it killed and the folder removed afterwards.
     For a fixture: `yield from lab_workspace("fvm-")`. hold=True: its engines never resume an
     interrupted task by themselves (`ferry engine start --hold`), so a test sees what a kill left
-    until it runs the same command again, or `ferry task resume`."""
+    until it runs the same command again, or `ferry task resume`. network=True: the built-in lab as
+    Ferry makes it as root with no configuration, three network namespaces reached over SSH (the
+    production path), taken down afterwards."""
     old = os.environ.get("FERRY_IMAGE_CACHE")
     old_hold = os.environ.get("FERRY_ENGINE_HOLD")
+    old_lab = os.environ.get("FERRY_LAB")
+    if network:
+        os.environ["FERRY_LAB"] = ""
     os.environ["FERRY_IMAGE_CACHE"] = str(image_cache())
     if hold:
         os.environ["FERRY_ENGINE_HOLD"] = "1"
@@ -34,8 +39,14 @@ def lab_workspace(prefix: str, *, hold: bool = False) -> Iterator[Path]:
         assert Path(r.json["kernel"]).is_file() and r.json["kernel_release"]
         yield root
     finally:
+        if network:
+            ferry(root, "lab", "down")
         kill_engines(root)
         kill_all(root)
+        if old_lab is None:
+            os.environ.pop("FERRY_LAB", None)
+        else:
+            os.environ["FERRY_LAB"] = old_lab
         if old_hold is None:
             os.environ.pop("FERRY_ENGINE_HOLD", None)
         else:
