@@ -1,6 +1,7 @@
 """Shared fixtures. The sshd harness is a plugin in harness/sshd.py."""
 
 import os
+import re
 
 import pytest
 
@@ -30,13 +31,33 @@ def _no_engine_outlives_its_test(request):
 
 
 def down_default_lab(root) -> None:
-    """A workspace whose built-in lab was the network lab (W/lab/subnet kept): its namespaces,
-    sshds, DHCP server and fence go with the test."""
+    """Workspaces in `root` (it, or a folder of it) whose built-in lab was the network lab (W/lab/subnet
+    kept; a command run with an environment of its own, without the suite's FERRY_LAB): their
+    namespaces, sshds, DHCP server and fence go with the test."""
     from pathlib import Path
-    kept = Path(root) / "lab" / "subnet"
-    if kept.exists():
-        from ferry.engine.platform.labops import lab_of
-        lab_of(Path(root), kept.read_text().strip()).down()
+    root = Path(root)
+    for kept in [root / "lab" / "subnet", *root.glob("*/lab/subnet")]:
+        if kept.exists():
+            from ferry.engine.platform.labops import lab_of
+            lab_of(kept.parent.parent, kept.read_text().strip()).down()
+
+
+def down_labs_under(base) -> None:
+    """Every network lab whose sshd runs from a workspace under `base` (what a test left, however)."""
+    from pathlib import Path
+    base = str(base).rstrip("/") + "/"
+    roots = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            # sshd retitles itself: "sshd: /usr/sbin/sshd -f CONFIG -E LOG [listener] ...", one string
+            line = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        for path in re.findall(r"-f (\S+/lab/[^/\s]+/sshd/sshd_config)", line):
+            if path.startswith(base):
+                roots.add(Path(path).parents[3])        # W/lab/HOST/sshd/sshd_config -> W
+    for root in roots:
+        down_default_lab(root)
 
 
 @pytest.fixture(params=["openssh", "asyncssh"])
@@ -106,6 +127,7 @@ def pytest_sessionfinish(session, exitstatus):
     if factory is not None:
         from harness.cli import kill_engines
         kill_engines(factory.getbasetemp())
+        down_labs_under(factory.getbasetemp())
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None and _strict(session.config) and _skips(reporter) and session.exitstatus == 0:
         session.exitstatus = 1
