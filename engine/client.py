@@ -94,7 +94,7 @@ class EngineClient:
         self._lab_folders()
         if self.site.is_lab and not self.site.lab.network:
             from .platform.labops import network_lab_default
-            why = network_lab_default()
+            why = network_lab_default(self.workspace.root)
             if why:
                 log.info("%s", why)
         if self.site.lab.network and await self.get_setting("lab.down") is not True:

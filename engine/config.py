@@ -620,7 +620,7 @@ def lab_config(root: Path) -> SiteConfig:
     (root: three network namespaces reached over SSH, in a subnet of the workspace's own), else the
     folder lab (labops.network_lab_default says why)."""
     from .platform.labops import network_lab_default, workspace_subnet
-    network = network_lab_default() is None
+    network = network_lab_default(root) is None
     doc = lab_document(root, network=True, subnet=workspace_subnet(root)) if network else lab_document(root)
     # the network lab's throw-away key is made when the engine brings the lab up
     cfg = parse_config(doc, file="<built-in lab>", check_files=not network)

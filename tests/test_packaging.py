@@ -46,7 +46,7 @@ class Install:
     def env(self) -> dict:
         # Nothing of the test session's own set-up (FERRY_TASK_KINDS names the suite's task kinds).
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")
-               and (not k.startswith("FERRY_") or k == "FERRY_ENGINE_IDLE_EXIT")}
+               and (not k.startswith("FERRY_") or k in ("FERRY_ENGINE_IDLE_EXIT", "FERRY_LAB"))}
         env["PATH"] = f"{self.venv / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
         return env
 

@@ -61,11 +61,14 @@ class LabStatus:
 NETWORK_LAB_TOOLS = ("ip", "nft", "sshd", "dnsmasq")
 
 
-def network_lab_default() -> str | None:
+def network_lab_default(workspace_root: Path | None = None) -> str | None:
     """None when the built-in lab (a workspace without config.toml) is the network lab: Ferry is root
     and has what it takes. Else why its hosts are folders on this machine, in one line.
-    FERRY_LAB=folders asks for the folder lab (the test suite's default: most tests need no network)."""
-    if os.environ.get("FERRY_LAB", "").strip().lower() == "folders":
+    FERRY_LAB=folders asks for the folder lab in a workspace that has no network lab yet (one that
+    has, W/lab/subnet kept, stays one: the test suite's default is folders, and its network-lab
+    workspaces keep theirs)."""
+    has_one = workspace_root is not None and (Path(workspace_root) / "lab" / "subnet").exists()
+    if os.environ.get("FERRY_LAB", "").strip().lower() == "folders" and not has_one:
         return "the lab's hosts are folders on this machine (FERRY_LAB=folders)"
     if os.geteuid() != 0:
         return ("the lab's hosts are folders on this machine: Ferry is not root, and a lab of network "

@@ -24,13 +24,22 @@ def lab_workspace(prefix: str, *, hold: bool = False, network: bool = False) -> 
     old = os.environ.get("FERRY_IMAGE_CACHE")
     old_hold = os.environ.get("FERRY_ENGINE_HOLD")
     old_lab = os.environ.get("FERRY_LAB")
-    if network:
-        os.environ["FERRY_LAB"] = ""
     os.environ["FERRY_IMAGE_CACHE"] = str(image_cache())
     if hold:
         os.environ["FERRY_ENGINE_HOLD"] = "1"
     root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     try:
+        if network:
+            # the first command decides the workspace's built-in lab, and the workspace keeps it
+            # (W/lab/subnet); the suite's FERRY_LAB=folders stays for every other workspace
+            os.environ["FERRY_LAB"] = ""
+            try:
+                assert ferry(root, "config", "check").code == 0
+            finally:
+                os.environ["FERRY_LAB"] = old_lab or ""
+                if old_lab is None:
+                    os.environ.pop("FERRY_LAB")
+            assert (root / "lab" / "subnet").exists()
         r = ferry(root, "lab", "image", "build", "--json")
         if r.code != 0 and "apt-get update" in r.err and os.geteuid() == 0:
             subprocess.run(["apt-get", "update", "-qq"], check=True)
@@ -43,10 +52,6 @@ def lab_workspace(prefix: str, *, hold: bool = False, network: bool = False) -> 
             ferry(root, "lab", "down")
         kill_engines(root)
         kill_all(root)
-        if old_lab is None:
-            os.environ.pop("FERRY_LAB", None)
-        else:
-            os.environ["FERRY_LAB"] = old_lab
         if old_hold is None:
             os.environ.pop("FERRY_ENGINE_HOLD", None)
         else:

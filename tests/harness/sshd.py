@@ -153,7 +153,8 @@ class SshServer:
             "UseDNS no",
             # bash sources ~/.bashrc for ssh commands only at SHLVL < 2; this machine's root .bashrc
             # runs `pyenv init` (~100 ms, stray stderr), which is the machine's, not the host's behaviour.
-            "SetEnv SHLVL=1",
+            # ... and a Ferry started over it (a far engine) opens the suite's folder lab, as here
+            "SetEnv SHLVL=1 FERRY_LAB=folders",
             "LogLevel INFO",
             "",
         ]))
