@@ -107,7 +107,9 @@ def agent_host(pool, name: str) -> AgentHost:
     config = [Path(p) for p in pool.ssh_config_paths] if pool.ssh_config_paths is not None \
         else default_ssh_config_paths()
     def argv(shared: bool) -> list[str] | None:
+        # the bulk streams (own connections) go over the host's migration network; short work over
+        # the shared management connection
         return openssh_argv(spec, REMOTE_AGENT, known_hosts=pool.known_hosts, ssh_config_paths=config,
-                            use_agent=pool.use_agent, shared=shared)
+                            use_agent=pool.use_agent, shared=shared, data=not shared)
     return AgentHost(name, kind="ssh", child_argv=argv(False), shared_argv=argv(True),
                      transport=lambda: pool.get(name))

@@ -49,7 +49,8 @@ def mux_dir() -> Path | None:
 
 def openssh_argv(spec: HostSpec, argv: Sequence[str], *, known_hosts: Sequence[Path],
                  ssh_config_paths: Sequence[Path], use_agent: bool, keepalive_interval: float = 15.0,
-                 keepalive_count_max: int = 3, connect_timeout: float = 15.0, shared: bool = False) -> list[str] | None:
+                 keepalive_count_max: int = 3, connect_timeout: float = 15.0, shared: bool = False,
+                 data: bool = False) -> list[str] | None:
     """The `ssh` command line that runs argv on the host, or None where it cannot be set up
     exactly like the asyncssh transport (no `ssh` binary, no trusted keys yet, several config
     files, paths with spaces): the caller then uses the asyncssh transport.
@@ -58,7 +59,11 @@ def openssh_argv(spec: HostSpec, argv: Sequence[str], *, known_hosts: Sequence[P
     (as Ansible does): quick starts for short commands. There is one master per host and per
     trust setting (known_hosts, identity, config): the host key is checked when the master
     connects, so another setting must not reuse it. Bulk streams use their own connection,
-    so that encryption runs in parallel."""
+    so that encryption runs in parallel.
+
+    data=True: a bulk stream, which goes to the host's migration network (D5): its
+    `migration_address` when it has one, the host key checked under the host's management name
+    (HostKeyAlias), so the key trusted for the host is the one that counts."""
     # FERRY_SSH_CLIENT=asyncssh: carry bulk data over asyncssh even where `ssh` exists.
     ssh = None if os.environ.get("FERRY_SSH_CLIENT") == "asyncssh" else shutil.which("ssh")
     trusted = [str(p) for p in known_hosts if p.exists()]
@@ -91,7 +96,11 @@ def openssh_argv(spec: HostSpec, argv: Sequence[str], *, known_hosts: Sequence[P
         args += ["-o", "ControlMaster=auto", "-o", f"ControlPath={mux}/{setting}-%C", "-o", "ControlPersist=60"]
     else:
         args += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
-    return args + [spec.address or spec.name, "--", remote_command(argv).decode("utf-8", "surrogateescape")]
+    target = spec.address or spec.name
+    if data and spec.migration_address and spec.migration_address != target:
+        args += ["-o", "HostKeyAlias=" + (f"[{target}]:{spec.port}" if spec.port and spec.port != 22 else target)]
+        target = spec.migration_address
+    return args + [target, "--", remote_command(argv).decode("utf-8", "surrogateescape")]
 
 
 def classify_failure(stderr: str) -> str:

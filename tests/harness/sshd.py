@@ -99,6 +99,8 @@ class SshServer:
     address: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
     host_public: str = ""
+    also_listen: tuple[str, ...] = ()       # more addresses it takes connections on (same port)
+    log_level: str = "INFO"                 # VERBOSE logs the address each connection came in on
 
     @property
     def host_key(self) -> Path:
@@ -132,7 +134,7 @@ class SshServer:
     def _write_config(self) -> Path:
         cfg = self.root / "sshd_config"
         cfg.write_text("\n".join([
-            f"ListenAddress {self.address}",
+            *(f"ListenAddress {a}" for a in (self.address, *self.also_listen)),
             f"Port {self.port}",
             f"HostKey {self.host_key}",
             f"AuthorizedKeysFile {self.root / 'authorized_keys'}",
@@ -155,7 +157,7 @@ class SshServer:
             # runs `pyenv init` (~100 ms, stray stderr), which is the machine's, not the host's behaviour.
             # ... and a Ferry started over it (a far engine) opens the suite's folder lab, as here
             "SetEnv SHLVL=1 FERRY_LAB=folders",
-            "LogLevel INFO",
+            f"LogLevel {self.log_level}",
             "",
         ]))
         return cfg
@@ -298,11 +300,23 @@ class SshdFactory:
         self.servers.append(server)
         return server.start()
 
+    def one_on(self, addresses: tuple[str, ...], *, log_level: str = "INFO") -> SshServer:
+        """One server taking connections on each of `addresses` (loopback ones), the first its own."""
+        server = SshServer(self.base / f"sshd{len(self.servers)}", self.user_key, self.user_public,
+                           address=addresses[0], also_listen=tuple(addresses[1:]), log_level=log_level)
+        server.setup()
+        self.servers.append(server)
+        return server.start()
+
     def site(self, root: Path, n: int = 2, *, names: list[str] | None = None,
              trusted: bool = True, extra_hosts: dict | None = None) -> SshSite:
         """A workspace at `root` with `n` ssh hosts (ssh1..sshN) on fresh servers, and a datastore each."""
         names = names or [f"ssh{i + 1}" for i in range(n)]
-        servers = dict(zip(names, self(len(names))))
+        return self.site_of(root, dict(zip(names, self(len(names)))), trusted=trusted, extra_hosts=extra_hosts)
+
+    def site_of(self, root: Path, servers: dict[str, SshServer], *, trusted: bool = True,
+                extra_hosts: dict | None = None) -> SshSite:
+        """A workspace at `root` whose ssh hosts are `servers` (by host name), a datastore each."""
         ws = Workspace(root / "ws").ensure()
         doc: dict = {"site": {"name": "test"}, "clusters": {"lab": {}}, "hosts": {}, "datastores": {}}
         stores: dict[str, Path] = {}
