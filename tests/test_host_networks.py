@@ -130,6 +130,9 @@ def test_a_bridge_missing_where_it_may_not_be_made_is_refused_before_any_task(ne
     ws, lab = netws
     gone = {n["name"]: n for n in _facts(ws)["networks"]}["gone"]
     assert gone["present"] is False and "bridge br-gone is missing on host lab1" in gone["problem"]
+    table = ferry(ws, "hosts")           # the text table names the networks; the problem on stderr
+    assert table.code == 0 and "NETWORKS" in table.out and "gone (missing)" in table.out, table.out
+    assert "lab1: network gone: bridge br-gone is missing on host lab1" in table.err, table.err
     line = refused(ws, "vm", "create", "ng", "--host", "lab1", "--network", "gone", "--memory", "128M")
     assert "network gone: bridge br-gone is missing on host lab1" in line and "create = true" in line, line
     # a VM made while the bridge was there, which has gone since: its start is refused by name

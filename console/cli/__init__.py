@@ -246,17 +246,23 @@ def cmd_hosts(args, ws: Workspace) -> int:
         for name, f in facts.items():
             spec = site.hosts[name]
             if not f.reachable:
-                rows.append([name, spec.cluster, spec.transport, "✖ no", f.error or "", "", "", "", "", "", ""])
+                rows.append([name, spec.cluster, spec.transport, "✖ no", f.error or "", "", "", "", "", "", "", ""])
                 continue
             ds = ", ".join(f"{d.name} {fmt.size(d.free)} free" if d.total else f"{d.name} ?" for d in f.datastores)
+            nets = ", ".join(n.name + {True: "", False: " (missing)", None: " (?)"}[n.present] for n in f.networks)
             rows.append([name, spec.cluster, spec.transport, "✔ yes", f.os_name or "?", f.kernel or "?",
                          str(f.cpus or "?"), f"{fmt.size(f.mem_available)}/{fmt.size(f.mem_total)}",
-                         f"{f.load1:.2f}" if f.load1 is not None else "?", ds or "-", f.qemu_version or "none"])
+                         f"{f.load1:.2f}" if f.load1 is not None else "?", ds or "-", nets or "-",
+                         f.qemu_version or "none"])
         print(_table(rows, ["HOST", "CLUSTER", "VIA", "REACH", "OS", "KERNEL", "CPUS", "MEM FREE/TOTAL",
-                            "LOAD", "DATASTORES", "QEMU"]))
+                            "LOAD", "DATASTORES", "NETWORKS", "QEMU"]))
         for name, f in facts.items():
             if not f.reachable and f.hint:
                 print(f"{name}: {safe(f.error)} (hint: {safe(f.hint)})", file=sys.stderr)
+            for n in f.networks if f.reachable else ():
+                if n.problem:
+                    print(f"{name}: {safe(n.problem)}" + (f" (hint: {safe(n.hint)})" if n.hint else ""),
+                          file=sys.stderr)
         return EXIT_OK if all(f.reachable for f in facts.values()) else EXIT_FAIL
     return _ask(ws, go)
 
