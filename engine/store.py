@@ -652,26 +652,30 @@ class Store:
 
     def vm_rows(self, *, recycled: bool = False, host: str | None = None) -> list[dict]:
         """The records (recycled: those in the recycle bin), by name; host: only that host's."""
-        where = "recycled IS NOT NULL" if recycled else "recycled IS NULL"
         if host is not None:
-            return [_vm_row(r) for r in self._q(f"SELECT * FROM vms WHERE {where} AND host=? ORDER BY name", (host,))]
-        return [_vm_row(r) for r in self._q(f"SELECT * FROM vms WHERE {where} ORDER BY name")]
+            return [_vm_row(r) for r in self._q(f"SELECT * FROM vms WHERE {_binned(recycled)} AND host=? "
+                                                "ORDER BY name", (host,))]
+        return [_vm_row(r) for r in self._q(f"SELECT * FROM vms WHERE {_binned(recycled)} ORDER BY name")]
 
     def vm_named(self, ref: str, *, recycled: bool = False) -> list[dict]:
         """The records named `ref`, or whose id it is (only those rows are decoded: a site may have
         thousands), by name."""
-        where = "recycled IS NOT NULL" if recycled else "recycled IS NULL"
-        return [_vm_row(r) for r in self._q(f"SELECT * FROM vms WHERE {where} AND (name=? OR id=?) ORDER BY name",
-                                            (ref, ref))]
+        return [_vm_row(r) for r in self._q(f"SELECT * FROM vms WHERE {_binned(recycled)} AND (name=? OR id=?) "
+                                            "ORDER BY name", (ref, ref))]
 
     def vm_names(self, *, recycled: bool = False) -> list[tuple[str, str]]:
         """(name, kind) of every record, by name, without decoding their specs."""
-        where = "recycled IS NOT NULL" if recycled else "recycled IS NULL"
-        return [(r["name"], r["kind"]) for r in self._q(f"SELECT name, kind FROM vms WHERE {where} ORDER BY name")]
+        return [(r["name"], r["kind"])
+                for r in self._q(f"SELECT name, kind FROM vms WHERE {_binned(recycled)} ORDER BY name")]
 
     def vm_row(self, vm_id: str) -> dict | None:
         rows = self._q("SELECT * FROM vms WHERE id=?", (vm_id,))
         return _vm_row(rows[0]) if rows else None
+
+
+def _binned(recycled: bool) -> str:
+    """The WHERE condition for the records in the recycle bin (recycled) or out of it."""
+    return "recycled IS NOT NULL" if recycled else "recycled IS NULL"
 
 
 # ---------------------------------------------------------- sqlite errors, as an operator reads them

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..config import LAB_HOSTS
 from ..errors import Refused
-from .netlab import NetLab, NetLabError, _link_exists, _netns_list
+from .netlab import NetLab, NetLabError, _link_exists, _netns_list, route_networks
 
 
 @dataclass(frozen=True)
@@ -109,23 +109,15 @@ def workspace_subnet(workspace_root: Path) -> str:
 
 def _routed() -> list[ipaddress.IPv4Network]:
     """Every IPv4 destination this machine routes or has an address in (not the default route)."""
-    out: list[ipaddress.IPv4Network] = []
-    for cmd in (["ip", "-j", "-4", "route", "show", "table", "all"], ["ip", "-j", "-4", "addr", "show"]):
+    def ip_json(*args: str) -> list[dict]:
         try:
-            data = json.loads(subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout or "[]")
+            return json.loads(subprocess.run(["ip", "-j", "-4", *args], capture_output=True, text=True,
+                                             timeout=10).stdout or "[]")
         except (OSError, ValueError, subprocess.SubprocessError):
-            continue
-        for item in data:
-            nets = [item.get("dst", "")] if "dst" in item else [
-                f"{a['local']}/{a['prefixlen']}" for a in item.get("addr_info", []) if a.get("family") == "inet"]
-            for dst in nets:
-                if not dst or dst == "default":
-                    continue
-                try:
-                    out.append(ipaddress.IPv4Network(dst if "/" in dst else f"{dst}/32", strict=False))
-                except ValueError:
-                    continue
-    return out
+            return []
+    addresses = [{"dst": f"{a['local']}/{a['prefixlen']}"} for link in ip_json("addr", "show")
+                 for a in link.get("addr_info", []) if a.get("family") == "inet"]
+    return [net for net, _dev in route_networks(ip_json("route", "show", "table", "all") + addresses)]
 
 
 def lab_of(workspace_root: Path, subnet: str) -> NetLab:

@@ -299,17 +299,9 @@ class NetLab:
             self._check_route_overlap(mine)
 
     def _check_route_overlap(self, mine: ipaddress.IPv4Network) -> None:
-        for route in json.loads(_run(["ip", "-j", "route", "show"]) or "[]"):
-            dst = route.get("dst", "")
-            if dst == "default" or route.get("dev") == self.root_link:
-                continue
-            try:
-                other = ipaddress.IPv4Network(dst if "/" in dst else f"{dst}/32", strict=False)
-            except ValueError:
-                continue
-            if other.overlaps(mine):
-                raise NetLabError(f"the lab subnet {mine} overlaps this machine's route to {other} "
-                                  f"(dev {route.get('dev')})",
+        for other, dev in route_networks(json.loads(_run(["ip", "-j", "route", "show"]) or "[]")):
+            if dev != self.root_link and other.overlaps(mine):
+                raise NetLabError(f"the lab subnet {mine} overlaps this machine's route to {other} (dev {dev})",
                                   "choose another lab subnet: [lab] subnet = \"10.232.0.0/24\" in config.toml")
 
     @property
@@ -478,6 +470,20 @@ class NetLab:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def route_networks(routes: list[dict]) -> list[tuple[ipaddress.IPv4Network, str | None]]:
+    """(destination, device) of each route `ip -j route` lists, but the default route."""
+    out = []
+    for route in routes:
+        dst = route.get("dst", "")
+        if not dst or dst == "default":
+            continue
+        try:
+            out.append((ipaddress.IPv4Network(dst if "/" in dst else f"{dst}/32", strict=False), route.get("dev")))
+        except ValueError:
+            continue
+    return out
 
 
 def _run(argv: list[str], *, check: bool = True) -> str:
