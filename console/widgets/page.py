@@ -32,7 +32,6 @@ class Page(ScrollView, can_focus=False):
         super().__init__(id=id, classes=classes)
         self.content = Content("")
         self._lines: list[Strip] = []
-        self._width = 0
 
     @property
     def text(self) -> str:
@@ -47,19 +46,14 @@ class Page(ScrollView, can_focus=False):
         self.content = content
         self._wrap(keep_scroll=same_page)
 
-    def _wrap(self, *, keep_scroll: bool = True) -> None:
+    def _wrap(self, *, keep_scroll: bool = True, whole: bool = False) -> None:
+        """Lay the text out in lines at the width shown; draw those that changed (whole: every line)."""
         width = self.scrollable_content_region.width
         if width <= 0:
             return
         lines = Visual.to_strips(self, self.content, width, None, self.visual_style, pad=True)
         old, self._lines = self._lines, lines
         size = Size(width, len(lines))
-        if width != self._width:
-            self._width = width
-            changed = None
-        else:
-            changed = [y for y in range(max(len(old), len(lines)))
-                       if y >= len(old) or y >= len(lines) or old[y] != lines[y]]
         if size != self.virtual_size:
             # set without the layout a reactive virtual_size asks for: the page's own size changes,
             # its place on the screen does not
@@ -67,24 +61,22 @@ class Page(ScrollView, can_focus=False):
             self._scroll_update(size)
         if not keep_scroll and self.scroll_y:
             self.scroll_to(y=0, animate=False, immediate=True)
-            changed = None
-        if changed is None:
+            whole = True
+        if whole:
             self.refresh()
             return
         top = int(self.scroll_y)
-        for y in changed:
-            if top <= y < top + self.size.height:
+        for y in range(top, min(top + self.size.height, max(len(old), len(lines)))):
+            if y >= len(old) or y >= len(lines) or old[y] != lines[y]:
                 self.refresh(Region(0, y - top, self.size.width, 1))
 
     def on_resize(self) -> None:
-        self._width = 0
-        self._wrap()
+        self._wrap(whole=True)      # another width: every line again
 
     def notify_style_update(self) -> None:
         super().notify_style_update()
-        self._width = 0             # a theme changed the colours: every line again
         if self.is_mounted:
-            self._wrap()
+            self._wrap(whole=True)  # a theme changed the colours: every line again
 
     def render_line(self, y: int) -> Strip:
         index = int(self.scroll_y) + y
