@@ -305,7 +305,7 @@ class EngineClient:
 
     async def _lab_call(self, action: str) -> Any:
         from .platform import labops
-        lab = labops.lab_of(self.workspace.root, self.site.lab.subnet)
+        lab = labops.lab_of(self.workspace.root, self.site.lab.subnet, labops.lab_vlans(self.site))
         configured = self.site.lab.network
         async with self._lab_lock:
             if action == "status":

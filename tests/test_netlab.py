@@ -25,7 +25,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces ne
 @pytest.fixture
 def netlab(tmp_path):
     # a subnet of its own per test: a lab left by a killed run elsewhere never collides
-    lab = NetLab(tmp_path / "lab", subnet=f"10.{random.randint(232, 250)}.{random.randint(0, 255)}.0/24")
+    lab = NetLab(tmp_path / "lab", subnet=f"10.{random.randint(232, 250)}.{random.randint(0, 255)}.0/24",
+                 vlans=(10,))
     try:
         lab.up()
         yield lab
@@ -110,10 +111,11 @@ async def test_up_adopts_a_running_lab_and_repairs_a_broken_one(netlab):
     os.kill(before["lab1"], signal.SIGKILL)            # a dead sshd, a dead dnsmasq, and a host gone altogether
     os.kill(dnsmasq, signal.SIGKILL)
     subprocess.run(["ip", "netns", "del", netlab.ns("lab3")], check=True)
+    subprocess.run(["ip", "-n", netlab.ns("lab2"), "link", "del", "uplinkv10"], check=True)   # a VLAN's link cut
     assert not netlab.is_up()
     netlab.up()
     status = netlab.status()
-    assert all(s["answers"] for s in status.values()), status
+    assert all(s["answers"] and s["vlans"] == [10] for s in status.values()), status
     assert status["lab2"]["sshd"] == before["lab2"]
     dhcp = netlab.dhcp_status()
     assert dhcp["running"] and dhcp["pid"] != dnsmasq and netlab.is_up()
@@ -124,19 +126,37 @@ async def test_up_adopts_a_running_lab_and_repairs_a_broken_one(netlab):
         await t.close()
 
 
+def _links(ns: str | None = None) -> dict[str, dict]:
+    out = subprocess.run(["ip", *(["-n", ns] if ns else []), "-j", "link"], capture_output=True, text=True).stdout
+    return {i["ifname"]: i for i in json.loads(out)}
+
+
 def test_down_leaves_nothing(tmp_path):
-    lab = NetLab(tmp_path / "lab", subnet=f"10.{random.randint(232, 250)}.{random.randint(0, 255)}.0/24")
+    lab = NetLab(tmp_path / "lab", subnet=f"10.{random.randint(232, 250)}.{random.randint(0, 255)}.0/24",
+                 vlans=(10, 20))
+    before = set(_links())
     lab.up()
     pids = [s["sshd"] for s in lab.status().values()] + [lab.dhcp_status()["pid"]]
     assert all(pids)
+    # each VLAN: its bridge on every host, a port of it the peer of a port of the VLAN's bridge in the switch
+    switch = _links(lab.switch)
+    for host in lab.hosts:
+        links = _links(lab.ns(host))
+        for vlan in lab.vlans:
+            sw_bridge, sw_end, host_end, bridge = lab.vlan_links(host, vlan)
+            assert bridge == f"br-labv{vlan}" and links[host_end]["master"] == bridge
+            assert switch[sw_end]["master"] == sw_bridge and switch[sw_end]["ifindex"] == links[host_end]["link_index"]
+    assert all(s["vlans"] == [10, 20] for s in lab.status().values())
+    vlan_names = {n for h in lab.hosts for v in lab.vlans for n in lab.vlan_links(h, v)}
+    assert not vlan_names & set(_links())              # nothing of the VLANs in this machine's namespace
     # a namespace deleted by hand keeps its processes alive, nameless: down finds lab2's sshd anyway
     subprocess.run(["ip", "netns", "del", lab.ns("lab2")], check=True)
     removed = lab.down()
     assert set(lab.namespaces) - {lab.ns("lab2")} <= set(removed)
     netns = subprocess.run(["ip", "-j", "netns", "list"], capture_output=True, text=True).stdout
     assert lab.tag not in netns
-    links = subprocess.run(["ip", "-j", "link"], capture_output=True, text=True).stdout
-    assert lab.root_link not in links
+    links = set(_links())
+    assert lab.root_link not in links and not (links - before) & vlan_names
     tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     assert lab.fence_table not in tables
     for pid in pids:

@@ -40,13 +40,13 @@ def test_macs_are_stable_unique_and_locally_administered():
 def netws():
     yield from netlab_workspace("fnet-", networks="""
         [networks.v10]
-        bridge = "br-vl"
+        bridge = "br-lab"
         vlan = 10
-        hosts = ["lab1"]
+        hosts = ["lab1", "lab3"]
         [networks.v20]
-        bridge = "br-vl"
+        bridge = "br-lab"
         vlan = 20
-        hosts = ["lab1"]
+        hosts = ["lab1", "lab3"]
         """)
 
 
@@ -92,15 +92,19 @@ async def test_vms_on_two_lab_hosts_talk_over_the_lab_network(netws):
 @needs
 async def test_vms_on_different_vlans_of_one_network_cannot_talk(netws):
     ws, lab = netws
-    await asyncio.to_thread(_start_all, ws, (("va", "lab1", "v10"), ("vb", "lab1", "v10"), ("vc", "lab1", "v20")))
-    for name, ip in (("va", 1), ("vb", 2), ("vc", 3)):
-        code, out = await _guest(ws, lab, "lab1", name,
-                                 f"ip addr add 192.168.88.{ip}/24 dev eth0 && ip link set eth0 up")
+    vms = (("va", "lab1", "v10"), ("vb", "lab3", "v10"), ("vc", "lab3", "v20"))
+    await asyncio.to_thread(_start_all, ws, vms)
+    for (name, host, _), ip in zip(vms, (1, 2, 3)):
+        code, out = await _guest(ws, lab, host, name, f"ip addr add 192.168.88.{ip}/24 dev eth0 && ip link set eth0 up")
         assert code == 0, out
-    code, out = await _guest(ws, lab, "lab1", "va", "ping -c 2 -W 3 192.168.88.2")
-    assert code == 0 and "2 packets received" in out, out          # same VLAN
-    code, out = await _guest(ws, lab, "lab1", "va", "ping -c 2 -W 2 192.168.88.3")
-    assert code != 0 and "0 packets received" in out, out          # another VLAN: nothing arrives
+
+    async def from_va() -> list[tuple[int, str]]:
+        return [await _guest(ws, lab, "lab1", "va", "ping -c 2 -W 3 192.168.88.2"),
+                await _guest(ws, lab, "lab1", "va", "ping -c 2 -W 2 192.168.88.3")]
+    (same, other), beside = await asyncio.gather(from_va(), _guest(ws, lab, "lab3", "vb", "ping -c 2 -W 2 192.168.88.3"))
+    assert same[0] == 0 and "2 packets received" in same[1], same          # the same VLAN, across lab hosts
+    assert other[0] != 0 and "0 packets received" in other[1], other       # another VLAN: nothing arrives,
+    assert beside[0] != 0 and "0 packets received" in beside[1], beside    # not even on the VM's own host
 
 
 def test_a_network_whose_bridge_is_missing_refuses_the_start(netws):

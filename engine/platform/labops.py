@@ -17,9 +17,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import LAB_HOSTS
+from ..config import LAB_HOSTS, SiteConfig
 from ..errors import Refused
-from .netlab import NetLab, NetLabError, _link_exists, _netns_list, route_networks
+from .netlab import VM_BRIDGE, NetLab, NetLabError, _link_exists, _netns_list, route_networks
 
 
 @dataclass(frozen=True)
@@ -120,9 +120,17 @@ def _routed() -> list[ipaddress.IPv4Network]:
     return [net for net, _dev in route_networks(ip_json("route", "show", "table", "all") + addresses)]
 
 
-def lab_of(workspace_root: Path, subnet: str) -> NetLab:
-    """The network lab of the workspace: its folder lab's hosts, in `subnet`."""
-    return NetLab(Path(workspace_root) / "lab", tuple(h for h, _ in LAB_HOSTS), subnet)
+def lab_of(workspace_root: Path, subnet: str, vlans: tuple[int, ...] = ()) -> NetLab:
+    """The network lab of the workspace: its folder lab's hosts, in `subnet`, its switch linking
+    the VLANs `vlans` of br-lab between them (lab_vlans: those of the site's networks)."""
+    return NetLab(Path(workspace_root) / "lab", tuple(h for h, _ in LAB_HOSTS), subnet, vlans=vlans)
+
+
+def lab_vlans(site: SiteConfig) -> tuple[int, ...]:
+    """The VLAN ids of the site's networks on the lab's VM bridge (br-lab), which the lab links
+    between its hosts. (A VLAN of another bridge stays on its host, as that bridge does.)"""
+    return tuple(sorted({n.vlan for n in site.networks.values()
+                         if n.mode == "bridge" and n.bridge == VM_BRIDGE and n.vlan}))
 
 
 def status(lab: NetLab, *, configured: bool, changed: tuple[str, ...] = ()) -> LabStatus:

@@ -8,6 +8,13 @@ Layout (every name carries the lab's tag, so two workspaces' labs never meet):
                                       bridge lab  ◀──veth── lN ──────────▶  uplink ─ bridge br-lab (VM taps)
                                            ▲
                                       dhcpp ─veth─ dhcp 10.231.1.1/24, dnsmasq (DHCP only)
+                                      bridge labvV ◀─veth── lNvV ────────▶  uplinkvV ─ bridge br-labvV (VLAN V)
+
+VLANs (port groups) of the VM network: this project's kernels have neither 802.1Q nor bridge VLAN
+filtering, so a VM NIC on VLAN V of br-lab joins a bridge of its own on its host, br-labvV (the
+name nics.vlan_bridge gives). For each VLAN id in `vlans` the lab links those bridges between its
+hosts as a segment of its own: a bridge labvV in the switch namespace, one veth per host. No DHCP
+on them (dnsmasq serves the untagged `lab` segment only).
 
 DHCP on the VM network `lab`: Debian's dnsmasq, run by the lab in its switch namespace on a veth
 whose other end is a port of the `lab` bridge, hands out addresses of the lab's VM subnet (by
@@ -47,6 +54,7 @@ from pathlib import Path
 
 from ..errors import FerryError
 from ..logs import logger
+from ..vm.nics import vlan_bridge
 
 log = logger("ferry.netlab")
 
@@ -54,6 +62,7 @@ SSHD = "/usr/sbin/sshd"
 DNSMASQ = "/usr/sbin/dnsmasq"
 DEFAULT_SUBNET = "10.231.0.0/24"
 FIRST_HOST = 11            # lab1 is .11, lab2 .12, ...
+VM_BRIDGE = "br-lab"       # the VM network's bridge on each lab host
 
 
 class NetLabError(FerryError):
@@ -66,6 +75,7 @@ class NetLab:
     hosts: tuple[str, ...] = ("lab1", "lab2", "lab3")
     subnet: str = DEFAULT_SUBNET
     vm_subnet: str | None = None                # the VM network's addresses; None: the block after `subnet`
+    vlans: tuple[int, ...] = ()                 # VLAN ids of br-lab whose per-VLAN bridges the lab links
 
     # ------------------------------------------------------------------ names and addresses
 
@@ -88,6 +98,11 @@ class NetLab:
     @property
     def root_link(self) -> str:
         return f"fm{self.tag}"                  # <= 15 characters, as Linux wants
+
+    def vlan_links(self, host: str, vlan: int) -> tuple[str, str, str, str]:
+        """VLAN `vlan` between the switch and `host`: the switch's bridge, its veth end, the host's
+        veth end and the host's per-VLAN bridge (each <= 15 characters)."""
+        return f"labv{vlan}", f"l{self.hosts.index(host) + 1}v{vlan}", f"uplinkv{vlan}", vlan_bridge(VM_BRIDGE, vlan)
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -159,17 +174,24 @@ class NetLab:
     # ------------------------------------------------------------------ status
 
     def status(self) -> dict[str, dict]:
-        """Per host: its namespace, address, sshd pid (None: not running) and whether sshd answers."""
+        """Per host: its namespace, address, sshd pid (None: not running), whether sshd answers, and
+        the VLANs (of `vlans`) whose bridge on the host is linked to the switch."""
         present = set(_netns_list())
+        switch = _masters(self.switch) if self.vlans and self.switch in present else {}
         out: dict[str, dict] = {}
         for h in self.hosts:
             pid = _pidfile(self.host_dir(h) / "sshd.pid")
+            host = _masters(self.ns(h)) if self.vlans and self.ns(h) in present else {}
+            links = [(v, *self.vlan_links(h, v)) for v in self.vlans]
+            linked = [v for v, sw_br, sw_end, host_end, host_br in links
+                      if switch.get(sw_end) == sw_br and host.get(host_end) == host_br]
             out[h] = {"namespace": self.ns(h), "present": self.ns(h) in present, "address": self.address(h),
-                      "sshd": pid, "answers": bool(pid) and _banner(self.address(h))}
+                      "sshd": pid, "answers": bool(pid) and _banner(self.address(h)), "vlans": linked}
         return out
 
     def is_up(self) -> bool:
-        return all(s["answers"] for s in self.status().values()) and self.dhcp_status()["running"]
+        return (all(s["answers"] and len(s["vlans"]) == len(self.vlans) for s in self.status().values())
+                and self.dhcp_status()["running"])
 
     def dhcp_status(self) -> dict:
         """The VM network's DHCP server: its pid (None: not running), address, pool and leases."""
@@ -268,10 +290,8 @@ class NetLab:
         if sw not in present:
             _ip("netns", "add", sw)
         _ip("-n", sw, "link", "set", "lo", "up")
-        for br in ("mgmt", "lab"):
-            if not _link_exists(br, sw):
-                _ip("-n", sw, "link", "add", br, "type", "bridge", "stp_state", "0")
-            _ip("-n", sw, "link", "set", br, "up")
+        for br in ("mgmt", "lab", *(f"labv{v}" for v in self.vlans)):
+            _ensure_bridge(br, sw)
         if not _link_exists(self.root_link):
             _ip("link", "add", self.root_link, "type", "veth", "peer", "name", "root", "netns", sw)
         _ip("-n", sw, "link", "set", "root", "master", "mgmt", "up")
@@ -385,7 +405,9 @@ class NetLab:
         if ns not in present:
             _ip("netns", "add", ns)
         _ip("-n", ns, "link", "set", "lo", "up")
-        for sw_end, host_end, bridge in ((f"m{index}", "eth0", "mgmt"), (f"l{index}", "uplink", "lab")):
+        vlans = [self.vlan_links(host, v) for v in self.vlans]
+        for sw_end, host_end, bridge in ((f"m{index}", "eth0", "mgmt"), (f"l{index}", "uplink", "lab"),
+                                         *((s, h, b) for b, s, h, _ in vlans)):
             if not _link_exists(host_end, ns):
                 if _link_exists(sw_end, sw):        # its other end went with a deleted namespace: redo
                     _ip("-n", sw, "link", "del", sw_end)
@@ -394,11 +416,12 @@ class NetLab:
         _ensure_addr("eth0", f"{self.address(host)}/{self.prefix}", ns)
         _ip("-n", ns, "link", "set", "eth0", "up")
         # The VM network: a bridge for the VMs' taps, its uplink to the lab switch. (This machine's
-        # kernel has neither 802.1Q nor bridge VLAN filtering: VLANs come as segments of their own.)
-        if not _link_exists("br-lab", ns):
-            _ip("-n", ns, "link", "add", "br-lab", "type", "bridge", "stp_state", "0")
-        _ip("-n", ns, "link", "set", "uplink", "master", "br-lab", "up")
-        _ip("-n", ns, "link", "set", "br-lab", "up")
+        # kernel has neither 802.1Q nor bridge VLAN filtering: VLANs come as segments of their own,
+        # each a bridge made as a VM start would make it, so that a VM start finds it and only
+        # attaches its tap.)
+        for host_end, bridge in (("uplink", VM_BRIDGE), *((h, b) for _, _, h, b in vlans)):
+            _ensure_bridge(bridge, ns)
+            _ip("-n", ns, "link", "set", host_end, "master", bridge, "up")
         d = self.host_dir(host)
         pid = _pidfile(d / "sshd.pid")
         if pid and _netns_of(pid) != ns:
@@ -521,6 +544,23 @@ def _netns_of(pid: int) -> str | None:
 def _link_exists(name: str, ns: str | None = None) -> bool:
     argv = ["ip", *(["-n", ns] if ns else []), "-j", "link", "show", "dev", name]
     return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
+
+
+def _ensure_bridge(name: str, ns: str) -> None:
+    """A bridge `name` in `ns`, up (made, stp off, when absent; a VM start may make it at the same moment)."""
+    if not _link_exists(name, ns):
+        made = subprocess.run(["ip", "-n", ns, "link", "add", name, "type", "bridge", "stp_state", "0"],
+                              capture_output=True, text=True, timeout=30)
+        if made.returncode != 0 and not _link_exists(name, ns):
+            raise NetLabError(f"ip -n {ns} link add {name} type bridge: {made.stderr.strip()}",
+                              "`ferry lab down` then `ferry lab up` rebuilds the lab")
+    _ip("-n", ns, "link", "set", name, "up")
+
+
+def _masters(ns: str) -> dict[str, str]:
+    """Each link of `ns` that is a port of a bridge: link -> bridge."""
+    links = json.loads(_run(["ip", "-n", ns, "-j", "link", "show"], check=False) or "[]")
+    return {i["ifname"]: i["master"] for i in links if i.get("master")}
 
 
 def _ensure_addr(dev: str, cidr: str, ns: str | None = None) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import random
 import textwrap
+import tomllib
 from pathlib import Path
 from typing import Iterator
 
-from ferry.engine.platform.netlab import NetLab
+from ferry.engine.platform.netlab import VM_BRIDGE, NetLab
 
 from .lab import lab_workspace
 
@@ -23,10 +24,13 @@ def netlab_workspace(prefix: str, *, hosts: tuple[str, ...] = ("lab1", "lab3"), 
                      networks: str = "") -> Iterator[tuple[Path, NetLab]]:
     """For a module fixture (`yield from netlab_workspace("fnet-")`): a lab workspace, a network lab
     up, and a config.toml with `hosts` as SSH hosts at their lab addresses sharing one datastore,
-    the `lab` network (br-lab, not created by Ferry) and `networks` (more TOML) on them."""
+    the `lab` network (br-lab, not created by Ferry) and `networks` (more TOML) on them; the lab
+    links the VLANs of those on br-lab between its hosts."""
     gen = lab_workspace(prefix)
     ws = next(gen)
-    lab = NetLab(ws / "netlab", subnet=random_subnet())
+    more = tomllib.loads(textwrap.dedent(networks)).get("networks", {})
+    vlans = tuple(sorted({n["vlan"] for n in more.values() if n.get("bridge") == VM_BRIDGE and n.get("vlan")}))
+    lab = NetLab(ws / "netlab", subnet=random_subnet(), vlans=vlans)
     try:
         lab.up()
         (ws / "known_hosts").write_text(lab.known_hosts.read_text())
