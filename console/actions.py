@@ -91,6 +91,10 @@ CATALOGUE: tuple[Action, ...] = (
     _vm("h", "hibernate", "Hibernate", "Save the selected VM's memory to disk and stop it; start resumes it",
         palette="Hibernate {vm}", cli="vm hibernate", cli_help="save memory to a file and stop; start resumes it",
         marks=True),
+    _vm("m", "move", "Move", "Move the selected VM to another host (live while it runs; its disks stay on "
+        "a datastore both hosts share)", palette="Move {vm} to another host…", cli="vm move",
+        cli_help="move to another host: live while it runs (memory copied in rounds, a short pause at the "
+                 "end), its disks staying on a shared datastore"),
     _vm("n", "create", "New VM", "Create a VM on the selected host", palette="create…",
         cli="vm create", cli_help="create an empty VM", precheck=False),
     _vm("c", "clone", "Clone", "Copy the selected VM (or template) under a new name, to a host and datastore",

@@ -199,6 +199,21 @@ def cmd_vm_simple(args, ws: Workspace) -> int:
     return _run_task(ws, kind, {"vm": args.name, **params}, args.json, _done(text))
 
 
+def cmd_vm_move(args, ws: Workspace) -> int:
+    params: dict[str, Any] = {"vm": args.name, "to": args.to}
+    if args.bandwidth:
+        params["bandwidth_mib"] = args.bandwidth
+
+    def describe(info: TaskInfo) -> str:
+        r = info.result or {}
+        if not r.get("live"):
+            return safe(f"{r.get('vm')} is now on {r.get('to')} (it was not running: nothing to copy)")
+        moved = f"{r['bytes'] >> 20} MiB of memory in {r['total_ms'] / 1000:.1f} s, " if r.get("bytes") else ""
+        down = f"the guest stopped for {r['downtime_ms']} ms" if r.get("downtime_ms") is not None else "done"
+        return safe(f"{r.get('vm')} moved from {r.get('from')} to {r.get('to')} while running: {moved}{down}")
+    return _run_task(ws, "vm.move", params, args.json, describe)
+
+
 def cmd_vm_clone(args, ws: Workspace) -> int:
     params = {"src": args.src, "names": [args.name], "as_template": bool(getattr(args, "as_template", False)),
               "datastore": args.datastore, "overrides": _overrides(args), **_target(args)}
@@ -454,6 +469,11 @@ def add_parsers(sub) -> None:
             v.add_argument("--force", action="store_true", help=cli_help("vm stop --force"))
             v.add_argument("--timeout", type=float, default=120, help="seconds to wait for the guest (default 120)")
         v.set_defaults(func=cmd_vm_simple)
+    v = vs.add_parser("move", help=cli_help("vm move"))
+    common(v)
+    v.add_argument("--to", required=True, metavar="HOST", help="the host to move to (it shares the VM's datastores)")
+    v.add_argument("--bandwidth", type=int, metavar="MIB/S", help="cap the memory copy (default: as fast as it goes)")
+    v.set_defaults(func=cmd_vm_move)
     v = vs.add_parser("clone", help=cli_help("vm clone"))
     v.add_argument("src")
     common(v)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from ..config import DatastoreSpec, HostSpec, SiteConfig
-from ..errors import CommandError, FerryError, Refused
+from ..errors import CommandError, Refused
 from ..platform.liveboot import LiveDisk, LiveNic, LivePaths, LiveRole, is_running, live_boot_argv, read_pid
 from ..platform.liveimage import LiveImage
 from ..transport.base import RunResult, Transport
@@ -170,8 +171,10 @@ class HostOps:
             st = await self.t.stat(remote)
             if st is None or st.size != local.stat().st_size:
                 await self.t.mkdir(str(base))
-                await self.t.write_file(remote + ".tmp", local.read_bytes())
-                await self.run(["mv", "-f", remote + ".tmp", remote], what="mv")
+                # A name of its own: two VMs starting at once on a host without a copy each write one.
+                tmp = f"{remote}.tmp-{secrets.token_hex(4)}"
+                await self.t.write_file(tmp, local.read_bytes())
+                await self.run(["mv", "-f", tmp, remote], what="mv")
         return LiveImage(Path(kernel), Path(initrd), image.version, image.kernel_release, image.size, image.packages)
 
     def argv(self, vm: VMSpec, image: LiveImage, accel: str, *, incoming: str | None = None) -> list[str]:

@@ -116,6 +116,22 @@ async def wait_exit(h: HostOps, vm: VMSpec, timeout: float, ctx: TaskContext | N
 async def boot(ctx: TaskContext, vm: VMSpec, *, incoming: str | None = None, wait_agent: bool = True) -> dict:
     """Starts the VM's QEMU as a daemon of the host and waits for the guest agent (or the incoming state)."""
     svc = VMService.of(ctx.engine)
+    out = await launch_qemu(ctx, vm, incoming=incoming)
+    if incoming:
+        await _wait_incoming(ctx, svc, vm)
+    if wait_agent:
+        ctx.progress(item="waiting for the guest agent", units_done=2)
+        out["agent"] = await _wait_agent(svc, vm, BOOT_TIMEOUT)
+        if not out["agent"]:
+            ctx.log(f"the guest agent of {vm.name} did not answer within {BOOT_TIMEOUT:g} s; the VM runs",
+                    "warning")
+    ctx.progress(units_done=3, item="running")
+    return out
+
+
+async def launch_qemu(ctx: TaskContext, vm: VMSpec, *, incoming: str | None = None) -> dict[str, Any]:
+    """Starts the VM's QEMU as a daemon of its host, its taps on their bridges: {vm, host, pid, accel}."""
+    svc = VMService.of(ctx.engine)
     h = svc.host(vm.host)
     ctx.progress(item="live image", units_done=0, units_total=3)
     image = await h.live_image(await svc.image(lambda step, f: ctx.progress(item=f"building live image: {step}")))
@@ -138,17 +154,7 @@ async def boot(ctx: TaskContext, vm: VMSpec, *, incoming: str | None = None, wai
         if n.tap:
             ctx.log(f"NIC {n.index} of {vm.name} ({n.mac}) is on network {n.network.name}: tap {n.tap} on "
                     f"bridge {n.bridge}" + (f", VLAN {n.network.vlan}" if n.network.vlan else ""))
-    out: dict[str, Any] = {"vm": vm.name, "host": h.name, "pid": pid, "accel": accel}
-    if incoming:
-        await _wait_incoming(ctx, svc, vm)
-    if wait_agent:
-        ctx.progress(item="waiting for the guest agent", units_done=2)
-        out["agent"] = await _wait_agent(svc, vm, BOOT_TIMEOUT)
-        if not out["agent"]:
-            ctx.log(f"the guest agent of {vm.name} did not answer within {BOOT_TIMEOUT:g} s; the VM runs",
-                    "warning")
-    ctx.progress(units_done=3, item="running")
-    return out
+    return {"vm": vm.name, "host": h.name, "pid": pid, "accel": accel}
 
 
 async def disks_present(h: HostOps, vm: VMSpec) -> None:

@@ -19,7 +19,7 @@ from .model import UNFINISHED_STATES, VMState, VMView
 
 # The actions a VM or template may be asked for, by their console names (see action_of).
 VM_ACTIONS = ("vm_start", "vm_stop", "vm_force_stop", "vm_reboot", "vm_hibernate", "vm_clone", "vm_deploy",
-              "vm_convert", "vm_export", "vm_delete", "vm_restore", "vm_purge", "vm_serial")
+              "vm_convert", "vm_export", "vm_delete", "vm_restore", "vm_purge", "vm_serial", "vm_move")
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def action_of(kind: str, params: dict[str, Any]) -> str | None:
         return "vm_deploy" if params.get("deploy") else "vm_clone"
     return {"vm.start": "vm_start", "vm.hibernate": "vm_hibernate", "vm.convert": "vm_convert",
             "vm.export": "vm_export", "vm.delete": "vm_delete", "vm.restore": "vm_restore",
-            "vm.purge": "vm_purge"}.get(kind)
+            "vm.purge": "vm_purge", "vm.move": "vm_move"}.get(kind)
 
 
 def few(names: list[str], n: int = 5) -> str:
@@ -147,6 +147,14 @@ def refusal(action: str, vm: VMView | None, *, busy_task: str | None = None,
         if not running:
             return Refusal(f"{name} is not running ({st}): its serial console is there while it runs",
                            f"start it: ferry vm start {name}", "s starts it")
+        return None
+    if action == "vm_move":
+        if hibernated:
+            return Refusal(f"{name} is hibernated; its saved memory resumes where it was saved",
+                           f"resume it (ferry vm start {name}), then move it", "resume it (s), then move it")
+        if st is VMState.MISSING:
+            return Refusal(f"{name} is recorded as running, but its QEMU is gone",
+                           f"start it again (ferry vm start {name}), then move it", "s starts it again")
         return None
     if action == "vm_export":
         if running or hibernated:
