@@ -28,6 +28,7 @@ from ferry.console import actions as catalogue, keys as opkeys
 from ferry.console.actions import CATALOGUE
 from ferry.console.messages import VMsUpdated
 from ferry.console.dialogs.modals import ConfirmScreen, esc
+from ferry.console.dialogs.move import MoveScreen
 from ferry.console.poller import VMList, VMPoller
 from ferry.console.dialogs.serial import SerialScreen
 from ferry.console.dialogs.vmforms import Field, FormScreen, TypedNameScreen
@@ -514,6 +515,48 @@ class VMActions:
                           lambda: self.submit_vm_task("vm.hibernate", {"vm": name}, f"hibernate {name}"),
                           danger=False)
         self.ask_then("vm_hibernate", confirm, lambda vm: ("vm.hibernate", {"vm": vm.name}))
+
+    def action_vm_move(self) -> None:
+        self.ask_then("vm_move", self._move_dialog)
+
+    def _move_dialog(self, vm: VMView) -> None:
+        """The site's other hosts with the engine's precheck of the move to each; an allowed one chosen,
+        one line says what will happen and asks, then the task is submitted."""
+        name, source = vm.name, vm.host
+        others = [h for h in sorted(self.site.hosts) if h != source]
+        if not others:
+            self._refused(TITLES["vm_move"], f"{name} has no other host to go to: {source} is the site's only host",
+                          "add a host to config.toml")
+            return
+
+        async def check(to: str) -> tuple[str, str] | None:
+            try:
+                await self.client.precheck("vm.move", {"vm": name, "to": to})
+            except FerryError as e:      # refused, or the engine away: not a host to choose now
+                return e.message, e.hint
+            return None
+
+        live = vm.running
+        if live:
+            intro = f"{name} runs: it moves live; its disks stay where they are, on a datastore both hosts share."
+        else:
+            intro = (f"{name} is {'a template' if vm.is_template else 'stopped'}: only its host changes; its disks "
+                     "stay where they are.")
+
+        def chosen(to: str | None) -> None:
+            if not to:
+                return
+            if live:
+                line = (f"Move {name} from {source} to {to} while it runs: its memory is copied, then the guest "
+                        "pauses for a moment.")
+            else:
+                line = (f"{name} is {'a template' if vm.is_template else 'stopped'}: it only changes host, "
+                        f"{source} to {to}.")
+            self._confirm(f"Move {name} to {to}?", line, "Move",
+                          lambda: self.submit_vm_task("vm.move", {"vm": name, "to": to}, f"move {name} to {to}"),
+                          danger=False)
+
+        self.app.push_screen(MoveScreen(name, source, others, check, intro=intro), chosen)
 
     def action_vm_create(self) -> None:
         hosts = sorted(self.site.hosts)
