@@ -8,6 +8,7 @@ EngineClient directly.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable
 
@@ -309,7 +310,12 @@ class EngineClient:
         configured = self.site.lab.network
         async with self._lab_lock:
             if action == "status":
-                return await asyncio.to_thread(labops.status, lab, configured=configured)
+                out = await asyncio.to_thread(labops.status, lab, configured=configured)
+                if self.site.is_lab and not configured:
+                    why = labops.network_lab_default(self.workspace.root) or \
+                        "the lab's hosts are folders on this machine (made so when the workspace was)"
+                    out = dataclasses.replace(out, folders=why)
+                return out
             if action == "up":
                 out = await asyncio.to_thread(labops.up, lab, self.workspace.known_hosts_path,
                                               configured=configured)

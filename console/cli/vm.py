@@ -400,6 +400,10 @@ def _lab_report(st, action: str | None) -> None:
         print(f"{verb}: {', '.join(st.changed)}" if st.changed else f"{verb}: nothing (it was {action} already)")
     if action == "down":
         return
+    if st.folders and action is None:
+        print(f"{st.folders}; the network lab is not this site's")
+        if not any(h.present for h in st.hosts):
+            return
     rows = [[h.name, h.namespace if h.present else f"{h.namespace} (absent)", h.address,
              str(h.sshd) if h.sshd else "-", "✔ yes" if h.answers else "✖ no"] for h in st.hosts]
     print(_table(rows, ["HOST", "NAMESPACE", "ADDRESS", "SSHD", "ANSWERS"]))
@@ -424,7 +428,7 @@ def cmd_lab(args, ws: Workspace) -> int:
             print(api.dumps(st))
         else:
             _lab_report(st, None if action == "status" else action)
-        return EXIT_OK if st.up or action == "down" else EXIT_FAIL
+        return EXIT_OK if st.up or action == "down" or st.folders else EXIT_FAIL
     return _ask(ws, go)
 
 

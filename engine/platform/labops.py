@@ -56,6 +56,7 @@ class LabStatus:
     configured: bool              # config.toml's site is this lab ([lab] network = true)
     changed: tuple[str, ...] = ()
     dhcp: LabDhcp | None = None
+    folders: str = ""             # the site is the folder lab: why it is not the network lab, in one line
 
 
 NETWORK_LAB_TOOLS = ("ip", "nft", "sshd", "dnsmasq")
