@@ -74,7 +74,7 @@ class MoveVM(VMTask):
         ht = svc.host(to)
         ht.check_nics(vm.nics)
         await networks_ready(ht, vm.nics)
-        if ht.spec.cpu_model != h.spec.cpu_model:
+        if VMState(row["state"]) in RUNNING_STATES and ht.spec.cpu_model != h.spec.cpu_model:
             raise Refused(f"hosts {h.name} and {to} give VMs different CPUs ({h.spec.cpu_model or 'default'} and "
                           f"{ht.spec.cpu_model or 'default'}): a running guest cannot change CPU",
                           "give both hosts the same cpu_model in config.toml, or stop the VM and move it stopped")
