@@ -93,6 +93,11 @@ async def names_are(client: EngineClient, expected: set[str], **kw) -> bool:
     return {v.name for v in await client.vm_list(**kw)} == expected
 
 
+async def made(client: EngineClient, name: str) -> bool:
+    """The VM exists and its task finished making it (a record being made shows as incomplete)."""
+    return any(v.name == name and v.state is VMState.STOPPED for v in await client.vm_list())
+
+
 @contextlib.asynccontextmanager
 async def on_new_vm(client: EngineClient, name: str = "web1", host: str = "lab1"):
     """The console at 80x24, the cursor on a stopped VM just made; yields (app, pilot)."""
@@ -268,7 +273,8 @@ async def test_create_through_the_dialog_on_the_selected_host(client):
         form.query_one("#f-disk", Input).value = "16M"
         await pilot.press("enter")
         await until(pilot, lambda: not isinstance(app.screen, FormScreen), what="dialog closed")
-        await until(pilot, lambda: names_are(client, {"new1"}), what="new1 made", timeout=20)
+        # made: its record is there from the start (reserved, incomplete), stopped once its disk is
+        await until(pilot, lambda: made(client, "new1"), what="new1 made", timeout=60)
         vm = await client.vm_get("new1")
         assert vm.host == "lab2" and vm.cpus == 1 and vm.disks[0].size == 16 << 20
         assert os.path.exists(vm.disks[0].path)

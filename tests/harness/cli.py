@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,12 +26,17 @@ class Result:
         return json.loads(self.out)
 
 
+# sys.stdout and sys.stderr are the process's: commands run in this process from several threads at
+# once (asyncio.to_thread) take turns, or each would print into the other's output.
+_IN_PROCESS = threading.Lock()
+
+
 def ferry(workspace: Path, *args: str) -> Result:
     """`ferry --workspace W ARGS...` in this process (the command runs its own event loop)."""
     from ferry.console.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with _IN_PROCESS, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(["--workspace", str(workspace), *args])
         except SystemExit as e:   # argparse refusing an argument: usage line, exit status 2
