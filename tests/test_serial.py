@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reas
 
 @pytest.fixture(scope="module")
 def ws():
-    for root in lab_workspace("fser-"):
+    for root in lab_workspace("fser-", network=True):
         ok(root, "vm", "create", "tty1", "--host", "lab1", "--memory", "128M")
         ok(root, "vm", "start", "tty1")
         ok(root, "vm", "create", "tty2", "--host", "lab1", "--memory", "128M")

@@ -28,7 +28,7 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def ws():
-    yield from lab_workspace('fcm-', hold=True)
+    yield from lab_workspace('fcm-', hold=True, network=True)
 
 
 

@@ -27,7 +27,7 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def ws():
-    yield from lab_workspace('fcr-', hold=True)
+    yield from lab_workspace('fcr-', hold=True, network=True)
 
 
 @pytest.fixture
