@@ -20,9 +20,11 @@ from .errors import (CommandError, ConfigError, FerryError, HostKeyError, Perman
                      TransientError, TransportError)
 
 if TYPE_CHECKING:
-    from .config import SiteConfig
+    from .config import ConfigProblem, SiteConfig
     from .gc import Leftover
     from .hostfacts import DatastoreUsage, HostFacts
+    from .migration.model import (FinalNetwork, Finding, Method, Migration, MigrationSpec, MigrationState,
+                                  PlanApplied, PlanCheck, SourceSpec, TargetSpec)
     from .platform.labops import LabDhcp, LabHost, LabStatus
     from .records import AuditEntry, EngineStatus, HostKey, Submitted, TaskLogEntry, TrackedFile
     from .taskmodel import Progress, TaskInfo
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 # nor the store, nor the host transports it never decodes, and one that prints the engine's --json text
 # for no record at all (issue 11: a command adds <= 50 ms).
 _LAZY = {
-    "SiteConfig": ".config", "Leftover": ".gc", "DatastoreUsage": ".hostfacts", "HostFacts": ".hostfacts",
+    "SiteConfig": ".config", "ConfigProblem": ".config", "Leftover": ".gc", "DatastoreUsage": ".hostfacts", "HostFacts": ".hostfacts",
     "Progress": ".taskmodel", "TaskInfo": ".taskmodel", "TaskState": ".taskstate", "FINAL_STATES": ".taskstate",
     **dict.fromkeys(("TaskLogEntry", "TrackedFile", "AuditEntry", "Submitted", "HostKey", "EngineStatus"), ".records"),
     **dict.fromkeys(("AgentReport", "AgentState", "CPUHotAdd", "DiskSpec", "GuestFilesystem", "MissingVM", "NicSpec",
@@ -45,6 +47,8 @@ _LAZY = {
                      "VMSpec", "VMState", "VMView"), ".vm.model"),
     "Refusal": ".vm.prechecks", "VMActionCheck": ".vm.prechecks",
     "LabDhcp": ".platform.labops", "LabHost": ".platform.labops", "LabStatus": ".platform.labops",
+    **dict.fromkeys(("FinalNetwork", "Finding", "Method", "Migration", "MigrationSpec", "MigrationState",
+                     "PlanApplied", "PlanCheck", "SourceSpec", "TargetSpec"), ".migration.model"),
 }
 
 
@@ -64,7 +68,9 @@ __all__ = ["AuditEntry", "DatastoreUsage", "EngineStatus", "HostFacts", "HostKey
            "SiteConfig", "Submitted", "TaskInfo", "TaskLogEntry", "TaskState", "TrackedFile", "VMSpec", "VMState",
            "VMView", "VMKind", "DiskSpec", "NicSpec", "Passthrough", "AgentState", "AgentReport", "GuestFilesystem",
            "ReconcileReport", "OrphanProcess", "MissingVM", "UnreachableHost", "TimeSync", "CPUHotAdd",
-           "VMActionCheck", "Refusal", "LabDhcp", "LabHost", "LabStatus", "FINAL_STATES", "encode", "decode", "to_builtins", "convert", "dumps", "dumps_as",
+           "VMActionCheck", "Refusal", "LabDhcp", "LabHost", "LabStatus", "ConfigProblem", "FinalNetwork", "Finding",
+           "Method", "Migration", "MigrationSpec", "MigrationState", "PlanApplied", "PlanCheck", "SourceSpec",
+           "TargetSpec", "FINAL_STATES", "encode", "decode", "to_builtins", "convert", "dumps", "dumps_as",
            "VERSION", "PROTOCOL"]
 
 PROTOCOL = 3     # the wire protocol's version; raised whenever a frame's shape changes (2: serial frames, 3: --json answers)

@@ -139,6 +139,20 @@ class EngineCalls:
     async def gc(self, dry_run: bool = False) -> list[api.Leftover]:
         return await self._call("gc", dry_run=dry_run)
 
+    # ------------------------------------------------------------------ server migrations
+
+    async def plan_check(self, path: str) -> api.PlanCheck:
+        return await self._call("plan_check", path=path)
+
+    async def plan_apply(self, path: str, dry_run: bool = False) -> api.PlanApplied:
+        return await self._call("plan_apply", path=path, dry_run=dry_run)
+
+    async def migration_list(self, wave: str | None = None) -> list[api.Migration]:
+        return await self._call("migration_list", wave=wave)
+
+    async def migration_get(self, name: str) -> api.Migration:
+        return await self._call("migration_get", name=name)
+
     # ------------------------------------------------------------------ the network lab
 
     async def lab_up(self) -> api.LabStatus:

@@ -25,7 +25,8 @@ from .events import Subscription
 from .api import AuditEntry, HostKey, TaskLogEntry, TrackedFile
 from .gc import Leftover
 from .hostfacts import HostFacts, gather_all, gather_facts, tap_owners
-from .store import Store
+from .migration.model import Migration, PlanApplied, PlanCheck
+from .store import Store, current_user
 from .taskmodel import TaskInfo
 from .tasks import Engine, JobAlreadyRunning, kind_of
 from .transport import TransportPool, fetch_host_key, record_host_key
@@ -341,6 +342,33 @@ class EngineClient:
         """Each lab host: namespace, address, sshd pid, whether it answers."""
         return await self._lab_call("status")
 
+    # ------------------------------------------------------------------ server migrations
+    # A plan file is read here, by the engine: it runs on the machine of the workspace, where the
+    # operator's command line runs too (a path relative to the command's folder is made absolute
+    # by the front end).
+
+    async def plan_check(self, path: str) -> PlanCheck:
+        """A plan file checked against the site and the migrations in the store: every problem
+        (FILE:LINE: key: problem (hint: ...)), else its wave and migrations."""
+        from .migration import plan
+        return await plan.check(self.store, Path(path), self.site)
+
+    async def plan_apply(self, path: str, dry_run: bool = False) -> PlanApplied:
+        """Apply a plan file (ConfigError with its problems; Refused when it changes a migration past
+        assessed): new migrations planned, changed ones updated, in one transaction, audited."""
+        from .migration import plan
+        return await plan.apply(self.store, Path(path), self.site, dry_run=dry_run, actor=current_user())
+
+    async def migration_list(self, wave: str | None = None) -> list[Migration]:
+        """The migrations (of one wave), by wave and name."""
+        return [_migration(r) for r in await self.store.call(self.store.migration_rows, wave)]
+
+    async def migration_get(self, name: str) -> Migration:
+        row = await self.store.call(self.store.migration_row, name)
+        if row is None:
+            raise PermanentError(f"no migration named {name!r}", "ferry migration list shows them")
+        return _migration(row)
+
     # ------------------------------------------------------------------ leftovers
 
     async def gc(self, dry_run: bool = False) -> list[Leftover]:
@@ -365,6 +393,11 @@ class EngineClient:
         rows = await self.store.call(self.store.audit_rows, limit)
         return [AuditEntry(id=r["id"], ts=r["ts"], actor=r["actor"], action=r["action"], target=r["target"],
                            params=r["params"] or {}, result=r["result"]) for r in rows]
+
+
+def _migration(row: dict) -> Migration:
+    from .api import convert
+    return convert(row, Migration)
 
 
 def _host_key(host: str, info: Any) -> HostKey:

@@ -11,7 +11,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import tomli_w
 
@@ -229,7 +229,9 @@ class _Locator:
 # ---------------------------------------------------------------- validation
 
 
-class _Checker:
+class Checker:
+    """Collects the problems of one TOML document (config.toml, a migration plan), each located."""
+
     def __init__(self, file: str, text: str) -> None:
         self.file = file
         self.loc = _Locator(text)
@@ -267,12 +269,31 @@ class _Checker:
                 return default
         return value
 
+    def entries(self, data: dict, key: str, what: str) -> Iterator[tuple[str, dict, tuple[str, ...]]]:
+        """(name, table, path) of each [key.NAME] table of `data` whose name is valid and that is a
+        table (the others reported)."""
+        raw = data.get(key, {})
+        if not isinstance(raw, dict):
+            self.problem((key,), f"must be a table of {what}s", f"write [{key}.NAME]")
+            return
+        for name, value in raw.items():
+            path = (key, name)
+            if not self.name(path, name, what):
+                continue
+            if not isinstance(value, dict):
+                self.problem(path, "must be a table", f"write [{key}.{name}]")
+                continue
+            yield name, value, path
+
     def name(self, path: tuple[str, ...], name: str, what: str) -> bool:
         if NAME_RE.match(name):
             return True
         self.problem(path, f"{what} name {name!r} is not valid",
                      "use letters, digits, '.', '_' or '-' (up to 63), starting with a letter or digit")
         return False
+
+
+_Checker = Checker     # its name before migration plans used it too
 
 
 def _positive(v: int) -> str | None:
@@ -550,6 +571,13 @@ def _console_settings(c: _Checker, data: Any) -> ConsoleSettings:
 
 def load_config(path: Path, *, check_files: bool = True) -> SiteConfig:
     """Read and validate config.toml; raises ConfigError."""
+    text, data = read_toml(path)
+    return parse_config(data, file=str(path), text=text, check_files=check_files)
+
+
+def read_toml(path: Path) -> tuple[str, dict]:
+    """A TOML file's text and document; raises ConfigError (one line: unreadable, not UTF-8, or the
+    first syntax error with its line)."""
     file = str(path)
     try:
         raw = path.read_bytes()
@@ -574,7 +602,7 @@ def load_config(path: Path, *, check_files: bool = True) -> SiteConfig:
             msg = msg.replace(" (at end of document)", "")
         raise ConfigError([ConfigProblem(file, line, "", f"TOML syntax error: {msg}",
                                          "see https://toml.io for the syntax; strings need quotes")]) from None
-    return parse_config(data, file=file, text=text, check_files=check_files)
+    return text, data
 
 
 def dump_config(data: dict) -> str:

@@ -48,7 +48,8 @@ CALLS = frozenset({
     "confirm", "replicate", "start_probe", "vm_list", "vm_get", "vm_agent", "vm_reconcile", "vm_task",
     "vm_task_or_attach", "vm_timesync", "vm_cpu_hotadd", "wait_task", "host_facts", "hosts_facts",
     "get_setting", "set_setting", "audit", "audit_log", "gc", "host_key", "trust_host", "precheck",
-    "vm_actions", "lab_up", "lab_down", "lab_status",
+    "vm_actions", "lab_up", "lab_down", "lab_status", "plan_check", "plan_apply", "migration_list",
+    "migration_get",
 })
 
 

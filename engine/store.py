@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
-from .errors import FerryError, PermanentError, TransientError
+from .errors import FerryError, PermanentError, Refused, TransientError
 from .logs import logger
 
 T = TypeVar("T")
@@ -145,6 +145,25 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (task_id, host, path)
     ) WITHOUT ROWID;
     CREATE INDEX task_files_path ON task_files(host, path);
+    """,
+    # v6: server migrations (issue 13), one row each, applied from a wave's plan file. spec is the
+    # plan's MigrationSpec, assessment/blockers/warnings the last assessment's (JSON).
+    """
+    CREATE TABLE migrations (
+        name       TEXT PRIMARY KEY,
+        wave       TEXT NOT NULL,
+        state      TEXT NOT NULL,
+        spec       TEXT NOT NULL,
+        round      INTEGER NOT NULL DEFAULT 0,
+        last_sync  REAL,
+        assessment TEXT,
+        override   TEXT,
+        blockers   TEXT NOT NULL DEFAULT '[]',
+        warnings   TEXT NOT NULL DEFAULT '[]',
+        created    REAL NOT NULL,
+        updated    REAL NOT NULL
+    );
+    CREATE INDEX migrations_wave ON migrations(wave, name);
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -510,8 +529,9 @@ class Store:
     # ---------------------------------------------------------- audit and settings
 
     def audit(self, action: str, target: str, params: dict | None, result: str, actor: str | None = None) -> None:
-        self._exec("INSERT INTO audit(ts, actor, action, target, params, result) VALUES(?,?,?,?,?,?)",
-                   (time.time(), actor or current_user(), action, target, _dumps(scrub(params or {})), result))
+        with self._lock, self._guard():
+            assert self._db is not None
+            _audit(self._db, action, target, params, result, actor)
 
     def audit_rows(self, limit: int = 200) -> list[dict]:
         rows = self._q("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (limit,))
@@ -671,6 +691,102 @@ class Store:
     def vm_row(self, vm_id: str) -> dict | None:
         rows = self._q("SELECT * FROM vms WHERE id=?", (vm_id,))
         return _vm_row(rows[0]) if rows else None
+
+
+    # ---------------------------------------------------------- server migrations
+
+    def migration_waves(self) -> dict[str, str]:
+        """The wave of every migration, by name."""
+        return {r["name"]: r["wave"] for r in self._q("SELECT name, wave FROM migrations")}
+
+    def migration_rows(self, wave: str | None = None) -> list[dict]:
+        """The migrations (of one wave), by wave and name."""
+        if wave is None:
+            rows = self._q("SELECT * FROM migrations ORDER BY wave, name")
+        else:
+            rows = self._q("SELECT * FROM migrations WHERE wave=? ORDER BY name", (wave,))
+        return [_migration_row(r) for r in rows]
+
+    def migration_row(self, name: str) -> dict | None:
+        rows = self._q("SELECT * FROM migrations WHERE name=?", (name,))
+        return _migration_row(rows[0]) if rows else None
+
+    def migration_apply(self, wave: str, specs: dict[str, dict], *, spec_change: dict[str, str], planned: str,
+                        file: str, dry_run: bool = False, actor: str | None = None) -> dict[str, list[str]]:
+        """Apply a wave's plan: each spec (by name) is inserted in state `planned`, or replaces the
+        spec of its migration when it differs and the migration's state is a key of `spec_change`
+        (which gives the state it goes to); a changed one in any other state, or one of another
+        wave, refuses the whole plan (Refused) and nothing is applied. Looking and writing are one
+        transaction (two processes applying at once make one record); each change is audited in
+        it. dry_run: nothing written. Returns the names created, updated and unchanged."""
+        now = time.time()
+
+        def tx(db: sqlite3.Connection) -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {"created": [], "updated": [], "unchanged": []}
+            for name, spec in specs.items():
+                text = _dumps(spec)
+                r = db.execute("SELECT wave, state, spec FROM migrations WHERE name=?", (name,)).fetchone()
+                if r is None:
+                    out["created"].append(name)
+                    if not dry_run:
+                        db.execute("INSERT INTO migrations(name, wave, state, spec, created, updated)"
+                                   " VALUES(?,?,?,?,?,?)", (name, wave, planned, text, now, now))
+                        _audit(db, f"migration.{planned}", name, {"wave": wave, "file": file}, "ok", actor)
+                    continue
+                if r["wave"] != wave:
+                    raise Refused(f"migration {name} belongs to wave {r['wave']}, not {wave}; nothing was applied",
+                                  "choose another name (ferry migration list shows the names in use)")
+                if r["spec"] == text:
+                    out["unchanged"].append(name)
+                    continue
+                to = spec_change.get(r["state"])
+                if to is None:
+                    raise Refused(f"migration {name} is {r['state']}: its plan can no longer change it; "
+                                  "nothing was applied", "only a planned or assessed migration takes a changed "
+                                  f"plan: keep {name} as it was in the file, or roll it back first")
+                out["updated"].append(name)
+                if not dry_run:
+                    db.execute("UPDATE migrations SET spec=?, state=?, updated=? WHERE name=?", (text, to, now, name))
+                    _audit(db, f"migration.{to}" if to != r["state"] else "migration.updated", name,
+                           {"wave": wave, "file": file, "from": r["state"], "why": "its plan changed"}, "ok", actor)
+            return out
+        return self._tx(tx)
+
+    def migration_transition(self, name: str, to: str, *, allowed_from: tuple[str, ...],
+                             params: dict | None = None, actor: str | None = None, **fields: Any) -> dict:
+        """Move a migration to state `to` (with other columns: round, last_sync, assessment, ...), in
+        one transaction with the look at its state (Refused when not one of `allowed_from`), audited
+        as migration.<to>. Returns the row as stored."""
+        for k in ("assessment", "blockers", "warnings"):
+            if k in fields:
+                fields[k] = _dumps(fields[k])
+
+        def tx(db: sqlite3.Connection) -> dict:
+            r = db.execute("SELECT state FROM migrations WHERE name=?", (name,)).fetchone()
+            if r is None:
+                raise PermanentError(f"no migration named {name!r}", "ferry migration list shows them")
+            if r["state"] not in allowed_from:
+                raise Refused(f"migration {name} is {r['state']}: it cannot become {to}",
+                              f"it can become {to} from: {', '.join(allowed_from) or 'none'}")
+            cols = "".join(f", {k}=?" for k in fields)
+            db.execute(f"UPDATE migrations SET state=?, updated=?{cols} WHERE name=?",
+                       (to, time.time(), *fields.values(), name))
+            _audit(db, f"migration.{to}", name, {"from": r["state"], **(params or {})}, "ok", actor)
+            return _migration_row(db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone())
+        return self._tx(tx)
+
+
+def _audit(db: sqlite3.Connection, action: str, target: str, params: dict | None, result: str,
+           actor: str | None = None) -> None:
+    db.execute("INSERT INTO audit(ts, actor, action, target, params, result) VALUES(?,?,?,?,?,?)",
+               (time.time(), actor or current_user(), action, target, _dumps(scrub(params or {})), result))
+
+
+def _migration_row(r: sqlite3.Row) -> dict:
+    d = dict(r)
+    for k in ("spec", "assessment", "blockers", "warnings"):
+        d[k] = _loads(d[k])
+    return d
 
 
 def _binned(recycled: bool) -> str:
