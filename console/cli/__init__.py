@@ -684,6 +684,7 @@ def _local_only(args: argparse.Namespace) -> Refused | None:
 # The options of `ferry` itself that take a value: the command word is the first word after them.
 _VALUED = ("--workspace", "--theme", "--engine", "--engine-command")
 _VM_COMMANDS = ("vm", "template", "lab")     # console/cli/vm.py's
+_MIGRATION_COMMANDS = ("plan", "migration")  # console/cli/migration.py's
 
 
 def _command_at(argv: list[str]) -> int | None:
@@ -909,6 +910,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     if wanted is None or wanted in _VM_COMMANDS:
         from ferry.console.cli.vm import add_parsers
         add_parsers(sub)
+    if wanted is None or wanted in _MIGRATION_COMMANDS:
+        from ferry.console.cli.migration import add_parsers as add_migration_parsers
+        add_migration_parsers(sub)
     if wanted in (None, "completion"):
         from ferry.console.cli.completion import add_parser as add_completion
         add_completion(sub)
@@ -916,7 +920,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 _COMMANDS = ("init", "config", "hosts", "tasks", "task", "probe", "replicate", "gc", "audit", "engine",
-             *_VM_COMMANDS, "completion")
+             *_VM_COMMANDS, *_MIGRATION_COMMANDS, "completion")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,151 @@
+"""`ferry plan check|apply FILE` and `ferry migration list|show`: server migration projects (issue 13).
+
+The engine reads the plan file (it runs on this machine, the workspace's): the path is sent absolute,
+and the problems it finds are shown with the path as it was typed."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+from ferry.engine import api, fmt
+from ferry.engine.errors import ConfigError, Refused
+from ferry.engine.textsafe import line as safe
+from ferry.engine.workspace import Workspace
+
+from ferry.console.cli import EXIT_CONFIG, EXIT_OK, _ask, _table
+
+MIGRATION_COLUMNS = ["NAME", "WAVE", "STATE", "ROUND", "LAST-SYNC", "SOURCE", "TARGET", "METHOD"]
+
+
+def _as_typed(problems, path: str, typed: str) -> list:
+    """The problems of the plan file `path` (absolute), naming it as the operator typed it."""
+    return [dataclasses.replace(p, file=typed) if p.file == path else p for p in problems]
+
+
+def _refused(e: Refused) -> int:
+    print(f"ferry: {safe(e)}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def cmd_plan_check(args, ws: Workspace) -> int:
+    path = os.path.abspath(args.file)
+
+    async def go(client) -> int:
+        found = await client.plan_check(path)
+        found = dataclasses.replace(found, file=args.file, problems=tuple(_as_typed(found.problems, path, args.file)))
+        if args.json:
+            print(api.dumps(found))
+        elif found.problems:
+            print("\n".join(str(p) for p in found.problems), file=sys.stderr)
+        else:
+            print(f"{args.file}: {len(found.migrations)} migrations in wave {found.wave}, no problems")
+        return EXIT_CONFIG if found.problems else EXIT_OK
+    return _ask(ws, go)
+
+
+def cmd_plan_apply(args, ws: Workspace) -> int:
+    path = os.path.abspath(args.file)
+
+    async def go(client) -> int:
+        try:
+            done = await client.plan_apply(path, dry_run=args.dry_run)
+        except ConfigError as e:
+            problems = _as_typed(e.problems, path, args.file)
+            if args.json:
+                print(api.dumps({"ok": False, "problems": problems}))
+            else:
+                print("\n".join(str(p) for p in problems), file=sys.stderr)
+            return EXIT_CONFIG
+        except Refused as e:
+            return _refused(e)
+        done = dataclasses.replace(done, file=args.file)
+        if args.json:
+            print(api.dumps(done))
+            return EXIT_OK
+        would = "would be " if done.dry_run else ""
+        for what, names in ((would + "created", done.created), (would + "updated", done.updated),
+                            ("unchanged", done.unchanged)):
+            for name in names:
+                print(f"{name}: {what}")
+        print(f"{args.file}: wave {done.wave}: {len(done.created)} created, {len(done.updated)} updated, "
+              f"{len(done.unchanged)} unchanged" + (" (dry run: nothing applied)" if done.dry_run else ""))
+        return EXIT_OK
+    return _ask(ws, go)
+
+
+def _row(m: api.Migration) -> list[str]:
+    t = m.spec.target
+    return [m.name, m.wave, f"{m.state.symbol} {m.state}", str(m.round), fmt.stamp(m.last_sync) if m.last_sync else "-",
+            m.spec.source.target, f"{t.host}/{t.datastore}", str(m.spec.method)]
+
+
+def cmd_migration_list(args, ws: Workspace) -> int:
+    async def go(client) -> int:
+        items = await client.migration_list(wave=args.wave)
+        if args.json:
+            print(api.dumps(items))
+        elif not items:
+            print(f"no migrations in wave {args.wave}" if args.wave else "no migrations yet (ferry plan apply FILE)")
+        else:
+            print(_table([_row(m) for m in items], MIGRATION_COLUMNS))
+        return EXIT_OK
+    return _ask(ws, go)
+
+
+def _show(m: api.Migration) -> str:
+    s, t, f = m.spec.source, m.spec.target, m.spec.final
+    lines = [
+        f"migration  {m.name} (wave {m.wave})",
+        f"state      {m.state.symbol} {m.state}, round {m.round}, last sync {fmt.stamp(m.last_sync)}",
+        f"source     {s.target}" + (f" (key {s.identity})" if s.identity else ""),
+        f"target     host {t.host}, datastore {t.datastore}, network {t.network}, "
+        f"cpus {t.cpus or 'as the source'}, memory {f'{t.memory_mib}M' if t.memory_mib else 'as the source'}, "
+        f"disks {', '.join(fmt.size(d) for d in t.disks) or 'as the source'}",
+        f"method     {m.spec.method}" + (", relayed by Ferry" if m.spec.relay else ""),
+        f"sync       {'every ' + fmt.duration(m.spec.sync_interval_s) if m.spec.sync_interval_s else 'on demand'}",
+        f"services   {', '.join(m.spec.services) or '-'}",
+        f"excludes   {', '.join(m.spec.excludes) or '-'}",
+        f"final      {f.address or 'the source address'}" + (f", gateway {f.gateway}" if f.gateway else "")
+        + (f", dns {', '.join(f.dns)}" if f.dns else ""),
+    ]
+    if m.override:
+        lines.append(f"override   {m.override}")
+    lines += [f"blocker    {b.name}: {b.message}" + (f" (hint: {b.hint})" if b.hint else "") for b in m.blockers]
+    lines += [f"warning    {w.name}: {w.message}" + (f" (hint: {w.hint})" if w.hint else "") for w in m.warnings]
+    lines.append(f"updated    {fmt.stamp(m.updated)} (created {fmt.stamp(m.created)})")
+    return "\n".join(lines)
+
+
+def cmd_migration_show(args, ws: Workspace) -> int:
+    async def go(client) -> int:
+        m = await client.migration_get(args.name)
+        print(api.dumps(m) if args.json else _show(m))
+        return EXIT_OK
+    return _ask(ws, go)
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("plan", help="migration plans: check or apply a wave's plan file (TOML)")
+    ps = s.add_subparsers(dest="plan_command", metavar="ACTION", required=True)
+    p = ps.add_parser("check", help="check a plan file against the site; one line per problem, exit 2 when any")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan_check)
+    p = ps.add_parser("apply", help="record the plan's migrations: new ones planned, changed ones updated")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--dry-run", action="store_true", help="say what would change; change nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan_apply)
+
+    s = sub.add_parser("migration", help="server migrations: list, show")
+    ms = s.add_subparsers(dest="migration_command", metavar="ACTION", required=True)
+    m = ms.add_parser("list", help="the migrations with their state, round and last sync")
+    m.add_argument("--wave", help="only this wave's")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_migration_list)
+    m = ms.add_parser("show", help="one migration: its plan and where it stands")
+    m.add_argument("name")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_migration_show)
