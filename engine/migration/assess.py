@@ -90,11 +90,11 @@ _DIRS = " ".join(HYPERVISOR_DIRS)
 
 # One POSIX sh script: one round trip, read-only. Sections start with "@@name"; a section that cannot
 # be read says "@@unknown WHY" in its place. $1 is the I/O sample in seconds. The sbin folders are
-# appended (never prepended) to PATH: an SSH session's PATH often lacks them, and a PATH given by the
-# caller keeps its order.
+# appended (never prepended) to PATH: an SSH session's PATH often lacks them (vgs, hv_kvp_daemon), and
+# the PATH the session has keeps its order.
 COLLECT = Program("ferry-assess", lang="sh", source=r"""
 export LC_ALL=C
-PATH=${PATH:-/usr/bin:/bin}:/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin
+PATH=${PATH:-/usr/bin:/bin}:/usr/local/sbin:/usr/sbin:/sbin
 sample=${1:-1}
 echo @@uname
 s=$(uname -s 2>/dev/null) || s=
@@ -302,7 +302,7 @@ class ToolFound:
     """A hypervisor tool or licence daemon, and how it was found."""
     name: str
     what: str                             # the hypervisor ("VMware") or the licence software
-    how: str                              # "running", "at /usr/bin/vmtoolsd", "package installed", "folder"
+    how: str                              # "running, at /usr/bin/vmtoolsd, package installed", ...
 
 
 @dataclass(frozen=True)
@@ -775,8 +775,9 @@ def _tools(virt: list[str], tools: list[str], cpu: list[str]) -> tuple[Hyperviso
             hv["detected"] = value
     if "detected" not in hv:
         unknown["hypervisor"] = "systemd-detect-virt is not installed: the hypervisor is told from DMI and CPU flags only"
-    found: list[ToolFound] = []
-    licences: list[ToolFound] = []
+    # name -> (what, [how...]): one record per tool however many ways it was found
+    found: dict[str, tuple[str, list[str]]] = {}
+    licences: dict[str, tuple[str, list[str]]] = {}
     for line in tools:
         p = line.split()
         if not p:
@@ -799,14 +800,15 @@ def _tools(virt: list[str], tools: list[str], cpu: list[str]) -> tuple[Hyperviso
             continue
         if name in HYPERVISOR_TOOLS or name in HYPERVISOR_PACKAGES or name in HYPERVISOR_DIRS:
             what = HYPERVISOR_TOOLS.get(name) or HYPERVISOR_PACKAGES.get(name) or HYPERVISOR_DIRS.get(name, "?")
-            item = ToolFound(name, what, how)
-            if item not in found:
-                found.append(item)
+            found.setdefault(name, (what, []))[1].append(how)
         if name in LICENCE_DAEMONS or (p[0] == "pkg" and name in LICENCE_PACKAGES):
-            item = ToolFound(name, LICENCE_DAEMONS.get(name) or LICENCE_PACKAGES[name], how)
-            if item not in licences:
-                licences.append(item)
-    return Hypervisor(**hv, tools=found), licences, unknown
+            what = LICENCE_DAEMONS.get(name) or LICENCE_PACKAGES[name]
+            licences.setdefault(name, (what, []))[1].append(how)
+
+    def records(by_name: dict[str, tuple[str, list[str]]]) -> list[ToolFound]:
+        return [ToolFound(n, what, ", ".join(dict.fromkeys(hows))) for n, (what, hows) in by_name.items()]
+
+    return Hypervisor(**hv, tools=records(found)), records(licences), unknown
 
 
 def _usb(lines: list[str]) -> list[UsbDevice]:
