@@ -153,6 +153,18 @@ class EngineCalls:
     async def migration_get(self, name: str) -> api.Migration:
         return await self._call("migration_get", name=name)
 
+    async def migration_source_key(self, name: str) -> api.HostKey:
+        return await self._call("migration_source_key", name=name)
+
+    async def trust_migration_source(self, name: str, fingerprint: str) -> api.HostKey:
+        return await self._call("trust_migration_source", name=name, fingerprint=fingerprint)
+
+    async def migration_override(self, name: str, reason: str) -> api.Migration:
+        return await self._call("migration_override", name=name, reason=reason)
+
+    async def migration_report(self, name: str) -> str:
+        return await self._call("migration_report", name=name)
+
     # ------------------------------------------------------------------ the network lab
 
     async def lab_up(self) -> api.LabStatus:

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any, Awaitable
 from . import probe as _probe  # noqa: F401  (registers the probe task kind)
 from .replicate import task as _replicate  # noqa: F401  (registers replicate.files / replicate.blocks)
 from .vm import kinds as _vm_kinds  # noqa: F401  (registers vm.*)
+from .migration import service as _migration_kinds  # noqa: F401  (registers migration.*)
 from .vm.model import AgentReport, CPUHotAdd, ReconcileReport, TimeSync, VMSpec, VMView
 from .vm.prechecks import VMActionCheck, precheck, refused
 from .vm.service import VMService
 from .vm.serial import SerialConsole, open_serial
 from .config import SiteConfig
-from .errors import FerryError, PermanentError
+from .errors import FerryError, PermanentError, Refused
 from .events import Subscription
 from .api import AuditEntry, HostKey, TaskLogEntry, TrackedFile
 from .gc import Leftover
@@ -368,6 +369,46 @@ class EngineClient:
         if row is None:
             raise PermanentError(f"no migration named {name!r}", "ferry migration list shows them")
         return _migration(row)
+
+    async def migration_source_key(self, name: str) -> HostKey:
+        """The SSH host key the migration's source presents, against what is recorded."""
+        from .migration.service import load, source_transport
+        t = source_transport(self.transports, await load(self.store, name))
+        try:
+            return _host_key(name, await fetch_host_key(t))
+        finally:
+            await t.close()
+
+    async def trust_migration_source(self, name: str, fingerprint: str) -> HostKey:
+        """Record the key the migration's source presents as trusted, if it is the one the operator checked."""
+        from .migration.service import load, source_transport
+        mig = await load(self.store, name)
+        t = source_transport(self.transports, mig)
+        try:
+            info = await fetch_host_key(t)
+        finally:
+            await t.close()
+        if info.fingerprint != fingerprint:
+            raise PermanentError(f"the source of {name} ({mig.spec.source.target}) presents {info.fingerprint}, "
+                                 f"not {fingerprint}", "check the fingerprint on the source: "
+                                 "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
+        await record_host_key(self.workspace.known_hosts_path, info)
+        await self.audit("migration.trust", name, {"fingerprint": info.fingerprint, "was": str(info.status),
+                                                   "endpoint": info.endpoint}, "ok")
+        return _host_key(name, info)
+
+    async def migration_override(self, name: str, reason: str) -> Migration:
+        """The operator goes on despite a network below its thresholds, for `reason` (audited); a
+        network blocker of the last assessment becomes a warning."""
+        if not reason.strip():
+            raise Refused("an override needs a reason", f"ferry migration netcheck {name} --override 'why'")
+        return _migration(await self.store.call(self.store.migration_override, name, reason.strip(),
+                                                actor=current_user()))
+
+    async def migration_report(self, name: str) -> str:
+        """The last assessment of the migration as Markdown (Refused before one was made)."""
+        from .migration.service import report
+        return report(await self.migration_get(name))
 
     # ------------------------------------------------------------------ leftovers
 

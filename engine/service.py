@@ -49,7 +49,7 @@ CALLS = frozenset({
     "vm_task_or_attach", "vm_timesync", "vm_cpu_hotadd", "wait_task", "host_facts", "hosts_facts",
     "get_setting", "set_setting", "audit", "audit_log", "gc", "host_key", "trust_host", "precheck",
     "vm_actions", "lab_up", "lab_down", "lab_status", "plan_check", "plan_apply", "migration_list",
-    "migration_get",
+    "migration_get", "migration_source_key", "trust_migration_source", "migration_override", "migration_report",
 })
 
 

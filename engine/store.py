@@ -775,6 +775,23 @@ class Store:
             return _migration_row(db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone())
         return self._tx(tx)
 
+    def migration_override(self, name: str, reason: str, *, actor: str | None = None) -> dict:
+        """The operator's reason to go on despite a network below its thresholds: recorded, audited,
+        and a network blocker of the last assessment made a warning, in one transaction."""
+        def tx(db: sqlite3.Connection) -> dict:
+            r = db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone()
+            if r is None:
+                raise PermanentError(f"no migration named {name!r}", "ferry migration list shows them")
+            row = _migration_row(r)
+            blockers = [b for b in row["blockers"] or [] if b["name"] != "network"]
+            moved = [{**b, "message": f"{b['message']} (overridden: {reason})", "hint": ""}
+                     for b in row["blockers"] or [] if b["name"] == "network"]
+            db.execute("UPDATE migrations SET override=?, blockers=?, warnings=?, updated=? WHERE name=?",
+                       (reason, _dumps(blockers), _dumps([*(row["warnings"] or []), *moved]), time.time(), name))
+            _audit(db, "migration.override", name, {"reason": reason, "network_blocker": bool(moved)}, "ok", actor)
+            return _migration_row(db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone())
+        return self._tx(tx)
+
 
 def _audit(db: sqlite3.Connection, action: str, target: str, params: dict | None, result: str,
            actor: str | None = None) -> None:

@@ -126,6 +126,83 @@ def cmd_migration_show(args, ws: Workspace) -> int:
     return _ask(ws, go)
 
 
+def cmd_migration_assess(args, ws: Workspace) -> int:
+    from ferry.console.cli.vm import _run_task
+
+    def describe(info) -> str:
+        r = info.result or {}
+        if r.get("windows"):
+            return safe(f"{r['migration']}: {r['windows']}")
+        parts = [f"{r.get('migration')} assessed: {r.get('reason') or 'no method recommended'}"]
+        if r.get("estimate_s") is not None:
+            parts.append(f"the initial copy takes about {fmt.duration(r['estimate_s'])} at the measured bandwidth")
+        if r.get("network"):
+            parts.append(f"network {r['network']}")
+        parts.append(f"{len(r.get('blockers', []))} blocker(s): {', '.join(r['blockers'])}" if r.get("blockers")
+                     else "no blockers")
+        if r.get("warnings"):
+            parts.append(f"warnings: {', '.join(r['warnings'])}")
+        return safe("; ".join(parts) + f" (ferry migration report {r.get('migration')})")
+    return _run_task(ws, "migration.assess", {"migration": args.name}, args.json, describe)
+
+
+def cmd_migration_netcheck(args, ws: Workspace) -> int:
+    async def go(client) -> int:
+        if args.override is not None:
+            try:
+                m = await client.migration_override(args.name, args.override)
+            except Refused as e:
+                return _refused(e)
+            if args.json:
+                print(api.dumps(m))
+            else:
+                print(safe(f"{m.name}: the network check is overridden ({m.override}); recorded in the audit log"))
+            return EXIT_OK
+        m = await client.migration_get(args.name)
+        nc = (m.assessment or {}).get("netcheck")
+        if args.json:
+            print(api.dumps(nc))
+            return EXIT_OK
+        if not nc:
+            print(f"{m.name}: no network check yet: ferry migration assess {m.name} measures it")
+            return EXIT_OK
+        from ferry.engine.migration.netcheck import NetCheck, summary
+        print(safe(summary(api.convert(nc, NetCheck)) + (f" (overridden: {m.override})" if m.override else "")))
+        return EXIT_OK
+    return _ask(ws, go)
+
+
+def cmd_migration_trust(args, ws: Workspace) -> int:
+    from ferry.console.cli import _ask_trust, _trusted
+
+    async def go(client) -> int:
+        info = await client.migration_source_key(args.name)
+        code = _ask_trust(args, f"the source of {args.name}", info)
+        if code is not None:
+            return code
+        await client.trust_migration_source(args.name, info.fingerprint)
+        return _trusted(ws.known_hosts_path, info, f"ferry migration trust {args.name}")
+    return _ask(ws, go)
+
+
+def cmd_migration_report(args, ws: Workspace) -> int:
+    async def go(client) -> int:
+        try:
+            text = await client.migration_report(args.name)
+        except Refused as e:
+            return _refused(e)
+        if args.json:
+            print(api.dumps((await client.migration_get(args.name)).assessment))
+        elif args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text)
+            print(f"{args.name}: the assessment report is in {args.out}")
+        else:
+            print(text, end="")
+        return EXIT_OK
+    return _ask(ws, go)
+
+
 def add_parsers(sub) -> None:
     s = sub.add_parser("plan", help="migration plans: check or apply a wave's plan file (TOML)")
     ps = s.add_subparsers(dest="plan_command", metavar="ACTION", required=True)
@@ -139,7 +216,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan_apply)
 
-    s = sub.add_parser("migration", help="server migrations: list, show")
+    s = sub.add_parser("migration", help="server migrations: list, show, assess, netcheck, report, trust")
     ms = s.add_subparsers(dest="migration_command", metavar="ACTION", required=True)
     m = ms.add_parser("list", help="the migrations with their state, round and last sync")
     m.add_argument("--wave", help="only this wave's")
@@ -149,3 +226,22 @@ def add_parsers(sub) -> None:
     m.add_argument("name")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_migration_show)
+    m = ms.add_parser("assess", help="collect the source's facts over SSH, check the network, judge and recommend")
+    m.add_argument("name")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_migration_assess)
+    m = ms.add_parser("netcheck", help="the last network check; --override REASON goes on despite it (audited)")
+    m.add_argument("name")
+    m.add_argument("--override", metavar="REASON", help="why the migration may go on below the thresholds")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_migration_netcheck)
+    m = ms.add_parser("report", help="the assessment report as Markdown (--out FILE.md) or JSON")
+    m.add_argument("name")
+    m.add_argument("--out", metavar="FILE", help="write the Markdown report to FILE")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_migration_report)
+    m = ms.add_parser("trust", help="trust the SSH host key the migration's source presents")
+    m.add_argument("name")
+    m.add_argument("--fingerprint", help="the SHA256 fingerprint checked on the source (no question asked)")
+    m.add_argument("--yes", action="store_true", help="trust what the source presents without asking")
+    m.set_defaults(func=cmd_migration_trust)

@@ -1,0 +1,145 @@
+"""Server migrations in the engine: the source reached over SSH, and the assessment task.
+
+`migration.assess` (ferry migration assess NAME) collects the source's facts (assess.collect, read
+only, nothing installed), measures the network on the data's path (netcheck.measure: from the
+target host to the source, and a stream from the source to the target host's migration address),
+judges both (assess.assess: findings, recommendation, the estimate at the measured bandwidth; a
+network below its thresholds is a blocker unless the operator overrode it with a reason) and
+records the assessment, its blockers and warnings, and the state `assessed`, in one transaction,
+audited. `ferry migration netcheck NAME --override REASON` records such a reason (audited).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import api
+from ..config import HostSpec
+from ..errors import FerryError, PermanentError, Refused
+from ..hostfacts import migration_address
+from ..tasks import TaskContext, TaskKind, register
+from . import assess, netcheck
+from .model import Finding, Method, Migration, MigrationState, sources_of
+
+ASSESSABLE = sources_of(MigrationState.ASSESSED)
+
+
+def source_spec(mig: Migration) -> HostSpec:
+    """The source as an SSH host (named by its address: it is no host of the site)."""
+    s = mig.spec.source
+    return HostSpec(s.address, "", "ssh", address=s.address, port=s.port, user=s.user, identity=s.identity)
+
+
+def source_transport(pool: Any, mig: Migration):
+    """An SSH transport to the migration's source (`pool`: the engine's TransportPool, for its
+    known_hosts and SSH settings), its host key checked (an unknown key: `ferry migration trust NAME`)."""
+    from ..transport.ssh import SshTransport
+    return SshTransport(source_spec(mig), known_hosts=pool.known_hosts, ssh_config_paths=pool.ssh_config_paths,
+                        use_agent=pool.use_agent, connect_timeout=pool.connect_timeout)
+
+
+async def load(store: Any, name: str) -> Migration:
+    row = await store.call(store.migration_row, name)
+    if row is None:
+        raise PermanentError(f"no migration named {name!r}", "ferry migration list shows them")
+    return api.convert(row, Migration)
+
+
+@register
+class AssessMigration(TaskKind):
+    name = "migration.assess"
+    max_retries = 0
+
+    def validate(self, params: dict[str, Any]) -> None:
+        if not params.get("migration"):
+            raise PermanentError("an assessment needs a migration's name", "ferry migration assess NAME")
+
+    def hosts(self, params: dict[str, Any]) -> list[str]:
+        return []
+
+    def title(self, params: dict[str, Any]) -> str:
+        return f"assess {params['migration']}"
+
+    def dedup_key(self, params: dict[str, Any]) -> str | None:
+        return f"migration:{params['migration']}"
+
+    async def check(self, svc: Any, params: dict[str, Any]) -> None:
+        """Refused before a task is made: no such migration, or one past assessment."""
+        mig = await load(svc.store, params["migration"])
+        if mig.state not in ASSESSABLE:
+            raise Refused(f"migration {mig.name} is {mig.state}: it is assessed before its target is prepared",
+                          f"ferry migration show {mig.name}")
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        from ..vm.service import VMService
+        svc = VMService.of(ctx.engine)
+        mig = await load(svc.store, ctx.params["migration"])
+        await self.check(svc, ctx.params)
+        src = mig.spec.source
+        ctx.progress(item=f"collecting the facts of {src.target}", units_done=0, units_total=3)
+        t = source_transport(svc.pool, mig)
+        try:
+            facts = await assess.collect(t)
+            nc: netcheck.NetCheck | None = None
+            netfail: Finding | None = None
+            if not facts.windows:
+                h = svc.host(mig.spec.target.host)
+                address, _ = migration_address(h.spec)
+                ctx.progress(item=f"network check: {src.address} -> {h.name} ({address})", units_done=1)
+                try:
+                    nc = await netcheck.measure(t, src.address, src.port, h.t, h.name, address)
+                except FerryError as e:
+                    netfail = Finding("netcheck_failed", f"the network check could not run: {e.message}", e.hint)
+        finally:
+            await t.close()
+        ctx.progress(item="judging", units_done=2)
+        method = None if mig.spec.method == Method.AUTO else mig.spec.method
+        bw = nc.bandwidth_mbit * 1e6 if nc and nc.bandwidth_mbit else None
+        a = assess.assess(facts, resize=bool(mig.spec.target.disks), method=method, bandwidth_bps=bw)
+        blockers = [Finding(f.name, f.message, f.hint) for f in a.blockers]
+        warnings = [Finding(f.name, f.message, f.hint) for f in a.warnings]
+        if nc is not None and not nc.passed:
+            net = Finding("network", netcheck.summary(nc),
+                          f"fix the path, or go on anyway: ferry migration netcheck {mig.name} --override REASON")
+            if mig.override:
+                warnings.append(Finding("network", f"{net.message} (overridden: {mig.override})", ""))
+            else:
+                blockers.append(net)
+        if netfail is not None:
+            blockers.append(netfail)
+        report = {"report": api.to_builtins(a), "netcheck": api.to_builtins(nc) if nc else None}
+        await svc.store.call(svc.store.migration_transition, mig.name, MigrationState.ASSESSED.value,
+                             allowed_from=tuple(s.value for s in ASSESSABLE),
+                             params={"blockers": [b.name for b in blockers], "task": ctx.id},
+                             assessment=report, blockers=[api.to_builtins(b) for b in blockers],
+                             warnings=[api.to_builtins(w) for w in warnings])
+        rec = a.recommendation
+        if rec:
+            ctx.log(f"recommended: {rec.reason}")
+        if nc:
+            ctx.log(f"network: {netcheck.summary(nc)}")
+        for b in blockers:
+            ctx.log(f"blocker {b.name}: {b.message}", "warning")
+        ctx.progress(item="assessed", units_done=3)
+        return {"migration": mig.name, "method": str(rec.method) if rec else None, "reason": rec.reason if rec else None,
+                "estimate_s": a.estimate.seconds if a.estimate else None, "network": netcheck.summary(nc) if nc else None,
+                "blockers": [b.name for b in blockers], "warnings": [w.name for w in warnings],
+                "windows": facts.windows or None}
+
+
+
+def report(mig: Migration) -> str:
+    """The migration's last assessment as Markdown: the assessment's report, then the network check
+    and the verdict recorded with it (blockers after any override)."""
+    if not mig.assessment or not mig.assessment.get("report"):
+        raise Refused(f"migration {mig.name} has not been assessed", f"ferry migration assess {mig.name}")
+    a = api.convert(mig.assessment["report"], assess.Assessment)
+    out = [assess.report_markdown(a).rstrip(), "", "## Network check", ""]
+    nc = mig.assessment.get("netcheck")
+    out.append(netcheck.summary(api.convert(nc, netcheck.NetCheck)) if nc else "not measured")
+    if mig.override:
+        out.append(f"\nOverridden by the operator: {mig.override}")
+    out += ["", f"## Verdict: {len(mig.blockers)} blocker(s), {len(mig.warnings)} warning(s)", ""]
+    out += [f"- blocker `{b.name}`: {b.message}" + (f" (hint: {b.hint})" if b.hint else "") for b in mig.blockers]
+    out += [f"- warning `{w.name}`: {w.message}" for w in mig.warnings]
+    return "\n".join(out) + "\n"
