@@ -32,6 +32,8 @@ def mig():
             [migrations.web01.source]
             address = "{lab.address('lab1')}"
             identity = "{lab.identity}"
+            [defaults.thresholds]
+            max_jitter_ms = 5                   # a busy 2-core machine schedules the probes late
             [migrations.web01.target]
             host = "lab3"
             datastore = "shared"
@@ -59,6 +61,7 @@ def test_assess_needs_the_source_key_trusted_then_records_facts_network_and_verd
     assert m["state"] == "assessed"
     facts = m["assessment"]["report"]["facts"]
     assert facts["arch"] == platform.machine() and facts["kernel"] == os.uname().release
+    assert m["spec"]["thresholds"]["max_jitter_ms"] == 5 and m["spec"]["thresholds"]["max_latency_ms"] == 2
     nc = m["assessment"]["netcheck"]
     assert nc["lost"] == 0 and nc["latency_ms"] > 0 and nc["bandwidth_mbit"] > 100
     assert nc["target"].startswith("lab3 (") and nc["source"] == f"{src}:22"

@@ -100,6 +100,8 @@ def test_a_good_plan_becomes_planned_migrations_and_applying_it_again_changes_no
     assert web["spec"]["target"] == {"host": "lab1", "datastore": "shared", "network": "default", "cpus": 2,
                                      "memory_mib": 2048, "disks": [20 << 30, 50 << 30]}
     assert web["spec"]["final"] == {"address": "10.231.1.50/24", "gateway": "10.231.1.1", "dns": []}
+    assert web["spec"]["thresholds"] == {"max_loss_pct": 0, "max_latency_ms": 2, "max_jitter_ms": 1,
+                                         "min_bandwidth_mbit": 100}      # the source notes
     assert (web["spec"]["method"], web["spec"]["services"], web["spec"]["sync_interval_s"]) == ("auto", ["nginx", "cron"], 6 * 3600)
     # [defaults] under a migration that says nothing of its target
     assert (db["spec"]["target"]["host"], db["spec"]["target"]["datastore"], db["spec"]["sync_interval_s"]) == \
@@ -128,7 +130,10 @@ HOSTS = "hosts in the built-in lab: lab1, lab2, lab3"
 BAD = {
     "unknown key": (dict(l11='exclude = ["/tmp/*"]'),
                     "wave1.toml:11: migrations.web01.exclude: unknown key (hint: allowed keys here: method, excludes, "
-                    "services, sync_interval, relay, source, target, final)"),
+                    "services, sync_interval, relay, source, target, final, thresholds)"),
+    "negative threshold": (dict(l11="thresholds = { max_latency_ms = -1 }"),
+                           "wave1.toml:11: migrations.web01.thresholds.max_latency_ms: must be 0 or more "
+                           "(hint: for example: max_latency_ms = 2)"),
     "missing wave name": (dict(l2="# no name"),
                           "wave1.toml:1: wave: missing required key 'name' (hint: add: name = \"wave1\")"),
     "source without address": (dict(l14="# no address"),

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..config import ConfigProblem
 from ..errors import Refused
+from .netcheck import NetThresholds
 
 
 class Method(StrEnum):
@@ -123,6 +124,7 @@ class MigrationSpec:
     sync_interval_s: int = 0            # 0: on demand only
     relay: bool = False                 # Ferry carries the data (source and target cannot reach each other)
     final: FinalNetwork = FinalNetwork()
+    thresholds: NetThresholds = NetThresholds()     # the network check's bars
 
 
 @dataclass(frozen=True)

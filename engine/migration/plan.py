@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..config import Checker, ConfigProblem, SiteConfig, read_toml
 from ..errors import ConfigError, PermanentError
 from ..vm.model import parse_size
+from .netcheck import NetThresholds
 from .model import (FinalNetwork, Method, MigrationSpec, MigrationState, PlanApplied, PlanCheck, SourceSpec,
                     TargetSpec, SPEC_CHANGE)
 
@@ -34,12 +35,15 @@ WAVE_KEYS = {"name": '"wave1"', "description": '"web tier"'}
 MIGRATION_KEYS = {"method": '"auto"', "excludes": '["/tmp/*"]', "services": '["nginx"]', "sync_interval": '"6h"',
                   "relay": "false", "source": '{ address = "10.231.1.50" }',
                   "target": '{ host = "lab1", datastore = "shared", network = "lab" }',
-                  "final": '{ address = "10.231.1.50/24", gateway = "10.231.1.1" }'}
+                  "final": '{ address = "10.231.1.50/24", gateway = "10.231.1.1" }',
+                  "thresholds": '{ max_latency_ms = 2, min_bandwidth_mbit = 100 }'}
 SOURCE_KEYS = {"address": '"10.231.1.50"', "port": "22", "user": '"root"', "identity": '"/root/.ssh/id_ed25519"'}
 TARGET_KEYS = {"host": '"lab1"', "datastore": '"shared"', "network": '"lab"', "cpus": "2", "memory": '"2G"',
                "disks": '["20G", "50G"]'}
 FINAL_KEYS = {"address": '"10.231.1.50/24"', "gateway": '"10.231.1.1"', "dns": '["10.231.1.1"]'}
-SECTIONS = {"source": SOURCE_KEYS, "target": TARGET_KEYS, "final": FINAL_KEYS}
+# The network check's bars (E3; the source notes' by default: no loss, < 2 ms, > 100 Mbit/s)
+THRESHOLD_KEYS = {"max_loss_pct": "0", "max_latency_ms": "2", "max_jitter_ms": "1", "min_bandwidth_mbit": "100"}
+SECTIONS = {"source": SOURCE_KEYS, "target": TARGET_KEYS, "final": FINAL_KEYS, "thresholds": THRESHOLD_KEYS}
 
 _INTERVAL_RE = re.compile(r"(\d+)([smhd])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -144,6 +148,10 @@ def _nonempty(v: str) -> str | None:
     return None if v.strip() else "must not be empty"
 
 
+def _not_negative(v: float) -> str | None:
+    return "must be 0 or more" if v < 0 else None
+
+
 def _port(v: int) -> str | None:
     return None if 1 <= v <= 65535 else f"must be a port number from 1 to 65535, got {v}"
 
@@ -244,6 +252,9 @@ class _Plan:
             self.c.problem(path + ("gateway",), f"{gateway} is not in {ipaddress.ip_interface(final_address).network}",
                            "a gateway the target reaches on its own network")
 
+        limits = {k: g(mig, mpath, "thresholds", k, (int, float), None, _not_negative) for k in THRESHOLD_KEYS}
+        thresholds = NetThresholds(**{k: float(v) for k, v in limits.items() if v is not None})
+
         if len(self.c.problems) > before or not (has_address and has_host and has_ds) or not network:
             return None
         return MigrationSpec(
@@ -253,7 +264,7 @@ class _Plan:
                               tuple(parse_size(d) for d in disks)),
             method=Method(method), excludes=tuple(excludes), services=tuple(services),
             sync_interval_s=parse_interval(interval), relay=relay,
-            final=FinalNetwork(final_address, gateway, tuple(dns)))
+            final=FinalNetwork(final_address, gateway, tuple(dns)), thresholds=thresholds)
 
     def placement(self, mig: dict, mpath: tuple[str, ...], host: str | None, datastore: str | None,
                   network: str | None) -> str | None:

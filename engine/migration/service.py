@@ -87,7 +87,8 @@ class AssessMigration(TaskKind):
                 address, _ = migration_address(h.spec)
                 ctx.progress(item=f"network check: {src.address} -> {h.name} ({address})", units_done=1)
                 try:
-                    nc = await netcheck.measure(t, src.address, src.port, h.t, h.name, address)
+                    nc = await netcheck.measure(t, src.address, src.port, h.t, h.name, address,
+                                                thresholds=mig.spec.thresholds)
                 except FerryError as e:
                     netfail = Finding("netcheck_failed", f"the network check could not run: {e.message}", e.hint)
         finally:
