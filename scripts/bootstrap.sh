@@ -14,9 +14,11 @@ shift || true
 # namespaces (util-linux), and loads the zsh completion in zsh: without them those tests skip,
 # and the run says so at its end. The network lab (network namespaces) fences itself off with
 # nftables (nft) and uses iproute2 (ip); it hands out addresses on its VM network with dnsmasq
-# (dnsmasq-base: the program only, no system service).
+# (dnsmasq-base: the program only, no system service). The migration tests' source server is a
+# Debian system the harness builds from Debian packages with mmdebstrap.
 PKGS=(openssh-server openssh-client qemu-system-x86 qemu-utils rsync tmux python3-venv
-      ca-certificates xz-utils cpio e2fsprogs mount util-linux zsh nftables iproute2 dnsmasq-base)
+      ca-certificates xz-utils cpio e2fsprogs mount util-linux zsh nftables iproute2 dnsmasq-base
+      mmdebstrap)
 # Map each package to a file that proves it is installed.
 declare -A PROOF=(
   [openssh-server]=/usr/sbin/sshd [openssh-client]=/usr/bin/ssh
@@ -24,6 +26,7 @@ declare -A PROOF=(
   [rsync]=/usr/bin/rsync [tmux]=/usr/bin/tmux [nftables]=/usr/sbin/nft [iproute2]=/usr/sbin/ip [dnsmasq-base]=/usr/sbin/dnsmasq [python3-venv]=
   [ca-certificates]=/etc/ssl/certs [xz-utils]=/usr/bin/xz [cpio]=/usr/bin/cpio
   [e2fsprogs]=/sbin/mkfs.ext4 [mount]=/sbin/losetup [util-linux]=/usr/bin/unshare [zsh]=/usr/bin/zsh
+  [mmdebstrap]=/usr/bin/mmdebstrap
 )
 missing=()
 for p in "${PKGS[@]}"; do
