@@ -72,6 +72,10 @@ CATALOGUE: tuple[Action, ...] = (
            palette="View: Audit", cli="audit", cli_help="the audit log: who did what, when, with what result"),
     Action("view('events')", "view.events", "5", "Events",
            "Events: what this console heard from the engine this session", "app", palette="View: Events"),
+    Action("view('migrations')", "view.migrations", "6", "Migrations",
+           "Migrations: every server migration with its state, round, last sync and network check", "app",
+           palette="View: Migrations", cli="migration list",
+           cli_help="the migrations with their state, round and last sync"),
     Action("refresh", "refresh", "ctrl+r", "Refresh", "Ask every host again and re-read the task list", "app"),
     Action("quit", "quit", "q", "Quit",
            "Quit the console (tasks go on in the engine; asks first while some are active)", "app", show=True),
@@ -161,6 +165,25 @@ CATALOGUE: tuple[Action, ...] = (
     Action("hide_finished", "tasks.finished", "f", "Hide done",
            "Hide or show the tasks that succeeded or were cancelled (failed ones stay)", "tasks",
            palette="Hide or show the finished tasks"),
+    # ------------------------------------------------------------------ the Migrations view
+    Action("assess", "migrations.assess", "a", "Assess",
+           "Assess the selected migration: the source's facts over SSH, the network check, findings and a "
+           "recommendation (a task)", "migrations", show=True, changes=True, palette="Assess the selected migration",
+           cli="migration assess",
+           cli_help="collect the facts of the source over SSH, check the network, judge and recommend"),
+    Action("report", "migrations.report", "R", "Report",
+           "The selected migration's assessment report, full screen (esc goes back)", "migrations", show=True,
+           palette="Assessment report of the selected migration", cli="migration report",
+           cli_help="the assessment report as Markdown (--out FILE.md) or JSON"),
+    Action("override", "migrations.override", "n", "Override net",
+           "Go on despite a failed network check of the selected migration: asks for the reason (audited)",
+           "migrations", show=True, changes=True, palette="Override the network check of the selected migration…",
+           cli="migration netcheck --override", cli_help="why the migration may go on below the thresholds"),
+    Action("filter", "migrations.filter", "slash", "Filter",
+           "Filter the migrations: a part of a name, a wave, a state or a host (esc clears it)", "migrations",
+           show=True, palette="Filter the migrations"),
+    Action("refresh_now", "migrations.refresh", "f", "Now", "Ask for the migrations now", "migrations",
+           palette="Ask for the migrations now"),
     # ------------------------------------------------------------------ every table
     Action("cursor_down", "table.down", "j", "Down", "The next row", "table", palette=None),
     Action("cursor_up", "table.up", "k", "Up", "The previous row", "table", palette=None),
@@ -183,6 +206,9 @@ CATALOGUE: tuple[Action, ...] = (
     Action("copy_log", "log.copy", "y", "Copy log", "Copy the whole log to the clipboard (OSC 52)", "log", show=True,
            palette=None),
     Action("copy_error", "log.error", "e", "Copy error", "Copy the task's error and hint", "log", show=True,
+           palette=None),
+    # ------------------------------------------------------------------ a full-screen report
+    Action("close", "report.back", "escape,q", "Back", "Back to the Migrations view", "report", show=True,
            palette=None),
 )
 

@@ -1,7 +1,7 @@
 """The Ferry console: a Textual app that reaches the engine only through EngineClient.
 
-Views (inventory, VMs, tasks, audit, events) sit in a content switcher under a one-line header; `:`
-jumps to a view by name, `?` shows the keys of the view, `esc` goes back, ctrl+p holds every action.
+Views (inventory, VMs, tasks, audit, events, migrations) sit in a content switcher under a one-line
+header; `:` jumps to a view by name, `?` shows the keys of the view, `esc` goes back, ctrl+p holds every action.
 Keys are remapped from config.toml's [console.keys]; read-only mode (--readonly, or [console]
 readonly = true) removes every action that changes something (console/keys.py). A production site
 shows its frame and label whatever the theme (console/framed.py).
@@ -44,20 +44,23 @@ from ferry.console.dialogs.modals import ConfirmScreen, HelpScreen, esc
 from ferry.console.styles import CSS as FERRY_CSS
 from ferry.console.views.tasks import ALLOWED, TasksView
 from ferry.console.theming import DEFAULT_THEME, PRODUCTION_THEME, load_themes, theme_dirs, variable_defaults
+from ferry.console.views.migrations import MigrationsView
 from ferry.console.views.vms import VMsView
 
 log = logging.getLogger("ferry.console")
 HEAP_FREEZE_AT = 2000     # records, nodes or rows built at once: see FerryApp.heap_grew
 
-VIEWS = ("inventory", "tasks", "vms", "audit", "events")
+VIEWS = ("inventory", "tasks", "vms", "audit", "events", "migrations")
 VIEW_NAMES = {
     "inventory": "inventory", "inv": "inventory", "in": "inventory", "i": "inventory",
     "hosts": "inventory", "host": "inventory", "ho": "inventory", "clusters": "inventory",
     "vms": "vms", "vm": "vms", "v": "vms", "templates": "vms", "template": "vms",
     "tasks": "tasks", "task": "tasks", "tk": "tasks", "t": "tasks", "jobs": "tasks",
     "audit": "audit", "au": "audit", "events": "events", "ev": "events", "event": "events",
+    "migrations": "migrations", "migration": "migrations", "mig": "migrations", "mi": "migrations",
 }
-LINE_COMMANDS = ("inventory", "inv", "hosts", "vms", "tasks", "audit", "events", "theme ", "help", "refresh", "quit")
+LINE_COMMANDS = ("inventory", "inv", "hosts", "vms", "tasks", "audit", "events", "migrations", "theme ", "help",
+                 "refresh", "quit")
 DEFAULT_PROBE = {"pings": 20, "size_mib": 64}
 
 
@@ -149,7 +152,9 @@ class FerryApp(App[int]):
             yield VMsView(self.client, clock=self.clock, poll=self.poll)
             yield AuditView(self.client)
             yield EventsView(self.feed)
-        yield CommandLine(placeholder="inventory · vms · tasks · audit · events · theme NAME · help · quit   (esc closes)",
+            yield MigrationsView(self.client, poll=self.poll)
+        yield CommandLine(placeholder="inventory · vms · tasks · audit · events · migrations · theme NAME · help · quit"
+                                      "   (esc closes)",
                           suggester=SuggestFromList(LINE_COMMANDS, case_sensitive=False), id="cmdline")
         yield FerryFooter()
 
@@ -202,9 +207,11 @@ class FerryApp(App[int]):
     def binding_ids(self) -> set[str]:
         """Every action id the keymap may name."""
         from ferry.console.dialogs.log import TaskLogScreen
+        from ferry.console.dialogs.report import ReportScreen
         from ferry.console.widgets.table import KeyedTable, TableFilter
         return opkeys.binding_ids([type(self), CommandLine, InventoryView, TasksView, VMsView, AuditView, EventsView,
-                                   KeyedTable, TableFilter, TaskLogScreen, ConfirmScreen, HelpScreen])
+                                   MigrationsView, KeyedTable, TableFilter, TaskLogScreen, ReportScreen, ConfirmScreen,
+                                   HelpScreen])
 
     async def _load_settings(self) -> None:
         if not self.explicit_theme:
@@ -241,6 +248,10 @@ class FerryApp(App[int]):
     @property
     def events_view(self) -> EventsView:
         return self.query_one(EventsView)
+
+    @property
+    def migrations_view(self) -> MigrationsView:
+        return self.query_one(MigrationsView)
 
     def view_widget(self, name: str | None = None) -> Any:
         """The view named `name` (default: the one shown)."""
@@ -306,6 +317,7 @@ class FerryApp(App[int]):
             self.inventory.tasks_changed(self.feed.tasks)
             self.vms_view.tasks_changed(self.feed.tasks)
             self.events_view.feed_changed()
+            self.migrations_view.tasks_changed(self.feed.tasks)
         except NoMatches:   # the app is closing
             pass
 
@@ -365,8 +377,8 @@ class FerryApp(App[int]):
             self.run_worker(partial(self.action_quit), group="quit")
         else:
             self.notify(f"unknown command {esc(text)!r}", title="Command", severity="error")
-            self.notify("views: :inventory (:inv, :hosts), :vms, :tasks, :audit, :events; also :theme NAME, :help, "
-                        ":refresh, :quit",
+            self.notify("views: :inventory (:inv, :hosts), :vms, :tasks, :audit, :events, :migrations; also :theme NAME, "
+                        ":help, :refresh, :quit",
                         title="Hint", severity="information")
 
     # ------------------------------------------------------------------ help, refresh, quit
@@ -413,6 +425,7 @@ class FerryApp(App[int]):
             ("Command line (:)", [(":inventory :inv :hosts", "Inventory", ""), (":vms :vm :templates", "VMs", ""),
                                   (":tasks :tk", "Tasks", ""), (":audit", "Who did what (the audit log)", ""),
                                   (":events", "What this console heard from the engine this session", ""),
+                                  (":migrations :mig", "Server migrations", ""),
                                   (":theme NAME", "Switch theme (remembered): " + ", ".join(self.theme_names()), ""),
                                   (":help :refresh :quit", "", "")]),
         ]
@@ -507,6 +520,7 @@ class FerryApp(App[int]):
             self.vms_view.restyle()
             self.audit_view.restyle()
             self.events_view.restyle()
+            self.migrations_view.restyle()
         except Exception:   # the views may be gone while the app closes
             pass
 

@@ -14,7 +14,7 @@ from ferry.engine.errors import ConfigError, Refused
 from ferry.engine.textsafe import line as safe
 from ferry.engine.workspace import Workspace
 
-from ferry.console.cli import EXIT_CONFIG, EXIT_OK, _ask, _table
+from ferry.console.cli import EXIT_CONFIG, EXIT_OK, _ask, _table, cli_help
 
 MIGRATION_COLUMNS = ["NAME", "WAVE", "STATE", "ROUND", "LAST-SYNC", "SOURCE", "TARGET", "METHOD"]
 
@@ -218,7 +218,7 @@ def add_parsers(sub) -> None:
 
     s = sub.add_parser("migration", help="server migrations: list, show, assess, netcheck, report, trust")
     ms = s.add_subparsers(dest="migration_command", metavar="ACTION", required=True)
-    m = ms.add_parser("list", help="the migrations with their state, round and last sync")
+    m = ms.add_parser("list", help=cli_help("migration list"))
     m.add_argument("--wave", help="only this wave's")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_migration_list)
@@ -226,16 +226,16 @@ def add_parsers(sub) -> None:
     m.add_argument("name")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_migration_show)
-    m = ms.add_parser("assess", help="collect the source's facts over SSH, check the network, judge and recommend")
+    m = ms.add_parser("assess", help=cli_help("migration assess"))
     m.add_argument("name")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_migration_assess)
     m = ms.add_parser("netcheck", help="the last network check; --override REASON goes on despite it (audited)")
     m.add_argument("name")
-    m.add_argument("--override", metavar="REASON", help="why the migration may go on below the thresholds")
+    m.add_argument("--override", metavar="REASON", help=cli_help("migration netcheck --override"))
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_migration_netcheck)
-    m = ms.add_parser("report", help="the assessment report as Markdown (--out FILE.md) or JSON")
+    m = ms.add_parser("report", help=cli_help("migration report"))
     m.add_argument("name")
     m.add_argument("--out", metavar="FILE", help="write the Markdown report to FILE")
     m.add_argument("--json", action="store_true")
