@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .config import ConfigProblem, SiteConfig
     from .gc import Leftover
     from .hostfacts import DatastoreUsage, HostFacts
+    from .migration.netcheck import NetCheck, NetThresholds
     from .migration.model import (FinalNetwork, Finding, Method, Migration, MigrationSpec, MigrationState,
                                   PlanApplied, PlanCheck, SourceSpec, TargetSpec)
     from .platform.labops import LabDhcp, LabHost, LabStatus
@@ -49,6 +50,7 @@ _LAZY = {
     "LabDhcp": ".platform.labops", "LabHost": ".platform.labops", "LabStatus": ".platform.labops",
     **dict.fromkeys(("FinalNetwork", "Finding", "Method", "Migration", "MigrationSpec", "MigrationState",
                      "PlanApplied", "PlanCheck", "SourceSpec", "TargetSpec"), ".migration.model"),
+    "NetCheck": ".migration.netcheck", "NetThresholds": ".migration.netcheck",
 }
 
 
@@ -70,7 +72,7 @@ __all__ = ["AuditEntry", "DatastoreUsage", "EngineStatus", "HostFacts", "HostKey
            "ReconcileReport", "OrphanProcess", "MissingVM", "UnreachableHost", "TimeSync", "CPUHotAdd",
            "VMActionCheck", "Refusal", "LabDhcp", "LabHost", "LabStatus", "ConfigProblem", "FinalNetwork", "Finding",
            "Method", "Migration", "MigrationSpec", "MigrationState", "PlanApplied", "PlanCheck", "SourceSpec",
-           "TargetSpec", "FINAL_STATES", "encode", "decode", "to_builtins", "convert", "dumps", "dumps_as",
+           "TargetSpec", "NetCheck", "NetThresholds", "FINAL_STATES", "encode", "decode", "to_builtins", "convert", "dumps", "dumps_as",
            "VERSION", "PROTOCOL"]
 
 PROTOCOL = 3     # the wire protocol's version; raised whenever a frame's shape changes (2: serial frames, 3: --json answers)

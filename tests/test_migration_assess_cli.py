@@ -50,7 +50,7 @@ def test_assess_needs_the_source_key_trusted_then_records_facts_network_and_verd
     kh = ws / "known_hosts"
     kh.write_text("".join(l for l in kh.read_text().splitlines(keepends=True) if not l.startswith(src + " ")))
     r = ferry(ws, "migration", "assess", "web01")
-    assert r.code != 0 and "host key" in r.err.lower(), r.err
+    assert r.code != 0 and "host key" in r.err.lower() and "ferry migration trust web01" in r.err, r.err
     assert ok(ws, "migration", "show", "web01")["state"] == "planned"
     r = ferry(ws, "migration", "trust", "web01", "--yes")
     assert r.code == 0 and "trusted: recorded in" in r.out, r.err

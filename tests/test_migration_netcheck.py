@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ferry.engine.config import HostSpec
-from ferry.engine.migration.netcheck import NetThresholds, measure, summary
+from ferry.engine.migration.netcheck import NetThresholds, measure
 from ferry.engine.platform.netlab import NetLab
 from ferry.engine.transport.ssh import SshTransport
 from harness.netlab import random_subnet
@@ -49,7 +49,7 @@ async def test_between_two_lab_hosts_latency_loss_and_throughput_are_measured_an
         assert (nc.probes, nc.lost) == (10, 0)
         assert 0 < nc.latency_ms < 50 and nc.jitter_ms is not None
         assert nc.bandwidth_mbit > 100 and nc.stream_s > 0          # veths: far above 100 Mbit/s
-        assert nc.passed and summary(nc).endswith(": passed"), summary(nc)
+        assert nc.passed and nc.line.endswith(": passed"), nc.line
         # the same path against a bar it cannot reach: blocked, the figure named
         strict = await measure(src, lab.address("lab1"), 22, dst, "lab3", lab.address("lab3"), probes=3,
                                stream_bytes=4 << 20, thresholds=NetThresholds(max_latency_ms=50, max_jitter_ms=50,
@@ -72,7 +72,7 @@ async def test_a_source_that_does_not_answer_loses_every_probe_and_is_blocked(la
         assert nc.lost == 3 and nc.latency_ms is None and nc.bandwidth_mbit is None
         assert not nc.passed
         assert any(p.startswith("loss 100% (3 of 3 probes unanswered)") for p in nc.problems), nc.problems
-        assert "throughput not measured" in summary(nc)
+        assert "throughput not measured" in nc.line
     finally:
         await src.close()
         await dst.close()

@@ -166,8 +166,7 @@ def cmd_migration_netcheck(args, ws: Workspace) -> int:
         if not nc:
             print(f"{m.name}: no network check yet: ferry migration assess {m.name} measures it")
             return EXIT_OK
-        from ferry.engine.migration.netcheck import NetCheck, summary
-        print(safe(summary(api.convert(nc, NetCheck)) + (f" (overridden: {m.override})" if m.override else "")))
+        print(safe(api.convert(nc, api.NetCheck).line + (f" (overridden: {m.override})" if m.override else "")))
         return EXIT_OK
     return _ask(ws, go)
 

@@ -65,6 +65,15 @@ class NetCheck:
     def passed(self) -> bool:
         return not self.problems
 
+    @property
+    def line(self) -> str:
+        """One line: the figures, and passed or the problems."""
+        figs = (f"latency {self.latency_ms:.2f} ms" if self.latency_ms is not None else "latency -") + \
+            (f", jitter {self.jitter_ms:.2f} ms" if self.jitter_ms is not None else "") + \
+            f", loss {self.loss_pct:.0f}%" + \
+            (f", {self.bandwidth_mbit:.0f} Mbit/s" if self.bandwidth_mbit is not None else "")
+        return f"{self.source} -> {self.target}: {figs}: " + ("passed" if self.passed else "; ".join(self.problems))
+
 
 # Run on the target host: PROBES timed TCP connects to the source; JSON on stdout.
 _PROBE = """
@@ -195,13 +204,4 @@ async def _line(reader) -> str:
             break
         buf += more
     return buf.decode(errors="replace")
-
-
-def summary(nc: NetCheck) -> str:
-    """One line: the figures, and passed or the problems."""
-    figs = (f"latency {nc.latency_ms:.2f} ms" if nc.latency_ms is not None else "latency -") + \
-        (f", jitter {nc.jitter_ms:.2f} ms" if nc.jitter_ms is not None else "") + \
-        f", loss {nc.loss_pct:.0f}%" + \
-        (f", {nc.bandwidth_mbit:.0f} Mbit/s" if nc.bandwidth_mbit is not None else "")
-    return f"{nc.source} -> {nc.target}: {figs}: " + ("passed" if nc.passed else "; ".join(nc.problems))
 

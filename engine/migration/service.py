@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import api
 from ..config import HostSpec
-from ..errors import FerryError, PermanentError, Refused
+from ..errors import FerryError, HostKeyError, PermanentError, Refused, TransientError
 from ..hostfacts import migration_address
 from ..tasks import TaskContext, TaskKind, register
 from . import assess, netcheck
@@ -79,7 +79,18 @@ class AssessMigration(TaskKind):
         ctx.progress(item=f"collecting the facts of {src.target}", units_done=0, units_total=3)
         t = source_transport(svc.pool, mig)
         try:
-            facts = await assess.collect(t)
+            try:
+                facts = await assess.collect(t)
+            except HostKeyError as e:
+                raise HostKeyError(f"the source of {mig.name}: {e.message}",
+                                   f"check the fingerprint on the source, then: ferry migration trust {mig.name}",
+                                   host=e.host, fingerprint=e.fingerprint, changed=e.changed) from None
+            except FerryError as e:
+                # said of the source and its plan, not of a host of config.toml
+                cls = TransientError if isinstance(e, TransientError) else PermanentError
+                raise cls(f"the source of {mig.name} ({src.target}) cannot be assessed: {e.message}",
+                          f"check [migrations.{mig.name}.source] in the plan (address, port, user, identity) "
+                          "and that sshd answers there") from None
             nc: netcheck.NetCheck | None = None
             netfail: Finding | None = None
             if not facts.windows:
@@ -100,7 +111,7 @@ class AssessMigration(TaskKind):
         blockers = [Finding(f.name, f.message, f.hint) for f in a.blockers]
         warnings = [Finding(f.name, f.message, f.hint) for f in a.warnings]
         if nc is not None and not nc.passed:
-            net = Finding("network", netcheck.summary(nc),
+            net = Finding("network", nc.line,
                           f"fix the path, or go on anyway: ferry migration netcheck {mig.name} --override REASON")
             if mig.override:
                 warnings.append(Finding("network", f"{net.message} (overridden: {mig.override})", ""))
@@ -118,12 +129,12 @@ class AssessMigration(TaskKind):
         if rec:
             ctx.log(f"recommended: {rec.reason}")
         if nc:
-            ctx.log(f"network: {netcheck.summary(nc)}")
+            ctx.log(f"network: {nc.line}")
         for b in blockers:
             ctx.log(f"blocker {b.name}: {b.message}", "warning")
         ctx.progress(item="assessed", units_done=3)
         return {"migration": mig.name, "method": str(rec.method) if rec else None, "reason": rec.reason if rec else None,
-                "estimate_s": a.estimate.seconds if a.estimate else None, "network": netcheck.summary(nc) if nc else None,
+                "estimate_s": a.estimate.seconds if a.estimate else None, "network": nc.line if nc else None,
                 "blockers": [b.name for b in blockers], "warnings": [w.name for w in warnings],
                 "windows": facts.windows or None}
 
@@ -137,7 +148,7 @@ def report(mig: Migration) -> str:
     a = api.convert(mig.assessment["report"], assess.Assessment)
     out = [assess.report_markdown(a).rstrip(), "", "## Network check", ""]
     nc = mig.assessment.get("netcheck")
-    out.append(netcheck.summary(api.convert(nc, netcheck.NetCheck)) if nc else "not measured")
+    out.append(api.convert(nc, netcheck.NetCheck).line if nc else "not measured")
     if mig.override:
         out.append(f"\nOverridden by the operator: {mig.override}")
     out += ["", f"## Verdict: {len(mig.blockers)} blocker(s), {len(mig.warnings)} warning(s)", ""]
