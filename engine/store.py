@@ -165,6 +165,11 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX migrations_wave ON migrations(wave, name);
     """,
+    # v7: a migration's prepared target (JSON: the VM, the receiver's address and pinned host key,
+    # the disks and partitions), set with the state target_prepared.
+    """
+    ALTER TABLE migrations ADD COLUMN target TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -793,6 +798,50 @@ class Store:
         return self._tx(tx)
 
 
+    def migration_prepared(self, name: str, target: dict, *, ready: str, prepared: str,
+                           actor: str | None = None) -> dict:
+        """The target of a migration made and running as receiver: `target` recorded and the state
+        `prepared`, in one transaction with the look at the migration (state `ready`, no blockers:
+        Refused otherwise), audited. The same VM recorded already (a resumed task): left as it is."""
+        def tx(db: sqlite3.Connection) -> dict:
+            r = db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone()
+            if r is None:
+                raise PermanentError(f"no migration named {name!r}", "ferry migration list shows them")
+            row = _migration_row(r)
+            if row["state"] == prepared and (row["target"] or {}).get("vm_id") == target["vm_id"]:
+                return row
+            if row["state"] != ready:
+                raise Refused(f"migration {name} is {row['state']}: its target is prepared once it is {ready}",
+                              f"ferry migration show {name}")
+            if row["blockers"]:
+                raise Refused(f"migration {name} has blockers: {', '.join(b['name'] for b in row['blockers'])}",
+                              f"ferry migration report {name} says why")
+            db.execute("UPDATE migrations SET state=?, target=?, updated=? WHERE name=?",
+                       (prepared, _dumps(target), time.time(), name))
+            _audit(db, f"migration.{prepared}", name, {
+                "from": row["state"], "vm": target["vm"], "host": target["host"], "address": target["address"],
+                "fingerprint": target["fingerprint"], "task": target.get("task")}, "ok", actor)
+            return _migration_row(db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone())
+        return self._tx(tx)
+
+    def migration_unprepared(self, name: str, vm_id: str, *, back: str, prepared: str,
+                             actor: str | None = None) -> dict | None:
+        """Undo migration_prepared when the target recorded is the VM `vm_id` (its task rolled back):
+        the target cleared and the state `back`, audited. None when there is nothing to undo."""
+        def tx(db: sqlite3.Connection) -> dict | None:
+            r = db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone()
+            if r is None:
+                return None
+            row = _migration_row(r)
+            if row["state"] != prepared or (row["target"] or {}).get("vm_id") != vm_id:
+                return None
+            db.execute("UPDATE migrations SET state=?, target=NULL, updated=? WHERE name=?", (back, time.time(), name))
+            _audit(db, f"migration.{back}", name, {"from": prepared, "why": "its target was rolled back",
+                                                   "vm": row["target"]["vm"]}, "ok", actor)
+            return _migration_row(db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone())
+        return self._tx(tx)
+
+
 def _audit(db: sqlite3.Connection, action: str, target: str, params: dict | None, result: str,
            actor: str | None = None) -> None:
     db.execute("INSERT INTO audit(ts, actor, action, target, params, result) VALUES(?,?,?,?,?,?)",
@@ -801,7 +850,7 @@ def _audit(db: sqlite3.Connection, action: str, target: str, params: dict | None
 
 def _migration_row(r: sqlite3.Row) -> dict:
     d = dict(r)
-    for k in ("spec", "assessment", "blockers", "warnings"):
+    for k in ("spec", "assessment", "blockers", "warnings", "target"):
         d[k] = _loads(d[k])
     return d
 

@@ -136,6 +136,48 @@ class Finding:
 
 
 @dataclass(frozen=True)
+class TargetDisk:
+    """A disk of the target VM, as the receiver sees it."""
+    name: str                           # disk0, as the VM's record names it
+    device: str                         # /dev/vda in the receiver
+    size: int                           # bytes
+    source: str | None = None           # block-level: the source's disk it mirrors (sda)
+
+
+@dataclass(frozen=True)
+class TargetPartition:
+    """File-level: the one partition of a target disk, made and formatted on the receiver."""
+    disk: str                           # disk0
+    device: str                         # /dev/vda1 in the receiver
+    size: int
+    fstype: str
+    label: str
+    uuid: str
+    source: str | None = None           # the source's mount point whose files it takes (None: none)
+
+
+@dataclass(frozen=True)
+class PreparedTarget:
+    """The target VM of a migration, made and running the live image as receiver (E7): where it is,
+    the temporary address it answers SSH on, and its host key, pinned (it came over the serial console,
+    a channel its host owns)."""
+    vm: str
+    vm_id: str
+    host: str
+    method: Method                      # file or block: what the disks were prepared for
+    address: str                        # the receiver's temporary address
+    prefix: int | None
+    ssh_port: int
+    host_key: str                       # "ssh-ed25519 AAAA..."
+    fingerprint: str                    # SHA256:...
+    disks: tuple[TargetDisk, ...] = ()
+    partitions: tuple[TargetPartition, ...] = ()
+    merged: tuple[str, ...] = ()        # file-level: source mount points copied into the first partition's tree
+    task: int | None = None
+    prepared_at: float = 0.0
+
+
+@dataclass(frozen=True)
 class Migration:
     """A migration as stored: its spec and where it stands."""
     name: str
@@ -150,6 +192,7 @@ class Migration:
     override: str | None = None         # the operator's reason to go on despite a failed network check
     blockers: tuple[Finding, ...] = ()
     warnings: tuple[Finding, ...] = ()
+    target: PreparedTarget | None = None    # set once the target is prepared
 
 
 @dataclass(frozen=True)
