@@ -7,7 +7,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable
+from typing import Callable, Mapping
 
 from ..config import DatastoreSpec, HostSpec, SiteConfig
 from ..errors import CommandError, Refused
@@ -177,10 +177,13 @@ class HostOps:
                 await self.run(["mv", "-f", tmp, remote], what="mv")
         return LiveImage(Path(kernel), Path(initrd), image.version, image.kernel_release, image.size, image.packages)
 
-    def argv(self, vm: VMSpec, image: LiveImage, accel: str, *, incoming: str | None = None) -> list[str]:
-        """The QEMU command line of a VM: the same for a spec, so a hibernated state file fits it."""
+    def argv(self, vm: VMSpec, image: LiveImage, accel: str, *, incoming: str | None = None,
+             live: tuple[LiveRole, Mapping[str, object]] | None = None) -> list[str]:
+        """The QEMU command line of a VM: the same for a spec, so a hibernated state file fits it.
+        `live`: the live image's role and its parameters, whatever the boot order says (a migration's
+        target boots as receiver)."""
         role, params = LiveRole.IDLE, {"hostname": vm.name}
-        for entry in vm.boot:
+        for entry in () if live else vm.boot:
             if entry == "disk" and vm.disks:
                 # The live image's kernel boots the root filesystem of the first disk; with none
                 # there, the guest falls back to the live system (and its agent) in a few seconds.
@@ -189,6 +192,8 @@ class HostOps:
                 break
             if entry == "live":
                 break
+        if live:
+            role, params = live[0], {**params, **live[1]}
         disks = [LiveDisk(d.path, "qcow2", d.bus) for d in vm.disks]
         nics = [LiveNic(mac=p.mac, tap=p.tap) for p in self.nics(vm)]
         return live_boot_argv(image, paths=self.paths(vm), role=role, accel=accel, memory_mb=vm.memory_mb,

@@ -129,8 +129,10 @@ async def boot(ctx: TaskContext, vm: VMSpec, *, incoming: str | None = None, wai
     return out
 
 
-async def launch_qemu(ctx: TaskContext, vm: VMSpec, *, incoming: str | None = None) -> dict[str, Any]:
-    """Starts the VM's QEMU as a daemon of its host, its taps on their bridges: {vm, host, pid, accel}."""
+async def launch_qemu(ctx: TaskContext, vm: VMSpec, *, incoming: str | None = None,
+                      live: tuple[Any, dict] | None = None) -> dict[str, Any]:
+    """Starts the VM's QEMU as a daemon of its host, its taps on their bridges: {vm, host, pid, accel}.
+    `live`: the live image's role and parameters (HostOps.argv), whatever the VM's boot order says."""
     svc = VMService.of(ctx.engine)
     h = svc.host(vm.host)
     ctx.progress(item="live image", units_done=0, units_total=3)
@@ -141,7 +143,7 @@ async def launch_qemu(ctx: TaskContext, vm: VMSpec, *, incoming: str | None = No
     await disks_present(h, vm)
     nics = h.nics(vm)
     await h.ensure_bridges(nics)
-    argv = h.argv(vm, image, accel, incoming=incoming)
+    argv = h.argv(vm, image, accel, incoming=incoming, live=live)
     ctx.progress(item=f"starting QEMU on {h.name} ({accel})", units_done=1)
     pid = await launch(h.t, argv, h.paths(vm))
     ctx.log(f"QEMU of {vm.name} runs on {h.name} as pid {pid} ({accel})")
