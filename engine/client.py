@@ -16,6 +16,7 @@ from . import probe as _probe  # noqa: F401  (registers the probe task kind)
 from .replicate import task as _replicate  # noqa: F401  (registers replicate.files / replicate.blocks)
 from .vm import kinds as _vm_kinds  # noqa: F401  (registers vm.*)
 from .migration import service as _migration_kinds  # noqa: F401  (registers migration.*)
+from .migration import prepare as _migration_prepare  # noqa: F401  (registers migration.prepare)
 from .vm.model import AgentReport, CPUHotAdd, ReconcileReport, TimeSync, VMSpec, VMView
 from .vm.prechecks import VMActionCheck, precheck, refused
 from .vm.service import VMService

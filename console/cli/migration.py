@@ -202,6 +202,29 @@ def cmd_migration_report(args, ws: Workspace) -> int:
     return _ask(ws, go)
 
 
+def cmd_migration_prepare(args, ws: Workspace) -> int:
+    from ferry.console.cli.vm import _run_task
+
+    def describe(info) -> str:
+        r = info.result or {}
+        parts = [f"{r.get('migration')}: target {r.get('vm')} runs on {r.get('host')} as receiver at "
+                 f"{r.get('address')} (SSH host key {r.get('fingerprint')}, pinned)"]
+        if r.get("method") == "block":
+            parts.append(f"block-level: {len(r.get('disks', []))} disk(s) mapped 1:1 to the source's, left raw")
+        else:
+            parts += [f"{p['device']} ext4 {fmt.size(p['size'])} label {p['label']}"
+                      + (f" for {p['source']}" if p.get("source") else "") for p in r.get("partitions", [])]
+            if r.get("merged"):
+                parts.append(f"{', '.join(r['merged'])} copied into the first partition")
+        return safe("; ".join(parts))
+    params = {"migration": args.name}
+    if args.address:
+        params["address"] = args.address
+    if args.gateway:
+        params["gateway"] = args.gateway
+    return _run_task(ws, "migration.prepare", params, args.json, describe)
+
+
 def add_parsers(sub) -> None:
     s = sub.add_parser("plan", help="migration plans: check or apply a wave's plan file (TOML)")
     ps = s.add_subparsers(dest="plan_command", metavar="ACTION", required=True)
@@ -244,3 +267,9 @@ def add_parsers(sub) -> None:
     m.add_argument("--fingerprint", help="the SHA256 fingerprint checked on the source (no question asked)")
     m.add_argument("--yes", action="store_true", help="trust what the source presents without asking")
     m.set_defaults(func=cmd_migration_trust)
+    m = ms.add_parser("prepare", help="make the target VM and boot it as the receiver at a temporary address")
+    m.add_argument("name")
+    m.add_argument("--address", metavar="CIDR", help="the receiver's temporary address (default: DHCP)")
+    m.add_argument("--gateway", metavar="ADDRESS", help="with --address: its default gateway")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_migration_prepare)
