@@ -618,3 +618,24 @@ def test_a_shared_openssh_connection_is_not_reused_under_other_trust(ssh_site, t
     r = touch(elsewhere, tmp_path / "untrusted")
     assert r.returncode == 255 and classify_failure(r.stderr) == "hostkey", r.stderr
     assert not (tmp_path / "untrusted").exists()
+
+
+def test_a_task_command_runs_where_setpriv_has_no_pdeathsig(tmp_path):
+    """The remote command line of a task's command (the task's tag, and dying with its session where
+    setpriv can) runs on a host whose setpriv lacks --pdeathsig, as busybox's (Ferry's live image)."""
+    from ferry.engine.helpers import TASK_TAG
+    from ferry.engine.transport.ssh import _wrapped
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    # A test double, named so: busybox's setpriv's answer to an option it lacks (the real one is
+    # inside the live image only).
+    busybox_like_setpriv = bin_ / "setpriv"
+    busybox_like_setpriv.write_text("#!/bin/sh\necho \"setpriv: unrecognized option '$1'\" >&2\nexit 1\n")
+    busybox_like_setpriv.chmod(0o755)
+    token = TASK_TAG.set("ws1-t42")
+    try:
+        line = _wrapped(b"echo \"$FERRY_TASK ran\"")
+    finally:
+        TASK_TAG.reset(token)
+    r = subprocess.run(["sh", "-c", line], env={"PATH": f"{bin_}:/usr/bin:/bin"}, capture_output=True)
+    assert r.returncode == 0 and r.stdout == b"ws1-t42 ran\n", r

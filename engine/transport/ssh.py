@@ -100,7 +100,8 @@ def _wrapped(command: bytes) -> bytes:
     if not tag or not TAG_RE.match(tag):
         return WRAPPER + command
     return (WRAPPER.removesuffix(b"exec ") + f"{ENV}={tag}; export {ENV}; ".encode()
-            + b"command -v setpriv >/dev/null 2>&1 && exec setpriv --pdeathsig KILL -- " + command
+            # (busybox's setpriv, as in Ferry's live image, has no --pdeathsig: then without it)
+            + b"setpriv --pdeathsig KILL -- true >/dev/null 2>&1 && exec setpriv --pdeathsig KILL -- " + command
             + b"; exec " + command)
 
 
