@@ -308,6 +308,8 @@ class StartVM(VMTask):
         async with working_on(ctx, row):
             ctx.log(f"QEMU of {vm.name} already runs on {h.name} as pid {pid}, launched before this task was "
                     "interrupted: not launched again")
+            # The run may have died between QEMU making its taps and their joining the bridges.
+            await h.attach_taps(h.nics(vm))
             out: dict[str, Any] = {"vm": vm.name, "host": h.name, "pid": pid, "adopted": True}
             if ctx.checkpoint.get("incoming"):
                 await _wait_incoming(ctx, svc, vm)
