@@ -298,6 +298,7 @@ async def test_recycle_bin_and_restore(client):
         await go_to(pilot, app, "web1")
         assert app.inventory.selected.kind == "recycled"
         assert "in the recycle bin" in text_of(app, "#detail-body")
+        await until(pilot, lambda: engine_said(app), what="the engine's answer for web1 in the bin")
         await pilot.press("s")                            # nothing but restore and purge applies
         await until(pilot, lambda: any("restore it first" in n for n in notes(app)), what="refusal")
         await pilot.press("u")

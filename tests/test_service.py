@@ -309,7 +309,9 @@ async def test_a_console_waits_for_an_engine_stopped_on_purpose_instead_of_start
         r = await asyncio.to_thread(ferry, ws.root, "engine", "stop")
         assert r.code == 0, r.err
         await until(lambda: "reconnecting…" in header(), pause=pilot.pause, what="reconnecting… shown")
-        await pilot.pause(3.0)       # the console's reconnect attempts meanwhile start no engine
+        # the stopped engine's process gone (it may take a while on a busy machine), and then ...
+        await until(lambda: engine_pid(ws.root) is None, timeout=60, pause=pilot.pause, what="the engine gone")
+        await pilot.pause(3.0)       # ... the console's reconnect attempts meanwhile start no engine
         assert engine_pid(ws.root) is None and "reconnecting…" in header()
         r = await asyncio.to_thread(ferry, ws.root, "engine", "start")
         assert r.code == 0 and "engine started" in r.out, r.err
