@@ -227,6 +227,9 @@ def test_file_level_killed_then_the_same_command_adopts_the_vm_and_formats_its_d
     assert [d["size"] for d in t["disks"]] == [64 << 20, 32 << 20]
     audit = [a for a in ok(ws, "audit") if a["action"] == "migration.target_prepared"]
     assert audit and audit[-1]["params"]["fingerprint"] == t["fingerprint"]
+    shown = ferry(ws, "migration", "show", "web01").out
+    assert f"receiver   web01-target on lab3 at {t['address']}" in shown and t["fingerprint"] in shown
+    assert "  part     /dev/vda1 ext4 " in shown and "label root for /" in shown
 
 
 def test_block_level_cancelled_leaves_nothing_then_prepared_at_a_static_address(prep):

@@ -110,6 +110,14 @@ def _show(m: api.Migration) -> str:
         f"final      {f.address or 'the source address'}" + (f", gateway {f.gateway}" if f.gateway else "")
         + (f", dns {', '.join(f.dns)}" if f.dns else ""),
     ]
+    if m.target:
+        pt = m.target
+        lines.append(f"receiver   {pt.vm} on {pt.host} at {pt.address}" + (f"/{pt.prefix}" if pt.prefix else "")
+                     + f", SSH port {pt.ssh_port}, key {pt.fingerprint} (pinned), {pt.method}-level")
+        lines += [f"  disk     {d.name} {d.device} {fmt.size(d.size)}" + (f" <- {d.source}" if d.source else "")
+                  for d in pt.disks]
+        lines += [f"  part     {p.device} {p.fstype} {fmt.size(p.size)} label {p.label}"
+                  + (f" for {p.source}" if p.source else "") for p in pt.partitions]
     if m.override:
         lines.append(f"override   {m.override}")
     lines += [f"blocker    {b.name}: {b.message}" + (f" (hint: {b.hint})" if b.hint else "") for b in m.blockers]
