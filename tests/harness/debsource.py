@@ -194,9 +194,14 @@ def _kernel(cache_dir: Path) -> tuple[str, str, Path]:
     return live.kernel_release, spec, deb
 
 
+_RECIPE_END = "# ------------------------------------------------------------------ as a lab VM"
+
+
 def version_of(kernel_spec: str, public_key: bytes) -> str:
+    """The recipe's hash: this file down to the lab helpers (what goes into the image and how it is
+    built), the kernel package and the key root accepts."""
     h = hashlib.sha256(b"ferry-debsource\0")
-    h.update(Path(__file__).read_bytes())
+    h.update(Path(__file__).read_text().partition(f"\n{_RECIPE_END}\n")[0].encode())
     h.update(kernel_spec.encode() + b"\0" + public_key)
     return h.hexdigest()[:16]
 
@@ -223,6 +228,11 @@ def source_image(cache_dir: Path, *, force: bool = False, progress: Progress | N
             os.rename(work / "image", final)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
+            # Earlier versions go (each is ~470 MB): a copy is taken right after this returns, so
+            # only a build of another recipe (another checkout) could be left without its image.
+            for stale in root.iterdir():
+                if stale.is_dir() and stale != final and (stale / "manifest.json").exists():
+                    shutil.rmtree(stale, ignore_errors=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         image = _load(final, identity)
@@ -453,3 +463,15 @@ def start_source(ws: Path, lab: NetLab, name: str, image: SourceImage, *, timeou
     until_sync(lambda: probe.ssh("true", timeout=30).returncode == 0, timeout=timeout, every=1.0,
                what=f"root's SSH login on the source {name} at {address}")
     return SourceVM(ws, lab, name, address, image, time.monotonic() - t0)
+
+
+if __name__ == "__main__":
+    # `cd tests && python -m harness.debsource`: builds (or finds) the image in the tests' cache
+    # and prints what it is.
+    from .qemu import image_cache
+    t0 = time.monotonic()
+    built = source_image(image_cache(), progress=lambda what: print(what, file=sys.stderr))
+    print(json.dumps({"disk": str(built.disk), "version": built.version, "kernel_release": built.kernel_release,
+                      "disk_bytes": built.disk.stat().st_size, "used_bytes": built.used_bytes,
+                      "build_seconds": built.build_seconds, "this_call_seconds": round(time.monotonic() - t0, 2),
+                      "identity": str(built.identity), "host_keys": list(built.host_keys)}, indent=2))
