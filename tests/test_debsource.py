@@ -6,6 +6,7 @@ cron and dnsmasq; checked over SSH with its host key pinned and over HTTP from t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -29,7 +30,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def source():
     image = source_image(image_cache())
-    for ws, lab in netlab_workspace("fdsrc-", site="dsrc"):
+    with contextlib.closing(netlab_workspace("fdsrc-", site="dsrc")) as lab_up:
+        ws, lab = next(lab_up)      # the lab goes down when this closes, however the setup ended
         import_source(ws, "src01", image)
         yield start_source(ws, lab, "src01", image)
 
