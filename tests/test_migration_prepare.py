@@ -6,9 +6,8 @@ Block-level: the source's disk 1:1 (its real size: a datastore on a tmpfs big en
 virtual size). Ferry killed mid-prepare: the same command adopts the VM and its QEMU; a cancel leaves
 no VM and the migration assessed.
 
-The lab's VM network is never routed to this machine; as on a site where Ferry's machine sits on the
-VM network, the module gives this machine a leg on it (a veth into the lab switch's `lab` bridge,
-fenced like the management link: replies only).
+Ferry reaches the receiver on the lab's VM network through the lab's own leg on it for this machine
+(NetLab.vm_leg: a veth into the lab switch's `lab` bridge, fenced like the management link: replies only).
 """
 
 from __future__ import annotations
@@ -41,20 +40,6 @@ def _sh(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True, text=True)
 
 
-def _vm_network_leg(lab) -> str:
-    """This machine on the lab's VM network: the top address of the static pool on a veth into the
-    switch's `lab` bridge, inbound fenced to replies. Returns that address."""
-    leg, address = f"fv{lab.tag}", lab.static_pool[1]
-    _sh("ip", "link", "add", leg, "type", "veth", "peer", "name", "fvp", "netns", lab.switch)
-    _sh("ip", "-n", lab.switch, "link", "set", "fvp", "master", "lab", "up")
-    _sh("ip", "addr", "add", f"{address}/{lab.vm_network.prefixlen}", "dev", leg)
-    _sh("ip", "link", "set", leg, "up")
-    rules = (f"table inet ferry_leg_{lab.tag} {{\n  chain input {{ type filter hook input priority 0; policy accept;\n"
-             f'    iifname "{leg}" ct state established,related accept\n    iifname "{leg}" drop\n  }}\n}}\n')
-    subprocess.run(["nft", "-f", "-"], input=rules, text=True, check=True, capture_output=True)
-    return address
-
-
 @pytest.fixture(scope="module")
 def prep():
     """lab3 the site's host (datastores `shared`, and `big`: a tmpfs of 1 TiB mounted before the lab is up,
@@ -71,7 +56,7 @@ def prep():
         """
     try:
         for ws, lab in netlab_workspace("fprep-", hosts=("lab3",), site="prepsite", networks=extra):
-            leg = _vm_network_leg(lab)
+            leg = lab.vm_leg_address       # this machine on the VM network (the lab gives it one)
             src = f'{{ address = "{lab.address("lab1")}", identity = "{lab.identity}" }}'
             plan = ws / "wave1.toml"
             plan.write_text(textwrap.dedent(f"""
@@ -106,10 +91,7 @@ def prep():
                 disks = ["64M"]
                 """))
             assert ferry(ws, "plan", "apply", str(plan)).code == 0
-            try:
-                yield ws, lab, leg
-            finally:
-                subprocess.run(["nft", "delete", "table", "inet", f"ferry_leg_{lab.tag}"], capture_output=True)
+            yield ws, lab, leg
     finally:
         if old_hold is None:
             os.environ.pop("FERRY_ENGINE_HOLD", None)

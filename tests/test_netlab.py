@@ -55,7 +55,8 @@ async def test_lab_hosts_are_ssh_machines_at_their_own_addresses(netlab):
         finally:
             await t.close()
         addrs = {a["local"] for i in json.loads(r.stdout) for a in i.get("addr_info", [])}
-        assert addrs == {"127.0.0.1", netlab.address(host)}      # its own address, nothing of this machine's
+        # its own addresses (management, and on the VM network), nothing of this machine's
+        assert addrs == {"127.0.0.1", netlab.address(host), netlab.vm_address(host)}
         assert ns == netlab.ns(host)                             # the command really ran in the namespace
     # lab hosts see each other on the management segment
     t = transport(netlab, "lab1")
@@ -83,7 +84,9 @@ async def test_nothing_outside_the_lab_is_reachable_from_a_lab_host(netlab):
         srv.bind(("0.0.0.0", 0))
         srv.listen()
         port = srv.getsockname()[1]
-        targets = [netlab.gateway, *_machine_addresses()]
+        # (this machine's leg on the VM network is fenced like its management link)
+        targets = [netlab.gateway, netlab.vm_leg_address,
+                   *(a for a in _machine_addresses() if a != netlab.vm_leg_address)]
         assert len(targets) >= 2, "this machine has an address of its own to try"
         script = " ; ".join(
             f"if timeout 2 bash -c 'exec 3<>/dev/tcp/{a}/{port}' 2>/dev/null; then echo 'REACHED {a}'; "
@@ -99,6 +102,9 @@ async def test_nothing_outside_the_lab_is_reachable_from_a_lab_host(netlab):
     assert out.count("blocked") == len(targets)
     assert out.count("Network is unreachable") == 2, out
     assert "default" not in out                        # no default route in a lab host
+    # while this machine reaches a lab host on the VM network (a refused connection is an answer)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((netlab.vm_address("lab2"), 22), timeout=5).close()
 
 
 async def test_up_adopts_a_running_lab_and_repairs_a_broken_one(netlab):

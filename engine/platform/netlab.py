@@ -142,9 +142,28 @@ class NetLab:
 
     @property
     def static_pool(self) -> tuple[str, str]:
-        """Where `reserve` takes addresses from: the lower half, after dnsmasq's own."""
+        """Where `reserve` takes addresses from: the lower half, after dnsmasq's own, below the
+        addresses of this machine and the lab hosts on the VM network (the top of that half)."""
         net = self.vm_network
-        return str(net[2]), str(net[net.num_addresses // 2 - 1])
+        return str(net[2]), str(net[net.num_addresses // 2 - 2 - len(self.hosts)])
+
+    @property
+    def vm_leg(self) -> str:
+        """This machine's link onto the VM network (a veth into the switch's `lab` bridge)."""
+        return f"fv{self.tag}"
+
+    @property
+    def vm_leg_address(self) -> str:
+        """This machine's address on the VM network: it reaches the lab's VMs (a server to migrate,
+        a receiver), fenced as on the management segment: only replies come in."""
+        net = self.vm_network
+        return str(net[net.num_addresses // 2 - 1])
+
+    def vm_address(self, host: str) -> str:
+        """A lab host's address on the VM network (on its `br-lab`): where it meets the VMs, e.g. as
+        a migration address or the end of a network check."""
+        net = self.vm_network
+        return str(net[net.num_addresses // 2 - 2 - self.hosts.index(host)])
 
     @property
     def dhcp_dir(self) -> Path:
@@ -295,9 +314,14 @@ class NetLab:
         if not _link_exists(self.root_link):
             _ip("link", "add", self.root_link, "type", "veth", "peer", "name", "root", "netns", sw)
         _ip("-n", sw, "link", "set", "root", "master", "mgmt", "up")
+        if not _link_exists(self.vm_leg):
+            _ip("link", "add", self.vm_leg, "type", "veth", "peer", "name", "vmleg", "netns", sw)
+        _ip("-n", sw, "link", "set", "vmleg", "master", "lab", "up")
         self._fence()
         _ensure_addr(self.root_link, f"{self.gateway}/{self.prefix}")
         _ip("link", "set", self.root_link, "up")
+        _ensure_addr(self.vm_leg, f"{self.vm_leg_address}/{self.vm_network.prefixlen}")
+        _ip("link", "set", self.vm_leg, "up")
         self._dhcp_up()
         for i, h in enumerate(self.hosts, 1):
             self._host_up(h, i, present)
@@ -320,7 +344,7 @@ class NetLab:
 
     def _check_route_overlap(self, mine: ipaddress.IPv4Network) -> None:
         for other, dev in route_networks(json.loads(_run(["ip", "-j", "route", "show"]) or "[]")):
-            if dev != self.root_link and other.overlaps(mine):
+            if dev not in (self.root_link, self.vm_leg) and other.overlaps(mine):
                 raise NetLabError(f"the lab subnet {mine} overlaps this machine's route to {other} (dev {dev})",
                                   "choose another lab subnet: [lab] subnet = \"10.232.0.0/24\" in config.toml")
 
@@ -331,16 +355,16 @@ class NetLab:
     def _fence(self) -> None:
         """This machine answers nothing that comes from the lab: a lab host reaches Ferry's side
         of the segment only with replies to connections Ferry opened (nftables, in and forward)."""
-        link = self.root_link
+        links = f'{{ "{self.root_link}", "{self.vm_leg}" }}'
         rules = "\n".join([
             f"table inet {self.fence_table} {{",
             "  chain input { type filter hook input priority 0; policy accept;",
-            f'    iifname "{link}" ct state established,related accept',
-            f'    iifname "{link}" drop',
+            f'    iifname {links} ct state established,related accept',
+            f'    iifname {links} drop',
             "  }",
             "  chain forward { type filter hook forward priority 0; policy accept;",
-            f'    iifname "{link}" drop',
-            f'    oifname "{link}" drop',
+            f'    iifname {links} drop',
+            f'    oifname {links} drop',
             "  }",
             "}", ""])
         _run(["nft", "delete", "table", "inet", self.fence_table], check=False)
@@ -422,6 +446,7 @@ class NetLab:
         for host_end, bridge in (("uplink", VM_BRIDGE), *((h, b) for _, _, h, b in vlans)):
             _ensure_bridge(bridge, ns)
             _ip("-n", ns, "link", "set", host_end, "master", bridge, "up")
+        _ensure_addr(VM_BRIDGE, f"{self.vm_address(host)}/{self.vm_network.prefixlen}", ns)
         d = self.host_dir(host)
         pid = _pidfile(d / "sshd.pid")
         if pid and _netns_of(pid) != ns:
@@ -483,9 +508,10 @@ class NetLab:
             _kill_all([dnsmasq])
             removed.append(f"dnsmasq {dnsmasq}")
         (self.dhcp_dir / "dnsmasq.pid").unlink(missing_ok=True)
-        if _link_exists(self.root_link):
-            _ip("link", "del", self.root_link)
-            removed.append(self.root_link)
+        for link in (self.root_link, self.vm_leg):     # (gone with the switch's namespace, normally)
+            if _link_exists(link):
+                _ip("link", "del", link)
+                removed.append(link)
         if subprocess.run(["nft", "delete", "table", "inet", self.fence_table], capture_output=True,
                           timeout=30).returncode == 0:
             removed.append(f"nft table {self.fence_table}")
