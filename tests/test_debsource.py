@@ -16,6 +16,7 @@ import pytest
 
 from harness.debsource import (ALICE_FILES, CRON_BOOTED, CRON_FILE, CRON_TEXT, NETWORK_FILE, PAGE_SHA256,
                                import_source, source_image, start_source)
+from harness.cli import ferry
 from harness.lab import ok
 from harness.netlab import netlab_workspace
 from harness.qemu import image_cache
@@ -100,3 +101,40 @@ def test_vmware_tools_are_installed_and_ferrys_guest_agent_answers(source):
     info = until_sync(lambda: (r := ok(source.ws, "vm", "agent", "info", source.name)).get("agent") == "running"
                       and r, timeout=60, what="the source's guest agent")
     assert any(ip.split("/")[0] == source.address for ip in info.get("ips") or ()), info
+
+
+def test_ferry_assesses_the_debian_source_over_ssh_on_the_lab_network(source):
+    """`ferry migration assess` of the real server: its facts over SSH from Ferry's machine (on the VM
+    network through the lab's leg), the network check from the target host's address on that network
+    (its migration address, D5), the VMware tools it carries found, a file-level recommendation."""
+    ws, lab = source.ws, source.lab
+    cfg = ws / "config.toml"
+    cfg.write_text(cfg.read_text().replace(
+        "[hosts.lab3]\n", f'[hosts.lab3]\nmigration_address = "{lab.vm_address("lab3")}"\n', 1))
+    with (ws / "known_hosts").open("a") as f:       # its host keys pinned, as from a fingerprint checked
+        f.write(source.image.known_hosts(source.address))
+    plan = ws / "wave1.toml"
+    plan.write_text(f"""
+[wave]
+name = "wave1"
+[migrations.web01]
+source = {{ address = "{source.address}", identity = "{source.image.identity}" }}
+target = {{ host = "lab3", datastore = "shared", network = "lab" }}
+# a TCG guest on a busy 2-core machine: bars it can meet
+thresholds = {{ max_latency_ms = 50, max_jitter_ms = 50, min_bandwidth_mbit = 10 }}
+""")
+    r = ferry(ws, "plan", "apply", str(plan))
+    assert r.code == 0, r.err
+    r = ferry(ws, "migration", "assess", "web01")
+    assert r.code == 0, r.err
+    assert "web01 assessed: file-level" in r.out and "no blockers" in r.out, r.out
+    m = ok(ws, "migration", "show", "web01")
+    report = m["assessment"]["report"]
+    facts = report["facts"]
+    assert (facts["os_id"], facts["os_version"], facts["kernel"]) == ("debian", "12", source.image.kernel_release)
+    assert {80, 22} <= {s["port"] for s in facts["services"]}                     # nginx, sshd
+    tools = [f for f in report["findings"] if f["name"] == "hypervisor_tools"]
+    assert tools and "VMware" in tools[0]["message"], report["findings"]
+    assert report["recommendation"]["method"] == "file"
+    nc = m["assessment"]["netcheck"]
+    assert nc["lost"] == 0 and nc["bandwidth_mbit"] > 10 and nc["target"] == f"lab3 ({lab.vm_address('lab3')})"

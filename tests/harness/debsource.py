@@ -401,8 +401,8 @@ def _make_disk(raw: Path, rootfs: Path, fs_uuid: str, version: str) -> None:
 @dataclass(frozen=True)
 class SourceVM:
     """The source server running as a lab VM on the `lab` network, at a static lease of the lab's
-    DHCP. This machine has no address on the VM subnet: the lab's switch namespace (dnsmasq's) has
-    one, so SSH and HTTP to the source go from there."""
+    DHCP. The harness's SSH and HTTP to it go from the lab's switch namespace (dnsmasq's), a machine
+    on that network; Ferry reaches it from this machine through the lab's leg (NetLab.vm_leg)."""
 
     ws: Path
     lab: NetLab
