@@ -841,6 +841,25 @@ class Store:
             return _migration_row(db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone())
         return self._tx(tx)
 
+    def migration_netcheck(self, name: str, netcheck: dict | None, blockers: list[dict], warnings: list[dict], *,
+                           replace: tuple[str, ...], task: int | None = None, actor: str | None = None) -> dict:
+        """A network check measured again: it replaces the last one in the assessment, and its findings
+        replace those named `replace` among the blockers and warnings; one transaction, audited."""
+        def tx(db: sqlite3.Connection) -> dict:
+            r = db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone()
+            if r is None:
+                raise PermanentError(f"no migration named {name!r}", "ferry migration list shows them")
+            row = _migration_row(r)
+            keep_b = [b for b in row["blockers"] or [] if b["name"] not in replace]
+            keep_w = [w for w in row["warnings"] or [] if w["name"] not in replace]
+            assessment = {**(row["assessment"] or {}), "netcheck": netcheck}
+            db.execute("UPDATE migrations SET assessment=?, blockers=?, warnings=?, updated=? WHERE name=?",
+                       (_dumps(assessment), _dumps(keep_b + blockers), _dumps(keep_w + warnings), time.time(), name))
+            _audit(db, "migration.netcheck", name, {"task": task, "passed": netcheck is not None and not blockers,
+                                                    "blockers": [b["name"] for b in blockers]}, "ok", actor)
+            return _migration_row(db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone())
+        return self._tx(tx)
+
 
 def _audit(db: sqlite3.Connection, action: str, target: str, params: dict | None, result: str,
            actor: str | None = None) -> None:

@@ -46,6 +46,8 @@ def mig():
 
 def test_assess_needs_the_source_key_trusted_then_records_facts_network_and_verdict(mig):
     ws, lab = mig
+    r = ferry(ws, "migration", "netcheck", "web01")           # planned: nothing measured before the assessment
+    assert r.code == 2 and "ferry migration assess web01" in r.err and not ok(ws, "tasks"), r.err
     src = lab.address("lab1")
     kh = ws / "known_hosts"
     kh.write_text("".join(l for l in kh.read_text().splitlines(keepends=True) if not l.startswith(src + " ")))
@@ -80,8 +82,14 @@ def test_an_override_is_audited_and_the_report_has_the_facts_and_the_network(mig
     assert "network" not in {b["name"] for b in m["blockers"]}
     entry = next(a for a in ok(ws, "audit") if a["action"] == "migration.override")
     assert entry["target"] == "web01" and entry["params"]["reason"] == m["override"]
+    before = m["assessment"]["netcheck"]["checked_at"]
+    # measured again: the new check replaces the last one, and its verdict the network findings
     r = ferry(ws, "migration", "netcheck", "web01")
-    assert r.code == 0 and " -> lab3 (" in r.out and "(overridden: lab veths" in r.out, r.out
+    assert r.code == 0 and " -> lab3 (" in r.out and ("(passed)" in r.out or "overridden" in r.out), r.out
+    again = ok(ws, "migration", "show", "web01")
+    assert again["assessment"]["netcheck"]["checked_at"] > before and again["assessment"]["report"]
+    assert "network" not in {b["name"] for b in again["blockers"]}
+    assert any(a["action"] == "migration.netcheck" for a in ok(ws, "audit"))
     out = ws / "web01.md"
     assert ferry(ws, "migration", "report", "web01", "--out", str(out)).code == 0
     text = out.read_text()

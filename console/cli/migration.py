@@ -155,28 +155,27 @@ def cmd_migration_assess(args, ws: Workspace) -> int:
 
 
 def cmd_migration_netcheck(args, ws: Workspace) -> int:
-    async def go(client) -> int:
-        if args.override is not None:
-            try:
-                m = await client.migration_override(args.name, args.override)
-            except Refused as e:
-                return _refused(e)
-            if args.json:
-                print(api.dumps(m))
-            else:
-                print(safe(f"{m.name}: the network check is overridden ({m.override}); recorded in the audit log"))
-            return EXIT_OK
-        m = await client.migration_get(args.name)
-        nc = (m.assessment or {}).get("netcheck")
+    """Measure the network again (a task), or with --override record the operator's reason to go on."""
+    async def override(client) -> int:
+        try:
+            m = await client.migration_override(args.name, args.override)
+        except Refused as e:
+            return _refused(e)
         if args.json:
-            print(api.dumps(nc))
-            return EXIT_OK
-        if not nc:
-            print(f"{m.name}: no network check yet: ferry migration assess {m.name} measures it")
-            return EXIT_OK
-        print(safe(api.convert(nc, api.NetCheck).line + (f" (overridden: {m.override})" if m.override else "")))
+            print(api.dumps(m))
+        else:
+            print(safe(f"{m.name}: the network check is overridden ({m.override}); recorded in the audit log"))
         return EXIT_OK
-    return _ask(ws, go)
+    if args.override is not None:
+        return _ask(ws, override)
+    from ferry.console.cli.vm import _run_task
+
+    def describe(info) -> str:
+        r = info.result or {}
+        verdict = "passed" if r.get("passed") else \
+            f"blockers: {', '.join(r['blockers'])}" if r.get("blockers") else "below its bars, overridden"
+        return safe(f"{r.get('network') or 'not measured'} ({verdict})")
+    return _run_task(ws, "migration.netcheck", {"migration": args.name}, args.json, describe)
 
 
 def cmd_migration_trust(args, ws: Workspace) -> int:
@@ -260,7 +259,7 @@ def add_parsers(sub) -> None:
     m.add_argument("name")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_migration_assess)
-    m = ms.add_parser("netcheck", help="the last network check; --override REASON goes on despite it (audited)")
+    m = ms.add_parser("netcheck", help="measure the network again (a task); --override REASON goes on despite it (audited)")
     m.add_argument("name")
     m.add_argument("--override", metavar="REASON", help=cli_help("migration netcheck --override"))
     m.add_argument("--json", action="store_true")

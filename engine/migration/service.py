@@ -91,34 +91,16 @@ class AssessMigration(TaskKind):
                 raise cls(f"the source of {mig.name} ({src.target}) cannot be assessed: {e.message}",
                           f"check [migrations.{mig.name}.source] in the plan (address, port, user, identity) "
                           "and that sshd answers there") from None
-            nc: netcheck.NetCheck | None = None
-            netfail: Finding | None = None
-            if not facts.windows:
-                h = svc.host(mig.spec.target.host)
-                address, _ = migration_address(h.spec)
-                ctx.progress(item=f"network check: {src.address} -> {h.name} ({address})", units_done=1)
-                try:
-                    nc = await netcheck.measure(t, src.address, src.port, h.t, h.name, address,
-                                                thresholds=mig.spec.thresholds)
-                except FerryError as e:
-                    netfail = Finding("netcheck_failed", f"the network check could not run: {e.message}", e.hint)
+            nc, netfail = (None, None) if facts.windows else await _measure(ctx, svc, mig, t)
         finally:
             await t.close()
         ctx.progress(item="judging", units_done=2)
         method = None if mig.spec.method == Method.AUTO else mig.spec.method
         bw = nc.bandwidth_mbit * 1e6 if nc and nc.bandwidth_mbit else None
         a = assess.assess(facts, resize=bool(mig.spec.target.disks), method=method, bandwidth_bps=bw)
-        blockers = [Finding(f.name, f.message, f.hint) for f in a.blockers]
-        warnings = [Finding(f.name, f.message, f.hint) for f in a.warnings]
-        if nc is not None and not nc.passed:
-            net = Finding("network", nc.line,
-                          f"fix the path, or go on anyway: ferry migration netcheck {mig.name} --override REASON")
-            if mig.override:
-                warnings.append(Finding("network", f"{net.message} (overridden: {mig.override})", ""))
-            else:
-                blockers.append(net)
-        if netfail is not None:
-            blockers.append(netfail)
+        net_blockers, net_warnings = network_findings(mig, nc, netfail)
+        blockers = [Finding(f.name, f.message, f.hint) for f in a.blockers] + net_blockers
+        warnings = [Finding(f.name, f.message, f.hint) for f in a.warnings] + net_warnings
         report = {"report": api.to_builtins(a), "netcheck": api.to_builtins(nc) if nc else None}
         await svc.store.call(svc.store.migration_transition, mig.name, MigrationState.ASSESSED.value,
                              allowed_from=tuple(s.value for s in ASSESSABLE),
@@ -138,6 +120,82 @@ class AssessMigration(TaskKind):
                 "blockers": [b.name for b in blockers], "warnings": [w.name for w in warnings],
                 "windows": facts.windows or None}
 
+
+
+NETWORK_FINDINGS = ("network", "netcheck_failed")
+
+
+async def _measure(ctx: TaskContext, svc: Any, mig: Migration, t: Any
+                   ) -> tuple[netcheck.NetCheck | None, Finding | None]:
+    """The network check from the target host's migration address to the source (over `t`), or why
+    it could not run."""
+    src, h = mig.spec.source, svc.host(mig.spec.target.host)
+    address, _ = migration_address(h.spec)
+    ctx.progress(item=f"network check: {src.address} -> {h.name} ({address})", units_done=1)
+    try:
+        return await netcheck.measure(t, src.address, src.port, h.t, h.name, address,
+                                      thresholds=mig.spec.thresholds), None
+    except FerryError as e:
+        return None, Finding("netcheck_failed", f"the network check could not run: {e.message}", e.hint)
+
+
+def network_findings(mig: Migration, nc: netcheck.NetCheck | None, netfail: Finding | None
+                     ) -> tuple[list[Finding], list[Finding]]:
+    """(blockers, warnings) a network check gives: below its thresholds a blocker, or a warning once
+    the operator overrode it; one that could not run a blocker."""
+    blockers: list[Finding] = [netfail] if netfail else []
+    warnings: list[Finding] = []
+    if nc is not None and not nc.passed:
+        if mig.override:
+            warnings.append(Finding("network", f"{nc.line} (overridden: {mig.override})", ""))
+        else:
+            blockers.append(Finding("network", nc.line, "fix the path, or go on anyway: "
+                                    f"ferry migration netcheck {mig.name} --override REASON"))
+    return blockers, warnings
+
+
+@register
+class NetcheckMigration(TaskKind):
+    """`ferry migration netcheck NAME`: the network check again (an assessed migration's path may
+    have changed), its verdict replacing the last one's in the migration's blockers and warnings."""
+    name = "migration.netcheck"
+    max_retries = 0
+
+    validate = AssessMigration.validate
+    hosts = AssessMigration.hosts
+    dedup_key = AssessMigration.dedup_key
+
+    def title(self, params: dict[str, Any]) -> str:
+        return f"network check of {params['migration']}"
+
+    async def check(self, svc: Any, params: dict[str, Any]) -> None:
+        mig = await load(svc.store, params["migration"])
+        if mig.state in (MigrationState.PLANNED, MigrationState.ROLLED_BACK):
+            raise Refused(f"migration {mig.name} is {mig.state}: its assessment measures the network first",
+                          f"ferry migration assess {mig.name}")
+        if mig.state in (MigrationState.CUTTING_OVER, MigrationState.CUT_OVER, MigrationState.FINALIZED):
+            raise Refused(f"migration {mig.name} is {mig.state}: the network check is for before the cutover",
+                          f"ferry migration show {mig.name}")
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        from ..vm.service import VMService
+        svc = VMService.of(ctx.engine)
+        mig = await load(svc.store, ctx.params["migration"])
+        await self.check(svc, ctx.params)
+        t = source_transport(svc.pool, mig)
+        try:
+            nc, netfail = await _measure(ctx, svc, mig, t)
+        finally:
+            await t.close()
+        blockers, warnings = network_findings(mig, nc, netfail)
+        await svc.store.call(svc.store.migration_netcheck, mig.name, api.to_builtins(nc) if nc else None,
+                             [api.to_builtins(b) for b in blockers], [api.to_builtins(w) for w in warnings],
+                             replace=NETWORK_FINDINGS, task=ctx.id)
+        ctx.log(f"network: {nc.line}" if nc else f"network check: {netfail.message}",
+                "info" if nc and nc.passed else "warning")
+        ctx.progress(item="measured", units_done=3, units_total=3)
+        return {"migration": mig.name, "network": nc.line if nc else None, "passed": bool(nc and nc.passed),
+                "blockers": [b.name for b in blockers], "warnings": [w.name for w in warnings]}
 
 
 def report(mig: Migration) -> str:
