@@ -71,10 +71,7 @@ class AssessMigration(TaskKind):
                           f"ferry migration show {mig.name}")
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
-        from ..vm.service import VMService
-        svc = VMService.of(ctx.engine)
-        mig = await load(svc.store, ctx.params["migration"])
-        await self.check(svc, ctx.params)
+        svc, mig = await _checked(self, ctx)
         src = mig.spec.source
         ctx.progress(item=f"collecting the facts of {src.target}", units_done=0, units_total=3)
         t = source_transport(svc.pool, mig)
@@ -123,6 +120,14 @@ class AssessMigration(TaskKind):
 
 
 NETWORK_FINDINGS = ("network", "netcheck_failed")
+
+
+async def _checked(kind: Any, ctx: TaskContext) -> tuple[Any, Migration]:
+    """The VM service and the task's migration, once the kind's check passes again as the task runs."""
+    from ..vm.service import VMService
+    svc = VMService.of(ctx.engine)
+    await kind.check(svc, ctx.params)
+    return svc, await load(svc.store, ctx.params["migration"])
 
 
 async def _measure(ctx: TaskContext, svc: Any, mig: Migration, t: Any
@@ -178,10 +183,7 @@ class NetcheckMigration(TaskKind):
                           f"ferry migration show {mig.name}")
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
-        from ..vm.service import VMService
-        svc = VMService.of(ctx.engine)
-        mig = await load(svc.store, ctx.params["migration"])
-        await self.check(svc, ctx.params)
+        svc, mig = await _checked(self, ctx)
         t = source_transport(svc.pool, mig)
         try:
             nc, netfail = await _measure(ctx, svc, mig, t)
