@@ -149,6 +149,13 @@ def paths(ws: Any) -> tuple[Path, Path, Path]:
     return ws.root / SOCKET_NAME, ws.root / LOCK_NAME, ws.root / PID_NAME
 
 
+def stopped_marker(ws: Any) -> Path:
+    """Written when the engine is told to stop, removed when one serves again: a front end whose
+    engine went away starts no other one while it is there (the engine was stopped on purpose), even
+    when the engine's last event never reached it."""
+    return ws.root / "engine.stopped"
+
+
 def running_pid(ws: Any) -> int | None:
     """The pid of the engine that holds this workspace's lock (-1: held, pid not written yet), or
     None when no engine runs."""

@@ -23,7 +23,7 @@ from . import api
 from .calls import EngineCalls, EngineUnavailable, returns
 from .errors import FerryError, PermanentError
 from .events import Event, EventBus, Subscription
-from .protocol import ProtocolError, SOCKET_NAME, frame, hello, read_frame, running_pid, short_path
+from .protocol import ProtocolError, SOCKET_NAME, frame, hello, read_frame, running_pid, short_path, stopped_marker
 from .logs import logger
 
 if TYPE_CHECKING:    # a command line imports only what its answers need (api's records load on use)
@@ -157,7 +157,8 @@ class RemoteEngine(EngineCalls):
         try:
             await self._open()
         except _GONE:
-            if not self.autostart or (not first and (self.stopped_on_purpose or self.managed)):
+            if not self.autostart or (not first and (self.stopped_on_purpose or self.managed
+                                                     or stopped_marker(self.workspace).exists())):
                 raise EngineUnavailable(f"no engine runs for workspace {self.workspace.root}",
                                         "start it with `ferry engine start`") from None
             await self._start_engine()

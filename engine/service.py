@@ -31,7 +31,7 @@ from .client import EngineClient
 from .errors import ConfigError, FerryError, PermanentError
 from .events import Event
 from .protocol import (ProtocolError, frame, in_group, paths, peer_credentials, read_frame, running_pid,
-                       short_path, user_name)
+                       short_path, stopped_marker, user_name)
 from .store import ACTOR
 from .taskmodel import ACTIVE_STATES
 from .workspace import Workspace
@@ -295,6 +295,8 @@ class EngineService:
         await self.core.start()      # marks dead tasks interrupted, and takes them over: they resume
         await self._listen()
         self.pid_path.write_text(f"{os.getpid()} {api.VERSION}\n")
+        with contextlib.suppress(FileNotFoundError):
+            stopped_marker(self.ws).unlink()
         log.info("engine %s serving %s (pid %d, site %s)", api.VERSION, self.sock_path, os.getpid(), self.site.name)
         idle = asyncio.create_task(self._idle_watch()) if self.idle_exit else None
         try:
@@ -322,6 +324,8 @@ class EngineService:
         if by and by != "signal":
             log.info("stop requested by %s%s", by, " (now)" if now else "")
         self._stop_now = self._stop_now or now
+        with contextlib.suppress(OSError):
+            stopped_marker(self.ws).write_text(f"{time.time()} {by}\n")
         self._stop.set()
         return {"stopping": True, "active": self._active()}
 

@@ -7,7 +7,7 @@ nothing. One lab for the module; the tests run in order, each on what the one be
 from __future__ import annotations
 
 import os
-import random
+
 import shutil
 import signal
 import subprocess
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ferry.engine.platform.labops import lab_of
+from harness.netlab import random_subnet
 from harness.cli import engine_pid, ferry, ferry_process
 from harness.lab import lab_workspace, ok
 from harness.waiting import until_sync
@@ -40,7 +41,7 @@ def labws():
     gen = lab_workspace("flc-")
     ws = next(gen)
     # a subnet of its own: a lab of another run on this machine never collides with this one
-    subnet = f"10.{random.randint(232, 250)}.{random.randrange(0, 254, 2)}.0/24"
+    subnet = random_subnet()
     try:
         assert ferry(ws, "init").code == 0
         with open(ws / "config.toml", "a") as f:

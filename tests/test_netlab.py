@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ from ferry.engine.config import HostSpec
 from ferry.engine.errors import PermanentError
 from ferry.engine.platform.netlab import NetLab, NetLabError
 from ferry.engine.transport.ssh import SshTransport
+from harness.netlab import random_subnet
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces ne
 @pytest.fixture
 def netlab(tmp_path):
     # a subnet of its own per test: a lab left by a killed run elsewhere never collides
-    lab = NetLab(tmp_path / "lab", subnet=f"10.{random.randint(232, 250)}.{random.randint(0, 255)}.0/24",
+    lab = NetLab(tmp_path / "lab", subnet=random_subnet(),
                  vlans=(10,))
     try:
         lab.up()
@@ -138,7 +138,7 @@ def _links(ns: str | None = None) -> dict[str, dict]:
 
 
 def test_down_leaves_nothing(tmp_path):
-    lab = NetLab(tmp_path / "lab", subnet=f"10.{random.randint(232, 250)}.{random.randint(0, 255)}.0/24",
+    lab = NetLab(tmp_path / "lab", subnet=random_subnet(),
                  vlans=(10, 20))
     before = set(_links())
     lab.up()

@@ -248,11 +248,14 @@ async def wait_for_marker(transport: Transport, paths: LivePaths, marker: str, *
         except FerryError:
             text = ""
         for line in text.splitlines():
+            # A marker begins its line, unless the console's login prompt (no newline) came first.
             line = line.strip("\r\x00 ")
-            if line.startswith(marker):
-                return line
-            if fail_on_error and line.startswith("FERRY-ERROR"):
-                raise GuestBootError(f"{paths.name}: the live image reported {line}",
+            at = line.find(marker)
+            if at >= 0:
+                return line[at:]
+            at = line.find("FERRY-ERROR")
+            if fail_on_error and at >= 0:
+                raise GuestBootError(f"{paths.name}: the live image reported {line[at:]}",
                                      "see the serial log " + paths.serial)
         pid = pid or await read_pid(transport, paths.pidfile)
         if pid is not None and not await is_running(transport, pid, paths.pidfile):

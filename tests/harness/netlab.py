@@ -15,9 +15,21 @@ from .lab import lab_workspace
 
 
 def random_subnet() -> str:
-    """A management subnet of its own (its VM subnet is the next /24): a lab left by a killed run
-    elsewhere never collides."""
-    return f"10.{random.randint(232, 250)}.{random.randrange(0, 254, 2)}.0/24"
+    """A management subnet of its own (its VM subnet is the next /24), neither in use by this machine
+    (another lab of the suite, running in another worker, or one a killed run left): tried at random."""
+    import ipaddress
+    import json
+    import subprocess
+
+    from ferry.engine.platform.netlab import route_networks
+    routes = json.loads(subprocess.run(["ip", "-j", "route", "show"], capture_output=True, text=True).stdout or "[]")
+    used = [net for net, _dev in route_networks(routes)]
+    for _ in range(1000):
+        mgmt = ipaddress.IPv4Network(f"10.{random.randint(232, 250)}.{random.randrange(0, 254, 2)}.0/24")
+        vms = ipaddress.IPv4Network(f"{mgmt.network_address + 256}/24")
+        if not any(mgmt.overlaps(u) or vms.overlaps(u) for u in used):
+            return str(mgmt)
+    raise AssertionError("no free 10.232-250.x.0/24 for a test lab")
 
 
 def netlab_workspace(prefix: str, *, hosts: tuple[str, ...] = ("lab1", "lab3"), site: str = "netlab",
