@@ -530,12 +530,17 @@ class HibernateVM(VMTask):
             await self._settle(ctx, finish=False)
 
 
-async def _run_on(q: QMPClient) -> None:
-    """The guest runs again: the migration to a state file cancelled (and waited out), QEMU continued."""
+async def cancel_migration(q: QMPClient) -> None:
+    """A migration of this QEMU's guest (to a state file, or to another host) cancelled and waited out."""
     if (await q.execute("query-migrate")).get("status") in MIGRATING:
         await q.execute("migrate_cancel")
         while (await q.execute("query-migrate")).get("status") in MIGRATING:
             await asyncio.sleep(0.05)
+
+
+async def _run_on(q: QMPClient) -> None:
+    """The guest runs again: the migration to a state file cancelled (and waited out), QEMU continued."""
+    await cancel_migration(q)
     if (await q.execute("query-status"))["status"] != "running":
         await q.execute("cont")
 

@@ -26,7 +26,7 @@ from ..hostfacts import migration_address
 from ..platform.qmp import QMPClient
 from ..tasks import TaskContext, register
 from .hostops import HostOps
-from .lifecycle import MIGRATING, VMTask, _launched, _own_vm, launch_qemu, wait_exit, working_on
+from .lifecycle import MIGRATING, VMTask, _launched, _own_vm, cancel_migration, launch_qemu, wait_exit, working_on
 from .model import RUNNING_STATES, VMSpec, VMState
 from .prechecks import networks_ready
 from .service import VMService
@@ -291,10 +291,7 @@ async def _undo(svc: VMService, vm: VMSpec, vt: VMSpec, h: HostOps, ht: HostOps,
     QEMU on the target stopped, the source continued (unless it was paused before the move)."""
     with contextlib.suppress(FerryError):
         async with await svc.qmp(vm) as q:
-            if (await q.execute("query-migrate")).get("status") in MIGRATING:
-                await q.execute("migrate_cancel")
-                while (await q.execute("query-migrate")).get("status") in MIGRATING:
-                    await asyncio.sleep(0.05)
+            await cancel_migration(q)
     if await ht.pid(vt) is not None:
         await _stop(svc, ht, vt)
     with contextlib.suppress(FerryError):
