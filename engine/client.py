@@ -297,13 +297,18 @@ class EngineClient:
     async def trust_host(self, host: str, fingerprint: str) -> HostKey:
         """Record the key `host` presents as trusted, provided it is the one the operator checked."""
         info = await fetch_host_key(self.transports.ssh(host))
+        return await self._trust(info, fingerprint, "host.trust", host, host, "host")
+
+    async def _trust(self, info: Any, fingerprint: str, action: str, target: str, who: str, what: str) -> HostKey:
+        """Record the key `info` (that `who` presents) in the workspace's known_hosts, provided it is
+        the one the operator checked on the `what`; audited as `action` on `target`."""
         if info.fingerprint != fingerprint:
-            raise PermanentError(f"{host} presents {info.fingerprint}, not {fingerprint}",
-                                 "check the fingerprint on the host: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
+            raise PermanentError(f"{who} presents {info.fingerprint}, not {fingerprint}", f"check the fingerprint "
+                                 f"on the {what}: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
         await record_host_key(self.workspace.known_hosts_path, info)
-        await self.audit("host.trust", host, {"fingerprint": info.fingerprint, "was": str(info.status),
-                                              "endpoint": info.endpoint}, "ok")
-        return _host_key(host, info)
+        await self.audit(action, target, {"fingerprint": info.fingerprint, "was": str(info.status),
+                                          "endpoint": info.endpoint}, "ok")
+        return _host_key(target, info)
 
     # ------------------------------------------------------------------ the network lab
 
@@ -389,14 +394,8 @@ class EngineClient:
             info = await fetch_host_key(t)
         finally:
             await t.close()
-        if info.fingerprint != fingerprint:
-            raise PermanentError(f"the source of {name} ({mig.spec.source.target}) presents {info.fingerprint}, "
-                                 f"not {fingerprint}", "check the fingerprint on the source: "
-                                 "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
-        await record_host_key(self.workspace.known_hosts_path, info)
-        await self.audit("migration.trust", name, {"fingerprint": info.fingerprint, "was": str(info.status),
-                                                   "endpoint": info.endpoint}, "ok")
-        return _host_key(name, info)
+        return await self._trust(info, fingerprint, "migration.trust", name,
+                                 f"the source of {name} ({mig.spec.source.target})", "source")
 
     async def migration_override(self, name: str, reason: str) -> Migration:
         """The operator goes on despite a network below its thresholds, for `reason` (audited); a
