@@ -92,14 +92,13 @@ def workspace_subnet(workspace_root: Path) -> str:
         return kept.read_text().strip()
     except FileNotFoundError:
         pass
-    used = _routed()
+    used = routed_networks()
     seed = int(hashlib.sha256(str(Path(workspace_root).resolve()).encode()).hexdigest(), 16)
     blocks = 31 * 128                         # 10.200.0.0 - 10.230.254.0, even third octets
     for i in range(blocks):
         k = (seed + i) % blocks
         mgmt = ipaddress.IPv4Network(f"10.{200 + k // 128}.{(k % 128) * 2}.0/24")
-        vms = ipaddress.IPv4Network(f"{mgmt.network_address + 256}/24")
-        if not any(mgmt.overlaps(u) or vms.overlaps(u) for u in used):
+        if lab_subnet_free(mgmt, used):
             break
     kept.parent.mkdir(parents=True, exist_ok=True)
     tmp = kept.with_suffix(".tmp")
@@ -108,7 +107,13 @@ def workspace_subnet(workspace_root: Path) -> str:
     return str(mgmt)
 
 
-def _routed() -> list[ipaddress.IPv4Network]:
+def lab_subnet_free(mgmt: ipaddress.IPv4Network, used: list[ipaddress.IPv4Network]) -> bool:
+    """Whether a lab's management subnet and its VM subnet (the next /24) are clear of `used`."""
+    vms = ipaddress.IPv4Network(f"{mgmt.network_address + 256}/24")
+    return not any(mgmt.overlaps(u) or vms.overlaps(u) for u in used)
+
+
+def routed_networks() -> list[ipaddress.IPv4Network]:
     """Every IPv4 destination this machine routes or has an address in (not the default route)."""
     def ip_json(*args: str) -> list[dict]:
         try:

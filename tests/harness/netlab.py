@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import textwrap
@@ -11,23 +12,19 @@ from typing import Iterator
 
 from ferry.engine.platform.netlab import VM_BRIDGE, NetLab
 
-from .lab import lab_workspace
+from .lab import lab_workspace, ok
 
 
 def random_subnet() -> str:
     """A management subnet of its own (its VM subnet is the next /24), neither in use by this machine
     (another lab of the suite, running in another worker, or one a killed run left): tried at random."""
     import ipaddress
-    import json
-    import subprocess
 
-    from ferry.engine.platform.netlab import route_networks
-    routes = json.loads(subprocess.run(["ip", "-j", "route", "show"], capture_output=True, text=True).stdout or "[]")
-    used = [net for net, _dev in route_networks(routes)]
+    from ferry.engine.platform.labops import lab_subnet_free, routed_networks
+    used = routed_networks()
     for _ in range(1000):
         mgmt = ipaddress.IPv4Network(f"10.{random.randint(232, 250)}.{random.randrange(0, 254, 2)}.0/24")
-        vms = ipaddress.IPv4Network(f"{mgmt.network_address + 256}/24")
-        if not any(mgmt.overlaps(u) or vms.overlaps(u) for u in used):
+        if lab_subnet_free(mgmt, used):
             return str(mgmt)
     raise AssertionError("no free 10.232-250.x.0/24 for a test lab")
 
@@ -70,3 +67,17 @@ def netlab_workspace(prefix: str, *, hosts: tuple[str, ...] = ("lab1", "lab3"), 
     finally:
         lab.down()
         gen.close()
+
+
+async def guest_sh(ws: Path, name: str, script: str, timeout: float = 60) -> tuple[int, str]:
+    """(exit code, output) of a busybox shell script run in a lab VM's guest through its agent (the
+    agent's socket is in its host's runtime folder, W/HOST/run, on this machine's disk)."""
+    from ferry.engine.platform.qga import GuestAgent
+    from ferry.engine.transport.local import LocalTransport
+    from ferry.engine.vm.model import process_name
+
+    shown = await asyncio.to_thread(ok, ws, "vm", "show", name)
+    sock = ws / shown["host"] / "run" / f"{process_name(shown['id'])}.qga"
+    async with await GuestAgent.open(LocalTransport(), str(sock), name=name, timeout=10) as ga:
+        r = await ga.exec("/bin/sh", ["-c", script], timeout=timeout)
+    return r.exitcode, (r.stdout + r.stderr).decode(errors="replace")
