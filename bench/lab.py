@@ -29,10 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from ferry.engine.platform.netlab import NetLab  # noqa: E402
-from ferry.engine.platform.qga import GuestAgent  # noqa: E402
-from ferry.engine.transport.local import LocalTransport  # noqa: E402
-from ferry.engine.vm.model import process_name  # noqa: E402
-from harness.netlab import netlab_workspace, random_subnet  # noqa: E402
+from harness.netlab import guest_sh, netlab_workspace, random_subnet  # noqa: E402
 
 HOSTS = ("lab1", "lab2", "lab3")
 
@@ -47,14 +44,7 @@ def ferry(ws: Path, *args: str, json_out: bool = True):
 
 
 def guest(ws: Path, name: str, script: str, timeout: float = 60) -> str:
-    shown = ferry(ws, "vm", "show", name)
-    sock = ws / shown["host"] / "run" / f"{process_name(shown['id'])}.qga"
-
-    async def go() -> str:
-        async with await GuestAgent.open(LocalTransport(), str(sock), name=name, timeout=10) as ga:
-            r = await ga.exec("/bin/sh", ["-c", script], timeout=timeout)
-        return (r.stdout + r.stderr).decode(errors="replace")
-    return asyncio.run(go())
+    return asyncio.run(guest_sh(ws, name, script, timeout))[1]
 
 
 def bench_lab(base: Path) -> None:

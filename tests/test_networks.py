@@ -13,14 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from ferry.engine.platform.netlab import NetLab
-from ferry.engine.platform.qga import GuestAgent
-from ferry.engine.transport.local import LocalTransport
-from ferry.engine.vm.model import process_name
 from ferry.engine.vm.nics import mac_for, tap_name, unique_macs
 from harness.cli import ferry, ferry_process
 from harness.lab import ok
-from harness.netlab import netlab_workspace
+from harness.netlab import guest_sh, netlab_workspace
 
 needs = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None,
                            reason="needs root (namespaces, taps) and qemu-system-x86_64")
@@ -50,15 +46,6 @@ def netws():
         """)
 
 
-async def _guest(ws: Path, lab: NetLab, host: str, name: str, script: str, timeout: float = 60) -> tuple[int, str]:
-    """Runs a busybox shell script in the guest through its agent (the socket is on this machine's disk)."""
-    vid = (await asyncio.to_thread(ok, ws, "vm", "show", name))["id"]
-    sock = ws / host / "run" / f"{process_name(vid)}.qga"
-    async with await GuestAgent.open(LocalTransport(), str(sock), name=name, timeout=10) as ga:
-        r = await ga.exec("/bin/sh", ["-c", script], timeout=timeout)
-    return r.exitcode, (r.stdout + r.stderr).decode(errors="replace")
-
-
 def _start_all(ws: Path, vms: tuple[tuple[str, str, str], ...]) -> None:
     """Create each (name, host, network) VM, then start them all at once (their boots overlap)."""
     for name, host, network in vms:
@@ -81,11 +68,11 @@ async def test_vms_on_two_lab_hosts_talk_over_the_lab_network(netws):
                            capture_output=True, text=True).stdout
     assert tap_name(nb["id"], 0) in links
     assert tap_name(nb["id"], 0) not in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    code, out = await _guest(ws, lab, "lab1", "na", "ip addr add 192.168.77.1/24 dev eth0 && ip link set eth0 up")
+    code, out = await guest_sh(ws, "na", "ip addr add 192.168.77.1/24 dev eth0 && ip link set eth0 up")
     assert code == 0, out
-    code, out = await _guest(ws, lab, "lab3", "nb", "ip addr add 192.168.77.2/24 dev eth0 && ip link set eth0 up")
+    code, out = await guest_sh(ws, "nb", "ip addr add 192.168.77.2/24 dev eth0 && ip link set eth0 up")
     assert code == 0, out
-    code, out = await _guest(ws, lab, "lab1", "na", "ping -c 3 -W 5 192.168.77.2")
+    code, out = await guest_sh(ws, "na", "ping -c 3 -W 5 192.168.77.2")
     assert code == 0 and "3 packets received" in out, out
 
 
@@ -95,13 +82,13 @@ async def test_vms_on_different_vlans_of_one_network_cannot_talk(netws):
     vms = (("va", "lab1", "v10"), ("vb", "lab3", "v10"), ("vc", "lab3", "v20"))
     await asyncio.to_thread(_start_all, ws, vms)
     for (name, host, _), ip in zip(vms, (1, 2, 3)):
-        code, out = await _guest(ws, lab, host, name, f"ip addr add 192.168.88.{ip}/24 dev eth0 && ip link set eth0 up")
+        code, out = await guest_sh(ws, name, f"ip addr add 192.168.88.{ip}/24 dev eth0 && ip link set eth0 up")
         assert code == 0, out
 
     async def from_va() -> list[tuple[int, str]]:
-        return [await _guest(ws, lab, "lab1", "va", "ping -c 2 -W 3 192.168.88.2"),
-                await _guest(ws, lab, "lab1", "va", "ping -c 2 -W 2 192.168.88.3")]
-    (same, other), beside = await asyncio.gather(from_va(), _guest(ws, lab, "lab3", "vb", "ping -c 2 -W 2 192.168.88.3"))
+        return [await guest_sh(ws, "va", "ping -c 2 -W 3 192.168.88.2"),
+                await guest_sh(ws, "va", "ping -c 2 -W 2 192.168.88.3")]
+    (same, other), beside = await asyncio.gather(from_va(), guest_sh(ws, "vb", "ping -c 2 -W 2 192.168.88.3"))
     assert same[0] == 0 and "2 packets received" in same[1], same          # the same VLAN, across lab hosts
     assert other[0] != 0 and "0 packets received" in other[1], other       # another VLAN: nothing arrives,
     assert beside[0] != 0 and "0 packets received" in beside[1], beside    # not even on the VM's own host

@@ -17,14 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from ferry.engine.platform.qga import GuestAgent
-from ferry.engine.transport.local import LocalTransport
 from ferry.engine.vm.model import process_name
 from ferry.engine.vm.nics import tap_name
 from harness.chaos import fraction, kill_at, run_ferry
 from harness.cli import ferry, ferry_process
 from harness.lab import ok
-from harness.netlab import netlab_workspace
+from harness.netlab import guest_sh, netlab_workspace
 from harness.waiting import until_sync
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None,
@@ -44,22 +42,13 @@ def moving():
             out, err = p.communicate(timeout=300)
             assert p.returncode == 0, err
         for name, ip in (("mv", 1), ("peer", 2)):
-            code, out = asyncio.run(guest(ws, name, f"ip addr add 192.168.79.{ip}/24 dev eth0 && ip link set eth0 up"))
+            code, out = asyncio.run(guest_sh(ws, name, f"ip addr add 192.168.79.{ip}/24 dev eth0 && ip link set eth0 up"))
             assert code == 0, out
         yield ws, lab
 
 
 def host_of(ws: Path, name: str) -> str:
     return ok(ws, "vm", "show", name)["host"]
-
-
-async def guest(ws: Path, name: str, script: str, timeout: float = 60) -> tuple[int, str]:
-    """Runs a busybox shell script in the guest through its agent (the socket is on this machine's disk)."""
-    shown = await asyncio.to_thread(ok, ws, "vm", "show", name)
-    sock = ws / shown["host"] / "run" / f"{process_name(shown['id'])}.qga"
-    async with await GuestAgent.open(LocalTransport(), str(sock), name=name, timeout=10) as ga:
-        r = await ga.exec("/bin/sh", ["-c", script], timeout=timeout)
-    return r.exitcode, (r.stdout + r.stderr).decode(errors="replace")
 
 
 def qemus_of(ws: Path, name: str) -> dict[str, list[int]]:
@@ -82,7 +71,7 @@ def assert_runs_on(ws: Path, lab, name: str, host: str) -> None:
     links = subprocess.run(["ip", "-n", lab.ns(host), "-o", "link", "show", "master", "br-lab"],
                            capture_output=True, text=True).stdout
     assert tap_name(shown["id"], 0) in links
-    code, out = asyncio.run(guest(ws, name, "ip -4 addr show dev eth0"))
+    code, out = asyncio.run(guest_sh(ws, name, "ip -4 addr show dev eth0"))
     assert code == 0 and "192.168.79.1/24" in out, out
 
 
@@ -95,7 +84,7 @@ def test_a_running_vm_moves_live_keeps_its_address_and_its_memory(moving):
     assert f"mv moved from {src} to {to} while running" in r.out and "the guest stopped for" in r.out, r.out
     assert_runs_on(ws, lab, "mv", to)
     # the peer on lab3 reaches it at the same address (its switch learned where it went)
-    code, out = asyncio.run(guest(ws, "peer", "ping -c 3 -W 5 192.168.79.1"))
+    code, out = asyncio.run(guest_sh(ws, "peer", "ping -c 3 -W 5 192.168.79.1"))
     assert code == 0 and "3 packets received" in out, out
     task = ok(ws, "tasks")[0]
     assert task["kind"] == "vm.move" and task["result"]["live"] and task["result"]["bytes"] > 0, task
