@@ -12,6 +12,10 @@ from ..config import ConfigProblem
 from ..errors import Refused
 from .netcheck import NetThresholds
 
+# Ferry's folder on a migration's source: per migration, the sync rounds' tar snapshot files and the
+# go-live timer's restore script. Never copied to the target; removed by finalize.
+SOURCE_DIR = "/var/lib/ferry-migration"
+
 
 class Method(StrEnum):
     FILE = "file"        # tar/rsync-like: only the data, target partitions may be resized (E4)
