@@ -130,10 +130,13 @@ HOSTS = "hosts in the built-in lab: lab1, lab2, lab3"
 BAD = {
     "unknown key": (dict(l11='exclude = ["/tmp/*"]'),
                     "wave1.toml:11: migrations.web01.exclude: unknown key (hint: allowed keys here: method, excludes, "
-                    "services, sync_interval, relay, source, target, final, thresholds)"),
+                    "services, sync_interval, relay, source, target, final, thresholds, cutover)"),
     "negative threshold": (dict(l11="thresholds = { max_latency_ms = -1 }"),
                            "wave1.toml:11: migrations.web01.thresholds.max_latency_ms: must be 0 or more "
                            "(hint: for example: max_latency_ms = 2)"),
+    "go-live timer too short": (dict(l11='cutover = { confirm_within = "10s" }'),
+                                "wave1.toml:11: migrations.web01.cutover.confirm_within: must be from 1m to 1d, got "
+                                "'10s' (hint: for example: confirm_within = \"30m\")"),
     "missing wave name": (dict(l2="# no name"),
                           "wave1.toml:1: wave: missing required key 'name' (hint: add: name = \"wave1\")"),
     "source without address": (dict(l14="# no address"),

@@ -118,6 +118,14 @@ class FinalNetwork:
 
 
 @dataclass(frozen=True)
+class CutoverSpec:
+    """How the cutover treats the source and checks the target."""
+    park_address: str | None = None    # CIDR the source moves to off its service address (control path)
+    confirm_within_s: int = 1800        # the go-live timer: the source comes back unless go-live is confirmed
+    check_ports: tuple[int, ...] | None = None   # TCP ports tried on the target; None: the source's listening ones
+
+
+@dataclass(frozen=True)
 class MigrationSpec:
     """One migration as its plan says it (the wave's [defaults] merged in)."""
     source: SourceSpec
@@ -128,6 +136,7 @@ class MigrationSpec:
     sync_interval_s: int = 0            # 0: on demand only
     relay: bool = False                 # Ferry carries the data (source and target cannot reach each other)
     final: FinalNetwork = FinalNetwork()
+    cutover: CutoverSpec = CutoverSpec()
     thresholds: NetThresholds = NetThresholds()     # the network check's bars
 
 

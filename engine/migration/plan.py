@@ -23,7 +23,7 @@ from ..config import Checker, ConfigProblem, SiteConfig, read_toml
 from ..errors import ConfigError, PermanentError
 from ..vm.model import parse_size
 from .netcheck import NetThresholds
-from .model import (FinalNetwork, Method, MigrationSpec, MigrationState, PlanApplied, PlanCheck, SourceSpec,
+from .model import (CutoverSpec, FinalNetwork, Method, MigrationSpec, MigrationState, PlanApplied, PlanCheck, SourceSpec,
                     TargetSpec, SPEC_CHANGE)
 
 if TYPE_CHECKING:
@@ -36,14 +36,19 @@ MIGRATION_KEYS = {"method": '"auto"', "excludes": '["/tmp/*"]', "services": '["n
                   "relay": "false", "source": '{ address = "10.231.1.50" }',
                   "target": '{ host = "lab1", datastore = "shared", network = "lab" }',
                   "final": '{ address = "10.231.1.50/24", gateway = "10.231.1.1" }',
-                  "thresholds": '{ max_latency_ms = 2, min_bandwidth_mbit = 100 }'}
+                  "thresholds": '{ max_latency_ms = 2, min_bandwidth_mbit = 100 }',
+                  "cutover": '{ park_address = "10.231.1.99/24", confirm_within = "30m" }'}
 SOURCE_KEYS = {"address": '"10.231.1.50"', "port": "22", "user": '"root"', "identity": '"/root/.ssh/id_ed25519"'}
 TARGET_KEYS = {"host": '"lab1"', "datastore": '"shared"', "network": '"lab"', "cpus": "2", "memory": '"2G"',
                "disks": '["20G", "50G"]'}
 FINAL_KEYS = {"address": '"10.231.1.50/24"', "gateway": '"10.231.1.1"', "dns": '["10.231.1.1"]'}
 # The network check's bars (E3; the source notes' by default: no loss, < 2 ms, > 100 Mbit/s)
 THRESHOLD_KEYS = {"max_loss_pct": "0", "max_latency_ms": "2", "max_jitter_ms": "1", "min_bandwidth_mbit": "100"}
-SECTIONS = {"source": SOURCE_KEYS, "target": TARGET_KEYS, "final": FINAL_KEYS, "thresholds": THRESHOLD_KEYS}
+# The cutover: where the source waits off its service address (Ferry's control path to it until go-live),
+# how long its go-live timer gives Ferry to confirm, and the TCP ports the service check tries on the target.
+CUTOVER_KEYS = {"park_address": '"10.231.1.99/24"', "confirm_within": '"30m"', "check_ports": "[22, 80]"}
+SECTIONS = {"source": SOURCE_KEYS, "target": TARGET_KEYS, "final": FINAL_KEYS, "thresholds": THRESHOLD_KEYS,
+            "cutover": CUTOVER_KEYS}
 
 _INTERVAL_RE = re.compile(r"(\d+)([smhd])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -141,6 +146,21 @@ def _ips(v: list) -> str | None:
         bad = _ip(x) if isinstance(x, str) else f"is not an IP address: {x!r}"
         if bad:
             return bad
+    return None
+
+
+def _confirm_within(v: str | int) -> str | None:
+    bad = _interval(v)
+    if bad:
+        return bad
+    n = parse_interval(v)
+    return None if 60 <= n <= 86400 else f"must be from 1m to 1d, got {v!r}"
+
+
+def _ports(v: list) -> str | None:
+    for x in v:
+        if not isinstance(x, int) or isinstance(x, bool) or not 1 <= x <= 65535:
+            return f"must be a list of port numbers from 1 to 65535, got {x!r}"
     return None
 
 
@@ -252,6 +272,10 @@ class _Plan:
             self.c.problem(path + ("gateway",), f"{gateway} is not in {ipaddress.ip_interface(final_address).network}",
                            "a gateway the target reaches on its own network")
 
+        park = g(mig, mpath, "cutover", "park_address", str, None, _interface)
+        confirm = g(mig, mpath, "cutover", "confirm_within", (str, int), "30m", _confirm_within)
+        ports = g(mig, mpath, "cutover", "check_ports", list, None, _ports)
+
         limits = {k: g(mig, mpath, "thresholds", k, (int, float), None, _not_negative) for k in THRESHOLD_KEYS}
         thresholds = NetThresholds(**{k: float(v) for k, v in limits.items() if v is not None})
 
@@ -264,7 +288,8 @@ class _Plan:
                               tuple(parse_size(d) for d in disks)),
             method=Method(method), excludes=tuple(excludes), services=tuple(services),
             sync_interval_s=parse_interval(interval), relay=relay,
-            final=FinalNetwork(final_address, gateway, tuple(dns)), thresholds=thresholds)
+            final=FinalNetwork(final_address, gateway, tuple(dns)), thresholds=thresholds,
+            cutover=CutoverSpec(park, parse_interval(confirm), None if ports is None else tuple(ports)))
 
     def placement(self, mig: dict, mpath: tuple[str, ...], host: str | None, datastore: str | None,
                   network: str | None) -> str | None:
