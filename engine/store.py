@@ -170,6 +170,12 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE migrations ADD COLUMN target TEXT;
     """,
+    # v8: a migration's cutover (JSON: each step's state and times, the predicted and the measured
+    # downtime) and its last test launch (JSON: passed, boot and check durations, what was checked).
+    """
+    ALTER TABLE migrations ADD COLUMN cutover TEXT;
+    ALTER TABLE migrations ADD COLUMN test TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -860,6 +866,36 @@ class Store:
             return _migration_row(db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone())
         return self._tx(tx)
 
+    def migration_cutover(self, name: str, record: dict, *, to: str | None, allowed_from: tuple[str, ...],
+                          actor: str | None = None) -> dict:
+        """The cutover's record replaced (and, with `to`, the state changed, audited), in one transaction
+        with the look at the state (Refused when not one of `allowed_from`)."""
+        return self._migration_set(name, "cutover", record, to=to, allowed_from=allowed_from, actor=actor)
+
+    def migration_tested(self, name: str, test: dict, *, to: str, allowed_from: tuple[str, ...],
+                         actor: str | None = None) -> dict:
+        """A test launch's result recorded, the state `to` (ready when it passed), audited."""
+        return self._migration_set(name, "test", test, to=to, allowed_from=allowed_from, actor=actor,
+                                   params={"passed": test.get("passed"), "task": test.get("task")})
+
+    def _migration_set(self, name: str, column: str, value: dict, *, to: str | None, allowed_from: tuple[str, ...],
+                       actor: str | None, params: dict | None = None) -> dict:
+        def tx(db: sqlite3.Connection) -> dict:
+            r = db.execute("SELECT state FROM migrations WHERE name=?", (name,)).fetchone()
+            if r is None:
+                raise PermanentError(f"no migration named {name!r}", "ferry migration list shows them")
+            if r["state"] not in allowed_from:
+                raise Refused(f"migration {name} is {r['state']}: its {column} cannot be recorded",
+                              f"ferry migration show {name}")
+            state = to or r["state"]
+            db.execute(f"UPDATE migrations SET {column}=?, state=?, updated=? WHERE name=?",
+                       (_dumps(value), state, time.time(), name))
+            if to and (to != r["state"] or params):
+                _audit(db, f"migration.{to}" if to != r["state"] else f"migration.{column}", name,
+                       {"from": r["state"], **(params or {})}, "ok", actor)
+            return _migration_row(db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone())
+        return self._tx(tx)
+
 
 def _audit(db: sqlite3.Connection, action: str, target: str, params: dict | None, result: str,
            actor: str | None = None) -> None:
@@ -869,7 +905,7 @@ def _audit(db: sqlite3.Connection, action: str, target: str, params: dict | None
 
 def _migration_row(r: sqlite3.Row) -> dict:
     d = dict(r)
-    for k in ("spec", "assessment", "blockers", "warnings", "target"):
+    for k in ("spec", "assessment", "blockers", "warnings", "target", "cutover", "test"):
         d[k] = _loads(d[k])
     return d
 

@@ -206,6 +206,8 @@ class Migration:
     blockers: tuple[Finding, ...] = ()
     warnings: tuple[Finding, ...] = ()
     target: PreparedTarget | None = None    # set once the target is prepared
+    cutover: dict[str, Any] | None = None   # the cutover's steps, predicted and measured downtime
+    test: dict[str, Any] | None = None      # the last test launch: passed, boot_s, checks_s, what was checked
 
 
 @dataclass(frozen=True)
