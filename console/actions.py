@@ -179,6 +179,31 @@ CATALOGUE: tuple[Action, ...] = (
            "Go on despite a failed network check of the selected migration: asks for the reason (audited)",
            "migrations", show=True, changes=True, palette="Override the network check of the selected migration…",
            cli="migration netcheck --override", cli_help="why the migration may go on below the thresholds"),
+    Action("sync_round", "migrations.sync", "s", "Sync",
+           "A sync round of the selected migration now: its receiver pulls from the source directly (the first "
+           "round copies everything, later ones what changed; a task)", "migrations", show=True, changes=True,
+           palette="Sync the selected migration now", cli="migration sync",
+           cli_help="a sync round: the receiver pulls from the source (the first round copies all)"),
+    Action("test_launch", "migrations.test", "t", "Test launch",
+           "Test-launch the selected migration: a throw-away copy of its target boots on an isolated network and "
+           "is checked; the syncs go on (a task)", "migrations", show=True, changes=True,
+           palette="Test-launch the selected migration", cli="migration test",
+           cli_help="test launch: a throw-away copy of the target boots isolated and is checked"),
+    Action("cutover", "migrations.cutover", "c", "Cutover…",
+           "The cutover screen of the selected migration: the summary and the name typed to start; then each step "
+           "live, with a rollback key", "migrations", show=True, changes=True,
+           palette="Cut the selected migration over…", cli="migration cutover",
+           cli_help="the cutover runbook, after a confirmation screen (type the name)"),
+    Action("rollback", "migrations.rollback", "b", "Rollback…",
+           "Back to the source (type the name): a running cutover is cancelled and rolls back; a migration "
+           "before its cutover is given up", "migrations", show=True, changes=True,
+           palette="Roll the selected migration back…", cli="migration rollback",
+           cli_help="back to the source: a running cutover is cancelled and rolled back"),
+    Action("finalize", "migrations.finalize", "F", "Finalize…",
+           "After go-live: Ferry's key and files leave the selected migration's source, which shuts down "
+           "(asks first)", "migrations", changes=True, palette="Finalize the selected migration…"),
+    # (`ferry migration finalize` once the CLI takes its help line from here: its own has an apostrophe,
+    # which zsh's completion escapes)
     Action("filter", "migrations.filter", "slash", "Filter",
            "Filter the migrations: a part of a name, a wave, a state or a host (esc clears it)", "migrations",
            show=True, palette="Filter the migrations"),
@@ -209,6 +234,15 @@ CATALOGUE: tuple[Action, ...] = (
            palette=None),
     # ------------------------------------------------------------------ a full-screen report
     Action("close", "report.back", "escape,q", "Back", "Back to the Migrations view", "report", show=True,
+           palette=None),
+    # ------------------------------------------------------------------ a migration's cutover screen
+    Action("close", "cutover.back", "escape,q", "Back",
+           "Back to the Migrations view (a running cutover goes on in the engine)", "cutover", show=True,
+           palette=None),
+    Action("rollback", "cutover.rollback", "b", "Roll back…",
+           "Roll the cutover back (the name typed once more): the target stopped, the source's address and "
+           "services back", "cutover", show=True, changes=True, palette=None),
+    Action("log", "cutover.log", "l", "Log", "The cutover task's whole log, full screen", "cutover", show=True,
            palette=None),
 )
 

@@ -6,22 +6,33 @@ assessment as a task the Tasks view shows.
 A real EngineClient on a throw-away workspace (the built-in folder lab), two plan files applied by
 the engine. No assessment succeeds here (that takes an SSH source: test_migration_assess_cli.py):
 the one `a` starts asks a port nothing listens on, and fails at once.
+
+Sync, test launch and cutover (the second half): no VMs and no source; the records are put into the
+store as the engine's tasks would leave them (a migration ready, with its sync rounds, a measure of what
+changed and a passed test launch; one cutting over, half its steps done). The tasks the keys start
+reach for a source or receiver on ports nothing listens on, and fail at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import textwrap
+import time
 
 import pytest
-from textual.widgets import Input, Markdown, Static
+from textual.widgets import Button, Input, Markdown, Static
 
 from ferry.console.app import FerryApp
 from ferry.console.commands import console_commands
+from ferry.console.dialogs.cutover import CutoverScreen
 from ferry.console.dialogs.report import ReportScreen
-from ferry.console.dialogs.vmforms import FormScreen
+from ferry.console.dialogs.vmforms import FormScreen, TypedNameScreen
 from ferry.engine.api import MigrationState
+# Imported for their task kinds too (migration.cutover, .rollback, .finalize; migration.test).
+from ferry.engine.migration.cutover import STEPS, Finalize
+from ferry.engine.migration.testlaunch import TestLaunch
 from ferry.engine.taskmodel import TaskState
 from harness.pilot import text_of, until
 from harness.sshd import free_port
@@ -30,10 +41,10 @@ from test_console_vms import FIXED_CLOCK, new_client, notes, short_dir
 SIZE = (160, 30)
 
 
-def plan(wave: str, name: str, port: int = 22) -> str:
+def migration_toml(name: str, port: int = 22, *, final: str | None = None) -> str:
+    """One migration of a plan: file-level, its source on 127.0.0.1:port, its target on lab1 (taking the
+    address `final` once live, when given)."""
     return textwrap.dedent(f"""\
-        [wave]
-        name = "{wave}"
         [migrations.{name}]
         method = "file"
         [migrations.{name}.source]
@@ -43,7 +54,11 @@ def plan(wave: str, name: str, port: int = 22) -> str:
         host = "lab1"
         datastore = "lab1-local"
         network = "default"
-        """)
+        """) + (f'[migrations.{name}.final]\naddress = "{final}"\n' if final else "")
+
+
+def plan(wave: str, name: str, port: int = 22) -> str:
+    return f'[wave]\nname = "{wave}"\n' + migration_toml(name, port)
 
 
 @pytest.fixture
@@ -75,6 +90,8 @@ def shown(app: FerryApp) -> list[str]:
 
 
 async def select(pilot, app: FerryApp, name: str) -> None:
+    if app.migrations_view.selected != name:
+        await pilot.press("g")          # from the first row down
     for _ in range(5):
         if app.migrations_view.selected == name:
             return
@@ -183,3 +200,194 @@ async def test_assess_submits_a_task_the_tasks_view_shows_and_its_end_is_said(cl
         assert (await client.migration_get("db01")).state == MigrationState.PLANNED
         await pilot.press("2")
         await until(pilot, lambda: str(task.id) in app.tasks_view.table.keys(), what="in the Tasks view")
+
+
+# ---------------------------------------------------------------------------------- sync, test launch, cutover
+
+
+def cut_plan(port: int) -> str:
+    """web01 and db01, their sources on a port nothing listens on; the targets take 10.231.1.77/.78."""
+    return ('[wave]\nname = "wave3"\n' + migration_toml("web01", port, final="10.231.1.77/24")
+            + migration_toml("db01", port, final="10.231.1.78/24"))
+
+
+def prepared(name: str, port: int) -> dict:
+    """A file-level target as migration.prepare records it (no VM behind it: its receiver does not answer)."""
+    return {"vm": f"{name}-target", "vm_id": f"no-vm-{name}", "host": "lab1", "method": "file", "address": "127.0.0.1",
+            "prefix": 24, "ssh_port": port, "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFerry",
+            "fingerprint": "SHA256:none", "disks": [{"name": "disk0", "device": "/dev/vda", "size": 4 << 30}],
+            "partitions": [{"disk": "disk0", "device": "/dev/vda1", "size": 4 << 30, "fstype": "ext4",
+                            "label": "root", "uuid": "0b7c-uuid", "source": "/"}], "prepared_at": time.time()}
+
+
+TESTED = {"passed": True, "boot_s": 41.5, "checks_s": 3.2, "services": {"nginx": "active"}, "ports": {"80": True},
+          "task": None}
+
+
+def half_done(now: float) -> dict:
+    """A cutover record with four steps done, the fifth running, as migration.cutover writes it."""
+    steps = []
+    for i, s in enumerate(STEPS):
+        started = now - 100 + 10 * i if i <= 4 else None
+        state = "done" if i < 4 else "running" if i == 4 else "pending"
+        steps.append({"name": s.name, "title": s.title, "state": state, "started": started,
+                      "ended": started + 7.5 if state == "done" else None,
+                      "detail": "stopped: nginx" if s.name == "stop_services" else None})
+    return {"steps": steps, "step": 4, "downtime_from": now - 75, "measured_downtime_s": None, "updated": now,
+            "predicted_downtime": {"total_s": 85.0, "boot_measured": True, "parts": {
+                "final_sync_s": 16.3, "switch_s": 5.0, "boot_s": 55.0, "checks_s": 8.7}}}
+
+
+@pytest.fixture
+async def cut_client():
+    """web01 ready for its cutover (two sync rounds, 5 MiB changed since, a passed test launch) and db01
+    cutting over (four steps done, the fifth running)."""
+    root = short_dir()
+    c = new_client(root / "ws")
+    await c.start()
+    try:
+        (root / "ws" / "keys").mkdir(exist_ok=True)
+        f = root / "wave3.toml"
+        f.write_text(cut_plan(free_port()))
+        await c.plan_apply(str(f))
+        st = c.store
+        now = time.time()
+        for name in ("web01", "db01"):
+            await st.call(st.migration_transition, name, "assessed", allowed_from=("planned",))
+            await st.call(st.migration_prepared, name, prepared(name, free_port()), ready="assessed",
+                          prepared="target_prepared")
+        await st.call(st.migration_transition, "web01", "syncing", allowed_from=("target_prepared",))
+        for k, (ago, took, size) in enumerate(((4000, 300.0, 2 << 30), (700, 100.0, 40 << 20)), 1):
+            await st.call(st.migration_round, "web01", {
+                "round": k, "label": "initial" if k == 1 else "incremental", "started": now - ago - took,
+                "ended": now - ago, "duration_s": took, "bytes": size, "items": 1000 // k, "deleted": 0,
+                "task": None}, allowed_from=("syncing",))
+        await st.call(st.migration_changed, "web01", {"bytes": 5 << 20, "items": 12, "at": now - 60})
+        await st.call(st.migration_tested, "web01", {**TESTED, "at": now - 300}, to="ready", allowed_from=("syncing",))
+        await st.call(st.migration_transition, "db01", "cutting_over", allowed_from=("target_prepared",))
+        await st.call(st.migration_cutover, "db01", half_done(now), to=None, allowed_from=("cutting_over",))
+        yield c
+    finally:
+        await c.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def screen_text(app: FerryApp) -> str:
+    """What the cutover screen shows, top to bottom."""
+    return "\n".join(text_of(app.screen, sel) for sel in ("#cutover-title", "#cutover-summary", "#cutover-steps",
+                                                          "#cutover-status"))
+
+
+async def test_the_table_and_detail_show_data_changed_predicted_downtime_the_test_launch_and_the_steps(cut_client):
+    async with on_migration(cut_client, "web01") as (app, pilot):
+        assert cells(app, "web01")[2] == "● ready"
+        assert cells(app, "web01")[7] == "5.0 MiB"
+        await until(pilot, lambda: cells(app, "web01")[8] != "-", what="web01's predicted downtime")
+        assert re.fullmatch(r"(\d+m\d\ds|\d+s)", cells(app, "web01")[8]), cells(app, "web01")
+        assert cells(app, "db01")[2] == "▶ cutting_over" and cells(app, "db01")[8] == "1m25s"
+        detail = text_of(app, "#migration-detail")
+        assert "sync    round 2 · last incremental: 40.0 MiB, 500 files in 1m40s · 5.0 MiB changed since" in detail
+        assert "test    ✔ passed" in detail and "booted in 41.5 s, checks 3.2 s · nginx active, port 80 listens" in detail
+
+        await select(pilot, app, "db01")
+        detail = text_of(app, "#migration-detail")
+        assert "cutover  downtime so far" in detail and "predicted 1m25s" in detail
+        assert "✔ arm the go-live timer on the source" in detail
+        assert "▶ take the source off the network" in detail
+        assert "○ go live" in detail
+        palette = {c.name for c in console_commands(app)}
+        assert {"Sync the selected migration now", "Test-launch the selected migration",
+                "Cut the selected migration over…", "Roll the selected migration back…",
+                "Finalize the selected migration…"} <= palette
+
+
+async def test_a_key_the_engine_refuses_says_why_in_one_line_and_starts_nothing(cut_client):
+    async with on_migration(cut_client, "db01") as (app, pilot):
+        for key, said in (("s", "migration db01 is cutting_over: it syncs once its target is prepared and until its "
+                                "cutover (hint: ferry migration show db01)"),
+                          ("t", "migration db01 is cutting_over: a test launch needs a synced target "
+                                "(hint: ferry migration show db01)"),
+                          ("F", "migration db01 is cutting_over: it is finalized once it has gone live "
+                                "(hint: ferry migration show db01)")):
+            await pilot.press(key)
+            await until(pilot, lambda: said in notes(app), what=f"the refusal of {key}")
+        assert app.screen is app.screen_stack[0]
+        kinds = {"migration.sync", TestLaunch.name, Finalize.name}
+        assert not [t for t in await cut_client.list_tasks() if t.kind in kinds]
+
+
+async def test_the_cutover_screen_shows_the_summary_and_starts_only_on_the_exact_name(cut_client):
+    async with on_migration(cut_client, "web01") as (app, pilot):
+        await pilot.press("c")
+        await until(pilot, lambda: isinstance(app.screen, CutoverScreen) and app.screen.summary is not None,
+                    what="the cutover screen with its summary")
+        text = screen_text(app)
+        assert "cutover of web01  ● ready" in text
+        assert re.search(r"last sync +1[01]m\d\ds ago +round 2", text), text
+        assert "data changed    5.0 MiB since the last sync" in text
+        assert "switch 5.0 s · boot 41.5 s · checks 3.2 s" in text and "downtime        about " in text
+        assert "test launch     ✔ passed" in text and "nginx active, port 80 listens" in text
+        assert "blockers        none" in text
+        assert " 1. final incremental sync while the source runs" in text and "12. go live" in text
+
+        button = app.screen.query_one("#confirm", Button)
+        assert button.disabled
+        for typed in ("web0", "Web01", "web01 ", "web011"):
+            app.screen.query_one("#typed", Input).value = typed
+            await pilot.pause()
+            assert button.disabled, typed
+            await pilot.press("enter")              # refused on screen; nothing starts
+            await until(pilot, lambda: "type the migration's name exactly: web01" in screen_text(app), what="said")
+        assert not [t for t in await cut_client.list_tasks() if t.kind == "migration.cutover"]
+
+        app.screen.query_one("#typed", Input).value = ""
+        await pilot.click("#typed")
+        await pilot.press(*"web01")
+        await until(pilot, lambda: not button.disabled, what="the button enabled")
+        await pilot.press("enter")
+        await until(pilot, lambda: app.screen.following, what="the screen follows the cutover")
+        tasks = [t for t in await cut_client.list_tasks() if t.kind == "migration.cutover"]
+        assert [(t.params["migration"], t.params["confirm"]) for t in tasks] == [("web01", "web01")]
+        assert not app.screen.query_one("#cutover-confirm").display
+        # No receiver answers here: the first step fails, and the screen says so with the task's error.
+        await until(pilot, lambda: "✖ final incremental sync while the source runs" in screen_text(app),
+                    timeout=60, what="the first step failed")
+        text = screen_text(app)
+        assert f"task #{tasks[0].id} cut web01 over" in text and "✖ failed" in text, text
+        assert "○ go live" in text and "Traceback" not in text
+
+
+async def test_a_cutover_under_way_shows_each_step_live_and_b_asks_for_the_name(cut_client):
+    async with on_migration(cut_client, "db01") as (app, pilot):
+        await pilot.press("c")
+        await until(pilot, lambda: isinstance(app.screen, CutoverScreen) and app.screen.polls >= 1,
+                    what="the cutover screen following db01")
+        screen = app.screen
+        text = screen_text(app)
+        assert "cutover of db01  ▶ cutting_over  follows the cutover live" in text
+        assert "steps 4/12 done" in text
+        assert re.search(r"✔ stop the source's services +7\.5 s  stopped: nginx", text), text
+        assert re.search(r"▶ take the source off the network +1m0\ds…", text), text
+        assert re.search(r"^○ start the target and check it$", text, re.M), text
+        assert re.search(r"downtime so far 1m1\ds · predicted 1m25s", text), text
+        assert "final sync 16.3 s · switch 5.0 s · boot 55.0 s · checks 8.7 s" in text
+        polls = screen.polls
+        await until(pilot, lambda: screen.polls >= polls + 2, what="asked again, about once a second")
+
+        await pilot.press("b")
+        await until(pilot, lambda: isinstance(app.screen, TypedNameScreen), what="asked for the name")
+        dialog = app.screen
+        assert "Roll db01 back?" in text_of(dialog, "#dialog-title")
+        assert "Type the name to roll back" in text_of(dialog, "#dialog-body")
+        button = dialog.query_one("#confirm", Button)
+        await pilot.press(*"db0")
+        assert button.disabled
+        await pilot.press("1")
+        await until(pilot, lambda: not button.disabled, what="the button enabled")
+        await pilot.press("enter")
+        await until(pilot, lambda: app.screen is screen, what="back on the cutover screen")
+        await until(pilot, lambda: any(t.kind == "migration.rollback" for t in app.feed.tasks.values()),
+                    what="the rollback task")
+        rb = next(t for t in await cut_client.list_tasks() if t.kind == "migration.rollback")
+        assert rb.params["migration"] == "db01"
+        await until(pilot, lambda: f"task #{rb.id} roll db01 back" in screen_text(app), what="the screen follows it")

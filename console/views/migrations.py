@@ -1,17 +1,23 @@
 """Migrations view (issue 13): every server migration of the workspace in one table, keyed by name
 and diffed (console/widgets/table.py), with the selected one's details below; `/` filters (a wave,
 a state, a host), `a` assesses (a task, followed in the Tasks view), `R` shows the assessment
-report full screen, `n` overrides a failed network check with a reason (audited).
+report full screen, `n` overrides a failed network check with a reason (audited), `s` runs a sync
+round, `t` a test launch, `c` opens the cutover screen (console/dialogs/cutover.py: the summary and
+the name typed, then the steps live), `b` rolls back (the name typed), `F` finalizes after go-live.
+Each asks the engine's precheck first: a refusal is one line with its hint, and nothing starts.
 
 The list is asked for through the engine client only: one poll at a time, the next one POLL_S after
 the last ended, only while the view is on screen (a modal over it waits), backing off after a
-failure and saying "stale since". An assessment task that ends asks again at once. A list equal to
+failure and saying "stale since". A migration task that ends asks again at once. A list equal to
 the last one changes nothing on screen; a row is made again only when its migration changed.
+The predicted downtime of a migration syncing or ready is the engine's cutover summary, asked in the
+same poll, for those whose record changed or whose prediction is older than PREDICT_S.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from functools import partial
 from typing import Any
 
@@ -37,7 +43,17 @@ from ferry.console.widgets.table import Column, KeyedTable, Row, TableFilter, ce
 
 POLL_S = 5.0             # between two polls of the list while the view is shown
 BACKOFF_MAX_S = 60.0
+PREDICT_S = 60.0         # a prediction of the downtime asked again after this, if nothing changed before
 ASSESS = "migration.assess"
+SYNC = "migration.sync"
+TEST = "migration.test"
+CUTOVER = "migration.cutover"
+ROLLBACK = "migration.rollback"
+FINALIZE = "migration.finalize"
+# kind -> (the notice's title, what the migration became when its task succeeded)
+SAID = {ASSESS: ("Assess", "assessed"), SYNC: ("Sync", "synced"), TEST: ("Test launch", "test-launched"),
+        CUTOVER: ("Cutover", "cut over"), ROLLBACK: ("Rollback", "rolled back"), FINALIZE: ("Finalize", "finalized")}
+PREDICTED = (MigrationState.SYNCING, MigrationState.READY)
 COLUMNS = (
     Column("name", "NAME", flex=True, least=8),
     Column("wave", "WAVE", cap=14),
@@ -46,7 +62,8 @@ COLUMNS = (
     Column("sync", "LAST SYNC", cap=17),
     Column("network", "NETWORK", cap=24),
     Column("blockers", "BLOCKERS", cap=11),
-    # Filled by the sync rounds and the cutover estimate (later steps of issue 13): "-" until then.
+    # What the last measure found changed since the last sync round; the cutover's predicted downtime
+    # (measured beside it once cut over): "-" until known.
     Column("changed", "DATA CHANGED", cap=15, optional=True),
     Column("downtime", "PREDICTED DOWNTIME", cap=21, optional=True),
 )
@@ -91,6 +108,14 @@ def network_failed(m: Migration) -> bool:
     return bool(nc and nc.get("problems"))
 
 
+def downtime_cell(m: Migration, predicted: float | None) -> Any:
+    """The predicted downtime; once cut over the measured one beside it: "1m23s (pred 1m25s)"."""
+    measured = (m.cutover or {}).get("measured_downtime_s")
+    if measured is not None:
+        return cell(f"{fmt.duration(measured)} (pred {fmt.duration(predicted)})", sort=measured)
+    return cell(fmt.duration(predicted) if predicted is not None else "-", sort=predicted)
+
+
 class MigrationsView(ViewBase, Vertical):
     BINDINGS = opkeys.bindings("migrations")
     VIEW = "migrations"
@@ -119,12 +144,14 @@ class MigrationsView(ViewBase, Vertical):
         self.polls = 0
         self.selected: str | None = None
         self._shown_record: Migration | None = None
-        self._rows: dict[str, tuple[Migration, Row]] = {}
+        self._rows: dict[str, tuple[tuple, Row]] = {}
         self._wake = asyncio.Event()
         self._started = False
         self._dirty = False
         self._task_states: dict[int, str] = {}
-        self.mine: dict[int, str] = {}       # assessment tasks submitted here -> migration
+        self.mine: dict[int, str] = {}       # tasks submitted here -> migration
+        # name -> (when asked, the record's `updated` it was asked for, predicted downtime in s or None)
+        self.predictions: dict[str, tuple[float, float, float | None]] = {}
 
     # ------------------------------------------------------------------ layout and lifecycle
 
@@ -182,6 +209,7 @@ class MigrationsView(ViewBase, Vertical):
                 self.polls += 1
                 if error is None:
                     failures = 0
+                    await self._predict(got)
                     self.listed(got)
                 else:
                     failures += 1
@@ -192,10 +220,37 @@ class MigrationsView(ViewBase, Vertical):
             except (asyncio.TimeoutError, TimeoutError):
                 pass
 
+    async def _predict(self, items: list[Migration]) -> None:
+        """The engine's predicted downtime of each migration syncing or ready whose record changed or whose
+        prediction is older than PREDICT_S (it grows with the changes on the source). A failure leaves
+        the last prediction (or none): the column is a hint, the cutover screen asks again."""
+        now = time.monotonic()
+        for m in items:
+            if m.state not in PREDICTED:
+                self.predictions.pop(m.name, None)
+                continue
+            kept = self.predictions.get(m.name)
+            # (not the whole record: its read-time figures change with the clock)
+            if kept is not None and kept[1] == m.updated and now - kept[0] < PREDICT_S:
+                continue
+            got, error, _ = await attempt(self.client.migration_cutover_summary(m.name), "cutover summary")
+            total = ((got or {}).get("predicted_downtime") or {}).get("total_s") if error is None else \
+                (kept[2] if kept else None)
+            self.predictions[m.name] = (now, m.updated, total)
+
+    def predicted_s(self, m: Migration) -> float | None:
+        """The predicted downtime: the cutover's (recorded when it began), else the engine's last summary."""
+        p = ((m.cutover or {}).get("predicted_downtime") or {}).get("total_s")
+        if p is not None:
+            return p
+        kept = self.predictions.get(m.name)
+        return kept[2] if kept else None
+
     def listed(self, items: list[Migration]) -> None:
         self.ok, self.error, self.hint, self.stale_since = True, None, None, None
         new = {m.name: m for m in items}
-        if new == self.migrations:
+        if new == self.migrations and all((kept := self._rows.get(n)) is None or kept[0] == self._row_key(m)
+                                          for n, m in new.items()):
             self.render_status()
             return
         self.migrations = new
@@ -217,9 +272,13 @@ class MigrationsView(ViewBase, Vertical):
         else:
             self._dirty = True
 
+    def _row_key(self, m: Migration) -> tuple:
+        return (m, self.predicted_s(m))
+
     def row(self, m: Migration) -> Row:
+        key = self._row_key(m)
         kept = self._rows.get(m.name)
-        if kept is not None and kept[0] == m:
+        if kept is not None and kept[0] == key:
             return kept[1]
         variables = self.app.theme_variables
         var = STATE_VARIABLE.get(m.state)
@@ -236,11 +295,12 @@ class MigrationsView(ViewBase, Vertical):
             cell(("◆ " if m.override else "✖ ") + net if net_var else net,
                  style=rich_style(variables, net_var) if net_var else ""),
             cell(f"✖ {n}" if n else "0", sort=n, style=rich_style(variables, "sev-crit") if n else ""),
-            cell("-", sort=None),
-            cell("-", sort=None),
+            cell(fmt.size(m.bytes_changed_since) if m.bytes_changed_since is not None else "-",
+                 sort=m.bytes_changed_since),
+            downtime_cell(m, key[1]),
         ), search=safe(f"{m.state} {m.spec.source.target} {m.spec.target.host} {m.spec.target.datastore} "
                        f"{m.spec.method}" + (" blocked" if n else "") + (" override" if m.override else "")))
-        self._rows[m.name] = (m, row)
+        self._rows[m.name] = (key, row)
         return row
 
     def sync(self, *, rerender: bool = False) -> None:
@@ -313,6 +373,23 @@ class MigrationsView(ViewBase, Vertical):
             + (f"  [$text-muted]{esc(hw)}[/]" if hw else ""),
             f"method  {esc(str(m.spec.method))}" + (", relayed by Ferry" if m.spec.relay else ""),
         ]
+        from ferry.console.dialogs.cutover import downtime_line, seconds, step_lines, test_line
+        if m.rounds or m.round:
+            last = m.rounds[-1] if m.rounds else None
+            said = [f"round {m.round}"]
+            if last is not None:
+                said.append(f"last {esc(last.label)}: {fmt.size(last.bytes)}, {last.items} files in "
+                            f"{seconds(last.duration_s)}")
+            if m.bytes_changed_since is not None:
+                said.append(f"{fmt.size(m.bytes_changed_since)} changed since")
+            if m.predicted_final_sync_s is not None:
+                said.append(f"final sync about {seconds(m.predicted_final_sync_s)}")
+            lines.append("sync    " + " · ".join(said))
+        if m.test or m.state in PREDICTED:
+            lines.append("test    " + test_line(m.test))
+        predicted = self.predicted_s(m)
+        if predicted is not None and not m.cutover:
+            lines.append(f"cutover downtime about {seconds(predicted)} predicted [$text-muted](c: the summary)[/]")
         net = esc(network_line(m))
         if network_failed(m):
             lines.append((f"[$warning]◆ network  {net}[/]" if m.override else f"[$error]✖ network  {net}[/]"))
@@ -326,6 +403,12 @@ class MigrationsView(ViewBase, Vertical):
         for w in m.warnings:
             lines.append(f"[$warning]◆ {esc(w.name)}: {esc(w.message)}[/]"
                          + (f"  [$text-muted]hint: {esc(w.hint)}[/]" if w.hint else ""))
+        if (m.cutover or {}).get("steps"):
+            feed = getattr(self.app, "feed", None)
+            from ferry.console.dialogs.cutover import cutover_task
+            down = downtime_line(m)
+            lines.append("[b]cutover[/b]" + (f"  {down}" if down else "") + "  [$text-muted](c: follow it)[/]")
+            lines += ["  " + x for x in step_lines(m, cutover_task(feed.tasks, m.name) if feed else None)]
         page.update(Content.from_markup("\n".join(lines)))
 
     def render_status(self) -> None:
@@ -354,7 +437,7 @@ class MigrationsView(ViewBase, Vertical):
     # ------------------------------------------------------------------ the task feed
 
     def tasks_changed(self, tasks: dict) -> None:
-        """An assessment that changed state changes its migration: ask for the list again."""
+        """A migration task that ended changed its migration: ask for the list again."""
         poke = False
         for tid, info in tasks.items():
             if not info.kind.startswith("migration."):
@@ -372,17 +455,22 @@ class MigrationsView(ViewBase, Vertical):
 
     def _task_ended(self, info: Any) -> None:
         name = self.mine.pop(info.id)
+        title, became = SAID.get(info.kind, (info.kind, "done"))
         if info.state.value == "succeeded":
-            self.app.notify(f"task {info.id}: {esc(name)} assessed", title="Assess", timeout=4)
+            if info.kind == TEST and not (info.result or {}).get("passed", True):
+                self.app.notify(f"task {info.id}: the test launch of {esc(name)} FAILED its checks (R, the detail "
+                                "pane: what failed)", title=title, severity="warning", timeout=10)
+            else:
+                self.app.notify(f"task {info.id}: {esc(name)} {became}", title=title, timeout=4)
         elif info.state.value == "failed":
             self.app.notify(f"task {info.id} failed: {esc(info.error or 'no reason given')}"
-                            + (f"\nhint: {esc(info.hint)}" if info.hint else ""), title="Assess", severity="error",
+                            + (f"\nhint: {esc(info.hint)}" if info.hint else ""), title=title, severity="error",
                             timeout=10)
 
     # ------------------------------------------------------------------ keys
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in ("assess", "report", "override"):
+        if action in ("assess", "report", "override", "sync_round", "test_launch", "cutover", "rollback", "finalize"):
             return True if self.selected_migration() is not None else None
         return True
 
@@ -401,22 +489,38 @@ class MigrationsView(ViewBase, Vertical):
         self.poke()
 
     def action_assess(self) -> None:
+        self._task_action(ASSESS, "assess")
+
+    def action_sync_round(self) -> None:
+        self._task_action(SYNC, "sync")
+
+    def action_test_launch(self) -> None:
+        self._task_action(TEST, "test-launch")
+
+    def _task_action(self, kind: str, verb: str) -> None:
+        self._on_selected(verb, partial(self._submit, kind, verb), exclusive=False)
+
+    def _on_selected(self, verb: str, work: Any, *, exclusive: bool = True) -> None:
+        """`work(name)` of the migration under the cursor, in a worker (the engine is asked there)."""
         m = self.selected_migration()
         if m is not None:
-            self.app.run_worker(partial(self._assess, m.name), name=f"assess {m.name}", group="migration-actions",
-                                exit_on_error=False)
+            self.app.run_worker(partial(work, m.name), name=f"{verb} {m.name}", group="migration-actions",
+                                exclusive=exclusive, exit_on_error=False)
 
-    async def _assess(self, name: str) -> None:
+    async def _submit(self, kind: str, verb: str, name: str, *, checked: bool = False) -> None:
+        """The engine's precheck (unless done), then the task (or the same one under way)."""
         params = {"migration": name}
+        title = SAID[kind][0]
         try:
-            await self.client.precheck(ASSESS, params)
-            tid, attached = await self.client.vm_task_or_attach(ASSESS, params)
+            if not checked:
+                await self.client.precheck(kind, params)
+            tid, attached = await self.client.vm_task_or_attach(kind, params)
         except FerryError as e:         # Refused: no task was made
-            self._refused("Assess", e)
+            self._refused(title, e)
             return
         self.mine[tid] = name
-        self.app.notify(f"task {tid}: assess {esc(name)}" + (" (already under way)" if attached else "")
-                        + " · follow it in Tasks (2)", title="Assess", timeout=4)
+        self.app.notify(f"task {tid}: {verb} {esc(name)}" + (" (already under way)" if attached else "")
+                        + " · follow it in Tasks (2)", title=title, timeout=4)
         feed = getattr(self.app, "feed", None)
         if feed is not None:
             await feed.refresh()
@@ -425,10 +529,7 @@ class MigrationsView(ViewBase, Vertical):
                 self._task_ended(info)
 
     def action_report(self) -> None:
-        m = self.selected_migration()
-        if m is not None:
-            self.app.run_worker(partial(self._report, m.name), name=f"report {m.name}", group="migration-actions",
-                                exclusive=True, exit_on_error=False)
+        self._on_selected("report", self._report)
 
     async def _report(self, name: str) -> None:
         try:
@@ -463,3 +564,62 @@ class MigrationsView(ViewBase, Vertical):
                                         [Field("reason", "Reason", m.override or "",
                                                placeholder="why it may go on (audited)")],
                                         confirm="Override", intro=intro, check=record))
+
+    def action_cutover(self) -> None:
+        self._on_selected("cutover", self._cutover)
+
+    async def _cutover(self, name: str) -> None:
+        """A migration cutting over (or past it) opens its screen following the steps; another one the
+        confirmation screen, once the engine's precheck allows a cutover."""
+        from ferry.console.dialogs.cutover import FOLLOWED, CutoverScreen
+        m = self.migrations.get(name)
+        if m is None or m.state not in FOLLOWED or not m.cutover:
+            try:
+                await self.client.precheck(CUTOVER, {"migration": name, "confirm": name})
+            except FerryError as e:
+                self._refused("Cutover", e)
+                return
+        self.app.push_screen(CutoverScreen(self.client, name, feed=getattr(self.app, "feed", None)),
+                             lambda _: self.poke())
+
+    def action_rollback(self) -> None:
+        self._on_selected("rollback", self._rollback)
+
+    async def _rollback(self, name: str) -> None:
+        """The engine's precheck of a rollback (unless a cutover runs: it is cancelled instead), then the
+        name typed, then the rollback."""
+        from ferry.console.dialogs.cutover import ask_rollback, running_cutover
+        feed = getattr(self.app, "feed", None)
+        if running_cutover(feed.tasks if feed else {}, name) is None:
+            try:
+                await self.client.precheck(ROLLBACK, {"migration": name})
+            except FerryError as e:
+                self._refused("Rollback", e)
+                return
+
+        def done(tid: int | None, error: str | None) -> None:
+            if tid is not None:
+                self.mine[tid] = name
+            self.poke()
+        ask_rollback(self.app, self.client, name, done)
+
+    def action_finalize(self) -> None:
+        self._on_selected("finalize", self._finalize)
+
+    async def _finalize(self, name: str) -> None:
+        try:
+            await self.client.precheck(FINALIZE, {"migration": name})
+        except FerryError as e:
+            self._refused("Finalize", e)
+            return
+        from ferry.console.dialogs.modals import ConfirmScreen
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.app.run_worker(partial(self._submit, FINALIZE, "finalize", name, checked=True),
+                                    name=f"finalize {name}", group="migration-actions", exit_on_error=False)
+        self.app.push_screen(ConfirmScreen(
+            f"Finalize {name}?",
+            "Ferry's pull key and folder (snapshots, restore script, go-live timer) leave the source, which then "
+            "shuts down, parked with its services stopped: it stays intact as the fallback of last resort. "
+            "There is no rollback after this.", confirm="Finalize"), answered)
