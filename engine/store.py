@@ -176,7 +176,15 @@ MIGRATIONS: list[str] = [
     ALTER TABLE migrations ADD COLUMN cutover TEXT;
     ALTER TABLE migrations ADD COLUMN test TEXT;
     """,
+    # v9: a migration's sync rounds (JSON: the last ROUNDS_KEPT, each what it moved and how long it
+    # took; every round is in the audit log too) and the last measure of what changed on the source
+    # since the last round (JSON: bytes, items, at).
+    """
+    ALTER TABLE migrations ADD COLUMN rounds TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE migrations ADD COLUMN changed TEXT;
+    """,
 ]
+ROUNDS_KEPT = 50
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _SECRET_RE = re.compile(r"pass(word|phrase)?|secret|token|private|credential|api_?key", re.I)
@@ -896,6 +904,46 @@ class Store:
             return _migration_row(db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone())
         return self._tx(tx)
 
+    def migration_round(self, name: str, rec: dict, *, allowed_from: tuple[str, ...], to: str | None = None,
+                        actor: str | None = None) -> dict:
+        """A sync round done: `rec` (round, label, task, started, ended, bytes, items, deleted) recorded,
+        the migration's round and last_sync moved on, the last measure of changes cleared (it was of
+        before this round) and, with `to`, its state changed; one transaction with the look at its state
+        (Refused when not one of `allowed_from`), audited (migration.<to>, else migration.round). The
+        same round of the same task recorded already (a resumed task): the row as it is."""
+        def tx(db: sqlite3.Connection) -> dict:
+            r = db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone()
+            if r is None:
+                raise PermanentError(f"no migration named {name!r}", "ferry migration list shows them")
+            row = _migration_row(r)
+            if any(x["round"] == rec["round"] and x.get("task") == rec.get("task") for x in row["rounds"]):
+                return row
+            if row["state"] not in allowed_from:
+                raise Refused(f"migration {name} is {row['state']}: its sync round {rec['round']} cannot be "
+                              "recorded", f"ferry migration show {name}")
+            if rec["round"] != row["round"] + 1:
+                raise Refused(f"migration {name} has {row['round']} sync round(s): round {rec['round']} is not "
+                              "the next", f"ferry migration show {name}")
+            rounds = [*row["rounds"], rec][-ROUNDS_KEPT:]
+            db.execute("UPDATE migrations SET state=?, round=?, last_sync=?, rounds=?, changed=NULL, updated=? "
+                       "WHERE name=?", (to or row["state"], rec["round"], rec["ended"], _dumps(rounds), time.time(),
+                                        name))
+            params = {"from": row["state"], "round": rec["round"], "label": rec["label"], "bytes": rec["bytes"],
+                      "items": rec["items"], "duration_s": round(rec["ended"] - rec["started"], 3),
+                      "task": rec.get("task")}
+            _audit(db, f"migration.{to}" if to else "migration.round", name, params, "ok", actor)
+            return _migration_row(db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone())
+        return self._tx(tx)
+
+    def migration_changed(self, name: str, changed: dict) -> dict:
+        """The last measure of what changed on the source since the last round (bytes, items, at).
+        Not audited: a measure, it changes nothing."""
+        def tx(db: sqlite3.Connection) -> dict:
+            if db.execute("UPDATE migrations SET changed=? WHERE name=?", (_dumps(changed), name)).rowcount == 0:
+                raise PermanentError(f"no migration named {name!r}", "ferry migration list shows them")
+            return _migration_row(db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone())
+        return self._tx(tx)
+
 
 def _audit(db: sqlite3.Connection, action: str, target: str, params: dict | None, result: str,
            actor: str | None = None) -> None:
@@ -905,7 +953,7 @@ def _audit(db: sqlite3.Connection, action: str, target: str, params: dict | None
 
 def _migration_row(r: sqlite3.Row) -> dict:
     d = dict(r)
-    for k in ("spec", "assessment", "blockers", "warnings", "target", "cutover", "test"):
+    for k in ("spec", "assessment", "blockers", "warnings", "target", "cutover", "test", "rounds", "changed"):
         d[k] = _loads(d[k])
     return d
 

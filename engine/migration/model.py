@@ -55,7 +55,7 @@ TRANSITIONS: dict[MigrationState, frozenset[MigrationState]] = {
     S.PLANNED: frozenset({S.ASSESSED, S.ROLLED_BACK}),
     S.ASSESSED: frozenset({S.ASSESSED, S.PLANNED, S.TARGET_PREPARED, S.ROLLED_BACK}),
     S.TARGET_PREPARED: frozenset({S.INITIAL_SYNC, S.ROLLED_BACK}),
-    S.INITIAL_SYNC: frozenset({S.SYNCING, S.ROLLED_BACK}),
+    S.INITIAL_SYNC: frozenset({S.SYNCING, S.TARGET_PREPARED, S.ROLLED_BACK}),   # back: a first round cancelled
     S.SYNCING: frozenset({S.SYNCING, S.READY, S.ROLLED_BACK}),
     S.READY: frozenset({S.SYNCING, S.CUTTING_OVER, S.ROLLED_BACK}),
     S.CUTTING_OVER: frozenset({S.CUT_OVER, S.ROLLED_BACK}),
@@ -191,6 +191,28 @@ class PreparedTarget:
 
 
 @dataclass(frozen=True)
+class SyncRound:
+    """One sync round of a migration: what went from the source to the target, and how long it took."""
+    round: int                          # 1: the initial full round
+    label: str                          # initial, incremental (the cutover's: final online/offline sync)
+    started: float
+    ended: float
+    duration_s: float
+    bytes: int                          # what crossed from the source (the tar stream; block-level: chunks)
+    items: int                          # files, links and devices sent (block-level: chunks)
+    deleted: int = 0                    # files deleted on the target (gone from the source since the round before)
+    task: int | None = None
+
+
+@dataclass(frozen=True)
+class Change:
+    """What changed on the source since its last sync round, as a dry run there measured it at `at`."""
+    bytes: int
+    items: int
+    at: float
+
+
+@dataclass(frozen=True)
 class Migration:
     """A migration as stored: its spec and where it stands."""
     name: str
@@ -208,6 +230,12 @@ class Migration:
     target: PreparedTarget | None = None    # set once the target is prepared
     cutover: dict[str, Any] | None = None   # the cutover's steps, predicted and measured downtime
     test: dict[str, Any] | None = None      # the last test launch: passed, boot_s, checks_s, what was checked
+    rounds: tuple[SyncRound, ...] = ()      # the last sync rounds, oldest first (every one is in the audit log)
+    changed: Change | None = None           # the last measure of what changed since the last round
+    # Figures of the above, filled when read (sync.with_figures): the last measure's bytes, and the final
+    # sync's predicted duration (sync.predicted_final_sync_s says how)
+    bytes_changed_since: int | None = None
+    predicted_final_sync_s: float | None = None
 
 
 @dataclass(frozen=True)
