@@ -17,6 +17,7 @@ from .replicate import task as _replicate  # noqa: F401  (registers replicate.fi
 from .vm import kinds as _vm_kinds  # noqa: F401  (registers vm.*)
 from .migration import service as _migration_kinds  # noqa: F401  (registers migration.*)
 from .migration import prepare as _migration_prepare  # noqa: F401  (registers migration.prepare)
+from .migration import sync as _migration_sync  # noqa: F401  (registers migration.sync)
 from .vm.model import AgentReport, CPUHotAdd, ReconcileReport, TimeSync, VMSpec, VMView
 from .vm.prechecks import VMActionCheck, precheck, refused
 from .vm.service import VMService
@@ -438,7 +439,7 @@ class EngineClient:
 
 def _migration(row: dict) -> Migration:
     from .api import convert
-    return convert(row, Migration)
+    return _migration_sync.with_figures(convert(row, Migration))
 
 
 def _host_key(host: str, info: Any) -> HostKey:

@@ -118,6 +118,13 @@ def _show(m: api.Migration) -> str:
                   for d in pt.disks]
         lines += [f"  part     {p.device} {p.fstype} {fmt.size(p.size)} label {p.label}"
                   + (f" for {p.source}" if p.source else "") for p in pt.partitions]
+    lines += [f"  round    {r.round} {r.label}: {fmt.size(r.bytes)}, {r.items} file(s), {r.deleted} deleted, "
+              f"{r.duration_s:.1f} s ({fmt.stamp(r.ended)})" for r in m.rounds[-5:]]
+    if m.changed:
+        lines.append(f"changed    {fmt.size(m.changed.bytes)} in {m.changed.items} file(s) since the last round "
+                     f"(measured {fmt.stamp(m.changed.at)})")
+    if m.predicted_final_sync_s is not None:
+        lines.append(f"final sync about {fmt.duration(m.predicted_final_sync_s)} predicted")
     if m.override:
         lines.append(f"override   {m.override}")
     lines += [f"blocker    {b.name}: {b.message}" + (f" (hint: {b.hint})" if b.hint else "") for b in m.blockers]
@@ -209,6 +216,15 @@ def cmd_migration_report(args, ws: Workspace) -> int:
     return _ask(ws, go)
 
 
+def cmd_migration_sync(args, ws: Workspace) -> int:
+    from ferry.console.cli.vm import _run_task
+
+    def describe(info) -> str:
+        r = info.result or {}
+        return safe(f"{r.get('migration')}: {r.get('line')}; now {r.get('state')}")
+    return _run_task(ws, "migration.sync", {"migration": args.name}, args.json, describe)
+
+
 def cmd_migration_prepare(args, ws: Workspace) -> int:
     from ferry.console.cli.vm import _run_task
 
@@ -274,6 +290,10 @@ def add_parsers(sub) -> None:
     m.add_argument("--fingerprint", help="the SHA256 fingerprint checked on the source (no question asked)")
     m.add_argument("--yes", action="store_true", help="trust what the source presents without asking")
     m.set_defaults(func=cmd_migration_trust)
+    m = ms.add_parser("sync", help="a sync round: the receiver pulls from the source (the first round copies all)")
+    m.add_argument("name")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_migration_sync)
     m = ms.add_parser("prepare", help="make the target VM and boot it as the receiver at a temporary address")
     m.add_argument("name")
     m.add_argument("--address", metavar="CIDR", help="the receiver's temporary address (default: DHCP)")

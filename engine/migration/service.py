@@ -38,6 +38,17 @@ def source_transport(pool: Any, mig: Migration):
                         use_agent=pool.use_agent, connect_timeout=pool.connect_timeout)
 
 
+async def ensure_idle(store: Any, name: str, kind: str, own: int | None = None) -> None:
+    """Refused while another task works on the migration (a sync, a test launch, a cutover, ... of
+    the same migration never run at once; a paused or interrupted one counts: it goes on later)."""
+    busy = ("queued", "running", "waiting", "paused", "interrupted")
+    for row in await store.call(store.task_rows, states=busy):
+        if row["id"] != own and row["kind"].startswith("migration.") and row["kind"] != kind \
+                and (row["params"] or {}).get("migration") == name:
+            raise Refused(f"migration {name} is busy: task {row['id']} ({row['kind']}) is {row['state']}",
+                          f"wait for it (ferry task show {row['id']}), or cancel it")
+
+
 async def load(store: Any, name: str) -> Migration:
     row = await store.call(store.migration_row, name)
     if row is None:
