@@ -228,6 +228,7 @@ def test_rounds_pull_from_the_source_into_the_target_and_survive_a_cancel_and_a_
     assert m["predicted_final_sync_s"] is not None and m["predicted_final_sync_s"] >= 0
     shown = ferry(ws, "migration", "show", NAME).out
     assert "  round    2 incremental: " in shown and "changed    " in shown
+    print(shown)        # (the rounds' figures, with -s)
     audit = [a for a in ok(ws, "audit") if a["target"] == NAME and a["action"].startswith("migration.")]
     assert audit[0]["action"] == "migration.round" and audit[0]["params"]["round"] == 2
     assert audit[1]["action"] == "migration.syncing" and audit[1]["params"]["round"] == 1
@@ -257,3 +258,27 @@ def test_rounds_pull_from_the_source_into_the_target_and_survive_a_cancel_and_a_
     # Ferry's own folder on the source and the plan's excludes are not copied
     left = on_receiver(ws, target, READ_ONLY, 'ls -A "$1/var/lib" "$1/var/cache/apt" "$1/tmp"')
     assert "ferry-migration" not in left and "ferry-test.bin" not in left and "scratch.txt" not in left, left
+
+
+def test_the_final_sync_is_predicted_from_the_rounds_throughput_and_the_change_rate():
+    from ferry.engine.migration.model import (Change, Migration, MigrationSpec, MigrationState, SourceSpec, SyncRound,
+                                              TargetSpec)
+    from ferry.engine.migration.sync import predicted_final_sync_s
+
+    def rnd(k, started, seconds, nbytes):
+        return SyncRound(k, "initial" if k == 1 else "incremental", started, started + seconds, seconds, nbytes, 1)
+    M = 1 << 20
+    # 400 MiB in 105 s, 20 MiB in 10 s: 4 MiB/s and a 5 s walk
+    rounds = (rnd(1, 1000.0, 105.0, 400 * M), rnd(2, 4600.0, 10.0, 20 * M))
+    mig = Migration("m", "w", MigrationSpec(SourceSpec("10.0.0.1"), TargetSpec("h", "d", "n")), MigrationState.SYNCING,
+                    0, 0, round=2, last_sync=4610.0, rounds=rounds)
+    # no measure: 20 MiB came in the 3600 s between the two rounds' snapshots; an hour later as much again
+    assert predicted_final_sync_s(mig, now=4600.0 + 3600) == pytest.approx(5 + 20 / 4, abs=0.1)
+    # measured: 8 MiB 1800 s after the snapshot; 1800 s later 16 MiB
+    measured = Migration(**{**mig.__dict__, "changed": Change(8 * M, 3, 4600.0 + 1800)})
+    assert predicted_final_sync_s(measured, now=4600.0 + 3600) == pytest.approx(5 + 16 / 4, abs=0.1)
+    # offline: what changes while that online round (9 s) runs, at 8 MiB / 1800 s: 5 s walk and next to no bytes
+    assert predicted_final_sync_s(measured, offline=True, now=4600.0 + 3600) == pytest.approx(5.0, abs=0.1)
+    # one round only, nothing measured: no change rate, no prediction
+    first = Migration(**{**mig.__dict__, "rounds": rounds[:1], "round": 1, "last_sync": 1105.0})
+    assert predicted_final_sync_s(first, now=2000.0) is None
