@@ -482,7 +482,10 @@ async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
     try:
         ctx.progress(item=f"round {k} ({label}): looking for its pull in the receiver", units_done=0,
                      units_total=len(units), bytes_done=0)
-        state = await _poll(mig, rx, sdir, token)
+        try:
+            state = await _poll(mig, rx, sdir, token)
+        except FerryError as e:
+            raise _receiver_error(mig, e) from None
         if state.gone:
             started = time.time()
             ctx.progress(item=f"round {k}: mounting the target, authorizing the pull key on the source")
@@ -523,8 +526,11 @@ async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
     finally:
         await asyncio.gather(rx.close(), src.close(), return_exceptions=True)
     if measure_after:
-        change = await changed_since(svc, done)
-        ctx.log(f"changed on the source while round {k} ran: {_size(change.bytes)} in {change.items} file(s)")
+        try:
+            change = await changed_since(svc, done)
+            ctx.log(f"changed on the source while round {k} ran: {_size(change.bytes)} in {change.items} file(s)")
+        except FerryError as e:     # the round is done and recorded: a measure that failed changes nothing
+            ctx.log(f"could not measure what changed on the source while round {k} ran: {e.message}", "warning")
     return next((r for r in reversed(done.rounds) if r.round == k), rec)
 
 
