@@ -165,6 +165,12 @@ class EngineCalls:
     async def migration_report(self, name: str) -> str:
         return await self._call("migration_report", name=name)
 
+    async def migration_cutover_summary(self, name: str) -> dict:
+        return await self._call("migration_cutover_summary", name=name)
+
+    async def migration_cancel_cutover(self, name: str, reason: str) -> int | None:
+        return await self._call("migration_cancel_cutover", name=name, reason=reason)
+
     # ------------------------------------------------------------------ the network lab
 
     async def lab_up(self) -> api.LabStatus:

@@ -18,6 +18,8 @@ from .vm import kinds as _vm_kinds  # noqa: F401  (registers vm.*)
 from .migration import service as _migration_kinds  # noqa: F401  (registers migration.*)
 from .migration import prepare as _migration_prepare  # noqa: F401  (registers migration.prepare)
 from .migration import sync as _migration_sync  # noqa: F401  (registers migration.sync)
+from .migration import testlaunch as _migration_test  # noqa: F401  (registers migration.test)
+from .migration import cutover as _migration_cutover  # noqa: F401  (registers migration.cutover|rollback|finalize)
 from .vm.model import AgentReport, CPUHotAdd, ReconcileReport, TimeSync, VMSpec, VMView
 from .vm.prechecks import VMActionCheck, precheck, refused
 from .vm.service import VMService
@@ -410,6 +412,21 @@ class EngineClient:
         """The last assessment of the migration as Markdown (Refused before one was made)."""
         from .migration.service import report
         return report(await self.migration_get(name))
+
+    async def migration_cutover_summary(self, name: str) -> dict[str, Any]:
+        """What the cutover's confirmation shows: last sync's age, data changed since, the predicted
+        downtime in parts, the last test launch, the network check, blockers and the steps."""
+        from .migration.cutover import summary
+        return summary(await self.migration_get(name))
+
+    async def migration_cancel_cutover(self, name: str, reason: str) -> int | None:
+        """A running cutover of the migration cancelled (its rollback restores the source): its task's
+        id; None when no cutover task is under way."""
+        for info in await self.engine.list(states=("queued", "running", "waiting", "paused", "interrupted")):
+            if info.kind == "migration.cutover" and info.params.get("migration") == name:
+                await self.engine.cancel(info.id, reason=reason)
+                return info.id
+        return None
 
     # ------------------------------------------------------------------ leftovers
 

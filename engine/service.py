@@ -50,6 +50,7 @@ CALLS = frozenset({
     "get_setting", "set_setting", "audit", "audit_log", "gc", "host_key", "trust_host", "precheck",
     "vm_actions", "lab_up", "lab_down", "lab_status", "plan_check", "plan_apply", "migration_list",
     "migration_get", "migration_source_key", "trust_migration_source", "migration_override", "migration_report",
+    "migration_cutover_summary", "migration_cancel_cutover",
 })
 
 

@@ -349,11 +349,13 @@ async def test_the_cutover_screen_shows_the_summary_and_starts_only_on_the_exact
         tasks = [t for t in await cut_client.list_tasks() if t.kind == "migration.cutover"]
         assert [(t.params["migration"], t.params["confirm"]) for t in tasks] == [("web01", "web01")]
         assert not app.screen.query_one("#cutover-confirm").display
-        # No receiver answers here: the first step fails, and the screen says so with the task's error.
-        await until(pilot, lambda: "✖ final incremental sync while the source runs" in screen_text(app),
-                    timeout=60, what="the first step failed")
+        # No receiver answers here: the first step fails, the cutover rolls back (nothing on the source was
+        # touched yet) and the screen says so with the task's error.
+        await until(pilot, lambda: "↩ final incremental sync while the source runs" in screen_text(app),
+                    timeout=60, what="the first step failed and rolled back")
         text = screen_text(app)
         assert f"task #{tasks[0].id} cut web01 over" in text and "✖ failed" in text, text
+        assert "↩ rolled back" in text, text
         assert "○ go live" in text and "Traceback" not in text
 
 
@@ -390,4 +392,4 @@ async def test_a_cutover_under_way_shows_each_step_live_and_b_asks_for_the_name(
                     what="the rollback task")
         rb = next(t for t in await cut_client.list_tasks() if t.kind == "migration.rollback")
         assert rb.params["migration"] == "db01"
-        await until(pilot, lambda: f"task #{rb.id} roll db01 back" in screen_text(app), what="the screen follows it")
+        await until(pilot, lambda: f"task #{rb.id} roll back db01" in screen_text(app), what="the screen follows it")

@@ -248,6 +248,103 @@ def cmd_migration_prepare(args, ws: Workspace) -> int:
     return _run_task(ws, "migration.prepare", params, args.json, describe)
 
 
+def cmd_migration_test(args, ws: Workspace) -> int:
+    from ferry.console.cli.vm import _run_task
+
+    def describe(info) -> str:
+        r = info.result or {}
+        checks = [f"{s} {v}" for s, v in (r.get("services") or {}).items()] + \
+                 [f"port {p} {'listens' if o else 'closed'}" for p, o in (r.get("ports") or {}).items()]
+        verdict = "passed: ready for cutover" if r.get("passed") else "FAILED"
+        return safe(f"{r.get('migration')}: test launch {verdict}; the copy booted in {r.get('boot_s')} s"
+                    + (f"; {', '.join(checks)}" if checks else "") + "; the copy is removed")
+    return _run_task(ws, "migration.test", {"migration": args.name}, args.json, describe)
+
+
+def _cutover_screen(s: dict) -> str:
+    """The confirmation screen of a cutover, as text."""
+    p = s["predicted_downtime"]
+    parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:g} s" for k, v in p["parts"].items()
+                      if v is not None)
+    test = s.get("test") or {}
+    lines = [
+        f"cutover of {s['migration']} ({s['state']}, round {s['round']})",
+        f"last sync       {fmt.duration(s['last_sync_age_s']) + ' ago' if s['last_sync_age_s'] is not None else 'never'}",
+        f"changed since   {fmt.size(s['bytes_changed_since']) if s['bytes_changed_since'] is not None else 'not measured'}",
+        f"downtime        about {p['total_s']:g} s predicted ({parts})"
+        + ("" if p["boot_measured"] else "; boot time guessed: no test launch measured it"),
+        "test launch     " + (("passed" if test.get("passed") else "FAILED") + f", booted in {test.get('boot_s')} s "
+                               f"({fmt.stamp(test.get('at'))})" if test else "none"),
+        f"network         {s.get('network') or 'not measured'}",
+    ]
+    lines += [f"blocker         {b['name']}: {b['message']}" for b in s["blockers"]]
+    lines += [f"warning         {w['name']}: {w['message']}" for w in s["warnings"]]
+    lines.append("steps:")
+    lines += [f"  {i + 1:2}. {st['title']}  (rollback: {st['rollback']})" for i, st in enumerate(s["steps"])]
+    return "\n".join(lines)
+
+
+def cmd_migration_cutover(args, ws: Workspace) -> int:
+    """Shows the confirmation screen, then runs the runbook once the migration's name is typed (or given
+    with --confirm NAME)."""
+    from ferry.console.cli.vm import _run_task
+
+    async def screen(client) -> int:
+        s = await client.migration_cutover_summary(args.name)
+        if not args.json:
+            print(safe(_cutover_screen(s)))
+        typed = args.confirm
+        if typed is None:
+            if not sys.stdin.isatty():
+                print(f"ferry: a cutover is confirmed by typing the migration's name (hint: ferry migration cutover "
+                      f"{args.name} --confirm {args.name})", file=sys.stderr)
+                return EXIT_CONFIG
+            typed = input(f"type {args.name} to cut it over: ").strip()
+        if typed != args.name:
+            print(f"ferry: {typed!r} is not {args.name!r}: nothing was done", file=sys.stderr)
+            return EXIT_CONFIG
+        return EXIT_OK
+
+    code = _ask(ws, screen)
+    if code != EXIT_OK:
+        return code
+
+    def describe(info) -> str:
+        r = info.result or {}
+        p = r.get("predicted_downtime") or {}
+        return safe(f"{r.get('migration')} is live at {r.get('address')}: downtime {r.get('measured_downtime_s')} s "
+                    f"(predicted {p.get('total_s')} s); the source is parked with its services stopped "
+                    f"(ferry migration finalize {r.get('migration')})")
+    return _run_task(ws, "migration.cutover", {"migration": args.name, "confirm": args.name}, args.json, describe)
+
+
+def cmd_migration_rollback(args, ws: Workspace) -> int:
+    """A running cutover is cancelled (its own rollback runs); otherwise the rollback task."""
+    from ferry.console.cli.vm import _run_task
+
+    async def cancel(client) -> int:
+        tid = await client.migration_cancel_cutover(args.name, "rolled back by the operator")
+        if tid is None:
+            return -1
+        print(f"{args.name}: cutover task {tid} cancelled; its rollback restores the source "
+              f"(ferry task show {tid})")
+        return EXIT_OK
+    code = _ask(ws, cancel)
+    if code != -1:
+        return code
+    return _run_task(ws, "migration.rollback", {"migration": args.name}, args.json,
+                     lambda info: safe(f"{args.name} rolled back: the source runs as before at "
+                                       f"{(info.result or {}).get('source')}"))
+
+
+def cmd_migration_finalize(args, ws: Workspace) -> int:
+    from ferry.console.cli.vm import _run_task
+    params = {"migration": args.name, "keep_source_running": args.keep_source_running}
+    return _run_task(ws, "migration.finalize", params, args.json,
+                     lambda info: safe(f"{args.name} finalized: Ferry's files left the source, which "
+                                       + ("shuts down" if (info.result or {}).get("source_stopped") else "keeps running")))
+
+
 def add_parsers(sub) -> None:
     s = sub.add_parser("plan", help="migration plans: check or apply a wave's plan file (TOML)")
     ps = s.add_subparsers(dest="plan_command", metavar="ACTION", required=True)
@@ -300,3 +397,21 @@ def add_parsers(sub) -> None:
     m.add_argument("--gateway", metavar="ADDRESS", help="with --address: its default gateway")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_migration_prepare)
+    m = ms.add_parser("test", help="test launch: a throw-away copy of the target boots isolated and is checked")
+    m.add_argument("name")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_migration_test)
+    m = ms.add_parser("cutover", help="the cutover runbook, after a confirmation screen (type the name)")
+    m.add_argument("name")
+    m.add_argument("--confirm", metavar="NAME", help="the migration's name, typed: no question asked")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_migration_cutover)
+    m = ms.add_parser("rollback", help="back to the source: a running cutover is cancelled and rolled back")
+    m.add_argument("name")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_migration_rollback)
+    m = ms.add_parser("finalize", help="after go-live: Ferry's files leave the source, which shuts down")
+    m.add_argument("name")
+    m.add_argument("--keep-source-running", action="store_true", help="leave the (parked) source running")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_migration_finalize)

@@ -56,6 +56,26 @@ async def load(store: Any, name: str) -> Migration:
     return api.convert(row, Migration)
 
 
+class MigrationKind(TaskKind):
+    """A task on one migration: its name is params["migration"]; one such job at a time (dedup), and
+    ensure_idle keeps two kinds of them from running at once."""
+    verb = ""               # the title: "<verb> NAME"
+    usage = ""              # the command, for a missing name
+
+    def validate(self, params: dict[str, Any]) -> None:
+        if not params.get("migration"):
+            raise PermanentError(f"{self.verb} needs a migration's name", self.usage)
+
+    def hosts(self, params: dict[str, Any]) -> list[str]:
+        return []
+
+    def title(self, params: dict[str, Any]) -> str:
+        return f"{self.verb} {params['migration']}"
+
+    def dedup_key(self, params: dict[str, Any]) -> str | None:
+        return f"migration:{params['migration']}"
+
+
 @register
 class AssessMigration(TaskKind):
     name = "migration.assess"
