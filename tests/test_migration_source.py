@@ -29,10 +29,10 @@ from harness.netlab import netlab_workspace
 from harness.qemu import image_cache
 from harness.waiting import until
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(
     os.geteuid() != 0 or not all(shutil.which(t) for t in ("qemu-system-x86_64", "mmdebstrap", "dnsmasq")),
     reason="needs root (mmdebstrap's chroot, namespaces, taps), qemu-system-x86_64, mmdebstrap and dnsmasq "
-           "(scripts/bootstrap.sh install)")
+           "(scripts/bootstrap.sh install)")]
 
 NAME = "web01"
 NOBODY_MAC = "02:fe:00:00:00:01"        # a locally administered MAC no NIC of the lab has

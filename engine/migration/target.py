@@ -47,8 +47,11 @@ root=$1 mac=$2 addr=$3 gw=$4 dns=$5 name=$6; shift 6
 R=$(awk -v d="$root" '$1 == d { print $2; exit }' /proc/mounts)
 if [ -z "$R" ]; then R=/mnt/ferry-boot; mkdir -p "$R"; mount -t ext4 "$root" "$R"; fi
 F="$R/etc/fstab"
-if [ -f "$F" ]; then
-  head -n1 "$F" | grep -q '^# ferry: rewritten' || cp -p "$F" "$F.ferry-source"
+ours=no; head -n1 "$F" 2>/dev/null | grep -q '^# ferry: rewritten' && ours=yes
+if [ $ours = yes ] && [ ! -f "$F.ferry-source" ]; then
+  : # rewritten for these partitions already (the copy of the source's file went with a sync round)
+elif [ -f "$F" ]; then
+  [ $ours = yes ] || cp -p "$F" "$F.ferry-source"
   awk -v words="$*" '
     BEGIN { n = split(words, w, " "); for (i = 1; i <= n; i++) {
               if (substr(w[i], 1, 1) == "-") merged[substr(w[i], 2)] = 1
@@ -66,7 +69,11 @@ for k in "$R"/root/.ssh/authorized_keys "$R"/home/*/.ssh/authorized_keys; do
   [ -f "$k" ] && grep -q " ferry-migration:$name\$" "$k" && sed -i "/ ferry-migration:$name\$/d" "$k"
 done
 kind=none
-wants=$(ls "$R"/etc/systemd/system/*.wants/systemd-networkd.service 2>/dev/null || true)
+# (the enablement links are absolute: dangling here, so tested with -L, never followed)
+wants=
+for f in "$R"/etc/systemd/system/*.wants/systemd-networkd.service; do
+  if [ -L "$f" ] || [ -e "$f" ]; then wants=yes; fi
+done
 if [ -n "$wants" ] && [ -d "$R/etc/systemd/network" ]; then
   kind=networkd
   f="$R/etc/systemd/network/05-ferry-final.network"
@@ -96,6 +103,36 @@ sync
 """
 
 
+# In the receiver ($1 root partition): what BOOTPREP wrote taken back (the source's fstab in place, the
+# final address's files gone), so the synced tree is the source's again; the filesystems unmounted.
+REVERT = r"""
+set -e
+root=$1
+R=$(awk -v d="$root" '$1 == d { print $2; exit }' /proc/mounts)
+if [ -z "$R" ]; then R=/mnt/ferry-boot; mkdir -p "$R"; mount -t ext4 "$root" "$R"; fi
+F="$R/etc/fstab"
+[ -f "$F.ferry-source" ] && mv "$F.ferry-source" "$F"
+rm -f "$R/etc/systemd/network/05-ferry-final.network" "$R/etc/systemd/network/05-ferry-final.link" \
+      "$R/etc/network/interfaces.d/ferry-final"
+sync
+for m in $(awk '$1 ~ "^/dev/vd" { print $2 }' /proc/mounts | sort -r); do umount "$m"; done
+sync
+"""
+
+
+async def revert_boot(rt, mig: Migration) -> None:
+    """Undo prepare_boot in the receiver (after a test launch copied the disks): the next sync rounds
+    see the source's files, not Ferry's."""
+    root = next((p.device for p in mig.target.partitions if p.source == "/"), None)
+    if root is None:
+        return
+    try:
+        await rt.run(["sh", "-c", REVERT, "ferry-revert", root], timeout=300, check=True)
+    except FerryError as e:
+        raise PermanentError(f"taking the test launch's changes back in the receiver of {mig.name} failed: "
+                             f"{e.message}", e.hint) from None
+
+
 def final_interface(mig: Migration, prefix: int | None) -> str:
     """The target's final address with its prefix: the plan's, else the source's address (the prefix
     its interface has)."""
@@ -118,6 +155,8 @@ async def prepare_boot(rt, mig: Migration, mac: str, address: str, gateway: str 
         raise PermanentError(f"the target of {mig.name} has no partition taking the source's /",
                              "file-level targets take / on their first disk; prepare it again")
     dns = ",".join(mig.spec.final.dns) or "-"
+    from .prepare import _answering
+    await _answering(rt, mig.target)         # a busy receiver may take a moment to take the connection
     try:
         r = await rt.run(["sh", "-c", BOOTPREP, "ferry-bootprep", root, mac, address, gateway or "-", dns, mig.name,
                           *fstab_words(mig)], timeout=300, check=True)

@@ -8,7 +8,8 @@ afterwards, however the task ends (its files are tracked as temporary).
 1. In the receiver: the target made bootable as the cutover makes it (target.prepare_boot: fstab by UUID,
    the final address for the target's MAC) and its filesystems unmounted and flushed: the disks are clean.
 2. Each target disk copied (`qemu-img convert -U`: a full, independent copy, never a backing chain on a
-   disk the receiver keeps writing).
+   disk the receiver keeps writing); then step 1 taken back (target.revert_boot), so the sync rounds go
+   on over the source's own files.
 3. The copy boots the live image's kernel into its root (as the target will) with the target's MAC on a
    restricted user-mode NIC: it has the final address, but nothing outside its own QEMU can reach it or
    be reached from it. No address conflict, no write to anything real.
@@ -21,6 +22,7 @@ afterwards, however the task ends (its files are tracked as temporary).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from dataclasses import replace
 from pathlib import PurePosixPath
@@ -74,7 +76,8 @@ class TestLaunch(MigrationKind):
         vm = VMSpec.from_dict(row["spec"])
         h = svc.host(vm.host)
         mac = h.nics(vm)[0].mac
-        copy = replace(vm, id=f"{vm.id}-test", name=f"{vm.name}-test")
+        # An id of its own (its QEMU's name, pid file and sockets come from the id's first 8 digits).
+        copy = replace(vm, id=hashlib.sha256(f"{vm.id}-test".encode()).hexdigest()[:32], name=f"{vm.name}-test")
         await _remove_copy(ctx, h, copy)            # a run killed before left one behind
 
         ctx.progress(measured=False, item="making the target bootable in the receiver", units_done=0, units_total=4)
@@ -86,12 +89,19 @@ class TestLaunch(MigrationKind):
             await rt.close()
 
         disks = []
-        for i, d in enumerate(vm.disks):
-            path = str(PurePosixPath(d.path).with_name(f".{PurePosixPath(d.path).stem}.test-copy.qcow2"))
-            ctx.progress(item=f"copying {d.name}", units_done=1)
-            await ctx.track(h.name, path)
-            await h.qemu_img("convert", "-U", "-O", "qcow2", d.path, path, timeout=3600)
-            disks.append(LiveDisk(path, "qcow2", d.bus))
+        try:
+            for i, d in enumerate(vm.disks):
+                path = str(PurePosixPath(d.path).with_name(f".{PurePosixPath(d.path).stem}.test-copy.qcow2"))
+                ctx.progress(item=f"copying {d.name}", units_done=1)
+                await ctx.track(h.name, path)
+                await h.qemu_img("convert", "-U", "-O", "qcow2", d.path, path, timeout=3600)
+                disks.append(LiveDisk(path, "qcow2", d.bus))
+        finally:
+            rt = receiver_transport(svc, mig.target)
+            try:
+                await tgt.revert_boot(rt, mig)      # the target's tree is the source's again for the syncs
+            finally:
+                await rt.close()
 
         ctx.progress(item=f"booting the copy {copy.name} (isolated)", units_done=2)
         image = await h.live_image(await svc.image())

@@ -1,0 +1,71 @@
+"""Server migration end to end, predicted against measured (issue 13): `python bench/migration.py`.
+
+Runs the suite's end-to-end tests marked e2e (`-m e2e`): the Debian source server itself
+(tests/test_debsource.py), the source's side of a cutover with its go-live timer really running out
+(tests/test_migration_source.py), and a migration to go-live (tests/test_migration_cutover.py: assessed,
+prepared, synced twice, test-launched, cut over, finalized), then prints the last one's figures:
+- the initial sync: the assessment's estimate (at the bandwidth the network check measured) against the
+  measured round;
+- the cutover's downtime: predicted (its parts: final offline sync, switch, boot, checks) against
+  measured, part by part from the steps' own durations;
+- the bytes that crossed this machine (its leg on the VM network, both ways) against the bytes moved:
+  the data goes source -> receiver directly (target: under 1%).
+Needs root and the bootstrap's tools (scripts/bootstrap.sh install); takes about fifteen minutes here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ratio(measured: float | None, predicted: float | None) -> str:
+    if not measured or not predicted:
+        return "n/a"
+    return f"{predicted / measured:.2f} (error {100 * (predicted - measured) / measured:+.0f}%)"
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "figures.json"
+        env = {**os.environ, "FERRY_BENCH_OUT": str(out)}
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-m", "e2e", "-p", "no:cacheprovider",
+                            "tests/test_debsource.py", "tests/test_migration_source.py",
+                            "tests/test_migration_cutover.py"], cwd=ROOT, env=env)
+        if not out.exists():
+            print("bench/migration.py: the run recorded no figures", file=sys.stderr)
+            return 1
+        f = json.loads(out.read_text())
+    print("\n== server migration (Debian 12 source, file-level, lab) ==")
+    mib = 1 << 20
+    print(f"initial sync     {f['initial_sync_bytes'] / mib:.1f} MiB in {f['initial_sync_s']:.1f} s; "
+          f"assessment estimate {f.get('initial_sync_estimate_s') or 0:.1f} s -> predicted/measured "
+          f"{ratio(f['initial_sync_s'], f.get('initial_sync_estimate_s'))}")
+    print(f"incremental      {f['incremental_bytes'] / mib:.1f} MiB in {f['incremental_s']:.1f} s")
+    if "downtime_s" in f:
+        p, s = f["predicted_downtime"], f["steps"]
+        measured_parts = {
+            "final_sync_s": s["stop_services"] + s["offline_sync"],
+            "switch_s": s["park"] + s["switch_boot"],
+            "boot_s": s["start_target"],
+            "checks_s": s["remove_tools"] + s["guest_agent"] + s["final_address"] + s["check_service"],
+        }
+        print(f"downtime         measured {f['downtime_s']:.1f} s, predicted {p['total_s']:.1f} s -> "
+              f"predicted/measured {ratio(f['downtime_s'], p['total_s'])}")
+        for k, v in measured_parts.items():
+            print(f"  {k.removesuffix('_s'):12} measured {v:6.1f} s   predicted {p['parts'].get(k) or 0:6.1f} s")
+        print(f"  (test launch measured the copy's boot at {f.get('test_boot_s')} s)")
+    moved, crossed = f["moved_bytes"], f["crossed_bytes"]
+    print(f"this machine     {crossed / mib:.2f} MiB crossed it of {moved / mib:.1f} MiB moved "
+          f"({100 * crossed / moved:.2f}%; target under 1%)")
+    return r.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
