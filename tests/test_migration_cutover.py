@@ -158,6 +158,9 @@ def test_the_cutover_puts_the_target_at_the_sources_address_and_parks_the_source
            test_boot_s=m["test"]["boot_s"])
 
     # The machine at the source's old address is the target: another MAC, the same page, alice's files.
+    # (The lab switch's neighbour cache may still hold the source's MAC a few seconds: no gratuitous ARP.)
+    until_sync(lambda: source.ssh("true", timeout=30).returncode == 0, timeout=60,
+               what="the target to answer at the source's address from the lab's switch")
     target_mac = on(source, "cat /sys/class/net/*/address").split()
     assert not set(source_mac) & set(target_mac) - {"00:00:00:00:00:00"}
     assert hashlib.sha256(source.fetch("/")).hexdigest() == PAGE_SHA256
