@@ -28,7 +28,7 @@ import pytest
 from harness.cli import ferry
 from harness.debsource import ALICE_FILES, PAGE_SHA256, import_source, source_image, start_source
 from harness.lab import ok
-from harness.netlab import netlab_workspace
+from harness.netlab import leg_bytes, netlab_workspace
 from harness.qemu import image_cache
 from harness.waiting import until_sync
 
@@ -79,13 +79,6 @@ def lab():
 
 
 FIGURES: dict = {}      # what bench/migration.py prints (written to $FERRY_BENCH_OUT when it is set)
-
-
-def leg_bytes(lab) -> int:
-    """Bytes this machine's leg on the VM network carried, both ways (control traffic: the data goes
-    source -> receiver on the lab's switch)."""
-    stats = Path("/sys/class/net") / lab.vm_leg / "statistics"
-    return int((stats / "rx_bytes").read_text()) + int((stats / "tx_bytes").read_text())
 
 
 def record(**figures) -> None:

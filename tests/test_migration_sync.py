@@ -29,7 +29,7 @@ from harness.chaos import kill_at
 from harness.cli import ferry
 from harness.debsource import ALICE_FILES, ALICE_UID, PAGE_PATH, import_source, source_image, start_source
 from harness.lab import ok
-from harness.netlab import netlab_workspace
+from harness.netlab import leg_bytes, netlab_workspace
 from harness.qemu import image_cache
 from harness.waiting import until_sync
 
@@ -160,12 +160,6 @@ def _logged(ws: Path, task_id: int, like: str) -> bool:
             is not None
     finally:
         con.close()
-
-
-def leg_bytes(lab) -> int:
-    """Bytes this machine's leg on the VM network carried, both ways."""
-    stats = Path("/sys/class/net") / lab.vm_leg / "statistics"
-    return int((stats / "rx_bytes").read_text()) + int((stats / "tx_bytes").read_text())
 
 
 def test_sync_before_the_target_is_prepared_is_refused(lab):

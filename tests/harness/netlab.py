@@ -81,3 +81,10 @@ async def guest_sh(ws: Path, name: str, script: str, timeout: float = 60) -> tup
     async with await GuestAgent.open(LocalTransport(), str(sock), name=name, timeout=10) as ga:
         r = await ga.exec("/bin/sh", ["-c", script], timeout=timeout)
     return r.exitcode, (r.stdout + r.stderr).decode(errors="replace")
+
+
+def leg_bytes(lab: NetLab) -> int:
+    """Bytes this machine's leg on the lab's VM network carried, both ways: what crossed the machine
+    running Ferry (control traffic, when the data goes host to host on the lab's switch)."""
+    stats = Path("/sys/class/net") / lab.vm_leg / "statistics"
+    return int((stats / "rx_bytes").read_text()) + int((stats / "tx_bytes").read_text())
