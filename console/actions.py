@@ -204,6 +204,10 @@ CATALOGUE: tuple[Action, ...] = (
            "(asks first)", "migrations", changes=True, palette="Finalize the selected migration…"),
     # (`ferry migration finalize` once the CLI takes its help line from here: its own has an apostrophe,
     # which zsh's completion escapes)
+    Action("new_migration", "migrations.new", "N", "New…",
+           "The migration wizard: a migration written into its wave's plan file (the engine checks it first, "
+           "as ferry plan check does), then applied if you want", "migrations", show=True, changes=True,
+           palette="New migration… (the wizard writes the wave's plan file)"),
     Action("filter", "migrations.filter", "slash", "Filter",
            "Filter the migrations: a part of a name, a wave, a state or a host (esc clears it)", "migrations",
            show=True, palette="Filter the migrations"),

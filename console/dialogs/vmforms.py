@@ -15,7 +15,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.content import Content
-from textual.screen import ModalScreen
+from textual.screen import ModalScreen, Screen
 from textual.widgets import Button, Checkbox, Input, Select, Static
 
 from ferry.console.dialogs.modals import esc, production_line
@@ -37,6 +37,25 @@ class Field:
     options: tuple[tuple[str, str], ...] = ()           # select: (shown, value)
     placeholder: str = ""                               # text: shown while empty; check: its label
     restrict: str | None = None                         # text: allowed characters (a regex)
+
+
+def field_widget(f: Field) -> Input | Select | Checkbox:
+    """The widget of one form field (id f-KEY, class form-field)."""
+    if f.kind == "select":
+        return Select(f.options, value=f.value, allow_blank=False, compact=True, id=f"f-{f.key}", classes="form-field")
+    if f.kind == "check":
+        return Checkbox(f.placeholder, bool(f.value), compact=True, id=f"f-{f.key}", classes="form-field")
+    return Input(str(f.value), placeholder=f.placeholder, restrict=f.restrict, compact=True, id=f"f-{f.key}",
+                 classes="form-field")
+
+
+def form_values(screen: Screen, fields: list[Field]) -> dict:
+    """The fields' values as shown on `screen` (text stripped)."""
+    out: dict = {}
+    for f in fields:
+        w = screen.query_one(f"#f-{f.key}")
+        out[f.key] = w.value.strip() if isinstance(w, Input) else w.value
+    return out
 
 
 class FormScreen(ModalScreen[dict | None]):
@@ -66,15 +85,7 @@ class FormScreen(ModalScreen[dict | None]):
             for f in self.fields:
                 with Horizontal(classes="form-row"):
                     yield Static(Content(f.label), classes="form-label")
-                    if f.kind == "select":
-                        yield Select(f.options, value=f.value, allow_blank=False, compact=True, id=f"f-{f.key}",
-                                     classes="form-field")
-                    elif f.kind == "check":
-                        yield Checkbox(f.placeholder, bool(f.value), compact=True, id=f"f-{f.key}",
-                                       classes="form-field")
-                    else:
-                        yield Input(str(f.value), placeholder=f.placeholder, restrict=f.restrict, compact=True,
-                                    id=f"f-{f.key}", classes="form-field")
+                    yield field_widget(f)
             yield Static("", id="form-error")
             with Horizontal(id="dialog-buttons"):
                 yield Button("Back", id="cancel", compact=True)
@@ -82,11 +93,7 @@ class FormScreen(ModalScreen[dict | None]):
             yield Static("enter: OK · tab: next field · esc: back", id="dialog-help")
 
     def values(self) -> dict:
-        out: dict = {}
-        for f in self.fields:
-            w = self.query_one(f"#f-{f.key}")
-            out[f.key] = w.value.strip() if isinstance(w, Input) else w.value
-        return out
+        return form_values(self, self.fields)
 
     def submit(self) -> None:
         self.run_worker(self._submit(self.values()), name="form check", group="form-check", exclusive=True,

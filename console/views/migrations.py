@@ -3,7 +3,9 @@ and diffed (console/widgets/table.py), with the selected one's details below; `/
 a state, a host), `a` assesses (a task, followed in the Tasks view), `R` shows the assessment
 report full screen, `n` overrides a failed network check with a reason (audited), `s` runs a sync
 round, `t` a test launch, `c` opens the cutover screen (console/dialogs/cutover.py: the summary and
-the name typed, then the steps live), `b` rolls back (the name typed), `F` finalizes after go-live.
+the name typed, then the steps live), `b` rolls back (the name typed), `F` finalizes after go-live,
+`N` opens the wizard (console/dialogs/wizard.py: a migration saved into its wave's plan file, checked,
+then applied if asked; the new migration gets the cursor).
 Each asks the engine's precheck first: a refusal is one line with its hint, and nothing starts.
 
 The list is asked for through the engine client only: one poll at a time, the next one POLL_S after
@@ -54,6 +56,7 @@ FINALIZE = "migration.finalize"
 SAID = {ASSESS: ("Assess", "assessed"), SYNC: ("Sync", "synced"), TEST: ("Test launch", "test-launched"),
         CUTOVER: ("Cutover", "cut over"), ROLLBACK: ("Rollback", "rolled back"), FINALIZE: ("Finalize", "finalized")}
 PREDICTED = (MigrationState.SYNCING, MigrationState.READY)
+NONE_YET = "no migrations yet: N opens the wizard; `ferry plan apply FILE` records a wave's plan"
 COLUMNS = (
     Column("name", "NAME", flex=True, least=8),
     Column("wave", "WAVE", cap=14),
@@ -152,6 +155,7 @@ class MigrationsView(ViewBase, Vertical):
         self.mine: dict[int, str] = {}       # tasks submitted here -> migration
         # name -> (when asked, the record's `updated` it was asked for, predicted downtime in s or None)
         self.predictions: dict[str, tuple[float, float, float | None]] = {}
+        self.select_next: str | None = None  # the migration the wizard just applied: the cursor goes to it
 
     # ------------------------------------------------------------------ layout and lifecycle
 
@@ -314,6 +318,8 @@ class MigrationsView(ViewBase, Vertical):
         for name, m in self.migrations.items():
             table.put(name, self.row(m))
         table.commit()
+        if self.select_next is not None and table.select(self.select_next):
+            self.select_next = None
         self._follow_cursor()
         self.render_status()
 
@@ -356,8 +362,7 @@ class MigrationsView(ViewBase, Vertical):
         self._shown_record = m
         page = self.query_one("#migration-detail", Page)
         if m is None:
-            text = ("[$text-muted]no migrations yet: `ferry plan apply FILE` records a wave's plan[/]"
-                    if not self.migrations else "[$text-muted]no migration selected[/]")
+            text = f"[$text-muted]{NONE_YET}[/]" if not self.migrations else "[$text-muted]no migration selected[/]"
             page.update(Content.from_markup(text))
             return
         s, t = m.spec.source, m.spec.target
@@ -420,7 +425,7 @@ class MigrationsView(ViewBase, Vertical):
         elif self.ok is None:
             text = "[$text-muted]asking for the migrations…[/]"
         elif not self.migrations:
-            text = "[$text-muted]no migrations yet: `ferry plan apply FILE` records a wave's plan[/]"
+            text = f"[$text-muted]{NONE_YET}[/]"
         else:
             waves = len({m.wave for m in self.migrations.values()})
             blocked = sum(1 for m in self.migrations.values() if m.blockers)
@@ -602,6 +607,15 @@ class MigrationsView(ViewBase, Vertical):
                 self.mine[tid] = name
             self.poke()
         ask_rollback(self.app, self.client, name, done)
+
+    def action_new_migration(self) -> None:
+        from ferry.console.dialogs.wizard import WizardScreen
+        m = self.selected_migration()
+
+        def closed(name: str | None) -> None:
+            self.select_next = name or self.select_next
+            self.poke()
+        self.app.push_screen(WizardScreen(self.client, wave=m.wave if m else None), closed)
 
     def action_finalize(self) -> None:
         self._on_selected("finalize", self._finalize)
