@@ -838,6 +838,22 @@ class Store:
             return _migration_row(db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone())
         return self._tx(tx)
 
+    def migration_receiver(self, name: str, target: dict, *, actor: str | None = None) -> dict:
+        """The receiver of a migration booted again (sync.ensure_receiver): its address and host key
+        recorded over the same target VM's, audited. Refused when the target recorded is another VM."""
+        def tx(db: sqlite3.Connection) -> dict:
+            r = db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone()
+            if r is None:
+                raise PermanentError(f"no migration named {name!r}", "ferry migration list shows them")
+            row = _migration_row(r)
+            if (row["target"] or {}).get("vm_id") != target["vm_id"]:
+                raise Refused(f"migration {name} has another target now", f"ferry migration show {name}")
+            db.execute("UPDATE migrations SET target=?, updated=? WHERE name=?", (_dumps(target), time.time(), name))
+            _audit(db, "migration.receiver", name, {"vm": target["vm"], "address": target["address"],
+                                                   "fingerprint": target["fingerprint"]}, "ok", actor)
+            return _migration_row(db.execute("SELECT * FROM migrations WHERE name=?", (name,)).fetchone())
+        return self._tx(tx)
+
     def migration_unprepared(self, name: str, vm_id: str, *, back: str, prepared: str,
                              actor: str | None = None) -> dict | None:
         """Undo migration_prepared when the target recorded is the VM `vm_id` (its task rolled back):

@@ -220,7 +220,7 @@ def prepared(name: str, port: int) -> dict:
                             "label": "root", "uuid": "0b7c-uuid", "source": "/"}], "prepared_at": time.time()}
 
 
-TESTED = {"passed": True, "boot_s": 41.5, "checks_s": 3.2, "services": {"nginx": "active"}, "ports": {"80": True},
+TESTED = {"passed": True, "boot_s": 41.5, "checks_s": 3.2, "tools_s": 1.5, "agent_s": 2.5, "services": {"nginx": "active"}, "ports": {"80": True},
           "task": None}
 
 
@@ -325,7 +325,8 @@ async def test_the_cutover_screen_shows_the_summary_and_starts_only_on_the_exact
         assert "cutover of web01  ● ready" in text
         assert re.search(r"last sync +1[01]m\d\ds ago +round 2", text), text
         assert "data changed    5.0 MiB since the last sync" in text
-        assert "switch 5.0 s · boot 41.5 s · checks 3.2 s" in text and "downtime        about " in text
+        assert "switch 7.0 s · boot 41.5 s · hypervisor tools 1.5 s · guest agent 2.5 s · checks 3.2 s" in text \
+            and "downtime        about " in text
         assert "test launch     ✔ passed" in text and "nginx active, port 80 listens" in text
         assert "blockers        none" in text
         assert " 1. final incremental sync while the source runs" in text and "12. go live" in text

@@ -14,22 +14,20 @@ benchmark, bench/migration.py, moves all of it).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import subprocess
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from harness.cli import ferry
-from harness.debsource import ALICE_FILES, PAGE_SHA256, import_source, source_image, start_source
+from harness.debsource import ALICE_FILES, PAGE_SHA256
 from harness.lab import ok
-from harness.netlab import leg_bytes, netlab_workspace
-from harness.qemu import image_cache
+from harness.migrationlab import migration_lab, prepare
+from harness.netlab import leg_bytes
 from harness.waiting import until_sync
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900), pytest.mark.skipif(
@@ -37,45 +35,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900), pytest.mark.skipif(
     reason="needs root (mmdebstrap's chroot, namespaces, taps), qemu-system-x86_64, mmdebstrap and dnsmasq")]
 
 NAME = "web01"
-NOBODY_MAC = "02:fe:00:00:00:02"        # a MAC no NIC of the lab has: its lease gives the park address
-EXCLUDES = ["/var/cache/apt/*", "/var/lib/apt/lists/*", "/tmp/*", "/boot/*", "/usr/lib/modules/*",
-            "/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*"]
 
 
 @pytest.fixture(scope="module")
 def lab():
-    image = source_image(image_cache())
-    with contextlib.closing(netlab_workspace("fcut-", site="fcut")) as lab_up:
-        ws, lab = next(lab_up)      # the lab goes down when this closes, however the setup ended
-        import_source(ws, "src01", image)
-        source = start_source(ws, lab, "src01", image)
-        cfg = ws / "config.toml"
-        cfg.write_text(cfg.read_text().replace(
-            "[hosts.lab3]\n", f'[hosts.lab3]\nmigration_address = "{lab.vm_address("lab3")}"\n', 1))
-        with (ws / "known_hosts").open("a") as f:     # its host keys pinned, as `migration trust` does
-            f.write(image.known_hosts(source.address))
-        park = f"{lab.reserve(NOBODY_MAC)}/{lab.vm_network.prefixlen}"
-        plan = ws / "wave1.toml"
-        plan.write_text(textwrap.dedent(f"""
-            [wave]
-            name = "wave1"
-            [migrations.{NAME}]
-            method = "file"
-            services = ["nginx"]
-            excludes = {EXCLUDES!r}
-            source = {{ address = "{source.address}", identity = "{image.identity}" }}
-            thresholds = {{ max_latency_ms = 50, max_jitter_ms = 50, min_bandwidth_mbit = 10 }}
-            cutover = {{ park_address = "{park}", confirm_within = "15m", check_ports = [22, 80] }}
-            [migrations.{NAME}.target]
-            host = "lab3"
-            datastore = "shared"
-            network = "lab"
-            cpus = 1
-            memory = "384M"
-            disks = ["2G"]
-            """))
-        assert ferry(ws, "plan", "apply", str(plan)).code == 0
-        yield source, park
+    with migration_lab("fcut-", "fcut", NAME) as up:
+        yield up
 
 
 FIGURES: dict = {}      # what bench/migration.py prints (written to $FERRY_BENCH_OUT when it is set)
@@ -97,17 +62,18 @@ def on(source, command: str, **kw) -> str:
 def test_the_server_is_prepared_and_synced_twice(lab):
     source, park = lab
     ws = source.ws
-    assert ferry(ws, "migration", "assess", NAME).code == 0
-    if any(b["name"] == "network" for b in ok(ws, "migration", "show", NAME)["blockers"]):
-        assert ferry(ws, "migration", "netcheck", NAME, "--override", "lab veths on a busy machine").code == 0
-    r = ferry(ws, "migration", "prepare", NAME)
-    assert r.code == 0, r.err
+    prepare(source, NAME)
     leg0 = leg_bytes(source.lab)
     assert ferry(ws, "migration", "sync", NAME).code == 0
     m = ok(ws, "migration", "show", NAME)
     estimate = ((m["assessment"] or {}).get("report") or {}).get("estimate") or {}
-    record(initial_sync_s=m["rounds"][-1]["duration_s"], initial_sync_bytes=m["rounds"][-1]["bytes"],
-           initial_sync_estimate_s=estimate.get("seconds"), crossed_bytes_initial=leg_bytes(source.lab) - leg0)
+    first = m["rounds"][-1]
+    # the round predicted its own duration at its start, from a probe of the data path (not the test's
+    # figure to judge: bench/migration.py prints it against the measured one)
+    assert first["predicted_s"] and first["predicted_s"] > 0, first
+    record(initial_sync_s=first["duration_s"], initial_sync_bytes=first["bytes"],
+           initial_sync_predicted_s=first["predicted_s"], initial_sync_estimate_s=estimate.get("seconds"),
+           crossed_bytes_initial=leg_bytes(source.lab) - leg0)
     on(source, "echo 'changed between rounds' > /home/alice/after.txt && chown alice:alice /home/alice/after.txt")
     assert ferry(ws, "migration", "sync", NAME).code == 0
     m = ok(ws, "migration", "show", NAME)
@@ -137,6 +103,9 @@ def test_the_cutover_puts_the_target_at_the_sources_address_and_parks_the_source
     source, park = lab
     ws = source.ws
     source_mac = on(source, "cat /sys/class/net/*/address").split()
+    # about 1% of the data changed since the last round (the benchmark's case)
+    moved = ok(ws, "migration", "show", NAME)["rounds"][0]["bytes"]
+    on(source, f"head -c {moved // 100} /dev/urandom > /home/alice/one-percent.bin")
     r = ferry(ws, "migration", "cutover", NAME, "--confirm", NAME)
     assert r.code == 0, r.err + r.out
     assert "downtime        about " in r.out and "12. go live" in r.out      # the confirmation screen
@@ -148,7 +117,7 @@ def test_the_cutover_puts_the_target_at_the_sources_address_and_parks_the_source
     assert 0 < cut["measured_downtime_s"] < 600 and cut["predicted_downtime"]["total_s"] > 0
     steps = {st["name"]: round(st["ended"] - st["started"], 1) for st in cut["steps"]}
     record(downtime_s=cut["measured_downtime_s"], predicted_downtime=cut["predicted_downtime"], steps=steps,
-           test_boot_s=m["test"]["boot_s"])
+           test={k: m["test"].get(k) for k in ("boot_s", "tools_s", "agent_s", "checks_s")})
 
     # The machine at the source's old address is the target: another MAC, the same page, alice's files.
     # (The lab switch's neighbour cache may still hold the source's MAC a few seconds: no gratuitous ARP.)

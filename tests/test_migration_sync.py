@@ -14,7 +14,6 @@ source: contents, owners, modes, links, the deletion and the rename.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shlex
 import shutil
@@ -27,10 +26,10 @@ import pytest
 
 from harness.chaos import kill_at
 from harness.cli import ferry
-from harness.debsource import ALICE_FILES, ALICE_UID, PAGE_PATH, import_source, source_image, start_source
+from harness.debsource import ALICE_FILES, ALICE_UID, PAGE_PATH
 from harness.lab import ok
-from harness.netlab import leg_bytes, netlab_workspace
-from harness.qemu import image_cache
+from harness.migrationlab import migration_lab
+from harness.netlab import leg_bytes
 from harness.waiting import until_sync
 
 pytestmark = pytest.mark.skipif(
@@ -82,45 +81,10 @@ exit $r
 
 @pytest.fixture(scope="module")
 def lab():
-    image = source_image(image_cache())
-    old_hold = os.environ.get("FERRY_ENGINE_HOLD")
-    os.environ["FERRY_ENGINE_HOLD"] = "1"      # a killed task waits for the command, not for the next engine
-    try:
-        with contextlib.closing(netlab_workspace("fsync-", site="fsync")) as lab_up:
-            ws, lab = next(lab_up)      # the lab goes down when this closes, however the setup ended
-            import_source(ws, "src01", image)
-            source = start_source(ws, lab, "src01", image)
-            cfg = ws / "config.toml"
-            cfg.write_text(cfg.read_text().replace(
-                "[hosts.lab3]\n", f'[hosts.lab3]\nmigration_address = "{lab.vm_address("lab3")}"\n', 1))
-            with (ws / "known_hosts").open("a") as f:     # its host keys pinned, as `migration trust` does
-                f.write(image.known_hosts(source.address))
-            plan = ws / "wave1.toml"
-            plan.write_text(textwrap.dedent(f"""
-                [wave]
-                name = "wave1"
-                [migrations.{NAME}]
-                method = "file"
-                # the system's bulk left out (it would take minutes between two TCG guests): ~40 MB remain
-                excludes = ["/var/cache/apt/*", "/tmp/*", "/usr/lib/*", "/usr/share/*", "/usr/bin/*", "/boot/*"]
-                source = {{ address = "{source.address}", identity = "{image.identity}" }}
-                # a TCG guest on a busy 2-core machine: bars it can meet
-                thresholds = {{ max_latency_ms = 50, max_jitter_ms = 50, min_bandwidth_mbit = 10 }}
-                [migrations.{NAME}.target]
-                host = "lab3"
-                datastore = "shared"
-                network = "lab"
-                cpus = 1
-                memory = "256M"
-                disks = ["1G"]
-                """))
-            assert ferry(ws, "plan", "apply", str(plan)).code == 0
-            yield source
-    finally:
-        if old_hold is None:
-            os.environ.pop("FERRY_ENGINE_HOLD", None)
-        else:
-            os.environ["FERRY_ENGINE_HOLD"] = old_hold
+    # the system's bulk left out (it would take minutes between two TCG guests): ~40 MB remain
+    with migration_lab("fsync-", "fsync", NAME, memory="256M", disk="1G", hold=True, excludes=[
+            "/var/cache/apt/*", "/tmp/*", "/usr/lib/*", "/usr/share/*", "/usr/bin/*", "/boot/*"]) as (source, _):
+        yield source
 
 
 def on_source(source, command: str) -> str:

@@ -205,10 +205,11 @@ def test_ctrl_c_mid_copy_exits_130_and_the_task_goes_on(tmp_path):
     root, src, dst = tmp_path / "ws", tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     for i in range(4):
-        write(src / f"big-{i}.bin", os.urandom(16 << 20))
-    total = 64 << 20
+        write(src / f"big-{i}.bin", os.urandom(4 << 20))
+    total = 16 << 20
     argv = ["replicate", "files", f"local:{src}", f"lab1:{dst}", "--streams", "1"]
-    proc = ferry_process(root, *argv, "--bwlimit", "16M")
+    # 8 s at 2 MiB/s: a file (a checkpoint) every 2 s, so Ctrl-C lands mid-copy even on a loaded machine
+    proc = ferry_process(root, *argv, "--bwlimit", "2M")
     try:
         until_sync(lambda: running(proc) and _task_row(root)[2].get("bytes_durable"), timeout=60,
                    what="some data durable on the target: mid-copy")

@@ -142,7 +142,8 @@ async def run_foreground(client, task_id: int, *, as_json: bool, describe: Calla
                 line.done()
                 if info.state == TaskState.WAITING:
                     print(f"task {task_id} waits for confirmation: "
-                          f"{safe(info.waiting.get('prompt')) if info.waiting else ''} (confirm in the console)",
+                          f"{safe(info.waiting.get('prompt')) if info.waiting else ''} (`ferry task confirm {task_id} TEXT`, "
+                          "or in the console)",
                           file=sys.stderr)
                 else:
                     print(f"task {task_id} is paused; it goes on here when resumed (ctrl-c leaves it paused)",
@@ -431,6 +432,13 @@ def cmd_task_show(args, ws: Workspace) -> int:
             print(f"  {fmt.clock(entry.ts)} {entry.level:7} {safe(entry.message)}")
         return EXIT_OK
     return _ask(ws, go)
+
+
+def cmd_task_confirm(args, ws: Workspace) -> int:
+    """`ferry task confirm ID TEXT`: what a waiting task asked to be typed, given; it goes on."""
+    info = _ask(ws, lambda client: client.confirm(args.id, args.text))
+    print(api.dumps(info) if args.json else f"task {info.id}: confirmed -> {info.state}")
+    return EXIT_OK
 
 
 def cmd_task_control(args, ws: Workspace) -> int:
@@ -786,7 +794,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     if wanted == "task":
         after = _command_at(argv[at + 1:])
         task_action = argv[at + 1 + after] if after is not None else None
-        task_action = task_action if task_action in ("show", "pause", "resume", "cancel") else None
+        task_action = task_action if task_action in ("show", "pause", "resume", "cancel", "confirm") else None
     sub = _OnlyCommand(p.add_subparsers(dest="command", metavar="COMMAND"), wanted)
 
     s = sub.add_parser("init", help="write the lab configuration to the workspace so it can be edited")
@@ -833,6 +841,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         else:
             t.set_defaults(detach=True)
         t.set_defaults(func=cmd_task_control, action=action)
+    t = ts.add_parser("confirm", help="confirm a task that waits for a typed confirmation (a cutover paused "
+                      "before a step: the migration's name)")
+    t.add_argument("id", type=int)
+    t.add_argument("text", help="what the task asks to be typed")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_task_confirm)
 
     s = sub.add_parser("probe", verb="probe")
     s.add_argument("host")

@@ -254,7 +254,9 @@ def cmd_migration_test(args, ws: Workspace) -> int:
     def describe(info) -> str:
         r = info.result or {}
         checks = [f"{s} {v}" for s, v in (r.get("services") or {}).items()] + \
-                 [f"port {p} {'listens' if o else 'closed'}" for p, o in (r.get("ports") or {}).items()]
+                 [f"port {p} {'listens' if o else 'closed'}" for p, o in (r.get("ports") or {}).items()] + \
+                 [f"{label} {r[k]} ({r.get(k + '_s')} s)" for k, label in (("tools", "hypervisor tools"),
+                                                                            ("agent", "guest agent")) if r.get(k)]
         verdict = "passed: ready for cutover" if r.get("passed") else "FAILED"
         return safe(f"{r.get('migration')}: test launch {verdict}; the copy booted in {r.get('boot_s')} s"
                     + (f"; {', '.join(checks)}" if checks else "") + "; the copy is removed")
@@ -315,7 +317,10 @@ def cmd_migration_cutover(args, ws: Workspace) -> int:
         return safe(f"{r.get('migration')} is live at {r.get('address')}: downtime {r.get('measured_downtime_s')} s "
                     f"(predicted {p.get('total_s')} s); the source is parked with its services stopped "
                     f"(ferry migration finalize {r.get('migration')})")
-    return _run_task(ws, "migration.cutover", {"migration": args.name, "confirm": args.name}, args.json, describe)
+    params = {"migration": args.name, "confirm": args.name}
+    if args.pause_before:
+        params["pause_before"] = list(dict.fromkeys(args.pause_before))
+    return _run_task(ws, "migration.cutover", params, args.json, describe)
 
 
 def cmd_migration_rollback(args, ws: Workspace) -> int:
@@ -404,6 +409,9 @@ def add_parsers(sub) -> None:
     m = ms.add_parser("cutover", help="the cutover runbook, after a confirmation screen (type the name)")
     m.add_argument("name")
     m.add_argument("--confirm", metavar="NAME", help="the migration's name, typed: no question asked")
+    m.add_argument("--pause-before", metavar="STEP", action="append",
+                   help="stop before this step until the name is typed again (ferry task confirm ID NAME), "
+                        "e.g. go_live to look at the target first; repeatable")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_migration_cutover)
     m = ms.add_parser("rollback", help="back to the source: a running cutover is cancelled and rolled back")

@@ -44,7 +44,8 @@ POLL_S = 1.0
 BACKOFF_MAX_S = 15.0
 STEP_SYMBOL = {"done": "✔", "running": "▶", "pending": "○", "failed": "✖", "rolled_back": "↩"}
 STEP_VARIABLE = {"done": "$success", "running": "$accent", "failed": "$error", "rolled_back": "$warning"}
-PARTS = (("final_sync_s", "final sync"), ("switch_s", "switch"), ("boot_s", "boot"), ("checks_s", "checks"))
+PARTS = (("final_sync_s", "final sync"), ("switch_s", "switch"), ("boot_s", "boot"), ("tools_s", "hypervisor tools"),
+         ("agent_s", "guest agent"), ("checks_s", "checks"))
 FOLLOWED = (MigrationState.CUTTING_OVER, MigrationState.CUT_OVER, MigrationState.FINALIZED,
             MigrationState.ROLLED_BACK)
 
@@ -66,7 +67,9 @@ def predicted_line(p: dict | None) -> str:
     parts = p.get("parts") or {}
     said = []
     for key, label in PARTS:
-        v = parts.get(key)
+        if key not in parts:
+            continue        # (a prediction made before this part was counted)
+        v = parts[key]
         text = f"{label} {seconds(v)}" if v is not None else f"{label} ? (no change rate yet)"
         if key == "boot_s" and v is not None and not p.get("boot_measured"):
             text += " (a guess: no test launch measured it)"
@@ -83,7 +86,8 @@ def test_line(test: dict | None) -> str:
     head = "[$success]✔ passed[/]" if ok else "[$error]✖ FAILED[/]"
     at = fmt.stamp(test["at"]) if test.get("at") else "-"
     checks = [f"{s} {v}" for s, v in (test.get("services") or {}).items()] + \
-             [f"port {p} {'listens' if o else 'closed'}" for p, o in (test.get("ports") or {}).items()]
+             [f"port {p} {'listens' if o else 'closed'}" for p, o in (test.get("ports") or {}).items()] + \
+             [f"{label} {test[k]}" for k, label in (("tools", "hypervisor tools"), ("agent", "guest agent")) if test.get(k)]
     return (f"{head} {esc(at)} · booted in {seconds(test.get('boot_s'))}, checks {seconds(test.get('checks_s'))}"
             + (f" · {esc(', '.join(checks))}" if checks else ""))
 

@@ -31,8 +31,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .. import api
-from ..errors import FerryError, PermanentError, Refused
+from .. import api, fmt
+from ..errors import FerryError, PermanentError, Refused, TransportError
 from ..platform.liveboot import stop as stop_process
 from ..tasks import TaskContext, register
 from ..vm.lifecycle import _launched
@@ -48,8 +48,12 @@ from .service import MigrationKind, ensure_idle, load, source_transport
 
 BOOT_TIMEOUT = 300.0        # the target's first boot under TCG, with its services
 CHECK_TIMEOUT = 120.0
-SWITCH_GUESS_S = 5.0        # stopping the receiver and starting QEMU
+# The switch: the source parked (a command, and Ferry's SSH to it again at the park address) and the
+# receiver stopped, QEMU started from the target's disk; bench/migration.py measured 7.0 s in the lab.
+SWITCH_GUESS_S = 7.0
 BOOT_GUESS_S = 60.0         # without a test launch to measure it
+TOOLS_GUESS_S = 30.0
+AGENT_GUESS_S = 10.0
 CHECKS_GUESS_S = 10.0
 
 
@@ -79,18 +83,25 @@ STEP_NAMES = tuple(s.name for s in STEPS)
 
 def predicted_downtime(mig: Migration) -> dict[str, Any]:
     """The downtime the cutover should cost, in parts: the final offline sync (what changes while the
-    online final sync runs, at the measured throughput, plus a round's fixed walk), the switch, the
-    target's boot (as the last test launch measured it, else a guess, said so) and the checks."""
+    online final sync runs, at the measured throughput, plus a round's fixed walk), the switch (the
+    source parked, the receiver stopped: a guess, calibrated by bench/migration.py), the target's boot,
+    the old hypervisor's tools removed, the guest agent enabled and the checks (each as the last test
+    launch measured it in its copy, else a guess, said so)."""
     offline = sync_ops.predicted_final_sync_s(mig, offline=True)
     tested = mig.test or {}
-    boot = tested.get("boot_s")
-    checks = tested.get("checks_s")
+
+    def measured(key: str, guess: float) -> float:
+        v = tested.get(key)
+        return float(v) if v is not None else guess
+
     parts = {"final_sync_s": offline, "switch_s": SWITCH_GUESS_S,
-             "boot_s": boot if boot is not None else BOOT_GUESS_S,
-             "checks_s": checks if checks is not None else CHECKS_GUESS_S}
+             "boot_s": measured("boot_s", BOOT_GUESS_S),
+             "tools_s": measured("tools_s", TOOLS_GUESS_S if tgt.tool_packages(mig) else 0.0),
+             "agent_s": measured("agent_s", AGENT_GUESS_S),
+             "checks_s": measured("checks_s", CHECKS_GUESS_S)}
     total = sum(v for v in parts.values() if v is not None)
     return {"total_s": round(total, 1), "parts": {k: (round(v, 1) if v is not None else None) for k, v in parts.items()},
-            "boot_measured": boot is not None}
+            "boot_measured": tested.get("boot_s") is not None}
 
 
 def summary(mig: Migration) -> dict[str, Any]:
@@ -142,6 +153,10 @@ class Cutover(MigrationKind):
         if params.get("confirm") != params["migration"]:
             raise PermanentError(f"a cutover of {params['migration']} is confirmed by typing its name",
                                  f"ferry migration cutover {params['migration']} --confirm {params['migration']}")
+        for step in params.get("pause_before") or ():
+            if step not in STEP_NAMES[1:]:
+                raise PermanentError(f"--pause-before {step}: no such step of a cutover after the first",
+                                     f"one of {', '.join(STEP_NAMES[1:])}")
 
     def title(self, params: dict[str, Any]) -> str:
         return f"cut {params['migration']} over"
@@ -166,6 +181,8 @@ class Cutover(MigrationKind):
             for i, step in enumerate(STEPS):
                 if step.name in cp["done"]:
                     continue
+                if step.name in (ctx.params.get("pause_before") or ()) and step.name not in cp.get("paused", []):
+                    await self._pause(ctx, mig, cp, i, step)
                 if "arm" in cp["done"] and step.name != "go_live":
                     await run.timer_holds()
                 ctx.progress(measured=False, item=step.title, units_done=i, units_total=len(STEPS))
@@ -188,6 +205,19 @@ class Cutover(MigrationKind):
         ctx.progress(item="live", units_done=len(STEPS), units_total=len(STEPS))
         return {"migration": name, "measured_downtime_s": cp["measured_downtime_s"],
                 "predicted_downtime": cp.get("predicted"), "address": run.final_ip}
+
+    async def _pause(self, ctx: TaskContext, mig: Migration, cp: dict[str, Any], i: int, step: Step) -> None:
+        """The operator asked to stop before this step (--pause-before): the task waits until the
+        migration's name is typed again (`ferry task confirm ID NAME`, or the console); a rollback
+        cancels it instead. The source's go-live timer runs on meanwhile."""
+        ctx.progress(measured=False, item=f"paused before step {i + 1}: {step.title}", units_done=i,
+                     units_total=len(STEPS))
+        timer = (f"; the source's go-live timer brings it back {fmt.duration(mig.spec.cutover.confirm_within_s)} "
+                 "after it was last armed" if "arm" in cp["done"] else "")
+        await ctx.confirm(f"the cutover of {mig.name} stopped before step {i + 1} ({step.title}){timer}: type "
+                          f"{mig.name} to go on, or roll back", mig.name)
+        cp.setdefault("paused", []).append(step.name)
+        await ctx.save_checkpoint(cp)
 
     async def _record(self, svc: VMService, mig: Migration, cp: dict[str, Any], *, to: MigrationState | None = None
                       ) -> None:
@@ -305,13 +335,34 @@ class _Run:
         """Between steps, once armed: the go-live timer has not run out (else the source restored itself
         and the cutover cannot go on: it rolls back), and it is armed again for its full time, so it only
         runs out when Ferry stops coming back."""
-        t = await self.source()
-        left = await src_ops.armed(t, self.mig.name)
+        try:
+            t = await self.source()
+            left = await src_ops.armed(t, self.mig.name)
+        except TransportError as e:
+            if "park" not in self.cp["done"]:
+                raise
+            await self._back_by_itself(e)
+            raise
         if left is None:
             raise PermanentError(f"the go-live timer of {self.mig.name} ran out: the source restored itself",
                                  "the cutover rolls back; run it again, with a longer cutover.confirm_within if "
                                  "its steps take longer")
         await src_ops.arm(t, self.mig.name, self.mig.spec.cutover.confirm_within_s)
+
+    async def _back_by_itself(self, e: TransportError) -> None:
+        """Parked, the source does not answer at its park address: when it answers at its own again, its
+        go-live timer ran out (it restored itself): the cutover cannot go on, it rolls back."""
+        own = source_transport(self.svc.pool, self.mig)
+        try:
+            await own.run(["true"], timeout=30, check=True)
+        except FerryError:
+            return
+        finally:
+            await own.close()
+        raise PermanentError(f"the go-live timer of {self.mig.name} ran out: the source restored itself (it answers "
+                             f"at {self.mig.spec.source.address} again, not at its park address: {e.message})",
+                             "the cutover rolls back; run it again, with a longer cutover.confirm_within if its "
+                             "steps take longer") from None
 
     def target(self):
         if self._tgt is None:

@@ -61,7 +61,7 @@ TRANSITIONS: dict[MigrationState, frozenset[MigrationState]] = {
     S.CUTTING_OVER: frozenset({S.CUT_OVER, S.ROLLED_BACK}),
     S.CUT_OVER: frozenset({S.FINALIZED}),
     S.FINALIZED: frozenset(),
-    S.ROLLED_BACK: frozenset({S.PLANNED, S.ASSESSED}),
+    S.ROLLED_BACK: frozenset({S.PLANNED, S.ASSESSED, S.SYNCING}),    # syncing: a full round again
 }
 
 # What a plan applied again does to a migration whose spec it changes, by the migration's state: the
@@ -188,6 +188,8 @@ class PreparedTarget:
     merged: tuple[str, ...] = ()        # file-level: source mount points copied into the first partition's tree
     task: int | None = None
     prepared_at: float = 0.0
+    given_address: str | None = None    # the receiver's address as `prepare --address` gave it (None: DHCP)
+    given_gateway: str | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,7 @@ class SyncRound:
     items: int                          # files, links and devices sent (block-level: chunks)
     deleted: int = 0                    # files deleted on the target (gone from the source since the round before)
     task: int | None = None
+    predicted_s: float | None = None    # a first round's duration as predicted at its start (a probe of the path)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ from ..vm.model import GiB, MiB, VMSpec, VMState, check_hardware
 from ..vm.prechecks import refused
 from ..vm.service import VMService
 from . import assess
+from . import target as tgt
 from .model import (Method, Migration, MigrationState, PreparedTarget, TargetDisk, TargetPartition)
 from .service import load
 
@@ -307,11 +308,12 @@ class PrepareMigration(MakesVMs):
         await maker.place(vm, todo)
 
         ctx.progress(item=f"booting {vm.name} on {h.name} as receiver", units_done=2, units_total=5)
-        ready, host_key = await _boot_receiver(ctx, svc, h, vm)
+        ready, host_key = await _boot_receiver(ctx, svc, h, vm, ctx.params.get("address"), ctx.params.get("gateway"))
         iface = ipaddress.IPv4Interface(ready["ip"])
         target = PreparedTarget(vm=vm.name, vm_id=vm.id, host=h.name, method=method, address=str(iface.ip),
                                 prefix=iface.network.prefixlen, ssh_port=int(ready.get("ssh", 22)),
-                                host_key=host_key, fingerprint=fingerprint(host_key), task=ctx.id)
+                                host_key=host_key, fingerprint=fingerprint(host_key), task=ctx.id,
+                                given_address=ctx.params.get("address"), given_gateway=ctx.params.get("gateway"))
         ctx.log(f"{vm.name} runs the receiver at {target.address} (interface {ready.get('iface')}); its SSH host "
                 f"key {target.fingerprint} came over the serial console: pinned")
 
@@ -388,9 +390,11 @@ def _parses(parse, value: str, prefixed: bool) -> bool:
     return "/" in value or not prefixed
 
 
-async def _boot_receiver(ctx: TaskContext, svc: VMService, h: HostOps, vm: VMSpec) -> tuple[dict[str, str], str]:
-    """The VM's QEMU running the receiver: adopted when one runs (an interrupted run launched it), else
-    launched. Returns the READY line's fields and the host key the receiver printed."""
+async def _boot_receiver(ctx: TaskContext, svc: VMService, h: HostOps, vm: VMSpec, address: str | None,
+                         gateway: str | None) -> tuple[dict[str, str], str]:
+    """The VM's QEMU running the receiver (at `address`, CIDR, else by DHCP): adopted when one runs (an
+    interrupted run launched it), else launched. Returns the READY line's fields and the host key the
+    receiver printed."""
     paths = h.paths(vm)
     pid = await _launched(h, vm)
     if pid is not None:
@@ -407,10 +411,10 @@ async def _boot_receiver(ctx: TaskContext, svc: VMService, h: HostOps, vm: VMSpe
     if pid is None:
         _, pub = await asyncio.to_thread(receiver_key, svc.pool.workspace.root)
         live: dict[str, Any] = {"authkey": base64.b64encode(pub.encode()).decode()}
-        if ctx.params.get("address"):
-            live["ip"] = ctx.params["address"]
-            if ctx.params.get("gateway"):
-                live["gw"] = ctx.params["gateway"]
+        if address:
+            live["ip"] = address
+            if gateway:
+                live["gw"] = gateway
         await launch_qemu(ctx, vm, live=(LiveRole.RECEIVER, live))
         line = await wait_for_marker(h.t, paths, "FERRY-READY", timeout=READY_TIMEOUT)
     ready = _markers(line)
@@ -419,6 +423,45 @@ async def _boot_receiver(ctx: TaskContext, svc: VMService, h: HostOps, vm: VMSpe
                              f"see its serial log {paths.serial} on {h.name}")
     host_key = " ".join((await wait_for_marker(h.t, paths, "FERRY-HOSTKEY", timeout=5)).split()[1:3])
     return ready, host_key
+
+
+async def ensure_receiver(ctx: TaskContext, svc: VMService, mig: Migration) -> Migration:
+    """The target VM running the receiver again when it does not (its host restarted; a cutover rolled
+    back after it started the target from its own disk): QEMU in another role stopped, the receiver
+    booted (at the address prepare gave it, else by DHCP), its new host key pinned from the serial
+    console and recorded with its address (audited), the boot changes a cutover made in the target's
+    tree taken back. Returns the migration as recorded then."""
+    t = mig.target
+    row = await svc.store.call(svc.store.vm_row, t.vm_id)
+    if row is None:
+        raise PermanentError(f"the target VM {t.vm} of {mig.name} is gone",
+                             f"roll the migration back and prepare it again: ferry migration rollback {mig.name}")
+    vm = VMSpec.from_dict(row["spec"])
+    h = svc.host(vm.host)
+    role = await tgt.qemu_role(h, vm)
+    if role == "receiver":
+        return mig
+    if role is not None:
+        await stop_process(h.t, h.paths(vm).pidfile)
+        ctx.log(f"{vm.name} ran from its own disk ({role}): stopped, to run the receiver again")
+    ctx.progress(item=f"booting {vm.name} on {h.name} as receiver again")
+    ready, host_key = await _boot_receiver(ctx, svc, h, vm, t.given_address, t.given_gateway)
+    iface = ipaddress.IPv4Interface(ready["ip"])
+    again = replace(t, address=str(iface.ip), prefix=iface.network.prefixlen, ssh_port=int(ready.get("ssh", 22)),
+                    host_key=host_key, fingerprint=fingerprint(host_key))
+    row = await svc.store.call(svc.store.migration_receiver, mig.name, api.to_builtins(again))
+    await svc.update(vm.id, state=VMState.RUNNING)
+    ctx.log(f"{vm.name} runs the receiver again at {again.address}; its new SSH host key {again.fingerprint} "
+            "came over the serial console: pinned")
+    rt = receiver_transport(svc, again)
+    try:
+        with detached():
+            await _answering(rt, again)
+            mig = api.convert(row, Migration)
+            await tgt.revert_boot(rt, mig)
+    finally:
+        await rt.close()
+    return mig
 
 
 async def _answering(t, target: PreparedTarget) -> None:

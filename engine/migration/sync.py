@@ -49,7 +49,7 @@ from ..fmt import size as _size
 from ..helpers import detached
 from ..tasks import TaskContext, TaskKind, register
 from .model import SOURCE_DIR, Change, Method, Migration, MigrationState, SyncRound
-from .prepare import receiver_transport
+from .prepare import ensure_receiver, receiver_transport
 from .service import AssessMigration, load, source_transport
 
 RX_STATE = "/run/ferry-sync"        # in the receiver: the pull's state (RAM: gone with the receiver)
@@ -65,9 +65,11 @@ LOST_POLLS = 30                     # the receiver unreachable this many polls i
 TAR_CREATE = ("--one-file-system", "--numeric-owner", "--xattrs", "--acls", "-p", "-S", "--no-check-device")
 TAR_EXTRACT = ("--numeric-owner", "-p", "--xattrs", "--xattrs-include=*", "--acls")
 RATE_ROUNDS = 5                     # the recent rounds a prediction learns from
+PROBE_BYTES = 32 << 20              # a first round's probe of the data path: the first bytes of its stream
+PROBE_MIN = 4 * PROBE_BYTES         # below this a first round is not probed (it takes about as long)
 
 S = MigrationState
-SYNCABLE = (S.TARGET_PREPARED, S.INITIAL_SYNC, S.SYNCING, S.READY)
+SYNCABLE = (S.TARGET_PREPARED, S.INITIAL_SYNC, S.SYNCING, S.READY, S.ROLLED_BACK)
 
 
 def tag(name: str) -> str:
@@ -155,6 +157,15 @@ def source_command(mig: Migration, unit: Unit, *, level0: bool) -> str:
             f"exec {' '.join(q(a) for a in tar)}")
 
 
+def probe_command(mig: Migration, unit: Unit, limit: int) -> str:
+    """What the receiver asks the source to run for the probe: the start of the unit's level-0 stream
+    (the same tar, no snapshot file), cut after `limit` bytes."""
+    q = shlex.quote
+    tar = ["tar", "-c", "-f", "-", "-C", unit.root, *TAR_CREATE, "--anchored",
+           *(f"--exclude={e}" for e in excludes_of(mig, unit)), "--", *unit.paths]
+    return f"{' '.join(q(a) for a in tar)} 2>/dev/null | head -c {int(limit)}"
+
+
 # On the source: the dry run of one unit ($1 Ferry's folder, $2 SNAR or "-" for level 0, $3 the root,
 # then tar's options and paths): the bytes and files a round would move now (tar reads no contents when
 # its archive is /dev/null), printed as "@@dry BYTES FILES".
@@ -239,6 +250,25 @@ cut -d' ' -f1 /proc/uptime > "$D/ended"
 echo 0 > "$D/rc"
 """.replace("TAR_EXTRACT", " ".join(shlex.quote(a) for a in TAR_EXTRACT)).replace(
     "CHECKPOINT", str(CHECKPOINT_RECORDS)).replace("WINDOW", str(RECEIVE_WINDOW))
+
+# The probe of the data path before a first round ($1 key, $2 port, $3 user@host, $4 the partition's mount,
+# $5 the source's command): the start of the real stream pulled and extracted as a round does, into a
+# scratch folder of the target partition (removed after); prints "@@probe BYTES BEGAN ENDED" (uptime s).
+PROBE = r"""
+KEY=$1 PORT=$2 UH=$3 DEST=$4 CMD=$5
+export HOME=/root
+P="$DEST/.ferry-probe" F=/run/ferry-probe.fifo N=/run/ferry-probe.n
+rm -rf "$P" "$F" "$N"; mkdir -p "$P"; mkfifo "$F"
+wc -c < "$F" > "$N" &
+b=$(cut -d' ' -f1 /proc/uptime)
+dbclient -T -K 15 -W WINDOW -i "$KEY" -p "$PORT" "$UH" "$CMD" 2>/dev/null | tee "$F" \
+  | /bin/tar -x -f - -C "$P" TAR_EXTRACT 2>/dev/null
+sync
+e=$(cut -d' ' -f1 /proc/uptime)
+wait
+echo "@@probe $(cat "$N" 2>/dev/null || echo 0) $b $e"
+rm -rf "$P" "$F" "$N"
+""".replace("TAR_EXTRACT", " ".join(shlex.quote(a) for a in TAR_EXTRACT)).replace("WINDOW", str(RECEIVE_WINDOW))
 
 # Starts the pull under a token ($1 state folder, $2 token, $3 the RECEIVE script, then its arguments
 # after the state folder), unless a pull of that token runs or ended there. Prints "@@pull STATE":
@@ -417,6 +447,23 @@ async def remove_pull_key(t, name: str) -> None:
     await t.run(["sh", "-c", AUTHORIZE, "ferry-authorize", "", tag(name)], timeout=60, check=True)
 
 
+async def _probe(mig: Migration, rx, unit: Unit, limit: int) -> tuple[int, float] | None:
+    """The data path measured as a round will use it (bytes, seconds): the source's tar through dbclient
+    into the receiver's tar, on the first `limit` bytes of the unit's stream; None when it moved nothing."""
+    s = mig.spec.source
+    try:
+        with detached():
+            r = await rx.run(["sh", "-c", PROBE, "ferry-probe", PULL_KEY, str(s.port), f"{s.user}@{s.address}",
+                              unit.dest, probe_command(mig, unit, limit)], timeout=600, check=True)
+    except FerryError as e:
+        raise _receiver_error(mig, e) from None
+    m = _marks(r.text(), "probe")
+    if not m or len(m[0]) != 3 or int(m[0][0]) <= 0:
+        return None
+    n, began, ended = int(m[0][0]), float(m[0][1]), float(m[0][2])
+    return (n, ended - began) if ended > began else None
+
+
 async def _dry(mig: Migration, src, units: list[Unit], *, level0: bool) -> tuple[int, int]:
     """(bytes, files) a round would move now: the dry run of every unit on the source."""
     total = files = 0
@@ -464,7 +511,8 @@ def _state_dir(name: str) -> str:
 
 
 async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
-                    becomes: MigrationState | None = None, measure_after: bool = False) -> SyncRound:
+                    becomes: MigrationState | None = None, measure_after: bool = False, full: bool = False
+                    ) -> SyncRound:
     """One sync round of a file-level migration, the receiver pulling from the source (see the module's
     phases), recorded (bytes, files, deletions, duration) and returned; with `becomes`, the migration
     goes to that state in the same transaction; with `measure_after`, what changed while it ran is
@@ -475,6 +523,7 @@ async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
     if last is not None and last.task == ctx.id and last.label == label:
         return last
     k = mig.round + 1
+    level0 = k == 1 or full
     units = units_of(mig)
     token, sdir = _token(ctx, k), _state_dir(mig.name)
     rx = receiver_transport(svc, mig.target)
@@ -492,15 +541,24 @@ async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
             await _setup(svc, mig, rx, src, units)
             await _names(mig, rx, src, sdir)
             ctx.progress(item=f"round {k}: measuring what changed on the source")
-            expected, files = await _dry(mig, src, units, level0=k == 1)
+            expected, files = await _dry(mig, src, units, level0=level0)
+            predicted = None
+            if level0 and expected >= PROBE_MIN:
+                ctx.progress(item=f"round {k}: probing the data path {mig.spec.source.target} -> {mig.target.vm}")
+                probed = await _probe(mig, rx, units[0], PROBE_BYTES)
+                if probed:
+                    n, secs = probed
+                    predicted = round(time.time() - started + expected * secs / n, 1)
+                    ctx.log(f"round {k}: the data path moved {_size(n)} in {secs:.1f} s ({_size(n / secs)}/s): "
+                            f"{_size(expected)} predicted to take {predicted:.0f} s")
             dry_s = time.time() - started
             await svc.store.call(svc.store.migration_changed, mig.name,
                                  api.to_builtins(Change(bytes=expected, items=files, at=started)))
-            cmds = [a for u in units for a in (u.dest, source_command(mig, u, level0=k == 1))]
+            cmds = [a for u in units for a in (u.dest, source_command(mig, u, level0=level0))]
             s = mig.spec.source
             args = [sdir, token, RECEIVE, PULL_KEY, str(s.port), f"{s.user}@{s.address}", *cmds]
             # the round's start, total and dry-run time, kept with the pull for a resume to find
-            meta = f"{started} {expected} {dry_s:.3f}"
+            meta = f"{started} {expected} {dry_s:.3f} {predicted if predicted is not None else '-'}"
             try:
                 with detached():
                     r = await rx.run(["sh", "-c", START + f'\necho {meta} > "$D/meta"\n', "ferry-start", *args],
@@ -636,7 +694,9 @@ def _result(ctx: TaskContext, mig: Migration, p: _Pull, k: int, label: str) -> S
     started = float(p.meta[0]) if p.meta else time.time()
     dry_s = float(p.meta[2]) if len(p.meta) > 2 else 0.0
     seconds = round((p.seconds or 0.0) + dry_s, 3)
+    predicted = float(p.meta[3]) if len(p.meta) > 3 and p.meta[3] != "-" else None
     return SyncRound(round=k, label=label, started=started, ended=started + seconds, duration_s=seconds,
+                     predicted_s=predicted,
                      bytes=sum(int(u[5]) if len(u) > 5 else 0 for u in p.units),
                      items=sum(int(u[3]) for u in p.units), deleted=sum(int(u[4]) for u in p.units), task=ctx.id)
 
@@ -744,10 +804,21 @@ def with_figures(mig: Migration) -> Migration:
 # ------------------------------------------------------------------ the task
 
 
+def target_ran(mig: Migration) -> bool:
+    """Whether the last cutover started the target from its own disk (its files may differ from the
+    source's since: the next round is a full one)."""
+    steps = (mig.cutover or {}).get("steps") or []
+    return any(st.get("name") == "switch_boot" and st.get("state") != "pending" for st in steps)
+
+
 @register
 class SyncMigration(TaskKind):
     """A sync round: from target_prepared the initial full round (initial_sync while it runs, then
-    syncing), from syncing or ready an incremental one (the state stays)."""
+    syncing), from syncing or ready an incremental one (the state stays); from rolled_back (a cutover
+    given up in its window, the target still there) a round that makes the migration syncing again: a
+    full one when the cutover had started the target from its own disk (its files may have changed:
+    a full round puts every file back as the source has it), else an incremental one. Before any round the receiver runs (prepare.ensure_receiver boots it again if its host
+    restarted or the target ran from its disk)."""
     name = "migration.sync"
     rollback_on_failure = True      # a failed round is of no use: killed, and a first one's state put back
 
@@ -771,6 +842,9 @@ class SyncMigration(TaskKind):
             raise Refused(f"migration {mig.name} is {mig.state}: it syncs once its target is prepared "
                           "and until its cutover",
                           f"ferry migration prepare {mig.name}" if early else f"ferry migration show {mig.name}")
+        if mig.state == S.ROLLED_BACK and mig.target is None:
+            raise Refused(f"migration {mig.name} is rolled back and has no target any more",
+                          f"apply its plan again and prepare it: ferry migration prepare {mig.name}")
         units_of(mig)
         await ensure_idle(svc.store, mig.name, self.name, own)
 
@@ -780,12 +854,17 @@ class SyncMigration(TaskKind):
         await self.check(svc, ctx.params, ctx.id)
         mig = await load(svc.store, ctx.params["migration"])
         first = mig.state in (S.TARGET_PREPARED, S.INITIAL_SYNC)
+        again = mig.state == S.ROLLED_BACK
+        full = again and target_ran(mig)
+        mig = await ensure_receiver(ctx, svc, mig)
         if mig.state == S.TARGET_PREPARED:
             row = await svc.store.call(svc.store.migration_transition, mig.name, S.INITIAL_SYNC.value,
                                        allowed_from=(S.TARGET_PREPARED.value,), params={"task": ctx.id})
             mig = api.convert(row, Migration)
-        r = await run_round(ctx, svc, mig, label="initial" if first else "incremental",
-                            becomes=S.SYNCING if first else None, measure_after=True)
+        label = ("initial" if first else "full, after a rolled-back cutover" if full
+                 else "incremental, after a rollback" if again else "incremental")
+        r = await run_round(ctx, svc, mig, label=label, becomes=S.SYNCING if first or again else None,
+                            measure_after=True, full=full)
         done = await load(svc.store, mig.name)
         return {"migration": mig.name, "state": str(done.state), **api.to_builtins(r), "line": describe(r)}
 

@@ -121,15 +121,15 @@ sync
 
 
 async def revert_boot(rt, mig: Migration) -> None:
-    """Undo prepare_boot in the receiver (after a test launch copied the disks): the next sync rounds
-    see the source's files, not Ferry's."""
+    """Undo prepare_boot in the receiver (after a test launch copied the disks, or a cutover rolled
+    back): the next sync rounds see the source's files, not Ferry's. Idempotent."""
     root = next((p.device for p in mig.target.partitions if p.source == "/"), None)
     if root is None:
         return
     try:
         await rt.run(["sh", "-c", REVERT, "ferry-revert", root], timeout=300, check=True)
     except FerryError as e:
-        raise PermanentError(f"taking the test launch's changes back in the receiver of {mig.name} failed: "
+        raise PermanentError(f"taking the boot changes back in the receiver of {mig.name} failed: "
                              f"{e.message}", e.hint) from None
 
 

@@ -116,23 +116,31 @@ class TestLaunch(MigrationKind):
             if not await tgt.agent_answers(svc, copy, timeout=BOOT_TIMEOUT):
                 raise PermanentError(f"the test copy of {mig.name} booted, but its guest agent did not answer within "
                                      f"{BOOT_TIMEOUT:g} s", f"see its serial log {h.paths(copy).serial}")
+            # booted as the cutover counts it: until its sshd listens (the cutover waits for SSH)
+            await _until_listening(svc, copy, 22, started + BOOT_TIMEOUT)
             boot_s = time.monotonic() - started
             ctx.progress(item="checking the copy", units_done=3)
             checked = time.monotonic()
             result = await _checks(svc, copy, mig)
             checks_s = time.monotonic() - checked
+            ctx.progress(item="rehearsing the cutover's steps in the copy: hypervisor tools, guest agent")
+            rehearsed = await _rehearse(svc, copy, mig)
         finally:
             await _remove_copy(ctx, h, copy, [d.path for d in disks])
-        test = {"at": time.time(), "passed": result["ok"], "boot_s": round(boot_s, 1), "checks_s": round(checks_s, 1),
-                "services": result["services"], "ports": result["ports"], "task": ctx.id}
-        to = MigrationState.READY if result["ok"] else MigrationState.SYNCING
+        passed = result["ok"] and rehearsed["ok"]
+        test = {"at": time.time(), "passed": passed, "boot_s": round(boot_s, 1), "checks_s": round(checks_s, 1),
+                "tools_s": rehearsed["tools_s"], "agent_s": rehearsed["agent_s"], "tools": rehearsed["tools"],
+                "agent": rehearsed["agent"], "services": result["services"], "ports": result["ports"], "task": ctx.id}
+        to = MigrationState.READY if passed else MigrationState.SYNCING
         await svc.store.call(svc.store.migration_tested, mig.name, test, to=to.value,
                              allowed_from=tuple(s.value for s in TESTABLE))
-        ctx.log(f"test launch {'passed' if result['ok'] else 'FAILED'}: booted in {boot_s:.0f} s; "
+        ctx.log(f"test launch {'passed' if passed else 'FAILED'}: booted in {boot_s:.0f} s; "
                 + ", ".join([f"{s} {v}" for s, v in result["services"].items()]
-                            + [f"port {p} {'listens' if o else 'closed'}" for p, o in result["ports"].items()]),
-                "info" if result["ok"] else "warning")
-        ctx.progress(item="passed" if result["ok"] else "failed", units_done=4)
+                            + [f"port {p} {'listens' if o else 'closed'}" for p, o in result["ports"].items()]
+                            + [f"hypervisor tools: {rehearsed['tools']} ({rehearsed['tools_s']:.0f} s)",
+                               f"guest agent: {rehearsed['agent']} ({rehearsed['agent_s']:.0f} s)"]),
+                "info" if passed else "warning")
+        ctx.progress(item="passed" if passed else "failed", units_done=4)
         return {"migration": mig.name, **test}
 
 
@@ -149,16 +157,57 @@ async def _checks(svc: VMService, copy: VMSpec, mig: Migration) -> dict[str, Any
                     r = await ga.exec("/bin/systemctl", ["is-active", *mig.spec.services], timeout=30)
                     states = r.stdout.decode(errors="replace").split()
                     active = dict(zip(mig.spec.services, states + ["unknown"] * len(mig.spec.services)))
-                r = await ga.exec("/bin/sh", ["-c", "ss -Hltn 2>/dev/null || cat /proc/net/tcp /proc/net/tcp6"],
-                                  timeout=30)
-                listening = _listening(r.stdout.decode(errors="replace"))
         except FerryError:
-            active, listening = {s: "unknown" for s in mig.spec.services}, set()
+            active = {s: "unknown" for s in mig.spec.services}
+        listening = await _listening_now(svc, copy)
         opened = {p: p in listening for p in ports}
         ok = all(v == "active" for v in active.values()) and all(opened.values())
         if ok or time.monotonic() > deadline:
             return {"ok": ok, "services": active, "ports": opened}
         await asyncio.sleep(2.0)
+
+
+async def _listening_now(svc: VMService, copy: VMSpec) -> set[int]:
+    try:
+        async with await svc.agent(copy, timeout=5.0) as ga:
+            r = await ga.exec("/bin/sh", ["-c", "ss -Hltn 2>/dev/null || cat /proc/net/tcp /proc/net/tcp6"], timeout=30)
+            return _listening(r.stdout.decode(errors="replace"))
+    except FerryError:
+        return set()
+
+
+async def _until_listening(svc: VMService, copy: VMSpec, port: int, deadline: float) -> None:
+    """Until `port` listens in the copy (or the deadline: the checks then say what is missing)."""
+    while port not in await _listening_now(svc, copy) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+
+
+async def _rehearse(svc: VMService, copy: VMSpec, mig: Migration) -> dict[str, Any]:
+    """The cutover's steps on the target's own system, done in the copy to see them work and measure them:
+    the old hypervisor's tools purged (target.PURGE) and the guest agent installed and enabled
+    (target.AGENT), through the copy's agent (its network is isolated: no package source, as in many
+    windows). What they did, and how long each took."""
+    out: dict[str, Any] = {"ok": True}
+    for key, script, args in (("tools", tgt.PURGE, tgt.tool_packages(mig)), ("agent", tgt.AGENT, [])):
+        began = time.monotonic()
+        try:
+            async with await svc.agent(copy, timeout=10.0) as ga:
+                r = await ga.exec("/bin/sh", ["-c", script, f"ferry-{key}", *args], timeout=600)
+            text = r.stdout.decode(errors="replace")
+            if r.exitcode != 0:
+                err = r.stderr.decode(errors="replace").strip().splitlines()
+                out[key], out["ok"] = f"failed: {err[-1] if err else f'exit status {r.exitcode}'}", False
+            elif key == "tools":
+                gone = next((ln for ln in text.splitlines() if ln.startswith("@@removed")), "@@removed").split()[1:]
+                out[key] = f"purged {', '.join(gone)}" if gone else "none installed"
+            else:
+                out[key] = "present" if "@@agent present" in text else "missing (no package source)"
+            if key == "agent" and not await tgt.agent_answers(svc, copy, timeout=60):
+                out[key], out["ok"] = "does not answer after its restart", False
+        except FerryError as e:
+            out[key], out["ok"] = f"failed: {e.message}", False
+        out[f"{key}_s"] = round(time.monotonic() - began, 1)
+    return out
 
 
 def _listening(text: str) -> set[int]:
