@@ -12,7 +12,11 @@ prepared, synced twice, test-launched, cut over, finalized), then prints the las
   data changed since the last round;
 - the bytes that crossed this machine (its leg on the VM network, both ways) against the bytes moved:
   the data goes source -> receiver directly (target: under 1%).
-Needs root and the bootstrap's tools (scripts/bootstrap.sh install); takes about fifteen minutes here.
+Then (unless --quick) the cutover's way back step by step (tests/test_migration_rollback.py: the engine
+killed as each step begins, the cutover resumed at it, rolled back, the source serving again; the engine
+dead after park and the source back by its go-live timer), about three minutes a step.
+Needs root and the bootstrap's tools (scripts/bootstrap.sh install); about fifteen minutes with --quick,
+an hour without.
 """
 
 from __future__ import annotations
@@ -34,12 +38,15 @@ def ratio(measured: float | None, predicted: float | None) -> str:
 
 
 def main() -> int:
+    quick = "--quick" in sys.argv[1:]
+    files = ["tests/test_debsource.py", "tests/test_migration_source.py", "tests/test_migration_cutover.py"]
+    if not quick:
+        files.append("tests/test_migration_rollback.py")
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "figures.json"
         env = {**os.environ, "FERRY_BENCH_OUT": str(out)}
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-m", "e2e", "-p", "no:cacheprovider",
-                            "tests/test_debsource.py", "tests/test_migration_source.py",
-                            "tests/test_migration_cutover.py"], cwd=ROOT, env=env)
+                            *files], cwd=ROOT, env=env)
         if not out.exists():
             print("bench/migration.py: the run recorded no figures", file=sys.stderr)
             return 1

@@ -135,8 +135,8 @@ def test_the_cutover_puts_the_target_at_the_sources_address_and_parks_the_source
     assert on(source, "dpkg-query -W -f='${Status}' open-vm-tools 2>/dev/null || echo gone").strip() in \
         ("gone", "deinstall ok config-files", "unknown ok not-installed")
     assert on(source, "grep -c ferry-migration /root/.ssh/authorized_keys || true").strip() == "0"
-    agent = ferry(ws, "vm", "agent", f"{NAME}-target", "--json")
-    assert agent.code == 0 and agent.json["state"] == "answering", agent.out + agent.err
+    agent = ferry(ws, "vm", "agent", "info", f"{NAME}-target", "--json")
+    assert agent.code == 0 and agent.json["agent"] == "running", agent.out + agent.err
 
 
 

@@ -65,8 +65,11 @@ LOST_POLLS = 30                     # the receiver unreachable this many polls i
 TAR_CREATE = ("--one-file-system", "--numeric-owner", "--xattrs", "--acls", "-p", "-S", "--no-check-device")
 TAR_EXTRACT = ("--numeric-owner", "-p", "--xattrs", "--xattrs-include=*", "--acls")
 RATE_ROUNDS = 5                     # the recent rounds a prediction learns from
-PROBE_BYTES = 32 << 20              # a first round's probe of the data path: the first bytes of its stream
-PROBE_MIN = 4 * PROBE_BYTES         # below this a first round is not probed (it takes about as long)
+# A first round's probe of the data path: samples of its own stream, each cut after PROBE_BYTES: big files
+# (what a byte costs), small files (what a file costs), and nothing (what a connection costs).
+PROBE_BYTES = 16 << 20
+PROBE_SMALL_FILES = 400
+PROBE_MIN = 128 << 20               # below this a first round is not probed (it takes about as long)
 
 S = MigrationState
 SYNCABLE = (S.TARGET_PREPARED, S.INITIAL_SYNC, S.SYNCING, S.READY, S.ROLLED_BACK)
@@ -157,13 +160,20 @@ def source_command(mig: Migration, unit: Unit, *, level0: bool) -> str:
             f"exec {' '.join(q(a) for a in tar)}")
 
 
-def probe_command(mig: Migration, unit: Unit, limit: int) -> str:
-    """What the receiver asks the source to run for the probe: the start of the unit's level-0 stream
-    (the same tar, no snapshot file), cut after `limit` bytes."""
+def probe_command(mig: Migration, unit: Unit, sample: str) -> str:
+    """What the receiver asks the source to run for a probe sample: the unit's own tar options over the
+    big files ("big": over 1 MiB) or the small ones ("small": under 16 KiB, PROBE_SMALL_FILES of them)
+    under the unit's paths (one filesystem, the excludes applied by tar), cut after PROBE_BYTES; "none":
+    nothing, for the connection's own cost."""
+    if sample == "none":
+        return "true"
     q = shlex.quote
-    tar = ["tar", "-c", "-f", "-", "-C", unit.root, *TAR_CREATE, "--anchored",
-           *(f"--exclude={e}" for e in excludes_of(mig, unit)), "--", *unit.paths]
-    return f"{' '.join(q(a) for a in tar)} 2>/dev/null | head -c {int(limit)}"
+    size, count = ("+1M", 64) if sample == "big" else ("-16k", PROBE_SMALL_FILES)
+    find = ["find", *unit.paths, "-xdev", "-type", "f", "-size", size, "-print0"]
+    tar = ["tar", "-c", "-f", "-", *TAR_CREATE, "--anchored", *(f"--exclude={e}" for e in excludes_of(mig, unit)),
+           "--null", "--no-recursion", "-T", "-"]
+    return (f"cd {q(unit.root)} && {' '.join(q(a) for a in find)} 2>/dev/null | head -z -n {count} | "
+            f"{' '.join(q(a) for a in tar)} 2>/dev/null | head -c {PROBE_BYTES}")
 
 
 # On the source: the dry run of one unit ($1 Ferry's folder, $2 SNAR or "-" for level 0, $3 the root,
@@ -251,9 +261,9 @@ echo 0 > "$D/rc"
 """.replace("TAR_EXTRACT", " ".join(shlex.quote(a) for a in TAR_EXTRACT)).replace(
     "CHECKPOINT", str(CHECKPOINT_RECORDS)).replace("WINDOW", str(RECEIVE_WINDOW))
 
-# The probe of the data path before a first round ($1 key, $2 port, $3 user@host, $4 the partition's mount,
-# $5 the source's command): the start of the real stream pulled and extracted as a round does, into a
-# scratch folder of the target partition (removed after); prints "@@probe BYTES BEGAN ENDED" (uptime s).
+# A probe sample of the data path before a first round ($1 key, $2 port, $3 user@host, $4 the partition's
+# mount, $5 the source's command): pulled and extracted as a round does, into a scratch folder of the
+# target partition (removed after); prints "@@probe BYTES FILES BEGAN ENDED" (uptime seconds).
 PROBE = r"""
 KEY=$1 PORT=$2 UH=$3 DEST=$4 CMD=$5
 export HOME=/root
@@ -261,12 +271,12 @@ P="$DEST/.ferry-probe" F=/run/ferry-probe.fifo N=/run/ferry-probe.n
 rm -rf "$P" "$F" "$N"; mkdir -p "$P"; mkfifo "$F"
 wc -c < "$F" > "$N" &
 b=$(cut -d' ' -f1 /proc/uptime)
-dbclient -T -K 15 -W WINDOW -i "$KEY" -p "$PORT" "$UH" "$CMD" 2>/dev/null | tee "$F" \
-  | /bin/tar -x -f - -C "$P" TAR_EXTRACT 2>/dev/null
+files=$(dbclient -T -K 15 -W WINDOW -i "$KEY" -p "$PORT" "$UH" "$CMD" 2>/dev/null | tee "$F" \
+  | /bin/tar -x -v -f - -C "$P" TAR_EXTRACT 2>/dev/null | wc -l)
 sync
 e=$(cut -d' ' -f1 /proc/uptime)
 wait
-echo "@@probe $(cat "$N" 2>/dev/null || echo 0) $b $e"
+echo "@@probe $(cat "$N" 2>/dev/null || echo 0) $files $b $e"
 rm -rf "$P" "$F" "$N"
 """.replace("TAR_EXTRACT", " ".join(shlex.quote(a) for a in TAR_EXTRACT)).replace("WINDOW", str(RECEIVE_WINDOW))
 
@@ -447,21 +457,44 @@ async def remove_pull_key(t, name: str) -> None:
     await t.run(["sh", "-c", AUTHORIZE, "ferry-authorize", "", tag(name)], timeout=60, check=True)
 
 
-async def _probe(mig: Migration, rx, unit: Unit, limit: int) -> tuple[int, float] | None:
-    """The data path measured as a round will use it (bytes, seconds): the source's tar through dbclient
-    into the receiver's tar, on the first `limit` bytes of the unit's stream; None when it moved nothing."""
+async def _sample(mig: Migration, rx, unit: Unit, sample: str) -> tuple[int, int, float]:
+    """One probe sample through the real pipeline: (bytes, files, seconds)."""
     s = mig.spec.source
     try:
         with detached():
             r = await rx.run(["sh", "-c", PROBE, "ferry-probe", PULL_KEY, str(s.port), f"{s.user}@{s.address}",
-                              unit.dest, probe_command(mig, unit, limit)], timeout=600, check=True)
+                              unit.dest, probe_command(mig, unit, sample)], timeout=600, check=True)
     except FerryError as e:
         raise _receiver_error(mig, e) from None
     m = _marks(r.text(), "probe")
-    if not m or len(m[0]) != 3 or int(m[0][0]) <= 0:
+    if not m or len(m[0]) != 4:
+        raise PermanentError(f"the probe of {mig.name}'s data path said nothing", r.text().strip()[-200:])
+    n, files, began, ended = int(m[0][0]), int(m[0][1]), float(m[0][2]), float(m[0][3])
+    return n, files, max(0.0, ended - began)
+
+
+def probe_fit(samples: dict[str, tuple[int, int, float]]) -> tuple[float, float, float] | None:
+    """(seconds per connection, per byte, per file) from the probe's samples: "none" gives the first;
+    the big and the small files' samples the other two (two equations, two unknowns). None when the
+    samples do not determine them (a source without big or small files: then the round is not
+    predicted)."""
+    c0 = samples["none"][2]
+    (b1, f1, t1), (b2, f2, t2) = samples["big"], samples["small"]
+    t1, t2 = max(0.0, t1 - c0), max(0.0, t2 - c0)
+    det = b1 * f2 - b2 * f1
+    if b1 <= 0 or f2 <= 0 or det == 0:
         return None
-    n, began, ended = int(m[0][0]), float(m[0][1]), float(m[0][2])
-    return (n, ended - began) if ended > began else None
+    per_byte = (t1 * f2 - t2 * f1) / det
+    per_file = (b1 * t2 - b2 * t1) / det
+    if per_byte <= 0:
+        per_byte, per_file = (t1 + t2) / (b1 + b2), 0.0
+    return c0, per_byte, max(0.0, per_file)
+
+
+async def _probe(mig: Migration, rx, unit: Unit) -> tuple[dict[str, tuple[int, int, float]], tuple | None]:
+    """The data path measured as a round uses it: the samples, and their fit (probe_fit)."""
+    samples = {k: await _sample(mig, rx, unit, k) for k in ("none", "big", "small")}
+    return samples, probe_fit(samples)
 
 
 async def _dry(mig: Migration, src, units: list[Unit], *, level0: bool) -> tuple[int, int]:
@@ -545,12 +578,18 @@ async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
             predicted = None
             if level0 and expected >= PROBE_MIN:
                 ctx.progress(item=f"round {k}: probing the data path {mig.spec.source.target} -> {mig.target.vm}")
-                probed = await _probe(mig, rx, units[0], PROBE_BYTES)
-                if probed:
-                    n, secs = probed
-                    predicted = round(time.time() - started + expected * secs / n, 1)
-                    ctx.log(f"round {k}: the data path moved {_size(n)} in {secs:.1f} s ({_size(n / secs)}/s): "
-                            f"{_size(expected)} predicted to take {predicted:.0f} s")
+                samples, fit = await _probe(mig, rx, units[0])
+                said = ", ".join(f"{k_}: {_size(b_)} in {f_} files, {t_:.1f} s" for k_, (b_, f_, t_) in samples.items())
+                if fit:
+                    c0, per_byte, per_file = fit
+                    predicted = round(time.time() - started + len(units) * c0 + expected * per_byte
+                                      + files * per_file, 1)
+                    ctx.log(f"round {k}: the data path probed ({said}): {_size(1 / per_byte)}/s and "
+                            f"{per_file * 1000:.1f} ms a file; {_size(expected)} in {files} files predicted to take "
+                            f"{predicted:.0f} s")
+                else:
+                    ctx.log(f"round {k}: the data path probed ({said}): too few big or small files to predict "
+                            "the round", "warning")
             dry_s = time.time() - started
             await svc.store.call(svc.store.migration_changed, mig.name,
                                  api.to_builtins(Change(bytes=expected, items=files, at=started)))
