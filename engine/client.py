@@ -455,8 +455,19 @@ class EngineClient:
 
 
 def _migration(row: dict) -> Migration:
+    """A migration as stored, with its read-time figures: what changed since the last round, the final
+    sync's and the cutover's predicted durations, the measured downtime."""
+    from dataclasses import replace
+
     from .api import convert
-    return _migration_sync.with_figures(convert(row, Migration))
+    m = _migration_sync.with_figures(convert(row, Migration))
+    from .migration.model import MigrationState as S
+    cut = m.cutover or {}
+    ahead = m.state in (S.SYNCING, S.READY)     # (a cutover record then is an earlier, rolled-back one)
+    predicted = _migration_cutover.predicted_downtime(m) if ahead else cut.get("predicted_downtime")
+    return replace(m, predicted_downtime_s=(predicted or {}).get("total_s"),
+                   predicted_downtime_parts=(predicted or {}).get("parts"),
+                   measured_downtime_s=None if ahead else cut.get("measured_downtime_s"))
 
 
 def _host_key(host: str, info: Any) -> HostKey:

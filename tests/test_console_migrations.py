@@ -29,6 +29,7 @@ from ferry.console.commands import console_commands
 from ferry.console.dialogs.cutover import CutoverScreen
 from ferry.console.dialogs.report import ReportScreen
 from ferry.console.dialogs.vmforms import FormScreen, TypedNameScreen
+from ferry.engine import api
 from ferry.engine.api import MigrationState
 # Imported for their task kinds too (migration.cutover, .rollback, .finalize; migration.test).
 from ferry.engine.migration.cutover import STEPS, Finalize
@@ -394,3 +395,16 @@ async def test_a_cutover_under_way_shows_each_step_live_and_b_asks_for_the_name(
         rb = next(t for t in await cut_client.list_tasks() if t.kind == "migration.rollback")
         assert rb.params["migration"] == "db01"
         await until(pilot, lambda: f"task #{rb.id} roll back db01" in screen_text(app), what="the screen follows it")
+
+
+async def test_a_migration_read_carries_its_predicted_and_measured_downtime(cut_client):
+    """`ferry migration show --json` (migration_get): a ready migration's predicted downtime now, with
+    its parts; one cutting over keeps what was predicted when it began; measured only once cut over."""
+    web = api.to_builtins(await cut_client.migration_get("web01"))
+    assert web["state"] == "ready" and web["predicted_downtime_s"] > 0 and web["measured_downtime_s"] is None
+    assert set(web["predicted_downtime_parts"]) == {"final_sync_s", "switch_s", "boot_s", "tools_s", "agent_s",
+                                                    "checks_s"}
+    assert web["predicted_downtime_parts"]["boot_s"] == 41.5        # the test launch's measure
+    db = api.to_builtins(await cut_client.migration_get("db01"))
+    assert db["state"] == "cutting_over" and db["predicted_downtime_s"] == 85.0
+    assert db["predicted_downtime_parts"]["boot_s"] == 55.0 and db["measured_downtime_s"] is None

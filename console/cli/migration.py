@@ -125,6 +125,13 @@ def _show(m: api.Migration) -> str:
                      f"(measured {fmt.stamp(m.changed.at)})")
     if m.predicted_final_sync_s is not None:
         lines.append(f"final sync about {fmt.duration(m.predicted_final_sync_s)} predicted")
+    if m.predicted_downtime_s is not None or m.measured_downtime_s is not None:
+        parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:g} s"
+                          for k, v in (m.predicted_downtime_parts or {}).items() if v is not None)
+        said = [f"{m.measured_downtime_s:g} s measured"] if m.measured_downtime_s is not None else []
+        if m.predicted_downtime_s is not None:
+            said.append(f"about {m.predicted_downtime_s:g} s predicted ({parts})")
+        lines.append("downtime   " + ", ".join(said))
     if m.override:
         lines.append(f"override   {m.override}")
     lines += [f"blocker    {b.name}: {b.message}" + (f" (hint: {b.hint})" if b.hint else "") for b in m.blockers]

@@ -239,6 +239,11 @@ class Migration:
     # sync's predicted duration (sync.predicted_final_sync_s says how)
     bytes_changed_since: int | None = None
     predicted_final_sync_s: float | None = None
+    # ... and the cutover's downtime: predicted (a syncing or ready migration: now; one cutting over or
+    # after: what was predicted when it began), with its parts, and measured once cut over
+    predicted_downtime_s: float | None = None
+    predicted_downtime_parts: dict[str, float | None] | None = None
+    measured_downtime_s: float | None = None
 
 
 @dataclass(frozen=True)
