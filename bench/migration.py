@@ -39,7 +39,8 @@ def ratio(measured: float | None, predicted: float | None) -> str:
 
 def main() -> int:
     quick = "--quick" in sys.argv[1:]
-    files = ["tests/test_debsource.py", "tests/test_migration_source.py", "tests/test_migration_cutover.py"]
+    files = ["tests/test_debsource.py", "tests/test_migration_source.py", "tests/test_migration_cutover.py",
+             "tests/test_migration_block.py"]
     if not quick:
         files.append("tests/test_migration_rollback.py")
     with tempfile.TemporaryDirectory() as d:
@@ -77,6 +78,15 @@ def main() -> int:
     moved, crossed = f["moved_bytes"], f["crossed_bytes"]
     print(f"this machine     {crossed / mib:.2f} MiB crossed it of {moved / mib:.1f} MiB moved "
           f"({100 * crossed / moved:.2f}%; target under 1%)")
+    if "block_initial_s" in f:
+        print(f"\n== block-level (tests/test_migration_block.py: {f['block_disk_bytes'] / mib:.0f} MiB disk, 4 MiB chunks) ==")
+        print(f"initial sync     {f['block_initial_bytes'] / mib:.1f} MiB in {f['block_initial_s']:.1f} s (the zero chunks "
+              f"left out); this machine carried {f['block_crossed_bytes_initial'] / mib:.2f} MiB")
+        print(f"incremental      {f['block_incremental_bytes'] / mib:.1f} MiB in {f['block_incremental_s']:.1f} s "
+              "(a hash pass over the disk, then the changed chunks)")
+        if "block_downtime_s" in f:
+            print(f"downtime         measured {f['block_downtime_s']:.1f} s, predicted "
+                  f"{f['block_predicted_downtime']['total_s']:.1f} s; steps {f['block_steps']}")
     return r.returncode
 
 

@@ -38,10 +38,11 @@ from ..tasks import TaskContext, register
 from ..vm.lifecycle import _launched
 from ..vm.model import VMSpec, VMState
 from ..vm.service import VMService
+from . import blocksync
 from . import source as src_ops
 from . import sync as sync_ops
 from . import target as tgt
-from .model import Migration, MigrationState
+from .model import Method, Migration, MigrationState
 from .netcheck import NetCheck
 from .prepare import receiver_transport
 from .service import MigrationKind, ensure_idle, load, source_transport
@@ -129,9 +130,9 @@ def _precheck(mig: Migration) -> None:
     if mig.blockers:
         raise Refused(f"migration {mig.name} has blockers: {', '.join(b.name for b in mig.blockers)}",
                       f"ferry migration report {mig.name}")
-    if mig.target is None or str(mig.target.method) != "file":
-        raise Refused(f"migration {mig.name}: only file-level targets cut over here yet",
-                      "migrate it file-level (method = \"file\" in the plan)")
+    if mig.target is None:
+        raise Refused(f"migration {mig.name} has no prepared target", f"ferry migration prepare {mig.name}")
+    tgt.root_device(mig)        # (block-level: refused when the source's / is not on a plain partition)
     final_ip = tgt.final_interface(mig, None).split("/")[0]
     if final_ip == mig.spec.source.address and not mig.spec.cutover.park_address:
         raise Refused(f"migration {mig.name}: the target takes over {final_ip}, the address Ferry reaches the "
@@ -410,6 +411,10 @@ class _Run:
         if role == "receiver":
             address = tgt.final_interface(self.mig, self.cp.get("prefix"))
             gateway = self.mig.spec.final.gateway or self.cp.get("gateway")
+            if self.mig.target.method == Method.BLOCK:
+                # before the target's disk is written outside a round (a round after a rollback compares
+                # the source with the target's own chunks)
+                await blocksync.forget_lists(await self.source(), self.mig)
             rt = receiver_transport(self.svc, self.mig.target)
             try:
                 kind = await tgt.prepare_boot(rt, self.mig, mac, address, gateway)
@@ -421,8 +426,9 @@ class _Run:
             self.ctx.log("the source's network setup is neither systemd-networkd nor ifupdown: its final address "
                          "was not written; the check at the final address will fail", "warning")
         self.cp["boot_from"] = time.time()
-        await tgt.boot_from_disk(self.ctx, self.svc, vm)
-        return (f"fstab by UUID, final address via {kind}; {vm.name} boots its root from /dev/vda1 with the live "
+        root = tgt.root_device(self.mig)
+        await tgt.boot_from_disk(self.ctx, self.svc, vm, root if root != "/dev/vda1" else None)
+        return (f"fstab by UUID, final address via {kind}; {vm.name} boots its root from {root} with the live "
                 "image's kernel and initramfs (direct kernel boot)")
 
     async def start_target(self) -> str:

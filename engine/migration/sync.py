@@ -75,6 +75,12 @@ S = MigrationState
 SYNCABLE = (S.TARGET_PREPARED, S.INITIAL_SYNC, S.SYNCING, S.READY, S.ROLLED_BACK)
 
 
+def _block():
+    """The block-level rounds (blocksync builds on this module's pull machinery: imported when used)."""
+    from . import blocksync
+    return blocksync
+
+
 def tag(name: str) -> str:
     """The comment of the pull key's line in the source user's authorized_keys."""
     return f"ferry-migration:{name}"
@@ -100,8 +106,8 @@ def _file_target(mig: Migration):
     if t is None:
         raise Refused(f"migration {mig.name} has no prepared target", f"ferry migration prepare {mig.name}")
     if t.method != Method.FILE:
-        raise Refused(f"migration {mig.name} is block-level: its sync rounds are not there yet",
-                      "migrate it file-level (method = \"file\" in the plan)")
+        raise Refused(f"migration {mig.name} is block-level: it has no tar streams",
+                      "its rounds are blocksync's (sync.run_round dispatches)")
     return t
 
 
@@ -224,11 +230,21 @@ dropbearkey -y -f "$1" | grep '^ssh-ed25519 ' | cut -d' ' -f1-2
 # unit (GNU tar by its path: busybox's sh runs its own applets before $PATH). Each unit's exit codes, files
 # and deletions (from tar's listing) and stderr (checkpoints, totals) land in the state folder; rc last,
 # after a sync.
-RECEIVE = r"""
+# (RECEIVE_HEAD and RECEIVE_END: how every pull, file- and block-level, begins and ends; a failed unit
+# calls failed)
+RECEIVE_HEAD = r"""
 D=$1 KEY=$2 PORT=$3 UH=$4; shift 4
 echo $$ > "$D/pid"
 export HOME=/root
 cut -d' ' -f1 /proc/uptime > "$D/began"
+failed() { cut -d' ' -f1 /proc/uptime > "$D/ended"; echo 1 > "$D/rc"; exit 1; }
+"""
+RECEIVE_END = r"""
+sync
+cut -d' ' -f1 /proc/uptime > "$D/ended"
+echo 0 > "$D/rc"
+"""
+RECEIVE = (RECEIVE_HEAD + r"""
 # tar names the users and groups of ACLs: it resolves them with the source's passwd and group (given in
 # $D.ids), bound over the receiver's own in a mount namespace of its own
 names() {
@@ -250,15 +266,10 @@ while [ $# -gt 1 ]; do
       [ $r = 0 ] || kill "$(cat "$D/$i.dbclient")" 2>/dev/null; } \
   | awk '/^[^ ]*tar: Deleting / { d++; next } !/\/$/ { n++ } END { print n + 0, d + 0 }' > "$D/$i.items"
   s=$(cat "$D/$i.src.rc") r=$(cat "$D/$i.rx.rc")
-  if [ "$r" != 0 ] || { [ "$s" != 0 ] && [ "$s" != 1 ]; }; then
-    cut -d' ' -f1 /proc/uptime > "$D/ended"; echo 1 > "$D/rc"; exit 1
-  fi
+  if [ "$r" != 0 ] || { [ "$s" != 0 ] && [ "$s" != 1 ]; }; then failed; fi
   i=$((i + 1))
 done
-sync
-cut -d' ' -f1 /proc/uptime > "$D/ended"
-echo 0 > "$D/rc"
-""".replace("TAR_EXTRACT", " ".join(shlex.quote(a) for a in TAR_EXTRACT)).replace(
+""" + RECEIVE_END).replace("TAR_EXTRACT", " ".join(shlex.quote(a) for a in TAR_EXTRACT)).replace(
     "CHECKPOINT", str(CHECKPOINT_RECORDS)).replace("WINDOW", str(RECEIVE_WINDOW))
 
 # A probe sample of the data path before a first round ($1 key, $2 port, $3 user@host, $4 the partition's
@@ -305,7 +316,8 @@ echo "@@pull started"
 # while it runs), "@@cp UNIT RECORDS" per unit, and once it ended, per unit "@@unit I SRC_RC RX_RC FILES
 # DELETED BYTES" and the tail of each side's stderr ("@@src I" / "@@rx I" then lines). "@@gone" when there
 # is no such pull.
-POLL = r"""
+# (POLL_HEAD: the lines every pull's POLL starts with, file- and block-level; PullState reads them)
+POLL_HEAD = r"""
 D=$1 TOKEN=$2
 [ "$(cat "$D/token" 2>/dev/null)" = "$TOKEN" ] || { echo "@@gone"; exit 0; }
 echo "@@meta $(cat "$D/meta" 2>/dev/null)"
@@ -314,6 +326,8 @@ pid=$(cat "$D/pid" 2>/dev/null || true)
 alive=0
 [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && alive=1
 echo "@@rc $rc $alive"
+"""
+POLL = POLL_HEAD + r"""
 i=0
 while [ -f "$D/$i.rx" ]; do
   echo "@@cp $i $(sed -n 's/^[^ ]*tar: CP \([0-9]*\)$/\1/p' "$D/$i.rx" | tail -n 1)"
@@ -408,15 +422,24 @@ def pinned_source_keys(svc: Any, mig: Migration) -> list[str]:
 
 
 async def _setup(svc: Any, mig: Migration, rx, src, units: list[Unit]) -> None:
-    """The receiver ready to pull (idempotent): partitions mounted, the pull key authorized on the
-    source, the source's pinned host keys its only known hosts."""
+    """The receiver ready to pull (idempotent): partitions mounted, then authorize_pull."""
+    try:
+        with detached():
+            args = [a for u in units for a in (u.device, u.dest)]
+            await rx.run(["sh", "-c", MOUNT, "ferry-mount", *args], timeout=120, check=True)
+    except FerryError as e:
+        raise _receiver_error(mig, e) from None
+    await authorize_pull(svc, mig, rx, src)
+
+
+async def authorize_pull(svc: Any, mig: Migration, rx, src) -> None:
+    """The receiver ready to pull from the source (idempotent; file- and block-level): the pull key made
+    there and authorized on the source, the source's pinned host keys its only known hosts."""
     s = mig.spec.source
     known = pinned_source_keys(svc, mig)
     names = [s.address] if s.port == 22 else [s.address, f"[{s.address}]:{s.port}"]
     try:
         with detached():
-            args = [a for u in units for a in (u.device, u.dest)]
-            await rx.run(["sh", "-c", MOUNT, "ferry-mount", *args], timeout=120, check=True)
             pub = (await rx.run(["sh", "-c", PULL_KEY_SCRIPT, "ferry-key", PULL_KEY], timeout=60, check=True)).text()
             text = "".join(f"{n} {k}\n" for n in names for k in known)
             await rx.run(["sh", "-c", "umask 077; cat > /root/.ssh/known_hosts"], input=text.encode(), timeout=30,
@@ -518,8 +541,10 @@ async def _dry(mig: Migration, src, units: list[Unit], *, level0: bool) -> tuple
 async def changed_since(svc: Any, mig: Migration) -> Change:
     """What changed on the source since the last round (bytes, files), measured by a dry run there
     (cheap: metadata only), recorded with its time (the migration's `changed`) and returned. Before
-    the first round: everything."""
+    the first round: everything. Block-level: blocksync.changed_since (it reads the source's disks)."""
     mig = await load(svc.store, mig.name)
+    if mig.target is not None and mig.target.method == Method.BLOCK:
+        return await _block().changed_since(svc, mig)
     units = units_of(mig)
     src = source_transport(svc.pool, mig)
     try:
@@ -550,8 +575,12 @@ async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
     phases), recorded (bytes, files, deletions, duration) and returned; with `becomes`, the migration
     goes to that state in the same transaction; with `measure_after`, what changed while it ran is
     measured at once (changed_since). Idempotent for a task: a round this task recorded with this label
-    is returned as it is; a pull this task started is followed (or its result taken)."""
+    is returned as it is; a pull this task started is followed (or its result taken). Block-level
+    targets: blocksync.run_round, with the same contract."""
     mig = await load(svc.store, mig.name)
+    if mig.target is not None and mig.target.method == Method.BLOCK:
+        return await _block().run_round(ctx, svc, mig, label=label, becomes=becomes, measure_after=measure_after,
+                                        full=full)
     last = mig.rounds[-1] if mig.rounds else None
     if last is not None and last.task == ctx.id and last.label == label:
         return last
@@ -611,14 +640,7 @@ async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
                     f"{'over' if state.rc is not None else 'still running'}: followed, not started again")
         state = await _follow(ctx, mig, rx, sdir, token, k)
         rec = _result(ctx, mig, state, k, label)
-        try:
-            await src.run(["sh", "-c", COMMIT, "ferry-commit", *(u.snar for u in units)], timeout=120, check=True)
-        except FerryError as e:
-            raise _source_error(mig, e) from None
-        row = await svc.store.call(svc.store.migration_round, mig.name, api.to_builtins(rec),
-                                   allowed_from=(str(mig.state),), to=str(becomes) if becomes else None)
-        done = api.convert(row, Migration)
-        ctx.progress(item=f"round {k} done", units_done=len(units), bytes_done=rec.bytes, bytes_total=rec.bytes)
+        done = await commit_round(ctx, svc, mig, src, [u.snar for u in units], rec, becomes)
         ctx.log(describe(rec))
     finally:
         await asyncio.gather(rx.close(), src.close(), return_exceptions=True)
@@ -631,20 +653,35 @@ async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
     return next((r for r in reversed(done.rounds) if r.round == k), rec)
 
 
-class _Pull:
-    """Where a pull in the receiver stands (POLL's answer)."""
+async def commit_round(ctx: TaskContext, svc: Any, mig: Migration, src, lists: list[str], rec: SyncRound,
+                       becomes: MigrationState | None) -> Migration:
+    """A pull that ended well on both ends: each of `lists` (on the source) becomes its .next (COMMIT), then
+    the round recorded (with the state change, if any). Returns the migration as recorded."""
+    try:
+        await src.run(["sh", "-c", COMMIT, "ferry-commit", *lists], timeout=120, check=True)
+    except FerryError as e:
+        raise _source_error(mig, e) from None
+    row = await svc.store.call(svc.store.migration_round, mig.name, api.to_builtins(rec),
+                               allowed_from=(str(mig.state),), to=str(becomes) if becomes else None)
+    ctx.progress(item=f"round {rec.round} done", units_done=len(lists), bytes_done=rec.bytes, bytes_total=rec.bytes)
+    return api.convert(row, Migration)
+
+
+class PullState:
+    """Where a pull in the receiver stands, as a POLL script says it (file- and block-level): gone, its
+    exit code (None while it runs), alive, what START kept (meta), its duration, each side's stderr tail;
+    bytes_done its progress."""
+    bytes_done = 0
 
     def __init__(self, text: str) -> None:
         self.gone = bool(_marks(text, "gone"))
         rc = _marks(text, "rc")
         self.rc = None if not rc or rc[0][0] == "-" else int(rc[0][0])
         self.alive = bool(rc) and rc[0][1] == "1"
-        self.records = sum(int(c[1]) for c in _marks(text, "cp") if len(c) > 1)
         meta = _marks(text, "meta")
         self.meta = meta[0] if meta else []
         t = _marks(text, "time")
         self.seconds = float(t[0][1]) - float(t[0][0]) if t and len(t[0]) == 2 else None
-        self.units = [u for u in _marks(text, "unit")]
         self.stderr: dict[tuple[str, int], list[str]] = {}
         key = None
         for ln in text.splitlines():
@@ -658,19 +695,30 @@ class _Pull:
                 self.stderr[key].append(ln.strip())
 
 
-async def _poll(mig: Migration, rx, sdir: str, token: str) -> _Pull:
+class _Pull(PullState):
+    """Where a tar pull stands: its checkpoints (records) and, once ended, its units."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.records = sum(int(c[1]) for c in _marks(text, "cp") if len(c) > 1)
+        self.bytes_done = self.records * RECORD
+        self.units = [u for u in _marks(text, "unit")]
+
+
+async def _poll(mig: Migration, rx, sdir: str, token: str, script: str = POLL, parse: type = _Pull) -> Any:
     with detached():
-        r = await rx.run(["sh", "-c", POLL, "ferry-poll", sdir, token], timeout=60, check=True)
-    return _Pull(r.text())
+        r = await rx.run(["sh", "-c", script, "ferry-poll", sdir, token], timeout=60, check=True)
+    return parse(r.text())
 
 
-async def _follow(ctx: TaskContext, mig: Migration, rx, sdir: str, token: str, k: int) -> _Pull:
-    """Polls the pull until it ended, reporting its bytes against the dry run's total."""
+async def _follow(ctx: TaskContext, mig: Migration, rx, sdir: str, token: str, k: int, script: str = POLL,
+                  parse: type = _Pull) -> Any:
+    """Polls the pull until it ended, reporting its bytes against the round's expected total."""
     lost = 0
     dead = 0
     while True:
         try:
-            p = await _poll(mig, rx, sdir, token)
+            p = await _poll(mig, rx, sdir, token, script, parse)
             lost = 0
         except TransportError as e:
             lost += 1
@@ -692,34 +740,40 @@ async def _follow(ctx: TaskContext, mig: Migration, rx, sdir: str, token: str, k
                                      "result (killed?)", "the round starts again: ferry task resume, or the same "
                                      "command")
         expected = int(p.meta[1]) if len(p.meta) > 1 else 0
-        done = p.records * RECORD
+        done = p.bytes_done
         ctx.progress(item=f"round {k}: pulling from {mig.spec.source.target}", bytes_done=min(done, expected)
                      if expected else done, bytes_total=expected or None)
         await asyncio.sleep(POLL_S)
 
 
+def source_failure(mig: Migration, k: int, rc: str, err: list[str], tool: str) -> None:
+    """Raises the error of a pull whose source side (dbclient, then `tool` on the source) ended with
+    `rc`, said as the operator can act on it: host key, authentication, reachability, else the tool."""
+    s = mig.spec.source
+    why = next((ln for ln in reversed(err) if ln), f"exit status {rc}")
+    text = " ".join(err)
+    if "ost key" in text or "validate" in text:
+        raise PermanentError(f"the receiver of {mig.name} does not trust the source {s.target}: {why}",
+                             f"it trusts only the key pinned for the source: ferry migration trust {mig.name}")
+    if "auth" in text.lower() or "denied" in text.lower():
+        raise PermanentError(f"the source {s.target} refused the pull key of {mig.name}: {why}",
+                             f"its sshd must take public keys for {s.user} from {mig.target.address} "
+                             f"(~{s.user}/.ssh/authorized_keys, options from=...)")
+    if "onnect" in text or "route" in text or "timed out" in text:
+        raise TransientError(f"the receiver of {mig.name} cannot reach the source {s.target}: {why}",
+                             f"{mig.target.address} must reach {s.address} port {s.port} directly")
+    raise PermanentError(f"round {k} of {mig.name}: {tool} on the source failed: {why}",
+                         "see the task's log; the round starts again with the same command")
+
+
 def _result(ctx: TaskContext, mig: Migration, p: _Pull, k: int, label: str) -> SyncRound:
     """The round as the pull's end says it; an error (one line, a hint) when either end failed."""
-    s = mig.spec.source
     for u in p.units:
         i, src_rc, rx_rc = int(u[0]), u[1], u[2]
         src_err = p.stderr.get(("src", i), [])
         rx_err = p.stderr.get(("rx", i), [])
         if src_rc not in ("0", "1"):
-            why = next((ln for ln in reversed(src_err) if ln), f"exit status {src_rc}")
-            text = " ".join(src_err)
-            if "ost key" in text or "validate" in text:
-                raise PermanentError(f"the receiver of {mig.name} does not trust the source {s.target}: {why}",
-                                     f"it trusts only the key pinned for the source: ferry migration trust {mig.name}")
-            if "auth" in text.lower() or "denied" in text.lower():
-                raise PermanentError(f"the source {s.target} refused the pull key of {mig.name}: {why}",
-                                     f"its sshd must take public keys for {s.user} from {mig.target.address} "
-                                     f"(~{s.user}/.ssh/authorized_keys, options from=...)")
-            if "onnect" in text or "route" in text or "timed out" in text:
-                raise TransientError(f"the receiver of {mig.name} cannot reach the source {s.target}: {why}",
-                                     f"{mig.target.address} must reach {s.address} port {s.port} directly")
-            raise PermanentError(f"round {k} of {mig.name}: tar on the source failed: {why}",
-                                 "see the task's log; the round starts again with the same command")
+            source_failure(mig, k, src_rc, src_err, "tar")
         if rx_rc != "0":
             why = next((ln for ln in reversed(rx_err) if ln), f"exit status {rx_rc}")
             raise PermanentError(f"round {k} of {mig.name}: tar in the receiver failed: {why}",
@@ -744,6 +798,8 @@ async def abort_round(svc: Any, mig: Migration, *, task: int | None = None) -> N
     """A round stopped (cancel, failure): the pull (of task `task`; None: any) killed in the receiver
     and its state there removed, SNAR.next removed on the source. Idempotent."""
     mig = await load(svc.store, mig.name)
+    if mig.target is not None and mig.target.method == Method.BLOCK:
+        return await _block().abort_round(svc, mig, task=task)
     units = units_of(mig)
     rx = receiver_transport(svc, mig.target)
     src = source_transport(svc.pool, mig)
@@ -884,7 +940,10 @@ class SyncMigration(TaskKind):
         if mig.state == S.ROLLED_BACK and mig.target is None:
             raise Refused(f"migration {mig.name} is rolled back and has no target any more",
                           f"apply its plan again and prepare it: ferry migration prepare {mig.name}")
-        units_of(mig)
+        if mig.target is not None and mig.target.method == Method.BLOCK:
+            _block().disks_of(mig)
+        else:
+            units_of(mig)
         await ensure_idle(svc.store, mig.name, self.name, own)
 
     async def run(self, ctx: TaskContext) -> dict[str, Any]:
@@ -905,7 +964,8 @@ class SyncMigration(TaskKind):
         r = await run_round(ctx, svc, mig, label=label, becomes=S.SYNCING if first or again else None,
                             measure_after=True, full=full)
         done = await load(svc.store, mig.name)
-        return {"migration": mig.name, "state": str(done.state), **api.to_builtins(r), "line": describe(r)}
+        line = _block().describe(r) if mig.target.method == Method.BLOCK else describe(r)
+        return {"migration": mig.name, "state": str(done.state), **api.to_builtins(r), "line": line}
 
     async def rollback(self, ctx: TaskContext) -> None:
         """The pull killed and SNAR.next removed (abort_round); a first round's migration back to
@@ -915,7 +975,7 @@ class SyncMigration(TaskKind):
         from .service import ensure_idle
         svc = VMService.of(ctx.engine)
         mig = await load(svc.store, ctx.params["migration"])
-        if mig.target is None or mig.target.method != Method.FILE:
+        if mig.target is None or mig.target.method not in (Method.FILE, Method.BLOCK):
             return
         try:
             await ensure_idle(svc.store, mig.name, self.name, ctx.id)

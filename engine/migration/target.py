@@ -1,14 +1,17 @@
 """The target's side of a cutover (E8): making the copied system boot from its own disks, starting it,
 and checking it.
 
-Boot (file-level; say which is used): the target VM boots the live image's kernel and initramfs, which
-find the root filesystem on the first virtio disk (ferry.root=/dev/vda1: the root partition prepare made)
-and switch into the migrated system's own init ("direct kernel boot of the migrated root"). Before
-that, in the receiver, with the final sync done:
-- /etc/fstab: each mount point a target partition takes is mounted by that partition's UUID (ext4,
-  the source's options when the source's filesystem was ext4 too, else "defaults"); mount points
-  merged into the root tree and swap lines are commented out. The source's file is kept beside it
-  (fstab.ferry-source); running it again starts from that copy, so it is idempotent.
+Boot (say which is used): the target VM boots the live image's kernel and initramfs, which find the
+root filesystem on a virtio disk (ferry.root=: file-level /dev/vda1, the root partition prepare made;
+block-level the partition the source's / is on, mapped to its target disk: root_device) and switch into
+the migrated system's own init ("direct kernel boot of the migrated root"). Before that, in the
+receiver, with the final sync done:
+- /etc/fstab, file-level: each mount point a target partition takes is mounted by that partition's UUID
+  (ext4, the source's options when the source's filesystem was ext4 too, else "defaults"); mount points
+  merged into the root tree and swap lines are commented out. Block-level: the disks are the source's,
+  UUIDs and all, so UUID= lines stay; lines naming a source device (/dev/sda1: another name on virtio)
+  get its UUID instead. The source's file is kept beside it (fstab.ferry-source); running it again
+  starts from that copy, so it is idempotent.
 - the final address: written before the first boot (the source is parked off it by then), so the
   target never shows at another address: systemd-networkd (a .network matching the target NIC's MAC)
   or ifupdown (a .link naming the NIC ferry0 and an interfaces.d stanza); any other network setup is
@@ -29,35 +32,44 @@ import os
 import time
 from typing import Any
 
+from .. import api
 from ..config import HostSpec
-from ..errors import FerryError, PermanentError
-from ..platform.liveboot import stop as stop_process
+from ..errors import FerryError, PermanentError, Refused
+from ..platform.liveboot import LiveRole, stop as stop_process
 from ..vm.lifecycle import _launched, _wait_agent, launch_qemu
 from ..vm.model import VMSpec, VMState
 from ..vm.service import VMService
-from .assess import HYPERVISOR_PACKAGES
-from .model import Migration
+from .assess import HYPERVISOR_PACKAGES, BlockDevice
+from .model import Method, Migration
 
 # In the receiver: $1 root partition, $2 target MAC, $3 address/prefix, $4 gateway ("-": none),
-# $5 DNS servers (comma separated, "-": none), $6 migration name; then fstab words: MOUNT=UUID (taken by
-# a partition) or -MOUNT (merged into the root tree). Prints "@@net KIND" (networkd, ifupdown, none).
+# $5 DNS servers (comma separated, "-": none), $6 migration name, $7 the method (file, block); then fstab
+# words: MOUNT=UUID (taken by a partition), -MOUNT (merged into the root tree), @DEVICE=UUID (block-level:
+# a source device's UUID). Prints "@@net KIND" (networkd, ifupdown, none).
 BOOTPREP = r"""
 set -e
-root=$1 mac=$2 addr=$3 gw=$4 dns=$5 name=$6; shift 6
+root=$1 mac=$2 addr=$3 gw=$4 dns=$5 name=$6 method=$7; shift 7
 R=$(awk -v d="$root" '$1 == d { print $2; exit }' /proc/mounts)
-if [ -z "$R" ]; then R=/mnt/ferry-boot; mkdir -p "$R"; mount -t ext4 "$root" "$R"; fi
+# (block-level: the source's own filesystem, whatever its type the live kernel knows)
+if [ -z "$R" ]; then
+  R=/mnt/ferry-boot; mkdir -p "$R"
+  if [ "$method" = block ]; then mount "$root" "$R"; else mount -t ext4 "$root" "$R"; fi
+fi
 F="$R/etc/fstab"
 ours=no; head -n1 "$F" 2>/dev/null | grep -q '^# ferry: rewritten' && ours=yes
 if [ $ours = yes ] && [ ! -f "$F.ferry-source" ]; then
   : # rewritten for these partitions already (the copy of the source's file went with a sync round)
 elif [ -f "$F" ]; then
   [ $ours = yes ] || cp -p "$F" "$F.ferry-source"
-  awk -v words="$*" '
+  awk -v words="$*" -v method="$method" '
     BEGIN { n = split(words, w, " "); for (i = 1; i <= n; i++) {
               if (substr(w[i], 1, 1) == "-") merged[substr(w[i], 2)] = 1
+              else if (substr(w[i], 1, 1) == "@") { split(substr(w[i], 2), kv, "="); dev[kv[1]] = kv[2] }
               else { split(w[i], kv, "="); uuid[kv[1]] = kv[2] } }
             print "# ferry: rewritten for the target; the source'"'"'s file is fstab.ferry-source" }
     /^[ \t]*#/ || NF < 3 { print; next }
+    ($1 in dev) { $1 = "UUID=" dev[$1]; print; next }
+    (method == "block") { print; next }
     ($2 in uuid) { opts = ($3 == "ext4") ? $4 : "defaults"
                    printf "UUID=%s %s ext4 %s %s %s\n", uuid[$2], $2, opts, ($5 == "" ? 0 : $5), ($6 == "" ? 0 : $6); next }
     ($3 == "swap") { print "# ferry: no swap partition on the target: " $0; next }
@@ -122,9 +134,10 @@ sync
 
 async def revert_boot(rt, mig: Migration) -> None:
     """Undo prepare_boot in the receiver (after a test launch copied the disks, or a cutover rolled
-    back): the next sync rounds see the source's files, not Ferry's. Idempotent."""
+    back): the next sync rounds see the source's files, not Ferry's. Idempotent. Block-level: nothing
+    here (the next round's base is the target's own chunks: it puts back every chunk that differs)."""
     root = next((p.device for p in mig.target.partitions if p.source == "/"), None)
-    if root is None:
+    if root is None or mig.target.method == Method.BLOCK:
         return
     try:
         await rt.run(["sh", "-c", REVERT, "ferry-revert", root], timeout=300, check=True)
@@ -143,23 +156,54 @@ def final_interface(mig: Migration, prefix: int | None) -> str:
 
 def fstab_words(mig: Migration) -> list[str]:
     t = mig.target
+    if t.method == Method.BLOCK:
+        return [f"@/dev/{d.name}={d.uuid}" for d in _source_devices(mig) if d.type == "part" and d.uuid]
     words = [f"{p.source}={p.uuid}" for p in t.partitions if p.source]
     return words + [f"-{m}" for m in t.merged]
+
+
+def _source_devices(mig: Migration) -> list[BlockDevice]:
+    facts = (((mig.assessment or {}).get("report") or {}).get("facts") or {})
+    return [api.convert(d, BlockDevice) for d in facts.get("devices", [])]
+
+
+def root_device(mig: Migration) -> str:
+    """The target's root filesystem as the receiver and the target's kernel see it: file-level the
+    partition taking /; block-level the source's partition (or whole disk) mounted at /, on the target
+    disk that mirrors its disk (vda1 for the source's sda1 or nvme0n1p1 on the first disk). Refused when
+    / is on LVM, RAID or an encrypted volume (the live kernel's direct boot mounts a plain device)."""
+    t = mig.target
+    if t.method != Method.BLOCK:
+        root = next((p.device for p in t.partitions if p.source == "/"), None)
+        if root is None:
+            raise PermanentError(f"the target of {mig.name} has no partition taking the source's /",
+                                 "file-level targets take / on their first disk; prepare it again")
+        return root
+    devices = _source_devices(mig)
+    dev = next((d for d in devices if d.mountpoint == "/"), None)
+    if dev is None:
+        raise Refused(f"the assessment of {mig.name} does not say which device holds the source's /",
+                      f"assess it again: ferry migration assess {mig.name}")
+    on = {d.source: d.device for d in t.disks if d.source}
+    if dev.type == "disk" and dev.name in on:
+        return on[dev.name]
+    if dev.type != "part" or dev.parent not in on:
+        raise Refused(f"the source's / of {mig.name} is on {dev.name} ({dev.type}): a block-level target boots "
+                      "a root on a plain partition or disk here", "migrate it file-level (method = \"file\")")
+    number = dev.name[len(dev.parent):].lstrip("p")
+    return f"{on[dev.parent]}{number}"
 
 
 async def prepare_boot(rt, mig: Migration, mac: str, address: str, gateway: str | None) -> str:
     """In the receiver (`rt`, its transport): fstab, the final address and the pull key, then every
     target filesystem unmounted. Returns how the address was written (networkd, ifupdown, none)."""
-    root = next((p.device for p in mig.target.partitions if p.source == "/"), None)
-    if root is None:
-        raise PermanentError(f"the target of {mig.name} has no partition taking the source's /",
-                             "file-level targets take / on their first disk; prepare it again")
+    root = root_device(mig)
     dns = ",".join(mig.spec.final.dns) or "-"
     from .prepare import _answering
     await _answering(rt, mig.target)         # a busy receiver may take a moment to take the connection
     try:
         r = await rt.run(["sh", "-c", BOOTPREP, "ferry-bootprep", root, mac, address, gateway or "-", dns, mig.name,
-                          *fstab_words(mig)], timeout=300, check=True)
+                          str(mig.target.method), *fstab_words(mig)], timeout=300, check=True)
     except FerryError as e:
         raise PermanentError(f"making the target of {mig.name} bootable failed in the receiver: {e.message}",
                              e.hint) from None
@@ -179,9 +223,10 @@ async def qemu_role(h, vm: VMSpec) -> str | None:
     return role or "boot-disk"
 
 
-async def boot_from_disk(ctx, svc: VMService, vm: VMSpec) -> None:
+async def boot_from_disk(ctx, svc: VMService, vm: VMSpec, root: str | None = None) -> None:
     """The receiver's QEMU stopped (its filesystems are unmounted already) and the VM started from its
-    own disk, its record running. Idempotent: a VM already booted from its disk is left running."""
+    own disk (its root at `root`, else the first disk's first partition), its record running.
+    Idempotent: a VM already booted from its disk is left running."""
     h = svc.host(vm.host)
     role = await qemu_role(h, vm)
     if role == "boot-disk":
@@ -189,7 +234,7 @@ async def boot_from_disk(ctx, svc: VMService, vm: VMSpec) -> None:
     if role is not None:
         await stop_process(h.t, h.paths(vm).pidfile)
         ctx.log(f"the receiver of {vm.name} stopped")
-    await launch_qemu(ctx, vm)
+    await launch_qemu(ctx, vm, live=(LiveRole.BOOT_DISK, {"root": root, "root_wait": 3}) if root else None)
     await svc.update(vm.id, state=VMState.RUNNING)
 
 

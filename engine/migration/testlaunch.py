@@ -7,6 +7,8 @@ afterwards, however the task ends (its files are tracked as temporary).
 
 1. In the receiver: the target made bootable as the cutover makes it (target.prepare_boot: fstab by UUID,
    the final address for the target's MAC) and its filesystems unmounted and flushed: the disks are clean.
+   Block-level: first the source's committed chunk lists are dropped (blocksync.forget_lists), so the
+   next round compares the source with the target's own chunks and puts back what this step changed.
 2. Each target disk copied (`qemu-img convert -U`: a full, independent copy, never a backing chain on a
    disk the receiver keeps writing); then step 1 taken back (target.revert_boot), so the sync rounds go
    on over the source's own files.
@@ -33,10 +35,11 @@ from ..platform.liveboot import LiveDisk, LiveNic, LiveRole, launch, live_boot_a
 from ..tasks import TaskContext, register
 from ..vm.model import VMSpec
 from ..vm.service import VMService
+from . import blocksync
 from . import target as tgt
-from .model import Migration, MigrationState
+from .model import Method, Migration, MigrationState
 from .prepare import receiver_transport
-from .service import MigrationKind, ensure_idle, load
+from .service import MigrationKind, ensure_idle, load, source_transport
 
 BOOT_TIMEOUT = 300.0
 CHECK_TIMEOUT = 120.0
@@ -48,9 +51,9 @@ def _precheck(mig: Migration) -> None:
         raise Refused(f"migration {mig.name} is {mig.state}: a test launch needs a synced target",
                       f"ferry migration sync {mig.name}" if mig.state == MigrationState.TARGET_PREPARED
                       else f"ferry migration show {mig.name}")
-    if mig.target is None or str(mig.target.method) != "file":
-        raise Refused(f"migration {mig.name}: only file-level targets are test-launched here yet",
-                      "migrate it file-level (method = \"file\" in the plan)")
+    if mig.target is None:
+        raise Refused(f"migration {mig.name} has no prepared target", f"ferry migration prepare {mig.name}")
+    tgt.root_device(mig)        # (block-level: refused when the source's / is not on a plain partition)
 
 
 @register
@@ -81,6 +84,14 @@ class TestLaunch(MigrationKind):
         await _remove_copy(ctx, h, copy)            # a run killed before left one behind
 
         ctx.progress(measured=False, item="making the target bootable in the receiver", units_done=0, units_total=4)
+        if mig.target.method == Method.BLOCK:
+            # Before the target's disk is written outside a round: the next round's base becomes the target's
+            # own chunks (it puts back every chunk this launch changed).
+            src = source_transport(svc.pool, mig)
+            try:
+                await blocksync.forget_lists(src, mig)
+            finally:
+                await src.close()
         rt = receiver_transport(svc, mig.target)
         try:
             address = tgt.final_interface(mig, mig.target.prefix)
@@ -108,7 +119,7 @@ class TestLaunch(MigrationKind):
         accel, _ = await svc.accel(h, image)
         argv = live_boot_argv(image, paths=h.paths(copy), role=LiveRole.BOOT_DISK, accel=accel,
                               memory_mb=vm.memory_mb, cpus=vm.cpus, disks=disks, nics=[LiveNic(mac=mac)],
-                              params={"hostname": copy.name, "root": "/dev/vda1", "root_wait": 3},
+                              params={"hostname": copy.name, "root": tgt.root_device(mig), "root_wait": 3},
                               cpu=h.spec.cpu_model)
         started = time.monotonic()
         await launch(h.t, argv, h.paths(copy))

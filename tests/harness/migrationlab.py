@@ -28,14 +28,16 @@ EXCLUDES = ["/var/cache/apt/*", "/var/lib/apt/lists/*", "/tmp/*", "/boot/*", "/u
 
 @contextlib.contextmanager
 def migration_lab(prefix: str, site: str, name: str, *, confirm_within: str = "15m", excludes: list[str] = EXCLUDES,
-                  memory: str = "384M", disk: str = "2G", hold: bool = False) -> Iterator[tuple[SourceVM, str]]:
+                  memory: str = "384M", disk: str = "2G", hold: bool = False, method: str = "file"
+                  ) -> Iterator[tuple[SourceVM, str]]:
     """(the source, its park address as CIDR) in a lab whose workspace holds wave1's migration `name`
     (nginx its service, the target on lab3 with `memory` and one disk of `disk`); the lab goes down when
     this closes, however the setup ended. `hold`: engines started meanwhile hold the tasks a killed one
-    left (FERRY_ENGINE_HOLD) until `ferry task resume` or the same command."""
+    left (FERRY_ENGINE_HOLD) until `ferry task resume` or the same command. `method`: the plan's (block:
+    the target's disks are the source's sizes, `disk` is not given)."""
     image = source_image(image_cache())
     with _env("FERRY_ENGINE_HOLD", "1" if hold else os.environ.get("FERRY_ENGINE_HOLD")), \
-            _lab(prefix, site, name, image, confirm_within, excludes, memory, disk) as up:
+            _lab(prefix, site, name, image, confirm_within, excludes, memory, disk, method) as up:
         yield up
 
 
@@ -57,7 +59,7 @@ def _env(key: str, value: str | None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _lab(prefix: str, site: str, name: str, image, confirm_within: str, excludes: list[str], memory: str,
-         disk: str) -> Iterator[tuple[SourceVM, str]]:
+         disk: str, method: str = "file") -> Iterator[tuple[SourceVM, str]]:
     with contextlib.closing(netlab_workspace(prefix, site=site)) as lab_up:
         ws, lab = next(lab_up)
         import_source(ws, "src01", image)
@@ -73,7 +75,7 @@ def _lab(prefix: str, site: str, name: str, image, confirm_within: str, excludes
             [wave]
             name = "wave1"
             [migrations.{name}]
-            method = "file"
+            method = "{method}"
             services = ["nginx"]
             excludes = {excludes!r}
             source = {{ address = "{source.address}", identity = "{image.identity}" }}
@@ -85,8 +87,7 @@ def _lab(prefix: str, site: str, name: str, image, confirm_within: str, excludes
             network = "lab"
             cpus = 1
             memory = "{memory}"
-            disks = ["{disk}"]
-            """))
+            """) + (f'disks = ["{disk}"]\n' if method == "file" else ""))
         r = ferry(ws, "plan", "apply", str(plan))
         assert r.code == 0, r.err
         yield source, park
