@@ -125,6 +125,26 @@ class ConsoleSettings:
 
 
 @dataclass(frozen=True)
+class ScheduleSpec:
+    """config.toml's [schedules.NAME]: what runs when (engine/ops/schedule.py)."""
+    name: str
+    at: str                        # as written: a cron expression or an alias (daily 02:00, hourly :30, ...)
+    cron: str                      # the cron expression it means
+    run: str                       # what it runs: a health checklist's name, "backup", ... (the ops layer says)
+    catch_up: bool = True          # a slot missed while the engine was down runs once at its start
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    """config.toml's [notify]: who is told of new critical and major alarms (engine/ops/notify.py)."""
+    command: tuple[str, ...] = ()  # run with the alarm as JSON on stdin
+    webhook: str | None = None     # POSTed the alarm as JSON
+    retries: int = 5
+    backoff_s: float = 2.0         # before the first retry; doubling
+    timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class SiteConfig:
     name: str
     clusters: dict[str, ClusterSpec]
@@ -137,6 +157,9 @@ class SiteConfig:
     console: ConsoleSettings = ConsoleSettings()
     networks: dict[str, NetworkSpec] = field(default_factory=dict)
     lab: LabSettings = LabSettings()
+    timezone: str | None = None    # [site] timezone (IANA); None: this machine's
+    schedules: dict[str, ScheduleSpec] = field(default_factory=dict)
+    notify: NotifySettings = NotifySettings()
 
     def network(self, name: str) -> NetworkSpec:
         """The network called `name` ("default": QEMU user mode unless config.toml says otherwise)."""
@@ -259,7 +282,7 @@ class Checker:
         ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
         if not ok:
             names = " or ".join({int: "an integer", str: "a string", bool: "true or false",
-                                  list: "a list", dict: "a table"}[k] for k in kinds)
+                                  list: "a list", dict: "a table"}[k] for k in kinds) if float not in kinds else "a number"
             self.problem(path + (key,), f"must be {names}, got {value!r}", f"for example: {key} = {example}" if example else "")
             return default
         if check:
@@ -314,12 +337,17 @@ def _abs_path(v: str) -> str | None:
 
 TOP_KEYS = {"site": "{ name = \"dc1\" }", "engine": "{ max_tasks = 4 }", "clusters": "{ prod = {} }",
             "hosts": "{ cna01 = { ... } }", "datastores": "{ ds1 = { ... } }", "console": "{ readonly = true }",
-            "networks": "{ prod = { bridge = \"br-prod\" } }", "lab": "{ subnet = \"10.231.0.0/24\" }"}
+            "networks": "{ prod = { bridge = \"br-prod\" } }", "lab": "{ subnet = \"10.231.0.0/24\" }",
+            "schedules": "{ nightly = { at = \"daily 02:00\", run = \"backup\" } }",
+            "notify": "{ command = [\"/usr/local/bin/page-oncall\"] }"}
 NETWORK_KEYS = {"mode": '"bridge"', "bridge": '"br-prod"', "create": "true", "vlan": "100", "mtu": "1500",
                 "hosts": '["cna01", "cna02"]', "uplinks": '{ cna01 = "eth1" }'}
 LAB_KEYS = {"subnet": '"10.231.0.0/24"', "network": "true"}
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-SITE_KEYS = {"name": '"dc1"', "production": "true", "theme": '"dark"'}
+SITE_KEYS = {"name": '"dc1"', "production": "true", "theme": '"dark"', "timezone": '"Europe/Berlin"'}
+SCHEDULE_KEYS = {"at": '"daily 02:00"', "run": '"backup"', "catch_up": "true"}
+NOTIFY_KEYS = {"command": '["/usr/local/bin/page-oncall", "--team", "ops"]', "webhook": '"https://hooks.example/ferry"',
+               "retries": "5", "backoff": "2", "timeout": "30"}
 ENGINE_KEYS = {"max_tasks": "4", "max_tasks_per_host": "2", "retries": "5", "group": '"ferry-ops"'}
 CLUSTER_KEYS = {"description": '"production cluster"'}
 HOST_KEYS = {"cluster": '"prod"', "transport": '"ssh"', "address": '"10.0.0.11"', "port": "22",
@@ -345,6 +373,7 @@ def parse_config(data: dict, *, file: str, text: str = "", check_files: bool = T
     site_name = c.get(site, ("site",), "name", str, "", _nonempty, '"dc1"')
     production = c.get(site, ("site",), "production", bool, False, example="true")
     theme = c.get(site, ("site",), "theme", str, None, _nonempty, '"dark"')
+    timezone = c.get(site, ("site",), "timezone", str, None, _zone, '"Europe/Berlin"')
 
     console = _console_settings(c, data.get("console", {}))
 
@@ -466,11 +495,13 @@ def parse_config(data: dict, *, file: str, text: str = "", check_files: bool = T
                 c.problem(("hosts", hname, "networks"), f"network {n!r} does not span host {hname!r}",
                           f"add {hname!r} to networks.{n}.hosts, or remove {n!r} here")
     lab = _lab_settings(c, data.get("lab", {}))
+    schedules = _schedules(c, data)
+    notify = _notify(c, data.get("notify", {}))
 
     if c.problems:
         raise ConfigError(c.problems)
     return SiteConfig(site_name, clusters, hosts, datastores, limits, production, theme, file, console,
-                      networks, lab)
+                      networks, lab, timezone, schedules, notify)
 
 
 def _networks(c: _Checker, raw: Any, raw_hosts: dict) -> dict[str, NetworkSpec]:
@@ -522,6 +553,52 @@ def _networks(c: _Checker, raw: Any, raw_hosts: dict) -> dict[str, NetworkSpec]:
         out[name] = NetworkSpec(name, mode or "bridge", bridge or "", create, vlan, mtu, tuple(nhosts),
                                 {str(k): str(v) for k, v in uplinks.items()})
     return out
+
+
+def _zone(v: str) -> str | None:
+    from .ops.schedule import zone_problem
+    return zone_problem(v)
+
+
+def _schedules(c: _Checker, data: dict) -> dict[str, ScheduleSpec]:
+    """[schedules.NAME]: `at` (a cron expression or an alias), `run`, `catch_up`."""
+    out: dict[str, ScheduleSpec] = {}
+    for name, table, path in c.entries(data, "schedules", "schedule"):
+        c.table(table, path, SCHEDULE_KEYS, required=("at", "run"))
+        at = c.get(table, path, "at", str, None, _nonempty, '"daily 02:00"')
+        run = c.get(table, path, "run", str, None, _nonempty, '"backup"')
+        catch_up = c.get(table, path, "catch_up", bool, True, example="false")
+        cron = None
+        if at is not None:
+            from .ops.schedule import ScheduleError, parse_at
+            try:
+                cron = parse_at(at)
+            except ScheduleError as e:
+                c.problem(path + ("at",), e.message, e.hint)
+        if cron and run:
+            out[name] = ScheduleSpec(name, at.strip(), cron, run.strip(), catch_up)
+    return out
+
+
+def _notify(c: _Checker, data: Any) -> NotifySettings:
+    if not isinstance(data, dict):
+        c.problem(("notify",), "must be a table", 'write [notify] with command = ["/usr/local/bin/page-oncall"]')
+        return NotifySettings()
+    c.table(data, ("notify",), NOTIFY_KEYS)
+    p = ("notify",)
+    command = c.get(data, p, "command", list, [],
+                    lambda v: None if v and all(isinstance(x, str) and x for x in v) else
+                    "must be a non-empty list of strings: the program and its arguments",
+                    '["/usr/local/bin/page-oncall", "--team", "ops"]')
+    webhook = c.get(data, p, "webhook", str, None,
+                    lambda v: None if re.match(r"^https?://[^\s/]+", v) else f"is not an http(s) URL: {v!r}",
+                    '"https://hooks.example/ferry"')
+    retries = c.get(data, p, "retries", int, 5, lambda v: None if 0 <= v <= 20 else f"must be 0 to 20, got {v}", "5")
+    backoff = c.get(data, p, "backoff", (int, float), 2.0,
+                    lambda v: None if 0 <= v <= 600 else f"must be 0 to 600 seconds, got {v}", "2")
+    timeout = c.get(data, p, "timeout", (int, float), 30.0,
+                    lambda v: None if 0 < v <= 600 else f"must be more than 0 and at most 600 seconds, got {v}", "30")
+    return NotifySettings(tuple(command), webhook, retries, float(backoff), float(timeout))
 
 
 def _lab_settings(c: _Checker, data: Any) -> LabSettings:

@@ -183,6 +183,72 @@ MIGRATIONS: list[str] = [
     ALTER TABLE migrations ADD COLUMN rounds TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE migrations ADD COLUMN changed TEXT;
     """,
+    # v10: operations (issue 14, engine/ops). An alarm is the state of (type, object): one row while it
+    # is active or acknowledged (the partial unique index: two processes raising it at once make one
+    # row), kept as history once cleared. Events list every raise, ack, clear and silence. Silences mute
+    # matching alarms until they expire. A schedule's anchor is the last slot it handled; its runs are
+    # its history.
+    """
+    CREATE TABLE alarms (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        type        TEXT NOT NULL,
+        object      TEXT NOT NULL,
+        severity    TEXT NOT NULL,
+        state       TEXT NOT NULL,
+        summary     TEXT NOT NULL,
+        details     TEXT NOT NULL DEFAULT '{}',
+        source      TEXT NOT NULL DEFAULT '',
+        count       INTEGER NOT NULL DEFAULT 1,
+        first_seen  REAL NOT NULL,
+        last_seen   REAL NOT NULL,
+        acked_by    TEXT,
+        acked_at    REAL,
+        ack_comment TEXT,
+        cleared_at  REAL,
+        cleared_by  TEXT,
+        clear_reason TEXT
+    );
+    CREATE UNIQUE INDEX alarms_open ON alarms(type, object) WHERE state != 'cleared';
+    CREATE INDEX alarms_by_state ON alarms(state, id);
+    CREATE TABLE events (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts       REAL NOT NULL,
+        kind     TEXT NOT NULL,
+        actor    TEXT NOT NULL,
+        text     TEXT NOT NULL,
+        alarm_id INTEGER,
+        type     TEXT,
+        object   TEXT,
+        severity TEXT
+    );
+    CREATE TABLE silences (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        matchers   TEXT NOT NULL,
+        created    REAL NOT NULL,
+        expires    REAL NOT NULL,
+        created_by TEXT NOT NULL,
+        reason     TEXT NOT NULL,
+        removed    REAL,
+        removed_by TEXT,
+        expiry_noted INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE schedules (
+        name     TEXT PRIMARY KEY,
+        cron     TEXT NOT NULL,
+        anchor   REAL NOT NULL,
+        running  INTEGER
+    );
+    CREATE TABLE schedule_runs (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        schedule  TEXT NOT NULL,
+        slot      REAL NOT NULL,
+        started   REAL,
+        ended     REAL,
+        result    TEXT,
+        caught_up INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX schedule_runs_by ON schedule_runs(schedule, id);
+    """,
 ]
 ROUNDS_KEPT = 50
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -334,11 +400,11 @@ class Store:
         except sqlite3.Error as e:
             raise db_error(self.path, e) from None
 
-    def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _tx(self, fn: Callable[[sqlite3.Connection], T], begin: str = "BEGIN IMMEDIATE") -> T:
         with self._lock, self._guard():
             db = self._db
             assert db is not None
-            db.execute("BEGIN IMMEDIATE")
+            db.execute(begin)
             try:
                 out = fn(db)
                 db.execute("COMMIT")
@@ -347,6 +413,16 @@ class Store:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+
+    def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn(db)` in one write transaction (BEGIN IMMEDIATE): a check and the act it decides happen
+        together, whatever other Ferry processes do at the same time (engine/ops uses it). Write the
+        audit rows of what it does with `audit_in(db, ...)`, in the same transaction."""
+        return self._tx(fn)
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn(db)` in one read transaction: its queries see one state of the database."""
+        return self._tx(fn, "BEGIN")
 
     def _q(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock, self._guard():
@@ -965,6 +1041,9 @@ def _audit(db: sqlite3.Connection, action: str, target: str, params: dict | None
            actor: str | None = None) -> None:
     db.execute("INSERT INTO audit(ts, actor, action, target, params, result) VALUES(?,?,?,?,?,?)",
                (time.time(), actor or current_user(), action, target, _dumps(scrub(params or {})), result))
+
+
+audit_in = _audit     # (public) an audit row written in the caller's transaction (Store.transaction)
 
 
 def _migration_row(r: sqlite3.Row) -> dict:

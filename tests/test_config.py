@@ -34,7 +34,7 @@ transport = "local"
 
 # (config text, the one line expected: file:line: key: message) — the hint follows on the same line.
 BAD = [
-    ('[site]\nname = "dc1"\ncolour = "red"\n', ':3: site.colour: unknown key (hint: allowed keys here: name, production, theme)'),
+    ('[site]\nname = "dc1"\ncolour = "red"\n', ':3: site.colour: unknown key (hint: allowed keys here: name, production, theme, timezone)'),
     ('[site]\nname = "dc1"\n[clusters.prod]\n[hosts.a]\ncluster = "prod"\ntransport = "ssh"\naddress = "h"\nport = 70000\n',
      ':8: hosts.a.port: must be a port number from 1 to 65535, got 70000'),
     ('[site]\nname = "dc1"\n[clusters.prod]\n[hosts.a]\ncluster = "prod"\ntransport = "ssh"\naddress = "h"\nport = "22"\n',
