@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from .migration.netcheck import NetCheck, NetThresholds
     from .migration.model import (FinalNetwork, Finding, Method, Migration, MigrationSpec, MigrationState,
                                   PlanApplied, PlanCheck, SourceSpec, TargetSpec)
+    from .ops.model import (AlarmInfo, AlarmState, EventInfo, ScheduleInfo, ScheduleRun, Severity,
+                            SilenceInfo)
     from .platform.labops import LabDhcp, LabHost, LabStatus
     from .records import AuditEntry, EngineStatus, HostKey, Submitted, TaskLogEntry, TrackedFile
     from .taskmodel import Progress, TaskInfo
@@ -51,6 +53,8 @@ _LAZY = {
     **dict.fromkeys(("FinalNetwork", "Finding", "Method", "Migration", "MigrationSpec", "MigrationState",
                      "PlanApplied", "PlanCheck", "SourceSpec", "TargetSpec"), ".migration.model"),
     "NetCheck": ".migration.netcheck", "NetThresholds": ".migration.netcheck",
+    **dict.fromkeys(("AlarmInfo", "AlarmState", "EventInfo", "ScheduleInfo", "ScheduleRun", "Severity", "SilenceInfo"),
+                    ".ops.model"),
 }
 
 
@@ -72,7 +76,8 @@ __all__ = ["AuditEntry", "DatastoreUsage", "EngineStatus", "HostFacts", "HostKey
            "ReconcileReport", "OrphanProcess", "MissingVM", "UnreachableHost", "TimeSync", "CPUHotAdd",
            "VMActionCheck", "Refusal", "LabDhcp", "LabHost", "LabStatus", "ConfigProblem", "FinalNetwork", "Finding",
            "Method", "Migration", "MigrationSpec", "MigrationState", "PlanApplied", "PlanCheck", "SourceSpec",
-           "TargetSpec", "NetCheck", "NetThresholds", "FINAL_STATES", "encode", "decode", "to_builtins", "convert", "dumps", "dumps_as",
+           "TargetSpec", "NetCheck", "NetThresholds", "AlarmInfo", "AlarmState", "EventInfo", "ScheduleInfo",
+           "ScheduleRun", "Severity", "SilenceInfo", "FINAL_STATES", "encode", "decode", "to_builtins", "convert", "dumps", "dumps_as",
            "VERSION", "PROTOCOL"]
 
 PROTOCOL = 3     # the wire protocol's version; raised whenever a frame's shape changes (2: serial frames, 3: --json answers)

@@ -171,6 +171,32 @@ class EngineCalls:
     async def migration_cancel_cutover(self, name: str, reason: str) -> int | None:
         return await self._call("migration_cancel_cutover", name=name, reason=reason)
 
+    # ------------------------------------------------------------------ operations
+
+    async def alarms(self, all: bool = False) -> list[api.AlarmInfo]:
+        return await self._call("alarms", all=all)
+
+    async def alarm_ack(self, id: int, comment: str = "") -> api.AlarmInfo:
+        return await self._call("alarm_ack", id=id, comment=comment)
+
+    async def alarm_clear(self, id: int, reason: str) -> api.AlarmInfo:
+        return await self._call("alarm_clear", id=id, reason=reason)
+
+    async def silence_add(self, matchers: dict[str, str], duration_s: float, reason: str) -> api.SilenceInfo:
+        return await self._call("silence_add", matchers=matchers, duration_s=duration_s, reason=reason)
+
+    async def silence_list(self, all: bool = False) -> list[api.SilenceInfo]:
+        return await self._call("silence_list", all=all)
+
+    async def silence_remove(self, id: int) -> api.SilenceInfo:
+        return await self._call("silence_remove", id=id)
+
+    async def events(self, limit: int = 100) -> list[api.EventInfo]:
+        return await self._call("events", limit=limit)
+
+    async def schedules(self) -> list[api.ScheduleInfo]:
+        return await self._call("schedules")
+
     # ------------------------------------------------------------------ the network lab
 
     async def lab_up(self) -> api.LabStatus:

@@ -31,6 +31,8 @@ from .api import AuditEntry, HostKey, TaskLogEntry, TrackedFile
 from .gc import Leftover
 from .hostfacts import HostFacts, gather_all, gather_facts, tap_owners
 from .migration.model import Migration, PlanApplied, PlanCheck
+from .ops.model import AlarmInfo, EventInfo, ScheduleInfo, SilenceInfo
+from .ops.service import Ops
 from .store import Store, current_user
 from .taskmodel import TaskInfo
 from .tasks import Engine, JobAlreadyRunning, kind_of
@@ -53,6 +55,7 @@ class EngineClient:
         self.store = Store(workspace.state_path)
         self.transports = transports or TransportPool(site, workspace)
         self.engine = Engine(self.store, site, transports=self.transports, adopt=adopt)
+        self.ops = Ops(self.store, lambda: self.site)     # alarms, silences, events, schedules (engine/ops)
         self._config_stamp = self._stamp()
         self._lab_lock = asyncio.Lock()      # one build or teardown of the network lab at a time
 
@@ -114,6 +117,7 @@ class EngineClient:
         await self.engine.start()
 
     async def close(self) -> None:
+        await self.ops.stop()
         await self.engine.stop()
         vms = self.engine.services.get(VMService)
         if vms is not None:
@@ -427,6 +431,38 @@ class EngineClient:
                 await self.engine.cancel(info.id, reason=reason)
                 return info.id
         return None
+
+    # ------------------------------------------------------------------ operations (engine/ops)
+
+    async def alarms(self, all: bool = False) -> list[AlarmInfo]:
+        """Open alarms (active, acknowledged) by severity; all=True: cleared ones too (history)."""
+        return await self.ops.alarms(all=all)
+
+    async def alarm_ack(self, id: int, comment: str = "") -> AlarmInfo:
+        """Acknowledge an open alarm (who: the caller; audited)."""
+        return await self.ops.ack(id, comment)
+
+    async def alarm_clear(self, id: int, reason: str) -> AlarmInfo:
+        """Clear an open alarm by hand, with a reason (audited)."""
+        return await self.ops.clear(id, reason)
+
+    async def silence_add(self, matchers: dict[str, str], duration_s: float, reason: str) -> SilenceInfo:
+        """Silence alarms matching every matcher (type, object, severity; exact or glob) for duration_s."""
+        return await self.ops.silence_add(matchers, duration_s, reason)
+
+    async def silence_list(self, all: bool = False) -> list[SilenceInfo]:
+        return await self.ops.silence_list(all=all)
+
+    async def silence_remove(self, id: int) -> SilenceInfo:
+        return await self.ops.silence_remove(id)
+
+    async def events(self, limit: int = 100) -> list[EventInfo]:
+        """The newest events of alarms and silences, newest first."""
+        return await self.ops.events(limit=limit)
+
+    async def schedules(self) -> list[ScheduleInfo]:
+        """Each schedule of config.toml with its next run and its last run."""
+        return await self.ops.schedules()
 
     # ------------------------------------------------------------------ leftovers
 

@@ -51,6 +51,7 @@ CALLS = frozenset({
     "vm_actions", "lab_up", "lab_down", "lab_status", "plan_check", "plan_apply", "migration_list",
     "migration_get", "migration_source_key", "trust_migration_source", "migration_override", "migration_report",
     "migration_cutover_summary", "migration_cancel_cutover",
+    "alarms", "alarm_ack", "alarm_clear", "silence_add", "silence_list", "silence_remove", "events", "schedules",
 })
 
 
@@ -295,6 +296,9 @@ class EngineService:
         loop.add_signal_handler(signal.SIGHUP, lambda: None)   # a lost terminal never stops the engine
         await self.core.start()      # marks dead tasks interrupted, and takes them over: they resume
         await self._listen()
+        # The schedules run here, whether or not a front end is attached: missed slots are caught up
+        # first; config.toml is re-read between slots, as before every call.
+        self.core.ops.launch(reload=self.core.reload_site)
         self.pid_path.write_text(f"{os.getpid()} {api.VERSION}\n")
         with contextlib.suppress(FileNotFoundError):
             stopped_marker(self.ws).unlink()
@@ -309,6 +313,7 @@ class EngineService:
             self.core.engine.bus.publish(Event("engine", data="stopping"))   # front ends: on purpose
             if self._server:
                 self._server.close()
+            await self.core.ops.stop()       # runs under way are recorded as interrupted
             await self.core.engine.stop(drain=0 if self._stop_now else DRAIN_S)
             for h in list(self._handlers):
                 h.cancel()

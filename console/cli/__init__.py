@@ -693,6 +693,7 @@ def _local_only(args: argparse.Namespace) -> Refused | None:
 _VALUED = ("--workspace", "--theme", "--engine", "--engine-command")
 _VM_COMMANDS = ("vm", "template", "lab")     # console/cli/vm.py's
 _MIGRATION_COMMANDS = ("plan", "migration")  # console/cli/migration.py's
+_OPS_COMMANDS = ("alarms", "alarm", "silence", "events", "schedules")   # console/cli/ops.py's
 
 
 def _command_at(argv: list[str]) -> int | None:
@@ -927,6 +928,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     if wanted is None or wanted in _MIGRATION_COMMANDS:
         from ferry.console.cli.migration import add_parsers as add_migration_parsers
         add_migration_parsers(sub)
+    if wanted is None or wanted in _OPS_COMMANDS:
+        from ferry.console.cli.ops import add_parsers as add_ops_parsers
+        add_ops_parsers(sub)
     if wanted in (None, "completion"):
         from ferry.console.cli.completion import add_parser as add_completion
         add_completion(sub)
@@ -934,7 +938,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 _COMMANDS = ("init", "config", "hosts", "tasks", "task", "probe", "replicate", "gc", "audit", "engine",
-             *_VM_COMMANDS, *_MIGRATION_COMMANDS, "completion")
+             *_VM_COMMANDS, *_MIGRATION_COMMANDS, *_OPS_COMMANDS, "completion")
 
 
 def main(argv: list[str] | None = None) -> int:
