@@ -80,6 +80,12 @@ def cutover_task(ws, tid: int) -> dict:
     return next(r for r in task_rows(ws, tid - 1) if r["id"] == tid)
 
 
+def told(ws, tid: int) -> str:
+    """The task's details and log, for an assertion's message."""
+    r = ferry(ws, "task", "show", str(tid))
+    return r.out + r.err
+
+
 @pytest.mark.parametrize("step", TRIED)
 def test_killed_as_a_step_begins_the_cutover_resumes_at_it_and_a_rollback_restores_the_source(lab, step):
     source, park = lab
@@ -115,7 +121,7 @@ def test_killed_as_a_step_begins_the_cutover_resumes_at_it_and_a_rollback_restor
     until_sync(lambda: cutover_task(ws, k.task_id)["state"] == "cancelled", timeout=300, every=0.5,
                what="the cutover's rollback")
     m = ok(ws, "migration", "show", NAME)
-    assert m["state"] == "rolled_back", m["state"]
+    assert m["state"] == "rolled_back", told(ws, k.task_id)
     serves_again(source)
     assert ok(ws, "vm", "show", f"{NAME}-target")["state"] == "stopped"
 
@@ -142,6 +148,6 @@ def test_the_source_comes_back_by_itself_when_the_engine_dies_after_parking_it(l
             resumed.kill()
             resumed.communicate()
     row = cutover_task(ws, k.task_id)
-    assert row["state"] == "failed" and "timer" in (row["error"] or ""), (row["state"], row["error"])
-    assert ok(ws, "migration", "show", NAME)["state"] == "rolled_back"
+    assert row["state"] == "failed" and "timer" in (row["error"] or ""), told(ws, k.task_id)
+    assert ok(ws, "migration", "show", NAME)["state"] == "rolled_back", told(ws, k.task_id)
     serves_again(source)
