@@ -4,8 +4,12 @@ states and guarantees; this module holds what differs).
 
 Chunks of CHUNK (4 MiB). One read pass per source disk on the source hashes every chunk (GNU dd with
 O_DIRECT, so the kernel's cached copy of the device never hides a block the filesystem wrote since;
-coreutils' `split --filter` runs md5sum per chunk); the list goes to SOURCE_DIR/<migration>/<disk>.hashes
+coreutils' `split --filter` runs md5sum per chunk); the list goes to LISTS_DIR/<migration>/<disk>.hashes
 .next. The list of the last round that finished is <disk>.hashes: a chunk whose hash differs is sent.
+The lists live in the source's RAM (/run), not in SOURCE_DIR: a list written to the disk it describes
+changes that disk (a few chunks sent again every round, and a final offline sync copying a filesystem
+Ferry is writing to). A source restarted has lost them: its next round compares with the target's own
+chunks (see below), which is correct, and slower.
 Round 1 has none: the target is a fresh qcow2 that reads zeros, so every chunk that is not all zeros
 is sent. A round after the target was written outside the rounds (a test launch made it bootable and
 took that back, a cutover started it from its disk) has none either: its base is the target's own
@@ -52,13 +56,14 @@ from ..fmt import size as _size
 from ..helpers import detached
 from ..tasks import TaskContext
 from . import sync
-from .model import SOURCE_DIR, Change, Method, Migration, MigrationState, SyncRound
+from .model import Change, Method, Migration, MigrationState, SyncRound
 from .prepare import receiver_transport
 from .service import load, source_transport
 
 CHUNK = 4 << 20
 MERGE_GAP = 2               # unchanged chunks between two changed ones sent anyway (one connection less)
 HASH_TIMEOUT = 3600         # a pass reads the whole disk
+LISTS_DIR = "/run/ferry-migration"      # on the source, in RAM (the module's docstring says why)
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ def disks_of(mig: Migration) -> list[Disk]:
             raise Refused(f"the target disk {d.name} of {mig.name} does not fit the source's {d.source} "
                           f"({_size(size) if size else 'unknown size'}, target {_size(d.size)})",
                           f"assess it again and prepare it again: ferry migration assess {mig.name}")
-        out.append(Disk(i, d.source, d.device, size, f"{SOURCE_DIR}/{mig.name}/{d.source}.hashes"))
+        out.append(Disk(i, d.source, d.device, size, f"{LISTS_DIR}/{mig.name}/{d.source}.hashes"))
     if not out:
         raise Refused(f"the target of {mig.name} has no disk that mirrors a source disk",
                       f"ferry migration show {mig.name}")
@@ -156,7 +161,7 @@ def changed_ranges(disk: Disk, base: list[str], now: list[str], gap: int = MERGE
     return out
 
 
-# On the source: $1 Ferry's folder, $2 "next" (the lists become DISK.hashes.next), "fresh" (the same,
+# On the source: $1 the lists' folder (LISTS_DIR/<migration>), $2 "next" (the lists become DISK.hashes.next), "fresh" (the same,
 # older lists removed first: round 1) or "-" (printed only: a measure), $3 "base" to print the committed
 # lists too; then the disks' names. A `sync` first (dirty pages reach the disk: the pass reads it with
 # O_DIRECT). Prints per disk "@@now DISK" and its list, then "@@base DISK" and the committed one.
@@ -208,7 +213,7 @@ def _sections(text: str) -> dict[tuple[str, str], str]:
 
 async def _hash_pass(mig: Migration, src, disks: list[Disk], mode: str) -> dict[tuple[str, str], str]:
     try:
-        r = await src.run(["sh", "-c", HASH, "ferry-hash", f"{SOURCE_DIR}/{mig.name}", mode,
+        r = await src.run(["sh", "-c", HASH, "ferry-hash", f"{LISTS_DIR}/{mig.name}", mode,
                            "base" if mode != "fresh" else "-", *(d.source for d in disks)],
                           timeout=HASH_TIMEOUT, check=True)
     except FerryError as e:
@@ -465,7 +470,7 @@ async def abort_round(svc: Any, mig: Migration, *, task: int | None = None) -> N
 
 
 async def forget_lists(src, mig: Migration) -> None:
-    """The committed lists removed on the source: the target was written outside the rounds (a test
-    launch), so the next round's base is the target's own chunks. Idempotent."""
-    await src.run(["rm", "-f", *(f"{d.hashes}{x}" for d in disks_of(mig) for x in ("", ".next"))],
-                  timeout=60, check=True)
+    """The lists removed on the source (idempotent): the target is written outside the rounds (a test
+    launch, a cutover), so the next round's base is the target's own chunks; or the migration is
+    finalized or rolled back."""
+    await src.run(["rm", "-rf", f"{LISTS_DIR}/{mig.name}"], timeout=60, check=True)
