@@ -28,6 +28,8 @@ if TYPE_CHECKING:
                                   PlanApplied, PlanCheck, SourceSpec, TargetSpec)
     from .ops.model import (AlarmInfo, AlarmState, EventInfo, ScheduleInfo, ScheduleRun, Severity,
                             SilenceInfo)
+    from .ops.healthmodel import HealthCheck, HealthResult
+    from .ops.nagios import CheckState
     from .platform.labops import LabDhcp, LabHost, LabStatus
     from .records import AuditEntry, EngineStatus, HostKey, Submitted, TaskLogEntry, TrackedFile
     from .taskmodel import Progress, TaskInfo
@@ -55,6 +57,7 @@ _LAZY = {
     "NetCheck": ".migration.netcheck", "NetThresholds": ".migration.netcheck",
     **dict.fromkeys(("AlarmInfo", "AlarmState", "EventInfo", "ScheduleInfo", "ScheduleRun", "Severity", "SilenceInfo"),
                     ".ops.model"),
+    "HealthCheck": ".ops.healthmodel", "HealthResult": ".ops.healthmodel", "CheckState": ".ops.nagios",
 }
 
 
@@ -77,7 +80,7 @@ __all__ = ["AuditEntry", "DatastoreUsage", "EngineStatus", "HostFacts", "HostKey
            "VMActionCheck", "Refusal", "LabDhcp", "LabHost", "LabStatus", "ConfigProblem", "FinalNetwork", "Finding",
            "Method", "Migration", "MigrationSpec", "MigrationState", "PlanApplied", "PlanCheck", "SourceSpec",
            "TargetSpec", "NetCheck", "NetThresholds", "AlarmInfo", "AlarmState", "EventInfo", "ScheduleInfo",
-           "ScheduleRun", "Severity", "SilenceInfo", "FINAL_STATES", "encode", "decode", "to_builtins", "convert", "dumps", "dumps_as",
+           "ScheduleRun", "Severity", "SilenceInfo", "HealthCheck", "HealthResult", "CheckState", "FINAL_STATES", "encode", "decode", "to_builtins", "convert", "dumps", "dumps_as",
            "VERSION", "PROTOCOL"]
 
 PROTOCOL = 3     # the wire protocol's version; raised whenever a frame's shape changes (2: serial frames, 3: --json answers)

@@ -197,6 +197,15 @@ class EngineCalls:
     async def schedules(self) -> list[api.ScheduleInfo]:
         return await self._call("schedules")
 
+    async def health_run(self, checklist: str | None = None, host: str | None = None) -> int:
+        return await self._call("health_run", checklist=checklist, host=host)
+
+    async def health_list(self, host: str | None = None) -> list[api.HealthCheck]:
+        return await self._call("health_list", host=host)
+
+    async def health_history(self, check: str, host: str | None = None, limit: int = 50) -> list[api.HealthResult]:
+        return await self._call("health_history", check=check, host=host, limit=limit)
+
     # ------------------------------------------------------------------ the network lab
 
     async def lab_up(self) -> api.LabStatus:

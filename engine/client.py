@@ -16,6 +16,7 @@ from . import probe as _probe  # noqa: F401  (registers the probe task kind)
 from .replicate import task as _replicate  # noqa: F401  (registers replicate.files / replicate.blocks)
 from .vm import kinds as _vm_kinds  # noqa: F401  (registers vm.*)
 from .migration import service as _migration_kinds  # noqa: F401  (registers migration.*)
+from .ops import health as _health  # health.run, and the schedules' checklists (engine/ops/health.py)
 from .migration import prepare as _migration_prepare  # noqa: F401  (registers migration.prepare)
 from .migration import sync as _migration_sync  # noqa: F401  (registers migration.sync)
 from .migration import testlaunch as _migration_test  # noqa: F401  (registers migration.test)
@@ -31,6 +32,7 @@ from .api import AuditEntry, HostKey, TaskLogEntry, TrackedFile
 from .gc import Leftover
 from .hostfacts import HostFacts, gather_all, gather_facts, tap_owners
 from .migration.model import Migration, PlanApplied, PlanCheck
+from .ops.healthmodel import HealthCheck, HealthResult
 from .ops.model import AlarmInfo, EventInfo, ScheduleInfo, SilenceInfo
 from .ops.service import Ops
 from .store import Store, current_user
@@ -56,6 +58,8 @@ class EngineClient:
         self.transports = transports or TransportPool(site, workspace)
         self.engine = Engine(self.store, site, transports=self.transports, adopt=adopt)
         self.ops = Ops(self.store, lambda: self.site)     # alarms, silences, events, schedules (engine/ops)
+        self.ops.engine = self.engine            # scheduled runs submit tasks (health checklists)
+        self.engine.services[Ops] = self.ops     # tasks raise alarms through it (health checks)
         self._config_stamp = self._stamp()
         self._lab_lock = asyncio.Lock()      # one build or teardown of the network lab at a time
 
@@ -463,6 +467,19 @@ class EngineClient:
     async def schedules(self) -> list[ScheduleInfo]:
         """Each schedule of config.toml with its next run and its last run."""
         return await self.ops.schedules()
+
+    async def health_run(self, checklist: str | None = None, host: str | None = None) -> int:
+        """A health round (task health.run) of a checklist (default daily), or of every check of one host;
+        the id of its task (a run of the same job under way: that one)."""
+        return await _health.start(self.engine, self.site, checklist, host)
+
+    async def health_list(self, host: str | None = None) -> list[HealthCheck]:
+        """The current state of every check: state, SOFT/HARD, attempt, summary, when last checked."""
+        return await self.store.call(_health.checks, self.store, host)
+
+    async def health_history(self, check: str, host: str | None = None, limit: int = 50) -> list[HealthResult]:
+        """The newest results of a check (a trailing * matches a prefix: vm-io:*), newest first."""
+        return await self.store.call(_health.history, self.store, check, host, limit)
 
     # ------------------------------------------------------------------ leftovers
 

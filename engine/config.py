@@ -160,6 +160,7 @@ class SiteConfig:
     timezone: str | None = None    # [site] timezone (IANA); None: this machine's
     schedules: dict[str, ScheduleSpec] = field(default_factory=dict)
     notify: NotifySettings = NotifySettings()
+    health: Any = None             # engine/ops/healthconfig.HealthSettings: [health], [[checks]], [checklists.X]
 
     def network(self, name: str) -> NetworkSpec:
         """The network called `name` ("default": QEMU user mode unless config.toml says otherwise)."""
@@ -339,7 +340,9 @@ TOP_KEYS = {"site": "{ name = \"dc1\" }", "engine": "{ max_tasks = 4 }", "cluste
             "hosts": "{ cna01 = { ... } }", "datastores": "{ ds1 = { ... } }", "console": "{ readonly = true }",
             "networks": "{ prod = { bridge = \"br-prod\" } }", "lab": "{ subnet = \"10.231.0.0/24\" }",
             "schedules": "{ nightly = { at = \"daily 02:00\", run = \"backup\" } }",
-            "notify": "{ command = [\"/usr/local/bin/page-oncall\"] }"}
+            "notify": "{ command = [\"/usr/local/bin/page-oncall\"] }",
+            "health": "{ max_attempts = 3 }", "checks": "[{ name = \"root-disk\", command = [...] }]",
+            "checklists": "{ daily = { checks = [\"alarms\", \"platform\"] } }"}
 NETWORK_KEYS = {"mode": '"bridge"', "bridge": '"br-prod"', "create": "true", "vlan": "100", "mtu": "1500",
                 "hosts": '["cna01", "cna02"]', "uplinks": '{ cna01 = "eth1" }'}
 LAB_KEYS = {"subnet": '"10.231.0.0/24"', "network": "true"}
@@ -497,11 +500,13 @@ def parse_config(data: dict, *, file: str, text: str = "", check_files: bool = T
     lab = _lab_settings(c, data.get("lab", {}))
     schedules = _schedules(c, data)
     notify = _notify(c, data.get("notify", {}))
+    from .ops.healthconfig import parse_health
+    health = parse_health(c, data, raw_hosts, raw_clusters)
 
     if c.problems:
         raise ConfigError(c.problems)
     return SiteConfig(site_name, clusters, hosts, datastores, limits, production, theme, file, console,
-                      networks, lab, timezone, schedules, notify)
+                      networks, lab, timezone, schedules, notify, health)
 
 
 def _networks(c: _Checker, raw: Any, raw_hosts: dict) -> dict[str, NetworkSpec]:

@@ -249,6 +249,42 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX schedule_runs_by ON schedule_runs(schedule, id);
     """,
+    # v11: health checks (issue 14, engine/ops/health.py). One row per (host, check) holds its current
+    # state with Nagios' soft/hard attempt count and the alarm it raised; every result is history
+    # (the newest HISTORY_KEPT per check kept). host '' is the site's own checks (tasks, alarms, advisories).
+    """
+    CREATE TABLE health_checks (
+        host         TEXT NOT NULL,
+        check_name   TEXT NOT NULL,
+        state        TEXT NOT NULL,
+        hard         INTEGER NOT NULL,
+        attempt      INTEGER NOT NULL,
+        max_attempts INTEGER NOT NULL,
+        summary      TEXT NOT NULL,
+        details      TEXT NOT NULL DEFAULT '',
+        perfdata     TEXT NOT NULL DEFAULT '',
+        last_checked REAL NOT NULL,
+        last_change  REAL NOT NULL,
+        last_hard_change REAL NOT NULL,
+        alarm_type   TEXT,
+        alarm_object TEXT,
+        alarm_raised INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (host, check_name)
+    );
+    CREATE TABLE health_history (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts         REAL NOT NULL,
+        host       TEXT NOT NULL,
+        check_name TEXT NOT NULL,
+        state      TEXT NOT NULL,
+        hard       INTEGER NOT NULL,
+        attempt    INTEGER NOT NULL,
+        summary    TEXT NOT NULL,
+        details    TEXT NOT NULL DEFAULT '',
+        perfdata   TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX health_history_by ON health_history(check_name, host, id);
+    """,
 ]
 ROUNDS_KEPT = 50
 SCHEMA_VERSION = len(MIGRATIONS)

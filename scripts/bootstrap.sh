@@ -15,10 +15,11 @@ shift || true
 # and the run says so at its end. The network lab (network namespaces) fences itself off with
 # nftables (nft) and uses iproute2 (ip); it hands out addresses on its VM network with dnsmasq
 # (dnsmasq-base: the program only, no system service). The migration tests' source server is a
-# Debian system the harness builds from Debian packages with mmdebstrap.
+# Debian system the harness builds from Debian packages with mmdebstrap. The health checks' tests run
+# a real Nagios plugin (check_disk) from monitoring-plugins-basic as a configured check.
 PKGS=(openssh-server openssh-client qemu-system-x86 qemu-utils rsync tmux python3-venv
       ca-certificates xz-utils cpio e2fsprogs mount util-linux zsh nftables iproute2 dnsmasq-base
-      mmdebstrap)
+      mmdebstrap monitoring-plugins-basic)
 # Map each package to a file that proves it is installed.
 declare -A PROOF=(
   [openssh-server]=/usr/sbin/sshd [openssh-client]=/usr/bin/ssh
@@ -26,7 +27,7 @@ declare -A PROOF=(
   [rsync]=/usr/bin/rsync [tmux]=/usr/bin/tmux [nftables]=/usr/sbin/nft [iproute2]=/usr/sbin/ip [dnsmasq-base]=/usr/sbin/dnsmasq [python3-venv]=
   [ca-certificates]=/etc/ssl/certs [xz-utils]=/usr/bin/xz [cpio]=/usr/bin/cpio
   [e2fsprogs]=/sbin/mkfs.ext4 [mount]=/sbin/losetup [util-linux]=/usr/bin/unshare [zsh]=/usr/bin/zsh
-  [mmdebstrap]=/usr/bin/mmdebstrap
+  [mmdebstrap]=/usr/bin/mmdebstrap [monitoring-plugins-basic]=/usr/lib/nagios/plugins/check_disk
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -694,6 +694,7 @@ _VALUED = ("--workspace", "--theme", "--engine", "--engine-command")
 _VM_COMMANDS = ("vm", "template", "lab")     # console/cli/vm.py's
 _MIGRATION_COMMANDS = ("plan", "migration")  # console/cli/migration.py's
 _OPS_COMMANDS = ("alarms", "alarm", "silence", "events", "schedules")   # console/cli/ops.py's
+_HEALTH_COMMANDS = ("health",)                                          # console/cli/health.py's
 
 
 def _command_at(argv: list[str]) -> int | None:
@@ -931,6 +932,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     if wanted is None or wanted in _OPS_COMMANDS:
         from ferry.console.cli.ops import add_parsers as add_ops_parsers
         add_ops_parsers(sub)
+    if wanted is None or wanted in _HEALTH_COMMANDS:
+        from ferry.console.cli.health import add_parsers as add_health_parsers
+        add_health_parsers(sub)
     if wanted in (None, "completion"):
         from ferry.console.cli.completion import add_parser as add_completion
         add_completion(sub)
@@ -938,7 +942,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 _COMMANDS = ("init", "config", "hosts", "tasks", "task", "probe", "replicate", "gc", "audit", "engine",
-             *_VM_COMMANDS, *_MIGRATION_COMMANDS, *_OPS_COMMANDS, "completion")
+             *_VM_COMMANDS, *_MIGRATION_COMMANDS, *_OPS_COMMANDS, *_HEALTH_COMMANDS, "completion")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,7 @@ class Ops:
         kw = {"sleep": notify_sleep} if notify_sleep else {}
         self.notifier = Notifier(lambda: (self._site().notify, self._site().name), self._notified, **kw)
         self.scheduler: _schedule.Scheduler | None = None
+        self.engine: Any = None     # the task engine (EngineClient sets it): runners submit tasks to it
 
     @property
     def site(self) -> Any:
