@@ -140,10 +140,16 @@ def _pct(v: float) -> str:
 
 # ------------------------------------------------------------------------------ the checks
 
-def check_ssh(rtt: float, th: Thresholds) -> CheckResult:
+def check_ssh(rtt: float, th: Thresholds, connect_s: float = 0.0) -> CheckResult:
+    """The round trip of the check script on the host's connection (judged), and the time it took to
+    connect when the connection was new (said, not judged: a round that connects to many hosts at once
+    pays for the key exchanges)."""
     state = judge(rtt, th.warning, th.critical)
-    return CheckResult(state, f"reachable, round trip {rtt * 1000:.0f} ms",
-                       perfdata=(PerfDatum("rtt", round(rtt, 4), "s", str(th.warning or ""), str(th.critical or ""), 0),),
+    new = connect_s >= 0.001
+    return CheckResult(state, f"reachable, round trip {rtt * 1000:.0f} ms"
+                       + (f" (connected in {connect_s * 1000:.0f} ms)" if new else ""),
+                       perfdata=(PerfDatum("rtt", round(rtt, 4), "s", str(th.warning or ""), str(th.critical or ""), 0),
+                                 PerfDatum("connect", round(connect_s, 4), "s", "", "", 0)),
                        alarm_type="health.ssh")
 
 

@@ -282,10 +282,15 @@ class HealthRound:
         args = script_args(token, groups, spec.runtime, stores, plugins)
         budget = self.cfg.timeout + max((p.timeout for p in plugins), default=0)
         obj = f"host:{h}"
-        t0, m0 = time.time(), time.monotonic()
+        connect_s = 0.0
         try:
             transport = self.engine.transport(h)
             async with asyncio.timeout(budget):
+                if hasattr(transport, "connect"):       # SSH: the connection apart from the round trip
+                    c0 = time.monotonic()
+                    await transport.connect()
+                    connect_s = time.monotonic() - c0
+                t0, m0 = time.time(), time.monotonic()
                 r = await HOST_SCRIPT.run(transport, *args, timeout=None)
         except (TimeoutError, asyncio.TimeoutError):
             report.unreachable.append(h)
@@ -301,7 +306,7 @@ class HealthRound:
         sections = split_sections(text, token)
         out = HostOutput(sections, token, t0, t0 + rtt, rtt, complete="end" in sections)
         th = self.cfg.threshold
-        ssh = check_ssh(rtt, th("ssh"))
+        ssh = check_ssh(rtt, th("ssh"), connect_s)
         if not out.complete:
             err = (r.stderr.decode("utf-8", "replace").strip().splitlines() or [f"exit status {r.exit_status}"])[-1]
             ssh = CheckResult(CheckState.WARNING, f"reachable, but the check script did not finish: {err}",
