@@ -16,9 +16,9 @@ def _describe(info: api.TaskInfo) -> str:
     r = info.result or {}
     what = r.get("checklist") or f"host {r.get('host')}"
     states = ", ".join(f"{n} {s}" for s, n in (r.get("states") or {}).items() if n) or "no checks"
-    lines = [f"health {what}: {r.get('checks', 0)} checks on {r.get('hosts', 0)} hosts in "
-             f"{fmt.duration(r.get('seconds'))} ({r.get('rounds', 1)} round{'s' if r.get('rounds', 1) != 1 else ''}): "
-             f"{states}"]
+    hosts, rounds = r.get("hosts", 0), r.get("rounds", 1)
+    lines = [f"health {what}: {r.get('checks', 0)} checks on {hosts} host{'s' if hosts != 1 else ''} in "
+             f"{r.get('seconds') or 0:.1f} s ({rounds} round{'s' if rounds != 1 else ''}): {states}"]
     for p in r.get("problems", []):
         kind = "HARD" if p["hard"] else f"SOFT {p['attempt']}/{p['max_attempts']}"
         lines.append(f"  {api.CheckState(p['state']).symbol} {p['host'] or '(site)'} {p['check']} ({kind}): {p['summary']}")

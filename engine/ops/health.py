@@ -262,8 +262,10 @@ class HealthRound:
         acts = await self.engine.store.call(record, self.engine.store, report.found, self.ops.now())
         for a in acts:
             if a.raise_:
-                await self.ops.raise_alarm(a.type, a.object, a.severity, a.summary, details=a.details, source="health")
-                report.raised.append(f"{a.type} on {a.object}")
+                info = await self.ops.raise_alarm(a.type, a.object, a.severity, a.summary, details=a.details,
+                                                  source="health")
+                if info.count == 1:          # new; a hard problem found again repeats its alarm (count + 1)
+                    report.raised.append(f"{a.type} on {a.object}")
             elif await self.ops.resolve(a.type, a.object, a.summary) is not None:
                 report.resolved.append(f"{a.type} on {a.object}")
         return report
