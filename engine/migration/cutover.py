@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import api, fmt
-from ..errors import FerryError, PermanentError, Refused, TransportError
+from ..errors import FerryError, PermanentError, Refused
 from ..platform.liveboot import stop as stop_process
 from ..tasks import TaskContext, register
 from ..vm.lifecycle import _launched
@@ -339,7 +339,7 @@ class _Run:
         try:
             t = await self.source()
             left = await src_ops.armed(t, self.mig.name)
-        except TransportError as e:
+        except FerryError as e:     # (a connection that failed comes wrapped: "reading the go-live timer: ...")
             if "park" not in self.cp["done"]:
                 raise
             await self._back_by_itself(e)
@@ -350,7 +350,7 @@ class _Run:
                                  "its steps take longer")
         await src_ops.arm(t, self.mig.name, self.mig.spec.cutover.confirm_within_s)
 
-    async def _back_by_itself(self, e: TransportError) -> None:
+    async def _back_by_itself(self, e: FerryError) -> None:
         """Parked, the source does not answer at its park address: when it answers at its own again, its
         go-live timer ran out (it restored itself): the cutover cannot go on, it rolls back."""
         own = source_transport(self.svc.pool, self.mig)
