@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .ops.model import (AlarmInfo, AlarmState, EventInfo, ScheduleInfo, ScheduleRun, Severity,
                             SilenceInfo)
     from .ops.healthmodel import HealthCheck, HealthResult
+    from .ops.backupmodel import BackupInfo, BackupList, BackupResult
     from .ops.nagios import CheckState
     from .platform.labops import LabDhcp, LabHost, LabStatus
     from .records import AuditEntry, EngineStatus, HostKey, Submitted, TaskLogEntry, TrackedFile
@@ -58,6 +59,7 @@ _LAZY = {
     **dict.fromkeys(("AlarmInfo", "AlarmState", "EventInfo", "ScheduleInfo", "ScheduleRun", "Severity", "SilenceInfo"),
                     ".ops.model"),
     "HealthCheck": ".ops.healthmodel", "HealthResult": ".ops.healthmodel", "CheckState": ".ops.nagios",
+    **dict.fromkeys(("BackupInfo", "BackupList", "BackupResult"), ".ops.backupmodel"),
 }
 
 
@@ -80,7 +82,7 @@ __all__ = ["AuditEntry", "DatastoreUsage", "EngineStatus", "HostFacts", "HostKey
            "VMActionCheck", "Refusal", "LabDhcp", "LabHost", "LabStatus", "ConfigProblem", "FinalNetwork", "Finding",
            "Method", "Migration", "MigrationSpec", "MigrationState", "PlanApplied", "PlanCheck", "SourceSpec",
            "TargetSpec", "NetCheck", "NetThresholds", "AlarmInfo", "AlarmState", "EventInfo", "ScheduleInfo",
-           "ScheduleRun", "Severity", "SilenceInfo", "HealthCheck", "HealthResult", "CheckState", "FINAL_STATES", "encode", "decode", "to_builtins", "convert", "dumps", "dumps_as",
+           "ScheduleRun", "Severity", "SilenceInfo", "HealthCheck", "HealthResult", "CheckState", "BackupInfo", "BackupList", "BackupResult", "FINAL_STATES", "encode", "decode", "to_builtins", "convert", "dumps", "dumps_as",
            "VERSION", "PROTOCOL"]
 
 PROTOCOL = 3     # the wire protocol's version; raised whenever a frame's shape changes (2: serial frames, 3: --json answers)

@@ -206,6 +206,15 @@ class EngineCalls:
     async def health_history(self, check: str, host: str | None = None, limit: int = 50) -> list[api.HealthResult]:
         return await self._call("health_history", check=check, host=host, limit=limit)
 
+    async def backup_now(self, remote: str | None = None) -> api.BackupResult:
+        return await self._call("backup_now", remote=remote)
+
+    async def backup_list(self) -> api.BackupList:
+        return await self._call("backup_list")
+
+    async def backup_prune(self, dry_run: bool = False) -> api.BackupList:
+        return await self._call("backup_prune", dry_run=dry_run)
+
     # ------------------------------------------------------------------ the network lab
 
     async def lab_up(self) -> api.LabStatus:

@@ -17,6 +17,7 @@ from .replicate import task as _replicate  # noqa: F401  (registers replicate.fi
 from .vm import kinds as _vm_kinds  # noqa: F401  (registers vm.*)
 from .migration import service as _migration_kinds  # noqa: F401  (registers migration.*)
 from .ops import health as _health  # health.run, and the schedules' checklists (engine/ops/health.py)
+from .ops import backup as _backup  # management-data backups, and the schedules' run = "backup" (engine/ops/backup.py)
 from .migration import prepare as _migration_prepare  # noqa: F401  (registers migration.prepare)
 from .migration import sync as _migration_sync  # noqa: F401  (registers migration.sync)
 from .migration import testlaunch as _migration_test  # noqa: F401  (registers migration.test)
@@ -32,6 +33,7 @@ from .api import AuditEntry, HostKey, TaskLogEntry, TrackedFile
 from .gc import Leftover
 from .hostfacts import HostFacts, gather_all, gather_facts, tap_owners
 from .migration.model import Migration, PlanApplied, PlanCheck
+from .ops.backupmodel import BackupList, BackupResult
 from .ops.healthmodel import HealthCheck, HealthResult
 from .ops.model import AlarmInfo, EventInfo, ScheduleInfo, SilenceInfo
 from .ops.service import Ops
@@ -480,6 +482,21 @@ class EngineClient:
     async def health_history(self, check: str, host: str | None = None, limit: int = 50) -> list[HealthResult]:
         """The newest results of a check (a trailing * matches a prefix: vm-io:*), newest first."""
         return await self.store.call(_health.history, self.store, check, host, limit)
+
+    async def backup_now(self, remote: str | None = None) -> BackupResult:
+        """A backup of the management data now (kind manual), uploaded to `remote` (and to each remote
+        with auto = true), each upload verified on its server; then retention."""
+        r = await _backup.backups_of(self.ops).now_("manual", remote)
+        await _backup.record_freshness(self.ops)
+        return r
+
+    async def backup_list(self) -> BackupList:
+        """Every backup here and on the remotes, newest first, each checked against its checksum."""
+        return await _backup.backups_of(self.ops).list()
+
+    async def backup_prune(self, dry_run: bool = False) -> BackupList:
+        """Backups past [backup.keep], oldest first: removed (unless dry_run)."""
+        return await _backup.backups_of(self.ops).prune(dry_run=dry_run)
 
     # ------------------------------------------------------------------ leftovers
 

@@ -161,6 +161,7 @@ class SiteConfig:
     schedules: dict[str, ScheduleSpec] = field(default_factory=dict)
     notify: NotifySettings = NotifySettings()
     health: Any = None             # engine/ops/healthconfig.HealthSettings: [health], [[checks]], [checklists.X]
+    backup: Any = None             # engine/ops/backupconfig.BackupSettings: [backup], [backup.keep], [backup.remote.X]
 
     def network(self, name: str) -> NetworkSpec:
         """The network called `name` ("default": QEMU user mode unless config.toml says otherwise)."""
@@ -342,7 +343,8 @@ TOP_KEYS = {"site": "{ name = \"dc1\" }", "engine": "{ max_tasks = 4 }", "cluste
             "schedules": "{ nightly = { at = \"daily 02:00\", run = \"backup\" } }",
             "notify": "{ command = [\"/usr/local/bin/page-oncall\"] }",
             "health": "{ max_attempts = 3 }", "checks": "[{ name = \"root-disk\", command = [...] }]",
-            "checklists": "{ daily = { checks = [\"alarms\", \"platform\"] } }"}
+            "checklists": "{ daily = { checks = [\"alarms\", \"platform\"] } }",
+            "backup": "{ local_dir = \"/var/backup/ferry\" }"}
 NETWORK_KEYS = {"mode": '"bridge"', "bridge": '"br-prod"', "create": "true", "vlan": "100", "mtu": "1500",
                 "hosts": '["cna01", "cna02"]', "uplinks": '{ cna01 = "eth1" }'}
 LAB_KEYS = {"subnet": '"10.231.0.0/24"', "network": "true"}
@@ -502,11 +504,13 @@ def parse_config(data: dict, *, file: str, text: str = "", check_files: bool = T
     notify = _notify(c, data.get("notify", {}))
     from .ops.healthconfig import parse_health
     health = parse_health(c, data, raw_hosts, raw_clusters)
+    from .ops.backupconfig import parse_backup
+    backup = parse_backup(c, data)
 
     if c.problems:
         raise ConfigError(c.problems)
     return SiteConfig(site_name, clusters, hosts, datastores, limits, production, theme, file, console,
-                      networks, lab, timezone, schedules, notify, health)
+                      networks, lab, timezone, schedules, notify, health, backup)
 
 
 def _networks(c: _Checker, raw: Any, raw_hosts: dict) -> dict[str, NetworkSpec]:

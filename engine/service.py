@@ -52,7 +52,7 @@ CALLS = frozenset({
     "migration_get", "migration_source_key", "trust_migration_source", "migration_override", "migration_report",
     "migration_cutover_summary", "migration_cancel_cutover",
     "alarms", "alarm_ack", "alarm_clear", "silence_add", "silence_list", "silence_remove", "events", "schedules",
-    "health_run", "health_list", "health_history",
+    "health_run", "health_list", "health_history", "backup_now", "backup_list", "backup_prune",
 })
 
 

@@ -418,6 +418,10 @@ class HealthRound:
             found.append(self._found(SITE, "tasks", await self._tasks(), "health.tasks", obj))
         if self.scope.wants("alarms", self.cfg):
             found.append(self._found(SITE, "alarms", await self._alarms(), None, obj))
+        if self.scope.wants("backup", self.cfg):
+            from .backup import check as backup_check
+            found.append(self._found(SITE, "backup", await backup_check(self.engine, self.ops.now()), "backup.stale",
+                                     obj, attempts=1))
         if self.scope.wants("advisory", self.cfg):
             for text in self.scope.advisories:
                 aid = hashlib.sha1(text.encode()).hexdigest()[:10]
@@ -559,6 +563,11 @@ class HealthRunTask(TaskKind):
 
 
 # ------------------------------------------------------------------------------ on schedule and on demand
+
+async def recheck_site(engine: Any, ops: Any, names: tuple[str, ...]) -> RoundReport:
+    """Some of the site's own checks judged now, outside any task (after a backup: `backup`)."""
+    return await HealthRound(engine, ops, Scope(frozenset(names), (), True)).run([], site_checks=True)
+
 
 async def start(engine: Any, site: Any, checklist: str | None = None, host: str | None = None) -> int:
     """The task of a health run (an unfinished one of the same job is followed, not doubled)."""

@@ -42,6 +42,7 @@ BUILTIN = {
     "vm-io": ("platform", "a running VM paused on an I/O error (QMP query-status)"),
     "vm-agent": ("platform", "a running VM's guest agent answers"),
     "tasks": ("platform", "failed tasks (the last day) and stuck ones"),
+    "backup": ("platform", "the newest management-data backup of each backup schedule is as recent as its last run"),
     "raid": ("devices", "software RAID (/proc/mdstat) degraded"),
     "smart": ("devices", "SMART health of the disks (smartctl)"),
     "temperature": ("environment", "temperatures (/sys/class/thermal, lm-sensors), in °C"),
