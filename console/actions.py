@@ -26,7 +26,8 @@ class Action:
     key: str                        # default keys, comma-separated, as Textual names them
     title: str                      # footer and palette
     help: str                       # help screen line and tooltip
-    group: str                      # where it is bound: app, vm, tasks, inventory, vms, table, log
+    group: str                      # where it is bound: app, vm, tasks, inventory, vms, overview, alarms, health,
+                                    # table, log
     show: bool = False              # in the footer
     changes: bool = False           # changes a task, a VM or a template: gone in a read-only console
     precheck: str | None = None     # the engine's rule: a VM action name, or "task:<action>"
@@ -56,7 +57,8 @@ def _vm(key: str, name: str, title: str, help: str, *, palette: str, cli: str | 
 
 CATALOGUE: tuple[Action, ...] = (
     # ------------------------------------------------------------------ everywhere
-    Action("command_line", "command", "colon", "Cmd", "Jump to a view by name (:tasks, :inv)", "app", show=True,
+    Action("command_line", "command", "colon", "Cmd", "Jump to a view by name (:tasks, :inv, :alarms)", "app",
+           show=True,
            palette="Command line"),
     Action("help", "help", "question_mark", "Keys", "The keys of this view", "app", show=True,
            palette="Keys of this view"),
@@ -76,6 +78,15 @@ CATALOGUE: tuple[Action, ...] = (
            "Migrations: every server migration with its state, round, last sync and network check", "app",
            palette="View: Migrations", cli="migration list",
            cli_help="the migrations with their state, round and last sync"),
+    Action("view('overview')", "view.overview", "0", "Overview",
+           "Overview: hosts up and down, VMs by state, alarms by severity, tasks, the last health run and "
+           "backup; each tile opens its view", "app", palette="View: Overview"),
+    Action("view('alarms')", "view.alarms", "7", "Alarms",
+           "Alarms: the open alarms by severity; acknowledge, clear, silence; the history and the events", "app",
+           palette="View: Alarms"),
+    Action("view('health')", "view.health", "8", "Health",
+           "Health: every check's state (OK, WARNING, CRITICAL, UNKNOWN), soft or hard; run a checklist now",
+           "app", palette="View: Health"),
     Action("refresh", "refresh", "ctrl+r", "Refresh", "Ask every host again and re-read the task list", "app"),
     Action("quit", "quit", "q", "Quit",
            "Quit the console (tasks go on in the engine; asks first while some are active)", "app", show=True),
@@ -213,6 +224,55 @@ CATALOGUE: tuple[Action, ...] = (
            show=True, palette="Filter the migrations"),
     Action("refresh_now", "migrations.refresh", "f", "Now", "Ask for the migrations now", "migrations",
            palette="Ask for the migrations now"),
+    # ------------------------------------------------------------------ the Overview
+    Action("open_tile", "overview.open", "enter", "Open",
+           "Open the view of the tile under the cursor, filtered to what needs a look (hosts down, failed "
+           "tasks, checks with a problem)", "overview", show=True, palette="Open the view of the selected tile"),
+    Action("tile(1)", "overview.next", "j,down,right", "Next", "The next tile", "overview", palette=None),
+    Action("tile(-1)", "overview.previous", "k,up,left", "Previous", "The previous tile", "overview",
+           palette=None),
+    Action("refresh_now", "overview.refresh", "f", "Now", "Ask for the overview now", "overview",
+           palette="Ask for the overview now"),
+    # ------------------------------------------------------------------ the Alarms view
+    Action("ack", "alarms.ack", "a", "Ack…",
+           "Acknowledge the selected alarm (someone is on it), with a comment (audited)", "alarms", show=True,
+           changes=True, palette="Acknowledge the selected alarm…"),
+    Action("clear_alarm", "alarms.clear", "C", "Clear…",
+           "Clear the selected alarm by hand, with a reason (audited); it goes to the history", "alarms", show=True,
+           changes=True, palette="Clear the selected alarm…", cli="alarm clear",
+           cli_help="clear an open alarm by hand, with a reason (audited)"),
+    Action("silence", "alarms.silence", "S", "Silence…",
+           "Silence alarms like the selected one (its type, object and severity prefilled; globs allowed) for a "
+           "while, with a reason: still listed, marked, not notified", "alarms", show=True, changes=True,
+           palette="Silence alarms like the selected one…", cli="silence add",
+           cli_help="silence alarms matching every --match until --for has passed"),
+    Action("history", "alarms.history", "H", "History", "Show or hide the cleared alarms (the history)", "alarms",
+           show=True, palette="Show or hide the cleared alarms"),
+    Action("events", "alarms.events", "e", "Events",
+           "The lower pane: the events of alarms and silences (raised, acknowledged, cleared, silenced), newest "
+           "first; again: the selected alarm's details", "alarms", show=True,
+           palette="Events of alarms and silences", cli="events",
+           cli_help="what happened to alarms and silences, newest first"),
+    Action("filter", "alarms.filter", "slash", "Filter",
+           "Filter the alarms: a severity, a state, a type, an object, silenced or suppressed (esc clears it)",
+           "alarms", show=True, palette="Filter the alarms"),
+    Action("refresh_now", "alarms.refresh", "f", "Now", "Ask for the alarms now", "alarms",
+           palette="Ask for the alarms now"),
+    # ------------------------------------------------------------------ the Health view
+    Action("run_health", "health.run", "r", "Run now…",
+           "Run health checks now: a checklist (daily, weekly, monthly or the site's own) or every check of one "
+           "host; a task, followed in Tasks", "health", show=True, changes=True,
+           palette="Run health checks now…", cli="health run",
+           cli_help="run a checklist (default daily) or every check of one host, as a task"),
+    Action("details", "health.details", "enter", "Details",
+           "The selected check's details full screen: its long output, performance data and history", "health",
+           palette="Details and history of the selected check", cli="health history",
+           cli_help="the newest results of a check, newest first"),
+    Action("filter", "health.filter", "slash", "Filter",
+           "Filter the checks: a host, a check, a state (OK, WARNING, CRITICAL, UNKNOWN, problem), SOFT or HARD "
+           "(esc clears it)", "health", show=True, palette="Filter the checks"),
+    Action("refresh_now", "health.refresh", "f", "Now", "Ask for the checks now", "health",
+           palette="Ask for the checks now"),
     # ------------------------------------------------------------------ every table
     Action("cursor_down", "table.down", "j", "Down", "The next row", "table", palette=None),
     Action("cursor_up", "table.up", "k", "Up", "The previous row", "table", palette=None),
@@ -237,7 +297,7 @@ CATALOGUE: tuple[Action, ...] = (
     Action("copy_error", "log.error", "e", "Copy error", "Copy the task's error and hint", "log", show=True,
            palette=None),
     # ------------------------------------------------------------------ a full-screen report
-    Action("close", "report.back", "escape,q", "Back", "Back to the Migrations view", "report", show=True,
+    Action("close", "report.back", "escape,q", "Back", "Back to the view it was opened from", "report", show=True,
            palette=None),
     # ------------------------------------------------------------------ a migration's cutover screen
     Action("close", "cutover.back", "escape,q", "Back",

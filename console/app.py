@@ -1,7 +1,8 @@
 """The Ferry console: a Textual app that reaches the engine only through EngineClient.
 
-Views (inventory, VMs, tasks, audit, events, migrations) sit in a content switcher under a one-line
-header; `:` jumps to a view by name, `?` shows the keys of the view, `esc` goes back, ctrl+p holds every action.
+Views (overview, inventory, VMs, tasks, audit, events, migrations, alarms, health) sit in a content
+switcher under a one-line header; the console opens on the Overview (run_console); `:` jumps to a view by
+name, `?` shows the keys of the view, `esc` goes back, ctrl+p holds every action.
 Keys are remapped from config.toml's [console.keys]; read-only mode (--readonly, or [console]
 readonly = true) removes every action that changes something (console/keys.py). A production site
 shows its frame and label whatever the theme (console/framed.py).
@@ -44,13 +45,18 @@ from ferry.console.dialogs.modals import ConfirmScreen, HelpScreen, esc
 from ferry.console.styles import CSS as FERRY_CSS
 from ferry.console.views.tasks import ALLOWED, TasksView
 from ferry.console.theming import DEFAULT_THEME, PRODUCTION_THEME, load_themes, theme_dirs, variable_defaults
+from ferry.console.views.alarms import AlarmsView
+from ferry.console.views.health import HealthView
 from ferry.console.views.migrations import MigrationsView
+from ferry.console.views.overview import OverviewView
 from ferry.console.views.vms import VMsView
 
 log = logging.getLogger("ferry.console")
 HEAP_FREEZE_AT = 2000     # records, nodes or rows built at once: see FerryApp.heap_grew
 
-VIEWS = ("inventory", "tasks", "vms", "audit", "events", "migrations")
+VIEWS = ("overview", "inventory", "tasks", "vms", "audit", "events", "migrations", "alarms", "health")
+FIRST_VIEW = "overview"     # what the console opens on (FerryApp alone: the Inventory, as the Pilot tests of
+                            # the other views start)
 VIEW_NAMES = {
     "inventory": "inventory", "inv": "inventory", "in": "inventory", "i": "inventory",
     "hosts": "inventory", "host": "inventory", "ho": "inventory", "clusters": "inventory",
@@ -58,9 +64,12 @@ VIEW_NAMES = {
     "tasks": "tasks", "task": "tasks", "tk": "tasks", "t": "tasks", "jobs": "tasks",
     "audit": "audit", "au": "audit", "events": "events", "ev": "events", "event": "events",
     "migrations": "migrations", "migration": "migrations", "mig": "migrations", "mi": "migrations",
+    "overview": "overview", "ov": "overview", "o": "overview", "home": "overview", "summary": "overview",
+    "alarms": "alarms", "alarm": "alarms", "al": "alarms", "alerts": "alarms", "silences": "alarms",
+    "health": "health", "he": "health", "checks": "health", "check": "health",
 }
-LINE_COMMANDS = ("inventory", "inv", "hosts", "vms", "tasks", "audit", "events", "migrations", "theme ", "help",
-                 "refresh", "quit")
+LINE_COMMANDS = ("overview", "inventory", "inv", "hosts", "vms", "tasks", "audit", "events", "migrations", "alarms",
+                 "health", "theme ", "help", "refresh", "quit")
 DEFAULT_PROBE = {"pings": 20, "size_mib": 64}
 
 
@@ -103,8 +112,11 @@ class FerryApp(App[int]):
 
     def __init__(self, client: Any, *, clock: Callable[[], float] = time.time, theme: str | None = None,
                  own_client: bool = False, probe: dict | None = None, poll: dict | None = None,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, first_view: str = "inventory") -> None:
         super().__init__()
+        if first_view not in VIEWS:
+            raise ValueError(first_view)
+        self.first_view = first_view
         self.client = client
         self.site = client.site
         settings = getattr(self.site, "console", None)
@@ -116,7 +128,7 @@ class FerryApp(App[int]):
         self.probe_params = {**DEFAULT_PROBE, **(probe or {})}
         self.poll = poll
         self.feed = TaskFeed(client, self._feed_changed)
-        self.current_view = "inventory"
+        self.current_view = first_view
         self.history: list[str] = []
         self.crumbs: dict[str, tuple[str, ...]] = {}
         self.start_error: FerryError | None = None
@@ -146,15 +158,18 @@ class FerryApp(App[int]):
     def compose(self) -> ComposeResult:
         yield FerryHeader(self.site.name, self.site.production, clock=self.clock,
                           engine_state=lambda: self.client.engine_state, readonly=self.readonly)
-        with ContentSwitcher(initial="inventory", id="views"):
+        with ContentSwitcher(initial=self.first_view, id="views"):
+            yield OverviewView(self.client, poll=self.poll)
             yield InventoryView(self.client, clock=self.clock, poll=self.poll)
             yield TasksView(self.client, self.feed)
             yield VMsView(self.client, clock=self.clock, poll=self.poll)
             yield AuditView(self.client)
             yield EventsView(self.feed)
             yield MigrationsView(self.client, poll=self.poll)
-        yield CommandLine(placeholder="inventory · vms · tasks · audit · events · migrations · theme NAME · help · quit"
-                                      "   (esc closes)",
+            yield AlarmsView(self.client, poll=self.poll)
+            yield HealthView(self.client, poll=self.poll)
+        yield CommandLine(placeholder="overview · inventory · vms · tasks · alarms · health · audit · events · migrations · "
+                                      "theme NAME · help · quit   (esc closes)",
                           suggester=SuggestFromList(LINE_COMMANDS, case_sensitive=False), id="cmdline")
         yield FerryFooter()
 
@@ -183,7 +198,7 @@ class FerryApp(App[int]):
         self.run_worker(partial(self.feed.run_poll), name="task poll", group="feed-poll", exit_on_error=False)
         self.run_worker(partial(self._load_settings), name="settings", group="settings", exit_on_error=False)
         self.run_worker(partial(self._reconcile), name="VM reconcile", group="reconcile", exit_on_error=False)
-        self.switch_view("inventory", remember=False)
+        self.switch_view(self.first_view, remember=False)
 
     async def _reconcile(self) -> None:
         """Once at start: QEMU processes without a record (orphans) and VMs whose process is gone (missing)."""
@@ -210,8 +225,8 @@ class FerryApp(App[int]):
         from ferry.console.dialogs.report import ReportScreen
         from ferry.console.widgets.table import KeyedTable, TableFilter
         return opkeys.binding_ids([type(self), CommandLine, InventoryView, TasksView, VMsView, AuditView, EventsView,
-                                   MigrationsView, KeyedTable, TableFilter, TaskLogScreen, ReportScreen, ConfirmScreen,
-                                   HelpScreen])
+                                   MigrationsView, OverviewView, AlarmsView, HealthView, KeyedTable, TableFilter,
+                                   TaskLogScreen, ReportScreen, ConfirmScreen, HelpScreen])
 
     async def _load_settings(self) -> None:
         if not self.explicit_theme:
@@ -253,6 +268,18 @@ class FerryApp(App[int]):
     def migrations_view(self) -> MigrationsView:
         return self.query_one(MigrationsView)
 
+    @property
+    def overview(self) -> OverviewView:
+        return self.query_one(OverviewView)
+
+    @property
+    def alarms_view(self) -> AlarmsView:
+        return self.query_one(AlarmsView)
+
+    @property
+    def health_view(self) -> HealthView:
+        return self.query_one(HealthView)
+
     def view_widget(self, name: str | None = None) -> Any:
         """The view named `name` (default: the one shown)."""
         name = name or self.current_view
@@ -272,6 +299,16 @@ class FerryApp(App[int]):
         view.activate()
         self._show_crumbs()
         self.refresh_bindings()
+
+    def show_view(self, name: str, filter_text: str = "") -> None:
+        """Switch to a view with its `/` filter set to `filter_text` (the Overview's tiles: "failed", "down")."""
+        self.switch_view(name)
+        if filter_text:
+            from ferry.console.widgets.table import TableFilter
+            line = self.view_widget(name).query_one(TableFilter)
+            line.value = filter_text
+            line.table.set_filter(filter_text)
+            self.view_widget(name).post_crumbs()
 
     def action_back(self) -> None:
         line = self.query_one(CommandLine)
@@ -318,6 +355,8 @@ class FerryApp(App[int]):
             self.vms_view.tasks_changed(self.feed.tasks)
             self.events_view.feed_changed()
             self.migrations_view.tasks_changed(self.feed.tasks)
+            self.overview.tasks_changed(self.feed.tasks)
+            self.health_view.tasks_changed(self.feed.tasks)
         except NoMatches:   # the app is closing
             pass
 
@@ -377,8 +416,8 @@ class FerryApp(App[int]):
             self.run_worker(partial(self.action_quit), group="quit")
         else:
             self.notify(f"unknown command {esc(text)!r}", title="Command", severity="error")
-            self.notify("views: :inventory (:inv, :hosts), :vms, :tasks, :audit, :events, :migrations; also :theme NAME, "
-                        ":help, :refresh, :quit",
+            self.notify("views: :overview, :inventory (:inv, :hosts), :vms, :tasks, :audit, :events, :migrations, "
+                        ":alarms, :health; also :theme NAME, :help, :refresh, :quit",
                         title="Hint", severity="information")
 
     # ------------------------------------------------------------------ help, refresh, quit
@@ -414,6 +453,8 @@ class FerryApp(App[int]):
         elif view is self.vms_view:
             own = [("↑ ↓", "Move between VMs (the agents of those on screen are asked every 15 s)", ""),
                    ("enter", "Show the VM in the inventory, with its details", "")] + own
+        elif view is self.overview:
+            own = [("tab", "The next tile (as j does)", "")] + own
         sections = [(f"{view.TITLE} view", own)]
         if view.query(KeyedTable):
             sections.append(("Table", [("↑ ↓", "Move between rows", "")]
@@ -422,10 +463,13 @@ class FerryApp(App[int]):
         sections += [
             ("Everywhere", self.help_rows(self.BINDINGS) + [(self.get_key_display(Binding("ctrl+p", "")),
                                                              "Command palette: every action, by name", "")]),
-            ("Command line (:)", [(":inventory :inv :hosts", "Inventory", ""), (":vms :vm :templates", "VMs", ""),
+            ("Command line (:)", [(":overview :ov", "Overview: the daily round at a glance", ""),
+                                  (":inventory :inv :hosts", "Inventory", ""), (":vms :vm :templates", "VMs", ""),
                                   (":tasks :tk", "Tasks", ""), (":audit", "Who did what (the audit log)", ""),
                                   (":events", "What this console heard from the engine this session", ""),
                                   (":migrations :mig", "Server migrations", ""),
+                                  (":alarms :al", "Alarms: acknowledge, clear, silence; history, events", ""),
+                                  (":health :checks", "Health checks: states, run now, details and history", ""),
                                   (":theme NAME", "Switch theme (remembered): " + ", ".join(self.theme_names()), ""),
                                   (":help :refresh :quit", "", "")]),
         ]
@@ -521,6 +565,9 @@ class FerryApp(App[int]):
             self.audit_view.restyle()
             self.events_view.restyle()
             self.migrations_view.restyle()
+            self.alarms_view.restyle()
+            self.health_view.restyle()
+            self.overview.restyle()
         except Exception:   # the views may be gone while the app closes
             pass
 
@@ -602,7 +649,7 @@ def run_console(ws: Any, site: Any, theme: str | None = None, opener: Any = None
     # The console is a client of the workspace's engine service (started, detached, when none runs):
     # quitting or losing the console never stops a task, and it reconnects when the engine restarts.
     client = RemoteEngine(ws, client="console", reconnect=True, site=site, opener=opener)
-    app = FerryApp(client, theme=theme, own_client=True, readonly=readonly)
+    app = FerryApp(client, theme=theme, own_client=True, readonly=readonly, first_view=FIRST_VIEW)
     try:
         code = app.run()
     except KeyboardInterrupt:

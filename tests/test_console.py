@@ -326,7 +326,8 @@ async def test_quit_asks_first_when_tasks_run_here(client):
 
 
 def test_console_opens_and_quits_in_a_terminal(tmp_path):
-    """`ferry` in a real 80x24 pseudo-terminal: the screen shows the site, q quits, exit 0, no traceback."""
+    """`ferry` in a real 80x24 pseudo-terminal: the screen shows the site's Overview (what `ferry` opens on),
+    q quits, exit 0, no traceback."""
     import fcntl
     import pty
     import struct
@@ -358,7 +359,8 @@ def test_console_opens_and_quits_in_a_terminal(tmp_path):
         return False
     try:
         assert read_until("engine".encode(), 20), out[-2000:]
-        assert read_until("lab1".encode(), 10), out[-2000:]
+        assert read_until("Hosts (1)".encode(), 10), out[-2000:]
+        assert read_until(" up".encode(), 10), out[-2000:]
         os.write(master, b"q")
         assert proc.wait(timeout=20) == 0
         read_until(b"\0", 0.5)
