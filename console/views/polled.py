@@ -9,6 +9,7 @@ changes nothing on screen, and what came in while the view was hidden is drawn w
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from functools import partial
 from typing import Any
@@ -23,6 +24,7 @@ from ferry.console.views.base import ViewBase
 from ferry.console.widgets.page import Page
 from ferry.console.widgets.table import Column, KeyedTable, Row, TableFilter
 
+log = logging.getLogger("ferry.console")
 BACKOFF_MAX_S = 60.0
 
 
@@ -83,7 +85,11 @@ class Polled(ViewBase):
             delay = self.interval
             if self.shown:
                 started = time.monotonic()
-                error, hint = await self.poll_once()
+                try:
+                    error, hint = await self.poll_once()
+                except Exception as e:      # a bug here must not end the polling unseen: said as stale
+                    log.exception("%s poll", self.VIEW)
+                    error, hint = f"internal error: {type(e).__name__}: {e}", "see logs/ferry.log in the workspace"
                 self.polls += 1
                 if error is None:
                     failures = 0
