@@ -215,6 +215,12 @@ class EngineCalls:
     async def backup_prune(self, dry_run: bool = False) -> api.BackupList:
         return await self._call("backup_prune", dry_run=dry_run)
 
+    async def metrics(self, name: str, metric: str | None = None, since: float = 3600.0) -> list[api.MetricSeries]:
+        return await self._call("metrics", name=name, metric=metric, since=since)
+
+    async def metrics_compare(self) -> list[api.HostMetrics]:
+        return await self._call("metrics_compare")
+
     # ------------------------------------------------------------------ the network lab
 
     async def lab_up(self) -> api.LabStatus:

@@ -35,6 +35,8 @@ from .hostfacts import HostFacts, gather_all, gather_facts, tap_owners
 from .migration.model import Migration, PlanApplied, PlanCheck
 from .ops.backupmodel import BackupList, BackupResult
 from .ops.healthmodel import HealthCheck, HealthResult
+from .ops.metrics import metrics_of
+from .ops.metricsmodel import HostMetrics, MetricSeries
 from .ops.model import AlarmInfo, EventInfo, ScheduleInfo, SilenceInfo
 from .ops.service import Ops
 from .store import Store, current_user
@@ -62,6 +64,7 @@ class EngineClient:
         self.ops = Ops(self.store, lambda: self.site)     # alarms, silences, events, schedules (engine/ops)
         self.ops.engine = self.engine            # scheduled runs submit tasks (health checklists)
         self.engine.services[Ops] = self.ops     # tasks raise alarms through it (health checks)
+        self.sampler = metrics_of(self.engine, lambda: self.site, self.workspace)   # F3; the service launches it
         self._config_stamp = self._stamp()
         self._lab_lock = asyncio.Lock()      # one build or teardown of the network lab at a time
 
@@ -124,6 +127,8 @@ class EngineClient:
 
     async def close(self) -> None:
         await self.ops.stop()
+        await self.sampler.stop()
+        self.sampler.close()
         await self.engine.stop()
         vms = self.engine.services.get(VMService)
         if vms is not None:
@@ -497,6 +502,14 @@ class EngineClient:
     async def backup_prune(self, dry_run: bool = False) -> BackupList:
         """Backups past [backup.keep], oldest first: removed (unless dry_run)."""
         return await _backup.backups_of(self.ops).prune(dry_run=dry_run)
+
+    async def metrics(self, name: str, metric: str | None = None, since: float = 3600.0) -> list[MetricSeries]:
+        """A host's or VM's metrics (or the one named) over the last `since` seconds, min/avg/max per bucket."""
+        return await self.sampler.series(name, metric, since)
+
+    async def metrics_compare(self) -> list[HostMetrics]:
+        """Every host's newest sample: CPU, memory, network and disk rates, load."""
+        return await self.sampler.compare()
 
     # ------------------------------------------------------------------ leftovers
 

@@ -162,6 +162,7 @@ class SiteConfig:
     notify: NotifySettings = NotifySettings()
     health: Any = None             # engine/ops/healthconfig.HealthSettings: [health], [[checks]], [checklists.X]
     backup: Any = None             # engine/ops/backupconfig.BackupSettings: [backup], [backup.keep], [backup.remote.X]
+    metrics: Any = None            # engine/ops/metricsconfig.MetricsSettings: [metrics]
 
     def network(self, name: str) -> NetworkSpec:
         """The network called `name` ("default": QEMU user mode unless config.toml says otherwise)."""
@@ -344,7 +345,7 @@ TOP_KEYS = {"site": "{ name = \"dc1\" }", "engine": "{ max_tasks = 4 }", "cluste
             "notify": "{ command = [\"/usr/local/bin/page-oncall\"] }",
             "health": "{ max_attempts = 3 }", "checks": "[{ name = \"root-disk\", command = [...] }]",
             "checklists": "{ daily = { checks = [\"alarms\", \"platform\"] } }",
-            "backup": "{ local_dir = \"/var/backup/ferry\" }"}
+            "backup": "{ local_dir = \"/var/backup/ferry\" }", "metrics": "{ interval = 10 }"}
 NETWORK_KEYS = {"mode": '"bridge"', "bridge": '"br-prod"', "create": "true", "vlan": "100", "mtu": "1500",
                 "hosts": '["cna01", "cna02"]', "uplinks": '{ cna01 = "eth1" }'}
 LAB_KEYS = {"subnet": '"10.231.0.0/24"', "network": "true"}
@@ -506,11 +507,13 @@ def parse_config(data: dict, *, file: str, text: str = "", check_files: bool = T
     health = parse_health(c, data, raw_hosts, raw_clusters)
     from .ops.backupconfig import parse_backup
     backup = parse_backup(c, data)
+    from .ops.metricsconfig import parse_metrics
+    metrics = parse_metrics(c, data)
 
     if c.problems:
         raise ConfigError(c.problems)
     return SiteConfig(site_name, clusters, hosts, datastores, limits, production, theme, file, console,
-                      networks, lab, timezone, schedules, notify, health, backup)
+                      networks, lab, timezone, schedules, notify, health, backup, metrics)
 
 
 def _networks(c: _Checker, raw: Any, raw_hosts: dict) -> dict[str, NetworkSpec]:

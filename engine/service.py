@@ -53,6 +53,7 @@ CALLS = frozenset({
     "migration_cutover_summary", "migration_cancel_cutover",
     "alarms", "alarm_ack", "alarm_clear", "silence_add", "silence_list", "silence_remove", "events", "schedules",
     "health_run", "health_list", "health_history", "backup_now", "backup_list", "backup_prune",
+    "metrics", "metrics_compare",
 })
 
 
@@ -300,6 +301,7 @@ class EngineService:
         # The schedules run here, whether or not a front end is attached: missed slots are caught up
         # first; config.toml is re-read between slots, as before every call.
         self.core.ops.launch(reload=self.core.reload_site)
+        self.core.sampler.launch()       # performance samples (and /metrics where [metrics] listen says)
         self.pid_path.write_text(f"{os.getpid()} {api.VERSION}\n")
         with contextlib.suppress(FileNotFoundError):
             stopped_marker(self.ws).unlink()
@@ -315,6 +317,7 @@ class EngineService:
             if self._server:
                 self._server.close()
             await self.core.ops.stop()       # runs under way are recorded as interrupted
+            await self.core.sampler.stop()
             await self.core.engine.stop(drain=0 if self._stop_now else DRAIN_S)
             for h in list(self._handlers):
                 h.cancel()

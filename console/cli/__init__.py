@@ -696,6 +696,7 @@ _MIGRATION_COMMANDS = ("plan", "migration")  # console/cli/migration.py's
 _OPS_COMMANDS = ("alarms", "alarm", "silence", "events", "schedules")   # console/cli/ops.py's
 _HEALTH_COMMANDS = ("health",)                                          # console/cli/health.py's
 _BACKUP_COMMANDS = ("backup",)                                          # console/cli/backup.py's
+_METRICS_COMMANDS = ("metrics",)                                        # console/cli/metrics.py's
 
 
 def _command_at(argv: list[str]) -> int | None:
@@ -939,6 +940,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     if wanted is None or wanted in _BACKUP_COMMANDS:
         from ferry.console.cli.backup import add_parsers as add_backup_parsers
         add_backup_parsers(sub)
+    if wanted is None or wanted in _METRICS_COMMANDS:
+        from ferry.console.cli.metrics import add_parsers as add_metrics_parsers
+        add_metrics_parsers(sub)
     if wanted in (None, "completion"):
         from ferry.console.cli.completion import add_parser as add_completion
         add_completion(sub)
@@ -946,7 +950,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 _COMMANDS = ("init", "config", "hosts", "tasks", "task", "probe", "replicate", "gc", "audit", "engine",
-             *_VM_COMMANDS, *_MIGRATION_COMMANDS, *_OPS_COMMANDS, *_HEALTH_COMMANDS, *_BACKUP_COMMANDS,
+             *_VM_COMMANDS, *_MIGRATION_COMMANDS, *_OPS_COMMANDS, *_HEALTH_COMMANDS, *_BACKUP_COMMANDS, *_METRICS_COMMANDS,
              "completion")
 
 
