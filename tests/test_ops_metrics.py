@@ -124,8 +124,22 @@ async def test_the_loop_samples_every_interval_on_an_injected_clock(tmp_path):
         [mem] = await c.metrics("lab2", "mem_total_bytes", 3600)
         assert len(mem.points) >= 6 and {p.n for p in mem.points} == {1}
         assert [b.ts - a.ts for a, b in zip(mem.points, mem.points[1:])] == [30.0] * (len(mem.points) - 1)
+
+        # [metrics] listen edited while the engine runs: /metrics is served from the next sample on
+        port = free_port()
+        (ws / "config.toml").write_text((ws / "config.toml").read_text() + f'listen = "127.0.0.1:{port}"\n')
+        c.sampler.launch(reload=c.reload_site)
+        m = await until(lambda: asyncio.to_thread(_scrape_or_none, port), what="/metrics on the new address")
+        assert m[("ferry_host_up", (("host", "lab3"),))] == 1.0
     finally:
         await c.close()
+
+
+def _scrape_or_none(port: int) -> dict | None:
+    try:
+        return scrape(port)
+    except OSError:
+        return None
 
 
 # ------------------------------------------------------------------------------ downsampling

@@ -14,11 +14,10 @@ The clock is injectable (now, sleep): tests sample without sleeping.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from ..errors import FerryError, PermanentError
 from ..logs import logger
@@ -168,6 +167,7 @@ class Metrics:
         self.sampled_at: float | None = None
         self._loop: asyncio.Task | None = None
         self._exposition: Any = None
+        self._refused: str | None = None                   # a listen address that could not be had
         self._pool: Any = None
 
     @property
@@ -231,29 +231,36 @@ class Metrics:
         await self._db(self.db.add, values, now)
         return values
 
-    def launch(self) -> None:
-        """The sampling loop (and /metrics where [metrics] listen says), as tasks of the running loop."""
+    def launch(self, *, reload: Callable[[], Awaitable[Any]] | None = None) -> None:
+        """The sampling loop (and /metrics where [metrics] listen says), as a task of the running loop;
+        `reload` (the engine's reload_site) before each sample: an edit of [metrics] takes effect at once."""
         if self._loop is None:
-            self._loop = asyncio.create_task(self._run(), name="ferry-metrics")
+            self._loop = asyncio.create_task(self._run(reload), name="ferry-metrics")
 
-    async def _run(self) -> None:
+    async def _run(self, reload: Callable[[], Awaitable[Any]] | None) -> None:
         while True:
-            cfg = settings(self.site)
-            with contextlib.suppress(Exception):
-                await self._serve(cfg.listen)
-            t0 = self.clock.now()
-            if cfg.enabled and self.site.hosts:
+            if reload is not None:
                 try:
+                    await reload()
+                except FerryError:
+                    pass        # config.toml is being edited (invalid): the site read before goes on
+            cfg = settings(self.site)
+            t0 = self.clock.now()
+            try:
+                await self._serve(cfg.listen)
+                if cfg.enabled and self.site.hosts:
                     await self.sample()
-                except Exception:       # noqa: BLE001 - the loop goes on; the next sample tries again
-                    log.exception("metrics: a sample failed")
+            except Exception:       # noqa: BLE001 - the loop goes on; the next sample tries again
+                log.exception("metrics: a sample failed")
             await self.clock.sleep(max(0.2, t0 + cfg.interval - self.clock.now()))
 
     async def _serve(self, listen: str | None) -> None:
-        """Serve /metrics on `listen` (None: stop serving): started, moved or stopped as config.toml says."""
-        current = self._exposition.listen if self._exposition else None
+        """Serve /metrics on `listen` (None: stop serving): started, moved or stopped as config.toml says.
+        An address that cannot be had is said once, and tried again when config.toml names another."""
+        current = self._exposition.listen if self._exposition else self._refused
         if listen == current:
             return
+        self._refused = None
         if self._exposition is not None:
             await self._exposition.close()
             self._exposition = None
@@ -263,8 +270,8 @@ class Metrics:
                 self._exposition = await Exposition.start(self, listen)
                 log.info("serving Prometheus metrics on http://%s/metrics", listen)
             except OSError as e:
-                log.error("cannot serve /metrics on %s: %s ([metrics] listen)", listen, e)
-                raise
+                self._refused = listen
+                log.error("cannot serve /metrics on %s: %s (hint: another port in [metrics] listen)", listen, e)
 
     async def stop(self) -> None:
         if self._loop is not None:
