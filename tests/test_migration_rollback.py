@@ -137,10 +137,12 @@ def test_the_source_comes_back_by_itself_when_the_engine_dies_after_parking_it(l
     # No Ferry process runs now. The timer on the source (2 minutes since it was armed) brings it back.
     serves_again(source, timeout=300)
     # The cutover, resumed and told to go on, finds the timer ran out: it rolls back, it does not go on.
+    # (Its row says "waiting" still, as the killed engine left it: the resumed run is a new attempt.)
+    attempts = cutover_task(ws, k.task_id)["attempts"]
     resumed = ferry_process(ws, "task", "resume", str(k.task_id))
     try:
-        until_sync(lambda: cutover_task(ws, k.task_id)["state"] == "waiting", timeout=120, every=0.5,
-                   what="the resumed cutover to wait before switch_boot again")
+        until_sync(lambda: (r := cutover_task(ws, k.task_id))["state"] == "waiting" and r["attempts"] > attempts,
+                   timeout=120, every=0.5, what="the resumed cutover to wait before switch_boot again")
         assert ferry(ws, "task", "confirm", str(k.task_id), NAME).code == 0
         out, err = resumed.communicate(timeout=600)
     finally:
