@@ -87,6 +87,9 @@ CATALOGUE: tuple[Action, ...] = (
     Action("view('health')", "view.health", "8", "Health",
            "Health: every check's state (OK, WARNING, CRITICAL, UNKNOWN), soft or hard; run a checklist now",
            "app", palette="View: Health"),
+    Action("view('backups')", "view.backups", "9", "Backups",
+           "Backups: the management-data backups here and on remotes, their schedules and retention; back up "
+           "now, prune, restore", "app", palette="View: Backups"),
     Action("refresh", "refresh", "ctrl+r", "Refresh", "Ask every host again and re-read the task list", "app"),
     Action("quit", "quit", "q", "Quit",
            "Quit the console (tasks go on in the engine; asks first while some are active)", "app", show=True),
@@ -273,6 +276,25 @@ CATALOGUE: tuple[Action, ...] = (
            "(esc clears it)", "health", show=True, palette="Filter the checks"),
     Action("refresh_now", "health.refresh", "f", "Now", "Ask for the checks now", "health",
            palette="Ask for the checks now"),
+    # ------------------------------------------------------------------ the Backups view
+    Action("backup_now", "backups.now", "b", "Back up now…",
+           "Back up the management data now: here, or here and uploaded to a configured remote (verified on "
+           "the server); a notice says when it is done", "backups", show=True, changes=True,
+           palette="Back up now…", cli="backup now",
+           cli_help="back up state.db, config.toml, known_hosts and themes now (kind manual)"),
+    Action("prune", "backups.prune", "p", "Prune…",
+           "What a prune would remove (the backups past [backup.keep], oldest first), then Prune removes them; "
+           "Cancel is the default", "backups", show=True, changes=True, palette="Prune backups…",
+           cli="backup prune", cli_help="remove the backups past [backup.keep] (oldest first)"),
+    Action("restore_backup", "backups.restore", "R", "Restore…",
+           "Restore the selected backup (type its id): tasks must be idle, the engine stops and starts again, "
+           "the current state is backed up first", "backups", show=True, changes=True,
+           palette="Restore the selected backup…"),
+    Action("filter", "backups.filter", "slash", "Filter",
+           "Filter the backups: a part of an id, a kind, where it is, or problem (esc clears it)", "backups",
+           show=True, palette="Filter the backups"),
+    Action("refresh_now", "backups.refresh", "f", "Now", "Ask for the backups and their schedules now", "backups",
+           palette="Ask for the backups now"),
     # ------------------------------------------------------------------ every table
     Action("cursor_down", "table.down", "j", "Down", "The next row", "table", palette=None),
     Action("cursor_up", "table.up", "k", "Up", "The previous row", "table", palette=None),

@@ -1,6 +1,6 @@
 """The Ferry console: a Textual app that reaches the engine only through EngineClient.
 
-Views (overview, inventory, VMs, tasks, audit, events, migrations, alarms, health) sit in a content
+Views (overview, inventory, VMs, tasks, audit, events, migrations, alarms, health, backups) sit in a content
 switcher under a one-line header; the console opens on the Overview (run_console); `:` jumps to a view by
 name, `?` shows the keys of the view, `esc` goes back, ctrl+p holds every action.
 Keys are remapped from config.toml's [console.keys]; read-only mode (--readonly, or [console]
@@ -46,6 +46,7 @@ from ferry.console.styles import CSS as FERRY_CSS
 from ferry.console.views.tasks import ALLOWED, TasksView
 from ferry.console.theming import DEFAULT_THEME, PRODUCTION_THEME, load_themes, theme_dirs, variable_defaults
 from ferry.console.views.alarms import AlarmsView
+from ferry.console.views.backups import BackupsView
 from ferry.console.views.health import HealthView
 from ferry.console.views.migrations import MigrationsView
 from ferry.console.views.overview import OverviewView
@@ -54,7 +55,7 @@ from ferry.console.views.vms import VMsView
 log = logging.getLogger("ferry.console")
 HEAP_FREEZE_AT = 2000     # records, nodes or rows built at once: see FerryApp.heap_grew
 
-VIEWS = ("overview", "inventory", "tasks", "vms", "audit", "events", "migrations", "alarms", "health")
+VIEWS = ("overview", "inventory", "tasks", "vms", "audit", "events", "migrations", "alarms", "health", "backups")
 FIRST_VIEW = "overview"     # what the console opens on (FerryApp alone: the Inventory, as the Pilot tests of
                             # the other views start)
 VIEW_NAMES = {
@@ -67,9 +68,10 @@ VIEW_NAMES = {
     "overview": "overview", "ov": "overview", "o": "overview", "home": "overview", "summary": "overview",
     "alarms": "alarms", "alarm": "alarms", "al": "alarms", "alerts": "alarms", "silences": "alarms",
     "health": "health", "he": "health", "checks": "health", "check": "health",
+    "backups": "backups", "backup": "backups", "ba": "backups", "bk": "backups",
 }
 LINE_COMMANDS = ("overview", "inventory", "inv", "hosts", "vms", "tasks", "audit", "events", "migrations", "alarms",
-                 "health", "theme ", "help", "refresh", "quit")
+                 "health", "backups", "theme ", "help", "refresh", "quit")
 DEFAULT_PROBE = {"pings": 20, "size_mib": 64}
 
 
@@ -168,7 +170,8 @@ class FerryApp(App[int]):
             yield MigrationsView(self.client, poll=self.poll)
             yield AlarmsView(self.client, poll=self.poll)
             yield HealthView(self.client, poll=self.poll)
-        yield CommandLine(placeholder="overview · inventory · vms · tasks · alarms · health · audit · events · migrations · "
+            yield BackupsView(self.client, poll=self.poll)
+        yield CommandLine(placeholder="overview · inventory · vms · tasks · alarms · health · backups · audit · events · migrations · "
                                       "theme NAME · help · quit   (esc closes)",
                           suggester=SuggestFromList(LINE_COMMANDS, case_sensitive=False), id="cmdline")
         yield FerryFooter()
@@ -225,7 +228,7 @@ class FerryApp(App[int]):
         from ferry.console.dialogs.report import ReportScreen
         from ferry.console.widgets.table import KeyedTable, TableFilter
         return opkeys.binding_ids([type(self), CommandLine, InventoryView, TasksView, VMsView, AuditView, EventsView,
-                                   MigrationsView, OverviewView, AlarmsView, HealthView, KeyedTable, TableFilter,
+                                   MigrationsView, OverviewView, AlarmsView, HealthView, BackupsView, KeyedTable, TableFilter,
                                    TaskLogScreen, ReportScreen, ConfirmScreen, HelpScreen])
 
     async def _load_settings(self) -> None:
@@ -279,6 +282,10 @@ class FerryApp(App[int]):
     @property
     def health_view(self) -> HealthView:
         return self.query_one(HealthView)
+
+    @property
+    def backups_view(self) -> BackupsView:
+        return self.query_one(BackupsView)
 
     def view_widget(self, name: str | None = None) -> Any:
         """The view named `name` (default: the one shown)."""
@@ -417,7 +424,7 @@ class FerryApp(App[int]):
         else:
             self.notify(f"unknown command {esc(text)!r}", title="Command", severity="error")
             self.notify("views: :overview, :inventory (:inv, :hosts), :vms, :tasks, :audit, :events, :migrations, "
-                        ":alarms, :health; also :theme NAME, :help, :refresh, :quit",
+                        ":alarms, :health, :backups; also :theme NAME, :help, :refresh, :quit",
                         title="Hint", severity="information")
 
     # ------------------------------------------------------------------ help, refresh, quit
@@ -470,6 +477,7 @@ class FerryApp(App[int]):
                                   (":migrations :mig", "Server migrations", ""),
                                   (":alarms :al", "Alarms: acknowledge, clear, silence; history, events", ""),
                                   (":health :checks", "Health checks: states, run now, details and history", ""),
+                                  (":backups :bk", "Backups: list, schedules, back up now, prune, restore", ""),
                                   (":theme NAME", "Switch theme (remembered): " + ", ".join(self.theme_names()), ""),
                                   (":help :refresh :quit", "", "")]),
         ]
@@ -567,6 +575,7 @@ class FerryApp(App[int]):
             self.migrations_view.restyle()
             self.alarms_view.restyle()
             self.health_view.restyle()
+            self.backups_view.restyle()
             self.overview.restyle()
         except Exception:   # the views may be gone while the app closes
             pass

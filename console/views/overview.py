@@ -53,9 +53,9 @@ TILES = {
     "alarms": ("Alarms", "alarms"),
     "tasks": ("Tasks", "tasks"),
     "health": ("Health", "health"),
-    "backups": ("Backups", None),
+    "backups": ("Backups", "backups"),
 }
-VIEW_KEYS = {"inventory": "1", "tasks": "2", "vms": "3", "alarms": "7", "health": "8"}
+VIEW_KEYS = {"inventory": "1", "tasks": "2", "vms": "3", "alarms": "7", "health": "8", "backups": "9"}
 
 
 def alarm_bucket(a: AlarmInfo) -> str:
@@ -333,14 +333,14 @@ class OverviewView(Polled, Vertical):
         """The focused tile's view, filtered to what needs a look."""
         name = self.focused_tile
         view = TILES[name][1]
-        if view is None:
-            self.app.notify("backups have no view yet: `ferry backup list` lists them", title="Backups", timeout=4)
-            return
         filt = ""
         if name == "hosts" and self.host_counts()["down"]:
             filt = "down"
         elif name == "tasks" and any(t.state == TaskState.FAILED for t in self.tasks().values()):
             filt = "failed"
         elif name == "health" and any(c.state.problem for c in self.checks):
+            filt = "problem"
+        elif name == "backups" and self.backups is not None and any(b.verified is False for b in
+                                                                    self.backups.backups):
             filt = "problem"
         self.app.show_view(view, filt)

@@ -129,13 +129,14 @@ class PolledTable(Polled):
 
     COLUMNS: tuple[Column, ...] = ()
     SORT = ""               # the column sorted by at first
+    SORT_REVERSE = False    # ... the other way round (the newest first)
     PANE = ""               # the ids: PANE-table, PANE-filter, PANE-detail (and VIEW-status)
     table: KeyedTable
     _dirty = False
     _rows: dict[str, tuple[Any, Row]]       # key -> (the record, its row as last made)
 
     def compose(self) -> ComposeResult:
-        table = KeyedTable(self.COLUMNS, sort=self.SORT, id=f"{self.PANE}-table")
+        table = KeyedTable(self.COLUMNS, sort=self.SORT, reverse=self.SORT_REVERSE, id=f"{self.PANE}-table")
         table.on_cursor = self.cursor_moved
         self.table = table
         yield table
