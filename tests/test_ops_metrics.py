@@ -185,7 +185,9 @@ def test_a_simulated_day_is_kept_in_bounded_tiers_with_exact_min_avg_max(tmp_pat
 def served(tmp_path_factory):
     base = tmp_path_factory.mktemp("metrics")
     port = free_port()
-    ws = lab_ws(base / "ws", f'\n[metrics]\ninterval = 1\nlisten = "127.0.0.1:{port}"\n')
+    # a fourth host, "gone", is an SSH host where nothing listens: never sampled, down in /metrics
+    ws = lab_ws(base / "ws", f'\n[hosts.gone]\ncluster = "lab"\ntransport = "ssh"\naddress = "127.0.0.1"\n'
+                f'port = {free_port()}\n\n[metrics]\ninterval = 1\nlisten = "127.0.0.1:{port}"\n')
     store = Store(ws / "state.db")
     al.raise_alarm(store, "host.down", "host:lab3", "critical", "lab3 is down", now=1.0)
     al.raise_alarm(store, "health.load", "host:lab2", "warning", "busy", now=1.0)
@@ -221,6 +223,8 @@ def test_metrics_are_served_to_prometheus_and_parse(served):
         return m if ("ferry_host_cpu_percent", (("host", "lab1"),)) in m else None
     m = until_sync(rated, what="/metrics with a rated sample", timeout=30)
     assert m[("ferry_host_up", (("host", "lab1"),))] == 1.0
+    assert m[("ferry_host_up", (("host", "gone"),))] == 0.0
+    assert not any(k[1] == (("host", "gone"),) for k in m if k[0] != "ferry_host_up")
     assert m[("ferry_host_memory_total_bytes", (("host", "lab2"),))] == mem_total()
     assert 0 <= m[("ferry_host_cpu_percent", (("host", "lab1"),))] <= 100
     for name in ("network_receive", "network_transmit", "disk_read", "disk_write"):
@@ -238,8 +242,8 @@ def test_metrics_are_served_to_prometheus_and_parse(served):
 
 def test_ferry_metrics_commands(served):
     ws, _ = served
-    until_sync(lambda: ferry(ws, "metrics", "compare", "--json").json[0]["cpu_pct"] is not None,
-               what="a rated sample of lab1", timeout=30)
+    until_sync(lambda: {h["host"]: h for h in ferry(ws, "metrics", "compare", "--json").json}["lab1"]["cpu_pct"]
+               is not None, what="a rated sample of lab1", timeout=30)
     r = ferry(ws, "metrics", "lab1", "--json")
     assert r.code == 0, r.err
     series = {s["metric"]: s for s in r.json}
@@ -258,11 +262,15 @@ def test_ferry_metrics_commands(served):
     assert r.out.splitlines()[1].split() == ["TIME", "MIN", "AVG", "MAX", "SAMPLES"]
 
     r = ferry(ws, "metrics", "compare", "--sort", "mem", "--json")
-    assert r.code == 0 and {h["host"] for h in r.json} == {"lab1", "lab2", "lab3"}
-    assert [h["mem_pct"] for h in r.json] == sorted((h["mem_pct"] for h in r.json), reverse=True)
+    assert r.code == 0 and [h["host"] for h in r.json][-1] == "gone"
+    mem = [h["mem_pct"] for h in r.json[:-1]]
+    assert len(mem) == 3 and mem == sorted(mem, reverse=True)
     table = ferry(ws, "metrics", "compare").out.splitlines()
     assert table[0].split() == ["HOST", "CPU", "MEM", "NET-RX", "NET-TX", "DISK-R", "DISK-W", "LOAD1", "SAMPLED"]
-    assert [ln.split()[0] for ln in table[1:]] == ["lab1", "lab2", "lab3"]
+    assert [ln.split()[0] for ln in table[1:]] == ["gone", "lab1", "lab2", "lab3"]
+    assert table[1].split()[1:] == ["-"] * 8          # never answered: no numbers, not zeros
+    r = ferry(ws, "metrics", "compare", "--sort", "cpu", "--json")
+    assert [h["host"] for h in r.json][-1] == "gone" and r.json[-1]["ts"] is None
 
     bad = ferry(ws, "metrics", "nosuch")
     assert bad.code == 1 and bad.err.strip() == ("ferry: no host or VM named 'nosuch' (hint: ferry hosts lists the "
