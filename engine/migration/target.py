@@ -53,6 +53,13 @@ R=$(awk -v d="$root" '$1 == d { print $2; exit }' /proc/mounts)
 # (block-level: the source's own filesystem, whatever its type the live kernel knows)
 if [ -z "$R" ]; then
   R=/mnt/ferry-boot; mkdir -p "$R"
+  if [ "$method" = block ] && [ ! -b "$root" ]; then
+    # the rounds wrote the source's partition table after the receiver booted on a blank disk: the
+    # kernel reads it again (busybox blockdev/partprobe), devtmpfs then makes the partition's node
+    disk=$(echo "$root" | sed 's/p*[0-9]*$//')
+    blockdev --rereadpt "$disk" 2>/dev/null || partprobe "$disk" 2>/dev/null || true
+    i=0; while [ ! -b "$root" ] && [ $i -lt 10 ]; do sleep 1; i=$((i + 1)); done
+  fi
   if [ "$method" = block ]; then mount "$root" "$R"; else mount -t ext4 "$root" "$R"; fi
 fi
 F="$R/etc/fstab"
