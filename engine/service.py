@@ -301,7 +301,8 @@ class EngineService:
         # The schedules run here, whether or not a front end is attached: missed slots are caught up
         # first; config.toml is re-read between slots, as before every call.
         self.core.ops.launch(reload=self.core.reload_site)
-        self.core.sampler.launch(reload=self.core.reload_site)     # performance samples (and /metrics where [metrics] listen says)
+        if os.environ.get("FERRY_METRICS", "").strip().lower() != "off":   # (the test suite's engines: off)
+            self.core.sampler.launch(reload=self.core.reload_site)     # performance samples (and /metrics where [metrics] listen says)
         self.pid_path.write_text(f"{os.getpid()} {api.VERSION}\n")
         with contextlib.suppress(FileNotFoundError):
             stopped_marker(self.ws).unlink()

@@ -18,6 +18,9 @@ os.environ["FERRY_TASK_KINDS"] = "harness.kinds"
 # The built-in lab is the folder lab for most tests (no namespaces, no sshds to start for a test that
 # needs no network); the tests of the network lab as the default lab ask for it (FERRY_LAB unset).
 os.environ["FERRY_LAB"] = "folders"
+# The engines the tests start sample no performance data (every 10 s over every host: connections and
+# processes the tests do not expect); tests/test_ops_metrics.py turns it on for its own.
+os.environ["FERRY_METRICS"] = "off"
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import urllib.error
 import urllib.request
 import subprocess
@@ -194,10 +195,12 @@ def served(tmp_path_factory):
     record(store, [Found("lab1", "load", CheckResult(CheckState.WARNING, "load 3"), 1, "health.load", "host:lab1"),
                    Found("lab1", "memory", CheckResult(CheckState.OK, "fine"), 1, "health.memory", "host:lab1")], 1.0)
     store.close()
+    os.environ["FERRY_METRICS"] = "on"      # (conftest turns the engines' sampling off for the other tests)
     try:
         yield ws, port
     finally:
         kill_engines(base)
+        os.environ["FERRY_METRICS"] = "off"
 
 
 def scrape(port: int) -> dict:
