@@ -90,6 +90,9 @@ CATALOGUE: tuple[Action, ...] = (
     Action("view('backups')", "view.backups", "9", "Backups",
            "Backups: the management-data backups here and on remotes, their schedules and retention; back up "
            "now, prune, restore", "app", palette="View: Backups"),
+    Action("view('performance')", "view.performance", "P", "Performance",
+           "Performance: every host's CPU, memory, load, network and disk side by side; the selected host's "
+           "history as sparklines over 1h, 1d or 30d", "app", palette="View: Performance"),
     Action("refresh", "refresh", "ctrl+r", "Refresh", "Ask every host again and re-read the task list", "app"),
     Action("quit", "quit", "q", "Quit",
            "Quit the console (tasks go on in the engine; asks first while some are active)", "app", show=True),
@@ -295,6 +298,14 @@ CATALOGUE: tuple[Action, ...] = (
            show=True, palette="Filter the backups"),
     Action("refresh_now", "backups.refresh", "f", "Now", "Ask for the backups and their schedules now", "backups",
            palette="Ask for the backups now"),
+    # ------------------------------------------------------------------ the Performance view
+    Action("cycle_window", "performance.window", "w", "Window",
+           "The window of the selected host's history: 1h (a point per 10 s), 1d (1 min), 30d (10 min)",
+           "performance", show=True, palette="Performance: the next window (1h, 1d, 30d)"),
+    Action("filter", "performance.filter", "slash", "Filter", "Filter the hosts by name (esc clears it)",
+           "performance", show=True, palette="Filter the hosts"),
+    Action("refresh_now", "performance.refresh", "f", "Now", "Ask for the newest samples now", "performance",
+           palette="Ask for the newest samples now"),
     # ------------------------------------------------------------------ every table
     Action("cursor_down", "table.down", "j", "Down", "The next row", "table", palette=None),
     Action("cursor_up", "table.up", "k", "Up", "The previous row", "table", palette=None),

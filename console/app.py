@@ -47,6 +47,7 @@ from ferry.console.views.tasks import ALLOWED, TasksView
 from ferry.console.theming import DEFAULT_THEME, PRODUCTION_THEME, load_themes, theme_dirs, variable_defaults
 from ferry.console.views.alarms import AlarmsView
 from ferry.console.views.backups import BackupsView
+from ferry.console.views.performance import PerformanceView
 from ferry.console.views.health import HealthView
 from ferry.console.views.migrations import MigrationsView
 from ferry.console.views.overview import OverviewView
@@ -55,7 +56,8 @@ from ferry.console.views.vms import VMsView
 log = logging.getLogger("ferry.console")
 HEAP_FREEZE_AT = 2000     # records, nodes or rows built at once: see FerryApp.heap_grew
 
-VIEWS = ("overview", "inventory", "tasks", "vms", "audit", "events", "migrations", "alarms", "health", "backups")
+VIEWS = ("overview", "inventory", "tasks", "vms", "audit", "events", "migrations", "alarms", "health", "backups",
+         "performance")
 FIRST_VIEW = "overview"     # what the console opens on (FerryApp alone: the Inventory, as the Pilot tests of
                             # the other views start)
 VIEW_NAMES = {
@@ -69,9 +71,10 @@ VIEW_NAMES = {
     "alarms": "alarms", "alarm": "alarms", "al": "alarms", "alerts": "alarms", "silences": "alarms",
     "health": "health", "he": "health", "checks": "health", "check": "health",
     "backups": "backups", "backup": "backups", "ba": "backups", "bk": "backups",
+    "performance": "performance", "perf": "performance", "metrics": "performance", "pe": "performance",
 }
 LINE_COMMANDS = ("overview", "inventory", "inv", "hosts", "vms", "tasks", "audit", "events", "migrations", "alarms",
-                 "health", "backups", "theme ", "help", "refresh", "quit")
+                 "health", "backups", "performance", "perf", "theme ", "help", "refresh", "quit")
 DEFAULT_PROBE = {"pings": 20, "size_mib": 64}
 
 
@@ -171,6 +174,7 @@ class FerryApp(App[int]):
             yield AlarmsView(self.client, poll=self.poll)
             yield HealthView(self.client, poll=self.poll)
             yield BackupsView(self.client, poll=self.poll)
+            yield PerformanceView(self.client, poll=self.poll)
         yield CommandLine(placeholder="overview · inventory · vms · tasks · alarms · health · backups · audit · events · migrations · "
                                       "theme NAME · help · quit   (esc closes)",
                           suggester=SuggestFromList(LINE_COMMANDS, case_sensitive=False), id="cmdline")
@@ -228,7 +232,7 @@ class FerryApp(App[int]):
         from ferry.console.dialogs.report import ReportScreen
         from ferry.console.widgets.table import KeyedTable, TableFilter
         return opkeys.binding_ids([type(self), CommandLine, InventoryView, TasksView, VMsView, AuditView, EventsView,
-                                   MigrationsView, OverviewView, AlarmsView, HealthView, BackupsView, KeyedTable, TableFilter,
+                                   MigrationsView, OverviewView, AlarmsView, HealthView, BackupsView, PerformanceView, KeyedTable, TableFilter,
                                    TaskLogScreen, ReportScreen, ConfirmScreen, HelpScreen])
 
     async def _load_settings(self) -> None:
@@ -286,6 +290,10 @@ class FerryApp(App[int]):
     @property
     def backups_view(self) -> BackupsView:
         return self.query_one(BackupsView)
+
+    @property
+    def performance_view(self) -> PerformanceView:
+        return self.query_one(PerformanceView)
 
     def view_widget(self, name: str | None = None) -> Any:
         """The view named `name` (default: the one shown)."""
@@ -424,7 +432,7 @@ class FerryApp(App[int]):
         else:
             self.notify(f"unknown command {esc(text)!r}", title="Command", severity="error")
             self.notify("views: :overview, :inventory (:inv, :hosts), :vms, :tasks, :audit, :events, :migrations, "
-                        ":alarms, :health, :backups; also :theme NAME, :help, :refresh, :quit",
+                        ":alarms, :health, :backups, :perf; also :theme NAME, :help, :refresh, :quit",
                         title="Hint", severity="information")
 
     # ------------------------------------------------------------------ help, refresh, quit
@@ -478,6 +486,7 @@ class FerryApp(App[int]):
                                   (":alarms :al", "Alarms: acknowledge, clear, silence; history, events", ""),
                                   (":health :checks", "Health checks: states, run now, details and history", ""),
                                   (":backups :bk", "Backups: list, schedules, back up now, prune, restore", ""),
+                                  (":performance :perf", "Performance: hosts side by side, a host's history", ""),
                                   (":theme NAME", "Switch theme (remembered): " + ", ".join(self.theme_names()), ""),
                                   (":help :refresh :quit", "", "")]),
         ]
@@ -576,6 +585,7 @@ class FerryApp(App[int]):
             self.alarms_view.restyle()
             self.health_view.restyle()
             self.backups_view.restyle()
+            self.performance_view.restyle()
             self.overview.restyle()
         except Exception:   # the views may be gone while the app closes
             pass
