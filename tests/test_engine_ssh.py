@@ -195,7 +195,7 @@ def test_the_console_in_a_terminal_over_ssh_shows_the_far_sites_tasks(far, tmp_p
         term.wait_for("far-site", timeout=60)     # the site of the engine over there, not L's "laptop"
         term.wait_for("running")
         term.keys(":")
-        term.wait_for("theme NAME")                # the command line is open
+        term.wait_for("overview · inventory")      # the command line is open, the views it knows listed
         term.keys("tasks", "Enter")
         screen = term.wait_for("replicate")
         assert "succeeded" in screen and "laptop" not in screen, screen

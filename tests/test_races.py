@@ -72,7 +72,9 @@ s.close()
     try:
         tables = [r[0] for r in s._q("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
                                      " ORDER BY name")]
-        assert tables == ["audit", "chunks", "migrations", "settings", "task_files", "task_log", "tasks", "vms"]
+        assert tables == ["alarms", "audit", "chunks", "events", "health_checks", "health_history", "migrations",
+                          "schedule_runs", "schedules", "settings", "silences", "task_files", "task_log", "tasks",
+                          "vms"]
         assert s._q("PRAGMA journal_mode")[0][0] == "wal"
     finally:
         s.close()

@@ -209,7 +209,9 @@ def test_ctrl_c_mid_copy_exits_130_and_the_task_goes_on(tmp_path):
     total = 16 << 20
     argv = ["replicate", "files", f"local:{src}", f"lab1:{dst}", "--streams", "1"]
     # 8 s at 2 MiB/s: a file (a checkpoint) every 2 s, so Ctrl-C lands mid-copy even on a loaded machine
-    proc = ferry_process(root, *argv, "--bwlimit", "2M")
+    # (SIGINT as a terminal has it: a test worker may run with it ignored, and a child inherits that)
+    proc = ferry_process(root, *argv, "--bwlimit", "2M",
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         until_sync(lambda: running(proc) and _task_row(root)[2].get("bytes_durable"), timeout=60,
                    what="some data durable on the target: mid-copy")
