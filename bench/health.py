@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, AsyncIterator, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -34,7 +36,11 @@ def machine_cpu() -> float:
     return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-async def bench(n: int, runs: int, base: Path) -> list[tuple[float, float, float, dict]]:
+@contextlib.asynccontextmanager
+async def hosts_client(n: int, base: Path, doc: dict, host: Callable[[str, dict], None] | None = None
+                       ) -> AsyncIterator[Any]:
+    """An engine in this process (EngineClient, started) on a site of `n` SSH hosts h001.. that share one
+    loopback sshd; `doc` is the rest of config.toml, `host(name, doc)` adds what each host has more."""
     from ferry.engine.client import EngineClient
     from ferry.engine.config import dump_config
     from ferry.engine.transport import TransportPool
@@ -45,14 +51,12 @@ async def bench(n: int, runs: int, base: Path) -> list[tuple[float, float, float
     try:
         server = factory.one()
         ws = Workspace(base / "ws").ensure()
-        doc: dict = {"site": {"name": "bench"}, "clusters": {"lab": {}}, "hosts": {}, "datastores": {},
-                     "health": {"max_attempts": 1, "parallel": 32, "timeout": 30}}
+        doc = {"site": {"name": "bench"}, "clusters": {"lab": {}}, "hosts": {}, **doc}
         for i in range(n):
             name = f"h{i + 1:03d}"
             doc["hosts"][name] = server.host_table()
-            path = base / "datastores" / name
-            path.mkdir(parents=True)
-            doc["datastores"][f"{name}-ds"] = {"path": str(path), "hosts": [name]}
+            if host:
+                host(name, doc)
         ws.config_path.write_text(dump_config(doc))
         server.trust(ws.known_hosts_path)
         (base / "known_hosts").touch()
@@ -62,20 +66,31 @@ async def bench(n: int, runs: int, base: Path) -> list[tuple[float, float, float
                              use_agent=False, connect_timeout=30)
         client = EngineClient(ws, site, transports=pool)
         await client.start()
-        out = []
         try:
-            for _ in range(runs):
-                m0, c0, t0 = machine_cpu(), time.process_time(), time.perf_counter()
-                info = await client.wait_task(await client.health_run("daily"), timeout=300)
-                wall, cpu, total = time.perf_counter() - t0, time.process_time() - c0, machine_cpu() - m0
-                if info.state != "succeeded":
-                    raise SystemExit(f"health run failed: {info.error} ({info.hint})")
-                out.append((wall, cpu, total, info.result))
+            yield client
         finally:
             await client.close()
-        return out
     finally:
         factory.stop_all()
+
+
+async def bench(n: int, runs: int, base: Path) -> list[tuple[float, float, float, dict]]:
+    def datastore(name: str, doc: dict) -> None:
+        path = base / "datastores" / name
+        path.mkdir(parents=True)
+        doc["datastores"][f"{name}-ds"] = {"path": str(path), "hosts": [name]}
+
+    doc = {"datastores": {}, "health": {"max_attempts": 1, "parallel": 32, "timeout": 30}}
+    out = []
+    async with hosts_client(n, base, doc, datastore) as client:
+        for _ in range(runs):
+            m0, c0, t0 = machine_cpu(), time.process_time(), time.perf_counter()
+            info = await client.wait_task(await client.health_run("daily"), timeout=300)
+            wall, cpu, total = time.perf_counter() - t0, time.process_time() - c0, machine_cpu() - m0
+            if info.state != "succeeded":
+                raise SystemExit(f"health run failed: {info.error} ({info.hint})")
+            out.append((wall, cpu, total, info.result))
+    return out
 
 
 def main() -> None:

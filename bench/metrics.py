@@ -25,44 +25,18 @@ INTERVAL = 10.0
 
 
 async def bench(n: int, runs: int, base: Path) -> tuple[list[tuple[float, float, float, int]], int, int]:
-    from health import machine_cpu
+    from health import hosts_client, machine_cpu
 
-    from ferry.engine.client import EngineClient
-    from ferry.engine.config import dump_config
-    from ferry.engine.transport import TransportPool
-    from ferry.engine.workspace import Workspace
-    from harness.sshd import SshdFactory
-
-    factory = SshdFactory(base / "sshd")
-    try:
-        server = factory.one()
-        ws = Workspace(base / "ws").ensure()
-        doc: dict = {"site": {"name": "bench"}, "clusters": {"lab": {}}, "hosts": {}}
-        for i in range(n):
-            doc["hosts"][f"h{i + 1:03d}"] = server.host_table()
-        ws.config_path.write_text(dump_config(doc))
-        server.trust(ws.known_hosts_path)
-        (base / "known_hosts").touch()
-        (base / "ssh_config").touch()
-        site = ws.load_config()
-        pool = TransportPool(site, ws, ssh_config_paths=[base / "ssh_config"], user_known_hosts=base / "known_hosts",
-                             use_agent=False, connect_timeout=30)
-        client = EngineClient(ws, site, transports=pool)
-        await client.start()
-        out = []
-        try:
-            for _ in range(runs):
-                m0, c0, t0 = machine_cpu(), time.process_time(), time.perf_counter()
-                values = await client.sampler.sample()
-                out.append((time.perf_counter() - t0, time.process_time() - c0, machine_cpu() - m0,
-                            sum(1 for k in values if k.startswith("host:"))))
-            rows = client.sampler.db.count()
-            size = sum(p.stat().st_size for p in ws.root.glob("metrics.db*"))
-        finally:
-            await client.close()
-        return out, rows, size
-    finally:
-        factory.stop_all()
+    out = []
+    async with hosts_client(n, base, {}) as client:
+        for _ in range(runs):
+            m0, c0, t0 = machine_cpu(), time.process_time(), time.perf_counter()
+            values = await client.sampler.sample()
+            out.append((time.perf_counter() - t0, time.process_time() - c0, machine_cpu() - m0,
+                        sum(1 for k in values if k.startswith("host:"))))
+        rows = client.sampler.db.count()
+        size = sum(p.stat().st_size for p in client.workspace.root.glob("metrics.db*"))
+    return out, rows, size
 
 
 def main() -> None:
