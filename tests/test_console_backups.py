@@ -11,7 +11,6 @@ as `ferry` opens the console) for the restore.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -23,14 +22,13 @@ from ferry.console.app import FIRST_VIEW, FerryApp
 from ferry.console.dialogs.modals import ConfirmScreen
 from ferry.console.dialogs.vmforms import FormScreen, TypedNameScreen
 from ferry.console.views.backups import restore_argv
-from ferry.engine.client import EngineClient
-from ferry.engine.config import ScheduleSpec, lab_config
+from ferry.engine.config import ScheduleSpec
 from ferry.engine.ops import backup as bk
 from ferry.engine.ops.backupconfig import DEFAULT_KEEP, BackupSettings
 from ferry.engine.workspace import Workspace
 from harness.pilot import text_of, until
 from test_console_overview import focus_tile
-from test_console_vms import FIXED_CLOCK, notes, short_dir
+from test_console_vms import FIXED_CLOCK, lab_client, notes
 
 SIZE = (160, 40)
 DAY = 86400.0
@@ -40,18 +38,12 @@ T0 = 1_800_000_000.0          # 2027-01-15 08:00 UTC
 @pytest.fixture
 async def client():
     """The lab site with a nightly backup schedule and [backup.keep] daily = 1."""
-    root = short_dir()
-    ws = Workspace(root / "ws")
-    site = lab_config(ws.root)
-    site = replace(site, schedules={"nightly": ScheduleSpec("nightly", "daily 02:00", "0 2 * * *", "backup daily")},
-                   backup=BackupSettings(keep={**DEFAULT_KEEP, "daily": 1}))
-    c = EngineClient(ws, site, adopt=False)
-    await c.start()
-    try:
+    def nightly(site):
+        return replace(site, schedules={"nightly": ScheduleSpec("nightly", "daily 02:00", "0 2 * * *",
+                                                                "backup daily")},
+                       backup=BackupSettings(keep={**DEFAULT_KEEP, "daily": 1}))
+    async with lab_client(nightly) as c:
         yield c
-    finally:
-        await c.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def rows(app: FerryApp) -> dict[str, list[str]]:

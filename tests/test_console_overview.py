@@ -10,7 +10,6 @@ engine's own alarms API (Ops.raise_alarm), check results recorded as a health ro
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import replace
 
 import pytest
@@ -23,29 +22,20 @@ from ferry.console.dialogs.modals import HelpScreen
 from ferry.console.dialogs.report import ReportScreen
 from ferry.console.dialogs.vmforms import FormScreen
 from ferry.engine.api import AlarmState, CheckState, TaskState
-from ferry.engine.client import EngineClient
-from ferry.engine.config import lab_config
 from ferry.engine.ops import health
 from ferry.engine.ops.healthconfig import Checklist, HealthSettings
 from ferry.engine.ops.nagios import CheckResult
-from ferry.engine.workspace import Workspace
 from harness.pilot import text_of, until
 from harness.waiting import until as wait_until
-from test_console_vms import FIXED_CLOCK, make_vm, new_client, notes, short_dir
+from test_console_vms import FIXED_CLOCK, lab_client, make_vm, notes
 
 SIZE = (160, 40)
 
 
 @pytest.fixture
 async def client():
-    root = short_dir()
-    c = new_client(root / "ws")
-    await c.start()
-    try:
+    async with lab_client() as c:
         yield c
-    finally:
-        await c.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def raise_alarms(client) -> dict[str, int]:
@@ -277,18 +267,11 @@ async def test_acknowledge_clear_and_silence_from_the_alarms_view_change_the_ala
 @pytest.fixture
 async def checked_client():
     """A site whose soft problems are re-checked after 0.05 s (not a minute), with its own checklist."""
-    root = short_dir()
-    ws = Workspace(root / "ws")
-    site = lab_config(ws.root)
-    site = replace(site, health=HealthSettings(retry_interval=0.05,
-                                               checklists={"quick": Checklist("quick", ("ssh", "load"))}))
-    c = EngineClient(ws, site, adopt=False)
-    await c.start()
-    try:
+    def quick(site):
+        return replace(site, health=HealthSettings(retry_interval=0.05,
+                                                   checklists={"quick": Checklist("quick", ("ssh", "load"))}))
+    async with lab_client(quick) as c:
         yield c
-    finally:
-        await c.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def test_the_health_view_shows_each_check_its_details_and_r_starts_a_health_run(checked_client):

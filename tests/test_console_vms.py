@@ -48,16 +48,26 @@ def short_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="fv", dir="/tmp"))
 
 
-@pytest.fixture
-async def client():
+@contextlib.asynccontextmanager
+async def lab_client(site_of: Callable[[Any], Any] | None = None, *, under: str = "ws"):
+    """A started EngineClient on the built-in lab of a throw-away short folder (its workspace `under`
+    it), closed and the folder removed after; `site_of(site)` changes the lab's site first."""
     root = short_dir()
-    c = new_client(root)
+    ws = Workspace(root / under)
+    site = lab_config(ws.root)
+    c = EngineClient(ws, site_of(site) if site_of else site, adopt=False)
     await c.start()
     try:
         yield c
     finally:
         await c.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+async def client():
+    async with lab_client(under="") as c:
+        yield c
 
 
 FIXED_MACS = {"web1": "52:00:00:00:00:01", "db1": "52:00:00:00:00:02", "tpl1": "52:00:00:00:00:03"}
