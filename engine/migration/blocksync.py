@@ -372,11 +372,8 @@ async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
                     ) -> SyncRound:
     """One block-level sync round (the module's phases), recorded and returned: as sync.run_round, whose
     contract it keeps. `full`: the target ran from its disk since the last round: its own chunks are the
-    base (hashed in the receiver)."""
-    mig = await load(svc.store, mig.name)
-    last = mig.rounds[-1] if mig.rounds else None
-    if last is not None and last.task == ctx.id and last.label == label:
-        return last
+    base (hashed in the receiver). Called by sync.run_round, which has loaded `mig` and returned a round
+    this task recorded already."""
     k = mig.round + 1
     disks = disks_of(mig)
     token, sdir = sync._token(ctx, k), sync._state_dir(mig.name)

@@ -578,12 +578,12 @@ async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
     is returned as it is; a pull this task started is followed (or its result taken). Block-level
     targets: blocksync.run_round, with the same contract."""
     mig = await load(svc.store, mig.name)
-    if mig.target is not None and mig.target.method == Method.BLOCK:
-        return await _block().run_round(ctx, svc, mig, label=label, becomes=becomes, measure_after=measure_after,
-                                        full=full)
     last = mig.rounds[-1] if mig.rounds else None
     if last is not None and last.task == ctx.id and last.label == label:
         return last
+    if mig.target is not None and mig.target.method == Method.BLOCK:
+        return await _block().run_round(ctx, svc, mig, label=label, becomes=becomes, measure_after=measure_after,
+                                        full=full)
     k = mig.round + 1
     level0 = k == 1 or full
     units = units_of(mig)
