@@ -12,14 +12,13 @@ The list is asked for through the engine client only: one poll at a time, the ne
 the last ended, only while the view is on screen (a modal over it waits), backing off after a
 failure and saying "stale since". A migration task that ends asks again at once. A list equal to
 the last one changes nothing on screen; a row is made again only when its migration changed.
-The predicted downtime of a migration syncing or ready is the engine's cutover summary, asked in the
-same poll, for those whose record changed or whose prediction is older than PREDICT_S.
+The predicted downtime of a migration syncing or ready comes with the list (the engine predicts it
+as it reads the migration: Migration.predicted_downtime_s).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from functools import partial
 from typing import Any
 
@@ -45,7 +44,6 @@ from ferry.console.widgets.table import Column, KeyedTable, Row, TableFilter, ce
 
 POLL_S = 5.0             # between two polls of the list while the view is shown
 BACKOFF_MAX_S = 60.0
-PREDICT_S = 60.0         # a prediction of the downtime asked again after this, if nothing changed before
 ASSESS = "migration.assess"
 SYNC = "migration.sync"
 TEST = "migration.test"
@@ -154,7 +152,6 @@ class MigrationsView(ViewBase, Vertical):
         self._task_states: dict[int, str] = {}
         self.mine: dict[int, str] = {}       # tasks submitted here -> migration
         # name -> (when asked, the record's `updated` it was asked for, predicted downtime in s or None)
-        self.predictions: dict[str, tuple[float, float, float | None]] = {}
         self.select_next: str | None = None  # the migration the wizard just applied: the cursor goes to it
 
     # ------------------------------------------------------------------ layout and lifecycle
@@ -213,7 +210,6 @@ class MigrationsView(ViewBase, Vertical):
                 self.polls += 1
                 if error is None:
                     failures = 0
-                    await self._predict(got)
                     self.listed(got)
                 else:
                     failures += 1
@@ -224,31 +220,11 @@ class MigrationsView(ViewBase, Vertical):
             except (asyncio.TimeoutError, TimeoutError):
                 pass
 
-    async def _predict(self, items: list[Migration]) -> None:
-        """The engine's predicted downtime of each migration syncing or ready whose record changed or whose
-        prediction is older than PREDICT_S (it grows with the changes on the source). A failure leaves
-        the last prediction (or none): the column is a hint, the cutover screen asks again."""
-        now = time.monotonic()
-        for m in items:
-            if m.state not in PREDICTED:
-                self.predictions.pop(m.name, None)
-                continue
-            kept = self.predictions.get(m.name)
-            # (not the whole record: its read-time figures change with the clock)
-            if kept is not None and kept[1] == m.updated and now - kept[0] < PREDICT_S:
-                continue
-            got, error, _ = await attempt(self.client.migration_cutover_summary(m.name), "cutover summary")
-            total = ((got or {}).get("predicted_downtime") or {}).get("total_s") if error is None else \
-                (kept[2] if kept else None)
-            self.predictions[m.name] = (now, m.updated, total)
-
     def predicted_s(self, m: Migration) -> float | None:
-        """The predicted downtime: the cutover's (recorded when it began), else the engine's last summary."""
+        """The predicted downtime: the cutover's (recorded when it began), else the engine's, read with the
+        list (a syncing or ready migration's)."""
         p = ((m.cutover or {}).get("predicted_downtime") or {}).get("total_s")
-        if p is not None:
-            return p
-        kept = self.predictions.get(m.name)
-        return kept[2] if kept else None
+        return p if p is not None else m.predicted_downtime_s
 
     def listed(self, items: list[Migration]) -> None:
         self.ok, self.error, self.hint, self.stale_since = True, None, None, None
