@@ -318,7 +318,12 @@ async def remove_tools(t, packages: list[str]) -> list[str]:
     if not packages:
         return []
     r = await t.run(["sh", "-c", PURGE, "ferry-purge", *packages], timeout=600, check=True)
-    line = next((ln for ln in r.text().splitlines() if ln.startswith("@@removed")), "@@removed")
+    return purged(r.text())
+
+
+def purged(text: str) -> list[str]:
+    """The packages PURGE's output says it removed."""
+    line = next((ln for ln in text.splitlines() if ln.startswith("@@removed")), "@@removed")
     return line.split()[1:]
 
 
@@ -341,7 +346,12 @@ async def enable_agent(t) -> bool:
     """The guest agent installed (from the target's own package sources when missing) and started;
     False when it could not be installed."""
     r = await t.run(["sh", "-c", AGENT], timeout=600, check=True)
-    return "@@agent present" in r.text()
+    return agent_present(r.text())
+
+
+def agent_present(text: str) -> bool:
+    """Whether AGENT's output says the guest agent is there (installed now or before)."""
+    return "@@agent present" in text
 
 
 async def agent_answers(svc: VMService, vm: VMSpec, *, timeout: float) -> bool:

@@ -209,10 +209,10 @@ async def _rehearse(svc: VMService, copy: VMSpec, mig: Migration) -> dict[str, A
                 err = r.stderr.decode(errors="replace").strip().splitlines()
                 out[key], out["ok"] = f"failed: {err[-1] if err else f'exit status {r.exitcode}'}", False
             elif key == "tools":
-                gone = next((ln for ln in text.splitlines() if ln.startswith("@@removed")), "@@removed").split()[1:]
+                gone = tgt.purged(text)
                 out[key] = f"purged {', '.join(gone)}" if gone else "none installed"
             else:
-                out[key] = "present" if "@@agent present" in text else "missing (no package source)"
+                out[key] = "present" if tgt.agent_present(text) else "missing (no package source)"
             if key == "agent" and not await tgt.agent_answers(svc, copy, timeout=60):
                 out[key], out["ok"] = "does not answer after its restart", False
         except FerryError as e:
