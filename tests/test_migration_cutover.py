@@ -119,8 +119,9 @@ def test_the_cutover_puts_the_target_at_the_sources_address_and_parks_the_source
     record(downtime_s=cut["measured_downtime_s"], predicted_downtime=cut["predicted_downtime"], steps=steps,
            test={k: m["test"].get(k) for k in ("boot_s", "tools_s", "agent_s", "checks_s")})
 
+    # The target announced the address it took (gratuitous ARP: tests/test_networks.py shows its effect).
+    assert {s["name"]: s["detail"] for s in cut["steps"]}["final_address"].endswith("announced to its neighbours")
     # The machine at the source's old address is the target: another MAC, the same page, alice's files.
-    # (The lab switch's neighbour cache may still hold the source's MAC a few seconds: no gratuitous ARP.)
     until_sync(lambda: source.ssh("true", timeout=30).returncode == 0, timeout=60,
                what="the target to answer at the source's address from the lab's switch")
     target_mac = on(source, "cat /sys/class/net/*/address").split()

@@ -111,3 +111,43 @@ def test_a_network_whose_bridge_is_missing_refuses_the_start(netws):
         assert {v["name"]: v for v in ok(ws, "vm", "list")}["ng"]["state"] == "stopped"
     finally:
         (ws / "config.toml").write_text(cfg)
+
+
+@needs
+async def test_a_vm_announces_its_address_so_neighbours_drop_a_stale_mac(netws):
+    """What a cutover's target does once it holds the source's address (engine/vm/nics.py announce):
+    the neighbours' ARP caches learn its MAC at once, not when their entries expire. The neighbour is
+    this machine's leg on the VM network, holding another MAC for the address, as after a move."""
+    from ferry.engine.platform.qmp import QMPClient
+    from ferry.engine.transport.local import LocalTransport
+    from ferry.engine.vm.model import process_name
+    from ferry.engine.vm.nics import announce
+
+    ws, lab = netws
+    await asyncio.to_thread(_start_all, ws, (("an", "lab1", "lab"),))
+    addr = str(lab.vm_network[41])
+    code, out = await guest_sh(ws, "an", f"ip addr add {addr}/{lab.vm_network.prefixlen} dev eth0 && "
+                                         "ip link set eth0 up && cat /sys/class/net/eth0/address")
+    assert code == 0, out
+    mac = out.split()[-1]
+    old = "02:00:00:00:00:99"
+
+    def neighbour() -> str:
+        return subprocess.run(["ip", "neigh", "show", addr, "dev", lab.vm_leg], capture_output=True,
+                              text=True).stdout
+
+    subprocess.run(["ip", "neigh", "replace", addr, "lladdr", old, "dev", lab.vm_leg, "nud", "stale"], check=True)
+    try:
+        await asyncio.sleep(2)
+        assert old in neighbour()                       # nothing else corrects it
+        shown = await asyncio.to_thread(ok, ws, "vm", "show", "an")
+        sock = ws / shown["host"] / "run" / f"{process_name(shown['id'])}.qmp"
+        async with await QMPClient.open(LocalTransport(), str(sock), name="an", timeout=10) as q:
+            await announce(q)
+        for _ in range(50):
+            if mac in neighbour():
+                break
+            await asyncio.sleep(0.2)
+        assert mac in neighbour(), neighbour()
+    finally:
+        subprocess.run(["ip", "neigh", "del", addr, "dev", lab.vm_leg], capture_output=True)

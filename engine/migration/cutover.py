@@ -16,7 +16,7 @@ the step it was in (`ferry task resume ID`, or the engine's own resume at start)
   remove_tools    the old hypervisor's tool packages purged (V2V)
   guest_agent     qemu-guest-agent installed (from the target's package sources when missing), started,
                   and it answers the host
-  final_address   the final address (and gateway) on the target's NIC
+  final_address   the final address (and gateway) on the target's NIC, announced (gratuitous ARP)
   check_service   the plan's services active and the check ports open at the final address
   go_live         the timer disarmed on the source (go-live confirmed); measured downtime recorded
 
@@ -35,6 +35,7 @@ from .. import api, fmt
 from ..errors import FerryError, PermanentError, Refused
 from ..platform.liveboot import stop as stop_process
 from ..tasks import TaskContext, register
+from ..vm import nics
 from ..vm.lifecycle import _launched
 from ..vm.model import VMSpec, VMState
 from ..vm.service import VMService
@@ -458,7 +459,17 @@ class _Run:
         r = await self.target().run(["ip", "-o", "-4", "addr", "show"], timeout=30, check=True)
         if f" {self.final_ip}/" not in r.text():
             raise PermanentError(f"the target does not have {self.final_ip}", r.text().strip())
-        return f"{self.final_ip} on the target"
+        # The neighbours (a router above all) still map the address to the source's MAC: the target's
+        # NIC announces itself (gratuitous ARP from the guest's own kernel), as after a live migration.
+        vm = await self._vm()
+        try:
+            async with await self.svc.qmp(vm) as q:
+                await nics.announce(q)
+        except (FerryError, OSError, TimeoutError) as e:
+            self.ctx.log(f"the target's NIC could not announce {self.final_ip} ({getattr(e, 'message', None) or e}):"
+                         " neighbours learn its MAC when their ARP entries expire", "warning")
+            return f"{self.final_ip} on the target (not announced)"
+        return f"{self.final_ip} on the target, announced to its neighbours"
 
     async def check_service(self) -> str:
         res = await tgt.check_service(self.target(), self.mig, self.final_ip, timeout=CHECK_TIMEOUT,
