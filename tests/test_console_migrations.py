@@ -25,6 +25,7 @@ import pytest
 from textual.widgets import Button, Input, Markdown, Static
 
 from ferry.console.app import FerryApp
+from ferry.console.cli.migration import _show as show_text
 from ferry.console.commands import console_commands
 from ferry.console.dialogs.cutover import CutoverScreen
 from ferry.console.dialogs.report import ReportScreen
@@ -33,21 +34,22 @@ from ferry.engine import api
 from ferry.engine.api import MigrationState
 # Imported for their task kinds too (migration.cutover, .rollback, .finalize; migration.test).
 from ferry.engine.migration.cutover import STEPS, Finalize
+from ferry.engine.migration.sync import describe
 from ferry.engine.migration.testlaunch import TestLaunch
 from ferry.engine.taskmodel import TaskState
 from harness.pilot import text_of, until
 from harness.sshd import free_port
-from test_console_vms import FIXED_CLOCK, new_client, notes, short_dir
+from test_console_vms import FIXED_CLOCK, lab_client, new_client, notes, short_dir
 
 SIZE = (160, 30)
 
 
-def migration_toml(name: str, port: int = 22, *, final: str | None = None) -> str:
-    """One migration of a plan: file-level, its source on 127.0.0.1:port, its target on lab1 (taking the
-    address `final` once live, when given)."""
+def migration_toml(name: str, port: int = 22, *, final: str | None = None, method: str = "file") -> str:
+    """One migration of a plan: file-level (or `method`), its source on 127.0.0.1:port, its target on lab1
+    (taking the address `final` once live, when given)."""
     return textwrap.dedent(f"""\
         [migrations.{name}]
-        method = "file"
+        method = "{method}"
         [migrations.{name}.source]
         address = "127.0.0.1"
         port = {port}
@@ -102,12 +104,14 @@ async def select(pilot, app: FerryApp, name: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def on_migration(client, name: str):
-    """The console with the Migrations view open (key 6) and the cursor on `name`; yields (app, pilot)."""
+async def on_migration(client, name: str, *, count: int = 2):
+    """The console with the Migrations view open (key 6), its `count` migrations listed and the cursor on
+    `name`; yields (app, pilot)."""
     app = FerryApp(client, clock=lambda: FIXED_CLOCK)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("6")
-        await until(pilot, lambda: app.current_view == "migrations" and len(shown(app)) == 2, what="two migrations")
+        await until(pilot, lambda: app.current_view == "migrations" and len(shown(app)) == count,
+                    what=f"{count} migration(s)")
         await select(pilot, app, name)
         yield app, pilot
 
@@ -212,13 +216,36 @@ def cut_plan(port: int) -> str:
             + migration_toml("db01", port, final="10.231.1.78/24"))
 
 
-def prepared(name: str, port: int) -> dict:
-    """A file-level target as migration.prepare records it (no VM behind it: its receiver does not answer)."""
-    return {"vm": f"{name}-target", "vm_id": f"no-vm-{name}", "host": "lab1", "method": "file", "address": "127.0.0.1",
-            "prefix": 24, "ssh_port": port, "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFerry",
-            "fingerprint": "SHA256:none", "disks": [{"name": "disk0", "device": "/dev/vda", "size": 4 << 30}],
-            "partitions": [{"disk": "disk0", "device": "/dev/vda1", "size": 4 << 30, "fstype": "ext4",
-                            "label": "root", "uuid": "0b7c-uuid", "source": "/"}], "prepared_at": time.time()}
+def prepared(name: str, port: int, method: str = "file") -> dict:
+    """A file-level (or block-level) target as migration.prepare records it (no VM behind it: its receiver
+    does not answer)."""
+    target = {"vm": f"{name}-target", "vm_id": f"no-vm-{name}", "host": "lab1", "method": method,
+              "address": "127.0.0.1", "prefix": 24, "ssh_port": port,
+              "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFerry", "fingerprint": "SHA256:none",
+              "disks": [{"name": "disk0", "device": "/dev/vda", "size": 4 << 30}], "prepared_at": time.time()}
+    if method == "block":
+        target["disks"][0]["source"] = "vda"
+    else:
+        target["partitions"] = [{"disk": "disk0", "device": "/dev/vda1", "size": 4 << 30, "fstype": "ext4",
+                                 "label": "root", "uuid": "0b7c-uuid", "source": "/"}]
+    return target
+
+
+async def syncing(st, name: str, port: int, rounds: list[dict], *, method: str = "file") -> None:
+    """Planned `name` assessed, its target prepared and its sync `rounds` recorded (syncing), as the
+    engine's tasks leave it."""
+    await st.call(st.migration_transition, name, "assessed", allowed_from=("planned",))
+    await st.call(st.migration_prepared, name, prepared(name, port, method), ready="assessed",
+                  prepared="target_prepared")
+    await st.call(st.migration_transition, name, "syncing", allowed_from=("target_prepared",))
+    for k, rec in enumerate(rounds, 1):
+        await st.call(st.migration_round, name, {"round": k, "label": "initial" if k == 1 else "incremental",
+                                                 "deleted": 0, "task": None, **rec}, allowed_from=("syncing",))
+
+
+def ended(now: float, ago: float, took: float, **rec) -> dict:
+    """A round record's times: it ended `ago` seconds before `now` after `took` seconds."""
+    return {"started": now - ago - took, "ended": now - ago, "duration_s": took, **rec}
 
 
 TESTED = {"passed": True, "boot_s": 41.5, "checks_s": 3.2, "tools_s": 1.5, "agent_s": 2.5, "services": {"nginx": "active"}, "ports": {"80": True},
@@ -253,16 +280,11 @@ async def cut_client():
         await c.plan_apply(str(f))
         st = c.store
         now = time.time()
-        for name in ("web01", "db01"):
-            await st.call(st.migration_transition, name, "assessed", allowed_from=("planned",))
-            await st.call(st.migration_prepared, name, prepared(name, free_port()), ready="assessed",
-                          prepared="target_prepared")
-        await st.call(st.migration_transition, "web01", "syncing", allowed_from=("target_prepared",))
-        for k, (ago, took, size) in enumerate(((4000, 300.0, 2 << 30), (700, 100.0, 40 << 20)), 1):
-            await st.call(st.migration_round, "web01", {
-                "round": k, "label": "initial" if k == 1 else "incremental", "started": now - ago - took,
-                "ended": now - ago, "duration_s": took, "bytes": size, "items": 1000 // k, "deleted": 0,
-                "task": None}, allowed_from=("syncing",))
+        await syncing(st, "web01", free_port(), [ended(now, 4000, 300.0, bytes=2 << 30, items=1000),
+                                                 ended(now, 700, 100.0, bytes=40 << 20, items=500)])
+        await st.call(st.migration_transition, "db01", "assessed", allowed_from=("planned",))
+        await st.call(st.migration_prepared, "db01", prepared("db01", free_port()), ready="assessed",
+                      prepared="target_prepared")
         await st.call(st.migration_changed, "web01", {"bytes": 5 << 20, "items": 12, "at": now - 60})
         await st.call(st.migration_tested, "web01", {**TESTED, "at": now - 300}, to="ready", allowed_from=("syncing",))
         await st.call(st.migration_transition, "db01", "cutting_over", allowed_from=("target_prepared",))
@@ -287,7 +309,7 @@ async def test_the_table_and_detail_show_data_changed_predicted_downtime_the_tes
         assert re.fullmatch(r"(\d+m\d\ds|\d+s)", cells(app, "web01")[8]), cells(app, "web01")
         assert cells(app, "db01")[2] == "▶ cutting_over" and cells(app, "db01")[8] == "1m25s"
         detail = text_of(app, "#migration-detail")
-        assert "sync    round 2 · last incremental: 40.0 MiB, 500 files in 1m40s · 5.0 MiB changed since" in detail
+        assert "sync    round 2 · last incremental: 40.0 MiB, 500 file(s) in 1m40s · 5.0 MiB changed since" in detail
         assert "test    ✔ passed" in detail and "booted in 41.5 s, checks 3.2 s · nginx active, port 80 listens" in detail
 
         await select(pilot, app, "db01")
@@ -408,3 +430,36 @@ async def test_a_migration_read_carries_its_predicted_and_measured_downtime(cut_
     db = api.to_builtins(await cut_client.migration_get("db01"))
     assert db["state"] == "cutting_over" and db["predicted_downtime_s"] == 85.0
     assert db["predicted_downtime_parts"]["boot_s"] == 55.0 and db["measured_downtime_s"] is None
+
+
+@pytest.fixture
+async def block_client():
+    """app01, block-level and syncing: its initial round sent 256 of the 1024 chunks of its 4 GiB disk,
+    its second 12 of them (48 MiB); 2 chunks changed since."""
+    async with lab_client() as c:
+        f = c.workspace.root / "wave4.toml"
+        f.write_text('[wave]\nname = "wave4"\n' + migration_toml("app01", free_port(), method="block"))
+        await c.plan_apply(str(f))
+        st, now = c.store, time.time()
+        await syncing(st, "app01", free_port(), [ended(now, 4000, 300.0, bytes=1 << 30, items=256, chunks=1024),
+                                                 ended(now, 700, 30.0, bytes=48 << 20, items=12, chunks=1024)],
+                      method="block")
+        await st.call(st.migration_changed, "app01", {"bytes": 8 << 20, "items": 2, "at": now - 60, "chunks": 1024})
+        yield c
+
+
+async def test_a_block_level_migrations_rounds_are_said_in_chunks_not_files(block_client):
+    """What a block round moved is chunks of a disk: `ferry migration show`, the detail pane and the
+    cutover's step lines (sync.describe) say how many of the disks' chunks, never "files"."""
+    m = await block_client.migration_get("app01")
+    text = show_text(m)
+    assert "  round    1 initial: 1.0 GiB, 256 of 1024 chunk(s) sent, 300.0 s" in text
+    assert "  round    2 incremental: 48.0 MiB, 12 of 1024 chunk(s) sent, 30.0 s" in text
+    assert "changed    8.0 MiB in 2 of 1024 chunk(s) since the last round" in text
+    assert "file(s)" not in text
+    assert describe(m.rounds[-1]) == "round 2 (incremental): 48.0 MiB, 12 of 1024 chunk(s) sent, in 30.0 s"
+    async with on_migration(block_client, "app01", count=1) as (app, pilot):
+        detail = text_of(app, "#migration-detail")
+        assert "sync    round 2 · last incremental: 48.0 MiB, 12 of 1024 chunk(s) sent in 30.0 s · 8.0 MiB changed since" \
+            in detail, detail
+        assert "file" not in detail

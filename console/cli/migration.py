@@ -118,11 +118,10 @@ def _show(m: api.Migration) -> str:
                   for d in pt.disks]
         lines += [f"  part     {p.device} {p.fstype} {fmt.size(p.size)} label {p.label}"
                   + (f" for {p.source}" if p.source else "") for p in pt.partitions]
-    lines += [f"  round    {r.round} {r.label}: {fmt.size(r.bytes)}, {r.items} file(s), {r.deleted} deleted, "
-              f"{r.duration_s:.1f} s ({fmt.stamp(r.ended)})" for r in m.rounds[-5:]]
+    lines += [f"  round    {r.round} {r.label}: {r.moved}, {r.duration_s:.1f} s ({fmt.stamp(r.ended)})"
+              for r in m.rounds[-5:]]
     if m.changed:
-        lines.append(f"changed    {fmt.size(m.changed.bytes)} in {m.changed.items} file(s) since the last round "
-                     f"(measured {fmt.stamp(m.changed.at)})")
+        lines.append(f"changed    {m.changed.said} since the last round (measured {fmt.stamp(m.changed.at)})")
     if m.predicted_final_sync_s is not None:
         lines.append(f"final sync about {fmt.duration(m.predicted_final_sync_s)} predicted")
     if m.predicted_downtime_s is not None or m.measured_downtime_s is not None:

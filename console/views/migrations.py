@@ -359,8 +359,7 @@ class MigrationsView(ViewBase, Vertical):
             last = m.rounds[-1] if m.rounds else None
             said = [f"round {m.round}"]
             if last is not None:
-                said.append(f"last {esc(last.label)}: {fmt.size(last.bytes)}, {last.items} files in "
-                            f"{seconds(last.duration_s)}")
+                said.append(f"last {esc(last.label)}: {last.moved} in {seconds(last.duration_s)}")
             if m.bytes_changed_since is not None:
                 said.append(f"{fmt.size(m.bytes_changed_since)} changed since")
             if m.predicted_final_sync_s is not None:

@@ -255,7 +255,7 @@ async def changed_since(svc: Any, mig: Migration) -> Change:
         changed = changed_ranges(d, base, now, gap=0)
         chunks += sum(r.count for r in changed)
         nbytes += sum(r.bytes for r in changed)
-    change = Change(bytes=nbytes, items=chunks, at=at)
+    change = Change(bytes=nbytes, items=chunks, at=at, chunks=sum(d.chunks for d in disks))
     await svc.store.call(svc.store.migration_changed, mig.name, api.to_builtins(change))
     return change
 
@@ -324,9 +324,9 @@ class _Pull(sync.PullState):
         self.ranges = sync._marks(text, "range")
 
 
-def _result(ctx: TaskContext, mig: Migration, p: _Pull, k: int, label: str) -> SyncRound:
-    """The round as the pull's end says it; an error (one line, a hint) when either end failed or the
-    receiving dd wrote another amount than its range's."""
+def _result(ctx: TaskContext, mig: Migration, p: _Pull, k: int, label: str, of: int) -> SyncRound:
+    """The round as the pull's end says it (`of`: the chunks of its disks); an error (one line, a hint)
+    when either end failed or the receiving dd wrote another amount than its range's."""
     for rg in p.ranges:
         i, src_rc, rx_rc = int(rg[0]), rg[1], rg[2]
         src_err = p.stderr.get(("src", i), [])
@@ -356,12 +356,14 @@ def _result(ctx: TaskContext, mig: Migration, p: _Pull, k: int, label: str) -> S
     seconds = round((p.seconds or 0.0) + hash_s, 3)
     chunks = int(meta[3]) if len(meta) > 3 else 0
     return SyncRound(round=k, label=label, started=started, ended=started + seconds, duration_s=seconds,
-                     bytes=sum(expected), items=chunks, task=ctx.id)
+                     bytes=sum(expected), items=chunks, task=ctx.id, chunks=of)
 
 
 def describe(r: SyncRound) -> str:
-    """One line: round 2 (incremental): 12.0 MiB, 3 chunk(s) of 4 MiB, in 41.2 s."""
-    return f"round {r.round} ({r.label}): {_size(r.bytes)}, {r.items} chunk(s) of {_size(CHUNK)}, in {r.duration_s:.1f} s"
+    """One line: round 2 (incremental): 12.0 MiB, 3 of 512 chunk(s) of 4 MiB, in 41.2 s."""
+    of = f" of {r.chunks}" if r.chunks is not None else ""
+    return (f"round {r.round} ({r.label}): {_size(r.bytes)}, {r.items}{of} chunk(s) of {_size(CHUNK)}, "
+            f"in {r.duration_s:.1f} s")
 
 
 # ------------------------------------------------------------------ a round
@@ -376,6 +378,7 @@ async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
     this task recorded already."""
     k = mig.round + 1
     disks = disks_of(mig)
+    of = sum(d.chunks for d in disks)
     token, sdir = sync._token(ctx, k), sync._state_dir(mig.name)
     rx = receiver_transport(svc, mig.target)
     src = source_transport(svc.pool, mig)
@@ -411,7 +414,7 @@ async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
             expected = sum(r.bytes for r in ranges)
             hash_s = time.time() - started
             await svc.store.call(svc.store.migration_changed, mig.name,
-                                 api.to_builtins(Change(bytes=expected, items=chunks, at=started)))
+                                 api.to_builtins(Change(bytes=expected, items=chunks, at=started, chunks=of)))
             s = mig.spec.source
             args = [sdir, token, RECEIVE, sync.PULL_KEY, str(s.port), f"{s.user}@{s.address}",
                     *(a for r in ranges for a in (r.disk.device, r.disk.source, str(r.start), str(r.count),
@@ -431,7 +434,7 @@ async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
             ctx.log(f"round {k} ({label}): the pull this task started in {mig.target.vm} is "
                     f"{'over' if state.rc is not None else 'still running'}: followed, not started again")
         state = await sync._follow(ctx, mig, rx, sdir, token, k, POLL, _Pull)
-        rec = _result(ctx, mig, state, k, label)
+        rec = _result(ctx, mig, state, k, label, of)
         done = await sync.commit_round(ctx, svc, mig, src, [d.hashes for d in disks], rec, becomes)
         ctx.log(describe(rec))
     finally:
@@ -439,7 +442,7 @@ async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
     if measure_after and MEASURE_AFTER:
         try:
             change = await changed_since(svc, done)
-            ctx.log(f"changed on the source while round {k} ran: {_size(change.bytes)} in {change.items} chunk(s)")
+            ctx.log(f"changed on the source while round {k} ran: {change.said}")
         except FerryError as e:
             ctx.log(f"could not measure what changed on the source while round {k} ran: {e.message}", "warning")
     return next((r for r in reversed(done.rounds) if r.round == k), rec)

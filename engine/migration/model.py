@@ -10,6 +10,7 @@ from typing import Any
 
 from ..config import ConfigProblem
 from ..errors import Refused
+from ..fmt import size as _size
 from .netcheck import NetThresholds
 
 # Ferry's folder on a migration's source: per migration, the sync rounds' tar snapshot files and the
@@ -205,14 +206,30 @@ class SyncRound:
     deleted: int = 0                    # files deleted on the target (gone from the source since the round before)
     task: int | None = None
     predicted_s: float | None = None    # a first round's duration as predicted at its start (a probe of the path)
+    chunks: int | None = None           # block-level: the chunks of the source's disks (items: those sent); None: file-level
+
+    @property
+    def moved(self) -> str:
+        """What the round moved, for people: "40.0 MiB, 500 file(s), 3 deleted"; block-level "48.0 MiB,
+        12 of 512 chunk(s) sent"."""
+        if self.chunks is not None:
+            return f"{_size(self.bytes)}, {self.items} of {self.chunks} chunk(s) sent"
+        return f"{_size(self.bytes)}, {self.items} file(s)" + (f", {self.deleted} deleted" if self.deleted else "")
 
 
 @dataclass(frozen=True)
 class Change:
     """What changed on the source since its last sync round, as a dry run there measured it at `at`."""
     bytes: int
-    items: int
+    items: int                          # files (block-level: chunks)
     at: float
+    chunks: int | None = None           # block-level: the chunks of the source's disks; None: file-level
+
+    @property
+    def said(self) -> str:
+        """For people: "5.0 MiB in 12 file(s)"; block-level "48.0 MiB in 12 of 512 chunk(s)"."""
+        what = f"{self.items} of {self.chunks} chunk(s)" if self.chunks is not None else f"{self.items} file(s)"
+        return f"{_size(self.bytes)} in {what}"
 
 
 @dataclass(frozen=True)

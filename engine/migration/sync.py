@@ -813,9 +813,9 @@ async def abort_round(svc: Any, mig: Migration, *, task: int | None = None) -> N
 
 
 def describe(r: SyncRound) -> str:
-    """One line: round 2 (incremental): 12.3 MiB, 45 files, 3 deleted, in 8.1 s."""
-    return (f"round {r.round} ({r.label}): {_size(r.bytes)}, {r.items} file(s)"
-            + (f", {r.deleted} deleted" if r.deleted else "") + f", in {r.duration_s:.1f} s")
+    """One line: round 2 (incremental): 12.3 MiB, 45 file(s), 3 deleted, in 8.1 s (a block-level round's
+    chunks as SyncRound.moved says them: the cutover's final syncs are described here whatever the method)."""
+    return f"round {r.round} ({r.label}): {r.moved}, in {r.duration_s:.1f} s"
 
 
 # ------------------------------------------------------------------ predictions
