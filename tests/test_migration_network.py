@@ -70,3 +70,40 @@ def test_a_migration_address_that_answers_with_another_host_key_gets_no_data(ssh
     assert r.code == 1 and "host key" in r.err, (r.out, r.err)
     assert not (dst / "f.bin").exists()
     assert "Accepted publickey" not in impostor.log
+
+
+def test_a_dhcp_lease_on_the_source_address_is_told_from_a_static_address(tmp_path):
+    """The cutover's arm step reads the source's network (engine/migration/source.py _FACTS) and warns
+    when the address the target takes is a lease (a parked source's DHCP client may take it back). The
+    kernel's own `ip` output, in a namespace of the test's: a lease has a finite valid lifetime."""
+    import os
+    import secrets
+    import subprocess
+
+    import pytest
+
+    from ferry.engine.migration.cutover import dhcp_warning
+    from ferry.engine.migration.source import _FACTS, _parse_facts
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a network namespace)")
+    ns = f"ferry-dhcp-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        def sh(script: str) -> str:
+            return subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", script], check=True,
+                                  capture_output=True, text=True).stdout
+        sh("ip link add d0 type veth peer name d1 && ip link set d0 up && "
+           "ip addr add 198.51.100.7/24 dev d0 valid_lft 3600 preferred_lft 3600 && "
+           "ip addr add 198.51.100.8/24 dev d0")
+        out = sh(_FACTS)
+        assert out.startswith("json\n")
+        text = "text\n" + sh("ip -o -4 addr show; echo @@; ip -4 route show table main; echo @@")
+        for form in (out, text):
+            leased, static = _parse_facts(form, "198.51.100.7"), _parse_facts(form, "198.51.100.8")
+            assert leased[0] == static[0] == "d0"
+            assert 3500 < leased[4] <= 3600 and static[4] is None, (leased, static)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])
+    said = dhcp_warning("web1", "198.51.100.7", 3600)
+    assert "DHCP lease (1h" in said and "ferry migration finalize web1" in said, said

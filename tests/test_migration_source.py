@@ -99,6 +99,7 @@ async def test_a_parked_source_comes_back_by_itself_when_the_go_live_timer_fires
         routes_before = await out(t, "ip -4 route show default")
         facts = await src_side.network_facts(t, NAME, source.address)
         assert (facts.address, facts.promote_secondaries) == (source.address, 0)
+        assert facts.lease_s and facts.lease_s > 0      # the lab's source takes its address by DHCP
         assert [r.args() for r in facts.routes] == [
             f"default via {source.lab.dhcp_server} dev {iface} proto static src {source.address} metric 1024"]
 

@@ -123,6 +123,16 @@ def summary(mig: Migration) -> dict[str, Any]:
     }
 
 
+def dhcp_warning(name: str, address: str, lease_s: int) -> str:
+    """What an operator must know when the address the target takes is a DHCP lease of the source: the
+    parked source's DHCP client renews it (at half the lease, by default) and may put it back on its
+    interface, beside the target holding it."""
+    return (f"the source's address {address} is a DHCP lease ({fmt.duration(lease_s)} left): the parked source's "
+            f"DHCP client may take it back when it renews, while the target holds it: finalize soon after go-live "
+            f"(ferry migration finalize {name} shuts the source down), or give the source this address statically "
+            "before the cutover")
+
+
 def _precheck(mig: Migration) -> None:
     if mig.state not in (MigrationState.READY, MigrationState.CUTTING_OVER):
         hint = (f"ferry migration test {mig.name} (a passing test launch makes it ready)"
@@ -383,6 +393,8 @@ class _Run:
         gw = next((r.gateway for r in net.routes if r.dst == "default"), None)
         self.cp["gateway"] = gw
         self.final_ip = tgt.final_interface(self.mig, net.prefix).split("/")[0]
+        if net.lease_s is not None and self.final_ip == net.address:
+            self.ctx.log(dhcp_warning(self.mig.name, net.address, net.lease_s), "warning")
         await src_ops.arm(t, self.mig.name, self.mig.spec.cutover.confirm_within_s)
         return f"the source restores itself in {self.mig.spec.cutover.confirm_within_s} s unless go-live is confirmed"
 

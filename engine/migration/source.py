@@ -97,6 +97,7 @@ class NetFacts:
     prefix: int
     routes: tuple[Route, ...]           # through a gateway on the interface (the default route(s) first)
     promote_secondaries: int
+    lease_s: int | None = None          # the address's valid lifetime when it is not permanent (a DHCP lease)
 
     @property
     def cidr(self) -> str:
@@ -260,23 +261,32 @@ done
 """
 
 
-def _parse_facts(out: str, address: str) -> tuple[str, int, list[dict[str, Any]], dict[str, int]] | None:
-    """(interface, prefix, routes as dicts, promote_secondaries by interface) from _FACTS' output; None
-    when no interface carries `address`."""
+FOREVER = 0xFFFFFFFF        # iproute2's valid_lft of a permanent address
+
+
+def _parse_facts(out: str, address: str) -> tuple[str, int, list[dict[str, Any]], dict[str, int], int | None] | None:
+    """(interface, prefix, routes as dicts, promote_secondaries by interface, the address's lease in s
+    or None when permanent) from _FACTS' output; None when no interface carries `address`."""
     kind, _, rest = out.partition("\n")
     addrs, routes, promote = (rest.split("@@\n") + ["", "", ""])[:3]
     found: tuple[str, int] | None = None
+    lease: int | None = None
     if kind == "json":
         for link in json.loads(addrs or "[]"):
             for a in link.get("addr_info", ()):
                 if a.get("local") == address:
                     found = (link["ifname"], int(a["prefixlen"]))
+                    valid = a.get("valid_life_time", FOREVER)
+                    lease = int(valid) if a.get("dynamic") or valid != FOREVER else None
         rows = json.loads(routes or "[]")
     else:
         for line in addrs.splitlines():
             f = line.split()
             if len(f) >= 4 and f[2] == "inet" and f[3].split("/")[0] == address:
                 found = (f[1].rstrip(":").split("@")[0], int(f[3].split("/")[1]))
+                lft = next((w for w in f if w.startswith("valid_lft")), "")
+                valid = f[f.index(lft) + 1] if lft and f.index(lft) + 1 < len(f) else "forever"
+                lease = int(valid.rstrip("sec")) if valid.rstrip("sec").isdigit() else (0 if "dynamic" in f else None)
         rows = []
         for line in routes.splitlines():
             f = line.split()
@@ -295,7 +305,7 @@ def _parse_facts(out: str, address: str) -> tuple[str, int, list[dict[str, Any]]
         iface, _, value = line.partition(" ")
         if value.strip().isdigit():
             values[iface] = int(value)
-    return found[0], found[1], rows, values
+    return found[0], found[1], rows, values, lease
 
 
 async def network_facts(t: Transport, name: str, address: str) -> NetFacts:
@@ -307,13 +317,13 @@ async def network_facts(t: Transport, name: str, address: str) -> NetFacts:
     if parsed is None:
         raise PermanentError(f"{_who(t, name)}: no interface has the address {ip}",
                              f"check the source's address in [migrations.{name}.source]: `ip addr` on the source")
-    iface, prefix, rows, promote = parsed
+    iface, prefix, rows, promote, lease = parsed
     routes = [Route(dst=r["dst"], gateway=r["gateway"], dev=r["dev"], src=r.get("prefsrc"),
                     metric=int(r["metric"]) if r.get("metric") is not None else None,
                     proto=r.get("protocol"), onlink="onlink" in (r.get("flags") or ()))
               for r in rows if r.get("gateway") and r.get("dev") == iface]
     routes.sort(key=lambda r: r.dst != "default")
-    return NetFacts(iface, ip, prefix, tuple(routes), promote.get(iface, 0))
+    return NetFacts(iface, ip, prefix, tuple(routes), promote.get(iface, 0), lease)
 
 
 def _ipv4(t: Transport, name: str, address: str) -> str:
