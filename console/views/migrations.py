@@ -8,21 +8,20 @@ the name typed, then the steps live), `b` rolls back (the name typed), `F` final
 then applied if asked; the new migration gets the cursor).
 Each asks the engine's precheck first: a refusal is one line with its hint, and nothing starts.
 
-The list is asked for through the engine client only: one poll at a time, the next one POLL_S after
-the last ended, only while the view is on screen (a modal over it waits), backing off after a
-failure and saying "stale since". A migration task that ends asks again at once. A list equal to
-the last one changes nothing on screen; a row is made again only when its migration changed.
+The list is asked for through the engine client only, polled as the other table views are
+(console/views/polled.py, PolledTable): one poll at a time, the next one POLL_S after the last ended,
+only while the view is on screen (a modal over it waits), backing off after a failure and saying
+"stale since". A migration task that ends asks again at once. A list equal to the last one changes
+nothing on screen; a row is made again only when its migration changed.
 The predicted downtime of a migration syncing or ready comes with the list (the engine predicts it
 as it reads the migration: Migration.predicted_downtime_s).
 """
 
 from __future__ import annotations
 
-import asyncio
 from functools import partial
 from typing import Any
 
-from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.content import Content
 from textual.widgets import Static
@@ -37,13 +36,12 @@ from ferry.console.dialogs.modals import esc
 from ferry.console.poller import attempt
 from ferry.console.theming import rich_style
 from ferry.console.views.audit import stamp
-from ferry.console.views.base import ViewBase
+from ferry.console.views.polled import PolledTable, detail_css
 from ferry.console.widgets.page import Page
 from ferry.console.widgets.paint import update_static
-from ferry.console.widgets.table import Column, KeyedTable, Row, TableFilter, cell
+from ferry.console.widgets.table import Column, Row, cell
 
 POLL_S = 5.0             # between two polls of the list while the view is shown
-BACKOFF_MAX_S = 60.0
 ASSESS = "migration.assess"
 SYNC = "migration.sync"
 TEST = "migration.test"
@@ -117,108 +115,41 @@ def downtime_cell(m: Migration, predicted: float | None) -> Any:
     return cell(fmt.duration(predicted) if predicted is not None else "-", sort=predicted)
 
 
-class MigrationsView(ViewBase, Vertical):
+class MigrationsView(PolledTable, Vertical):
     BINDINGS = opkeys.bindings("migrations")
     VIEW = "migrations"
     TITLE = "Migrations"
+    WHAT = "migration list"
 
-    DEFAULT_CSS = """
-    MigrationsView { height: 1fr; }
-    #migration-detail {
-        height: 10;         /* fixed: a detail that grows as the cursor moves would lay the screen out again */
-        padding: 0 1;
-        border-top: hkey $panel;
-        background: $surface;
-        scrollbar-size-vertical: 1;
-    }
-    """
+    COLUMNS = COLUMNS
+    SORT = "name"
+    PANE = "migration"
+    DEFAULT_CSS = detail_css("MigrationsView", "migration-detail", 10)
 
     def __init__(self, client: Any, *, poll: dict | None = None) -> None:
         super().__init__(id="migrations")
         self.client = client
-        self.interval = float((poll or {}).get("migration_interval") or POLL_S)
+        self.init_poll(float((poll or {}).get("migration_interval") or POLL_S))
         self.migrations: dict[str, Migration] = {}
-        self.ok: bool | None = None          # None: not asked yet
-        self.error: str | None = None
-        self.hint: str | None = None
-        self.stale_since: float | None = None
-        self.polls = 0
         self.selected: str | None = None
         self._shown_record: Migration | None = None
-        self._rows: dict[str, tuple[tuple, Row]] = {}
-        self._wake = asyncio.Event()
-        self._started = False
-        self._dirty = False
+        self._rows: dict[str, tuple[Migration, Row]] = {}
         self._task_states: dict[int, str] = {}
         self.mine: dict[int, str] = {}       # tasks submitted here -> migration
-        # name -> (when asked, the record's `updated` it was asked for, predicted downtime in s or None)
         self.select_next: str | None = None  # the migration the wizard just applied: the cursor goes to it
 
-    # ------------------------------------------------------------------ layout and lifecycle
-
-    def compose(self) -> ComposeResult:
-        table = KeyedTable(COLUMNS, sort="name", id="migration-table")
-        table.on_cursor = self._cursor_moved
-        self._table = table
-        yield table
-        yield TableFilter(table, id="migration-filter")
-        yield Static(id="migrations-status", classes="view-status")
-        yield Page(id="migration-detail")
-
-    @property
-    def table(self) -> KeyedTable:
-        return self._table
-
-    def on_mount(self) -> None:
-        self.render_status()
-        self.render_detail()
-
-    def activate(self) -> None:
-        """Shown: poll from now on (the first time), draw what changed while hidden, ask again."""
-        if not self._started:
-            self._started = True
-            self.run_worker(partial(self._run), name="migration list", group="migrations-poll", exclusive=True,
-                            exit_on_error=False)
-        self.catch_up()
-        self.post_crumbs()
-        self.table.focus()
-
-    def catch_up(self) -> None:
-        if self._dirty:
-            self._dirty = False
-            self.sync()
-        self.poke()
-
     def crumbs(self) -> tuple[str, ...]:
-        filt = (f"/{self.table.filter_text}",) if self.table.filter_text else ()
-        return ("migrations",) + filt + ((self.selected,) if self.selected else ())
+        return ("migrations",) + self.filter_crumbs() + ((self.selected,) if self.selected else ())
 
     # ------------------------------------------------------------------ the list
 
-    def poke(self) -> None:
-        """Ask for the list again now (after the running poll: never two at once)."""
-        self._wake.set()
-
-    async def _run(self) -> None:
-        failures = 0
-        while True:
-            self._wake.clear()          # a poke from now on means "again after this one"
-            delay = self.interval
-            if self.shown:
-                got, error, hint = await attempt(self.client.migration_list(), "migration list", timeout=(
-                    "the migration list did not come in time", "check the engine: ferry engine status"))
-                self.polls += 1
-                if error is None:
-                    failures = 0
-                    self.listed(got)
-                else:
-                    failures += 1
-                    self.failed(error, hint)
-                    delay = min(BACKOFF_MAX_S, self.interval * 2 ** failures)
-            try:
-                await asyncio.wait_for(self._wake.wait(), delay)
-            except (asyncio.TimeoutError, TimeoutError):
-                pass
+    async def poll_once(self) -> tuple[str | None, str | None]:
+        got, error, hint = await attempt(self.client.migration_list(), "migration list", timeout=(
+            "the migration list did not come in time", "check the engine: ferry engine status"))
+        if error is None:
+            self.ok = True
+            self.listed(got)
+        return error, hint
 
     def predicted_s(self, m: Migration) -> float | None:
         """The predicted downtime: the cutover's (recorded when it began), else the engine's, read with the
@@ -227,45 +158,31 @@ class MigrationsView(ViewBase, Vertical):
         return p if p is not None else m.predicted_downtime_s
 
     def listed(self, items: list[Migration]) -> None:
-        self.ok, self.error, self.hint, self.stale_since = True, None, None, None
         new = {m.name: m for m in items}
-        if new == self.migrations and all((kept := self._rows.get(n)) is None or kept[0] == self._row_key(m)
-                                          for n, m in new.items()):
+        if new == self.migrations:
             self.render_status()
             return
         self.migrations = new
-        self._changed()
-
-    def failed(self, error: str, hint: str | None) -> None:
-        self.ok, self.error, self.hint = False, error, hint
-        self.stale_since = self.stale_since or self.app.clock()
-        self.render_status()
+        self.changed()
 
     def put(self, m: Migration) -> None:
         """One migration as the engine just returned it (an override): shown at once."""
         self.migrations[m.name] = m
-        self._changed()
+        self.changed()
 
-    def _changed(self) -> None:
-        if self.shown:
-            self.sync()
-        else:
-            self._dirty = True
+    # ------------------------------------------------------------------ rows
 
-    def _row_key(self, m: Migration) -> tuple:
-        return (m, self.predicted_s(m))
+    @property
+    def records(self) -> dict[str, Migration]:
+        return self.migrations
 
-    def row(self, m: Migration) -> Row:
-        key = self._row_key(m)
-        kept = self._rows.get(m.name)
-        if kept is not None and kept[0] == key:
-            return kept[1]
+    def make_row(self, m: Migration) -> Row:
         variables = self.app.theme_variables
         var = STATE_VARIABLE.get(m.state)
         n = len(m.blockers)
         net = network_cell(m)
         net_var = ("sev-warn" if m.override else "sev-crit") if network_failed(m) else None
-        row = Row(cells=(
+        return Row(cells=(
             cell(safe(m.name)),
             cell(safe(m.wave)),
             cell(f"{m.state.symbol} {m.state}", sort=list(MigrationState).index(m.state),
@@ -277,52 +194,23 @@ class MigrationsView(ViewBase, Vertical):
             cell(f"✖ {n}" if n else "0", sort=n, style=rich_style(variables, "sev-crit") if n else ""),
             cell(fmt.size(m.bytes_changed_since) if m.bytes_changed_since is not None else "-",
                  sort=m.bytes_changed_since),
-            downtime_cell(m, key[1]),
+            downtime_cell(m, self.predicted_s(m)),
         ), search=safe(f"{m.state} {m.spec.source.target} {m.spec.target.host} {m.spec.target.datastore} "
                        f"{m.spec.method}" + (" blocked" if n else "") + (" override" if m.override else "")))
-        self._rows[m.name] = (key, row)
-        return row
 
     def sync(self, *, rerender: bool = False) -> None:
-        table = self.table
-        if rerender:
-            table.redraw()
-            self._rows.clear()
-        for key in [k for k in table.keys() if k not in self.migrations]:
-            table.drop(key)
-            self._rows.pop(key, None)
-        for name, m in self.migrations.items():
-            table.put(name, self.row(m))
-        table.commit()
-        if self.select_next is not None and table.select(self.select_next):
+        """As PolledTable's, then the cursor on the migration the wizard just applied, once it is listed."""
+        super().sync(rerender=rerender)
+        if self.select_next is not None and self.table.select(self.select_next):
             self.select_next = None
-        self._follow_cursor()
-        self.render_status()
-
-    def restyle(self) -> None:
-        """The theme changed: cells carry resolved colours, so draw them again."""
-        self.sync(rerender=True)
-        self._shown_record = None
-        self.render_detail()
+            self.follow_cursor()
 
     # ------------------------------------------------------------------ cursor and detail
 
     def selected_migration(self) -> Migration | None:
         return self.migrations.get(self.selected) if self.selected else None
 
-    def _cursor_moved(self, key: str | None) -> None:
-        self._follow_cursor()
-
-    def on_keyed_table_cursor_moved(self, message: KeyedTable.CursorMoved) -> None:
-        message.stop()
-        self._follow_cursor()
-
-    def on_keyed_table_sorted(self, message: KeyedTable.Sorted) -> None:
-        message.stop()
-        self.render_status()
-        self.post_crumbs()
-
-    def _follow_cursor(self) -> None:
+    def follow_cursor(self) -> None:
         key = self.table.selected_key
         m = self.migrations.get(key) if key else None
         if key != self.selected or m != self._shown_record:
@@ -333,7 +221,7 @@ class MigrationsView(ViewBase, Vertical):
             if moved:
                 self.post_crumbs()
 
-    def render_detail(self) -> None:
+    def render_detail(self, *, again: bool = False) -> None:
         m = self.selected_migration()
         self._shown_record = m
         page = self.query_one("#migration-detail", Page)
@@ -392,26 +280,14 @@ class MigrationsView(ViewBase, Vertical):
         page.update(Content.from_markup("\n".join(lines)))
 
     def render_status(self) -> None:
-        table = self.table
-        if self.ok is False:
-            text = (f"[b $error]✖ migration list stale since {fmt.clock(self.stale_since)}[/] "
-                    f"[$error]{esc(self.error or '')}[/]"
-                    + (f" [$text-muted]hint: {esc(self.hint)}[/]" if self.hint else ""))
-        elif self.ok is None:
-            text = "[$text-muted]asking for the migrations…[/]"
-        elif not self.migrations:
-            text = f"[$text-muted]{NONE_YET}[/]"
-        else:
+        text = self.poll_status() or (f"[$text-muted]{NONE_YET}[/]" if not self.migrations else None)
+        if text is None:
             waves = len({m.wave for m in self.migrations.values()})
             blocked = sum(1 for m in self.migrations.values() if m.blockers)
             text = f"{len(self.migrations)} migrations in {waves} wave{'s' if waves != 1 else ''}"
             if blocked:
                 text += f" · [$error]✖ {blocked} blocked[/]"
-            if table.filter_text:
-                text += (f" · [$accent]/{esc(table.filter_text)}[/] {len(table.shown_keys)} shown "
-                         "[$text-muted](esc clears)[/]")
-            if (table.sort_column, table.sort_reverse) != table.default_sort:
-                text += f" · sorted by {esc(table.sort_text())} [$text-muted](o, O)[/]"
+            text += self.table_status()
         update_static(self.query_one("#migrations-status", Static), Content.from_markup(text))
 
     # ------------------------------------------------------------------ the task feed
@@ -458,15 +334,6 @@ class MigrationsView(ViewBase, Vertical):
         """The engine's refusal, in one line with its hint."""
         self.app.notify(esc(e.message) + (f" (hint: {esc(e.hint)})" if e.hint else ""), title=title,
                         severity="warning" if isinstance(e, Refused) else "error", timeout=8)
-
-    def action_filter(self) -> None:
-        self.query_one(TableFilter).open_line()
-
-    def clear_filter(self) -> bool:
-        return self.query_one(TableFilter).clear()
-
-    def action_refresh_now(self) -> None:
-        self.poke()
 
     def action_assess(self) -> None:
         self._task_action(ASSESS, "assess")
