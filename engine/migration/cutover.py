@@ -28,8 +28,9 @@ on the source is ever deleted. After go_live there is no rollback: `ferry migrat
 from __future__ import annotations
 
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator
 
 from .. import api, fmt
 from ..errors import FerryError, PermanentError, Refused
@@ -282,16 +283,15 @@ async def stop_target(ctx: TaskContext, svc: VMService, mig: Migration) -> None:
 async def restore_source(ctx: TaskContext, svc: VMService, mig: Migration) -> None:
     """The source's restore script run now, reached at its park address when parked, else its own."""
     errors = []
-    for t in await _source_paths(svc, mig):
-        try:
-            await src_ops.restore_now(t, mig.name)      # closes t
-            ctx.log(f"the source's restore script runs (reached at {t.spec.address})")
-            break
-        except FerryError as e:
-            errors.append(f"{t.spec.address}: {e.message}")
-        finally:
-            await t.close()
-    else:
+    async with _source_paths(svc, mig) as paths:
+        for t in paths:
+            try:
+                await src_ops.restore_now(t, mig.name)      # closes t
+                ctx.log(f"the source's restore script runs (reached at {t.spec.address})")
+                break
+            except FerryError as e:
+                errors.append(f"{t.spec.address}: {e.message}")
+    if len(errors) == len(paths):
         raise PermanentError(f"the source of {mig.name} could not be restored: {'; '.join(errors)}",
                              "its go-live timer restores it by itself when it runs out; or restore it on its "
                              f"console: sh /var/lib/ferry-migration/{mig.name}/restore.sh")
@@ -304,14 +304,20 @@ async def restore_source(ctx: TaskContext, svc: VMService, mig: Migration) -> No
         ctx.log(f"the source's restore script had {done.failures} failing step(s): {done.log}", "warning")
 
 
-async def _source_paths(svc: VMService, mig: Migration) -> list:
-    """Transports to the source: at its park address (when the plan has one), then at its own."""
+@asynccontextmanager
+async def _source_paths(svc: VMService, mig: Migration) -> AsyncIterator[list]:
+    """Transports to the source: at its park address (when the plan has one), then at its own; all
+    closed on leaving."""
     out = []
-    if mig.spec.cutover.park_address:
-        out.append(await src_ops.park_transport(source_transport(svc.pool, mig), mig.name,
-                                                mig.spec.cutover.park_address))
-    out.append(source_transport(svc.pool, mig))
-    return out
+    try:
+        if mig.spec.cutover.park_address:
+            out.append(await src_ops.park_transport(source_transport(svc.pool, mig), mig.name,
+                                                    mig.spec.cutover.park_address))
+        out.append(source_transport(svc.pool, mig))
+        yield out
+    finally:
+        for t in out:
+            await t.close()
 
 
 class _Run:
@@ -562,8 +568,8 @@ class Finalize(MigrationKind):
         svc = VMService.of(ctx.engine)
         mig = await load(svc.store, ctx.params["migration"])
         await self.check(svc, {**ctx.params, "_task": ctx.id})
-        t = (await _source_paths(svc, mig))[0]
-        try:
+        async with _source_paths(svc, mig) as paths:
+            t = paths[0]
             await sync_ops.remove_pull_key(t, mig.name)
             await src_ops.cleanup(t, mig.name)
             stopped = not ctx.params.get("keep_source_running")
@@ -571,8 +577,6 @@ class Finalize(MigrationKind):
                 # The connection goes with the source: no answer is expected.
                 await t.run(["sh", "-c", "(sleep 1; systemctl poweroff || poweroff) >/dev/null 2>&1 &"], timeout=30)
                 ctx.log(f"the source of {mig.name} shuts down (parked, its services stopped)")
-        finally:
-            await t.close()
         await svc.store.call(svc.store.migration_cutover, mig.name, {**(mig.cutover or {}), "finalized": time.time()},
                              to=MigrationState.FINALIZED.value, allowed_from=(MigrationState.CUT_OVER.value,))
         return {"migration": mig.name, "source_stopped": stopped}
