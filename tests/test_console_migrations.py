@@ -3,8 +3,8 @@ the selected one's details, `/` by wave, the assessment report (refused before a
 override of a network check through its dialog (recorded and audited), and `a` submitting the
 assessment as a task the Tasks view shows.
 
-A real EngineClient on a throw-away workspace (the built-in folder lab), two plan files applied by
-the engine. No assessment succeeds here (that takes an SSH source: test_migration_assess_cli.py):
+A real EngineClient on a throw-away workspace (the built-in folder lab: test_console_vms.lab_client),
+two plan files applied by the engine. No assessment succeeds here (that takes an SSH source: test_migration_assess_cli.py):
 the one `a` starts asks a port nothing listens on, and fails at once.
 
 Sync, test launch and cutover (the second half): no VMs and no source; the records are put into the
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import textwrap
 import time
 
@@ -39,7 +38,7 @@ from ferry.engine.migration.testlaunch import TestLaunch
 from ferry.engine.taskmodel import TaskState
 from harness.pilot import text_of, until
 from harness.sshd import free_port
-from test_console_vms import FIXED_CLOCK, lab_client, new_client, notes, short_dir
+from test_console_vms import FIXED_CLOCK, lab_client, notes
 
 SIZE = (160, 30)
 
@@ -64,21 +63,20 @@ def plan(wave: str, name: str, port: int = 22) -> str:
     return f'[wave]\nname = "{wave}"\n' + migration_toml(name, port)
 
 
+async def apply(c, wave: str, text: str) -> None:
+    """A plan file of `wave` written into the client's workspace and applied."""
+    f = c.workspace.root / f"{wave}.toml"
+    f.write_text(text)
+    await c.plan_apply(str(f))
+
+
 @pytest.fixture
 async def client():
     """An engine client with web01 (wave1) and db01 (wave2, its source a port nothing listens on) planned."""
-    root = short_dir()
-    c = new_client(root / "ws")
-    await c.start()
-    try:
+    async with lab_client() as c:
         for wave, name, port in (("wave1", "web01", 22), ("wave2", "db01", free_port())):
-            f = root / f"{wave}.toml"
-            f.write_text(plan(wave, name, port))
-            await c.plan_apply(str(f))
+            await apply(c, wave, plan(wave, name, port))
         yield c
-    finally:
-        await c.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def cells(app: FerryApp, name: str) -> list[str]:
@@ -270,14 +268,9 @@ def half_done(now: float) -> dict:
 async def cut_client():
     """web01 ready for its cutover (two sync rounds, 5 MiB changed since, a passed test launch) and db01
     cutting over (four steps done, the fifth running)."""
-    root = short_dir()
-    c = new_client(root / "ws")
-    await c.start()
-    try:
-        (root / "ws" / "keys").mkdir(exist_ok=True)
-        f = root / "wave3.toml"
-        f.write_text(cut_plan(free_port()))
-        await c.plan_apply(str(f))
+    async with lab_client() as c:
+        (c.workspace.root / "keys").mkdir(exist_ok=True)
+        await apply(c, "wave3", cut_plan(free_port()))
         st = c.store
         now = time.time()
         await syncing(st, "web01", free_port(), [ended(now, 4000, 300.0, bytes=2 << 30, items=1000),
@@ -290,9 +283,6 @@ async def cut_client():
         await st.call(st.migration_transition, "db01", "cutting_over", allowed_from=("target_prepared",))
         await st.call(st.migration_cutover, "db01", half_done(now), to=None, allowed_from=("cutting_over",))
         yield c
-    finally:
-        await c.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def screen_text(app: FerryApp) -> str:
@@ -437,9 +427,7 @@ async def block_client():
     """app01, block-level and syncing: its initial round sent 256 of the 1024 chunks of its 4 GiB disk,
     its second 12 of them (48 MiB); 2 chunks changed since."""
     async with lab_client() as c:
-        f = c.workspace.root / "wave4.toml"
-        f.write_text('[wave]\nname = "wave4"\n' + migration_toml("app01", free_port(), method="block"))
-        await c.plan_apply(str(f))
+        await apply(c, "wave4", '[wave]\nname = "wave4"\n' + migration_toml("app01", free_port(), method="block"))
         st, now = c.store, time.time()
         await syncing(st, "app01", free_port(), [ended(now, 4000, 300.0, bytes=1 << 30, items=256, chunks=1024),
                                                  ended(now, 700, 30.0, bytes=48 << 20, items=12, chunks=1024)],
