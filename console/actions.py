@@ -91,8 +91,8 @@ CATALOGUE: tuple[Action, ...] = (
            "Backups: the management-data backups here and on remotes, their schedules and retention; back up "
            "now, prune, restore", "app", palette="View: Backups"),
     Action("view('performance')", "view.performance", "P", "Performance",
-           "Performance: every host's CPU, memory, load, network and disk side by side; the selected host's "
-           "history as sparklines over 1h, 1d or 30d", "app", palette="View: Performance"),
+           "Performance: every host's CPU, memory, load, network and disk side by side (v: every VM's CPU and "
+           "memory); the selected one's history as sparklines over 1h, 1d or 30d", "app", palette="View: Performance"),
     Action("refresh", "refresh", "ctrl+r", "Refresh", "Ask every host again and re-read the task list", "app"),
     Action("quit", "quit", "q", "Quit",
            "Quit the console (tasks go on in the engine; asks first while some are active)", "app", show=True),
@@ -299,11 +299,15 @@ CATALOGUE: tuple[Action, ...] = (
     Action("refresh_now", "backups.refresh", "f", "Now", "Ask for the backups and their schedules now", "backups",
            palette="Ask for the backups now"),
     # ------------------------------------------------------------------ the Performance view
+    Action("toggle_objects", "performance.objects", "v", "Hosts/VMs",
+           "The table shows the VMs (name, host, CPU, memory) instead of the hosts, or the hosts again",
+           "performance", show=True, palette="Performance: VMs instead of hosts (or hosts again)"),
     Action("cycle_window", "performance.window", "w", "Window",
-           "The window of the selected host's history: 1h (a point per 10 s), 1d (1 min), 30d (10 min)",
+           "The window of the selected host's or VM's history: 1h (a point per 10 s), 1d (1 min), 30d (10 min)",
            "performance", show=True, palette="Performance: the next window (1h, 1d, 30d)"),
-    Action("filter", "performance.filter", "slash", "Filter", "Filter the hosts by name (esc clears it)",
-           "performance", show=True, palette="Filter the hosts"),
+    Action("filter", "performance.filter", "slash", "Filter",
+           "Filter the hosts or VMs: a part of a name, a VM's host, or nosample (esc clears it)",
+           "performance", show=True, palette="Filter the hosts or VMs"),
     Action("refresh_now", "performance.refresh", "f", "Now", "Ask for the newest samples now", "performance",
            palette="Ask for the newest samples now"),
     # ------------------------------------------------------------------ every table

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
                             SilenceInfo)
     from .ops.healthmodel import HealthCheck, HealthResult
     from .ops.backupmodel import BackupInfo, BackupList, BackupResult
-    from .ops.metricsmodel import HostMetrics, MetricPoint, MetricSeries
+    from .ops.metricsmodel import HostMetrics, MetricPoint, MetricSeries, VMMetrics
     from .ops.nagios import CheckState
     from .platform.labops import LabDhcp, LabHost, LabStatus
     from .records import AuditEntry, EngineStatus, HostKey, Submitted, TaskLogEntry, TrackedFile
@@ -61,7 +61,7 @@ _LAZY = {
                     ".ops.model"),
     "HealthCheck": ".ops.healthmodel", "HealthResult": ".ops.healthmodel", "CheckState": ".ops.nagios",
     **dict.fromkeys(("BackupInfo", "BackupList", "BackupResult"), ".ops.backupmodel"),
-    **dict.fromkeys(("MetricPoint", "MetricSeries", "HostMetrics"), ".ops.metricsmodel"),
+    **dict.fromkeys(("MetricPoint", "MetricSeries", "HostMetrics", "VMMetrics"), ".ops.metricsmodel"),
 }
 
 
@@ -84,7 +84,7 @@ __all__ = ["AuditEntry", "DatastoreUsage", "EngineStatus", "HostFacts", "HostKey
            "VMActionCheck", "Refusal", "LabDhcp", "LabHost", "LabStatus", "ConfigProblem", "FinalNetwork", "Finding",
            "Method", "Migration", "MigrationSpec", "MigrationState", "PlanApplied", "PlanCheck", "SourceSpec",
            "TargetSpec", "NetCheck", "NetThresholds", "AlarmInfo", "AlarmState", "EventInfo", "ScheduleInfo",
-           "ScheduleRun", "Severity", "SilenceInfo", "HealthCheck", "HealthResult", "CheckState", "BackupInfo", "BackupList", "BackupResult", "MetricPoint", "MetricSeries", "HostMetrics", "FINAL_STATES", "encode", "decode", "to_builtins", "convert", "dumps", "dumps_as",
+           "ScheduleRun", "Severity", "SilenceInfo", "HealthCheck", "HealthResult", "CheckState", "BackupInfo", "BackupList", "BackupResult", "MetricPoint", "MetricSeries", "HostMetrics", "VMMetrics", "FINAL_STATES", "encode", "decode", "to_builtins", "convert", "dumps", "dumps_as",
            "VERSION", "PROTOCOL"]
 
 PROTOCOL = 3     # the wire protocol's version; raised whenever a frame's shape changes (2: serial frames, 3: --json answers)

@@ -221,6 +221,9 @@ class EngineCalls:
     async def metrics_compare(self) -> list[api.HostMetrics]:
         return await self._call("metrics_compare")
 
+    async def metrics_compare_vms(self) -> list[api.VMMetrics]:
+        return await self._call("metrics_compare_vms")
+
     # ------------------------------------------------------------------ the network lab
 
     async def lab_up(self) -> api.LabStatus:

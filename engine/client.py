@@ -36,7 +36,7 @@ from .migration.model import Migration, PlanApplied, PlanCheck
 from .ops.backupmodel import BackupList, BackupResult
 from .ops.healthmodel import HealthCheck, HealthResult
 from .ops.metrics import metrics_of
-from .ops.metricsmodel import HostMetrics, MetricSeries
+from .ops.metricsmodel import HostMetrics, MetricSeries, VMMetrics
 from .ops.model import AlarmInfo, EventInfo, ScheduleInfo, SilenceInfo
 from .ops.service import Ops
 from .store import Store, current_user
@@ -510,6 +510,10 @@ class EngineClient:
     async def metrics_compare(self) -> list[HostMetrics]:
         """Every host's newest sample: CPU, memory, network and disk rates, load."""
         return await self.sampler.compare()
+
+    async def metrics_compare_vms(self) -> list[VMMetrics]:
+        """Every VM's newest sample (CPU, memory), with its host; none for a VM that does not run."""
+        return await self.sampler.compare_vms()
 
     # ------------------------------------------------------------------ leftovers
 

@@ -53,7 +53,7 @@ CALLS = frozenset({
     "migration_cutover_summary", "migration_cancel_cutover",
     "alarms", "alarm_ack", "alarm_clear", "silence_add", "silence_list", "silence_remove", "events", "schedules",
     "health_run", "health_list", "health_history", "backup_now", "backup_list", "backup_prune",
-    "metrics", "metrics_compare",
+    "metrics", "metrics_compare", "metrics_compare_vms",
 })
 
 

@@ -25,7 +25,7 @@ from ..ship import Program
 from .checks import split_sections
 from .metricsconfig import settings
 from .metricsdb import MetricsDB
-from .metricsmodel import COMPARE_COLUMNS, HOST_METRICS, VM_METRICS, HostMetrics, MetricSeries
+from .metricsmodel import COMPARE_COLUMNS, HOST_METRICS, VM_METRICS, HostMetrics, MetricSeries, VMMetrics
 from .schedule import Clock
 
 log = logger("ferry.metrics")
@@ -323,6 +323,17 @@ class Metrics:
         for h in self.site.hosts:
             ts, vals = latest.get(f"host:{h}", (None, {}))
             out.append(HostMetrics(h, ts, **{c: vals.get(c) for c in COMPARE_COLUMNS}))
+        return out
+
+    async def compare_vms(self) -> list[VMMetrics]:
+        """Every VM's newest sample (within the last hour; none for a VM that does not run), by name."""
+        rows = await self.engine.store.call(self.engine.store.vm_rows)
+        latest = await self._db(self.db.latest, "vm:")
+        out = []
+        for row in rows:
+            if row["kind"] == "vm":
+                ts, vals = latest.get(f"vm:{row['name']}", (None, {}))
+                out.append(VMMetrics(row["name"], row["host"], ts, **{m: vals.get(m) for m in VM_METRICS}))
         return out
 
 

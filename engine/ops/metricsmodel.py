@@ -52,3 +52,16 @@ class HostMetrics:
     disk_read_bps: float | None = None
     disk_write_bps: float | None = None
     load1: float | None = None
+
+
+@dataclass(frozen=True)
+class VMMetrics:
+    """A VM's newest sample (the console's Performance view, VMs); None where it has none (it does not
+    run, or has not run this last hour)."""
+    vm: str
+    host: str                          # where its record says it is
+    ts: float | None = None
+    cpu_pct: float | None = None
+    mem_pct: float | None = None
+    mem_rss_bytes: float | None = None
+    mem_total_bytes: float | None = None
