@@ -284,6 +284,21 @@ def test_ferry_metrics_commands(served):
     assert bad.code == 2 and "is not a duration" in bad.err
     assert json.loads(ferry(ws, "metrics", "compare", "--json").out)
 
+    # The VMs side by side: a VM that does not run has no numbers (test_lab_hosts_and_a_running_vm_...
+    # samples a running one; the console's Performance view shows the same rows).
+    for name in ("zz1", "aa2"):
+        assert ferry(ws, "vm", "create", name, "--host", "lab2", "--memory", "128M").code == 0
+    table = ferry(ws, "metrics", "compare", "--vms").out.splitlines()
+    assert table[-3].split() == ["VM", "HOST", "CPU", "MEM", "RSS", "GIVEN", "SAMPLED"], table
+    assert [ln.split()[:2] for ln in table[-2:]] == [["aa2", "lab2"], ["zz1", "lab2"]]
+    assert table[-1].split()[2:] == ["-"] * 5
+    r = ferry(ws, "metrics", "compare", "--vms", "--sort", "cpu", "--json")
+    assert r.code == 0 and {v["vm"]: v["host"] for v in r.json} == {"aa2": "lab2", "zz1": "lab2"}
+    bad = ferry(ws, "metrics", "compare", "--vms", "--sort", "load")
+    assert bad.code == 2 and bad.err.strip().endswith("(hint: one of vm, host, cpu, mem, rss, given, age)"), bad.err
+    bad = ferry(ws, "metrics", "lab1", "--vms")
+    assert bad.code == 2 and "--vms goes with `ferry metrics compare`" in bad.err
+
 
 def test_metrics_config_is_checked(tmp_path):
     root = tmp_path / "ws"

@@ -1,6 +1,6 @@
-"""`ferry metrics HOST|VM [--metric NAME] [--since DURATION]`, `ferry metrics compare [--sort COLUMN]`:
+"""`ferry metrics HOST|VM [--metric NAME] [--since DURATION]`, `ferry metrics compare [--vms] [--sort COLUMN]`:
 performance history (issue 14, F3). One object: a sparkline per metric (or, with --metric, a table of
-its points, min/avg/max per bucket); many hosts: a comparison table of their newest samples. Every
+its points, min/avg/max per bucket); many hosts (or VMs): a comparison table of their newest samples. Every
 command takes --json."""
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ POINT_COLUMNS = ["TIME", "MIN", "AVG", "MAX", "SAMPLES"]
 COMPARE = {"host": ("HOST", "host"), "cpu": ("CPU", "cpu_pct"), "mem": ("MEM", "mem_pct"),
            "rx": ("NET-RX", "net_rx_bps"), "tx": ("NET-TX", "net_tx_bps"), "read": ("DISK-R", "disk_read_bps"),
            "write": ("DISK-W", "disk_write_bps"), "load": ("LOAD1", "load1"), "age": ("SAMPLED", "ts")}
+# `--vms --sort` column: (header, the VMMetrics field)
+COMPARE_VMS = {"vm": ("VM", "vm"), "host": ("HOST", "host"), "cpu": ("CPU", "cpu_pct"), "mem": ("MEM", "mem_pct"),
+               "rss": ("RSS", "mem_rss_bytes"), "given": ("GIVEN", "mem_total_bytes"), "age": ("SAMPLED", "ts")}
 
 
 def value(v: float | None, unit: str) -> str:
@@ -57,8 +60,9 @@ def _window(seconds: float) -> str:
 def cmd_metrics(args, ws: Workspace) -> int:
     if args.target == "compare":
         return _compare(args, ws)
-    if args.sort:
-        print("ferry: --sort goes with `ferry metrics compare` (hint: ferry metrics compare --sort cpu)", file=sys.stderr)
+    if args.sort or args.vms:
+        print(f"ferry: {'--sort' if args.sort else '--vms'} goes with `ferry metrics compare` "
+              "(hint: ferry metrics compare --vms --sort cpu)", file=sys.stderr)
         return EXIT_CONFIG
 
     async def go(client) -> int:
@@ -94,25 +98,41 @@ def cmd_metrics(args, ws: Workspace) -> int:
 
 
 def _compare(args, ws: Workspace) -> int:
-    key = args.sort or "host"
-    header, field = COMPARE[key]
+    columns = COMPARE_VMS if args.vms else COMPARE
+    names = ("vm", "host") if args.vms else ("host",)
+    key = args.sort or names[0]
+    if key not in columns:
+        print(f"ferry: --sort {key}: not a column of the {'VMs' if args.vms else 'hosts'}' comparison "
+              f"(hint: one of {', '.join(columns)})", file=sys.stderr)
+        return EXIT_CONFIG
+    field = columns[key][1]
+
+    def order(r) -> tuple:
+        # Highest first for numbers (the busiest on top), by name for names; no sample: last.
+        name = tuple(getattr(r, n) for n in names)
+        if key in names:
+            return (getattr(r, field), *name)
+        return (getattr(r, field) is None, -(getattr(r, field) or 0), *name)
+
+    def when(r) -> str:
+        return fmt.clock(r.ts) if r.ts else "-"
 
     async def go(client) -> int:
-        rows = await client.metrics_compare()
-        # Highest first for numbers (the busiest host on top), by name for hosts; no sample: last.
-        if key == "host":
-            rows = sorted(rows, key=lambda r: r.host)
-        else:
-            rows = sorted(rows, key=lambda r: (getattr(r, field) is None, -(getattr(r, field) or 0), r.host))
+        rows = sorted(await (client.metrics_compare_vms() if args.vms else client.metrics_compare()), key=order)
         if args.json:
             print(api.dumps(rows))
             return EXIT_OK
         if not any(r.ts for r in rows):
-            print("no samples yet (the engine samples its hosts every [metrics] interval while it runs)")
-        print(_table([[r.host, value(r.cpu_pct, "%"), value(r.mem_pct, "%"), value(r.net_rx_bps, "B/s"),
-                       value(r.net_tx_bps, "B/s"), value(r.disk_read_bps, "B/s"), value(r.disk_write_bps, "B/s"),
-                       value(r.load1, ""), fmt.clock(r.ts) if r.ts else "-"] for r in rows],
-                     [h for h, _ in COMPARE.values()]))
+            print("no samples yet (the engine samples its hosts and running VMs every [metrics] interval while "
+                  "it runs)")
+        if args.vms:
+            cells = [[r.vm, r.host, value(r.cpu_pct, "%"), value(r.mem_pct, "%"), value(r.mem_rss_bytes, "B"),
+                      value(r.mem_total_bytes, "B"), when(r)] for r in rows]
+        else:
+            cells = [[r.host, value(r.cpu_pct, "%"), value(r.mem_pct, "%"), value(r.net_rx_bps, "B/s"),
+                      value(r.net_tx_bps, "B/s"), value(r.disk_read_bps, "B/s"), value(r.disk_write_bps, "B/s"),
+                      value(r.load1, ""), when(r)] for r in rows]
+        print(_table(cells, [h for h, _ in columns.values()]))
         return EXIT_OK
     return _ask(ws, go)
 
@@ -120,14 +140,16 @@ def _compare(args, ws: Workspace) -> int:
 def add_parsers(sub) -> None:
     s = sub.add_parser("metrics", help="performance history of a host or VM; `metrics compare`: all hosts side by side",
                        description="ferry metrics HOST|VM [--metric NAME] [--since DURATION] | "
-                       "ferry metrics compare [--sort COLUMN]")
+                       "ferry metrics compare [--vms] [--sort COLUMN]")
     s.add_argument("target", metavar="HOST|VM|compare",
                    help="a host or VM (host:NAME, vm:NAME when both have the name), or `compare`")
     s.add_argument("--metric", metavar="NAME", help="one metric, as a table of its points (e.g. cpu_pct, mem_pct, "
                    "net_rx_bps, disk_write_bps)")
     s.add_argument("--since", type=duration_arg, default=3600.0, metavar="DURATION",
                    help="the window: 1h (default; 10 s points), up to 1d (1 min points), up to 30d (10 min points)")
-    s.add_argument("--sort", choices=list(COMPARE), type=str.lower,
-                   help="compare: the column to sort by (numbers highest first)")
+    s.add_argument("--sort", type=str.lower, metavar="COLUMN",
+                   help=f"compare: the column to sort by, numbers highest first ({', '.join(COMPARE)}; with --vms: "
+                   f"{', '.join(COMPARE_VMS)})")
+    s.add_argument("--vms", action="store_true", help="compare: the VMs (CPU, memory; where each runs) instead of the hosts")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_metrics)
