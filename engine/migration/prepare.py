@@ -180,16 +180,13 @@ def receiver_key(workspace_root: Path):
 def receiver_transport(svc: VMService, target: PreparedTarget):
     """An SSH transport to the receiver of a prepared target, trusting only the host key pinned when it
     booted (written to the workspace's keys folder for the connection)."""
+    from ..transport.knownhosts import write_pinned
     from ..transport.ssh import SshTransport
     root = svc.pool.workspace.root
     identity = root / "keys" / "receiver_ed25519"      # made by receiver_key before the receiver booted
     known = root / "keys" / f"{target.vm}.known_hosts"
     entry = target.address if target.ssh_port == 22 else f"[{target.address}]:{target.ssh_port}"
-    line = f"{entry} {target.host_key}\n"
-    if not known.exists() or known.read_text() != line:
-        tmp = known.with_name(known.name + f".{os.getpid()}.tmp")
-        tmp.write_text(line)
-        os.replace(tmp, known)
+    write_pinned(known, f"{entry} {target.host_key}\n")
     spec = HostSpec(f"{target.vm} (receiver)", "", "ssh", address=target.address, port=target.ssh_port,
                     user="root", identity=str(identity))
     return SshTransport(spec, known_hosts=[known], ssh_config_paths=[], use_agent=False, connect_timeout=5)

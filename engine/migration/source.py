@@ -38,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import os
 import shlex
 import time
 from dataclasses import dataclass
@@ -662,7 +661,7 @@ async def _wait_parked(tp: Transport, name: str, rec: Parked, timeout: float) ->
 async def park_transport(t: Transport, name: str, park: str) -> Transport:
     """An SSH transport to the source at its park address, trusting only the host keys pinned for the
     source (written to the workspace's keys folder, next to its known_hosts, for the connection)."""
-    from ..transport.knownhosts import TrustStore, endpoint_name, public_line
+    from ..transport.knownhosts import TrustStore, endpoint_name, public_line, write_pinned
     from ..transport.ssh import SshTransport
     spec: HostSpec = t.spec                         # type: ignore[attr-defined]
     port = spec.port or 22
@@ -674,14 +673,7 @@ async def park_transport(t: Transport, name: str, park: str) -> Transport:
     keys_dir = Path(t.known_hosts[0]).parent / "keys"  # type: ignore[attr-defined]
     known = keys_dir / f"{name}.park.known_hosts"
     text = "".join(f"{endpoint_name(park_ip, port)} {public_line(k)}\n" for k in keys)
-
-    def write() -> None:
-        keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not known.exists() or known.read_text() != text:
-            tmp = known.with_name(f"{known.name}.{os.getpid()}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, known)
-    await asyncio.to_thread(write)
+    await asyncio.to_thread(write_pinned, known, text)
     parked_spec = HostSpec(park_ip, "", "ssh", address=park_ip, port=spec.port,
                            user=spec.user, identity=spec.identity)
     return SshTransport(parked_spec, known_hosts=[known], ssh_config_paths=t.ssh_config_paths,  # type: ignore[attr-defined]

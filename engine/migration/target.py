@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import os
 import time
 from typing import Any
 
@@ -248,17 +247,12 @@ async def boot_from_disk(ctx, svc: VMService, vm: VMSpec, root: str | None = Non
 def target_transport(svc: VMService, mig: Migration, address: str):
     """SSH to the migrated system at `address`, trusting only the host keys pinned for the source (the
     target is its copy, with its host keys)."""
-    from ..transport.knownhosts import endpoint_name
+    from ..transport.knownhosts import endpoint_name, write_pinned
     from ..transport.ssh import SshTransport
     from .sync import pinned_source_keys
     s = mig.spec.source
     known = svc.pool.workspace.root / "keys" / f"{mig.name}.target.known_hosts"
-    text = "".join(f"{endpoint_name(address, s.port)} {k}\n" for k in pinned_source_keys(svc, mig))
-    known.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not known.exists() or known.read_text() != text:
-        tmp = known.with_name(known.name + f".{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, known)
+    write_pinned(known, "".join(f"{endpoint_name(address, s.port)} {k}\n" for k in pinned_source_keys(svc, mig)))
     spec = HostSpec(f"{mig.name} (target at {address})", "", "ssh", address=address, port=s.port, user=s.user,
                     identity=s.identity)
     return SshTransport(spec, known_hosts=[known], ssh_config_paths=svc.pool.ssh_config_paths,

@@ -187,6 +187,21 @@ def record_host_key_sync(path: Path, endpoint: str, public_key: str) -> None:
     write_atomic(str(path), ("\n".join(lines) + "\n").encode("utf-8"), mode=0o600)
 
 
+def write_pinned(path: Path, text: str) -> Path:
+    """A known_hosts file of its own holding exactly `text` (the keys pinned for one connection: a
+    receiver, a parked source, a target at its final address), written atomically, 0600, in a 0700
+    folder, when it says anything else; returns `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return path
+    except FileNotFoundError:
+        pass
+    write_atomic(str(path), text.encode("utf-8"), mode=0o600)
+    return path
+
+
 async def record_host_key(path: Path, info: HostKeyInfo) -> None:
     """Record the key of `info` in the workspace known_hosts (a changed entry is replaced)."""
     await asyncio.to_thread(record_host_key_sync, Path(path), info.endpoint, info.public_key)
