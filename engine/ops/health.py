@@ -347,6 +347,11 @@ class HealthRound:
             spec = VMSpec.from_dict(row["spec"])
             state, pid = VMState(row["state"]), running.get(spec.process_name)
             obj = f"vm:{spec.name}"
+            wants = lambda c: self.scope.wants(c, self.cfg)   # noqa: E731
+            # QEMU's run state, asked once: it tells vm-state a pause nobody recorded, vm-io an I/O error,
+            # and vm-agent that a guest which does not run cannot answer.
+            status, io = (await self._qmp_status(spec) if pid is not None
+                          else (None, CheckResult(CheckState.OK, "not running")))
             if listed is None:
                 st = unknown(f"{h} did not list its QEMU processes")
             elif row["busy"] or state in UNFINISHED_STATES:
@@ -360,18 +365,23 @@ class HealthRound:
             elif pid is not None and state not in RUNNING_STATES:
                 st = CheckResult(CheckState.WARNING, f"recorded {state}, but its QEMU runs on {h} (pid {pid})",
                                  "ferry vm list reconciles the record")
+            elif status == "paused" and state == VMState.RUNNING:
+                st = CheckResult(CheckState.WARNING, "paused, though recorded running: paused outside Ferry "
+                                 "(QMP status paused)", f"ferry vm resume {spec.name} continues it")
+            elif status == "running" and state == VMState.PAUSED:
+                st = CheckResult(CheckState.WARNING, "running, though recorded paused: continued outside Ferry",
+                                 f"ferry vm resume {spec.name} records it running")
             else:
                 st = CheckResult(CheckState.OK, f"{state}" + (f", QEMU pid {pid}" if pid else "") + ", as recorded")
             found = []
-            wants = lambda c: self.scope.wants(c, self.cfg)   # noqa: E731
             if wants("vm-state"):
                 found.append(self._found(h, f"vm-state:{spec.name}", st, "health.vm-state", obj))
-            live = pid is not None
             if wants("vm-io"):
-                io = await self._qmp_status(spec) if live else CheckResult(CheckState.OK, "not running")
                 found.append(self._found(h, f"vm-io:{spec.name}", io, "health.vm-io", obj))
-            if wants("vm-agent"):
-                ag = await self._agent(spec) if live else CheckResult(CheckState.OK, "not running")
+            # A paused guest's agent cannot answer: not asked, its check keeps its last state (as a host's
+            # checks do while the host is unreachable) rather than raising an alarm for the pause.
+            if wants("vm-agent") and status in (None, "running"):
+                ag = await self._agent(spec) if pid is not None else CheckResult(CheckState.OK, "not running")
                 found.append(self._found(h, f"vm-agent:{spec.name}", ag, "health.vm-agent", obj))
             return found
         out_: list[Found] = []
@@ -379,7 +389,8 @@ class HealthRound:
             out_ += fs
         return out_
 
-    async def _qmp_status(self, spec: Any) -> CheckResult:
+    async def _qmp_status(self, spec: Any) -> tuple[str | None, CheckResult]:
+        """QEMU's run state of a VM whose QEMU runs (None: QMP did not answer), judged as vm-io."""
         from ..vm.service import VMService
         try:
             async with asyncio.timeout(VM_TIMEOUT):
@@ -387,14 +398,18 @@ class HealthRound:
                 async with q:
                     st = await q.execute("query-status")
         except (FerryError, OSError, TimeoutError) as e:
-            return unknown(f"QMP of {spec.name} does not answer: {getattr(e, 'message', None) or e or 'timed out'}")
+            return None, unknown(f"QMP of {spec.name} does not answer: "
+                                 f"{getattr(e, 'message', None) or e or 'timed out'}")
         status = st.get("status", "?")
         if status == "io-error":
-            return CheckResult(CheckState.CRITICAL, f"paused on an I/O error (QMP status {status})",
-                               "free space on its datastore or fix the disk, then ferry vm resume " + spec.name)
+            return status, CheckResult(CheckState.CRITICAL, f"paused on an I/O error (QMP status {status})",
+                                       "free space on its datastore or fix the disk, then ferry vm resume "
+                                       + spec.name)
         if status in ("internal-error", "guest-panicked", "shutdown"):
-            return CheckResult(CheckState.CRITICAL, f"QMP status {status}")
-        return CheckResult(CheckState.OK, f"QMP status {status}")
+            return status, CheckResult(CheckState.CRITICAL, f"QMP status {status}")
+        if status == "paused":      # QEMU says so only after a stop command: on request, not an error
+            return status, CheckResult(CheckState.OK, "paused on request, not on an I/O error (QMP status paused)")
+        return status, CheckResult(CheckState.OK, f"QMP status {status}")
 
     async def _agent(self, spec: Any) -> CheckResult:
         from ..vm.service import VMService

@@ -1,4 +1,5 @@
-"""VM lifecycle task kinds: start, safe shutdown/reboot, force stop, hibernate (resume = start).
+"""VM lifecycle task kinds: start, safe shutdown/reboot, force stop, hibernate (start brings it back), pause
+and resume (QMP stop and cont: the guest halted where it is, its memory kept in QEMU).
 
 Each goes on after its Ferry process was killed at any instant (`ferry task resume`, or the same
 command again): it saves, before it acts, a checkpoint saying what it is about to do, and a resumed
@@ -412,6 +413,52 @@ class ShutdownVM(VMTask):
             await svc.update(vm.id, state=VMState.STOPPED)
             ctx.log(f"{vm.name} shut down through its guest agent")
             return {"vm": vm.name, "mode": mode}
+
+
+# ------------------------------------------------------------------ pause / resume
+
+class _RunState(VMTask):
+    """Pause or resume: QEMU told to (unless it is there already), then the record. A run asked again
+    after a kill finds it done, and records it."""
+    command = ""                    # QMP: stop or cont
+    records = VMState.RUNNING
+
+    def said(self, vm: str, host: str, was: str) -> str:
+        return f"{vm} is {self.records} on {host}"
+
+    async def run(self, ctx: TaskContext) -> dict[str, Any]:
+        svc, row, vm, h = await self.target(ctx)
+        async with working_on(ctx, row):
+            async with await svc.qmp(vm) as q:
+                was = (await q.execute("query-status"))["status"]
+                if (was == "running") == (self.command == "stop"):
+                    await q.execute(self.command)
+            await svc.update(vm.id, state=self.records)
+        ctx.log(self.said(vm.name, h.name, was))
+        return {"vm": vm.name, "host": h.name, "was": was}
+
+
+@register
+class PauseVM(_RunState):
+    """Halts a running guest where it is (QMP stop), recorded paused: its memory stays in QEMU until
+    `vm.resume` continues it."""
+    name = "vm.pause"
+    verb = "pause"
+    command = "stop"
+    records = VMState.PAUSED
+
+
+@register
+class ResumeVM(_RunState):
+    """Continues a paused guest (QMP cont), recorded running: one paused on request, or one QEMU stopped
+    on an I/O error (werror=enospc: a full datastore), whose failed requests QEMU then retries."""
+    name = "vm.resume"
+    verb = "resume"
+    command = "cont"
+
+    def said(self, vm: str, host: str, was: str) -> str:
+        why = {"paused": "", "io-error": " (QEMU had stopped it on an I/O error)"}.get(was, f" (QMP status was {was})")
+        return f"{vm} runs again on {host}{why}"
 
 
 # ------------------------------------------------------------------ hibernate

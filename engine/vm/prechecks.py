@@ -52,7 +52,7 @@ def action_of(kind: str, params: dict[str, Any]) -> str | None:
         return "vm_deploy" if params.get("deploy") else "vm_clone"
     return {"vm.start": "vm_start", "vm.hibernate": "vm_hibernate", "vm.convert": "vm_convert",
             "vm.export": "vm_export", "vm.delete": "vm_delete", "vm.restore": "vm_restore",
-            "vm.purge": "vm_purge", "vm.move": "vm_move"}.get(kind)
+            "vm.purge": "vm_purge", "vm.move": "vm_move", "vm.pause": "vm_pause", "vm.resume": "vm_resume"}.get(kind)
 
 
 def few(names: list[str], n: int = 5) -> str:
@@ -98,8 +98,18 @@ def refusal(action: str, vm: VMView | None, *, busy_task: str | None = None,
         if tpl:
             return Refusal(f"{name} is a template, and a template never starts",
                            f"deploy a VM from it: ferry template deploy {name} NEW-NAME", "deploy a VM from it (d)")
+        if st is VMState.PAUSED:
+            return Refusal(f"{name} is paused", f"continue it: ferry vm resume {name}")
         if running:
             return Refusal(f"{name} is already running", "nothing to do")
+        return None
+    if action in ("vm_pause", "vm_resume"):
+        if tpl:
+            return Refusal(f"{name} is a template, which never runs", "nothing to do")
+        if not running:
+            return Refusal(f"{name} is not running ({st})", f"start it: ferry vm start {name}", "s starts it")
+        if action == "vm_pause" and st is VMState.PAUSED:
+            return Refusal(f"{name} is already paused", f"continue it: ferry vm resume {name}")
         return None
     if action in ("vm_stop", "vm_force_stop", "vm_reboot", "vm_hibernate"):
         if tpl:
