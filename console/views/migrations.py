@@ -53,18 +53,22 @@ SAID = {ASSESS: ("Assess", "assessed"), SYNC: ("Sync", "synced"), TEST: ("Test l
         CUTOVER: ("Cutover", "cut over"), ROLLBACK: ("Rollback", "rolled back"), FINALIZE: ("Finalize", "finalized")}
 PREDICTED = (MigrationState.SYNCING, MigrationState.READY)
 NONE_YET = "no migrations yet: N opens the wizard; `ferry plan apply FILE` records a wave's plan"
+# What the issue asks of every row comes first and stays in an 80-column terminal (name, state, round,
+# last sync, data changed, predicted downtime: at worst, with "◑ target_prepared", a date and a measured
+# downtime, the 79 cells a row has there); the optional ones after them give their room away first:
+# network, then wave (a filter all the same: /wave1), then blockers (the status line counts the blocked).
 COLUMNS = (
     Column("name", "NAME", flex=True, least=8),
-    Column("wave", "WAVE", cap=14),
     Column("state", "STATE", cap=19),
     Column("round", "ROUND", cap=8),
     Column("sync", "LAST SYNC", cap=17),
-    Column("network", "NETWORK", cap=24),
-    Column("blockers", "BLOCKERS", cap=11),
-    # What the last measure found changed since the last sync round; the cutover's predicted downtime
-    # (measured beside it once cut over): "-" until known.
-    Column("changed", "DATA CHANGED", cap=15, optional=True),
-    Column("downtime", "PREDICTED DOWNTIME", cap=21, optional=True),
+    # What the last measure found changed since the last sync round; the cutover's downtime, "~" predicted
+    # (measured beside the prediction once cut over): "-" until known.
+    Column("changed", "CHANGED", cap=15),
+    Column("downtime", "DOWNTIME", cap=21),
+    Column("blockers", "BLOCKERS", cap=11, optional=True),
+    Column("wave", "WAVE", cap=14, optional=True),
+    Column("network", "NETWORK", cap=24, optional=True),
 )
 STATE_VARIABLE = {
     MigrationState.CUTTING_OVER: "state-running", MigrationState.READY: "sev-ok",
@@ -108,11 +112,11 @@ def network_failed(m: Migration) -> bool:
 
 
 def downtime_cell(m: Migration, predicted: float | None) -> Any:
-    """The predicted downtime; once cut over the measured one beside it: "1m23s (pred 1m25s)"."""
+    """The predicted downtime, "~1m25s"; once cut over the measured one with it: "1m23s (~1m25s)"."""
     measured = (m.cutover or {}).get("measured_downtime_s")
     if measured is not None:
-        return cell(f"{fmt.duration(measured)} (pred {fmt.duration(predicted)})", sort=measured)
-    return cell(fmt.duration(predicted) if predicted is not None else "-", sort=predicted)
+        return cell(f"{fmt.duration(measured)} (~{fmt.duration(predicted)})", sort=measured)
+    return cell(f"~{fmt.duration(predicted)}" if predicted is not None else "-", sort=predicted)
 
 
 class MigrationsView(PolledTable, Vertical):
@@ -184,17 +188,17 @@ class MigrationsView(PolledTable, Vertical):
         net_var = ("sev-warn" if m.override else "sev-crit") if network_failed(m) else None
         return Row(cells=(
             cell(safe(m.name)),
-            cell(safe(m.wave)),
             cell(f"{m.state.symbol} {m.state}", sort=list(MigrationState).index(m.state),
                  style=rich_style(variables, var) if var else ""),
             cell(str(m.round), sort=m.round),
             cell(stamp(m.last_sync) if m.last_sync else "-", sort=m.last_sync),
-            cell(("◆ " if m.override else "✖ ") + net if net_var else net,
-                 style=rich_style(variables, net_var) if net_var else ""),
-            cell(f"✖ {n}" if n else "0", sort=n, style=rich_style(variables, "sev-crit") if n else ""),
             cell(fmt.size(m.bytes_changed_since) if m.bytes_changed_since is not None else "-",
                  sort=m.bytes_changed_since),
             downtime_cell(m, self.predicted_s(m)),
+            cell(f"✖ {n}" if n else "0", sort=n, style=rich_style(variables, "sev-crit") if n else ""),
+            cell(safe(m.wave)),
+            cell(("◆ " if m.override else "✖ ") + net if net_var else net,
+                 style=rich_style(variables, net_var) if net_var else ""),
         ), search=safe(f"{m.state} {m.spec.source.target} {m.spec.target.host} {m.spec.target.datastore} "
                        f"{m.spec.method}" + (" blocked" if n else "") + (" override" if m.override else "")))
 
