@@ -192,7 +192,7 @@ async def console_part(ws: Path, args) -> None:
 
     w = Workspace(ws)
     client = RemoteEngine(w, client="console", reconnect=True, site=w.load_config())
-    app = FerryApp(client, own_client=True)
+    app = FerryApp(client, own_client=True, first_view="inventory")
     t0 = time.perf_counter()
     async with app.run_test(size=(160, 48)) as pilot:
         from textual.widgets import Tree

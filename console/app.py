@@ -1,7 +1,7 @@
 """The Ferry console: a Textual app that reaches the engine only through EngineClient.
 
 Views (overview, inventory, VMs, tasks, audit, events, migrations, alarms, health, backups) sit in a content
-switcher under a one-line header; the console opens on the Overview (run_console); `:` jumps to a view by
+switcher under a one-line header; the console opens on the Overview; `:` jumps to a view by
 name, `?` shows the keys of the view, `esc` goes back, ctrl+p holds every action.
 Keys are remapped from config.toml's [console.keys]; read-only mode (--readonly, or [console]
 readonly = true) removes every action that changes something (console/keys.py). A production site
@@ -58,8 +58,7 @@ HEAP_FREEZE_AT = 2000     # records, nodes or rows built at once: see FerryApp.h
 
 VIEWS = ("overview", "inventory", "tasks", "vms", "audit", "events", "migrations", "alarms", "health", "backups",
          "performance")
-FIRST_VIEW = "overview"     # what the console opens on (FerryApp alone: the Inventory, as the Pilot tests of
-                            # the other views start)
+FIRST_VIEW = "overview"     # what the console opens on
 VIEW_NAMES = {
     "inventory": "inventory", "inv": "inventory", "in": "inventory", "i": "inventory",
     "hosts": "inventory", "host": "inventory", "ho": "inventory", "clusters": "inventory",
@@ -117,7 +116,7 @@ class FerryApp(App[int]):
 
     def __init__(self, client: Any, *, clock: Callable[[], float] = time.time, theme: str | None = None,
                  own_client: bool = False, probe: dict | None = None, poll: dict | None = None,
-                 readonly: bool = False, first_view: str = "inventory") -> None:
+                 readonly: bool = False, first_view: str = FIRST_VIEW) -> None:
         super().__init__()
         if first_view not in VIEWS:
             raise ValueError(first_view)

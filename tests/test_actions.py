@@ -151,7 +151,7 @@ async def test_a_key_remapped_in_config_is_remapped_in_footer_help_and_palette(t
     await c.start()
     try:
         tid = await c.submit("test.hold", {"title": "held"})
-        app = FerryApp(c, clock=lambda: FIXED_CLOCK)
+        app = FerryApp(c, clock=lambda: FIXED_CLOCK, first_view="inventory")
         async with app.run_test(size=(120, 30)) as pilot:
             await pilot.press("2")
             await pilot.pause()

@@ -94,7 +94,7 @@ async def setting_is(client: EngineClient, key: str, value: Any) -> bool:
 
 
 async def test_navigate_to_a_host_and_see_its_facts(client):
-    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK, first_view="inventory")
     async with app.run_test(size=(100, 32)) as pilot:
         tree = app.query_one("#tree", Tree)
         assert app.focused is tree
@@ -123,7 +123,7 @@ async def test_a_host_that_stops_answering_shows_stale_since(sshd_factory, tmp_p
     server = site_.servers["ssh1"]
     c = EngineClient(site_.workspace, site_.config(), adopt=False, transports=site_.pool(connect_timeout=2.0))
     await c.start()
-    app = FerryApp(c, poll={"interval": 0.5, "backoff_base": 0.5, "backoff_max": 1.0})
+    app = FerryApp(c, poll={"interval": 0.5, "backoff_base": 0.5, "backoff_max": 1.0}, first_view="inventory")
     try:
         async with app.run_test(size=(100, 32)) as pilot:
             await pilot.press("down", "down")
@@ -184,7 +184,7 @@ async def test_facts_polls_never_overlap(client):
 
 
 async def test_probe_a_host_and_watch_it_in_tasks(client):
-    app = FerryApp(client, clock=lambda: FIXED_CLOCK, probe={"pings": 5, "size_mib": 8})
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK, probe={"pings": 5, "size_mib": 8}, first_view="inventory")
     async with app.run_test(size=(100, 32)) as pilot:
         await pilot.press("down", "down", "p")      # lab1, probe
         await until(pilot, lambda: app.current_view == "tasks", what="switch to tasks")
@@ -376,7 +376,7 @@ def test_console_opens_and_quits_in_a_terminal(tmp_path):
 
 
 async def test_colon_help_escape_and_palette(client):
-    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK, first_view="inventory")
     async with app.run_test(size=(80, 24)) as pilot:
         assert app.current_view == "inventory"
         await pilot.press("colon", *"tasks", "enter")
@@ -570,7 +570,7 @@ def _snap_app(tmp_path: Path, **kw) -> FerryApp:
 
 
 def test_snapshot_inventory_80x24(snap_compare, tmp_path):
-    app = _snap_app(tmp_path)
+    app = _snap_app(tmp_path, first_view="inventory")
 
     async def ready(pilot):
         await until(pilot, lambda: all(s.ok for s in app.inventory.status.values()), what="all hosts answered")
@@ -579,7 +579,7 @@ def test_snapshot_inventory_80x24(snap_compare, tmp_path):
 
 
 def test_snapshot_inventory_cluster_120x40(snap_compare, tmp_path):
-    app = _snap_app(tmp_path)
+    app = _snap_app(tmp_path, first_view="inventory")
 
     async def ready(pilot):
         await until(pilot, lambda: all(s.ok for s in app.inventory.status.values()), what="all hosts answered")

@@ -89,7 +89,7 @@ async def test_a_changed_cell_is_drawn_anew_and_the_filter_still_applies():
 
 
 async def test_the_footer_dims_the_probe_key_off_a_host_and_enables_it_on_one(client):  # noqa: F811
-    app = FerryApp(client)
+    app = FerryApp(client, first_view="inventory")
     async with app.run_test(size=(140, 40)) as pilot:
         tree = app.inventory.query_one("#tree", Tree)
 
@@ -118,7 +118,7 @@ async def test_the_tree_stands_through_an_unchanged_vm_list_and_draws_a_changed_
     one draws the change where it belongs, the cursor staying on its VM, and the host's page counts it."""
     await make_vm(client, "web1", "lab1")
     await make_vm(client, "web2", "lab1")
-    app = FerryApp(client, poll={"vm_interval": 0.2})
+    app = FerryApp(client, poll={"vm_interval": 0.2}, first_view="inventory")
     async with app.run_test(size=(100, 30)) as pilot:
         inv = app.inventory
         await until(pilot, lambda: any(ln.endswith("■ web2") for ln in tree_lines(app)), what="web2 drawn")

@@ -112,7 +112,7 @@ async def made(client: EngineClient, name: str) -> bool:
 async def on_new_vm(client: EngineClient, name: str = "web1", host: str = "lab1"):
     """The console at 80x24, the cursor on a stopped VM just made; yields (app, pilot)."""
     await make_vm(client, name, host)
-    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK, first_view="inventory")
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: labels_under(app, host) == [f"■ {name}"], what=f"{name} under {host}")
         await go_to(pilot, app, name)
@@ -162,7 +162,7 @@ async def go_to(pilot, app: FerryApp, name: str) -> None:
 async def test_vms_show_under_their_host_with_their_hardware(client):
     web = await make_vm(client, "web1", "lab1")
     await make_vm(client, "tpl1", "lab2", template=True)
-    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK, first_view="inventory")
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: labels_under(app, "lab1") == ["■ web1"], what="web1 under lab1")
         assert labels_under(app, "lab2") == ["◇ tpl1"]           # a template: ◇, not a colour alone
@@ -207,7 +207,7 @@ async def test_vms_show_under_their_host_with_their_hardware(client):
 
 async def test_start_on_a_template_is_refused_with_the_reason(client):
     await make_vm(client, "tpl1", "lab2", template=True)
-    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK, first_view="inventory")
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: labels_under(app, "lab2") == ["◇ tpl1"], what="tpl1 under lab2")
         await go_to(pilot, app, "tpl1")
@@ -238,7 +238,7 @@ async def test_start_on_a_template_is_refused_with_the_reason(client):
 async def test_delete_needs_the_name_typed(client):
     web = await make_vm(client, "web1", "lab1")
     disk = web.disks[0].path
-    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK, first_view="inventory")
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: labels_under(app, "lab1") == ["■ web1"], what="web1 under lab1")
         await go_to(pilot, app, "web1")
@@ -267,7 +267,7 @@ async def test_delete_needs_the_name_typed(client):
 
 
 async def test_create_through_the_dialog_on_the_selected_host(client):
-    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK, first_view="inventory")
     async with app.run_test(size=(80, 24)) as pilot:
         await go_to(pilot, app, "lab2")
         await pilot.press("n")
@@ -367,7 +367,7 @@ async def test_a_key_asks_the_engine_before_its_dialog_opens(client):
 
 async def test_deploy_convert_export_and_import_through_dialogs(client):
     await make_vm(client, "tpl1", "lab2", template=True)
-    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK, first_view="inventory")
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: labels_under(app, "lab2") == ["◇ tpl1"], what="tpl1 under lab2")
         await go_to(pilot, app, "tpl1")
@@ -428,7 +428,7 @@ async def test_reconcile_on_start_reports_missing_vms(client):
     vm = await make_vm(client, "web1", "lab1")
     # recorded as running, but no QEMU process: what a host reboot leaves behind
     await VMService.of(client.engine).update(vm.id, state=VMState.RUNNING)
-    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK, first_view="inventory")
     async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: any("recorded as running but gone: web1 on lab1" in n for n in notes(app)),
                     what="reconcile notification")
@@ -629,7 +629,7 @@ async def test_vms_view_agent_columns_walk_one_at_a_time(client, monkeypatch):
 def snapshot_with_three_vms(snap_compare, then: Callable[[Any, FerryApp], Any]) -> bool:
     """web1 and db1 on lab1, the template tpl1 on lab2; `then(pilot, app)` moves to what is shown at 80x24."""
     root = short_dir()
-    app = FerryApp(new_client(root), clock=lambda: FIXED_CLOCK, own_client=True)
+    app = FerryApp(new_client(root), clock=lambda: FIXED_CLOCK, own_client=True, first_view="inventory")
 
     async def ready(pilot):
         await until(pilot, lambda: app.client.engine_state == "running", what="engine")
@@ -739,7 +739,7 @@ async def marked_and_deleted(app: FerryApp, client: EngineClient, web1: VMView, 
 async def test_marks_show_in_the_tree_and_stop_says_which_are_refused(client):
     await make_vm(client, "web1", "lab1")
     await make_vm(client, "web2", "lab1")
-    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK, first_view="inventory")
     async with app.run_test(size=(100, 30)) as pilot:
         await until(pilot, lambda: labels_under(app, "lab1") == ["■ web1", "■ web2"], what="VMs in the tree")
         await go_to(pilot, app, "web1")
@@ -759,7 +759,7 @@ async def test_inventory_filter_keeps_parents_and_esc_clears(client):
     await make_vm(client, "web1", "lab1")
     await make_vm(client, "db1", "lab2")
     await make_vm(client, "tpl1", "lab3", template=True)
-    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK, first_view="inventory")
     async with app.run_test(size=(100, 30)) as pilot:
         inv = app.inventory
         await until(pilot, lambda: len(inv._vm_nodes) == 3, what="VMs in the tree")
@@ -785,7 +785,7 @@ async def test_inventory_filter_keeps_parents_and_esc_clears(client):
 async def test_site_page_counts_problems_and_an_idle_host_has_no_tick(client):
     await make_vm(client, "web1", "lab1")
     shutil.rmtree(client.site.datastores["shared"].path)      # the shared datastore is gone on every host
-    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK, first_view="inventory")
     async with app.run_test(size=(100, 40)) as pilot:
         inv = app.inventory
         await until(pilot, lambda: all(s.ok for s in inv.status.values()), what="all hosts answered")
@@ -800,7 +800,7 @@ async def test_site_page_counts_problems_and_an_idle_host_has_no_tick(client):
 
 async def test_clone_form_offers_host_and_datastore(client):
     src = await make_vm(client, "web1", "lab1")
-    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK, first_view="inventory")
     async with app.run_test(size=(100, 30)) as pilot:
         await until(pilot, lambda: labels_under(app, "lab1") == ["■ web1"], what="web1 under lab1")
         await go_to(pilot, app, "web1")
@@ -832,7 +832,7 @@ async def test_production_delete_says_so_and_defaults_to_the_recycle_bin():
     await c.start()
     try:
         web = await make_vm(c, "web1", "lab1")
-        app = FerryApp(c, clock=lambda: FIXED_CLOCK)
+        app = FerryApp(c, clock=lambda: FIXED_CLOCK, first_view="inventory")
         async with app.run_test(size=(100, 30)) as pilot:
             await until(pilot, lambda: labels_under(app, "lab1") == ["■ web1"], what="web1 under lab1")
             await go_to(pilot, app, "web1")

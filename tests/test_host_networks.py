@@ -69,7 +69,7 @@ async def test_host_detail_shows_a_missing_bridge_as_a_problem(tmp_path):
     client = EngineClient(ws, replace(site, networks=nets), adopt=False)
     await client.start()
     try:
-        app = FerryApp(client)
+        app = FerryApp(client, first_view="inventory")
         async with app.run_test(size=(110, 50)) as pilot:
             site_page = await until(pilot, lambda: "network missing" in text_of(app, "#detail-body")
                                     and text_of(app, "#detail-body"), what="the site's problems")

@@ -143,7 +143,7 @@ async def test_console_shows_hostile_names_escaped(hostile_site):
     await client.start()
     try:
         tid = (await client.list_tasks())[0].id
-        app = FerryApp(client)
+        app = FerryApp(client, first_view="inventory")
         async with app.run_test(size=(200, 40)) as pilot:
             await pilot.press("down", "down")   # site -> cluster lab -> ssh1
             assert app.inventory.selected.name == "ssh1"
