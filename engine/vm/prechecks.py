@@ -18,8 +18,9 @@ from ..errors import PermanentError, Refused
 from .model import UNFINISHED_STATES, VMState, VMView
 
 # The actions a VM or template may be asked for, by their console names (see action_of).
-VM_ACTIONS = ("vm_start", "vm_stop", "vm_force_stop", "vm_reboot", "vm_hibernate", "vm_clone", "vm_deploy",
-              "vm_convert", "vm_export", "vm_delete", "vm_restore", "vm_purge", "vm_serial", "vm_move")
+VM_ACTIONS = ("vm_start", "vm_stop", "vm_force_stop", "vm_reboot", "vm_hibernate", "vm_pause", "vm_resume",
+              "vm_clone", "vm_deploy", "vm_convert", "vm_export", "vm_delete", "vm_restore", "vm_purge", "vm_serial",
+              "vm_move")
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def refusal(action: str, vm: VMView | None, *, busy_task: str | None = None,
             return Refusal(f"{name} is a template, and a template never starts",
                            f"deploy a VM from it: ferry template deploy {name} NEW-NAME", "deploy a VM from it (d)")
         if st is VMState.PAUSED:
-            return Refusal(f"{name} is paused", f"continue it: ferry vm resume {name}")
+            return Refusal(f"{name} is paused", f"continue it: ferry vm resume {name}", "Z resumes it")
         if running:
             return Refusal(f"{name} is already running", "nothing to do")
         return None
@@ -109,7 +110,7 @@ def refusal(action: str, vm: VMView | None, *, busy_task: str | None = None,
         if not running:
             return Refusal(f"{name} is not running ({st})", f"start it: ferry vm start {name}", "s starts it")
         if action == "vm_pause" and st is VMState.PAUSED:
-            return Refusal(f"{name} is already paused", f"continue it: ferry vm resume {name}")
+            return Refusal(f"{name} is already paused", f"continue it: ferry vm resume {name}", "Z resumes it")
         return None
     if action in ("vm_stop", "vm_force_stop", "vm_reboot", "vm_hibernate"):
         if tpl:
@@ -118,6 +119,11 @@ def refusal(action: str, vm: VMView | None, *, busy_task: str | None = None,
         if not running:
             return Refusal(f"{name} is not running ({st})", f"start it: ferry vm start {name}",
                            "s starts it" + (" again" if st is VMState.MISSING else ""))
+        if st is VMState.PAUSED and action in ("vm_stop", "vm_reboot"):
+            # else the guest agent's timeout would say it "does not answer", as if it were broken
+            return Refusal(f"{name} is paused: its guest agent answers once it runs again",
+                           f"continue it first (ferry vm resume {name}), or force it off: ferry vm stop {name} --force",
+                           "Z resumes it, or X forces it off")
         return None
     if action in ("vm_clone", "vm_deploy"):
         if action == "vm_deploy" and not tpl:
