@@ -112,6 +112,10 @@ CATALOGUE: tuple[Action, ...] = (
     _vm("h", "hibernate", "Hibernate", "Save the selected VM's memory to disk and stop it; start resumes it",
         palette="Hibernate {vm}", cli="vm hibernate", cli_help="save memory to a file and stop; start resumes it",
         marks=True),
+    _vm("z", "pause", "Pause", "Pause the selected VM: its guest halts where it is, its memory kept in QEMU "
+        "(asks first); Z resumes it", palette="Pause {vm}", cli=None, marks=True),
+    _vm("Z", "resume", "Resume", "Continue the selected paused VM (also one QEMU stopped on an I/O error, such "
+        "as a full datastore)", palette="Resume {vm}", cli=None, marks=True),
     _vm("m", "move", "Move", "Move the selected VM to another host (live while it runs; its disks stay on "
         "a datastore both hosts share)", palette="Move {vm} to another host…", cli="vm move",
         cli_help="move to another host: live while it runs (memory copied in rounds, a short pause at the "
@@ -141,8 +145,8 @@ CATALOGUE: tuple[Action, ...] = (
         palette="Restore {vm} from the recycle bin", cli="vm restore", cli_help="bring a VM back from the recycle bin"),
     _vm("a", "serial", "Serial", "Attach to the selected VM's serial console: keys go to the guest, ctrl+] leaves",
         palette="Serial console of {vm}", cli=None),
-    _vm("space", "mark", "Mark", "Mark or unmark the selected VM; start, stop, reboot, hibernate and delete act "
-        "on every marked VM", palette="Mark or unmark {vm}", cli=None, changes=False, precheck=False),
+    _vm("space", "mark", "Mark", "Mark or unmark the selected VM; start, stop, reboot, hibernate, pause, resume "
+        "and delete act on every marked VM", palette="Mark or unmark {vm}", cli=None, changes=False, precheck=False),
     _vm("M", "unmark", "Unmark all", "Clear every mark", palette="Unmark every VM", cli=None, changes=False,
         precheck=False),
     # ------------------------------------------------------------------ the Inventory

@@ -217,7 +217,9 @@ class VMActions:
         elif vm.is_template:
             wanted = ("vm_deploy", "vm_clone", "vm_convert", "vm_export", "vm_delete", "vm_start")
         else:
-            wanted = ("vm_start", "vm_stop", "vm_force_stop", "vm_reboot", "vm_hibernate", "vm_clone",
+            # pause and resume are a running (or paused) VM's keys: a stopped one's list stays short
+            pause = ("vm_pause", "vm_resume") if vm.running else ()
+            wanted = ("vm_start", "vm_stop", "vm_force_stop", "vm_reboot", "vm_hibernate", *pause, "vm_clone",
                       "vm_convert", "vm_export", "vm_delete")
         out = []
         for a in wanted:
@@ -439,7 +441,7 @@ class VMActions:
             return
         self._confirm(title, body, verb.capitalize(),
                       lambda: self.submit_many([bulk_request(action, vm) for vm in go], f"{verb} {len(go)} VMs"),
-                      danger=action != "vm_start")
+                      danger=action not in SAFE_BULK)
 
     def submit_many(self, requests: list[tuple[str, dict]], what: str) -> None:
         self.app.run_worker(partial(self._submit_many, requests, what), name=what, group="vm-actions",
@@ -476,45 +478,58 @@ class VMActions:
             self.submit_vm_task("vm.start", {"vm": vm.name}, f"{verb} {vm.name}")
         self.ask_then("vm_start", start, lambda vm: ("vm.start", {"vm": vm.name}))
 
-    def _shutdown(self, action: str, mode: str, title: str, body: str, button: str) -> None:
+    def _confirmed(self, action: str, kind: str, params: dict, title: str, body: str, button: str, *,
+                   danger: bool = True) -> None:
+        """A key that asks first: the engine's precheck of task `kind` for the VM under the cursor, a
+        confirmation (its title and body may name {name} and {memory}), then the task."""
         def confirm(vm: VMView) -> None:
             name = vm.name
-            self._confirm(title.format(name=name), body.format(name=name), button,
-                          lambda: self.submit_vm_task("vm.shutdown", {"vm": name, "mode": mode},
-                                                      f"{button.lower()} {name}"))
-        self.ask_then(action, confirm, lambda vm: ("vm.shutdown", {"vm": vm.name, "mode": mode}))
+            said = {"name": name, "memory": vm.memory_mb}
+            self._confirm(title.format(**said), body.format(**said), button,
+                          lambda: self.submit_vm_task(kind, {"vm": name, **params}, f"{button.lower()} {name}"),
+                          danger=danger)
+        self.ask_then(action, confirm, lambda vm: (kind, {"vm": vm.name, **params}))
 
     def action_vm_stop(self) -> None:
         if self.act_on_marked("vm_stop"):
             return
-        self._shutdown("vm_stop", "powerdown", "Shut down {name}?",
-                       "The guest agent asks the guest to power off cleanly.\n"
-                       "Its services stop; start it again with s.", "Shut down")
+        self._confirmed("vm_stop", "vm.shutdown", {"mode": "powerdown"}, "Shut down {name}?",
+                        "The guest agent asks the guest to power off cleanly.\n"
+                        "Its services stop; start it again with s.", "Shut down")
 
     def action_vm_force_stop(self) -> None:
         if self.act_on_marked("vm_force_stop"):
             return
-        self._shutdown("vm_force_stop", "force", "Force stop {name}?",
-                       "Powers it off at once, like pulling the plug: what the guest has not\n"
-                       "written to disk is lost. Prefer x (safe shutdown) when the guest answers.", "Force stop")
+        self._confirmed("vm_force_stop", "vm.shutdown", {"mode": "force"}, "Force stop {name}?",
+                        "Powers it off at once, like pulling the plug: what the guest has not\n"
+                        "written to disk is lost. Prefer x (safe shutdown) when the guest answers.", "Force stop")
 
     def action_vm_reboot(self) -> None:
         if self.act_on_marked("vm_reboot"):
             return
-        self._shutdown("vm_reboot", "reboot", "Reboot {name}?",
-                       "The guest agent asks the guest to reboot; its services stop for a moment.", "Reboot")
+        self._confirmed("vm_reboot", "vm.shutdown", {"mode": "reboot"}, "Reboot {name}?",
+                        "The guest agent asks the guest to reboot; its services stop for a moment.", "Reboot")
 
     def action_vm_hibernate(self) -> None:
         if self.act_on_marked("vm_hibernate"):
             return
-        def confirm(vm: VMView) -> None:
-            name = vm.name
-            self._confirm(f"Hibernate {name}?",
-                          f"Saves its memory ({vm.memory_mb} MiB) next to its disks and stops it;\n"
-                          "start (s) resumes it where it was.", "Hibernate",
-                          lambda: self.submit_vm_task("vm.hibernate", {"vm": name}, f"hibernate {name}"),
-                          danger=False)
-        self.ask_then("vm_hibernate", confirm, lambda vm: ("vm.hibernate", {"vm": vm.name}))
+        self._confirmed("vm_hibernate", "vm.hibernate", {}, "Hibernate {name}?",
+                        "Saves its memory ({memory} MiB) next to its disks and stops it;\n"
+                        "start (s) resumes it where it was.", "Hibernate", danger=False)
+
+    def action_vm_pause(self) -> None:
+        if self.act_on_marked("vm_pause"):
+            return
+        self._confirmed("vm_pause", "vm.pause", {}, "Pause {name}?",
+                        "Its guest halts where it is: its services stop answering until Z resumes it;\n"
+                        "its memory stays in QEMU.", "Pause")
+
+    def action_vm_resume(self) -> None:
+        """Z: no dialog; continuing a guest loses nothing (also one QEMU stopped on an I/O error)."""
+        if self.act_on_marked("vm_resume"):
+            return
+        self.ask_then("vm_resume", lambda vm: self.submit_vm_task("vm.resume", {"vm": vm.name}, f"resume {vm.name}"),
+                      lambda vm: ("vm.resume", {"vm": vm.name}))
 
     def action_vm_move(self) -> None:
         self.ask_then("vm_move", self._move_dialog)
@@ -739,17 +754,16 @@ class VMActions:
 
 # What each key that acts on marked VMs does to one of them: the verb its dialog says, the task it submits.
 BULK_VERBS = {"vm_start": "start", "vm_stop": "shut down", "vm_force_stop": "force stop", "vm_reboot": "reboot",
-              "vm_hibernate": "hibernate", "vm_delete": "delete"}
+              "vm_hibernate": "hibernate", "vm_pause": "pause", "vm_resume": "resume", "vm_delete": "delete"}
+SAFE_BULK = frozenset({"vm_start", "vm_resume"})     # their one confirmation is not a red one
 
 
 def bulk_request(action: str, vm: VMView, typed: dict | None = None) -> tuple[str, dict]:
     """(task kind, parameters) of `action` on one marked VM; `typed`: the delete dialog's answer (mode,
     days). Prechecked with the safest mode the dialog offers before it is asked."""
     name = vm.name
-    if action == "vm_start":
-        return "vm.start", {"vm": name}
-    if action == "vm_hibernate":
-        return "vm.hibernate", {"vm": name}
+    if action in ("vm_start", "vm_hibernate", "vm_pause", "vm_resume"):
+        return "vm." + action.removeprefix("vm_"), {"vm": name}
     if action in ("vm_stop", "vm_force_stop", "vm_reboot"):
         mode = {"vm_stop": "powerdown", "vm_force_stop": "force", "vm_reboot": "reboot"}[action]
         return "vm.shutdown", {"vm": name, "mode": mode}

@@ -855,3 +855,71 @@ async def test_production_delete_says_so_and_defaults_to_the_recycle_bin():
     finally:
         await c.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
+async def test_pause_asks_first_and_resume_continues_a_booted_vm(client, monkeypatch):
+    """The one VM of this module that boots for real (its QEMU, its guest agent): pause and resume are
+    QMP's stop and cont, which no stand-in can answer. Stopped: z is refused with the engine's reason.
+    Running: z asks first (Back is the default), then QEMU halts the guest and its row says paused; the
+    inventory's keys say what applies to a paused VM; Z continues it at once, no dialog."""
+    from harness.qemu import image_cache, kill_all
+    from ferry.engine.vm.service import VMService
+
+    monkeypatch.setenv("FERRY_IMAGE_CACHE", str(image_cache()))     # the suite's live image, built once
+    svc = VMService.of(client.engine)
+
+    async def qmp_status() -> str:
+        async with await svc.qmp(await svc.spec("web1")) as q:
+            return (await q.execute("query-status"))["status"]
+
+    await make_vm(client, "web1", "lab1")
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    try:
+        async with app.run_test(size=(80, 24)) as pilot:
+            view = app.vms_view
+            await pilot.press("3")
+            await until(pilot, lambda: rows_of(app) == ["web1"], what="web1's row")
+            await until(pilot, lambda: engine_said(app, view), what="the engine's answer for web1")
+            assert view.check_action("vm_pause", ()) is None and view.check_action("vm_resume", ()) is None
+            await pilot.press("z")
+            await until(pilot, lambda: any("web1 is not running (stopped)" in n for n in notes(app)), what="refusal")
+            assert not isinstance(app.screen, ConfirmScreen)
+
+            info = await client.wait_task(await client.vm_task("vm.start", {"vm": "web1"}), timeout=300)
+            assert info.state == TaskState.SUCCEEDED and info.result["agent"] is True, info.error
+            view.refresh_vms()
+            await until(pilot, lambda: vm_cell(app, "web1", "state") == "▶ running", what="web1 running")
+            await until(pilot, lambda: view.check_action("vm_pause", ()) is True, what="z applies")
+
+            await pilot.press("z")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="pause confirmation")
+            assert modal_text(app, "#dialog-title") == "Pause web1?" and app.focused.id == "cancel"
+            assert "services stop answering until Z resumes it" in modal_text(app, "#dialog-body")
+            await pilot.press("enter")                          # Back: nothing is done
+            await until(pilot, lambda: not isinstance(app.screen, ConfirmScreen), what="closed")
+            await pilot.pause(0.2)
+            assert not [t for t in await client.list_tasks() if t.kind == "vm.pause"]
+            await pilot.press("z")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), what="pause confirmation")
+            await pilot.click("#confirm")
+            await until(pilot, lambda: vm_cell(app, "web1", "state") == "⏸ paused", what="web1 paused")
+            assert await qmp_status() == "paused"
+            await until(pilot, lambda: any("pause web1 done" in n for n in notes(app)), what="done notification")
+
+            await pilot.press("enter")                          # its keys, in the inventory's detail pane
+            await until(pilot, lambda: app.current_view == "inventory" and engine_said(app), what="web1's keys")
+            await until(pilot, lambda: "Z resume" in text_of(app, "#detail-body"), what="Z offered")
+            detail = text_of(app, "#detail-body")
+            assert "z: web1 is already paused: Z resumes it" in detail and "s: web1 is paused: Z resumes it" in detail
+            assert "x r: web1 is paused: its guest agent answers once it runs again" in detail, detail
+            await pilot.press("escape")
+
+            await pilot.press("Z")                              # no dialog
+            await until(pilot, lambda: vm_cell(app, "web1", "state") == "▶ running", what="web1 running again")
+            assert not isinstance(app.screen, ConfirmScreen)
+            assert await qmp_status() == "running"
+            assert (await client.vm_agent("web1")).agent is AgentState.RUNNING
+            await until(pilot, lambda: view.check_action("vm_pause", ()) is True, what="z applies again")
+    finally:
+        kill_all(Path(client.workspace.root))
