@@ -113,9 +113,12 @@ CATALOGUE: tuple[Action, ...] = (
         palette="Hibernate {vm}", cli="vm hibernate", cli_help="save memory to a file and stop; start resumes it",
         marks=True),
     _vm("z", "pause", "Pause", "Pause the selected VM: its guest halts where it is, its memory kept in QEMU "
-        "(asks first); Z resumes it", palette="Pause {vm}", cli=None, marks=True),
+        "(asks first); Z resumes it", palette="Pause {vm}", cli="vm pause",
+        cli_help="halt the guest where it is (QMP stop), its memory kept; resume continues it", marks=True),
     _vm("Z", "resume", "Resume", "Continue the selected paused VM (also one QEMU stopped on an I/O error, such "
-        "as a full datastore)", palette="Resume {vm}", cli=None, marks=True),
+        "as a full datastore)", palette="Resume {vm}", cli="vm resume",
+        cli_help="continue a paused VM (also one QEMU stopped on an I/O error, once its datastore has room)",
+        marks=True),
     _vm("m", "move", "Move", "Move the selected VM to another host (live while it runs; its disks stay on "
         "a datastore both hosts share)", palette="Move {vm} to another host…", cli="vm move",
         cli_help="move to another host: live while it runs (memory copied in rounds, a short pause at the "

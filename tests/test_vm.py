@@ -162,6 +162,28 @@ def test_hibernate_and_resume_keeps_memory(ws):
     assert resumed["resumed"] is True
     assert not Path(out["state_file"]).exists()
     assert _guest(ws, "sleepy", "cat /tmp/marker").strip() == marker
+
+    # Paused (QMP stop): the guest halts where it is, its QEMU and memory kept; nothing in it answers.
+    pid = vms(ws)["sleepy"]["pid"]
+    out = ok(ws, "vm", "pause", "sleepy")
+    assert (out["state"], out["vm"], out["host"], out["was"]) == ("succeeded", "sleepy", "lab2", "running")
+    v = vms(ws)["sleepy"]
+    assert (v["state"], v["pid"]) == ("paused", pid)
+    assert ferry(ws, "vm", "show", "sleepy").out.splitlines()[0].endswith(f"⏸ paused on lab2, pid {pid}")
+    r = ferry(ws, "vm", "agent", "info", "sleepy")
+    assert r.code == 1 and "does not answer" in r.out, r      # the agent is asked, and the halted guest is silent
+    assert refused(ws, "vm", "start", "sleepy") == "ferry: sleepy is paused (hint: continue it: ferry vm resume sleepy)"
+    assert refused(ws, "vm", "pause", "sleepy") == ("ferry: sleepy is already paused "
+                                                     "(hint: continue it: ferry vm resume sleepy)")
+    assert refused(ws, "vm", "stop", "sleepy").startswith("ferry: sleepy is paused: its guest agent answers once it "
+                                                          "runs again (hint: continue it first (ferry vm resume sleepy)")
+    # Resumed (QMP cont): running in the same QEMU, its memory as it was, the agent answers again.
+    r = ferry(ws, "vm", "resume", "sleepy")
+    assert r.code == 0 and r.out.strip().endswith("sleepy runs again on lab2"), r
+    v = vms(ws)["sleepy"]
+    assert (v["state"], v["pid"]) == ("running", pid)
+    assert _guest(ws, "sleepy", "cat /tmp/marker").strip() == marker
+    assert ok(ws, "vm", "agent", "info", "sleepy")["agent"] == "running"
     ok(ws, "vm", "stop", "sleepy", "--force")
 
 

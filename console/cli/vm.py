@@ -194,9 +194,23 @@ def cmd_vm_simple(args, ws: Workspace) -> int:
                                  "timeout": getattr(args, "timeout", 120)}, "{vm} is stopped"),
         "reboot": ("vm.shutdown", {"mode": "reboot"}, "{vm} rebooted"),
         "hibernate": ("vm.hibernate", {}, "{vm} hibernated ({state_file})"),
+        "pause": ("vm.pause", {}, "{vm} is paused on {host}: its guest halted, its memory kept (ferry vm resume "
+                                  "{vm} continues it)"),
+        "resume": ("vm.resume", {}, _resumed),
         "restore": ("vm.restore", {}, "{vm} restored from the recycle bin"),
     }[args.vm_command]
-    return _run_task(ws, kind, {"vm": args.name, **params}, args.json, _done(text))
+    return _run_task(ws, kind, {"vm": args.name, **params}, args.json, _done(text) if isinstance(text, str) else text)
+
+
+def _resumed(info: TaskInfo) -> str:
+    """What a resume did, by the state QEMU had the guest in (QMP query-status)."""
+    r = info.result or {}
+    vm, host, was = r.get("vm"), r.get("host"), r.get("was")
+    if was == "running":
+        return safe(f"{vm} was running on {host} already; nothing to continue")
+    why = {"paused": "", "io-error": " (QEMU had stopped it on an I/O error; it retries the failed writes)"}.get(
+        was, f" (QMP status was {was})")
+    return safe(f"{vm} runs again on {host}{why}")
 
 
 def cmd_vm_move(args, ws: Workspace) -> int:
@@ -464,7 +478,7 @@ def add_parsers(sub) -> None:
     v.add_argument("--boot", default="disk,live", help="boot order from disk, cdrom, live (default disk,live)")
     v.add_argument("--passthrough", action="append", metavar="KIND:ADDRESS", help="usb:1d6b:0002, gpu:0000:01:00.0, disk:/dev/sdb")
     v.set_defaults(func=cmd_vm_create)
-    for action in ("start", "stop", "reboot", "hibernate", "restore"):
+    for action in ("start", "stop", "reboot", "hibernate", "pause", "resume", "restore"):
         v = vs.add_parser(action, help=cli_help(f"vm {action}"))
         common(v)
         if action == "start":
