@@ -22,6 +22,7 @@ from ferry.console.app import FIRST_VIEW, FerryApp
 from ferry.console.dialogs.modals import ConfirmScreen
 from ferry.console.dialogs.vmforms import FormScreen, TypedNameScreen
 from ferry.console.views.backups import restore_argv
+from ferry.engine import fmt
 from ferry.engine.config import ScheduleSpec
 from ferry.engine.ops import backup as bk
 from ferry.engine.ops.backupconfig import DEFAULT_KEEP, BackupSettings
@@ -151,7 +152,7 @@ async def test_restore_needs_the_typed_id_and_a_console_of_the_engine_service(cl
 async def test_the_overview_backups_tile_opens_the_backups_view(client):
     made = bk.make_archive(client.workspace.root, client.site, "daily", T0)
     app = FerryApp(client, clock=lambda: FIXED_CLOCK, first_view=FIRST_VIEW)
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=(80, 24)) as pilot:
         await until(pilot, lambda: "last backup" in text_of(app, "#tile-backups"), what="the tile")
         assert app.overview.tile_widget("backups").border_title == "Backups (9)"
         await focus_tile(pilot, app, "backups")
@@ -159,6 +160,11 @@ async def test_the_overview_backups_tile_opens_the_backups_view(client):
         await until(pilot, lambda: app.current_view == "backups" and f"local\t{made.id}" in rows(app),
                     what="the Backups view with the backup")
         assert "backups" in text_of(app, "#crumbs")
+        await pilot.pause()
+        table = app.backups_view.table.region
+        row = [strip.text for strip in app.screen._compositor.render_strips()][table.y + 1]     # under the header
+        assert row.lstrip().startswith(made.id), row
+        assert f"{fmt.stamp(made.created)} " in row and "✔ verified" in row      # at 80 columns, not cut
 
 
 async def test_restore_from_the_console_runs_ferry_backup_restore_and_the_console_attaches_again(tmp_path):

@@ -87,6 +87,18 @@ def rows(app: FerryApp, view) -> dict[str, list[str]]:
     return {row.key.value: [c.plain.strip() for c in table.get_row(row.key.value)] for row in table.ordered_rows}
 
 
+def screen_lines(app: FerryApp) -> list[str]:
+    """What the terminal shows now, line by line."""
+    return [strip.text for strip in app.screen._compositor.render_strips()]
+
+
+def line_with(app: FerryApp, *parts: str) -> str:
+    """The one line on screen that has every part (what a user reads across one row)."""
+    found = [ln for ln in screen_lines(app) if all(p in ln for p in parts)]
+    assert len(found) == 1, (parts, screen_lines(app))
+    return found[0]
+
+
 async def focus_tile(pilot, app: FerryApp, name: str) -> None:
     for _ in range(8):
         if app.overview.focused_tile == name and app.focused is app.overview.tile_widget(name):
@@ -147,6 +159,35 @@ async def test_the_overview_counts_what_the_engine_has_and_each_tile_opens_its_v
                     what="the Health view")
         assert app.health_view.table.filter_text == "problem" and len(app.health_view.table.shown_keys) == 3
         assert "health › /problem" in text_of(app, "#crumbs")
+
+
+async def test_at_80x24_the_alarms_and_health_rows_show_what_is_wrong_and_the_footer_their_keys(client):
+    ids = await raise_alarms(client)
+    await record_checks(client)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("7")
+        await until(pilot, lambda: len(rows(app, app.alarms_view)) == 6, what="six alarms")
+        await pilot.pause()
+        # severity, state, type, object and the summary's start on one line; the quiet ones say why in STATE
+        line_with(app, "✖ CRIT", "active", "datastore.full", "datastore:shared", "shared is 97%")
+        line_with(app, "◆ WARN", "suppressed", "vm.agent", "vm:web9", "web9's agent")
+        line_with(app, "● MIN", "silenced", "raid.degraded", "host:lab2", "md0 degraded")
+        line_with(app, "▲ MAJ", "acknowledged", "time.offset", "host:lab2", "lab2's clock")
+        assert rows(app, app.alarms_view)[str(ids["raid"])][1] == "silenced"
+        footer = screen_lines(app)[-1]
+        for key in ("a Ack", "C Clear", "S Silence", "H History", "e Events", "? Keys"):
+            assert key in footer, key
+        assert any(ln.strip().startswith(f"#{ids['down']} host.down on host:lab1") for ln in screen_lines(app)), \
+            "the selected alarm's details below the table"
+
+        await pilot.press("8")
+        await until(pilot, lambda: len(rows(app, app.health_view)) == 4, what="four checks")
+        await pilot.pause()
+        line_with(app, "lab1", "datastore:shared", "✖ CRIT", "HARD", "shared 97% used")
+        line_with(app, "lab2", "load", "◆ WARN", "SOFT", "load 2.5 per core")
+        assert "4 checks on 3 hosts" in "\n".join(screen_lines(app))
+        assert "r Run now" in screen_lines(app)[-1]
 
 
 async def state_is(client, tid: int, state: TaskState) -> bool:

@@ -37,18 +37,32 @@ from ferry.console.widgets.table import Column, Row, cell
 POLL_S = 5.0
 EVENTS = 200            # events asked for each poll (the pane and the selected alarm's own)
 SILENCE_FOR = "2h"      # the silence dialog's default duration
+# What says what is wrong comes first; at 80 columns the optional ones give their room to the summary
+# (in this order: the first of them is the first given back on a wider screen), and the state says
+# silenced or suppressed in place of the note.
 COLUMNS = (
     Column("severity", "SEV", cap=8),
     Column("state", "STATE", cap=14),
     Column("type", "TYPE", cap=22),
     Column("object", "OBJECT", cap=26),
-    Column("count", "COUNT", cap=7),
+    Column("count", "COUNT", cap=7, optional=True),
+    Column("last", "LAST SEEN", cap=17, optional=True),
     Column("first", "FIRST SEEN", cap=17, optional=True),
-    Column("last", "LAST SEEN", cap=17),
-    Column("note", "NOTE", cap=30),
+    Column("note", "NOTE", cap=30, optional=True),
     Column("summary", "SUMMARY", flex=True, least=12),
 )
 STATE_VARIABLE = {AlarmState.ACTIVE: None, AlarmState.ACKNOWLEDGED: "state-paused", AlarmState.CLEARED: "sev-ok"}
+
+
+def state_word(a: AlarmInfo) -> str:
+    """The STATE cell: an open alarm that is suppressed or silenced says so (as Alertmanager's state
+    does), since that is what tells the operator it needs no action; otherwise its state."""
+    if a.state != AlarmState.CLEARED:
+        if a.suppressed_by:
+            return "suppressed"
+        if a.silenced_by is not None:
+            return "silenced"
+    return str(a.state)
 
 
 def worst_first(a: AlarmInfo) -> float:
@@ -156,22 +170,22 @@ class AlarmsView(PolledTable, Vertical):
     def make_row(self, a: AlarmInfo) -> Row:
         variables = self.app.theme_variables
         symbol, var = SEVERITY_LOOK[a.severity]
-        word = a.severity.symbol.split()[1]
+        sev_word = a.severity.symbol.split()[1]
         muted = a.state == AlarmState.CLEARED or bool(a.note)     # silenced, suppressed, history: not the worry
-        state_var = STATE_VARIABLE.get(a.state)
+        state, state_var = state_word(a), STATE_VARIABLE.get(a.state)
+        quiet = ("silenced " if a.silenced_by is not None else "") + ("suppressed " if a.suppressed_by else "")
         return Row(cells=(
-            cell(f"{symbol} {word}", sort=worst_first(a), style=rich_style(variables, var, dim=muted)),
-            cell(str(a.state), style=rich_style(variables, state_var) if state_var else ""),
+            cell(f"{symbol} {sev_word}", sort=worst_first(a), style=rich_style(variables, var, dim=muted)),
+            cell(state, style=rich_style(variables, state_var) if state_var and state == a.state else ""),
             cell(safe(a.type)),
             cell(safe(a.object)),
             cell(str(a.count), sort=a.count),
-            cell(stamp(a.first_seen), sort=a.first_seen),
             cell(stamp(a.last_seen), sort=a.last_seen),
+            cell(stamp(a.first_seen), sort=a.first_seen),
             cell(safe(note(a))),
             cell(safe(a.summary)),
-        ), search=safe(f"{a.severity} {a.source} #{a.id} " + ("silenced " if a.silenced_by is not None else "")
-                       + ("suppressed " if a.suppressed_by else "") + ("open" if a.state != AlarmState.CLEARED
-                                                                       else "history")))
+        ), search=safe(f"{a.severity} {a.state} {a.source} #{a.id} {quiet}"
+                       + ("open" if a.state != AlarmState.CLEARED else "history")))
 
     # ------------------------------------------------------------------ cursor and detail
 

@@ -52,7 +52,7 @@ COLUMNS = (
     Column("id", "ID", cap=28),
     Column("where", "WHERE", cap=16),
     Column("kind", "KIND", cap=14),
-    Column("time", "TIME", cap=19),
+    Column("time", "TIME", cap=20),       # a cell is its text and a space before it
     Column("size", "SIZE", cap=9),
     Column("check", "CHECKSUM", flex=True, least=10),
 )

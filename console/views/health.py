@@ -40,13 +40,14 @@ HISTORY = 50            # results shown in a check's details
 KIND = "health.run"
 CHECKLISTS = ("daily", "weekly", "monthly")     # the built-in ones, when the site's settings do not say
 NONE_YET = "no check results yet: r runs a checklist (daily: alarms, platform, devices)"
+# At 80 columns the attempt and the time (the detail pane says both) give their room to the summary.
 COLUMNS = (
     Column("host", "HOST", cap=16),
     Column("check", "CHECK", cap=24),
     Column("state", "STATE", cap=11),
     Column("type", "TYPE", cap=6),
-    Column("attempt", "ATTEMPT", cap=8),
-    Column("checked", "LAST CHECKED", cap=17),
+    Column("attempt", "ATTEMPT", cap=8, optional=True),
+    Column("checked", "LAST CHECKED", cap=17, optional=True),
     Column("summary", "SUMMARY", flex=True, least=12),
 )
 
@@ -209,8 +210,8 @@ class HealthView(PolledTable, Vertical):
             page.update(Content.from_markup(text))
             return
         lines = [f"[b]{esc(c.check)} on {esc(c.where)}[/b]  {state_markup(c.state)} {c.state_type} · attempt "
-                 f"{c.attempt}/{c.max_attempts} · since {fmt.stamp(c.last_change)}  [$text-muted](enter: details "
-                 "and history)[/]",
+                 f"{c.attempt}/{c.max_attempts} · checked {stamp(c.last_checked)} · since {fmt.stamp(c.last_change)}"
+                 "  [$text-muted](enter: details and history)[/]",
                  esc(c.summary)]
         if c.alarm:
             lines.append(f"[$warning]alarm {esc(c.alarm)}[/]")
