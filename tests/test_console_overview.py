@@ -17,6 +17,7 @@ from textual.widgets import Input, Markdown, Select, Static
 
 import harness.kinds  # noqa: F401  (registers the test task kinds)
 from ferry.console.app import FIRST_VIEW, FerryApp
+from ferry.console.views.overview import TILES
 from ferry.console.commands import console_commands
 from ferry.console.dialogs.modals import HelpScreen
 from ferry.console.dialogs.report import ReportScreen
@@ -159,6 +160,40 @@ async def test_the_overview_counts_what_the_engine_has_and_each_tile_opens_its_v
                     what="the Health view")
         assert app.health_view.table.filter_text == "problem" and len(app.health_view.table.shown_keys) == 3
         assert "health › /problem" in text_of(app, "#crumbs")
+
+
+async def test_at_80x24_the_overview_opens_first_and_each_tile_by_enter_or_click_opens_its_view(client):
+    await raise_alarms(client)
+    await record_checks(client)
+    app = FerryApp(client, clock=lambda: FIXED_CLOCK)           # as `ferry` opens it, on the smallest terminal
+    async with app.run_test(size=(80, 24)) as pilot:
+        assert app.current_view == "overview"
+        up = f"✔ {len(client.site.hosts)} up"
+        await until(pilot, lambda: up in tile(app, "hosts") and "critical" in tile(app, "alarms")
+                    and "last checked" in tile(app, "health") and "asking" not in tile(app, "vms"),
+                    what="the tiles filled")
+        # every tile: its title with its view's key, and what it counts, down to its last line
+        screen = "\n".join(screen_lines(app))
+        for said in ("Hosts (1)", up, "VMs (3)", "no VMs yet", "Alarms (7)",
+                     "✖ 2 critical", "◆ 0 warning", "suppressed", "Tasks (2)", "✖ 0 failed", "Health (8)",
+                     "last checked", "✖ 1 CRITICAL  ? 1 UNKNOWN"):
+            assert said in screen, said
+        assert "⏎ Open" in screen_lines(app)[-1] and "q Quit" in screen_lines(app)[-1]
+
+        shown = [t.tile for t in app.overview.tiles()]
+        assert shown[:5] == ["hosts", "vms", "alarms", "tasks", "health"]
+        for name in shown:
+            await focus_tile(pilot, app, name)
+            await pilot.press("enter")
+            await until(pilot, lambda: app.current_view == TILES[name][1], what=f"enter on {name}")
+            await pilot.press("0")
+            await until(pilot, lambda: app.current_view == "overview", what="back")
+        for name in reversed(shown):
+            await pilot.click(f"#tile-{name}")
+            await until(pilot, lambda: app.current_view == TILES[name][1], what=f"a click on {name}")
+            await pilot.press("0")
+            await until(pilot, lambda: app.current_view == "overview", what="back")
+            assert app.focused is app.overview.tile_widget(name)
 
 
 async def test_at_80x24_the_alarms_and_health_rows_show_what_is_wrong_and_the_footer_their_keys(client):

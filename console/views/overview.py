@@ -3,9 +3,9 @@
 Six tiles: hosts up and down (what the Inventory's host polls found), VMs by state, open alarms by
 severity (silenced and suppressed ones counted apart, as are acknowledged ones), tasks running, waiting
 and failed (the task feed), the last health run and how many checks have a problem, and the last
-management-data backup (a tile shown only when the engine client has a backup_list call). Enter on a tile
-(or its view's number) opens that view, filtered to what needs a look: the hosts that are down, the
-failed tasks, the checks with a problem.
+management-data backup (a tile shown only when the engine client has a backup_list call). Enter on a tile,
+or a click, opens that view filtered to what needs a look (the hosts that are down, the failed tasks,
+the checks with a problem); its view's number opens it as it is.
 
 Alarms, checks, VMs (and backups) are asked for through the engine client only: one poll at a time,
 the next one POLL_S after the last ended (longer when the VM list takes long to come: a big site),
@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from textual import events
 from textual.app import ComposeResult
 from textual.containers import Grid, Vertical
 from textual.content import Content
@@ -32,6 +33,7 @@ from ferry.console import keys as opkeys
 from ferry.console.dialogs.modals import esc
 from ferry.console.poller import attempt
 from ferry.console.severity import state_markup, state_variable
+from ferry.console.views.audit import stamp
 from ferry.console.views.polled import TIMEOUT, Polled
 from ferry.console.widgets.paint import update_static
 
@@ -233,7 +235,8 @@ class OverviewView(Polled, Vertical):
                              TaskState.INTERRUPTED, TaskState.FAILED) if n[s] or s in always]
         line = "  ".join(f"[${state_variable(s)}]{s.symbol} {n[s]} {s.value}[/]" if n[s]
                          else f"[$text-muted]{s.symbol} 0 {s.value}[/]" for s in shown)
-        return line + f"\n[$text-muted]{sum(n.values())} tasks in the engine's list[/]"
+        total = sum(n.values())
+        return line + f"\n[$text-muted]{total} task{'s' if total != 1 else ''} in the engine's list[/]"
 
     def last_health_task(self) -> Any:
         runs = [t for t in self.tasks().values() if t.kind == HEALTH_KIND]
@@ -275,8 +278,9 @@ class OverviewView(Polled, Vertical):
             b = max(items, key=lambda b: b.created)
             check = {True: "[$sev-ok]✔ verified[/]", False: "[b $sev-crit]✖ checksum[/]"}.get(b.verified,
                                                                                             "? unchecked")
-            line = (f"last backup {fmt.stamp(b.created)} ({esc(b.kind)}, {esc(b.where)}, {fmt.size(b.size)}) {check}"
-                    f"\n[$text-muted]{len(items)} kept[/]")
+            # two lines that fit a tile at 80 columns, where its problems still have room below
+            line = (f"last backup {stamp(b.created)} {check}\n"
+                    f"[$text-muted]{esc(b.kind)} · {esc(b.where)} · {fmt.size(b.size)} · {len(items)} kept[/]")
         for p in self.backups.problems[:2]:
             line += f"\n[$sev-warn]◆ {esc(p)}[/]"
         return line
@@ -318,6 +322,14 @@ class OverviewView(Polled, Vertical):
     def on_descendant_focus(self, event: Any) -> None:
         if isinstance(event.widget, Tile):
             self.focused_tile = event.widget.tile
+
+    def on_click(self, event: events.Click) -> None:
+        """A click on a tile opens its view, as Enter does."""
+        if isinstance(event.widget, Tile):
+            event.stop()
+            self.focused_tile = event.widget.tile
+            event.widget.focus()
+            self.action_open_tile()
 
     def action_tile(self, step: int) -> None:
         tiles = self.tiles()
