@@ -81,6 +81,9 @@ async def test_backup_now_from_the_view_is_on_disk_and_listed_with_the_schedule_
         assert rows(app)[f"local\t{made}"][5] == "✔ verified"
         assert "1 backup in 1 place" in text_of(app, "#backups-status")
         assert f"{made} local · manual" in text_of(app, "#backups-detail")
+        await pilot.press("0")          # the Overview, which asked before: its tile has it without waiting
+        await until(pilot, lambda: "last backup" in text_of(app, "#tile-backups"), what="the tile says it")
+        assert "manual · local · " in text_of(app, "#tile-backups") and "1 kept" in text_of(app, "#tile-backups")
 
 
 async def test_prune_shows_the_dry_run_and_removes_nothing_until_prune_is_pressed(client):

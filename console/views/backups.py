@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from functools import partial
 from typing import Any
 
@@ -163,6 +164,7 @@ class BackupsView(PolledTable, Vertical):
         self._rows: dict[str, tuple[BackupInfo, Row]] = {}
         self.busy: str | None = None         # what `b`, `p` or `R` is doing now, for the status line
         self.restores: list[list[str]] = []  # the restore command lines run (what a test checks)
+        self.listed: tuple[float, Any] | None = None     # (monotonic, the last api.BackupList): the Overview's too
 
     def crumbs(self) -> tuple[str, ...]:
         b = self.selected_backup()
@@ -182,6 +184,7 @@ class BackupsView(PolledTable, Vertical):
         if error is not None:
             return error, hint
         self.ok = True
+        self.listed = (time.monotonic(), got)
         self.schedules = [s for s in schedules if is_backup_schedule(s)]
         self.problems = tuple(got.problems)
         new = {key_of(b): b for b in got.backups}

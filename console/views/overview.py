@@ -9,9 +9,10 @@ the checks with a problem); its view's number opens it as it is.
 
 Alarms, checks, VMs (and backups) are asked for through the engine client only: one poll at a time,
 the next one POLL_S after the last ended (longer when the VM list takes long to come: a big site),
-only while the view is on screen, backing off after a failure and saying "stale since". Hosts and
-tasks are what the console already knows: drawn again once a second while shown, a tile only when
-its text changed.
+only while the view is on screen, backing off after a failure and saying "stale since"; the backups
+every BACKUP_POLL_S only, unless the Backups view has a newer list (after `b` there). Hosts and tasks
+are what the console already knows: drawn again once a second while shown, a tile only when its text
+changed.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ferry.console.dialogs.modals import esc
 from ferry.console.poller import attempt
 from ferry.console.severity import state_markup, state_variable
 from ferry.console.views.audit import stamp
+from ferry.console.views.backups import BackupsView
 from ferry.console.views.polled import TIMEOUT, Polled
 from ferry.console.widgets.paint import update_static
 
@@ -109,6 +111,7 @@ class OverviewView(Polled, Vertical):
         self.vms: list[VMView] | None = None
         self.backups: Any = None             # the last api.BackupList (None: not asked yet)
         self._backups_asked = 0.0            # monotonic
+        self._backups_again = False          # r: asked again, whatever list there is
         self.focused_tile = "hosts"
         self._ended_seen: int | None = None      # the last health run whose end asked again
 
@@ -176,12 +179,23 @@ class OverviewView(Polled, Vertical):
             return error, hint
         self.alarms, self.checks, self.vms = list(alarms), list(checks), list(vms)
         call = backup_call(self.client)
-        if call is not None and (self.backups is None or time.monotonic() - self._backups_asked >= BACKUP_POLL_S):
+        seen = self.backups_view_list()
+        if seen is not None and seen[0] > self._backups_asked and not self._backups_again:
+            self._backups_asked, self.backups = seen        # `b` there a moment ago: no need to wait
+        elif call is not None and (self.backups is None or self._backups_again
+                                   or time.monotonic() - self._backups_asked >= BACKUP_POLL_S):
+            self._backups_again = False
             got, error, hint = await attempt(call(), "backups", timeout=TIMEOUT)
             if error is not None:
                 return error, hint
             self.backups, self._backups_asked = got, time.monotonic()
         return None, None
+
+    def backups_view_list(self) -> tuple[float, Any] | None:
+        """(when, list) of the Backups view's last list (None: it has none): newer than the Overview's
+        own after a backup, prune or restore there."""
+        view = next(iter(self.app.query(BackupsView)), None)
+        return view.listed if view is not None else None
 
     # ------------------------------------------------------------------ what the tiles say
 
@@ -338,7 +352,7 @@ class OverviewView(Polled, Vertical):
         tiles[(at + step) % len(tiles)].focus()
 
     def action_refresh_now(self) -> None:
-        self._backups_asked = 0.0
+        self._backups_again = True
         self.poke()
 
     def action_open_tile(self) -> None:
