@@ -387,7 +387,8 @@ async def test_the_health_view_shows_each_check_its_details_and_r_starts_a_healt
         choices = [label for label, _ in app.screen.query_one("#f-what", Select)._options]
         assert choices[:4] == ["checklist daily", "checklist monthly", "checklist quick", "checklist weekly"]
         assert choices[4] == "every check of host lab1"          # the selected check's host first
-        await pilot.click("#confirm")              # the default: the daily checklist
+        assert app.focused is app.screen.query_one("#confirm")   # enter: OK, as the help line says
+        await pilot.press("enter")                 # the default: the daily checklist
         await until(pilot, lambda: not isinstance(app.screen, FormScreen), what="dialog closed")
         runs = [t for t in await client.list_tasks() if t.kind == "health.run"]
         assert [t.title for t in runs] == ["health daily"]

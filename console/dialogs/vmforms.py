@@ -73,6 +73,10 @@ class FormScreen(ModalScreen[dict | None]):
         self.confirm_label = confirm
         self.intro = intro
         self.check = check
+        # A list first (where to back up, which checklist): its default is the usual answer, and enter
+        # on a list opens it; OK takes the focus, so enter does what the help line says.
+        if fields and fields[0].kind == "select":
+            self.AUTO_FOCUS = "#confirm"
 
     def compose(self) -> ComposeResult:
         production = production_line(self.app)
