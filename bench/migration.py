@@ -57,6 +57,8 @@ def main() -> int:
     print(f"initial sync     {f['initial_sync_bytes'] / mib:.1f} MiB in {f['initial_sync_s']:.1f} s; "
           f"predicted at its start (a probe of the data path) {f.get('initial_sync_predicted_s') or 0:.1f} s -> "
           f"predicted/measured {ratio(f['initial_sync_s'], f.get('initial_sync_predicted_s'))}")
+    if f.get("initial_sync_probe"):
+        print(f"                 ({f.get('initial_sync_files')} files; {f['initial_sync_probe'].split(': ', 1)[-1]})")
     print(f"                 (the assessment's estimate, at the network check's bandwidth: "
           f"{f.get('initial_sync_estimate_s') or 0:.1f} s -> {ratio(f['initial_sync_s'], f.get('initial_sync_estimate_s'))})")
     print(f"incremental      {f['incremental_bytes'] / mib:.1f} MiB in {f['incremental_s']:.1f} s")

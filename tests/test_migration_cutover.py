@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -71,8 +72,15 @@ def test_the_server_is_prepared_and_synced_twice(lab):
     # the round predicted its own duration at its start, from a probe of the data path (not the test's
     # figure to judge: bench/migration.py prints it against the measured one)
     assert first["predicted_s"] and first["predicted_s"] > 0, first
+    con = sqlite3.connect(f"file:{ws / 'state.db'}?mode=ro", uri=True, timeout=5)
+    try:
+        probed = con.execute("SELECT message FROM task_log WHERE message LIKE '%the data path probed%' "
+                             "ORDER BY rowid DESC LIMIT 1").fetchone()
+    finally:
+        con.close()
     record(initial_sync_s=first["duration_s"], initial_sync_bytes=first["bytes"],
            initial_sync_predicted_s=first["predicted_s"], initial_sync_estimate_s=estimate.get("seconds"),
+           initial_sync_files=first["items"], initial_sync_probe=probed[0] if probed else None,
            crossed_bytes_initial=leg_bytes(source.lab) - leg0)
     on(source, "echo 'changed between rounds' > /home/alice/after.txt && chown alice:alice /home/alice/after.txt")
     assert ferry(ws, "migration", "sync", NAME).code == 0
