@@ -248,6 +248,7 @@ class EngineService:
         self.started = time.time()
         self.log_path = str(ws.logs_dir / "ferry.log")
         self.idle_exit = idle_exit
+        self.last_contact = 0.0         # (monotonic) when a front end last came or went
         self._stop = asyncio.Event()
         self._stop_now = False
         self._lock_fd: int | None = None
@@ -354,7 +355,10 @@ class EngineService:
         quiet_since = time.monotonic()
         while True:
             await asyncio.sleep(min(1.0, self.idle_exit))
-            busy = self.peers or self._active() or await self._waiting_tasks()
+            # (a command line's whole visit can fall between two looks: its last contact counts too,
+            # and a connection still shaking hands is one)
+            busy = self._active() or await self._waiting_tasks() or self._handlers or self.peers
+            quiet_since = max(quiet_since, self.last_contact)
             if busy:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= self.idle_exit:
@@ -371,10 +375,12 @@ class EngineService:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         self._handlers.add(task)
+        self.last_contact = time.monotonic()
         try:
             await self._handle(reader, writer)
         finally:
             self._handlers.discard(task)
+            self.last_contact = time.monotonic()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         async def refuse(message: str, hint: str) -> None:

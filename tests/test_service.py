@@ -109,6 +109,24 @@ def test_a_command_starts_the_engine_which_outlives_it_is_private_and_alone(tmp_
     assert ferry(ws, "engine", "stop").out.startswith("no engine runs")
 
 
+def test_an_engine_left_idle_in_tests_is_not_stopped_while_commands_keep_coming(tmp_path, monkeypatch):
+    """The suite's engines stop once idle (FERRY_ENGINE_IDLE_EXIT): a command line's visit, shorter than
+    the watcher's look every second, still counts, so a test's next command never meets an engine that
+    is stopping ("the engine went away")."""
+    import time
+    ws = tmp_path / "ws"
+    monkeypatch.setenv("FERRY_ENGINE_IDLE_EXIT", "2")
+    assert ferry(ws, "tasks").code == 0
+    pid = engine_pid(ws)
+    assert pid
+    end = time.monotonic() + 7
+    while time.monotonic() < end:
+        assert raw_hello(ws / "engine.sock", hello("cli"))["op"] == "hello"
+        time.sleep(0.3)
+    assert engine_pid(ws) == pid, "the engine stopped while front ends kept coming"
+    until_sync(lambda: not alive(pid), timeout=20, what="the engine to stop once idle")
+
+
 @pytest.fixture
 def open_dir():
     """A folder other users may pass through (pytest's own tmp folders are private to root)."""
