@@ -68,7 +68,7 @@ RATE_ROUNDS = 5                     # the recent rounds a prediction learns from
 # A first round's probe of the data path: samples of its own stream, each cut after PROBE_BYTES: big files
 # (what a byte costs), small files (what a file costs), and nothing (what a connection costs).
 PROBE_BYTES = 16 << 20
-PROBE_SMALL_FILES = 400
+PROBE_SMALL_FILES = 1000          # names: the excludes leave fewer (55 of 400 on the lab's source)
 PROBE_MIN = 128 << 20               # below this a first round is not probed (it takes about as long)
 
 S = MigrationState
@@ -166,20 +166,34 @@ def source_command(mig: Migration, unit: Unit, *, level0: bool) -> str:
             f"exec {' '.join(q(a) for a in tar)}")
 
 
+def probe_list(mig: Migration, sample: str) -> str:
+    """Where the source keeps a probe sample's file names (found before the sample is timed)."""
+    return f"/run/ferry-migration/{mig.name}/probe-{sample}.list"
+
+
+def probe_list_command(mig: Migration, unit: Unit, sample: str) -> str:
+    """What Ferry runs on the source, untimed, before a probe sample: the names of the big files ("big":
+    over 1 MiB, 64) or the small ones ("small": under 16 KiB, PROBE_SMALL_FILES) under the unit's paths
+    (one filesystem), into probe_list. (Timed, the search for them cost more than sending them, and
+    varied tenfold with the source's cache.)"""
+    q = shlex.quote
+    size, count = ("+1M", 64) if sample == "big" else ("-16k", PROBE_SMALL_FILES)
+    find = ["find", *unit.paths, "-xdev", "-type", "f", "-size", size, "-print0"]
+    path = probe_list(mig, sample)
+    return (f"umask 077; mkdir -p {q(path.rsplit('/', 1)[0])} && cd {q(unit.root)} && "
+            f"{{ {' '.join(q(a) for a in find)} 2>/dev/null | head -z -n {count} > {q(path)}; }}")
+
+
 def probe_command(mig: Migration, unit: Unit, sample: str) -> str:
     """What the receiver asks the source to run for a probe sample: the unit's own tar options over the
-    big files ("big": over 1 MiB) or the small ones ("small": under 16 KiB, PROBE_SMALL_FILES of them)
-    under the unit's paths (one filesystem, the excludes applied by tar), cut after PROBE_BYTES; "none":
+    names probe_list_command found (the excludes applied by tar), cut after PROBE_BYTES; "none":
     nothing, for the connection's own cost."""
     if sample == "none":
         return "true"
     q = shlex.quote
-    size, count = ("+1M", 64) if sample == "big" else ("-16k", PROBE_SMALL_FILES)
-    find = ["find", *unit.paths, "-xdev", "-type", "f", "-size", size, "-print0"]
     tar = ["tar", "-c", "-f", "-", *TAR_CREATE, "--anchored", *(f"--exclude={e}" for e in excludes_of(mig, unit)),
-           "--null", "--no-recursion", "-T", "-"]
-    return (f"cd {q(unit.root)} && {' '.join(q(a) for a in find)} 2>/dev/null | head -z -n {count} | "
-            f"{' '.join(q(a) for a in tar)} 2>/dev/null | head -c {PROBE_BYTES}")
+           "--null", "--no-recursion", "-T", probe_list(mig, sample)]
+    return f"cd {q(unit.root)} && {' '.join(q(a) for a in tar)} 2>/dev/null | head -c {PROBE_BYTES}"
 
 
 # On the source: the dry run of one unit ($1 Ferry's folder, $2 SNAR or "-" for level 0, $3 the root,
@@ -514,8 +528,10 @@ def probe_fit(samples: dict[str, tuple[int, int, float]]) -> tuple[float, float,
     return c0, per_byte, max(0.0, per_file)
 
 
-async def _probe(mig: Migration, rx, unit: Unit) -> tuple[dict[str, tuple[int, int, float]], tuple | None]:
+async def _probe(mig: Migration, rx, src, unit: Unit) -> tuple[dict[str, tuple[int, int, float]], tuple | None]:
     """The data path measured as a round uses it: the samples, and their fit (probe_fit)."""
+    for k in ("big", "small"):
+        await src.run(["sh", "-c", probe_list_command(mig, unit, k)], timeout=600, check=True)
     samples = {k: await _sample(mig, rx, unit, k) for k in ("none", "big", "small")}
     return samples, probe_fit(samples)
 
@@ -607,7 +623,7 @@ async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
             predicted = None
             if level0 and expected >= PROBE_MIN:
                 ctx.progress(item=f"round {k}: probing the data path {mig.spec.source.target} -> {mig.target.vm}")
-                samples, fit = await _probe(mig, rx, units[0])
+                samples, fit = await _probe(mig, rx, src, units[0])
                 said = ", ".join(f"{k_}: {_size(b_)} in {f_} files, {t_:.1f} s" for k_, (b_, f_, t_) in samples.items())
                 if fit:
                     c0, per_byte, per_file = fit
