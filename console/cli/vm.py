@@ -13,7 +13,7 @@ from ferry.engine.api import AgentReport, AgentState, VMState, VMView
 from ferry.engine.errors import FerryError, PermanentError, Refused
 from ferry.engine.taskmodel import TaskInfo
 from ferry.engine.textsafe import line as safe
-from ferry.engine.vm.model import parse_memory_mib
+from ferry.engine.vm.model import parse_memory_mib, resumed_text
 from ferry.engine.workspace import Workspace
 
 from ferry.console.actions import cli_help
@@ -205,12 +205,7 @@ def cmd_vm_simple(args, ws: Workspace) -> int:
 def _resumed(info: TaskInfo) -> str:
     """What a resume did, by the state QEMU had the guest in (QMP query-status)."""
     r = info.result or {}
-    vm, host, was = r.get("vm"), r.get("host"), r.get("was")
-    if was == "running":
-        return safe(f"{vm} was running on {host} already; nothing to continue")
-    why = {"paused": "", "io-error": " (QEMU had stopped it on an I/O error; it retries the failed writes)"}.get(
-        was, f" (QMP status was {was})")
-    return safe(f"{vm} runs again on {host}{why}")
+    return safe(resumed_text(str(r.get("vm")), str(r.get("host")), str(r.get("was"))))
 
 
 def cmd_vm_move(args, ws: Workspace) -> int:

@@ -25,7 +25,7 @@ from ..platform.qga import GuestAgent
 from ..platform.qmp import QMPClient
 from ..tasks import TaskContext, TaskKind, register
 from .hostops import HostOps, vm_dir
-from .model import UNFINISHED_STATES, VMSpec, VMState
+from .model import UNFINISHED_STATES, VMSpec, VMState, resumed_text
 from .prechecks import action_of, networks_ready
 from .service import VMService
 
@@ -457,8 +457,7 @@ class ResumeVM(_RunState):
     command = "cont"
 
     def said(self, vm: str, host: str, was: str) -> str:
-        why = {"paused": "", "io-error": " (QEMU had stopped it on an I/O error)"}.get(was, f" (QMP status was {was})")
-        return f"{vm} runs again on {host}{why}"
+        return resumed_text(vm, host, was)
 
 
 # ------------------------------------------------------------------ hibernate

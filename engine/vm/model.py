@@ -141,6 +141,16 @@ def process_name(vm_id: str) -> str:
     return f"vm-{vm_id[:8]}"
 
 
+def resumed_text(vm: str, host: str, was: str) -> str:
+    """What a resume did, by the run state QEMU had the guest in (QMP query-status): the engine's log
+    and the CLI say the same."""
+    if was == "running":
+        return f"{vm} was running on {host} already; nothing to continue"
+    why = {"paused": "", "io-error": " (QEMU had stopped it on an I/O error; it retries the failed writes)"}.get(
+        was, f" (QMP status was {was})")
+    return f"{vm} runs again on {host}{why}"
+
+
 def default_max_cpus(cpus: int) -> int:
     """How many vCPUs a VM may grow to by hot-add when nobody says: 4, or its count if higher."""
     return max(4, cpus)
