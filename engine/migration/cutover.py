@@ -291,10 +291,10 @@ async def restore_source(ctx: TaskContext, svc: VMService, mig: Migration) -> No
                 break
             except FerryError as e:
                 errors.append(f"{t.spec.address}: {e.message}")
-    if len(errors) == len(paths):
-        raise PermanentError(f"the source of {mig.name} could not be restored: {'; '.join(errors)}",
-                             "its go-live timer restores it by itself when it runs out; or restore it on its "
-                             f"console: sh /var/lib/ferry-migration/{mig.name}/restore.sh")
+        else:
+            raise PermanentError(f"the source of {mig.name} could not be restored: {'; '.join(errors)}",
+                                 "its go-live timer restores it by itself when it runs out; or restore it on its "
+                                 f"console: sh /var/lib/ferry-migration/{mig.name}/restore.sh")
     t = source_transport(svc.pool, mig)
     try:
         done = await src_ops.wait_restored(t, mig.name)

@@ -283,9 +283,8 @@ def _parse_facts(out: str, address: str) -> tuple[str, int, list[dict[str, Any]]
             f = line.split()
             if len(f) >= 4 and f[2] == "inet" and f[3].split("/")[0] == address:
                 found = (f[1].rstrip(":").split("@")[0], int(f[3].split("/")[1]))
-                lft = next((w for w in f if w.startswith("valid_lft")), "")
-                valid = f[f.index(lft) + 1] if lft and f.index(lft) + 1 < len(f) else "forever"
-                lease = int(valid.rstrip("sec")) if valid.rstrip("sec").isdigit() else (0 if "dynamic" in f else None)
+                valid = f[f.index("valid_lft") + 1].removesuffix("sec") if "valid_lft" in f[:-1] else "forever"
+                lease = int(valid) if valid.isdigit() else (0 if "dynamic" in f else None)
         rows = []
         for line in routes.splitlines():
             f = line.split()
