@@ -41,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import api
 from ..errors import FerryError, HostKeyError, PermanentError, Refused, TransientError, TransportError
@@ -193,7 +193,10 @@ def probe_command(mig: Migration, unit: Unit, sample: str) -> str:
     q = shlex.quote
     tar = ["tar", "-c", "-f", "-", *TAR_CREATE, "--anchored", *(f"--exclude={e}" for e in excludes_of(mig, unit)),
            "--null", "--no-recursion", "-T", probe_list(mig, sample)]
-    return f"cd {q(unit.root)} && {' '.join(q(a) for a in tar)} 2>/dev/null | head -c {PROBE_BYTES}"
+    # the source's own reading time, on its stderr (the receiver keeps it): "@@src BEGAN ENDED"
+    up = "$(cut -d' ' -f1 /proc/uptime)"
+    return (f"cd {q(unit.root)} && b={up} && {{ {' '.join(q(a) for a in tar)} 2>/dev/null | head -c {PROBE_BYTES}; }} "
+            f"&& echo \"@@src $b {up}\" >&2")
 
 
 # On the source: the dry run of one unit ($1 Ferry's folder, $2 SNAR or "-" for level 0, $3 the root,
@@ -288,21 +291,24 @@ done
 
 # A probe sample of the data path before a first round ($1 key, $2 port, $3 user@host, $4 the partition's
 # mount, $5 the source's command): pulled and extracted as a round does, into a scratch folder of the
-# target partition (removed after); prints "@@probe BYTES FILES BEGAN ENDED" (uptime seconds).
+# target partition (removed after); prints "@@probe BYTES FILES BEGAN PIPED ENDED" (uptime seconds: the
+# start, the pipeline's end, the flush's end) and the source's "@@src BEGAN ENDED" (its clock).
 PROBE = r"""
 KEY=$1 PORT=$2 UH=$3 DEST=$4 CMD=$5
 export HOME=/root
-P="$DEST/.ferry-probe" F=/run/ferry-probe.fifo N=/run/ferry-probe.n
-rm -rf "$P" "$F" "$N"; mkdir -p "$P"; mkfifo "$F"
+P="$DEST/.ferry-probe" F=/run/ferry-probe.fifo N=/run/ferry-probe.n E=/run/ferry-probe.err
+rm -rf "$P" "$F" "$N" "$E"; mkdir -p "$P"; mkfifo "$F"
 wc -c < "$F" > "$N" &
 b=$(cut -d' ' -f1 /proc/uptime)
-files=$(dbclient -T -K 15 -W WINDOW -i "$KEY" -p "$PORT" "$UH" "$CMD" 2>/dev/null | tee "$F" \
+files=$(dbclient -T -K 15 -W WINDOW -i "$KEY" -p "$PORT" "$UH" "$CMD" 2>"$E" </dev/null | tee "$F" \
   | /bin/tar -x -v -f - -C "$P" TAR_EXTRACT 2>/dev/null | wc -l)
+p=$(cut -d' ' -f1 /proc/uptime)
 sync
 e=$(cut -d' ' -f1 /proc/uptime)
 wait
-echo "@@probe $(cat "$N" 2>/dev/null || echo 0) $files $b $e"
-rm -rf "$P" "$F" "$N"
+echo "@@probe $(cat "$N" 2>/dev/null || echo 0) $files $b $p $e"
+grep -a '^@@src ' "$E" | tail -n 1
+rm -rf "$P" "$F" "$N" "$E"
 """.replace("TAR_EXTRACT", " ".join(shlex.quote(a) for a in TAR_EXTRACT)).replace("WINDOW", str(RECEIVE_WINDOW))
 
 # Starts the pull under a token ($1 state folder, $2 token, $3 the RECEIVE script, then its arguments
@@ -494,8 +500,23 @@ async def remove_pull_key(t, name: str) -> None:
     await t.run(["sh", "-c", AUTHORIZE, "ferry-authorize", "", tag(name)], timeout=60, check=True)
 
 
-async def _sample(mig: Migration, rx, unit: Unit, sample: str) -> tuple[int, int, float]:
-    """One probe sample through the real pipeline: (bytes, files, seconds)."""
+class Sample(NamedTuple):
+    """One probe sample: what crossed, and its seconds (in all; of them the receiver's flush at the end;
+    the source's reading, its tar to its last byte, None when it did not say)."""
+    bytes: int
+    files: int
+    seconds: float
+    flush_s: float
+    reading_s: float | None
+
+    def text(self) -> str:
+        parts = [f"flush {self.flush_s:.1f} s"] + ([] if self.reading_s is None else
+                                                    [f"source reading {self.reading_s:.1f} s"])
+        return f"{_size(self.bytes)} in {self.files} files, {self.seconds:.1f} s ({', '.join(parts)})"
+
+
+async def _sample(mig: Migration, rx, unit: Unit, sample: str) -> Sample:
+    """One probe sample through the real pipeline."""
     s = mig.spec.source
     try:
         with detached():
@@ -503,20 +524,22 @@ async def _sample(mig: Migration, rx, unit: Unit, sample: str) -> tuple[int, int
                               unit.dest, probe_command(mig, unit, sample)], timeout=600, check=True)
     except FerryError as e:
         raise _receiver_error(mig, e) from None
-    m = _marks(r.text(), "probe")
-    if not m or len(m[0]) != 4:
+    m, src = _marks(r.text(), "probe"), _marks(r.text(), "src")
+    if not m or len(m[0]) != 5:
         raise PermanentError(f"the probe of {mig.name}'s data path said nothing", r.text().strip()[-200:])
-    n, files, began, ended = int(m[0][0]), int(m[0][1]), float(m[0][2]), float(m[0][3])
-    return n, files, max(0.0, ended - began)
+    n, files = int(m[0][0]), int(m[0][1])
+    began, piped, ended = (float(v) for v in m[0][2:])
+    reading = float(src[0][1]) - float(src[0][0]) if src and len(src[0]) == 2 else None
+    return Sample(n, files, max(0.0, ended - began), max(0.0, ended - piped), reading)
 
 
-def probe_fit(samples: dict[str, tuple[int, int, float]]) -> tuple[float, float, float] | None:
+def probe_fit(samples: dict[str, Sample]) -> tuple[float, float, float] | None:
     """(seconds per connection, per byte, per file) from the probe's samples: "none" gives the first;
     the big and the small files' samples the other two (two equations, two unknowns). None when the
     samples do not determine them (a source without big or small files: then the round is not
     predicted)."""
-    c0 = samples["none"][2]
-    (b1, f1, t1), (b2, f2, t2) = samples["big"], samples["small"]
+    c0 = samples["none"].seconds
+    (b1, f1, t1), (b2, f2, t2) = (samples[k][:3] for k in ("big", "small"))
     t1, t2 = max(0.0, t1 - c0), max(0.0, t2 - c0)
     det = b1 * f2 - b2 * f1
     if b1 <= 0 or f2 <= 0 or det == 0:
@@ -528,7 +551,7 @@ def probe_fit(samples: dict[str, tuple[int, int, float]]) -> tuple[float, float,
     return c0, per_byte, max(0.0, per_file)
 
 
-async def _probe(mig: Migration, rx, src, unit: Unit) -> tuple[dict[str, tuple[int, int, float]], tuple | None]:
+async def _probe(mig: Migration, rx, src, unit: Unit) -> tuple[dict[str, Sample], tuple | None]:
     """The data path measured as a round uses it: the samples, and their fit (probe_fit)."""
     for k in ("big", "small"):
         await src.run(["sh", "-c", probe_list_command(mig, unit, k)], timeout=600, check=True)
@@ -624,7 +647,7 @@ async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
             if level0 and expected >= PROBE_MIN:
                 ctx.progress(item=f"round {k}: probing the data path {mig.spec.source.target} -> {mig.target.vm}")
                 samples, fit = await _probe(mig, rx, src, units[0])
-                said = ", ".join(f"{k_}: {_size(b_)} in {f_} files, {t_:.1f} s" for k_, (b_, f_, t_) in samples.items())
+                said = "; ".join(f"{k_}: {v_.text()}" for k_, v_ in samples.items())
                 if fit:
                     c0, per_byte, per_file = fit
                     predicted = round(time.time() - started + len(units) * c0 + expected * per_byte
