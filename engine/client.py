@@ -181,9 +181,9 @@ class EngineClient:
         return await self.engine.confirm(task_id, typed)
 
     async def replicate(self, level: str, params: dict[str, Any], *, restart: bool = False) -> tuple[int, bool]:
-        """Start a files/blocks replication round, or resume the unfinished one for the same SRC and DST."""
-        _replicate.parse_endpoint(params["src"], self.site, what="source")
-        _replicate.parse_endpoint(params["dst"], self.site, what="target")
+        """Start a files/blocks replication round, or resume the unfinished one for the same SRC and DST.
+        Refused, and no task made, when the engine's precheck refuses it (an overlap, say)."""
+        await _replicate.precheck(self.engine, level, params)
         return await self.engine.submit_or_resume(f"replicate.{level}", params, restart=restart)
 
     async def start_probe(self, host: str, *, pings: int = 20, size_mib: int = 64) -> int:

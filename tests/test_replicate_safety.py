@@ -36,6 +36,17 @@ def replicate(ws, level: str, src: str, dst: str, *extra: str) -> dict:
     return {**r.json, "_code": r.code, "_err": r.err}
 
 
+def refused_up_front(ws, level: str, src: str, dst: str, *extra: str) -> str:
+    """The one line `ferry replicate` prints for what the engine refuses before a task exists:
+    exit code 2, nothing on stdout, and no task made (none listed, not even a failed one)."""
+    r = ferry(ws, "replicate", level, src, dst, *extra)
+    lines = r.err.splitlines()
+    assert r.code == 2 and r.out == "" and len(lines) == 1, (src, dst, r)
+    assert lines[0].startswith("ferry: refused: ") and "(hint: " in lines[0], (src, dst, r)
+    assert ferry(ws, "tasks", "--json").json == [], (src, dst)
+    return lines[0]
+
+
 def _project(root: Path) -> Path:
     """/.../p with p/sub holding the data a careless copy would destroy."""
     p = root / "p"
@@ -72,17 +83,57 @@ def _disguises(tmp_path: Path, p: Path) -> list[tuple[str, str]]:
     ]
 
 
-def test_overlapping_source_and_target_are_refused_before_a_byte_moves(site, tmp_path):
+def test_overlapping_source_and_target_are_refused_before_a_task_exists(site, tmp_path):
+    """Each disguise is refused by the engine's precheck: one line, exit code 2, no task made
+    (before, the task's round refused it: two lines, exit code 1 and a failed task left)."""
     p = _project(tmp_path)
     before = describe(p)
     ws = site.workspace.root
     for src, dst in _disguises(tmp_path, p):
-        out = replicate(ws, "files", src, dst)
-        assert out["_code"] == 1, (src, dst, out)
-        assert out["error"].startswith("refused:") and "overlap on one machine" in out["error"], out
-        assert "\n" not in out["error"] and "nothing was written" in out["hint"]
+        line = refused_up_front(ws, "files", src, dst, "--json")
+        assert "overlap on one machine" in line and "nothing was written" in line, line
         assert describe(p) == before, f"{src} -> {dst} changed the tree"
     assert not (p / "sub" / "new").exists()
+
+
+def test_the_folder_labs_hosts_and_local_are_one_machine(tmp_path):
+    """The issue's own case: the folder lab's hosts (the suite's lab) are folders of this machine,
+    as `local` is."""
+    p = _project(tmp_path)
+    before = describe(p)
+    ws = tmp_path / "ws"
+    line = refused_up_front(ws, "files", f"lab1:{p}/sub", f"local:{p}")
+    assert line == (f"ferry: refused: lab1:{p}/sub and local:{p} overlap on one machine: the source is inside "
+                    "the target, and the copy would delete it (hint: pick a target outside the source and a "
+                    "source outside the target; nothing was written)"), line
+    assert "the target is inside the source" in refused_up_front(ws, "files", f"lab2:{p}", f"lab1:{p}/sub/new")
+    assert describe(p) == before and not (p / "sub" / "new").exists()
+
+
+async def test_an_overlap_made_after_the_precheck_is_refused_by_the_round(site, tmp_path):
+    """The precheck and the round are apart in time: a target swapped for a symlink into the source
+    in between is refused by the round's own look, before it writes (the task then fails)."""
+    from ferry.engine.client import EngineClient
+    from ferry.engine.replicate.task import precheck
+
+    p = _project(tmp_path)
+    before = describe(p)
+    dst = tmp_path / "target"
+    params = {"src": f"local:{p}", "dst": f"ssh1:{dst}"}
+
+    client = EngineClient.open(site.workspace, adopt=False)
+    await client.start()
+    try:
+        await precheck(client.engine, "files", params)          # no overlap yet: no refusal
+        dst.symlink_to(p / "sub")                                # now the target is in the source
+        tid, _ = await client.engine.submit_or_resume("replicate.files", params)
+        info = await client.wait_task(tid)
+    finally:
+        await client.close()
+    assert str(info.state) == "failed", info
+    assert info.error.startswith(f"refused: local:{p} and ssh1:{dst} (really {p}/sub) overlap on one machine: "
+                                 "the target is inside the source"), info.error
+    assert describe(p) == before
 
 
 def test_overlap_by_name_is_refused_before_a_task_exists(site, tmp_path):
@@ -91,9 +142,7 @@ def test_overlap_by_name_is_refused_before_a_task_exists(site, tmp_path):
     for src, dst, what in ((f"local:{p}/sub", f"local:{p}", "the source"),
                            (f"local:{p}", f"local:{p}/sub", "the target"),
                            (f"ssh1:{p}/./sub/", f"ssh1:{p}//", "the source")):
-        r = ferry(ws, "replicate", "files", src, dst)
-        assert r.code == 1 and f"refused: {what}" in r.err, r
-    assert ferry(ws, "tasks", "--json").json == []
+        assert f"refused: {what}" in refused_up_front(ws, "files", src, dst)
 
 
 def test_bind_mount_of_the_target_inside_the_source_is_refused(site, tmp_path):
@@ -105,8 +154,8 @@ def test_bind_mount_of_the_target_inside_the_source_is_refused(site, tmp_path):
     subprocess.run(["mount", "--bind", str(p), str(mnt)], check=True)
     try:
         before = describe(p)
-        out = replicate(site.workspace.root, "files", f"ssh1:{p}/sub", f"local:{mnt}")
-        assert out["_code"] == 1 and "the source is inside the target" in out["error"], out
+        line = refused_up_front(site.workspace.root, "files", f"ssh1:{p}/sub", f"local:{mnt}")
+        assert "the source is inside the target" in line, line
         assert describe(p) == before
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
@@ -118,8 +167,8 @@ def test_a_block_target_that_is_the_source_is_refused(site, tmp_path):
     alias = tmp_path / "alias.raw"
     alias.symlink_to(img)
     digest = sha256(img)
-    out = replicate(site.workspace.root, "blocks", f"local:{img}", f"ssh1:{alias}")
-    assert out["_code"] == 1 and "they are the same file or device" in out["error"], out
+    line = refused_up_front(site.workspace.root, "blocks", f"local:{img}", f"ssh1:{alias}", "--json")
+    assert "they are the same file or device" in line and "nothing was written" in line, line
     assert sha256(img) == digest
 
 
@@ -128,8 +177,8 @@ def test_a_loop_device_over_the_source_image_is_refused_as_target(site, tmp_path
     img.write_bytes(os.urandom(1 << 20) + bytes(3 << 20))
     with loop_device(img) as dev:
         digest = sha256(img)
-        out = replicate(site.workspace.root, "blocks", f"local:{img}", f"ssh1:{dev}")
-        assert out["_code"] == 1 and "loop device over the other" in out["error"], out
+        line = refused_up_front(site.workspace.root, "blocks", f"local:{img}", f"ssh1:{dev}")
+        assert "loop device over the other" in line, line
         assert sha256(img) == digest
 
 

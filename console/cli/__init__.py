@@ -544,6 +544,9 @@ def cmd_replicate(args, ws: Workspace) -> int:
     async def go(client) -> int:
         try:
             tid, resumed = await client.replicate(args.level, params, restart=args.restart)
+        except Refused as e:            # the engine's precheck: no task was made
+            print(f"ferry: {safe(e)}", file=sys.stderr)
+            return EXIT_CONFIG
         except PermanentError as e:     # the job is run by a task of another Ferry process: follow it
             if args.restart or getattr(e, "task_id", None) is None:
                 raise

@@ -626,6 +626,16 @@ def open_regular(name, dirfd, noatime=True):
     return fd
 
 
+def role_locate(wire, cmd):
+    """Where the operator's path really is (see locate), and nothing more: the engine's check,
+    before a task exists, that a source and a target do not overlap."""
+    try:
+        wire.write_json({"where": locate(cmd["path"])})
+    except OSError as e:
+        wire.write_json({"fatal": describe_oserror(e, cmd["path"]), "errno": e.errno})
+    wire.flush()
+
+
 def role_walk(wire, cmd):
     """Stream the manifest of a tree: first where the root really is (see locate), then records
     in batches, then a JSON summary. Directories are opened one component at a time from the
@@ -2203,7 +2213,7 @@ def main():
         sys.exit(3)
 
 
-ROLES = {"walk": role_walk, "send": role_send, "recv": role_recv, "blk": role_blk}
+ROLES = {"locate": role_locate, "walk": role_walk, "send": role_send, "recv": role_recv, "blk": role_blk}
 
 if __name__ == "__main__":
     main()

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import SiteConfig
-from ..errors import PermanentError
+from ..errors import PermanentError, Refused
 from ..helpers import detached
-from ..tasks import TaskContext, TaskKind, register
+from ..tasks import TaskContext, TaskKind, kind_of, register
 from . import agent as W
+from . import overlap
 from .blocks import DEFAULT_CHUNK, BlockOptions, BlockRound
 from .channel import STALL_S
 from .files import FileOptions, FileRound
@@ -65,6 +66,17 @@ def _endpoints(ctx_or_site, params: dict[str, Any]) -> tuple[Endpoint, Endpoint]
             parse_endpoint(params["dst"], site, what="target"))
 
 
+async def precheck(engine, level: str, params: dict[str, Any]) -> None:
+    """What a replication would refuse, asked before its task is made (Refused: none is): the
+    endpoints, the kind's checks by the names, and an overlap judged on the hosts themselves.
+    Every front end starts replication through the engine, which asks this first."""
+    src, dst = (parse_endpoint(params["src"], engine.site, what="source"),
+                parse_endpoint(params["dst"], engine.site, what="target"))
+    kind_of(f"replicate.{level}").validate(params)
+    await overlap.precheck(level, agent_host(engine.transports, src.host), src.path,
+                           agent_host(engine.transports, dst.host), dst.path)
+
+
 class _ReplicateKind(TaskKind):
     max_retries = 5
 
@@ -79,7 +91,7 @@ class _ReplicateKind(TaskKind):
     def validate(self, params: dict[str, Any]) -> None:
         src, dst = _endpoints(None, params)
         if src == dst:
-            raise PermanentError("source and target are the same", "pick another target")
+            raise Refused("source and target are the same", "pick another target")
         streams = int(params.get("streams", default_streams()))
         if not 1 <= streams <= 64:
             raise PermanentError(f"--streams must be 1 to 64, got {streams}", "for example --streams 4")
@@ -101,17 +113,17 @@ class ReplicateFiles(_ReplicateKind):
         return f"files {params['src']} → {params['dst']}"
 
     def validate(self, params: dict[str, Any]) -> None:
-        # By the names alone, before a task exists. The round itself compares the real
-        # directories on the hosts (overlap.py), which catches every other disguise.
+        # By the names alone. precheck (before a task exists) and each round (before it writes)
+        # compare the real directories on the hosts (overlap.py), which catches every other disguise.
         super().validate(params)
         src, dst = _endpoints(None, params)
         if src.host == dst.host:
             if _inside(dst.path, src.path):
-                raise PermanentError(f"refused: the target {dst} is inside the source {src}",
-                                     "copying a tree into itself never ends; pick a target outside it")
+                raise Refused(f"refused: the target {dst} is inside the source {src}",
+                              "copying a tree into itself never ends; pick a target outside it")
             if _inside(src.path, dst.path):
-                raise PermanentError(f"refused: the source {src} is inside the target {dst}, and the copy "
-                                     "would delete it", "pick a target outside the source")
+                raise Refused(f"refused: the source {src} is inside the target {dst}, and the copy "
+                              "would delete it", "pick a target outside the source")
 
     async def rollback(self, ctx: TaskContext) -> None:
         """A cancelled round leaves the target as far as it got (a sync: what it replaced is the
