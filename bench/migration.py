@@ -4,8 +4,9 @@ Runs the suite's end-to-end tests marked e2e (`-m e2e`): the Debian source serve
 (tests/test_debsource.py), the source's side of a cutover with its go-live timer really running out
 (tests/test_migration_source.py), and a migration to go-live (tests/test_migration_cutover.py: assessed,
 prepared, synced twice, test-launched, cut over, finalized), then prints the last one's figures:
-- the initial sync: its prediction at its start (a probe of the data path: the first 32 MiB of the real
-  stream, source tar -> dbclient -> receiver tar) against the measured round, and the assessment's
+- the initial sync: its prediction at its start (a probe of the data path, source tar -> dbclient ->
+  receiver tar as the round runs them: an empty connection, 16 MiB of the source's big files and its
+  small files, each timed to its last byte extracted) against the measured round, and the assessment's
   estimate (at the bandwidth the network check measured, before any target exists);
 - the cutover's downtime: predicted (its parts: final offline sync, switch, boot, hypervisor tools, guest
   agent, checks) against measured, part by part from the steps' own durations, with about 1% of the

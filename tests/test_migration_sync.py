@@ -257,3 +257,28 @@ def test_the_final_sync_is_predicted_from_the_rounds_throughput_and_the_change_r
     # one round only, nothing measured: no change rate, no prediction
     first = Migration(**{**mig.__dict__, "rounds": rounds[:1], "round": 1, "last_sync": 1105.0})
     assert predicted_final_sync_s(first, now=2000.0) is None
+
+
+def test_a_probe_sample_is_timed_to_its_last_byte_and_a_slow_end_of_its_stream_is_not_counted():
+    from ferry.engine.migration.sync import RECORD, parse_sample, probe_fit
+
+    def out(nbytes, files, began, piped, ended, at, src=None):
+        lines = [f"@@probe {nbytes} {files} {began} {piped} {ended}"]
+        lines += [f"@@src {src[0]} {src[1]}"] if src else []
+        return "\n".join(lines + [f"@@at {began + t} {r}" for t, r in at]) + "\n"
+    M = 1 << 20
+    # 16 MiB (1638 records) at 4 MiB/s after a 1 s connection, then its stream took 15 s more to end
+    big = parse_sample(out(16 * M, 9, 100.0, 120.1, 120.2, [(1.0 + k / 4, 1 + int(k * M / RECORD)) for k in range(17)],
+                           src=(50.0, 54.0)))
+    assert big.seconds == pytest.approx(5.0 + 0.1) and big.flush_s == pytest.approx(0.1)
+    assert big.tail_s == pytest.approx(15.1) and big.reading_s == pytest.approx(4.0)
+    assert "ended 15.1 s after its last byte, not counted" in big.text() and "first byte at 1.2 s" in big.text()
+    dt, db = big.steady()
+    assert db / dt == pytest.approx(4 * M, rel=0.01)
+    assert db >= 10 * M
+    small = parse_sample(out(M, 200, 10.0, 11.5, 11.5, [(1.05 + k * 0.05, 1 + k * 10) for k in range(10)]))
+    none = parse_sample(out(0, 0, 5.0, 6.0, 6.0, [(0.1, 1)]))     # tar's first checkpoint, before any byte
+    assert none.seconds == pytest.approx(1.0) and none.at == () and none.tail_s == 0
+    c0, per_byte, per_file = probe_fit({"none": none, "big": big, "small": small})
+    assert c0 == pytest.approx(1.0) and 1 / per_byte == pytest.approx(16 * M / 4.1, rel=0.05) and per_file > 0
+    assert parse_sample("dbclient: connection refused\n") is None

@@ -69,6 +69,7 @@ RATE_ROUNDS = 5                     # the recent rounds a prediction learns from
 # (what a byte costs), small files (what a file costs), and nothing (what a connection costs).
 PROBE_BYTES = 16 << 20
 PROBE_SMALL_FILES = 1000          # names: the excludes leave fewer (55 of 400 on the lab's source)
+PROBE_CP = 1                        # a probe's checkpoint: every record (10 KiB) extracted, its time
 PROBE_MIN = 128 << 20               # below this a first round is not probed (it takes about as long)
 
 S = MigrationState
@@ -297,19 +298,25 @@ PROBE = r"""
 KEY=$1 PORT=$2 UH=$3 DEST=$4 CMD=$5
 export HOME=/root
 P="$DEST/.ferry-probe" F=/run/ferry-probe.fifo N=/run/ferry-probe.n E=/run/ferry-probe.err
-rm -rf "$P" "$F" "$N" "$E"; mkdir -p "$P"; mkfifo "$F"
+C=/run/ferry-probe.cp T=/run/ferry-probe.at
+rm -rf "$P" "$F" "$N" "$E" "$C" "$T"; mkdir -p "$P"; mkfifo "$F" "$C"
 wc -c < "$F" > "$N" &
+# when each checkpoint of the extraction came (every PROBE_CP records): "@@at UPTIME RECORDS"
+awk '/tar: CP / { getline u < "/proc/uptime"; close("/proc/uptime"); split(u, a, " "); print "@@at", a[1], $NF }' \
+  < "$C" > "$T" &
 b=$(cut -d' ' -f1 /proc/uptime)
 files=$(dbclient -T -K 15 -W WINDOW -i "$KEY" -p "$PORT" "$UH" "$CMD" 2>"$E" </dev/null | tee "$F" \
-  | /bin/tar -x -v -f - -C "$P" TAR_EXTRACT 2>/dev/null | wc -l)
+  | /bin/tar -x -v -f - -C "$P" TAR_EXTRACT --checkpoint=PROBE_CP --checkpoint-action='echo=CP %u' 2>"$C" | wc -l)
 p=$(cut -d' ' -f1 /proc/uptime)
 sync
 e=$(cut -d' ' -f1 /proc/uptime)
 wait
 echo "@@probe $(cat "$N" 2>/dev/null || echo 0) $files $b $p $e"
 grep -a '^@@src ' "$E" | tail -n 1
-rm -rf "$P" "$F" "$N" "$E"
-""".replace("TAR_EXTRACT", " ".join(shlex.quote(a) for a in TAR_EXTRACT)).replace("WINDOW", str(RECEIVE_WINDOW))
+cat "$T"
+rm -rf "$P" "$F" "$N" "$E" "$C" "$T"
+""".replace("TAR_EXTRACT", " ".join(shlex.quote(a) for a in TAR_EXTRACT)).replace("WINDOW", str(RECEIVE_WINDOW)
+                                                                                ).replace("PROBE_CP", str(PROBE_CP))
 
 # Starts the pull under a token ($1 state folder, $2 token, $3 the RECEIVE script, then its arguments
 # after the state folder), unless a pull of that token runs or ended there. Prints "@@pull STATE":
@@ -501,17 +508,35 @@ async def remove_pull_key(t, name: str) -> None:
 
 
 class Sample(NamedTuple):
-    """One probe sample: what crossed, and its seconds (in all; of them the receiver's flush at the end;
-    the source's reading, its tar to its last byte, None when it did not say)."""
+    """One probe sample: what crossed, and its seconds (from its start to its last byte extracted, plus
+    the receiver's flush after it; of them the flush; the source's reading, its tar to its last byte,
+    None when it did not say)."""
     bytes: int
     files: int
     seconds: float
     flush_s: float
     reading_s: float | None
+    at: tuple[tuple[float, int], ...] = ()      # (seconds since its start, bytes extracted) at checkpoints
+    tail_s: float = 0.0                         # from its last byte to its stream's end (not counted)
+
+    def steady(self, skip: float = 0.25) -> tuple[float, int] | None:
+        """(seconds, bytes) from the first checkpoint past `skip` of the bytes to the last: the sample
+        without its start (the stream's ramp, what the guests first run)."""
+        if len(self.at) < 3:
+            return None
+        first = next(p for p in self.at if p[1] >= skip * self.at[-1][1])
+        dt, db = self.at[-1][0] - first[0], self.at[-1][1] - first[1]
+        return (dt, db) if dt > 0 and db > 0 else None
 
     def text(self) -> str:
         parts = [f"flush {self.flush_s:.1f} s"] + ([] if self.reading_s is None else
                                                     [f"source reading {self.reading_s:.1f} s"])
+        if self.at:
+            parts.append(f"first byte at {self.at[0][0]:.1f} s")
+        if (st := self.steady()) is not None:
+            parts.append(f"{_size(st[1] / st[0])}/s after its first quarter")
+        if self.tail_s >= 1:
+            parts.append(f"its stream ended {self.tail_s:.1f} s after its last byte, not counted")
         return f"{_size(self.bytes)} in {self.files} files, {self.seconds:.1f} s ({', '.join(parts)})"
 
 
@@ -524,13 +549,28 @@ async def _sample(mig: Migration, rx, unit: Unit, sample: str) -> Sample:
                               unit.dest, probe_command(mig, unit, sample)], timeout=600, check=True)
     except FerryError as e:
         raise _receiver_error(mig, e) from None
-    m, src = _marks(r.text(), "probe"), _marks(r.text(), "src")
-    if not m or len(m[0]) != 5:
+    got = parse_sample(r.text())
+    if got is None:
         raise PermanentError(f"the probe of {mig.name}'s data path said nothing", r.text().strip()[-200:])
+    return got
+
+
+def parse_sample(text: str) -> Sample | None:
+    """A sample from what PROBE printed (None when it printed no "@@probe" line). Timed to its last byte
+    extracted (its last checkpoint), then the flush: a stream that takes long to end after its data
+    (seen: 15 s now and then) says nothing of the data path."""
+    m, src = _marks(text, "probe"), _marks(text, "src")
+    if not m or len(m[0]) != 5:
+        return None
     n, files = int(m[0][0]), int(m[0][1])
     began, piped, ended = (float(v) for v in m[0][2:])
     reading = float(src[0][1]) - float(src[0][0]) if src and len(src[0]) == 2 else None
-    return Sample(n, files, max(0.0, ended - began), max(0.0, ended - piped), reading)
+    # checkpoint u comes as tar is about to read record u: u - 1 records have come (none: nothing yet)
+    at = tuple((float(v[0]) - began, (int(v[1]) - 1) * RECORD) for v in _marks(text, "at")
+               if len(v) == 2 and int(v[1]) > 1)
+    last = at[-1][0] if at else piped - began
+    flush = max(0.0, ended - piped)
+    return Sample(n, files, max(0.0, last) + flush, flush, reading, at, max(0.0, piped - began - last))
 
 
 def probe_fit(samples: dict[str, Sample]) -> tuple[float, float, float] | None:
