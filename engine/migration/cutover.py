@@ -454,7 +454,8 @@ class _Run:
         vm = await self._vm()
         mac = self.svc.host(vm.host).nics(vm)[0].mac
         await tgt.wait_target(self.target(), mac, self.final_ip, timeout=BOOT_TIMEOUT,
-                              progress=lambda last: self.ctx.progress(item=f"waiting for the target: {last}"))
+                              progress=lambda last: self.ctx.progress(item=f"waiting for the target: {last}"),
+                              between=lambda: self._announce(vm))
         took = time.time() - self.cp.get("boot_from", time.time())
         return f"the target answers SSH at {self.final_ip} ({took:.0f} s after its start)"
 
@@ -479,15 +480,22 @@ class _Run:
             raise PermanentError(f"the target does not have {self.final_ip}", r.text().strip())
         # The neighbours (a router above all) still map the address to the source's MAC: the target's
         # NIC announces itself (gratuitous ARP from the guest's own kernel), as after a live migration.
-        vm = await self._vm()
+        failed = await self._announce(await self._vm())
+        if failed:
+            self.ctx.log(f"the target's NIC could not announce {self.final_ip} ({failed}): neighbours learn its "
+                         "MAC when their ARP entries expire", "warning")
+            return f"{self.final_ip} on the target (not announced)"
+        return f"{self.final_ip} on the target, announced to its neighbours"
+
+    async def _announce(self, vm) -> str | None:
+        """The target's NICs announced (nics.announce): None, or why not. While the target boots, the
+        guest has no address yet and only the switches learn (harmless, cheap)."""
         try:
             async with await self.svc.qmp(vm) as q:
                 await nics.announce(q)
         except (FerryError, OSError, TimeoutError) as e:
-            self.ctx.log(f"the target's NIC could not announce {self.final_ip} ({getattr(e, 'message', None) or e}):"
-                         " neighbours learn its MAC when their ARP entries expire", "warning")
-            return f"{self.final_ip} on the target (not announced)"
-        return f"{self.final_ip} on the target, announced to its neighbours"
+            return getattr(e, "message", None) or str(e) or type(e).__name__
+        return None
 
     async def check_service(self) -> str:
         res = await tgt.check_service(self.target(), self.mig, self.final_ip, timeout=CHECK_TIMEOUT,

@@ -259,9 +259,11 @@ def target_transport(svc: VMService, mig: Migration, address: str):
                         use_agent=svc.pool.use_agent, connect_timeout=5)
 
 
-async def wait_target(t, mac: str, address: str, *, timeout: float, progress=None) -> None:
+async def wait_target(t, mac: str, address: str, *, timeout: float, progress=None, between=None) -> None:
     """Until the machine answering SSH at `address` is the target: one of its NICs has the target's MAC
-    (the source, parked, has another). Raises after `timeout` with what was last seen."""
+    (the source, parked, has another). `between`: awaited after each attempt that failed (the cutover
+    has the target announce itself: until it does, this machine and the routers between may still send
+    to the source's MAC). Raises after `timeout` with what was last seen."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while True:
@@ -278,6 +280,8 @@ async def wait_target(t, mac: str, address: str, *, timeout: float, progress=Non
                                  "see the target VM's serial log (ferry vm log)")
         if progress:
             progress(last)
+        if between:
+            await between()
         await asyncio.sleep(1.0)
 
 
