@@ -159,15 +159,17 @@ class _Peer:
             opened.start()      # its first bytes go after the answer that names the channel
 
     async def _events(self) -> None:
-        """Every event of the engine, as fast as this client reads them. The subscription coalesces
-        progress per task and is bounded, so a client that falls behind misses intermediate
-        progress, never a state change, and never slows the engine."""
+        """Every event of the engine, as fast as this client reads them, and never faster: the next
+        is taken from the subscription only once the connection's send buffer has room again, so
+        what waits for a slow client waits in its subscription, which is bounded and coalesces (see
+        engine/events.py). It misses intermediate progress and, told so, log lines; further behind,
+        it is told to read the task list again ("resync"); it never slows the engine."""
         sub = self.service.core.subscribe()
         try:
             while True:
-                for ev in await sub.wait():
-                    await self.send({"op": "event", "type": ev.type, "task_id": ev.task_id,
-                                     "data": api.to_builtins(ev.data), "ts": ev.ts})
+                ev = await sub.get()
+                await self.send({"op": "event", "type": ev.type, "task_id": ev.task_id,
+                                 "data": api.to_builtins(ev.data), "ts": ev.ts})
         except ConnectionError:
             pass
         finally:

@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -24,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from ferry.engine import api
-from ferry.engine.protocol import frame, hello
+from ferry.engine.protocol import frame, hello, recv_frame, short_path
 from ferry.engine.remote import RemoteEngine, connect
 from ferry.engine.taskmodel import TaskState
 from ferry.engine.workspace import Workspace
@@ -279,6 +280,72 @@ async def test_two_front_ends_see_the_same_task_and_each_others_actions(tmp_path
     finally:
         await a.close()
         await b.close()
+
+
+# ------------------------------------------------------------------ a front end that stops reading
+
+def rss_mib(pid: int) -> float:
+    """The resident memory of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS in /proc/{pid}/status")
+
+
+async def test_a_front_end_that_stops_reading_slows_no_task_and_is_told_to_read_the_task_list_again(
+        tmp_path, monkeypatch):
+    """A front end subscribes and then reads nothing from its socket while 400 quick tasks run: all
+    of them finish meanwhile, the engine's memory stays bounded, and when it reads again its
+    events (with the task list read again where it is told to) give it the engine's view."""
+    ws = Workspace(tmp_path / "ws")
+    monkeypatch.setenv("FERRY_EVENT_BACKLOG", "64")       # the engine holds 64 events for a client
+    other = await connect(ws, client="cli")
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        pid = other.engine_pid
+        s.settimeout(60)
+        with short_path(ws.root / "engine.sock") as where:
+            s.connect(where)
+        s.sendall(frame(api.encode(hello("console"))) + frame(api.encode({"op": "subscribe"})))
+        assert api.decode(recv_frame(s))["op"] == "hello"
+        first = await other.submit("test.flaky", {})
+        while (msg := api.decode(recv_frame(s)))["type"] != "created":      # subscribed: it sees the task come
+            pass
+        assert msg["task_id"] == first and (await other.wait_task(first, timeout=60)).state == TaskState.SUCCEEDED
+        before = rss_mib(pid)
+
+        # From here on the front end reads nothing.
+        tids = [await other.submit("test.flaky", {}) for _ in range(400)]
+        for tid in tids:
+            assert (await other.wait_task(tid, timeout=120)).state == TaskState.SUCCEEDED
+        grew = rss_mib(pid) - before
+        assert grew < 16, f"the engine grew by {grew:.0f} MiB while a front end read nothing"
+
+        # It reads again: created/state events carry the whole task; "resync" says read the task list.
+        view: dict[int, api.TaskInfo] = {}
+        told = []
+
+        async def caught_up() -> bool:
+            while select.select([s], [], [], 0)[0]:
+                msg = api.decode(recv_frame(s))
+                if msg["type"] in ("created", "state"):
+                    info = api.convert(msg["data"], api.TaskInfo)
+                    if info.id not in view or info.updated >= view[info.id].updated:
+                        view[info.id] = info
+                elif msg["type"] in ("resync", "lagged"):
+                    told.append(msg["type"])
+                    if msg["type"] == "resync":
+                        view.clear()
+                        view.update((t.id, t) for t in await other.list_tasks(limit=1000))
+            engine = {t.id: t.state for t in await other.list_tasks(limit=1000)}
+            return {tid: t.state for tid, t in view.items()} == engine
+
+        await until(caught_up, timeout=60, what="the front end's view of the tasks the engine's")
+        assert "resync" in told       # it was far behind: more than the engine holds for it
+        assert len(view) == 401 and all(t.state == TaskState.SUCCEEDED for t in view.values())
+    finally:
+        s.close()
+        await other.close()
 
 
 # ------------------------------------------------------------------ a console whose engine restarts

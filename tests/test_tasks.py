@@ -533,6 +533,72 @@ def test_subscription_keeps_order_and_replaces_progress():
     assert got[1].data.units_done == 999
 
 
+def test_a_subscription_that_falls_behind_drops_log_lines_first_and_says_how_many():
+    bus = EventBus()
+    sub = bus.subscribe()
+    rounds = sub.cap // 2       # state changes alone half the cap; with their log lines, twice it
+    states = []
+    for i in range(rounds):
+        tid = i % 7
+        bus.publish(Event("state", tid, ("running", i)))
+        states.append((tid, ("running", i)))
+        for j in range(3):
+            bus.publish(Event("log", tid, ("info", f"line {i}.{j}")))
+        bus.publish(Event("progress", tid, Progress(units_done=i)))
+        assert sub.pending() <= sub.cap
+    got = sub.drain()
+    assert [(e.task_id, e.data) for e in got if e.type == "state"] == states      # every one, in order
+    lagged, logs = got[0], [e for e in got if e.type == "log"]
+    assert lagged.type == "lagged" and [e.type for e in got].count("lagged") == 1
+    assert lagged.data["logs"] + len(logs) == 3 * rounds and lagged.data["logs"] > rounds
+    assert lagged.data["tasks"] == list(range(7))
+    assert logs[-1].data == ("info", f"line {rounds - 1}.2")        # the newest lines are the ones kept
+    assert {e.task_id: e.data.units_done for e in got if e.type == "progress"} == \
+        {tid: max(i for i in range(rounds) if i % 7 == tid) for tid in range(7)}     # each task's newest
+    bus.publish(Event("log", 1, ("info", "after")))
+    assert [(e.type, e.data) for e in sub.drain()] == [("log", ("info", "after"))]     # told once
+
+
+async def test_a_subscription_far_behind_loses_no_state_change_silently_and_its_reader_resyncs():
+    """Far more state changes than the cap, read slowly: the reader is told to read the task list
+    again, and the task list it reads then plus the events after make its view the engine's."""
+    bus = EventBus()
+    sub = bus.subscribe()
+    engine: dict[int, tuple[str, int]] = {}      # the engine's task list: id -> (state, updated)
+    view: dict[int, tuple[str, int]] = {}
+    delivered = told_dropped = 0
+    engine_said = []
+
+    def read(events: list[Event]) -> None:
+        nonlocal view, delivered, told_dropped
+        for e in events:
+            if e.type == "state":
+                delivered += 1
+                if e.data[1] >= view.get(e.task_id, ("", -1))[1]:
+                    view[e.task_id] = e.data
+            elif e.type == "resync":
+                told_dropped += e.data["dropped"]
+                view = dict(engine)         # what `list_tasks` answers now
+            elif e.type == "engine":
+                engine_said.append(e.data)
+
+    published = 0
+    for n in range(3 * sub.cap):
+        tid = n % 40
+        engine[tid] = (random.choice(["queued", "running", "paused", "succeeded"]), n)
+        bus.publish(Event("state", tid, engine[tid]))
+        published += 1
+        if n == 100:
+            bus.publish(Event("engine", data="draining"))
+        assert sub.pending() <= sub.cap
+        if n % 10 == 0:                      # a reader at a tenth of the pace
+            read([await sub.get()])
+    read(sub.drain())
+    assert sub.resyncs >= 1 and view == engine and engine_said == ["draining"]
+    assert delivered + told_dropped == published       # each state change went out, or was said lost
+    assert sub.pending() == 0
+
+
 async def test_audit_records_who_what_result_without_secrets(engine):
     tid = await engine.submit("test.hold", {"title": "x", "password": "hunter2", "nested": {"api_key": "k"}})
     await engine.cancel(tid)
