@@ -1,6 +1,11 @@
 """VM NICs on shared L2 segments (issue 12): VMs on different lab hosts — network namespaces
 reached over SSH — talk over the `lab` network; VMs on different VLANs of one network do not.
 Real QEMU (TCG), real taps and bridges, the guests' own busybox `ping` run through the agent.
+
+A VLAN leaves its host on the network's uplink (tests/harness/vlanhosts.py): two hosts whose
+uplinks are one wire, stand-ins for VM NICs on VLANs 10 and 20 of each, Ferry's own bridge and tap
+scripts; on a kernel with 802.1Q and bridge VLAN filtering (this machine's, or the live image's
+Debian kernel in a guest where this one has neither).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from ferry.engine.vm.nics import mac_for, tap_name, unique_macs
+from ferry.engine.vm.nics import mac_for, tap_name, unique_macs, vlan_uplink
+from harness import vlanhosts
 from harness.cli import ferry, ferry_process
 from harness.lab import ok
 from harness.netlab import guest_sh, netlab_workspace
@@ -30,6 +36,69 @@ def test_macs_are_stable_unique_and_locally_administered():
     macs = unique_macs("vm-3", 2, taken)
     assert macs[0] not in taken and len(set(macs)) == 2
     assert len(tap_name("0123456789abcdef", 3)) <= 15
+    assert vlan_uplink("eth1", 4094) == "eth1.4094"
+    long = vlan_uplink("enx0011223344ab", 4094)          # a 15-character uplink: the kernel's limit
+    assert len(long) <= 15 and long.endswith(".4094") and long != vlan_uplink("enx0011223344ac", 4094)
+
+
+# ------------------------------------------------------------------ VLANs across an uplink
+
+
+@pytest.fixture(scope="module")
+def vlan_runs():
+    """Both ways a VLAN leaves its host, run once for the module: `made` (br-x made by Ferry: it
+    filters VLANs) and `adopted` (br-x the operator's, holding the uplink, filtering off; MTU 1400)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces)")
+    runs = {"made": vlanhosts.scenario(f"fvm{os.getpid()}", adopted=False),
+            "adopted": vlanhosts.scenario(f"fva{os.getpid()}", adopted=True, mtu=1400)}
+    if all(vlanhosts.kernel_has_vlans()):
+        out = {name: vlanhosts.run_here(run) for name, run in runs.items()}
+    elif shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("this kernel has no 802.1Q or bridge VLAN filtering, and there is no qemu-system-x86_64 "
+                    "to boot one that has")
+    else:
+        out = vlanhosts.run_in_guest(runs)
+    return {name: vlanhosts.parse(text) for name, text in out.items()}
+
+
+def _crosses_and_stays_apart(run: vlanhosts.Outcome) -> None:
+    assert {k: v for k, v in run.scripts.items() if v != (0, "")} == {}, run.scripts
+    # each VLAN reaches its VLAN on the other host, over the only wire between them ...
+    assert run.pings[("a10", "b10")] and run.pings[("a20", "b20")], run.pings
+    # ... and nothing reaches another VLAN, across the wire or on its own host
+    assert not run.pings[("a10", "b20")] and not run.pings[("b10", "b20")] and not run.pings[("a10", "a20")], run.pings
+
+
+def test_a_vlan_crosses_the_uplink_tagged_on_a_bridge_ferry_makes(vlan_runs):
+    run = vlan_runs["made"]
+    _crosses_and_stays_apart(run)
+    assert run.filtering == {"hA": "1", "hB": "1"}                 # made VLAN-aware
+    assert run.uplink_vlans == {"hA": [1, 10, 20], "hB": [1, 10, 20]}     # the uplink carries both VLANs
+    assert set(run.sub.values()) == {(0, "")}                      # no sub-interface needed
+
+
+def test_an_adopted_bridge_keeps_its_filtering_off_and_vlans_leave_by_sub_interfaces(vlan_runs):
+    run = vlan_runs["adopted"]
+    _crosses_and_stays_apart(run)
+    assert run.filtering == {"hA": "0", "hB": "0"}                 # the operator's bridge, as it was
+    assert run.uplink_vlans == {"hA": [1], "hB": [1]}
+    assert run.sub == {(h, v): (1400, f"br-xv{v}") for h in ("hA", "hB") for v in (10, 20)}
+
+
+def test_where_the_kernel_has_no_802_1q_a_vlan_with_an_uplink_says_so_in_one_line():
+    """This project's test machines: the VLAN's own bridge cannot take a sub-interface of the uplink,
+    and a start that would leave the VLAN stuck on its host stops, saying why."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (network namespaces)")
+    if any(vlanhosts.kernel_has_vlans()):
+        pytest.skip("this kernel has 802.1Q or bridge VLAN filtering")
+    run = vlanhosts.parse(vlanhosts.run_here(vlanhosts.scenario(f"fvn{os.getpid()}", adopted=True)))
+    code, err = run.scripts[("hA", "bridges")]
+    assert code == 4 and err == ("network v10: VLAN 10 cannot leave host hA by its uplink eth1 (br-x does not "
+                                 "filter VLANs, so it takes eth1.10): the kernel has no 802.1Q VLAN interfaces "
+                                 "(load 8021q: modprobe 8021q)"), run.scripts
+    assert not any(run.pings.values())
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +178,27 @@ def test_a_network_whose_bridge_is_missing_refuses_the_start(netws):
         assert r.code != 0
         assert "bridge br-gone is missing on host lab1" in r.err and "create = true" in r.err
         assert {v["name"]: v for v in ok(ws, "vm", "list")}["ng"]["state"] == "stopped"
+    finally:
+        (ws / "config.toml").write_text(cfg)
+
+
+def test_a_vlan_that_cannot_leave_its_host_stops_the_start_in_one_line(netws):
+    """On a lab host of a kernel without 802.1Q or bridge VLAN filtering (this project's test machines),
+    a VLAN network with an uplink: `ferry vm start` says why the VLAN cannot leave lab1, nothing more."""
+    if any(vlanhosts.kernel_has_vlans()):
+        pytest.skip("this kernel has 802.1Q or bridge VLAN filtering: the VLAN leaves (test_a_vlan_crosses_...)")
+    ws, lab = netws
+    cfg = (ws / "config.toml").read_text()
+    try:
+        (ws / "config.toml").write_text(cfg + '[networks.up30]\nbridge = "br-lab"\nvlan = 30\nhosts = ["lab1"]\n'
+                                              'uplinks = { lab1 = "uplink" }\n')
+        ok(ws, "vm", "create", "nu", "--host", "lab1", "--network", "up30", "--memory", "128M")
+        r = ferry(ws, "vm", "start", "nu")
+        assert r.code != 0
+        last = r.err.strip().splitlines()[-1]           # the failed task's line, as for every task
+        assert last.startswith("ferry: task ") and "network up30: VLAN 30 cannot leave host lab1 by its uplink " \
+            "uplink" in last and "modprobe 8021q" in last and "(hint: " in last, r.err
+        assert {v["name"]: v for v in ok(ws, "vm", "list")}["nu"]["state"] == "stopped"
     finally:
         (ws / "config.toml").write_text(cfg)
 
