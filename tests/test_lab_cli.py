@@ -6,8 +6,8 @@ nothing. One lab for the module; the tests run in order, each on what the one be
 
 from __future__ import annotations
 
+import json
 import os
-
 import shutil
 import signal
 import subprocess
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ferry.engine.platform.labops import lab_of
+from ferry.engine.vm.nics import tap_name
 from harness.netlab import random_subnet
 from harness.cli import engine_pid, ferry, ferry_process
 from harness.lab import lab_workspace, ok
@@ -149,21 +150,43 @@ def test_the_engine_adopts_the_lab_as_it_starts(labws):
     assert after["lab1"] != before["lab1"]
 
 
+def _live(pid: int) -> bool:
+    """The process runs (a zombie waiting for its parent's wait() does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @needs
 def test_lab_down_leaves_nothing(labws):
     ws, lab = labws
+    # a VM running on the lab network: its QEMU in lab2's namespace, its tap on lab2's br-lab
+    if ok(ws, "vm", "show", "x")["state"] != "running":      # (lab down in an earlier test stopped it)
+        ok(ws, "vm", "start", "x")
+    x = ok(ws, "vm", "show", "x")
+    tap = tap_name(x["id"], 0)
+    assert _live(x["pid"]) and "qemu" in Path(f"/proc/{x['pid']}/cmdline").read_text()
+    assert tap in subprocess.run(["ip", "-n", lab.ns("lab2"), "-o", "link", "show", "master", "br-lab"],
+                                 capture_output=True, text=True).stdout
     pids = [h["sshd"] for h in ok(ws, "lab", "status")["hosts"]]
     down = ok(ws, "lab", "down")
     assert set(lab.namespaces) <= set(down["changed"])
     assert lab.tag not in subprocess.run(["ip", "-j", "netns", "list"], capture_output=True, text=True).stdout
-    assert lab.root_link not in subprocess.run(["ip", "-j", "link"], capture_output=True, text=True).stdout
+    links = [link["ifname"] for link in json.loads(subprocess.run(["ip", "-j", "link"], capture_output=True,
+                                                                  text=True).stdout)]
+    assert not [name for name in links if name in (lab.root_link, lab.vm_leg, tap)]
     assert lab.fence_table not in subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        assert state == "Z"
+    assert not [pid for pid in (x["pid"], *pids) if _live(pid)]
+    qemus = [p for p in Path("/proc").glob("[0-9]*/cmdline") if str(ws).encode() in _read(p) and b"qemu" in _read(p)]
+    assert not [p for p in qemus if _live(int(p.parent.name))], qemus
     assert ferry(ws, "engine", "stop").code == 0
     st = ferry(ws, "lab", "status", "--json")          # a new engine: what was taken down stays down
     assert st.code == 1 and not _answering(st.json)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
