@@ -58,14 +58,17 @@ def test_with_no_configuration_the_lab_is_three_namespaces_reached_over_ssh(two_
 
 def test_the_folder_lab_says_why_in_one_line(tmp_path, monkeypatch):
     """Without root (a test double for the uid: the suite runs as root) or with FERRY_LAB=folders, the
-    built-in lab is folders reached locally, and the reason is one line."""
+    built-in lab is folders reached locally, and the reason is one line, which also says that its VMs'
+    NICs are QEMU's user-mode networking (no network spans the hosts)."""
     monkeypatch.setenv("FERRY_LAB", "")
     monkeypatch.setattr(labops.os, "geteuid", lambda: 1000)
     why = labops.network_lab_default()
     assert why is not None and "not root" in why and "\n" not in why
+    assert "VM NICs use QEMU's user-mode networking" in why
     site = lab_config(tmp_path)
     assert {h.transport for h in site.hosts.values()} == {"local"} and not site.lab.network
     monkeypatch.undo()
     monkeypatch.setenv("FERRY_LAB", "folders")
-    assert "FERRY_LAB=folders" in labops.network_lab_default()
+    why = labops.network_lab_default()
+    assert "FERRY_LAB=folders" in why and "VM NICs use QEMU's user-mode networking" in why and "\n" not in why
     assert not lab_config(tmp_path).lab.network

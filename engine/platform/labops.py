@@ -70,16 +70,20 @@ def network_lab_default(workspace_root: Path | None = None) -> str | None:
     workspaces keep theirs)."""
     has_one = workspace_root is not None and (Path(workspace_root) / "lab" / "subnet").exists()
     if os.environ.get("FERRY_LAB", "").strip().lower() == "folders" and not has_one:
-        return "the lab's hosts are folders on this machine (FERRY_LAB=folders)"
+        return f"the lab's hosts are folders on this machine (FERRY_LAB=folders){FOLDER_LAB_NICS}"
     if os.geteuid() != 0:
         return ("the lab's hosts are folders on this machine: Ferry is not root, and a lab of network "
-                "namespaces reached over SSH needs root")
+                f"namespaces reached over SSH needs root{FOLDER_LAB_NICS}")
     path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     missing = [t for t in NETWORK_LAB_TOOLS if shutil.which(t, path=path) is None]
     if missing:
         return (f"the lab's hosts are folders on this machine: {', '.join(missing)} missing "
-                "(scripts/bootstrap.sh installs them)")
+                f"(scripts/bootstrap.sh installs them){FOLDER_LAB_NICS}")
     return None
+
+
+# what the folder lab's VMs get instead of a network spanning the hosts (no bridges, no taps)
+FOLDER_LAB_NICS = "; VM NICs use QEMU's user-mode networking, each isolated to its guest"
 
 
 def workspace_subnet(workspace_root: Path) -> str:
