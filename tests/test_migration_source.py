@@ -149,7 +149,8 @@ async def test_a_parked_source_comes_back_by_itself_when_the_go_live_timer_fires
 async def test_a_disarmed_timer_leaves_the_source_parked_and_a_rollback_brings_it_back_at_once(lab_source):
     source, park = lab_source
     t = transport(source)
-    iface = (await src_side.network_facts(t, NAME, source.address)).interface
+    facts = await src_side.network_facts(t, NAME, source.address)
+    iface = facts.interface
     assert (await src_side.stop_services(t, NAME, ["nginx"])).changed == ("nginx",)
     await src_side.arm(t, NAME, 120)
     _, tp = await src_side.park(t, NAME, source.address, park)
@@ -166,6 +167,14 @@ async def test_a_disarmed_timer_leaves_the_source_parked_and_a_rollback_brings_i
     assert not await serves(source)
     assert await src_side.restored(tp, NAME) is None
 
+    # the service address put back on its interface, as its DHCP client does when it rebinds its lease
+    # (the target holds that address now): the park's guard takes it off again at once
+    assert (await out(tp, f"systemctl is-active ferry-guard-{NAME}.service")).strip() == "active"
+    await out(tp, f"ip addr add {facts.cidr} dev {iface} valid_lft 3600 preferred_lft 3600")
+    await until(lambda: _said(tp, f"{SOURCE_DIR}/{NAME}/park.log", "taken off again"), timeout=60, every=1,
+                what="the park's guard taking the renewed address off")
+    await parked_at(tp, park, source, iface)
+
     await src_side.restore_now(tp, NAME)                                        # rollback
     t2 = transport(source)
     try:
@@ -174,10 +183,18 @@ async def test_a_disarmed_timer_leaves_the_source_parked_and_a_rollback_brings_i
         assert await serves(source)
         addrs = await out(t2, f"ip -o -4 addr show dev {iface}")
         assert f" {source.address}/" in addrs and f" {park.split('/')[0]}/" not in addrs, addrs
+        # the guard went with the park: the address restored stays
+        assert (await t2.sh(f"systemctl is-active ferry-guard-{NAME}.service")).stdout.strip() != b"active"
+        await asyncio.sleep(3)
+        assert f" {source.address}/" in await out(t2, f"ip -o -4 addr show dev {iface}")
         await src_side.cleanup(t2, NAME)
     finally:
         await t2.close()
         await t.close()
+
+
+async def _said(t, path: str, text: str) -> bool:
+    return text in (await t.sh(f"cat {path}")).stdout.decode(errors="replace")
 
 
 async def _source_clock_past(t, epoch: float) -> bool:

@@ -126,12 +126,12 @@ def summary(mig: Migration) -> dict[str, Any]:
 
 def dhcp_warning(name: str, address: str, lease_s: int) -> str:
     """What an operator must know when the address the target takes is a DHCP lease of the source: the
-    parked source's DHCP client renews it (at half the lease, by default) and may put it back on its
-    interface, beside the target holding it."""
-    return (f"the source's address {address} is a DHCP lease ({fmt.duration(lease_s)} left): the parked source's "
-            f"DHCP client may take it back when it renews, while the target holds it: finalize soon after go-live "
-            f"(ferry migration finalize {name} shuts the source down), or give the source this address statically "
-            "before the cutover")
+    park's guard keeps it off the parked source (source._GUARD), but the DHCP server still counts it the
+    source's lease and may hand it to another machine once it expires, while the target holds it."""
+    return (f"the source's address {address} is a DHCP lease ({fmt.duration(lease_s)} left): the DHCP server may "
+            f"give it to another machine once the lease expires, while the target holds it: reserve it for the "
+            f"target's MAC on the DHCP server, and finalize soon after go-live (ferry migration finalize {name} "
+            "shuts the source down)")
 
 
 def _precheck(mig: Migration) -> None:

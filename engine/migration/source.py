@@ -363,6 +363,10 @@ EOF
 _RESTORE = """: > "$D/restoring"                  # (a disarm from now on comes too late)
 rm -f "$D/golive.pid" "$D/golive.deadline"
 systemctl stop ferry-park-{name}.timer 2>/dev/null
+# the park's guard first (it would take the address off again): its unit, else its process group
+systemctl stop ferry-guard-{name}.service 2>/dev/null
+g=$(cat "$D/guard.pid" 2>/dev/null) && grep -q guard.sh "/proc/$g/cmdline" 2>/dev/null && kill -KILL "-$g" 2>/dev/null
+rm -f "$D/guard.pid"
 if [ -f "$D/park.env" ]; then
     . "$D/park.env"
     move "$PARK" "$ADDR" "$ROUTES"
@@ -386,7 +390,35 @@ echo "restored, $fail failed"
 _PARK = """. "$D/park.env"
 move "$ADDR" "$PARK" "$PARK_ROUTES"
 echo "$(date +%s) $fail" > "$D/.parked.tmp" && mv -f "$D/.parked.tmp" "$D/parked"
+# the guard keeps the service address off while parked (its own unit: this one's end would stop it)
+if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then
+    systemctl is-active --quiet ferry-guard-{name}.service || {{
+        systemctl reset-failed ferry-guard-{name}.service 2>/dev/null
+        step systemd-run --quiet --unit ferry-guard-{name} --description "Ferry: {name} parked, its address kept off" \
+            /bin/sh "$D/guard.sh"; }}
+else
+    g=$(cat "$D/guard.pid" 2>/dev/null)
+    [ -n "$g" ] && grep -q guard.sh "/proc/$g/cmdline" 2>/dev/null || \
+        setsid /bin/sh "$D/guard.sh" </dev/null >/dev/null 2>&1 &
+fi
 echo "parked, $fail failed"
+"""
+
+# While the source is parked (until a restore begins, or Ferry's folder goes): whatever puts the service
+# address back on its interface (a DHCP client renewing its lease, a network manager reapplying its
+# setup), it comes off again within a second, said in the park's log: the target holds that address.
+_GUARD = """#!/bin/sh
+# Ferry, the cutover of migration {name}: the parked source's service address kept off its interface.
+D={folder}
+echo $$ > "$D/guard.pid"
+. "$D/park.env"
+while [ -f "$D/parked" ] && [ ! -e "$D/restoring" ]; do
+    if [ -n "$(ip -o -4 addr show dev "$IF" to "${{ADDR%/*}}" 2>/dev/null)" ] && [ ! -e "$D/restoring" ]; then
+        ip addr del "$ADDR" dev "$IF" && echo "guard $(date -u +%FT%TZ): $ADDR came back on $IF while parked" \
+            "(a DHCP client renewing its lease?): taken off again" >> "$D/park.log"
+    fi
+    sleep 1
+done
 """
 
 
@@ -404,9 +436,10 @@ def _scripts(name: str) -> str:
                            "# back as it was (its address, routes, services; the park address gone)")
     restore += _RESTORE.format(name=name)
     park = _HEAD.format(name=name, folder=f, log="park", what="the source moved to its park address,\n"
-                        "# its gateway routes kept") + _PARK
+                        "# its gateway routes kept") + _PARK.format(name=name)
     return (_put('"$D/restore.sh"', restore, "0700")
-            + _put('"$D/park.sh"', park, "0700"))
+            + _put('"$D/park.sh"', park, "0700")
+            + _put('"$D/guard.sh"', _GUARD.format(name=name, folder=f), "0700"))
 
 
 def _later(delay: int, script: str) -> str:
@@ -687,6 +720,7 @@ async def cleanup(t: Transport, name: str) -> None:
 for u in "$U" "ferry-park-${U#ferry-golive-}"; do
     systemctl stop "$u.timer" 2>/dev/null; systemctl reset-failed "$u.timer" "$u.service" 2>/dev/null
 done
+systemctl stop "ferry-guard-${U#ferry-golive-}.service" 2>/dev/null
 stop_sleep
 rm -rf "$D"
 """)
