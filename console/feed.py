@@ -36,7 +36,7 @@ class SessionEvent:
     seq: int
     ts: float
     task_id: int | None
-    type: str            # created | state | log | engine
+    type: str            # created | state | log | engine | lagged | resync
     text: str
     level: str = "info"  # info | warning | error
 
@@ -64,6 +64,7 @@ class TaskFeed:
         self.loaded = asyncio.Event()
         self.error: str | None = None           # the last failed poll of state.db
         self.stale_since: float | None = None
+        self.resync_due = False                 # the engine dropped events for us: read the task list again
 
     # ------------------------------------------------------------------ what the view takes
 
@@ -84,6 +85,14 @@ class TaskFeed:
                 if not events:
                     continue
                 urgent = self.apply_events(events)
+                if self.resync_due:
+                    self.resync_due = False
+                    try:
+                        await self.refresh()
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:       # the poll reads it again and says why
+                        pass
                 since = time.monotonic() - self._last_flush
                 gap = (self.min_gap if urgent else self.progress_gap) - since
                 if gap > 0:
@@ -153,6 +162,18 @@ class TaskFeed:
                 self.engine_state = str(ev.data)
                 self._note(ev, f"engine {ev.data}", "info" if ev.data == "running" else "warning")
                 self._dirty.add(0)
+            elif ev.type == "lagged" and isinstance(ev.data, dict):
+                # this console fell behind: log lines the engine dropped for it (each task's log has them)
+                tasks = [t for t in ev.data.get("tasks") or [] if isinstance(t, int)]
+                self._note(ev, f"{ev.data.get('logs', 0)} log line(s) not shown here (this console fell behind); "
+                               f"the task logs have them: tasks {', '.join(map(str, tasks)) or '-'}", "warning")
+                for t in tasks:             # their logs are read again
+                    self.log_events[t] = self.log_events.get(t, 0) + 1
+                    self._dirty.add(t)
+            elif ev.type == "resync":
+                # fell so far behind that state changes were dropped: the task list is read again
+                self._note(ev, "this console fell behind the engine: the task list is read again", "warning")
+                self.resync_due = True
         return urgent
 
     def _put(self, info: TaskInfo) -> None:

@@ -348,6 +348,51 @@ async def test_a_front_end_that_stops_reading_slows_no_task_and_is_told_to_read_
         await other.close()
 
 
+async def test_a_console_that_fell_behind_reads_the_task_list_again_when_told(tmp_path, monkeypatch):
+    """The console's task feed (console/feed.py) stops reading its socket (its event loop blocked)
+    while another process's 300 tasks run: the engine drops state changes for it and tells it to
+    resynchronise; the feed, which polls nothing here, then has every task as the engine has it and
+    says in :events that it fell behind."""
+    import threading
+
+    from ferry.console.feed import TaskFeed
+    ws = Workspace(tmp_path / "ws")
+    monkeypatch.setenv("FERRY_EVENT_BACKLOG", "32")
+    c = await connect(ws, client="console")
+    feed = TaskFeed(c, lambda: None)
+    reader = asyncio.create_task(feed.run_events())      # its events only: no poll of the task list
+    done = threading.Event()
+
+    def other_process() -> None:
+        async def run() -> None:
+            o = await connect(ws, client="cli")
+            try:
+                for tid in [await o.submit("test.flaky", {}) for _ in range(300)]:
+                    assert (await o.wait_task(tid, timeout=120)).state == TaskState.SUCCEEDED
+            finally:
+                await o.close()
+                done.set()
+        asyncio.run(run())
+    try:
+        first = await c.submit("test.flaky", {})
+        await until(lambda: first in feed.tasks and feed.tasks[first].state == TaskState.SUCCEEDED, timeout=60,
+                    what="the feed following its first task")
+        worker = threading.Thread(target=other_process)
+        worker.start()
+        assert done.wait(timeout=300)            # (blocks this loop: the feed reads nothing meanwhile)
+        worker.join()
+
+        async def caught_up() -> bool:
+            engine = {t.id: t.state for t in await c.list_tasks(limit=1000)}
+            return len(engine) == 301 and {t: i.state for t, i in feed.tasks.items()} == engine
+        await until(caught_up, timeout=60, what="the feed's tasks the engine's")
+        assert any(e.type == "resync" and "fell behind" in e.text for e in feed.session_events)
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await c.close()
+
+
 # ------------------------------------------------------------------ a console whose engine restarts
 
 def console_of(root: Path):
