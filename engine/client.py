@@ -338,8 +338,9 @@ class EngineClient:
             if action == "status":
                 out = await asyncio.to_thread(labops.status, lab, configured=configured)
                 if self.site.is_lab and not configured:
-                    why = labops.network_lab_default(self.workspace.root) or \
+                    why = labops.network_lab_default(self.workspace.root) or (
                         "the lab's hosts are folders on this machine (made so when the workspace was)"
+                        + labops.FOLDER_LAB_NICS)
                     out = dataclasses.replace(out, folders=why)
                 return out
             if action == "up":
