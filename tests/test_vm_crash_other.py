@@ -1,7 +1,8 @@
-"""Issue 10: Ferry killed (`kill -9`) in the middle of a delete, start, hibernate or export, then the same
-command again (or `ferry task resume`, or `ferry task cancel`): the job ends done, or undone, and nothing
-is left half-way. Real QEMU (TCG), real qcow2, real files; Ferry runs as a child process that is killed
-at a point read from its task's row in state.db (tests/harness/chaos.py)."""
+"""Issue 10: Ferry killed (`kill -9`) in the middle of a delete, start (of a hibernated VM too), shutdown,
+hibernate, restore or purge (the recycle bin) or export, then the same command again (or `ferry task
+resume`, or `ferry task cancel`): the job ends done, or undone, and nothing is left half-way. Real QEMU
+(TCG), real qcow2, real files; Ferry runs as a child process that is killed at a point read from its
+task's row in state.db, or from the files it works on (tests/harness/chaos.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from ferry.engine.vm.hostops import RECYCLE_DIR
 from ferry.engine.vm.model import process_name
 from harness.chaos import Kill, at_fraction, fraction, hidden_leftovers, kill_at
 from harness.cli import ferry
 from harness.lab import lab_workspace, ok, vms
+from harness.qemu import sha256
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="needs qemu-system-x86_64")
 MiB = 1 << 20
@@ -182,6 +185,117 @@ def test_hibernate_killed_cancelled_runs_on_and_resumed_ends_hibernated(ws):
     ok(ws, "vm", "stop", "hb", "--force")
 
 
+def test_shutdown_killed_as_it_asks_the_guest_ends_stopped_on_the_rerun(ws):
+    vm_id = ok(ws, "vm", "create", "sd", "--host", "lab1", "--disk", "32M", "--memory", "192M")["id"]
+    assert ok(ws, "vm", "start", "sd")["agent"] is True
+
+    # Killed as it asks the guest (through its agent) to power off: asked or not, the rerun knows.
+    tid = killed(kill_at(ws, "vm", "stop", "sd", when=lambda t: (t["checkpoint"] or {}).get("asked") is True))
+    assert task(ws, tid)["state"] == "interrupted"
+    assert vms(ws)["sd"]["busy"] == tid, "the VM stays its task's until that task is done"
+
+    out = ok(ws, "vm", "stop", "sd")
+    assert out["task"] == tid, "the same command goes on with the task it had begun"
+    assert task(ws, tid)["state"] == "succeeded"
+    v = vms(ws)["sd"]
+    assert (v["state"], v["busy"]) == ("stopped", None) and not qemus_of(vm_id)
+
+
+def test_start_of_a_hibernated_vm_killed_as_qemu_starts_resumes_its_guest_on_the_rerun(ws):
+    vm_id = ok(ws, "vm", "create", "hr", "--host", "lab1", "--disk", "32M", "--memory", "256M",
+               "--boot", "live")["id"]
+    ok(ws, "vm", "start", "hr")
+    state_file = Path(ok(ws, "vm", "hibernate", "hr")["state_file"])
+
+    # Killed as QEMU starts to load the saved memory: the rerun adopts that QEMU (or starts the one
+    # it did not get to), and the guest runs from its saved state, never from a fresh boot.
+    tid = killed(kill_at(ws, "vm", "start", "hr", when=item_at("starting QEMU")))
+    assert task(ws, tid)["state"] == "interrupted" and vms(ws)["hr"]["busy"] == tid
+
+    out = ok(ws, "vm", "start", "hr")
+    assert out["task"] == tid and out.get("resumed") is True
+    assert vms(ws)["hr"]["state"] == "running" and qmp_status(ws, vm_id) == "running"
+    assert len(qemus_of(vm_id)) == 1 and not state_file.exists()
+    ok(ws, "vm", "stop", "hr", "--force")
+
+
+# ------------------------------------------------------------------ restore, purge (the recycle bin)
+
+def binned(ws: Path) -> dict[str, dict]:
+    """The recycle bin, by name, as `ferry vm list --recycled --json` shows it."""
+    return {v["name"]: v for v in ok(ws, "vm", "list", "--recycled")}
+
+
+def in_bin(ws: Path, name: str, n: int) -> tuple[list[Path], dict[Path, str]]:
+    """A stopped VM `name` with n small disks holding data, moved to the recycle bin: its disks' paths
+    and their contents' digests."""
+    made = ok(ws, "vm", "create", name, "--host", "lab1", *[a for _ in range(n) for a in ("--disk", "32M")])
+    disks = [Path(d) for d in made["disks"]]
+    for i, d in enumerate(disks):
+        qemu_io(str(d), f"write -P {0x30 + i} 0 24M")
+    sums = {d: sha256(d) for d in disks}
+    ok(ws, "vm", "delete", name, "--delayed", "--confirm", name)
+    assert not any(d.exists() for d in disks) and binned(ws)[name]["state"] == "recycled"
+    return disks, sums
+
+
+def bin_folder(disk: Path, vm_id: str) -> Path:
+    """The VM's folder in the recycle bin of the datastore that holds `disk`."""
+    return disk.parents[1] / RECYCLE_DIR / vm_id
+
+
+def test_restore_killed_mid_way_cancelled_is_whole_in_the_bin_and_resumed_comes_back(ws):
+    disks, sums = in_bin(ws, "rs", 4)
+    vm_id = binned(ws)["rs"]["id"]
+    moving = lambda t: disks[0].exists()      # noqa: E731  (the first disk is back in place, three to go)
+
+    # Killed as it moves the disks out of the bin, then cancelled: back in the bin, whole.
+    tid = killed(kill_at(ws, "vm", "restore", "rs", when=moving))
+    assert "rs" not in vms(ws), "a VM half out of the recycle bin is not shown as a usable one"
+    ok(ws, "task", "cancel", str(tid))
+    assert task(ws, tid)["state"] == "cancelled"
+    v = binned(ws)["rs"]
+    assert (v["state"], v["busy"]) == ("recycled", None)
+    assert not any(d.exists() for d in disks) and not disks[0].parent.exists()
+    assert sorted(p.name for p in bin_folder(disks[0], vm_id).rglob("*.qcow2")) == sorted(d.name for d in disks)
+
+    # Killed again, then resumed: restored, every disk as it was, nothing left in the bin.
+    tid = killed(kill_at(ws, "vm", "restore", "rs", when=moving))
+    ok(ws, "task", "resume", str(tid))
+    assert task(ws, tid)["state"] == "succeeded"
+    assert vms(ws)["rs"]["state"] == "stopped" and "rs" not in binned(ws)
+    assert {d: sha256(d) for d in disks} == sums
+    assert not bin_folder(disks[0], vm_id).exists()
+
+
+def test_purge_killed_shows_deleting_and_the_rerun_finishes_it(ws):
+    disks, _ = in_bin(ws, "pg", 4)
+    vm_id = binned(ws)["pg"]["id"]
+    folder = bin_folder(disks[0], vm_id)
+    args = ("vm", "purge", "pg", "--confirm", "pg")
+
+    tid = killed(kill_at(ws, *args, when=item_at("purging pg")))
+    assert task(ws, tid)["state"] == "interrupted"
+    v = binned(ws)["pg"]
+    assert (v["state"], v["busy"]) == ("deleting", tid), "a VM half purged is shown as what it is"
+    line = refused(ws, "vm", "restore", "pg")
+    assert f"task {tid}" in line and f"ferry task resume {tid}" in line
+
+    # Cancelled: what it removed cannot come back; it stays "deleting", and a purge finishes it.
+    ok(ws, "task", "cancel", str(tid))
+    t = task(ws, tid)
+    assert t["state"] == "cancelled" and "ferry vm purge pg --confirm pg" in t["error"]
+    v = binned(ws)["pg"]
+    assert (v["state"], v["busy"]) == ("deleting", None)
+    line = refused(ws, "vm", "restore", "pg")
+    assert "pg was partly purged" in line and "ferry vm purge pg --confirm pg" in line
+
+    tid = killed(kill_at(ws, *args, when=item_at("purging pg")))
+    again = ok(ws, *args)
+    assert again["task"] == tid and again["purged"] == ["pg"]
+    assert "pg" not in binned(ws) and "pg" not in vms(ws) and not folder.exists()
+
+
 # ------------------------------------------------------------------ export
 
 def test_export_killed_three_times_then_rerun_finishes_one_package_and_leaves_nothing(ws, scratch):
@@ -243,3 +357,4 @@ def test_paused_export_cancelled_leaves_no_staging_folder(ws, scratch):
     kept, left = asyncio.run(go())
     assert kept, "paused, the export keeps its staging folder"
     assert left == [] and not out.exists(), "cancelled, it removes it"
+

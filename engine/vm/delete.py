@@ -11,6 +11,8 @@ A delete is two-phase and visible, and goes on after its Ferry process was kille
    delete is moved back instead.
 3. The record is deleted (delayed: recycled). A resume that finds it so is done.
 Restore and purge are idempotent the same way: each move or removal looks whether it is done already.
+A purge marks the VM "deleting" (still in the bin) before its files go, and a restore cancelled
+half-way moves what it had moved back into the bin.
 """
 
 from __future__ import annotations
@@ -299,6 +301,29 @@ class RestoreVM(VMTask):
         ctx.log(f"{vm.name} restored from the recycle bin")
         return {"vm": vm.name}
 
+    async def rollback(self, ctx: TaskContext) -> None:
+        """A restore cancelled half-way: the files it had moved out go back into the recycle bin, so the
+        VM is whole there again (and may be restored or purged)."""
+        cp = ctx.checkpoint or {}
+        if not cp.get("vm_id"):
+            return
+        svc = VMService.of(ctx.engine)
+        row = await svc.store.call(svc.store.vm_row, cp["vm_id"])
+        if row is None or row["busy"] not in (None, ctx.id):
+            return
+        vm = VMSpec.from_dict(row["spec"])
+        if not row["recycled"]:
+            raise PermanentError(f"the restore of {vm.name} had finished; it is out of the recycle bin",
+                                 f"delete it again if it should not be: ferry vm delete {vm.name} --delayed")
+        h = svc.host(vm.host)
+        # Only a file back in its place and gone from the bin is one this task moved out.
+        moves = [(src, dst) for src, dst in await _bin_moves(h, vm) if not await h.exists(dst)]
+        await _move_all(h, moves)
+        await _drop_empty_dirs(h, vm)
+        await svc.update(vm.id, busy=None)
+        if moves:
+            ctx.log(f"{vm.name} is whole in the recycle bin again: {len(moves)} file(s) moved back into it")
+
 
 @register
 class PurgeVM(VMTask):
@@ -331,11 +356,31 @@ class PurgeVM(VMTask):
             if row is not None and row["recycled"]:      # not purged yet, nor restored meanwhile
                 vm = VMSpec.from_dict(row["spec"])
                 async with working_on(ctx, row):
+                    # Shown while its files go, as a delete is (a rerun or resume finishes it): a record
+                    # half purged never looks restorable.
+                    if row["state"] != VMState.DELETING:
+                        await svc.update(vm.id, state=VMState.DELETING)
+                    ctx.progress(item=f"purging {name}")
                     await _drop_recycle_dirs(svc.host(vm.host), vm)
                     await svc.store.call(svc.store.vm_delete, vm.id)
                 ctx.log(f"{name} purged from the recycle bin")
             purged.append(name)
         return {"purged": purged}
+
+    async def rollback(self, ctx: TaskContext) -> None:
+        """What a purge removed cannot come back: a VM it had begun to purge stays "deleting" (no longer
+        held by the task), for a purge to finish; one it had not begun is left as it was."""
+        svc = VMService.of(ctx.engine)
+        begun = []
+        for vm_id, name in ((ctx.checkpoint or {}).get("vms") or {}).items():
+            row = await svc.store.call(svc.store.vm_row, vm_id)
+            if row is not None and row["busy"] == ctx.id:
+                await svc.update(vm_id, busy=None)
+                if row["state"] == VMState.DELETING:
+                    begun.append(name)
+        if begun:
+            raise PermanentError(f"the purge of {', '.join(begun)} had begun, so it stays 'deleting' in the recycle "
+                                 f"bin; `ferry vm purge {begun[0]} --confirm {begun[0]}` finishes it")
 
 
 async def _drop_recycle_dirs(h: HostOps, vm: VMSpec) -> None:

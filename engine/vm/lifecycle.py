@@ -4,9 +4,10 @@ and resume (QMP stop and cont: the guest halted where it is, its memory kept in 
 Each goes on after its Ferry process was killed at any instant (`ferry task resume`, or the same
 command again): it saves, before it acts, a checkpoint saying what it is about to do, and a resumed
 run looks at the VM as it is before doing it again. Start adopts a QEMU that an interrupted run
-launched (never a second one); shutdown records a VM that is off as stopped; hibernate ends either
-hibernated (the state file complete under its final name, and recorded) or running as before, then
-hibernates again: a state file is named final only once complete and flushed.
+launched (never a second one); shutdown records a VM that is off as stopped, and asks again a guest it
+does not know it asked; hibernate ends either hibernated (the state file complete under its final
+name, and recorded) or running as before, then hibernates again: a state file is named final only
+once complete and flushed.
 """
 
 from __future__ import annotations
@@ -370,6 +371,12 @@ class ShutdownVM(VMTask):
                     return {"vm": vm.name, "mode": mode, "agent": await _wait_agent(svc, vm, BOOT_TIMEOUT)}
                 return None
             if mode != "force" and await h.pid(vm) is not None:
+                if not ctx.checkpoint.get("sent"):
+                    # Killed before it knew the guest was asked: asked (again: a second ask does no harm),
+                    # not waited for in vain; a guest already going down may no longer answer.
+                    with contextlib.suppress(FerryError):
+                        async with await svc.agent(vm) as ga:
+                            await ga.shutdown("powerdown")
                 await wait_exit(h, vm, timeout, ctx)     # the guest may still be shutting down
             if await h.pid(vm) is not None:
                 return None
@@ -407,6 +414,7 @@ class ShutdownVM(VMTask):
                 return {"vm": vm.name, "mode": mode, "agent": agent}
             async with ga:
                 await ga.shutdown("powerdown")
+            await ctx.save_checkpoint({"vm_id": vm.id, "asked": True, "sent": True})
             if not await wait_exit(h, vm, timeout, ctx):
                 raise PermanentError(f"{vm.name} did not power off within {timeout:g} s after the agent's shutdown",
                                      f"look at its console, or force it: ferry vm stop {vm.name} --force")

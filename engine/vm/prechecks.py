@@ -78,6 +78,11 @@ def refusal(action: str, vm: VMView | None, *, busy_task: str | None = None,
     st = vm.state
     tpl = vm.is_template
     if vm.in_bin:
+        if action == "vm_restore" and st is VMState.DELETING and not (task and vm.busy == task):
+            if vm.busy:
+                return _unfinished(action, vm, st, busy_task)
+            return Refusal(f"{name} was partly purged", f"finish the purge: ferry vm purge {name} --confirm {name}",
+                           "del purges it to the end")
         if action in ("vm_restore", "vm_delete", "vm_purge"):
             return None
         return Refusal(f"{name} is in the recycle bin", f"restore it first: ferry vm restore {name}",
