@@ -358,3 +358,39 @@ def test_paused_export_cancelled_leaves_no_staging_folder(ws, scratch):
     assert kept, "paused, the export keeps its staging folder"
     assert left == [] and not out.exists(), "cancelled, it removes it"
 
+
+def test_a_resumed_export_makes_again_a_converted_disk_changed_after_its_task_died(ws, scratch):
+    """Nothing written after the task died is trusted: a VHD converted before the kill, then changed in
+    place without changing its size (as a stray helper would), is converted again; whether it had been
+    hashed (read through again to its digest) or not yet (compared with its source)."""
+    made = ok(ws, "vm", "create", "vx", "--host", "lab1", "--disk", "64M", "--disk", "128M")
+    srcs = made["disks"]
+    qemu_io(srcs[0], "write -P 0x3c 0 40M")
+    qemu_io(srcs[1], "write -P 0x5d 0 96M")
+    out = scratch / "vx.ova"
+    args = ("vm", "export", "vx", "--out", str(out))
+
+    def recorded(what: str):
+        return lambda t: "vx-disk0.vhd" in ((t["checkpoint"] or {}).get(what) or {})
+
+    def spoil() -> None:
+        """disk0's VHD in the staging folder changed halfway through, its size kept."""
+        [stage] = hidden_leftovers(scratch)
+        vhd = stage / "vx-disk0.vhd"
+        size = vhd.stat().st_size
+        with open(vhd, "r+b") as f:
+            f.seek(size // 2)
+            f.write(b"\xee" * 65536)
+        assert vhd.stat().st_size == size
+
+    tid = killed(kill_at(ws, *args, when=recorded("sizes")))      # disk0 converted, disk1 is next
+    spoil()
+    assert killed(kill_at(ws, *args, when=recorded("digests"))) == tid     # disk0 hashed, disk1's hash next
+    spoil()
+    assert ok(ws, *args)["task"] == tid
+    assert hidden_leftovers(scratch) == []
+
+    ok(ws, "vm", "import", str(out), "--host", "lab2", "--name", "vx-back")
+    backs = [d["path"] for d in vms(ws)["vx-back"]["disks"]]
+    for src, back in zip(srcs, backs, strict=True):
+        assert subprocess.run(["qemu-img", "compare", "-U", src, back], capture_output=True).returncode == 0, back

@@ -119,13 +119,13 @@ async def export_package(t: Transport, spec: OvfSpec, disk_paths: dict[str, str]
     """Write `spec` and its disks (converted to dynamic VHD) as an OVF folder or an .ova file at `out`.
 
     The package is made in a staging folder next to `out` (named `stage`, or a new random name), one
-    step at a time (convert each disk, hash
-    each disk, write the descriptor and the manifest, tar them for an OVA), and moved into place at the
-    end. After each durable step `save` gets the state of the export; given back as `state`, it lets an
-    interrupted export go on from there (when the staging folder is intact and the VM's disks have not
-    changed since), else the export starts over. An interruption for which `keep()` is true (a pause)
-    keeps the staging folder; anything else removes it. Progress counts each disk's virtual size once
-    per step, so its total is known from the start and never changes.
+    step at a time (convert each disk, hash each disk, write the descriptor and the manifest, tar them
+    for an OVA), and moved into place at the end. After each durable step `save` gets the state of the
+    export; given back as `state`, it lets an interrupted export go on from there (when the staging
+    folder is intact and the VM's disks have not changed since), else the export starts over; a disk it
+    had converted counts only once checked again (_converted_before). An interruption for which
+    `keep()` is true (a pause) keeps the staging folder; anything else removes it. Progress counts each
+    disk's virtual size once per step, so its total is known from the start and never changes.
 
     Returns {"path": out, "files": {file: sha256}, "bytes": size of the package}."""
     check_spec(spec)
@@ -177,10 +177,11 @@ async def export_package(t: Transport, spec: OvfSpec, disk_paths: dict[str, str]
             src, fmt = sources[d.name]
             dst = posixpath.join(stage, d.file)
             label = f"converting {d.name} to {d.file}"
-            done = await t.stat(dst)
-            if d.file in sizes and done is not None and done.size == sizes[d.file]:
+            if await _converted_before(t, src, fmt, dst, sizes.get(d.file), digests.get(d.file),
+                                       lambda f, what, d=d: meter.show(int(d.capacity * f), what)):
                 meter.advance(d.capacity, f"{label}: done before")
                 continue
+            # Cut short, or changed after its task died: made again.
             sizes.pop(d.file, None)
             digests.pop(d.file, None)
             await _convert(t, ["-f", fmt, "-O", "vpc", "-o", "subformat=dynamic,force_size=on", src, dst],
@@ -241,6 +242,23 @@ async def export_package(t: Transport, spec: OvfSpec, disk_paths: dict[str, str]
         await asyncio.shield(_rmtree(t, stage))
         raise
     return {"path": out, "files": files, "bytes": total_bytes}
+
+
+async def _converted_before(t: Transport, src: str, fmt: str, vhd: str, size: int | None, digest: str | None,
+                            report: Callable[[float, str], None]) -> bool:
+    """Does the VHD an interrupted run converted from `src` (its size in the checkpoint) still hold what
+    it did? Nothing written after that run died is trusted: hashed since, the VHD is read through again
+    to that digest (the manifest's); not yet, it is compared with its source. `report(fraction, what)`."""
+    st = await t.stat(vhd)
+    if size is None or st is None or st.size != size:
+        return False
+    name = posixpath.basename(vhd)
+    if digest:
+        what = f"checking {name} (converted before) against its digest"
+        return await _hash_file(t, vhd, "SHA256", lambda n: report(n / size if size else 1.0, what)) == digest.lower()
+    what = f"comparing {name} (converted before) with its source"
+    r = await qemu_img_progress(t, ["compare", "-f", fmt, "-F", "vpc", src, vhd], lambda f: report(f, what))
+    return r.ok
 
 
 def _scaled(n: int, of: int, to: int) -> int:
