@@ -7,6 +7,9 @@ task left, because a rollback could not finish or an older Ferry made it, is fou
 - files in the datastores whose names say a task made them for a while, when that task has ended
   (and the hidden temporary files of Ferry versions before these names: `.ferry-import-*`,
   `*.ferry-tmp*`);
+- the same next to the output paths the store records for tasks (an export stages its package
+  beside its output, wherever that is): a staging folder whose task's records are gone, or one an
+  earlier Ferry made under a random name (`.OUT.ferry-tmp-*`);
 - VM records left "incomplete" by a task that ended, with their disks.
 What an unfinished task (paused, interrupted, failed) holds is its own: it is listed as kept, with
 the way to release it (cancel the task: it rolls back).
@@ -14,6 +17,7 @@ the way to release it (cancel the task: it rolls back).
 
 from __future__ import annotations
 
+import posixpath
 import re
 import shlex
 from dataclasses import asdict, dataclass, field
@@ -82,9 +86,12 @@ async def find(client: Any) -> list[Leftover]:
         out.append(item)
         seen.update((row["host"], p) for p in disks)
 
-    for host, ds in _datastores(client):
-        for path in await _named(client, host, ds):
-            if (host, path) in seen:
+    beside = _outputs(client, tasks.values())
+    places = [(host, ds, 2, _ferry_named) for host, ds in _datastores(client)] + \
+        [(host, folder, 1, _staging_of(bases)) for (host, folder), bases in beside.items()]
+    for host, folder, depth, keep in places:
+        for path in await _named(client, host, folder, depth):
+            if (host, path) in seen or not keep(PurePosixPath(path).name):
                 continue
             m = TASK_NAME_RE.search(PurePosixPath(path).name)
             tid = int(m.group(1)) if m else None
@@ -138,17 +145,43 @@ def _datastores(client: Any) -> list[tuple[str, str]]:
     return out
 
 
-async def _named(client: Any, host: str, ds: str) -> list[str]:
-    """Paths in the datastore (and one level down) whose names are Ferry's temporary names."""
-    script = ("find " + shlex.quote(ds) + " -mindepth 1 -maxdepth 2 \\( -name '*.ferry-task*' -o -name "
-              "'.ferry-import-*' -o -name '*.ferry-tmp*' \\) -print -prune 2>/dev/null; true")
+def _outputs(client: Any, tasks: Any) -> dict[tuple[str, str], set[str]]:
+    """(host, folder) -> the names of the outputs tasks were given there (params out, on params host)."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for t in tasks:
+        p = t["params"] or {}
+        path, host = p.get("out"), p.get("host")
+        if isinstance(path, str) and path.startswith("/") and host in client.site.hosts:
+            folder, base = posixpath.split(posixpath.normpath(path))
+            if folder != "/" and base:
+                out.setdefault((host, folder), set()).add(base)
+    return out
+
+
+def _ferry_named(name: str) -> bool:
+    """A name a task gives what it makes for a while, or one of an earlier Ferry's temporary names."""
+    return bool(TASK_NAME_RE.search(name) or LEGACY_RE.search(name))
+
+
+def _staging_of(bases: set[str]) -> Any:
+    """Beside the outputs `bases`: the staging folder of one of them, named after its task (or at random
+    by an earlier Ferry); nothing else (the folder is the operator's, and may hold other things of Ferry's)."""
+    def keep(name: str) -> bool:
+        return any(name.startswith(f".{b}.ferry-tmp-") or name.startswith(f".{b}.ferry-task") for b in bases) \
+            and _ferry_named(name)
+    return keep
+
+
+async def _named(client: Any, host: str, folder: str, depth: int) -> list[str]:
+    """Paths in the folder (down to `depth` levels) whose names may be Ferry's temporary names."""
+    script = ("find " + shlex.quote(folder) + f" -mindepth 1 -maxdepth {int(depth)} \\( -name '*.ferry-task*' -o "
+              "-name '.ferry-import-*' -o -name '*.ferry-tmp*' \\) -print -prune 2>/dev/null; true")
     try:
         with detached():
             r = await client.transports.get(host).run(["sh", "-c", script], timeout=120)
     except (FerryError, OSError):
         return []
-    paths = [p for p in r.stdout.decode("utf-8", "replace").splitlines() if p.strip()]
-    return [p for p in paths if TASK_NAME_RE.search(PurePosixPath(p).name) or LEGACY_RE.search(PurePosixPath(p).name)]
+    return [p for p in r.stdout.decode("utf-8", "replace").splitlines() if p.strip()]
 
 
 async def _sizes(client: Any, items: list[Leftover]) -> None:

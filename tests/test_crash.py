@@ -260,3 +260,32 @@ def test_a_cancelled_file_replication_leaves_no_partly_written_file(tmp_path):
     assert r.code == 0, r.err
     assert not list(dst.rglob(".ferry-part.*"))
     assert tasks_json(ws)[k.task_id]["state"] == "cancelled"
+
+
+def test_gc_finds_staging_folders_left_next_to_an_export_outside_the_datastores(tmp_path):
+    """An export stages its package next to its output, wherever that is. A staging folder there that no
+    task tracks (its task's records lost, or an earlier Ferry's, named at random) is found through the
+    output path the store records for that export, and removed; nothing else in the folder is touched."""
+    ws = workspace(tmp_path)
+    out = tmp_path / "exports"
+    out.mkdir()
+    assert ferry(ws, "vm", "create", "gx", "--host", "lab1", "--disk", "16M").code == 0
+    r = ferry(ws, "vm", "export", "gx", "--out", str(out / "gx.ova"))
+    assert r.code == 0, r.err
+    gone, old = out / ".gx.ova.ferry-task999", out / ".gx.ova.ferry-tmp-0a1b2c3d"
+    for d in (gone, old):
+        d.mkdir()
+        (d / "gx-disk0.vhd").write_bytes(b"v" * 300_000)
+    (out / "notes.txt").write_text("the operator's own file")
+
+    r = ferry(ws, "gc", "--dry-run", "--json")
+    assert r.code == 0, r.err
+    items = {i["path"]: i for i in r.json}
+    assert set(items) == {str(gone), str(old)}, items
+    assert items[str(gone)]["what"] == "temporary of task 999 (gone)" and not items[str(gone)]["kept"]
+    assert items[str(old)]["what"] == "temporary file of an earlier Ferry version"
+    assert all(i["bytes"] >= 300_000 for i in items.values())
+
+    r = ferry(ws, "gc")
+    assert r.code == 0 and "removed 2 leftover(s)" in r.out, r.out + r.err
+    assert sorted(p.name for p in out.iterdir()) == ["gx.ova", "notes.txt"]
