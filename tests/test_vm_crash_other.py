@@ -278,6 +278,9 @@ def test_purge_killed_shows_deleting_and_the_rerun_finishes_it(ws):
     assert task(ws, tid)["state"] == "interrupted"
     v = binned(ws)["pg"]
     assert (v["state"], v["busy"]) == ("deleting", tid), "a VM half purged is shown as what it is"
+    shown = ferry(ws, "vm", "list", "--recycled")
+    assert shown.code == 0 and "STATE" in shown.out.splitlines()[0], shown.out
+    assert f"deleting (task {tid})" in next(ln for ln in shown.out.splitlines() if ln.startswith("pg ")), shown.out
     line = refused(ws, "vm", "restore", "pg")
     assert f"task {tid}" in line and f"ferry task resume {tid}" in line
 

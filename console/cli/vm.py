@@ -37,11 +37,14 @@ def _typed_confirmation(args, name: str, action: str) -> str:
 VM_COLUMNS = ["NAME", "KIND", "HOST", "STATE", "CPUS", "MEM", "DISKS", "SIZE", "ORIGIN"]
 
 
-def _vm_row(v: VMView, agents: bool = False) -> list[str]:
+def _state(v: VMView) -> str:
+    """A VM's state as the lists show it: an unfinished one with the task it waits for."""
     state = f"{v.state.symbol} {v.state}"
-    if v.unfinished and v.busy:
-        state += f" (task {v.busy})"
-    row = [v.name, v.kind, v.host, state, str(v.cpus), f"{v.memory_mb}M", str(len(v.disks)), fmt.size(v.disk_bytes),
+    return state + (f" (task {v.busy})" if v.unfinished and v.busy else "")
+
+
+def _vm_row(v: VMView, agents: bool = False) -> list[str]:
+    row = [v.name, v.kind, v.host, _state(v), str(v.cpus), f"{v.memory_mb}M", str(len(v.disks)), fmt.size(v.disk_bytes),
            v.origin]
     if agents:
         a = v.agent if v.state is VMState.RUNNING else None     # "-": it does not run
@@ -103,8 +106,8 @@ def cmd_vm_list(args, ws: Workspace) -> int:
             print("the recycle bin is empty" if args.recycled else "no VMs yet (ferry vm create NAME --host HOST)")
             return EXIT_OK
         if args.recycled:
-            rows = [[v.name, v.kind, v.host, _stamp(v.recycled), _stamp(v.purge_at)] for v in vms]
-            print(_table(rows, ["NAME", "KIND", "HOST", "DELETED", "PURGED AFTER"]))
+            rows = [[v.name, v.kind, v.host, _state(v), _stamp(v.recycled), _stamp(v.purge_at)] for v in vms]
+            print(_table(rows, ["NAME", "KIND", "HOST", "STATE", "DELETED", "PURGED AFTER"]))
         else:
             agents = args.agents
             print(_table([_vm_row(v, agents) for v in vms], VM_COLUMNS + (["AGENT", "IPS"] if agents else [])))
