@@ -299,6 +299,27 @@ def test_purge_killed_shows_deleting_and_the_rerun_finishes_it(ws):
     assert "pg" not in binned(ws) and "pg" not in vms(ws) and not folder.exists()
 
 
+def test_a_purge_that_cannot_remove_the_files_keeps_the_vm_deleting_and_a_purge_finishes_it(ws):
+    """A real fault: an immutable file (chattr +i) in the VM's folder in the bin, which not even root
+    removes. The purge fails saying so, the record stays ('deleting'), nothing is forgotten; once the
+    flag is gone the same command finishes it."""
+    disks, _ = in_bin(ws, "pf", 1)
+    folder = bin_folder(disks[0], binned(ws)["pf"]["id"])
+    held = folder / "held"
+    held.write_text("kept\n")
+    if subprocess.run(["chattr", "+i", str(held)], capture_output=True).returncode != 0:
+        pytest.skip(f"the filesystem of {folder} has no immutable flag (chattr +i)")
+    try:
+        r = ferry(ws, "vm", "purge", "pf", "--confirm", "pf")
+        assert r.code != 0 and "could not remove" in r.err and "ferry vm purge pf --confirm pf" in r.err, r.err
+        assert "Traceback" not in r.err
+        assert binned(ws)["pf"]["state"] == "deleting"
+    finally:
+        subprocess.run(["chattr", "-i", str(held)], check=True)
+    assert ok(ws, "vm", "purge", "pf", "--confirm", "pf")["purged"] == ["pf"]
+    assert "pf" not in binned(ws) and not folder.exists()
+
+
 # ------------------------------------------------------------------ export
 
 def test_export_killed_three_times_then_rerun_finishes_one_package_and_leaves_nothing(ws, scratch):

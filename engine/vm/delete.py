@@ -361,7 +361,7 @@ class PurgeVM(VMTask):
                     if row["state"] != VMState.DELETING:
                         await svc.update(vm.id, state=VMState.DELETING)
                     ctx.progress(item=f"purging {name}")
-                    await _drop_recycle_dirs(svc.host(vm.host), vm)
+                    await _drop_recycle_dirs(svc.host(vm.host), vm, strict=True)
                     await svc.store.call(svc.store.vm_delete, vm.id)
                 ctx.log(f"{name} purged from the recycle bin")
             purged.append(name)
@@ -383,8 +383,16 @@ class PurgeVM(VMTask):
                                  f"bin; `ferry vm purge {begun[0]} --confirm {begun[0]}` finishes it")
 
 
-async def _drop_recycle_dirs(h: HostOps, vm: VMSpec) -> None:
-    """The VM's folder in the recycle bin of each datastore it used, with whatever is still in it."""
+async def _drop_recycle_dirs(h: HostOps, vm: VMSpec, *, strict: bool = False) -> None:
+    """The VM's folder in the recycle bin of each datastore it used, with whatever is still in it.
+    `strict` (a purge): a folder that could not be removed raises, the VM's record stays; else (the
+    tidying after a delete or restore) it is left."""
     for ds in {h.datastore_of_path(path) for path in _files(vm)} - {None}:
-        with contextlib.suppress(FerryError):
-            await h.remove_tree(str(PurePosixPath(ds.path) / RECYCLE_DIR / vm.id))
+        folder = str(PurePosixPath(ds.path) / RECYCLE_DIR / vm.id)
+        try:
+            await h.remove_tree(folder)
+        except FerryError as e:
+            if strict:
+                raise PermanentError(f"the purge of {vm.name} could not remove {folder} on {h.name}: {e.message}",
+                                     f"see what holds it (a mount, a read-only filesystem), then `ferry vm purge "
+                                     f"{vm.name} --confirm {vm.name}` finishes it") from None
