@@ -205,6 +205,10 @@ def test_file_level_killed_then_the_same_command_adopts_the_vm_and_formats_its_d
     assert {p["device"]: (p["fstype"], p["label"], p["uuid"]) for p in t["partitions"]} == {
         f["DEVNAME"]: (f["TYPE"], f["LABEL"], f["UUID"]) for f in found}
     assert [(p["device"], p["fstype"]) for p in t["partitions"]] == [("/dev/vda1", "ext4"), ("/dev/vdb1", "ext4")]
+    # made whole at once: no inode table left for the kernel to zero in the background, behind the syncs
+    for p in t["partitions"]:
+        groups = asyncio.run(on_receiver(ws, t, f"dumpe2fs {p['device']} 2>/dev/null | grep '^Group [0-9]'")).splitlines()
+        assert len(groups) > 1 and all("ITABLE_ZEROED" in g for g in groups), groups
     assert (t["partitions"][0]["label"], t["partitions"][0]["source"]) == ("root", "/")
     assert [d["size"] for d in t["disks"]] == [64 << 20, 32 << 20]
     audit = [a for a in ok(ws, "audit") if a["action"] == "migration.target_prepared"]

@@ -217,7 +217,9 @@ while [ $# -gt 1 ]; do
       wipefs -a -q "$dev"
       echo ',,L' | sfdisk -q -X "$table" "$dev"
       i=0; while [ ! -b "$part" ] && [ $i -lt 50 ]; do i=$((i + 1)); usleep 100000; done
-      mkfs.ext4 -q -F -L "$label" "$part" ;;
+      # inode tables and journal zeroed now, not by the kernel in the background after the first
+      # mount (ext4lazyinit): that would write behind the first sync, and behind its probe
+      mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 -L "$label" "$part" ;;
   esac
   echo "@@$part $(lsblk -bdno SIZE "$part")"
   blkid -p -o export "$part"
