@@ -282,3 +282,13 @@ def test_a_probe_sample_is_timed_to_its_last_byte_and_a_slow_end_of_its_stream_i
     c0, per_byte, per_file = probe_fit({"none": none, "big": big, "small": small})
     assert c0 == pytest.approx(1.0) and 1 / per_byte == pytest.approx(16 * M / 4.1, rel=0.05) and per_file > 0
     assert parse_sample("dbclient: connection refused\n") is None
+
+
+def test_a_round_is_predicted_to_take_its_bytes_or_its_files_time_whichever_is_longer():
+    from ferry.engine.migration.sync import round_seconds
+    M = 1 << 20
+    fit = (1.0, 1 / (4 * M), 0.002)          # a 1 s connection, 4 MiB/s, 2 ms a file
+    # 280 MiB in 8,000 files: the bytes' 70 s; the files' 16 s pass behind them in the stream
+    assert round_seconds(fit, 280 * M, 8000) == pytest.approx(1.0 + 70.0)
+    # 40 MiB in 50,000 small files: the files' 100 s
+    assert round_seconds(fit, 40 * M, 50000, units=2) == pytest.approx(2.0 + 100.0)
