@@ -1027,7 +1027,9 @@ def estimate(facts: SourceFacts, method: Method | str, bandwidth_bps: float) -> 
         n = facts.block_bytes()
         what = f"the partitions' whole sizes ({_size(n)}), free space included, not compressed"
         extra = "the source's disks read at least as fast as the network carries"
-    assumptions = [what, f"the link carries the measured {bandwidth_bps / 1e6:.0f} Mbit/s for the whole copy", extra]
+    assumptions = [what, f"the link carries the measured {bandwidth_bps / 1e6:.0f} Mbit/s for the whole copy", extra,
+                   "SSH's ciphers and tar on both ends keep up with the link (a lower bound where they do not: the "
+                   "first sync round probes the real data path and predicts itself from that)"]
     if facts.workload.io_busy is not None and facts.workload.io_busy >= DEFAULT_THRESHOLDS.io_busy:
         assumptions.append(f"the source's disk is busy ({facts.workload.io_busy:.0%}): the copy may take longer")
     return Estimate(method, n, bandwidth_bps, n * 8 / bandwidth_bps, assumptions)
