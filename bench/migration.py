@@ -60,7 +60,7 @@ def main() -> int:
           f"predicted/measured {ratio(f['initial_sync_s'], f.get('initial_sync_predicted_s'))}")
     if f.get("initial_sync_probe"):
         print(f"                 ({f.get('initial_sync_files')} files; {f['initial_sync_probe'].split(': ', 1)[-1]})")
-    print(f"                 (the assessment's estimate, at the network check's bandwidth: "
+    print(f"                 (the assessment's estimate, a lower bound at the network check's bandwidth: "
           f"{f.get('initial_sync_estimate_s') or 0:.1f} s -> {ratio(f['initial_sync_s'], f.get('initial_sync_estimate_s'))})")
     print(f"incremental      {f['incremental_bytes'] / mib:.1f} MiB in {f['incremental_s']:.1f} s")
     if "downtime_s" in f:
