@@ -272,7 +272,7 @@ while [ $# -gt 4 ]; do
   dev=$1 disk=$2 start=$3 count=$4 bytes=$5; shift 5
   echo "$((start * CHUNK)) $bytes" > "$D/$i.at"
   cmd="dd if=/dev/$disk bs=CHUNK skip=$start count=$count iflag=direct status=none"
-  { dbclient -T -K 15 -W WINDOW -i "$KEY" -p "$PORT" "$UH" "$cmd" 2>"$D/$i.src" & echo $! > "$D/$i.dbclient"
+  { dbclient -T -K KEEPALIVE -W WINDOW -i "$KEY" -p "$PORT" "$UH" "$cmd" 2>"$D/$i.src" & echo $! > "$D/$i.dbclient"
     wait $!; echo $? > "$D/$i.src.rc"; } \
   | { exec 3<&0
       # (in the background for its pid; a background command's stdin would be /dev/null: fd 3 it is)
@@ -283,7 +283,8 @@ while [ $# -gt 4 ]; do
   if [ "$r" != 0 ] || [ "$s" != 0 ]; then failed; fi
   i=$((i + 1))
 done
-""" + sync.RECEIVE_END).replace("CHUNK", str(CHUNK)).replace("WINDOW", str(sync.RECEIVE_WINDOW))
+""" + sync.RECEIVE_END).replace("CHUNK", str(CHUNK)).replace("WINDOW", str(sync.RECEIVE_WINDOW)).replace(
+    "KEEPALIVE", str(sync.KEEPALIVE_S))
 
 # Where the pull of $1 stands: "@@meta ..." (what START kept), "@@rc RC ALIVE", "@@done BYTES" (the ranges
 # ended, and the running one's dd position), and once it ended "@@time BEGAN ENDED", per range "@@range I

@@ -61,6 +61,11 @@ POLL_S = 1.0
 # dbclient's receive window: its default (24 KiB) caps a stream at 24 KiB per round trip (under 2 MB/s
 # between two TCG guests here); 4 MiB made the same pull 2.5 times faster.
 RECEIVE_WINDOW = 4 << 20
+# dbclient's keepalive (-K): now and then dbclient ends only at its next keepalive after the source's
+# command ended (seen: 15 s after the last byte, with -K 15), which a round (and a cutover's offline
+# sync, in the downtime) would wait out. 5 s bounds that wait; the source is given up after three
+# unanswered keepalives (15 s without a word).
+KEEPALIVE_S = 5
 LOST_POLLS = 30                     # the receiver unreachable this many polls in a row: a transient failure
 TAR_CREATE = ("--one-file-system", "--numeric-owner", "--xattrs", "--acls", "-p", "-S", "--no-check-device")
 TAR_EXTRACT = ("--numeric-owner", "-p", "--xattrs", "--xattrs-include=*", "--acls")
@@ -276,7 +281,7 @@ names() {
 i=0
 while [ $# -gt 1 ]; do
   dest=$1 cmd=$2; shift 2
-  { dbclient -T -K 15 -W WINDOW -i "$KEY" -p "$PORT" "$UH" "$cmd" 2>"$D/$i.src" & echo $! > "$D/$i.dbclient"
+  { dbclient -T -K KEEPALIVE -W WINDOW -i "$KEY" -p "$PORT" "$UH" "$cmd" 2>"$D/$i.src" & echo $! > "$D/$i.dbclient"
     wait $!; echo $? > "$D/$i.src.rc"; } \
   | { names /bin/tar -x -G -v -f - -C "$dest" TAR_EXTRACT --checkpoint=CHECKPOINT \
         --checkpoint-action='echo=CP %u' --totals 2>"$D/$i.rx"; r=$?; echo $r > "$D/$i.rx.rc"
@@ -288,7 +293,7 @@ while [ $# -gt 1 ]; do
   i=$((i + 1))
 done
 """ + RECEIVE_END).replace("TAR_EXTRACT", " ".join(shlex.quote(a) for a in TAR_EXTRACT)).replace(
-    "CHECKPOINT", str(CHECKPOINT_RECORDS)).replace("WINDOW", str(RECEIVE_WINDOW))
+    "CHECKPOINT", str(CHECKPOINT_RECORDS)).replace("WINDOW", str(RECEIVE_WINDOW)).replace("KEEPALIVE", str(KEEPALIVE_S))
 
 # A probe sample of the data path before a first round ($1 key, $2 port, $3 user@host, $4 the partition's
 # mount, $5 the source's command): pulled and extracted as a round does, into a scratch folder of the
@@ -305,7 +310,7 @@ wc -c < "$F" > "$N" &
 awk '/tar: CP / { getline u < "/proc/uptime"; close("/proc/uptime"); split(u, a, " "); print "@@at", a[1], $NF }' \
   < "$C" > "$T" &
 b=$(cut -d' ' -f1 /proc/uptime)
-files=$(dbclient -T -K 15 -W WINDOW -i "$KEY" -p "$PORT" "$UH" "$CMD" 2>"$E" </dev/null | tee "$F" \
+files=$(dbclient -T -K KEEPALIVE -W WINDOW -i "$KEY" -p "$PORT" "$UH" "$CMD" 2>"$E" </dev/null | tee "$F" \
   | /bin/tar -x -v -f - -C "$P" TAR_EXTRACT --checkpoint=PROBE_CP --checkpoint-action='echo=CP %u' 2>"$C" | wc -l)
 p=$(cut -d' ' -f1 /proc/uptime)
 sync
@@ -316,7 +321,8 @@ grep -a '^@@src ' "$E" | tail -n 1
 cat "$T"
 rm -rf "$P" "$F" "$N" "$E" "$C" "$T"
 """.replace("TAR_EXTRACT", " ".join(shlex.quote(a) for a in TAR_EXTRACT)).replace("WINDOW", str(RECEIVE_WINDOW)
-                                                                                ).replace("PROBE_CP", str(PROBE_CP))
+                                                                                ).replace("PROBE_CP", str(PROBE_CP)).replace(
+    "KEEPALIVE", str(KEEPALIVE_S))
 
 # Starts the pull under a token ($1 state folder, $2 token, $3 the RECEIVE script, then its arguments
 # after the state folder), unless a pull of that token runs or ended there. Prints "@@pull STATE":
