@@ -179,6 +179,8 @@ def main() -> int:
             print(f"{sc.name}: {len(killed)} kills, {finished} finished, {rolled} rolled back, "
                   f"{'PASS' if ok else 'FAIL'} ({time.monotonic() - t0:.0f} s)", flush=True)
     finally:
+        if not args.keep:
+            lab.run("lab", "down")      # the network lab Ferry opened for the workspace (as root), if any
         kill_all(ws)
         if args.keep:
             print(f"workspace kept: {ws}")
