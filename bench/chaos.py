@@ -181,6 +181,7 @@ def main() -> int:
     finally:
         if not args.keep:
             lab.run("lab", "down")      # the network lab Ferry opened for the workspace (as root), if any
+            lab.run("engine", "stop", "--now")
         kill_all(ws)
         if args.keep:
             print(f"workspace kept: {ws}")
