@@ -266,7 +266,7 @@ async def changed_since(svc: Any, mig: Migration) -> Change:
 # START COUNT BYTES. Per range i: i.at (its first byte and bytes), i.dd (the receiving dd's pid: POLL
 # reads its position), i.src.rc (dbclient's: the source dd's), i.rx.rc, i.rx (dd's records); rc last,
 # after a sync.
-RECEIVE = (sync.RECEIVE_HEAD + r"""
+RECEIVE = sync.fill(sync.RECEIVE_HEAD + r"""
 i=0
 while [ $# -gt 4 ]; do
   dev=$1 disk=$2 start=$3 count=$4 bytes=$5; shift 5
@@ -283,8 +283,7 @@ while [ $# -gt 4 ]; do
   if [ "$r" != 0 ] || [ "$s" != 0 ]; then failed; fi
   i=$((i + 1))
 done
-""" + sync.RECEIVE_END).replace("CHUNK", str(CHUNK)).replace("WINDOW", str(sync.RECEIVE_WINDOW)).replace(
-    "KEEPALIVE", str(sync.KEEPALIVE_S))
+""" + sync.RECEIVE_END).replace("CHUNK", str(CHUNK))
 
 # Where the pull of $1 stands: "@@meta ..." (what START kept), "@@rc RC ALIVE", "@@done BYTES" (the ranges
 # ended, and the running one's dd position), and once it ended "@@time BEGAN ENDED", per range "@@range I

@@ -249,6 +249,17 @@ chmod 700 /root/.ssh
 dropbearkey -y -f "$1" | grep '^ssh-ed25519 ' | cut -d' ' -f1-2
 """
 
+def fill(script: str) -> str:
+    """A receiver script with its placeholders filled: TAR_EXTRACT (tar's extract options), CHECKPOINT
+    and PROBE_CP (records between checkpoints of a round and of a probe), WINDOW and KEEPALIVE
+    (dbclient's -W and -K)."""
+    for name, value in (("TAR_EXTRACT", " ".join(shlex.quote(a) for a in TAR_EXTRACT)),
+                        ("CHECKPOINT", str(CHECKPOINT_RECORDS)), ("PROBE_CP", str(PROBE_CP)),
+                        ("WINDOW", str(RECEIVE_WINDOW)), ("KEEPALIVE", str(KEEPALIVE_S))):
+        script = script.replace(name, value)
+    return script
+
+
 # The pull of a round, detached: $1 state folder, $2 key, $3 port, $4 user@host; then DEST COMMAND per
 # unit (GNU tar by its path: busybox's sh runs its own applets before $PATH). Each unit's exit codes, files
 # and deletions (from tar's listing) and stderr (checkpoints, totals) land in the state folder; rc last,
@@ -267,7 +278,7 @@ sync
 cut -d' ' -f1 /proc/uptime > "$D/ended"
 echo 0 > "$D/rc"
 """
-RECEIVE = (RECEIVE_HEAD + r"""
+RECEIVE = fill(RECEIVE_HEAD + r"""
 # tar names the users and groups of ACLs: it resolves them with the source's passwd and group (given in
 # $D.ids), bound over the receiver's own in a mount namespace of its own
 names() {
@@ -292,14 +303,13 @@ while [ $# -gt 1 ]; do
   if [ "$r" != 0 ] || { [ "$s" != 0 ] && [ "$s" != 1 ]; }; then failed; fi
   i=$((i + 1))
 done
-""" + RECEIVE_END).replace("TAR_EXTRACT", " ".join(shlex.quote(a) for a in TAR_EXTRACT)).replace(
-    "CHECKPOINT", str(CHECKPOINT_RECORDS)).replace("WINDOW", str(RECEIVE_WINDOW)).replace("KEEPALIVE", str(KEEPALIVE_S))
+""" + RECEIVE_END)
 
 # A probe sample of the data path before a first round ($1 key, $2 port, $3 user@host, $4 the partition's
 # mount, $5 the source's command): pulled and extracted as a round does, into a scratch folder of the
 # target partition (removed after); prints "@@probe BYTES FILES BEGAN PIPED ENDED" (uptime seconds: the
 # start, the pipeline's end, the flush's end) and the source's "@@src BEGAN ENDED" (its clock).
-PROBE = r"""
+PROBE = fill(r"""
 KEY=$1 PORT=$2 UH=$3 DEST=$4 CMD=$5
 export HOME=/root
 P="$DEST/.ferry-probe" F=/run/ferry-probe.fifo N=/run/ferry-probe.n E=/run/ferry-probe.err
@@ -320,9 +330,7 @@ echo "@@probe $(cat "$N" 2>/dev/null || echo 0) $files $b $p $e"
 grep -a '^@@src ' "$E" | tail -n 1
 cat "$T"
 rm -rf "$P" "$F" "$N" "$E" "$C" "$T"
-""".replace("TAR_EXTRACT", " ".join(shlex.quote(a) for a in TAR_EXTRACT)).replace("WINDOW", str(RECEIVE_WINDOW)
-                                                                                ).replace("PROBE_CP", str(PROBE_CP)).replace(
-    "KEEPALIVE", str(KEEPALIVE_S))
+""")
 
 # Starts the pull under a token ($1 state folder, $2 token, $3 the RECEIVE script, then its arguments
 # after the state folder), unless a pull of that token runs or ended there. Prints "@@pull STATE":
@@ -705,7 +713,7 @@ async def run_round(ctx: TaskContext, svc: Any, mig: Migration, *, label: str,
                 samples, fit = await _probe(mig, rx, src, units[0])
                 said = "; ".join(f"{k_}: {v_.text()}" for k_, v_ in samples.items())
                 if fit:
-                    c0, per_byte, per_file = fit
+                    _, per_byte, per_file = fit
                     predicted = round(time.time() - started + round_seconds(fit, expected, files, len(units)), 1)
                     ctx.log(f"round {k}: the data path probed ({said}): {_size(1 / per_byte)}/s and "
                             f"{per_file * 1000:.1f} ms a file; {_size(expected)} in {files} files predicted to take "
